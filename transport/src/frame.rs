@@ -1,0 +1,401 @@
+//! Frames on the wire: a little-endian `u32` length, then an rkyv archive of an [`Envelope`].
+//!
+//! Receiving copies each frame body once, into a 16-byte-aligned buffer (an archive must be
+//! aligned to be read in place), validates it with bytecheck, and from then on reads fields in
+//! place. Message content is handed out as a [`Bytes`] slice of that buffer: storing or
+//! forwarding it copies nothing. [`FrameDecoder`] is sans-IO: it takes bytes from any source.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use rkyv::with::Inline;
+
+use crate::message::{ArchivedHeader, ArchivedMessage, ArchivedRoute, Message};
+
+/// Default largest frame body accepted or sent: 16 MiB.
+pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// The first message on the control stream, in both directions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Hello {
+    /// Protocol version the sender speaks ([`crate::PROTOCOL_VERSION`]).
+    pub protocol_version: u32,
+    /// Identity of the sender's outgoing data stream; a new one after the sender lost its window.
+    pub send_epoch: u64,
+    /// The peer's `send_epoch` that `recv_acked` refers to (0 if none seen yet).
+    pub recv_epoch: u64,
+    /// Highest sequence number of the peer's stream this side has made durable.
+    pub recv_acked: u64,
+}
+
+/// Everything a kedge frame can carry. Borrowed for sending, read in place when received.
+#[derive(Debug, rkyv::Archive, rkyv::Serialize)]
+pub enum Envelope<'a> {
+    /// Control stream: session setup.
+    Hello(Hello),
+    /// Control stream: cumulative ack, everything up to and including this sequence is durable.
+    Ack(u64),
+    /// Data stream: the sequence number of the first message that follows on this stream.
+    StreamStart(u64),
+    /// Data and request streams: one application message.
+    Message(#[rkyv(with = Inline)] &'a Message),
+}
+
+/// The archived form of any [`Envelope`].
+pub type ArchivedFrame = ArchivedEnvelope<'static>;
+
+/// Why bytes could not become a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("empty frame")]
+    Empty,
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("stream ended inside a frame ({have} of {want} bytes)")]
+    Truncated { have: usize, want: usize },
+}
+
+/// A message already encoded as a frame body. Encode once, then clone (a refcount) to send the
+/// same bytes to any number of nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedMessage(Bytes);
+
+impl EncodedMessage {
+    pub fn encode(message: &Message) -> Self {
+        EncodedMessage(encode_body(&Envelope::Message(message)))
+    }
+
+    /// The frame body (without the length prefix).
+    pub fn body(&self) -> &Bytes {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Encodes an envelope into a frame body. Serializing owned, in-memory values cannot fail.
+pub fn encode_body(envelope: &Envelope<'_>) -> Bytes {
+    let body: AlignedVec = rkyv::to_bytes::<rancor::Panic>(envelope)
+        .unwrap_or_else(|never| match never {});
+    Bytes::from_owner(body)
+}
+
+/// Appends `len ‖ body` to `out`: the whole frame as it goes on the wire.
+pub fn put_frame(out: &mut BytesMut, body: &[u8]) {
+    out.reserve(4 + body.len());
+    out.put_u32_le(body.len() as u32);
+    out.put_slice(body);
+}
+
+/// The 4-byte length prefix of a body, checked against `max`.
+pub fn length_prefix(body_len: usize, max: usize) -> Result<[u8; 4], FrameError> {
+    if body_len > max || body_len > u32::MAX as usize {
+        return Err(FrameError::TooLarge { len: body_len, max });
+    }
+    Ok((body_len as u32).to_le_bytes())
+}
+
+/// A received, validated frame. Cheap to clone; fields are read in place.
+#[derive(Clone)]
+pub struct Frame {
+    body: Bytes,
+}
+
+impl Frame {
+    /// Validates an archive. `body` must start on a 16-byte boundary (as [`FrameDecoder`] gives).
+    pub fn validate(body: Bytes) -> Result<Self, FrameError> {
+        if body.is_empty() {
+            return Err(FrameError::Empty);
+        }
+        if body.as_ptr().align_offset(16) != 0 {
+            // Never for bodies from FrameDecoder; a defensive copy for any other caller.
+            let mut aligned = AlignedVec::<16>::with_capacity(body.len());
+            aligned.extend_from_slice(&body);
+            return Frame::validate(Bytes::from_owner(aligned));
+        }
+        rkyv::access::<ArchivedFrame, rancor::Error>(&body)
+            .map_err(|e| FrameError::Malformed(e.to_string()))?;
+        Ok(Frame { body })
+    }
+
+    /// The envelope, read in place.
+    pub fn envelope(&self) -> &ArchivedFrame {
+        // SAFETY: `body` was validated as an `ArchivedFrame` in `validate` and `Bytes` is
+        // immutable, so the same bytes are still a valid archive.
+        unsafe { rkyv::access_unchecked::<ArchivedFrame>(&self.body) }
+    }
+
+    /// The frame body as received.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// This frame as a message, if it is one.
+    pub fn into_message(self) -> Result<ReceivedMessage, Frame> {
+        if matches!(self.envelope(), ArchivedEnvelope::Message(_)) {
+            Ok(ReceivedMessage { frame: self })
+        } else {
+            Err(self)
+        }
+    }
+
+    /// A short name of the envelope variant, for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self.envelope() {
+            ArchivedEnvelope::Hello(_) => "Hello",
+            ArchivedEnvelope::Ack(_) => "Ack",
+            ArchivedEnvelope::StreamStart(_) => "StreamStart",
+            ArchivedEnvelope::Message(_) => "Message",
+        }
+    }
+}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frame")
+            .field("kind", &self.kind())
+            .field("len", &self.body.len())
+            .finish()
+    }
+}
+
+/// A received message, read in place from its frame.
+#[derive(Clone)]
+pub struct ReceivedMessage {
+    frame: Frame,
+}
+
+impl ReceivedMessage {
+    fn archived(&self) -> &ArchivedMessage {
+        match self.frame.envelope() {
+            ArchivedEnvelope::Message(message) => message,
+            // `ReceivedMessage` is only built from `Message` frames (see `Frame::into_message`).
+            _ => unreachable!("ReceivedMessage holds a non-message frame"),
+        }
+    }
+
+    pub fn header(&self) -> &ArchivedHeader {
+        &self.archived().header
+    }
+
+    pub fn route(&self) -> &ArchivedRoute {
+        &self.archived().route
+    }
+
+    /// The content, as a slice of the receive buffer: no copy.
+    pub fn content(&self) -> Bytes {
+        self.frame.body.slice_ref(self.archived().content.as_slice())
+    }
+
+    /// The same bytes, ready to forward to another peer without re-encoding.
+    pub fn encoded(&self) -> EncodedMessage {
+        EncodedMessage(self.frame.body.clone())
+    }
+
+    /// An owned copy of the message.
+    pub fn to_message(&self) -> Message {
+        let m = self.archived();
+        Message {
+            header: crate::message::Header {
+                id: m.header.id.as_str().to_owned(),
+                parent_id: m.header.parent_id.as_str().to_owned(),
+                timestamp: m.header.timestamp.to_native(),
+                resource_version: m.header.resource_version.as_str().to_owned(),
+                sync: m.header.sync,
+            },
+            route: crate::message::Route {
+                source: m.route.source.as_str().to_owned(),
+                group: m.route.group.as_str().to_owned(),
+                operation: m.route.operation.as_str().to_owned(),
+                resource: m.route.resource.as_str().to_owned(),
+            },
+            content: self.content(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ReceivedMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let route = self.route();
+        f.debug_struct("ReceivedMessage")
+            .field("id", &self.header().id.as_str())
+            .field("operation", &route.operation.as_str())
+            .field("resource", &route.resource.as_str())
+            .field("content_len", &self.archived().content.len())
+            .finish()
+    }
+}
+
+/// Splits a byte stream into validated frames. Sans-IO: feed it whatever the transport reads.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    max_frame: usize,
+    state: DecodeState,
+}
+
+#[derive(Debug)]
+enum DecodeState {
+    Length { bytes: [u8; 4], have: usize },
+    Body { body: AlignedVec<16>, want: usize },
+}
+
+impl FrameDecoder {
+    pub fn new(max_frame: usize) -> Self {
+        FrameDecoder {
+            max_frame,
+            state: DecodeState::Length { bytes: [0; 4], have: 0 },
+        }
+    }
+
+    /// Consumes bytes from the front of `input` until a frame is complete (returned) or `input`
+    /// is empty (`None`). Call again with the rest of `input` after a frame. After an error the
+    /// stream is unusable: close it.
+    pub fn decode(&mut self, input: &mut &[u8]) -> Result<Option<Frame>, FrameError> {
+        loop {
+            match &mut self.state {
+                DecodeState::Length { bytes, have } => {
+                    if input.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = (4 - *have).min(input.len());
+                    bytes[*have..*have + take].copy_from_slice(&input[..take]);
+                    *have += take;
+                    *input = &input[take..];
+                    if *have < 4 {
+                        return Ok(None);
+                    }
+                    let want = u32::from_le_bytes(*bytes) as usize;
+                    if want == 0 {
+                        return Err(FrameError::Empty);
+                    }
+                    if want > self.max_frame {
+                        return Err(FrameError::TooLarge { len: want, max: self.max_frame });
+                    }
+                    // Reserve only what is in hand plus a bit, so a lying length prefix cannot
+                    // make us allocate the maximum up front.
+                    let mut body = AlignedVec::<16>::new();
+                    body.reserve(want.min(input.len().max(64 * 1024)));
+                    self.state = DecodeState::Body { body, want };
+                }
+                DecodeState::Body { body, want } => {
+                    let take = (*want - body.len()).min(input.len());
+                    body.extend_from_slice(&input[..take]);
+                    *input = &input[take..];
+                    if body.len() < *want {
+                        return Ok(None);
+                    }
+                    let body = std::mem::take(body);
+                    self.state = DecodeState::Length { bytes: [0; 4], have: 0 };
+                    return Frame::validate(Bytes::from_owner(body)).map(Some);
+                }
+            }
+        }
+    }
+
+    /// Call at end of stream: an error if the stream stopped inside a frame.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        match &self.state {
+            DecodeState::Length { have: 0, .. } => Ok(()),
+            DecodeState::Length { have, .. } => Err(FrameError::Truncated { have: *have, want: 4 }),
+            DecodeState::Body { body, want } => Err(FrameError::Truncated {
+                have: body.len() + 4,
+                want: want + 4,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Route;
+
+    fn wire(envelopes: &[Envelope<'_>]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        for e in envelopes {
+            put_frame(&mut out, &encode_body(e));
+        }
+        out.to_vec()
+    }
+
+    #[test]
+    fn decodes_frames_split_at_every_byte() {
+        let msg = Message::new(Route::new("a", "b", "update", "ns/pod/x"), &b"{\"k\":1}"[..]);
+        let bytes = wire(&[
+            Envelope::StreamStart(7),
+            Envelope::Message(&msg),
+            Envelope::Ack(9),
+        ]);
+        for split in 0..bytes.len() {
+            let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+            let mut frames = Vec::new();
+            for part in [&bytes[..split], &bytes[split..]] {
+                let mut input = part;
+                while let Some(f) = dec.decode(&mut input).unwrap() {
+                    frames.push(f);
+                }
+                assert!(input.is_empty());
+            }
+            dec.finish().unwrap();
+            assert_eq!(frames.len(), 3);
+            assert!(matches!(frames[0].envelope(), ArchivedEnvelope::StreamStart(s) if *s == 7));
+            let got = frames[1].clone().into_message().unwrap();
+            assert_eq!(got.to_message(), msg);
+            assert!(matches!(frames[2].envelope(), ArchivedEnvelope::Ack(s) if *s == 9));
+        }
+    }
+
+    #[test]
+    fn content_is_a_slice_of_the_receive_buffer() {
+        let msg = Message::new(Route::default(), vec![b'x'; 1000]);
+        let bytes = wire(&[Envelope::Message(&msg)]);
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        let frame = dec.decode(&mut &bytes[..]).unwrap().unwrap();
+        let body_range = frame.body().as_ptr_range();
+        let got = frame.into_message().unwrap();
+        let content = got.content();
+        assert_eq!(&content[..], &msg.content[..]);
+        assert!(body_range.contains(&content.as_ptr()), "content was copied");
+    }
+
+    #[test]
+    fn oversized_length_is_rejected_before_allocating() {
+        let mut dec = FrameDecoder::new(1024);
+        let mut input: &[u8] = &(1u32 << 30).to_le_bytes();
+        assert_eq!(
+            dec.decode(&mut input).unwrap_err(),
+            FrameError::TooLarge { len: 1 << 30, max: 1024 }
+        );
+    }
+
+    #[test]
+    fn garbage_is_malformed_and_truncation_is_reported() {
+        let mut dec = FrameDecoder::new(1024);
+        let mut input: &[u8] = &[8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+        assert!(matches!(dec.decode(&mut input), Err(FrameError::Malformed(_))));
+
+        let mut dec = FrameDecoder::new(1024);
+        let mut input: &[u8] = &[8, 0, 0, 0, 1, 2];
+        assert!(dec.decode(&mut input).unwrap().is_none());
+        assert_eq!(dec.finish().unwrap_err(), FrameError::Truncated { have: 6, want: 12 });
+        let mut input: &[u8] = &[0, 0, 0, 0];
+        assert_eq!(FrameDecoder::new(10).decode(&mut input).unwrap_err(), FrameError::Empty);
+    }
+
+    #[test]
+    fn encoded_message_is_shareable_and_forwardable() {
+        let msg = Message::new(Route::default(), &b"{}"[..]);
+        let enc = EncodedMessage::encode(&msg);
+        let frame = Frame::validate(enc.body().clone()).unwrap();
+        let received = frame.into_message().unwrap();
+        assert_eq!(received.encoded(), enc);
+    }
+}

@@ -1,0 +1,16 @@
+//! kedge's QUIC link between cloudcore and its edge nodes.
+//!
+//! Layers, bottom up (sans-IO cores first, thin async shells on top, as quinn-proto/quinn):
+//! - [`message`]: KubeEdge's message model (header, route, content bytes) and its JSON form.
+//! - [`frame`]: `u32` length + rkyv archive framing; validated, zero-copy reads (sans-IO).
+//! - [`window`]: per-direction sequence numbers, bounded send window, receive tracking (sans-IO).
+//! - [`backoff`]: reconnect delays with full jitter (sans-IO).
+//! - [`tls`]: the cloud CA, node and server certificates, rustls configs for mutual TLS.
+//! - [`link`]: a reliable, reconnecting link to one peer over successive QUIC connections.
+//! - [`server`] / [`client`]: the cloud's endpoint (one link per node, named by its certificate)
+//!   and the edge's endpoint (one link to the cloud, reconnecting with backoff).
+
+pub mod backoff;
+pub mod frame;
+pub mod message;
+pub mod window;
