@@ -47,12 +47,20 @@ impl Backoff {
     }
 
     fn with_rng(config: BackoffConfig, rng: SmallRng) -> Self {
-        Backoff { config, attempt: 0, rng }
+        Backoff {
+            config,
+            attempt: 0,
+            rng,
+        }
     }
 
     /// The current upper bound: `min(max, initial * multiplier^attempt)`.
     pub fn ceiling(&self) -> Duration {
-        let growth = self.config.multiplier.max(1.0).powi(self.attempt.min(64) as i32);
+        let growth = self
+            .config
+            .multiplier
+            .max(1.0)
+            .powi(self.attempt.min(64) as i32);
         let ceiling = self.config.initial.as_secs_f64() * growth;
         Duration::from_secs_f64(ceiling.min(self.config.max.as_secs_f64()))
     }
@@ -106,7 +114,9 @@ mod tests {
             multiplier: 2.0,
         };
         let mut backoff = Backoff::seeded(config, 1);
-        let delays: Vec<f64> = (0..1000).map(|_| backoff.next_delay().as_secs_f64()).collect();
+        let delays: Vec<f64> = (0..1000)
+            .map(|_| backoff.next_delay().as_secs_f64())
+            .collect();
         let below_half = delays.iter().filter(|&&d| d < 5.0).count();
         // Uniform on [0, 10]: about half fall below 5 s (binomial, 1000 draws, seeded).
         assert!((400..600).contains(&below_half), "{below_half}");

@@ -83,8 +83,8 @@ impl EncodedMessage {
 
 /// Encodes an envelope into a frame body. Serializing owned, in-memory values cannot fail.
 pub fn encode_body(envelope: &Envelope<'_>) -> Bytes {
-    let body: AlignedVec = rkyv::to_bytes::<rancor::Panic>(envelope)
-        .unwrap_or_else(|never| match never {});
+    let body: AlignedVec =
+        rkyv::to_bytes::<rancor::Panic>(envelope).unwrap_or_else(|never| match never {});
     Bytes::from_owner(body)
 }
 
@@ -192,7 +192,9 @@ impl ReceivedMessage {
 
     /// The content, as a slice of the receive buffer: no copy.
     pub fn content(&self) -> Bytes {
-        self.frame.body.slice_ref(self.archived().content.as_slice())
+        self.frame
+            .body
+            .slice_ref(self.archived().content.as_slice())
     }
 
     /// The same bytes, ready to forward to another peer without re-encoding.
@@ -251,7 +253,10 @@ impl FrameDecoder {
     pub fn new(max_frame: usize) -> Self {
         FrameDecoder {
             max_frame,
-            state: DecodeState::Length { bytes: [0; 4], have: 0 },
+            state: DecodeState::Length {
+                bytes: [0; 4],
+                have: 0,
+            },
         }
     }
 
@@ -277,7 +282,10 @@ impl FrameDecoder {
                         return Err(FrameError::Empty);
                     }
                     if want > self.max_frame {
-                        return Err(FrameError::TooLarge { len: want, max: self.max_frame });
+                        return Err(FrameError::TooLarge {
+                            len: want,
+                            max: self.max_frame,
+                        });
                     }
                     // Reserve only what is in hand plus a bit, so a lying length prefix cannot
                     // make us allocate the maximum up front.
@@ -293,7 +301,10 @@ impl FrameDecoder {
                         return Ok(None);
                     }
                     let body = std::mem::take(body);
-                    self.state = DecodeState::Length { bytes: [0; 4], have: 0 };
+                    self.state = DecodeState::Length {
+                        bytes: [0; 4],
+                        have: 0,
+                    };
                     return Frame::validate(Bytes::from_owner(body)).map(Some);
                 }
             }
@@ -304,7 +315,10 @@ impl FrameDecoder {
     pub fn finish(&self) -> Result<(), FrameError> {
         match &self.state {
             DecodeState::Length { have: 0, .. } => Ok(()),
-            DecodeState::Length { have, .. } => Err(FrameError::Truncated { have: *have, want: 4 }),
+            DecodeState::Length { have, .. } => Err(FrameError::Truncated {
+                have: *have,
+                want: 4,
+            }),
             DecodeState::Body { body, want } => Err(FrameError::Truncated {
                 have: body.len() + 4,
                 want: want + 4,
@@ -328,7 +342,10 @@ mod tests {
 
     #[test]
     fn decodes_frames_split_at_every_byte() {
-        let msg = Message::new(Route::new("a", "b", "update", "ns/pod/x"), &b"{\"k\":1}"[..]);
+        let msg = Message::new(
+            Route::new("a", "b", "update", "ns/pod/x"),
+            &b"{\"k\":1}"[..],
+        );
         let bytes = wire(&[
             Envelope::StreamStart(7),
             Envelope::Message(&msg),
@@ -372,7 +389,10 @@ mod tests {
         let mut input: &[u8] = &(1u32 << 30).to_le_bytes();
         assert_eq!(
             dec.decode(&mut input).unwrap_err(),
-            FrameError::TooLarge { len: 1 << 30, max: 1024 }
+            FrameError::TooLarge {
+                len: 1 << 30,
+                max: 1024
+            }
         );
     }
 
@@ -380,14 +400,23 @@ mod tests {
     fn garbage_is_malformed_and_truncation_is_reported() {
         let mut dec = FrameDecoder::new(1024);
         let mut input: &[u8] = &[8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
-        assert!(matches!(dec.decode(&mut input), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            dec.decode(&mut input),
+            Err(FrameError::Malformed(_))
+        ));
 
         let mut dec = FrameDecoder::new(1024);
         let mut input: &[u8] = &[8, 0, 0, 0, 1, 2];
         assert!(dec.decode(&mut input).unwrap().is_none());
-        assert_eq!(dec.finish().unwrap_err(), FrameError::Truncated { have: 6, want: 12 });
+        assert_eq!(
+            dec.finish().unwrap_err(),
+            FrameError::Truncated { have: 6, want: 12 }
+        );
         let mut input: &[u8] = &[0, 0, 0, 0];
-        assert_eq!(FrameDecoder::new(10).decode(&mut input).unwrap_err(), FrameError::Empty);
+        assert_eq!(
+            FrameDecoder::new(10).decode(&mut input).unwrap_err(),
+            FrameError::Empty
+        );
     }
 
     #[test]

@@ -11,6 +11,24 @@
 //!   and the edge's endpoint (one link to the cloud, reconnecting with backoff).
 
 pub mod backoff;
+pub mod client;
+pub mod config;
+mod endpoint;
+pub mod error;
 pub mod frame;
+pub mod link;
 pub mod message;
+pub mod server;
+mod stream_io;
+pub mod tls;
 pub mod window;
+
+pub use client::{connect, connect_on};
+pub use config::{ClientConfig, LinkConfig, ServerConfig, PROTOCOL_VERSION};
+pub use endpoint::{client_endpoint, quinn_client_config_from};
+pub use error::{CloseCode, EndpointError, LinkError};
+pub use frame::{EncodedMessage, ReceivedMessage};
+pub use link::{Delivery, IncomingRequest, Link, LinkCounters, LinkEvent, LinkHandle};
+pub use message::{Header, Message, Route};
+pub use server::Server;
+pub use tls::{CertificateAuthority, Identity};

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 /// Message metadata. Field names follow KubeEdge's `model.MessageHeader`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct Header {
     /// Unique id of this message (a UUID string, as KubeEdge uses).
     pub id: String,
@@ -25,7 +27,9 @@ pub struct Header {
 }
 
 /// Where a message comes from and what it does. Field names follow KubeEdge's `model.MessageRoute`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct Route {
     /// The module that sent it (`edgecontroller`, `edged`, `metaManager`, ...).
     pub source: String,
@@ -38,7 +42,9 @@ pub struct Route {
 }
 
 /// One message: header, route and content bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct Message {
     pub header: Header,
     pub route: Route,
@@ -80,7 +86,8 @@ impl Message {
         let text = std::str::from_utf8(&self.content).map_err(|_| {
             JsonFormError::ContentNotJson(serde::de::Error::custom("content is not UTF-8"))
         })?;
-        let content: &RawValue = serde_json::from_str(text).map_err(JsonFormError::ContentNotJson)?;
+        let content: &RawValue =
+            serde_json::from_str(text).map_err(JsonFormError::ContentNotJson)?;
         let json = JsonMessage {
             header: JsonHeader {
                 id: &self.header.id,
@@ -103,7 +110,8 @@ impl Message {
 
     /// Parses KubeEdge's JSON wire shape; the content keeps its JSON text exactly.
     pub fn from_kubeedge_json(bytes: &[u8]) -> Result<Self, JsonFormError> {
-        let json: JsonMessage<'_> = serde_json::from_slice(bytes).map_err(JsonFormError::Malformed)?;
+        let json: JsonMessage<'_> =
+            serde_json::from_slice(bytes).map_err(JsonFormError::Malformed)?;
         Ok(Message {
             header: Header {
                 id: json.header.id.to_owned(),
@@ -156,10 +164,20 @@ struct JsonMessage<'a> {
 struct JsonHeader<'a> {
     #[serde(rename = "msg_id", borrow)]
     id: &'a str,
-    #[serde(rename = "parent_msg_id", default, skip_serializing_if = "str::is_empty", borrow)]
+    #[serde(
+        rename = "parent_msg_id",
+        default,
+        skip_serializing_if = "str::is_empty",
+        borrow
+    )]
     parent_id: &'a str,
     timestamp: i64,
-    #[serde(rename = "resourceversion", default, skip_serializing_if = "str::is_empty", borrow)]
+    #[serde(
+        rename = "resourceversion",
+        default,
+        skip_serializing_if = "str::is_empty",
+        borrow
+    )]
     resource_version: &'a str,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     sync: bool,
@@ -201,7 +219,10 @@ mod tests {
     #[test]
     fn non_json_content_has_no_json_form() {
         let msg = Message::new(Route::default(), &b"\xff\x00binary"[..]);
-        assert!(matches!(msg.to_kubeedge_json(), Err(JsonFormError::ContentNotJson(_))));
+        assert!(matches!(
+            msg.to_kubeedge_json(),
+            Err(JsonFormError::ContentNotJson(_))
+        ));
     }
 
     #[test]

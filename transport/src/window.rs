@@ -178,7 +178,10 @@ impl ReceiveTracker {
             self.acked_to_peer = base;
             self.rebase_pending = false;
         } else if first > self.delivered + 1 {
-            return Err(SequenceError::Gap { first, expected: self.delivered + 1 });
+            return Err(SequenceError::Gap {
+                first,
+                expected: self.delivered + 1,
+            });
         }
         self.stream_next = Some(first);
         Ok(())
@@ -228,7 +231,12 @@ mod tests {
     }
 
     fn hello(send_epoch: u64, recv_epoch: u64, recv_acked: u64) -> Hello {
-        Hello { protocol_version: 1, send_epoch, recv_epoch, recv_acked }
+        Hello {
+            protocol_version: 1,
+            send_epoch,
+            recv_epoch,
+            recv_acked,
+        }
     }
 
     #[test]
@@ -244,7 +252,10 @@ mod tests {
         assert_eq!(w.get(2), None);
         assert_eq!(w.push(msg(4)), Ok(4));
         assert_eq!(w.ack(1), Ok(0), "an old ack is harmless");
-        assert_eq!(w.ack(9), Err(SequenceError::AckBeyondSent { acked: 9, sent: 4 }));
+        assert_eq!(
+            w.ack(9),
+            Err(SequenceError::AckBeyondSent { acked: 9, sent: 4 })
+        );
     }
 
     #[test]
@@ -269,7 +280,11 @@ mod tests {
         }
         assert_eq!(w.on_peer_hello(&hello(1, 7, 3)), Ok(true));
         assert_eq!(w.acked(), 3);
-        assert_eq!(w.on_peer_hello(&hello(1, 8, 5)), Ok(false), "another epoch: resend all");
+        assert_eq!(
+            w.on_peer_hello(&hello(1, 8, 5)),
+            Ok(false),
+            "another epoch: resend all"
+        );
         assert_eq!(w.acked(), 3);
     }
 
@@ -308,7 +323,10 @@ mod tests {
         assert!(!r.on_peer_hello(&hello(2, 0, 0)));
         assert_eq!(
             r.on_stream_start(45),
-            Err(SequenceError::Gap { first: 45, expected: 41 })
+            Err(SequenceError::Gap {
+                first: 45,
+                expected: 41
+            })
         );
         let mut fresh = ReceiveTracker::new();
         assert_eq!(fresh.on_message(), Err(SequenceError::NoStreamStart));

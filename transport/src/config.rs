@@ -1,0 +1,123 @@
+//! Tunables of a link and its endpoints, with defaults sized for fleets: many connections ×
+//! windows is the cloud's memory budget, so windows and stream limits are deliberately small.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backoff::BackoffConfig;
+use crate::frame::DEFAULT_MAX_FRAME;
+
+/// Version of the link protocol spoken in the hello. Bumped on incompatible changes.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Settings shared by both ends of a link.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// Largest frame body accepted or sent.
+    pub max_frame: usize,
+    /// Send window: unacked messages kept for replay, at most this many...
+    pub max_unacked_messages: usize,
+    /// ...and at most this many bytes (one larger message still goes alone).
+    pub max_unacked_bytes: usize,
+    /// QUIC keepalive interval. The idle timeout is twice this: a dead peer is detected within
+    /// two heartbeat periods.
+    pub heartbeat: Duration,
+    /// Per-stream receive window (flow control).
+    pub stream_receive_window: u32,
+    /// Per-connection receive window (flow control).
+    pub connection_receive_window: u32,
+    /// Bytes in flight to the peer per connection.
+    pub send_window: u64,
+    /// Request streams the peer may have open at once (each allowed stream costs memory).
+    pub max_concurrent_requests: u32,
+    /// How long a request waits for its response.
+    pub request_timeout: Duration,
+    /// How long a new connection may take for TLS and the hello exchange.
+    pub handshake_timeout: Duration,
+    /// Events buffered for the application before the link stops reading (backpressure).
+    pub event_queue: usize,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            max_frame: DEFAULT_MAX_FRAME,
+            max_unacked_messages: 4096,
+            max_unacked_bytes: 16 * 1024 * 1024,
+            heartbeat: Duration::from_secs(15),
+            stream_receive_window: 1024 * 1024,
+            connection_receive_window: 2 * 1024 * 1024,
+            send_window: 2 * 1024 * 1024,
+            max_concurrent_requests: 16,
+            request_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            event_queue: 1024,
+        }
+    }
+}
+
+impl LinkConfig {
+    pub(crate) fn quic_transport(&self) -> Arc<quinn::TransportConfig> {
+        let mut t = quinn::TransportConfig::default();
+        // The control stream plus request streams; one data stream per direction (two allowed
+        // so a replacement stream can open while the old one drains).
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_concurrent_requests + 1));
+        t.max_concurrent_uni_streams(quinn::VarInt::from_u32(2));
+        t.stream_receive_window(quinn::VarInt::from_u32(self.stream_receive_window));
+        t.receive_window(quinn::VarInt::from_u32(self.connection_receive_window));
+        t.send_window(self.send_window);
+        t.keep_alive_interval(Some(self.heartbeat));
+        let idle = self.heartbeat.saturating_mul(2);
+        t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
+        t.datagram_receive_buffer_size(None);
+        Arc::new(t)
+    }
+}
+
+/// The cloud's endpoint.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub link: LinkConfig,
+    /// Connections (including handshakes in progress) beyond this are refused.
+    pub max_connections: usize,
+    /// SO_RCVBUF / SO_SNDBUF of the UDP socket. Thousands of connections on one socket
+    /// overflow the OS default of a few MiB.
+    pub socket_buffer_bytes: usize,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr) -> Self {
+        ServerConfig {
+            listen,
+            link: LinkConfig::default(),
+            max_connections: 100_000,
+            socket_buffer_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// A node's endpoint.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub server_addr: SocketAddr,
+    /// The name the server certificate must carry.
+    pub server_name: String,
+    pub link: LinkConfig,
+    pub backoff: BackoffConfig,
+    /// How long one connection attempt (QUIC + TLS handshake) may take.
+    pub connect_timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(server_addr: SocketAddr, server_name: impl Into<String>) -> Self {
+        ClientConfig {
+            server_addr,
+            server_name: server_name.into(),
+            link: LinkConfig::default(),
+            backoff: BackoffConfig::default(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,621 @@
+//! A reliable link to one peer, living across successive QUIC connections.
+//!
+//! The link owns the sans-IO state of both directions ([`SendWindow`], [`ReceiveTracker`]);
+//! each connection runs a session over it:
+//! - a control stream (bidirectional, opened by the node): `Hello` both ways, then `Ack`s;
+//! - one data stream each way (unidirectional): `StreamStart(first_seq)`, then messages in order;
+//! - short-lived request streams (bidirectional, either side): one message each way.
+//!
+//! The application reads [`LinkEvent`]s, acks delivered messages once they are durable, and
+//! sends through a bounded window: a full window makes `send` wait (backpressure). Unacked
+//! messages are replayed on the next connection; the receiver drops replays it already has.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::config::{LinkConfig, PROTOCOL_VERSION};
+use crate::error::{CloseCode, LinkError};
+use crate::frame::{
+    encode_body, ArchivedEnvelope, EncodedMessage, Envelope, Hello, ReceivedMessage,
+};
+use crate::message::Message;
+use crate::stream_io::{write_bodies, FrameReader};
+use crate::window::{ReceiveTracker, SendWindow};
+
+/// What the application learns from a link, in order.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A connection is up and the hello exchange is done.
+    Connected {
+        /// The peer's outgoing stream is new to us (first contact, or the peer restarted):
+        /// anything it had in flight before is gone; resynchronize at the application level.
+        peer_stream_new: bool,
+        /// The peer did not know our outgoing stream (it restarted): our whole unacked window
+        /// is being resent, and what it acked before its restart is only as durable as its disk.
+        peer_forgot_our_stream: bool,
+    },
+    /// A message from the peer's data stream. Ack `seq` once it is durable.
+    Message(Delivery),
+    /// A request from the peer; answer it with [`IncomingRequest::respond`].
+    Request(IncomingRequest),
+    /// The connection ended; the link reconnects (node side) or waits for the node (cloud).
+    Disconnected { reason: String },
+}
+
+/// One message from the peer's ordered data stream.
+#[derive(Debug)]
+pub struct Delivery {
+    pub seq: u64,
+    pub message: ReceivedMessage,
+}
+
+/// A request from the peer, with the stream to answer it on.
+#[derive(Debug)]
+pub struct IncomingRequest {
+    pub message: ReceivedMessage,
+    stream: quinn::SendStream,
+    max_frame: usize,
+}
+
+impl IncomingRequest {
+    pub async fn respond(self, response: &Message) -> Result<(), LinkError> {
+        self.respond_encoded(&EncodedMessage::encode(response))
+            .await
+    }
+
+    pub async fn respond_encoded(mut self, response: &EncodedMessage) -> Result<(), LinkError> {
+        write_bodies(&mut self.stream, [response.body()], self.max_frame).await?;
+        self.stream.finish()?;
+        Ok(())
+    }
+}
+
+/// The application's end of a link: its events, and a handle to act on it. Dropping the
+/// `Link` closes it (and stops a node's reconnect loop).
+pub struct Link {
+    handle: LinkHandle,
+    events: mpsc::Receiver<LinkEvent>,
+    _close_on_drop: DropGuard,
+}
+
+impl Link {
+    /// The next event; `None` once the link is closed.
+    pub async fn next_event(&mut self) -> Option<LinkEvent> {
+        self.events.recv().await
+    }
+
+    pub fn handle(&self) -> &LinkHandle {
+        &self.handle
+    }
+}
+
+impl std::ops::Deref for Link {
+    type Target = LinkHandle;
+    fn deref(&self) -> &LinkHandle {
+        &self.handle
+    }
+}
+
+/// A cloneable handle to send, ack and make requests on a link.
+#[derive(Clone)]
+pub struct LinkHandle {
+    shared: Arc<Shared>,
+}
+
+/// Counters of a link, over all its connections.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LinkCounters {
+    pub connections: u64,
+    pub messages_delivered: u64,
+    pub replays_dropped: u64,
+}
+
+pub(crate) struct Shared {
+    peer: String,
+    pub(crate) config: LinkConfig,
+    state: Mutex<State>,
+    /// A message was pushed into the window: wakes the data stream writer.
+    data_ready: Notify,
+    /// Window space was freed: wakes senders waiting in `send`.
+    room: Notify,
+    /// The application acked: wakes the control stream writer.
+    ack_ready: Notify,
+    events: mpsc::Sender<LinkEvent>,
+    /// Held by the connection being driven: connections of one link run one at a time.
+    connection_slot: tokio::sync::Mutex<()>,
+    current: Mutex<Current>,
+    pub(crate) cancel: CancellationToken,
+    connections: AtomicU64,
+    delivered: AtomicU64,
+    replays_dropped: AtomicU64,
+}
+
+struct State {
+    window: SendWindow,
+    tracker: ReceiveTracker,
+}
+
+#[derive(Default)]
+struct Current {
+    /// Generation of the newest connection handed to this link; older ones must give way.
+    newest: u64,
+    connection: Option<quinn::Connection>,
+    /// The hello exchange is done on `connection`: requests may use it.
+    ready: bool,
+}
+
+/// Which end of the connection this side is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The node: opens the control stream and sends the first hello.
+    Client,
+    /// The cloud: accepts the control stream and answers the hello.
+    Server,
+}
+
+impl Link {
+    pub(crate) fn new(peer: String, config: LinkConfig) -> (Link, Arc<Shared>) {
+        let (events_tx, events) = mpsc::channel(config.event_queue.max(1));
+        let epoch = rand::random::<u64>() | 1;
+        let cancel = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            peer,
+            state: Mutex::new(State {
+                window: SendWindow::new(
+                    epoch,
+                    config.max_unacked_messages,
+                    config.max_unacked_bytes,
+                ),
+                tracker: ReceiveTracker::new(),
+            }),
+            config,
+            data_ready: Notify::new(),
+            room: Notify::new(),
+            ack_ready: Notify::new(),
+            events: events_tx,
+            connection_slot: tokio::sync::Mutex::new(()),
+            current: Mutex::new(Current::default()),
+            connections: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            replays_dropped: AtomicU64::new(0),
+            cancel: cancel.clone(),
+        });
+        let link = Link {
+            handle: LinkHandle {
+                shared: shared.clone(),
+            },
+            events,
+            _close_on_drop: cancel.drop_guard(),
+        };
+        (link, shared)
+    }
+}
+
+impl LinkHandle {
+    /// The peer: the node name (cloud side) or the server name (node side).
+    pub fn peer(&self) -> &str {
+        &self.shared.peer
+    }
+
+    /// Encodes and sends a message on the ordered data stream. See [`send_encoded`](Self::send_encoded).
+    pub async fn send(&self, message: &Message) -> Result<u64, LinkError> {
+        self.send_encoded(EncodedMessage::encode(message)).await
+    }
+
+    /// Queues an encoded message for the peer and returns its sequence number. Waits while the
+    /// window is full. The message is kept until the peer acks it, across reconnects.
+    pub async fn send_encoded(&self, mut message: EncodedMessage) -> Result<u64, LinkError> {
+        crate::frame::length_prefix(message.len(), self.shared.config.max_frame)?;
+        loop {
+            let room = self.shared.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match self.try_send_encoded(message)? {
+                Ok(seq) => return Ok(seq),
+                Err(back) => message = back,
+            }
+            tokio::select! {
+                _ = room => {}
+                _ = self.shared.cancel.cancelled() => return Err(LinkError::Closed),
+            }
+        }
+    }
+
+    /// Queues a message if the window has room; gives it back otherwise.
+    pub fn try_send_encoded(
+        &self,
+        message: EncodedMessage,
+    ) -> Result<Result<u64, EncodedMessage>, LinkError> {
+        if self.shared.cancel.is_cancelled() {
+            return Err(LinkError::Closed);
+        }
+        crate::frame::length_prefix(message.len(), self.shared.config.max_frame)?;
+        let pushed = self.shared.lock_state().window.push(message);
+        if pushed.is_ok() {
+            self.shared.data_ready.notify_one();
+        }
+        Ok(pushed)
+    }
+
+    /// Everything delivered up to `seq` is durable: the peer may forget it.
+    pub fn ack(&self, seq: u64) {
+        self.shared.lock_state().tracker.on_durable(seq);
+        self.shared.ack_ready.notify_one();
+    }
+
+    /// Sends a request on a stream of its own and waits for the response.
+    pub async fn request(&self, message: &Message) -> Result<ReceivedMessage, LinkError> {
+        let connection = self
+            .shared
+            .ready_connection()
+            .ok_or(LinkError::NotConnected)?;
+        let config = &self.shared.config;
+        let body = encode_body(&Envelope::Message(message));
+        let exchange = async {
+            let (mut send, recv) = connection.open_bi().await?;
+            write_bodies(&mut send, [&body], config.max_frame).await?;
+            send.finish()?;
+            let mut reader = FrameReader::new(recv, config.max_frame);
+            let frame = reader.next().await?.ok_or_else(|| {
+                LinkError::Protocol("request stream closed without a response".into())
+            })?;
+            frame
+                .into_message()
+                .map_err(|f| LinkError::Protocol(format!("{} frame as a response", f.kind())))
+        };
+        tokio::time::timeout(config.request_timeout, exchange)
+            .await
+            .map_err(|_| LinkError::Timeout(config.request_timeout))?
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.shared.ready_connection().is_some()
+    }
+
+    /// Messages sent and not yet acked by the peer.
+    pub fn unacked(&self) -> usize {
+        self.shared.lock_state().window.unacked_messages()
+    }
+
+    /// QUIC statistics of the current connection (bytes and packets on the wire).
+    pub fn connection_stats(&self) -> Option<quinn::ConnectionStats> {
+        self.shared.ready_connection().map(|c| c.stats())
+    }
+
+    pub fn counters(&self) -> LinkCounters {
+        LinkCounters {
+            connections: self.shared.connections.load(Ordering::Relaxed),
+            messages_delivered: self.shared.delivered.load(Ordering::Relaxed),
+            replays_dropped: self.shared.replays_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Closes the link: the current connection ends and no new one is made.
+    pub fn close(&self) {
+        self.shared.cancel.cancel();
+    }
+}
+
+impl Shared {
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock is a bug in this module; the state is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_current(&self) -> MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ready_connection(&self) -> Option<quinn::Connection> {
+        let current = self.lock_current();
+        current.ready.then(|| current.connection.clone()).flatten()
+    }
+
+    /// Announces a new connection and closes the one it supersedes. Returns its generation.
+    pub(crate) fn begin_connection(&self) -> u64 {
+        let mut current = self.lock_current();
+        current.newest += 1;
+        if let Some(old) = current.connection.take() {
+            old.close(
+                CloseCode::Replaced.var_int(),
+                b"replaced by a newer connection",
+            );
+        }
+        current.ready = false;
+        current.newest
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Runs one connection of this link until it ends; returns why it ended.
+    pub(crate) async fn drive(
+        self: &Arc<Self>,
+        connection: quinn::Connection,
+        role: Role,
+        generation: u64,
+    ) -> String {
+        let _slot = self.connection_slot.lock().await;
+        {
+            let mut current = self.lock_current();
+            if current.newest != generation || self.cancel.is_cancelled() {
+                connection.close(CloseCode::Replaced.var_int(), b"superseded");
+                return "superseded before it started".into();
+            }
+            current.connection = Some(connection.clone());
+        }
+        let mut connected = false;
+        let result = tokio::select! {
+            r = self.session(&connection, role, &mut connected) => r,
+            _ = self.cancel.cancelled() => Err(LinkError::Closed),
+        };
+        {
+            let mut current = self.lock_current();
+            if current.newest == generation {
+                current.connection = None;
+                current.ready = false;
+            }
+        }
+        let reason = match &result {
+            Ok(()) => "peer closed the session".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        if let Err(e) = &result {
+            if let Some(code) = e.close_code() {
+                if code != CloseCode::ShuttingDown {
+                    tracing::warn!(peer = %self.peer, code = ?code, "closing connection: {e}");
+                }
+                let mut text = reason.clone().into_bytes();
+                text.truncate(200);
+                connection.close(code.var_int(), &text);
+            }
+        } else {
+            connection.close(CloseCode::Normal.var_int(), b"session ended");
+        }
+        if connected {
+            let _ = self
+                .events
+                .send(LinkEvent::Disconnected {
+                    reason: reason.clone(),
+                })
+                .await;
+        }
+        reason
+    }
+
+    async fn session(
+        self: &Arc<Self>,
+        connection: &quinn::Connection,
+        role: Role,
+        connected: &mut bool,
+    ) -> Result<(), LinkError> {
+        let config = &self.config;
+        let handshake = async {
+            let (mut control_tx, control_rx) = match role {
+                Role::Client => connection.open_bi().await?,
+                Role::Server => connection.accept_bi().await?,
+            };
+            let mut control_rx = FrameReader::new(control_rx, config.max_frame);
+            let ours = self.our_hello();
+            let ours_body = encode_body(&Envelope::Hello(ours));
+            if role == Role::Client {
+                write_bodies(&mut control_tx, [&ours_body], config.max_frame).await?;
+            }
+            let frame = control_rx
+                .next()
+                .await?
+                .ok_or_else(|| LinkError::Protocol("control stream closed before hello".into()))?;
+            let peer = match frame.envelope() {
+                ArchivedEnvelope::Hello(h) => Hello {
+                    protocol_version: h.protocol_version.to_native(),
+                    send_epoch: h.send_epoch.to_native(),
+                    recv_epoch: h.recv_epoch.to_native(),
+                    recv_acked: h.recv_acked.to_native(),
+                },
+                _ => {
+                    return Err(LinkError::Protocol(format!(
+                        "expected Hello on the control stream, got {}",
+                        frame.kind()
+                    )))
+                }
+            };
+            if peer.protocol_version != PROTOCOL_VERSION {
+                return Err(LinkError::Version {
+                    peer: peer.protocol_version,
+                    ours: PROTOCOL_VERSION,
+                });
+            }
+            if role == Role::Server {
+                write_bodies(&mut control_tx, [&ours_body], config.max_frame).await?;
+            }
+            Ok((control_tx, control_rx, peer))
+        };
+        let (control_tx, control_rx, peer) =
+            tokio::time::timeout(config.handshake_timeout, handshake)
+                .await
+                .map_err(|_| LinkError::Timeout(config.handshake_timeout))??;
+
+        let (peer_stream_new, peer_forgot_our_stream) = {
+            let mut state = self.lock_state();
+            let knew_ours = state.window.on_peer_hello(&peer)?;
+            let new = state.tracker.on_peer_hello(&peer);
+            (new, !knew_ours)
+        };
+        self.room.notify_waiters();
+        self.lock_current().ready = true;
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        *connected = true;
+        self.events
+            .send(LinkEvent::Connected {
+                peer_stream_new,
+                peer_forgot_our_stream,
+            })
+            .await
+            .map_err(|_| LinkError::Closed)?;
+
+        tokio::select! {
+            r = self.write_data(connection) => r,
+            r = self.read_data(connection) => r,
+            r = self.read_control(control_rx) => r,
+            r = self.write_control(control_tx) => r,
+            r = self.accept_requests(connection) => r,
+        }
+    }
+
+    fn our_hello(&self) -> Hello {
+        let mut state = self.lock_state();
+        state.tracker.hello_sent();
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            send_epoch: state.window.epoch(),
+            recv_epoch: state.tracker.epoch(),
+            recv_acked: state.tracker.durable(),
+        }
+    }
+
+    /// Our data stream: `StreamStart`, then every unacked message in order, then new ones.
+    async fn write_data(&self, connection: &quinn::Connection) -> Result<(), LinkError> {
+        const BATCH_MESSAGES: usize = 128;
+        const BATCH_BYTES: usize = 512 * 1024;
+        let max_frame = self.config.max_frame;
+        let mut stream = connection.open_uni().await?;
+        let mut cursor = self.lock_state().window.acked() + 1;
+        let start = encode_body(&Envelope::StreamStart(cursor));
+        write_bodies(&mut stream, [&start], max_frame).await?;
+        let mut batch: Vec<Bytes> = Vec::with_capacity(BATCH_MESSAGES);
+        loop {
+            let ready = self.data_ready.notified();
+            {
+                let state = self.lock_state();
+                // Messages acked while we were writing need not go out again.
+                cursor = cursor.max(state.window.acked() + 1);
+                let mut bytes = 0;
+                while batch.len() < BATCH_MESSAGES && bytes < BATCH_BYTES {
+                    let Some(message) = state.window.get(cursor + batch.len() as u64) else {
+                        break;
+                    };
+                    bytes += message.len();
+                    batch.push(message.body().clone());
+                }
+            }
+            if batch.is_empty() {
+                ready.await;
+                continue;
+            }
+            write_bodies(&mut stream, &batch, max_frame).await?;
+            cursor += batch.len() as u64;
+            batch.clear();
+        }
+    }
+
+    /// The peer's data stream: deliver new messages, drop replays.
+    async fn read_data(&self, connection: &quinn::Connection) -> Result<(), LinkError> {
+        let stream = connection.accept_uni().await?;
+        let mut reader = FrameReader::new(stream, self.config.max_frame);
+        let first = reader
+            .next()
+            .await?
+            .ok_or_else(|| LinkError::Protocol("data stream closed before StreamStart".into()))?;
+        let ArchivedEnvelope::StreamStart(first_seq) = first.envelope() else {
+            return Err(LinkError::Protocol(format!(
+                "data stream opened with {} instead of StreamStart",
+                first.kind()
+            )));
+        };
+        self.lock_state()
+            .tracker
+            .on_stream_start(first_seq.to_native())?;
+        while let Some(frame) = reader.next().await? {
+            let message = frame
+                .into_message()
+                .map_err(|f| LinkError::Protocol(format!("{} frame on a data stream", f.kind())))?;
+            let seq = self.lock_state().tracker.on_message()?;
+            match seq {
+                Some(seq) => {
+                    self.delivered.fetch_add(1, Ordering::Relaxed);
+                    self.events
+                        .send(LinkEvent::Message(Delivery { seq, message }))
+                        .await
+                        .map_err(|_| LinkError::Closed)?;
+                }
+                None => {
+                    self.replays_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Acks from the peer free our window.
+    async fn read_control(&self, mut reader: FrameReader) -> Result<(), LinkError> {
+        while let Some(frame) = reader.next().await? {
+            let ArchivedEnvelope::Ack(seq) = frame.envelope() else {
+                return Err(LinkError::Protocol(format!(
+                    "unexpected {} frame on the control stream",
+                    frame.kind()
+                )));
+            };
+            self.lock_state().window.ack(seq.to_native())?;
+            self.room.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Our acks, cumulative, sent as the application makes messages durable.
+    async fn write_control(&self, mut stream: quinn::SendStream) -> Result<(), LinkError> {
+        loop {
+            self.ack_ready.notified().await;
+            let ack = self.lock_state().tracker.take_ack();
+            if let Some(seq) = ack {
+                let body = encode_body(&Envelope::Ack(seq));
+                write_bodies(&mut stream, [&body], self.config.max_frame).await?;
+            }
+        }
+    }
+
+    /// Request streams opened by the peer: read the request, hand it to the application.
+    async fn accept_requests(
+        self: &Arc<Self>,
+        connection: &quinn::Connection,
+    ) -> Result<(), LinkError> {
+        loop {
+            let (send, recv) = connection.accept_bi().await?;
+            let shared = self.clone();
+            let connection = connection.clone();
+            tokio::spawn(async move {
+                let config = &shared.config;
+                let mut reader = FrameReader::new(recv, config.max_frame);
+                let request =
+                    match tokio::time::timeout(config.request_timeout, reader.next()).await {
+                        Ok(Ok(Some(frame))) => frame.into_message().map_err(|f| {
+                            LinkError::Protocol(format!("{} frame as a request", f.kind()))
+                        }),
+                        Ok(Ok(None)) => Err(LinkError::Protocol("empty request stream".into())),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(LinkError::Timeout(config.request_timeout)),
+                    };
+                match request {
+                    Ok(message) => {
+                        let request = IncomingRequest {
+                            message,
+                            stream: send,
+                            max_frame: config.max_frame,
+                        };
+                        let _ = shared.events.send(LinkEvent::Request(request)).await;
+                    }
+                    Err(e) => {
+                        if let Some(code) = e.close_code() {
+                            tracing::warn!(peer = %shared.peer, "bad request stream: {e}");
+                            connection.close(code.var_int(), e.to_string().as_bytes());
+                        }
+                    }
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The cloud's endpoint: accepts node connections, names each node by its certificate, and
+//! keeps one [`Link`] per node across reconnects. A node's newer connection replaces its
+//! older one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use rustls::pki_types::CertificateDer;
+use tokio::sync::mpsc;
+
+use crate::config::ServerConfig;
+use crate::endpoint::{quinn_server_config, udp_socket};
+use crate::error::{CloseCode, EndpointError};
+use crate::link::{Link, Role, Shared};
+use crate::tls::{node_name_from_cert, Identity};
+
+/// Accepts nodes. Dropping it stops accepting; existing links live until they are dropped.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    new_links: mpsc::Receiver<Link>,
+    registry: Arc<Registry>,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+struct Registry {
+    config: ServerConfig,
+    links: Mutex<HashMap<String, Weak<Shared>>>,
+    /// Connections being handshaken or running.
+    connections: AtomicUsize,
+}
+
+impl Server {
+    /// Binds the endpoint and starts accepting. Must be called within a tokio runtime.
+    pub fn bind(
+        config: ServerConfig,
+        ca: &CertificateDer<'static>,
+        identity: &Identity,
+    ) -> Result<Server, EndpointError> {
+        let quinn_config = quinn_server_config(ca, identity, &config.link)?;
+        let socket = udp_socket(config.listen, config.socket_buffer_bytes)?;
+        let runtime = quinn::default_runtime().ok_or_else(|| EndpointError::Bind {
+            addr: config.listen,
+            source: std::io::Error::other("no async runtime"),
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(quinn_config),
+            socket,
+            runtime,
+        )
+        .map_err(|source| EndpointError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (links_tx, new_links) = mpsc::channel(1024);
+        let registry = Arc::new(Registry {
+            config,
+            links: Mutex::new(HashMap::new()),
+            connections: AtomicUsize::new(0),
+        });
+        let accept_task = tokio::spawn(accept_loop(endpoint.clone(), registry.clone(), links_tx));
+        Ok(Server {
+            endpoint,
+            new_links,
+            registry,
+            accept_task,
+        })
+    }
+
+    /// The next node seen for the first time (or again after its link was dropped).
+    pub async fn accept(&mut self) -> Option<Link> {
+        self.new_links.recv().await
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Connections being handshaken or running.
+    pub fn connection_count(&self) -> usize {
+        self.registry.connections.load(Ordering::Relaxed)
+    }
+
+    /// Closes every connection and waits until the peers have been told.
+    pub async fn shutdown(self) {
+        self.accept_task.abort();
+        self.endpoint
+            .close(CloseCode::ShuttingDown.var_int(), b"server shutting down");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    registry: Arc<Registry>,
+    links_tx: mpsc::Sender<Link>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let active = registry.connections.fetch_add(1, Ordering::Relaxed);
+        if active >= registry.config.max_connections {
+            registry.connections.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(remote = %incoming.remote_address(), limit = registry.config.max_connections, "connection refused: at the connection limit");
+            incoming.refuse();
+            continue;
+        }
+        let registry = registry.clone();
+        let links_tx = links_tx.clone();
+        tokio::spawn(async move {
+            serve_connection(incoming, &registry, &links_tx).await;
+            registry.connections.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    registry: &Registry,
+    links_tx: &mpsc::Sender<Link>,
+) {
+    let remote = incoming.remote_address();
+    let timeout = registry.config.link.handshake_timeout;
+    let connection = match tokio::time::timeout(timeout, async { incoming.accept()?.await }).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => {
+            tracing::info!(%remote, "handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%remote, "handshake timed out after {timeout:?}");
+            return;
+        }
+    };
+    let node = match peer_node_name(&connection) {
+        Ok(node) => node,
+        Err(reason) => {
+            tracing::warn!(%remote, "rejecting connection: {reason}");
+            connection.close(CloseCode::Unauthorized.var_int(), reason.as_bytes());
+            return;
+        }
+    };
+    let (shared, new_link) = registry.link_for(&node);
+    if let Some(link) = new_link {
+        if links_tx.send(link).await.is_err() {
+            connection.close(CloseCode::ShuttingDown.var_int(), b"server shutting down");
+            return;
+        }
+    }
+    let generation = shared.begin_connection();
+    tracing::debug!(%node, %remote, generation, "node connected");
+    let reason = shared.drive(connection, Role::Server, generation).await;
+    tracing::debug!(%node, %remote, "node connection ended: {reason}");
+}
+
+fn peer_node_name(connection: &quinn::Connection) -> Result<String, String> {
+    let identity = connection.peer_identity().ok_or("no client certificate")?;
+    let certs = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| "unexpected peer identity type".to_owned())?;
+    let leaf = certs.first().ok_or("empty client certificate chain")?;
+    node_name_from_cert(leaf).map_err(|e| e.to_string())
+}
+
+impl Registry {
+    /// The node's live link, or a new one (returned as a `Link` for the application).
+    fn link_for(&self, node: &str) -> (Arc<Shared>, Option<Link>) {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = links.get(node).and_then(Weak::upgrade) {
+            if !shared.is_closed() {
+                return (shared, None);
+            }
+        }
+        let (link, shared) = Link::new(node.to_owned(), self.config.link.clone());
+        links.insert(node.to_owned(), Arc::downgrade(&shared));
+        // Forget links that were dropped, so the map does not grow with departed nodes.
+        if links.len() > 1024 && links.len().is_power_of_two() {
+            links.retain(|_, weak| weak.strong_count() > 0);
+        }
+        (shared, Some(link))
+    }
+}

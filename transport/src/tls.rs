@@ -1,0 +1,339 @@
+//! Mutual TLS for the link: the cloud's certificate authority, node and server certificates,
+//! and the rustls configurations both ends use (TLS 1.3 only, ALPN `kedge/1`).
+//!
+//! A node's identity is the common name of the certificate the CA issued to it. The cloud
+//! takes the node name from the verified certificate ([`node_name_from_cert`]), never from
+//! anything the node says.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
+use time::OffsetDateTime;
+
+/// The ALPN protocol id of kedge's link.
+pub const ALPN: &[u8] = b"kedge/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("invalid PEM: {0}")]
+    Pem(String),
+    #[error("TLS configuration rejected: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(String),
+    #[error("certificate has no usable node name: {0}")]
+    NodeName(String),
+}
+
+/// A certificate chain and its private key.
+#[derive(Debug)]
+pub struct Identity {
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl Identity {
+    /// The chain and key as PEM text: `(certificates, key)`.
+    pub fn to_pem(&self) -> (String, String) {
+        let certs = self
+            .cert_chain
+            .iter()
+            .map(|c| pem_block("CERTIFICATE", c.as_ref()))
+            .collect();
+        let key = pem_block("PRIVATE KEY", self.key.secret_der());
+        (certs, key)
+    }
+
+    pub fn from_pem(cert_chain_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let cert_chain = CertificateDer::pem_slice_iter(cert_chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Pem(e.to_string()))?;
+        if cert_chain.is_empty() {
+            return Err(TlsError::Pem("no CERTIFICATE block".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| TlsError::Pem(e.to_string()))?;
+        Ok(Identity { cert_chain, key })
+    }
+}
+
+fn pem_block(tag: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(tag, der.to_vec()))
+}
+
+/// The cloud's certificate authority: it signs node and server certificates.
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    cert: CertificateDer<'static>,
+}
+
+impl CertificateAuthority {
+    /// A new self-signed CA, valid for ten years.
+    pub fn generate(common_name: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(3650);
+        let cert = params.self_signed(&key)?;
+        Ok(CertificateAuthority {
+            cert: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA saved with [`CertificateAuthority::to_pem`].
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| TlsError::Pem(e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key)?;
+        Ok(CertificateAuthority { issuer, cert })
+    }
+
+    /// `(certificate, private key)` as PEM.
+    pub fn to_pem(&self) -> (String, String) {
+        (
+            pem_block("CERTIFICATE", self.cert.as_ref()),
+            self.issuer.key().serialize_pem(),
+        )
+    }
+
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// A fresh key and a client certificate for `node_name`, valid for `validity` from now.
+    pub fn issue_node(&self, node_name: &str, validity: Duration) -> Result<Identity, TlsError> {
+        let now = OffsetDateTime::now_utc();
+        self.issue_node_between(node_name, now - time::Duration::minutes(5), now + validity)
+    }
+
+    /// Like [`issue_node`](Self::issue_node) with explicit validity bounds (tests use it to
+    /// make expired certificates).
+    pub fn issue_node_between(
+        &self,
+        node_name: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Identity, TlsError> {
+        let key = KeyPair::generate()?;
+        let params = node_params(node_name, not_before, not_after)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Identity {
+            cert_chain: vec![cert.der().clone()],
+            key: private_key(&key),
+        })
+    }
+
+    /// Signs a node's certificate signing request. The name comes from the caller (who checked
+    /// the node's bootstrap token), not from the request; only the public key is taken from it.
+    pub fn sign_node_csr(
+        &self,
+        csr_der: &[u8],
+        node_name: &str,
+        validity: Duration,
+    ) -> Result<CertificateDer<'static>, TlsError> {
+        let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
+            csr_der,
+        ))?;
+        let now = OffsetDateTime::now_utc();
+        let params = node_params(node_name, now - time::Duration::minutes(5), now + validity)?;
+        Ok(params
+            .signed_by(&csr.public_key, &self.issuer)?
+            .der()
+            .clone())
+    }
+
+    /// A fresh key and a server certificate for the given DNS names and IP addresses.
+    pub fn issue_server(&self, names: &[String], validity: Duration) -> Result<Identity, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "kedge-cloudcore");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + validity;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Identity {
+            cert_chain: vec![cert.der().clone()],
+            key: private_key(&key),
+        })
+    }
+}
+
+/// A key and a certificate signing request for `node_name`: what a joining node sends.
+pub fn node_csr(node_name: &str) -> Result<(PrivateKeyDer<'static>, Vec<u8>), TlsError> {
+    let key = KeyPair::generate()?;
+    let params = node_params(
+        node_name,
+        OffsetDateTime::now_utc(),
+        OffsetDateTime::now_utc(),
+    )?;
+    let csr = params.serialize_request(&key)?;
+    Ok((private_key(&key), csr.der().to_vec()))
+}
+
+fn node_params(
+    node_name: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, TlsError> {
+    validate_node_name(node_name)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, node_name);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    Ok(params)
+}
+
+fn private_key(key: &KeyPair) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(key.serialize_der().into())
+}
+
+/// Node names are Kubernetes node names: DNS-1123 subdomains.
+pub fn validate_node_name(name: &str) -> Result<(), TlsError> {
+    let ok_label = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(ok_label) {
+        return Err(TlsError::NodeName(format!(
+            "{name:?} is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')"
+        )));
+    }
+    Ok(())
+}
+
+/// The node name a verified client certificate carries (its subject common name).
+pub fn node_name_from_cert(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| TlsError::NodeName(format!("unparsable certificate: {e}")))?;
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .ok_or_else(|| TlsError::NodeName("no common name".into()))?
+        .as_str()
+        .map_err(|e| TlsError::NodeName(format!("common name is not a string: {e}")))?;
+    validate_node_name(cn)?;
+    Ok(cn.to_owned())
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(ca: &CertificateDer<'static>) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone())?;
+    Ok(Arc::new(roots))
+}
+
+/// The cloud's TLS config: its server identity, and client certificates required from `ca`.
+pub fn server_config(
+    ca: &CertificateDer<'static>,
+    identity: &Identity,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// A node's TLS config: trusts only `ca`, presents `identity`.
+pub fn client_config(
+    ca: &CertificateDer<'static>,
+    identity: &Identity,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_certificate_names_the_node() {
+        let ca = CertificateAuthority::generate("kedge-ca").unwrap();
+        let id = ca.issue_node("edge-1", Duration::from_secs(3600)).unwrap();
+        assert_eq!(node_name_from_cert(&id.cert_chain[0]).unwrap(), "edge-1");
+        assert!(ca.issue_node("Bad_Name", Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn csr_is_signed_with_the_callers_name_not_the_requesters() {
+        let ca = CertificateAuthority::generate("kedge-ca").unwrap();
+        let (_key, csr) = node_csr("i-claim-to-be-another-node").unwrap();
+        let cert = ca
+            .sign_node_csr(&csr, "edge-7", Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(node_name_from_cert(&cert).unwrap(), "edge-7");
+    }
+
+    #[test]
+    fn ca_and_identity_survive_pem() {
+        let ca = CertificateAuthority::generate("kedge-ca").unwrap();
+        let (cert, key) = ca.to_pem();
+        let again = CertificateAuthority::from_pem(&cert, &key).unwrap();
+        assert_eq!(again.cert(), ca.cert());
+        let id = again.issue_node("n1", Duration::from_secs(60)).unwrap();
+        let (c, k) = id.to_pem();
+        let back = Identity::from_pem(&c, &k).unwrap();
+        assert_eq!(back.cert_chain, id.cert_chain);
+        assert!(Identity::from_pem("garbage", &k).is_err());
+        assert!(server_config(ca.cert(), &id).is_ok());
+        assert!(client_config(ca.cert(), &id).is_ok());
+    }
+}
