@@ -361,9 +361,12 @@ impl Shared {
                 current.ready = false;
             }
         }
-        let reason = match &result {
-            Ok(()) => "peer closed the session".to_owned(),
-            Err(e) => e.to_string(),
+        let reason = match (&result, connection.close_reason()) {
+            (_, Some(closed)) if !matches!(closed, quinn::ConnectionError::LocallyClosed) => {
+                describe_close(&closed)
+            }
+            (Ok(()), _) => "peer closed the session".to_owned(),
+            (Err(e), _) => e.to_string(),
         };
         if let Err(e) = &result {
             if let Some(code) = e.close_code() {
@@ -617,5 +620,23 @@ impl Shared {
                 }
             });
         }
+    }
+}
+
+/// A readable reason for a connection the peer or the network ended.
+fn describe_close(error: &quinn::ConnectionError) -> String {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let code = close.error_code.into_inner();
+            let name = CloseCode::from_code(code)
+                .map(|c| format!("{c:?}"))
+                .unwrap_or_else(|| format!("code {code}"));
+            format!(
+                "peer closed the connection ({name}): {}",
+                String::from_utf8_lossy(&close.reason)
+            )
+        }
+        quinn::ConnectionError::TimedOut => "peer unresponsive (idle timeout)".to_owned(),
+        other => other.to_string(),
     }
 }
