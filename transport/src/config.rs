@@ -58,7 +58,8 @@ impl Default for LinkConfig {
 }
 
 impl LinkConfig {
-    pub(crate) fn quic_transport(&self) -> Arc<quinn::TransportConfig> {
+    /// The quinn transport settings these values imply (benchmarks reuse them for raw quinn).
+    pub fn quic_transport(&self) -> Arc<quinn::TransportConfig> {
         let mut t = quinn::TransportConfig::default();
         // The control stream plus request streams; one data stream per direction (two allowed
         // so a replacement stream can open while the old one drains).
