@@ -8,6 +8,9 @@ use benches::fixtures::{pod_json, pod_update_message};
 use benches::kubeedge::KubeEdgeMessage;
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use transport::frame::{encode_body, put_frame, Envelope, FrameDecoder};
 
 fn codec(c: &mut Criterion) {

@@ -62,6 +62,35 @@ pub fn sized_message(size: usize) -> Message {
     )
 }
 
+/// A ConfigMap-shaped JSON object of about `size` bytes: metadata plus `data` entries. The
+/// structured payload a real link carries, unlike the opaque string of [`sized_message`].
+pub fn object_message(size: usize) -> Message {
+    let mut object = String::from(
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"gateway-config","namespace":"default","uid":"6c1b0f0e-3f52-4c1e-9a3e-2f2f5e0c8d11","resourceVersion":"184467","labels":{"app":"sensor-gateway","tier":"edge"}},"data":{"#,
+    );
+    let mut i = 0;
+    while object.len() + 3 < size {
+        if i > 0 {
+            object.push(',');
+        }
+        object.push_str(&format!(
+            r#""setting.{i}":"value-{i}","limit.{i}":"{}""#,
+            i * 7
+        ));
+        i += 1;
+    }
+    object.push_str("}}");
+    Message::new(
+        Route::new(
+            "edgecontroller",
+            "resource",
+            "update",
+            "default/configmap/gateway-config",
+        ),
+        object,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +106,16 @@ mod tests {
             );
             let value: serde_json::Value = serde_json::from_slice(&pod).unwrap();
             assert_eq!(value["kind"], "Pod");
+        }
+        for size in [1024, 65536] {
+            let m = object_message(size);
+            assert!(
+                m.content.len() >= size - 100 && m.content.len() < size + 100,
+                "{}",
+                m.content.len()
+            );
+            let value: serde_json::Value = serde_json::from_slice(&m.content).unwrap();
+            assert_eq!(value["kind"], "ConfigMap");
         }
         let m = sized_message(1024);
         assert_eq!(m.content.len(), 1024);

@@ -37,6 +37,9 @@ pub struct LinkConfig {
     pub handshake_timeout: Duration,
     /// Events buffered for the application before the link stops reading (backpressure).
     pub event_queue: usize,
+    /// How long acks are held to be coalesced into one cumulative ack (like TCP's delayed
+    /// ack): fewer frames and packets, at no cost to the sender while its window has room.
+    pub ack_delay: Duration,
 }
 
 impl Default for LinkConfig {
@@ -53,6 +56,7 @@ impl Default for LinkConfig {
             request_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             event_queue: 1024,
+            ack_delay: Duration::from_millis(2),
         }
     }
 }

@@ -573,6 +573,9 @@ impl Shared {
     async fn write_control(&self, mut stream: quinn::SendStream) -> Result<(), LinkError> {
         loop {
             self.ack_ready.notified().await;
+            if !self.config.ack_delay.is_zero() {
+                tokio::time::sleep(self.config.ack_delay).await;
+            }
             let ack = self.lock_state().tracker.take_ack();
             if let Some(seq) = ack {
                 let body = encode_body(&Envelope::Ack(seq));
