@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine of this kind lacks for building and testing kedge.
+# Idempotent: each step checks first, so a warm machine spends no time here.
+set -euo pipefail
+
+need_apt=()
+# RocksDB's bindings (librocksdb-sys, via bindgen) need libclang.
+dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
+# A C++ toolchain for RocksDB itself.
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing (this machine kind ships Rust via rustup)" >&2; exit 1; }
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
