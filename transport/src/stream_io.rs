@@ -33,6 +33,10 @@ impl FrameReader {
                 let decoded = self.decoder.decode(&mut input);
                 let consumed = self.pending.len() - input.len();
                 self.pending.advance(consumed);
+                if self.pending.is_empty() {
+                    // An empty slice still pins quinn's whole receive buffer; let it go.
+                    self.pending = Bytes::new();
+                }
                 if let Some(frame) = decoded? {
                     return Ok(Some(frame));
                 }
