@@ -97,7 +97,11 @@ async fn a_cut_link_is_detected_and_resumes_without_loss_or_duplicates() {
     expect_connected(&mut node).await;
 
     const N: u64 = 3_000;
-    let sender = spawn_sender(node.handle().clone(), 1, N);
+    const CUT_AT: u64 = 1_000;
+    // The second half is sent only after the cut, so that the link must be found dead and
+    // resumed before it can arrive (otherwise it may all be buffered before the cut).
+    let first_half = spawn_sender(node.handle().clone(), 1, CUT_AT);
+    let mut second_half = None;
     let mut seen = Vec::new();
     let mut disconnects = 0;
     let mut cut_at = None;
@@ -108,12 +112,17 @@ async fn a_cut_link_is_detected_and_resumes_without_loss_or_duplicates() {
                     seen.push(number_of(&d.message));
                     // Ack lazily, so that a cut leaves delivered-but-unacked messages that the
                     // cloud replays and the edge must drop.
-                    if d.seq % 50 == 0 {
+                    if d.seq % 50 == 0 && cut_at.is_none() && d.seq < CUT_AT {
                         edge.ack(d.seq);
                     }
-                    if seen.len() == 1_000 {
+                    if seen.len() as u64 == CUT_AT {
                         relay.cut();
                         cut_at = Some(Instant::now());
+                        second_half = Some(spawn_sender(
+                            node.handle().clone(),
+                            CUT_AT + 1,
+                            N - CUT_AT,
+                        ));
                     }
                 }
                 LinkEvent::Disconnected { .. } => {
@@ -140,7 +149,8 @@ async fn a_cut_link_is_detected_and_resumes_without_loss_or_duplicates() {
         }
     })
     .await;
-    sender.await.unwrap();
+    first_half.await.unwrap();
+    second_half.expect("cut happened").await.unwrap();
     assert_eq!(disconnects, 1);
     assert_eq!(
         seen,
