@@ -118,11 +118,8 @@ async fn a_cut_link_is_detected_and_resumes_without_loss_or_duplicates() {
                     if seen.len() as u64 == CUT_AT {
                         relay.cut();
                         cut_at = Some(Instant::now());
-                        second_half = Some(spawn_sender(
-                            node.handle().clone(),
-                            CUT_AT + 1,
-                            N - CUT_AT,
-                        ));
+                        second_half =
+                            Some(spawn_sender(node.handle().clone(), CUT_AT + 1, N - CUT_AT));
                     }
                 }
                 LinkEvent::Disconnected { .. } => {
