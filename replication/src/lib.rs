@@ -1,7 +1,22 @@
-//! kedge's replication core (issue: "Replication core"): the RocksDB-backed versioned object
-//! store, watch fan-out with a bounded history window, and the sans-IO sync protocol that keeps
-//! every edge node's cache equal to what the cloud says it should hold.
+//! kedge's replication core: how cloud state reaches each edge node's RocksDB cache exactly,
+//! cheaply, and through any disconnect or crash.
 //!
-//! Not built yet: this crate is a placeholder in the workspace so that the dependency direction
-//! (`transport` and `replication` independent; `cloud` and `edge` composing them) is fixed from
-//! the start. It knows nothing of `transport`.
+//! - [`store`]: the RocksDB-backed versioned object store (objects and their bookkeeping commit
+//!   in one `WriteBatch`);
+//! - [`watch`]: change fan-out with a bounded history window (resume, `410 Gone`, bookmarks);
+//! - [`sync`]: the sync protocol as pure state machines (no IO, no async): the cloud's per-node
+//!   [`sync::NodeFeed`] and the edge's [`sync::EdgeSync`], plus the edge outbox.
+//!
+//! This crate knows nothing of `transport`: `cloud` and `edge` run the protocol over a session.
+
+pub mod change;
+pub mod key;
+pub mod store;
+pub mod watch;
+
+pub use change::{Change, ChangeKind, SharedChange};
+pub use key::{KeyError, KeyRange, ObjectKey};
+pub use store::{
+    Aux, ListPage, Precondition, Store, StoreConfig, StoreError, Versioned, Versioning, WriteSet,
+};
+pub use watch::{WatchConfig, WatchError, WatchEvent, WatchHub, Watcher};

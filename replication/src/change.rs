@@ -1,0 +1,111 @@
+//! A committed change to one object: what the watch hands to watchers and what node feeds send.
+//!
+//! One `Arc<Change>` per committed write is shared by the watch history, every watcher and every
+//! node feed that must send it; the object bytes are a `Bytes` that nobody copies. A transport
+//! adapter can cache its wire encoding in the change ([`Change::shared_encoding`]), so the
+//! message is encoded once however many nodes receive it.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+
+use crate::key::ObjectKey;
+
+/// Watch event types, as Kubernetes names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Added,
+    Modified,
+    Deleted,
+}
+
+pub struct Change {
+    /// Position in this store's change history: strictly increasing, one per change. Equal to
+    /// `rv` in a store that assigns versions; a local counter in a store that mirrors them.
+    pub revision: u64,
+    pub key: ObjectKey,
+    /// The object's resourceVersion after the change (for a delete: the version of the delete).
+    pub rv: u64,
+    pub kind: ChangeKind,
+    /// The object's JSON bytes after the change; for a delete, its last state.
+    pub object: Bytes,
+    encoded: OnceLock<Box<dyn Any + Send + Sync>>,
+}
+
+impl Change {
+    pub fn new(revision: u64, key: ObjectKey, rv: u64, kind: ChangeKind, object: Bytes) -> Self {
+        Change {
+            revision,
+            key,
+            rv,
+            kind,
+            object,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    pub fn is_delete(&self) -> bool {
+        self.kind == ChangeKind::Deleted
+    }
+
+    /// The wire encoding of this change, made by `encode` the first time any caller asks and
+    /// shared afterwards. All callers must ask for the same type `T` (the transport adapter's
+    /// encoded message); a different type is encoded afresh and not cached.
+    pub fn shared_encoding<T>(&self, encode: impl Fn(&Change) -> T) -> T
+    where
+        T: Clone + Send + Sync + 'static,
+    {
+        let cached = self.encoded.get_or_init(|| Box::new(encode(self)));
+        match cached.downcast_ref::<T>() {
+            Some(value) => value.clone(),
+            None => encode(self),
+        }
+    }
+}
+
+impl fmt::Debug for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Change")
+            .field("revision", &self.revision)
+            .field("key", &self.key)
+            .field("rv", &self.rv)
+            .field("kind", &self.kind)
+            .field("object_len", &self.object.len())
+            .finish()
+    }
+}
+
+pub type SharedChange = Arc<Change>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn encoding_is_made_once_and_shared() {
+        let change = Change::new(
+            1,
+            ObjectKey::parse("pods/a/b").unwrap(),
+            1,
+            ChangeKind::Added,
+            Bytes::from_static(b"{}"),
+        );
+        let calls = AtomicUsize::new(0);
+        let encode = |c: &Change| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Bytes::from(format!("{}@{}", c.key, c.rv))
+        };
+        let first = change.shared_encoding(encode);
+        let second = change.shared_encoding(encode);
+        assert_eq!(first, second);
+        assert_eq!(
+            first.as_ptr(),
+            second.as_ptr(),
+            "the same bytes, not a copy"
+        );
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,787 @@
+//! The RocksDB-backed versioned object store.
+//!
+//! Column families:
+//! - `objects`: `kind/namespace/name` → resourceVersion (u64 big-endian) ‖ the object's JSON bytes
+//!   exactly as received;
+//! - `meta`: the store's own counters (revision) and callers' watermarks;
+//! - `outbox`: the edge's upward reports;
+//! - `objectsync`: the cloud's per-node record of acknowledged versions.
+//!
+//! Every [`WriteSet`] — object changes together with whatever bookkeeping must change with them —
+//! is one RocksDB `WriteBatch`: after a crash either all of it is there or none of it.
+//! Writes are serialized by one writer lock, which is what makes revisions dense and makes watch
+//! events come out in revision order; reads never take it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+};
+
+use crate::change::{Change, ChangeKind, SharedChange};
+use crate::key::{KeyError, KeyRange, ObjectKey};
+use crate::watch::{WatchConfig, WatchHub};
+
+const CF_OBJECTS: &str = "objects";
+const CF_META: &str = "meta";
+const CF_OUTBOX: &str = "outbox";
+const CF_OBJECTSYNC: &str = "objectsync";
+const META_REVISION: &[u8] = b"store/revision";
+
+/// Who decides resourceVersions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Versioning {
+    /// The store assigns one global, increasing resourceVersion per change (the cloud's
+    /// embedded API server).
+    Assign,
+    /// Versions are assigned elsewhere and mirrored (the edge mirrors the cloud's).
+    Mirror,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub versioning: Versioning,
+    /// fsync the WAL on every commit. Off, a killed process still loses nothing (the WAL is in
+    /// the OS page cache); only a power loss can take the last commits.
+    pub sync_writes: bool,
+    /// One LRU block cache shared by all column families.
+    pub block_cache_bytes: usize,
+    /// Memtable size per column family; all memtables together are capped at 4× this.
+    pub write_buffer_bytes: usize,
+    pub watch: WatchConfig,
+}
+
+impl StoreConfig {
+    /// The cloud: assigns versions, larger caches.
+    pub fn cloud() -> Self {
+        StoreConfig {
+            versioning: Versioning::Assign,
+            sync_writes: true,
+            block_cache_bytes: 64 << 20,
+            write_buffer_bytes: 16 << 20,
+            watch: WatchConfig::default(),
+        }
+    }
+
+    /// An edge node: mirrors versions, small memory footprint.
+    pub fn edge() -> Self {
+        StoreConfig {
+            versioning: Versioning::Mirror,
+            sync_writes: true,
+            block_cache_bytes: 4 << 20,
+            write_buffer_bytes: 2 << 20,
+            watch: WatchConfig {
+                history: 2_000,
+                lag_limit: 1_024,
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error("{key}: resourceVersion conflict: expected {expected}, found {actual:?}")]
+    Conflict {
+        key: ObjectKey,
+        expected: u64,
+        actual: Option<u64>,
+    },
+    #[error("{0} already exists")]
+    AlreadyExists(ObjectKey),
+    #[error("{0} not found")]
+    NotFound(ObjectKey),
+    #[error("{op} is not allowed in a store with {versioning:?} versioning")]
+    WrongVersioning {
+        op: &'static str,
+        versioning: Versioning,
+    },
+    #[error("corrupt store record: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+/// An object's version and bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub rv: u64,
+    pub object: Bytes,
+}
+
+/// What must hold for a write in a version-assigning store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    None,
+    /// Create: the object must not exist.
+    Absent,
+    /// The object must exist.
+    Exists,
+    /// The object must exist at exactly this version (optimistic concurrency → 409).
+    Version(u64),
+}
+
+/// The bookkeeping column families a caller may write beside objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aux {
+    Meta,
+    Outbox,
+    ObjectSync,
+}
+
+impl Aux {
+    fn cf_name(self) -> &'static str {
+        match self {
+            Aux::Meta => CF_META,
+            Aux::Outbox => CF_OUTBOX,
+            Aux::ObjectSync => CF_OBJECTSYNC,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum ObjectOp {
+    Put {
+        key: ObjectKey,
+        object: Bytes,
+        expect: Precondition,
+    },
+    Delete {
+        key: ObjectKey,
+        expect: Precondition,
+    },
+    MirrorPut {
+        key: ObjectKey,
+        rv: u64,
+        object: Bytes,
+    },
+    MirrorDelete {
+        key: ObjectKey,
+        rv: u64,
+    },
+    SetVersion {
+        key: ObjectKey,
+        rv: u64,
+    },
+    LocalWrite {
+        key: ObjectKey,
+        object: Bytes,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum AuxOp {
+    Put(Aux, Vec<u8>, Vec<u8>),
+    Delete(Aux, Vec<u8>),
+    DeleteRange(Aux, Vec<u8>, Vec<u8>),
+}
+
+/// Object changes and bookkeeping that commit together or not at all.
+#[derive(Debug, Clone, Default)]
+pub struct WriteSet {
+    objects: Vec<ObjectOp>,
+    aux: Vec<AuxOp>,
+}
+
+impl WriteSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty() && self.aux.is_empty()
+    }
+
+    /// Assigning store: create or replace, under a precondition; gets the next version.
+    pub fn put(&mut self, key: ObjectKey, object: Bytes, expect: Precondition) -> &mut Self {
+        self.objects.push(ObjectOp::Put {
+            key,
+            object,
+            expect,
+        });
+        self
+    }
+
+    /// Assigning store: delete under a precondition; the delete gets the next version.
+    pub fn delete(&mut self, key: ObjectKey, expect: Precondition) -> &mut Self {
+        self.objects.push(ObjectOp::Delete { key, expect });
+        self
+    }
+
+    /// Mirroring store: the object is now `object` at version `rv`.
+    pub fn mirror_put(&mut self, key: ObjectKey, rv: u64, object: Bytes) -> &mut Self {
+        self.objects.push(ObjectOp::MirrorPut { key, rv, object });
+        self
+    }
+
+    /// Mirroring store: the object was deleted at version `rv` (no-op if absent).
+    pub fn mirror_delete(&mut self, key: ObjectKey, rv: u64) -> &mut Self {
+        self.objects.push(ObjectOp::MirrorDelete { key, rv });
+        self
+    }
+
+    /// Mirroring store: the object's bytes are current, only its version moved (no echo).
+    pub fn set_version(&mut self, key: ObjectKey, rv: u64) -> &mut Self {
+        self.objects.push(ObjectOp::SetVersion { key, rv });
+        self
+    }
+
+    /// Mirroring store: new bytes written locally (the node's own status), version kept until
+    /// the cloud assigns one.
+    pub fn local_write(&mut self, key: ObjectKey, object: Bytes) -> &mut Self {
+        self.objects.push(ObjectOp::LocalWrite { key, object });
+        self
+    }
+
+    pub fn put_aux(&mut self, aux: Aux, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.aux.push(AuxOp::Put(aux, key.into(), value.into()));
+    }
+
+    pub fn delete_aux(&mut self, aux: Aux, key: impl Into<Vec<u8>>) {
+        self.aux.push(AuxOp::Delete(aux, key.into()));
+    }
+
+    /// Deletes every key in `[from, to)`.
+    pub fn delete_aux_range(&mut self, aux: Aux, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) {
+        self.aux
+            .push(AuxOp::DeleteRange(aux, from.into(), to.into()));
+    }
+}
+
+/// One page of a list.
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    pub items: Vec<(ObjectKey, Versioned)>,
+    /// The store's revision when the list was read.
+    pub revision: u64,
+    /// Where the next page starts, if there is more.
+    pub next: Option<ObjectKey>,
+}
+
+struct Writer {
+    revision: u64,
+}
+
+pub struct Store {
+    db: DB,
+    config: StoreConfig,
+    writer: Mutex<Writer>,
+    watch: Arc<WatchHub>,
+}
+
+fn encode_value(rv: u64, object: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + object.len());
+    value.extend_from_slice(&rv.to_be_bytes());
+    value.extend_from_slice(object);
+    value
+}
+
+fn decode_value(value: Vec<u8>) -> Result<Versioned, StoreError> {
+    if value.len() < 8 {
+        return Err(StoreError::Corrupt(format!(
+            "object value of {} bytes",
+            value.len()
+        )));
+    }
+    let mut rv = [0u8; 8];
+    rv.copy_from_slice(&value[..8]);
+    Ok(Versioned {
+        rv: u64::from_be_bytes(rv),
+        object: Bytes::from(value).slice(8..),
+    })
+}
+
+/// Reads a big-endian u64 stored by [`u64::to_be_bytes`].
+pub fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
+    let array: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("expected 8 bytes, found {}", bytes.len())))?;
+    Ok(u64::from_be_bytes(array))
+}
+
+impl Store {
+    pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StoreError> {
+        let cache = Cache::new_lru_cache(config.block_cache_bytes);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_block_size(16 << 10);
+        // Point gets dominate (one key per object); a 10-bit bloom filter skips ~99% of
+        // needless SST reads. Filters and indexes live in the bounded cache, not beside it.
+        table.set_bloom_filter(10.0, false);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+
+        let cf_options = || {
+            let mut cf = Options::default();
+            cf.set_block_based_table_factory(&table);
+            // JSON compresses well: LZ4 is cheap on the hot levels, ZSTD where data settles.
+            cf.set_compression_type(DBCompressionType::Lz4);
+            cf.set_bottommost_compression_type(DBCompressionType::Zstd);
+            cf.set_write_buffer_size(config.write_buffer_bytes);
+            cf.set_max_write_buffer_number(2);
+            cf
+        };
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.increase_parallelism(2);
+        db_options.set_max_background_jobs(2);
+        db_options.set_db_write_buffer_size(config.write_buffer_bytes * 4);
+        // Bound the WAL so small column families do not pin old log files forever.
+        db_options.set_max_total_wal_size((config.write_buffer_bytes * 8) as u64);
+        db_options.set_keep_log_file_num(2);
+        db_options.set_max_open_files(512);
+
+        let families = [CF_OBJECTS, CF_META, CF_OUTBOX, CF_OBJECTSYNC]
+            .into_iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options()));
+        let db = DB::open_cf_descriptors(&db_options, path, families)?;
+        let revision = match db.get_cf(db.cf_handle(CF_META).expect("created"), META_REVISION)? {
+            Some(bytes) => decode_u64(&bytes)?,
+            None => 0,
+        };
+        let watch = Arc::new(WatchHub::new(config.watch, revision));
+        Ok(Store {
+            db,
+            config,
+            writer: Mutex::new(Writer { revision }),
+            watch,
+        })
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created on open")
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        // The writer's state is only updated after a successful write; poison is harmless.
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn versioning(&self) -> Versioning {
+        self.config.versioning
+    }
+
+    /// The revision of the latest committed change.
+    pub fn revision(&self) -> u64 {
+        self.lock_writer().revision
+    }
+
+    pub fn watch(&self) -> &Arc<WatchHub> {
+        &self.watch
+    }
+
+    pub fn get(&self, key: &ObjectKey) -> Result<Option<Versioned>, StoreError> {
+        match self.db.get_cf(self.cf(CF_OBJECTS), key.as_bytes())? {
+            Some(value) => Ok(Some(decode_value(value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Iterates over the objects in `range` in key order, reading as it goes.
+    pub fn scan(
+        &self,
+        range: &KeyRange,
+    ) -> impl Iterator<Item = Result<(ObjectKey, Versioned), StoreError>> + '_ {
+        self.scan_from(range, range.prefix())
+    }
+
+    fn scan_from(
+        &self,
+        range: &KeyRange,
+        start: &[u8],
+    ) -> impl Iterator<Item = Result<(ObjectKey, Versioned), StoreError>> + '_ {
+        let mut read = ReadOptions::default();
+        if let Some(upper) = range.upper_bound() {
+            read.set_iterate_upper_bound(upper);
+        }
+        self.db
+            .iterator_cf_opt(
+                self.cf(CF_OBJECTS),
+                read,
+                IteratorMode::From(start, Direction::Forward),
+            )
+            .map(|item| {
+                let (key, value) = item?;
+                Ok((
+                    ObjectKey::from_stored(&key)?,
+                    decode_value(value.into_vec())?,
+                ))
+            })
+    }
+
+    /// One page of at most `limit` objects in `range`, starting after `after`.
+    pub fn list(
+        &self,
+        range: &KeyRange,
+        after: Option<&ObjectKey>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
+        let revision = self.revision();
+        let start = match after {
+            // The smallest key greater than `after`.
+            Some(key) => {
+                let mut start = key.as_bytes().to_vec();
+                start.push(0);
+                start
+            }
+            None => range.prefix().to_vec(),
+        };
+        let mut items = Vec::new();
+        let mut next = None;
+        for item in self.scan_from(range, &start) {
+            let (key, value) = item?;
+            if items.len() == limit.max(1) {
+                next = items
+                    .last()
+                    .map(|(k, _): &(ObjectKey, Versioned)| k.clone());
+                break;
+            }
+            items.push((key, value));
+        }
+        Ok(ListPage {
+            items,
+            revision,
+            next,
+        })
+    }
+
+    pub fn get_aux(&self, aux: Aux, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(aux.cf_name()), key)?)
+    }
+
+    /// Every bookkeeping entry whose key starts with `prefix`, in key order.
+    pub fn scan_aux(
+        &self,
+        aux: Aux,
+        prefix: &[u8],
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StoreError>> + '_ {
+        let prefix = prefix.to_vec();
+        self.db
+            .iterator_cf(
+                self.cf(aux.cf_name()),
+                IteratorMode::From(&prefix, Direction::Forward),
+            )
+            .map(|item| item.map_err(StoreError::from))
+            .take_while(move |item| match item {
+                Ok((key, _)) => key.starts_with(&prefix),
+                Err(_) => true,
+            })
+    }
+
+    fn check(
+        &self,
+        versioning: Versioning,
+        op: &'static str,
+        key: &ObjectKey,
+        current: Option<&Versioned>,
+        expect: Precondition,
+    ) -> Result<(), StoreError> {
+        if self.config.versioning != versioning {
+            return Err(StoreError::WrongVersioning {
+                op,
+                versioning: self.config.versioning,
+            });
+        }
+        match (expect, current) {
+            (Precondition::None, _) => Ok(()),
+            (Precondition::Absent, None) => Ok(()),
+            (Precondition::Absent, Some(_)) => Err(StoreError::AlreadyExists(key.clone())),
+            (Precondition::Exists, Some(_)) => Ok(()),
+            (Precondition::Exists, None) => Err(StoreError::NotFound(key.clone())),
+            (Precondition::Version(expected), Some(v)) if v.rv == expected => Ok(()),
+            (Precondition::Version(expected), Some(v)) => Err(StoreError::Conflict {
+                key: key.clone(),
+                expected,
+                actual: Some(v.rv),
+            }),
+            (Precondition::Version(_), None) => Err(StoreError::NotFound(key.clone())),
+        }
+    }
+
+    /// Commits `set` atomically and returns the changes it made, in revision order. On error
+    /// nothing is written.
+    pub fn commit(&self, set: WriteSet) -> Result<Vec<SharedChange>, StoreError> {
+        let mut writer = self.lock_writer();
+        let mut revision = writer.revision;
+        let mut batch = WriteBatch::default();
+        // Objects touched earlier in this set, as they will be after it.
+        let mut overlay: HashMap<ObjectKey, Option<Versioned>> = HashMap::new();
+        let mut changes = Vec::with_capacity(set.objects.len());
+        let objects = self.cf(CF_OBJECTS);
+
+        for op in set.objects {
+            let key = match &op {
+                ObjectOp::Put { key, .. }
+                | ObjectOp::Delete { key, .. }
+                | ObjectOp::MirrorPut { key, .. }
+                | ObjectOp::MirrorDelete { key, .. }
+                | ObjectOp::SetVersion { key, .. }
+                | ObjectOp::LocalWrite { key, .. } => key.clone(),
+            };
+            let current = match overlay.get(&key) {
+                Some(state) => state.clone(),
+                None => self.get(&key)?,
+            };
+            let (kind, rv, object) = match op {
+                ObjectOp::Put { object, expect, .. } => {
+                    self.check(Versioning::Assign, "put", &key, current.as_ref(), expect)?;
+                    let kind = if current.is_some() {
+                        ChangeKind::Modified
+                    } else {
+                        ChangeKind::Added
+                    };
+                    (kind, revision + 1, object)
+                }
+                ObjectOp::Delete { expect, .. } => {
+                    let expect = match expect {
+                        Precondition::None => Precondition::Exists,
+                        other => other,
+                    };
+                    self.check(Versioning::Assign, "delete", &key, current.as_ref(), expect)?;
+                    let last = current.map(|v| v.object).unwrap_or_default();
+                    (ChangeKind::Deleted, revision + 1, last)
+                }
+                ObjectOp::MirrorPut { rv, object, .. } => {
+                    let none = Precondition::None;
+                    self.check(Versioning::Mirror, "mirror_put", &key, None, none)?;
+                    let kind = if current.is_some() {
+                        ChangeKind::Modified
+                    } else {
+                        ChangeKind::Added
+                    };
+                    (kind, rv, object)
+                }
+                ObjectOp::MirrorDelete { rv, .. } => {
+                    let none = Precondition::None;
+                    self.check(Versioning::Mirror, "mirror_delete", &key, None, none)?;
+                    match current {
+                        Some(last) => (ChangeKind::Deleted, rv, last.object),
+                        None => continue,
+                    }
+                }
+                ObjectOp::SetVersion { rv, .. } => {
+                    let exists = Precondition::Exists;
+                    self.check(
+                        Versioning::Mirror,
+                        "set_version",
+                        &key,
+                        current.as_ref(),
+                        exists,
+                    )?;
+                    let object = current.map(|v| v.object).unwrap_or_default();
+                    (ChangeKind::Modified, rv, object)
+                }
+                ObjectOp::LocalWrite { object, .. } => {
+                    let exists = Precondition::Exists;
+                    self.check(
+                        Versioning::Mirror,
+                        "local_write",
+                        &key,
+                        current.as_ref(),
+                        exists,
+                    )?;
+                    let rv = current.map(|v| v.rv).unwrap_or_default();
+                    (ChangeKind::Modified, rv, object)
+                }
+            };
+            revision += 1;
+            if kind == ChangeKind::Deleted {
+                batch.delete_cf(objects, key.as_bytes());
+                overlay.insert(key.clone(), None);
+            } else {
+                batch.put_cf(objects, key.as_bytes(), encode_value(rv, &object));
+                overlay.insert(
+                    key.clone(),
+                    Some(Versioned {
+                        rv,
+                        object: object.clone(),
+                    }),
+                );
+            }
+            changes.push(Arc::new(Change::new(revision, key, rv, kind, object)));
+        }
+
+        for op in set.aux {
+            match op {
+                AuxOp::Put(aux, key, value) => batch.put_cf(self.cf(aux.cf_name()), key, value),
+                AuxOp::Delete(aux, key) => batch.delete_cf(self.cf(aux.cf_name()), key),
+                AuxOp::DeleteRange(aux, from, to) => {
+                    batch.delete_range_cf(self.cf(aux.cf_name()), from, to)
+                }
+            }
+        }
+        if revision != writer.revision {
+            batch.put_cf(self.cf(CF_META), META_REVISION, revision.to_be_bytes());
+        }
+        if batch.is_empty() {
+            return Ok(changes);
+        }
+        let mut options = WriteOptions::default();
+        options.set_sync(self.config.sync_writes);
+        self.db.write_opt(batch, &options)?;
+        writer.revision = revision;
+        self.watch.publish(&changes);
+        Ok(changes)
+    }
+
+    /// Flushes memtables (tests and benchmarks use this to measure steady state).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for name in [CF_OBJECTS, CF_META, CF_OUTBOX, CF_OBJECTSYNC] {
+            self.db.flush_cf(self.cf(name))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> ObjectKey {
+        ObjectKey::parse(s).unwrap()
+    }
+
+    fn open(dir: &Path, versioning: Versioning) -> Store {
+        let mut config = StoreConfig::edge();
+        config.versioning = versioning;
+        config.sync_writes = false;
+        Store::open(dir, config).unwrap()
+    }
+
+    #[test]
+    fn assigned_versions_preconditions_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path(), Versioning::Assign);
+            let mut set = WriteSet::new();
+            set.put(
+                key("pods/a/x"),
+                Bytes::from_static(b"1"),
+                Precondition::Absent,
+            );
+            set.put(
+                key("pods/a/y"),
+                Bytes::from_static(b"2"),
+                Precondition::Absent,
+            );
+            let changes = store.commit(set).unwrap();
+            assert_eq!(changes.iter().map(|c| c.rv).collect::<Vec<_>>(), vec![1, 2]);
+            let mut set = WriteSet::new();
+            set.put(
+                key("pods/a/x"),
+                Bytes::from_static(b"3"),
+                Precondition::Version(7),
+            );
+            assert!(matches!(
+                store.commit(set),
+                Err(StoreError::Conflict {
+                    actual: Some(1),
+                    ..
+                })
+            ));
+            let mut set = WriteSet::new();
+            set.put(
+                key("pods/a/y"),
+                Bytes::from_static(b"x"),
+                Precondition::Absent,
+            );
+            assert!(matches!(
+                store.commit(set),
+                Err(StoreError::AlreadyExists(_))
+            ));
+            let mut set = WriteSet::new();
+            set.delete(key("pods/a/x"), Precondition::Version(1));
+            let deleted = store.commit(set).unwrap();
+            assert_eq!(deleted[0].kind, ChangeKind::Deleted);
+            assert_eq!(deleted[0].object, Bytes::from_static(b"1"));
+            let mut set = WriteSet::new();
+            set.mirror_put(key("pods/a/z"), 5, Bytes::new());
+            assert!(matches!(
+                store.commit(set),
+                Err(StoreError::WrongVersioning { .. })
+            ));
+        }
+        let store = open(dir.path(), Versioning::Assign);
+        assert_eq!(store.revision(), 3);
+        assert_eq!(store.get(&key("pods/a/x")).unwrap(), None);
+        assert_eq!(store.get(&key("pods/a/y")).unwrap().unwrap().rv, 2);
+    }
+
+    #[test]
+    fn failed_precondition_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Versioning::Assign);
+        let mut set = WriteSet::new();
+        set.put(
+            key("pods/a/x"),
+            Bytes::from_static(b"1"),
+            Precondition::Absent,
+        );
+        set.put_aux(Aux::Meta, b"m".to_vec(), b"v".to_vec());
+        set.delete(key("pods/a/missing"), Precondition::None);
+        assert!(matches!(store.commit(set), Err(StoreError::NotFound(_))));
+        assert_eq!(store.get(&key("pods/a/x")).unwrap(), None);
+        assert_eq!(store.get_aux(Aux::Meta, b"m").unwrap(), None);
+        assert_eq!(store.revision(), 0);
+    }
+
+    #[test]
+    fn mirrored_versions_local_writes_and_bumps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Versioning::Mirror);
+        let k = key("pods/a/x");
+        let mut set = WriteSet::new();
+        set.mirror_put(k.clone(), 40, Bytes::from_static(b"spec"));
+        store.commit(set).unwrap();
+        let mut set = WriteSet::new();
+        set.local_write(k.clone(), Bytes::from_static(b"spec+status"));
+        store.commit(set).unwrap();
+        assert_eq!(store.get(&k).unwrap().unwrap().rv, 40);
+        let mut set = WriteSet::new();
+        set.set_version(k.clone(), 42);
+        store.commit(set).unwrap();
+        let now = store.get(&k).unwrap().unwrap();
+        assert_eq!(
+            (now.rv, now.object),
+            (42, Bytes::from_static(b"spec+status"))
+        );
+        assert_eq!(store.revision(), 3, "local revisions count changes");
+        let mut set = WriteSet::new();
+        set.mirror_delete(key("pods/a/never"), 50);
+        assert!(store.commit(set).unwrap().is_empty());
+    }
+
+    #[test]
+    fn list_pages_through_one_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Versioning::Assign);
+        let mut set = WriteSet::new();
+        for ns in ["a", "b"] {
+            for i in 0..5 {
+                let k = ObjectKey::new("pods", ns, &format!("p{i}")).unwrap();
+                set.put(k, Bytes::from_static(b"{}"), Precondition::Absent);
+            }
+        }
+        set.put(key("pods2/a/q"), Bytes::new(), Precondition::Absent);
+        store.commit(set).unwrap();
+        let range = KeyRange::namespace("pods", "a").unwrap();
+        let first = store.list(&range, None, 2).unwrap();
+        assert_eq!(first.items.len(), 2);
+        let second = store.list(&range, first.next.as_ref(), 10).unwrap();
+        assert_eq!(second.items.len(), 3);
+        assert!(second.next.is_none());
+        assert_eq!(
+            store.scan(&KeyRange::kind("pods").unwrap()).count(),
+            10,
+            "pods2 is another kind"
+        );
+    }
+}
