@@ -12,6 +12,7 @@
 pub mod change;
 pub mod key;
 pub mod store;
+pub mod sync;
 pub mod watch;
 
 pub use change::{Change, ChangeKind, SharedChange};

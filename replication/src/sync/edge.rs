@@ -1,0 +1,327 @@
+//! The edge side of the sync protocol: a pure state machine.
+//!
+//! Inputs: the cloud's messages (`receive`), the node's own reports (`report`), link up/down,
+//! and the shell's word that a batch is durable (`durable`). Outputs: store writes, batched
+//! (`take_batch`: one `WriteSet` per group of messages, with the watermark and outbox changes
+//! inside it) and messages to send (`poll_transmit`). No IO.
+//!
+//! Guarantees:
+//! - Changes apply in order and idempotently by version: an upsert older than or equal to what
+//!   is held is skipped, a bump that does not match what is held asks for the object.
+//! - Acks are sent only for what is durable: the watermark (session, count) is committed in the
+//!   same batch as the changes it covers, and `Ack` is queued by `durable`.
+//! - The outbox is in the same store, coalesced by key (one entry per key: the latest report),
+//!   sent only once durable, resent after every reconnect until acknowledged.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::key::ObjectKey;
+use crate::store::{Aux, WriteSet};
+use crate::sync::digest::SetDigest;
+use crate::sync::messages::{Down, Hello, Report, SessionId, Up, Watermark};
+use crate::sync::persist;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EdgeError {
+    #[error("object message before the session started")]
+    NoSession,
+    #[error("cannot report on {0}: this node does not hold it")]
+    NotHeld(ObjectKey),
+}
+
+/// The edge's durable sync state, as recovered from its store.
+#[derive(Debug, Clone, Default)]
+pub struct EdgeRecovered {
+    pub store_id: u64,
+    pub applied: Option<Watermark>,
+    pub held: BTreeMap<ObjectKey, u64>,
+    pub outbox: Vec<Report>,
+    pub next_report: u64,
+}
+
+/// Store writes for a group of messages, and what becomes true once they are durable.
+#[derive(Debug)]
+pub struct EdgeBatch {
+    pub writes: WriteSet,
+    pub token: DurableToken,
+}
+
+/// Hand back to [`EdgeSync::durable`] after committing the batch's writes.
+#[derive(Debug, Default)]
+pub struct DurableToken {
+    watermark: Option<Watermark>,
+    reports: Vec<Report>,
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EdgeStats {
+    pub applied: u64,
+    pub skipped: u64,
+    pub refetches: u64,
+    pub reports_sent: u64,
+}
+
+pub struct EdgeSync {
+    store_id: u64,
+    applied: Option<Watermark>,
+    held: BTreeMap<ObjectKey, u64>,
+    digest: SetDigest,
+    session: Option<SessionId>,
+    received: u64,
+    connected: bool,
+    /// Durable reports not yet acknowledged, by id.
+    outbox: BTreeMap<u64, Report>,
+    /// The latest report id per key, durable or not.
+    latest_report: HashMap<ObjectKey, u64>,
+    /// Outbox ids up to this one were sent on the current link.
+    sent_through: u64,
+    next_report: u64,
+    batch: WriteSet,
+    token: DurableToken,
+    control: VecDeque<Up>,
+    ack_due: Option<Watermark>,
+    stats: EdgeStats,
+}
+
+impl EdgeSync {
+    pub fn new(recovered: EdgeRecovered) -> Self {
+        let digest = SetDigest::of(recovered.held.iter().map(|(k, v)| (k, *v)));
+        let latest_report = recovered
+            .outbox
+            .iter()
+            .map(|r| (r.key.clone(), r.id))
+            .collect();
+        EdgeSync {
+            store_id: recovered.store_id,
+            applied: recovered.applied,
+            held: recovered.held,
+            digest,
+            session: None,
+            received: 0,
+            connected: false,
+            outbox: recovered.outbox.into_iter().map(|r| (r.id, r)).collect(),
+            latest_report,
+            sent_through: 0,
+            next_report: recovered.next_report,
+            batch: WriteSet::new(),
+            token: DurableToken::default(),
+            control: VecDeque::new(),
+            ack_due: None,
+            stats: EdgeStats::default(),
+        }
+    }
+
+    pub fn store_id(&self) -> u64 {
+        self.store_id
+    }
+
+    pub fn stats(&self) -> EdgeStats {
+        self.stats
+    }
+
+    /// The version held for `key`.
+    pub fn held(&self, key: &ObjectKey) -> Option<u64> {
+        self.held.get(key).copied()
+    }
+
+    pub fn held_len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Reports not yet acknowledged by the cloud.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    pub fn link_up(&mut self) {
+        self.connected = true;
+        self.session = None;
+        self.control.clear();
+        self.ack_due = None;
+        self.sent_through = 0;
+        self.control.push_back(Up::Hello(Hello {
+            store_id: self.store_id,
+            applied: self.token.watermark.or(self.applied),
+            objects: self.digest.count(),
+            digest: self.digest.value(),
+        }));
+    }
+
+    pub fn link_down(&mut self) {
+        self.connected = false;
+        self.session = None;
+        self.control.clear();
+        self.ack_due = None;
+    }
+
+    fn count_object_message(&mut self) -> Result<Watermark, EdgeError> {
+        let session = self.session.ok_or(EdgeError::NoSession)?;
+        self.received += 1;
+        let mark = Watermark {
+            session,
+            count: self.received,
+        };
+        self.token.watermark = Some(mark);
+        Ok(mark)
+    }
+
+    fn forget_report(&mut self, key: &ObjectKey) {
+        if let Some(id) = self.latest_report.remove(key) {
+            self.outbox.remove(&id);
+            self.token.reports.retain(|r| r.id != id);
+            self.batch.delete_aux(Aux::Outbox, persist::outbox_key(id));
+        }
+    }
+
+    pub fn receive(&mut self, message: Down) -> Result<(), EdgeError> {
+        match message {
+            Down::Session(session) => {
+                self.session = Some(session);
+                self.received = 0;
+            }
+            Down::Upsert(change) => {
+                self.count_object_message()?;
+                match self.held.get(&change.key) {
+                    Some(&held) if held >= change.rv => self.stats.skipped += 1,
+                    held => {
+                        match held {
+                            Some(&old) => self.digest.replace(&change.key, old, change.rv),
+                            None => self.digest.insert(&change.key, change.rv),
+                        }
+                        self.held.insert(change.key.clone(), change.rv);
+                        self.batch
+                            .mirror_put(change.key.clone(), change.rv, change.object.clone());
+                        self.stats.applied += 1;
+                    }
+                }
+            }
+            Down::Delete { key, rv } => {
+                self.count_object_message()?;
+                if let Some(old) = self.held.remove(&key) {
+                    self.digest.remove(&key, old);
+                    self.batch.mirror_delete(key.clone(), rv);
+                    self.forget_report(&key);
+                    self.stats.applied += 1;
+                } else {
+                    self.stats.skipped += 1;
+                }
+            }
+            Down::Bump { key, base, rv } => {
+                self.count_object_message()?;
+                match self.held.get(&key).copied() {
+                    Some(held) if held == base => {
+                        self.digest.replace(&key, base, rv);
+                        self.held.insert(key.clone(), rv);
+                        self.batch.set_version(key, rv);
+                        self.stats.applied += 1;
+                    }
+                    Some(held) if held >= rv => self.stats.skipped += 1,
+                    _ => {
+                        self.stats.refetches += 1;
+                        self.control.push_back(Up::Refetch { key });
+                    }
+                }
+            }
+            Down::DigestRequest => {
+                let pairs = self.held.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                self.control.push_back(Up::Digest(pairs));
+            }
+            Down::ReportAck { through } => {
+                let acked: Vec<u64> = self.outbox.range(..=through).map(|(id, _)| *id).collect();
+                for id in acked {
+                    if let Some(report) = self.outbox.remove(&id) {
+                        if self.latest_report.get(&report.key) == Some(&id) {
+                            self.latest_report.remove(&report.key);
+                        }
+                        self.batch.delete_aux(Aux::Outbox, persist::outbox_key(id));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The node's own write of an object it holds (e.g. a pod's status): stored locally at
+    /// once, reported upward once durable, coalesced with any earlier unacknowledged report
+    /// on the same key. Returns the report id.
+    pub fn report(&mut self, key: ObjectKey, object: Bytes) -> Result<u64, EdgeError> {
+        let base = self
+            .held(&key)
+            .ok_or_else(|| EdgeError::NotHeld(key.clone()))?;
+        self.forget_report(&key);
+        self.next_report += 1;
+        let report = Report {
+            id: self.next_report,
+            key: key.clone(),
+            base,
+            object: object.clone(),
+        };
+        self.batch.local_write(key.clone(), object);
+        self.batch.put_aux(
+            Aux::Outbox,
+            persist::outbox_key(report.id),
+            persist::encode_report(&report),
+        );
+        self.batch.put_aux(
+            Aux::Meta,
+            persist::EDGE_NEXT_REPORT,
+            self.next_report.to_be_bytes(),
+        );
+        self.latest_report.insert(key, report.id);
+        self.token.reports.push(report);
+        Ok(self.next_report)
+    }
+
+    /// The writes accumulated since the last batch, if any. Commit them, then call
+    /// [`EdgeSync::durable`] with the token. If the commit fails, this state machine no longer
+    /// matches the store: drop it and recover a new one from the store.
+    pub fn take_batch(&mut self) -> Option<EdgeBatch> {
+        let mut writes = std::mem::take(&mut self.batch);
+        let token = std::mem::take(&mut self.token);
+        if let Some(mark) = token.watermark {
+            writes.put_aux(
+                Aux::Meta,
+                persist::EDGE_APPLIED,
+                persist::encode_watermark(mark),
+            );
+        }
+        if writes.is_empty() && token.reports.is_empty() {
+            return None;
+        }
+        Some(EdgeBatch { writes, token })
+    }
+
+    pub fn durable(&mut self, token: DurableToken) {
+        if let Some(mark) = token.watermark {
+            self.applied = Some(mark);
+            if self.connected && self.session == Some(mark.session) {
+                self.ack_due = Some(mark);
+            }
+        }
+        for report in token.reports {
+            self.outbox.insert(report.id, report);
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Up> {
+        if !self.connected {
+            return None;
+        }
+        if let Some(message) = self.control.pop_front() {
+            return Some(message);
+        }
+        if let Some(mark) = self.ack_due.take() {
+            return Some(Up::Ack {
+                session: mark.session,
+                count: mark.count,
+            });
+        }
+        let (&id, report) = self.outbox.range(self.sent_through + 1..).next()?;
+        self.sent_through = id;
+        self.stats.reports_sent += 1;
+        Some(Up::Report(report.clone()))
+    }
+}

@@ -1,0 +1,549 @@
+//! The cloud side of the sync protocol for one node: a pure state machine.
+//!
+//! Inputs: what the node should hold (`set`, `set_echo`, `unset`, from cloud/'s routing),
+//! link up/down, and the node's messages (`handle`, `accept_report`). Outputs: messages to send
+//! (`poll_transmit`) and ObjectSync records to persist (`take_writes`). No IO, no clock.
+//!
+//! What it guarantees, given in-order at-most-once delivery within a session:
+//! - Coalescing: while a key waits to be sent, a newer version replaces it, and a removal
+//!   replaces both; an object that changed ten times while the node was away is sent once.
+//! - Delta resync: on hello the node's acked versions (ObjectSync) are compared with what it
+//!   should hold; only differences are sent. Objects the node acknowledged are never resent
+//!   while the record is trusted.
+//! - Trust check: the node's hello carries a digest of its (key, version) pairs; if it differs
+//!   from the record (new disk, lost or stale ObjectSync, restored backup), the feed asks for
+//!   the node's pairs and diffs against them, never a blind full resend.
+//! - No echo: when the cloud stored the node's own report unchanged, the node gets a bump of
+//!   the version, not the bytes it already has.
+//! - Bounded memory in flight: at most `max_in_flight` unacknowledged object messages.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use crate::change::SharedChange;
+use crate::key::ObjectKey;
+use crate::sync::digest::SetDigest;
+use crate::sync::messages::{Down, Hello, Report, SessionId, Up};
+
+#[derive(Debug, Clone, Copy)]
+pub struct FeedConfig {
+    /// Object messages sent and not yet acknowledged, at most.
+    pub max_in_flight: usize,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        FeedConfig {
+            max_in_flight: 1_024,
+        }
+    }
+}
+
+/// ObjectSync records to persist (in the cloud's store, `objectsync` column family). Losing
+/// the latest of them in a crash costs resends, never correctness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectSyncWrite {
+    Acked {
+        key: ObjectKey,
+        rv: u64,
+    },
+    Forgotten {
+        key: ObjectKey,
+    },
+    /// The whole record is replaced (after a digest exchange, or for a new disk).
+    Reset {
+        acked: Vec<(ObjectKey, u64)>,
+    },
+}
+
+/// Which upward reports of a node's store have been applied: written in the same batch as the
+/// report's effect, so each report takes effect at most once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportRecord {
+    pub store_id: u64,
+    pub through: u64,
+}
+
+/// A node's ObjectSync state as loaded from disk.
+#[derive(Debug, Clone, Default)]
+pub struct FeedRecord {
+    pub acked: BTreeMap<ObjectKey, u64>,
+    pub reports: Option<ReportRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FeedError {
+    #[error("unexpected {message} while {state:?}")]
+    Unexpected {
+        message: &'static str,
+        state: FeedState,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedState {
+    Offline,
+    AwaitHello,
+    AwaitDigest,
+    Streaming,
+}
+
+#[derive(Debug, Clone)]
+struct Desired {
+    change: SharedChange,
+    /// The node holds this object's bytes at this older version (its own report).
+    echo_base: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+enum Pending {
+    Upsert(SharedChange),
+    Bump { base: u64, rv: u64 },
+    Delete { rv: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    Version(u64),
+    Deleted,
+    /// Superseded by a refetch: its ack proves nothing.
+    Void,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    count: u64,
+    key: ObjectKey,
+    sent: Sent,
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FeedStats {
+    pub upserts: u64,
+    pub deletes: u64,
+    pub bumps: u64,
+    pub content_bytes: u64,
+    pub digest_exchanges: u64,
+    pub sessions: u64,
+}
+
+pub struct NodeFeed {
+    config: FeedConfig,
+    epoch: u64,
+    state: FeedState,
+    session: Option<SessionId>,
+    sessions_started: u64,
+    sent: u64,
+    desired: BTreeMap<ObjectKey, Desired>,
+    acked: BTreeMap<ObjectKey, u64>,
+    queue: VecDeque<ObjectKey>,
+    pending: HashMap<ObjectKey, Pending>,
+    in_flight: VecDeque<InFlight>,
+    in_flight_keys: HashMap<ObjectKey, u32>,
+    control: VecDeque<Down>,
+    writes: Vec<ObjectSyncWrite>,
+    store_id: Option<u64>,
+    reports: Option<ReportRecord>,
+    report_ack: Option<u64>,
+    stats: FeedStats,
+}
+
+impl NodeFeed {
+    /// A feed for one node. `epoch` identifies this cloud process (random per start);
+    /// `record` is the node's persisted ObjectSync state.
+    pub fn new(config: FeedConfig, epoch: u64, record: FeedRecord) -> Self {
+        NodeFeed {
+            config,
+            epoch,
+            state: FeedState::Offline,
+            session: None,
+            sessions_started: 0,
+            sent: 0,
+            desired: BTreeMap::new(),
+            acked: record.acked,
+            queue: VecDeque::new(),
+            pending: HashMap::new(),
+            in_flight: VecDeque::new(),
+            in_flight_keys: HashMap::new(),
+            control: VecDeque::new(),
+            writes: Vec::new(),
+            store_id: None,
+            reports: record.reports,
+            report_ack: None,
+            stats: FeedStats::default(),
+        }
+    }
+
+    pub fn state(&self) -> FeedState {
+        self.state
+    }
+
+    pub fn stats(&self) -> FeedStats {
+        self.stats
+    }
+
+    /// Keys the node should hold.
+    pub fn desired_len(&self) -> usize {
+        self.desired.len()
+    }
+
+    /// Keys waiting to be sent.
+    pub fn queued(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether everything the node should hold is acknowledged at its version.
+    pub fn is_synced(&self) -> bool {
+        self.state == FeedState::Streaming
+            && self.pending.is_empty()
+            && self.in_flight.is_empty()
+            && self.desired.len() == self.acked.len()
+            && self
+                .desired
+                .iter()
+                .all(|(key, d)| self.acked.get(key) == Some(&d.change.rv))
+    }
+
+    fn enqueue(&mut self, key: ObjectKey, pending: Pending) {
+        if self.pending.insert(key.clone(), pending).is_none() {
+            self.queue.push_back(key);
+        }
+    }
+
+    fn node_may_hold(&self, key: &ObjectKey) -> bool {
+        self.acked.contains_key(key) || self.in_flight_keys.contains_key(key)
+    }
+
+    /// The node should hold `change` (an added or modified object).
+    pub fn set(&mut self, change: &SharedChange) {
+        debug_assert!(!change.is_delete());
+        self.desired.insert(
+            change.key.clone(),
+            Desired {
+                change: change.clone(),
+                echo_base: None,
+            },
+        );
+        if self.state == FeedState::Streaming {
+            self.enqueue(change.key.clone(), Pending::Upsert(change.clone()));
+        }
+    }
+
+    /// The node should hold `change`, whose bytes are exactly the node's own report made on
+    /// top of version `base`: the node needs only the new version.
+    pub fn set_echo(&mut self, change: &SharedChange, base: u64) {
+        self.desired.insert(
+            change.key.clone(),
+            Desired {
+                change: change.clone(),
+                echo_base: Some(base),
+            },
+        );
+        if self.state == FeedState::Streaming {
+            let bump = Pending::Bump {
+                base,
+                rv: change.rv,
+            };
+            self.enqueue(change.key.clone(), bump);
+        }
+    }
+
+    /// The node should no longer hold `key` (deleted at version `rv`, or no longer routed).
+    pub fn unset(&mut self, key: &ObjectKey, rv: u64) {
+        if self.desired.remove(key).is_none() && !self.node_may_hold(key) {
+            return;
+        }
+        if self.state != FeedState::Streaming {
+            return;
+        }
+        if self.node_may_hold(key) {
+            self.enqueue(key.clone(), Pending::Delete { rv });
+        } else {
+            // Never sent: just forget the queued upsert (its queue slot is skipped).
+            self.pending.remove(key);
+        }
+    }
+
+    /// Whether `key` is in the node's desired set.
+    pub fn wants(&self, key: &ObjectKey) -> bool {
+        self.desired.contains_key(key)
+    }
+
+    pub fn link_up(&mut self) {
+        self.reset_link();
+        self.state = FeedState::AwaitHello;
+    }
+
+    pub fn link_down(&mut self) {
+        self.reset_link();
+        self.state = FeedState::Offline;
+    }
+
+    fn reset_link(&mut self) {
+        // Unsent work is recomputed from desired vs acked at the next hello; in-flight entries
+        // stay until then so that the node's watermark can still credit them.
+        self.queue.clear();
+        self.pending.clear();
+        self.control.clear();
+        self.report_ack = None;
+    }
+
+    fn credit(&mut self, through: u64) {
+        while self.in_flight.front().is_some_and(|f| f.count <= through) {
+            let Some(done) = self.in_flight.pop_front() else {
+                break;
+            };
+            self.release_in_flight_key(&done.key);
+            match done.sent {
+                Sent::Version(rv) => {
+                    self.acked.insert(done.key.clone(), rv);
+                    self.writes
+                        .push(ObjectSyncWrite::Acked { key: done.key, rv });
+                }
+                Sent::Deleted => {
+                    if self.acked.remove(&done.key).is_some() {
+                        self.writes
+                            .push(ObjectSyncWrite::Forgotten { key: done.key });
+                    }
+                }
+                Sent::Void => {}
+            }
+        }
+    }
+
+    fn release_in_flight_key(&mut self, key: &ObjectKey) {
+        if let Some(n) = self.in_flight_keys.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight_keys.remove(key);
+            }
+        }
+    }
+
+    fn drop_in_flight(&mut self) {
+        self.in_flight.clear();
+        self.in_flight_keys.clear();
+    }
+
+    fn unexpected(&self, message: &'static str) -> FeedError {
+        FeedError::Unexpected {
+            message,
+            state: self.state,
+        }
+    }
+
+    /// A message from the node (except reports: see [`NodeFeed::accept_report`]).
+    pub fn handle(&mut self, message: Up) -> Result<(), FeedError> {
+        match message {
+            Up::Hello(hello) => self.on_hello(hello),
+            Up::Digest(pairs) => {
+                if self.state != FeedState::AwaitDigest {
+                    return Err(self.unexpected("digest"));
+                }
+                self.acked = pairs.into_iter().collect();
+                self.writes.push(ObjectSyncWrite::Reset {
+                    acked: self.acked.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                });
+                self.start_session();
+                Ok(())
+            }
+            Up::Ack { session, count } => {
+                if self.state == FeedState::Offline || self.state == FeedState::AwaitHello {
+                    return Err(self.unexpected("ack"));
+                }
+                if Some(session) == self.session {
+                    self.credit(count);
+                }
+                Ok(())
+            }
+            Up::Refetch { key } => {
+                if self.state != FeedState::Streaming {
+                    return Err(self.unexpected("refetch"));
+                }
+                for entry in self.in_flight.iter_mut().filter(|f| f.key == key) {
+                    entry.sent = Sent::Void;
+                }
+                if self.acked.remove(&key).is_some() {
+                    self.writes
+                        .push(ObjectSyncWrite::Forgotten { key: key.clone() });
+                }
+                if let Some(desired) = self.desired.get_mut(&key) {
+                    desired.echo_base = None;
+                    let change = desired.change.clone();
+                    self.enqueue(key, Pending::Upsert(change));
+                }
+                Ok(())
+            }
+            Up::Report(_) => Err(self.unexpected("report outside accept_report")),
+        }
+    }
+
+    fn on_hello(&mut self, hello: Hello) -> Result<(), FeedError> {
+        if self.state != FeedState::AwaitHello {
+            return Err(self.unexpected("hello"));
+        }
+        if let Some(applied) = hello.applied {
+            if Some(applied.session) == self.session {
+                self.credit(applied.count);
+            }
+        }
+        // Whatever was in flight and not credited is lost with the old session.
+        self.drop_in_flight();
+        self.store_id = Some(hello.store_id);
+        if self.reports.is_some_and(|r| r.store_id != hello.store_id) {
+            // A new disk numbers its reports from the start again.
+            self.reports = None;
+        }
+        let record = SetDigest::of(self.acked.iter().map(|(k, v)| (k, *v)));
+        if record.value() == hello.digest && record.count() == hello.objects {
+            self.start_session();
+        } else if hello.objects == 0 {
+            self.acked.clear();
+            self.writes
+                .push(ObjectSyncWrite::Reset { acked: Vec::new() });
+            self.start_session();
+        } else {
+            self.stats.digest_exchanges += 1;
+            self.control.push_back(Down::DigestRequest);
+            self.state = FeedState::AwaitDigest;
+        }
+        Ok(())
+    }
+
+    fn start_session(&mut self) {
+        self.sessions_started += 1;
+        self.stats.sessions += 1;
+        let session = SessionId {
+            epoch: self.epoch,
+            number: self.sessions_started,
+        };
+        self.session = Some(session);
+        self.sent = 0;
+        self.control.push_back(Down::Session(session));
+        self.state = FeedState::Streaming;
+        // The delta: what the node should hold and does not hold at that version...
+        let mut delta = Vec::new();
+        for (key, desired) in &self.desired {
+            let held = self.acked.get(key).copied();
+            if held == Some(desired.change.rv) {
+                continue;
+            }
+            let pending = match desired.echo_base {
+                Some(base) if held == Some(base) => Pending::Bump {
+                    base,
+                    rv: desired.change.rv,
+                },
+                _ => Pending::Upsert(desired.change.clone()),
+            };
+            delta.push((key.clone(), pending));
+        }
+        // ...and what it holds but should not.
+        for (key, rv) in &self.acked {
+            if !self.desired.contains_key(key) {
+                delta.push((key.clone(), Pending::Delete { rv: *rv }));
+            }
+        }
+        for (key, pending) in delta {
+            self.enqueue(key, pending);
+        }
+    }
+
+    /// Whether the shell should apply `report` (false: already applied, just acknowledged).
+    /// If it should, the shell commits the report's effect together with the returned record
+    /// and then calls [`NodeFeed::report_done`].
+    pub fn accept_report(&mut self, report: &Report) -> Result<Option<ReportRecord>, FeedError> {
+        let Some(store_id) = self.store_id else {
+            return Err(self.unexpected("report before hello"));
+        };
+        if matches!(self.state, FeedState::Offline | FeedState::AwaitHello) {
+            return Err(self.unexpected("report"));
+        }
+        if self
+            .reports
+            .is_some_and(|r| r.store_id == store_id && report.id <= r.through)
+        {
+            self.schedule_report_ack(report.id);
+            return Ok(None);
+        }
+        Ok(Some(ReportRecord {
+            store_id,
+            through: report.id,
+        }))
+    }
+
+    /// The report recorded by `record` is durable (applied, or refused for good).
+    pub fn report_done(&mut self, record: ReportRecord) {
+        self.reports = Some(record);
+        self.schedule_report_ack(record.through);
+    }
+
+    fn schedule_report_ack(&mut self, id: u64) {
+        self.report_ack = Some(self.report_ack.map_or(id, |a| a.max(id)));
+    }
+
+    /// ObjectSync records to persist, oldest first.
+    pub fn take_writes(&mut self) -> Vec<ObjectSyncWrite> {
+        std::mem::take(&mut self.writes)
+    }
+
+    /// The next message to send, if any may be sent now.
+    pub fn poll_transmit(&mut self) -> Option<Down> {
+        if let Some(control) = self.control.pop_front() {
+            return Some(control);
+        }
+        if self.state == FeedState::Offline || self.state == FeedState::AwaitHello {
+            return None;
+        }
+        if let Some(through) = self.report_ack.take() {
+            return Some(Down::ReportAck { through });
+        }
+        if self.state != FeedState::Streaming || self.in_flight.len() >= self.config.max_in_flight {
+            return None;
+        }
+        while let Some(key) = self.queue.pop_front() {
+            let Some(pending) = self.pending.remove(&key) else {
+                continue;
+            };
+            self.sent += 1;
+            let (message, sent) = match pending {
+                Pending::Upsert(change) => {
+                    self.stats.upserts += 1;
+                    self.stats.content_bytes += change.object.len() as u64;
+                    let rv = change.rv;
+                    (Down::Upsert(change), Sent::Version(rv))
+                }
+                Pending::Bump { base, rv } => {
+                    self.stats.bumps += 1;
+                    let bump = Down::Bump {
+                        key: key.clone(),
+                        base,
+                        rv,
+                    };
+                    (bump, Sent::Version(rv))
+                }
+                Pending::Delete { rv } => {
+                    self.stats.deletes += 1;
+                    (
+                        Down::Delete {
+                            key: key.clone(),
+                            rv,
+                        },
+                        Sent::Deleted,
+                    )
+                }
+            };
+            *self.in_flight_keys.entry(key.clone()).or_insert(0) += 1;
+            self.in_flight.push_back(InFlight {
+                count: self.sent,
+                key,
+                sent,
+            });
+            return Some(message);
+        }
+        None
+    }
+}

@@ -1,0 +1,102 @@
+//! The sync protocol's messages. A transport adapter maps them onto its wire; within one sync
+//! session they must arrive in order and each at most once (one QUIC stream per direction).
+
+use bytes::Bytes;
+
+use crate::change::SharedChange;
+use crate::key::ObjectKey;
+
+/// Names one sync session: the cloud process instance (`epoch`, random per start) and a
+/// counter within it. Object messages are numbered 1, 2, 3… from the session's start, by both
+/// sides, without carrying the number: the same encoded change can go to every node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId {
+    pub epoch: u64,
+    pub number: u64,
+}
+
+/// How far an edge has durably applied: the `count`-th object message of `session`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermark {
+    pub session: SessionId,
+    pub count: u64,
+}
+
+/// Cloud → edge.
+#[derive(Debug, Clone)]
+pub enum Down {
+    /// A new session starts; object messages are counted from here.
+    Session(SessionId),
+    /// Object message: hold this object at this version.
+    Upsert(SharedChange),
+    /// Object message: stop holding this object (deleted, or no longer routed to the node).
+    Delete { key: ObjectKey, rv: u64 },
+    /// Object message: the object you hold at `base` is now at `rv`, bytes unchanged: the
+    /// cloud wrote back your own report (no echo of the content).
+    Bump { key: ObjectKey, base: u64, rv: u64 },
+    /// Send me every (key, version) you hold: the cloud cannot trust its record of you.
+    DigestRequest,
+    /// Reports up to and including this id were applied (or refused) durably.
+    ReportAck { through: u64 },
+}
+
+impl Down {
+    /// Whether this message is counted within its session.
+    pub fn is_object_message(&self) -> bool {
+        matches!(
+            self,
+            Down::Upsert(_) | Down::Delete { .. } | Down::Bump { .. }
+        )
+    }
+
+    /// Bytes of object content this message carries (for accounting).
+    pub fn content_len(&self) -> usize {
+        match self {
+            Down::Upsert(change) => change.object.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// What an edge says when a link comes up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Random id of the edge's store, made when the store was created: a new id means a new
+    /// disk (and a new outbox numbering).
+    pub store_id: u64,
+    /// The last object message applied durably, if any.
+    pub applied: Option<Watermark>,
+    /// How many objects the edge holds, and the [`SetDigest`](super::SetDigest) of their
+    /// (key, version) pairs: a mismatch with the cloud's record triggers a digest exchange.
+    pub objects: u64,
+    pub digest: u64,
+}
+
+/// An upward report: the node's own write of an object it holds (pod status, node status…),
+/// made on top of version `base`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Increasing per edge store; the cloud applies each id at most once.
+    pub id: u64,
+    pub key: ObjectKey,
+    pub base: u64,
+    pub object: Bytes,
+}
+
+/// Edge → cloud.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Up {
+    Hello(Hello),
+    /// Object messages 1..=count of `session` are durable.
+    Ack {
+        session: SessionId,
+        count: u64,
+    },
+    /// Every (key, version) held, answering [`Down::DigestRequest`].
+    Digest(Vec<(ObjectKey, u64)>),
+    /// A bump could not be applied (the edge does not hold `base`): send the object.
+    Refetch {
+        key: ObjectKey,
+    },
+    Report(Report),
+}

@@ -1,0 +1,94 @@
+//! A synchronous shell around [`EdgeSync`]: it commits the state machine's batches to the
+//! store. edgecore runs it inside its async EdgeHub; the simulation runs it directly.
+
+use std::path::Path;
+
+use bytes::Bytes;
+
+use crate::key::ObjectKey;
+use crate::store::{Store, StoreConfig, StoreError};
+use crate::sync::edge::{EdgeError, EdgeSync};
+use crate::sync::messages::{Down, Up};
+use crate::sync::persist;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Protocol(#[from] EdgeError),
+}
+
+pub struct EdgeReplica {
+    store: Store,
+    sync: EdgeSync,
+}
+
+impl EdgeReplica {
+    pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Self, StoreError> {
+        Self::from_store(Store::open(path, config)?)
+    }
+
+    pub fn from_store(store: Store) -> Result<Self, StoreError> {
+        let sync = EdgeSync::new(persist::load_edge(&store)?);
+        Ok(EdgeReplica { store, sync })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn sync(&self) -> &EdgeSync {
+        &self.sync
+    }
+
+    pub fn link_up(&mut self) -> Result<(), StoreError> {
+        self.flush()?;
+        self.sync.link_up();
+        Ok(())
+    }
+
+    pub fn link_down(&mut self) {
+        self.sync.link_down();
+    }
+
+    /// Takes in one message; its writes wait for [`EdgeReplica::flush`], so that many messages
+    /// share one commit (one fsync).
+    pub fn receive(&mut self, message: Down) -> Result<(), EdgeError> {
+        self.sync.receive(message)
+    }
+
+    /// Commits what was received or reported since the last flush; acks and reports become
+    /// sendable once it is durable. On a store error the in-memory state is rebuilt from the
+    /// store, so it never claims what the store does not hold.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        let Some(batch) = self.sync.take_batch() else {
+            return Ok(());
+        };
+        match self.store.commit(batch.writes) {
+            Ok(_) => {
+                self.sync.durable(batch.token);
+                Ok(())
+            }
+            Err(error) => {
+                let mut sync = EdgeSync::new(persist::load_edge(&self.store)?);
+                // The session this state machine was in cannot be trusted any more: a new
+                // hello after the next link-up tells the cloud what is really held.
+                sync.link_down();
+                self.sync = sync;
+                Err(error)
+            }
+        }
+    }
+
+    /// The node's own write of an object it holds, committed at once and queued upward.
+    pub fn report(&mut self, key: ObjectKey, object: Bytes) -> Result<u64, ReplicaError> {
+        let id = self.sync.report(key, object)?;
+        self.flush()?;
+        Ok(id)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Up> {
+        self.sync.poll_transmit()
+    }
+}
