@@ -131,7 +131,13 @@ impl Cloud {
         let mut objects = BTreeMap::new();
         for item in store.scan(&KeyRange::all()) {
             let (key, value) = item.expect("scan");
-            let change = Change::new(value.rv, key.clone(), value.rv, ChangeKind::Added, value.object);
+            let change = Change::new(
+                value.rv,
+                key.clone(),
+                value.rv,
+                ChangeKind::Added,
+                value.object,
+            );
             objects.insert(key, Arc::new(change));
         }
         let mut feeds = BTreeMap::new();
@@ -210,7 +216,10 @@ impl Cloud {
     /// the current object, at most once per report id.
     fn apply_report(&mut self, node: &str, report: Report) {
         let feed = self.feeds.get_mut(node).expect("feed");
-        let Some(record) = feed.accept_report(&report).expect("report accepted in state") else {
+        let Some(record) = feed
+            .accept_report(&report)
+            .expect("report accepted in state")
+        else {
             return;
         };
         let mut set = WriteSet::new();
@@ -224,7 +233,11 @@ impl Cloud {
                 if report.base == current.rv && merged == report.object {
                     echo = Some(report.base);
                 }
-                set.put(report.key.clone(), merged, Precondition::Version(current.rv));
+                set.put(
+                    report.key.clone(),
+                    merged,
+                    Precondition::Version(current.rv),
+                );
             }
         }
         let changes = self.store.commit(set).expect("commit report");
@@ -267,9 +280,7 @@ impl Sim {
         let mut rng = SmallRng::seed_from_u64(seed);
         let node_count = rng.random_range(2..=4);
         let nodes: Vec<String> = (0..node_count).map(|i| format!("edge-{i}")).collect();
-        let max_in_flight = *[2usize, 8, 1024]
-            .get(rng.random_range(0..3))
-            .unwrap_or(&8);
+        let max_in_flight = *[2usize, 8, 1024].get(rng.random_range(0..3)).unwrap_or(&8);
         let cloud = Cloud::open(&root.join("cloud"), &nodes, rng.random(), max_in_flight);
         let mut edges = BTreeMap::new();
         let mut links = BTreeMap::new();
@@ -660,13 +671,14 @@ impl Sim {
 
     fn check(&self) {
         for node in &self.nodes {
-            let expected: BTreeMap<ObjectKey, (u64, Bytes)> = desired_keys(&self.cloud.objects, node)
-                .into_iter()
-                .map(|key| {
-                    let stored = self.cloud.store.get(&key).expect("get").expect("exists");
-                    (key, (stored.rv, stored.object))
-                })
-                .collect();
+            let expected: BTreeMap<ObjectKey, (u64, Bytes)> =
+                desired_keys(&self.cloud.objects, node)
+                    .into_iter()
+                    .map(|key| {
+                        let stored = self.cloud.store.get(&key).expect("get").expect("exists");
+                        (key, (stored.rv, stored.object))
+                    })
+                    .collect();
             let edge = &self.edges[node].replica;
             let held: BTreeMap<ObjectKey, (u64, Bytes)> = edge
                 .store()
@@ -702,7 +714,10 @@ impl Sim {
                 .get(key)
                 .unwrap_or_else(|| panic!("owed report on {key}, which is gone"));
             let pod = Pod::decode(&current.object);
-            assert_eq!(&pod.node, node, "owed report of {node} on {key}, now elsewhere");
+            assert_eq!(
+                &pod.node, node,
+                "owed report of {node} on {key}, now elsewhere"
+            );
             assert_eq!(
                 pod.status, *status,
                 "{node}'s latest report on {key} did not land"
@@ -794,7 +809,11 @@ fn the_delta_after_a_reconnect_sends_only_what_changed() {
             spec: i,
             status: 0,
         };
-        set.put(pod_key(&format!("bulk{i}")), pod.encode(), Precondition::Absent);
+        set.put(
+            pod_key(&format!("bulk{i}")),
+            pod.encode(),
+            Precondition::Absent,
+        );
     }
     sim.cloud.commit_and_route(set);
     sim.quiesce();
@@ -816,7 +835,11 @@ fn the_delta_after_a_reconnect_sends_only_what_changed() {
     sim.quiesce();
     sim.check();
     let after = sim.cloud.feeds[&node].stats();
-    assert_eq!(after.upserts - before.upserts, 5, "only the 5 changed objects");
+    assert_eq!(
+        after.upserts - before.upserts,
+        5,
+        "only the 5 changed objects"
+    );
     assert_eq!(after.digest_exchanges, 0, "the record was trusted");
 
     // A cloud that lost its ObjectSync asks for a digest instead of resending 100 objects.
@@ -825,7 +848,10 @@ fn the_delta_after_a_reconnect_sends_only_what_changed() {
     sim.check();
     let fresh = sim.cloud.feeds[&node].stats();
     assert_eq!(fresh.digest_exchanges, 1);
-    assert_eq!(fresh.upserts, 0, "nothing resent: the digest matched the objects");
+    assert_eq!(
+        fresh.upserts, 0,
+        "nothing resent: the digest matched the objects"
+    );
 }
 
 #[test]
