@@ -541,6 +541,9 @@ impl Store {
                     (kind, revision + 1, object)
                 }
                 ObjectOp::Delete { expect, .. } => {
+                    if current.is_none() && self.config.versioning == Versioning::Assign {
+                        return Err(StoreError::NotFound(key));
+                    }
                     let expect = match expect {
                         Precondition::None => Precondition::Exists,
                         other => other,
