@@ -253,6 +253,9 @@ impl WriteSet {
     }
 }
 
+/// A bookkeeping entry: key and value bytes.
+pub type AuxEntry = (Box<[u8]>, Box<[u8]>);
+
 /// One page of a list.
 #[derive(Debug, Clone)]
 pub struct ListPage {
@@ -462,7 +465,7 @@ impl Store {
         &self,
         aux: Aux,
         prefix: &[u8],
-    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StoreError>> + '_ {
+    ) -> impl Iterator<Item = Result<AuxEntry, StoreError>> + '_ {
         let prefix = prefix.to_vec();
         self.db
             .iterator_cf(

@@ -46,7 +46,11 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn key(name: u8) -> ObjectKey {
     ObjectKey::new(
-        if name % 2 == 0 { "pods" } else { "configmaps" },
+        if name.is_multiple_of(2) {
+            "pods"
+        } else {
+            "configmaps"
+        },
         "ns",
         &format!("o{name}"),
     )

@@ -27,8 +27,6 @@ use crate::sync::persist;
 pub enum EdgeError {
     #[error("object message before the session started")]
     NoSession,
-    #[error("cannot report on {0}: this node does not hold it")]
-    NotHeld(ObjectKey),
 }
 
 /// The edge's durable sync state, as recovered from its store.
@@ -244,13 +242,14 @@ impl EdgeSync {
         Ok(())
     }
 
-    /// The node's own write of an object it holds (e.g. a pod's status): stored locally at
-    /// once, reported upward once durable, coalesced with any earlier unacknowledged report
-    /// on the same key. Returns the report id.
+    /// The node's own write of an object (a pod's status, its Node, Lease, an Event): reported
+    /// upward once durable, coalesced with any earlier unacknowledged report on the same key.
+    /// An object the node holds is also updated locally at once, keeping its version until the
+    /// cloud assigns one; an object it does not hold is reported with base 0 (a create, or a
+    /// write to an object not routed here) and not stored locally. Returns the report id.
     pub fn report(&mut self, key: ObjectKey, object: Bytes) -> Result<u64, EdgeError> {
-        let base = self
-            .held(&key)
-            .ok_or_else(|| EdgeError::NotHeld(key.clone()))?;
+        let held = self.held(&key);
+        let base = held.unwrap_or(0);
         self.forget_report(&key);
         self.next_report += 1;
         let report = Report {
@@ -259,7 +258,9 @@ impl EdgeSync {
             base,
             object: object.clone(),
         };
-        self.batch.local_write(key.clone(), object);
+        if held.is_some() {
+            self.batch.local_write(key.clone(), object);
+        }
         self.batch.put_aux(
             Aux::Outbox,
             persist::outbox_key(report.id),
