@@ -474,19 +474,7 @@ impl Sim {
         if self.rng.random_bool(0.5) {
             self.cloud.persist_feed_writes();
         }
-        let dir = self.cloud.dir.clone();
-        let placeholder = tempfile::tempdir().expect("tempdir");
-        let old = std::mem::replace(
-            &mut self.cloud,
-            Cloud {
-                dir: dir.clone(),
-                store: Store::open(placeholder.path(), StoreConfig::edge()).expect("placeholder"),
-                feeds: BTreeMap::new(),
-                objects: BTreeMap::new(),
-            },
-        );
-        drop(old);
-        self.cloud = Cloud::open(&dir, &self.nodes, self.rng.random(), self.max_in_flight);
+        self.restart_cloud_without_persisting();
     }
 
     fn lose_cloud_objectsync(&mut self) {
