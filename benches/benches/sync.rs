@@ -84,7 +84,7 @@ fn fan_out(
             count: *count,
         })
         .unwrap();
-        feed.take_writes();
+        feed.drain_writes();
     }
     sent
 }

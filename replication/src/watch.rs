@@ -8,7 +8,7 @@
 //! that falls further behind than the live ring holds is cut off with [`WatchError::TooSlow`].
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::broadcast;
 
@@ -238,15 +238,13 @@ impl Watcher {
     }
 }
 
-/// Convenience for tests and simple callers.
-pub type SharedHub = Arc<WatchHub>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::change::{Change, ChangeKind};
     use crate::key::ObjectKey;
     use bytes::Bytes;
+    use std::sync::Arc;
 
     fn change(revision: u64, key: &str) -> SharedChange {
         Arc::new(Change::new(

@@ -205,7 +205,7 @@ impl Cloud {
     fn persist_feed_writes(&mut self) {
         let mut set = WriteSet::new();
         for (node, feed) in self.feeds.iter_mut() {
-            persist::add_objectsync_writes(&mut set, node, feed.take_writes());
+            persist::add_objectsync_writes(&mut set, node, feed.drain_writes());
         }
         if !set.is_empty() {
             self.store.commit(set).expect("persist ObjectSync");

@@ -2,7 +2,7 @@
 //!
 //! Inputs: what the node should hold (`set`, `set_echo`, `unset`, from cloud/'s routing),
 //! link up/down, and the node's messages (`handle`, `accept_report`). Outputs: messages to send
-//! (`poll_transmit`) and ObjectSync records to persist (`take_writes`). No IO, no clock.
+//! (`poll_transmit`) and ObjectSync records to persist (`drain_writes`). No IO, no clock.
 //!
 //! What it guarantees, given in-order at-most-once delivery within a session:
 //! - Coalescing: while a key waits to be sent, a newer version replaces it, and a removal
@@ -485,9 +485,10 @@ impl NodeFeed {
         self.report_ack = Some(self.report_ack.map_or(id, |a| a.max(id)));
     }
 
-    /// ObjectSync records to persist, oldest first.
-    pub fn take_writes(&mut self) -> Vec<ObjectSyncWrite> {
-        std::mem::take(&mut self.writes)
+    /// ObjectSync records to persist, oldest first. Draining keeps the buffer's capacity, so
+    /// the per-ack path allocates nothing once warm.
+    pub fn drain_writes(&mut self) -> std::vec::Drain<'_, ObjectSyncWrite> {
+        self.writes.drain(..)
     }
 
     /// The next message to send, if any may be sent now.

@@ -168,7 +168,11 @@ pub fn load_feed_record(store: &Store, node: &str) -> Result<FeedRecord, StoreEr
 }
 
 /// Adds a node's ObjectSync writes to `set`.
-pub fn add_objectsync_writes(set: &mut WriteSet, node: &str, writes: Vec<ObjectSyncWrite>) {
+pub fn add_objectsync_writes(
+    set: &mut WriteSet,
+    node: &str,
+    writes: impl IntoIterator<Item = ObjectSyncWrite>,
+) {
     for write in writes {
         match write {
             ObjectSyncWrite::Acked { key, rv } => {
