@@ -1,5 +1,19 @@
-//! cloudcore (issue: "cloudcore"): the cluster source (embedded Kubernetes-compatible API server
-//! or a real cluster through kube-rs), EdgeController, DeviceController, CloudHub, ObjectSync.
+//! cloudcore: the cluster source (the embedded Kubernetes-compatible API server, or a real
+//! cluster), the EdgeController that routes objects to nodes, CloudHub (one QUIC link per node)
+//! and the per-node ObjectSync record.
 //!
-//! Not built yet: only the crate exists. It will compose `transport` (the QUIC link, one
-//! `transport::Link` per node) and `replication` (store, watch, sync protocol).
+//! - [`embedded`]: the embedded API server's store and its seed objects;
+//! - [`policy`]: what the embedded API allows and how it deletes pods bound to nodes;
+//! - [`pki`]: the cluster CA, the server certificate and bootstrap tokens;
+//! - [`metrics`]: Prometheus metrics;
+//! - [`scheduler`]: binds pods without `nodeName` to a ready edge node;
+//! - [`lifecycle`]: node Ready/NotReady from leases;
+//! - [`server`]: wires it all together ([`server::CloudCore`]).
+
+pub mod embedded;
+pub mod lifecycle;
+pub mod metrics;
+pub mod pki;
+pub mod policy;
+pub mod scheduler;
+pub mod server;

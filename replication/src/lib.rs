@@ -9,6 +9,7 @@
 //!
 //! This crate knows nothing of `transport`: `cloud` and `edge` run the protocol over a session.
 
+pub mod api;
 pub mod change;
 pub mod key;
 pub mod store;

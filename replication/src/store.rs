@@ -396,6 +396,24 @@ impl Store {
         self.scan_from(range, range.prefix())
     }
 
+    /// Iterates over the objects in `range` after `after` (from the start when `None`).
+    pub fn scan_after(
+        &self,
+        range: &KeyRange,
+        after: Option<&ObjectKey>,
+    ) -> impl Iterator<Item = Result<(ObjectKey, Versioned), StoreError>> + '_ {
+        let start = match after {
+            // The smallest key greater than `after`.
+            Some(key) => {
+                let mut start = key.as_bytes().to_vec();
+                start.push(0);
+                start
+            }
+            None => range.prefix().to_vec(),
+        };
+        self.scan_from(range, &start)
+    }
+
     fn scan_from(
         &self,
         range: &KeyRange,
@@ -428,18 +446,9 @@ impl Store {
         limit: usize,
     ) -> Result<ListPage, StoreError> {
         let revision = self.revision();
-        let start = match after {
-            // The smallest key greater than `after`.
-            Some(key) => {
-                let mut start = key.as_bytes().to_vec();
-                start.push(0);
-                start
-            }
-            None => range.prefix().to_vec(),
-        };
         let mut items = Vec::new();
         let mut next = None;
-        for item in self.scan_from(range, &start) {
+        for item in self.scan_after(range, after) {
             let (key, value) = item?;
             if items.len() == limit.max(1) {
                 next = items

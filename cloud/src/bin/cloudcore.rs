@@ -1,0 +1,133 @@
+//! `cloudcore`: see `cloudcore --help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use cloud::server::{CloudConfig, CloudCore};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "cloudcore",
+    version,
+    about = "kedge's cloud side: an embedded Kubernetes-compatible API server, EdgeController and CloudHub"
+)]
+struct Cli {
+    /// Where the store, the CA and the tokens live.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// QUIC address edge nodes connect to.
+    #[arg(long, default_value = "0.0.0.0:10001")]
+    quic_listen: SocketAddr,
+    /// Kubernetes API address (loopback only).
+    #[arg(long, default_value = "127.0.0.1:6080")]
+    api_listen: SocketAddr,
+    /// Prometheus metrics address.
+    #[arg(long, default_value = "127.0.0.1:9091")]
+    metrics_listen: SocketAddr,
+    /// Use a real cluster as the source instead of the embedded API server.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// A node without a lease renewal for this long is NotReady (e.g. 40s).
+    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+    node_grace: Duration,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Bootstrap tokens for joining edge nodes.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Creates a token; its last output line is the token.
+    Create {
+        /// How long the token is valid (e.g. 24h, 30m).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Some(data_dir) = cli.data_dir.clone() else {
+        eprintln!("error: --data-dir DIR is required");
+        return ExitCode::from(2);
+    };
+    match cli.command {
+        Some(Command::Token {
+            command: TokenCommand::Create { ttl },
+        }) => match cloud::pki::create_token(&data_dir, ttl) {
+            Ok(token) => {
+                println!("# join an edge node with: edgecore --token <this token> ...");
+                println!("# valid for {}", humantime::format_duration(ttl));
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        None => run(cli, data_dir),
+    }
+}
+
+fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let config = CloudConfig {
+            data_dir,
+            quic_listen: cli.quic_listen,
+            api_listen: cli.api_listen,
+            metrics_listen: cli.metrics_listen,
+            kubeconfig: cli.kubeconfig,
+            node_grace: cli.node_grace,
+        };
+        let core = match CloudCore::start(config).await {
+            Ok(core) => core,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut sigterm =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: cannot handle SIGTERM: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
+        }
+        core.shutdown().await;
+        tracing::info!("cloudcore stopped");
+        ExitCode::SUCCESS
+    })
+}

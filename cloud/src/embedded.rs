@@ -1,0 +1,61 @@
+//! The embedded API server's state: a RocksDB store that assigns resourceVersions.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use replication::api::object;
+use replication::{ObjectKey, Precondition, Store, StoreConfig, StoreError, WriteSet};
+use serde_json::json;
+
+/// Namespaces every Kubernetes cluster has.
+pub const SEED_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
+
+/// Opens (or creates) the store under `data_dir/store` and creates the seed namespaces that
+/// are missing.
+pub fn open_store(data_dir: &Path) -> Result<Arc<Store>, StoreError> {
+    let store = Store::open(data_dir.join("store"), StoreConfig::cloud())?;
+    let mut set = WriteSet::new();
+    for name in SEED_NAMESPACES {
+        let key = ObjectKey::new("namespaces", "", name)?;
+        if store.get(&key)?.is_none() {
+            let namespace = json!({
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {
+                    "name": name,
+                    "uid": uuid_like(name),
+                    "creationTimestamp": object::now_rfc3339(),
+                    "labels": {"kubernetes.io/metadata.name": name},
+                },
+                "spec": {"finalizers": ["kubernetes"]},
+                "status": {"phase": "Active"},
+            });
+            let bytes = serde_json::to_vec(&namespace).expect("json");
+            set.put(key, Bytes::from(bytes), Precondition::Absent);
+        }
+    }
+    if !set.is_empty() {
+        store.commit(set)?;
+    }
+    Ok(Arc::new(store))
+}
+
+fn uuid_like(seed: &str) -> String {
+    let h = xxh(seed);
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        h >> 32,
+        (h >> 16) & 0xffff,
+        h & 0xfff,
+        (h >> 20) & 0xfff,
+        h & 0xffff_ffff_ffff
+    )
+}
+
+fn xxh(seed: &str) -> u64 {
+    // FNV-1a: stable, dependency-free; only used to give seed objects a fixed uid.
+    seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}

@@ -1,0 +1,124 @@
+//! Node lifecycle: an edge node whose Lease has not been renewed for the grace period is marked
+//! `Ready=Unknown` (NotReady); when its Lease is renewed again it is marked Ready. Pods on a
+//! NotReady node are left alone: an edge node keeps running its pods while the cloud cannot see
+//! it (edge autonomy), so nothing is evicted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use replication::api::object::{self, Object};
+use replication::{KeyRange, ObjectKey, Precondition, Store, WriteSet};
+use serde_json::{json, Value};
+
+use crate::metrics::Metrics;
+use crate::scheduler::{node_is_ready, EDGE_ROLE_LABEL};
+
+/// Reason written when the lifecycle marks a node NotReady (and the only one it clears).
+pub const STALE_REASON: &str = "NodeStatusUnknown";
+
+fn lease_renewed_unix(store: &Store, node: &str) -> Option<i64> {
+    let key = ObjectKey::new("leases", "kube-node-lease", node).ok()?;
+    let lease: Object = serde_json::from_slice(&store.get(&key).ok()??.object).ok()?;
+    let renew = lease.get("spec")?.get("renewTime")?.as_str()?;
+    // MicroTime: RFC 3339 with fractional seconds.
+    object::parse_rfc3339(renew)
+}
+
+fn set_ready(node: &mut Object, ready: bool, now: &str) {
+    let condition = if ready {
+        json!({"type": "Ready", "status": "True", "reason": "EdgeLeaseRenewed",
+               "message": "the node renews its lease", "lastHeartbeatTime": now,
+               "lastTransitionTime": now})
+    } else {
+        json!({"type": "Ready", "status": "Unknown", "reason": STALE_REASON,
+               "message": "the node stopped renewing its lease; its pods keep running (edge autonomy)",
+               "lastHeartbeatTime": now, "lastTransitionTime": now})
+    };
+    let status = node.entry("status").or_insert_with(|| json!({}));
+    let Some(status) = status.as_object_mut() else {
+        return;
+    };
+    let conditions = status.entry("conditions").or_insert_with(|| json!([]));
+    if let Some(list) = conditions.as_array_mut() {
+        list.retain(|c| c.get("type").and_then(Value::as_str) != Some("Ready"));
+        list.push(condition);
+    }
+}
+
+fn marked_stale(node: &Object) -> bool {
+    node.get("status")
+        .and_then(|s| s.get("conditions"))
+        .and_then(Value::as_array)
+        .is_some_and(|c| {
+            c.iter().any(|c| {
+                c.get("type").and_then(Value::as_str) == Some("Ready")
+                    && c.get("reason").and_then(Value::as_str) == Some(STALE_REASON)
+            })
+        })
+}
+
+/// One pass over the edge nodes; returns how many are Ready afterwards.
+pub fn check(store: &Store, grace: Duration, now_unix: i64) -> usize {
+    let Ok(range) = KeyRange::kind("nodes") else {
+        return 0;
+    };
+    let now = object::now_rfc3339();
+    let mut ready_count = 0;
+    for (key, current) in store.scan(&range).flatten() {
+        let Ok(mut node) = serde_json::from_slice::<Object>(&current.object) else {
+            continue;
+        };
+        if !object::labels(&node).is_some_and(|l| l.contains_key(EDGE_ROLE_LABEL)) {
+            continue;
+        }
+        let fresh = lease_renewed_unix(store, key.name())
+            .is_some_and(|t| now_unix - t <= grace.as_secs() as i64);
+        let ready = node_is_ready(&node);
+        let change = if ready && !fresh {
+            tracing::warn!(
+                node = key.name(),
+                "lease not renewed within {grace:?}: NotReady (pods keep running)"
+            );
+            Some(false)
+        } else if !ready && fresh && marked_stale(&node) {
+            tracing::info!(node = key.name(), "lease renewed: Ready");
+            Some(true)
+        } else {
+            None
+        };
+        if change.unwrap_or(ready) {
+            ready_count += 1;
+        }
+        if let Some(ready) = change {
+            set_ready(&mut node, ready, &now);
+            let mut set = WriteSet::new();
+            let bytes = Bytes::from(serde_json::to_vec(&node).expect("json"));
+            set.put(key.clone(), bytes, Precondition::Version(current.rv));
+            if let Err(e) = store.commit(set) {
+                tracing::debug!(node = key.name(), error = %e, "lifecycle write raced; next pass");
+            }
+        }
+    }
+    ready_count
+}
+
+/// Checks every `period` until the task is dropped.
+pub async fn run(store: Arc<Store>, grace: Duration, period: Duration, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let store = store.clone();
+        let now = time_now_unix();
+        let ready = tokio::task::spawn_blocking(move || check(&store, grace, now))
+            .await
+            .unwrap_or(0);
+        metrics.nodes_ready.set(ready as i64);
+    }
+}
+
+fn time_now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

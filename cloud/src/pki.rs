@@ -1,0 +1,213 @@
+//! The cluster's CA, cloudcore's server certificate, and bootstrap tokens.
+//!
+//! Files under `DATA_DIR/pki/`: `ca.crt`, `ca.key` (created on first start, mode 0600 for keys).
+//! Tokens live as files under `DATA_DIR/tokens/` so that `cloudcore token create` works while
+//! cloudcore runs (the store is locked by the running process). A token file holds the SHA-256
+//! of the secret and the expiry, never the secret itself.
+//!
+//! Token format (printed by `token create`): `kedge1.<ca-sha256-hex>.<id>.<secret>`. The CA hash
+//! pins the cluster like kubeadm's discovery hash: a joining node trusts a server only if the
+//! server's CA certificate has that hash.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use transport::tls::{CertificateAuthority, Identity};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Tls(#[from] transport::tls::TlsError),
+    #[error("{path}: {message}")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes `contents` to `path` atomically (temp file + rename), mode 0600.
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options.open(&tmp).map_err(io(&tmp))?;
+        file.write_all(contents).map_err(io(&tmp))?;
+        file.sync_all().map_err(io(&tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// SHA-256 of `bytes`, lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The CA of the data dir, created on first use.
+pub fn load_or_create_ca(data_dir: &Path) -> Result<CertificateAuthority, PkiError> {
+    let dir = data_dir.join("pki");
+    fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let cert_path = dir.join("ca.crt");
+    let key_path = dir.join("ca.key");
+    if cert_path.exists() {
+        let cert = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        let key = fs::read_to_string(&key_path).map_err(io(&key_path))?;
+        return Ok(CertificateAuthority::from_pem(&cert, &key)?);
+    }
+    let ca = CertificateAuthority::generate("kedge-ca")?;
+    let (cert, key) = ca.to_pem();
+    write_private(&key_path, key.as_bytes())?;
+    write_private(&cert_path, cert.as_bytes())?;
+    Ok(ca)
+}
+
+/// The name nodes expect in cloudcore's certificate.
+pub const SERVER_NAME: &str = "cloudcore";
+
+/// A fresh server identity for this process (nodes verify it against the CA, not the key).
+pub fn server_identity(ca: &CertificateAuthority) -> Result<Identity, PkiError> {
+    let names = vec![SERVER_NAME.to_owned(), "localhost".to_owned()];
+    Ok(ca.issue_server(&names, Duration::from_secs(365 * 24 * 3600))?)
+}
+
+/// The pin a token carries: SHA-256 of the CA certificate (DER).
+pub fn ca_pin(ca: &CertificateAuthority) -> String {
+    sha256_hex(ca.cert().as_ref())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TokenRecord {
+    secret_sha256: String,
+    expires_unix: u64,
+}
+
+fn random_string(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..len)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Creates a token valid for `ttl` and returns its printed form.
+pub fn create_token(data_dir: &Path, ttl: Duration) -> Result<String, PkiError> {
+    let ca = load_or_create_ca(data_dir)?;
+    let dir = data_dir.join("tokens");
+    fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let id = random_string(6);
+    let secret = random_string(16);
+    let record = TokenRecord {
+        secret_sha256: sha256_hex(secret.as_bytes()),
+        expires_unix: now_unix() + ttl.as_secs(),
+    };
+    let path = dir.join(format!("{id}.json"));
+    write_private(&path, &serde_json::to_vec(&record).expect("json"))?;
+    Ok(format!("kedge1.{}.{id}.{secret}", ca_pin(&ca)))
+}
+
+/// A parsed token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    pub ca_pin: String,
+    pub id: String,
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token is not of the form kedge1.<ca-hash>.<id>.<secret>")]
+    Malformed,
+    #[error("unknown token")]
+    Unknown,
+    #[error("the token expired")]
+    Expired,
+}
+
+impl Token {
+    pub fn parse(text: &str) -> Result<Token, TokenError> {
+        let parts: Vec<&str> = text.trim().split('.').collect();
+        match parts.as_slice() {
+            ["kedge1", pin, id, secret]
+                if pin.len() == 64
+                    && !id.is_empty()
+                    && !secret.is_empty()
+                    && id.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+            {
+                Ok(Token {
+                    ca_pin: (*pin).to_owned(),
+                    id: (*id).to_owned(),
+                    secret: (*secret).to_owned(),
+                })
+            }
+            _ => Err(TokenError::Malformed),
+        }
+    }
+}
+
+/// Checks a token presented by a joining node against the token files.
+pub fn verify_token(data_dir: &Path, token: &Token) -> Result<(), TokenError> {
+    let path = data_dir.join("tokens").join(format!("{}.json", token.id));
+    let bytes = fs::read(&path).map_err(|_| TokenError::Unknown)?;
+    let record: TokenRecord = serde_json::from_slice(&bytes).map_err(|_| TokenError::Unknown)?;
+    let presented = sha256_hex(token.secret.as_bytes());
+    let equal = presented.len() == record.secret_sha256.len()
+        && presented
+            .bytes()
+            .zip(record.secret_sha256.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if !equal {
+        return Err(TokenError::Unknown);
+    }
+    if now_unix() >= record.expires_unix {
+        return Err(TokenError::Expired);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let printed = create_token(dir.path(), Duration::from_secs(3600)).unwrap();
+        let token = Token::parse(&printed).unwrap();
+        let ca = load_or_create_ca(dir.path()).unwrap();
+        assert_eq!(token.ca_pin, ca_pin(&ca));
+        verify_token(dir.path(), &token).unwrap();
+        let mut wrong = token.clone();
+        wrong.secret.push('x');
+        assert_eq!(verify_token(dir.path(), &wrong), Err(TokenError::Unknown));
+        let expired = Token::parse(&create_token(dir.path(), Duration::ZERO).unwrap()).unwrap();
+        assert_eq!(verify_token(dir.path(), &expired), Err(TokenError::Expired));
+        assert_eq!(Token::parse("nope"), Err(TokenError::Malformed));
+    }
+}

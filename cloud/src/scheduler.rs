@@ -1,0 +1,268 @@
+//! The minimal scheduler of the embedded mode: a pod without `spec.nodeName` is bound to a Ready
+//! edge node whose labels match its `nodeSelector`, fewest pods first.
+//!
+//! It follows the store's watch (nodes and pods), keeps pod counts per node and the unbound pods
+//! incrementally, and retries unbound pods when a node changes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use replication::api::object::{self, Object};
+use replication::api::selector::LabelSelector;
+use replication::{ChangeKind, KeyRange, ObjectKey, Precondition, Store, WriteSet};
+use serde_json::{json, Value};
+
+/// The label every edge node carries.
+pub const EDGE_ROLE_LABEL: &str = "node-role.kubernetes.io/edge";
+
+#[derive(Default)]
+struct NodeInfo {
+    labels: Object,
+    ready: bool,
+    pods: usize,
+}
+
+#[derive(Default)]
+pub struct Scheduler {
+    nodes: HashMap<String, NodeInfo>,
+    /// Which node each bound pod is on (for counts when pods go away).
+    bound: HashMap<ObjectKey, String>,
+    unbound: BTreeSet<ObjectKey>,
+    /// Unbound pods already marked Unschedulable (marked once, not on every retry).
+    marked: BTreeSet<ObjectKey>,
+}
+
+pub fn node_is_ready(node: &Object) -> bool {
+    node.get("status")
+        .and_then(|s| s.get("conditions"))
+        .and_then(Value::as_array)
+        .is_some_and(|c| {
+            c.iter().any(|c| {
+                c.get("type").and_then(Value::as_str) == Some("Ready")
+                    && c.get("status").and_then(Value::as_str) == Some("True")
+            })
+        })
+}
+
+fn node_name_of(pod: &Object) -> Option<&str> {
+    pod.get("spec")
+        .and_then(|s| s.get("nodeName"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+}
+
+impl Scheduler {
+    /// Folds one object change into the scheduler's view.
+    pub fn observe(&mut self, key: &ObjectKey, deleted: bool, object: &[u8]) {
+        let parsed: Option<Object> = serde_json::from_slice(object).ok();
+        match key.kind() {
+            "nodes" => {
+                if deleted {
+                    self.nodes.remove(key.name());
+                    return;
+                }
+                let Some(node) = parsed else { return };
+                let info = self.nodes.entry(key.name().to_owned()).or_default();
+                info.labels = object::labels(&node).cloned().unwrap_or_default();
+                info.ready = node_is_ready(&node);
+            }
+            "pods" => {
+                if let Some(old) = self.bound.remove(key) {
+                    if let Some(info) = self.nodes.get_mut(&old) {
+                        info.pods = info.pods.saturating_sub(1);
+                    }
+                }
+                self.unbound.remove(key);
+                if deleted {
+                    self.marked.remove(key);
+                    return;
+                }
+                let Some(pod) = parsed else { return };
+                match node_name_of(&pod) {
+                    Some(node) => {
+                        self.marked.remove(key);
+                        self.nodes.entry(node.to_owned()).or_default().pods += 1;
+                        self.bound.insert(key.clone(), node.to_owned());
+                    }
+                    None if object::meta(&pod)
+                        .is_some_and(|m| m.contains_key("deletionTimestamp")) => {}
+                    None => {
+                        self.unbound.insert(key.clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The node for `pod`: Ready, an edge node, matching the nodeSelector, fewest pods, then name.
+    pub fn pick(&self, pod: &Object) -> Option<String> {
+        let selector = pod
+            .get("spec")
+            .and_then(|s| s.get("nodeSelector"))
+            .and_then(Value::as_object)
+            .map(LabelSelector::from_map)
+            .unwrap_or_default();
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.ready && n.labels.contains_key(EDGE_ROLE_LABEL))
+            .filter(|(_, n)| {
+                let wrapped: Object = [("metadata".to_owned(), json!({"labels": n.labels}))]
+                    .into_iter()
+                    .collect();
+                selector.matches(&wrapped)
+            })
+            .min_by(|a, b| a.1.pods.cmp(&b.1.pods).then(a.0.cmp(b.0)))
+            .map(|(name, _)| name.clone())
+    }
+
+    /// Tries to bind every unbound pod; returns how many were bound.
+    pub fn schedule(&mut self, store: &Store) -> usize {
+        let mut bound = 0;
+        let pending: Vec<ObjectKey> = self.unbound.iter().cloned().collect();
+        for key in pending {
+            let Ok(Some(current)) = store.get(&key) else {
+                self.unbound.remove(&key);
+                continue;
+            };
+            let Ok(mut pod) = serde_json::from_slice::<Object>(&current.object) else {
+                continue;
+            };
+            if node_name_of(&pod).is_some() {
+                continue;
+            }
+            let choice = self.pick(&pod);
+            let condition = match &choice {
+                Some(_) => json!({"type": "PodScheduled", "status": "True",
+                                   "lastTransitionTime": object::now_rfc3339()}),
+                None if self.marked.contains(&key) => continue,
+                None => {
+                    json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                "message": "no Ready edge node matches the pod's nodeSelector",
+                                "lastTransitionTime": object::now_rfc3339()})
+                }
+            };
+            if let Some(node) = &choice {
+                if let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) {
+                    spec.insert("nodeName".into(), json!(node));
+                }
+            }
+            let status = pod.entry("status").or_insert_with(|| json!({}));
+            if let Some(status) = status.as_object_mut() {
+                let conditions = status.entry("conditions").or_insert_with(|| json!([]));
+                if let Some(list) = conditions.as_array_mut() {
+                    list.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
+                    list.push(condition);
+                }
+            }
+            let mut set = WriteSet::new();
+            set.put(
+                key.clone(),
+                Bytes::from(serde_json::to_vec(&pod).expect("json")),
+                Precondition::Version(current.rv),
+            );
+            match store.commit(set) {
+                Ok(_) if choice.is_some() => {
+                    tracing::info!(pod = %key, node = ?choice, "scheduled");
+                    bound += 1;
+                }
+                Ok(_) => {
+                    self.marked.insert(key.clone());
+                }
+                // A racing write: the watch brings the new version and we try again.
+                Err(e) => tracing::debug!(pod = %key, error = %e, "bind raced a write"),
+            }
+        }
+        bound
+    }
+}
+
+/// Runs the scheduler until the store's watch closes.
+pub async fn run(store: Arc<Store>) {
+    let mut scheduler = Scheduler::default();
+    let revision = store.revision();
+    let Ok(mut watcher) = store.watch().subscribe(KeyRange::all(), Some(revision)) else {
+        return;
+    };
+    for kind in ["nodes", "pods"] {
+        let Ok(range) = KeyRange::kind(kind) else {
+            continue;
+        };
+        for (key, v) in store.scan(&range).flatten() {
+            scheduler.observe(&key, false, &v.object);
+        }
+    }
+    let mut retry = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        scheduler.schedule(&store);
+        tokio::select! {
+            change = watcher.next() => match change {
+                Ok(change) => {
+                    scheduler.observe(&change.key, change.kind == ChangeKind::Deleted, &change.object);
+                    // Take everything already queued before scheduling again.
+                    while let Ok(Some(change)) = watcher.try_next() {
+                        scheduler.observe(&change.key, change.kind == ChangeKind::Deleted, &change.object);
+                    }
+                }
+                Err(replication::WatchError::Closed) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "scheduler watch lost; resubscribing");
+                    match store.watch().subscribe(KeyRange::all(), Some(store.revision())) {
+                        Ok(w) => watcher = w,
+                        Err(_) => return,
+                    }
+                    scheduler = Scheduler::default();
+                    for kind in ["nodes", "pods"] {
+                        let Ok(range) = KeyRange::kind(kind) else { continue };
+                        for (key, v) in store.scan(&range).flatten() {
+                            scheduler.observe(&key, false, &v.object);
+                        }
+                    }
+                }
+            },
+            _ = retry.tick() => {
+                scheduler.marked.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> ObjectKey {
+        ObjectKey::parse(s).unwrap()
+    }
+
+    fn node(ready: bool, labels: Value) -> Vec<u8> {
+        let status = if ready { "True" } else { "Unknown" };
+        serde_json::to_vec(&json!({"metadata": {"labels": labels},
+            "status": {"conditions": [{"type": "Ready", "status": status}]}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn picks_ready_matching_least_loaded_edge_node() {
+        let mut s = Scheduler::default();
+        let edge = |zone: &str| json!({EDGE_ROLE_LABEL: "", "zone": zone});
+        s.observe(&key("nodes//a"), false, &node(true, edge("x")));
+        s.observe(&key("nodes//b"), false, &node(true, edge("y")));
+        s.observe(&key("nodes//c"), false, &node(false, edge("x")));
+        s.observe(&key("nodes//d"), false, &node(true, json!({})));
+        let pod_on = |n: &str| serde_json::to_vec(&json!({"spec": {"nodeName": n}})).unwrap();
+        s.observe(&key("pods/default/p1"), false, &pod_on("a"));
+        let pod: Object = serde_json::from_value(json!({"spec": {}})).unwrap();
+        assert_eq!(s.pick(&pod).as_deref(), Some("b"));
+        let zoned: Object =
+            serde_json::from_value(json!({"spec": {"nodeSelector": {"zone": "x"}}})).unwrap();
+        assert_eq!(s.pick(&zoned).as_deref(), Some("a"));
+        s.observe(&key("pods/default/p1"), true, b"{}");
+        assert_eq!(s.pick(&pod).as_deref(), Some("a"));
+        let nowhere: Object =
+            serde_json::from_value(json!({"spec": {"nodeSelector": {"zone": "z"}}})).unwrap();
+        assert_eq!(s.pick(&nowhere), None);
+    }
+}

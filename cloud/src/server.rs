@@ -1,0 +1,150 @@
+//! cloudcore as a whole: opens the state, starts the API server, the metrics endpoint, the
+//! scheduler and the node lifecycle, and stops them on shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use replication::api::ApiServer;
+use replication::Store;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metrics;
+use crate::policy::{CloudPolicy, ConnectedNodes};
+
+#[derive(Debug, Clone)]
+pub struct CloudConfig {
+    pub data_dir: PathBuf,
+    pub quic_listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub kubeconfig: Option<PathBuf>,
+    /// A node without a lease renewal for this long is NotReady.
+    pub node_grace: Duration,
+}
+
+impl CloudConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        CloudConfig {
+            data_dir,
+            quic_listen: "0.0.0.0:10001".parse().expect("address"),
+            api_listen: "127.0.0.1:6080".parse().expect("address"),
+            metrics_listen: "127.0.0.1:9091".parse().expect("address"),
+            kubeconfig: None,
+            node_grace: Duration::from_secs(40),
+        }
+    }
+}
+
+/// A running cloudcore.
+pub struct CloudCore {
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub connected: Arc<ConnectedNodes>,
+    pub api_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the {what}"))
+}
+
+impl CloudCore {
+    pub async fn start(config: CloudConfig) -> anyhow::Result<CloudCore> {
+        if config.kubeconfig.is_some() {
+            bail!("--kubeconfig (a real cluster as the source) is not implemented yet; run without it to use the embedded API server");
+        }
+        if !config.api_listen.ip().is_loopback() {
+            bail!(
+                "--api-listen {}: the embedded API listens on loopback only (TLS with a bearer \
+                 token for other addresses is not implemented yet)",
+                config.api_listen
+            );
+        }
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
+        let store = crate::embedded::open_store(&config.data_dir).with_context(|| {
+            format!(
+                "cannot open the store in {} (is another cloudcore using it?)",
+                config.data_dir.display()
+            )
+        })?;
+        let metrics = Arc::new(Metrics::new());
+        let connected = Arc::new(ConnectedNodes::default());
+        let policy = Arc::new(CloudPolicy {
+            metrics: metrics.clone(),
+            connected: connected.clone(),
+        });
+
+        let api_listener = bind(config.api_listen, "API server").await?;
+        let metrics_listener = bind(config.metrics_listen, "metrics endpoint").await?;
+        let api_addr = api_listener.local_addr()?;
+        let metrics_addr = metrics_listener.local_addr()?;
+
+        let mut tasks = Vec::new();
+        let router = ApiServer::new(store.clone(), policy).router();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(api_listener, router).await {
+                tracing::error!(error = %e, "API server stopped");
+            }
+        }));
+        let metrics_router = {
+            let metrics = metrics.clone();
+            axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let metrics = metrics.clone();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            metrics.encode(),
+                        )
+                    }
+                }),
+            )
+        };
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(metrics_listener, metrics_router).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        }));
+        tasks.push(tokio::spawn(crate::scheduler::run(store.clone())));
+        tasks.push(tokio::spawn(crate::lifecycle::run(
+            store.clone(),
+            config.node_grace,
+            Duration::from_secs(5),
+            metrics.clone(),
+        )));
+        tracing::info!(%api_addr, %metrics_addr, data_dir = %config.data_dir.display(), "cloudcore started");
+        Ok(CloudCore {
+            store,
+            metrics,
+            connected,
+            api_addr,
+            metrics_addr,
+            tasks,
+        })
+    }
+
+    /// Stops every task and flushes the store.
+    pub async fn shutdown(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        if let Err(e) = self.store.flush() {
+            tracing::warn!(error = %e, "flushing the store at shutdown");
+        }
+    }
+}

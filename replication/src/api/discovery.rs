@@ -1,0 +1,222 @@
+//! Discovery (`/version`, `/api`, `/apis`, resource lists) and the OpenAPI v3 documents kubectl
+//! reads before `apply`.
+//!
+//! The OpenAPI documents are deliberately small: for each resource, the paths with their
+//! operations, the `x-kubernetes-group-version-kind` extension and the `fieldValidation` query
+//! parameter. That is what kubectl checks to decide that the server validates fields itself (so it
+//! does no client-side schema validation). They carry no schemas: kubectl then builds
+//! strategic-merge patches for built-in kinds from its compiled-in types, and JSON merge patches
+//! for custom resources, as it does for any server without schemas.
+
+use serde_json::{json, Value};
+
+use super::resources::{self, Resource};
+
+pub const KUBERNETES_VERSION: &str = "v1.32.0";
+
+pub fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": "32",
+        "gitVersion": format!("{KUBERNETES_VERSION}+kedge-{}", env!("CARGO_PKG_VERSION")),
+        "gitCommit": "",
+        "gitTreeState": "clean",
+        "buildDate": "2026-01-01T00:00:00Z",
+        "goVersion": "rust",
+        "compiler": "rustc",
+        "platform": format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
+    })
+}
+
+pub fn core_versions() -> Value {
+    json!({
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}],
+    })
+}
+
+fn group_json(group: &str) -> Value {
+    let versions: Vec<Value> = resources::group_versions()
+        .into_iter()
+        .filter(|(g, _)| *g == group)
+        .map(|(g, v)| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+        .collect();
+    json!({
+        "kind": "APIGroup",
+        "apiVersion": "v1",
+        "name": group,
+        "versions": versions,
+        "preferredVersion": versions.first().cloned().unwrap_or(Value::Null),
+    })
+}
+
+pub fn groups() -> Value {
+    let mut names: Vec<&str> = Vec::new();
+    for (g, _) in resources::group_versions() {
+        if !g.is_empty() && !names.contains(&g) {
+            names.push(g);
+        }
+    }
+    let groups: Vec<Value> = names.into_iter().map(group_json).collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+pub fn group(group: &str) -> Option<Value> {
+    resources::all()
+        .iter()
+        .any(|r| r.group == group && !group.is_empty())
+        .then(|| group_json(group))
+}
+
+const VERBS: &[&str] = &[
+    "create", "delete", "get", "list", "patch", "update", "watch",
+];
+
+pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    let served: Vec<&Resource> = resources::all()
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .collect();
+    if served.is_empty() {
+        return None;
+    }
+    let mut list = Vec::new();
+    for r in &served {
+        let mut entry = json!({
+            "name": r.plural,
+            "singularName": r.singular,
+            "namespaced": r.namespaced,
+            "kind": r.kind,
+            "verbs": VERBS,
+        });
+        if !r.short_names.is_empty() {
+            entry["shortNames"] = json!(r.short_names);
+        }
+        if !r.categories.is_empty() {
+            entry["categories"] = json!(r.categories);
+        }
+        list.push(entry);
+        if r.status {
+            list.push(json!({
+                "name": format!("{}/status", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "kind": r.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+    }
+    let group_version = served[0].api_version();
+    Some(json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": group_version,
+        "resources": list,
+    }))
+}
+
+/// `/openapi/v3`: the index of group-version documents.
+pub fn openapi_index() -> Value {
+    let mut paths = serde_json::Map::new();
+    for (g, v) in resources::group_versions() {
+        let path = if g.is_empty() {
+            format!("api/{v}")
+        } else {
+            format!("apis/{g}/{v}")
+        };
+        let url = format!("/openapi/v3/{path}?hash={}", openapi_hash());
+        paths.insert(path, json!({"serverRelativeURL": url}));
+    }
+    json!({"paths": paths})
+}
+
+fn openapi_hash() -> String {
+    format!("kedge{}", env!("CARGO_PKG_VERSION").replace('.', ""))
+}
+
+/// `/openapi/v3/{api/v1 | apis/group/version}`.
+pub fn openapi_document(path: &str) -> Option<Value> {
+    let (group, version) = match path.split('/').collect::<Vec<_>>().as_slice() {
+        ["api", v] => ("", *v),
+        ["apis", g, v] => (*g, *v),
+        _ => return None,
+    };
+    let served: Vec<&Resource> = resources::all()
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .collect();
+    if served.is_empty() {
+        return None;
+    }
+    let field_validation = json!({
+        "name": "fieldValidation",
+        "in": "query",
+        "description": "accepted; kedge does not reject unknown fields",
+        "schema": {"type": "string", "uniqueItems": true},
+    });
+    let mut paths = serde_json::Map::new();
+    for r in served {
+        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
+        let op = |action: &str| {
+            json!({
+                "operationId": format!("{action}{}", r.kind),
+                "x-kubernetes-action": action,
+                "x-kubernetes-group-version-kind": gvk,
+                "parameters": [field_validation],
+                "responses": {"200": {"description": "OK"}},
+            })
+        };
+        let base = r.group_version_path();
+        let (collection, item) = if r.namespaced {
+            (
+                format!("{base}/namespaces/{{namespace}}/{}", r.plural),
+                format!("{base}/namespaces/{{namespace}}/{}/{{name}}", r.plural),
+            )
+        } else {
+            (
+                format!("{base}/{}", r.plural),
+                format!("{base}/{}/{{name}}", r.plural),
+            )
+        };
+        paths.insert(collection, json!({"post": op("post"), "get": op("list")}));
+        paths.insert(
+            item.clone(),
+            json!({"get": op("get"), "put": op("put"), "patch": op("patch"), "delete": op("delete")}),
+        );
+        if r.status {
+            paths.insert(
+                format!("{item}/status"),
+                json!({"get": op("get"), "put": op("put"), "patch": op("patch")}),
+            );
+        }
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes", "version": KUBERNETES_VERSION},
+        "paths": paths,
+        "components": {"schemas": {}},
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_group_version_has_documents() {
+        for (g, v) in resources::group_versions() {
+            assert!(resource_list(g, v).is_some());
+            let path = if g.is_empty() {
+                format!("api/{v}")
+            } else {
+                format!("apis/{g}/{v}")
+            };
+            assert!(openapi_index()["paths"][&path].is_object());
+            let doc = openapi_document(&path).unwrap();
+            assert!(!doc["paths"].as_object().unwrap().is_empty());
+        }
+        assert!(resource_list("nope", "v1").is_none());
+        assert!(group("devices.kubeedge.io").is_some());
+    }
+}

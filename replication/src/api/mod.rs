@@ -1,0 +1,385 @@
+//! The Kubernetes-compatible HTTP API over a [`Store`]: the cloud's embedded API server and the
+//! edge's MetaServer serve this same code.
+//!
+//! - [`resources`]: the served kinds; [`discovery`]: `/version`, `/api`, `/apis`, OpenAPI;
+//! - [`object`]: stored form, defaults, validation; [`selector`], [`patch`], [`table`];
+//! - [`rest`]: get/list/create/update/patch/delete; [`watch`]: the watch stream;
+//! - this module: URL parsing and dispatch ([`ApiServer::router`]).
+//!
+//! What the store keeps is the object without `metadata.resourceVersion`; the version is the
+//! store's (in a version-assigning store, a change's resourceVersion is its revision, so a list's
+//! resourceVersion, an object's and a watch position are one number space).
+
+pub mod discovery;
+pub mod object;
+pub mod patch;
+pub mod resources;
+pub mod rest;
+pub mod selector;
+pub mod status;
+pub mod table;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde_json::Value;
+
+use crate::store::Store;
+use object::Object;
+pub use resources::Resource;
+pub use status::ApiError;
+
+/// Largest request body accepted (the apiserver's limit is 3 MiB per object).
+pub const MAX_BODY_BYTES: usize = 3 << 20;
+
+/// The API verbs, for policy decisions and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Get,
+    List,
+    Watch,
+    Create,
+    Update,
+    Patch,
+    Delete,
+}
+
+impl Verb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "get",
+            Verb::List => "list",
+            Verb::Watch => "watch",
+            Verb::Create => "create",
+            Verb::Update => "update",
+            Verb::Patch => "patch",
+            Verb::Delete => "delete",
+        }
+    }
+
+    pub fn is_write(self) -> bool {
+        matches!(
+            self,
+            Verb::Create | Verb::Update | Verb::Patch | Verb::Delete
+        )
+    }
+}
+
+/// What differs between the places the API is served (the cloud, an edge node).
+pub trait ApiPolicy: Send + Sync + 'static {
+    /// Refuses a request before it is served (authorization, an offline edge...).
+    fn admit(&self, _resource: &Resource, _verb: Verb, _status: bool) -> Result<(), ApiError> {
+        Ok(())
+    }
+
+    /// Whether deleting this object only marks it (deletionTimestamp) and waits for someone (the
+    /// node running a pod) to remove it.
+    fn graceful_delete(&self, _resource: &Resource, _object: &Object) -> bool {
+        false
+    }
+
+    /// Called once per request with its outcome (metrics).
+    fn observe(&self, _verb: &str, _resource: &str, _code: u16) {}
+}
+
+/// The default policy: everything allowed, deletes immediate.
+pub struct OpenPolicy;
+
+impl ApiPolicy for OpenPolicy {}
+
+/// The API server: a store, a policy and an optional bearer token.
+#[derive(Clone)]
+pub struct ApiServer {
+    pub(crate) store: Arc<Store>,
+    pub(crate) policy: Arc<dyn ApiPolicy>,
+    bearer_token: Option<Arc<str>>,
+}
+
+/// Where a request points.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub resource: &'static Resource,
+    /// `None`: all namespaces (or a cluster-scoped resource).
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub status: bool,
+    /// The legacy `/watch/` path prefix.
+    pub watch_path: bool,
+}
+
+pub(crate) type Query = HashMap<String, String>;
+
+enum Route {
+    Json(Value),
+    Resource(Target),
+    NotFound,
+}
+
+fn json_response(code: StatusCode, value: &Value) -> Response {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    bytes_response(code, body)
+}
+
+pub(crate) fn bytes_response(code: StatusCode, body: Vec<u8>) -> Response {
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+pub(crate) fn error_response(error: &ApiError) -> Response {
+    let code = StatusCode::from_u16(error.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(code, &error.to_status())
+}
+
+/// Splits `/api/v1/...` and `/apis/{group}/{version}/...` into a route.
+fn route(path: &str) -> Route {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest): (&str, &str, &[&str]) = match segments.as_slice() {
+        ["version"] => return Route::Json(discovery::version()),
+        ["api"] => return Route::Json(discovery::core_versions()),
+        ["apis"] => return Route::Json(discovery::groups()),
+        ["apis", group] => return discovery::group(group).map_or(Route::NotFound, Route::Json),
+        ["openapi", "v3"] => return Route::Json(discovery::openapi_index()),
+        ["openapi", "v3", rest @ ..] => {
+            return discovery::openapi_document(&rest.join("/"))
+                .map_or(Route::NotFound, Route::Json)
+        }
+        ["api", version, rest @ ..] => ("", *version, rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return Route::NotFound,
+    };
+    if rest.is_empty() {
+        return discovery::resource_list(group, version).map_or(Route::NotFound, Route::Json);
+    }
+    let (watch_path, rest) = match rest {
+        ["watch", rest @ ..] => (true, rest),
+        rest => (false, rest),
+    };
+    let find = |plural: &str| resources::find(group, version, plural);
+    let target =
+        |resource: &'static Resource, ns: Option<&str>, name: Option<&str>, status| Target {
+            resource,
+            namespace: ns.map(str::to_owned),
+            name: name.map(str::to_owned),
+            status,
+            watch_path,
+        };
+    let namespaced = |plural: &str| find(plural).filter(|r| r.namespaced);
+    let cluster = |plural: &str| find(plural).filter(|r| !r.namespaced);
+    let found = match rest {
+        // A namespace object itself (core group): /namespaces/{name}[/status].
+        ["namespaces", name] if group.is_empty() => {
+            cluster("namespaces").map(|r| target(r, None, Some(name), false))
+        }
+        ["namespaces", name, "status"] if group.is_empty() => {
+            cluster("namespaces").map(|r| target(r, None, Some(name), true))
+        }
+        ["namespaces", ns, plural] => namespaced(plural).map(|r| target(r, Some(ns), None, false)),
+        ["namespaces", ns, plural, name] => {
+            namespaced(plural).map(|r| target(r, Some(ns), Some(name), false))
+        }
+        ["namespaces", ns, plural, name, "status"] => namespaced(plural)
+            .filter(|r| r.status)
+            .map(|r| target(r, Some(ns), Some(name), true)),
+        [plural] => find(plural).map(|r| target(r, None, None, false)),
+        [plural, name] => cluster(plural).map(|r| target(r, None, Some(name), false)),
+        [plural, name, "status"] => cluster(plural)
+            .filter(|r| r.status)
+            .map(|r| target(r, None, Some(name), true)),
+        _ => None,
+    };
+    found.map_or(Route::NotFound, Route::Resource)
+}
+
+fn verb_of(method: &Method, target: &Target, query: &Query) -> Option<Verb> {
+    let watch = target.watch_path || query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    Some(match (method.as_str(), target.name.is_some()) {
+        ("GET", _) if watch => Verb::Watch,
+        ("GET", true) => Verb::Get,
+        ("GET", false) => Verb::List,
+        ("POST", false) => Verb::Create,
+        ("PUT", true) => Verb::Update,
+        ("PATCH", true) => Verb::Patch,
+        ("DELETE", true) => Verb::Delete,
+        _ => return None,
+    })
+}
+
+impl ApiServer {
+    pub fn new(store: Arc<Store>, policy: Arc<dyn ApiPolicy>) -> Self {
+        ApiServer {
+            store,
+            policy,
+            bearer_token: None,
+        }
+    }
+
+    /// Requires `Authorization: Bearer <token>` on every request.
+    pub fn with_bearer_token(mut self, token: impl Into<Arc<str>>) -> Self {
+        self.bearer_token = Some(token.into());
+        self
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn router(self) -> Router {
+        Router::new().fallback(dispatch).with_state(self)
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.bearer_token else {
+            return true;
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Constant-time comparison: the token is a credential.
+        presented.is_some_and(|p| {
+            p.len() == token.len()
+                && p.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+        })
+    }
+}
+
+async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_owned();
+    if !server.authorized(&parts.headers) {
+        server.policy.observe("unknown", "", 401);
+        return error_response(&ApiError::unauthorized());
+    }
+    match path.as_str() {
+        "/healthz" | "/livez" | "/readyz" => return (StatusCode::OK, "ok").into_response(),
+        "/openapi/v2" | "/swagger.json" => {
+            return error_response(&ApiError::new(
+                404,
+                "NotFound",
+                "OpenAPI v2 is not served; use /openapi/v3",
+            ))
+        }
+        _ => {}
+    }
+    let target = match route(&path) {
+        Route::Json(value) => {
+            if parts.method != Method::GET {
+                return error_response(&ApiError::method_not_allowed("discovery is read-only"));
+            }
+            return json_response(StatusCode::OK, &value);
+        }
+        Route::NotFound => {
+            server.policy.observe("unknown", "", 404);
+            return error_response(&ApiError::new(
+                404,
+                "NotFound",
+                format!("the server could not find the requested resource ({path})"),
+            ));
+        }
+        Route::Resource(target) => target,
+    };
+    let query: Query = axum::extract::Query::<Query>::try_from_uri(&parts.uri)
+        .map(|q| q.0)
+        .unwrap_or_default();
+    let Some(verb) = verb_of(&parts.method, &target, &query) else {
+        return error_response(&ApiError::method_not_allowed(format!(
+            "{} is not supported on {path}",
+            parts.method
+        )));
+    };
+    let resource = target.resource.plural;
+    if let Err(e) = server.policy.admit(target.resource, verb, target.status) {
+        server.policy.observe(verb.as_str(), resource, e.code);
+        return error_response(&e);
+    }
+    let body = if verb.is_write() {
+        match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+            Ok(bytes) => bytes,
+            Err(_) => {
+                let e = ApiError::too_large(format!(
+                    "the request body is larger than {MAX_BODY_BYTES} bytes"
+                ));
+                server.policy.observe(verb.as_str(), resource, e.code);
+                return error_response(&e);
+            }
+        }
+    } else {
+        Bytes::new()
+    };
+    let request = rest::ApiRequest {
+        target,
+        verb,
+        query,
+        headers: parts.headers,
+        body,
+    };
+    let response = match verb {
+        Verb::Watch => watch::serve(&server, request),
+        _ => rest::serve(&server, request).await,
+    };
+    let response = match response {
+        Ok(response) => response,
+        Err(e) => error_response(&e),
+    };
+    server
+        .policy
+        .observe(verb.as_str(), resource, response.status().as_u16());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(path: &str) -> Target {
+        match route(path) {
+            Route::Resource(t) => t,
+            _ => panic!("{path} is not a resource"),
+        }
+    }
+
+    #[test]
+    fn routes() {
+        let t = target("/api/v1/namespaces/default/pods/p/status");
+        assert_eq!(
+            (
+                t.resource.plural,
+                t.namespace.as_deref(),
+                t.name.as_deref(),
+                t.status
+            ),
+            ("pods", Some("default"), Some("p"), true)
+        );
+        let t = target("/api/v1/namespaces/kube-system");
+        assert_eq!(
+            (t.resource.plural, t.name.as_deref()),
+            ("namespaces", Some("kube-system"))
+        );
+        let t = target("/api/v1/pods");
+        assert_eq!((t.resource.plural, t.namespace.as_deref()), ("pods", None));
+        let t = target("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1");
+        assert_eq!(t.resource.kind, "Lease");
+        let t = target("/api/v1/nodes/n1/status");
+        assert!(t.status);
+        let t = target("/api/v1/watch/namespaces/default/pods");
+        assert!(t.watch_path);
+        assert!(matches!(route("/api/v1/nodes/n1/nope"), Route::NotFound));
+        assert!(matches!(
+            route("/api/v1/namespaces/default/nodes"),
+            Route::NotFound
+        ));
+        assert!(matches!(
+            route("/api/v1/configmaps/x/status"),
+            Route::NotFound
+        ));
+        assert!(matches!(route("/api/v1"), Route::Json(_)));
+    }
+}

@@ -1,0 +1,562 @@
+//! get, list, create, update, patch, delete.
+
+use axum::body::Bytes;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
+use serde_json::{json, Value};
+
+use super::object::{self, Object};
+use super::patch::{self, PatchKind};
+use super::selector::{FieldSelector, LabelSelector};
+use super::status::ApiError;
+use super::table;
+use super::{bytes_response, resources, ApiServer, Query, Target, Verb};
+use crate::key::{KeyRange, ObjectKey};
+use crate::store::{Precondition, Store, Versioned, WriteSet};
+
+pub(crate) struct ApiRequest {
+    pub target: Target,
+    pub verb: Verb,
+    pub query: Query,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl ApiRequest {
+    fn accept(&self) -> &str {
+        self.headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+
+    fn content_type(&self) -> &str {
+        self.headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+    }
+
+    fn dry_run(&self) -> bool {
+        self.query.contains_key("dryRun")
+    }
+
+    fn namespace(&self) -> &str {
+        self.target.namespace.as_deref().unwrap_or_default()
+    }
+
+    fn name(&self) -> &str {
+        self.target.name.as_deref().unwrap_or_default()
+    }
+
+    fn key(&self) -> Result<ObjectKey, ApiError> {
+        ObjectKey::new(self.target.resource.plural, self.namespace(), self.name())
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+
+    fn wants_table(&self) -> bool {
+        table::wants_table(self.accept())
+    }
+
+    fn include_object(&self) -> bool {
+        self.query.get("includeObject").map(String::as_str) == Some("Object")
+    }
+}
+
+/// Runs store work off the async threads (RocksDB reads and fsyncs block).
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("store task failed: {e}")))?
+}
+
+pub(crate) async fn serve(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
+    match request.verb {
+        Verb::Get => get(server, request).await,
+        Verb::List => list(server, request).await,
+        Verb::Create => create(server, request).await,
+        Verb::Update => update(server, request).await,
+        Verb::Patch => patch(server, request).await,
+        Verb::Delete => delete(server, request).await,
+        Verb::Watch => Err(ApiError::internal("watch is served by the watch module")),
+    }
+}
+
+fn render(versioned: &Versioned) -> Result<Vec<u8>, ApiError> {
+    object::with_resource_version(&versioned.object, versioned.rv)
+}
+
+fn respond_object(
+    request: &ApiRequest,
+    code: StatusCode,
+    versioned: &Versioned,
+) -> Result<Response, ApiError> {
+    if request.wants_table() {
+        let object = object::decode_stored(&versioned.object, versioned.rv)?;
+        let t = table::table(
+            request.target.resource,
+            vec![object],
+            json!({"resourceVersion": versioned.rv.to_string()}),
+            request.include_object(),
+            true,
+        );
+        return Ok(bytes_response(
+            code,
+            serde_json::to_vec(&t).unwrap_or_default(),
+        ));
+    }
+    Ok(bytes_response(code, render(versioned)?))
+}
+
+fn read(store: &Store, key: &ObjectKey, request: &ApiRequest) -> Result<Versioned, ApiError> {
+    store
+        .get(key)
+        .map_err(|e| ApiError::from_store(e, request.target.resource.plural, request.name()))?
+        .ok_or_else(|| ApiError::not_found(request.target.resource.plural, request.name()))
+}
+
+async fn get(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
+    let store = server.store.clone();
+    let key = request.key()?;
+    let (request, versioned) = blocking(move || {
+        let v = read(&store, &key, &request)?;
+        Ok((request, v))
+    })
+    .await?;
+    respond_object(&request, StatusCode::OK, &versioned)
+}
+
+/// `continue` tokens: the list's revision and the last key served, hex-encoded.
+fn encode_continue(revision: u64, last: &ObjectKey) -> String {
+    let raw = format!("{revision}/{}", last.as_str());
+    raw.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_continue(token: &str) -> Result<(u64, ObjectKey), ApiError> {
+    let bad = || ApiError::bad_request(format!("continue token {token:?} is not valid"));
+    if !token.len().is_multiple_of(2) || !token.is_ascii() {
+        return Err(bad());
+    }
+    let bytes: Vec<u8> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&token[i..i + 2], 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (revision, key) = text.split_once('/').ok_or_else(bad)?;
+    let revision = revision.parse().map_err(|_| bad())?;
+    let key = ObjectKey::parse(key).map_err(|_| bad())?;
+    Ok((revision, key))
+}
+
+pub(crate) struct Selectors {
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+}
+
+impl Selectors {
+    pub fn from_query(query: &Query) -> Result<Self, ApiError> {
+        Ok(Selectors {
+            labels: LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))?,
+            fields: FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))?,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
+    }
+
+    pub fn matches(&self, object: &Object) -> bool {
+        self.labels.matches(object) && self.fields.matches(object)
+    }
+}
+
+pub(crate) fn range_of(target: &Target) -> Result<KeyRange, ApiError> {
+    let plural = target.resource.plural;
+    let range = match &target.namespace {
+        Some(ns) if target.resource.namespaced => KeyRange::namespace(plural, ns),
+        _ => KeyRange::kind(plural),
+    };
+    range.map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+async fn list(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
+    let selectors = Selectors::from_query(&request.query)?;
+    let limit: usize = match request.query.get("limit") {
+        Some(l) => l
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("limit {l:?} is not a number")))?,
+        None => 0,
+    };
+    let resume = match request.query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => Some(decode_continue(token)?),
+        None => None,
+    };
+    let range = range_of(&request.target)?;
+    let store = server.store.clone();
+    let table = request.wants_table();
+    let resource = request.target.resource;
+    let include_object = request.include_object();
+    blocking(move || {
+        // The revision is read before the scan: a watch from it replays anything the scan raced.
+        let (revision, after) = match resume {
+            Some((revision, after)) => (revision, Some(after)),
+            None => (store.revision(), None),
+        };
+        let mut items: Vec<(ObjectKey, Versioned)> = Vec::new();
+        let mut objects: Vec<Object> = Vec::new();
+        let mut next = None;
+        for item in store.scan_after(&range, after.as_ref()) {
+            let (key, versioned) = item.map_err(|e| ApiError::internal(format!("list: {e}")))?;
+            let decoded = if table || !selectors.is_empty() {
+                let o = object::decode_stored(&versioned.object, versioned.rv)?;
+                if !selectors.matches(&o) {
+                    continue;
+                }
+                Some(o)
+            } else {
+                None
+            };
+            if limit > 0 && items.len() + objects.len() == limit {
+                let last = if table {
+                    objects.last().map(|o| {
+                        ObjectKey::new(resource.plural, object::namespace(o), object::name(o))
+                    })
+                } else {
+                    items.last().map(|(k, _)| Ok(k.clone()))
+                };
+                if let Some(Ok(last)) = last {
+                    next = Some(encode_continue(revision, &last));
+                }
+                break;
+            }
+            match decoded {
+                Some(o) if table => objects.push(o),
+                _ => items.push((key, versioned)),
+            }
+        }
+        let mut list_meta = json!({"resourceVersion": revision.to_string()});
+        if let Some(next) = next {
+            list_meta["continue"] = json!(next);
+        }
+        if table {
+            let t = table::table(resource, objects, list_meta, include_object, true);
+            return Ok(bytes_response(
+                StatusCode::OK,
+                serde_json::to_vec(&t).unwrap_or_default(),
+            ));
+        }
+        // Assemble the list from the stored bytes without re-encoding every item.
+        let mut body = Vec::with_capacity(
+            64 + items
+                .iter()
+                .map(|(_, v)| v.object.len() + 32)
+                .sum::<usize>(),
+        );
+        body.extend_from_slice(b"{\"kind\":");
+        serde_json::to_writer(&mut body, resource.list_kind).expect("string");
+        body.extend_from_slice(b",\"apiVersion\":");
+        serde_json::to_writer(&mut body, &resource.api_version()).expect("string");
+        body.extend_from_slice(b",\"metadata\":");
+        serde_json::to_writer(&mut body, &list_meta).expect("map");
+        body.extend_from_slice(b",\"items\":[");
+        for (i, (_, versioned)) in items.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&render(versioned)?);
+        }
+        body.extend_from_slice(b"]}");
+        Ok(bytes_response(StatusCode::OK, body))
+    })
+    .await
+}
+
+fn commit_one(
+    store: &Store,
+    set: WriteSet,
+    request_resource: &str,
+    name: &str,
+) -> Result<Versioned, ApiError> {
+    let changes = store
+        .commit(set)
+        .map_err(|e| ApiError::from_store(e, request_resource, name))?;
+    let change = changes
+        .last()
+        .ok_or_else(|| ApiError::internal("the write changed nothing"))?;
+    Ok(Versioned {
+        rv: change.rv,
+        object: change.object.clone(),
+    })
+}
+
+fn check_namespace_exists(store: &Store, namespace: &str) -> Result<(), ApiError> {
+    let key = ObjectKey::new("namespaces", "", namespace)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let found = store
+        .get(&key)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(ApiError::not_found("namespaces", namespace)),
+    }
+}
+
+async fn create(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
+    let resource = request.target.resource;
+    if resource.namespaced && request.target.namespace.is_none() {
+        return Err(ApiError::method_not_allowed(format!(
+            "create {} in a namespace: POST to .../namespaces/{{namespace}}/{}",
+            resource.plural, resource.plural
+        )));
+    }
+    let mut object = object::parse_object(&request.body)?;
+    object::prepare_create(resource, request.namespace(), &mut object)?;
+    let name = object::name(&object).to_owned();
+    let key = ObjectKey::new(resource.plural, request.namespace(), &name)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let store = server.store.clone();
+    let dry_run = request.dry_run();
+    let namespace = request.namespace().to_owned();
+    let versioned = blocking(move || {
+        if resource.namespaced {
+            check_namespace_exists(&store, &namespace)?;
+        }
+        let bytes = Bytes::from(object::to_stored(object));
+        if dry_run {
+            return Ok(Versioned {
+                rv: 0,
+                object: bytes,
+            });
+        }
+        let mut set = WriteSet::new();
+        set.put(key, bytes, Precondition::Absent);
+        commit_one(&store, set, resource.plural, &name)
+    })
+    .await?;
+    respond_object(&request, StatusCode::CREATED, &versioned)
+}
+
+/// Writes `object` as the new state of `key` if the store still holds `expected`; an object
+/// being deleted whose finalizers are all gone is removed instead.
+fn write_update(
+    store: &Store,
+    request: &ApiRequest,
+    key: ObjectKey,
+    object: Object,
+    expected: u64,
+) -> Result<Versioned, ApiError> {
+    let resource = request.target.resource.plural;
+    let deleting = object::meta(&object).is_some_and(|m| m.contains_key("deletionTimestamp"));
+    let finalizers_left = object::meta(&object)
+        .and_then(|m| m.get("finalizers"))
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    let mut set = WriteSet::new();
+    if deleting && !finalizers_left && request.target.resource.plural != "pods" {
+        set.delete(key, Precondition::Version(expected));
+    } else {
+        let bytes = Bytes::from(object::to_stored(object));
+        if request.dry_run() {
+            return Ok(Versioned {
+                rv: expected,
+                object: bytes,
+            });
+        }
+        set.put(key, bytes, Precondition::Version(expected));
+    }
+    commit_one(store, set, resource, request.name())
+}
+
+async fn update(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
+    let mut object = object::parse_object(&request.body)?;
+    let body_rv = object::resource_version(&object)?;
+    let key = request.key()?;
+    let store = server.store.clone();
+    let (request, versioned) = blocking(move || {
+        let current = read(&store, &key, &request)?;
+        let expected = body_rv.unwrap_or(current.rv);
+        if expected != current.rv {
+            return Err(ApiError::conflict(
+                request.target.resource.plural,
+                request.name(),
+            ));
+        }
+        let current_object = object::decode_stored(&current.object, current.rv)?;
+        object::prepare_update(
+            request.target.resource,
+            request.namespace(),
+            request.name(),
+            &current_object,
+            &mut object,
+            request.target.status,
+        )?;
+        let v = write_update(&store, &request, key, object, expected)?;
+        Ok((request, v))
+    })
+    .await?;
+    respond_object(&request, StatusCode::OK, &versioned)
+}
+
+/// Attempts before a patch racing other writers gives up with 409.
+const PATCH_ATTEMPTS: usize = 8;
+
+async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
+    let kind = PatchKind::from_content_type(request.content_type())?;
+    let key = request.key()?;
+    let store = server.store.clone();
+    let (request, versioned) = blocking(move || {
+        let mut last_error = None;
+        for _ in 0..PATCH_ATTEMPTS {
+            let current = read(&store, &key, &request)?;
+            let current_object = object::decode_stored(&current.object, current.rv)?;
+            let mut patched = Value::Object(current_object.clone());
+            patch::apply(kind, &mut patched, &request.body)?;
+            let Value::Object(mut patched) = patched else {
+                return Err(ApiError::bad_request("the patch did not leave an object"));
+            };
+            // A resourceVersion in the patch is a precondition.
+            if let Some(rv) = object::resource_version(&patched)? {
+                if rv != current.rv {
+                    return Err(ApiError::conflict(
+                        request.target.resource.plural,
+                        request.name(),
+                    ));
+                }
+            }
+            object::prepare_update(
+                request.target.resource,
+                request.namespace(),
+                request.name(),
+                &current_object,
+                &mut patched,
+                request.target.status,
+            )?;
+            match write_update(&store, &request, key.clone(), patched, current.rv) {
+                Err(e) if e.code == 409 && e.reason == "Conflict" => last_error = Some(e),
+                other => return other.map(|v| (request, v)),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| ApiError::internal("patch retries exhausted")))
+    })
+    .await?;
+    respond_object(&request, StatusCode::OK, &versioned)
+}
+
+/// Namespaces Kubernetes refuses to delete.
+const PROTECTED_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
+
+async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
+    let options: Value = if request.body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&request.body)
+            .map_err(|e| ApiError::bad_request(format!("DeleteOptions: {e}")))?
+    };
+    let grace: Option<i64> = request
+        .query
+        .get("gracePeriodSeconds")
+        .and_then(|g| g.parse().ok())
+        .or_else(|| options.get("gracePeriodSeconds").and_then(Value::as_i64));
+    let precondition_rv = options
+        .pointer("/preconditions/resourceVersion")
+        .and_then(Value::as_str)
+        .map(|rv| {
+            rv.parse::<u64>()
+                .map_err(|_| ApiError::bad_request("preconditions.resourceVersion is not valid"))
+        })
+        .transpose()?;
+    let precondition_uid = options
+        .pointer("/preconditions/uid")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let resource = request.target.resource;
+    if resource.plural == "namespaces" && PROTECTED_NAMESPACES.contains(&request.name()) {
+        return Err(ApiError::forbidden(format!(
+            "namespaces \"{}\" is forbidden: this namespace may not be deleted",
+            request.name()
+        )));
+    }
+    let key = request.key()?;
+    let store = server.store.clone();
+    let policy = server.policy.clone();
+    let (request, versioned) = blocking(move || {
+        let current = read(&store, &key, &request)?;
+        let mut object = object::decode_stored(&current.object, current.rv)?;
+        if precondition_rv.is_some_and(|rv| rv != current.rv)
+            || precondition_uid
+                .as_deref()
+                .is_some_and(|uid| object::meta_str(&object, "uid") != Some(uid))
+        {
+            return Err(ApiError::conflict(resource.plural, request.name()));
+        }
+        let finalizers = object::meta(&object)
+            .and_then(|m| m.get("finalizers"))
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty());
+        let graceful = grace != Some(0) && policy.graceful_delete(resource, &object);
+        if finalizers || graceful {
+            if object::meta(&object).is_some_and(|m| m.contains_key("deletionTimestamp")) {
+                return Ok((request, current));
+            }
+            let metadata = object::meta_mut(&mut object);
+            metadata.insert("deletionTimestamp".into(), json!(object::now_rfc3339()));
+            let seconds = grace.unwrap_or_else(|| {
+                object
+                    .get("spec")
+                    .and_then(|s| s.get("terminationGracePeriodSeconds"))
+                    .and_then(Value::as_i64)
+                    .unwrap_or(30)
+            });
+            object::meta_mut(&mut object)
+                .insert("deletionGracePeriodSeconds".into(), json!(seconds));
+            let mut set = WriteSet::new();
+            set.put(
+                key,
+                Bytes::from(object::to_stored(object)),
+                Precondition::Version(current.rv),
+            );
+            if request.dry_run() {
+                return Ok((request, current));
+            }
+            let v = commit_one(&store, set, resource.plural, request.name())?;
+            return Ok((request, v));
+        }
+        if request.dry_run() {
+            return Ok((request, current));
+        }
+        let mut set = WriteSet::new();
+        if resource.plural == "namespaces" {
+            // Everything in the namespace goes with it, in the same commit.
+            for r in resources::all().iter().filter(|r| r.namespaced) {
+                let range = KeyRange::namespace(r.plural, request.name())
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                for item in store.scan(&range) {
+                    let (k, _) = item.map_err(|e| ApiError::internal(e.to_string()))?;
+                    set.delete(k, Precondition::None);
+                }
+            }
+        }
+        set.delete(key, Precondition::Version(current.rv));
+        let v = commit_one(&store, set, resource.plural, request.name())?;
+        Ok((request, v))
+    })
+    .await?;
+    respond_object(&request, StatusCode::OK, &versioned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continue_tokens_round_trip() {
+        let key = ObjectKey::parse("pods/default/web-1").unwrap();
+        let token = encode_continue(42, &key);
+        assert_eq!(decode_continue(&token).unwrap(), (42, key));
+        assert!(decode_continue("zz").is_err());
+        assert!(decode_continue("abc").is_err());
+    }
+}

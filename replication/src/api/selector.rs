@@ -1,0 +1,209 @@
+//! Label and field selectors (`?labelSelector=`, `?fieldSelector=`).
+
+use serde_json::Value;
+
+use super::object::{labels, Object};
+use super::status::ApiError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LabelRequirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    NotExists(String),
+}
+
+/// A parsed label selector; empty matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelSelector(Vec<LabelRequirement>);
+
+/// Splits on commas that are not inside parentheses.
+fn split_top_level(text: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut depth = 0usize;
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+fn parse_set(text: &str) -> Option<Vec<String>> {
+    let inner = text.trim().strip_prefix('(')?.strip_suffix(')')?;
+    Some(
+        inner
+            .split(',')
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .collect(),
+    )
+}
+
+impl LabelSelector {
+    pub fn parse(text: &str) -> Result<Self, ApiError> {
+        let bad = |part: &str| {
+            ApiError::bad_request(format!(
+                "unable to parse requirement: {part:?} in labelSelector"
+            ))
+        };
+        let mut requirements = Vec::new();
+        for part in split_top_level(text) {
+            let part = part.trim();
+            if part.is_empty() {
+                continue;
+            }
+            let requirement = if let Some(key) = part.strip_prefix('!') {
+                LabelRequirement::NotExists(key.trim().to_owned())
+            } else if let Some((k, v)) = part.split_once("!=") {
+                LabelRequirement::NotEquals(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = part.split_once("==") {
+                LabelRequirement::Equals(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = part.split_once('=') {
+                LabelRequirement::Equals(k.trim().into(), v.trim().into())
+            } else if let Some((k, set)) = part.split_once(" notin ") {
+                LabelRequirement::NotIn(k.trim().into(), parse_set(set).ok_or_else(|| bad(part))?)
+            } else if let Some((k, set)) = part.split_once(" in ") {
+                LabelRequirement::In(k.trim().into(), parse_set(set).ok_or_else(|| bad(part))?)
+            } else if part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+            {
+                LabelRequirement::Exists(part.to_owned())
+            } else {
+                return Err(bad(part));
+            };
+            requirements.push(requirement);
+        }
+        Ok(LabelSelector(requirements))
+    }
+
+    /// A selector from a `matchLabels` map (nodeSelector).
+    pub fn from_map(map: &serde_json::Map<String, Value>) -> Self {
+        LabelSelector(
+            map.iter()
+                .map(|(k, v)| {
+                    LabelRequirement::Equals(k.clone(), v.as_str().unwrap_or_default().to_owned())
+                })
+                .collect(),
+        )
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn matches(&self, object: &Object) -> bool {
+        let labels = labels(object);
+        let get = |key: &str| labels.and_then(|l| l.get(key)).and_then(Value::as_str);
+        self.0.iter().all(|r| match r {
+            LabelRequirement::Equals(k, v) => get(k) == Some(v.as_str()),
+            LabelRequirement::NotEquals(k, v) => get(k) != Some(v.as_str()),
+            LabelRequirement::In(k, set) => get(k).is_some_and(|v| set.iter().any(|s| s == v)),
+            LabelRequirement::NotIn(k, set) => !get(k).is_some_and(|v| set.iter().any(|s| s == v)),
+            LabelRequirement::Exists(k) => get(k).is_some(),
+            LabelRequirement::NotExists(k) => get(k).is_none(),
+        })
+    }
+}
+
+/// A parsed field selector: `path=value`, `path==value`, `path!=value`, comma-separated. Any
+/// dotted path into the object may be used (a superset of the apiserver's per-kind fields);
+/// a missing field compares as the empty string.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldSelector(Vec<(String, bool, String)>);
+
+impl FieldSelector {
+    pub fn parse(text: &str) -> Result<Self, ApiError> {
+        let mut terms = Vec::new();
+        for part in text.split(',') {
+            let part = part.trim();
+            if part.is_empty() {
+                continue;
+            }
+            let (path, equal, value) = if let Some((k, v)) = part.split_once("!=") {
+                (k, false, v)
+            } else if let Some((k, v)) = part.split_once("==") {
+                (k, true, v)
+            } else if let Some((k, v)) = part.split_once('=') {
+                (k, true, v)
+            } else {
+                return Err(ApiError::bad_request(format!(
+                    "invalid selector: {part:?}; expected field=value or field!=value"
+                )));
+            };
+            terms.push((path.trim().to_owned(), equal, value.trim().to_owned()));
+        }
+        Ok(FieldSelector(terms))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn matches(&self, object: &Object) -> bool {
+        self.0.iter().all(|(path, equal, value)| {
+            let mut current = None::<&Value>;
+            for (i, part) in path.split('.').enumerate() {
+                current = if i == 0 {
+                    object.get(part)
+                } else {
+                    current.and_then(|c| c.get(part))
+                };
+            }
+            let actual = match current {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => String::new(),
+                Some(other) => other.to_string(),
+            };
+            (actual == *value) == *equal
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Object {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn label_selectors() {
+        let o = obj(json!({"metadata": {"labels": {"app": "web", "tier": "front"}}}));
+        let m = |s: &str| LabelSelector::parse(s).unwrap().matches(&o);
+        assert!(m(""));
+        assert!(m("app=web"));
+        assert!(m("app==web,tier"));
+        assert!(!m("app!=web"));
+        assert!(m("app in (web, db),!missing"));
+        assert!(!m("app notin (web)"));
+        assert!(m("tier notin (back)"));
+        assert!(!m("missing"));
+        assert!(LabelSelector::parse("a in b").is_err());
+    }
+
+    #[test]
+    fn field_selectors() {
+        let o = obj(json!({"metadata": {"name": "p", "namespace": "default"},
+                           "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}}));
+        let m = |s: &str| FieldSelector::parse(s).unwrap().matches(&o);
+        assert!(m("metadata.name=p,spec.nodeName==n1"));
+        assert!(m("status.phase!=Pending"));
+        assert!(!m("metadata.namespace=kube-system"));
+        assert!(m("spec.missing="));
+        assert!(FieldSelector::parse("nonsense").is_err());
+    }
+}

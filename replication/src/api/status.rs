@@ -1,0 +1,168 @@
+//! API errors as Kubernetes `Status` objects.
+
+use serde_json::{json, Value};
+
+use crate::store::StoreError;
+
+/// One field-level cause of a 422.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cause {
+    pub field: String,
+    pub message: String,
+}
+
+/// An error the API answers with: HTTP code, `reason`, message and (for 422) field causes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code} {reason}: {message}")]
+pub struct ApiError {
+    pub code: u16,
+    pub reason: &'static str,
+    pub message: String,
+    pub causes: Vec<Cause>,
+    /// `details.kind`/`details.name` for clients that read them.
+    pub details: Option<(String, String)>,
+}
+
+impl ApiError {
+    pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+            causes: Vec::new(),
+            details: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "BadRequest", message)
+    }
+
+    pub fn not_found(resource: &str, name: &str) -> Self {
+        let mut e = Self::new(404, "NotFound", format!("{resource} \"{name}\" not found"));
+        e.details = Some((resource.to_owned(), name.to_owned()));
+        e
+    }
+
+    pub fn already_exists(resource: &str, name: &str) -> Self {
+        let mut e = Self::new(
+            409,
+            "AlreadyExists",
+            format!("{resource} \"{name}\" already exists"),
+        );
+        e.details = Some((resource.to_owned(), name.to_owned()));
+        e
+    }
+
+    pub fn conflict(resource: &str, name: &str) -> Self {
+        let mut e = Self::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {resource} \"{name}\": the object has been \
+                 modified; please apply your changes to the latest version and try again"
+            ),
+        );
+        e.details = Some((resource.to_owned(), name.to_owned()));
+        e
+    }
+
+    /// 422 with field causes, worded like the apiserver's.
+    pub fn invalid(kind: &str, name: &str, causes: Vec<Cause>) -> Self {
+        let list: Vec<String> = causes
+            .iter()
+            .map(|c| format!("{}: {}", c.field, c.message))
+            .collect();
+        let mut e = Self::new(
+            422,
+            "Invalid",
+            format!("{kind} \"{name}\" is invalid: {}", list.join(", ")),
+        );
+        e.causes = causes;
+        e.details = Some((kind.to_owned(), name.to_owned()));
+        e
+    }
+
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self::new(405, "MethodNotAllowed", message)
+    }
+
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(415, "UnsupportedMediaType", message)
+    }
+
+    pub fn gone(message: impl Into<String>) -> Self {
+        Self::new(410, "Expired", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "ServiceUnavailable", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(403, "Forbidden", message)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(401, "Unauthorized", "Unauthorized")
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "InternalError", message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(413, "RequestEntityTooLarge", message)
+    }
+
+    /// A store error seen while serving `resource`/`name`.
+    pub fn from_store(err: StoreError, resource: &str, name: &str) -> Self {
+        match err {
+            StoreError::NotFound(_) => Self::not_found(resource, name),
+            StoreError::AlreadyExists(_) => Self::already_exists(resource, name),
+            StoreError::Conflict { .. } => Self::conflict(resource, name),
+            StoreError::Key(e) => Self::bad_request(e.to_string()),
+            other => Self::internal(other.to_string()),
+        }
+    }
+
+    /// The `Status` object.
+    pub fn to_status(&self) -> Value {
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        });
+        if self.details.is_some() || !self.causes.is_empty() {
+            let mut details = json!({});
+            if let Some((kind, name)) = &self.details {
+                details["kind"] = json!(kind);
+                details["name"] = json!(name);
+            }
+            if !self.causes.is_empty() {
+                details["causes"] = self
+                    .causes
+                    .iter()
+                    .map(|c| json!({"reason": "FieldValueInvalid", "message": c.message, "field": c.field}))
+                    .collect();
+            }
+            status["details"] = details;
+        }
+        status
+    }
+}
+
+/// A success `Status` (answers to some deletes).
+pub fn success_status(kind: &str, name: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Success",
+        "details": {"name": name, "kind": kind},
+    })
+}

@@ -1,0 +1,299 @@
+//! Server-side tables (`Accept: application/json;as=Table;g=meta.k8s.io;v=v1`): what
+//! `kubectl get` prints.
+
+use serde_json::{json, Value};
+
+use super::object::{meta, parse_rfc3339, Object};
+use super::resources::Resource;
+
+/// Whether the client asked for a Table.
+pub fn wants_table(accept: &str) -> bool {
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=Table"))
+}
+
+fn column(name: &str, kind: &str, priority: u8) -> Value {
+    let format = if name == "Name" { "name" } else { "" };
+    json!({"name": name, "type": kind, "format": format, "description": "", "priority": priority})
+}
+
+fn columns(resource: &Resource) -> Vec<Value> {
+    let s = "string";
+    match resource.plural {
+        "pods" => vec![
+            column("Name", s, 0),
+            column("Ready", s, 0),
+            column("Status", s, 0),
+            column("Restarts", s, 0),
+            column("Age", s, 0),
+            column("IP", s, 1),
+            column("Node", s, 1),
+        ],
+        "nodes" => vec![
+            column("Name", s, 0),
+            column("Status", s, 0),
+            column("Roles", s, 0),
+            column("Age", s, 0),
+            column("Version", s, 0),
+            column("Internal-IP", s, 1),
+        ],
+        "namespaces" => vec![
+            column("Name", s, 0),
+            column("Status", s, 0),
+            column("Age", s, 0),
+        ],
+        "configmaps" | "secrets" => vec![
+            column("Name", s, 0),
+            column("Data", "integer", 0),
+            column("Age", s, 0),
+        ],
+        "services" => vec![
+            column("Name", s, 0),
+            column("Type", s, 0),
+            column("Cluster-IP", s, 0),
+            column("Port(s)", s, 0),
+            column("Age", s, 0),
+        ],
+        "leases" => vec![
+            column("Name", s, 0),
+            column("Holder", s, 0),
+            column("Age", s, 0),
+        ],
+        _ => vec![column("Name", s, 0), column("Age", s, 0)],
+    }
+}
+
+/// kubectl's short age: `42s`, `7m`, `5h`, `3d`.
+pub fn human_age(seconds: i64) -> String {
+    let s = seconds.max(0);
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=10_799 => format!("{}m", s / 60),
+        10_800..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+fn age(object: &Object) -> String {
+    let created = meta(object)
+        .and_then(|m| m.get("creationTimestamp"))
+        .and_then(Value::as_str)
+        .and_then(parse_rfc3339);
+    match created {
+        Some(t) => human_age(time::OffsetDateTime::now_utc().unix_timestamp() - t),
+        None => "<unknown>".into(),
+    }
+}
+
+fn path<'a>(object: &'a Object, fields: &[&str]) -> Option<&'a Value> {
+    let mut current = object.get(fields[0])?;
+    for field in &fields[1..] {
+        current = current.get(field)?;
+    }
+    Some(current)
+}
+
+fn text(object: &Object, fields: &[&str]) -> String {
+    path(object, fields)
+        .and_then(Value::as_str)
+        .unwrap_or("<none>")
+        .to_owned()
+}
+
+fn condition(object: &Object, kind: &str) -> Option<String> {
+    path(object, &["status", "conditions"])?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))
+        .and_then(|c| c.get("status")?.as_str().map(str::to_owned))
+}
+
+fn cells(resource: &Resource, object: &Object) -> Vec<Value> {
+    let name = json!(super::object::name(object));
+    match resource.plural {
+        "pods" => {
+            let total = path(object, &["spec", "containers"])
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            let statuses = path(object, &["status", "containerStatuses"])
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let ready = statuses
+                .iter()
+                .filter(|s| s.get("ready").and_then(Value::as_bool) == Some(true))
+                .count();
+            let restarts: i64 = statuses
+                .iter()
+                .filter_map(|s| s.get("restartCount").and_then(Value::as_i64))
+                .sum();
+            let mut status = text(object, &["status", "phase"]);
+            if let Some(reason) = statuses
+                .iter()
+                .find_map(|s| s.get("state")?.get("waiting")?.get("reason")?.as_str())
+            {
+                status = reason.to_owned();
+            }
+            if meta(object).is_some_and(|m| m.contains_key("deletionTimestamp")) {
+                status = "Terminating".into();
+            }
+            vec![
+                name,
+                json!(format!("{ready}/{total}")),
+                json!(status),
+                json!(restarts.to_string()),
+                json!(age(object)),
+                json!(text(object, &["status", "podIP"])),
+                json!(text(object, &["spec", "nodeName"])),
+            ]
+        }
+        "nodes" => {
+            let status = match condition(object, "Ready").as_deref() {
+                Some("True") => "Ready",
+                Some(_) => "NotReady",
+                None => "Unknown",
+            };
+            let roles: Vec<String> = super::object::labels(object)
+                .map(|l| {
+                    l.keys()
+                        .filter_map(|k| k.strip_prefix("node-role.kubernetes.io/"))
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let internal_ip = path(object, &["status", "addresses"])
+                .and_then(Value::as_array)
+                .and_then(|a| {
+                    a.iter()
+                        .find(|x| x.get("type").and_then(Value::as_str) == Some("InternalIP"))
+                })
+                .and_then(|a| a.get("address")?.as_str())
+                .unwrap_or("<none>")
+                .to_owned();
+            vec![
+                name,
+                json!(status),
+                json!(if roles.is_empty() {
+                    "<none>".into()
+                } else {
+                    roles.join(",")
+                }),
+                json!(age(object)),
+                json!(text(object, &["status", "nodeInfo", "kubeletVersion"])),
+                json!(internal_ip),
+            ]
+        }
+        "namespaces" => vec![
+            name,
+            json!(text(object, &["status", "phase"])),
+            json!(age(object)),
+        ],
+        "configmaps" | "secrets" => {
+            let count = ["data", "binaryData", "stringData"]
+                .iter()
+                .filter_map(|f| object.get(*f).and_then(Value::as_object))
+                .map(|m| m.len())
+                .sum::<usize>();
+            vec![name, json!(count), json!(age(object))]
+        }
+        "services" => {
+            let ports: Vec<String> = path(object, &["spec", "ports"])
+                .and_then(Value::as_array)
+                .map(|ports| {
+                    ports
+                        .iter()
+                        .map(|p| {
+                            let port = p.get("port").map(Value::to_string).unwrap_or_default();
+                            let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+                            format!("{port}/{proto}")
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            vec![
+                name,
+                json!(text(object, &["spec", "type"])),
+                json!(text(object, &["spec", "clusterIP"])),
+                json!(if ports.is_empty() {
+                    "<none>".into()
+                } else {
+                    ports.join(",")
+                }),
+                json!(age(object)),
+            ]
+        }
+        "leases" => vec![
+            name,
+            json!(text(object, &["spec", "holderIdentity"])),
+            json!(age(object)),
+        ],
+        _ => vec![name, json!(age(object))],
+    }
+}
+
+fn row(resource: &Resource, object: Object, include_object: bool) -> Value {
+    let cells = cells(resource, &object);
+    let object = if include_object {
+        Value::Object(object)
+    } else {
+        json!({
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": meta(&object).cloned().unwrap_or_default(),
+        })
+    };
+    json!({"cells": cells, "object": object})
+}
+
+/// A Table of `objects`. `include_object`: `?includeObject=Object` (default: metadata only).
+pub fn table(
+    resource: &Resource,
+    objects: Vec<Object>,
+    list_meta: Value,
+    include_object: bool,
+    with_columns: bool,
+) -> Value {
+    let rows: Vec<Value> = objects
+        .into_iter()
+        .map(|o| row(resource, o, include_object))
+        .collect();
+    let mut table = json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": list_meta,
+        "rows": rows,
+    });
+    if with_columns {
+        table["columnDefinitions"] = Value::Array(columns(resource));
+    } else {
+        table["columnDefinitions"] = Value::Array(Vec::new());
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages() {
+        assert_eq!(human_age(5), "5s");
+        assert_eq!(human_age(600), "10m");
+        assert_eq!(human_age(4 * 3600), "4h");
+        assert_eq!(human_age(5 * 86_400), "5d");
+    }
+
+    #[test]
+    fn pod_row() {
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}], "nodeName": "n"},
+            "status": {"phase": "Running", "containerStatuses": [{"ready": true, "restartCount": 2}]}});
+        let r = super::super::resources::find("", "v1", "pods").unwrap();
+        let c = cells(r, pod.as_object().unwrap());
+        assert_eq!(c[1], "1/1");
+        assert_eq!(c[2], "Running");
+        assert_eq!(c[3], "2");
+        assert_eq!(c[6], "n");
+    }
+}
