@@ -1,0 +1,143 @@
+//! Helpers for tests that run the real `cloudcore` binary and the real `kubectl`.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free loopback port (bound and released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub struct CloudProcess {
+    pub child: Child,
+    pub api: String,
+    pub metrics: String,
+    pub data_dir: PathBuf,
+}
+
+impl CloudProcess {
+    /// Starts cloudcore on `data_dir` with fresh loopback ports and waits until its API answers.
+    pub fn start(data_dir: &Path) -> CloudProcess {
+        let api_port = free_port();
+        let metrics_port = free_port();
+        let quic_port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_cloudcore"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--api-listen")
+            .arg(format!("127.0.0.1:{api_port}"))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .arg("--quic-listen")
+            .arg(format!("127.0.0.1:{quic_port}"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start cloudcore");
+        let process = CloudProcess {
+            child,
+            api: format!("http://127.0.0.1:{api_port}"),
+            metrics: format!("127.0.0.1:{metrics_port}"),
+            data_dir: data_dir.to_owned(),
+        };
+        process.wait_ready();
+        process
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if http_get(&self.api.replace("http://", ""), "/healthz")
+                .is_some_and(|b| b.contains("ok"))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("cloudcore did not answer on {} within 30 s", self.api);
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        kubectl(&self.api, args, None)
+    }
+
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        kubectl(&self.api, args, Some(stdin))
+    }
+
+    /// kubectl that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for CloudProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn kubectl(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut command = Command::new("kubectl");
+    command
+        .arg("--server")
+        .arg(server)
+        .arg("--request-timeout=20s")
+        .args(args)
+        // No kubeconfig of the machine's user may leak in.
+        .env("KUBECONFIG", "/dev/null")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("kubectl is installed");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    }
+    child.wait_with_output().expect("kubectl output")
+}
+
+/// A minimal HTTP/1.1 GET (the tests need no HTTP client crate): the body, or `None`.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+}

@@ -1,0 +1,497 @@
+//! kubectl against the real cloudcore binary's embedded API.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::CloudProcess;
+
+const APP: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: web-config
+  labels: {app: web}
+data:
+  greeting: hello
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-1
+  labels: {app: web, tier: front}
+spec:
+  containers:
+  - name: main
+    image: busybox
+    command: ["sleep", "3600"]
+    env:
+    - name: GREETING
+      valueFrom: {configMapKeyRef: {name: web-config, key: greeting}}
+    ports:
+    - containerPort: 8080
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db-1
+  labels: {app: db}
+spec:
+  containers:
+  - name: main
+    image: postgres
+"#;
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn apply_get_select_patch_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(dir.path());
+
+    let out = cloud.kubectl_stdin(&["apply", "-f", "-"], APP);
+    assert!(out.status.success(), "apply: {}", stderr(&out));
+    let applied = String::from_utf8_lossy(&out.stdout);
+    assert!(applied.contains("pod/web-1 created"), "{applied}");
+
+    // Default namespaces exist; discovery works.
+    let namespaces = cloud.ok(&["get", "namespaces", "-o", "name"]);
+    for ns in ["default", "kube-system", "kube-node-lease", "kube-public"] {
+        assert!(
+            namespaces.contains(&format!("namespace/{ns}")),
+            "{namespaces}"
+        );
+    }
+    let resources = cloud.ok(&["api-resources", "-o", "name"]);
+    assert!(
+        resources.contains("devices.devices.kubeedge.io"),
+        "{resources}"
+    );
+
+    // Label and field selectors.
+    assert_eq!(
+        cloud
+            .ok(&["get", "pods", "-l", "app=web", "-o", "name"])
+            .trim(),
+        "pod/web-1"
+    );
+    assert_eq!(
+        cloud
+            .ok(&[
+                "get",
+                "pods",
+                "-l",
+                "app in (web,db),tier!=front",
+                "-o",
+                "name"
+            ])
+            .trim(),
+        "pod/db-1"
+    );
+    assert_eq!(
+        cloud
+            .ok(&[
+                "get",
+                "pods",
+                "--field-selector",
+                "metadata.name=db-1",
+                "-o",
+                "name"
+            ])
+            .trim(),
+        "pod/db-1"
+    );
+    assert_eq!(
+        cloud
+            .ok(&[
+                "get",
+                "pods",
+                "-A",
+                "--field-selector",
+                "status.phase=Pending,metadata.namespace=default",
+                "-o",
+                "name"
+            ])
+            .lines()
+            .count(),
+        2
+    );
+    // Paged list (kubectl pages with --chunk-size).
+    assert_eq!(
+        cloud
+            .ok(&["get", "pods", "--chunk-size=1", "-o", "name"])
+            .lines()
+            .count(),
+        2
+    );
+
+    // Second apply: a three-way strategic merge patch.
+    let changed = APP
+        .replace("greeting: hello", "greeting: bonjour")
+        .replace("tier: front", "tier: back");
+    let out = cloud.kubectl_stdin(&["apply", "-f", "-"], &changed);
+    assert!(out.status.success(), "re-apply: {}", stderr(&out));
+    assert_eq!(
+        cloud.ok(&["get", "cm", "web-config", "-o", "jsonpath={.data.greeting}"]),
+        "bonjour"
+    );
+    assert_eq!(
+        cloud.ok(&[
+            "get",
+            "pod",
+            "web-1",
+            "-o",
+            "jsonpath={.metadata.labels.tier}"
+        ]),
+        "back"
+    );
+
+    // Patches of every kind, label, annotate.
+    cloud.ok(&["label", "pod", "web-1", "extra=yes"]);
+    cloud.ok(&["annotate", "pod", "web-1", "note=hi"]);
+    cloud.ok(&[
+        "patch",
+        "pod",
+        "web-1",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/metadata/labels/j","value":"1"}]"#,
+    ]);
+    cloud.ok(&[
+        "patch",
+        "pod",
+        "web-1",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"labels":{"m":"2"}}}"#,
+    ]);
+    cloud.ok(&[
+        "patch",
+        "pod",
+        "web-1",
+        "-p",
+        r#"{"spec":{"containers":[{"name":"main","image":"busybox:2"}]}}"#,
+    ]);
+    let labels = cloud.ok(&["get", "pod", "web-1", "-o", "jsonpath={.metadata.labels}"]);
+    for l in ["extra", "\"j\"", "\"m\"", "tier"] {
+        assert!(labels.contains(l), "{labels}");
+    }
+    assert_eq!(
+        cloud.ok(&[
+            "get",
+            "pod",
+            "web-1",
+            "-o",
+            "jsonpath={.spec.containers[0].image}"
+        ]),
+        "busybox:2"
+    );
+    assert_eq!(
+        cloud.ok(&[
+            "get",
+            "pod",
+            "web-1",
+            "-o",
+            "jsonpath={.metadata.annotations.note}"
+        ]),
+        "hi"
+    );
+
+    // The table kubectl prints.
+    let table = cloud.ok(&["get", "pods"]);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("READY") && table.contains("Pending"),
+        "{table}"
+    );
+
+    // Delete; the object is gone.
+    cloud.ok(&["delete", "pod", "db-1"]);
+    let out = cloud.kubectl(&["get", "pod", "db-1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("NotFound"), "{}", stderr(&out));
+
+    // Namespaces: create, use, delete with everything in them.
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team-a\n";
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], ns)
+        .status
+        .success());
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c1\n  namespace: team-a\ndata: {a: b}\n";
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], cm)
+        .status
+        .success());
+    assert_eq!(
+        cloud.ok(&["get", "cm", "-A", "-o", "name"]).lines().count(),
+        2
+    );
+    cloud.ok(&["delete", "namespace", "team-a"]);
+    assert_eq!(
+        cloud.ok(&["get", "cm", "-A", "-o", "name"]).trim(),
+        "configmap/web-config"
+    );
+    let out = cloud.kubectl_stdin(&["apply", "-f", "-"], cm);
+    assert!(
+        stderr(&out).contains("namespaces \"team-a\" not found"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Metrics count the requests.
+    let metrics = common::http_get(&cloud.metrics, "/metrics").expect("metrics");
+    assert!(
+        metrics
+            .contains("kedge_api_requests_total{verb=\"create\",resource=\"pods\",code=\"201\"}"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn invalid_input_gets_kubernetes_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(dir.path());
+
+    // 422 with field causes.
+    let bad = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"Bad_Name"},"spec":{"containers":[{"name":"c"}]}}"#;
+    let out = cloud.kubectl_stdin(&["create", "-f", "-"], bad);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("is invalid")
+            && err.contains("metadata.name")
+            && err.contains("spec.containers[0].image: Required value"),
+        "{err}"
+    );
+
+    // 400 on a body that is not JSON (sent raw, past kubectl's own parsing).
+    let garbage = dir.path().join("garbage.json");
+    std::fs::write(&garbage, "{not json").unwrap();
+    let out = cloud.kubectl(&[
+        "create",
+        "--raw",
+        "/api/v1/namespaces/default/configmaps",
+        "-f",
+        garbage.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not valid JSON"), "{}", stderr(&out));
+
+    // 409 on a stale resourceVersion.
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata: {a: \"1\"}\n";
+    assert!(cloud
+        .kubectl_stdin(&["create", "-f", "-"], cm)
+        .status
+        .success());
+    let current = cloud.ok(&["get", "cm", "c", "-o", "json"]);
+    let mut stale: serde_json::Value = serde_json::from_str(&current).unwrap();
+    cloud.ok(&["label", "cm", "c", "bump=1"]);
+    stale["data"]["a"] = "2".into();
+    let out = cloud.kubectl_stdin(&["replace", "-f", "-"], &stale.to_string());
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the object has been modified"),
+        "{}",
+        stderr(&out)
+    );
+
+    // 409 AlreadyExists, 404 for a missing object and an unknown resource.
+    let out = cloud.kubectl_stdin(&["create", "-f", "-"], cm);
+    assert!(stderr(&out).contains("AlreadyExists"), "{}", stderr(&out));
+    let out = cloud.kubectl(&["get", "--raw", "/api/v1/namespaces/default/nothings"]);
+    assert!(!out.status.success());
+    let out = cloud.kubectl(&["delete", "namespace", "kube-system"]);
+    assert!(
+        stderr(&out).contains("may not be deleted"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn watch_streams_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(dir.path());
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: w\ndata: {a: \"1\"}\n";
+    assert!(cloud
+        .kubectl_stdin(&["create", "-f", "-"], cm)
+        .status
+        .success());
+
+    let watcher = Command::new("kubectl")
+        .args([
+            "--server",
+            &cloud.api,
+            "get",
+            "cm",
+            "-w",
+            "-o",
+            "jsonpath={.metadata.name}={.data.a}{\"\\n\"}",
+            "--request-timeout=15s",
+        ])
+        .env("KUBECONFIG", "/dev/null")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Changes made while the watch runs; wait until it is established (first line seen).
+    std::thread::sleep(Duration::from_millis(700));
+    cloud.ok(&[
+        "patch",
+        "cm",
+        "w",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"a":"2"}}"#,
+    ]);
+    cloud.ok(&[
+        "patch",
+        "cm",
+        "w",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"a":"3"}}"#,
+    ]);
+    cloud.ok(&["delete", "cm", "w"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pid = watcher.id() as i32;
+    // kubectl -w runs until its request timeout; stop it once the deletes could have arrived.
+    std::thread::sleep(Duration::from_secs(2));
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let out = watcher.wait_with_output().unwrap();
+    assert!(Instant::now() < deadline);
+    let lines = String::from_utf8_lossy(&out.stdout);
+    let seen: Vec<&str> = lines.lines().collect();
+    assert!(
+        seen.starts_with(&["w=1", "w=2", "w=3"]),
+        "{seen:?} / {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn survives_kill_9_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cloud = CloudProcess::start(dir.path());
+    for i in 0..20 {
+        let cm = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c{i}\ndata: {{i: \"{i}\"}}\n"
+        );
+        assert!(cloud
+            .kubectl_stdin(&["create", "-f", "-"], &cm)
+            .status
+            .success());
+    }
+    let rv_before: u64 = cloud
+        .ok(&[
+            "get",
+            "cm",
+            "c19",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ])
+        .parse()
+        .unwrap();
+    cloud.kill9();
+
+    let cloud = CloudProcess::start(dir.path());
+    assert_eq!(cloud.ok(&["get", "cm", "-o", "name"]).lines().count(), 20);
+    assert_eq!(
+        cloud.ok(&["get", "cm", "c7", "-o", "jsonpath={.data.i}"]),
+        "7"
+    );
+    cloud.ok(&["label", "cm", "c19", "after=restart"]);
+    let rv_after: u64 = cloud
+        .ok(&[
+            "get",
+            "cm",
+            "c19",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ])
+        .parse()
+        .unwrap();
+    assert!(
+        rv_after > rv_before,
+        "resourceVersions keep increasing across restarts"
+    );
+
+    // SIGTERM: a clean exit with status 0.
+    let mut cloud = cloud;
+    unsafe { libc::kill(cloud.child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = cloud.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit within 20 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn clear_errors_for_bad_flags_busy_ports_and_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_cloudcore");
+
+    let out = Command::new(bin).arg("--no-such-flag").output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--no-such-flag"), "{}", stderr(&out));
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let out = Command::new(bin)
+        .args([
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--api-listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args([
+            "--metrics-listen",
+            &format!("127.0.0.1:{}", common::free_port()),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{}",
+        stderr(&out)
+    );
+
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let out = Command::new(bin)
+        .args([
+            "--data-dir",
+            file.to_str().unwrap(),
+            "--api-listen",
+            &format!("127.0.0.1:{}", common::free_port()),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("data dir"), "{}", stderr(&out));
+
+    let out = Command::new(bin)
+        .args([
+            "token",
+            "create",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--ttl",
+            "2h",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let token = stdout.lines().last().unwrap();
+    let parsed = cloud::pki::Token::parse(token).expect("the last line is a token");
+    cloud::pki::verify_token(dir.path(), &parsed).unwrap();
+}
