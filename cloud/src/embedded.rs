@@ -13,8 +13,10 @@ pub const SEED_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", 
 
 /// Opens (or creates) the store under `data_dir/store` and creates the seed namespaces that
 /// are missing.
-pub fn open_store(data_dir: &Path) -> Result<Arc<Store>, StoreError> {
-    let store = Store::open(data_dir.join("store"), StoreConfig::cloud())?;
+pub fn open_store(data_dir: &Path, watch_history: usize) -> Result<Arc<Store>, StoreError> {
+    let mut config = StoreConfig::cloud();
+    config.watch.history = watch_history.max(1);
+    let store = Store::open(data_dir.join("store"), config)?;
     let mut set = WriteSet::new();
     for name in SEED_NAMESPACES {
         let key = ObjectKey::new("namespaces", "", name)?;

@@ -15,5 +15,6 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
+pub mod routing;
 pub mod scheduler;
 pub mod server;

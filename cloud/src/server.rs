@@ -24,6 +24,8 @@ pub struct CloudConfig {
     pub kubeconfig: Option<PathBuf>,
     /// A node without a lease renewal for this long is NotReady.
     pub node_grace: Duration,
+    /// Changes kept for watch resume.
+    pub watch_history: usize,
 }
 
 impl CloudConfig {
@@ -35,6 +37,7 @@ impl CloudConfig {
             metrics_listen: "127.0.0.1:9091".parse().expect("address"),
             kubeconfig: None,
             node_grace: Duration::from_secs(40),
+            watch_history: 10_000,
         }
     }
 }
@@ -69,12 +72,13 @@ impl CloudCore {
         }
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
-        let store = crate::embedded::open_store(&config.data_dir).with_context(|| {
-            format!(
-                "cannot open the store in {} (is another cloudcore using it?)",
-                config.data_dir.display()
-            )
-        })?;
+        let store = crate::embedded::open_store(&config.data_dir, config.watch_history)
+            .with_context(|| {
+                format!(
+                    "cannot open the store in {} (is another cloudcore using it?)",
+                    config.data_dir.display()
+                )
+            })?;
         let metrics = Arc::new(Metrics::new());
         let connected = Arc::new(ConnectedNodes::default());
         let policy = Arc::new(CloudPolicy {

@@ -36,6 +36,9 @@ struct Cli {
     /// A node without a lease renewal for this long is NotReady (e.g. 40s).
     #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
     node_grace: Duration,
+    /// Changes kept in memory for watches that resume from a resourceVersion; older ones get 410.
+    #[arg(long, default_value_t = 10_000)]
+    watch_history: usize,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -106,6 +109,7 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             metrics_listen: cli.metrics_listen,
             kubeconfig: cli.kubeconfig,
             node_grace: cli.node_grace,
+            watch_history: cli.watch_history,
         };
         let core = match CloudCore::start(config).await {
             Ok(core) => core,

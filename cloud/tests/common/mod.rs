@@ -20,15 +20,53 @@ pub struct CloudProcess {
     pub api: String,
     pub metrics: String,
     pub data_dir: PathBuf,
+    pub quic_port: u16,
 }
 
 impl CloudProcess {
     /// Starts cloudcore on `data_dir` with fresh loopback ports and waits until its API answers.
     pub fn start(data_dir: &Path) -> CloudProcess {
-        let api_port = free_port();
-        let metrics_port = free_port();
-        let quic_port = free_port();
+        Self::start_on(data_dir, free_port(), free_port(), free_port())
+    }
+
+    /// Kills this cloudcore (SIGKILL) and starts another on the same data dir and ports.
+    pub fn restart_after_kill9(&mut self, extra: &[&str]) {
+        self.kill9();
+        let port = |url: &str| {
+            url.rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("port")
+        };
+        let next = Self::start_with(
+            &self.data_dir,
+            port(&self.api),
+            port(&self.metrics),
+            self.quic_port,
+            extra,
+        );
+        let old = std::mem::replace(self, next);
+        drop(old); // already killed and reaped
+    }
+
+    pub fn start_on(
+        data_dir: &Path,
+        api_port: u16,
+        metrics_port: u16,
+        quic_port: u16,
+    ) -> CloudProcess {
+        Self::start_with(data_dir, api_port, metrics_port, quic_port, &[])
+    }
+
+    pub fn start_with(
+        data_dir: &Path,
+        api_port: u16,
+        metrics_port: u16,
+        quic_port: u16,
+        extra: &[&str],
+    ) -> CloudProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_cloudcore"))
+            .args(extra)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--api-listen")
@@ -47,6 +85,7 @@ impl CloudProcess {
             api: format!("http://127.0.0.1:{api_port}"),
             metrics: format!("127.0.0.1:{metrics_port}"),
             data_dir: data_dir.to_owned(),
+            quic_port,
         };
         process.wait_ready();
         process

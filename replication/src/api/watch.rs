@@ -127,6 +127,10 @@ pub(crate) fn serve(server: &ApiServer, request: ApiRequest) -> Result<Response,
         .query
         .get("allowWatchBookmarks")
         .is_some_and(|b| b == "true" || b == "1");
+    let send_initial_events = request
+        .query
+        .get("sendInitialEvents")
+        .is_some_and(|b| b == "true" || b == "1");
     let encoder = Encoder {
         resource: request.target.resource,
         table: table::wants_table(
@@ -197,7 +201,7 @@ pub(crate) fn serve(server: &ApiServer, request: ApiRequest) -> Result<Response,
                 (watcher, seen)
             }
         };
-        if bookmarks {
+        if bookmarks && send_initial_events {
             // The initial events are complete (the watch-list protocol's marker).
             let _ = tx.send(encoder.bookmark(watcher.position())).await;
         }
