@@ -88,10 +88,18 @@ pub fn pod_references(namespace: &str, pod: &Object) -> Vec<ObjectKey> {
     let Some(spec) = pod.get("spec") else {
         return out;
     };
-    for volume in spec.get("volumes").and_then(Value::as_array).into_iter().flatten() {
+    for volume in spec
+        .get("volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         add("configmaps", str_at(volume, &["configMap", "name"]));
         add("secrets", str_at(volume, &["secret", "secretName"]));
-        add("persistentvolumeclaims", str_at(volume, &["persistentVolumeClaim", "claimName"]));
+        add(
+            "persistentvolumeclaims",
+            str_at(volume, &["persistentVolumeClaim", "claimName"]),
+        );
         let sources = volume
             .get("projected")
             .and_then(|p| p.get("sources"))
@@ -102,18 +110,44 @@ pub fn pod_references(namespace: &str, pod: &Object) -> Vec<ObjectKey> {
         }
     }
     for list in ["containers", "initContainers", "ephemeralContainers"] {
-        for container in spec.get(list).and_then(Value::as_array).into_iter().flatten() {
-            for env in container.get("env").and_then(Value::as_array).into_iter().flatten() {
-                add("configmaps", str_at(env, &["valueFrom", "configMapKeyRef", "name"]));
-                add("secrets", str_at(env, &["valueFrom", "secretKeyRef", "name"]));
+        for container in spec
+            .get(list)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            for env in container
+                .get("env")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                add(
+                    "configmaps",
+                    str_at(env, &["valueFrom", "configMapKeyRef", "name"]),
+                );
+                add(
+                    "secrets",
+                    str_at(env, &["valueFrom", "secretKeyRef", "name"]),
+                );
             }
-            for from in container.get("envFrom").and_then(Value::as_array).into_iter().flatten() {
+            for from in container
+                .get("envFrom")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 add("configmaps", str_at(from, &["configMapRef", "name"]));
                 add("secrets", str_at(from, &["secretRef", "name"]));
             }
         }
     }
-    for secret in spec.get("imagePullSecrets").and_then(Value::as_array).into_iter().flatten() {
+    for secret in spec
+        .get("imagePullSecrets")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         add("secrets", str_at(secret, &["name"]));
     }
     out
@@ -157,7 +191,11 @@ impl RoutingIndex {
     /// The nodes that hold `key` now (whose copy must follow its changes).
     pub fn nodes_for(&self, key: &ObjectKey) -> Vec<Arc<str>> {
         match key.kind() {
-            "pods" => self.pods.get(key).map(|p| vec![p.node.clone()]).unwrap_or_default(),
+            "pods" => self
+                .pods
+                .get(key)
+                .map(|p| vec![p.node.clone()])
+                .unwrap_or_default(),
             kind if REFERENCED_KINDS.contains(&kind) => self
                 .references
                 .get(key)
@@ -182,7 +220,11 @@ impl RoutingIndex {
         if key.kind() == "pods" {
             return self.observe_pod(key, object);
         }
-        let action = if object.is_some() { Action::Want } else { Action::Drop };
+        let action = if object.is_some() {
+            Action::Want
+        } else {
+            Action::Drop
+        };
         self.nodes_for(key)
             .into_iter()
             .map(|node| Route {
@@ -196,7 +238,11 @@ impl RoutingIndex {
     fn observe_pod(&mut self, key: &ObjectKey, pod: Option<&Object>) -> Vec<Route> {
         let mut routes = Vec::new();
         let new = pod.and_then(|pod| {
-            let node = pod.get("spec")?.get("nodeName")?.as_str().filter(|n| !n.is_empty())?;
+            let node = pod
+                .get("spec")?
+                .get("nodeName")?
+                .as_str()
+                .filter(|n| !n.is_empty())?;
             Some(PodRoute {
                 node: self.intern(node),
                 references: pod_references(key.namespace(), pod),
@@ -236,7 +282,9 @@ impl RoutingIndex {
                 routes.push(object(&old.node, Action::Drop));
             }
             for reference in &old.references {
-                let Some(counts) = self.references.get_mut(reference) else { continue };
+                let Some(counts) = self.references.get_mut(reference) else {
+                    continue;
+                };
                 if decrement(counts, &old.node) {
                     routes.push(Route {
                         node: old.node.clone(),
@@ -288,7 +336,9 @@ mod tests {
     fn pod(node: &str, configmaps: &[&str], secrets: &[&str]) -> Object {
         let env: Vec<Value> = configmaps
             .iter()
-            .map(|c| json!({"name": "E", "valueFrom": {"configMapKeyRef": {"name": c, "key": "k"}}}))
+            .map(
+                |c| json!({"name": "E", "valueFrom": {"configMapKeyRef": {"name": c, "key": "k"}}}),
+            )
             .collect();
         let volumes: Vec<Value> = secrets
             .iter()
@@ -305,7 +355,11 @@ mod tests {
         } else {
             Target::Object(key(target))
         };
-        Route { node: node.into(), target, action }
+        Route {
+            node: node.into(),
+            target,
+            action,
+        }
     }
 
     #[test]
@@ -318,15 +372,21 @@ mod tests {
             routes,
             vec![
                 route("a", "pods/default/p1", Action::Want),
-                route("a", "configmaps/default/cm", Action::Want),
                 route("a", "secrets/default/s", Action::Want),
+                route("a", "configmaps/default/cm", Action::Want),
                 route("a", "ns:default", Action::Want),
             ]
         );
         // A second pod sharing the ConfigMap: only the pod itself is new.
-        assert_eq!(index.observe(&p2, Some(&pod("a", &["cm"], &[]))), vec![route("a", "pods/default/p2", Action::Want)]);
+        assert_eq!(
+            index.observe(&p2, Some(&pod("a", &["cm"], &[]))),
+            vec![route("a", "pods/default/p2", Action::Want)]
+        );
         // A change to the ConfigMap goes to the one node holding it.
-        assert_eq!(index.nodes_for(&key("configmaps/default/cm")), vec![Arc::<str>::from("a")]);
+        assert_eq!(
+            index.nodes_for(&key("configmaps/default/cm")),
+            vec![Arc::<str>::from("a")]
+        );
         // p1 moves to b (delete and re-create with another nodeName, as controllers do).
         let routes = index.observe(&p1, Some(&pod("b", &["cm"], &["s"])));
         let routes: BTreeSet<_> = routes.into_iter().collect();
@@ -340,7 +400,10 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        assert_eq!(routes, expected, "a keeps cm (p2 still uses it) and the namespace");
+        assert_eq!(
+            routes, expected,
+            "a keeps cm (p2 still uses it) and the namespace"
+        );
         // Deleting p2 drops the last references on a.
         let routes: BTreeSet<_> = index.observe(&p2, None).into_iter().collect();
         let expected: BTreeSet<_> = [
@@ -352,9 +415,15 @@ mod tests {
         .collect();
         assert_eq!(routes, expected);
         // Services of default go to b only; its own Node and Lease go to each node.
-        assert_eq!(index.nodes_for(&key("services/default/web")), vec![Arc::<str>::from("b")]);
+        assert_eq!(
+            index.nodes_for(&key("services/default/web")),
+            vec![Arc::<str>::from("b")]
+        );
         assert!(index.nodes_for(&key("services/other/web")).is_empty());
-        assert_eq!(index.observe(&key("leases/kube-node-lease/a"), Some(&Object::new())), vec![route("a", "leases/kube-node-lease/a", Action::Want)]);
+        assert_eq!(
+            index.observe(&key("leases/kube-node-lease/a"), Some(&Object::new())),
+            vec![route("a", "leases/kube-node-lease/a", Action::Want)]
+        );
     }
 
     #[test]
@@ -370,10 +439,20 @@ mod tests {
             "containers": [{"name": "c", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s-env", "key": "k"}}}]}],
             "imagePullSecrets": [{"name": "pull"}]
         }})).unwrap();
-        let names: BTreeSet<String> = pod_references("ns", &p).iter().map(|k| k.as_str().to_owned()).collect();
+        let names: BTreeSet<String> = pod_references("ns", &p)
+            .iter()
+            .map(|k| k.as_str().to_owned())
+            .collect();
         let expected: BTreeSet<String> = [
-            "configmaps/ns/cm-vol", "secrets/ns/s-vol", "persistentvolumeclaims/ns/claim", "configmaps/ns/cm-proj",
-            "secrets/ns/s-proj", "configmaps/ns/cm-from", "secrets/ns/s-from", "secrets/ns/s-env", "secrets/ns/pull",
+            "configmaps/ns/cm-vol",
+            "secrets/ns/s-vol",
+            "persistentvolumeclaims/ns/claim",
+            "configmaps/ns/cm-proj",
+            "secrets/ns/s-proj",
+            "configmaps/ns/cm-from",
+            "secrets/ns/s-from",
+            "secrets/ns/s-env",
+            "secrets/ns/pull",
         ]
         .into_iter()
         .map(str::to_owned)
