@@ -495,3 +495,96 @@ fn clear_errors_for_bad_flags_busy_ports_and_tokens() {
     let parsed = cloud::pki::Token::parse(token).expect("the last line is a token");
     cloud::pki::verify_token(dir.path(), &parsed).unwrap();
 }
+
+#[test]
+fn imperative_create_commands_send_protobuf_and_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(dir.path());
+    cloud.ok(&["create", "namespace", "team-b"]);
+    cloud.ok(&[
+        "-n",
+        "team-b",
+        "create",
+        "configmap",
+        "c1",
+        "--from-literal=a=b",
+        "--from-literal=x=y",
+    ]);
+    cloud.ok(&[
+        "-n",
+        "team-b",
+        "create",
+        "secret",
+        "generic",
+        "s1",
+        "--from-literal=pw=hunter2",
+    ]);
+    cloud.ok(&[
+        "-n",
+        "team-b",
+        "create",
+        "service",
+        "clusterip",
+        "web",
+        "--tcp=80:8080",
+    ]);
+    cloud.ok(&[
+        "-n",
+        "team-b",
+        "run",
+        "p1",
+        "--image=busybox",
+        "--",
+        "sleep",
+        "60",
+    ]);
+    assert_eq!(
+        cloud.ok(&[
+            "-n",
+            "team-b",
+            "get",
+            "cm",
+            "c1",
+            "-o",
+            "jsonpath={.data.x}"
+        ]),
+        "y"
+    );
+    // "hunter2", base64-encoded as Secret data is.
+    assert_eq!(
+        cloud.ok(&[
+            "-n",
+            "team-b",
+            "get",
+            "secret",
+            "s1",
+            "-o",
+            "jsonpath={.data.pw}"
+        ]),
+        "aHVudGVyMg=="
+    );
+    assert_eq!(
+        cloud.ok(&[
+            "-n",
+            "team-b",
+            "get",
+            "svc",
+            "web",
+            "-o",
+            "jsonpath={.spec.ports[0].port}/{.spec.ports[0].targetPort}"
+        ]),
+        "80/8080"
+    );
+    assert_eq!(
+        cloud.ok(&[
+            "-n",
+            "team-b",
+            "get",
+            "pod",
+            "p1",
+            "-o",
+            "jsonpath={.spec.containers[0].args}"
+        ]),
+        r#"["sleep","60"]"#
+    );
+}

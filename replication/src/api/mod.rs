@@ -13,6 +13,7 @@
 pub mod discovery;
 pub mod object;
 pub mod patch;
+pub mod protobuf;
 pub mod resources;
 pub mod rest;
 pub mod selector;

@@ -37,6 +37,20 @@ impl ApiRequest {
             .unwrap_or("application/json")
     }
 
+    /// The body as a JSON object: JSON, or protobuf for the kinds kubectl's generators send.
+    fn body_object(&self) -> Result<Object, ApiError> {
+        if self
+            .content_type()
+            .starts_with(super::protobuf::CONTENT_TYPE)
+        {
+            return match super::protobuf::decode(&self.body)? {
+                Value::Object(map) => Ok(map),
+                _ => Err(ApiError::bad_request("the protobuf body is not an object")),
+            };
+        }
+        object::parse_object(&self.body)
+    }
+
     fn dry_run(&self) -> bool {
         self.query.contains_key("dryRun")
     }
@@ -312,7 +326,7 @@ async fn create(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
             resource.plural, resource.plural
         )));
     }
-    let mut object = object::parse_object(&request.body)?;
+    let mut object = request.body_object()?;
     object::prepare_create(resource, request.namespace(), &mut object)?;
     let name = object::name(&object).to_owned();
     let key = ObjectKey::new(resource.plural, request.namespace(), &name)
@@ -371,7 +385,7 @@ fn write_update(
 }
 
 async fn update(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
-    let mut object = object::parse_object(&request.body)?;
+    let mut object = request.body_object()?;
     let body_rv = object::resource_version(&object)?;
     let key = request.key()?;
     let store = server.store.clone();

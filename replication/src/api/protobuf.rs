@@ -1,0 +1,397 @@
+//! Request bodies in Kubernetes' protobuf encoding, for the kinds kubectl's generators create
+//! (`kubectl create namespace|configmap|secret|service`): client-go sends those as protobuf and
+//! does not fall back to JSON. Answers are always JSON (clients accept it).
+//!
+//! A small schema-driven decoder: the envelope (`k8s\0` + `runtime.Unknown`), then the object's
+//! fields by number, per Kubernetes' `generated.proto`. Only the kinds and fields listed here are
+//! understood; any other non-empty field is refused (415) rather than dropped.
+
+use serde_json::{json, Map, Value};
+
+use super::status::ApiError;
+
+pub const CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf";
+const MAGIC: &[u8] = b"k8s\x00";
+
+#[derive(Clone, Copy)]
+enum Ty {
+    Str,
+    Int,
+    Bool,
+    Msg(&'static [Field]),
+    StrMap,
+    BytesMap,
+    RepStr,
+    RepMsg(&'static [Field]),
+    Time,
+    IntOrStr,
+}
+
+struct Field(u64, &'static str, Ty);
+
+const OBJECT_META: &[Field] = &[
+    Field(1, "name", Ty::Str),
+    Field(2, "generateName", Ty::Str),
+    Field(3, "namespace", Ty::Str),
+    Field(5, "uid", Ty::Str),
+    Field(6, "resourceVersion", Ty::Str),
+    Field(7, "generation", Ty::Int),
+    Field(8, "creationTimestamp", Ty::Time),
+    Field(11, "labels", Ty::StrMap),
+    Field(12, "annotations", Ty::StrMap),
+    Field(14, "finalizers", Ty::RepStr),
+];
+
+const NAMESPACE: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(2, "spec", Ty::Msg(&[Field(1, "finalizers", Ty::RepStr)])),
+    Field(3, "status", Ty::Msg(&[Field(1, "phase", Ty::Str)])),
+];
+
+const CONFIG_MAP: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(2, "data", Ty::StrMap),
+    Field(3, "binaryData", Ty::BytesMap),
+    Field(4, "immutable", Ty::Bool),
+];
+
+const SECRET: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(2, "data", Ty::BytesMap),
+    Field(3, "type", Ty::Str),
+    Field(4, "stringData", Ty::StrMap),
+    Field(5, "immutable", Ty::Bool),
+];
+
+const SERVICE_PORT: &[Field] = &[
+    Field(1, "name", Ty::Str),
+    Field(2, "protocol", Ty::Str),
+    Field(3, "port", Ty::Int),
+    Field(4, "targetPort", Ty::IntOrStr),
+    Field(5, "nodePort", Ty::Int),
+    Field(6, "appProtocol", Ty::Str),
+];
+
+const SERVICE: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(
+        2,
+        "spec",
+        Ty::Msg(&[
+            Field(1, "ports", Ty::RepMsg(SERVICE_PORT)),
+            Field(2, "selector", Ty::StrMap),
+            Field(3, "clusterIP", Ty::Str),
+            Field(4, "type", Ty::Str),
+            Field(5, "externalIPs", Ty::RepStr),
+            Field(7, "sessionAffinity", Ty::Str),
+            Field(10, "externalName", Ty::Str),
+            Field(18, "clusterIPs", Ty::RepStr),
+        ]),
+    ),
+    Field(3, "status", Ty::Msg(&[])),
+];
+
+fn schema(kind: &str) -> Option<&'static [Field]> {
+    Some(match kind {
+        "Namespace" => NAMESPACE,
+        "ConfigMap" => CONFIG_MAP,
+        "Secret" => SECRET,
+        "Service" => SERVICE,
+        _ => return None,
+    })
+}
+
+fn unsupported(message: String) -> ApiError {
+    ApiError::unsupported_media_type(format!("{message}; send this object as JSON"))
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+enum Wire<'a> {
+    Varint(u64),
+    Fixed,
+    Len(&'a [u8]),
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes, at: 0 }
+    }
+
+    fn varint(&mut self) -> Result<u64, ApiError> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *self
+                .bytes
+                .get(self.at)
+                .ok_or_else(|| ApiError::bad_request("truncated protobuf body"))?;
+            self.at += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(ApiError::bad_request("malformed protobuf varint"))
+    }
+
+    fn next(&mut self) -> Result<Option<(u64, Wire<'a>)>, ApiError> {
+        if self.at >= self.bytes.len() {
+            return Ok(None);
+        }
+        let tag = self.varint()?;
+        let wire = match tag & 7 {
+            0 => Wire::Varint(self.varint()?),
+            1 | 5 => {
+                let width = if tag & 7 == 1 { 8 } else { 4 };
+                if self.at + width > self.bytes.len() {
+                    return Err(ApiError::bad_request("truncated protobuf body"));
+                }
+                self.at += width;
+                Wire::Fixed
+            }
+            2 => {
+                let len = usize::try_from(self.varint()?)
+                    .map_err(|_| ApiError::bad_request("protobuf length overflows"))?;
+                let end = self
+                    .at
+                    .checked_add(len)
+                    .filter(|end| *end <= self.bytes.len())
+                    .ok_or_else(|| ApiError::bad_request("truncated protobuf body"))?;
+                let slice = &self.bytes[self.at..end];
+                self.at = end;
+                Wire::Len(slice)
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "protobuf wire type {other} is not supported"
+                )))
+            }
+        };
+        Ok(Some((tag >> 3, wire)))
+    }
+}
+
+fn text(bytes: &[u8]) -> Result<String, ApiError> {
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::bad_request("protobuf string is not UTF-8"))
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A map entry message: field 1 key, field 2 value.
+fn map_entry(bytes: &[u8]) -> Result<(String, &[u8]), ApiError> {
+    let mut reader = Reader::new(bytes);
+    let (mut key, mut value) = (String::new(), &[][..]);
+    while let Some((field, wire)) = reader.next()? {
+        match (field, wire) {
+            (1, Wire::Len(b)) => key = text(b)?,
+            (2, Wire::Len(b)) => value = b,
+            _ => return Err(ApiError::bad_request("malformed protobuf map entry")),
+        }
+    }
+    Ok((key, value))
+}
+
+fn decode_message(
+    bytes: &[u8],
+    fields: &'static [Field],
+    path: &str,
+) -> Result<Map<String, Value>, ApiError> {
+    let mut out = Map::new();
+    let mut reader = Reader::new(bytes);
+    while let Some((number, wire)) = reader.next()? {
+        let Some(Field(_, name, ty)) = fields.iter().find(|f| f.0 == number) else {
+            // A default value (empty string or message, zero) carries nothing to lose: Go
+            // encodes every non-pointer field, so unknown fields at their default are common.
+            if matches!(wire, Wire::Len(b) if b.is_empty()) || matches!(wire, Wire::Varint(0)) {
+                continue;
+            }
+            return Err(unsupported(format!(
+                "protobuf field {number} of {path} is not supported"
+            )));
+        };
+        let field_path = format!("{path}.{name}");
+        match (ty, wire) {
+            // Defaults are omitted, as the JSON encoding omits them.
+            (Ty::Str, Wire::Len([])) | (Ty::Int | Ty::Bool, Wire::Varint(0)) => {}
+            (Ty::Str, Wire::Len(b)) => {
+                out.insert((*name).into(), json!(text(b)?));
+            }
+            (Ty::Int, Wire::Varint(v)) => {
+                out.insert((*name).into(), json!(v as i64));
+            }
+            (Ty::Bool, Wire::Varint(v)) => {
+                out.insert((*name).into(), json!(v != 0));
+            }
+            (Ty::Msg(inner), Wire::Len(b)) => {
+                out.insert(
+                    (*name).into(),
+                    Value::Object(decode_message(b, inner, &field_path)?),
+                );
+            }
+            (Ty::RepMsg(inner), Wire::Len(b)) => {
+                let item = Value::Object(decode_message(b, inner, &field_path)?);
+                let list = out.entry(*name).or_insert_with(|| json!([]));
+                if let Some(list) = list.as_array_mut() {
+                    list.push(item);
+                }
+            }
+            (Ty::RepStr, Wire::Len(b)) => {
+                let item = json!(text(b)?);
+                let list = out.entry(*name).or_insert_with(|| json!([]));
+                if let Some(list) = list.as_array_mut() {
+                    list.push(item);
+                }
+            }
+            (Ty::StrMap | Ty::BytesMap, Wire::Len(b)) => {
+                let (key, value) = map_entry(b)?;
+                let value = match ty {
+                    Ty::StrMap => json!(text(value)?),
+                    _ => json!(base64(value)),
+                };
+                let map = out.entry(*name).or_insert_with(|| json!({}));
+                if let Some(map) = map.as_object_mut() {
+                    map.insert(key, value);
+                }
+            }
+            (Ty::Time, Wire::Len(b)) => {
+                // Time{seconds=1, nanos=2}; the zero time (empty) is JSON null.
+                let mut reader = Reader::new(b);
+                let mut seconds = None;
+                while let Some((field, wire)) = reader.next()? {
+                    if let (1, Wire::Varint(s)) = (field, wire) {
+                        seconds = Some(s as i64);
+                    }
+                }
+                if let Some(s) = seconds {
+                    let t = time::OffsetDateTime::from_unix_timestamp(s)
+                        .map_err(|_| ApiError::bad_request("protobuf time out of range"))?;
+                    out.insert(
+                        (*name).into(),
+                        json!(format!(
+                            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+                            t.year(),
+                            u8::from(t.month()),
+                            t.day(),
+                            t.hour(),
+                            t.minute(),
+                            t.second()
+                        )),
+                    );
+                }
+            }
+            (Ty::IntOrStr, Wire::Len(b)) => {
+                // IntOrString{type=1 (0 int, 1 string), intVal=2, strVal=3}.
+                let mut reader = Reader::new(b);
+                let (mut kind, mut int, mut string) = (0, 0i64, String::new());
+                while let Some((field, wire)) = reader.next()? {
+                    match (field, wire) {
+                        (1, Wire::Varint(v)) => kind = v,
+                        (2, Wire::Varint(v)) => int = v as i32 as i64,
+                        (3, Wire::Len(s)) => string = text(s)?,
+                        _ => {}
+                    }
+                }
+                out.insert(
+                    (*name).into(),
+                    if kind == 1 { json!(string) } else { json!(int) },
+                );
+            }
+            (_, Wire::Fixed) | (_, _) => {
+                return Err(ApiError::bad_request(format!(
+                    "protobuf field {field_path} has an unexpected wire type"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes a protobuf request body into the JSON object it stands for.
+pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
+    let unknown = body
+        .strip_prefix(MAGIC)
+        .ok_or_else(|| ApiError::bad_request("protobuf body without the k8s envelope"))?;
+    let (mut api_version, mut kind, mut raw) = (String::new(), String::new(), &[][..]);
+    let mut reader = Reader::new(unknown);
+    while let Some((field, wire)) = reader.next()? {
+        match (field, wire) {
+            (1, Wire::Len(type_meta)) => {
+                let mut r = Reader::new(type_meta);
+                while let Some((f, w)) = r.next()? {
+                    match (f, w) {
+                        (1, Wire::Len(b)) => api_version = text(b)?,
+                        (2, Wire::Len(b)) => kind = text(b)?,
+                        _ => {}
+                    }
+                }
+            }
+            (2, Wire::Len(b)) => raw = b,
+            _ => {}
+        }
+    }
+    let fields = schema(&kind).ok_or_else(|| {
+        unsupported(format!(
+            "protobuf bodies of kind {kind:?} are not supported"
+        ))
+    })?;
+    let mut object = decode_message(raw, fields, &kind)?;
+    object.insert("apiVersion".into(), json!(api_version));
+    object.insert("kind".into(), json!(kind));
+    Ok(Value::Object(object))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn len_field(number: u64, bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![(number << 3 | 2) as u8, bytes.len() as u8];
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    #[test]
+    fn decodes_a_configmap_envelope() {
+        let meta = [
+            len_field(1, b"cm1"),
+            len_field(11, &[len_field(1, b"app"), len_field(2, b"web")].concat()),
+        ]
+        .concat();
+        let data = len_field(2, &[len_field(1, b"k"), len_field(2, b"v")].concat());
+        let raw = [len_field(1, &meta), data].concat();
+        let type_meta = [len_field(1, b"v1"), len_field(2, b"ConfigMap")].concat();
+        let body = [MAGIC.to_vec(), len_field(1, &type_meta), len_field(2, &raw)].concat();
+        let v = decode(&body).unwrap();
+        assert_eq!(
+            v,
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "cm1", "labels": {"app": "web"}}, "data": {"k": "v"}})
+        );
+        assert_eq!(base64(b"hello"), "aGVsbG8=");
+        assert!(decode(b"k8s\x00\x0a\xff").is_err());
+        assert!(decode(b"nope").is_err());
+    }
+}
