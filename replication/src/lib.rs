@@ -7,7 +7,8 @@
 //! - [`sync`]: the sync protocol as pure state machines (no IO, no async): the cloud's per-node
 //!   [`sync::NodeFeed`] and the edge's [`sync::EdgeSync`], plus the edge outbox.
 //!
-//! This crate knows nothing of `transport`: `cloud` and `edge` run the protocol over a session.
+//! Only [`sync::wire`] knows `transport` (how the sync messages ride on it); `cloud` and `edge`
+//! run the sessions. [`api`] is the Kubernetes-compatible HTTP API over a store.
 
 pub mod api;
 pub mod change;

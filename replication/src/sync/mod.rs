@@ -2,7 +2,8 @@
 //! the node's reports reach the cloud. Pure state machines (sans-IO, like `quinn-proto`):
 //! [`NodeFeed`] on the cloud, one per node; [`EdgeSync`] on the edge. [`persist`] says where
 //! their durable state lives in a [`Store`](crate::Store); [`EdgeReplica`] is the small
-//! synchronous shell that runs an `EdgeSync` over a store.
+//! synchronous shell that runs an `EdgeSync` over a store. [`wire`] maps the messages onto
+//! kedge's transport (the only place this crate touches it).
 //!
 //! A session, start to end:
 //! 1. Link up. The edge sends `Hello` (store id, watermark, object count and digest).
@@ -22,6 +23,7 @@ pub mod feed;
 pub mod messages;
 pub mod persist;
 mod replica;
+pub mod wire;
 
 pub use digest::SetDigest;
 pub use edge::{EdgeBatch, EdgeError, EdgeRecovered, EdgeStats, EdgeSync};
