@@ -10,6 +10,7 @@
 //! - [`lifecycle`]: node Ready/NotReady from leases;
 //! - [`server`]: wires it all together ([`server::CloudCore`]).
 
+pub mod authz;
 pub mod embedded;
 pub mod lifecycle;
 pub mod metrics;

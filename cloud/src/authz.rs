@@ -1,0 +1,264 @@
+//! Node authorization: what an edge node may write upward. A node may write only
+//! - its own Node (created at registration; afterwards its status and labels/annotations),
+//! - its own Lease in `kube-node-lease`,
+//! - the status of pods bound to it (and confirm the deletion of those being deleted),
+//! - the status (twin reports) of devices bound to it,
+//! - events about itself or its pods.
+//!
+//! Everything else is refused with a reason the node logs and cloudcore counts. Pure functions:
+//! the caller supplies the current object and applies the decision.
+
+use replication::api::object::{self, Object};
+use replication::ObjectKey;
+use serde_json::Value;
+
+use crate::scheduler::EDGE_ROLE_LABEL;
+
+/// How an allowed report is applied to the cluster's object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Create or replace the whole object (a new Node, a Lease, an Event).
+    Write(Object),
+    /// Replace only `status` of the current object.
+    Status(Object),
+    /// The node finished stopping a pod being deleted: remove it.
+    ConfirmDelete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("node {node} may not write {key}: {reason}")]
+pub struct Refusal {
+    pub node: String,
+    pub key: String,
+    pub reason: String,
+}
+
+fn bound_node(object: &Object) -> Option<&str> {
+    object.get("spec")?.get("nodeName")?.as_str()
+}
+
+fn with_status(current: &Object, proposed: &Object) -> Object {
+    let mut merged = current.clone();
+    match proposed.get("status") {
+        Some(status) => merged.insert("status".into(), status.clone()),
+        None => merged.remove("status"),
+    };
+    merged
+}
+
+/// Decides whether `node` may write `proposed` (`None`: a deletion confirmation) to `key`,
+/// given the cluster's current object.
+pub fn authorize(
+    node: &str,
+    key: &ObjectKey,
+    current: Option<&Object>,
+    proposed: Option<&Object>,
+) -> Result<Decision, Refusal> {
+    let refuse = |reason: &str| Refusal {
+        node: node.to_owned(),
+        key: key.as_str().to_owned(),
+        reason: reason.to_owned(),
+    };
+    let Some(proposed) = proposed else {
+        // Only a pod bound to this node, already marked for deletion, may be confirmed gone.
+        let pod = current
+            .filter(|_| key.kind() == "pods")
+            .ok_or_else(|| refuse("only pods bound to the node can be confirmed deleted"))?;
+        if bound_node(pod) != Some(node) {
+            return Err(refuse("the pod is not bound to this node"));
+        }
+        if !object::meta(pod).is_some_and(|m| m.contains_key("deletionTimestamp")) {
+            return Err(refuse("the pod is not being deleted"));
+        }
+        return Ok(Decision::ConfirmDelete);
+    };
+    if object::name(proposed) != key.name()
+        || (!key.namespace().is_empty() && object::namespace(proposed) != key.namespace())
+    {
+        return Err(refuse(
+            "the object's name or namespace does not match its key",
+        ));
+    }
+    match key.kind() {
+        "nodes" if key.name() == node => match current {
+            None => {
+                let labelled =
+                    object::labels(proposed).is_some_and(|l| l.contains_key(EDGE_ROLE_LABEL));
+                if !labelled {
+                    return Err(refuse(
+                        "a node registers itself with the label node-role.kubernetes.io/edge",
+                    ));
+                }
+                Ok(Decision::Write(proposed.clone()))
+            }
+            Some(current) => {
+                // Status, plus the node's own labels and annotations (as a kubelet may).
+                let mut merged = with_status(current, proposed);
+                let metadata = object::meta_mut(&mut merged);
+                for field in ["labels", "annotations"] {
+                    if let Some(value) = object::meta(proposed).and_then(|m| m.get(field)) {
+                        metadata.insert(field.into(), value.clone());
+                    }
+                }
+                if !object::labels(&merged).is_some_and(|l| l.contains_key(EDGE_ROLE_LABEL)) {
+                    return Err(refuse("a node may not remove its edge role label"));
+                }
+                Ok(Decision::Write(merged))
+            }
+        },
+        "nodes" => Err(refuse("a node may write only its own Node")),
+        "leases" if key.namespace() == "kube-node-lease" && key.name() == node => {
+            let holder = proposed
+                .get("spec")
+                .and_then(|s| s.get("holderIdentity"))
+                .and_then(Value::as_str);
+            if holder.is_some_and(|h| h != node) {
+                return Err(refuse("the lease's holderIdentity must be the node"));
+            }
+            Ok(Decision::Write(proposed.clone()))
+        }
+        "leases" => Err(refuse(
+            "a node may write only its own Lease in kube-node-lease",
+        )),
+        "pods" | "devices" => {
+            let current = current.ok_or_else(|| {
+                refuse("it does not exist in the cluster (nodes do not create pods or devices)")
+            })?;
+            if bound_node(current) != Some(node) {
+                return Err(refuse("it is not bound to this node"));
+            }
+            Ok(Decision::Status(with_status(current, proposed)))
+        }
+        "events" => {
+            let involved = proposed.get("involvedObject");
+            let kind = involved.and_then(|o| o.get("kind")).and_then(Value::as_str);
+            let name = involved.and_then(|o| o.get("name")).and_then(Value::as_str);
+            let host = proposed
+                .get("source")
+                .and_then(|s| s.get("host"))
+                .and_then(Value::as_str);
+            let about_itself = kind == Some("Node") && name == Some(node);
+            if about_itself || host == Some(node) {
+                Ok(Decision::Write(proposed.clone()))
+            } else {
+                Err(refuse(
+                    "an event must be about the node or come from it (source.host)",
+                ))
+            }
+        }
+        other => Err(refuse(&format!("nodes may not write {other}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Object {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn key(s: &str) -> ObjectKey {
+        ObjectKey::parse(s).unwrap()
+    }
+
+    #[test]
+    fn pods_status_only_and_only_when_bound() {
+        let current = obj(
+            json!({"metadata": {"name": "p", "namespace": "d", "labels": {"a": "1"}},
+            "spec": {"nodeName": "n1"}, "status": {"phase": "Pending"}}),
+        );
+        let proposed = obj(
+            json!({"metadata": {"name": "p", "namespace": "d", "labels": {"hacked": "1"}},
+            "spec": {"nodeName": "n1", "containers": []}, "status": {"phase": "Running"}}),
+        );
+        let k = key("pods/d/p");
+        match authorize("n1", &k, Some(&current), Some(&proposed)).unwrap() {
+            Decision::Status(merged) => {
+                assert_eq!(merged["status"]["phase"], "Running");
+                assert_eq!(
+                    merged["metadata"]["labels"],
+                    json!({"a": "1"}),
+                    "only status changes"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = authorize("n2", &k, Some(&current), Some(&proposed)).unwrap_err();
+        assert!(err.to_string().contains("not bound to this node"), "{err}");
+        assert!(
+            authorize("n1", &k, None, Some(&proposed)).is_err(),
+            "nodes do not create pods"
+        );
+        assert!(
+            authorize("n1", &k, Some(&current), None).is_err(),
+            "not being deleted"
+        );
+        let mut deleting = current.clone();
+        object::meta_mut(&mut deleting)
+            .insert("deletionTimestamp".into(), json!("2026-01-01T00:00:00Z"));
+        assert_eq!(
+            authorize("n1", &k, Some(&deleting), None).unwrap(),
+            Decision::ConfirmDelete
+        );
+        assert!(authorize("n2", &k, Some(&deleting), None).is_err());
+    }
+
+    #[test]
+    fn own_node_and_lease_only() {
+        let node =
+            obj(json!({"metadata": {"name": "n1", "labels": {EDGE_ROLE_LABEL: ""}}, "status": {}}));
+        assert!(matches!(
+            authorize("n1", &key("nodes//n1"), None, Some(&node)),
+            Ok(Decision::Write(_))
+        ));
+        assert!(
+            authorize("n2", &key("nodes//n1"), None, Some(&node)).is_err(),
+            "impersonation"
+        );
+        let unlabelled = obj(json!({"metadata": {"name": "n1"}}));
+        assert!(authorize("n1", &key("nodes//n1"), None, Some(&unlabelled)).is_err());
+        assert!(authorize(
+            "n1",
+            &key("nodes//n1"),
+            Some(&node),
+            Some(&obj(json!({"metadata": {"name": "n1", "labels": {}}})))
+        )
+        .is_err());
+        let lease = obj(
+            json!({"metadata": {"name": "n1", "namespace": "kube-node-lease"}, "spec": {"holderIdentity": "n1"}}),
+        );
+        assert!(authorize("n1", &key("leases/kube-node-lease/n1"), None, Some(&lease)).is_ok());
+        assert!(authorize("n2", &key("leases/kube-node-lease/n1"), None, Some(&lease)).is_err());
+        let mut stolen = lease.clone();
+        stolen.insert("spec".into(), json!({"holderIdentity": "n2"}));
+        assert!(authorize("n1", &key("leases/kube-node-lease/n1"), None, Some(&stolen)).is_err());
+        let cm = obj(json!({"metadata": {"name": "c", "namespace": "d"}}));
+        let err = authorize("n1", &key("configmaps/d/c"), None, Some(&cm)).unwrap_err();
+        assert!(
+            err.to_string().contains("nodes may not write configmaps"),
+            "{err}"
+        );
+        let renamed = obj(json!({"metadata": {"name": "other", "namespace": "kube-node-lease"}}));
+        assert!(authorize(
+            "n1",
+            &key("leases/kube-node-lease/n1"),
+            None,
+            Some(&renamed)
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn events_about_the_node_or_from_it() {
+        let ev = |kind: &str, name: &str, host: &str| {
+            obj(json!({"metadata": {"name": "e", "namespace": "d"},
+            "involvedObject": {"kind": kind, "name": name}, "source": {"host": host}}))
+        };
+        let k = key("events/d/e");
+        assert!(authorize("n1", &k, None, Some(&ev("Node", "n1", ""))).is_ok());
+        assert!(authorize("n1", &k, None, Some(&ev("Pod", "p", "n1"))).is_ok());
+        assert!(authorize("n1", &k, None, Some(&ev("Pod", "p", "n2"))).is_err());
+    }
+}
