@@ -12,6 +12,7 @@
 
 pub mod authz;
 pub mod embedded;
+pub mod hub;
 pub mod lifecycle;
 pub mod metrics;
 pub mod pki;

@@ -82,6 +82,23 @@ pub fn load_or_create_ca(data_dir: &Path) -> Result<CertificateAuthority, PkiErr
     Ok(ca)
 }
 
+/// The QUIC stateless-reset secret of this data dir, created on first use (see
+/// `transport::ServerConfig::reset_key`).
+pub fn load_or_create_reset_key(data_dir: &Path) -> Result<[u8; 32], PkiError> {
+    let dir = data_dir.join("pki");
+    fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let path = dir.join("quic-reset.key");
+    if let Ok(bytes) = fs::read(&path) {
+        return bytes.try_into().map_err(|_| PkiError::Corrupt {
+            path: path.clone(),
+            message: "expected 32 bytes".into(),
+        });
+    }
+    let key: [u8; 32] = rand::random();
+    write_private(&path, &key)?;
+    Ok(key)
+}
+
 /// The name nodes expect in cloudcore's certificate.
 pub const SERVER_NAME: &str = "cloudcore";
 

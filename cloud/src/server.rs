@@ -49,6 +49,7 @@ pub struct CloudCore {
     pub connected: Arc<ConnectedNodes>,
     pub api_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    pub quic_addr: SocketAddr,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -121,6 +122,24 @@ impl CloudCore {
                 tracing::error!(error = %e, "metrics endpoint stopped");
             }
         }));
+        let ca = crate::pki::load_or_create_ca(&config.data_dir)?;
+        let identity = crate::pki::server_identity(&ca)?;
+        let mut quic_config = transport::ServerConfig::new(config.quic_listen);
+        quic_config.reset_key = Some(crate::pki::load_or_create_reset_key(&config.data_dir)?);
+        let quic =
+            transport::Server::bind(quic_config, ca.cert(), &identity).with_context(|| {
+                format!(
+                    "cannot listen on {} for edge nodes (QUIC)",
+                    config.quic_listen
+                )
+            })?;
+        let quic_addr = quic.local_addr()?;
+        tasks.push(tokio::spawn(crate::hub::run(
+            store.clone(),
+            quic,
+            metrics.clone(),
+            connected.clone(),
+        )));
         tasks.push(tokio::spawn(crate::scheduler::run(store.clone())));
         tasks.push(tokio::spawn(crate::lifecycle::run(
             store.clone(),
@@ -128,13 +147,14 @@ impl CloudCore {
             Duration::from_secs(5),
             metrics.clone(),
         )));
-        tracing::info!(%api_addr, %metrics_addr, data_dir = %config.data_dir.display(), "cloudcore started");
+        tracing::info!(%api_addr, %metrics_addr, %quic_addr, data_dir = %config.data_dir.display(), "cloudcore started");
         Ok(CloudCore {
             store,
             metrics,
             connected,
             api_addr,
             metrics_addr,
+            quic_addr,
             tasks,
         })
     }

@@ -44,13 +44,15 @@ impl Server {
             addr: config.listen,
             source: std::io::Error::other("no async runtime"),
         })?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(quinn_config),
-            socket,
-            runtime,
-        )
-        .map_err(|source| EndpointError::Bind {
+        let endpoint_config = match config.reset_key {
+            Some(key) => quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                &key,
+            ))),
+            None => quinn::EndpointConfig::default(),
+        };
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(quinn_config), socket, runtime)
+            .map_err(|source| EndpointError::Bind {
             addr: config.listen,
             source,
         })?;

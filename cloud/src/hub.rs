@@ -1,0 +1,488 @@
+//! CloudHub: one sync session per node over `transport`, fed by the EdgeController's routing
+//! index from the store's watch, with ObjectSync persisted beside the cluster state.
+//!
+//! [`HubCore`] is synchronous (no IO of its own beyond the store): it folds store changes into
+//! routes and node feeds, applies node reports (after node authorization), and says what to
+//! send. [`run`] is the async shell: it accepts links, forwards their events, follows the
+//! store's watch and pumps the feeds into the links.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use replication::api::object::{self, Object};
+use replication::sync::wire::{self, Parts};
+use replication::sync::{persist, Down, FeedConfig, NodeFeed, Report, Up};
+use replication::{
+    Change, ChangeKind, KeyRange, ObjectKey, Precondition, SharedChange, Store, WriteSet,
+};
+use tokio::sync::mpsc;
+use transport::{EncodedMessage, LinkEvent, LinkHandle};
+
+use crate::authz::{self, Decision};
+use crate::metrics::{DirectionLabels, Metrics};
+use crate::policy::ConnectedNodes;
+use crate::routing::{Action, Route, RoutingIndex, Target, SERVICE_KINDS};
+
+struct NodeSlot {
+    feed: NodeFeed,
+    link: Option<LinkHandle>,
+    /// A message the link had no room for; sent before anything else.
+    stalled: Option<EncodedMessage>,
+}
+
+/// A report this hub wrote, whose watch event should go back to its node as a bump only.
+struct Echo {
+    node: Arc<str>,
+    base: u64,
+    rv: u64,
+}
+
+pub struct HubCore {
+    store: Arc<Store>,
+    routing: RoutingIndex,
+    nodes: HashMap<Arc<str>, NodeSlot>,
+    feed_config: FeedConfig,
+    epoch: u64,
+    echoes: HashMap<ObjectKey, Echo>,
+    /// Nodes with work to send or records to persist.
+    dirty: HashSet<Arc<str>>,
+    metrics: Arc<Metrics>,
+}
+
+fn parse(bytes: &[u8]) -> Option<Object> {
+    serde_json::from_slice(bytes).ok()
+}
+
+impl HubCore {
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Self {
+        HubCore {
+            store,
+            routing: RoutingIndex::new(),
+            nodes: HashMap::new(),
+            feed_config: FeedConfig::default(),
+            epoch: rand::random(),
+            echoes: HashMap::new(),
+            dirty: HashSet::new(),
+            metrics,
+        }
+    }
+
+    fn slot(&mut self, node: &Arc<str>) -> &mut NodeSlot {
+        if !self.nodes.contains_key(node) {
+            let record = persist::load_feed_record(&self.store, node).unwrap_or_else(|e| {
+                tracing::warn!(%node, error = %e, "ObjectSync record unreadable; the node will be asked for a digest");
+                Default::default()
+            });
+            let feed = NodeFeed::new(self.feed_config, self.epoch, record);
+            self.nodes.insert(
+                node.clone(),
+                NodeSlot {
+                    feed,
+                    link: None,
+                    stalled: None,
+                },
+            );
+        }
+        self.nodes.get_mut(node).expect("inserted")
+    }
+
+    /// Routes everything already in the store (at start). Returns the revision it read at.
+    pub fn bootstrap(&mut self) -> u64 {
+        let revision = self.store.revision();
+        for kind in ["nodes", "leases", "pods"] {
+            let Ok(range) = KeyRange::kind(kind) else {
+                continue;
+            };
+            let items: Vec<_> = self.store.scan(&range).flatten().collect();
+            for (key, versioned) in items {
+                let change = Arc::new(Change::new(
+                    revision,
+                    key,
+                    versioned.rv,
+                    ChangeKind::Added,
+                    versioned.object,
+                ));
+                self.on_change(&change);
+            }
+        }
+        revision
+    }
+
+    fn current(&self, key: &ObjectKey) -> Option<SharedChange> {
+        let v = self.store.get(key).ok()??;
+        Some(Arc::new(Change::new(
+            self.store.revision(),
+            key.clone(),
+            v.rv,
+            ChangeKind::Modified,
+            v.object,
+        )))
+    }
+
+    fn want(&mut self, node: &Arc<str>, change: &SharedChange) {
+        let echo = self
+            .echoes
+            .get(&change.key)
+            .filter(|e| &e.node == node && e.rv == change.rv)
+            .map(|e| e.base);
+        let slot = self.slot(node);
+        match echo {
+            Some(base) => slot.feed.set_echo(change, base),
+            None => slot.feed.set(change),
+        }
+        self.dirty.insert(node.clone());
+    }
+
+    fn drop_key(&mut self, node: &Arc<str>, key: &ObjectKey, rv: u64) {
+        self.slot(node).feed.unset(key, rv);
+        self.dirty.insert(node.clone());
+    }
+
+    fn apply_route(&mut self, route: Route, change: &SharedChange) {
+        match (&route.target, route.action) {
+            (Target::Object(key), Action::Want) if *key == change.key => {
+                if !change.is_delete() {
+                    self.want(&route.node, change);
+                }
+            }
+            (Target::Object(key), Action::Drop) if *key == change.key => {
+                self.drop_key(&route.node, key, change.rv)
+            }
+            (Target::Object(key), Action::Want) => {
+                if let Some(current) = self.current(key) {
+                    self.want(&route.node, &current);
+                }
+            }
+            (Target::Object(key), Action::Drop) => {
+                let rv = self
+                    .store
+                    .get(key)
+                    .ok()
+                    .flatten()
+                    .map_or(change.rv, |v| v.rv);
+                self.drop_key(&route.node, key, rv);
+            }
+            (Target::NamespaceServices(ns), action) => {
+                for kind in SERVICE_KINDS {
+                    let Ok(range) = KeyRange::namespace(kind, ns) else {
+                        continue;
+                    };
+                    let items: Vec<_> = self.store.scan(&range).flatten().collect();
+                    for (key, v) in items {
+                        match action {
+                            Action::Want => {
+                                let c = Arc::new(Change::new(
+                                    change.revision,
+                                    key,
+                                    v.rv,
+                                    ChangeKind::Modified,
+                                    v.object,
+                                ));
+                                self.want(&route.node, &c);
+                            }
+                            Action::Drop => self.drop_key(&route.node, &key, v.rv),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One committed change of the cluster state.
+    pub fn on_change(&mut self, change: &SharedChange) {
+        let object = if change.is_delete() {
+            None
+        } else {
+            parse(&change.object)
+        };
+        if !change.is_delete() && object.is_none() {
+            tracing::warn!(key = %change.key, "unparseable object not routed");
+            return;
+        }
+        let routes = self.routing.observe(&change.key, object.as_ref());
+        for route in routes {
+            self.apply_route(route, change);
+        }
+        if let Some(echo) = self.echoes.get(&change.key) {
+            if change.rv >= echo.rv {
+                self.echoes.remove(&change.key);
+            }
+        }
+    }
+
+    pub fn attach(&mut self, node: &Arc<str>, link: LinkHandle) {
+        self.slot(node).link = Some(link);
+    }
+
+    pub fn link_event(&mut self, node: &Arc<str>, event: LinkEvent, connected: &ConnectedNodes) {
+        match event {
+            LinkEvent::Connected {
+                peer_stream_new,
+                peer_forgot_our_stream,
+            } => {
+                connected.insert(node);
+                let slot = self.slot(node);
+                if peer_stream_new
+                    || peer_forgot_our_stream
+                    || slot.feed.state() == replication::sync::FeedState::Offline
+                {
+                    // A new session: the node's hello decides the delta.
+                    slot.feed.link_down();
+                    slot.feed.link_up();
+                    slot.stalled = None;
+                }
+                tracing::info!(%node, peer_stream_new, peer_forgot_our_stream, "node connected");
+            }
+            LinkEvent::Disconnected { reason } => {
+                connected.remove(node);
+                tracing::info!(%node, %reason, "node disconnected");
+            }
+            LinkEvent::Message(delivery) => {
+                self.metrics
+                    .frames
+                    .get_or_create(&DirectionLabels { direction: "up" })
+                    .inc();
+                self.metrics
+                    .bytes
+                    .get_or_create(&DirectionLabels { direction: "up" })
+                    .inc_by(delivery.message.content().len() as u64);
+                match wire::decode_up(Parts::of(&delivery.message)) {
+                    Ok(Up::Report(report)) => self.on_report(node, report),
+                    Ok(up) => {
+                        if let Err(e) = self.slot(node).feed.handle(up) {
+                            tracing::warn!(%node, error = %e, "sync protocol error; restarting the session");
+                            let feed = &mut self.slot(node).feed;
+                            feed.link_down();
+                            feed.link_up();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%node, error = %e, "malformed message from node dropped")
+                    }
+                }
+                if let Some(link) = &self.slot(node).link {
+                    link.ack(delivery.seq);
+                }
+            }
+            LinkEvent::Request(request) => {
+                tracing::debug!(%node, route = ?request.message.route().operation.as_str(), "request not served yet");
+            }
+        }
+        self.dirty.insert(node.clone());
+    }
+
+    /// Applies a node's report if node authorization allows it; either way it is recorded as
+    /// done, so the node stops resending it.
+    fn on_report(&mut self, node: &Arc<str>, report: Report) {
+        let record = match self.slot(node).feed.accept_report(&report) {
+            Ok(Some(record)) => record,
+            Ok(None) => return, // already applied
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "report out of protocol");
+                return;
+            }
+        };
+        let current = self.store.get(&report.key).ok().flatten();
+        let current_object = current.as_ref().and_then(|v| parse(&v.object));
+        let proposed = if report.object.is_empty() {
+            None
+        } else {
+            parse(&report.object)
+        };
+        let mut set = WriteSet::new();
+        let mut echo_bytes = None;
+        match authz::authorize(
+            node,
+            &report.key,
+            current_object.as_ref(),
+            proposed.as_ref(),
+        ) {
+            Ok(Decision::Write(object)) | Ok(Decision::Status(object)) => {
+                let bytes = Bytes::from(object::to_stored(object));
+                let expect = current
+                    .as_ref()
+                    .map_or(Precondition::Absent, |c| Precondition::Version(c.rv));
+                echo_bytes = Some(bytes.clone());
+                set.put(report.key.clone(), bytes, expect);
+            }
+            Ok(Decision::ConfirmDelete) => {
+                let expect = current
+                    .as_ref()
+                    .map_or(Precondition::Exists, |c| Precondition::Version(c.rv));
+                set.delete(report.key.clone(), expect);
+            }
+            Err(refusal) => {
+                tracing::warn!(%node, key = %report.key, reason = %refusal.reason, "node write refused");
+                self.metrics.reports_refused.inc();
+            }
+        }
+        persist::add_report_record(&mut set, node, record);
+        match self.store.commit(set) {
+            Ok(changes) => {
+                if let (Some(bytes), Some(change)) = (echo_bytes, changes.first()) {
+                    self.metrics.reports_applied.inc();
+                    // The node already holds exactly these bytes: it needs only the version.
+                    if bytes == report.object {
+                        self.echoes.insert(
+                            report.key.clone(),
+                            Echo {
+                                node: node.clone(),
+                                base: report.base,
+                                rv: change.rv,
+                            },
+                        );
+                    }
+                }
+                self.slot(node).feed.report_done(record);
+            }
+            Err(e) => {
+                // A racing write: the node resends after its next session starts.
+                tracing::debug!(%node, key = %report.key, error = %e, "report not applied; will be resent");
+            }
+        }
+    }
+
+    /// Sends what the node's feed has for its link, and persists its ObjectSync writes.
+    pub fn pump(&mut self, node: &Arc<str>) {
+        let Some(slot) = self.nodes.get_mut(node) else {
+            return;
+        };
+        if let Some(link) = slot.link.clone() {
+            loop {
+                let message = match slot.stalled.take() {
+                    Some(m) => m,
+                    None => match slot.feed.poll_transmit() {
+                        Some(down) => encode(&down),
+                        None => break,
+                    },
+                };
+                let len = message.len() as u64;
+                match link.try_send_encoded(message) {
+                    Ok(Ok(_)) => {
+                        self.metrics
+                            .frames
+                            .get_or_create(&DirectionLabels { direction: "down" })
+                            .inc();
+                        self.metrics
+                            .bytes
+                            .get_or_create(&DirectionLabels { direction: "down" })
+                            .inc_by(len);
+                    }
+                    Ok(Err(back)) => {
+                        slot.stalled = Some(back);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(%node, error = %e, "link closed");
+                        break;
+                    }
+                }
+            }
+        }
+        let writes: Vec<_> = slot.feed.drain_writes().collect();
+        if !writes.is_empty() {
+            let mut set = WriteSet::new();
+            persist::add_objectsync_writes(&mut set, node, writes);
+            if let Err(e) = self.store.commit(set) {
+                tracing::warn!(%node, error = %e, "persisting ObjectSync failed (costs resends only)");
+            }
+        }
+    }
+
+    pub fn pump_dirty(&mut self) {
+        let dirty: Vec<Arc<str>> = self.dirty.drain().collect();
+        for node in dirty {
+            self.pump(&node);
+        }
+        let (mut total, mut max) = (0usize, 0usize);
+        for slot in self.nodes.values() {
+            let depth = slot.feed.queued() + slot.feed.in_flight();
+            total += depth;
+            max = max.max(depth);
+        }
+        self.metrics.send_queue_depth.set(total as i64);
+        self.metrics.send_queue_max.set(max as i64);
+    }
+
+    /// Nodes whose feeds still have stalled or queued work (retried on a timer).
+    pub fn mark_backlogged(&mut self) {
+        for (node, slot) in &self.nodes {
+            if slot.stalled.is_some() || slot.feed.queued() > 0 {
+                self.dirty.insert(node.clone());
+            }
+        }
+    }
+}
+
+fn encode(down: &Down) -> EncodedMessage {
+    wire::encode_down(down)
+}
+
+/// Runs CloudHub until the server stops: accepts node links, follows the store, pumps feeds.
+pub async fn run(
+    store: Arc<Store>,
+    mut server: transport::Server,
+    metrics: Arc<Metrics>,
+    connected: Arc<ConnectedNodes>,
+) {
+    let mut core = HubCore::new(store.clone(), metrics.clone());
+    // Subscribe at the revision the bootstrap reads, so no change between them is missed;
+    // a change seen both ways is applied twice, which feeds treat as the same desired state.
+    let revision = store.revision();
+    let Ok(mut watcher) = store.watch().subscribe(KeyRange::all(), Some(revision)) else {
+        tracing::error!("CloudHub cannot follow the store");
+        return;
+    };
+    core.bootstrap();
+    core.pump_dirty();
+    let (events_tx, mut events_rx) = mpsc::channel::<(Arc<str>, LinkEvent)>(4096);
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            change = watcher.next() => match change {
+                Ok(change) => {
+                    core.on_change(&change);
+                    while let Ok(Some(change)) = watcher.try_next() {
+                        core.on_change(&change);
+                    }
+                }
+                Err(replication::WatchError::Closed) => return,
+                Err(e) => {
+                    // Fell behind the watch window: rebuild the routes from the store.
+                    tracing::warn!(error = %e, "CloudHub watch lost; re-routing from the store");
+                    match store.watch().subscribe(KeyRange::all(), Some(store.revision())) {
+                        Ok(w) => watcher = w,
+                        Err(_) => return,
+                    }
+                    core.bootstrap();
+                }
+            },
+            link = server.accept() => {
+                let Some(mut link) = link else { return };
+                let node: Arc<str> = link.handle().peer().into();
+                core.attach(&node, link.handle().clone());
+                metrics.connected_nodes.set(connected.len() as i64 + 1);
+                let tx = events_tx.clone();
+                let name = node.clone();
+                tokio::spawn(async move {
+                    while let Some(event) = link.next_event().await {
+                        if tx.send((name.clone(), event)).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            Some((node, event)) = events_rx.recv() => {
+                core.link_event(&node, event, &connected);
+                while let Ok((node, event)) = events_rx.try_recv() {
+                    core.link_event(&node, event, &connected);
+                }
+                metrics.connected_nodes.set(connected.len() as i64);
+            }
+            _ = tick.tick() => core.mark_backlogged(),
+        }
+        core.pump_dirty();
+    }
+}
