@@ -12,7 +12,7 @@ use replication::{KeyRange, ObjectKey, Precondition, Store, WriteSet};
 use serde_json::{json, Value};
 
 use crate::metrics::Metrics;
-use crate::scheduler::{node_is_ready, EDGE_ROLE_LABEL};
+use crate::scheduler::{node_is_ready, ready_condition, EDGE_ROLE_LABEL};
 
 /// Reason written when the lifecycle marks a node NotReady (and the only one it clears).
 pub const STALE_REASON: &str = "NodeStatusUnknown";
@@ -47,15 +47,7 @@ fn set_ready(node: &mut Object, ready: bool, now: &str) {
 }
 
 fn marked_stale(node: &Object) -> bool {
-    node.get("status")
-        .and_then(|s| s.get("conditions"))
-        .and_then(Value::as_array)
-        .is_some_and(|c| {
-            c.iter().any(|c| {
-                c.get("type").and_then(Value::as_str) == Some("Ready")
-                    && c.get("reason").and_then(Value::as_str) == Some(STALE_REASON)
-            })
-        })
+    ready_condition(node).and_then(|c| c.get("reason")?.as_str()) == Some(STALE_REASON)
 }
 
 /// One pass over the edge nodes; returns how many are Ready afterwards.

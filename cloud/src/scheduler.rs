@@ -34,16 +34,17 @@ pub struct Scheduler {
     marked: BTreeSet<ObjectKey>,
 }
 
+/// The node's `Ready` condition, if it has one.
+pub fn ready_condition(node: &Object) -> Option<&Value> {
+    node.get("status")?
+        .get("conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
+}
+
 pub fn node_is_ready(node: &Object) -> bool {
-    node.get("status")
-        .and_then(|s| s.get("conditions"))
-        .and_then(Value::as_array)
-        .is_some_and(|c| {
-            c.iter().any(|c| {
-                c.get("type").and_then(Value::as_str) == Some("Ready")
-                    && c.get("status").and_then(Value::as_str) == Some("True")
-            })
-        })
+    ready_condition(node).and_then(|c| c.get("status")?.as_str()) == Some("True")
 }
 
 fn node_name_of(pod: &Object) -> Option<&str> {
