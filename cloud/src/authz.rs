@@ -37,15 +37,6 @@ fn bound_node(object: &Object) -> Option<&str> {
     object.get("spec")?.get("nodeName")?.as_str()
 }
 
-fn with_status(current: &Object, proposed: &Object) -> Object {
-    let mut merged = current.clone();
-    match proposed.get("status") {
-        Some(status) => merged.insert("status".into(), status.clone()),
-        None => merged.remove("status"),
-    };
-    merged
-}
-
 /// Decides whether `node` may write `proposed` (`None`: a deletion confirmation) to `key`,
 /// given the cluster's current object.
 pub fn authorize(
@@ -93,7 +84,7 @@ pub fn authorize(
             }
             Some(current) => {
                 // Status, plus the node's own labels and annotations (as a kubelet may).
-                let mut merged = with_status(current, proposed);
+                let mut merged = object::with_status_of(current, proposed);
                 let metadata = object::meta_mut(&mut merged);
                 for field in ["labels", "annotations"] {
                     if let Some(value) = object::meta(proposed).and_then(|m| m.get(field)) {
@@ -127,7 +118,7 @@ pub fn authorize(
             if bound_node(current) != Some(node) {
                 return Err(refuse("it is not bound to this node"));
             }
-            Ok(Decision::Status(with_status(current, proposed)))
+            Ok(Decision::Status(object::with_status_of(current, proposed)))
         }
         "events" => {
             let involved = proposed.get("involvedObject");

@@ -26,7 +26,7 @@ pub fn open_store(data_dir: &Path, watch_history: usize) -> Result<Arc<Store>, S
                 "kind": "Namespace",
                 "metadata": {
                     "name": name,
-                    "uid": uuid_like(name),
+                    "uid": uuid::Uuid::new_v4().to_string(),
                     "creationTimestamp": object::now_rfc3339(),
                     "labels": {"kubernetes.io/metadata.name": name},
                 },
@@ -41,23 +41,4 @@ pub fn open_store(data_dir: &Path, watch_history: usize) -> Result<Arc<Store>, S
         store.commit(set)?;
     }
     Ok(Arc::new(store))
-}
-
-fn uuid_like(seed: &str) -> String {
-    let h = xxh(seed);
-    format!(
-        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-        h >> 32,
-        (h >> 16) & 0xffff,
-        h & 0xfff,
-        (h >> 20) & 0xfff,
-        h & 0xffff_ffff_ffff
-    )
-}
-
-fn xxh(seed: &str) -> u64 {
-    // FNV-1a: stable, dependency-free; only used to give seed objects a fixed uid.
-    seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use replication::api::object::{self, Object};
 use replication::sync::wire::{self, Parts};
-use replication::sync::{persist, Down, FeedConfig, NodeFeed, Report, Up};
+use replication::sync::{persist, FeedConfig, NodeFeed, Report, Up};
 use replication::{
     Change, ChangeKind, KeyRange, ObjectKey, Precondition, SharedChange, Store, WriteSet,
 };
@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use transport::{EncodedMessage, LinkEvent, LinkHandle};
 
 use crate::authz::{self, Decision};
-use crate::metrics::{DirectionLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::policy::ConnectedNodes;
 use crate::routing::{Action, Route, RoutingIndex, Target, SERVICE_KINDS};
 
@@ -240,13 +240,9 @@ impl HubCore {
                 tracing::info!(%node, %reason, "node disconnected");
             }
             LinkEvent::Message(delivery) => {
+                self.metrics.frames_up.inc();
                 self.metrics
-                    .frames
-                    .get_or_create(&DirectionLabels { direction: "up" })
-                    .inc();
-                self.metrics
-                    .bytes
-                    .get_or_create(&DirectionLabels { direction: "up" })
+                    .bytes_up
                     .inc_by(delivery.message.content().len() as u64);
                 match wire::decode_up(Parts::of(&delivery.message)) {
                     Ok(Up::Report(report)) => self.on_report(node, report),
@@ -354,21 +350,15 @@ impl HubCore {
                 let message = match slot.stalled.take() {
                     Some(m) => m,
                     None => match slot.feed.poll_transmit() {
-                        Some(down) => encode(&down),
+                        Some(down) => wire::encode_down(&down),
                         None => break,
                     },
                 };
                 let len = message.len() as u64;
                 match link.try_send_encoded(message) {
                     Ok(Ok(_)) => {
-                        self.metrics
-                            .frames
-                            .get_or_create(&DirectionLabels { direction: "down" })
-                            .inc();
-                        self.metrics
-                            .bytes
-                            .get_or_create(&DirectionLabels { direction: "down" })
-                            .inc_by(len);
+                        self.metrics.frames_down.inc();
+                        self.metrics.bytes_down.inc_by(len);
                     }
                     Ok(Err(back)) => {
                         slot.stalled = Some(back);
@@ -416,10 +406,6 @@ impl HubCore {
     }
 }
 
-fn encode(down: &Down) -> EncodedMessage {
-    wire::encode_down(down)
-}
-
 /// Runs CloudHub until the server stops: accepts node links, follows the store, pumps feeds.
 pub async fn run(
     store: Arc<Store>,
@@ -463,7 +449,6 @@ pub async fn run(
                 let Some(mut link) = link else { return };
                 let node: Arc<str> = link.handle().peer().into();
                 core.attach(&node, link.handle().clone());
-                metrics.connected_nodes.set(connected.len() as i64 + 1);
                 let tx = events_tx.clone();
                 let name = node.clone();
                 tokio::spawn(async move {

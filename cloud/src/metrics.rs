@@ -30,8 +30,11 @@ pub struct Metrics {
     pub send_queue_depth: Gauge,
     /// The deepest single node queue.
     pub send_queue_max: Gauge,
-    pub frames: Family<DirectionLabels, Counter>,
-    pub bytes: Family<DirectionLabels, Counter>,
+    /// Frames and payload bytes each way (the `direction` label's counters, looked up once).
+    pub frames_down: Counter,
+    pub frames_up: Counter,
+    pub bytes_down: Counter,
+    pub bytes_up: Counter,
     /// Seconds from sending a change to a node until the node acked it (durable on the node).
     pub ack_latency: Histogram,
     pub reports_applied: Counter,
@@ -99,6 +102,11 @@ impl Metrics {
             "Writes from nodes refused by node authorization",
             reports_refused.clone(),
         );
+        let counter = |family: &Family<DirectionLabels, Counter>, direction| {
+            family.get_or_create(&DirectionLabels { direction }).clone()
+        };
+        let (frames_down, frames_up) = (counter(&frames, "down"), counter(&frames, "up"));
+        let (bytes_down, bytes_up) = (counter(&bytes, "down"), counter(&bytes, "up"));
         Metrics {
             registry,
             api_requests,
@@ -106,8 +114,10 @@ impl Metrics {
             nodes_ready,
             send_queue_depth,
             send_queue_max,
-            frames,
-            bytes,
+            frames_down,
+            frames_up,
+            bytes_down,
+            bytes_up,
             ack_latency,
             reports_applied,
             reports_refused,

@@ -193,13 +193,9 @@ pub fn verify_token(data_dir: &Path, token: &Token) -> Result<(), TokenError> {
     let bytes = fs::read(&path).map_err(|_| TokenError::Unknown)?;
     let record: TokenRecord = serde_json::from_slice(&bytes).map_err(|_| TokenError::Unknown)?;
     let presented = sha256_hex(token.secret.as_bytes());
-    let equal = presented.len() == record.secret_sha256.len()
-        && presented
-            .bytes()
-            .zip(record.secret_sha256.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if !equal {
+    let equal =
+        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), record.secret_sha256.as_bytes());
+    if !bool::from(equal) {
         return Err(TokenError::Unknown);
     }
     if now_unix() >= record.expires_unix {

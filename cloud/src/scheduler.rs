@@ -109,12 +109,7 @@ impl Scheduler {
         self.nodes
             .iter()
             .filter(|(_, n)| n.ready && n.labels.contains_key(EDGE_ROLE_LABEL))
-            .filter(|(_, n)| {
-                let wrapped: Object = [("metadata".to_owned(), json!({"labels": n.labels}))]
-                    .into_iter()
-                    .collect();
-                selector.matches(&wrapped)
-            })
+            .filter(|(_, n)| selector.matches_labels(Some(&n.labels)))
             .min_by(|a, b| a.1.pods.cmp(&b.1.pods).then(a.0.cmp(b.0)))
             .map(|(name, _)| name.clone())
     }
@@ -180,13 +175,9 @@ impl Scheduler {
     }
 }
 
-/// Runs the scheduler until the store's watch closes.
-pub async fn run(store: Arc<Store>) {
+/// A scheduler that knows every node and pod in the store.
+fn from_store(store: &Store) -> Scheduler {
     let mut scheduler = Scheduler::default();
-    let revision = store.revision();
-    let Ok(mut watcher) = store.watch().subscribe(KeyRange::all(), Some(revision)) else {
-        return;
-    };
     for kind in ["nodes", "pods"] {
         let Ok(range) = KeyRange::kind(kind) else {
             continue;
@@ -195,6 +186,18 @@ pub async fn run(store: Arc<Store>) {
             scheduler.observe(&key, false, &v.object);
         }
     }
+    scheduler
+}
+
+/// Runs the scheduler until the store's watch closes.
+pub async fn run(store: Arc<Store>) {
+    let Ok(mut watcher) = store
+        .watch()
+        .subscribe(KeyRange::all(), Some(store.revision()))
+    else {
+        return;
+    };
+    let mut scheduler = from_store(&store);
     let mut retry = tokio::time::interval(Duration::from_secs(5));
     loop {
         scheduler.schedule(&store);
@@ -214,13 +217,7 @@ pub async fn run(store: Arc<Store>) {
                         Ok(w) => watcher = w,
                         Err(_) => return,
                     }
-                    scheduler = Scheduler::default();
-                    for kind in ["nodes", "pods"] {
-                        let Ok(range) = KeyRange::kind(kind) else { continue };
-                        for (key, v) in store.scan(&range).flatten() {
-                            scheduler.observe(&key, false, &v.object);
-                        }
-                    }
+                    scheduler = from_store(&store);
                 }
             },
             _ = retry.tick() => {

@@ -243,11 +243,10 @@ impl ApiServer {
             .and_then(|v| v.strip_prefix("Bearer "));
         // Constant-time comparison: the token is a credential.
         presented.is_some_and(|p| {
-            p.len() == token.len()
-                && p.bytes()
-                    .zip(token.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
+            bool::from(subtle::ConstantTimeEq::ct_eq(
+                p.as_bytes(),
+                token.as_bytes(),
+            ))
         })
     }
 }

@@ -122,17 +122,22 @@ pub fn decode_stored(stored: &[u8], rv: u64) -> Result<Object, ApiError> {
 }
 
 /// RFC 3339 UTC timestamp with second precision, as Kubernetes writes them.
-pub fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc();
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second()
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
     )
+}
+
+/// Now, as [`rfc3339`].
+pub fn now_rfc3339() -> String {
+    rfc3339(time::OffsetDateTime::now_utc())
 }
 
 /// Seconds since the Unix epoch of an RFC 3339 timestamp.
@@ -211,13 +216,8 @@ pub fn prepare_update(
     }
     if resource.status {
         if status_subresource {
-            let status = object.remove("status");
-            let mut merged = current.clone();
-            match status {
-                Some(status) => merged.insert("status".into(), status),
-                None => merged.remove("status"),
-            };
             // A status write may not change anything else, labels included.
+            let merged = with_status_of(current, object);
             let rv = meta(object).and_then(|m| m.get("resourceVersion")).cloned();
             *object = merged;
             if let Some(rv) = rv {
@@ -256,6 +256,17 @@ pub fn prepare_update(
         check_pod_update(current, object)?;
     }
     validate(resource, object)
+}
+
+/// `current` with its status replaced by `source`'s (removed if `source` has none): what a
+/// `/status` write, or a node's status report, makes of an object.
+pub fn with_status_of(current: &Object, source: &Object) -> Object {
+    let mut merged = current.clone();
+    match source.get("status") {
+        Some(status) => merged.insert("status".into(), status.clone()),
+        None => merged.remove("status"),
+    };
+    merged
 }
 
 fn check_type(resource: &Resource, object: &mut Object) -> Result<(), ApiError> {

@@ -180,24 +180,8 @@ fn text(bytes: &[u8]) -> Result<String, ApiError> {
 }
 
 fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// A map entry message: field 1 key, field 2 value.
@@ -288,18 +272,7 @@ fn decode_message(
                 if let Some(s) = seconds {
                     let t = time::OffsetDateTime::from_unix_timestamp(s)
                         .map_err(|_| ApiError::bad_request("protobuf time out of range"))?;
-                    out.insert(
-                        (*name).into(),
-                        json!(format!(
-                            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-                            t.year(),
-                            u8::from(t.month()),
-                            t.day(),
-                            t.hour(),
-                            t.minute(),
-                            t.second()
-                        )),
-                    );
+                    out.insert((*name).into(), json!(super::object::rfc3339(t)));
                 }
             }
             (Ty::IntOrStr, Wire::Len(b)) => {
@@ -319,7 +292,7 @@ fn decode_message(
                     if kind == 1 { json!(string) } else { json!(int) },
                 );
             }
-            (_, Wire::Fixed) | (_, _) => {
+            _ => {
                 return Err(ApiError::bad_request(format!(
                     "protobuf field {field_path} has an unexpected wire type"
                 )));

@@ -219,8 +219,8 @@ async fn list(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiEr
             Some((revision, after)) => (revision, Some(after)),
             None => (store.revision(), None),
         };
-        let mut items: Vec<(ObjectKey, Versioned)> = Vec::new();
-        let mut objects: Vec<Object> = Vec::new();
+        // Each item with its parsed form when selectors or a Table needed it.
+        let mut items: Vec<(ObjectKey, Versioned, Option<Object>)> = Vec::new();
         let mut next = None;
         for item in store.scan_after(&range, after.as_ref()) {
             let (key, versioned) = item.map_err(|e| ApiError::internal(format!("list: {e}")))?;
@@ -233,29 +233,20 @@ async fn list(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiEr
             } else {
                 None
             };
-            if limit > 0 && items.len() + objects.len() == limit {
-                let last = if table {
-                    objects.last().map(|o| {
-                        ObjectKey::new(resource.plural, object::namespace(o), object::name(o))
-                    })
-                } else {
-                    items.last().map(|(k, _)| Ok(k.clone()))
-                };
-                if let Some(Ok(last)) = last {
-                    next = Some(encode_continue(revision, &last));
-                }
+            if limit > 0 && items.len() == limit {
+                next = items
+                    .last()
+                    .map(|(last, _, _)| encode_continue(revision, last));
                 break;
             }
-            match decoded {
-                Some(o) if table => objects.push(o),
-                _ => items.push((key, versioned)),
-            }
+            items.push((key, versioned, decoded));
         }
         let mut list_meta = json!({"resourceVersion": revision.to_string()});
         if let Some(next) = next {
             list_meta["continue"] = json!(next);
         }
         if table {
+            let objects = items.into_iter().filter_map(|(_, _, o)| o).collect();
             let t = table::table(resource, objects, list_meta, include_object, true);
             return Ok(bytes_response(
                 StatusCode::OK,
@@ -266,7 +257,7 @@ async fn list(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiEr
         let mut body = Vec::with_capacity(
             64 + items
                 .iter()
-                .map(|(_, v)| v.object.len() + 32)
+                .map(|(_, v, _)| v.object.len() + 32)
                 .sum::<usize>(),
         );
         body.extend_from_slice(b"{\"kind\":");
@@ -276,7 +267,7 @@ async fn list(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiEr
         body.extend_from_slice(b",\"metadata\":");
         serde_json::to_writer(&mut body, &list_meta).expect("map");
         body.extend_from_slice(b",\"items\":[");
-        for (i, (_, versioned)) in items.iter().enumerate() {
+        for (i, (_, versioned, _)) in items.iter().enumerate() {
             if i > 0 {
                 body.push(b',');
             }

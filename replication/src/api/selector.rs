@@ -104,7 +104,11 @@ impl LabelSelector {
     }
 
     pub fn matches(&self, object: &Object) -> bool {
-        let labels = labels(object);
+        self.matches_labels(labels(object))
+    }
+
+    /// Matches a label map directly (a node's labels against a nodeSelector).
+    pub fn matches_labels(&self, labels: Option<&Object>) -> bool {
         let get = |key: &str| labels.and_then(|l| l.get(key)).and_then(Value::as_str);
         self.0.iter().all(|r| match r {
             LabelRequirement::Equals(k, v) => get(k) == Some(v.as_str()),

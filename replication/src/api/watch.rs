@@ -28,6 +28,8 @@ use crate::watch::{WatchError, Watcher};
 const BOOKMARK_EVERY: Duration = Duration::from_secs(15);
 /// A watch ends after this long unless the client asked for less (the apiserver picks 30–60 min).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
+/// `timeoutSeconds` above this is capped (a client value must not overflow a deadline).
+const MAX_TIMEOUT_SECONDS: u64 = 24 * 3600;
 /// Encoded events buffered per watch before the stream waits for the client.
 const STREAM_BUFFER: usize = 64;
 
@@ -43,6 +45,29 @@ impl Encoder {
             serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
         line.push(b'\n');
         Bytes::from(line)
+    }
+
+    /// The event for a stored object. The object is parsed only when selectors or a Table need
+    /// it; otherwise its bytes go into the event as they are (with the version spliced in).
+    fn stored_event(
+        &self,
+        kind: &str,
+        stored: &[u8],
+        rv: u64,
+        selectors: &Selectors,
+    ) -> Option<Bytes> {
+        if !self.table && selectors.is_empty() {
+            let object = object::with_resource_version(stored, rv).ok()?;
+            let mut line = Vec::with_capacity(object.len() + 32);
+            line.extend_from_slice(b"{\"type\":");
+            serde_json::to_writer(&mut line, kind).ok()?;
+            line.extend_from_slice(b",\"object\":");
+            line.extend_from_slice(&object);
+            line.extend_from_slice(b"}\n");
+            return Some(Bytes::from(line));
+        }
+        let o = object::decode_stored(stored, rv).ok()?;
+        selectors.matches(&o).then(|| self.object_event(kind, o))
     }
 
     fn object_event(&self, kind: &str, object: object::Object) -> Bytes {
@@ -122,7 +147,9 @@ pub(crate) fn serve(server: &ApiServer, request: ApiRequest) -> Result<Response,
         .query
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
-        .map_or(DEFAULT_TIMEOUT, Duration::from_secs);
+        .map_or(DEFAULT_TIMEOUT, |t| {
+            Duration::from_secs(t.min(MAX_TIMEOUT_SECONDS))
+        });
     let bookmarks = request
         .query
         .get("allowWatchBookmarks")
@@ -186,16 +213,15 @@ pub(crate) fn serve(server: &ApiServer, request: ApiRequest) -> Result<Response,
                 };
                 let mut seen = HashMap::new();
                 for (key, versioned) in listed {
-                    let Ok(o) = object::decode_stored(&versioned.object, versioned.rv) else {
-                        continue;
-                    };
                     if versioned.rv > revision {
                         seen.insert(key, versioned.rv);
                     }
-                    if selectors.matches(&o)
-                        && tx.send(encoder.object_event("ADDED", o)).await.is_err()
-                    {
-                        return;
+                    let event =
+                        encoder.stored_event("ADDED", &versioned.object, versioned.rv, &selectors);
+                    if let Some(event) = event {
+                        if tx.send(event).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 (watcher, seen)
@@ -279,14 +305,10 @@ fn change_event(
         }
         seen.remove(&change.key);
     }
-    let o = object::decode_stored(&change.object, change.rv).ok()?;
-    if !selectors.matches(&o) {
-        return None;
-    }
     let kind = match change.kind {
         ChangeKind::Added => "ADDED",
         ChangeKind::Modified => "MODIFIED",
         ChangeKind::Deleted => "DELETED",
     };
-    Some(encoder.object_event(kind, o))
+    encoder.stored_event(kind, &change.object, change.rv, selectors)
 }
