@@ -45,10 +45,20 @@ impl Server {
             source: std::io::Error::other("no async runtime"),
         })?;
         let endpoint_config = match config.reset_key {
-            Some(key) => quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
-                ring::hmac::HMAC_SHA256,
-                &key,
-            ))),
+            Some(key) => {
+                let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(
+                    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+                ));
+                // Connection ids carry a keyed checksum and packets with ids that fail it are
+                // dropped silently. The checksum key must survive a restart too, or the
+                // restarted endpoint drops the old connections' packets instead of resetting
+                // them (nodes would wait out their idle timeout).
+                let cid_key = u64::from_le_bytes(key[..8].try_into().expect("8 bytes"));
+                endpoint_config.cid_generator(move || {
+                    Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+                });
+                endpoint_config
+            }
             None => quinn::EndpointConfig::default(),
         };
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(quinn_config), socket, runtime)
