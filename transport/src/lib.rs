@@ -7,6 +7,7 @@
 //! - [`backoff`]: reconnect delays with full jitter (sans-IO).
 //! - [`tls`]: the cloud CA, node and server certificates, rustls configs for mutual TLS.
 //! - [`link`]: a reliable, reconnecting link to one peer over successive QUIC connections.
+//! - [`join`]: how a node without a certificate gets one with a bootstrap token (CA pinned).
 //! - [`server`] / [`client`]: the cloud's endpoint (one link per node, named by its certificate)
 //!   and the edge's endpoint (one link to the cloud, reconnecting with backoff).
 
@@ -16,6 +17,7 @@ pub mod config;
 mod endpoint;
 pub mod error;
 pub mod frame;
+pub mod join;
 pub mod link;
 pub mod message;
 pub mod server;
@@ -28,6 +30,7 @@ pub use config::{ClientConfig, LinkConfig, ServerConfig, PROTOCOL_VERSION};
 pub use endpoint::{client_endpoint, quinn_client_config_from};
 pub use error::{CloseCode, EndpointError, LinkError};
 pub use frame::{EncodedMessage, ReceivedMessage};
+pub use join::{join, JoinError, JoinHandler, JoinRequest, Joined};
 pub use link::{Delivery, IncomingRequest, Link, LinkCounters, LinkEvent, LinkHandle};
 pub use message::{Header, Message, Route};
 pub use server::Server;

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use crate::config::ServerConfig;
 use crate::endpoint::{quinn_server_config, udp_socket};
 use crate::error::{CloseCode, EndpointError};
+use crate::join::{JoinHandler, JOIN_ALPN};
 use crate::link::{Link, Role, Shared};
 use crate::tls::{node_name_from_cert, Identity};
 
@@ -26,6 +27,8 @@ pub struct Server {
 
 struct Registry {
     config: ServerConfig,
+    /// Answers nodes that join (ALPN `kedge-join/1`); `None`: joining is refused.
+    join: Option<Arc<dyn JoinHandler>>,
     links: Mutex<HashMap<String, Weak<Shared>>>,
     /// Connections being handshaken or running.
     connections: AtomicUsize,
@@ -37,6 +40,16 @@ impl Server {
         config: ServerConfig,
         ca: &CertificateDer<'static>,
         identity: &Identity,
+    ) -> Result<Server, EndpointError> {
+        Self::bind_with_join(config, ca, identity, None)
+    }
+
+    /// Like [`Server::bind`], and nodes without a certificate may join through `join`.
+    pub fn bind_with_join(
+        config: ServerConfig,
+        ca: &CertificateDer<'static>,
+        identity: &Identity,
+        join: Option<Arc<dyn JoinHandler>>,
     ) -> Result<Server, EndpointError> {
         let quinn_config = quinn_server_config(ca, identity, &config.link)?;
         let socket = udp_socket(config.listen, config.socket_buffer_bytes)?;
@@ -69,6 +82,7 @@ impl Server {
         let (links_tx, new_links) = mpsc::channel(1024);
         let registry = Arc::new(Registry {
             config,
+            join,
             links: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
         });
@@ -150,6 +164,16 @@ async fn serve_connection(
             return;
         }
     };
+    if negotiated_alpn(&connection).as_deref() == Some(JOIN_ALPN) {
+        match &registry.join {
+            Some(handler) => crate::join::serve(connection, handler.as_ref(), timeout).await,
+            None => {
+                tracing::warn!(%remote, "join attempt refused: joining is not enabled");
+                connection.close(CloseCode::Unauthorized.var_int(), b"joining is not enabled");
+            }
+        }
+        return;
+    }
     let node = match peer_node_name(&connection) {
         Ok(node) => node,
         Err(reason) => {
@@ -169,6 +193,14 @@ async fn serve_connection(
     tracing::debug!(%node, %remote, generation, "node connected");
     let reason = shared.drive(connection, Role::Server, generation).await;
     tracing::debug!(%node, %remote, "node connection ended: {reason}");
+}
+
+fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
+    connection
+        .handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 fn peer_node_name(connection: &quinn::Connection) -> Result<String, String> {

@@ -260,7 +260,7 @@ pub fn node_name_from_cert(cert: &CertificateDer<'_>) -> Result<String, TlsError
     Ok(cn.to_owned())
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -270,20 +270,28 @@ fn roots(ca: &CertificateDer<'static>) -> Result<Arc<rustls::RootCertStore>, Tls
     Ok(Arc::new(roots))
 }
 
-/// The cloud's TLS config: its server identity, and client certificates required from `ca`.
+/// The cloud's TLS config: its server identity (sent with the CA certificate, which joining
+/// nodes check against their pin), and client certificates verified against `ca`. A client
+/// certificate is optional at the TLS level so that nodes can join (ALPN `kedge-join/1`); the
+/// server refuses a `kedge/1` connection without one.
 pub fn server_config(
     ca: &CertificateDer<'static>,
     identity: &Identity,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+            .allow_unauthenticated()
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut chain = identity.cert_chain.clone();
+    if !chain.contains(ca) {
+        chain.push(ca.clone());
+    }
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+        .with_single_cert(chain, identity.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN.to_vec(), crate::join::JOIN_ALPN.to_vec()];
     Ok(config)
 }
 
