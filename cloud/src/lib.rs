@@ -5,6 +5,7 @@
 //! - [`embedded`]: the embedded API server's store and its seed objects;
 //! - [`policy`]: what the embedded API allows and how it deletes pods bound to nodes;
 //! - [`pki`]: the cluster CA, the server certificate and bootstrap tokens;
+//! - [`join`]: nodes joining with a bootstrap token (certificate + Node object);
 //! - [`metrics`]: Prometheus metrics;
 //! - [`scheduler`]: binds pods without `nodeName` to a ready edge node;
 //! - [`lifecycle`]: node Ready/NotReady from leases;
@@ -13,6 +14,7 @@
 pub mod authz;
 pub mod embedded;
 pub mod hub;
+pub mod join;
 pub mod lifecycle;
 pub mod metrics;
 pub mod pki;

@@ -126,8 +126,14 @@ impl CloudCore {
         let identity = crate::pki::server_identity(&ca)?;
         let mut quic_config = transport::ServerConfig::new(config.quic_listen);
         quic_config.reset_key = Some(crate::pki::load_or_create_reset_key(&config.data_dir)?);
-        let quic =
-            transport::Server::bind(quic_config, ca.cert(), &identity).with_context(|| {
+        let ca = Arc::new(ca);
+        let join = Arc::new(crate::join::CloudJoin {
+            data_dir: config.data_dir.clone(),
+            store: store.clone(),
+            ca: ca.clone(),
+        });
+        let quic = transport::Server::bind_with_join(quic_config, ca.cert(), &identity, Some(join))
+            .with_context(|| {
                 format!(
                     "cannot listen on {} for edge nodes (QUIC)",
                     config.quic_listen

@@ -1,8 +1,8 @@
 //! The RocksDB-backed versioned object store.
 //!
 //! Column families:
-//! - `objects`: `kind/namespace/name` → resourceVersion (u64 big-endian) ‖ the object's JSON bytes
-//!   exactly as received;
+//! - `objects`: `kind/namespace/name` → resourceVersion (u64 big-endian) ‖ the store revision of
+//!   the object's last change (u64 big-endian) ‖ the object's JSON bytes exactly as received;
 //! - `meta`: the store's own counters (revision) and callers' watermarks;
 //! - `outbox`: the edge's upward reports;
 //! - `objectsync`: the cloud's per-node record of acknowledged versions.
@@ -110,7 +110,13 @@ pub enum StoreError {
 /// An object's version and bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned {
+    /// The object's resourceVersion (assigned here, or mirrored from the cloud).
     pub rv: u64,
+    /// The store revision of the object's last change. Equal to `rv` in a store that assigns
+    /// versions; in a mirror it is the local position an API over this store presents (so that
+    /// object versions, list versions and watch positions share one increasing number space,
+    /// which mirrored versions, arriving in routing order, do not).
+    pub revision: u64,
     pub object: Bytes,
 }
 
@@ -191,6 +197,22 @@ pub struct WriteSet {
 impl WriteSet {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The set's only operation, if it is one `put` and nothing else: what an API write that
+    /// is not committed here (an edge forwarding it) needs to know.
+    pub fn into_single_put(self) -> Option<(ObjectKey, Bytes, Precondition)> {
+        if !self.aux.is_empty() || self.objects.len() != 1 {
+            return None;
+        }
+        match self.objects.into_iter().next()? {
+            ObjectOp::Put {
+                key,
+                object,
+                expect,
+            } => Some((key, object, expect)),
+            _ => None,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -277,25 +299,27 @@ pub struct Store {
     watch: Arc<WatchHub>,
 }
 
-fn encode_value(rv: u64, object: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(8 + object.len());
+fn encode_value(rv: u64, revision: u64, object: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(16 + object.len());
     value.extend_from_slice(&rv.to_be_bytes());
+    value.extend_from_slice(&revision.to_be_bytes());
     value.extend_from_slice(object);
     value
 }
 
 fn decode_value(value: Vec<u8>) -> Result<Versioned, StoreError> {
-    if value.len() < 8 {
+    if value.len() < 16 {
         return Err(StoreError::Corrupt(format!(
             "object value of {} bytes",
             value.len()
         )));
     }
-    let mut rv = [0u8; 8];
-    rv.copy_from_slice(&value[..8]);
+    let rv = decode_u64(&value[..8])?;
+    let revision = decode_u64(&value[8..16])?;
     Ok(Versioned {
-        rv: u64::from_be_bytes(rv),
-        object: Bytes::from(value).slice(8..),
+        rv,
+        revision,
+        object: Bytes::from(value).slice(16..),
     })
 }
 
@@ -612,11 +636,12 @@ impl Store {
                 batch.delete_cf(objects, key.as_bytes());
                 overlay.insert(key.clone(), None);
             } else {
-                batch.put_cf(objects, key.as_bytes(), encode_value(rv, &object));
+                batch.put_cf(objects, key.as_bytes(), encode_value(rv, revision, &object));
                 overlay.insert(
                     key.clone(),
                     Some(Versioned {
                         rv,
+                        revision,
                         object: object.clone(),
                     }),
                 );

@@ -31,7 +31,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::Value;
 
-use crate::store::Store;
+use crate::store::{Store, Versioned, WriteSet};
 use object::Object;
 pub use resources::Resource;
 pub use status::ApiError;
@@ -87,6 +87,18 @@ pub trait ApiPolicy: Send + Sync + 'static {
 
     /// Called once per request with its outcome (metrics).
     fn observe(&self, _verb: &str, _resource: &str, _code: u16) {}
+
+    /// Commits an admitted write and returns the object's state after it. The default writes
+    /// the store; an edge node applies status writes locally and queues them for the cloud.
+    fn commit(
+        &self,
+        store: &Store,
+        set: WriteSet,
+        resource: &str,
+        name: &str,
+    ) -> Result<Versioned, ApiError> {
+        rest::commit_to_store(store, set, resource, name)
+    }
 }
 
 /// The default policy: everything allowed, deletes immediate.

@@ -10,7 +10,7 @@ use super::patch::{self, PatchKind};
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::table;
-use super::{bytes_response, resources, ApiServer, Query, Target, Verb};
+use super::{bytes_response, resources, ApiPolicy, ApiServer, Query, Target, Verb};
 use crate::key::{KeyRange, ObjectKey};
 use crate::store::{Precondition, Store, Versioned, WriteSet};
 
@@ -99,7 +99,7 @@ pub(crate) async fn serve(server: &ApiServer, request: ApiRequest) -> Result<Res
 }
 
 fn render(versioned: &Versioned) -> Result<Vec<u8>, ApiError> {
-    object::with_resource_version(&versioned.object, versioned.rv)
+    object::with_resource_version(&versioned.object, versioned.revision)
 }
 
 fn respond_object(
@@ -108,11 +108,11 @@ fn respond_object(
     versioned: &Versioned,
 ) -> Result<Response, ApiError> {
     if request.wants_table() {
-        let object = object::decode_stored(&versioned.object, versioned.rv)?;
+        let object = object::decode_stored(&versioned.object, versioned.revision)?;
         let t = table::table(
             request.target.resource,
             vec![object],
-            json!({"resourceVersion": versioned.rv.to_string()}),
+            json!({"resourceVersion": versioned.revision.to_string()}),
             request.include_object(),
             true,
         );
@@ -225,7 +225,7 @@ async fn list(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiEr
         for item in store.scan_after(&range, after.as_ref()) {
             let (key, versioned) = item.map_err(|e| ApiError::internal(format!("list: {e}")))?;
             let decoded = if table || !selectors.is_empty() {
-                let o = object::decode_stored(&versioned.object, versioned.rv)?;
+                let o = object::decode_stored(&versioned.object, versioned.revision)?;
                 if !selectors.matches(&o) {
                     continue;
                 }
@@ -279,7 +279,9 @@ async fn list(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiEr
     .await
 }
 
-fn commit_one(
+/// Commits an API write to the store and returns the written object's last state (the
+/// default [`ApiPolicy::commit`](super::ApiPolicy::commit)).
+pub fn commit_to_store(
     store: &Store,
     set: WriteSet,
     request_resource: &str,
@@ -293,6 +295,7 @@ fn commit_one(
         .ok_or_else(|| ApiError::internal("the write changed nothing"))?;
     Ok(Versioned {
         rv: change.rv,
+        revision: change.revision,
         object: change.object.clone(),
     })
 }
@@ -323,6 +326,7 @@ async fn create(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
     let key = ObjectKey::new(resource.plural, request.namespace(), &name)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let store = server.store.clone();
+    let policy = server.policy.clone();
     let dry_run = request.dry_run();
     let namespace = request.namespace().to_owned();
     let versioned = blocking(move || {
@@ -333,12 +337,13 @@ async fn create(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
         if dry_run {
             return Ok(Versioned {
                 rv: 0,
+                revision: 0,
                 object: bytes,
             });
         }
         let mut set = WriteSet::new();
         set.put(key, bytes, Precondition::Absent);
-        commit_one(&store, set, resource.plural, &name)
+        policy.commit(&store, set, resource.plural, &name)
     })
     .await?;
     respond_object(&request, StatusCode::CREATED, &versioned)
@@ -347,6 +352,7 @@ async fn create(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
 /// Writes `object` as the new state of `key` if the store still holds `expected`; an object
 /// being deleted whose finalizers are all gone is removed instead.
 fn write_update(
+    policy: &dyn ApiPolicy,
     store: &Store,
     request: &ApiRequest,
     key: ObjectKey,
@@ -367,12 +373,13 @@ fn write_update(
         if request.dry_run() {
             return Ok(Versioned {
                 rv: expected,
+                revision: expected,
                 object: bytes,
             });
         }
         set.put(key, bytes, Precondition::Version(expected));
     }
-    commit_one(store, set, resource, request.name())
+    policy.commit(store, set, resource, request.name())
 }
 
 async fn update(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
@@ -380,16 +387,17 @@ async fn update(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
     let body_rv = object::resource_version(&object)?;
     let key = request.key()?;
     let store = server.store.clone();
+    let policy = server.policy.clone();
     let (request, versioned) = blocking(move || {
         let current = read(&store, &key, &request)?;
-        let expected = body_rv.unwrap_or(current.rv);
-        if expected != current.rv {
+        let expected = body_rv.unwrap_or(current.revision);
+        if expected != current.revision {
             return Err(ApiError::conflict(
                 request.target.resource.plural,
                 request.name(),
             ));
         }
-        let current_object = object::decode_stored(&current.object, current.rv)?;
+        let current_object = object::decode_stored(&current.object, current.revision)?;
         object::prepare_update(
             request.target.resource,
             request.namespace(),
@@ -398,7 +406,7 @@ async fn update(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
             &mut object,
             request.target.status,
         )?;
-        let v = write_update(&store, &request, key, object, expected)?;
+        let v = write_update(policy.as_ref(), &store, &request, key, object, expected)?;
         Ok((request, v))
     })
     .await?;
@@ -412,11 +420,12 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
     let kind = PatchKind::from_content_type(request.content_type())?;
     let key = request.key()?;
     let store = server.store.clone();
+    let policy = server.policy.clone();
     let (request, versioned) = blocking(move || {
         let mut last_error = None;
         for _ in 0..PATCH_ATTEMPTS {
             let current = read(&store, &key, &request)?;
-            let current_object = object::decode_stored(&current.object, current.rv)?;
+            let current_object = object::decode_stored(&current.object, current.revision)?;
             let mut patched = Value::Object(current_object.clone());
             patch::apply(kind, &mut patched, &request.body)?;
             let Value::Object(mut patched) = patched else {
@@ -424,7 +433,7 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
             };
             // A resourceVersion in the patch is a precondition.
             if let Some(rv) = object::resource_version(&patched)? {
-                if rv != current.rv {
+                if rv != current.revision {
                     return Err(ApiError::conflict(
                         request.target.resource.plural,
                         request.name(),
@@ -439,7 +448,14 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
                 &mut patched,
                 request.target.status,
             )?;
-            match write_update(&store, &request, key.clone(), patched, current.rv) {
+            match write_update(
+                policy.as_ref(),
+                &store,
+                &request,
+                key.clone(),
+                patched,
+                current.revision,
+            ) {
                 Err(e) if e.code == 409 && e.reason == "Conflict" => last_error = Some(e),
                 other => return other.map(|v| (request, v)),
             }
@@ -489,8 +505,8 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
     let policy = server.policy.clone();
     let (request, versioned) = blocking(move || {
         let current = read(&store, &key, &request)?;
-        let mut object = object::decode_stored(&current.object, current.rv)?;
-        if precondition_rv.is_some_and(|rv| rv != current.rv)
+        let mut object = object::decode_stored(&current.object, current.revision)?;
+        if precondition_rv.is_some_and(|rv| rv != current.revision)
             || precondition_uid
                 .as_deref()
                 .is_some_and(|uid| object::meta_str(&object, "uid") != Some(uid))
@@ -521,12 +537,12 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
             set.put(
                 key,
                 Bytes::from(object::to_stored(object)),
-                Precondition::Version(current.rv),
+                Precondition::Version(current.revision),
             );
             if request.dry_run() {
                 return Ok((request, current));
             }
-            let v = commit_one(&store, set, resource.plural, request.name())?;
+            let v = policy.commit(&store, set, resource.plural, request.name())?;
             return Ok((request, v));
         }
         if request.dry_run() {
@@ -544,8 +560,8 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
                 }
             }
         }
-        set.delete(key, Precondition::Version(current.rv));
-        let v = commit_one(&store, set, resource.plural, request.name())?;
+        set.delete(key, Precondition::Version(current.revision));
+        let v = policy.commit(&store, set, resource.plural, request.name())?;
         Ok((request, v))
     })
     .await?;

@@ -213,11 +213,15 @@ pub(crate) fn serve(server: &ApiServer, request: ApiRequest) -> Result<Response,
                 };
                 let mut seen = HashMap::new();
                 for (key, versioned) in listed {
-                    if versioned.rv > revision {
-                        seen.insert(key, versioned.rv);
+                    if versioned.revision > revision {
+                        seen.insert(key, versioned.revision);
                     }
-                    let event =
-                        encoder.stored_event("ADDED", &versioned.object, versioned.rv, &selectors);
+                    let event = encoder.stored_event(
+                        "ADDED",
+                        &versioned.object,
+                        versioned.revision,
+                        &selectors,
+                    );
                     if let Some(event) = event {
                         if tx.send(event).await.is_err() {
                             return;
@@ -300,7 +304,7 @@ fn change_event(
     encoder: &Encoder,
 ) -> Option<Bytes> {
     if let Some(listed) = seen.get(&change.key) {
-        if change.rv <= *listed {
+        if change.revision <= *listed {
             return None;
         }
         seen.remove(&change.key);
@@ -310,5 +314,5 @@ fn change_event(
         ChangeKind::Modified => "MODIFIED",
         ChangeKind::Deleted => "DELETED",
     };
-    encoder.stored_event(kind, &change.object, change.rv, selectors)
+    encoder.stored_event(kind, &change.object, change.revision, selectors)
 }
