@@ -1,5 +1,164 @@
-//! edgecore (issue: "edgecore"): EdgeHub, MetaManager, MetaServer, Edged, DeviceTwin, EventBus,
-//! ServiceBus.
+//! edgecore: the edge node. It joins the cloud, keeps its slice of cluster state in RocksDB,
+//! runs its pods, serves a local Kubernetes API, and keeps all of that working offline.
 //!
-//! Not built yet: only the crate exists. EdgeHub will be a `transport::connect` link to the
-//! cloud; MetaManager a `replication` store in RocksDB.
+//! - [`identity`]: the node's name, the cloud's CA and the node's certificate (join once);
+//! - [`meta`]: MetaManager, the cache (replication's mirror store), watermark and outbox;
+//! - [`hub`]: EdgeHub, the QUIC link to the cloud (sync down, reports up);
+//! - [`metaserver`]: MetaServer's policy over the shared `replication::api` code;
+//! - [`edged`]: Edged, a light kubelet over a runtime (`process` or `hollow`);
+//! - [`node`]: node status and the Lease heartbeat;
+//! - this module: wiring ([`EdgeCore`]).
+
+pub mod edged;
+pub mod hub;
+pub mod identity;
+pub mod meta;
+pub mod metaserver;
+pub mod node;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use replication::api::ApiServer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::meta::MetaManager;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeKind {
+    /// Each container is a local process.
+    Process,
+    /// Pods are Running at once, nothing is started (load tests).
+    Hollow,
+}
+
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    pub node_name: String,
+    pub cloud: SocketAddr,
+    pub token: Option<String>,
+    pub data_dir: PathBuf,
+    pub metaserver_listen: SocketAddr,
+    pub runtime: RuntimeKind,
+    pub node_status: node::NodeStatusConfig,
+}
+
+impl EdgeConfig {
+    pub fn new(node_name: &str, cloud: SocketAddr, data_dir: PathBuf) -> Self {
+        EdgeConfig {
+            node_name: node_name.to_owned(),
+            cloud,
+            token: None,
+            data_dir,
+            metaserver_listen: "127.0.0.1:10550".parse().expect("address"),
+            runtime: RuntimeKind::Process,
+            node_status: node::NodeStatusConfig::default(),
+        }
+    }
+}
+
+/// A running edgecore.
+pub struct EdgeCore {
+    pub meta: Arc<MetaManager>,
+    pub metaserver_addr: SocketAddr,
+    shutdown: CancellationToken,
+    edged: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl EdgeCore {
+    pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeCore> {
+        if !config.metaserver_listen.ip().is_loopback() {
+            bail!(
+                "--metaserver-listen {}: MetaServer serves the node's cache without \
+                 authentication and listens on loopback only",
+                config.metaserver_listen
+            );
+        }
+        let credentials = identity::load_or_join(
+            &config.data_dir,
+            &config.node_name,
+            config.cloud,
+            config.token.as_deref(),
+        )
+        .await?;
+        let meta = MetaManager::open(&config.data_dir.join("store"), &config.node_name)
+            .with_context(|| {
+                format!(
+                    "cannot open the cache in {} (is another edgecore using it?)",
+                    config.data_dir.display()
+                )
+            })?;
+        let listener = tokio::net::TcpListener::bind(config.metaserver_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} for MetaServer",
+                    config.metaserver_listen
+                )
+            })?;
+        let metaserver_addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let policy = Arc::new(metaserver::EdgePolicy { meta: meta.clone() });
+        let router = ApiServer::new(meta.store().clone(), policy).router();
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "MetaServer stopped");
+            }
+        }));
+
+        let client = transport::ClientConfig::new(config.cloud, identity::CLOUD_SERVER_NAME);
+        let link = transport::connect(client, &credentials.ca, &credentials.identity)
+            .context("starting the link to the cloud")?;
+        tasks.push(tokio::spawn(hub::run(link, meta.clone(), shutdown.clone())));
+
+        let mut status_config = config.node_status.clone();
+        let runtime: Arc<dyn edged::Runtime> = match config.runtime {
+            RuntimeKind::Process => Arc::new(edged::process::ProcessRuntime::new()),
+            RuntimeKind::Hollow => {
+                status_config.runtime = "kedge-hollow://0.1".into();
+                Arc::new(edged::hollow::HollowRuntime::default())
+            }
+        };
+        tasks.push(tokio::spawn(node::run(
+            meta.clone(),
+            status_config,
+            shutdown.clone(),
+        )));
+        let edged = edged::Edged::new(meta.clone(), runtime, config.data_dir.join("pods"));
+        let edged = tokio::spawn(edged.run(shutdown.clone(), Duration::from_secs(10)));
+        tracing::info!(node = %config.node_name, %metaserver_addr, cloud = %config.cloud, "edgecore started");
+        Ok(EdgeCore {
+            meta,
+            metaserver_addr,
+            shutdown,
+            edged,
+            tasks,
+        })
+    }
+
+    /// Stops pods (SIGTERM, at most 10 s), the link and MetaServer, and flushes the cache.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.edged.await;
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        if let Err(e) = self.meta.store().flush() {
+            tracing::warn!(error = %e, "flushing the cache at shutdown");
+        }
+    }
+}

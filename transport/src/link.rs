@@ -88,6 +88,11 @@ impl Link {
         self.events.recv().await
     }
 
+    /// An event that is already waiting, without waiting for one (to batch work).
+    pub fn try_next_event(&mut self) -> Option<LinkEvent> {
+        self.events.try_recv().ok()
+    }
+
     pub fn handle(&self) -> &LinkHandle {
         &self.handle
     }

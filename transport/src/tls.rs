@@ -13,7 +13,8 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
+pub use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateSigningRequestDer, PrivateKeyDer};
 use time::OffsetDateTime;
 
 /// The ALPN protocol id of kedge's link.
@@ -76,6 +77,16 @@ impl Identity {
 
 fn pem_block(tag: &str, der: &[u8]) -> String {
     pem::encode(&pem::Pem::new(tag, der.to_vec()))
+}
+
+/// A certificate as PEM text.
+pub fn cert_to_pem(cert: &CertificateDer<'_>) -> String {
+    pem_block("CERTIFICATE", cert.as_ref())
+}
+
+/// The first certificate in PEM text.
+pub fn cert_from_pem(text: &str) -> Result<CertificateDer<'static>, TlsError> {
+    CertificateDer::from_pem_slice(text.as_bytes()).map_err(|e| TlsError::Pem(e.to_string()))
 }
 
 /// The cloud's certificate authority: it signs node and server certificates.

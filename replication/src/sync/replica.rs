@@ -2,6 +2,7 @@
 //! store. edgecore runs it inside its async EdgeHub; the simulation runs it directly.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -20,7 +21,7 @@ pub enum ReplicaError {
 }
 
 pub struct EdgeReplica {
-    store: Store,
+    store: Arc<Store>,
     sync: EdgeSync,
 }
 
@@ -30,11 +31,21 @@ impl EdgeReplica {
     }
 
     pub fn from_store(store: Store) -> Result<Self, StoreError> {
+        Self::from_shared(Arc::new(store))
+    }
+
+    /// Over a store others read too (the edge's MetaServer and Edged); only this replica
+    /// writes it.
+    pub fn from_shared(store: Arc<Store>) -> Result<Self, StoreError> {
         let sync = EdgeSync::new(persist::load_edge(&store)?);
         Ok(EdgeReplica { store, sync })
     }
 
     pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn shared_store(&self) -> &Arc<Store> {
         &self.store
     }
 

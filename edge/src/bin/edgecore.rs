@@ -1,0 +1,96 @@
+//! `edgecore`: see `edgecore --help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use edge::{EdgeConfig, EdgeCore, RuntimeKind};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "edgecore",
+    version,
+    about = "kedge's edge node: joins the cloud, caches its state, runs its pods, serves a local Kubernetes API"
+)]
+struct Cli {
+    /// This node's name (a DNS-1123 subdomain).
+    #[arg(long)]
+    node_name: String,
+    /// cloudcore's QUIC address (HOST:PORT).
+    #[arg(long)]
+    cloud: String,
+    /// Bootstrap token from `cloudcore token create`; needed only for the first start.
+    #[arg(long)]
+    token: Option<String>,
+    /// Where the cache, the certificate and the pods' files live.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// MetaServer (local Kubernetes API) address, loopback only.
+    #[arg(long, default_value = "127.0.0.1:10550")]
+    metaserver_listen: SocketAddr,
+    /// How pods run.
+    #[arg(long, value_enum, default_value = "process")]
+    runtime: RuntimeKind,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let cloud = match tokio::net::lookup_host(&cli.cloud)
+            .await
+            .map(|mut a| a.next())
+        {
+            Ok(Some(addr)) => addr,
+            Ok(None) | Err(_) => {
+                eprintln!(
+                    "error: --cloud {}: not a HOST:PORT that resolves",
+                    cli.cloud
+                );
+                return ExitCode::from(2);
+            }
+        };
+        let mut config = EdgeConfig::new(&cli.node_name, cloud, cli.data_dir);
+        config.token = cli.token;
+        config.metaserver_listen = cli.metaserver_listen;
+        config.runtime = cli.runtime;
+        let core = match EdgeCore::start(config).await {
+            Ok(core) => core,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut sigterm =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: cannot handle SIGTERM: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
+        }
+        core.shutdown().await;
+        tracing::info!("edgecore stopped");
+        ExitCode::SUCCESS
+    })
+}

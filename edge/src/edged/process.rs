@@ -1,0 +1,350 @@
+//! The process runtime: each container is a local process.
+//!
+//! - `command` + `args` are the argv (the image is recorded, never pulled: there is no image
+//!   to take an entrypoint from, so a container without `command` waits with
+//!   `ContainerCannotRun`);
+//! - the environment is `PATH`, `HOSTNAME`, `KEDGE_POD_ROOT` and the container's resolved env;
+//! - the working directory is the pod root, `DATA_DIR/pods/<namespace>_<name>/root`; a volume
+//!   mounted at `/etc/config` is at `$KEDGE_POD_ROOT/etc/config`;
+//! - stdout and stderr are appended to `DATA_DIR/pods/<namespace>_<name>/<container>.log`;
+//! - restartPolicy Always/OnFailure/Never with backoff (1 s doubling to 60 s, reset after a
+//!   minute of running); stopping sends SIGTERM to the process group, then SIGKILL after the
+//!   grace period; processes die with edgecore (`PR_SET_PDEATHSIG`), so a restarted edgecore
+//!   never finds orphans and starts every cached pod afresh.
+
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use replication::api::object;
+use tokio_util::sync::CancellationToken;
+
+use super::runtime::{
+    ContainerRun, ContainerState, ContainerStatus, PodRun, RestartPolicy, Runtime, Terminated,
+};
+
+const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+struct PodEntry {
+    statuses: Vec<Arc<Mutex<ContainerStatus>>>,
+    stop: CancellationToken,
+    grace: Arc<Mutex<Duration>>,
+    live: Arc<AtomicUsize>,
+    files: Vec<(PathBuf, Vec<u8>)>,
+}
+
+pub struct ProcessRuntime {
+    pods: Mutex<HashMap<String, PodEntry>>,
+}
+
+impl ProcessRuntime {
+    pub fn new() -> Self {
+        ProcessRuntime {
+            pods: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PodEntry>> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Default for ProcessRuntime {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `path` relative to the pod root, refusing anything that would leave it.
+fn inside(root: &Path, relative: &Path) -> Option<PathBuf> {
+    let mut out = root.to_path_buf();
+    for part in relative.components() {
+        match part {
+            Component::Normal(p) => out.push(p),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+fn write_files(root: &Path, files: &[(PathBuf, Vec<u8>)]) {
+    for (relative, contents) in files {
+        let Some(path) = inside(root, relative) else {
+            tracing::warn!(path = %relative.display(), "volume path leaves the pod root; skipped");
+            continue;
+        };
+        if std::fs::read(&path).is_ok_and(|c| &c == contents) {
+            continue;
+        }
+        if let Some(parent) = path.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let tmp = path.with_extension("kedge-tmp");
+        if let Err(e) = std::fs::write(&tmp, contents).and_then(|_| std::fs::rename(&tmp, &path)) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write a volume file");
+        }
+    }
+}
+
+impl Runtime for ProcessRuntime {
+    fn ensure(&self, pod: &PodRun) {
+        let mut pods = self.lock();
+        if let Some(entry) = pods.get_mut(&pod.id) {
+            if entry.files != pod.files {
+                write_files(&pod.root, &pod.files);
+                entry.files = pod.files.clone();
+            }
+            return;
+        }
+        let _ = std::fs::create_dir_all(&pod.root);
+        write_files(&pod.root, &pod.files);
+        let stop = CancellationToken::new();
+        let grace = Arc::new(Mutex::new(Duration::from_secs(30)));
+        let live = Arc::new(AtomicUsize::new(pod.containers.len()));
+        let mut statuses = Vec::new();
+        for container in &pod.containers {
+            let status = Arc::new(Mutex::new(ContainerStatus {
+                name: container.name.clone(),
+                image: container.image.clone(),
+                state: ContainerState::Waiting {
+                    reason: "ContainerCreating".into(),
+                    message: String::new(),
+                },
+                last_termination: None,
+                restart_count: 0,
+            }));
+            statuses.push(status.clone());
+            let supervisor = Supervisor {
+                container: container.clone(),
+                root: pod.root.clone(),
+                log: pod
+                    .root
+                    .parent()
+                    .unwrap_or(&pod.root)
+                    .join(format!("{}.log", container.name)),
+                hostname: pod.id.rsplit('/').next().unwrap_or_default().to_owned(),
+                policy: pod.restart_policy,
+                status,
+                stop: stop.clone(),
+                grace: grace.clone(),
+            };
+            let live = live.clone();
+            tokio::spawn(async move {
+                supervisor.run().await;
+                live.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+        pods.insert(
+            pod.id.clone(),
+            PodEntry {
+                statuses,
+                stop,
+                grace,
+                live,
+                files: pod.files.clone(),
+            },
+        );
+    }
+
+    fn stop(&self, id: &str, grace: Duration) {
+        if let Some(entry) = self.lock().get(id) {
+            if !entry.stop.is_cancelled() {
+                *entry.grace.lock().unwrap_or_else(|p| p.into_inner()) = grace;
+                entry.stop.cancel();
+            }
+        }
+    }
+
+    fn status(&self, id: &str) -> Option<Vec<ContainerStatus>> {
+        self.lock().get(id).map(|entry| {
+            entry
+                .statuses
+                .iter()
+                .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                .collect()
+        })
+    }
+
+    fn reap(&self, id: &str) -> bool {
+        let mut pods = self.lock();
+        match pods.get(id) {
+            None => true,
+            Some(entry) if entry.stop.is_cancelled() && entry.live.load(Ordering::Acquire) == 0 => {
+                pods.remove(id);
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    fn pods(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    fn shutdown(&self, grace: Duration) {
+        for id in self.pods() {
+            self.stop(&id, grace);
+        }
+    }
+}
+
+struct Supervisor {
+    container: ContainerRun,
+    root: PathBuf,
+    log: PathBuf,
+    hostname: String,
+    policy: RestartPolicy,
+    status: Arc<Mutex<ContainerStatus>>,
+    stop: CancellationToken,
+    grace: Arc<Mutex<Duration>>,
+}
+
+impl Supervisor {
+    fn set_state(&self, state: ContainerState) {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).state = state;
+    }
+
+    fn command(&self) -> std::io::Result<tokio::process::Command> {
+        let argv = &self.container.argv;
+        let mut command = tokio::process::Command::new(&argv[0]);
+        command.args(&argv[1..]);
+        command.env_clear();
+        command.env("PATH", PATH);
+        command.env("HOSTNAME", &self.hostname);
+        command.env("KEDGE_POD_ROOT", &self.root);
+        command.envs(self.container.env.iter().map(|(k, v)| (k, v)));
+        command.current_dir(&self.root);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        command.stdout(log.try_clone()?);
+        command.stderr(log);
+        command.stdin(std::process::Stdio::null());
+        command.process_group(0);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(command)
+    }
+
+    /// Waits out `delay` unless stopped first; returns whether it was stopped.
+    async fn wait_or_stop(&self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => false,
+            _ = self.stop.cancelled() => true,
+        }
+    }
+
+    async fn run(self) {
+        if self.container.argv.is_empty() {
+            self.set_state(ContainerState::Waiting {
+                reason: "ContainerCannotRun".into(),
+                message: "the process runtime runs spec.containers[].command; images are not \
+                          pulled, so a container needs a command"
+                    .into(),
+            });
+            self.stop.cancelled().await;
+            return;
+        }
+        let mut backoff = INITIAL_BACKOFF;
+        loop {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            let spawned = self.command().and_then(|mut c| c.spawn());
+            let mut child = match spawned {
+                Ok(child) => child,
+                Err(e) => {
+                    self.set_state(ContainerState::Waiting {
+                        reason: "RunContainerError".into(),
+                        message: format!("{}: {e}", self.container.argv[0]),
+                    });
+                    if self.wait_or_stop(backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            let started = Instant::now();
+            let started_at = object::now_rfc3339();
+            self.set_state(ContainerState::Running {
+                started_at: started_at.clone(),
+            });
+            let (exit, stopped) = tokio::select! {
+                exit = child.wait() => (exit, false),
+                _ = self.stop.cancelled() => (self.terminate(&mut child).await, true),
+            };
+            let code = match exit {
+                Ok(status) => status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+                Err(_) => 255,
+            };
+            let terminated = Terminated {
+                exit_code: code,
+                reason: if code == 0 { "Completed" } else { "Error" }.into(),
+                started_at,
+                finished_at: object::now_rfc3339(),
+            };
+            {
+                let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                status.state = ContainerState::Terminated(terminated.clone());
+                status.last_termination = Some(terminated);
+            }
+            if stopped || !self.policy.restarts(code) {
+                return;
+            }
+            if started.elapsed() >= MAX_BACKOFF {
+                backoff = INITIAL_BACKOFF;
+            }
+            {
+                let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                status.restart_count += 1;
+                status.state = ContainerState::Waiting {
+                    reason: "CrashLoopBackOff".into(),
+                    message: format!("back-off {backoff:?} restarting the container"),
+                };
+            }
+            if self.wait_or_stop(backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// SIGTERM to the process group, SIGKILL after the grace period.
+    async fn terminate(
+        &self,
+        child: &mut tokio::process::Child,
+    ) -> std::io::Result<std::process::ExitStatus> {
+        let grace = *self.grace.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pid) = child.id() {
+            // SAFETY: plain syscall; a negative pid addresses the group the child leads.
+            unsafe { libc::kill(-(pid as i32), libc::SIGTERM) };
+        }
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(exit) => exit,
+            Err(_) => {
+                if let Some(pid) = child.id() {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+                }
+                child.wait().await
+            }
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! EdgeHub: the node's link to the cloud. Downstream sync messages are applied through
+//! MetaManager in batches (one commit, one fsync per batch) and acknowledged only once durable;
+//! the outbox goes upward; the link reconnects by itself with jittered backoff (transport).
+
+use std::sync::Arc;
+
+use replication::sync::wire::{self, Parts};
+use tokio_util::sync::CancellationToken;
+use transport::{Link, LinkEvent, Message, Route};
+
+use crate::meta::MetaManager;
+
+/// Messages applied per commit at most (bounds the latency of the first ack in a large sync).
+const MAX_BATCH: usize = 512;
+
+/// Runs until `shutdown` or until the link closes.
+pub async fn run(mut link: Link, meta: Arc<MetaManager>, shutdown: CancellationToken) {
+    loop {
+        let first = tokio::select! {
+            event = link.next_event() => match event {
+                Some(event) => Some(event),
+                None => return,
+            },
+            _ = meta.outbox_ready() => None,
+            _ = shutdown.cancelled() => return,
+        };
+        let mut events: Vec<LinkEvent> = first.into_iter().collect();
+        while events.len() < MAX_BATCH {
+            match link.try_next_event() {
+                Some(event) => events.push(event),
+                None => break,
+            }
+        }
+        let mut last_seq = None;
+        let mut requests = Vec::new();
+        {
+            let mut replica = meta.replica();
+            for event in events {
+                match event {
+                    LinkEvent::Connected {
+                        peer_stream_new,
+                        peer_forgot_our_stream,
+                    } => {
+                        meta.set_online(true);
+                        if peer_stream_new || peer_forgot_our_stream {
+                            // A new sync session: say what we hold (hello with watermark).
+                            replica.link_down();
+                            if let Err(e) = replica.link_up() {
+                                tracing::error!(error = %e, "cannot commit before the hello");
+                            }
+                        }
+                    }
+                    LinkEvent::Disconnected { .. } => {
+                        meta.set_online(false);
+                        replica.link_down();
+                    }
+                    LinkEvent::Message(delivery) => {
+                        match wire::decode_down(Parts::of(&delivery.message)) {
+                            Ok(down) => {
+                                if let Err(e) = replica.receive(down) {
+                                    tracing::warn!(error = %e, "sync message out of protocol");
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "undecodable message from the cloud")
+                            }
+                        }
+                        last_seq = Some(delivery.seq);
+                    }
+                    LinkEvent::Request(request) => requests.push(request),
+                }
+            }
+            match replica.flush() {
+                Ok(()) => {
+                    if let Some(seq) = last_seq {
+                        link.ack(seq);
+                    }
+                }
+                Err(e) => {
+                    // Nothing is acked: the cloud resends after the next hello.
+                    tracing::error!(error = %e, "cannot commit synced objects; will resync");
+                }
+            }
+        }
+        for request in requests {
+            let answer = Message::response_to(
+                &request.message.to_message().header,
+                Route {
+                    source: "edgehub".into(),
+                    group: "error".into(),
+                    operation: "response".into(),
+                    resource: String::new(),
+                },
+                "this node serves no requests yet",
+            );
+            let _ = request.respond(&answer).await;
+        }
+        send_upward(&link, &meta).await;
+    }
+}
+
+/// Sends what the sync state machine has for the cloud (hello, acks, digests, reports).
+async fn send_upward(link: &Link, meta: &MetaManager) {
+    loop {
+        let up = meta.replica().poll_transmit();
+        let Some(up) = up else { return };
+        // Queued in the link's window, kept across reconnects until the cloud acks it; waits
+        // only while the window is full.
+        if link.handle().send(&wire::encode_up(&up)).await.is_err() {
+            return; // the link is closed: edgecore is stopping
+        }
+    }
+}
