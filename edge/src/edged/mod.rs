@@ -225,8 +225,6 @@ pub fn pod_status(held: &Value, policy: RestartPolicy, containers: &[ContainerSt
         } else {
             "Running"
         }
-    } else if all_running && !containers.is_empty() {
-        "Running"
     } else if containers
         .iter()
         .any(|c| matches!(c.state, ContainerState::Running { .. }) || c.restart_count > 0)
