@@ -7,6 +7,32 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// A workspace binary: cargo's path when this test belongs to its package, otherwise next to
+/// this test's executable's directory (`target/<profile>/`), where `cargo test --workspace`
+/// builds every member's binaries.
+pub fn binary(name: &str) -> PathBuf {
+    let own = match name {
+        "cloudcore" => option_env!("CARGO_BIN_EXE_cloudcore"),
+        "edgecore" => option_env!("CARGO_BIN_EXE_edgecore"),
+        _ => None,
+    };
+    if let Some(path) = own {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --bins` (or `cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
+
 /// A free loopback port (bound and released; good enough for tests on one machine).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -65,7 +91,7 @@ impl CloudProcess {
         quic_port: u16,
         extra: &[&str],
     ) -> CloudProcess {
-        let child = Command::new(env!("CARGO_BIN_EXE_cloudcore"))
+        let child = Command::new(binary("cloudcore"))
             .args(extra)
             .arg("--data-dir")
             .arg(data_dir)

@@ -1,0 +1,350 @@
+//! edgecore end to end: the real cloudcore and edgecore binaries on loopback, real processes
+//! for pods, real kubectl against both APIs.
+
+#[path = "../../cloud/tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{binary, free_port, kubectl, CloudProcess};
+
+struct EdgeProcess {
+    child: Child,
+    metaserver: String,
+}
+
+fn edge_command(cloud: &CloudProcess, node: &str, dir: &Path, port: u16) -> Command {
+    let mut command = Command::new(binary("edgecore"));
+    command
+        .arg("--node-name")
+        .arg(node)
+        .arg("--cloud")
+        .arg(format!("127.0.0.1:{}", cloud.quic_port))
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--metaserver-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn");
+    command
+}
+
+impl EdgeProcess {
+    /// Starts edgecore and waits until its MetaServer answers.
+    fn start(cloud: &CloudProcess, node: &str, dir: &Path, port: u16, token: Option<&str>) -> Self {
+        let mut command = edge_command(cloud, node, dir, port);
+        if let Some(token) = token {
+            command.arg("--token").arg(token);
+        }
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start edgecore");
+        let edge = EdgeProcess {
+            child,
+            metaserver: format!("http://127.0.0.1:{port}"),
+        };
+        eventually("MetaServer answers", Duration::from_secs(15), || {
+            common::http_get(&format!("127.0.0.1:{port}"), "/healthz").is_some_and(|b| b == "ok")
+        });
+        edge
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Output {
+        kubectl(&self.metaserver, args, None)
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EdgeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < within,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("{what}: {:?}", start.elapsed());
+}
+
+fn token(cloud: &CloudProcess) -> String {
+    let out = Command::new(binary("cloudcore"))
+        .args(["token", "create", "--data-dir"])
+        .arg(&cloud.data_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn pid_alive(pid_file: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // A zombie is not running.
+    (!stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'))).then_some(pid)
+}
+
+const WORKLOAD: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: greeter}
+data: {greeting: hello}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: main
+    image: busybox
+    command: ["sh", "-c", "echo $$ > pid; echo \"$GREETING\" > env.txt; exec sleep 1000"]
+    env:
+    - name: GREETING
+      valueFrom: {configMapKeyRef: {name: greeter, key: greeting}}
+    volumeMounts:
+    - {name: config, mountPath: /etc/config}
+  volumes:
+  - name: config
+    configMap: {name: greeter}
+"#;
+
+#[test]
+fn a_pod_runs_on_the_edge_and_survives_cloud_and_edge_restarts() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let mut cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    let port = free_port();
+    let mut edge = EdgeProcess::start(&cloud, "edge-1", edge_dir.path(), port, Some(&token));
+
+    // The node joined and is Ready; the scheduler binds the pod to it; the process runs.
+    eventually("edge-1 Ready in the cloud", Duration::from_secs(30), || {
+        cloud.ok(&[
+            "get",
+            "node",
+            "edge-1",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+        ]) == "True"
+    });
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], WORKLOAD)
+        .status
+        .success());
+    let root = edge_dir.path().join("pods/default_web/root");
+    eventually(
+        "the pod Running in the cloud API",
+        Duration::from_secs(30),
+        || cloud.ok(&["get", "pod", "web", "-o", "jsonpath={.status.phase}"]) == "Running",
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("env.txt")).unwrap(),
+        "hello\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/config/greeting")).unwrap(),
+        "hello"
+    );
+    let first_pid = pid_alive(&root.join("pid")).expect("the container process runs");
+    assert_eq!(
+        cloud.ok(&["get", "pod", "web", "-o", "jsonpath={.spec.nodeName}"]),
+        "edge-1"
+    );
+
+    // kubectl against MetaServer sees the node's slice.
+    let pods = stdout(&edge.kubectl(&["get", "pods"]));
+    assert!(pods.contains("web") && pods.contains("Running"), "{pods}");
+    let cm = stdout(&edge.kubectl(&[
+        "get",
+        "configmap",
+        "greeter",
+        "-o",
+        "jsonpath={.data.greeting}",
+    ]));
+    assert_eq!(cm, "hello");
+
+    // A ConfigMap change reaches the volume file.
+    cloud.ok(&[
+        "patch",
+        "configmap",
+        "greeter",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"greeting":"bonjour"}}"#,
+    ]);
+    eventually("the volume file updated", Duration::from_secs(20), || {
+        std::fs::read_to_string(root.join("etc/config/greeting")).is_ok_and(|g| g == "bonjour")
+    });
+
+    // The cloud goes away: the pod keeps running and MetaServer keeps serving; other writes
+    // get a clear 503.
+    cloud.kill9();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(pid_alive(&root.join("pid")), Some(first_pid));
+    let pods = stdout(&edge.kubectl(&["get", "pods"]));
+    assert!(pods.contains("web"), "{pods}");
+    eventually(
+        "MetaServer knows it is offline",
+        Duration::from_secs(40),
+        || {
+            let out = edge.kubectl(&["create", "configmap", "offline-test", "--from-literal=a=b"]);
+            String::from_utf8_lossy(&out.stderr).contains("offline")
+        },
+    );
+
+    // edgecore killed and restarted with no cloud: the pod runs again, MetaServer answers fast.
+    edge.kill9();
+    eventually(
+        "the container died with edgecore",
+        Duration::from_secs(5),
+        || pid_alive(&root.join("pid")) != Some(first_pid),
+    );
+    let restarted = Instant::now();
+    edge = EdgeProcess::start(&cloud, "edge-1", edge_dir.path(), port, None);
+    assert!(
+        restarted.elapsed() < Duration::from_secs(5),
+        "MetaServer answered after {:?}",
+        restarted.elapsed()
+    );
+    eventually(
+        "the pod running again offline",
+        Duration::from_secs(10),
+        || pid_alive(&root.join("pid")).is_some_and(|p| p != first_pid),
+    );
+    let offline_started = stdout(&edge.kubectl(&[
+        "get",
+        "pod",
+        "web",
+        "-o",
+        "jsonpath={.status.containerStatuses[0].state.running.startedAt}",
+    ]));
+    assert!(!offline_started.is_empty());
+
+    // The cloud returns: the status made offline arrives.
+    cloud.restart_after_kill9(&[]);
+    eventually(
+        "the offline status in the cloud",
+        Duration::from_secs(40),
+        || {
+            cloud.ok(&[
+                "get",
+                "pod",
+                "web",
+                "-o",
+                "jsonpath={.status.containerStatuses[0].state.running.startedAt}",
+            ]) == offline_started
+        },
+    );
+
+    // Deleting the pod stops the process; the node confirms and the pod goes away.
+    let pid = pid_alive(&root.join("pid")).unwrap();
+    cloud.ok(&["delete", "pod", "web", "--wait=false"]);
+    eventually("the process stopped", Duration::from_secs(20), || {
+        pid_alive(&root.join("pid")) != Some(pid)
+    });
+    eventually(
+        "the pod gone from the cloud",
+        Duration::from_secs(20),
+        || !cloud.kubectl(&["get", "pod", "web"]).status.success(),
+    );
+}
+
+#[test]
+fn bad_tokens_other_nodes_data_and_garbage_get_clear_errors() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let good = token(&cloud);
+    let run = |node: &str, dir: &Path, token: Option<&str>| -> Output {
+        let mut command = edge_command(&cloud, node, dir, free_port());
+        if let Some(token) = token {
+            command.arg("--token").arg(token);
+        }
+        command.output().unwrap()
+    };
+    let stderr = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+
+    // A token with the right CA pin and a wrong secret: refused by the cloud.
+    let dir = tempfile::tempdir().unwrap();
+    let mut parts: Vec<&str> = good.split('.').collect();
+    parts[3] = "wrongsecret";
+    let out = run("edge-1", dir.path(), Some(&parts.join(".")));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("refused") && stderr(&out).contains("unknown token"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A token pinning another CA: the node does not trust this cloud.
+    let other = format!("kedge1.{}.abc123.secret", "00".repeat(32));
+    let out = run("edge-1", dir.path(), Some(&other));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("does not present the CA the token pins"),
+        "{}",
+        stderr(&out)
+    );
+
+    // No token on a first start.
+    let out = run("edge-1", dir.path(), None);
+    assert!(stderr(&out).contains("pass --token"), "{}", stderr(&out));
+
+    // edge-1 joins; another machine claiming to be edge-1 is refused.
+    let port = free_port();
+    let _edge = EdgeProcess::start(&cloud, "edge-1", dir.path(), port, Some(&good));
+    let impostor = tempfile::tempdir().unwrap();
+    let out = run("edge-1", impostor.path(), Some(&good));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already joined"), "{}", stderr(&out));
+
+    // A data dir of another node.
+    let out = run("edge-2", dir.path(), Some(&good));
+    assert!(
+        stderr(&out).contains("belongs to node \"edge-1\""),
+        "{}",
+        stderr(&out)
+    );
+
+    // Garbage on MetaServer's port: an HTTP 400, and it keeps serving.
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(b"\x16\x03\x01garbage\r\n\r\n").unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    assert!(
+        response.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&response)
+    );
+    assert!(common::http_get(&format!("127.0.0.1:{port}"), "/healthz").is_some_and(|b| b == "ok"));
+}
