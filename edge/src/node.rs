@@ -163,17 +163,22 @@ pub async fn run(meta: Arc<MetaManager>, config: NodeStatusConfig, shutdown: Can
     let Ok(lease_key) = ObjectKey::new("leases", "kube-node-lease", meta.node()) else {
         return;
     };
-    let mut tick = tokio::time::interval(config.lease_period);
+    // Checked every second so that the first status goes up as soon as the Node arrives.
+    let mut tick = tokio::time::interval(Duration::from_secs(1).min(config.lease_period));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_lease: Option<Instant> = None;
     let mut last_status: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let lease = Bytes::from(object::to_stored(renewed_lease(&meta, &lease_key)));
-        if let Err(e) = meta.report(lease_key.clone(), lease) {
-            tracing::warn!(error = %e, "cannot queue the lease renewal");
+        if last_lease.is_none_or(|t| t.elapsed() >= config.lease_period) {
+            let lease = Bytes::from(object::to_stored(renewed_lease(&meta, &lease_key)));
+            match meta.report(lease_key.clone(), lease) {
+                Ok(()) => last_lease = Some(Instant::now()),
+                Err(e) => tracing::warn!(error = %e, "cannot queue the lease renewal"),
+            }
         }
         let due = last_status.is_none_or(|t| t.elapsed() >= config.status_period);
         if report_status(&meta, &config, due) {

@@ -203,6 +203,14 @@ fn a_pod_runs_on_the_edge_and_survives_cloud_and_edge_restarts() {
         std::fs::read_to_string(root.join("etc/config/greeting")).is_ok_and(|g| g == "bonjour")
     });
 
+    let online_started = cloud.ok(&[
+        "get",
+        "pod",
+        "web",
+        "-o",
+        "jsonpath={.status.containerStatuses[0].state.running.startedAt}",
+    ]);
+
     // The cloud goes away: the pod keeps running and MetaServer keeps serving; other writes
     // get a clear 503.
     cloud.kill9();
@@ -238,14 +246,24 @@ fn a_pod_runs_on_the_edge_and_survives_cloud_and_edge_restarts() {
         Duration::from_secs(10),
         || pid_alive(&root.join("pid")).is_some_and(|p| p != first_pid),
     );
-    let offline_started = stdout(&edge.kubectl(&[
-        "get",
-        "pod",
-        "web",
-        "-o",
-        "jsonpath={.status.containerStatuses[0].state.running.startedAt}",
-    ]));
-    assert!(!offline_started.is_empty());
+    let started_at = |edge: &EdgeProcess| {
+        stdout(&edge.kubectl(&[
+            "get",
+            "pod",
+            "web",
+            "-o",
+            "jsonpath={.status.containerStatuses[0].state.running.startedAt}",
+        ]))
+    };
+    let mut offline_started = String::new();
+    eventually(
+        "the new start in MetaServer",
+        Duration::from_secs(10),
+        || {
+            offline_started = started_at(&edge);
+            !offline_started.is_empty() && offline_started != online_started
+        },
+    );
 
     // The cloud returns: the status made offline arrives.
     cloud.restart_after_kill9(&[]);
