@@ -1,34 +1,45 @@
 #!/usr/bin/env bash
-# The main job: cloudcore with its embedded Kubernetes-compatible API server, a sample workload
-# applied with kubectl, a bootstrap token for edge nodes, and how to point kubectl at it.
+# The main job: cloudcore with its embedded Kubernetes-compatible API server, three edgecores
+# on this machine that join it with a bootstrap token, a sample workload (a namespace, a
+# ConfigMap and three pods) applied with kubectl, and how to look at it from the cloud and from
+# an edge.
 #
 #   ./scripts/demo.sh            # runs until Ctrl-C; use kubectl meanwhile
-#   ./scripts/demo.sh --once     # shows everything, then stops cloudcore
+#   ./scripts/demo.sh --once     # shows everything, then stops
 #
-# Environment: KEDGE_DEMO_DIR (default /tmp/kedge-demo), KEDGE_API_PORT (default 6080).
+# Environment: KEDGE_DEMO_DIR (default /tmp/kedge-demo, wiped at start), KEDGE_API_PORT
+# (default 6080). Edge MetaServers listen on 127.0.0.1:10551..10553.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 once=false
 for arg in "$@"; do
   case "$arg" in
     --once) once=true ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
 scripts/setup.sh
-cargo build --release -q -p cloud --bin cloudcore
+cargo build --release -q -p cloud --bin cloudcore -p edge --bin edgecore
 target_dir="${CARGO_TARGET_DIR:-target}"
 cloudcore="$target_dir/release/cloudcore"
+edgecore="$target_dir/release/edgecore"
 
 dir="${KEDGE_DEMO_DIR:-/tmp/kedge-demo}"
 port="${KEDGE_API_PORT:-6080}"
+rm -rf "$dir"
 mkdir -p "$dir"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
 "$cloudcore" --data-dir "$dir/cloud" --api-listen "127.0.0.1:$port" \
   --metrics-listen "127.0.0.1:$((port + 3011))" --quic-listen 127.0.0.1:10001 \
   2> "$dir/cloudcore.log" &
 cloud_pid=$!
-trap 'kill "$cloud_pid" 2>/dev/null; wait "$cloud_pid" 2>/dev/null || true' EXIT
+pids+=("$cloud_pid")
 
 cat > "$dir/kubeconfig" <<KUBECONFIG
 apiVersion: v1
@@ -52,28 +63,47 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
+token=$("$cloudcore" token create --data-dir "$dir/cloud" --ttl 1h | tail -n 1)
+for i in 1 2 3; do
+  "$edgecore" --node-name "edge-$i" --cloud 127.0.0.1:10001 --token "$token" \
+    --data-dir "$dir/edge-$i" --metaserver-listen "127.0.0.1:$((10550 + i))" \
+    2> "$dir/edge-$i.log" &
+  pids+=("$!")
+done
+echo "== three edge nodes join with a bootstrap token"
+kubectl wait --for=condition=Ready node/edge-1 node/edge-2 node/edge-3 --timeout=60s
+kubectl get nodes -o wide
+echo
 echo "== kubectl apply -f examples/sample-workload.yaml"
 kubectl apply -f examples/sample-workload.yaml
+kubectl wait --for=condition=Ready pod --all --timeout=60s
 echo
-echo "== kubectl get namespaces,configmaps,pods"
-kubectl get namespaces
-kubectl get configmaps,pods -o wide
+echo "== from the cloud: kubectl get pods -o wide"
+kubectl get pods -o wide
 echo
-token=$("$cloudcore" token create --data-dir "$dir/cloud" --ttl 1h | tail -n 1)
+echo "== from edge-1's MetaServer: kubectl --server http://127.0.0.1:10551 get pods -A"
+kubectl --kubeconfig /dev/null --server http://127.0.0.1:10551 get pods -A
+echo
+node=$(kubectl get pod greeter-1 -o jsonpath='{.spec.nodeName}')
+echo "== greeter-1 runs on $node as a process; its output:"
+sleep 1
+cat "$dir/$node/pods/demo_greeter-1/greeter.log"
 cat <<EOF2
-cloudcore is serving the Kubernetes API on http://127.0.0.1:$port (state in $dir/cloud).
-Point kubectl at it:
+
+cloudcore serves the Kubernetes API on http://127.0.0.1:$port (state in $dir/cloud); three
+edgecores run the pods as local processes (state in $dir/edge-N, logs in $dir/*.log).
 
     export KUBECONFIG=$dir/kubeconfig
-    kubectl get pods -o wide        # namespace "demo"
-    kubectl get pods -w             # watch
+    kubectl get nodes,pods -o wide                                   # from the cloud
+    kubectl --kubeconfig /dev/null --server http://127.0.0.1:10551 get pods -A   # from edge-1
+    kubectl patch configmap greeter-config -p '{"data":{"greeting":"bonjour"}}'
+    cat $dir/*/pods/demo_greeter-3/root/etc/greeter/greeting          # updated on the edge
+    kubectl delete pod greeter-2                                      # stops its process
 
-Bootstrap token for edge nodes (valid 1h): $token
-Edge nodes: edgecore is not built yet (issue 6); until a Ready edge node joins, the sample pods
-stay Pending (kubectl describe pod greeter-1 shows why). Metrics: http://127.0.0.1:$((port + 3011))/metrics
+Metrics: http://127.0.0.1:$((port + 3011))/metrics
 EOF2
 if $once; then
   exit 0
 fi
-echo "Ctrl-C stops cloudcore."
+echo "Ctrl-C stops everything."
 wait "$cloud_pid"

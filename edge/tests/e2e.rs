@@ -220,7 +220,7 @@ fn a_pod_runs_on_the_edge_and_survives_cloud_and_edge_restarts() {
     assert!(pods.contains("web"), "{pods}");
     eventually(
         "MetaServer knows it is offline",
-        Duration::from_secs(40),
+        Duration::from_secs(60),
         || {
             let out = edge.kubectl(&["create", "configmap", "offline-test", "--from-literal=a=b"]);
             String::from_utf8_lossy(&out.stderr).contains("offline")
