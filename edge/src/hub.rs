@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use replication::sync::wire::{self, Parts};
+use replication::sync::EdgeError;
 use tokio_util::sync::CancellationToken;
 use transport::{Link, LinkEvent, Message, Route};
 
@@ -57,8 +58,13 @@ pub async fn run(mut link: Link, meta: Arc<MetaManager>, shutdown: CancellationT
                     LinkEvent::Message(delivery) => {
                         match wire::decode_down(Parts::of(&delivery.message)) {
                             Ok(down) => {
-                                if let Err(e) = replica.receive(down) {
-                                    tracing::warn!(error = %e, "sync message out of protocol");
+                                match replica.receive(down) {
+                                    Ok(()) => {}
+                                    // The cloud replaying its window from before our restart:
+                                    // expected, and superseded by the session our hello starts.
+                                    Err(EdgeError::NoSession) => {
+                                        tracing::debug!("object message from a previous session")
+                                    }
                                 }
                             }
                             Err(e) => {

@@ -366,3 +366,76 @@ fn bad_tokens_other_nodes_data_and_garbage_get_clear_errors() {
     );
     assert!(common::http_get(&format!("127.0.0.1:{port}"), "/healthz").is_some_and(|b| b == "ok"));
 }
+
+#[test]
+fn edgecore_killed_in_the_middle_of_a_large_sync_loses_nothing() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    const PODS: usize = 300;
+    let workload: String = (0..PODS)
+        .map(|i| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}}}\nspec:\n  nodeName: edge-1\n  containers: [{{name: c, image: busybox, command: [sleep, '1000']}}]\n"
+            )
+        })
+        .collect();
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], &workload)
+        .status
+        .success());
+
+    let port = free_port();
+    let cached = |port: u16| {
+        let out = kubectl(
+            &format!("http://127.0.0.1:{port}"),
+            &["get", "pods", "-o", "name"],
+            None,
+        );
+        stdout(&out).lines().count()
+    };
+    let spawn = |token: Option<&str>| {
+        let mut command = edge_command(&cloud, "edge-1", edge_dir.path(), port);
+        command.args(["--runtime", "hollow"]);
+        if let Some(token) = token {
+            command.arg("--token").arg(token);
+        }
+        command
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn(Some(&token));
+    // Kill it as soon as part of the sync is cached.
+    eventually("part of the sync cached", Duration::from_secs(30), || {
+        common::http_get(&format!("127.0.0.1:{port}"), "/api/v1/pods")
+            .is_some_and(|b| b.contains("\"name\":\"p"))
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut child = spawn(None);
+    eventually(
+        "every pod cached after the restart",
+        Duration::from_secs(60),
+        || cached(port) == PODS,
+    );
+    eventually(
+        "every pod Running in the cloud",
+        Duration::from_secs(60),
+        || {
+            let out = cloud.ok(&[
+                "get",
+                "pods",
+                "--field-selector",
+                "status.phase=Running",
+                "-o",
+                "name",
+            ]);
+            out.lines().count() == PODS
+        },
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
