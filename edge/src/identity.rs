@@ -135,7 +135,8 @@ pub fn parse_pin(token: &str) -> anyhow::Result<[u8; 32]> {
         return Err(malformed());
     }
     let hex = parts.next().ok_or_else(malformed)?;
-    if hex.len() != 64 || parts.count() != 2 {
+    // ASCII first: the byte slicing below must not split a character of a mistyped token.
+    if hex.len() != 64 || !hex.is_ascii() || parts.count() != 2 {
         return Err(malformed());
     }
     let mut pin = [0u8; 32];
@@ -155,5 +156,7 @@ mod tests {
         assert_eq!(parse_pin(&token).unwrap(), [0xab; 32]);
         assert!(parse_pin("kedge1.zz.abc.secret").is_err());
         assert!(parse_pin("garbage").is_err());
+        let multibyte = format!("kedge1.{}é.abc.secret", "a".repeat(62));
+        assert!(parse_pin(&multibyte).is_err());
     }
 }
