@@ -5,6 +5,14 @@
 //! - the status (twin reports) of devices bound to it,
 //! - events about itself or its pods.
 //!
+//! What a node may read from the cloud (a get its MetaServer could not serve from the cache):
+//! - ConfigMaps, Services, Endpoints, EndpointSlices, Namespaces and DeviceModels by name (not
+//!   secret; from then on the object is routed to the node);
+//! - Secrets, PVCs, pods, devices, its Node and Lease only when they are routed to it already
+//!   (a Secret only when one of the node's pods references it, like Kubernetes' node
+//!   authorizer);
+//! - nothing else, and no lists or watches (the node's MetaServer serves those from its cache).
+//!
 //! Everything else is refused with a reason the node logs and cloudcore counts. Pure functions:
 //! the caller supplies the current object and applies the decision.
 
@@ -141,6 +149,44 @@ pub fn authorize(
     }
 }
 
+/// How an allowed read is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// Already routed to the node: answer it.
+    Routed,
+    /// Answer it, and route it to the node from now on.
+    Subscribe,
+}
+
+/// Kinds any node may read by name.
+const OPEN_READ_KINDS: &[&str] = &[
+    "configmaps",
+    "services",
+    "endpoints",
+    "endpointslices",
+    "namespaces",
+    "devicemodels",
+];
+
+/// Decides whether `node` may get `key` from the cloud; `routed`: it is routed to the node now.
+pub fn authorize_read(node: &str, key: &ObjectKey, routed: bool) -> Result<Read, Refusal> {
+    if routed {
+        return Ok(Read::Routed);
+    }
+    if OPEN_READ_KINDS.contains(&key.kind()) {
+        return Ok(Read::Subscribe);
+    }
+    Err(Refusal {
+        node: node.to_owned(),
+        key: key.as_str().to_owned(),
+        reason: format!(
+            "nodes may read {} only when it is routed to them (referenced by their pods, or \
+             their own)",
+            key.kind()
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,5 +297,21 @@ mod tests {
         assert!(authorize("n1", &k, None, Some(&ev("Node", "n1", ""))).is_ok());
         assert!(authorize("n1", &k, None, Some(&ev("Pod", "p", "n1"))).is_ok());
         assert!(authorize("n1", &k, None, Some(&ev("Pod", "p", "n2"))).is_err());
+    }
+
+    #[test]
+    fn reads_of_secrets_only_when_routed() {
+        assert_eq!(
+            authorize_read("n1", &key("configmaps/d/c"), false),
+            Ok(Read::Subscribe)
+        );
+        let err = authorize_read("n1", &key("secrets/d/s"), false).unwrap_err();
+        assert!(err.to_string().contains("only when it is routed"), "{err}");
+        assert_eq!(
+            authorize_read("n1", &key("secrets/d/s"), true),
+            Ok(Read::Routed)
+        );
+        assert!(authorize_read("n1", &key("events/d/e"), false).is_err());
+        assert!(authorize_read("n1", &key("nodes//n2"), false).is_err());
     }
 }

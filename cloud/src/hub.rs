@@ -12,16 +12,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use replication::api::object::{self, Object};
+use replication::api::remote::{classify, ApiCall, ApiReply};
+use replication::api::{ApiError, Verb};
 use replication::sync::wire::{self, Parts};
 use replication::sync::{persist, FeedConfig, NodeFeed, Report, Up};
 use replication::{
     Change, ChangeKind, KeyRange, ObjectKey, Precondition, SharedChange, Store, WriteSet,
 };
 use tokio::sync::mpsc;
-use transport::{EncodedMessage, LinkEvent, LinkHandle};
+use transport::{EncodedMessage, IncomingRequest, LinkEvent, LinkHandle};
 
-use crate::authz::{self, Decision};
+use crate::authz::{self, Decision, Read};
 use crate::metrics::Metrics;
+use crate::node_api::{self, NodeApiPolicy};
 use crate::policy::ConnectedNodes;
 use crate::routing::{Action, Route, RoutingIndex, Target, SERVICE_KINDS};
 
@@ -91,6 +94,18 @@ impl HubCore {
     /// Routes everything already in the store (at start). Returns the revision it read at.
     pub fn bootstrap(&mut self) -> u64 {
         let revision = self.store.revision();
+        match persist::load_interests(&self.store) {
+            Ok(interests) => {
+                for (node, key) in interests {
+                    self.routing.add_interest(&node, &key);
+                    if let Some(current) = self.current(&key) {
+                        let node: Arc<str> = node.into();
+                        self.want(&node, &current);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "interest records unreadable; nodes ask again"),
+        }
         for kind in ["nodes", "leases", "pods"] {
             let Ok(range) = KeyRange::kind(kind) else {
                 continue;
@@ -155,6 +170,9 @@ impl HubCore {
                     self.want(&route.node, &current);
                 }
             }
+            // A node that asked for the object keeps it when its last pod stops referencing it.
+            (Target::Object(key), Action::Drop) if self.routing.is_interested(&route.node, key) => {
+            }
             (Target::Object(key), Action::Drop) => {
                 let rv = self
                     .store
@@ -182,6 +200,7 @@ impl HubCore {
                                 ));
                                 self.want(&route.node, &c);
                             }
+                            Action::Drop if self.routing.is_interested(&route.node, &key) => {}
                             Action::Drop => self.drop_key(&route.node, &key, v.rv),
                         }
                     }
@@ -262,11 +281,82 @@ impl HubCore {
                     link.ack(delivery.seq);
                 }
             }
-            LinkEvent::Request(request) => {
-                tracing::debug!(%node, route = ?request.message.route().operation.as_str(), "request not served yet");
-            }
+            LinkEvent::Request(request) => self.on_request(node, request),
         }
         self.dirty.insert(node.clone());
+    }
+
+    /// A call the node's MetaServer forwarded: reads are authorized here (by what is routed
+    /// to the node), writes at commit by [`NodeApiPolicy`]; served off this loop.
+    fn on_request(&mut self, node: &Arc<str>, request: IncomingRequest) {
+        let header = request.message.to_message().header;
+        let call = match ApiCall::from_message(&request.message) {
+            Ok(call) => call,
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "malformed request from node");
+                let reply = ApiReply::error(&ApiError::bad_request(e.to_string()));
+                tokio::spawn(async move {
+                    let _ = request
+                        .respond(&reply.to_message(&header, "cloudhub"))
+                        .await;
+                });
+                return;
+            }
+        };
+        let uri = call.uri.parse().unwrap_or_default();
+        let refused = match classify(&call.method, &uri) {
+            Some(target) if target.verb == Verb::Get => match target.key() {
+                Some(key) => {
+                    let routed = self.routing.holds(node, &key);
+                    match authz::authorize_read(node, &key, routed) {
+                        Ok(Read::Routed) => None,
+                        Ok(Read::Subscribe) => {
+                            self.subscribe(node, &key);
+                            None
+                        }
+                        Err(refusal) => {
+                            tracing::warn!(%node, %key, reason = %refusal.reason, "node read refused");
+                            Some(ApiError::forbidden(refusal.to_string()))
+                        }
+                    }
+                }
+                None => Some(ApiError::bad_request("not an object name")),
+            },
+            // Other verbs are judged by the policy (writes on their result).
+            _ => None,
+        };
+        let store = self.store.clone();
+        let policy = Arc::new(NodeApiPolicy {
+            node: node.clone(),
+            metrics: self.metrics.clone(),
+        });
+        tokio::spawn(async move {
+            let reply = match refused {
+                Some(error) => ApiReply::error(&error),
+                None => node_api::serve(store, policy, call).await,
+            };
+            if let Err(e) = request
+                .respond(&reply.to_message(&header, "cloudhub"))
+                .await
+            {
+                tracing::debug!(error = %e, "node went away before its reply");
+            }
+        });
+    }
+
+    /// Routes `key` to `node` from now on (it asked for it), and persists that.
+    fn subscribe(&mut self, node: &Arc<str>, key: &replication::ObjectKey) {
+        if !self.routing.add_interest(node, key) {
+            return;
+        }
+        let mut set = WriteSet::new();
+        persist::add_interest(&mut set, node, key);
+        if let Err(e) = self.store.commit(set) {
+            tracing::warn!(%node, %key, error = %e, "persisting an interest failed");
+        }
+        if let Some(current) = self.current(key) {
+            self.want(node, &current);
+        }
     }
 
     /// Applies a node's report if node authorization allows it; either way it is recorded as

@@ -7,6 +7,7 @@
 //! - [`pki`]: the cluster CA, the server certificate and bootstrap tokens;
 //! - [`join`]: nodes joining with a bootstrap token (certificate + Node object);
 //! - [`metrics`]: Prometheus metrics;
+//! - [`node_api`]: API calls forwarded by a node's MetaServer, under node authorization;
 //! - [`scheduler`]: binds pods without `nodeName` to a ready edge node;
 //! - [`lifecycle`]: node Ready/NotReady from leases;
 //! - [`server`]: wires it all together ([`server::CloudCore`]).
@@ -17,6 +18,7 @@ pub mod hub;
 pub mod join;
 pub mod lifecycle;
 pub mod metrics;
+pub mod node_api;
 pub mod pki;
 pub mod policy;
 pub mod routing;

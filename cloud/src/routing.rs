@@ -11,6 +11,9 @@
 //!   resolves services of its own namespace (and KubeEdge's EdgeMesh needs them for those), so
 //!   this serves local discovery while keeping a fleet of thousands of nodes from receiving
 //!   every service of the cluster; cross-namespace lookups go to the cloud as queries.
+//! - objects the node asked for (a get its MetaServer could not serve from the cache): from
+//!   then on they are routed like the rest, so the node's copy follows the cloud's (an
+//!   *interest*, kept until the node is removed; persisted beside ObjectSync).
 //!
 //! The index is sans-IO: [`RoutingIndex::observe`] takes one object change and returns the
 //! routes that changed; the caller turns them into feed updates.
@@ -65,6 +68,8 @@ pub struct RoutingIndex {
     references: HashMap<ObjectKey, HashMap<Arc<str>, u32>>,
     /// Namespace → node → number of that node's pods in it.
     namespaces: HashMap<String, HashMap<Arc<str>, u32>>,
+    /// Object → the nodes that asked for it.
+    interests: HashMap<ObjectKey, Vec<Arc<str>>>,
 }
 
 fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
@@ -188,8 +193,41 @@ impl RoutingIndex {
         n
     }
 
+    /// Records that `node` asked for `key`; true if it is new (the node does not hold it yet).
+    pub fn add_interest(&mut self, node: &str, key: &ObjectKey) -> bool {
+        let node = self.intern(node);
+        let nodes = self.interests.entry(key.clone()).or_default();
+        if nodes.contains(&node) {
+            return false;
+        }
+        nodes.push(node);
+        true
+    }
+
+    /// Whether `node` asked for `key` (it keeps the object even when no pod references it).
+    pub fn is_interested(&self, node: &str, key: &ObjectKey) -> bool {
+        self.interests
+            .get(key)
+            .is_some_and(|nodes| nodes.iter().any(|n| &**n == node))
+    }
+
+    /// Whether `key` is routed to `node` now.
+    pub fn holds(&self, node: &str, key: &ObjectKey) -> bool {
+        self.nodes_for(key).iter().any(|n| &**n == node)
+    }
+
     /// The nodes that hold `key` now (whose copy must follow its changes).
     pub fn nodes_for(&self, key: &ObjectKey) -> Vec<Arc<str>> {
+        let mut nodes = self.routed_nodes(key);
+        for node in self.interests.get(key).into_iter().flatten() {
+            if !nodes.contains(node) {
+                nodes.push(node.clone());
+            }
+        }
+        nodes
+    }
+
+    fn routed_nodes(&self, key: &ObjectKey) -> Vec<Arc<str>> {
         match key.kind() {
             "pods" => self
                 .pods

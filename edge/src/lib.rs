@@ -106,7 +106,9 @@ impl EdgeCore {
         let mut tasks = Vec::new();
 
         let policy = Arc::new(metaserver::EdgePolicy { meta: meta.clone() });
-        let router = ApiServer::new(meta.store().clone(), policy).router();
+        let router = ApiServer::new(meta.store().clone(), policy).router().layer(
+            axum::middleware::from_fn_with_state(meta.clone(), metaserver::forward_to_cloud),
+        );
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(listener, router)
@@ -120,6 +122,7 @@ impl EdgeCore {
         let client = transport::ClientConfig::new(config.cloud, identity::CLOUD_SERVER_NAME);
         let link = transport::connect(client, &credentials.ca, &credentials.identity)
             .context("starting the link to the cloud")?;
+        meta.set_link(link.handle().clone());
         tasks.push(tokio::spawn(hub::run(link, meta.clone(), shutdown.clone())));
 
         let mut status_config = config.node_status.clone();

@@ -4,12 +4,15 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use bytes::Bytes;
+use replication::api::remote::{ApiCall, ApiReply};
+use replication::api::ApiError;
 use replication::sync::{EdgeReplica, ReplicaError};
 use replication::{ObjectKey, Store, StoreConfig};
 use tokio::sync::Notify;
+use transport::{LinkError, LinkHandle};
 
 pub struct MetaManager {
     node: String,
@@ -18,6 +21,8 @@ pub struct MetaManager {
     /// Wakes EdgeHub when a report is queued.
     outbox_ready: Notify,
     online: AtomicBool,
+    /// The link to the cloud, for API calls MetaServer forwards.
+    link: OnceLock<LinkHandle>,
 }
 
 impl MetaManager {
@@ -31,6 +36,7 @@ impl MetaManager {
             replica: Mutex::new(replica),
             outbox_ready: Notify::new(),
             online: AtomicBool::new(false),
+            link: OnceLock::new(),
         }))
     }
 
@@ -76,5 +82,49 @@ impl MetaManager {
 
     pub(crate) fn set_online(&self, online: bool) {
         self.online.store(online, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_link(&self, link: LinkHandle) {
+        let _ = self.link.set(link);
+    }
+
+    /// Makes an API call in the cloud (a forwarded write, or a get the cache cannot answer).
+    /// Link failures become the `Status` a client should see.
+    pub async fn call_cloud(&self, call: ApiCall) -> Result<ApiReply, ApiError> {
+        let offline = || {
+            ApiError::unavailable(format!(
+                "node {} is offline: the cloud is unreachable, so {} {} cannot be served",
+                self.node, call.method, call.uri
+            ))
+        };
+        let link = self.link.get().ok_or_else(offline)?;
+        let response = match link.request(&call.to_message("metaserver")).await {
+            Ok(response) => response,
+            Err(LinkError::NotConnected) => return Err(offline()),
+            Err(LinkError::Timeout(after)) => {
+                return Err(ApiError::new(
+                    504,
+                    "Timeout",
+                    format!(
+                        "the cloud did not answer {} {} within {after:?}",
+                        call.method, call.uri
+                    ),
+                ))
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    502,
+                    "BadGateway",
+                    format!("the call to the cloud failed: {e}"),
+                ))
+            }
+        };
+        ApiReply::from_message(&response).map_err(|e| {
+            ApiError::new(
+                502,
+                "BadGateway",
+                format!("the cloud's reply is unreadable: {e}"),
+            )
+        })
     }
 }

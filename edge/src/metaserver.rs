@@ -5,15 +5,56 @@
 //! objects, lists and watch positions, so lists, watches, resumes and 410s behave exactly as
 //! against the cloud); they are not the cloud's numbers. Writes: the status of pods and of this
 //! node, written by local clients, is applied to the cache at once and queued upward. Other
-//! writes are refused: with 503 while the cloud is unreachable, and for now with 501 while it is
-//! reachable (forwarding them to the cloud is not built yet: write through the cloud's API).
+//! writes are forwarded to the cloud while it is reachable ([`forward_to_cloud`]), where node
+//! authorization decides (a node may write its own Node and Lease, events about itself or its
+//! pods, the status of its pods), and refused with 503 while it is not.
+//!
+//! A get of an object the cache does not hold goes to the cloud too while online: the cloud
+//! answers and routes the object to the node from then on, so it is cached and kept current.
+//! Such an answer, and a forwarded write's, carries the cloud's resourceVersion (a number of
+//! the cloud's space, not this cache's): the same object read from the cache afterwards has
+//! the cache's revision.
 
 use std::sync::Arc;
 
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use replication::api::remote::{classify, ApiCall, ApiReply};
 use replication::api::{ApiError, ApiPolicy, Resource, Verb};
 use replication::{Precondition, Store, Versioned, WriteSet};
 
 use crate::meta::MetaManager;
+
+/// Middleware in front of the API: sends to the cloud what the cache cannot serve.
+pub async fn forward_to_cloud(
+    State(meta): State<Arc<MetaManager>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(target) = classify(request.method(), request.uri()) else {
+        return next.run(request).await;
+    };
+    let forward = match target.verb {
+        Verb::Get => target
+            .key()
+            .is_some_and(|key| matches!(meta.store().get(&key), Ok(None))),
+        verb if verb.is_write() => !local_status_write(target.resource, verb, target.status),
+        _ => false,
+    };
+    // Offline, the local API answers: 404 for a miss, 503 for a write (EdgePolicy::admit).
+    if !forward || !meta.is_online() {
+        return next.run(request).await;
+    }
+    let outcome = match ApiCall::from_request(request).await {
+        Ok(call) => meta.call_cloud(call).await,
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(reply) => reply.into_response(),
+        Err(e) => ApiReply::error(&e).into_response(),
+    }
+}
 
 pub struct EdgePolicy {
     pub meta: Arc<MetaManager>,
@@ -39,16 +80,13 @@ impl ApiPolicy for EdgePolicy {
                 resource.plural
             )));
         }
-        Err(ApiError::new(
-            501,
-            "NotImplemented",
-            format!(
-                "MetaServer does not forward {} of {} to the cloud yet; use the cloud's API \
-                 (the status of pods and nodes can be written here)",
-                verb.as_str(),
-                resource.plural
-            ),
-        ))
+        // Writes are forwarded while online (forward_to_cloud); this one raced a reconnect.
+        Err(ApiError::unavailable(format!(
+            "node {} is reconnecting to the cloud; retry the {} of {}",
+            self.meta.node(),
+            verb.as_str(),
+            resource.plural
+        )))
     }
 
     fn commit(

@@ -4,6 +4,7 @@
 //! - [`resources`]: the served kinds; [`discovery`]: `/version`, `/api`, `/apis`, OpenAPI;
 //! - [`object`]: stored form, defaults, validation; [`selector`], [`patch`], [`table`];
 //! - [`rest`]: get/list/create/update/patch/delete; [`watch`]: the watch stream;
+//! - [`remote`]: API calls carried over a node's link (MetaServer → cloud);
 //! - this module: URL parsing and dispatch ([`ApiServer::router`]).
 //!
 //! What the store keeps is the object without `metadata.resourceVersion`; the version is the
@@ -14,6 +15,7 @@ pub mod discovery;
 pub mod object;
 pub mod patch;
 pub mod protobuf;
+pub mod remote;
 pub mod resources;
 pub mod rest;
 pub mod selector;

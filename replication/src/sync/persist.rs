@@ -8,7 +8,9 @@
 //!
 //! Cloud (`objectsync` column family), per node (names never contain NUL):
 //! - `a\0<node>\0<object key>` → u64: the version the node acknowledged;
-//! - `r\0<node>` → store id ‖ last applied report id.
+//! - `r\0<node>` → store id ‖ last applied report id;
+//! - `q\0<node>\0<object key>` → empty: the node asked for the object (a cache miss at its
+//!   MetaServer), so it is routed to the node from then on.
 //!
 //! All integers are big-endian.
 
@@ -203,4 +205,35 @@ pub fn add_report_record(set: &mut WriteSet, node: &str, record: ReportRecord) {
     value.extend_from_slice(&record.store_id.to_be_bytes());
     value.extend_from_slice(&record.through.to_be_bytes());
     set.put_aux(Aux::ObjectSync, reports_key(node), value);
+}
+
+fn interest_key(node: &str, object: &ObjectKey) -> Vec<u8> {
+    let mut key = Vec::with_capacity(4 + node.len() + object.as_bytes().len());
+    key.extend_from_slice(b"q\0");
+    key.extend_from_slice(node.as_bytes());
+    key.push(0);
+    key.extend_from_slice(object.as_bytes());
+    key
+}
+
+/// Records that `node` asked for `object`.
+pub fn add_interest(set: &mut WriteSet, node: &str, object: &ObjectKey) {
+    set.put_aux(Aux::ObjectSync, interest_key(node, object), Vec::new());
+}
+
+/// Every recorded interest, as (node, object).
+pub fn load_interests(store: &Store) -> Result<Vec<(String, ObjectKey)>, StoreError> {
+    let mut out = Vec::new();
+    for item in store.scan_aux(Aux::ObjectSync, b"q\0") {
+        let (key, _) = item?;
+        let rest = &key[2..];
+        let split = rest
+            .iter()
+            .position(|b| *b == 0)
+            .ok_or_else(|| StoreError::Corrupt("interest record without a node".into()))?;
+        let node = std::str::from_utf8(&rest[..split])
+            .map_err(|_| StoreError::Corrupt("interest record's node is not UTF-8".into()))?;
+        out.push((node.to_owned(), ObjectKey::from_stored(&rest[split + 1..])?));
+    }
+    Ok(out)
 }

@@ -1,0 +1,103 @@
+//! The API as an edge node may use it: calls its MetaServer forwards over the link (writes it
+//! cannot make locally, gets of objects it does not hold) are served by the same API code as
+//! the embedded server, under node authorization ([`crate::authz`]).
+//!
+//! Reads are decided by CloudHub before the call is served (it knows what is routed where);
+//! writes are decided here, at commit, on the object the write would produce, so a forwarded
+//! create, update or any kind of patch is judged by its result, like a report.
+
+use std::sync::Arc;
+
+use axum::Router;
+use bytes::Bytes;
+use replication::api::object::{self, Object};
+use replication::api::remote::{ApiCall, ApiReply};
+use replication::api::{rest, ApiError, ApiPolicy, ApiServer, Resource, Verb};
+use replication::{Store, Versioned, WriteSet};
+use tower::ServiceExt;
+
+use crate::authz::{self, Decision};
+use crate::metrics::{Metrics, RequestLabels};
+
+pub struct NodeApiPolicy {
+    pub node: Arc<str>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl ApiPolicy for NodeApiPolicy {
+    fn admit(&self, resource: &Resource, verb: Verb, _status: bool) -> Result<(), ApiError> {
+        match verb {
+            Verb::List | Verb::Watch => Err(ApiError::forbidden(format!(
+                "node {} may not {} {} through the cloud: its MetaServer serves lists and \
+                 watches from the node's cache",
+                self.node,
+                verb.as_str(),
+                resource.plural
+            ))),
+            Verb::Delete => Err(ApiError::forbidden(format!(
+                "node {} may not delete {}: nodes delete nothing in the cluster (a pod being \
+                 deleted is confirmed by the node running it)",
+                self.node, resource.plural
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn observe(&self, verb: &str, resource: &str, code: u16) {
+        self.metrics
+            .api_requests
+            .get_or_create(&RequestLabels {
+                verb: format!("node-{verb}"),
+                resource: resource.to_owned(),
+                code,
+            })
+            .inc();
+    }
+
+    fn commit(
+        &self,
+        store: &Store,
+        set: WriteSet,
+        resource: &str,
+        name: &str,
+    ) -> Result<Versioned, ApiError> {
+        let Some((key, bytes, expect)) = set.into_single_put() else {
+            return Err(ApiError::forbidden("nodes write one object at a time"));
+        };
+        let parse = |b: &[u8]| serde_json::from_slice::<Object>(b).ok();
+        let current = store
+            .get(&key)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let current_object = current.as_ref().and_then(|v| parse(&v.object));
+        let proposed =
+            parse(&bytes).ok_or_else(|| ApiError::internal("the prepared object is not JSON"))?;
+        let object = match authz::authorize(
+            &self.node,
+            &key,
+            current_object.as_ref(),
+            Some(&proposed),
+        ) {
+            Ok(Decision::Write(object)) | Ok(Decision::Status(object)) => object,
+            Ok(Decision::ConfirmDelete) => {
+                return Err(ApiError::forbidden("not a deletion confirmation"))
+            }
+            Err(refusal) => {
+                tracing::warn!(node = %self.node, %key, reason = %refusal.reason, "node API write refused");
+                self.metrics.reports_refused.inc();
+                return Err(ApiError::forbidden(refusal.to_string()));
+            }
+        };
+        let mut set = WriteSet::new();
+        set.put(key, Bytes::from(object::to_stored(object)), expect);
+        rest::commit_to_store(store, set, resource, name)
+    }
+}
+
+/// Serves one forwarded call for `node` and returns the reply to send back.
+pub async fn serve(store: Arc<Store>, policy: Arc<NodeApiPolicy>, call: ApiCall) -> ApiReply {
+    let router: Router = ApiServer::new(store, policy).router();
+    match router.oneshot(call.into_request()).await {
+        Ok(response) => ApiReply::from_response(response).await,
+        Err(never) => match never {},
+    }
+}
