@@ -125,6 +125,11 @@ impl EdgeSync {
         self.held.get(key).copied()
     }
 
+    /// Every held key and its version.
+    pub fn held_entries(&self) -> BTreeMap<ObjectKey, u64> {
+        self.held.clone()
+    }
+
     pub fn held_len(&self) -> usize {
         self.held.len()
     }

@@ -1,0 +1,247 @@
+//! The cloudcore under test: a child process on a temporary data dir (so that its memory and
+//! CPU are its own, read from /proc), or one already running.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Where the cloud is, and the child process when this run started it.
+pub struct Cloud {
+    pub api: String,
+    pub quic: SocketAddr,
+    pub token: String,
+    child: Option<ChildCloud>,
+}
+
+struct ChildCloud {
+    process: Child,
+    binary: PathBuf,
+    data_dir: tempfile::TempDir,
+    api_port: u16,
+    metrics_port: u16,
+}
+
+/// CPU time and resident memory of a process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessSample {
+    pub rss_bytes: u64,
+    pub cpu_seconds: f64,
+    pub at: Option<Instant>,
+}
+
+fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `cloudcore` next to this executable (cargo puts all binaries of a workspace together).
+pub fn default_cloudcore() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("cloudcore")))
+        .unwrap_or_else(|| PathBuf::from("cloudcore"))
+}
+
+fn http_ok(addr: &str, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200")
+}
+
+impl Cloud {
+    /// Starts cloudcore on a fresh temporary data dir and loopback ports, and makes a token.
+    pub fn start_child(binary: &Path) -> anyhow::Result<Cloud> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("kedge-loadtest-cloud")
+            .tempdir()
+            .context("creating the cloud's temporary data dir")?;
+        let (api_port, metrics_port) = (free_tcp_port()?, free_tcp_port()?);
+        let quic: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
+        let process = spawn_cloudcore(binary, data_dir.path(), api_port, metrics_port, quic)?;
+        let child = ChildCloud {
+            process,
+            binary: binary.to_owned(),
+            data_dir,
+            api_port,
+            metrics_port,
+        };
+        let api = format!("http://127.0.0.1:{}", child.api_port);
+        let token = make_token(binary, child.data_dir.path())?;
+        Ok(Cloud {
+            api,
+            quic,
+            token,
+            child: Some(child),
+        })
+    }
+
+    pub fn external(api: String, quic: SocketAddr, token: String) -> Cloud {
+        Cloud {
+            api,
+            quic,
+            token,
+            child: None,
+        }
+    }
+
+    pub fn is_child(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// CPU and RSS of the child (None for an external cloud).
+    pub fn sample(&self) -> Option<ProcessSample> {
+        let child = self.child.as_ref()?;
+        sample_process(child.process.id())
+    }
+
+    /// `kill -9` the child and start it again on the same data dir and ports.
+    pub fn kill9_and_restart(&mut self) -> anyhow::Result<Duration> {
+        let quic = self.quic;
+        let Some(child) = self.child.as_mut() else {
+            bail!("the cloud-restart scenario needs the cloudcore this run started");
+        };
+        let _ = child.process.kill();
+        let _ = child.process.wait();
+        let start = Instant::now();
+        child.process = spawn_cloudcore(
+            &child.binary,
+            child.data_dir.path(),
+            child.api_port,
+            child.metrics_port,
+            quic,
+        )?;
+        Ok(start.elapsed())
+    }
+
+    /// Stops the child (SIGTERM, then SIGKILL after 10 s).
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.process.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.process.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.process.kill();
+            let _ = child.process.wait();
+        }
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.process.kill();
+            let _ = child.process.wait();
+        }
+    }
+}
+
+/// Starts cloudcore and waits until its API answers.
+fn spawn_cloudcore(
+    binary: &Path,
+    data_dir: &Path,
+    api_port: u16,
+    metrics_port: u16,
+    quic: SocketAddr,
+) -> anyhow::Result<Child> {
+    {
+        let mut process = Command::new(binary)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--api-listen")
+            .arg(format!("127.0.0.1:{api_port}"))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .arg("--quic-listen")
+            .arg(quic.to_string())
+            .env(
+                "RUST_LOG",
+                std::env::var("CLOUD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let addr = format!("127.0.0.1:{api_port}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !http_ok(&addr, "/healthz") {
+            if let Ok(Some(status)) = process.try_wait() {
+                bail!("cloudcore exited at start: {status}");
+            }
+            if Instant::now() > deadline {
+                let _ = process.kill();
+                bail!("cloudcore did not answer on {addr} within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(process)
+    }
+}
+
+fn make_token(binary: &Path, data_dir: &Path) -> anyhow::Result<String> {
+    let out = Command::new(binary)
+        .args(["token", "create", "--ttl", "24h", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .context("cloudcore token create")?;
+    if !out.status.success() {
+        bail!(
+            "cloudcore token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8(out.stdout)?
+        .lines()
+        .last()
+        .map(str::to_owned)
+        .context("cloudcore token create printed nothing")
+}
+
+/// RSS and CPU time of a process from /proc.
+pub fn sample_process(pid: u32) -> Option<ProcessSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat (11 and 12 after the command name).
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(ProcessSample {
+        rss_bytes: rss_kib * 1024,
+        cpu_seconds: ticks as f64 / hz,
+        at: Some(Instant::now()),
+    })
+}
+
+/// This process's own sample.
+pub fn sample_self() -> Option<ProcessSample> {
+    sample_process(std::process::id())
+}

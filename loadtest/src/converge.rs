@@ -1,0 +1,98 @@
+//! The convergence check: every node's cache holds exactly what the cloud routes to it (key and
+//! version), its outbox is empty, and the cloud holds each pod's latest reported status.
+//!
+//! Leases keep renewing while the check runs, so a node is checked until it matches once
+//! (after the scenario's changes stopped, a match proves the changes arrived); a node that never
+//! matches within the time allowed is a difference.
+
+use std::time::{Duration, Instant};
+
+use crate::api::{CloudApi, Expected};
+use crate::fleet::Fleet;
+use crate::hollow::Snapshot;
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Convergence {
+    pub converged: bool,
+    /// From the start of the check until the last node matched.
+    pub seconds: f64,
+    /// Nodes that never matched, with what differed (the first few per node).
+    pub differences: Vec<String>,
+}
+
+/// What differs between what `node` holds and what the cloud expects of it.
+pub fn compare(node: &str, expected: &Expected, snapshot: &Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    let empty = Default::default();
+    let want = expected.held.get(node).unwrap_or(&empty);
+    for (key, rv) in want {
+        match snapshot.held.get(key) {
+            None => out.push(format!("{node}: missing {key} (cloud at {rv})")),
+            Some(held) if held != rv => out.push(format!("{node}: {key} at {held}, cloud at {rv}")),
+            Some(_) => {}
+        }
+    }
+    for key in snapshot.held.keys() {
+        if !want.contains_key(key) {
+            out.push(format!(
+                "{node}: holds {key}, which the cloud does not route to it"
+            ));
+        }
+    }
+    if snapshot.outbox > 0 {
+        out.push(format!(
+            "{node}: {} reports not acknowledged",
+            snapshot.outbox
+        ));
+    }
+    for (key, reported) in &snapshot.reported {
+        if reported == "deleted" || reported.is_empty() {
+            continue;
+        }
+        match expected.statuses.get(key) {
+            Some((phase, message)) if phase == "Running" && message == reported => {}
+            Some((phase, message)) => out.push(format!(
+                "{node}: {key} reported {reported:?}, cloud has {phase}/{message:?}"
+            )),
+            None => {} // deleted meanwhile: the node's copy is checked above
+        }
+    }
+    out
+}
+
+/// Checks until every node matched once or `within` passed.
+pub async fn check(api: &CloudApi, fleet: &Fleet, within: Duration) -> anyhow::Result<Convergence> {
+    let start = Instant::now();
+    let mut pending: Vec<usize> = (0..fleet.len()).collect();
+    let mut last: Vec<Vec<String>> = vec![Vec::new(); fleet.len()];
+    loop {
+        let expected = api.expected(&fleet.names).await?;
+        let snapshots = fleet.snapshots().await;
+        pending.retain(|&i| {
+            let diffs = compare(&fleet.names[i], &expected, &snapshots[i]);
+            let matched = diffs.is_empty();
+            last[i] = diffs;
+            !matched
+        });
+        if pending.is_empty() {
+            return Ok(Convergence {
+                converged: true,
+                seconds: start.elapsed().as_secs_f64(),
+                differences: Vec::new(),
+            });
+        }
+        if start.elapsed() > within {
+            let differences = pending
+                .iter()
+                .flat_map(|&i| last[i].iter().take(5).cloned())
+                .take(200)
+                .collect();
+            return Ok(Convergence {
+                converged: false,
+                seconds: start.elapsed().as_secs_f64(),
+                differences,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

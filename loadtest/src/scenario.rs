@@ -1,0 +1,549 @@
+//! The scenarios, run in order on one fleet. Each ends with the convergence check.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use crate::api::{pod_key, pod_name, CloudApi};
+use crate::cloud::{sample_self, Cloud, ProcessSample};
+use crate::converge::{self, Convergence};
+use crate::fleet::{self, Fleet};
+use crate::hollow::Command;
+
+pub const ALL: &[&str] = &[
+    "connect-storm",
+    "initial-sync",
+    "churn",
+    "status-flood",
+    "partition",
+    "cloud-restart",
+    "idle",
+];
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Settings {
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    pub churn_rate: f64,
+    pub duration_s: f64,
+    pub idle_window_s: f64,
+    pub seed: u64,
+    pub converge_timeout_s: f64,
+    pub lease_period_s: f64,
+}
+
+/// One scenario's outcome: its numbers and its convergence check.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub scenario: String,
+    pub seconds: f64,
+    pub metrics: BTreeMap<String, Value>,
+    pub convergence: Convergence,
+}
+
+pub struct Harness {
+    pub settings: Settings,
+    pub cloud: Cloud,
+    pub api: CloudApi,
+    pub fleet: Option<Fleet>,
+    rng: SmallRng,
+    /// Pod names per node (the current population).
+    pods: Vec<Vec<String>>,
+    next_pod: Vec<usize>,
+    probe_counter: Arc<AtomicU64>,
+    cloud_baseline: Option<ProcessSample>,
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>14} [{bar:40}] {pos}/{len} {per_sec} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_owned());
+    bar
+}
+
+fn num(v: f64) -> Value {
+    json!((v * 1000.0).round() / 1000.0)
+}
+
+impl Harness {
+    pub fn new(settings: Settings, cloud: Cloud, api: CloudApi) -> Self {
+        let nodes = settings.nodes;
+        let seed = settings.seed;
+        let cloud_baseline = cloud.sample();
+        Harness {
+            settings,
+            cloud,
+            api,
+            fleet: None,
+            rng: SmallRng::seed_from_u64(seed),
+            pods: vec![Vec::new(); nodes],
+            next_pod: vec![0; nodes],
+            probe_counter: Arc::new(AtomicU64::new(0)),
+            cloud_baseline,
+        }
+    }
+
+    fn fleet(&self) -> &Fleet {
+        self.fleet.as_ref().expect("connect-storm runs first")
+    }
+
+    fn probe(&self) -> String {
+        self.probe_counter
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string()
+    }
+
+    async fn converge(&self) -> anyhow::Result<Convergence> {
+        let timeout = Duration::from_secs_f64(self.settings.converge_timeout_s);
+        converge::check(&self.api, self.fleet(), timeout).await
+    }
+
+    pub async fn run(&mut self, scenario: &str) -> anyhow::Result<Outcome> {
+        let start = Instant::now();
+        let mut metrics = BTreeMap::new();
+        match scenario {
+            "connect-storm" => self.connect_storm(&mut metrics).await?,
+            "initial-sync" => self.initial_sync(&mut metrics).await?,
+            "churn" => self.churn(&mut metrics).await?,
+            "status-flood" => self.status_flood(&mut metrics).await?,
+            "partition" => self.partition(&mut metrics).await?,
+            "cloud-restart" => self.cloud_restart(&mut metrics).await?,
+            "idle" => self.idle(&mut metrics).await?,
+            other => anyhow::bail!("unknown scenario {other:?} (known: {})", ALL.join(", ")),
+        }
+        let convergence = self.converge().await?;
+        Ok(Outcome {
+            scenario: scenario.to_owned(),
+            seconds: start.elapsed().as_secs_f64(),
+            metrics,
+            convergence,
+        })
+    }
+
+    async fn connect_storm(&mut self, m: &mut BTreeMap<String, Value>) -> anyhow::Result<()> {
+        let n = self.settings.nodes;
+        self.api.prepare().await?;
+        let self_before = sample_self();
+        let progress = bar(n as u64, "join");
+        let start = Instant::now();
+        let joined = fleet::join_all(self.cloud.quic, &self.cloud.token, n, 64, || {
+            progress.inc(1)
+        })
+        .await?;
+        progress.finish_and_clear();
+        let join_s = start.elapsed().as_secs_f64();
+        m.insert("join_seconds".into(), num(join_s));
+        m.insert("joins_per_second".into(), num(n as f64 / join_s));
+
+        let start = Instant::now();
+        let lease = Duration::from_secs_f64(self.settings.lease_period_s);
+        let fleet = Fleet::start(self.cloud.quic, joined, lease)?;
+        let progress = bar(n as u64, "connect");
+        let connected = fleet
+            .wait_connected(n, Duration::from_secs(120), |c| {
+                progress.set_position(c as u64)
+            })
+            .await;
+        progress.finish_and_clear();
+        let connect_s = start.elapsed().as_secs_f64();
+        self.fleet = Some(fleet);
+        m.insert("connected".into(), json!(connected));
+        m.insert("connect_seconds".into(), num(connect_s));
+        m.insert("handshakes_per_second".into(), num(n as f64 / connect_s));
+        anyhow::ensure!(connected == n, "only {connected} of {n} nodes connected");
+
+        let progress = bar(n as u64, "ready");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let ready = self.api.ready_nodes().await?;
+            progress.set_position(ready as u64);
+            if ready >= n || Instant::now() > deadline {
+                m.insert("ready".into(), json!(ready));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        progress.finish_and_clear();
+        m.insert(
+            "all_ready_seconds".into(),
+            num(start.elapsed().as_secs_f64()),
+        );
+        if let (Some(before), Some(after)) = (self_before, sample_self()) {
+            let per_node = after.rss_bytes.saturating_sub(before.rss_bytes) as f64 / n as f64;
+            m.insert("hollow_node_bytes".into(), num(per_node));
+        }
+        if let (Some(before), Some(after)) = (self.cloud_baseline, self.cloud.sample()) {
+            let per_node = after.rss_bytes.saturating_sub(before.rss_bytes) as f64 / n as f64;
+            m.insert("cloud_bytes_per_node".into(), num(per_node));
+            m.insert("cloud_rss_bytes".into(), json!(after.rss_bytes));
+        }
+        Ok(())
+    }
+
+    async fn create_pods(&mut self, per_node: usize) -> anyhow::Result<usize> {
+        let mut work = Vec::new();
+        for (i, name) in self.fleet().names.clone().into_iter().enumerate() {
+            for _ in 0..per_node {
+                let pod = pod_name(&name, self.next_pod[i]);
+                self.next_pod[i] += 1;
+                self.pods[i].push(pod.clone());
+                work.push((name.clone(), pod));
+            }
+        }
+        let total = work.len();
+        let progress = bar(total as u64, "create pods");
+        let api = self.api.clone();
+        let probes = self.fleet().probes.clone();
+        let counter = self.probe_counter.clone();
+        let failures: Vec<anyhow::Error> = stream::iter(work)
+            .map(|(node, pod)| {
+                let (api, probes, counter, progress) = (
+                    api.clone(),
+                    probes.clone(),
+                    counter.clone(),
+                    progress.clone(),
+                );
+                async move {
+                    let probe = counter.fetch_add(1, Ordering::Relaxed).to_string();
+                    probes.created(pod_key(&pod), &probe);
+                    let result = api.create_pod(&node, &pod, &probe).await;
+                    progress.inc(1);
+                    result.err()
+                }
+            })
+            .buffer_unordered(32)
+            .filter_map(|e| async move { e })
+            .collect()
+            .await;
+        progress.finish_and_clear();
+        if let Some(e) = failures.into_iter().next() {
+            return Err(e.context("creating pods"));
+        }
+        Ok(total)
+    }
+
+    async fn initial_sync(&mut self, m: &mut BTreeMap<String, Value>) -> anyhow::Result<()> {
+        let probes = self.fleet().probes.clone();
+        probes.reset();
+        let watch = self.api.watch_pods(probes.clone());
+        let start = Instant::now();
+        let total = self.create_pods(self.settings.pods_per_node).await?;
+        m.insert("pods".into(), json!(total));
+        m.insert(
+            "creates_per_second".into(),
+            num(total as f64 / start.elapsed().as_secs_f64()),
+        );
+        let progress = bar(total as u64, "running");
+        let deadline = Instant::now() + Duration::from_secs_f64(self.settings.converge_timeout_s);
+        while (probes.startup.percentiles().count as usize) < total && Instant::now() < deadline {
+            progress.set_position(probes.startup.percentiles().count);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        progress.finish_and_clear();
+        watch.abort();
+        m.insert(
+            "all_running_seconds".into(),
+            num(start.elapsed().as_secs_f64()),
+        );
+        m.insert("pod_startup".into(), json!(probes.startup.percentiles()));
+        m.insert(
+            "create_to_node".into(),
+            json!(probes.create_to_node.percentiles()),
+        );
+        Ok(())
+    }
+
+    /// Creates, updates and deletes at `rate` per second for `duration`, on pods of the nodes
+    /// `pick` chooses from.
+    async fn churn_for(&mut self, duration: Duration, nodes: &[usize]) -> anyhow::Result<u64> {
+        let rate = self.settings.churn_rate.max(1.0);
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let start = Instant::now();
+        let mut next = start;
+        let mut done = 0u64;
+        let mut inflight = futures_util::stream::FuturesUnordered::new();
+        let probes = self.fleet().probes.clone();
+        let progress = bar((rate * duration.as_secs_f64()) as u64, "churn");
+        while start.elapsed() < duration {
+            let node = nodes[self.rng.random_range(0..nodes.len())];
+            let roll: f64 = self.rng.random();
+            let api = self.api.clone();
+            let probe = self.probe();
+            let fut: std::pin::Pin<
+                Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>,
+            > = if roll < 0.6 && !self.pods[node].is_empty() {
+                let pod = self.pods[node][self.rng.random_range(0..self.pods[node].len())].clone();
+                probes.changed(pod_key(&pod), &probe);
+                Box::pin(async move { api.touch_pod(&pod, &probe).await })
+            } else if roll < 0.8 && !self.pods[node].is_empty() {
+                let index = self.rng.random_range(0..self.pods[node].len());
+                let pod = self.pods[node].swap_remove(index);
+                probes.deleted(pod_key(&pod));
+                Box::pin(async move { api.delete_pod(&pod).await })
+            } else {
+                let name = self.fleet().names[node].clone();
+                let pod = pod_name(&name, self.next_pod[node]);
+                self.next_pod[node] += 1;
+                self.pods[node].push(pod.clone());
+                probes.changed(pod_key(&pod), &probe);
+                Box::pin(async move { api.create_pod(&name, &pod, &probe).await })
+            };
+            inflight.push(fut);
+            done += 1;
+            progress.inc(1);
+            next += interval;
+            // Keep the rate: wait for the next slot while collecting finished requests.
+            loop {
+                let now = Instant::now();
+                if now >= next && inflight.len() < 256 {
+                    break;
+                }
+                let wait = next
+                    .saturating_duration_since(now)
+                    .max(Duration::from_millis(1));
+                tokio::select! {
+                    Some(result) = inflight.next() => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "churn request failed");
+                        }
+                    }
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        while let Some(result) = inflight.next().await {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "churn request failed");
+            }
+        }
+        progress.finish_and_clear();
+        Ok(done)
+    }
+
+    async fn churn(&mut self, m: &mut BTreeMap<String, Value>) -> anyhow::Result<()> {
+        let probes = self.fleet().probes.clone();
+        probes.reset();
+        let all: Vec<usize> = (0..self.fleet().len()).collect();
+        let duration = Duration::from_secs_f64(self.settings.duration_s);
+        let start = Instant::now();
+        let changes = self.churn_for(duration, &all).await?;
+        let seconds = start.elapsed().as_secs_f64();
+        m.insert("changes".into(), json!(changes));
+        m.insert("changes_per_second".into(), num(changes as f64 / seconds));
+        // Let the last changes arrive before reading the histogram.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while probes.pending().0 + probes.pending().1 > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        m.insert(
+            "propagation".into(),
+            json!(probes.propagation.percentiles()),
+        );
+        let (changes_lost, deletes_lost, _) = probes.pending();
+        m.insert(
+            "changes_not_seen".into(),
+            json!(changes_lost + deletes_lost),
+        );
+        Ok(())
+    }
+
+    async fn status_flood(&mut self, m: &mut BTreeMap<String, Value>) -> anyhow::Result<()> {
+        let probes = self.fleet().probes.clone();
+        probes.reset();
+        let watch = self.api.watch_pods(probes.clone());
+        // Let the watcher's initial list pass before stamping.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let pods: usize = self.pods.iter().map(Vec::len).sum();
+        let before = self.fleet().snapshots().await;
+        let cpu_before = self.cloud.sample();
+        let start = Instant::now();
+        let round = 1 + self.probe_counter.fetch_add(1, Ordering::Relaxed);
+        self.fleet().broadcast(|| Command::StatusRound(round)).await;
+        let progress = bar(pods as u64, "status up");
+        let deadline = Instant::now() + Duration::from_secs_f64(self.settings.converge_timeout_s);
+        while (probes.upward.percentiles().count as usize) < pods && Instant::now() < deadline {
+            progress.set_position(probes.upward.percentiles().count);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        progress.finish_and_clear();
+        let seconds = start.elapsed().as_secs_f64();
+        let after = self.fleet().snapshots().await;
+        watch.abort();
+        let sent: u64 = after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a.bytes_tx.saturating_sub(b.bytes_tx))
+            .sum();
+        m.insert("status_updates".into(), json!(pods));
+        m.insert("upward".into(), json!(probes.upward.percentiles()));
+        m.insert("updates_per_second".into(), num(pods as f64 / seconds));
+        m.insert(
+            "bytes_up_per_update".into(),
+            num(sent as f64 / pods.max(1) as f64),
+        );
+        m.insert(
+            "pod_json_bytes".into(),
+            json!(self.sample_pod_size().await?),
+        );
+        if let (Some(a), Some(b)) = (self.cloud.sample(), cpu_before) {
+            m.insert(
+                "cloud_cpu_percent".into(),
+                num(100.0 * (a.cpu_seconds - b.cpu_seconds) / seconds),
+            );
+        }
+        Ok(())
+    }
+
+    /// The size of one pod's JSON as the API serves it.
+    async fn sample_pod_size(&self) -> anyhow::Result<usize> {
+        let name = self
+            .pods
+            .iter()
+            .flatten()
+            .next()
+            .cloned()
+            .unwrap_or_default();
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(self.api.client(), crate::api::NAMESPACE);
+        let pod = pods.get(&name).await?;
+        Ok(serde_json::to_vec(&pod)?.len())
+    }
+
+    async fn partition(&mut self, m: &mut BTreeMap<String, Value>) -> anyhow::Result<()> {
+        let n = self.fleet().len();
+        let cut = (n / 10).max(1);
+        let mut chosen: Vec<usize> = (0..n).collect();
+        for i in 0..cut {
+            let j = self.rng.random_range(i..n);
+            chosen.swap(i, j);
+        }
+        chosen.truncate(cut);
+        for &i in &chosen {
+            self.fleet().send(i, Command::Partition).await;
+        }
+        m.insert("partitioned_nodes".into(), json!(cut));
+        // Changes while they are away: to their pods and to everyone's.
+        let duration = Duration::from_secs_f64(self.settings.duration_s.min(10.0));
+        let changes_cut = self.churn_for(duration / 2, &chosen).await?;
+        let all: Vec<usize> = (0..n).collect();
+        let changes_all = self.churn_for(duration / 2, &all).await?;
+        m.insert(
+            "changes_during_partition".into(),
+            json!(changes_cut + changes_all),
+        );
+        let heal = Instant::now();
+        for &i in &chosen {
+            self.fleet().send(i, Command::Heal).await;
+        }
+        let convergence = self.converge().await?;
+        m.insert(
+            "converge_after_heal_seconds".into(),
+            num(heal.elapsed().as_secs_f64()),
+        );
+        let snapshots = self.fleet().snapshots().await;
+        let resync: u64 = chosen.iter().map(|&i| snapshots[i].bytes_rx).sum();
+        let held: usize = chosen.iter().map(|&i| snapshots[i].held.len()).sum();
+        let pod_bytes = self.sample_pod_size().await? as u64;
+        m.insert("resync_bytes".into(), json!(resync));
+        m.insert(
+            "full_resend_bytes_estimate".into(),
+            json!(held as u64 * pod_bytes),
+        );
+        m.insert(
+            "resync_vs_full_resend".into(),
+            num(resync as f64 / (held as u64 * pod_bytes).max(1) as f64),
+        );
+        anyhow::ensure!(
+            convergence.converged,
+            "partition did not converge: {:?}",
+            convergence.differences
+        );
+        Ok(())
+    }
+
+    async fn cloud_restart(&mut self, m: &mut BTreeMap<String, Value>) -> anyhow::Result<()> {
+        if !self.cloud.is_child() {
+            m.insert(
+                "skipped".into(),
+                json!("the cloud was not started by this run"),
+            );
+            return Ok(());
+        }
+        let all: Vec<usize> = (0..self.fleet().len()).collect();
+        let duration = Duration::from_secs_f64(self.settings.duration_s.min(10.0));
+        self.churn_for(duration / 2, &all).await?;
+        let restart = self.cloud.kill9_and_restart()?;
+        m.insert("restart_seconds".into(), num(restart.as_secs_f64()));
+        let since = Instant::now();
+        let n = self.fleet().len();
+        let connected = self
+            .fleet()
+            .wait_connected(n, Duration::from_secs(120), |_| {})
+            .await;
+        m.insert("reconnected".into(), json!(connected));
+        m.insert(
+            "reconnect_seconds".into(),
+            num(since.elapsed().as_secs_f64()),
+        );
+        self.churn_for(duration / 2, &all).await?;
+        Ok(())
+    }
+
+    async fn idle(&mut self, m: &mut BTreeMap<String, Value>) -> anyhow::Result<()> {
+        let first = self.converge().await?;
+        anyhow::ensure!(first.converged, "not quiet before the idle window");
+        let window = Duration::from_secs_f64(self.settings.idle_window_s);
+        let before = self.fleet().snapshots().await;
+        tokio::time::sleep(window).await;
+        let after = self.fleet().snapshots().await;
+        let mut total = 0u64;
+        let mut counted = 0u64;
+        for (a, b) in after.iter().zip(&before) {
+            // A node that reconnected in the window restarted its counters: leave it out.
+            if a.bytes_rx >= b.bytes_rx && a.bytes_tx >= b.bytes_tx {
+                total += (a.bytes_rx - b.bytes_rx) + (a.bytes_tx - b.bytes_tx);
+                counted += 1;
+            }
+        }
+        let per_node = total as f64 / counted.max(1) as f64;
+        let seconds = window.as_secs_f64();
+        m.insert("window_seconds".into(), num(seconds));
+        m.insert(
+            "bytes_per_node_hour".into(),
+            num(per_node * 3600.0 / seconds),
+        );
+        m.insert(
+            "kbit_per_second_per_node".into(),
+            num(per_node * 8.0 / seconds / 1000.0),
+        );
+        if let Some(sample) = self.cloud.sample() {
+            m.insert("cloud_rss_bytes".into(), json!(sample.rss_bytes));
+            if let Some(base) = self.cloud_baseline {
+                m.insert(
+                    "cloud_bytes_per_node".into(),
+                    num(sample.rss_bytes.saturating_sub(base.rss_bytes) as f64
+                        / self.fleet().len() as f64),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(fleet) = self.fleet.take() {
+            fleet.stop().await;
+        }
+        self.cloud.stop();
+    }
+}
