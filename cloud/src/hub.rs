@@ -33,6 +33,10 @@ struct NodeSlot {
     link: Option<LinkHandle>,
     /// A message the link had no room for; sent before anything else.
     stalled: Option<EncodedMessage>,
+    /// The link has a connection. While it has none, nothing is pumped into it: the feed keeps
+    /// (and coalesces) what is due, instead of the link's window filling with messages that a
+    /// returning node may not need (a node back with a new session resyncs from its hello).
+    connected: bool,
 }
 
 /// A report this hub wrote, whose watch event should go back to its node as a bump only.
@@ -85,6 +89,7 @@ impl HubCore {
                     feed,
                     link: None,
                     stalled: None,
+                    connected: false,
                 },
             );
         }
@@ -243,6 +248,7 @@ impl HubCore {
             } => {
                 connected.insert(node);
                 let slot = self.slot(node);
+                slot.connected = true;
                 if peer_stream_new
                     || peer_forgot_our_stream
                     || slot.feed.state() == replication::sync::FeedState::Offline
@@ -256,6 +262,7 @@ impl HubCore {
             }
             LinkEvent::Disconnected { reason } => {
                 connected.remove(node);
+                self.slot(node).connected = false;
                 tracing::info!(%node, %reason, "node disconnected");
             }
             LinkEvent::Message(delivery) => {
@@ -366,7 +373,9 @@ impl HubCore {
             Ok(Some(record)) => record,
             Ok(None) => return, // already applied
             Err(e) => {
-                tracing::warn!(%node, error = %e, "report out of protocol");
+                // Typically the link replaying a report from the node's previous session
+                // ahead of its new hello: the node sends it again once the session starts.
+                tracing::debug!(%node, error = %e, "report out of protocol; dropped");
                 return;
             }
         };
@@ -435,7 +444,7 @@ impl HubCore {
         let Some(slot) = self.nodes.get_mut(node) else {
             return;
         };
-        if let Some(link) = slot.link.clone() {
+        if let Some(link) = slot.link.clone().filter(|_| slot.connected) {
             loop {
                 let message = match slot.stalled.take() {
                     Some(m) => m,

@@ -165,38 +165,36 @@ fn spawn_cloudcore(
     metrics_port: u16,
     quic: SocketAddr,
 ) -> anyhow::Result<Child> {
-    {
-        let mut process = Command::new(binary)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--api-listen")
-            .arg(format!("127.0.0.1:{api_port}"))
-            .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{metrics_port}"))
-            .arg("--quic-listen")
-            .arg(quic.to_string())
-            .env(
-                "RUST_LOG",
-                std::env::var("CLOUD_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let addr = format!("127.0.0.1:{api_port}");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !http_ok(&addr, "/healthz") {
-            if let Ok(Some(status)) = process.try_wait() {
-                bail!("cloudcore exited at start: {status}");
-            }
-            if Instant::now() > deadline {
-                let _ = process.kill();
-                bail!("cloudcore did not answer on {addr} within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
+    let mut process = Command::new(binary)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--api-listen")
+        .arg(format!("127.0.0.1:{api_port}"))
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .arg("--quic-listen")
+        .arg(quic.to_string())
+        .env(
+            "RUST_LOG",
+            std::env::var("CLOUD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let addr = format!("127.0.0.1:{api_port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http_ok(&addr, "/healthz") {
+        if let Ok(Some(status)) = process.try_wait() {
+            bail!("cloudcore exited at start: {status}");
         }
-        Ok(process)
+        if Instant::now() > deadline {
+            let _ = process.kill();
+            bail!("cloudcore did not answer on {addr} within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(process)
 }
 
 fn make_token(binary: &Path, data_dir: &Path) -> anyhow::Result<String> {

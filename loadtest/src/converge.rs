@@ -96,3 +96,56 @@ pub async fn check(api: &CloudApi, fleet: &Fleet, within: Duration) -> anyhow::R
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replication::ObjectKey;
+
+    fn key(s: &str) -> ObjectKey {
+        ObjectKey::parse(s).unwrap()
+    }
+
+    #[test]
+    fn every_kind_of_difference_is_reported() {
+        let mut expected = Expected::default();
+        let want = expected.held.entry("n1".into()).or_default();
+        want.insert(key("pods/loadtest/a"), 5);
+        want.insert(key("pods/loadtest/b"), 7);
+        want.insert(key("nodes//n1"), 3);
+        expected
+            .statuses
+            .insert(key("pods/loadtest/a"), ("Running".into(), "round-1".into()));
+        expected
+            .statuses
+            .insert(key("pods/loadtest/b"), ("Running".into(), "running".into()));
+        let mut snapshot = Snapshot::default();
+        snapshot.held.insert(key("pods/loadtest/a"), 5);
+        snapshot.held.insert(key("pods/loadtest/b"), 7);
+        snapshot.held.insert(key("nodes//n1"), 3);
+        snapshot
+            .reported
+            .insert(key("pods/loadtest/a"), "round-1".into());
+        assert!(compare("n1", &expected, &snapshot).is_empty());
+
+        let mut stale = snapshot.clone();
+        stale.held.insert(key("pods/loadtest/b"), 6);
+        stale.held.remove(&key("nodes//n1"));
+        stale.held.insert(key("pods/loadtest/gone"), 2);
+        stale.outbox = 1;
+        stale
+            .reported
+            .insert(key("pods/loadtest/b"), "round-2".into());
+        let diffs = compare("n1", &expected, &stale);
+        assert_eq!(diffs.len(), 5, "{diffs:#?}");
+        assert!(diffs
+            .iter()
+            .any(|d| d.contains("pods/loadtest/b at 6, cloud at 7")));
+        assert!(diffs.iter().any(|d| d.contains("missing nodes//n1")));
+        assert!(diffs.iter().any(|d| d.contains("holds pods/loadtest/gone")));
+        assert!(diffs
+            .iter()
+            .any(|d| d.contains("1 reports not acknowledged")));
+        assert!(diffs.iter().any(|d| d.contains("reported \"round-2\"")));
+    }
+}

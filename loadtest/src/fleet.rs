@@ -159,6 +159,24 @@ impl Fleet {
         }
     }
 
+    /// Waits until every node has made a new connection since `before` (or `within` passes);
+    /// returns how many have.
+    pub async fn wait_reconnected(&self, before: &[Snapshot], within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let now = self.snapshots().await;
+            let done = now
+                .iter()
+                .zip(before)
+                .filter(|(a, b)| a.connected && a.connections > b.connections)
+                .count();
+            if done >= self.len() || Instant::now() > deadline {
+                return done;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn stop(self) {
         drop(self.commands);
         for task in self.tasks {

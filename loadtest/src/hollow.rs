@@ -49,6 +49,8 @@ pub struct Snapshot {
     pub bytes_rx: u64,
     pub bytes_tx: u64,
     pub connected: bool,
+    /// Connections this node's current link has made.
+    pub connections: u64,
 }
 
 /// A node's credentials and where its cloud is.
@@ -277,6 +279,7 @@ impl HollowNode {
             bytes_rx: stats.map_or(0, |s| s.udp_rx.bytes),
             bytes_tx: stats.map_or(0, |s| s.udp_tx.bytes),
             connected: link.is_some_and(|l| l.is_connected()),
+            connections: link.map_or(0, |l| l.counters().connections),
         }
     }
 }

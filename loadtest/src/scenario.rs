@@ -483,13 +483,13 @@ impl Harness {
         let all: Vec<usize> = (0..self.fleet().len()).collect();
         let duration = Duration::from_secs_f64(self.settings.duration_s.min(10.0));
         self.churn_for(duration / 2, &all).await?;
+        let before = self.fleet().snapshots().await;
         let restart = self.cloud.kill9_and_restart()?;
         m.insert("restart_seconds".into(), num(restart.as_secs_f64()));
         let since = Instant::now();
-        let n = self.fleet().len();
         let connected = self
             .fleet()
-            .wait_connected(n, Duration::from_secs(120), |_| {})
+            .wait_reconnected(&before, Duration::from_secs(120))
             .await;
         m.insert("reconnected".into(), json!(connected));
         m.insert(

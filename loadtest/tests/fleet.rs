@@ -1,0 +1,98 @@
+//! The CI-sized fleet: the real `loadtest` binary starts a real cloudcore and 200 hollow nodes
+//! and runs every scenario; any convergence difference fails it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+/// `cloudcore` from the same build (cargo puts the workspace's binaries in one directory).
+fn cloudcore() -> PathBuf {
+    let loadtest = PathBuf::from(env!("CARGO_BIN_EXE_loadtest"));
+    let path = loadtest.with_file_name("cloudcore");
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+fn metric<'a>(report: &'a Value, scenario: &str, name: &str) -> &'a Value {
+    report["outcomes"]
+        .as_array()
+        .and_then(|o| o.iter().find(|o| o["scenario"] == scenario))
+        .map(|o| &o["metrics"][name])
+        .unwrap_or_else(|| panic!("no {scenario} in {report}"))
+}
+
+#[test]
+fn a_small_fleet_runs_every_scenario_and_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args([
+            "--nodes",
+            "200",
+            "--pods-per-node",
+            "5",
+            "--churn-rate",
+            "100",
+        ])
+        .args([
+            "--duration",
+            "6s",
+            "--idle-window",
+            "12s",
+            "--converge-timeout",
+            "90s",
+        ])
+        .arg("--cloudcore")
+        .arg(cloudcore())
+        .arg("--json")
+        .arg(&json)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run loadtest");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success(),
+        "loadtest failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["passed"], true);
+    let scenarios: Vec<&str> = report["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        scenarios,
+        [
+            "connect-storm",
+            "initial-sync",
+            "churn",
+            "status-flood",
+            "partition",
+            "cloud-restart",
+            "idle"
+        ]
+    );
+    assert_eq!(metric(&report, "connect-storm", "ready"), 200);
+    assert_eq!(
+        metric(&report, "initial-sync", "pod_startup")["count"],
+        1000
+    );
+    assert_eq!(metric(&report, "churn", "changes_not_seen"), 0);
+    assert_eq!(metric(&report, "partition", "partitioned_nodes"), 20);
+    assert_eq!(metric(&report, "cloud-restart", "reconnected"), 200);
+    assert!(
+        metric(&report, "idle", "kbit_per_second_per_node")
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+}
