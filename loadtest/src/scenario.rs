@@ -433,15 +433,11 @@ impl Harness {
             self.fleet().send(i, Command::Partition).await;
         }
         m.insert("partitioned_nodes".into(), json!(cut));
-        // Changes while they are away: to their pods and to everyone's.
+        // Changes to the whole fleet while they are away (some of them theirs).
         let duration = Duration::from_secs_f64(self.settings.duration_s.min(10.0));
-        let changes_cut = self.churn_for(duration / 2, &chosen).await?;
         let all: Vec<usize> = (0..n).collect();
-        let changes_all = self.churn_for(duration / 2, &all).await?;
-        m.insert(
-            "changes_during_partition".into(),
-            json!(changes_cut + changes_all),
-        );
+        let changes = self.churn_for(duration, &all).await?;
+        m.insert("changes_during_partition".into(), json!(changes));
         let heal = Instant::now();
         for &i in &chosen {
             self.fleet().send(i, Command::Heal).await;
