@@ -46,6 +46,20 @@ struct Echo {
     rv: u64,
 }
 
+/// A report decided and waiting for the batch commit.
+struct PendingReport {
+    node: Arc<str>,
+    report_key: ObjectKey,
+    base: u64,
+    record: replication::sync::ReportRecord,
+    /// Its writes alone (committed alone if the batch fails).
+    set: WriteSet,
+    /// It writes or deletes the object (one change), rather than only being recorded.
+    changes_object: bool,
+    /// The report's bytes are exactly what is written (the node needs only the new version).
+    echo: bool,
+}
+
 pub struct HubCore {
     store: Arc<Store>,
     routing: RoutingIndex,
@@ -56,6 +70,9 @@ pub struct HubCore {
     /// Nodes with work to send or records to persist.
     dirty: HashSet<Arc<str>>,
     metrics: Arc<Metrics>,
+    /// Reports decided since the last commit: one commit (one fsync) for all of them.
+    reports: Vec<PendingReport>,
+    report_keys: HashSet<ObjectKey>,
 }
 
 fn parse(bytes: &[u8]) -> Option<Object> {
@@ -73,6 +90,8 @@ impl HubCore {
             echoes: HashMap::new(),
             dirty: HashSet::new(),
             metrics,
+            reports: Vec::new(),
+            report_keys: HashSet::new(),
         }
     }
 
@@ -388,6 +407,7 @@ impl HubCore {
         };
         let mut set = WriteSet::new();
         let mut echo_bytes = None;
+        let mut changes_object = false;
         match authz::authorize(
             node,
             &report.key,
@@ -400,12 +420,14 @@ impl HubCore {
                     .as_ref()
                     .map_or(Precondition::Absent, |c| Precondition::Version(c.rv));
                 echo_bytes = Some(bytes.clone());
+                changes_object = true;
                 set.put(report.key.clone(), bytes, expect);
             }
             Ok(Decision::ConfirmDelete) => {
                 let expect = current
                     .as_ref()
                     .map_or(Precondition::Exists, |c| Precondition::Version(c.rv));
+                changes_object = true;
                 set.delete(report.key.clone(), expect);
             }
             Err(refusal) => {
@@ -414,29 +436,82 @@ impl HubCore {
             }
         }
         persist::add_report_record(&mut set, node, record);
-        match self.store.commit(set) {
+        // Two reports on one key in a batch would be judged against the same current object:
+        // commit the earlier ones first.
+        if !self.report_keys.insert(report.key.clone()) {
+            self.commit_reports();
+            self.report_keys.insert(report.key.clone());
+        }
+        let echo = echo_bytes.as_ref().is_some_and(|b| *b == report.object);
+        self.reports.push(PendingReport {
+            node: node.clone(),
+            report_key: report.key,
+            base: report.base,
+            record,
+            set,
+            changes_object,
+            echo,
+        });
+    }
+
+    /// Commits the pending reports in one write; if that fails (a racing write broke one
+    /// report's precondition), one by one, so that only the racing report waits for a resend.
+    pub fn commit_reports(&mut self) {
+        let pending = std::mem::take(&mut self.reports);
+        self.report_keys.clear();
+        if pending.is_empty() {
+            return;
+        }
+        let mut all = WriteSet::new();
+        for p in &pending {
+            all.append(p.set.clone());
+        }
+        match self.store.commit(all) {
             Ok(changes) => {
-                if let (Some(bytes), Some(change)) = (echo_bytes, changes.first()) {
-                    self.metrics.reports_applied.inc();
-                    // The node already holds exactly these bytes: it needs only the version.
-                    if bytes == report.object {
-                        self.echoes.insert(
-                            report.key.clone(),
-                            Echo {
-                                node: node.clone(),
-                                base: report.base,
-                                rv: change.rv,
-                            },
-                        );
+                let mut changes = changes.into_iter();
+                for p in pending {
+                    let change = if p.changes_object {
+                        changes.next()
+                    } else {
+                        None
+                    };
+                    self.report_committed(p, change);
+                }
+            }
+            Err(_) => {
+                for p in pending {
+                    match self.store.commit(p.set.clone()) {
+                        Ok(changes) => {
+                            let change = changes.into_iter().next();
+                            self.report_committed(p, change);
+                        }
+                        // A racing write: the node resends after its next session starts.
+                        Err(e) => {
+                            tracing::debug!(node = %p.node, key = %p.report_key, error = %e, "report not applied; will be resent")
+                        }
                     }
                 }
-                self.slot(node).feed.report_done(record);
-            }
-            Err(e) => {
-                // A racing write: the node resends after its next session starts.
-                tracing::debug!(%node, key = %report.key, error = %e, "report not applied; will be resent");
             }
         }
+    }
+
+    fn report_committed(&mut self, p: PendingReport, change: Option<SharedChange>) {
+        if let Some(change) = change.filter(|c| !c.is_delete()) {
+            self.metrics.reports_applied.inc();
+            // The node already holds exactly these bytes: it needs only the version.
+            if p.echo {
+                self.echoes.insert(
+                    p.report_key.clone(),
+                    Echo {
+                        node: p.node.clone(),
+                        base: p.base,
+                        rv: change.rv,
+                    },
+                );
+            }
+        }
+        self.slot(&p.node).feed.report_done(p.record);
+        self.dirty.insert(p.node);
     }
 
     /// Sends what the node's feed has for its link, and persists its ObjectSync writes.
@@ -567,6 +642,7 @@ pub async fn run(
             }
             _ = tick.tick() => core.mark_backlogged(),
         }
+        core.commit_reports();
         core.pump_dirty();
     }
 }

@@ -215,6 +215,12 @@ impl WriteSet {
         }
     }
 
+    /// Appends `other`'s writes after this set's (applied in order, as one commit).
+    pub fn append(&mut self, other: WriteSet) {
+        self.objects.extend(other.objects);
+        self.aux.extend(other.aux);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.objects.is_empty() && self.aux.is_empty()
     }
