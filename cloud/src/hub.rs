@@ -591,6 +591,7 @@ pub async fn run(
     // Subscribe at the revision the bootstrap reads, so no change between them is missed;
     // a change seen both ways is applied twice, which feeds treat as the same desired state.
     let revision = store.revision();
+    let mut seen = revision;
     let Ok(mut watcher) = store.watch().subscribe(KeyRange::all(), Some(revision)) else {
         tracing::error!("CloudHub cannot follow the store");
         return;
@@ -603,20 +604,33 @@ pub async fn run(
         tokio::select! {
             change = watcher.next() => match change {
                 Ok(change) => {
+                    seen = change.revision;
                     core.on_change(&change);
                     while let Ok(Some(change)) = watcher.try_next() {
+                        seen = change.revision;
                         core.on_change(&change);
                     }
                 }
                 Err(replication::WatchError::Closed) => return,
                 Err(e) => {
-                    // Fell behind the watch window: rebuild the routes from the store.
-                    tracing::warn!(error = %e, "CloudHub watch lost; re-routing from the store");
-                    match store.watch().subscribe(KeyRange::all(), Some(store.revision())) {
-                        Ok(w) => watcher = w,
-                        Err(_) => return,
+                    // Fell behind the live window: resume from the store's history where it
+                    // can (no change missed); rebuild the routes from the store only if the
+                    // history no longer reaches back that far (a full scan).
+                    match store.watch().subscribe(KeyRange::all(), Some(seen)) {
+                        Ok(w) => {
+                            tracing::info!(error = %e, revision = seen, "CloudHub watch resumed from history");
+                            watcher = w;
+                        }
+                        Err(_) => {
+                            tracing::warn!(error = %e, "CloudHub watch lost; re-routing from the store");
+                            seen = store.revision();
+                            match store.watch().subscribe(KeyRange::all(), Some(seen)) {
+                                Ok(w) => watcher = w,
+                                Err(_) => return,
+                            }
+                            core.bootstrap();
+                        }
                     }
-                    core.bootstrap();
                 }
             },
             link = server.accept() => {
