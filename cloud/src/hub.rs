@@ -400,11 +400,28 @@ impl HubCore {
         };
         let current = self.store.get(&report.key).ok().flatten();
         let current_object = current.as_ref().and_then(|v| parse(&v.object));
-        let proposed = if report.object.is_empty() {
-            None
-        } else {
-            parse(&report.object)
+        let proposed = match &report.patch {
+            // A status patch: the node's status on top of the cloud's current pod.
+            Some(patch) => current_object.clone().and_then(|mut object| {
+                match replication::sync::status_patch::apply(&mut object, patch) {
+                    Ok(()) => Some(object),
+                    Err(e) => {
+                        tracing::warn!(%node, key = %report.key, error = %e, "bad status patch");
+                        None
+                    }
+                }
+            }),
+            None if report.object.is_empty() => None,
+            None => parse(&report.object),
         };
+        if report.patch.is_some() && proposed.is_none() {
+            // Nothing to apply (the pod is gone, or the patch was bad): recorded as done.
+            self.metrics.reports_refused.inc();
+            let mut set = WriteSet::new();
+            persist::add_report_record(&mut set, node, record);
+            self.queue_report(node, report, record, set, false, false);
+            return;
+        }
         let mut set = WriteSet::new();
         let mut echo_bytes = None;
         let mut changes_object = false;
@@ -436,13 +453,33 @@ impl HubCore {
             }
         }
         persist::add_report_record(&mut set, node, record);
+        // The node already holds what is written (it needs only the new version): the same
+        // bytes for a whole report; for a status patch on the version it was made against,
+        // the same status on the same object.
+        let echo = match &report.patch {
+            Some(_) => {
+                echo_bytes.is_some() && current.as_ref().is_some_and(|c| c.rv == report.base)
+            }
+            None => echo_bytes.as_ref().is_some_and(|b| *b == report.object),
+        };
+        self.queue_report(node, report, record, set, changes_object, echo);
+    }
+
+    fn queue_report(
+        &mut self,
+        node: &Arc<str>,
+        report: Report,
+        record: replication::sync::ReportRecord,
+        set: WriteSet,
+        changes_object: bool,
+        echo: bool,
+    ) {
         // Two reports on one key in a batch would be judged against the same current object:
         // commit the earlier ones first.
         if !self.report_keys.insert(report.key.clone()) {
             self.commit_reports();
             self.report_keys.insert(report.key.clone());
         }
-        let echo = echo_bytes.as_ref().is_some_and(|b| *b == report.object);
         self.reports.push(PendingReport {
             node: node.clone(),
             report_key: report.key,

@@ -202,7 +202,7 @@ impl HollowNode {
             if deleting {
                 if pod.reported != "deleted" {
                     pod.reported = "deleted".into();
-                    reports.push((key.clone(), Bytes::new()));
+                    reports.push((key.clone(), Bytes::new(), None));
                 }
                 continue;
             }
@@ -214,6 +214,8 @@ impl HollowNode {
             if pod.reported == wanted {
                 continue;
             }
+            // What the node holds before this write: the base of a status patch.
+            let before = Bytes::from(object::to_stored(pod.object.clone()));
             let status = hollow_status(&pod.object, &wanted);
             pod.object.insert("status".into(), status);
             pod.reported = wanted;
@@ -221,10 +223,10 @@ impl HollowNode {
             if self.status_round > 0 {
                 self.probes.status_sent(key, &pod.reported);
             }
-            reports.push((key.clone(), bytes));
+            reports.push((key.clone(), bytes, Some(before)));
         }
-        for (key, bytes) in reports {
-            let _ = self.sync.report(key, bytes);
+        for (key, bytes, before) in reports {
+            let _ = self.sync.report_on(key, bytes, before.as_deref());
         }
     }
 

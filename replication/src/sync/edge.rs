@@ -253,8 +253,31 @@ impl EdgeSync {
     /// cloud assigns one; an object it does not hold is reported with base 0 (a create, or a
     /// write to an object not routed here) and not stored locally. Returns the report id.
     pub fn report(&mut self, key: ObjectKey, object: Bytes) -> Result<u64, EdgeError> {
+        self.report_on(key, object, None)
+    }
+
+    /// [`EdgeSync::report`], given the bytes held for the key before this write (`held_object`):
+    /// a pod's status change then goes as a patch of its status (a few dozen bytes instead of
+    /// the whole pod) when the cloud is known to hold those bytes, i.e. no earlier report on
+    /// the key is still unacknowledged (the cloud may or may not have applied it).
+    pub fn report_on(
+        &mut self,
+        key: ObjectKey,
+        object: Bytes,
+        held_object: Option<&[u8]>,
+    ) -> Result<u64, EdgeError> {
         let held = self.held(&key);
         let base = held.unwrap_or(0);
+        let patch = match held_object {
+            Some(before)
+                if held.is_some()
+                    && key.kind() == "pods"
+                    && !self.latest_report.contains_key(&key) =>
+            {
+                crate::sync::status_patch::diff(before, &object)
+            }
+            _ => None,
+        };
         self.forget_report(&key);
         self.next_report += 1;
         let report = Report {
@@ -262,6 +285,7 @@ impl EdgeSync {
             key: key.clone(),
             base,
             object: object.clone(),
+            patch,
         };
         if held.is_some() {
             self.batch.local_write(key.clone(), object);
@@ -329,5 +353,55 @@ impl EdgeSync {
         self.sent_through = id;
         self.stats.reports_sent += 1;
         Some(Up::Report(report.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent_reports(sync: &mut EdgeSync) -> Vec<Report> {
+        if let Some(batch) = sync.take_batch() {
+            sync.durable(batch.token);
+        }
+        std::iter::from_fn(|| sync.poll_transmit())
+            .filter_map(|up| match up {
+                Up::Report(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_pod_status_change_goes_as_a_patch_unless_an_earlier_report_is_unacknowledged() {
+        let key = ObjectKey::parse("pods/d/p").unwrap();
+        let mut sync = EdgeSync::new(EdgeRecovered {
+            held: [(key.clone(), 3)].into(),
+            ..Default::default()
+        });
+        sync.link_up();
+        let pod = |message: &str| {
+            Bytes::from(format!(
+                r#"{{"metadata":{{"name":"p","namespace":"d"}},"spec":{{"containers":[{{"name":"c","image":"registry.example.com/app:1"}}]}},"status":{{"phase":"Running","message":"{message}"}}}}"#
+            ))
+        };
+        sync.report_on(key.clone(), pod("b"), Some(&pod("a")))
+            .unwrap();
+        let first = sent_reports(&mut sync);
+        assert_eq!(first.len(), 1);
+        let patch = first[0].patch.as_ref().expect("a patch");
+        assert_eq!(&patch[..], br#"{"status":{"message":"b"}}"#);
+        assert_eq!(
+            first[0].object,
+            pod("b"),
+            "the whole object stays in the outbox"
+        );
+
+        // Not acknowledged yet: the cloud may hold "a" or "b", so the next report goes whole.
+        sync.report_on(key.clone(), pod("c"), Some(&pod("b")))
+            .unwrap();
+        let second = sent_reports(&mut sync);
+        assert_eq!(second.len(), 1);
+        assert!(second[0].patch.is_none());
     }
 }

@@ -80,7 +80,12 @@ pub struct Report {
     pub id: u64,
     pub key: ObjectKey,
     pub base: u64,
+    /// The whole object as the node wrote it (empty: a pod's deletion is confirmed).
     pub object: Bytes,
+    /// Sent instead of `object` when set: a JSON merge patch of the pod's `status` against the
+    /// object the cloud holds (see [`crate::sync::status_patch`]). Not persisted: a report
+    /// recovered from the outbox after a restart goes whole.
+    pub patch: Option<Bytes>,
 }
 
 /// Edge → cloud.

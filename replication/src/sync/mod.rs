@@ -23,6 +23,7 @@ pub mod feed;
 pub mod messages;
 pub mod persist;
 mod replica;
+pub mod status_patch;
 pub mod wire;
 
 pub use digest::SetDigest;

@@ -81,6 +81,7 @@ fn decode_report(id: &[u8], value: &[u8]) -> Result<Report, StoreError> {
         key: ObjectKey::from_stored(key)?,
         base,
         object: Bytes::copy_from_slice(&value[key_end..]),
+        patch: None,
     })
 }
 

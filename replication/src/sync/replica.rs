@@ -94,7 +94,8 @@ impl EdgeReplica {
 
     /// The node's own write of an object it holds, committed at once and queued upward.
     pub fn report(&mut self, key: ObjectKey, object: Bytes) -> Result<u64, ReplicaError> {
-        let id = self.sync.report(key, object)?;
+        let before = self.store.get(&key)?.map(|v| v.object);
+        let id = self.sync.report_on(key, object, before.as_deref())?;
         self.flush()?;
         Ok(id)
     }

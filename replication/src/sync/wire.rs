@@ -195,10 +195,14 @@ pub fn encode_up(up: &Up) -> Message {
         }
         Up::Refetch { key } => message("refetch", key.as_str(), None, Bytes::new()),
         Up::Report(r) => {
-            let mut out = BytesMut::with_capacity(8 + r.object.len());
+            let (operation, body) = match &r.patch {
+                Some(patch) => ("report-patch", patch),
+                None => ("report", &r.object),
+            };
+            let mut out = BytesMut::with_capacity(8 + body.len());
             out.put_u64(r.id);
-            out.put_slice(&r.object);
-            message("report", r.key.as_str(), Some(r.base), out.freeze())
+            out.put_slice(body);
+            message(operation, r.key.as_str(), Some(r.base), out.freeze())
         }
     };
     m.route.source = "edgecore".into();
@@ -252,16 +256,27 @@ pub fn decode_up(parts: Parts<'_>) -> Result<Up, WireError> {
         "refetch" => Up::Refetch {
             key: key("refetch", &parts)?,
         },
-        "report" => {
+        operation @ ("report" | "report-patch") => {
+            let name = if operation == "report" {
+                "report"
+            } else {
+                "report-patch"
+            };
             if parts.content.len() < 8 {
-                return Err(malformed("report", "content shorter than its id"));
+                return Err(malformed(name, "content shorter than its id"));
             }
             let id = parts.content.clone().get_u64();
+            let body = parts.content.slice(8..);
+            let patch = operation == "report-patch";
+            if patch && body.is_empty() {
+                return Err(malformed(name, "an empty patch"));
+            }
             Up::Report(Report {
                 id,
-                key: key("report", &parts)?,
-                base: rv("report", &parts)?,
-                object: parts.content.slice(8..),
+                key: key(name, &parts)?,
+                base: rv(name, &parts)?,
+                object: if patch { Bytes::new() } else { body.clone() },
+                patch: patch.then_some(body),
             })
         }
         other => return Err(WireError::UnknownOperation(other.to_owned())),
@@ -365,6 +380,14 @@ mod tests {
                 key: k("pods/a/b"),
                 base: 3,
                 object: Bytes::from_static(b"{}"),
+                patch: None,
+            }),
+            Up::Report(Report {
+                id: 8,
+                key: k("pods/a/b"),
+                base: 3,
+                object: Bytes::new(),
+                patch: Some(Bytes::from_static(b"{\"status\":{\"message\":\"m\"}}")),
             }),
         ];
         for up in messages {
