@@ -593,3 +593,145 @@ fn metaserver_forwards_writes_and_cache_misses_to_the_cloud_under_node_authoriza
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(cached_value(&edge), "v3");
 }
+
+/// The next watcher event for a ConfigMap named `want` (others skipped), within `within`.
+async fn next_apply_of<S>(stream: &mut S, want: &str, value: &str, within: Duration) -> bool
+where
+    S: futures_util::Stream<
+            Item = Result<
+                kube::runtime::watcher::Event<k8s_openapi::api::core::v1::ConfigMap>,
+                kube::runtime::watcher::Error,
+            >,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    use kube::runtime::watcher::Event;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let Ok(Some(item)) = tokio::time::timeout_at(deadline, stream.next()).await else {
+            return false;
+        };
+        match item {
+            Ok(Event::Apply(cm)) | Ok(Event::InitApply(cm)) => {
+                let name = cm.metadata.name.clone().unwrap_or_default();
+                let v = cm
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get("v").cloned())
+                    .unwrap_or_default();
+                if name == want && v == value {
+                    return true;
+                }
+            }
+            Ok(_) => {}
+            // The edge restarting: the watcher retries on its next poll.
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kube_rs_watcher_on_metaserver_follows_the_cloud_and_resumes_after_disconnects() {
+    use futures_util::StreamExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, WatchEvent, WatchParams};
+    use kube::runtime::watcher;
+
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    let port = free_port();
+    let mut edge = EdgeProcess::start(&cloud, "edge-1", edge_dir.path(), port, Some(&token));
+    eventually(
+        "edge-1's Node in its cache",
+        Duration::from_secs(30),
+        || edge.kubectl(&["get", "node", "edge-1"]).status.success(),
+    );
+    for i in 0..3 {
+        cloud.ok(&[
+            "create",
+            "configmap",
+            &format!("w-{i}"),
+            "--from-literal=v=0",
+        ]);
+        // A get through MetaServer makes the node follow the ConfigMap from then on.
+        assert!(edge
+            .kubectl(&["get", "configmap", &format!("w-{i}")])
+            .status
+            .success());
+    }
+    let config = kube::Config::new(edge.metaserver.parse().unwrap());
+    let api: Api<ConfigMap> = Api::namespaced(kube::Client::try_from(config).unwrap(), "default");
+
+    // The watcher's initial list holds the three; a cloud change arrives as a live event.
+    let mut stream = watcher::watcher(api.clone(), watcher::Config::default()).boxed();
+    for i in 0..3 {
+        assert!(
+            next_apply_of(&mut stream, &format!("w-{i}"), "0", Duration::from_secs(20)).await,
+            "w-{i} in the initial list"
+        );
+    }
+    cloud.ok(&[
+        "patch",
+        "cm",
+        "w-1",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"v":"1"}}"#,
+    ]);
+    assert!(next_apply_of(&mut stream, "w-1", "1", Duration::from_secs(20)).await);
+
+    // A plain watch that ends (timeoutSeconds) and resumes from the last version it saw gets
+    // exactly what came after.
+    let rv = api
+        .get("w-1")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    cloud.ok(&[
+        "patch",
+        "cm",
+        "w-2",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"v":"2"}}"#,
+    ]);
+    let mut resumed = api
+        .watch(&WatchParams::default().timeout(3), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let mut seen = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(10), resumed.next()).await
+    {
+        match event.unwrap() {
+            WatchEvent::Modified(cm) | WatchEvent::Added(cm) => {
+                seen.push(cm.metadata.name.unwrap_or_default())
+            }
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["w-2"]);
+
+    // edgecore killed and restarted: the long-lived watcher reconnects (re-listing if its
+    // version is gone) and keeps following the cloud.
+    edge.kill9();
+    let edge = EdgeProcess::start(&cloud, "edge-1", edge_dir.path(), port, None);
+    cloud.ok(&[
+        "patch",
+        "cm",
+        "w-0",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"v":"3"}}"#,
+    ]);
+    assert!(
+        next_apply_of(&mut stream, "w-0", "3", Duration::from_secs(40)).await,
+        "the watcher follows the restarted MetaServer"
+    );
+    drop(edge);
+}
