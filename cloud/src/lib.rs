@@ -2,6 +2,7 @@
 //! cluster), the EdgeController that routes objects to nodes, CloudHub (one QUIC link per node)
 //! and the per-node ObjectSync record.
 //!
+//! - [`api_tls`]: the API over HTTPS with a bearer token (off loopback);
 //! - [`embedded`]: the embedded API server's store and its seed objects;
 //! - [`policy`]: what the embedded API allows and how it deletes pods bound to nodes;
 //! - [`pki`]: the cluster CA, the server certificate and bootstrap tokens;
@@ -12,6 +13,7 @@
 //! - [`lifecycle`]: node Ready/NotReady from leases;
 //! - [`server`]: wires it all together ([`server::CloudCore`]).
 
+pub mod api_tls;
 pub mod authz;
 pub mod embedded;
 pub mod hub;

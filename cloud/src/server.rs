@@ -26,6 +26,12 @@ pub struct CloudConfig {
     pub node_grace: Duration,
     /// Changes kept for watch resume.
     pub watch_history: usize,
+    /// Serve the API over HTTPS (always, off loopback).
+    pub api_tls: bool,
+    /// A file holding the bearer token every API request must carry (required off loopback).
+    pub api_token_file: Option<PathBuf>,
+    /// Extra names (DNS or IP) for the API's certificate.
+    pub api_names: Vec<String>,
 }
 
 impl CloudConfig {
@@ -38,6 +44,9 @@ impl CloudConfig {
             kubeconfig: None,
             node_grace: Duration::from_secs(40),
             watch_history: 10_000,
+            api_tls: false,
+            api_token_file: None,
+            api_names: Vec::new(),
         }
     }
 }
@@ -64,13 +73,32 @@ impl CloudCore {
         if config.kubeconfig.is_some() {
             bail!("--kubeconfig (a real cluster as the source) is not implemented yet; run without it to use the embedded API server");
         }
-        if !config.api_listen.ip().is_loopback() {
+        let off_loopback = !config.api_listen.ip().is_loopback();
+        if off_loopback && config.api_token_file.is_none() {
             bail!(
-                "--api-listen {}: the embedded API listens on loopback only (TLS with a bearer \
-                 token for other addresses is not implemented yet)",
+                "--api-listen {}: off loopback the API requires a bearer token \
+                 (--api-token-file FILE); it is then served over HTTPS with a certificate from \
+                 the cluster CA (DATA_DIR/pki/ca.crt)",
                 config.api_listen
             );
         }
+        let api_token = match &config.api_token_file {
+            Some(path) => {
+                let token = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the API token file {}", path.display()))?
+                    .trim()
+                    .to_owned();
+                if token.len() < 16 {
+                    bail!(
+                        "the API token in {} is shorter than 16 characters",
+                        path.display()
+                    );
+                }
+                Some(token)
+            }
+            None => None,
+        };
+        let api_tls = config.api_tls || off_loopback;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
         let store = crate::embedded::open_store(&config.data_dir, config.watch_history)
@@ -93,12 +121,38 @@ impl CloudCore {
         let metrics_addr = metrics_listener.local_addr()?;
 
         let mut tasks = Vec::new();
-        let router = ApiServer::new(store.clone(), policy).router();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(api_listener, router).await {
-                tracing::error!(error = %e, "API server stopped");
+        let mut api = ApiServer::new(store.clone(), policy);
+        if let Some(token) = api_token {
+            api = api.with_bearer_token(token);
+        }
+        let router = api.router();
+        if api_tls {
+            let ca = crate::pki::load_or_create_ca(&config.data_dir)?;
+            let mut names = vec![
+                crate::pki::SERVER_NAME.to_owned(),
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+            ];
+            if !config.api_listen.ip().is_unspecified() {
+                names.push(config.api_listen.ip().to_string());
             }
-        }));
+            names.extend(config.api_names.iter().cloned());
+            let identity = ca
+                .issue_server(&names, Duration::from_secs(365 * 24 * 3600))
+                .context("issuing the API's certificate")?;
+            let tls = crate::api_tls::server_config(&identity)?;
+            tasks.push(tokio::spawn(crate::api_tls::serve(
+                api_listener,
+                router,
+                tls,
+            )));
+        } else {
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(api_listener, router).await {
+                    tracing::error!(error = %e, "API server stopped");
+                }
+            }));
+        }
         let metrics_router = {
             let metrics = metrics.clone();
             axum::Router::new().route(

@@ -24,9 +24,18 @@ struct Cli {
     /// QUIC address edge nodes connect to.
     #[arg(long, default_value = "0.0.0.0:10001")]
     quic_listen: SocketAddr,
-    /// Kubernetes API address (loopback only).
+    /// Kubernetes API address. Off loopback it needs --api-token-file and is served over HTTPS.
     #[arg(long, default_value = "127.0.0.1:6080")]
     api_listen: SocketAddr,
+    /// Serve the API over HTTPS on loopback too (a certificate from the cluster CA).
+    #[arg(long)]
+    api_tls: bool,
+    /// A file with the bearer token every API request must carry (`Authorization: Bearer`).
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
+    /// Another DNS name or IP address for the API's certificate (repeatable).
+    #[arg(long = "api-name")]
+    api_names: Vec<String>,
     /// Prometheus metrics address.
     #[arg(long, default_value = "127.0.0.1:9091")]
     metrics_listen: SocketAddr,
@@ -106,6 +115,9 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             data_dir,
             quic_listen: cli.quic_listen,
             api_listen: cli.api_listen,
+            api_tls: cli.api_tls,
+            api_token_file: cli.api_token_file.clone(),
+            api_names: cli.api_names.clone(),
             metrics_listen: cli.metrics_listen,
             kubeconfig: cli.kubeconfig,
             node_grace: cli.node_grace,
