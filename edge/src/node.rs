@@ -113,6 +113,17 @@ pub fn observed_status(node: &str, runtime: &str) -> Value {
     })
 }
 
+/// Sets the conditions' heartbeat and transition times to now (a status about to be reported).
+pub fn stamp_conditions(status: &mut Value) {
+    let now = object::now_rfc3339();
+    if let Some(conditions) = status.get_mut("conditions").and_then(Value::as_array_mut) {
+        for c in conditions.iter_mut().filter_map(Value::as_object_mut) {
+            c.insert("lastHeartbeatTime".into(), json!(now));
+            c.insert("lastTransitionTime".into(), json!(now));
+        }
+    }
+}
+
 fn without_times(status: &Value) -> Value {
     let mut status = status.clone();
     if let Some(conditions) = status.get_mut("conditions").and_then(Value::as_array_mut) {
@@ -142,13 +153,7 @@ fn report_status(meta: &MetaManager, config: &NodeStatusConfig, force: bool) -> 
     if !force && current == status {
         return false;
     }
-    let now = object::now_rfc3339();
-    if let Some(conditions) = status.get_mut("conditions").and_then(Value::as_array_mut) {
-        for c in conditions.iter_mut().filter_map(Value::as_object_mut) {
-            c.insert("lastHeartbeatTime".into(), json!(now));
-            c.insert("lastTransitionTime".into(), json!(now));
-        }
-    }
+    stamp_conditions(&mut status);
     node.insert("status".into(), status);
     let bytes = Bytes::from(object::to_stored(node));
     if let Err(e) = meta.report(key, bytes) {

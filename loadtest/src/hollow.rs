@@ -232,13 +232,7 @@ impl HollowNode {
 
     fn report_node_status(&mut self, key: ObjectKey, mut node: Object) {
         let mut status = edge::node::observed_status(&self.setup.name, "kedge-hollow://0.1");
-        let now = object::now_rfc3339();
-        if let Some(conditions) = status.get_mut("conditions").and_then(Value::as_array_mut) {
-            for c in conditions.iter_mut().filter_map(Value::as_object_mut) {
-                c.insert("lastHeartbeatTime".into(), json!(now));
-                c.insert("lastTransitionTime".into(), json!(now));
-            }
-        }
+        edge::node::stamp_conditions(&mut status);
         node.insert("status".into(), status);
         let _ = self.sync.report(key, Bytes::from(object::to_stored(node)));
         self.node_status_sent = true;
