@@ -401,9 +401,10 @@ impl HubCore {
         let current = self.store.get(&report.key).ok().flatten();
         let current_object = current.as_ref().and_then(|v| parse(&v.object));
         let proposed = match &report.patch {
-            // A status patch: the node's status on top of the cloud's current pod.
+            // A patch of the part the node owns, on top of the cloud's current object.
             Some(patch) => current_object.clone().and_then(|mut object| {
-                match replication::sync::status_patch::apply(&mut object, patch) {
+                let part = replication::sync::status_patch::owned_part(report.key.kind())?;
+                match replication::sync::status_patch::apply(part, &mut object, patch) {
                     Ok(()) => Some(object),
                     Err(e) => {
                         tracing::warn!(%node, key = %report.key, error = %e, "bad status patch");

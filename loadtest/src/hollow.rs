@@ -77,6 +77,8 @@ struct HollowNode {
     node_status_sent: bool,
     probes: Arc<Probes>,
     status_round: u64,
+    /// The Lease as last reported: what the node holds, the base of the next renewal's patch.
+    last_lease: Option<Bytes>,
 }
 
 fn parse(bytes: &[u8]) -> Option<Object> {
@@ -103,6 +105,7 @@ impl HollowNode {
             node_status_sent: false,
             probes,
             status_round: 0,
+            last_lease: None,
         }
     }
 
@@ -249,10 +252,11 @@ impl HollowNode {
             "spec": {"holderIdentity": self.setup.name, "leaseDurationSeconds": 40,
                      "renewTime": object::now_rfc3339()},
         });
-        let _ = self.sync.report(
-            key,
-            Bytes::from(serde_json::to_vec(&lease).unwrap_or_default()),
-        );
+        let bytes = Bytes::from(serde_json::to_vec(&lease).unwrap_or_default());
+        let _ = self
+            .sync
+            .report_on(key, bytes.clone(), self.last_lease.as_deref());
+        self.last_lease = Some(bytes);
     }
 
     /// "Durable" at once (the cache is memory): hand the batch back and queue the acks.

@@ -257,9 +257,10 @@ impl EdgeSync {
     }
 
     /// [`EdgeSync::report`], given the bytes held for the key before this write (`held_object`):
-    /// a pod's status change then goes as a patch of its status (a few dozen bytes instead of
-    /// the whole pod) when the cloud is known to hold those bytes, i.e. no earlier report on
-    /// the key is still unacknowledged (the cloud may or may not have applied it).
+    /// a change of the part the node owns (a pod's or Node's status, its Lease's renewal) then
+    /// goes as a patch of that part (a few dozen bytes instead of the whole object) when the
+    /// cloud is known to hold those bytes, i.e. no earlier report on the key is still
+    /// unacknowledged (the cloud may or may not have applied it).
     pub fn report_on(
         &mut self,
         key: ObjectKey,
@@ -268,13 +269,12 @@ impl EdgeSync {
     ) -> Result<u64, EdgeError> {
         let held = self.held(&key);
         let base = held.unwrap_or(0);
-        let patch = match held_object {
-            Some(before)
-                if held.is_some()
-                    && key.kind() == "pods"
-                    && !self.latest_report.contains_key(&key) =>
+        let part = crate::sync::status_patch::owned_part(key.kind());
+        let patch = match (held_object, part) {
+            (Some(before), Some(part))
+                if held.is_some() && !self.latest_report.contains_key(&key) =>
             {
-                crate::sync::status_patch::diff(before, &object)
+                crate::sync::status_patch::diff(part, before, &object)
             }
             _ => None,
         };
