@@ -624,6 +624,7 @@ pub async fn run(
     mut server: transport::Server,
     metrics: Arc<Metrics>,
     connected: Arc<ConnectedNodes>,
+    bus: Arc<crate::servicebus::ServiceBus>,
 ) {
     let mut core = HubCore::new(store.clone(), metrics.clone());
     // Subscribe at the revision the bootstrap reads, so no change between them is missed;
@@ -675,6 +676,7 @@ pub async fn run(
                 let Some(mut link) = link else { return };
                 let node: Arc<str> = link.handle().peer().into();
                 core.attach(&node, link.handle().clone());
+                bus.attach(&node, link.handle().clone());
                 let tx = events_tx.clone();
                 let name = node.clone();
                 tokio::spawn(async move {

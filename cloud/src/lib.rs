@@ -11,6 +11,7 @@
 //! - [`node_api`]: API calls forwarded by a node's MetaServer, under node authorization;
 //! - [`scheduler`]: binds pods without `nodeName` to a ready edge node;
 //! - [`lifecycle`]: node Ready/NotReady from leases;
+//! - [`servicebus`]: HTTP requests to applications on edge nodes, over their links;
 //! - [`server`]: wires it all together ([`server::CloudCore`]).
 
 pub mod api_tls;
@@ -26,3 +27,4 @@ pub mod policy;
 pub mod routing;
 pub mod scheduler;
 pub mod server;
+pub mod servicebus;

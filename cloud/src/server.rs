@@ -54,6 +54,8 @@ impl CloudConfig {
 /// A running cloudcore.
 pub struct CloudCore {
     pub store: Arc<Store>,
+    /// HTTP requests to applications on the nodes ([`crate::servicebus`]).
+    pub bus: Arc<crate::servicebus::ServiceBus>,
     pub metrics: Arc<Metrics>,
     pub connected: Arc<ConnectedNodes>,
     pub api_addr: SocketAddr,
@@ -122,10 +124,12 @@ impl CloudCore {
 
         let mut tasks = Vec::new();
         let mut api = ApiServer::new(store.clone(), policy);
-        if let Some(token) = api_token {
-            api = api.with_bearer_token(token);
+        let token: Option<Arc<str>> = api_token.map(Into::into);
+        if let Some(token) = &token {
+            api = api.with_bearer_token(token.clone());
         }
-        let router = api.router();
+        let bus = Arc::new(crate::servicebus::ServiceBus::default());
+        let router = crate::servicebus::router(bus.clone(), token).merge(api.router());
         if api_tls {
             let ca = crate::pki::load_or_create_ca(&config.data_dir)?;
             let mut names = vec![
@@ -199,6 +203,7 @@ impl CloudCore {
             quic,
             metrics.clone(),
             connected.clone(),
+            bus.clone(),
         )));
         tasks.push(tokio::spawn(crate::scheduler::run(store.clone())));
         tasks.push(tokio::spawn(crate::lifecycle::run(
@@ -210,6 +215,7 @@ impl CloudCore {
         tracing::info!(%api_addr, %metrics_addr, %quic_addr, data_dir = %config.data_dir.display(), "cloudcore started");
         Ok(CloudCore {
             store,
+            bus,
             metrics,
             connected,
             api_addr,

@@ -7,15 +7,22 @@ use std::sync::Arc;
 use replication::sync::wire::{self, Parts};
 use replication::sync::EdgeError;
 use tokio_util::sync::CancellationToken;
-use transport::{Link, LinkEvent, Message, Route};
+use transport::bus::{BusRequest, BusResponse};
+use transport::{IncomingRequest, Link, LinkEvent, Message, Route};
 
 use crate::meta::MetaManager;
+use crate::servicebus::ServiceBus;
 
 /// Messages applied per commit at most (bounds the latency of the first ack in a large sync).
 const MAX_BATCH: usize = 512;
 
 /// Runs until `shutdown` or until the link closes.
-pub async fn run(mut link: Link, meta: Arc<MetaManager>, shutdown: CancellationToken) {
+pub async fn run(
+    mut link: Link,
+    meta: Arc<MetaManager>,
+    bus: Arc<ServiceBus>,
+    shutdown: CancellationToken,
+) {
     loop {
         let first = tokio::select! {
             event = link.next_event() => match event {
@@ -89,17 +96,7 @@ pub async fn run(mut link: Link, meta: Arc<MetaManager>, shutdown: CancellationT
             }
         }
         for request in requests {
-            let answer = Message::response_to(
-                &request.message.to_message().header,
-                Route {
-                    source: "edgehub".into(),
-                    group: "error".into(),
-                    operation: "response".into(),
-                    resource: String::new(),
-                },
-                "this node serves no requests yet",
-            );
-            let _ = request.respond(&answer).await;
+            tokio::spawn(answer(request, bus.clone()));
         }
         send_upward(&link, &meta).await;
     }
@@ -115,5 +112,27 @@ async fn send_upward(link: &Link, meta: &MetaManager) {
         if link.handle().send(&wire::encode_up(&up)).await.is_err() {
             return; // the link is closed: edgecore is stopping
         }
+    }
+}
+
+/// Answers a request from the cloud: ServiceBus calls are performed against the local
+/// application; anything else is answered with an error message.
+async fn answer(request: IncomingRequest, bus: Arc<ServiceBus>) {
+    let header = request.message.to_message().header;
+    let response = if request.message.route().group.as_str() == transport::bus::GROUP {
+        let response = match BusRequest::from_message(&request.message) {
+            Ok(call) => bus.serve(call).await,
+            Err(e) => BusResponse::error(400, e.to_string()),
+        };
+        response.to_message(&header)
+    } else {
+        Message::response_to(
+            &header,
+            Route::new("edgehub", "error", "response", ""),
+            "this node serves no such requests",
+        )
+    };
+    if let Err(e) = request.respond(&response).await {
+        tracing::debug!(error = %e, "the cloud went away before the response");
     }
 }

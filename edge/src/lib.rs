@@ -7,6 +7,7 @@
 //! - [`metaserver`]: MetaServer's policy over the shared `replication::api` code;
 //! - [`edged`]: Edged, a light kubelet over a runtime (`process` or `hollow`);
 //! - [`node`]: node status and the Lease heartbeat;
+//! - [`servicebus`]: HTTP requests from the cloud to local applications;
 //! - this module: wiring ([`EdgeCore`]).
 
 pub mod edged;
@@ -15,6 +16,7 @@ pub mod identity;
 pub mod meta;
 pub mod metaserver;
 pub mod node;
+pub mod servicebus;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +47,10 @@ pub struct EdgeConfig {
     pub metaserver_listen: SocketAddr,
     pub runtime: RuntimeKind,
     pub node_status: node::NodeStatusConfig,
+    /// Applications the cloud may call through ServiceBus, by name.
+    pub service_bus_apps: Vec<(String, SocketAddr)>,
+    /// How long a ServiceBus call may take on the node.
+    pub service_bus_timeout: Duration,
 }
 
 impl EdgeConfig {
@@ -57,6 +63,8 @@ impl EdgeConfig {
             metaserver_listen: "127.0.0.1:10550".parse().expect("address"),
             runtime: RuntimeKind::Process,
             node_status: node::NodeStatusConfig::default(),
+            service_bus_apps: Vec::new(),
+            service_bus_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -123,7 +131,16 @@ impl EdgeCore {
         let link = transport::connect(client, &credentials.ca, &credentials.identity)
             .context("starting the link to the cloud")?;
         meta.set_link(link.handle().clone());
-        tasks.push(tokio::spawn(hub::run(link, meta.clone(), shutdown.clone())));
+        let bus = Arc::new(servicebus::ServiceBus::new(
+            config.service_bus_apps.clone(),
+            config.service_bus_timeout,
+        ));
+        tasks.push(tokio::spawn(hub::run(
+            link,
+            meta.clone(),
+            bus,
+            shutdown.clone(),
+        )));
 
         let mut status_config = config.node_status.clone();
         let runtime: Arc<dyn edged::Runtime> = match config.runtime {

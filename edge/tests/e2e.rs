@@ -735,3 +735,113 @@ async fn a_kube_rs_watcher_on_metaserver_follows_the_cloud_and_resumes_after_dis
     );
     drop(edge);
 }
+
+/// A small HTTP application: answers `201` with `METHOD PATH BODY`; `/slow` waits 3 s first.
+fn tiny_app() -> u16 {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(20) {
+            let Ok(stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let mut parts = line.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let mut length = 0;
+                loop {
+                    let mut header = String::new();
+                    reader.read_line(&mut header).unwrap();
+                    if header.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                if path.starts_with("/slow") {
+                    std::thread::sleep(Duration::from_secs(3));
+                }
+                let text = format!("{method} {path} {}", String::from_utf8_lossy(&body));
+                let mut stream = stream;
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 201 Created\r\nX-App: tiny\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            });
+        }
+    });
+    port
+}
+
+/// One HTTP/1.1 request to `addr`; the whole response as text.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+}
+
+#[test]
+fn servicebus_carries_an_http_request_from_the_cloud_to_an_application_on_the_node() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let app = tiny_app();
+    let mut command = edge_command(&cloud, "edge-1", edge_dir.path(), free_port());
+    command
+        .arg("--token")
+        .arg(token(&cloud))
+        .arg("--service-bus-app")
+        .arg(format!("tiny=127.0.0.1:{app}"))
+        .args(["--service-bus-timeout", "1s"]);
+    // Wrapped so that the process is killed however the test ends.
+    let _edge = EdgeProcess {
+        child: command.stdout(Stdio::null()).spawn().unwrap(),
+        metaserver: String::new(),
+    };
+    let api = cloud.api.trim_start_matches("http://").to_owned();
+    let mut response = String::new();
+    eventually("a ServiceBus round trip", Duration::from_secs(30), || {
+        response = http(&api, "POST", "/servicebus/edge-1/tiny/greet?x=1", "hi");
+        response.starts_with("HTTP/1.1 201")
+    });
+    assert!(
+        response.to_ascii_lowercase().contains("x-app: tiny"),
+        "{response}"
+    );
+    assert!(response.ends_with("POST /greet?x=1 hi"), "{response}");
+
+    let response = http(&api, "GET", "/servicebus/edge-1/nope/", "");
+    assert!(
+        response.starts_with("HTTP/1.1 404") && response.contains("no application \"nope\""),
+        "{response}"
+    );
+    let response = http(&api, "GET", "/servicebus/edge-9/tiny/", "");
+    assert!(
+        response.starts_with("HTTP/1.1 404") && response.contains("never connected"),
+        "{response}"
+    );
+    let response = http(&api, "GET", "/servicebus/edge-1/tiny/slow", "");
+    assert!(
+        response.starts_with("HTTP/1.1 504") && response.contains("did not answer within 1s"),
+        "{response}"
+    );
+}

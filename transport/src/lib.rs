@@ -2,6 +2,7 @@
 //!
 //! Layers, bottom up (sans-IO cores first, thin async shells on top, as quinn-proto/quinn):
 //! - [`message`]: KubeEdge's message model (header, route, content bytes) and its JSON form.
+//! - [`bus`]: ServiceBus messages (an HTTP request to an edge application, and its response).
 //! - [`frame`]: `u32` length + rkyv archive framing; validated, zero-copy reads (sans-IO).
 //! - [`window`]: per-direction sequence numbers, bounded send window, receive tracking (sans-IO).
 //! - [`backoff`]: reconnect delays with full jitter (sans-IO).
@@ -12,6 +13,7 @@
 //!   and the edge's endpoint (one link to the cloud, reconnecting with backoff).
 
 pub mod backoff;
+pub mod bus;
 pub mod client;
 pub mod config;
 mod endpoint;

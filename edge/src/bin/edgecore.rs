@@ -35,6 +35,12 @@ struct Cli {
     /// How pods run.
     #[arg(long, value_enum, default_value = "process")]
     runtime: RuntimeKind,
+    /// An application the cloud may call through ServiceBus: NAME=HOST:PORT (repeatable).
+    #[arg(long = "service-bus-app", value_parser = edge::servicebus::parse_app)]
+    service_bus_apps: Vec<(String, SocketAddr)>,
+    /// How long a ServiceBus call may take on the node.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    service_bus_timeout: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -70,6 +76,8 @@ fn main() -> ExitCode {
         config.token = cli.token;
         config.metaserver_listen = cli.metaserver_listen;
         config.runtime = cli.runtime;
+        config.service_bus_apps = cli.service_bus_apps;
+        config.service_bus_timeout = cli.service_bus_timeout;
         let core = match EdgeCore::start(config).await {
             Ok(core) => core,
             Err(e) => {
