@@ -130,7 +130,7 @@ impl HubCore {
             }
             Err(e) => tracing::warn!(error = %e, "interest records unreadable; nodes ask again"),
         }
-        for kind in ["nodes", "leases", "pods"] {
+        for kind in ["nodes", "leases", "pods", "devices"] {
             let Ok(range) = KeyRange::kind(kind) else {
                 continue;
             };

@@ -7,6 +7,8 @@
 //!   volumes, env `valueFrom`, `envFrom`, imagePullSecrets), reference-counted: the last pod on
 //!   the node that references one going away (deleted, or moved) drops it from the node;
 //! - its own Node object and its Lease (`kube-node-lease/<node>`);
+//! - devices (KubeEdge's `devices.kubeedge.io` Device) with `spec.nodeName` = the node, and the
+//!   DeviceModels they use (`spec.deviceModelRef`), reference-counted like a pod's ConfigMaps;
 //! - Services, Endpoints and EndpointSlices of the namespaces it runs pods in. Scope: a pod
 //!   resolves services of its own namespace (and KubeEdge's EdgeMesh needs them for those), so
 //!   this serves local discovery while keeping a fleet of thousands of nodes from receiving
@@ -50,8 +52,15 @@ pub struct Route {
     pub action: Action,
 }
 
-/// Kinds whose objects follow the pods that reference them.
-pub const REFERENCED_KINDS: &[&str] = &["configmaps", "secrets", "persistentvolumeclaims"];
+/// Kinds whose objects follow the pods (or devices) that reference them.
+pub const REFERENCED_KINDS: &[&str] = &[
+    "configmaps",
+    "secrets",
+    "persistentvolumeclaims",
+    "devicemodels",
+];
+/// Kinds bound to one node by `spec.nodeName`.
+pub const BOUND_KINDS: &[&str] = &["pods", "devices"];
 /// Kinds routed to nodes with pods in their namespace.
 pub const SERVICE_KINDS: &[&str] = &["services", "endpoints", "endpointslices"];
 
@@ -158,6 +167,19 @@ pub fn pod_references(namespace: &str, pod: &Object) -> Vec<ObjectKey> {
     out
 }
 
+/// The DeviceModel a device uses, as a key in the device's namespace.
+pub fn device_references(namespace: &str, device: &Object) -> Vec<ObjectKey> {
+    str_at_object(device, &["spec", "deviceModelRef", "name"])
+        .and_then(|name| ObjectKey::new("devicemodels", namespace, name).ok())
+        .into_iter()
+        .collect()
+}
+
+fn str_at_object<'a>(object: &'a Object, path: &[&str]) -> Option<&'a str> {
+    let (first, rest) = path.split_first()?;
+    str_at(object.get(*first)?, rest)
+}
+
 fn increment<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, u32>, key: K) -> bool {
     let count = counts.entry(key).or_insert(0);
     *count += 1;
@@ -229,7 +251,7 @@ impl RoutingIndex {
 
     fn routed_nodes(&self, key: &ObjectKey) -> Vec<Arc<str>> {
         match key.kind() {
-            "pods" => self
+            kind if BOUND_KINDS.contains(&kind) => self
                 .pods
                 .get(key)
                 .map(|p| vec![p.node.clone()])
@@ -255,7 +277,7 @@ impl RoutingIndex {
     /// state is sent) and `Drop` for nodes that no longer do; for a pod, also the references and
     /// namespaces that its node gained or lost.
     pub fn observe(&mut self, key: &ObjectKey, object: Option<&Object>) -> Vec<Route> {
-        if key.kind() == "pods" {
+        if BOUND_KINDS.contains(&key.kind()) {
             return self.observe_pod(key, object);
         }
         let action = if object.is_some() {
@@ -281,13 +303,20 @@ impl RoutingIndex {
                 .get("nodeName")?
                 .as_str()
                 .filter(|n| !n.is_empty())?;
+            let references = if key.kind() == "pods" {
+                pod_references(key.namespace(), pod)
+            } else {
+                device_references(key.namespace(), pod)
+            };
             Some(PodRoute {
                 node: self.intern(node),
-                references: pod_references(key.namespace(), pod),
+                references,
             })
         });
         let old = self.pods.remove(key);
         let namespace = key.namespace().to_owned();
+        // A node gets the Services of the namespaces it runs pods in (devices bring none).
+        let services = key.kind() == "pods";
         let object = |node: &Arc<str>, action| Route {
             node: node.clone(),
             target: Target::Object(key.clone()),
@@ -306,13 +335,15 @@ impl RoutingIndex {
                     });
                 }
             }
-            let counts = self.namespaces.entry(namespace.clone()).or_default();
-            if increment(counts, new.node.clone()) {
-                routes.push(Route {
-                    node: new.node.clone(),
-                    target: Target::NamespaceServices(namespace.clone()),
-                    action: Action::Want,
-                });
+            if services {
+                let counts = self.namespaces.entry(namespace.clone()).or_default();
+                if increment(counts, new.node.clone()) {
+                    routes.push(Route {
+                        node: new.node.clone(),
+                        target: Target::NamespaceServices(namespace.clone()),
+                        action: Action::Want,
+                    });
+                }
             }
         }
         if let Some(old) = &old {
@@ -334,7 +365,7 @@ impl RoutingIndex {
                     self.references.remove(reference);
                 }
             }
-            if let Some(counts) = self.namespaces.get_mut(&namespace) {
+            if let Some(counts) = self.namespaces.get_mut(&namespace).filter(|_| services) {
                 if decrement(counts, &old.node) {
                     routes.push(Route {
                         node: old.node.clone(),
@@ -355,7 +386,7 @@ impl RoutingIndex {
 
     /// Pods routed, for metrics and tests.
     pub fn pod_count(&self) -> usize {
-        self.pods.len()
+        self.pods.keys().filter(|k| k.kind() == "pods").count()
     }
 }
 
@@ -462,6 +493,39 @@ mod tests {
             index.observe(&key("leases/kube-node-lease/a"), Some(&Object::new())),
             vec![route("a", "leases/kube-node-lease/a", Action::Want)]
         );
+    }
+
+    #[test]
+    fn devices_follow_their_node_and_bring_their_model() {
+        let mut index = RoutingIndex::new();
+        let device = |node: &str| -> Object {
+            serde_json::from_value(json!({"metadata": {"name": "d1", "namespace": "ns"},
+                "spec": {"nodeName": node, "deviceModelRef": {"name": "thermo"}}}))
+            .unwrap()
+        };
+        let key_d = key("devices/ns/d1");
+        let routes = index.observe(&key_d, Some(&device("a")));
+        assert_eq!(
+            routes,
+            vec![
+                route("a", "devices/ns/d1", Action::Want),
+                route("a", "devicemodels/ns/thermo", Action::Want),
+            ],
+            "a device brings no Services"
+        );
+        assert_eq!(
+            index.nodes_for(&key("devicemodels/ns/thermo")),
+            vec![Arc::from("a")]
+        );
+        // Moved to another node: the model moves with it.
+        let routes = index.observe(&key_d, Some(&device("b")));
+        assert!(routes.contains(&route("b", "devices/ns/d1", Action::Want)));
+        assert!(routes.contains(&route("a", "devices/ns/d1", Action::Drop)));
+        assert!(routes.contains(&route("a", "devicemodels/ns/thermo", Action::Drop)));
+        assert_eq!(index.pod_count(), 0);
+        let routes = index.observe(&key_d, None);
+        assert!(routes.contains(&route("b", "devicemodels/ns/thermo", Action::Drop)));
+        assert!(index.nodes_for(&key("devicemodels/ns/thermo")).is_empty());
     }
 
     #[test]

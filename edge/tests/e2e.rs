@@ -845,3 +845,46 @@ fn servicebus_carries_an_http_request_from_the_cloud_to_an_application_on_the_no
         "{response}"
     );
 }
+
+const DEVICE: &str = r#"
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: thermometer}
+spec:
+  properties:
+  - name: temperature
+    type: int
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: thermo-1}
+spec:
+  nodeName: edge-1
+  deviceModelRef: {name: thermometer}
+"#;
+
+#[test]
+fn a_device_bound_to_the_node_reaches_it_with_its_model() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    let edge = EdgeProcess::start(&cloud, "edge-1", edge_dir.path(), free_port(), Some(&token));
+    let out = cloud.kubectl_stdin(&["apply", "-f", "-"], DEVICE);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let listed =
+        |edge: &EdgeProcess, kind: &str| stdout(&edge.kubectl(&["get", kind, "-o", "name"]));
+    eventually(
+        "the device and its model on edge-1",
+        Duration::from_secs(20),
+        || {
+            listed(&edge, "devices").contains("thermo-1")
+                && listed(&edge, "devicemodels").contains("thermometer")
+        },
+    );
+    cloud.ok(&["delete", "device", "thermo-1"]);
+    eventually("both gone from edge-1", Duration::from_secs(20), || {
+        !listed(&edge, "devices").contains("thermo-1")
+            && !listed(&edge, "devicemodels").contains("thermometer")
+    });
+}
