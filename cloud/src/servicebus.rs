@@ -13,24 +13,11 @@ use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
-use transport::bus::{BusRequest, BusResponse};
+use transport::bus::{is_end_to_end, BusRequest, BusResponse};
 use transport::{LinkError, LinkHandle};
 
 /// The largest request body sent to a node.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
-
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
-    "host",
-    "content-length",
-    "authorization",
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -130,20 +117,10 @@ async fn handle(
 }
 
 fn authorized(state: &HttpState, request: &Request) -> bool {
-    let Some(token) = &state.bearer_token else {
-        return true;
-    };
-    request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|p| {
-            bool::from(subtle::ConstantTimeEq::ct_eq(
-                p.as_bytes(),
-                token.as_bytes(),
-            ))
-        })
+    state
+        .bearer_token
+        .as_deref()
+        .is_none_or(|token| replication::api::bearer_matches(request.headers(), token))
 }
 
 fn text(status: StatusCode, message: String) -> Response {
@@ -174,7 +151,8 @@ async fn serve(
     let headers = parts
         .headers
         .iter()
-        .filter(|(name, _)| !HOP_BY_HOP.contains(&name.as_str()))
+        // The cloud's credential stays in the cloud.
+        .filter(|(name, _)| is_end_to_end(name.as_str()) && *name != header::AUTHORIZATION)
         .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_owned())))
         .collect();
     let Ok(body) = axum::body::to_bytes(body, MAX_REQUEST_BYTES).await else {

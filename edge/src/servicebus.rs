@@ -11,23 +11,10 @@ use std::time::Duration;
 use axum::body::Body;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use transport::bus::{BusRequest, BusResponse};
+use transport::bus::{is_end_to_end, BusRequest, BusResponse};
 
 /// The largest response body carried back to the cloud.
 pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
-
-/// Hop-by-hop headers are the connection's, not the request's (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
-    "host",
-    "content-length",
-];
 
 #[derive(Debug, Clone)]
 pub struct ServiceBus {
@@ -92,7 +79,7 @@ async fn forward(addr: SocketAddr, request: BusRequest) -> Result<BusResponse, S
         .uri(request.path.as_str())
         .header("host", addr.to_string());
     for (name, value) in &request.headers {
-        if !HOP_BY_HOP.contains(&name.to_ascii_lowercase().as_str()) {
+        if is_end_to_end(name) {
             builder = builder.header(name.as_str(), value.as_str());
         }
     }
@@ -107,7 +94,7 @@ async fn forward(addr: SocketAddr, request: BusRequest) -> Result<BusResponse, S
     let headers = response
         .headers()
         .iter()
-        .filter(|(name, _)| !HOP_BY_HOP.contains(&name.as_str()))
+        .filter(|(name, _)| is_end_to_end(name.as_str()))
         .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_owned())))
         .collect();
     let body = axum::body::to_bytes(Body::new(response.into_body()), MAX_RESPONSE_BYTES)

@@ -12,6 +12,25 @@ use crate::message::{Header, Message, Route};
 
 pub const GROUP: &str = "bus";
 
+/// Hop-by-hop headers belong to one HTTP connection, not to the request (RFC 9110 §7.6.1):
+/// neither side carries them over the link.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "host",
+    "content-length",
+];
+
+/// Whether a header travels with a ServiceBus request or response.
+pub fn is_end_to_end(name: &str) -> bool {
+    !HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed ServiceBus message: {0}")]
 pub struct BusError(pub String);

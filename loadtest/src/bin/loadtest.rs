@@ -19,10 +19,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(about = "A fleet of hollow edge nodes against a real cloudcore")]
 struct Args {
     /// Hollow nodes (each its own QUIC connection and certificate).
-    #[arg(long, default_value_t = 100)]
-    nodes: usize,
-    #[arg(long, default_value_t = 10)]
-    pods_per_node: usize,
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    nodes: u32,
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pods_per_node: u32,
     /// Pod changes per second in churn, partition and cloud-restart.
     #[arg(long, default_value_t = 100.0)]
     churn_rate: f64,
@@ -155,10 +155,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    raise_limits(args.nodes);
+    raise_limits(args.nodes as usize);
     let settings = Settings {
-        nodes: args.nodes,
-        pods_per_node: args.pods_per_node,
+        nodes: args.nodes as usize,
+        pods_per_node: args.pods_per_node as usize,
         churn_rate: args.churn_rate,
         duration_s: args.duration.as_secs_f64(),
         idle_window_s: args.idle_window.as_secs_f64(),

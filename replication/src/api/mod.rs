@@ -248,21 +248,25 @@ impl ApiServer {
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(token) = &self.bearer_token else {
-            return true;
-        };
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        // Constant-time comparison: the token is a credential.
-        presented.is_some_and(|p| {
+        self.bearer_token
+            .as_deref()
+            .is_none_or(|token| bearer_matches(headers, token))
+    }
+}
+
+/// Whether `headers` carry `Authorization: Bearer <token>`, compared in constant time (the
+/// token is a credential).
+pub fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|p| {
             bool::from(subtle::ConstantTimeEq::ct_eq(
                 p.as_bytes(),
                 token.as_bytes(),
             ))
         })
-    }
 }
 
 async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response {

@@ -94,7 +94,11 @@ impl EdgeReplica {
 
     /// The node's own write of an object it holds, committed at once and queued upward.
     pub fn report(&mut self, key: ObjectKey, object: Bytes) -> Result<u64, ReplicaError> {
-        let before = self.store.get(&key)?.map(|v| v.object);
+        // The held bytes are the base of a patch; only kinds that can go as patches need them.
+        let before = match crate::sync::status_patch::owned_part(key.kind()) {
+            Some(_) => self.store.get(&key)?.map(|v| v.object),
+            None => None,
+        };
         let id = self.sync.report_on(key, object, before.as_deref())?;
         self.flush()?;
         Ok(id)
