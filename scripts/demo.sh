@@ -67,6 +67,7 @@ token=$("$cloudcore" token create --data-dir "$dir/cloud" --ttl 1h | tail -n 1)
 for i in 1 2 3; do
   "$edgecore" --node-name "edge-$i" --cloud 127.0.0.1:10001 --token "$token" \
     --data-dir "$dir/edge-$i" --metaserver-listen "127.0.0.1:$((10550 + i))" \
+    --mqtt-listen "127.0.0.1:$((11882 + i))" \
     2> "$dir/edge-$i.log" &
   pids+=("$!")
 done

@@ -8,6 +8,9 @@ need_apt=()
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 # A C++ toolchain for RocksDB itself.
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+# The device tests play the mapper with mosquitto_pub/sub and run a real mosquitto broker.
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2

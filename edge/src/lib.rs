@@ -8,9 +8,13 @@
 //! - [`edged`]: Edged, a light kubelet over a runtime (`process` or `hollow`);
 //! - [`node`]: node status and the Lease heartbeat;
 //! - [`servicebus`]: HTTP requests from the cloud to local applications;
+//! - [`devicetwin`]: the node's devices and their twins (expected/actual), reported upward;
+//! - [`eventbus`]: MQTT (embedded broker or external), KubeEdge's topics, to DeviceTwin;
 //! - this module: wiring ([`EdgeCore`]).
 
+pub mod devicetwin;
 pub mod edged;
+pub mod eventbus;
 pub mod hub;
 pub mod identity;
 pub mod meta;
@@ -51,6 +55,8 @@ pub struct EdgeConfig {
     pub service_bus_apps: Vec<(String, SocketAddr)>,
     /// How long a ServiceBus call may take on the node.
     pub service_bus_timeout: Duration,
+    /// MQTT for devices (EventBus/DeviceTwin).
+    pub eventbus: eventbus::EventBusConfig,
 }
 
 impl EdgeConfig {
@@ -65,6 +71,7 @@ impl EdgeConfig {
             node_status: node::NodeStatusConfig::default(),
             service_bus_apps: Vec::new(),
             service_bus_timeout: Duration::from_secs(10),
+            eventbus: eventbus::EventBusConfig::default(),
         }
     }
 }
@@ -73,6 +80,8 @@ impl EdgeConfig {
 pub struct EdgeCore {
     pub meta: Arc<MetaManager>,
     pub metaserver_addr: SocketAddr,
+    /// The embedded MQTT broker's address, when edgecore runs one.
+    pub mqtt_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     edged: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
@@ -142,6 +151,9 @@ impl EdgeCore {
             shutdown.clone(),
         )));
 
+        let mqtt_addr =
+            eventbus::start(meta.clone(), config.eventbus.clone(), shutdown.clone()).await?;
+
         let mut status_config = config.node_status.clone();
         let runtime: Arc<dyn edged::Runtime> = match config.runtime {
             RuntimeKind::Process => Arc::new(edged::process::ProcessRuntime::new()),
@@ -157,10 +169,11 @@ impl EdgeCore {
         )));
         let edged = edged::Edged::new(meta.clone(), runtime, config.data_dir.join("pods"));
         let edged = tokio::spawn(edged.run(shutdown.clone(), Duration::from_secs(10)));
-        tracing::info!(node = %config.node_name, %metaserver_addr, cloud = %config.cloud, "edgecore started");
+        tracing::info!(node = %config.node_name, %metaserver_addr, mqtt = ?mqtt_addr, cloud = %config.cloud, "edgecore started");
         Ok(EdgeCore {
             meta,
             metaserver_addr,
+            mqtt_addr,
             shutdown,
             edged,
             tasks,

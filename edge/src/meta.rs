@@ -62,6 +62,21 @@ impl MetaManager {
         Ok(())
     }
 
+    /// Several reports and bookkeeping of the caller's own (`extra`, e.g. twin records), in one
+    /// commit: all durable and queued upward, or none.
+    pub fn report_batch(
+        &self,
+        reports: Vec<(ObjectKey, Bytes)>,
+        extra: replication::store::WriteSet,
+    ) -> Result<(), ReplicaError> {
+        let any = !reports.is_empty();
+        self.replica().report_batch(reports, extra)?;
+        if any {
+            self.outbox_ready.notify_one();
+        }
+        Ok(())
+    }
+
     /// Tells the cloud a pod being deleted has stopped here, so it can be removed.
     pub fn confirm_deleted(&self, key: ObjectKey) -> Result<(), ReplicaError> {
         self.report(key, Bytes::new())

@@ -1,115 +1,14 @@
 //! edgecore end to end: the real cloudcore and edgecore binaries on loopback, real processes
 //! for pods, real kubectl against both APIs.
 
-#[path = "../../cloud/tests/common/mod.rs"]
-mod common;
+mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{binary, free_port, kubectl, CloudProcess};
-
-struct EdgeProcess {
-    child: Child,
-    metaserver: String,
-}
-
-fn edge_command(cloud: &CloudProcess, node: &str, dir: &Path, port: u16) -> Command {
-    let mut command = Command::new(binary("edgecore"));
-    command
-        .arg("--node-name")
-        .arg(node)
-        .arg("--cloud")
-        .arg(format!("127.0.0.1:{}", cloud.quic_port))
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("--metaserver-listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn");
-    command
-}
-
-impl EdgeProcess {
-    /// Starts edgecore and waits until its MetaServer answers.
-    fn start(cloud: &CloudProcess, node: &str, dir: &Path, port: u16, token: Option<&str>) -> Self {
-        let mut command = edge_command(cloud, node, dir, port);
-        if let Some(token) = token {
-            command.arg("--token").arg(token);
-        }
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start edgecore");
-        let edge = EdgeProcess {
-            child,
-            metaserver: format!("http://127.0.0.1:{port}"),
-        };
-        eventually("MetaServer answers", Duration::from_secs(15), || {
-            common::http_get(&format!("127.0.0.1:{port}"), "/healthz").is_some_and(|b| b == "ok")
-        });
-        edge
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Output {
-        kubectl(&self.metaserver, args, None)
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for EdgeProcess {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < within,
-            "timed out after {within:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!("{what}: {:?}", start.elapsed());
-}
-
-fn token(cloud: &CloudProcess) -> String {
-    let out = Command::new(binary("cloudcore"))
-        .args(["token", "create", "--data-dir"])
-        .arg(&cloud.data_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .to_owned()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn pid_alive(pid_file: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_file)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // A zombie is not running.
-    (!stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'))).then_some(pid)
-}
-
+use support::common;
+use support::*;
 const WORKLOAD: &str = r#"
 apiVersion: v1
 kind: ConfigMap
@@ -300,7 +199,7 @@ fn bad_tokens_other_nodes_data_and_garbage_get_clear_errors() {
     let cloud = CloudProcess::start(cloud_dir.path());
     let good = token(&cloud);
     let run = |node: &str, dir: &Path, token: Option<&str>| -> Output {
-        let mut command = edge_command(&cloud, node, dir, free_port());
+        let mut command = edge_command_with_mqtt(&cloud, node, dir, free_port(), &[]);
         if let Some(token) = token {
             command.arg("--token").arg(token);
         }
@@ -396,7 +295,7 @@ fn edgecore_killed_in_the_middle_of_a_large_sync_loses_nothing() {
         stdout(&out).lines().count()
     };
     let spawn = |token: Option<&str>| {
-        let mut command = edge_command(&cloud, "edge-1", edge_dir.path(), port);
+        let mut command = edge_command_with_mqtt(&cloud, "edge-1", edge_dir.path(), port, &[]);
         command.args(["--runtime", "hollow"]);
         if let Some(token) = token {
             command.arg("--token").arg(token);
@@ -438,10 +337,6 @@ fn edgecore_killed_in_the_middle_of_a_large_sync_loses_nothing() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
-}
-
-fn stderr_of(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 const EVENT: &str = r#"
@@ -805,7 +700,7 @@ fn servicebus_carries_an_http_request_from_the_cloud_to_an_application_on_the_no
     let edge_dir = tempfile::tempdir().unwrap();
     let cloud = CloudProcess::start(cloud_dir.path());
     let app = tiny_app();
-    let mut command = edge_command(&cloud, "edge-1", edge_dir.path(), free_port());
+    let mut command = edge_command_with_mqtt(&cloud, "edge-1", edge_dir.path(), free_port(), &[]);
     command
         .arg("--token")
         .arg(token(&cloud))

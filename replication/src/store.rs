@@ -30,6 +30,7 @@ const CF_OBJECTS: &str = "objects";
 const CF_META: &str = "meta";
 const CF_OUTBOX: &str = "outbox";
 const CF_OBJECTSYNC: &str = "objectsync";
+const CF_DEVICETWIN: &str = "devicetwin";
 const META_REVISION: &[u8] = b"store/revision";
 
 /// Who decides resourceVersions.
@@ -144,6 +145,8 @@ pub enum Aux {
     Meta,
     Outbox,
     ObjectSync,
+    /// The edge's device and twin records (DeviceTwin), committed with the reports they cause.
+    DeviceTwin,
 }
 
 impl Aux {
@@ -152,6 +155,7 @@ impl Aux {
             Aux::Meta => CF_META,
             Aux::Outbox => CF_OUTBOX,
             Aux::ObjectSync => CF_OBJECTSYNC,
+            Aux::DeviceTwin => CF_DEVICETWIN,
         }
     }
 }
@@ -376,7 +380,7 @@ impl Store {
         db_options.set_keep_log_file_num(2);
         db_options.set_max_open_files(512);
 
-        let families = [CF_OBJECTS, CF_META, CF_OUTBOX, CF_OBJECTSYNC]
+        let families = [CF_OBJECTS, CF_META, CF_OUTBOX, CF_OBJECTSYNC, CF_DEVICETWIN]
             .into_iter()
             .map(|name| ColumnFamilyDescriptor::new(name, cf_options()));
         let db = DB::open_cf_descriptors(&db_options, path, families)?;
@@ -686,7 +690,7 @@ impl Store {
 
     /// Flushes memtables (tests and benchmarks use this to measure steady state).
     pub fn flush(&self) -> Result<(), StoreError> {
-        for name in [CF_OBJECTS, CF_META, CF_OUTBOX, CF_OBJECTSYNC] {
+        for name in [CF_OBJECTS, CF_META, CF_OUTBOX, CF_OBJECTSYNC, CF_DEVICETWIN] {
             self.db.flush_cf(self.cf(name))?;
         }
         Ok(())

@@ -41,6 +41,20 @@ struct Cli {
     /// How long a ServiceBus call may take on the node.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     service_bus_timeout: std::time::Duration,
+    /// Address of the embedded MQTT broker for mappers (loopback unless you mean otherwise;
+    /// it has no authentication).
+    #[arg(long, default_value = "127.0.0.1:1883", conflicts_with_all = ["mqtt_url", "no_mqtt"])]
+    mqtt_listen: SocketAddr,
+    /// Use this external MQTT broker (mqtt://HOST[:PORT], e.g. mosquitto) instead of the
+    /// embedded one.
+    #[arg(long, value_parser = edge::eventbus::parse_mqtt_url, conflicts_with = "no_mqtt")]
+    mqtt_url: Option<(String, u16)>,
+    /// Run no EventBus (no devices over MQTT on this node).
+    #[arg(long)]
+    no_mqtt: bool,
+    /// Largest device message accepted on MQTT; larger ones get an error on their result topic.
+    #[arg(long, default_value_t = 64 << 10)]
+    mqtt_max_payload: usize,
 }
 
 fn main() -> ExitCode {
@@ -78,6 +92,12 @@ fn main() -> ExitCode {
         config.runtime = cli.runtime;
         config.service_bus_apps = cli.service_bus_apps;
         config.service_bus_timeout = cli.service_bus_timeout;
+        config.eventbus.max_payload = cli.mqtt_max_payload;
+        config.eventbus.mode = match (cli.no_mqtt, cli.mqtt_url) {
+            (true, _) => edge::eventbus::MqttMode::Off,
+            (false, Some((host, port))) => edge::eventbus::MqttMode::External(host, port),
+            (false, None) => edge::eventbus::MqttMode::Embedded(cli.mqtt_listen),
+        };
         let core = match EdgeCore::start(config).await {
             Ok(core) => core,
             Err(e) => {

@@ -305,6 +305,12 @@ impl EdgeSync {
         Ok(self.next_report)
     }
 
+    /// Adds writes of the caller's own (bookkeeping such as the edge's twin records) to the
+    /// next batch, so that they commit together with the reports they caused.
+    pub fn stage(&mut self, writes: WriteSet) {
+        self.batch.append(writes);
+    }
+
     /// The writes accumulated since the last batch, if any. Commit them, then call
     /// [`EdgeSync::durable`] with the token. If the commit fails, this state machine no longer
     /// matches the store: drop it and recover a new one from the store.

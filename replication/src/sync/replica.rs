@@ -104,6 +104,25 @@ impl EdgeReplica {
         Ok(id)
     }
 
+    /// Several reports and the caller's own bookkeeping `extra`, in one commit (one fsync):
+    /// either all of them are durable and queued, or none.
+    pub fn report_batch(
+        &mut self,
+        reports: Vec<(ObjectKey, Bytes)>,
+        extra: crate::store::WriteSet,
+    ) -> Result<(), ReplicaError> {
+        for (key, object) in reports {
+            let before = match crate::sync::status_patch::owned_part(key.kind()) {
+                Some(_) => self.store.get(&key)?.map(|v| v.object),
+                None => None,
+            };
+            self.sync.report_on(key, object, before.as_deref())?;
+        }
+        self.sync.stage(extra);
+        self.flush()?;
+        Ok(())
+    }
+
     pub fn poll_transmit(&mut self) -> Option<Up> {
         self.sync.poll_transmit()
     }

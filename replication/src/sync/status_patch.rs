@@ -1,4 +1,5 @@
-//! Reports as patches of the part of an object the node owns: a pod's and its Node's `status`,
+//! Reports as patches of the part of an object the node owns: a pod's, its Node's and its
+//! devices' `status`,
 //! its Lease's `spec` (the renewal). The cloud takes only that part from such a report, so the
 //! report needs to carry only the fields of it that changed: a JSON merge patch (RFC 7386)
 //! `{"status": {field: new value, gone: null}}` of the part's top-level fields (`phase`,
@@ -12,7 +13,7 @@ use serde_json::{Map, Value};
 /// The part of an object of `kind` that its node owns and may send as a patch.
 pub fn owned_part(kind: &str) -> Option<&'static str> {
     match kind {
-        "pods" | "nodes" => Some("status"),
+        "pods" | "nodes" | "devices" => Some("status"),
         "leases" => Some("spec"),
         _ => None,
     }

@@ -1,0 +1,865 @@
+//! DeviceTwin: the node's devices and their twins, answering mappers (through EventBus) and
+//! reporting to the cloud.
+//!
+//! Where things live (the seeds' device / deviceAttr / deviceTwin tables):
+//! - **device**: the Device object routed to this node, held in the cache (its spec comes from
+//!   the cloud), plus a device record `d\0{id}` in the `devicetwin` column family with the state
+//!   and last-online time the device reported;
+//! - **deviceAttr**: the properties of the Device's spec and of its DeviceModel (held in the
+//!   cache too), with the model's value types;
+//! - **deviceTwin**: per property, *expected* is the Device's `spec.properties[].desired` (the
+//!   cloud's), *actual* is a twin record `t\0{id}\0{property}` (value, timestamp, edge version)
+//!   in the `devicetwin` column family.
+//!
+//! A device's update is committed together with the report of the Device's status it causes
+//! (one RocksDB batch, see [`MetaManager::report_batch`]), so a crash loses neither or both. The
+//! status is rebuilt from all twin records each time, so however many updates pile up offline,
+//! the one report in the outbox carries every property's latest value (coalesced per property).
+//!
+//! A device's id on MQTT is its name.
+
+pub mod payload;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use replication::api::object::{self, Object};
+use replication::store::{Aux, WriteSet};
+use replication::{ChangeKind, KeyRange, ObjectKey, SharedChange};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::eventbus::topics::{self, Request};
+use crate::meta::MetaManager;
+use payload::{
+    BaseMessage, DeviceInfo, DeviceState, ErrorResult, MembershipDetail, MembershipUpdate, MsgTwin,
+    StateUpdate, TwinDelta, TwinDoc, TwinDocument, TwinResult, TwinUpdate, TwinValue, TwinVersion,
+    TypeMetadata, ValueMetadata,
+};
+
+/// A message for MQTT.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// The reported side of one property (deviceTwin table).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct TwinRecord {
+    actual: String,
+    /// When the device measured it, in milliseconds.
+    timestamp: i64,
+    /// Counts the device's updates of this property.
+    edge_version: i64,
+}
+
+/// What the device reported about itself (device table).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct DeviceRecord {
+    state: String,
+    last_online: String,
+}
+
+/// A Device held in the cache, as DeviceTwin needs it.
+#[derive(Debug, Clone, PartialEq)]
+struct DeviceView {
+    key: ObjectKey,
+    model: Option<ObjectKey>,
+    description: String,
+    /// Desired value and its timestamp, per property (the expected side).
+    desired: BTreeMap<String, (String, i64)>,
+    /// Every property a device may report, with its model type (`string` if none).
+    properties: BTreeMap<String, String>,
+}
+
+fn twin_key(device: &str, property: &str) -> Vec<u8> {
+    format!("t\0{device}\0{property}").into_bytes()
+}
+
+fn twin_prefix(device: &str) -> Vec<u8> {
+    format!("t\0{device}\0").into_bytes()
+}
+
+fn device_key(device: &str) -> Vec<u8> {
+    format!("d\0{device}").into_bytes()
+}
+
+/// Writes not yet committed in a batch of requests, read before the store.
+#[derive(Default)]
+struct Staged {
+    twins: BTreeMap<(String, String), TwinRecord>,
+    devices: BTreeMap<String, DeviceRecord>,
+    /// Devices whose status must be reported.
+    touched: BTreeSet<String>,
+    /// Objects to report as they are (upload events).
+    reports: Vec<(ObjectKey, Bytes)>,
+}
+
+/// The answers to one request: `ok` once its writes are durable, `failed` if they are not.
+struct Answer {
+    ok: Vec<Outgoing>,
+    failed: Option<Outgoing>,
+}
+
+/// An error answered on a result topic.
+struct Refusal {
+    code: u16,
+    reason: String,
+}
+
+fn refuse(code: u16, reason: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        reason: reason.into(),
+    }
+}
+
+fn json_bytes<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn error_payload(event_id: &str, code: u16, reason: &str) -> Vec<u8> {
+    json_bytes(&ErrorResult {
+        base: BaseMessage::reply(event_id),
+        code,
+        reason: reason.to_owned(),
+    })
+}
+
+/// The event id a payload carries, if it is JSON with one (for error answers).
+fn event_id_of(payload: &[u8]) -> String {
+    serde_json::from_slice::<BaseMessage>(payload)
+        .map(|b| b.event_id)
+        .unwrap_or_default()
+}
+
+pub struct DeviceTwin {
+    meta: Arc<MetaManager>,
+    /// Larger request payloads are refused on their result topic.
+    max_payload: usize,
+    devices: HashMap<String, DeviceView>,
+    events_sent: u64,
+}
+
+impl DeviceTwin {
+    /// Loads the devices held in the cache.
+    pub fn new(meta: Arc<MetaManager>, max_payload: usize) -> Self {
+        let mut twin = DeviceTwin {
+            meta,
+            max_payload,
+            devices: HashMap::new(),
+            events_sent: 0,
+        };
+        let held: Vec<(ObjectKey, Bytes)> = match KeyRange::kind("devices") {
+            Ok(range) => twin
+                .meta
+                .store()
+                .scan(&range)
+                .filter_map(Result::ok)
+                .map(|(key, versioned)| (key, versioned.object))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for (key, bytes) in held {
+            if let Some(view) = twin.view(&key, &bytes) {
+                twin.devices.insert(key.name().to_owned(), view);
+            }
+        }
+        twin
+    }
+
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Ids of the devices bound to this node.
+    pub fn device_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.devices.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    fn view(&self, key: &ObjectKey, bytes: &[u8]) -> Option<DeviceView> {
+        let device: Object = serde_json::from_slice(bytes).ok()?;
+        let spec = device.get("spec");
+        let model = spec
+            .and_then(|s| s.get("deviceModelRef"))
+            .and_then(|r| r.get("name"))
+            .and_then(Value::as_str)
+            .and_then(|m| ObjectKey::new("devicemodels", key.namespace(), m).ok());
+        let mut properties = BTreeMap::new();
+        if let Some(model) = &model {
+            let held = self.meta.store().get(model).ok().flatten();
+            let model_object: Option<Object> =
+                held.and_then(|v| serde_json::from_slice(&v.object).ok());
+            let listed = model_object
+                .as_ref()
+                .and_then(|m| m.get("spec"))
+                .and_then(|s| s.get("properties"))
+                .and_then(Value::as_array);
+            for p in listed.into_iter().flatten() {
+                if let Some(name) = p.get("name").and_then(Value::as_str) {
+                    let kind = p.get("type").and_then(Value::as_str).unwrap_or("string");
+                    properties.insert(name.to_owned(), kind.to_ascii_lowercase());
+                }
+            }
+        }
+        let mut desired = BTreeMap::new();
+        let listed = spec
+            .and_then(|s| s.get("properties"))
+            .and_then(Value::as_array);
+        for p in listed.into_iter().flatten() {
+            let Some(name) = p.get("name").and_then(Value::as_str) else {
+                continue;
+            };
+            properties
+                .entry(name.to_owned())
+                .or_insert_with(|| "string".to_owned());
+            let wanted = p.get("desired");
+            let value = wanted.and_then(|d| d.get("value")).and_then(Value::as_str);
+            if let Some(value) = value.filter(|v| !v.is_empty()) {
+                let timestamp = wanted
+                    .and_then(|d| d.get("metadata"))
+                    .and_then(|m| m.get("timestamp"))
+                    .and_then(|t| t.as_str().and_then(|s| s.parse().ok()).or(t.as_i64()))
+                    .unwrap_or(0);
+                desired.insert(name.to_owned(), (value.to_owned(), timestamp));
+            }
+        }
+        let description = object::meta(&device)
+            .and_then(|m| m.get("annotations"))
+            .and_then(|a| a.get("description"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        Some(DeviceView {
+            key: key.clone(),
+            model,
+            description,
+            desired,
+            properties,
+        })
+    }
+
+    fn twin_record(&self, staged: &Staged, device: &str, property: &str) -> Option<TwinRecord> {
+        if let Some(record) = staged.twins.get(&(device.to_owned(), property.to_owned())) {
+            return Some(record.clone());
+        }
+        let bytes = self
+            .meta
+            .store()
+            .get_aux(Aux::DeviceTwin, &twin_key(device, property))
+            .ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn twin_records(&self, staged: &Staged, device: &str) -> BTreeMap<String, TwinRecord> {
+        let prefix = twin_prefix(device);
+        let mut records = BTreeMap::new();
+        for (key, value) in self
+            .meta
+            .store()
+            .scan_aux(Aux::DeviceTwin, &prefix)
+            .filter_map(Result::ok)
+        {
+            let property = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            if let Ok(record) = serde_json::from_slice(&value) {
+                records.insert(property, record);
+            }
+        }
+        for ((d, property), record) in &staged.twins {
+            if d == device {
+                records.insert(property.clone(), record.clone());
+            }
+        }
+        records
+    }
+
+    fn device_record(&self, staged: &Staged, device: &str) -> DeviceRecord {
+        if let Some(record) = staged.devices.get(device) {
+            return record.clone();
+        }
+        self.meta
+            .store()
+            .get_aux(Aux::DeviceTwin, &device_key(device))
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// The twin of one property as mappers see it, with versions.
+    fn msg_twin(view: &DeviceView, property: &str, record: Option<&TwinRecord>) -> MsgTwin {
+        let expected = view.desired.get(property).map(|(value, ts)| TwinValue {
+            value: Some(value.clone()),
+            metadata: Some(ValueMetadata { timestamp: *ts }),
+        });
+        let actual = record.map(|r| TwinValue {
+            value: Some(r.actual.clone()),
+            metadata: Some(ValueMetadata {
+                timestamp: r.timestamp,
+            }),
+        });
+        MsgTwin {
+            expected_version: expected.as_ref().map(|_| TwinVersion::default()),
+            expected,
+            actual_version: record.map(|r| TwinVersion {
+                cloud: 0,
+                edge: r.edge_version,
+            }),
+            actual,
+            optional: Some(true),
+            metadata: Some(TypeMetadata {
+                kind: view
+                    .properties
+                    .get(property)
+                    .cloned()
+                    .unwrap_or_else(|| "string".into()),
+            }),
+        }
+    }
+
+    fn all_twins(&self, staged: &Staged, id: &str, view: &DeviceView) -> BTreeMap<String, MsgTwin> {
+        let records = self.twin_records(staged, id);
+        view.properties
+            .keys()
+            .map(|p| (p.clone(), Self::msg_twin(view, p, records.get(p))))
+            .collect()
+    }
+
+    fn info(&self, staged: &Staged, id: &str, view: &DeviceView, with_twin: bool) -> DeviceInfo {
+        let record = self.device_record(staged, id);
+        DeviceInfo {
+            id: id.to_owned(),
+            name: id.to_owned(),
+            description: view.description.clone(),
+            state: record.state,
+            last_online: record.last_online,
+            twin: with_twin.then(|| {
+                self.all_twins(staged, id, view)
+                    .into_iter()
+                    .map(|(k, t)| (k, t.without_versions()))
+                    .collect()
+            }),
+        }
+    }
+
+    /// `.../twin/update/delta` when some expected value differs from the actual one.
+    fn delta(&self, staged: &Staged, id: &str, view: &DeviceView) -> Option<Outgoing> {
+        let twins = self.all_twins(staged, id, view);
+        let mut delta = BTreeMap::new();
+        let mut shown = BTreeMap::new();
+        for (name, twin) in twins {
+            let Some(expected) = twin.expected_value() else {
+                continue;
+            };
+            if twin.actual_value() != Some(expected) {
+                delta.insert(name.clone(), expected.to_owned());
+            }
+            shown.insert(name, twin.without_versions());
+        }
+        (!delta.is_empty()).then(|| Outgoing {
+            topic: topics::twin_delta(id),
+            payload: json_bytes(&TwinDelta {
+                base: BaseMessage::reply(""),
+                twin: shown,
+                delta,
+            }),
+        })
+    }
+
+    /// Answers a batch of MQTT requests. Their writes commit together (one fsync); answers of
+    /// requests that wrote something are returned only once that is durable.
+    pub fn handle(&mut self, batch: Vec<(String, Bytes)>) -> Vec<Outgoing> {
+        let node = self.meta.node().to_owned();
+        let mut staged = Staged::default();
+        let mut answers = Vec::with_capacity(batch.len());
+        for (topic, payload) in batch {
+            let Some(request) = topics::parse(&node, &topic) else {
+                continue;
+            };
+            let result_topic = topics::result_topic(&node, &request);
+            let outcome = if payload.len() > self.max_payload {
+                Err(refuse(
+                    413,
+                    format!(
+                        "the message is {} bytes; at most {} are accepted",
+                        payload.len(),
+                        self.max_payload
+                    ),
+                ))
+            } else {
+                self.serve(&request, &topic, &payload, &mut staged)
+            };
+            match (outcome, result_topic) {
+                (Ok(answer), _) => answers.push(answer),
+                (Err(refusal), topic_for_error) => {
+                    tracing::warn!(%topic, code = refusal.code, reason = %refusal.reason, "MQTT request refused");
+                    if let Some(result_topic) = topic_for_error {
+                        answers.push(Answer {
+                            ok: vec![Outgoing {
+                                topic: result_topic,
+                                payload: error_payload(
+                                    &event_id_of(&payload),
+                                    refusal.code,
+                                    &refusal.reason,
+                                ),
+                            }],
+                            failed: None,
+                        });
+                    }
+                }
+            }
+        }
+        let committed = self.commit(staged);
+        answers
+            .into_iter()
+            .flat_map(|a| match (&committed, a.failed) {
+                (Err(_), Some(failed)) => vec![failed],
+                _ => a.ok,
+            })
+            .collect()
+    }
+
+    /// Commits the staged records with the Device status reports and events they cause.
+    fn commit(&mut self, staged: Staged) -> Result<(), String> {
+        if staged.twins.is_empty() && staged.devices.is_empty() && staged.reports.is_empty() {
+            return Ok(());
+        }
+        let mut writes = WriteSet::new();
+        for ((device, property), record) in &staged.twins {
+            writes.put_aux(
+                Aux::DeviceTwin,
+                twin_key(device, property),
+                json_bytes(record),
+            );
+        }
+        for (device, record) in &staged.devices {
+            writes.put_aux(Aux::DeviceTwin, device_key(device), json_bytes(record));
+        }
+        let mut reports = staged.reports.clone();
+        for id in &staged.touched {
+            if let Some(report) = self.status_report(&staged, id) {
+                reports.push(report);
+            }
+        }
+        self.meta.report_batch(reports, writes).map_err(|e| {
+            tracing::error!(error = %e, "cannot persist device twin updates");
+            e.to_string()
+        })
+    }
+
+    /// The Device with its status rebuilt from the twin and device records.
+    fn status_report(&self, staged: &Staged, id: &str) -> Option<(ObjectKey, Bytes)> {
+        let view = self.devices.get(id)?;
+        let held = self.meta.store().get(&view.key).ok()??;
+        let mut device: Object = serde_json::from_slice(&held.object).ok()?;
+        let records = self.twin_records(staged, id);
+        let twins: Vec<Value> = records
+            .iter()
+            .map(|(property, r)| {
+                let kind = view
+                    .properties
+                    .get(property)
+                    .map_or("string", String::as_str);
+                let mut twin = json!({
+                    "propertyName": property,
+                    "reported": {"value": r.actual, "metadata": {
+                        "timestamp": r.timestamp.to_string(), "type": kind}},
+                });
+                if let Some((value, ts)) = view.desired.get(property) {
+                    twin["observedDesired"] =
+                        json!({"value": value, "metadata": {"timestamp": ts.to_string()}});
+                }
+                twin
+            })
+            .collect();
+        let record = self.device_record(staged, id);
+        let mut status = json!({"twins": twins});
+        if !record.state.is_empty() {
+            status["state"] = json!(record.state);
+        }
+        if !record.last_online.is_empty() {
+            status["lastOnlineTime"] = json!(record.last_online);
+        }
+        device.insert("status".into(), status);
+        Some((view.key.clone(), Bytes::from(object::to_stored(device))))
+    }
+
+    fn serve(
+        &mut self,
+        request: &Request,
+        topic: &str,
+        payload: &[u8],
+        staged: &mut Staged,
+    ) -> Result<Answer, Refusal> {
+        let node = self.meta.node().to_owned();
+        let known = |id: &str| {
+            self.devices
+                .get(id)
+                .cloned()
+                .ok_or_else(|| refuse(404, format!("device {id} is not bound to node {node}")))
+        };
+        match request {
+            Request::TwinUpdate { device } => {
+                let view = known(device)?;
+                self.twin_update(device, &view, payload, staged)
+            }
+            Request::TwinGet { device } => {
+                let view = known(device)?;
+                let base = parse_base(payload)?;
+                let twin = self
+                    .all_twins(staged, device, &view)
+                    .into_iter()
+                    .map(|(k, t)| (k, t.without_versions()))
+                    .collect();
+                Ok(Answer {
+                    ok: vec![Outgoing {
+                        topic: topics::result_topic(&node, request).unwrap_or_default(),
+                        payload: json_bytes(&TwinResult {
+                            base: BaseMessage::reply(&base.event_id),
+                            twin,
+                        }),
+                    }],
+                    failed: None,
+                })
+            }
+            Request::StateUpdate { device } => {
+                known(device)?;
+                let update: StateUpdate = serde_json::from_slice(payload)
+                    .map_err(|e| refuse(400, format!("malformed state update: {e}")))?;
+                if !payload::STATES.contains(&update.state.as_str()) {
+                    return Err(refuse(
+                        400,
+                        format!(
+                            "state {:?} is not one of {}",
+                            update.state,
+                            payload::STATES.join(", ")
+                        ),
+                    ));
+                }
+                let mut record = self.device_record(staged, device);
+                record.state = update.state.clone();
+                if update.state == "online" {
+                    record.last_online = object::now_rfc3339();
+                }
+                staged.devices.insert(device.clone(), record.clone());
+                staged.touched.insert(device.clone());
+                let result_topic = topics::result_topic(&node, request).unwrap_or_default();
+                Ok(Answer {
+                    ok: vec![Outgoing {
+                        topic: result_topic.clone(),
+                        payload: json_bytes(&DeviceState {
+                            base: BaseMessage::reply(&update.base.event_id),
+                            device: DeviceInfo {
+                                name: device.clone(),
+                                state: record.state,
+                                last_online: record.last_online,
+                                ..DeviceInfo::default()
+                            },
+                        }),
+                    }],
+                    failed: Some(Outgoing {
+                        topic: result_topic,
+                        payload: error_payload(
+                            &update.base.event_id,
+                            500,
+                            "the state could not be stored",
+                        ),
+                    }),
+                })
+            }
+            Request::MembershipGet => {
+                let base = parse_base(payload)?;
+                let mut devices: Vec<DeviceInfo> = self
+                    .devices
+                    .iter()
+                    .map(|(id, view)| self.info(staged, id, view, true))
+                    .collect();
+                devices.sort_by(|a, b| a.id.cmp(&b.id));
+                Ok(Answer {
+                    ok: vec![Outgoing {
+                        topic: topics::result_topic(&node, request).unwrap_or_default(),
+                        payload: json_bytes(&MembershipDetail {
+                            base: BaseMessage::reply(&base.event_id),
+                            devices,
+                        }),
+                    }],
+                    failed: None,
+                })
+            }
+            Request::Upload => {
+                staged.reports.push(self.upload_event(topic, payload)?);
+                Ok(Answer {
+                    ok: Vec::new(),
+                    failed: None,
+                })
+            }
+        }
+    }
+
+    fn twin_update(
+        &self,
+        id: &str,
+        view: &DeviceView,
+        payload: &[u8],
+        staged: &mut Staged,
+    ) -> Result<Answer, Refusal> {
+        let update: TwinUpdate = serde_json::from_slice(payload)
+            .map_err(|e| refuse(400, format!("malformed twin update: {e}")))?;
+        let Some(twins) = update.twin else {
+            return Err(refuse(400, "the update has no \"twin\""));
+        };
+        // Check everything first: an update applies whole or not at all.
+        let mut values = Vec::with_capacity(twins.len());
+        for (property, twin) in &twins {
+            if !payload::valid_twin_key(property) {
+                return Err(refuse(400, format!("property name {property:?} is not valid (letters, digits and -_.,:/@#, at most 128 bytes)")));
+            }
+            if !view.properties.contains_key(property) {
+                return Err(refuse(
+                    404,
+                    format!("device {id} has no property {property} (neither its spec nor its model lists it)"),
+                ));
+            }
+            let Some(twin) = twin else {
+                return Err(refuse(400, format!("{property}: twins are removed in the cloud (the Device's spec), not by the device")));
+            };
+            if twin.expected_value().is_some() {
+                return Err(refuse(400, format!("{property}: expected values are set in the cloud (spec.properties[].desired of the Device); a device reports actual values")));
+            }
+            let Some(actual) = twin.actual_value() else {
+                return Err(refuse(400, format!("{property}: no actual value")));
+            };
+            if !payload::valid_twin_value(actual) {
+                return Err(refuse(400, format!("{property}: the value is not valid (letters, digits, spaces and -_.,:/@#, at most 512 bytes)")));
+            }
+            let timestamp = twin
+                .actual
+                .as_ref()
+                .and_then(|a| a.metadata.as_ref())
+                .map(|m| m.timestamp)
+                .filter(|t| *t > 0)
+                .unwrap_or_else(payload::now_millis);
+            values.push((property.clone(), actual.to_owned(), timestamp));
+        }
+        let mut result = BTreeMap::new();
+        let mut document = BTreeMap::new();
+        for (property, actual, timestamp) in values {
+            let before = self.twin_record(staged, id, &property);
+            let record = TwinRecord {
+                actual,
+                timestamp,
+                edge_version: before.as_ref().map_or(0, |r| r.edge_version) + 1,
+            };
+            let current = Self::msg_twin(view, &property, Some(&record));
+            document.insert(
+                property.clone(),
+                TwinDoc {
+                    last: before
+                        .as_ref()
+                        .map(|r| Self::msg_twin(view, &property, Some(r)).without_versions()),
+                    current: Some(current.clone().without_versions()),
+                },
+            );
+            result.insert(property.clone(), current);
+            staged.twins.insert((id.to_owned(), property), record);
+        }
+        staged.touched.insert(id.to_owned());
+        let node = self.meta.node();
+        let result_topic = topics::result_topic(
+            node,
+            &Request::TwinUpdate {
+                device: id.to_owned(),
+            },
+        )
+        .unwrap_or_default();
+        let event_id = update.base.event_id;
+        let mut ok = vec![
+            Outgoing {
+                topic: result_topic.clone(),
+                payload: json_bytes(&TwinResult {
+                    base: BaseMessage::reply(&event_id),
+                    twin: result,
+                }),
+            },
+            Outgoing {
+                topic: topics::twin_document(id),
+                payload: json_bytes(&TwinDocument {
+                    base: BaseMessage::reply(&event_id),
+                    twin: document,
+                }),
+            },
+        ];
+        ok.extend(self.delta(staged, id, view));
+        Ok(Answer {
+            ok,
+            failed: Some(Outgoing {
+                topic: result_topic,
+                payload: error_payload(&event_id, 500, "the update could not be stored"),
+            }),
+        })
+    }
+
+    /// Device data published on an upload topic, as an Event about this node.
+    fn upload_event(&mut self, topic: &str, payload: &[u8]) -> Result<(ObjectKey, Bytes), Refusal> {
+        const MESSAGE_LIMIT: usize = 4096;
+        let node = self.meta.node().to_owned();
+        self.events_sent += 1;
+        let name = format!(
+            "{node}.{:x}{:04x}",
+            payload::now_millis(),
+            self.events_sent % 0x10000
+        );
+        let mut message = String::from_utf8_lossy(payload).into_owned();
+        if message.len() > MESSAGE_LIMIT {
+            let mut end = MESSAGE_LIMIT;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        let now = object::now_rfc3339();
+        let event = json!({
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": name, "namespace": "default",
+                         "annotations": {"kedge.io/mqtt-topic": topic}},
+            "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node},
+            "reason": "DeviceDataUpload",
+            "message": message,
+            "type": "Normal",
+            "source": {"component": "eventbus", "host": node},
+            "reportingComponent": "eventbus",
+            "reportingInstance": node,
+            "count": 1,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+        });
+        let key = ObjectKey::new("events", "default", &name)
+            .map_err(|e| refuse(400, format!("cannot name the event: {e}")))?;
+        let object = event.as_object().cloned().unwrap_or_default();
+        Ok((key, Bytes::from(object::to_stored(object))))
+    }
+
+    /// Follows a change of the cache: devices joining or leaving the node, desired values the
+    /// cloud changed, models arriving.
+    pub fn on_change(&mut self, change: &SharedChange) -> Vec<Outgoing> {
+        match change.key.kind() {
+            "devices" => self.device_changed(change),
+            "devicemodels" => {
+                // Devices of this model may report its properties from now on.
+                let ids: Vec<String> = self
+                    .devices
+                    .iter()
+                    .filter(|(_, v)| v.model.as_ref() == Some(&change.key))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in ids {
+                    let key = self.devices[&id].key.clone();
+                    let held = self.meta.store().get(&key).ok().flatten();
+                    if let Some(view) = held.and_then(|v| self.view(&key, &v.object)) {
+                        self.devices.insert(id, view);
+                    }
+                }
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn device_changed(&mut self, change: &SharedChange) -> Vec<Outgoing> {
+        let node = self.meta.node().to_owned();
+        let id = change.key.name().to_owned();
+        let staged = Staged::default();
+        let mut out = Vec::new();
+        let before = self.devices.get(&id).cloned();
+        if change.kind == ChangeKind::Deleted {
+            let Some(before) = before.filter(|b| b.key == change.key) else {
+                return out;
+            };
+            let info = self.info(&staged, &id, &before, false);
+            self.devices.remove(&id);
+            // Its records go with it: a device bound here again starts afresh.
+            let mut writes = WriteSet::new();
+            let prefix = twin_prefix(&id);
+            let mut end = prefix.clone();
+            if let Some(last) = end.last_mut() {
+                *last = 1;
+            }
+            writes.delete_aux_range(Aux::DeviceTwin, prefix, end);
+            writes.delete_aux(Aux::DeviceTwin, device_key(&id));
+            if let Err(e) = self.meta.report_batch(Vec::new(), writes) {
+                tracing::warn!(device = %id, error = %e, "cannot remove the twin records");
+            }
+            out.push(membership(&node, Vec::new(), vec![info]));
+            return out;
+        }
+        let Some(view) = self.view(&change.key, &change.object) else {
+            tracing::warn!(device = %change.key, "unreadable Device in the cache");
+            return out;
+        };
+        if before.as_ref() == Some(&view) {
+            return out; // our own status report, or a change that does not concern the twins
+        }
+        self.devices.insert(id.clone(), view.clone());
+        match before {
+            None => {
+                let info = self.info(&staged, &id, &view, true);
+                out.push(membership(&node, vec![info], Vec::new()));
+                out.extend(self.delta(&staged, &id, &view));
+            }
+            Some(before) if before.desired != view.desired => {
+                let records = self.twin_records(&staged, &id);
+                let changed: BTreeSet<&String> = before
+                    .desired
+                    .keys()
+                    .chain(view.desired.keys())
+                    .filter(|p| before.desired.get(*p) != view.desired.get(*p))
+                    .collect();
+                let twin = changed
+                    .into_iter()
+                    .map(|p| {
+                        let record = records.get(p);
+                        let doc = TwinDoc {
+                            last: Some(Self::msg_twin(&before, p, record).without_versions()),
+                            current: Some(Self::msg_twin(&view, p, record).without_versions()),
+                        };
+                        (p.clone(), doc)
+                    })
+                    .collect();
+                out.push(Outgoing {
+                    topic: topics::twin_document(&id),
+                    payload: json_bytes(&TwinDocument {
+                        base: BaseMessage::reply(""),
+                        twin,
+                    }),
+                });
+                out.extend(self.delta(&staged, &id, &view));
+            }
+            Some(_) => {}
+        }
+        out
+    }
+}
+
+fn membership(node: &str, added: Vec<DeviceInfo>, removed: Vec<DeviceInfo>) -> Outgoing {
+    Outgoing {
+        topic: topics::membership_updated(node),
+        payload: json_bytes(&MembershipUpdate {
+            base: BaseMessage::reply(""),
+            added_devices: added,
+            removed_devices: removed,
+        }),
+    }
+}
+
+/// A request with only an event id; an empty payload is accepted too.
+fn parse_base(payload: &[u8]) -> Result<BaseMessage, Refusal> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(BaseMessage::default());
+    }
+    serde_json::from_slice(payload).map_err(|e| refuse(400, format!("malformed request: {e}")))
+}

@@ -1,0 +1,326 @@
+//! The embedded MQTT broker (MQTT 3.1.1, clean sessions) that mappers talk to when no external
+//! broker is configured. Packets are encoded and decoded by rumqttc's codec; this module is
+//! only the routing: connections, subscriptions, QoS 0/1/2 handshakes towards publishers,
+//! retained messages and last wills.
+//!
+//! Why not rumqttd: it refuses every filter and topic that starts with `$`, and KubeEdge's
+//! topics all start with `$hw/`. Sessions are not persisted (a mapper reconnecting gets a new
+//! session), and messages go to subscribers at QoS 0 or 1 without redelivery, which is what a
+//! loopback broker for local mappers needs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rumqttc::mqttbytes::v4::{
+    Codec, ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
+    SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::QoS;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+use super::topics;
+
+/// Packets queued for one subscriber before newer ones are dropped (a stuck client must not
+/// hold the broker's memory).
+const SUBSCRIBER_QUEUE: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Largest packet accepted; a client sending a larger one is disconnected.
+    pub max_packet_bytes: usize,
+    /// Time a new connection has to send CONNECT.
+    pub connect_timeout: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_packet_bytes: 1 << 20,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+struct Subscriber {
+    /// Which connection of this client id holds the slot (a newer one takes it over).
+    connection: u64,
+    tx: mpsc::Sender<Publish>,
+    filters: Vec<(String, QoS)>,
+}
+
+#[derive(Default)]
+struct Router {
+    clients: HashMap<String, Subscriber>,
+    retained: BTreeMap<String, Publish>,
+}
+
+impl Router {
+    fn route(&mut self, publish: &Publish) {
+        if publish.retain {
+            if publish.payload.is_empty() {
+                self.retained.remove(&publish.topic);
+            } else {
+                self.retained.insert(publish.topic.clone(), publish.clone());
+            }
+        }
+        for (id, client) in &self.clients {
+            let granted = client
+                .filters
+                .iter()
+                .filter(|(filter, _)| topics::matches(filter, &publish.topic))
+                .map(|(_, qos)| *qos)
+                .max_by_key(|q| *q as u8);
+            if let Some(qos) = granted {
+                let mut copy = publish.clone();
+                copy.qos = min_qos(publish.qos, qos);
+                copy.retain = false;
+                copy.dup = false;
+                if client.tx.try_send(copy).is_err() {
+                    tracing::warn!(client = %id, topic = %publish.topic, "MQTT subscriber too slow: message dropped");
+                }
+            }
+        }
+    }
+}
+
+fn min_qos(a: QoS, b: QoS) -> QoS {
+    // At most QoS 1 towards subscribers: no session state survives a connection anyway.
+    let level = (a as u8).min(b as u8).min(1);
+    if level == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+/// A running broker.
+pub struct Broker {
+    pub local_addr: SocketAddr,
+}
+
+impl Broker {
+    /// Listens on `listen` and serves until `shutdown`.
+    pub async fn start(
+        listen: SocketAddr,
+        config: BrokerConfig,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Broker> {
+        let listener = TcpListener::bind(listen).await?;
+        let local_addr = listener.local_addr()?;
+        let router = Arc::new(Mutex::new(Router::default()));
+        let ids = Arc::new(AtomicU64::new(0));
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = shutdown.cancelled() => return,
+                };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let connection = ids.fetch_add(1, Ordering::Relaxed);
+                        let session = Session {
+                            router: router.clone(),
+                            config: config.clone(),
+                            connection,
+                        };
+                        let stop = shutdown.clone();
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                outcome = session.run(stream) => if let Err(reason) = outcome {
+                                    tracing::info!(%peer, %reason, "MQTT connection closed");
+                                },
+                                _ = stop.cancelled() => {}
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "MQTT accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        Ok(Broker { local_addr })
+    }
+}
+
+struct Session {
+    router: Arc<Mutex<Router>>,
+    config: BrokerConfig,
+    connection: u64,
+}
+
+impl Session {
+    fn router(&self) -> std::sync::MutexGuard<'_, Router> {
+        self.router.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn run(self, stream: TcpStream) -> Result<(), String> {
+        let codec = Codec {
+            max_incoming_size: self.config.max_packet_bytes,
+            max_outgoing_size: self.config.max_packet_bytes,
+        };
+        let mut framed = Framed::new(stream, codec);
+        let first = tokio::time::timeout(self.config.connect_timeout, framed.next())
+            .await
+            .map_err(|_| "no CONNECT in time".to_owned())?;
+        let connect = match first {
+            Some(Ok(Packet::Connect(connect))) => connect,
+            Some(Ok(other)) => return Err(format!("expected CONNECT, got {other:?}")),
+            Some(Err(e)) => return Err(format!("bad CONNECT: {e}")),
+            None => return Ok(()),
+        };
+        let client_id = if connect.client_id.is_empty() {
+            format!("kedge-anon-{}", self.connection)
+        } else {
+            connect.client_id.clone()
+        };
+        let (tx, mut rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+        // A second connection with the same id takes over (MQTT 3.1.1 §3.1.4).
+        self.router().clients.insert(
+            client_id.clone(),
+            Subscriber {
+                connection: self.connection,
+                tx,
+                filters: Vec::new(),
+            },
+        );
+        send(
+            &mut framed,
+            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+        )
+        .await?;
+        let keep_alive = Duration::from_secs(u64::from(connect.keep_alive.max(1)) * 3 / 2);
+        let mut next_pkid: u16 = 0;
+        let outcome = loop {
+            tokio::select! {
+                incoming = tokio::time::timeout(keep_alive, framed.next()) => {
+                    let packet = match incoming {
+                        Err(_) => break Err("keep-alive expired".to_owned()),
+                        Ok(None) => break Err("connection closed without DISCONNECT".to_owned()),
+                        Ok(Some(Err(e))) => break Err(format!("bad packet: {e}")),
+                        Ok(Some(Ok(packet))) => packet,
+                    };
+                    match self.handle(&client_id, packet, &mut framed).await {
+                        Ok(true) => {}
+                        Ok(false) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
+                outgoing = rx.recv() => {
+                    let Some(mut publish) = outgoing else {
+                        break Err("taken over by a newer connection with the same client id".to_owned());
+                    };
+                    if publish.qos != QoS::AtMostOnce {
+                        next_pkid = next_pkid.checked_add(1).unwrap_or(1);
+                        publish.pkid = next_pkid;
+                    }
+                    if let Err(e) = send(&mut framed, Packet::Publish(publish)).await {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        {
+            let mut router = self.router();
+            if router.clients.get(&client_id).map(|c| c.connection) == Some(self.connection) {
+                router.clients.remove(&client_id);
+            }
+            // The last will goes out unless the client said goodbye.
+            if outcome.is_err() {
+                if let Some(will) = &connect.last_will {
+                    let mut publish =
+                        Publish::from_bytes(will.topic.clone(), will.qos, will.message.clone());
+                    publish.retain = will.retain;
+                    router.route(&publish);
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Handles one packet; `Ok(false)` when the client disconnected.
+    async fn handle(
+        &self,
+        client_id: &str,
+        packet: Packet,
+        framed: &mut Framed<TcpStream, Codec>,
+    ) -> Result<bool, String> {
+        match packet {
+            Packet::Publish(publish) => {
+                if !topics::valid_topic(&publish.topic) {
+                    return Err(format!("invalid topic {:?}", publish.topic));
+                }
+                let (qos, pkid) = (publish.qos, publish.pkid);
+                self.router().route(&publish);
+                match qos {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => send(framed, Packet::PubAck(PubAck::new(pkid))).await?,
+                    QoS::ExactlyOnce => send(framed, Packet::PubRec(PubRec::new(pkid))).await?,
+                }
+            }
+            Packet::PubRel(rel) => send(framed, Packet::PubComp(PubComp::new(rel.pkid))).await?,
+            Packet::Subscribe(subscribe) => {
+                let mut codes = Vec::with_capacity(subscribe.filters.len());
+                let mut retained = Vec::new();
+                {
+                    let mut router = self.router();
+                    let matching: Vec<Publish> = router.retained.values().cloned().collect();
+                    let Some(client) = router.clients.get_mut(client_id) else {
+                        return Err("session taken over".into());
+                    };
+                    for filter in subscribe.filters {
+                        if !topics::valid_filter(&filter.path) {
+                            codes.push(SubscribeReasonCode::Failure);
+                            continue;
+                        }
+                        let granted = min_qos(filter.qos, QoS::AtLeastOnce);
+                        for publish in &matching {
+                            if topics::matches(&filter.path, &publish.topic) {
+                                let mut copy = publish.clone();
+                                copy.qos = min_qos(publish.qos, granted);
+                                retained.push(copy);
+                            }
+                        }
+                        client.filters.retain(|(f, _)| *f != filter.path);
+                        client.filters.push((filter.path, granted));
+                        codes.push(SubscribeReasonCode::Success(granted));
+                    }
+                    for publish in retained.drain(..) {
+                        let _ = client.tx.try_send(publish);
+                    }
+                }
+                send(framed, Packet::SubAck(SubAck::new(subscribe.pkid, codes))).await?;
+            }
+            Packet::Unsubscribe(unsubscribe) => {
+                if let Some(client) = self.router().clients.get_mut(client_id) {
+                    client
+                        .filters
+                        .retain(|(f, _)| !unsubscribe.topics.contains(f));
+                }
+                send(framed, Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid))).await?;
+            }
+            Packet::PingReq => send(framed, Packet::PingResp).await?,
+            Packet::Disconnect => return Ok(false),
+            // Acknowledgements of what we sent: nothing to redeliver in a clean session.
+            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
+            other => return Err(format!("unexpected packet {other:?}")),
+        }
+        Ok(true)
+    }
+}
+
+async fn send(framed: &mut Framed<TcpStream, Codec>, packet: Packet) -> Result<(), String> {
+    framed
+        .send(packet)
+        .await
+        .map_err(|e| format!("write failed: {e}"))
+}

@@ -1,0 +1,259 @@
+//! EventBus: the node's MQTT side. It connects (rumqttc) to the embedded broker
+//! ([`broker`]) or to an external one (`--mqtt-url`, e.g. mosquitto), subscribes to KubeEdge's
+//! topics ([`topics`]), hands requests to DeviceTwin in batches (one commit per batch) and
+//! publishes the answers; it also publishes what DeviceTwin derives from cache changes
+//! (membership updates, deltas).
+
+pub mod broker;
+pub mod topics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use replication::KeyRange;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::devicetwin::{DeviceTwin, Outgoing};
+use crate::meta::MetaManager;
+
+/// Requests handled per commit at most.
+const MAX_BATCH: usize = 256;
+/// The largest MQTT packet the embedded broker and edgecore's client accept.
+const MAX_PACKET: usize = 1 << 20;
+
+/// Which broker mappers use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MqttMode {
+    /// edgecore runs a broker on this address.
+    Embedded(SocketAddr),
+    /// An external broker (host, port).
+    External(String, u16),
+    /// No EventBus.
+    Off,
+}
+
+/// Parses `mqtt://HOST:PORT` or `tcp://HOST:PORT` (the port defaults to 1883).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .ok_or_else(|| {
+            format!("{url:?}: expected mqtt://HOST[:PORT] (TLS brokers are not supported yet)")
+        })?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+            let port = port
+                .parse()
+                .map_err(|_| format!("{url:?}: {port:?} is not a port"))?;
+            (host.trim_start_matches('[').trim_end_matches(']'), port)
+        }
+        _ => (rest, 1883),
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?}: no host"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+#[derive(Debug, Clone)]
+pub struct EventBusConfig {
+    pub mode: MqttMode,
+    /// Larger request payloads are answered with an error (413) on their result topic.
+    pub max_payload: usize,
+}
+
+impl Default for EventBusConfig {
+    fn default() -> Self {
+        EventBusConfig {
+            mode: MqttMode::Embedded("127.0.0.1:1883".parse().expect("address")),
+            max_payload: 64 << 10,
+        }
+    }
+}
+
+/// Starts the broker (when embedded) and the EventBus; returns the broker's address, if any.
+pub async fn start(
+    meta: Arc<MetaManager>,
+    config: EventBusConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let (host, port, embedded) = match &config.mode {
+        MqttMode::Off => return Ok(None),
+        MqttMode::Embedded(listen) => {
+            if !listen.ip().is_loopback() {
+                tracing::warn!(%listen, "the embedded MQTT broker listens beyond loopback and has no authentication");
+            }
+            let broker_config = broker::BrokerConfig {
+                max_packet_bytes: MAX_PACKET,
+                ..Default::default()
+            };
+            let broker = broker::Broker::start(*listen, broker_config, shutdown.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for MQTT: {e}"))?;
+            let addr = broker.local_addr;
+            let host = if addr.ip().is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else {
+                addr.ip().to_string()
+            };
+            (host, addr.port(), Some(addr))
+        }
+        MqttMode::External(host, port) => (host.clone(), *port, None),
+    };
+    let node = meta.node().to_owned();
+    let mut options = MqttOptions::new(format!("kedge-edgecore-{node}"), host, port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_max_packet_size(MAX_PACKET + 1024, MAX_PACKET + 1024)
+        .set_request_channel_capacity(4096)
+        .set_inflight(1024);
+    let (client, eventloop) = AsyncClient::new(options, 4096);
+    let (requests_tx, requests_rx) = mpsc::channel(8192);
+    tokio::spawn(poll_broker(
+        eventloop,
+        client.clone(),
+        node,
+        requests_tx,
+        shutdown.clone(),
+    ));
+    let twin = DeviceTwin::new(meta.clone(), config.max_payload);
+    tokio::spawn(serve(twin, meta, client, requests_rx, shutdown));
+    Ok(embedded)
+}
+
+/// Drives the MQTT connection: (re)subscribes after each connect and passes publishes on.
+async fn poll_broker(
+    mut eventloop: rumqttc::EventLoop,
+    client: AsyncClient,
+    node: String,
+    requests: mpsc::Sender<(String, Bytes)>,
+    shutdown: CancellationToken,
+) {
+    let mut connected = None;
+    loop {
+        let event = tokio::select! {
+            event = eventloop.poll() => event,
+            _ = shutdown.cancelled() => {
+                let _ = client.try_disconnect();
+                return;
+            }
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if connected != Some(true) {
+                    tracing::info!("EventBus connected to the MQTT broker");
+                }
+                connected = Some(true);
+                let filters = topics::subscriptions(&node)
+                    .into_iter()
+                    .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
+                if let Err(e) = client.try_subscribe_many(filters) {
+                    tracing::error!(error = %e, "cannot subscribe to KubeEdge's topics");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                if requests
+                    .send((publish.topic, publish.payload))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // Logged once per outage, not on every retry.
+                if connected != Some(false) {
+                    tracing::warn!(error = %e, "EventBus lost the MQTT broker; retrying every second");
+                }
+                connected = Some(false);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Answers requests in batches and publishes what cache changes mean for devices.
+async fn serve(
+    mut twin: DeviceTwin,
+    meta: Arc<MetaManager>,
+    client: AsyncClient,
+    mut requests: mpsc::Receiver<(String, Bytes)>,
+    shutdown: CancellationToken,
+) {
+    let mut watcher = meta.store().watch().subscribe(KeyRange::all(), None).ok();
+    loop {
+        let outgoing = tokio::select! {
+            first = requests.recv() => {
+                let Some(first) = first else { return };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match requests.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                twin.handle(batch)
+            }
+            change = async {
+                match watcher.as_mut() {
+                    Some(w) => w.next().await.ok(),
+                    None => std::future::pending().await,
+                }
+            } => match change {
+                Some(change) => twin.on_change(&change),
+                None => {
+                    // Fell behind the cache's change history: start over from what it holds.
+                    tracing::warn!("DeviceTwin fell behind the cache; reloading devices");
+                    watcher = meta.store().watch().subscribe(KeyRange::all(), None).ok();
+                    twin = DeviceTwin::new(meta.clone(), twin.max_payload());
+                    Vec::new()
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        publish(&client, outgoing).await;
+    }
+}
+
+async fn publish(client: &AsyncClient, outgoing: Vec<Outgoing>) {
+    for message in outgoing {
+        if let Err(e) = client
+            .publish(message.topic, QoS::AtMostOnce, false, message.payload)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot publish on MQTT");
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_parse() {
+        assert_eq!(
+            parse_mqtt_url("mqtt://127.0.0.1:1884"),
+            Ok(("127.0.0.1".into(), 1884))
+        );
+        assert_eq!(parse_mqtt_url("tcp://broker"), Ok(("broker".into(), 1883)));
+        assert_eq!(
+            parse_mqtt_url("mqtt://[::1]:1885"),
+            Ok(("::1".into(), 1885))
+        );
+        assert!(parse_mqtt_url("mqtts://x:1").is_err());
+        assert!(parse_mqtt_url("mqtt://x:port").is_err());
+        assert!(parse_mqtt_url("mqtt://:1").is_err());
+    }
+}
