@@ -151,13 +151,15 @@ fn a_mapper_on_the_embedded_broker_reports_twins_and_gets_desired_values() {
     let mut cloud = CloudProcess::start(cloud_dir.path());
     let token = token(&cloud);
     let mqtt = free_port();
-    let edge = EdgeProcess::start_with(
+    let mqtt_flags = ["--mqtt-listen".to_owned(), format!("127.0.0.1:{mqtt}")];
+    let metaserver = free_port();
+    let mut first_edge = EdgeProcess::start_with(
         &cloud,
         "edge-1",
         edge_dir.path(),
-        free_port(),
+        metaserver,
         Some(&token),
-        &["--mqtt-listen".into(), format!("127.0.0.1:{mqtt}")],
+        &mqtt_flags,
     );
     let sub = Subscriber::start(
         mqtt,
@@ -169,7 +171,7 @@ fn a_mapper_on_the_embedded_broker_reports_twins_and_gets_desired_values() {
         ],
         dir.path(),
     );
-    bind_device(&cloud, &edge);
+    bind_device(&cloud, &first_edge);
 
     // The device reports; the value lands in the Device's status in the cloud.
     publish(
@@ -368,6 +370,61 @@ fn a_mapper_on_the_embedded_broker_reports_twins_and_gets_desired_values() {
         "offline updates in the cloud",
         Duration::from_secs(60),
         || reported(&cloud, "temperature") == "32" && reported(&cloud, "setpoint") == "26",
+    );
+
+    // Device data on an upload topic becomes an Event about the node in the cloud.
+    publish(mqtt, "$hw/events/upload/thermo-1", "door opened");
+    eventually(
+        "the upload as an Event in the cloud",
+        Duration::from_secs(30),
+        || {
+            let out = cloud.kubectl(&["get", "events", "-o",
+            "jsonpath={range .items[*]}{.reason}/{.involvedObject.name}: {.message}{\"\\n\"}{end}"]);
+            String::from_utf8_lossy(&out.stdout).contains("DeviceDataUpload/edge-1: door opened")
+        },
+    );
+
+    // The twin records survive edgecore being killed: the twin is the same after a restart.
+    first_edge.kill9();
+    drop(sub); // its broker went with edgecore
+    let edge = EdgeProcess::start_with(
+        &cloud,
+        "edge-1",
+        edge_dir.path(),
+        metaserver,
+        None,
+        &mqtt_flags,
+    );
+    let sub = Subscriber::start(
+        mqtt,
+        &[
+            "$hw/events/device/+/twin/+/+",
+            "$hw/events/node/edge-1/membership/#",
+        ],
+        dir.path(),
+    );
+    let out = edge.kubectl(&["get", "device", "thermo-1", "-o", "name"]);
+    assert!(
+        out.status.success(),
+        "MetaServer serves the device after the restart"
+    );
+    publish(
+        mqtt,
+        "$hw/events/device/thermo-1/twin/get",
+        r#"{"event_id":"g2"}"#,
+    );
+    eventually(
+        "the twin after the restart",
+        Duration::from_secs(20),
+        || {
+            sub.messages("$hw/events/device/thermo-1/twin/get/result")
+                .iter()
+                .any(|m| {
+                    m["event_id"] == "g2"
+                        && m["twin"]["temperature"]["actual"]["value"] == "32"
+                        && m["twin"]["setpoint"]["actual"]["value"] == "26"
+                })
+        },
     );
 
     // Unbinding the device tells the mapper.
