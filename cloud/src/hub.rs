@@ -49,9 +49,13 @@ struct Echo {
 /// A report decided and waiting for the batch commit.
 struct PendingReport {
     node: Arc<str>,
-    report_key: ObjectKey,
-    base: u64,
+    report: Report,
     record: replication::sync::ReportRecord,
+    judged: Judged,
+}
+
+/// A report judged against the current object.
+struct Judged {
     /// Its writes alone (committed alone if the batch fails).
     set: WriteSet,
     /// It writes or deletes the object (one change), rather than only being recorded.
@@ -398,6 +402,29 @@ impl HubCore {
                 return;
             }
         };
+        // A report is judged against the current object: an earlier one on the same key
+        // still in the batch must be committed first.
+        if self.report_keys.contains(&report.key) {
+            self.commit_reports();
+        }
+        let judged = self.judge_report(node, &report, record);
+        self.report_keys.insert(report.key.clone());
+        self.reports.push(PendingReport {
+            node: node.clone(),
+            report,
+            record,
+            judged,
+        });
+    }
+
+    /// What applying `report` to the current object means: the writes (with the report's
+    /// record), whether the object changes, and whether the node already holds the result.
+    fn judge_report(
+        &mut self,
+        node: &Arc<str>,
+        report: &Report,
+        record: replication::sync::ReportRecord,
+    ) -> Judged {
         let current = self.store.get(&report.key).ok().flatten();
         let current_object = current.as_ref().and_then(|v| parse(&v.object));
         let proposed = match &report.patch {
@@ -415,15 +442,17 @@ impl HubCore {
             None if report.object.is_empty() => None,
             None => parse(&report.object),
         };
+        let mut set = WriteSet::new();
         if report.patch.is_some() && proposed.is_none() {
             // Nothing to apply (the pod is gone, or the patch was bad): recorded as done.
             self.metrics.reports_refused.inc();
-            let mut set = WriteSet::new();
             persist::add_report_record(&mut set, node, record);
-            self.queue_report(node, report, record, set, false, false);
-            return;
+            return Judged {
+                set,
+                changes_object: false,
+                echo: false,
+            };
         }
-        let mut set = WriteSet::new();
         let mut echo_bytes = None;
         let mut changes_object = false;
         match authz::authorize(
@@ -463,37 +492,17 @@ impl HubCore {
             }
             None => echo_bytes.as_ref().is_some_and(|b| *b == report.object),
         };
-        self.queue_report(node, report, record, set, changes_object, echo);
-    }
-
-    fn queue_report(
-        &mut self,
-        node: &Arc<str>,
-        report: Report,
-        record: replication::sync::ReportRecord,
-        set: WriteSet,
-        changes_object: bool,
-        echo: bool,
-    ) {
-        // Two reports on one key in a batch would be judged against the same current object:
-        // commit the earlier ones first.
-        if !self.report_keys.insert(report.key.clone()) {
-            self.commit_reports();
-            self.report_keys.insert(report.key.clone());
-        }
-        self.reports.push(PendingReport {
-            node: node.clone(),
-            report_key: report.key,
-            base: report.base,
-            record,
+        Judged {
             set,
             changes_object,
             echo,
-        });
+        }
     }
 
-    /// Commits the pending reports in one write; if that fails (a racing write broke one
-    /// report's precondition), one by one, so that only the racing report waits for a resend.
+    /// Commits the pending reports in one write; if that fails (a write through the API raced
+    /// one report), one by one, judging a report that lost the race again against the object
+    /// as it is now. Acknowledgements are cumulative, so no report may be skipped: each is
+    /// applied, or refused for good, before the next.
     pub fn commit_reports(&mut self) {
         let pending = std::mem::take(&mut self.reports);
         self.report_keys.clear();
@@ -502,13 +511,13 @@ impl HubCore {
         }
         let mut all = WriteSet::new();
         for p in &pending {
-            all.append(p.set.clone());
+            all.append(p.judged.set.clone());
         }
         match self.store.commit(all) {
             Ok(changes) => {
                 let mut changes = changes.into_iter();
                 for p in pending {
-                    let change = if p.changes_object {
+                    let change = if p.judged.changes_object {
                         changes.next()
                     } else {
                         None
@@ -517,15 +526,33 @@ impl HubCore {
                 }
             }
             Err(_) => {
-                for p in pending {
-                    match self.store.commit(p.set.clone()) {
-                        Ok(changes) => {
-                            let change = changes.into_iter().next();
-                            self.report_committed(p, change);
-                        }
-                        // A racing write: the node resends after its next session starts.
-                        Err(e) => {
-                            tracing::debug!(node = %p.node, key = %p.report_key, error = %e, "report not applied; will be resent")
+                for mut p in pending {
+                    let mut attempts = 0;
+                    loop {
+                        match self.store.commit(p.judged.set.clone()) {
+                            Ok(changes) => {
+                                let change = changes.into_iter().next();
+                                self.report_committed(p, change);
+                                break;
+                            }
+                            Err(e) if attempts < 3 => {
+                                attempts += 1;
+                                tracing::debug!(node = %p.node, key = %p.report.key, error = %e, "report raced a write; judging it again");
+                                p.judged = self.judge_report(&p.node, &p.report, p.record);
+                            }
+                            Err(e) => {
+                                // Only its record, so that the node stops resending it.
+                                tracing::warn!(node = %p.node, key = %p.report.key, error = %e, "report lost the race to other writes three times; dropped");
+                                self.metrics.reports_refused.inc();
+                                let mut set = WriteSet::new();
+                                persist::add_report_record(&mut set, &p.node, p.record);
+                                if let Err(e) = self.store.commit(set) {
+                                    tracing::error!(node = %p.node, error = %e, "cannot record a report");
+                                }
+                                p.judged.changes_object = false;
+                                self.report_committed(p, None);
+                                break;
+                            }
                         }
                     }
                 }
@@ -537,12 +564,12 @@ impl HubCore {
         if let Some(change) = change.filter(|c| !c.is_delete()) {
             self.metrics.reports_applied.inc();
             // The node already holds exactly these bytes: it needs only the version.
-            if p.echo {
+            if p.judged.echo {
                 self.echoes.insert(
-                    p.report_key.clone(),
+                    p.report.key.clone(),
                     Echo {
                         node: p.node.clone(),
-                        base: p.base,
+                        base: p.report.base,
                         rv: change.rv,
                     },
                 );

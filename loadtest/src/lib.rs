@@ -11,6 +11,8 @@
 //!   idle;
 //! - [`report`]: the summary table and JSON.
 //!
+//! - [`twins`]: device twins end to end (`twinbench`: MQTT → edgecore → cloudcore → API).
+//!
 //! Also `transport-demo` and `transport-memory`: the transport alone (throughput, memory per
 //! connection).
 
@@ -22,3 +24,4 @@ pub mod hollow;
 pub mod probe;
 pub mod report;
 pub mod scenario;
+pub mod twins;

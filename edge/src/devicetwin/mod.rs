@@ -43,6 +43,9 @@ use payload::{
 pub struct Outgoing {
     pub topic: String,
     pub payload: Vec<u8>,
+    /// Sent at QoS 1: news a mapper must not miss (deltas, documents, membership changes);
+    /// answers to requests go at QoS 0 (a mapper that missed one asks again).
+    pub notification: bool,
 }
 
 /// The reported side of one property (deviceTwin table).
@@ -367,6 +370,7 @@ impl DeviceTwin {
                 twin: shown,
                 delta,
             }),
+            notification: true,
         })
     }
 
@@ -406,6 +410,7 @@ impl DeviceTwin {
                                     refusal.code,
                                     &refusal.reason,
                                 ),
+                                notification: false,
                             }],
                             failed: None,
                         });
@@ -522,6 +527,7 @@ impl DeviceTwin {
                             base: BaseMessage::reply(&base.event_id),
                             twin,
                         }),
+                        notification: false,
                     }],
                     failed: None,
                 })
@@ -560,6 +566,7 @@ impl DeviceTwin {
                                 ..DeviceInfo::default()
                             },
                         }),
+                        notification: false,
                     }],
                     failed: Some(Outgoing {
                         topic: result_topic,
@@ -568,6 +575,7 @@ impl DeviceTwin {
                             500,
                             "the state could not be stored",
                         ),
+                        notification: false,
                     }),
                 })
             }
@@ -586,6 +594,7 @@ impl DeviceTwin {
                             base: BaseMessage::reply(&base.event_id),
                             devices,
                         }),
+                        notification: false,
                     }],
                     failed: None,
                 })
@@ -684,6 +693,7 @@ impl DeviceTwin {
                     base: BaseMessage::reply(&event_id),
                     twin: result,
                 }),
+                notification: false,
             },
             Outgoing {
                 topic: topics::twin_document(id),
@@ -691,6 +701,7 @@ impl DeviceTwin {
                     base: BaseMessage::reply(&event_id),
                     twin: document,
                 }),
+                notification: true,
             },
         ];
         ok.extend(self.delta(staged, id, view));
@@ -699,6 +710,7 @@ impl DeviceTwin {
             failed: Some(Outgoing {
                 topic: result_topic,
                 payload: error_payload(&event_id, 500, "the update could not be stored"),
+                notification: false,
             }),
         })
     }
@@ -771,75 +783,105 @@ impl DeviceTwin {
     }
 
     fn device_changed(&mut self, change: &SharedChange) -> Vec<Outgoing> {
-        let node = self.meta.node().to_owned();
         let id = change.key.name().to_owned();
-        let staged = Staged::default();
-        let mut out = Vec::new();
         let before = self.devices.get(&id).cloned();
         if change.kind == ChangeKind::Deleted {
-            let Some(before) = before.filter(|b| b.key == change.key) else {
-                return out;
-            };
-            let info = self.info(&staged, &id, &before, false);
-            self.devices.remove(&id);
-            // Its records go with it: a device bound here again starts afresh.
-            let mut writes = WriteSet::new();
-            let prefix = twin_prefix(&id);
-            let mut end = prefix.clone();
-            if let Some(last) = end.last_mut() {
-                *last = 1;
+            // Another namespace's device of the same name going away is not this one.
+            if before.as_ref().is_some_and(|b| b.key == change.key) {
+                return self.transition(&id, before, None);
             }
-            writes.delete_aux_range(Aux::DeviceTwin, prefix, end);
-            writes.delete_aux(Aux::DeviceTwin, device_key(&id));
-            if let Err(e) = self.meta.report_batch(Vec::new(), writes) {
-                tracing::warn!(device = %id, error = %e, "cannot remove the twin records");
-            }
-            out.push(membership(&node, Vec::new(), vec![info]));
-            return out;
+            return Vec::new();
         }
-        let Some(view) = self.view(&change.key, &change.object) else {
+        let Some(after) = self.view(&change.key, &change.object) else {
             tracing::warn!(device = %change.key, "unreadable Device in the cache");
-            return out;
+            return Vec::new();
         };
-        if before.as_ref() == Some(&view) {
-            return out; // our own status report, or a change that does not concern the twins
+        self.transition(&id, before, Some(after))
+    }
+
+    /// Re-reads every device from the cache (after falling behind its changes) and tells
+    /// mappers what changed meanwhile.
+    pub fn resync(&mut self) -> Vec<Outgoing> {
+        let fresh = DeviceTwin::new(self.meta.clone(), self.max_payload).devices;
+        let mut ids: BTreeSet<String> = self.devices.keys().cloned().collect();
+        ids.extend(fresh.keys().cloned());
+        let mut out = Vec::new();
+        for id in ids {
+            let before = self.devices.get(&id).cloned();
+            out.extend(self.transition(&id, before, fresh.get(&id).cloned()));
         }
-        self.devices.insert(id.clone(), view.clone());
-        match before {
-            None => {
-                let info = self.info(&staged, &id, &view, true);
+        out
+    }
+
+    /// A device joining the node, leaving it, or changing: what mappers are told.
+    fn transition(
+        &mut self,
+        id: &str,
+        before: Option<DeviceView>,
+        after: Option<DeviceView>,
+    ) -> Vec<Outgoing> {
+        let node = self.meta.node().to_owned();
+        let staged = Staged::default();
+        let mut out = Vec::new();
+        match (before, after) {
+            (None, None) => {}
+            (Some(before), None) => {
+                let info = self.info(&staged, id, &before, false);
+                self.devices.remove(id);
+                // Its records go with it: a device bound here again starts afresh.
+                let mut writes = WriteSet::new();
+                let prefix = twin_prefix(id);
+                let mut end = prefix.clone();
+                if let Some(last) = end.last_mut() {
+                    *last = 1;
+                }
+                writes.delete_aux_range(Aux::DeviceTwin, prefix, end);
+                writes.delete_aux(Aux::DeviceTwin, device_key(id));
+                if let Err(e) = self.meta.report_batch(Vec::new(), writes) {
+                    tracing::warn!(device = %id, error = %e, "cannot remove the twin records");
+                }
+                out.push(membership(&node, Vec::new(), vec![info]));
+            }
+            (None, Some(view)) => {
+                self.devices.insert(id.to_owned(), view.clone());
+                let info = self.info(&staged, id, &view, true);
                 out.push(membership(&node, vec![info], Vec::new()));
-                out.extend(self.delta(&staged, &id, &view));
+                out.extend(self.delta(&staged, id, &view));
             }
-            Some(before) if before.desired != view.desired => {
-                let records = self.twin_records(&staged, &id);
-                let changed: BTreeSet<&String> = before
-                    .desired
-                    .keys()
-                    .chain(view.desired.keys())
-                    .filter(|p| before.desired.get(*p) != view.desired.get(*p))
-                    .collect();
-                let twin = changed
-                    .into_iter()
-                    .map(|p| {
-                        let record = records.get(p);
-                        let doc = TwinDoc {
-                            last: Some(Self::msg_twin(&before, p, record).without_versions()),
-                            current: Some(Self::msg_twin(&view, p, record).without_versions()),
-                        };
-                        (p.clone(), doc)
-                    })
-                    .collect();
-                out.push(Outgoing {
-                    topic: topics::twin_document(&id),
-                    payload: json_bytes(&TwinDocument {
-                        base: BaseMessage::reply(""),
-                        twin,
-                    }),
-                });
-                out.extend(self.delta(&staged, &id, &view));
+            // Our own status report, or a change that does not concern the twins.
+            (Some(before), Some(view)) if before == view => {}
+            (Some(before), Some(view)) => {
+                self.devices.insert(id.to_owned(), view.clone());
+                if before.desired != view.desired {
+                    let records = self.twin_records(&staged, id);
+                    let changed: BTreeSet<&String> = before
+                        .desired
+                        .keys()
+                        .chain(view.desired.keys())
+                        .filter(|p| before.desired.get(*p) != view.desired.get(*p))
+                        .collect();
+                    let twin = changed
+                        .into_iter()
+                        .map(|p| {
+                            let record = records.get(p);
+                            let doc = TwinDoc {
+                                last: Some(Self::msg_twin(&before, p, record).without_versions()),
+                                current: Some(Self::msg_twin(&view, p, record).without_versions()),
+                            };
+                            (p.clone(), doc)
+                        })
+                        .collect();
+                    out.push(Outgoing {
+                        topic: topics::twin_document(id),
+                        payload: json_bytes(&TwinDocument {
+                            base: BaseMessage::reply(""),
+                            twin,
+                        }),
+                        notification: true,
+                    });
+                    out.extend(self.delta(&staged, id, &view));
+                }
             }
-            Some(_) => {}
         }
         out
     }
@@ -853,6 +895,7 @@ fn membership(node: &str, added: Vec<DeviceInfo>, removed: Vec<DeviceInfo>) -> O
             added_devices: added,
             removed_devices: removed,
         }),
+        notification: true,
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4::{
     Codec, ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
@@ -62,7 +63,8 @@ struct Router {
 }
 
 impl Router {
-    fn route(&mut self, publish: &Publish) {
+    /// Who gets `publish`, at which QoS. Retained messages are updated here.
+    fn route(&mut self, publish: &Publish) -> Vec<(String, mpsc::Sender<Publish>, Publish)> {
         if publish.retain {
             if publish.payload.is_empty() {
                 self.retained.remove(&publish.topic);
@@ -70,6 +72,7 @@ impl Router {
                 self.retained.insert(publish.topic.clone(), publish.clone());
             }
         }
+        let mut deliveries = Vec::new();
         for (id, client) in &self.clients {
             let granted = client
                 .filters
@@ -82,10 +85,28 @@ impl Router {
                 copy.qos = min_qos(publish.qos, qos);
                 copy.retain = false;
                 copy.dup = false;
-                if client.tx.try_send(copy).is_err() {
-                    tracing::warn!(client = %id, topic = %publish.topic, "MQTT subscriber too slow: message dropped");
-                }
+                deliveries.push((id.clone(), client.tx.clone(), copy));
             }
+        }
+        deliveries
+    }
+}
+
+/// Hands messages to subscribers' queues. A full queue drops a QoS 0 message (MQTT allows
+/// it) and makes a QoS 1 message wait, which holds back its publisher: nothing acknowledged
+/// is lost. Each connection writes from its queue in a task of its own, so a publisher held
+/// back never stops its own deliveries (no two clients can wait on each other).
+async fn deliver(deliveries: Vec<(String, mpsc::Sender<Publish>, Publish)>) {
+    for (client, tx, publish) in deliveries {
+        match tx.try_send(publish) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(publish)) if publish.qos != QoS::AtMostOnce => {
+                let _ = tx.send(publish).await;
+            }
+            Err(mpsc::error::TrySendError::Full(publish)) => {
+                tracing::debug!(%client, topic = %publish.topic, "MQTT subscriber too slow: QoS 0 message dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 }
@@ -183,7 +204,7 @@ impl Session {
         } else {
             connect.client_id.clone()
         };
-        let (tx, mut rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
         // A second connection with the same id takes over (MQTT 3.1.1 §3.1.4).
         self.router().clients.insert(
             client_id.clone(),
@@ -193,57 +214,57 @@ impl Session {
                 filters: Vec::new(),
             },
         );
-        send(
-            &mut framed,
-            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
-        )
-        .await?;
+        let (mut sink, mut stream) = framed.split();
+        sink.send(Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::Success,
+            false,
+        )))
+        .await
+        .map_err(|e| format!("write failed: {e}"))?;
+        let (control_tx, control_rx) = mpsc::channel(64);
+        let mut writer = tokio::spawn(write_loop(sink, rx, control_rx));
         let keep_alive = Duration::from_secs(u64::from(connect.keep_alive.max(1)) * 3 / 2);
-        let mut next_pkid: u16 = 0;
         let outcome = loop {
             tokio::select! {
-                incoming = tokio::time::timeout(keep_alive, framed.next()) => {
+                incoming = tokio::time::timeout(keep_alive, stream.next()) => {
                     let packet = match incoming {
                         Err(_) => break Err("keep-alive expired".to_owned()),
                         Ok(None) => break Err("connection closed without DISCONNECT".to_owned()),
                         Ok(Some(Err(e))) => break Err(format!("bad packet: {e}")),
                         Ok(Some(Ok(packet))) => packet,
                     };
-                    match self.handle(&client_id, packet, &mut framed).await {
+                    match self.handle(&client_id, packet, &control_tx).await {
                         Ok(true) => {}
                         Ok(false) => break Ok(()),
                         Err(e) => break Err(e),
                     }
                 }
-                outgoing = rx.recv() => {
-                    let Some(mut publish) = outgoing else {
-                        break Err("taken over by a newer connection with the same client id".to_owned());
+                written = &mut writer => {
+                    break match written {
+                        Ok(result) => result,
+                        Err(e) => Err(format!("writer failed: {e}")),
                     };
-                    if publish.qos != QoS::AtMostOnce {
-                        next_pkid = next_pkid.checked_add(1).unwrap_or(1);
-                        publish.pkid = next_pkid;
-                    }
-                    if let Err(e) = send(&mut framed, Packet::Publish(publish)).await {
-                        break Err(e);
-                    }
                 }
             }
         };
-        {
+        writer.abort();
+        let will = {
             let mut router = self.router();
             if router.clients.get(&client_id).map(|c| c.connection) == Some(self.connection) {
                 router.clients.remove(&client_id);
             }
             // The last will goes out unless the client said goodbye.
-            if outcome.is_err() {
-                if let Some(will) = &connect.last_will {
+            match (&outcome, &connect.last_will) {
+                (Err(_), Some(will)) => {
                     let mut publish =
                         Publish::from_bytes(will.topic.clone(), will.qos, will.message.clone());
                     publish.retain = will.retain;
-                    router.route(&publish);
+                    router.route(&publish)
                 }
+                _ => Vec::new(),
             }
-        }
+        };
+        deliver(will).await;
         outcome
     }
 
@@ -252,22 +273,30 @@ impl Session {
         &self,
         client_id: &str,
         packet: Packet,
-        framed: &mut Framed<TcpStream, Codec>,
+        control: &mpsc::Sender<Packet>,
     ) -> Result<bool, String> {
+        let send = |packet: Packet| async move {
+            control
+                .send(packet)
+                .await
+                .map_err(|_| "the connection's writer stopped".to_owned())
+        };
         match packet {
             Packet::Publish(publish) => {
                 if !topics::valid_topic(&publish.topic) {
                     return Err(format!("invalid topic {:?}", publish.topic));
                 }
                 let (qos, pkid) = (publish.qos, publish.pkid);
-                self.router().route(&publish);
+                let deliveries = self.router().route(&publish);
+                // Acknowledged once every subscriber's queue took it.
+                deliver(deliveries).await;
                 match qos {
                     QoS::AtMostOnce => {}
-                    QoS::AtLeastOnce => send(framed, Packet::PubAck(PubAck::new(pkid))).await?,
-                    QoS::ExactlyOnce => send(framed, Packet::PubRec(PubRec::new(pkid))).await?,
+                    QoS::AtLeastOnce => send(Packet::PubAck(PubAck::new(pkid))).await?,
+                    QoS::ExactlyOnce => send(Packet::PubRec(PubRec::new(pkid))).await?,
                 }
             }
-            Packet::PubRel(rel) => send(framed, Packet::PubComp(PubComp::new(rel.pkid))).await?,
+            Packet::PubRel(rel) => send(Packet::PubComp(PubComp::new(rel.pkid))).await?,
             Packet::Subscribe(subscribe) => {
                 let mut codes = Vec::with_capacity(subscribe.filters.len());
                 let mut retained = Vec::new();
@@ -298,7 +327,7 @@ impl Session {
                         let _ = client.tx.try_send(publish);
                     }
                 }
-                send(framed, Packet::SubAck(SubAck::new(subscribe.pkid, codes))).await?;
+                send(Packet::SubAck(SubAck::new(subscribe.pkid, codes))).await?;
             }
             Packet::Unsubscribe(unsubscribe) => {
                 if let Some(client) = self.router().clients.get_mut(client_id) {
@@ -306,9 +335,9 @@ impl Session {
                         .filters
                         .retain(|(f, _)| !unsubscribe.topics.contains(f));
                 }
-                send(framed, Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid))).await?;
+                send(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid))).await?;
             }
-            Packet::PingReq => send(framed, Packet::PingResp).await?,
+            Packet::PingReq => send(Packet::PingResp).await?,
             Packet::Disconnect => return Ok(false),
             // Acknowledgements of what we sent: nothing to redeliver in a clean session.
             Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
@@ -318,9 +347,36 @@ impl Session {
     }
 }
 
-async fn send(framed: &mut Framed<TcpStream, Codec>, packet: Packet) -> Result<(), String> {
-    framed
-        .send(packet)
-        .await
-        .map_err(|e| format!("write failed: {e}"))
+/// Writes one connection's packets: acknowledgements from its reader first, then messages
+/// for its subscriptions. Ends when the client's slot is taken over or the socket fails.
+async fn write_loop(
+    mut sink: SplitSink<Framed<TcpStream, Codec>, Packet>,
+    mut deliveries: mpsc::Receiver<Publish>,
+    mut control: mpsc::Receiver<Packet>,
+) -> Result<(), String> {
+    let mut next_pkid: u16 = 0;
+    loop {
+        let packet = tokio::select! {
+            biased;
+            packet = control.recv() => match packet {
+                Some(packet) => packet,
+                None => return Ok(()),
+            },
+            publish = deliveries.recv() => match publish {
+                Some(mut publish) => {
+                    if publish.qos != QoS::AtMostOnce {
+                        next_pkid = next_pkid.checked_add(1).unwrap_or(1);
+                        publish.pkid = next_pkid;
+                    }
+                    Packet::Publish(publish)
+                }
+                None => {
+                    return Err("taken over by a newer connection with the same client id".into())
+                }
+            },
+        };
+        sink.send(packet)
+            .await
+            .map_err(|e| format!("write failed: {e}"))?;
+    }
 }

@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod topics;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,7 +114,11 @@ pub async fn start(
         .set_max_packet_size(MAX_PACKET + 1024, MAX_PACKET + 1024)
         .set_request_channel_capacity(4096)
         .set_inflight(1024);
-    let (client, eventloop) = AsyncClient::new(options, 4096);
+    let (client, mut eventloop) = AsyncClient::new(options, 4096);
+    // Answers go out at once (rumqttc leaves Nagle's algorithm on by default).
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
     let (requests_tx, requests_rx) = mpsc::channel(8192);
     tokio::spawn(poll_broker(
         eventloop,
@@ -182,7 +187,13 @@ async fn poll_broker(
     }
 }
 
-/// Answers requests in batches and publishes what cache changes mean for devices.
+/// Messages waiting for the MQTT client beyond this are dropped, oldest first (a broker that
+/// takes nothing for this long is gone; mappers re-read with twin/get and membership/get).
+const MAX_BACKLOG: usize = 65_536;
+
+/// Answers requests in batches and publishes what cache changes mean for devices. It never
+/// waits on the MQTT client: the client's loop may itself be waiting for this task to take
+/// requests, so answers queue here when the client's queue is full.
 async fn serve(
     mut twin: DeviceTwin,
     meta: Arc<MetaManager>,
@@ -190,8 +201,29 @@ async fn serve(
     mut requests: mpsc::Receiver<(String, Bytes)>,
     shutdown: CancellationToken,
 ) {
-    let mut watcher = meta.store().watch().subscribe(KeyRange::all(), None).ok();
+    let subscribe = || meta.store().watch().subscribe(KeyRange::all(), None).ok();
+    let mut watcher = subscribe();
+    let mut backlog: VecDeque<Outgoing> = VecDeque::new();
     loop {
+        // Cache changes first, all of them: our own commits add one per device reported,
+        // and a watcher left behind is cut off.
+        let mut outgoing = Vec::new();
+        if let Some(w) = watcher.as_mut() {
+            loop {
+                match w.try_next() {
+                    Ok(Some(change)) => outgoing.extend(twin.on_change(&change)),
+                    Ok(None) => break,
+                    Err(_) => {
+                        tracing::warn!("DeviceTwin fell behind the cache; re-reading the devices");
+                        watcher = subscribe();
+                        outgoing.extend(twin.resync());
+                        break;
+                    }
+                }
+            }
+        }
+        queue(&mut backlog, outgoing);
+        flush(&client, &mut backlog);
         let outgoing = tokio::select! {
             first = requests.recv() => {
                 let Some(first) = first else { return };
@@ -212,27 +244,48 @@ async fn serve(
             } => match change {
                 Some(change) => twin.on_change(&change),
                 None => {
-                    // Fell behind the cache's change history: start over from what it holds.
-                    tracing::warn!("DeviceTwin fell behind the cache; reloading devices");
-                    watcher = meta.store().watch().subscribe(KeyRange::all(), None).ok();
-                    twin = DeviceTwin::new(meta.clone(), twin.max_payload());
-                    Vec::new()
+                    tracing::warn!("DeviceTwin fell behind the cache; re-reading the devices");
+                    watcher = subscribe();
+                    twin.resync()
                 }
             },
+            _ = tokio::time::sleep(Duration::from_millis(5)), if !backlog.is_empty() => Vec::new(),
             _ = shutdown.cancelled() => return,
         };
-        publish(&client, outgoing).await;
+        queue(&mut backlog, outgoing);
+        flush(&client, &mut backlog);
     }
 }
 
-async fn publish(client: &AsyncClient, outgoing: Vec<Outgoing>) {
-    for message in outgoing {
-        if let Err(e) = client
-            .publish(message.topic, QoS::AtMostOnce, false, message.payload)
-            .await
-        {
-            tracing::warn!(error = %e, "cannot publish on MQTT");
-            return;
+fn queue(backlog: &mut VecDeque<Outgoing>, outgoing: Vec<Outgoing>) {
+    backlog.extend(outgoing);
+    if backlog.len() > MAX_BACKLOG {
+        let dropped = backlog.len() - MAX_BACKLOG;
+        backlog.drain(..dropped);
+        tracing::warn!(
+            dropped,
+            "the MQTT broker takes nothing: oldest answers dropped"
+        );
+    }
+}
+
+/// Hands the backlog to the MQTT client until its queue is full.
+fn flush(client: &AsyncClient, backlog: &mut VecDeque<Outgoing>) {
+    while let Some(message) = backlog.pop_front() {
+        let qos = if message.notification {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        match client.try_publish(message.topic.clone(), qos, false, message.payload.clone()) {
+            Ok(()) => {}
+            Err(rumqttc::ClientError::TryRequest(_)) => {
+                backlog.push_front(message);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, topic = %message.topic, "cannot publish on MQTT");
+            }
         }
     }
 }
