@@ -6,9 +6,9 @@
 //! send. [`run`] is the async shell: it accepts links, forwards their events, follows the
 //! store's watch and pumps the feeds into the links.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use replication::api::object::{self, Object};
@@ -37,6 +37,9 @@ struct NodeSlot {
     /// (and coalesces) what is due, instead of the link's window filling with messages that a
     /// returning node may not need (a node back with a new session resyncs from its hello).
     connected: bool,
+    /// When each unacknowledged object message of this session was sent (its number in the
+    /// session, time), for the ack-latency histogram.
+    sent_at: VecDeque<(u64, Instant)>,
 }
 
 /// A report this hub wrote, whose watch event should go back to its node as a bump only.
@@ -113,6 +116,7 @@ impl HubCore {
                     link: None,
                     stalled: None,
                     connected: false,
+                    sent_at: VecDeque::new(),
                 },
             );
         }
@@ -301,6 +305,13 @@ impl HubCore {
                             let feed = &mut self.slot(node).feed;
                             feed.link_down();
                             feed.link_up();
+                        }
+                        let slot = self.nodes.get_mut(node).expect("slot of a connected node");
+                        let through = slot.feed.credited_in_session();
+                        while slot.sent_at.front().is_some_and(|(n, _)| *n <= through) {
+                            if let Some((_, at)) = slot.sent_at.pop_front() {
+                                self.metrics.ack_latency.observe(at.elapsed().as_secs_f64());
+                            }
                         }
                     }
                     Err(e) => {
@@ -589,7 +600,17 @@ impl HubCore {
                 let message = match slot.stalled.take() {
                     Some(m) => m,
                     None => match slot.feed.poll_transmit() {
-                        Some(down) => wire::encode_down(&down),
+                        Some(down) => {
+                            if down.is_object_message() {
+                                let number = slot.feed.sent_in_session();
+                                // A new session numbers from 1 again.
+                                if slot.sent_at.back().is_some_and(|(n, _)| *n >= number) {
+                                    slot.sent_at.clear();
+                                }
+                                slot.sent_at.push_back((number, Instant::now()));
+                            }
+                            wire::encode_down(&down)
+                        }
                         None => break,
                     },
                 };

@@ -176,6 +176,10 @@ async fn routed_objects_reach_the_node_reports_come_back_and_restarts_resend_not
         holds(&edge, "pods/default/p2").is_none(),
         "another node's pod"
     );
+    eventually("acks timed in the ack-latency histogram", || {
+        metric(&cloud, "kedge_ack_latency_seconds_count") >= 2.0
+    })
+    .await;
     assert!(
         holds(&edge, "configmaps/default/unrelated").is_none(),
         "an unreferenced ConfigMap"

@@ -134,6 +134,8 @@ pub struct NodeFeed {
     session: Option<SessionId>,
     sessions_started: u64,
     sent: u64,
+    /// Object messages of this session the node has acknowledged (they are numbered 1, 2, …).
+    credited: u64,
     desired: BTreeMap<ObjectKey, Desired>,
     acked: BTreeMap<ObjectKey, u64>,
     queue: VecDeque<ObjectKey>,
@@ -158,6 +160,7 @@ impl NodeFeed {
             state: FeedState::Offline,
             session: None,
             sessions_started: 0,
+            credited: 0,
             sent: 0,
             desired: BTreeMap::new(),
             acked: record.acked,
@@ -293,6 +296,7 @@ impl NodeFeed {
     }
 
     fn credit(&mut self, through: u64) {
+        self.credited = self.credited.max(through);
         while self.in_flight.front().is_some_and(|f| f.count <= through) {
             let Some(done) = self.in_flight.pop_front() else {
                 break;
@@ -334,6 +338,16 @@ impl NodeFeed {
             message,
             state: self.state,
         }
+    }
+
+    /// Object messages sent in this session so far: the number of the last one sent.
+    pub fn sent_in_session(&self) -> u64 {
+        self.sent
+    }
+
+    /// The number of the last object message of this session the node has acknowledged.
+    pub fn credited_in_session(&self) -> u64 {
+        self.credited
     }
 
     /// A message from the node (except reports: see [`NodeFeed::accept_report`]).
@@ -423,6 +437,7 @@ impl NodeFeed {
         };
         self.session = Some(session);
         self.sent = 0;
+        self.credited = 0;
         self.control.push_back(Down::Session(session));
         self.state = FeedState::Streaming;
         // The delta: what the node should hold and does not hold at that version...
