@@ -3,6 +3,8 @@
 //! and the per-node ObjectSync record.
 //!
 //! - [`api_tls`]: the API over HTTPS with a bearer token (off loopback);
+//! - [`cluster`]: the cluster source, embedded or a real cluster through kube-rs (mirror and
+//!   write-back);
 //! - [`embedded`]: the embedded API server's store and its seed objects;
 //! - [`policy`]: what the embedded API allows and how it deletes pods bound to nodes;
 //! - [`pki`]: the cluster CA, the server certificate and bootstrap tokens;
@@ -16,6 +18,7 @@
 
 pub mod api_tls;
 pub mod authz;
+pub mod cluster;
 pub mod embedded;
 pub mod hub;
 pub mod join;

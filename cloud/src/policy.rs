@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
 use replication::api::object::Object;
-use replication::api::{ApiPolicy, Resource};
+use replication::api::{ApiError, ApiPolicy, Resource, Verb};
 use serde_json::Value;
 
 use crate::metrics::{Metrics, RequestLabels};
@@ -39,9 +39,24 @@ impl ConnectedNodes {
 pub struct CloudPolicy {
     pub metrics: Arc<Metrics>,
     pub connected: Arc<ConnectedNodes>,
+    /// Set when a real cluster is the source (`--kubeconfig`): this API is a read-only view.
+    pub mirror_of: Option<String>,
 }
 
 impl ApiPolicy for CloudPolicy {
+    fn admit(&self, _resource: &Resource, verb: Verb, _status: bool) -> Result<(), ApiError> {
+        match (&self.mirror_of, verb) {
+            (Some(cluster), Verb::Create | Verb::Update | Verb::Patch | Verb::Delete) => {
+                Err(ApiError::new(
+                    405,
+                    "MethodNotAllowed",
+                    format!("cloudcore mirrors {cluster} and serves it read-only: write to that cluster"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn graceful_delete(&self, resource: &Resource, object: &Object) -> bool {
         if resource.plural != "pods" {
             return false;

@@ -12,6 +12,7 @@ use replication::Store;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::cluster::{ClusterSource, Embedded, KubeCluster};
 use crate::metrics::Metrics;
 use crate::policy::{CloudPolicy, ConnectedNodes};
 
@@ -72,9 +73,6 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 impl CloudCore {
     pub async fn start(config: CloudConfig) -> anyhow::Result<CloudCore> {
-        if config.kubeconfig.is_some() {
-            bail!("--kubeconfig (a real cluster as the source) is not implemented yet; run without it to use the embedded API server");
-        }
         let off_loopback = !config.api_listen.ip().is_loopback();
         if off_loopback && config.api_token_file.is_none() {
             bail!(
@@ -110,11 +108,16 @@ impl CloudCore {
                     config.data_dir.display()
                 )
             })?;
+        let source: Arc<dyn ClusterSource> = match &config.kubeconfig {
+            Some(path) => Arc::new(KubeCluster::connect(path).await?),
+            None => Arc::new(Embedded),
+        };
         let metrics = Arc::new(Metrics::new());
         let connected = Arc::new(ConnectedNodes::default());
         let policy = Arc::new(CloudPolicy {
             metrics: metrics.clone(),
             connected: connected.clone(),
+            mirror_of: (!source.accepts_api_writes()).then(|| source.describe()),
         });
 
         let api_listener = bind(config.api_listen, "API server").await?;
@@ -205,14 +208,17 @@ impl CloudCore {
             connected.clone(),
             bus.clone(),
         )));
-        tasks.push(tokio::spawn(crate::scheduler::run(store.clone())));
-        tasks.push(tokio::spawn(crate::lifecycle::run(
-            store.clone(),
-            config.node_grace,
-            Duration::from_secs(5),
-            metrics.clone(),
-        )));
-        tracing::info!(%api_addr, %metrics_addr, %quic_addr, data_dir = %config.data_dir.display(), "cloudcore started");
+        if source.runs_controllers() {
+            tasks.push(tokio::spawn(crate::scheduler::run(store.clone())));
+            tasks.push(tokio::spawn(crate::lifecycle::run(
+                store.clone(),
+                config.node_grace,
+                Duration::from_secs(5),
+                metrics.clone(),
+            )));
+        }
+        tasks.extend(source.clone().start(store.clone()));
+        tracing::info!(%api_addr, %metrics_addr, %quic_addr, data_dir = %config.data_dir.display(), source = %source.describe(), "cloudcore started");
         Ok(CloudCore {
             store,
             bus,

@@ -39,7 +39,9 @@ struct Cli {
     /// Prometheus metrics address.
     #[arg(long, default_value = "127.0.0.1:9091")]
     metrics_listen: SocketAddr,
-    /// Use a real cluster as the source instead of the embedded API server.
+    /// Use a real cluster (this kubeconfig's current context) as the source instead of the
+    /// embedded API server: its objects are mirrored for the nodes, node state is written back
+    /// to it, and the local API becomes a read-only view.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// A node without a lease renewal for this long is NotReady (e.g. 40s).

@@ -1,0 +1,467 @@
+//! Where the cluster's state comes from: one trait, two implementations.
+//!
+//! - [`Embedded`]: cloudcore's own store is the cluster (its API server is the one users and
+//!   kubectl talk to; the scheduler and the node lifecycle run here).
+//! - [`KubeCluster`] (`--kubeconfig`): a real cluster. kube-rs watchers mirror the kinds nodes
+//!   need into the local store, so CloudHub, routing and ObjectSync work on it exactly as with
+//!   the embedded store; what cloudcore writes locally on behalf of nodes (their Node, Lease,
+//!   pod and device status, events, confirmed pod deletions) is written back to the cluster,
+//!   status through `/status`. The local API is then a read-only view (writes go to the
+//!   cluster), and the cluster's own scheduler and node lifecycle are in charge.
+//!
+//! Echoes are cut both ways: a change the mirror commits is not written back (the mirror notes
+//! the store revisions of its own commits under one lock), and an object coming back from the
+//! cluster equal to the local one (apart from resourceVersion and managedFields) is not
+//! rewritten, so a node does not get its own report back.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions,
+};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::watcher;
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use replication::api::object::{self, Object};
+use replication::api::resources::{self, Resource};
+use replication::{ChangeKind, KeyRange, ObjectKey, Precondition, SharedChange, Store, WriteSet};
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+
+/// A source of cluster state for cloudcore.
+pub trait ClusterSource: Send + Sync + 'static {
+    /// For logs: what the source is.
+    fn describe(&self) -> String;
+    /// Whether the local API accepts writes (it is the cluster), or is a read-only view.
+    fn accepts_api_writes(&self) -> bool;
+    /// Whether cloudcore's scheduler and node lifecycle run (a real cluster has its own).
+    fn runs_controllers(&self) -> bool;
+    /// Starts whatever keeps the local store and the cluster in step.
+    fn start(self: Arc<Self>, store: Arc<Store>) -> Vec<JoinHandle<()>>;
+}
+
+/// cloudcore's own store is the cluster.
+pub struct Embedded;
+
+impl ClusterSource for Embedded {
+    fn describe(&self) -> String {
+        "the embedded API server".into()
+    }
+
+    fn accepts_api_writes(&self) -> bool {
+        true
+    }
+
+    fn runs_controllers(&self) -> bool {
+        true
+    }
+
+    fn start(self: Arc<Self>, _store: Arc<Store>) -> Vec<JoinHandle<()>> {
+        Vec::new()
+    }
+}
+
+/// The kinds mirrored from a real cluster: what routing can send to nodes, their Nodes and
+/// Leases, and the namespaces they live in. Events are written, never read.
+const MIRRORED: &[&str] = &[
+    "namespaces",
+    "nodes",
+    "pods",
+    "configmaps",
+    "secrets",
+    "services",
+    "endpoints",
+    "endpointslices",
+    "persistentvolumeclaims",
+    "leases",
+    "devices",
+    "devicemodels",
+];
+
+/// The kinds cloudcore writes back on behalf of nodes.
+const WRITTEN_BACK: &[&str] = &["nodes", "leases", "pods", "devices", "events"];
+
+/// A real cluster through kube-rs.
+pub struct KubeCluster {
+    client: Client,
+    server: String,
+    /// Store revisions committed by the mirror, not yet seen by the write-back.
+    mirrored: Mutex<HashSet<u64>>,
+}
+
+fn api_resource(resource: &Resource) -> ApiResource {
+    ApiResource {
+        group: resource.group.to_owned(),
+        version: resource.version.to_owned(),
+        api_version: resource.api_version(),
+        kind: resource.kind.to_owned(),
+        plural: resource.plural.to_owned(),
+    }
+}
+
+/// The object as the local store keeps it: no resourceVersion (the store's own) and no
+/// managedFields (the cluster's bookkeeping).
+fn normalized(object: &DynamicObject) -> Option<Object> {
+    let mut value = serde_json::to_value(object).ok()?;
+    let map = value.as_object_mut()?;
+    if let Some(meta) = map.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+        meta.remove("managedFields");
+    }
+    Some(map.clone())
+}
+
+impl KubeCluster {
+    /// Connects with the kubeconfig at `path` (its current context).
+    pub async fn connect(path: &Path) -> anyhow::Result<KubeCluster> {
+        let kubeconfig = Kubeconfig::read_from(path)
+            .with_context(|| format!("cannot read the kubeconfig {}", path.display()))?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("the kubeconfig {} is not usable", path.display()))?;
+        let server = config.cluster_url.to_string();
+        let client = Client::try_from(config).context("building the cluster client")?;
+        client
+            .apiserver_version()
+            .await
+            .with_context(|| format!("the cluster at {server} does not answer"))?;
+        Ok(KubeCluster {
+            client,
+            server,
+            mirrored: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn mirrored(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.mirrored.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn api(&self, resource: &Resource, namespace: &str) -> Api<DynamicObject> {
+        let ar = api_resource(resource);
+        if resource.namespaced {
+            Api::namespaced_with(self.client.clone(), namespace, &ar)
+        } else {
+            Api::all_with(self.client.clone(), &ar)
+        }
+    }
+
+    /// Commits the mirror's writes and notes their revisions, under the lock the write-back
+    /// checks, so that it never mistakes them for writes of its own.
+    fn commit_mirrored(&self, store: &Store, set: WriteSet) {
+        let mut mirrored = self.mirrored();
+        match store.commit(set) {
+            Ok(changes) => mirrored.extend(changes.iter().map(|c| c.revision)),
+            Err(e) => tracing::warn!(error = %e, "cannot mirror a cluster change"),
+        }
+    }
+
+    /// Mirrors one kind until the task is aborted.
+    async fn mirror(self: Arc<Self>, store: Arc<Store>, resource: &'static Resource) {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &api_resource(resource));
+        let mut config = watcher::Config::default();
+        if resource.plural == "leases" {
+            // Only the node heartbeats.
+            config = config.fields("metadata.namespace=kube-node-lease");
+        }
+        let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+        let mut listing: Option<HashSet<ObjectKey>> = None;
+        let mut failing = false;
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(event) => {
+                    if failing {
+                        tracing::info!(kind = resource.plural, "mirroring from the cluster again");
+                        failing = false;
+                    }
+                    event
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(kind = resource.plural, error = %e, "cannot watch the cluster; retrying");
+                        failing = true;
+                    }
+                    continue;
+                }
+            };
+            match event {
+                watcher::Event::Init => listing = Some(HashSet::new()),
+                watcher::Event::InitApply(object) => {
+                    if let Some(key) = self.upsert(&store, resource, &object) {
+                        if let Some(seen) = listing.as_mut() {
+                            seen.insert(key);
+                        }
+                    }
+                }
+                watcher::Event::InitDone => {
+                    // Whatever the local store holds that the cluster no longer has.
+                    let Some(seen) = listing.take() else { continue };
+                    let Ok(range) = KeyRange::kind(resource.plural) else {
+                        continue;
+                    };
+                    let mut set = WriteSet::new();
+                    for (key, _) in store.scan(&range).filter_map(Result::ok) {
+                        let lease_elsewhere =
+                            resource.plural == "leases" && key.namespace() != "kube-node-lease";
+                        if !seen.contains(&key) && !lease_elsewhere {
+                            set.delete(key, Precondition::Exists);
+                        }
+                    }
+                    if !set.is_empty() {
+                        self.commit_mirrored(&store, set);
+                    }
+                }
+                watcher::Event::Apply(object) => {
+                    self.upsert(&store, resource, &object);
+                }
+                watcher::Event::Delete(object) => {
+                    let name = object.metadata.name.clone().unwrap_or_default();
+                    let namespace = object.metadata.namespace.clone().unwrap_or_default();
+                    let Ok(key) = ObjectKey::new(resource.plural, &namespace, &name) else {
+                        continue;
+                    };
+                    if store.get(&key).ok().flatten().is_some() {
+                        let mut set = WriteSet::new();
+                        set.delete(key, Precondition::Exists);
+                        self.commit_mirrored(&store, set);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Puts the cluster's object into the local store unless it holds the same already.
+    fn upsert(
+        &self,
+        store: &Store,
+        resource: &Resource,
+        object: &DynamicObject,
+    ) -> Option<ObjectKey> {
+        let name = object.metadata.name.clone()?;
+        let namespace = object.metadata.namespace.clone().unwrap_or_default();
+        let key = ObjectKey::new(resource.plural, &namespace, &name).ok()?;
+        let mut fresh = normalized(object)?;
+        fresh.insert("apiVersion".into(), json!(resource.api_version()));
+        fresh.insert("kind".into(), json!(resource.kind));
+        let current = store.get(&key).ok().flatten();
+        let same = current
+            .as_ref()
+            .and_then(|c| serde_json::from_slice::<Object>(&c.object).ok())
+            .is_some_and(|c| c == fresh);
+        if !same {
+            let mut set = WriteSet::new();
+            set.put(
+                key.clone(),
+                Bytes::from(object::to_stored(fresh)),
+                Precondition::None,
+            );
+            self.commit_mirrored(store, set);
+        }
+        Some(key)
+    }
+
+    /// Writes local changes made for nodes back to the cluster until the task is aborted.
+    async fn write_back(self: Arc<Self>, store: Arc<Store>) {
+        let mut watcher = match store.watch().subscribe(KeyRange::all(), None) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "no local watch: nothing is written back to the cluster");
+                return;
+            }
+        };
+        let mut position = store.revision();
+        // The latest local change per key still to be written (coalesced while the cluster
+        // is slow or unreachable).
+        let mut pending: BTreeMap<ObjectKey, SharedChange> = BTreeMap::new();
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                change = watcher.next() => match change {
+                    Ok(change) => {
+                        position = change.revision;
+                        if self.is_ours(&change) {
+                            pending.insert(change.key.clone(), change);
+                        }
+                        while let Ok(Some(change)) = watcher.try_next() {
+                            position = change.revision;
+                            if self.is_ours(&change) {
+                                pending.insert(change.key.clone(), change);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the write-back fell behind the local store; resuming");
+                        watcher = match store.watch().subscribe(KeyRange::all(), Some(position)) {
+                            Ok(w) => w,
+                            Err(e) => {
+                                tracing::error!(error = %e, "local changes were lost for the write-back");
+                                match store.watch().subscribe(KeyRange::all(), None) {
+                                    Ok(w) => w,
+                                    Err(_) => return,
+                                }
+                            }
+                        };
+                        continue;
+                    }
+                },
+                _ = retry.tick(), if !pending.is_empty() => {}
+            }
+            self.flush(&mut pending).await;
+        }
+    }
+
+    /// A local change the write-back must carry to the cluster (not one the mirror made).
+    fn is_ours(&self, change: &SharedChange) -> bool {
+        if self.mirrored().remove(&change.revision) {
+            return false;
+        }
+        WRITTEN_BACK.contains(&change.key.kind())
+    }
+
+    /// Writes what is pending, up to 32 calls at a time; failures stay pending.
+    async fn flush(&self, pending: &mut BTreeMap<ObjectKey, SharedChange>) {
+        let batch: Vec<SharedChange> = pending.values().take(32).cloned().collect();
+        let outcomes = futures_util::future::join_all(batch.iter().map(|c| self.write(c))).await;
+        for (change, outcome) in batch.iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => {
+                    if pending
+                        .get(&change.key)
+                        .is_some_and(|p| p.revision == change.revision)
+                    {
+                        pending.remove(&change.key);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(key = %change.key, error = %e, "cannot write to the cluster; will retry")
+                }
+            }
+        }
+    }
+
+    /// One local change, written to the cluster.
+    async fn write(&self, change: &SharedChange) -> Result<(), kube::Error> {
+        let Some(resource) = resources::by_store_kind(change.key.kind()) else {
+            return Ok(());
+        };
+        let api = self.api(resource, change.key.namespace());
+        let name = change.key.name();
+        if change.kind == ChangeKind::Deleted {
+            // A pod the node confirmed stopped (the kubelet's final delete).
+            if change.key.kind() != "pods" {
+                return Ok(());
+            }
+            let uid = serde_json::from_slice::<Object>(&change.object)
+                .ok()
+                .and_then(|o| object::meta_str(&o, "uid").map(str::to_owned));
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: uid.map(|uid| Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            return ignore(api.delete(name, &params).await.map(|_| ()), &[404, 409]);
+        }
+        let local: Object = match serde_json::from_slice(&change.object) {
+            Ok(object) => object,
+            Err(_) => return Ok(()),
+        };
+        let status = json!({"status": local.get("status").cloned().unwrap_or(Value::Null)});
+        let merge = PatchParams::default();
+        match change.key.kind() {
+            "pods" | "devices" => ignore(
+                api.patch_status(name, &merge, &Patch::Merge(&status))
+                    .await
+                    .map(|_| ()),
+                &[404],
+            ),
+            "nodes" => {
+                let metadata = object::meta(&local);
+                let labels = json!({"metadata": {
+                    "labels": metadata.and_then(|m| m.get("labels")),
+                    "annotations": metadata.and_then(|m| m.get("annotations")),
+                }});
+                match api.patch(name, &merge, &Patch::Merge(&labels)).await {
+                    Err(kube::Error::Api(e)) if e.code == 404 => {
+                        self.create(&api, &local).await?;
+                    }
+                    other => {
+                        other?;
+                    }
+                }
+                if local.contains_key("status") {
+                    api.patch_status(name, &merge, &Patch::Merge(&status))
+                        .await?;
+                }
+                Ok(())
+            }
+            "leases" => {
+                let spec = json!({"spec": local.get("spec")});
+                match api.patch(name, &merge, &Patch::Merge(&spec)).await {
+                    Err(kube::Error::Api(e)) if e.code == 404 => self.create(&api, &local).await,
+                    other => other.map(|_| ()),
+                }
+            }
+            "events" => ignore(self.create(&api, &local).await, &[409]),
+            _ => Ok(()),
+        }
+    }
+
+    async fn create(&self, api: &Api<DynamicObject>, local: &Object) -> Result<(), kube::Error> {
+        let mut fresh = local.clone();
+        let metadata = object::meta_mut(&mut fresh);
+        // The cluster assigns its own identity and bookkeeping.
+        for field in ["uid", "resourceVersion", "creationTimestamp", "generation"] {
+            metadata.remove(field);
+        }
+        let object: DynamicObject =
+            serde_json::from_value(Value::Object(fresh)).map_err(kube::Error::SerdeError)?;
+        api.create(&PostParams::default(), &object)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Treats the listed API error codes as done.
+fn ignore(outcome: Result<(), kube::Error>, codes: &[u16]) -> Result<(), kube::Error> {
+    match outcome {
+        Err(kube::Error::Api(e)) if codes.contains(&e.code) => Ok(()),
+        other => other,
+    }
+}
+
+impl ClusterSource for KubeCluster {
+    fn describe(&self) -> String {
+        format!("the cluster at {}", self.server)
+    }
+
+    fn accepts_api_writes(&self) -> bool {
+        false
+    }
+
+    fn runs_controllers(&self) -> bool {
+        false
+    }
+
+    fn start(self: Arc<Self>, store: Arc<Store>) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        let by_kind: HashMap<&str, &'static Resource> =
+            resources::all().iter().map(|r| (r.plural, r)).collect();
+        for kind in MIRRORED {
+            if let Some(resource) = by_kind.get(kind) {
+                tasks.push(tokio::spawn(self.clone().mirror(store.clone(), resource)));
+            }
+        }
+        tasks.push(tokio::spawn(self.clone().write_back(store)));
+        tasks
+    }
+}
