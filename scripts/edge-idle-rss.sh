@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# edgecore's idle memory with 100 cached pods (BENCHMARKS.md "edgecore idle memory"):
+# release cloudcore + edgecore (hollow runtime) on loopback, 100 pods bound to the node, then
+# VmRSS / RssAnon / RssFile of edgecore after 35 s idle. Extra arguments go to edgecore
+# (e.g. --no-mqtt). Needs kubectl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target_dir="${CARGO_TARGET_DIR:-target}"
+cargo build --release -q -p cloud --bin cloudcore -p edge --bin edgecore
+bin="$target_dir/release"
+dir=$(mktemp -d /tmp/kedge-rss.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"' EXIT
+"$bin/cloudcore" --data-dir "$dir/cloud" --quic-listen 127.0.0.1:19101 \
+  --api-listen 127.0.0.1:19180 --metrics-listen 127.0.0.1:19191 2> "$dir/cloud.log" &
+for _ in $(seq 1 100); do curl -sf http://127.0.0.1:19180/healthz >/dev/null && break; sleep 0.1; done
+token=$("$bin/cloudcore" token create --data-dir "$dir/cloud" | tail -n 1)
+"$bin/edgecore" --node-name edge-1 --cloud 127.0.0.1:19101 --token "$token" --data-dir "$dir/edge" \
+  --metaserver-listen 127.0.0.1:19550 --mqtt-listen 127.0.0.1:19883 --runtime hollow "$@" \
+  2> "$dir/edge.log" &
+edge=$!
+sleep 3
+for i in $(seq 1 100); do
+  printf 'apiVersion: v1\nkind: Pod\nmetadata: {name: p%d}\nspec:\n  nodeName: edge-1\n  containers: [{name: c, image: busybox, command: [sleep, "1000"]}]\n---\n' "$i"
+done | kubectl --server http://127.0.0.1:19180 apply -f - >/dev/null
+sleep 35
+grep -E "VmRSS|RssAnon|RssFile" "/proc/$edge/status"
