@@ -106,6 +106,15 @@ fn publish(port: u16, topic: &str, payload: &str) {
     assert!(status.success(), "mosquitto_pub to {port} failed");
 }
 
+/// The mapper reports `property` = `value` of thermo-1 (event id `event`).
+fn report(port: u16, property: &str, value: &str, event: &str) {
+    publish(
+        port,
+        "$hw/events/device/thermo-1/twin/update",
+        &twin_update(property, value, event),
+    );
+}
+
 fn twin_update(property: &str, value: &str, event: &str) -> String {
     format!(
         r#"{{"event_id":"{event}","timestamp":0,"twin":{{"{property}":{{"actual":{{"value":"{value}"}},"metadata":{{"type":"Updated"}}}}}}}}"#
@@ -174,11 +183,7 @@ fn a_mapper_on_the_embedded_broker_reports_twins_and_gets_desired_values() {
     bind_device(&cloud, &first_edge);
 
     // The device reports; the value lands in the Device's status in the cloud.
-    publish(
-        mqtt,
-        "$hw/events/device/thermo-1/twin/update",
-        &twin_update("temperature", "21.5", "e1"),
-    );
+    report(mqtt, "temperature", "21.5", "e1");
     eventually(
         "the reported temperature in the cloud",
         Duration::from_secs(30),
@@ -226,12 +231,8 @@ fn a_mapper_on_the_embedded_broker_reports_twins_and_gets_desired_values() {
             })
     });
 
-    // The mapper applies it and reports back: the delta is gone from the next answer.
-    publish(
-        mqtt,
-        "$hw/events/device/thermo-1/twin/update",
-        &twin_update("setpoint", "25", "e2"),
-    );
+    // The mapper applies it and reports back.
+    report(mqtt, "setpoint", "25", "e2");
     eventually(
         "the setpoint reported in the cloud",
         Duration::from_secs(30),
@@ -287,26 +288,14 @@ fn a_mapper_on_the_embedded_broker_reports_twins_and_gets_desired_values() {
         "$hw/events/device/ghost/twin/update",
         &twin_update("temperature", "1", "e3"),
     );
-    publish(
-        mqtt,
-        "$hw/events/device/thermo-1/twin/update",
-        &twin_update("pressure", "1", "e4"),
-    );
-    publish(
-        mqtt,
-        "$hw/events/device/thermo-1/twin/update",
-        &twin_update("temperature", &"9".repeat(70 << 10), "e5"),
-    );
+    report(mqtt, "pressure", "1", "e4");
+    report(mqtt, "temperature", &"9".repeat(70 << 10), "e5");
     publish(
         mqtt,
         "$hw/events/device/thermo-1/state/update",
         r#"{"event_id":"s2","state":"dancing"}"#,
     );
-    publish(
-        mqtt,
-        "$hw/events/device/thermo-1/twin/update",
-        &twin_update("temperature", "22", "e6"),
-    );
+    report(mqtt, "temperature", "22", "e6");
     eventually(
         "errors for the bad messages",
         Duration::from_secs(20),
@@ -345,17 +334,9 @@ fn a_mapper_on_the_embedded_broker_reports_twins_and_gets_desired_values() {
     // each property.
     cloud.kill9();
     for (i, value) in ["30", "31", "32"].iter().enumerate() {
-        publish(
-            mqtt,
-            "$hw/events/device/thermo-1/twin/update",
-            &twin_update("temperature", value, &format!("o{i}")),
-        );
+        report(mqtt, "temperature", value, &format!("o{i}"));
     }
-    publish(
-        mqtt,
-        "$hw/events/device/thermo-1/twin/update",
-        &twin_update("setpoint", "26", "o9"),
-    );
+    report(mqtt, "setpoint", "26", "o9");
     eventually(
         "offline updates answered by the edge",
         Duration::from_secs(20),
