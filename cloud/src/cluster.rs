@@ -339,8 +339,14 @@ impl KubeCluster {
                         pending.remove(&change.key);
                     }
                 }
-                Err(e) => {
+                Err(e) if retryable(&e) => {
                     tracing::warn!(key = %change.key, error = %e, "cannot write to the cluster; will retry")
+                }
+                Err(e) => {
+                    // The cluster refuses it for good (forbidden, invalid…): retrying would
+                    // only hold up the writes behind it.
+                    tracing::error!(key = %change.key, error = %e, "the cluster refused a write for a node; dropped");
+                    pending.remove(&change.key);
                 }
             }
         }
@@ -385,11 +391,15 @@ impl KubeCluster {
                 &[404],
             ),
             "nodes" => {
-                let metadata = object::meta(&local);
-                let labels = json!({"metadata": {
-                    "labels": metadata.and_then(|m| m.get("labels")),
-                    "annotations": metadata.and_then(|m| m.get("annotations")),
-                }});
+                // Merged into the cluster's maps (a null would delete them, so absent ones are
+                // left out).
+                let mut own = serde_json::Map::new();
+                for field in ["labels", "annotations"] {
+                    if let Some(map) = object::meta(&local).and_then(|m| m.get(field)) {
+                        own.insert(field.into(), map.clone());
+                    }
+                }
+                let labels = json!({"metadata": own});
                 match api.patch(name, &merge, &Patch::Merge(&labels)).await {
                     Err(kube::Error::Api(e)) if e.code == 404 => {
                         self.create(&api, &local).await?;
@@ -428,6 +438,14 @@ impl KubeCluster {
         api.create(&PostParams::default(), &object)
             .await
             .map(|_| ())
+    }
+}
+
+/// Worth trying again: the cluster unreachable or overloaded, or a conflict.
+fn retryable(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(e) => e.code >= 500 || e.code == 409 || e.code == 429,
+        _ => true,
     }
 }
 

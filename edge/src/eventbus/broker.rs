@@ -223,7 +223,12 @@ impl Session {
         .map_err(|e| format!("write failed: {e}"))?;
         let (control_tx, control_rx) = mpsc::channel(64);
         let mut writer = tokio::spawn(write_loop(sink, rx, control_rx));
-        let keep_alive = Duration::from_secs(u64::from(connect.keep_alive.max(1)) * 3 / 2);
+        // One and a half keep-alive periods of silence end the session (MQTT 3.1.1 §3.1.2.10);
+        // a keep-alive of 0 turns the mechanism off.
+        let keep_alive = match connect.keep_alive {
+            0 => Duration::from_secs(365 * 24 * 3600),
+            seconds => Duration::from_millis(u64::from(seconds) * 1500),
+        };
         let outcome = loop {
             tokio::select! {
                 incoming = tokio::time::timeout(keep_alive, stream.next()) => {
