@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # The main job: cloudcore with its embedded Kubernetes-compatible API server, three edgecores
 # on this machine that join it with a bootstrap token, a sample workload (a namespace, a
-# ConfigMap and three pods) applied with kubectl, and how to look at it from the cloud and from
-# an edge.
+# ConfigMap and three pods) applied with kubectl, a device on edge-1 reporting over MQTT, and
+# how to look at it from the cloud and from an edge.
 #
 #   ./scripts/demo.sh            # runs until Ctrl-C; use kubectl meanwhile
 #   ./scripts/demo.sh --once     # shows everything, then stops
 #
 # Environment: KEDGE_DEMO_DIR (default /tmp/kedge-demo, wiped at start), KEDGE_API_PORT
-# (default 6080). Edge MetaServers listen on 127.0.0.1:10551..10553.
+# (default 6080). Edge MetaServers listen on 127.0.0.1:10551..10553, their MQTT brokers on
+# 127.0.0.1:11883..11885.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 once=false
 for arg in "$@"; do
   case "$arg" in
     --once) once=true ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -89,6 +90,25 @@ node=$(kubectl get pod greeter-1 -o jsonpath='{.spec.nodeName}')
 echo "== greeter-1 runs on $node as a process; its output:"
 sleep 1
 cat "$dir/$node/pods/demo_greeter-1/greeter.log"
+echo
+echo "== kubectl apply -f examples/sample-device.yaml; a mapper on edge-1 reports over MQTT"
+kubectl apply -f examples/sample-device.yaml
+for _ in $(seq 1 100); do
+  kubectl --kubeconfig /dev/null --server http://127.0.0.1:10551 get device thermo-1 -n demo \
+    >/dev/null 2>&1 && break
+  sleep 0.1
+done
+report='{"event_id":"demo-1","twin":{"temperature":{"actual":{"value":"21.5"}}}}'
+echo "mosquitto_pub -p 11883 -t '\$hw/events/device/thermo-1/twin/update' -m '$report'"
+mosquitto_pub -p 11883 -q 1 -t '$hw/events/device/thermo-1/twin/update' -m "$report"
+reported=""
+for _ in $(seq 1 100); do
+  reported=$(kubectl get device thermo-1 \
+    -o jsonpath='{.status.twins[?(@.propertyName=="temperature")].reported.value}')
+  [ "$reported" = "21.5" ] && break
+  sleep 0.1
+done
+echo "the cloud's Device status: temperature reported = ${reported:-<none yet>}"
 cat <<EOF2
 
 cloudcore serves the Kubernetes API on http://127.0.0.1:$port (state in $dir/cloud); three
@@ -100,6 +120,8 @@ edgecores run the pods as local processes (state in $dir/edge-N, logs in $dir/*.
     kubectl patch configmap greeter-config -p '{"data":{"greeting":"bonjour"}}'
     cat $dir/*/pods/demo_greeter-3/root/etc/greeter/greeting          # updated on the edge
     kubectl delete pod greeter-2                                      # stops its process
+    mosquitto_sub -p 11883 -t '\$hw/events/device/+/twin/update/#' -v &   # a mapper's view
+    kubectl patch device thermo-1 --type=merge -p '{"spec":{"properties":[{"name":"setpoint","desired":{"value":"23"}}]}}'   # a delta
 
 Metrics: http://127.0.0.1:$((port + 3011))/metrics
 EOF2
