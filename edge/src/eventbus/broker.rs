@@ -385,3 +385,113 @@ async fn write_loop(
             .map_err(|e| format!("write failed: {e}"))?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions};
+
+    async fn broker() -> (SocketAddr, CancellationToken) {
+        let stop = CancellationToken::new();
+        let broker = Broker::start(
+            "127.0.0.1:0".parse().expect("address"),
+            BrokerConfig::default(),
+            stop.clone(),
+        )
+        .await
+        .expect("broker");
+        (broker.local_addr, stop)
+    }
+
+    fn client(addr: SocketAddr, id: &str, will: Option<LastWill>) -> (AsyncClient, EventLoop) {
+        let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(5));
+        if let Some(will) = will {
+            options.set_last_will(will);
+        }
+        AsyncClient::new(options, 64)
+    }
+
+    /// Polls until `n` publishes arrived (or 5 s passed); returns their topics and payloads.
+    async fn receive(eventloop: &mut EventLoop, n: usize) -> Vec<(String, Vec<u8>)> {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < n {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    got.push((p.topic, p.payload.to_vec()))
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("client error: {e}"),
+                Err(_) => break,
+            }
+        }
+        got
+    }
+
+    /// Polls until the SUBACK, so that later publishes are routed to this client.
+    async fn subscribed(eventloop: &mut EventLoop) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => return,
+                Ok(Ok(_)) => {}
+                other => panic!("no SUBACK: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn dollar_topics_retained_messages_and_wills() {
+        let (addr, stop) = broker().await;
+
+        // A retained message, published before anyone subscribes.
+        let (publisher, mut publisher_loop) = client(addr, "publisher", None);
+        publisher
+            .publish("$hw/events/device/d1/state", QoS::AtLeastOnce, true, "kept")
+            .await
+            .expect("publish");
+        let publisher_task =
+            tokio::spawn(async move { while publisher_loop.poll().await.is_ok() {} });
+
+        // `#` does not match `$` topics; `$hw/#` does, and gets the retained message.
+        let (all, mut all_loop) = client(addr, "all", None);
+        all.subscribe("#", QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+        subscribed(&mut all_loop).await;
+        let (hw, mut hw_loop) = client(addr, "hw", None);
+        hw.subscribe("$hw/#", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        subscribed(&mut hw_loop).await;
+        let got = receive(&mut hw_loop, 1).await;
+        assert_eq!(
+            got,
+            vec![("$hw/events/device/d1/state".to_owned(), b"kept".to_vec())]
+        );
+
+        // A client that vanishes without DISCONNECT: its will goes out.
+        let will = LastWill::new("$hw/events/mapper/gone", "bye", QoS::AtMostOnce, false);
+        let (_mortal, mut mortal_loop) = client(addr, "mortal", Some(will));
+        let mortal_task = tokio::spawn(async move { while mortal_loop.poll().await.is_ok() {} });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        mortal_task.abort(); // drops the TCP connection
+        let got = receive(&mut hw_loop, 1).await;
+        assert_eq!(
+            got,
+            vec![("$hw/events/mapper/gone".to_owned(), b"bye".to_vec())]
+        );
+
+        // Nothing of it reached the `#` subscriber; a plain topic does.
+        publisher
+            .publish("plain/topic", QoS::AtMostOnce, false, "x")
+            .await
+            .expect("publish");
+        let got = receive(&mut all_loop, 1).await;
+        assert_eq!(got, vec![("plain/topic".to_owned(), b"x".to_vec())]);
+
+        publisher_task.abort();
+        stop.cancel();
+    }
+}
