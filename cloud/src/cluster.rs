@@ -14,7 +14,7 @@
 //! cluster equal to the local one (apart from resourceVersion and managedFields) is not
 //! rewritten, so a node does not get its own report back.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -472,10 +472,8 @@ impl ClusterSource for KubeCluster {
 
     fn start(self: Arc<Self>, store: Arc<Store>) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
-        let by_kind: HashMap<&str, &'static Resource> =
-            resources::all().iter().map(|r| (r.plural, r)).collect();
         for kind in MIRRORED {
-            if let Some(resource) = by_kind.get(kind) {
+            if let Some(resource) = resources::by_store_kind(kind) {
                 tasks.push(tokio::spawn(self.clone().mirror(store.clone(), resource)));
             }
         }

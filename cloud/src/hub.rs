@@ -306,11 +306,12 @@ impl HubCore {
                             feed.link_down();
                             feed.link_up();
                         }
-                        let slot = self.nodes.get_mut(node).expect("slot of a connected node");
-                        let through = slot.feed.credited_in_session();
-                        while slot.sent_at.front().is_some_and(|(n, _)| *n <= through) {
-                            if let Some((_, at)) = slot.sent_at.pop_front() {
-                                self.metrics.ack_latency.observe(at.elapsed().as_secs_f64());
+                        if let Some(slot) = self.nodes.get_mut(node) {
+                            let through = slot.feed.credited_in_session();
+                            while slot.sent_at.front().is_some_and(|(n, _)| *n <= through) {
+                                if let Some((_, at)) = slot.sent_at.pop_front() {
+                                    self.metrics.ack_latency.observe(at.elapsed().as_secs_f64());
+                                }
                             }
                         }
                     }

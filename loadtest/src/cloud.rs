@@ -32,7 +32,7 @@ pub struct ProcessSample {
     pub at: Option<Instant>,
 }
 
-fn free_tcp_port() -> anyhow::Result<u16> {
+pub fn free_tcp_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -40,12 +40,18 @@ fn free_udp_port() -> anyhow::Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// `cloudcore` next to this executable (cargo puts all binaries of a workspace together).
-pub fn default_cloudcore() -> PathBuf {
+/// A workspace binary next to this executable (cargo puts them all together), or `name` on
+/// the PATH.
+pub fn sibling_binary(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join("cloudcore")))
-        .unwrap_or_else(|| PathBuf::from("cloudcore"))
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// `cloudcore` next to this executable.
+pub fn default_cloudcore() -> PathBuf {
+    sibling_binary("cloudcore")
 }
 
 fn http_ok(addr: &str, path: &str) -> bool {

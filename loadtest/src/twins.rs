@@ -9,7 +9,7 @@
 //! the mapper (the update is durable on the node by then).
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -25,7 +25,7 @@ use kube::{Api, Client, ResourceExt};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 
-use crate::cloud::Cloud;
+use crate::cloud::{free_tcp_port, sibling_binary, Cloud};
 
 pub const NODE: &str = "twin-node";
 const PROPERTY: &str = "temperature";
@@ -67,10 +67,6 @@ struct Tracker {
     phase: Option<Phase>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 pub fn device_name(i: usize) -> String {
     format!("sensor-{i}")
 }
@@ -97,7 +93,7 @@ pub fn start_edgecore(binary: &Path, cloud: &Cloud) -> anyhow::Result<EdgeChild>
     let data_dir = tempfile::Builder::new()
         .prefix("kedge-twinbench-edge")
         .tempdir()?;
-    let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mqtt: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
     let process = Command::new(binary)
         .args([
             "--node-name",
@@ -112,7 +108,7 @@ pub fn start_edgecore(binary: &Path, cloud: &Cloud) -> anyhow::Result<EdgeChild>
         .arg("--data-dir")
         .arg(data_dir.path())
         .arg("--metaserver-listen")
-        .arg(format!("127.0.0.1:{}", free_port()?))
+        .arg(format!("127.0.0.1:{}", free_tcp_port()?))
         .arg("--mqtt-listen")
         .arg(mqtt.to_string())
         .env(
@@ -132,10 +128,7 @@ pub fn start_edgecore(binary: &Path, cloud: &Cloud) -> anyhow::Result<EdgeChild>
 
 /// `edgecore` next to this executable.
 pub fn default_edgecore() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join("edgecore")))
-        .unwrap_or_else(|| PathBuf::from("edgecore"))
+    sibling_binary("edgecore")
 }
 
 fn devices_api(client: &Client, kind: &str, plural: &str) -> Api<DynamicObject> {

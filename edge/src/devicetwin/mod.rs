@@ -763,14 +763,13 @@ impl DeviceTwin {
             "devices" => self.device_changed(change),
             "devicemodels" => {
                 // Devices of this model may report its properties from now on.
-                let ids: Vec<String> = self
+                let users: Vec<(String, ObjectKey)> = self
                     .devices
                     .iter()
                     .filter(|(_, v)| v.model.as_ref() == Some(&change.key))
-                    .map(|(id, _)| id.clone())
+                    .map(|(id, v)| (id.clone(), v.key.clone()))
                     .collect();
-                for id in ids {
-                    let key = self.devices[&id].key.clone();
+                for (id, key) in users {
                     let held = self.meta.store().get(&key).ok().flatten();
                     if let Some(view) = held.and_then(|v| self.view(&key, &v.object)) {
                         self.devices.insert(id, view);

@@ -277,15 +277,19 @@ fn flush(client: &AsyncClient, backlog: &mut VecDeque<Outgoing>) {
         } else {
             QoS::AtMostOnce
         };
-        match client.try_publish(message.topic.clone(), qos, false, message.payload.clone()) {
+        let notification = message.notification;
+        match client.try_publish(message.topic, qos, false, message.payload) {
             Ok(()) => {}
-            Err(rumqttc::ClientError::TryRequest(_)) => {
-                backlog.push_front(message);
+            // The client's queue is full: the message comes back, to go first next time.
+            Err(rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(publish))) => {
+                backlog.push_front(Outgoing {
+                    topic: publish.topic,
+                    payload: publish.payload.to_vec(),
+                    notification,
+                });
                 return;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, topic = %message.topic, "cannot publish on MQTT");
-            }
+            Err(e) => tracing::warn!(error = %e, "cannot publish on MQTT"),
         }
     }
 }

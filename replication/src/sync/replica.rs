@@ -94,14 +94,19 @@ impl EdgeReplica {
 
     /// The node's own write of an object it holds, committed at once and queued upward.
     pub fn report(&mut self, key: ObjectKey, object: Bytes) -> Result<u64, ReplicaError> {
-        // The held bytes are the base of a patch; only kinds that can go as patches need them.
+        let id = self.stage_report(key, object)?;
+        self.flush()?;
+        Ok(id)
+    }
+
+    /// Queues a report for the next flush, with the held bytes as the base of a patch (only
+    /// kinds that can go as patches need them).
+    fn stage_report(&mut self, key: ObjectKey, object: Bytes) -> Result<u64, ReplicaError> {
         let before = match crate::sync::status_patch::owned_part(key.kind()) {
             Some(_) => self.store.get(&key)?.map(|v| v.object),
             None => None,
         };
-        let id = self.sync.report_on(key, object, before.as_deref())?;
-        self.flush()?;
-        Ok(id)
+        Ok(self.sync.report_on(key, object, before.as_deref())?)
     }
 
     /// Several reports and the caller's own bookkeeping `extra`, in one commit (one fsync):
@@ -112,11 +117,7 @@ impl EdgeReplica {
         extra: crate::store::WriteSet,
     ) -> Result<(), ReplicaError> {
         for (key, object) in reports {
-            let before = match crate::sync::status_patch::owned_part(key.kind()) {
-                Some(_) => self.store.get(&key)?.map(|v| v.object),
-                None => None,
-            };
-            self.sync.report_on(key, object, before.as_deref())?;
+            self.stage_report(key, object)?;
         }
         self.sync.stage(extra);
         self.flush()?;
