@@ -24,3 +24,9 @@ for i in $(seq 1 100); do
 done | kubectl --server http://127.0.0.1:19180 apply -f - >/dev/null
 sleep 35
 grep -E "VmRSS|RssAnon|RssFile" "/proc/$edge/status"
+if [ -n "${SMAPS:-}" ]; then
+  # Resident kB per mapped file (the binary's code, shared libraries) and anonymous memory.
+  awk '/^[0-9a-f]+-[0-9a-f]+ /{name=($6==""?"[anon]":$6)} /^Rss:/{rss[name]+=$2} END{for(n in rss) if(rss[n]>0) printf "%8d kB  %s\n", rss[n], n}' \
+    "/proc/$edge/smaps" | sort -rn | head -15
+  ls -l "$bin/edgecore"
+fi

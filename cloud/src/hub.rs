@@ -80,6 +80,8 @@ pub struct HubCore {
     /// Reports decided since the last commit: one commit (one fsync) for all of them.
     reports: Vec<PendingReport>,
     report_keys: HashSet<ObjectKey>,
+    /// Nodes whose heartbeat arrived since the last commit: their Leases are renewed together.
+    heartbeats: HashSet<Arc<str>>,
 }
 
 fn parse(bytes: &[u8]) -> Option<Object> {
@@ -99,6 +101,7 @@ impl HubCore {
             metrics,
             reports: Vec::new(),
             report_keys: HashSet::new(),
+            heartbeats: HashSet::new(),
         }
     }
 
@@ -138,7 +141,7 @@ impl HubCore {
             }
             Err(e) => tracing::warn!(error = %e, "interest records unreadable; nodes ask again"),
         }
-        for kind in ["nodes", "leases", "pods", "devices"] {
+        for kind in ["nodes", "pods", "devices"] {
             let Ok(range) = KeyRange::kind(kind) else {
                 continue;
             };
@@ -324,6 +327,11 @@ impl HubCore {
                 }
             }
             LinkEvent::Request(request) => self.on_request(node, request),
+            LinkEvent::Heartbeat => {
+                self.metrics.heartbeats.inc();
+                self.heartbeats.insert(node.clone());
+                return; // nothing to send: the Lease is not routed back to its node
+            }
         }
         self.dirty.insert(node.clone());
     }
@@ -572,6 +580,46 @@ impl HubCore {
         }
     }
 
+    /// Renews the Lease of every node whose heartbeat arrived since the last call, in one
+    /// write. The renewal time is the cloud's clock at receipt, so a node's clock skew cannot
+    /// make it look alive or dead.
+    pub fn commit_heartbeats(&mut self) {
+        if self.heartbeats.is_empty() {
+            return;
+        }
+        let nodes: Vec<Arc<str>> = self.heartbeats.drain().collect();
+        let renew_time = object::now_micro_rfc3339();
+        let mut all = WriteSet::new();
+        for node in &nodes {
+            if let Some(set) = self.lease_renewal(node, &renew_time) {
+                all.append(set);
+            }
+        }
+        if self.store.commit(all).is_ok() {
+            return;
+        }
+        // A write through the API raced one of them: each alone, on the Lease as it is now.
+        for node in &nodes {
+            let Some(set) = self.lease_renewal(node, &renew_time) else {
+                continue;
+            };
+            if let Err(e) = self.store.commit(set) {
+                tracing::warn!(%node, error = %e, "cannot renew the lease (the next heartbeat will)");
+            }
+        }
+    }
+
+    fn lease_renewal(&self, node: &str, renew_time: &str) -> Option<WriteSet> {
+        let key = ObjectKey::new("leases", "kube-node-lease", node).ok()?;
+        let current = self.store.get(&key).ok().flatten();
+        let held = current.as_ref().and_then(|v| parse(&v.object));
+        let lease = crate::lifecycle::renewed_lease(node, held, renew_time);
+        let expect = current.map_or(Precondition::Absent, |c| Precondition::Version(c.rv));
+        let mut set = WriteSet::new();
+        set.put(key, Bytes::from(object::to_stored(lease)), expect);
+        Some(set)
+    }
+
     fn report_committed(&mut self, p: PendingReport, change: Option<SharedChange>) {
         if let Some(change) = change.filter(|c| !c.is_delete()) {
             self.metrics.reports_applied.inc();
@@ -746,6 +794,7 @@ pub async fn run(
             _ = tick.tick() => core.mark_backlogged(),
         }
         core.commit_reports();
+        core.commit_heartbeats();
         core.pump_dirty();
     }
 }

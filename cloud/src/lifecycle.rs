@@ -1,5 +1,7 @@
-//! Node lifecycle: an edge node whose Lease has not been renewed for the grace period is marked
-//! `Ready=Unknown` (NotReady); when its Lease is renewed again it is marked Ready. Pods on a
+//! Node lifecycle: a node's heartbeat (one small frame on its link, see CloudHub) renews its
+//! Lease in `kube-node-lease`; an edge node whose Lease has not been renewed for the grace
+//! period is marked `Ready=Unknown` (NotReady); when its Lease is renewed again it is marked
+//! Ready. Pods on a
 //! NotReady node are left alone: an edge node keeps running its pods while the cloud cannot see
 //! it (edge autonomy), so nothing is evicted.
 
@@ -16,6 +18,37 @@ use crate::scheduler::{node_is_ready, ready_condition, EDGE_ROLE_LABEL};
 
 /// Reason written when the lifecycle marks a node NotReady (and the only one it clears).
 pub const STALE_REASON: &str = "NodeStatusUnknown";
+
+/// How long a renewal holds, written in the Lease (the default grace: four heartbeats).
+pub const LEASE_DURATION_SECONDS: u64 = 40;
+
+/// The Lease of `node` renewed at `renew_time` (a `MicroTime`), on top of the current one if
+/// there is one (its other fields are kept).
+pub fn renewed_lease(node: &str, current: Option<Object>, renew_time: &str) -> Object {
+    let mut lease = current.unwrap_or_else(|| {
+        let fresh = json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": node,
+                "namespace": "kube-node-lease",
+                "uid": uuid::Uuid::new_v4().hyphenated().to_string(),
+                "creationTimestamp": object::now_rfc3339(),
+            },
+        });
+        fresh.as_object().cloned().unwrap_or_default()
+    });
+    let spec = lease.entry("spec").or_insert_with(|| json!({}));
+    if !spec.is_object() {
+        *spec = json!({});
+    }
+    if let Some(spec) = spec.as_object_mut() {
+        spec.insert("holderIdentity".into(), json!(node));
+        spec.insert("leaseDurationSeconds".into(), json!(LEASE_DURATION_SECONDS));
+        spec.insert("renewTime".into(), json!(renew_time));
+    }
+    lease
+}
 
 fn lease_renewed_unix(store: &Store, node: &str) -> Option<i64> {
     let key = ObjectKey::new("leases", "kube-node-lease", node).ok()?;

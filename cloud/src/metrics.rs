@@ -39,6 +39,8 @@ pub struct Metrics {
     pub ack_latency: Histogram,
     pub reports_applied: Counter,
     pub reports_refused: Counter,
+    /// Node heartbeats received (each renews the node's Lease).
+    pub heartbeats: Counter,
 }
 
 impl Default for Metrics {
@@ -102,6 +104,12 @@ impl Metrics {
             "Writes from nodes refused by node authorization",
             reports_refused.clone(),
         );
+        let heartbeats = Counter::default();
+        registry.register(
+            "heartbeats",
+            "Node heartbeats received; each renews the node's Lease",
+            heartbeats.clone(),
+        );
         let counter = |family: &Family<DirectionLabels, Counter>, direction| {
             family.get_or_create(&DirectionLabels { direction }).clone()
         };
@@ -121,6 +129,7 @@ impl Metrics {
             ack_latency,
             reports_applied,
             reports_refused,
+            heartbeats,
         }
     }
 

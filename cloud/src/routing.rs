@@ -6,7 +6,8 @@
 //! - the ConfigMaps, Secrets and PersistentVolumeClaims its pods reference (volumes, projected
 //!   volumes, env `valueFrom`, `envFrom`, imagePullSecrets), reference-counted: the last pod on
 //!   the node that references one going away (deleted, or moved) drops it from the node;
-//! - its own Node object and its Lease (`kube-node-lease/<node>`);
+//! - its own Node object. Not its Lease: the node renews it with a heartbeat frame and the
+//!   cloud writes it, so sending it back would be ~1 KB down per renewal for nothing;
 //! - devices (KubeEdge's `devices.kubeedge.io` Device) with `spec.nodeName` = the node, and the
 //!   DeviceModels they use (`spec.deviceModelRef`), reference-counted like a pod's ConfigMaps;
 //! - Services, Endpoints and EndpointSlices of the namespaces it runs pods in. Scope: a pod
@@ -267,7 +268,6 @@ impl RoutingIndex {
                 .map(|nodes| nodes.keys().cloned().collect())
                 .unwrap_or_default(),
             "nodes" => vec![key.name().into()],
-            "leases" if key.namespace() == "kube-node-lease" => vec![key.name().into()],
             _ => Vec::new(),
         }
     }
@@ -483,16 +483,15 @@ mod tests {
         .into_iter()
         .collect();
         assert_eq!(routes, expected);
-        // Services of default go to b only; its own Node and Lease go to each node.
+        // Services of default go to b only; a node's Lease is not routed back to it.
         assert_eq!(
             index.nodes_for(&key("services/default/web")),
             vec![Arc::<str>::from("b")]
         );
         assert!(index.nodes_for(&key("services/other/web")).is_empty());
-        assert_eq!(
-            index.observe(&key("leases/kube-node-lease/a"), Some(&Object::new())),
-            vec![route("a", "leases/kube-node-lease/a", Action::Want)]
-        );
+        assert!(index
+            .observe(&key("leases/kube-node-lease/a"), Some(&Object::new()))
+            .is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::CloudProcess;
+use common::{metric, CloudProcess};
 use replication::sync::wire::{self, Parts};
 use replication::sync::{Down, EdgeReplica};
 use replication::{ObjectKey, StoreConfig};
@@ -147,14 +147,6 @@ spec:
   nodeName: edge-2
   containers: [{name: c, image: busybox}]
 "#;
-
-fn metric(cloud: &CloudProcess, name: &str) -> f64 {
-    let text = common::http_get(&cloud.metrics, "/metrics").unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routed_objects_reach_the_node_reports_come_back_and_restarts_resend_nothing() {

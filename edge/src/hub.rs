@@ -81,6 +81,8 @@ pub async fn run(
                         last_seq = Some(delivery.seq);
                     }
                     LinkEvent::Request(request) => requests.push(request),
+                    // Heartbeats go upward only; the cloud sends none.
+                    LinkEvent::Heartbeat => {}
                 }
             }
             match replica.flush() {

@@ -140,6 +140,7 @@ impl EdgeCore {
         let link = transport::connect(client, &credentials.ca, &credentials.identity)
             .context("starting the link to the cloud")?;
         meta.set_link(link.handle().clone());
+        let link_handle = link.handle().clone();
         let bus = Arc::new(servicebus::ServiceBus::new(
             config.service_bus_apps.clone(),
             config.service_bus_timeout,
@@ -164,6 +165,7 @@ impl EdgeCore {
         };
         tasks.push(tokio::spawn(node::run(
             meta.clone(),
+            link_handle,
             status_config,
             shutdown.clone(),
         )));

@@ -1,6 +1,10 @@
-//! Node status and heartbeat: the Lease in `kube-node-lease` is renewed every 10 s; the Node's
-//! status (capacity, addresses, nodeInfo, conditions) is reported when it changes and at least
-//! every 5 minutes. Both go upward through the outbox, so offline renewals coalesce into one.
+//! Node status and heartbeat.
+//! - Every 10 s, and at once on each new connection, a heartbeat frame on the link (~20 bytes
+//!   of stream data); the cloud renews the node's Lease in `kube-node-lease` from it. Nothing
+//!   is queued while offline: a renewal is about now, and the first one after a reconnect goes
+//!   immediately.
+//! - The Node's status (capacity, addresses, nodeInfo, conditions) is reported through the
+//!   outbox when it changes and at least every 5 minutes (a status patch of what changed).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +14,7 @@ use replication::api::object::{self, Object};
 use replication::ObjectKey;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+use transport::LinkHandle;
 
 use crate::meta::MetaManager;
 
@@ -34,33 +39,6 @@ impl Default for NodeStatusConfig {
 fn held(meta: &MetaManager, key: &ObjectKey) -> Option<Object> {
     let versioned = meta.store().get(key).ok()??;
     serde_json::from_slice(&versioned.object).ok()
-}
-
-/// The Lease as renewed now, built on the held one when there is one.
-pub fn renewed_lease(meta: &MetaManager, key: &ObjectKey) -> Object {
-    let node = meta.node();
-    let mut lease = held(meta, key).unwrap_or_else(|| {
-        let value = json!({
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {"name": node, "namespace": "kube-node-lease"},
-        });
-        value.as_object().cloned().unwrap_or_default()
-    });
-    lease.insert(
-        "spec".into(),
-        json!({"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": micro_time()}),
-    );
-    lease
-}
-
-fn micro_time() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    format!(
-        "{}.{:06}Z",
-        object::rfc3339(now).trim_end_matches('Z'),
-        now.microsecond()
-    )
 }
 
 fn meminfo_total_kib() -> u64 {
@@ -163,27 +141,38 @@ fn report_status(meta: &MetaManager, config: &NodeStatusConfig, force: bool) -> 
     true
 }
 
-/// Renews the lease and reports the node status until `shutdown`.
-pub async fn run(meta: Arc<MetaManager>, config: NodeStatusConfig, shutdown: CancellationToken) {
-    let Ok(lease_key) = ObjectKey::new("leases", "kube-node-lease", meta.node()) else {
-        return;
-    };
-    // Checked every second so that the first status goes up as soon as the Node arrives.
-    let mut tick = tokio::time::interval(Duration::from_secs(1).min(config.lease_period));
+/// Sends heartbeats and reports the node status until `shutdown`.
+pub async fn run(
+    meta: Arc<MetaManager>,
+    link: LinkHandle,
+    config: NodeStatusConfig,
+    shutdown: CancellationToken,
+) {
+    // Heartbeats on their own period; the one-second check sends the first heartbeat of each
+    // new connection at once, and the first status as soon as the Node arrives.
+    let mut heartbeat = tokio::time::interval(config.lease_period.max(Duration::from_millis(100)));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_lease: Option<Instant> = None;
+    // The connection (by its number) the last heartbeat went on.
+    let mut beat_on: Option<u64> = None;
     let mut last_status: Option<Instant> = None;
     loop {
+        let connection = link.counters().connections;
         tokio::select! {
+            _ = heartbeat.tick() => {
+                // Offline: nothing is queued, the next connection's first heartbeat renews.
+                if link.heartbeat().is_ok() {
+                    beat_on = Some(connection);
+                }
+                continue;
+            }
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        if last_lease.is_none_or(|t| t.elapsed() >= config.lease_period) {
-            let lease = Bytes::from(object::to_stored(renewed_lease(&meta, &lease_key)));
-            match meta.report(lease_key.clone(), lease) {
-                Ok(()) => last_lease = Some(Instant::now()),
-                Err(e) => tracing::warn!(error = %e, "cannot queue the lease renewal"),
-            }
+        if beat_on != Some(connection) && link.heartbeat().is_ok() {
+            beat_on = Some(connection);
+            heartbeat.reset();
         }
         let due = last_status.is_none_or(|t| t.elapsed() >= config.status_period);
         if report_status(&meta, &config, due) {

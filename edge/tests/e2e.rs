@@ -194,6 +194,90 @@ fn a_pod_runs_on_the_edge_and_survives_cloud_and_edge_restarts() {
 }
 
 #[test]
+fn heartbeats_renew_the_lease_in_the_cloud_and_a_silent_node_goes_not_ready() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start_with(
+        cloud_dir.path(),
+        free_port(),
+        free_port(),
+        free_port(),
+        &["--node-grace", "4s"],
+    );
+    let token = token(&cloud);
+    let port = free_port();
+    let flags = ["--no-mqtt", "--lease-period", "1s"].map(String::from);
+    let mut edge = EdgeProcess::start_with(
+        &cloud,
+        "edge-hb",
+        edge_dir.path(),
+        port,
+        Some(&token),
+        &flags,
+    );
+    let ready = || {
+        cloud.ok(&[
+            "get",
+            "node",
+            "edge-hb",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+        ])
+    };
+    eventually("edge-hb Ready", Duration::from_secs(30), || {
+        ready() == "True"
+    });
+
+    // The cloud writes the Lease from the node's heartbeats, with its own clock.
+    let lease = || {
+        let out = cloud.kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            "kube-node-lease",
+            "edge-hb",
+            "-o",
+            "jsonpath={.spec.holderIdentity} {.spec.leaseDurationSeconds} {.spec.renewTime}",
+        ]);
+        stdout(&out)
+    };
+    eventually("the Lease in the cloud", Duration::from_secs(15), || {
+        lease().starts_with("edge-hb 40 ")
+    });
+    let first = lease();
+    let beats = common::metric(&cloud, "kedge_heartbeats_total");
+    std::thread::sleep(Duration::from_millis(2500));
+    let second = lease();
+    assert!(
+        second > first,
+        "renewTime advances with heartbeats: {first:?} then {second:?}"
+    );
+    assert!(
+        common::metric(&cloud, "kedge_heartbeats_total") >= beats + 2.0,
+        "about one heartbeat a second"
+    );
+    // The Lease is not routed back to its node (a renewal sends nothing down): the node's
+    // cache has no copy, and reading it through MetaServer is refused by the cloud.
+    let local = edge.kubectl(&["get", "lease", "-n", "kube-node-lease", "edge-hb"]);
+    assert!(
+        !local.status.success(),
+        "the node holds no copy of its Lease: {}",
+        stdout(&local)
+    );
+
+    // A node that stops sending heartbeats goes NotReady (its pods are left alone); back with
+    // its stored certificate (no token), its first heartbeat makes it Ready again.
+    edge.kill9();
+    eventually("edge-hb NotReady", Duration::from_secs(30), || {
+        ready() == "Unknown"
+    });
+    let _edge = EdgeProcess::start_with(&cloud, "edge-hb", edge_dir.path(), port, None, &flags);
+    eventually("edge-hb Ready again", Duration::from_secs(30), || {
+        ready() == "True"
+    });
+}
+
+#[test]
 fn bad_tokens_other_nodes_data_and_garbage_get_clear_errors() {
     let cloud_dir = tempfile::tempdir().unwrap();
     let cloud = CloudProcess::start(cloud_dir.path());

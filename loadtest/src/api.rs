@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
@@ -197,15 +196,6 @@ impl CloudApi {
                 held.insert(
                     ObjectKey::new("nodes", "", &node.name_any()).expect("key"),
                     rv_of(&node),
-                );
-            }
-        }
-        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "kube-node-lease");
-        for lease in self.list_all(&leases).await? {
-            if let Some(held) = expected.held.get_mut(&lease.name_any()) {
-                held.insert(
-                    ObjectKey::new("leases", "kube-node-lease", &lease.name_any()).expect("key"),
-                    rv_of(&lease),
                 );
             }
         }

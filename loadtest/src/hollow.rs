@@ -77,8 +77,8 @@ struct HollowNode {
     node_status_sent: bool,
     probes: Arc<Probes>,
     status_round: u64,
-    /// The Lease as last reported: what the node holds, the base of the next renewal's patch.
-    last_lease: Option<Bytes>,
+    /// A connection came up: renew the Lease at once (as edgecore does).
+    heartbeat_due: bool,
 }
 
 fn parse(bytes: &[u8]) -> Option<Object> {
@@ -105,7 +105,7 @@ impl HollowNode {
             node_status_sent: false,
             probes,
             status_round: 0,
-            last_lease: None,
+            heartbeat_due: false,
         }
     }
 
@@ -135,6 +135,7 @@ impl HollowNode {
                     self.sync.link_down();
                     self.sync.link_up();
                 }
+                self.heartbeat_due = true;
                 None
             }
             LinkEvent::Disconnected { .. } => {
@@ -151,7 +152,7 @@ impl HollowNode {
                 }
                 Some(delivery.seq)
             }
-            LinkEvent::Request(_) => None,
+            LinkEvent::Request(_) | LinkEvent::Heartbeat => None,
         }
     }
 
@@ -239,24 +240,6 @@ impl HollowNode {
         node.insert("status".into(), status);
         let _ = self.sync.report(key, Bytes::from(object::to_stored(node)));
         self.node_status_sent = true;
-    }
-
-    fn renew_lease(&mut self) {
-        let Ok(key) = ObjectKey::new("leases", "kube-node-lease", &self.setup.name) else {
-            return;
-        };
-        let lease = json!({
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {"name": self.setup.name, "namespace": "kube-node-lease"},
-            "spec": {"holderIdentity": self.setup.name, "leaseDurationSeconds": 40,
-                     "renewTime": object::now_rfc3339()},
-        });
-        let bytes = Bytes::from(serde_json::to_vec(&lease).unwrap_or_default());
-        let _ = self
-            .sync
-            .report_on(key, bytes.clone(), self.last_lease.as_deref());
-        self.last_lease = Some(bytes);
     }
 
     /// "Durable" at once (the cache is memory): hand the batch back and queue the acks.
@@ -356,7 +339,12 @@ pub async fn run(setup: NodeSetup, probes: Arc<Probes>, mut commands: mpsc::Rece
                     let _ = reply.send(node.snapshot(link.as_ref()));
                 }
             },
-            _ = lease.tick() => node.renew_lease(),
+            _ = lease.tick() => node.heartbeat_due = true,
+        }
+        if let Some(l) = link.as_ref().filter(|_| node.heartbeat_due) {
+            // Not connected: the next connection's heartbeat renews it.
+            let _ = l.heartbeat();
+            node.heartbeat_due = false;
         }
         node.run_pods();
         node.flush();

@@ -9,7 +9,7 @@ use crate::backoff::BackoffConfig;
 use crate::frame::DEFAULT_MAX_FRAME;
 
 /// Version of the link protocol spoken in the hello. Bumped on incompatible changes.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Settings shared by both ends of a link.
 #[derive(Debug, Clone)]

@@ -8,7 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
-use rkyv::with::Inline;
+use rkyv::with::{AsBox, InlineAsBox};
 
 use crate::message::{ArchivedHeader, ArchivedMessage, ArchivedRoute, Message};
 
@@ -29,16 +29,23 @@ pub struct Hello {
 }
 
 /// Everything a kedge frame can carry. Borrowed for sending, read in place when received.
+///
+/// An archived enum is as large as its largest variant, so the large ones are boxed (a 4-byte
+/// relative pointer): an `Ack` or `Heartbeat` body is 16 bytes instead of a message header's
+/// ~90. They are the frames an idle link sends.
 #[derive(Debug, rkyv::Archive, rkyv::Serialize)]
 pub enum Envelope<'a> {
     /// Control stream: session setup.
-    Hello(Hello),
+    Hello(#[rkyv(with = AsBox)] Hello),
     /// Control stream: cumulative ack, everything up to and including this sequence is durable.
     Ack(u64),
+    /// Control stream, node to cloud: the node is alive (it renews its Lease). Reliable within
+    /// the connection (QUIC retransmits it), never replayed across connections.
+    Heartbeat,
     /// Data stream: the sequence number of the first message that follows on this stream.
     StreamStart(u64),
     /// Data and request streams: one application message.
-    Message(#[rkyv(with = Inline)] &'a Message),
+    Message(#[rkyv(with = InlineAsBox)] &'a Message),
 }
 
 /// The archived form of any [`Envelope`].
@@ -152,6 +159,7 @@ impl Frame {
         match self.envelope() {
             ArchivedEnvelope::Hello(_) => "Hello",
             ArchivedEnvelope::Ack(_) => "Ack",
+            ArchivedEnvelope::Heartbeat => "Heartbeat",
             ArchivedEnvelope::StreamStart(_) => "StreamStart",
             ArchivedEnvelope::Message(_) => "Message",
         }
@@ -176,7 +184,7 @@ pub struct ReceivedMessage {
 impl ReceivedMessage {
     fn archived(&self) -> &ArchivedMessage {
         match self.frame.envelope() {
-            ArchivedEnvelope::Message(message) => message,
+            ArchivedEnvelope::Message(message) => message.get(),
             // `ReceivedMessage` is only built from `Message` frames (see `Frame::into_message`).
             _ => unreachable!("ReceivedMessage holds a non-message frame"),
         }

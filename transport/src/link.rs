@@ -2,7 +2,8 @@
 //!
 //! The link owns the sans-IO state of both directions ([`SendWindow`], [`ReceiveTracker`]);
 //! each connection runs a session over it:
-//! - a control stream (bidirectional, opened by the node): `Hello` both ways, then `Ack`s;
+//! - a control stream (bidirectional, opened by the node): `Hello` both ways, then `Ack`s and
+//!   the node's `Heartbeat`s (a Lease renewal in one small frame, never replayed);
 //! - one data stream each way (unidirectional): `StreamStart(first_seq)`, then messages in order;
 //! - short-lived request streams (bidirectional, either side): one message each way.
 //!
@@ -10,7 +11,7 @@
 //! sends through a bounded window: a full window makes `send` wait (backpressure). Unacked
 //! messages are replayed on the next connection; the receiver drops replays it already has.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -42,6 +43,8 @@ pub enum LinkEvent {
     Message(Delivery),
     /// A request from the peer; answer it with [`IncomingRequest::respond`].
     Request(IncomingRequest),
+    /// The peer sent a heartbeat ([`LinkHandle::heartbeat`]).
+    Heartbeat,
     /// The connection ended; the link reconnects (node side) or waits for the node (cloud).
     Disconnected { reason: String },
 }
@@ -127,8 +130,10 @@ pub(crate) struct Shared {
     data_ready: Notify,
     /// Window space was freed: wakes senders waiting in `send`.
     room: Notify,
-    /// The application acked: wakes the control stream writer.
-    ack_ready: Notify,
+    /// The application acked or asked for a heartbeat: wakes the control stream writer.
+    control_ready: Notify,
+    /// A heartbeat is due on the control stream.
+    heartbeat_due: AtomicBool,
     events: mpsc::Sender<LinkEvent>,
     /// Held by the connection being driven: connections of one link run one at a time.
     connection_slot: tokio::sync::Mutex<()>,
@@ -180,7 +185,8 @@ impl Link {
             config,
             data_ready: Notify::new(),
             room: Notify::new(),
-            ack_ready: Notify::new(),
+            control_ready: Notify::new(),
+            heartbeat_due: AtomicBool::new(false),
             events: events_tx,
             connection_slot: tokio::sync::Mutex::new(()),
             current: Mutex::new(Current::default()),
@@ -249,7 +255,19 @@ impl LinkHandle {
     /// Everything delivered up to `seq` is durable: the peer may forget it.
     pub fn ack(&self, seq: u64) {
         self.shared.lock_state().tracker.on_durable(seq);
-        self.shared.ack_ready.notify_one();
+        self.shared.control_ready.notify_one();
+    }
+
+    /// Sends a heartbeat frame on the current connection's control stream: ~20 bytes of
+    /// stream data, no reply beyond QUIC's own ACK. Heartbeats asked for before the writer
+    /// runs go as one. Not queued while there is no connection: a heartbeat is about now.
+    pub fn heartbeat(&self) -> Result<(), LinkError> {
+        if self.shared.ready_connection().is_none() {
+            return Err(LinkError::NotConnected);
+        }
+        self.shared.heartbeat_due.store(true, Ordering::Relaxed);
+        self.shared.control_ready.notify_one();
+        Ok(())
     }
 
     /// Sends a request on a stream of its own and waits for the response.
@@ -559,32 +577,49 @@ impl Shared {
         Ok(())
     }
 
-    /// Acks from the peer free our window.
+    /// Acks from the peer free our window; heartbeats go to the application.
     async fn read_control(&self, mut reader: FrameReader) -> Result<(), LinkError> {
         while let Some(frame) = reader.next().await? {
-            let ArchivedEnvelope::Ack(seq) = frame.envelope() else {
-                return Err(LinkError::Protocol(format!(
-                    "unexpected {} frame on the control stream",
-                    frame.kind()
-                )));
-            };
-            self.lock_state().window.ack(seq.to_native())?;
-            self.room.notify_waiters();
+            match frame.envelope() {
+                ArchivedEnvelope::Ack(seq) => {
+                    self.lock_state().window.ack(seq.to_native())?;
+                    self.room.notify_waiters();
+                }
+                ArchivedEnvelope::Heartbeat => {
+                    self.events
+                        .send(LinkEvent::Heartbeat)
+                        .await
+                        .map_err(|_| LinkError::Closed)?;
+                }
+                _ => {
+                    return Err(LinkError::Protocol(format!(
+                        "unexpected {} frame on the control stream",
+                        frame.kind()
+                    )))
+                }
+            }
         }
         Ok(())
     }
 
-    /// Our acks, cumulative, sent as the application makes messages durable.
+    /// Our acks, cumulative, sent as the application makes messages durable, and heartbeats;
+    /// both in one write when both are due.
     async fn write_control(&self, mut stream: quinn::SendStream) -> Result<(), LinkError> {
         loop {
-            self.ack_ready.notified().await;
+            self.control_ready.notified().await;
             if !self.config.ack_delay.is_zero() {
                 tokio::time::sleep(self.config.ack_delay).await;
             }
             let ack = self.lock_state().tracker.take_ack();
+            let mut bodies = Vec::with_capacity(2);
             if let Some(seq) = ack {
-                let body = encode_body(&Envelope::Ack(seq));
-                write_bodies(&mut stream, [&body], self.config.max_frame).await?;
+                bodies.push(encode_body(&Envelope::Ack(seq)));
+            }
+            if self.heartbeat_due.swap(false, Ordering::Relaxed) {
+                bodies.push(encode_body(&Envelope::Heartbeat));
+            }
+            if !bodies.is_empty() {
+                write_bodies(&mut stream, &bodies, self.config.max_frame).await?;
             }
         }
     }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::*;
-use transport::{EncodedMessage, LinkEvent, LinkHandle, Message, Route};
+use transport::{EncodedMessage, LinkConfig, LinkEvent, LinkHandle, Message, Route};
 
 fn numbered(n: u64) -> Message {
     let mut m = Message::new(
@@ -142,6 +142,7 @@ async fn a_cut_link_is_detected_and_resumes_without_loss_or_duplicates() {
                     );
                 }
                 LinkEvent::Request(_) => panic!("no requests here"),
+                LinkEvent::Heartbeat => panic!("no heartbeats here"),
             }
         }
     })
@@ -252,6 +253,41 @@ async fn ask_and_answer(asker: &mut transport::Link, answerer: &mut transport::L
         .unwrap();
     assert_eq!(got.header().parent_id.as_str(), query.header.id);
     assert_eq!(&got.content()[..], b"{\"data\":1}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_reaches_the_peer_in_one_small_packet() {
+    // Default keepalives (15 s): nothing else is sent while the heartbeat is measured.
+    let mut cloud = start_cloud(LinkConfig::default());
+    let mut edge = cloud.connect("edge-beat");
+    let mut node = cloud.accept().await;
+    expect_connected(&mut edge).await;
+    expect_connected(&mut node).await;
+    // Let the handshake's last packets and acks settle.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for round in 0..3 {
+        let before = edge.connection_stats().unwrap().udp_tx;
+        edge.heartbeat().unwrap();
+        let event = within(Duration::from_secs(10), node.next_event()).await;
+        assert!(
+            matches!(event, Some(LinkEvent::Heartbeat)),
+            "round {round}: expected a heartbeat, got {event:?}"
+        );
+        let after = edge.connection_stats().unwrap().udp_tx;
+        let (datagrams, bytes) = (
+            after.datagrams - before.datagrams,
+            after.bytes - before.bytes,
+        );
+        eprintln!("heartbeat {round}: {datagrams} datagram(s), {bytes} bytes");
+        assert_eq!(datagrams, 1, "one datagram per heartbeat");
+        assert!(bytes <= 64, "a heartbeat took {bytes} bytes of UDP payload");
+    }
+    // Heartbeats asked for while the writer is busy go as one; none is replayed later.
+    for _ in 0..5 {
+        edge.heartbeat().unwrap();
+    }
+    let first = within(Duration::from_secs(10), node.next_event()).await;
+    assert!(matches!(first, Some(LinkEvent::Heartbeat)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -191,6 +191,15 @@ pub fn kubectl(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
 }
 
 /// A minimal HTTP/1.1 GET (the tests need no HTTP client crate): the body, or `None`.
+/// The sum of the cloud's metric lines starting with `name` (0 if none).
+pub fn metric(cloud: &CloudProcess, name: &str) -> f64 {
+    let text = http_get(&cloud.metrics, "/metrics").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn http_get(addr: &str, path: &str) -> Option<String> {
     use std::io::Read;
     let mut stream = std::net::TcpStream::connect(addr).ok()?;

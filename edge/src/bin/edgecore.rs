@@ -55,6 +55,10 @@ struct Cli {
     /// Largest device message accepted on MQTT; larger ones get an error on their result topic.
     #[arg(long, default_value_t = 64 << 10)]
     mqtt_max_payload: usize,
+    /// How often the node renews its Lease (a ~50-byte heartbeat packet). Keep cloudcore's
+    /// --node-grace at three to four periods.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    lease_period: std::time::Duration,
 }
 
 /// mimalloc's `mi_option_purge_delay` (the same position in its v2 and v3 option lists).
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
         config.service_bus_apps = cli.service_bus_apps;
         config.service_bus_timeout = cli.service_bus_timeout;
         config.eventbus.max_payload = cli.mqtt_max_payload;
+        config.node_status.lease_period = cli.lease_period;
         config.eventbus.mode = match (cli.no_mqtt, cli.mqtt_url) {
             (true, _) => edge::eventbus::MqttMode::Off,
             (false, Some((host, port))) => edge::eventbus::MqttMode::External(host, port),

@@ -140,6 +140,16 @@ pub fn now_rfc3339() -> String {
     rfc3339(time::OffsetDateTime::now_utc())
 }
 
+/// Now, with microseconds: a Kubernetes `MicroTime` (a Lease's `renewTime`).
+pub fn now_micro_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "{}.{:06}Z",
+        rfc3339(now).trim_end_matches('Z'),
+        now.microsecond()
+    )
+}
+
 /// Seconds since the Unix epoch of an RFC 3339 timestamp.
 pub fn parse_rfc3339(text: &str) -> Option<i64> {
     time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
