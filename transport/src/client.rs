@@ -8,7 +8,7 @@ use rustls::pki_types::CertificateDer;
 
 use crate::backoff::Backoff;
 use crate::config::ClientConfig;
-use crate::endpoint::{client_endpoint, quinn_client_config};
+use crate::endpoint::{node_endpoint, quinn_client_config};
 use crate::error::EndpointError;
 use crate::link::{Link, Role, Shared};
 use crate::tls::Identity;
@@ -30,7 +30,7 @@ pub fn connect(
     let bind = bind
         .parse()
         .map_err(|_| EndpointError::ServerName(bind.into()))?;
-    let endpoint = client_endpoint(bind, 0)?;
+    let endpoint = node_endpoint(bind)?;
     connect_on(&endpoint, config, ca, identity)
 }
 

@@ -70,10 +70,108 @@ pub fn client_endpoint(
     socket_buffer_bytes: usize,
 ) -> Result<quinn::Endpoint, EndpointError> {
     let socket = udp_socket(bind, socket_buffer_bytes)?;
-    let runtime = quinn::default_runtime().ok_or_else(|| EndpointError::Bind {
-        addr: bind,
-        source: std::io::Error::other("no async runtime"),
-    })?;
+    let runtime = client_runtime(bind)?;
     quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
         .map_err(|source| EndpointError::Bind { addr: bind, source })
+}
+
+/// The endpoint of a single node's link: one connection that mostly idles, so its socket
+/// receives datagrams one by one (no GRO). quinn sizes its receive buffer for the socket's GRO:
+/// 64 coalesced datagrams × 32 per batch ≈ 3 MB, whose pages a burst (an initial sync) touches
+/// and that are never returned; without GRO it is 47 KB. BENCHMARKS.md "edgecore idle memory".
+pub(crate) fn node_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, EndpointError> {
+    let socket = udp_socket(bind, 0)?;
+    let runtime = client_runtime(bind)?;
+    let bind_err = |source| EndpointError::Bind { addr: bind, source };
+    let socket = single_datagrams(socket, runtime.as_ref()).map_err(bind_err)?;
+    quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        runtime,
+    )
+    .map_err(bind_err)
+}
+
+fn client_runtime(bind: SocketAddr) -> Result<Arc<dyn quinn::Runtime>, EndpointError> {
+    quinn::default_runtime().ok_or_else(|| EndpointError::Bind {
+        addr: bind,
+        source: std::io::Error::other("no async runtime"),
+    })
+}
+
+/// Wraps `socket` for quinn with GRO turned off, where the OS has it (Linux); as quinn would
+/// otherwise.
+fn single_datagrams(
+    socket: std::net::UdpSocket,
+    runtime: &dyn quinn::Runtime,
+) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = socket.as_raw_fd();
+        // quinn-udp turns GRO on while wrapping the socket: turned off again after.
+        let inner = runtime.wrap_udp_socket(socket)?;
+        let off: libc::c_int = 0;
+        // SAFETY: `fd` is the open socket `inner` owns; the value is a `c_int` of that size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_UDP,
+                libc::UDP_GRO,
+                (&off as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            // GRO stays on, and so does quinn's buffer sized for it.
+            return Ok(inner);
+        }
+        Ok(Arc::new(SingleDatagrams { inner }))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        runtime.wrap_udp_socket(socket)
+    }
+}
+
+/// quinn's socket, saying that it receives one datagram per buffer.
+#[derive(Debug)]
+struct SingleDatagrams {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+}
+
+impl quinn::AsyncUdpSocket for SingleDatagrams {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        1
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
 }

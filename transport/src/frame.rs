@@ -379,6 +379,31 @@ mod tests {
     }
 
     #[test]
+    fn control_frames_are_small_and_hello_round_trips() {
+        // What an idle link sends: 16-byte bodies, not the size of the largest variant.
+        for envelope in [Envelope::Ack(u64::MAX), Envelope::Heartbeat] {
+            assert_eq!(encode_body(&envelope).len(), 16, "{envelope:?}");
+        }
+        let hello = Hello {
+            protocol_version: crate::PROTOCOL_VERSION,
+            send_epoch: 1,
+            recv_epoch: 2,
+            recv_acked: 3,
+        };
+        let bytes = wire(&[Envelope::Hello(hello), Envelope::Heartbeat]);
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        let mut input = &bytes[..];
+        let first = dec.decode(&mut input).unwrap().unwrap();
+        let ArchivedEnvelope::Hello(got) = first.envelope() else {
+            panic!("expected Hello, got {}", first.kind());
+        };
+        assert_eq!(got.recv_acked.to_native(), 3);
+        assert_eq!(got.send_epoch.to_native(), 1);
+        let second = dec.decode(&mut input).unwrap().unwrap();
+        assert_eq!(second.kind(), "Heartbeat");
+    }
+
+    #[test]
     fn content_is_a_slice_of_the_receive_buffer() {
         let msg = Message::new(Route::default(), vec![b'x'; 1000]);
         let bytes = wire(&[Envelope::Message(&msg)]);

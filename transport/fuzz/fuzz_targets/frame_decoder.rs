@@ -24,7 +24,9 @@ fuzz_target!(|data: &[u8]| {
                     ArchivedEnvelope::Hello(h) => {
                         let _ = (h.protocol_version, h.send_epoch, h.recv_epoch, h.recv_acked);
                     }
-                    ArchivedEnvelope::Ack(_) | ArchivedEnvelope::StreamStart(_) => {}
+                    ArchivedEnvelope::Ack(_)
+                    | ArchivedEnvelope::Heartbeat
+                    | ArchivedEnvelope::StreamStart(_) => {}
                 },
                 Ok(None) => break,
                 Err(_) => return,
