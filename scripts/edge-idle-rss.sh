@@ -18,9 +18,12 @@ trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"' EXIT
 "$bin/cloudcore" --data-dir "$dir/cloud" --quic-listen 127.0.0.1:19101 \
   --api-listen 127.0.0.1:19180 --metrics-listen 127.0.0.1:19191 2> "$dir/cloud.log" &
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:19180/healthz >/dev/null && break; sleep 0.1; done
+# The embedded broker on a port of its own, unless the arguments choose otherwise.
+mqtt=(--mqtt-listen 127.0.0.1:19883)
+case " $* " in *" --no-mqtt "* | *" --mqtt-url "*) mqtt=() ;; esac
 token=$("$bin/cloudcore" token create --data-dir "$dir/cloud" | tail -n 1)
 "$edgecore" --node-name edge-1 --cloud 127.0.0.1:19101 --token "$token" --data-dir "$dir/edge" \
-  --metaserver-listen 127.0.0.1:19550 --mqtt-listen 127.0.0.1:19883 --runtime hollow "$@" \
+  --metaserver-listen 127.0.0.1:19550 "${mqtt[@]}" --runtime hollow "$@" \
   2> "$dir/edge.log" &
 edge=$!
 sleep 3
