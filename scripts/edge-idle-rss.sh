@@ -4,7 +4,7 @@
 # VmRSS / RssAnon / RssFile of edgecore after 35 s idle. Extra arguments go to edgecore
 # (e.g. --no-mqtt). Needs kubectl. PROFILE=release measures the speed-optimized edgecore
 # instead of the size-optimized one devices get (`--profile edge`, the default here);
-# SMAPS=1 adds resident memory per mapping.
+# SMAPS=1 adds resident memory per mapping, SMAPS=2 each large anonymous mapping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target_dir="${CARGO_TARGET_DIR:-target}"
