@@ -136,11 +136,13 @@ fn single_datagrams(
 }
 
 /// quinn's socket, saying that it receives one datagram per buffer.
+#[cfg(target_os = "linux")]
 #[derive(Debug)]
 struct SingleDatagrams {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
 }
 
+#[cfg(target_os = "linux")]
 impl quinn::AsyncUdpSocket for SingleDatagrams {
     fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
         self.inner.clone().create_io_poller()
