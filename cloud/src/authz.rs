@@ -34,9 +34,11 @@ pub enum Decision {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("node {node} may not write {key}: {reason}")]
+#[error("node {node} may not {action} {key}: {reason}")]
 pub struct Refusal {
     pub node: String,
+    /// `read` or `write`.
+    pub action: &'static str,
     pub key: String,
     pub reason: String,
 }
@@ -54,6 +56,7 @@ pub fn authorize(
     proposed: Option<&Object>,
 ) -> Result<Decision, Refusal> {
     let refuse = |reason: &str| Refusal {
+        action: "write",
         node: node.to_owned(),
         key: key.as_str().to_owned(),
         reason: reason.to_owned(),
@@ -176,7 +179,18 @@ pub fn authorize_read(node: &str, key: &ObjectKey, routed: bool) -> Result<Read,
     if OPEN_READ_KINDS.contains(&key.kind()) {
         return Ok(Read::Subscribe);
     }
+    if key.kind() == "leases" && key.namespace() == "kube-node-lease" && key.name() == node {
+        return Err(Refusal {
+            action: "read",
+            node: node.to_owned(),
+            key: key.as_str().to_owned(),
+            reason: "a node's Lease is written by the cloud from the node's heartbeats and is \
+                     not kept on the node; read it from the cloud's API"
+                .into(),
+        });
+    }
     Err(Refusal {
+        action: "read",
         node: node.to_owned(),
         key: key.as_str().to_owned(),
         reason: format!(
@@ -312,6 +326,11 @@ mod tests {
             Ok(Read::Routed)
         );
         assert!(authorize_read("n1", &key("events/d/e"), false).is_err());
+        let own_lease = authorize_read("n1", &key("leases/kube-node-lease/n1"), false);
+        assert!(
+            own_lease.unwrap_err().to_string().contains("heartbeats"),
+            "the refusal says why"
+        );
         assert!(authorize_read("n1", &key("nodes//n2"), false).is_err());
     }
 }
