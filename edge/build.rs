@@ -4,5 +4,8 @@
 //! that starting the process maps far fewer pages of the binary into memory
 //! (BENCHMARKS.md "edgecore idle memory").
 fn main() {
-    println!("cargo:rustc-link-arg-bin=edgecore=-Wl,-z,keep-text-section-prefix");
+    // An ELF linker option (lld, and GNU ld since 2.31).
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        println!("cargo:rustc-link-arg-bin=edgecore=-Wl,-z,keep-text-section-prefix");
+    }
 }
