@@ -40,6 +40,8 @@ struct NodeSlot {
     /// When each unacknowledged object message of this session was sent (its number in the
     /// session, time), for the ack-latency histogram.
     sent_at: VecDeque<(u64, Instant)>,
+    /// When this node's Lease was last renewed from a heartbeat.
+    renewed_at: Option<Instant>,
 }
 
 /// A report this hub wrote, whose watch event should go back to its node as a bump only.
@@ -66,6 +68,9 @@ struct Judged {
     /// The report's bytes are exactly what is written (the node needs only the new version).
     echo: bool,
 }
+
+/// The shortest interval between two renewals of one node's Lease (nodes beat every 10 s).
+pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct HubCore {
     store: Arc<Store>,
@@ -120,6 +125,7 @@ impl HubCore {
                     stalled: None,
                     connected: false,
                     sent_at: VecDeque::new(),
+                    renewed_at: None,
                 },
             );
         }
@@ -583,11 +589,26 @@ impl HubCore {
     /// Renews the Lease of every node whose heartbeat arrived since the last call, in one
     /// write. The renewal time is the cloud's clock at receipt, so a node's clock skew cannot
     /// make it look alive or dead.
+    /// A node that beats more often than [`MIN_RENEWAL_INTERVAL`] renews no more often than
+    /// that: each renewal is a write, and the link is the node's to flood.
     pub fn commit_heartbeats(&mut self) {
         if self.heartbeats.is_empty() {
             return;
         }
-        let nodes: Vec<Arc<str>> = self.heartbeats.drain().collect();
+        let beating: Vec<Arc<str>> = self.heartbeats.drain().collect();
+        let now = Instant::now();
+        let mut nodes = Vec::with_capacity(beating.len());
+        for node in beating {
+            let slot = self.slot(&node);
+            if slot
+                .renewed_at
+                .is_some_and(|at| now.duration_since(at) < MIN_RENEWAL_INTERVAL)
+            {
+                continue;
+            }
+            slot.renewed_at = Some(now);
+            nodes.push(node);
+        }
         let renew_time = object::now_micro_rfc3339();
         let mut all = WriteSet::new();
         for node in &nodes {
@@ -796,5 +817,62 @@ pub async fn run(
         core.commit_reports();
         core.commit_heartbeats();
         core.pump_dirty();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replication::StoreConfig;
+
+    fn lease_rv(store: &Store, node: &str) -> Option<u64> {
+        let key = ObjectKey::new("leases", "kube-node-lease", node).ok()?;
+        store.get(&key).ok().flatten().map(|v| v.rv)
+    }
+
+    #[test]
+    fn heartbeats_renew_the_lease_at_most_once_a_second_per_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), StoreConfig::cloud()).unwrap());
+        let mut hub = HubCore::new(store.clone(), Arc::new(Metrics::new()));
+        let connected = ConnectedNodes::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+
+        hub.link_event(&a, LinkEvent::Heartbeat, &connected);
+        hub.commit_heartbeats();
+        let first = lease_rv(&store, "a").expect("a's Lease is created by its heartbeat");
+        assert_eq!(lease_rv(&store, "b"), None, "b has not beaten");
+        let key = ObjectKey::new("leases", "kube-node-lease", "a").unwrap();
+        let lease: Object =
+            serde_json::from_slice(&store.get(&key).unwrap().unwrap().object).unwrap();
+        assert_eq!(lease["spec"]["holderIdentity"], "a");
+        assert!(lease["spec"]["renewTime"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')));
+
+        // A flood right after: no write for a, while b's first heartbeat renews b.
+        for _ in 0..100 {
+            hub.link_event(&a, LinkEvent::Heartbeat, &connected);
+            hub.commit_heartbeats();
+        }
+        hub.link_event(&b, LinkEvent::Heartbeat, &connected);
+        hub.commit_heartbeats();
+        assert_eq!(
+            lease_rv(&store, "a"),
+            Some(first),
+            "a flood is one renewal a second"
+        );
+        assert!(lease_rv(&store, "b").is_some());
+        assert_eq!(
+            hub.metrics.heartbeats.get(),
+            102,
+            "every heartbeat is counted"
+        );
+
+        // After the interval, a's next heartbeat renews again.
+        std::thread::sleep(MIN_RENEWAL_INTERVAL);
+        hub.link_event(&a, LinkEvent::Heartbeat, &connected);
+        hub.commit_heartbeats();
+        assert!(lease_rv(&store, "a") > Some(first));
     }
 }
