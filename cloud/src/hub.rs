@@ -588,9 +588,9 @@ impl HubCore {
 
     /// Renews the Lease of every node whose heartbeat arrived since the last call, in one
     /// write. The renewal time is the cloud's clock at receipt, so a node's clock skew cannot
-    /// make it look alive or dead.
-    /// A node that beats more often than [`MIN_RENEWAL_INTERVAL`] renews no more often than
-    /// that: each renewal is a write, and the link is the node's to flood.
+    /// make it look alive or dead. A node that beats more often than [`MIN_RENEWAL_INTERVAL`]
+    /// renews no more often than that: each renewal is a write, and the link is the node's to
+    /// flood.
     pub fn commit_heartbeats(&mut self) {
         if self.heartbeats.is_empty() {
             return;
@@ -608,6 +608,9 @@ impl HubCore {
             }
             slot.renewed_at = Some(now);
             nodes.push(node);
+        }
+        if nodes.is_empty() {
+            return;
         }
         let renew_time = object::now_micro_rfc3339();
         let mut all = WriteSet::new();

@@ -109,15 +109,17 @@ fn cloudcore_mirrors_a_cluster_through_kube_rs_and_writes_node_state_back() {
                 == "Running"
         },
     );
-    let cm = edge.kubectl(&[
-        "get",
-        "configmap",
-        "settings",
-        "-o",
-        "jsonpath={.data.mode}",
-    ]);
+    let mode_on_node = || {
+        text(&edge.kubectl(&[
+            "get",
+            "configmap",
+            "settings",
+            "-o",
+            "jsonpath={.data.mode}",
+        ]))
+    };
     assert_eq!(
-        text(&cm),
+        mode_on_node(),
         "mirrored",
         "the referenced ConfigMap is on the node"
     );
@@ -184,16 +186,7 @@ fn cloudcore_mirrors_a_cluster_through_kube_rs_and_writes_node_state_back() {
     eventually(
         "the change after B's restart on the node",
         Duration::from_secs(40),
-        || {
-            let cm = edge.kubectl(&[
-                "get",
-                "configmap",
-                "settings",
-                "-o",
-                "jsonpath={.data.mode}",
-            ]);
-            text(&cm) == "again"
-        },
+        || mode_on_node() == "again",
     );
 
     // A delete in the cluster stops the pod on the node. (The cluster here deletes at once;
