@@ -283,17 +283,16 @@ impl HubCore {
                 peer_forgot_our_stream,
             } => {
                 connected.insert(node);
+                let new_session = peer_stream_new || peer_forgot_our_stream;
                 let slot = self.slot(node);
                 slot.connected = true;
-                if peer_stream_new
-                    || peer_forgot_our_stream
-                    || slot.feed.state() == replication::sync::FeedState::Offline
-                {
-                    // A new session: the node's hello decides the delta.
-                    slot.feed.link_down();
-                    slot.feed.link_up();
+                if new_session {
+                    // The link's window was reset with it: nothing stalled belongs to it.
                     slot.stalled = None;
                 }
+                // A new session (the node's hello decides the delta), or the same session
+                // going on over a resumed link: the node decides the same way.
+                slot.feed.on_connected(new_session);
                 tracing::info!(%node, peer_stream_new, peer_forgot_our_stream, "node connected");
             }
             LinkEvent::Disconnected { reason } => {
@@ -311,9 +310,7 @@ impl HubCore {
                     Ok(up) => {
                         if let Err(e) = self.slot(node).feed.handle(up) {
                             tracing::warn!(%node, error = %e, "sync protocol error; restarting the session");
-                            let feed = &mut self.slot(node).feed;
-                            feed.link_down();
-                            feed.link_up();
+                            self.slot(node).feed.restart_session();
                         }
                         if let Some(slot) = self.nodes.get_mut(node) {
                             let through = slot.feed.credited_in_session();

@@ -83,8 +83,13 @@ fn marked_stale(node: &Object) -> bool {
     ready_condition(node).and_then(|c| c.get("reason")?.as_str()) == Some(STALE_REASON)
 }
 
-/// One pass over the edge nodes; returns how many are Ready afterwards.
-pub fn check(store: &Store, grace: Duration, now_unix: i64) -> usize {
+/// One pass over the edge nodes at `now_unix` (seconds); returns how many are Ready afterwards.
+///
+/// `since_unix` is when this cloudcore started watching: like Kubernetes' node lifecycle
+/// controller, which times each node from its own first observation, a node is judged
+/// NotReady only after a whole grace period without renewal *observed by this process*, so a
+/// restarted cloud does not mark its whole fleet Unknown before the nodes could reconnect.
+pub fn check(store: &Store, grace: Duration, since_unix: i64, now_unix: i64) -> usize {
     let Ok(range) = KeyRange::kind("nodes") else {
         return 0;
     };
@@ -97,10 +102,13 @@ pub fn check(store: &Store, grace: Duration, now_unix: i64) -> usize {
         if !object::labels(&node).is_some_and(|l| l.contains_key(EDGE_ROLE_LABEL)) {
             continue;
         }
-        let fresh = lease_renewed_unix(store, key.name())
-            .is_some_and(|t| now_unix - t <= grace.as_secs() as i64);
+        let grace_secs = grace.as_secs() as i64;
+        let renewed = lease_renewed_unix(store, key.name());
+        let fresh = renewed.is_some_and(|t| now_unix - t <= grace_secs);
+        // Silent since this process started (or since the renewal it last saw).
+        let silent_for = now_unix - renewed.map_or(since_unix, |t| t.max(since_unix));
         let ready = node_is_ready(&node);
-        let change = if ready && !fresh {
+        let change = if ready && silent_for > grace_secs {
             tracing::warn!(
                 node = key.name(),
                 "lease not renewed within {grace:?}: NotReady (pods keep running)"
@@ -130,12 +138,13 @@ pub fn check(store: &Store, grace: Duration, now_unix: i64) -> usize {
 
 /// Checks every `period` until the task is dropped.
 pub async fn run(store: Arc<Store>, grace: Duration, period: Duration, metrics: Arc<Metrics>) {
+    let since = time_now_unix();
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
         let store = store.clone();
         let now = time_now_unix();
-        let ready = tokio::task::spawn_blocking(move || check(&store, grace, now))
+        let ready = tokio::task::spawn_blocking(move || check(&store, grace, since, now))
             .await
             .unwrap_or(0);
         metrics.nodes_ready.set(ready as i64);
@@ -146,4 +155,65 @@ fn time_now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replication::StoreConfig;
+
+    fn put(store: &Store, key: &str, value: Value) {
+        let key = ObjectKey::parse(key).unwrap();
+        let mut set = WriteSet::new();
+        set.put(key, Bytes::from(value.to_string()), Precondition::None);
+        store.commit(set).unwrap();
+    }
+
+    fn ready_status(store: &Store) -> String {
+        let key = ObjectKey::parse("nodes//edge-1").unwrap();
+        let node: Object =
+            serde_json::from_slice(&store.get(&key).unwrap().unwrap().object).unwrap();
+        ready_condition(&node).unwrap()["status"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[test]
+    fn a_restarted_cloud_gives_every_node_a_whole_grace_period_before_judging_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreConfig::cloud()).unwrap();
+        let t0 = 1_800_000_000;
+        put(
+            &store,
+            "nodes//edge-1",
+            json!({"metadata": {"name": "edge-1", "labels": {EDGE_ROLE_LABEL: ""}},
+                   "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        let renewed = "2027-01-15T08:00:00.000000Z"; // t0
+        put(
+            &store,
+            "leases/kube-node-lease/edge-1",
+            serde_json::to_value(renewed_lease("edge-1", None, renewed)).unwrap(),
+        );
+        let grace = Duration::from_secs(40);
+        // The cloud was down for two minutes and started at t0 + 120: the node's last renewal
+        // is old, but this process has not had a grace period to see a new one.
+        let start = t0 + 120;
+        assert_eq!(check(&store, grace, start, start), 1);
+        assert_eq!(check(&store, grace, start, start + 40), 1);
+        assert_eq!(ready_status(&store), "True");
+        // A whole grace period after the start without a renewal: NotReady.
+        assert_eq!(check(&store, grace, start, start + 41), 0);
+        assert_eq!(ready_status(&store), "Unknown");
+        // A renewal seen again: Ready.
+        let renewed = "2027-01-15T08:02:50.000000Z"; // start + 50
+        put(
+            &store,
+            "leases/kube-node-lease/edge-1",
+            serde_json::to_value(renewed_lease("edge-1", None, renewed)).unwrap(),
+        );
+        assert_eq!(check(&store, grace, start, start + 51), 1);
+        assert_eq!(ready_status(&store), "True");
+    }
 }

@@ -33,6 +33,10 @@ pub struct CloudConfig {
     pub api_token_file: Option<PathBuf>,
     /// Extra names (DNS or IP) for the API's certificate.
     pub api_names: Vec<String>,
+    /// QUIC keepalive of node connections; a connection silent for twice this is dead.
+    pub link_keepalive: Duration,
+    /// How long a ServiceBus call waits for the node (then 504).
+    pub service_bus_timeout: Duration,
 }
 
 impl CloudConfig {
@@ -48,6 +52,8 @@ impl CloudConfig {
             api_tls: false,
             api_token_file: None,
             api_names: Vec::new(),
+            link_keepalive: transport::LinkConfig::default().heartbeat,
+            service_bus_timeout: crate::servicebus::DEFAULT_TIMEOUT,
         }
     }
 }
@@ -131,7 +137,9 @@ impl CloudCore {
         if let Some(token) = &token {
             api = api.with_bearer_token(token.clone());
         }
-        let bus = Arc::new(crate::servicebus::ServiceBus::default());
+        let bus = Arc::new(crate::servicebus::ServiceBus::new(
+            config.service_bus_timeout,
+        ));
         let router = crate::servicebus::router(bus.clone(), token).merge(api.router());
         if api_tls {
             let ca = crate::pki::load_or_create_ca(&config.data_dir)?;
@@ -187,6 +195,7 @@ impl CloudCore {
         let identity = crate::pki::server_identity(&ca)?;
         let mut quic_config = transport::ServerConfig::new(config.quic_listen);
         quic_config.reset_key = Some(crate::pki::load_or_create_reset_key(&config.data_dir)?);
+        quic_config.link.heartbeat = config.link_keepalive;
         let ca = Arc::new(ca);
         let join = Arc::new(crate::join::CloudJoin {
             data_dir: config.data_dir.clone(),

@@ -45,13 +45,33 @@ impl CallError {
     }
 }
 
+/// How long a ServiceBus call waits for the node by default (a hung or unreachable node is a
+/// 504 after this; `cloudcore --service-bus-timeout`).
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The nodes' links, as CloudHub accepts them.
-#[derive(Default)]
 pub struct ServiceBus {
     links: RwLock<HashMap<String, LinkHandle>>,
+    /// How long a call waits for the node's answer before a 504.
+    timeout: std::time::Duration,
+}
+
+impl Default for ServiceBus {
+    fn default() -> Self {
+        ServiceBus::new(DEFAULT_TIMEOUT)
+    }
 }
 
 impl ServiceBus {
+    /// A bus whose calls wait at most `timeout` for a node (then 504; a node whose link is
+    /// down is a 503 at once).
+    pub fn new(timeout: std::time::Duration) -> Self {
+        ServiceBus {
+            links: RwLock::new(HashMap::new()),
+            timeout,
+        }
+    }
+
     pub fn attach(&self, node: &str, link: LinkHandle) {
         self.links
             .write()
@@ -72,9 +92,14 @@ impl ServiceBus {
             node: node.to_owned(),
             reason,
         };
-        match link.request(&request.to_message()).await {
+        match link
+            .request_within(&request.to_message(), self.timeout)
+            .await
+        {
             Ok(response) => BusResponse::from_message(&response).map_err(|e| failed(e.to_string())),
             Err(LinkError::NotConnected) => Err(CallError::NotConnected(node.to_owned())),
+            // The connection died under the call: the link is down now.
+            Err(LinkError::Connection(_)) => Err(CallError::NotConnected(node.to_owned())),
             Err(LinkError::Timeout(after)) => Err(CallError::Timeout {
                 node: node.to_owned(),
                 after,

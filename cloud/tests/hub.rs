@@ -27,6 +27,7 @@ fn kind(down: &Down) -> &'static str {
         Down::Delete { .. } => "delete",
         Down::Bump { .. } => "bump",
         Down::DigestRequest => "digest-request",
+        Down::HelloRequest => "hello-request",
         Down::ReportAck { .. } => "report-ack",
     }
 }
@@ -60,13 +61,12 @@ fn start_edge(cloud: &CloudProcess, name: &str, dir: &std::path::Path) -> Edge {
             {
                 let mut replica = r.lock().unwrap();
                 match event {
-                    LinkEvent::Connected {
-                        peer_stream_new,
-                        peer_forgot_our_stream,
-                    } if peer_stream_new || peer_forgot_our_stream => {
-                        replica.link_down();
-                        replica.link_up().unwrap();
+                    LinkEvent::Connected { .. } => {
+                        replica
+                            .on_connected(event.starts_new_session().unwrap_or(true))
+                            .unwrap();
                     }
+                    // (A `Disconnected` here is this loop's own tick, not the link's.)
                     LinkEvent::Message(delivery) => {
                         let down = wire::decode_down(Parts::of(&delivery.message)).unwrap();
                         *counts.lock().unwrap().entry(kind(&down)).or_insert(0) += 1;

@@ -45,22 +45,18 @@ pub async fn run(
             let mut replica = meta.replica();
             for event in events {
                 match event {
-                    LinkEvent::Connected {
-                        peer_stream_new,
-                        peer_forgot_our_stream,
-                    } => {
+                    LinkEvent::Connected { .. } => {
                         meta.set_online(true);
-                        if peer_stream_new || peer_forgot_our_stream {
-                            // A new sync session: say what we hold (hello with watermark).
-                            replica.link_down();
-                            if let Err(e) = replica.link_up() {
-                                tracing::error!(error = %e, "cannot commit before the hello");
-                            }
+                        // A new sync session (hello with our watermark), or the same session
+                        // going on over a resumed link: the cloud decides the same way.
+                        let new_session = event.starts_new_session().unwrap_or(true);
+                        if let Err(e) = replica.on_connected(new_session) {
+                            tracing::error!(error = %e, "cannot commit before the hello");
                         }
                     }
                     LinkEvent::Disconnected { .. } => {
                         meta.set_online(false);
-                        replica.link_down();
+                        replica.on_disconnected();
                     }
                     LinkEvent::Message(delivery) => {
                         match wire::decode_down(Parts::of(&delivery.message)) {

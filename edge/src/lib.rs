@@ -57,6 +57,9 @@ pub struct EdgeConfig {
     pub service_bus_timeout: Duration,
     /// MQTT for devices (EventBus/DeviceTwin).
     pub eventbus: eventbus::EventBusConfig,
+    /// QUIC keepalive of the link; a connection silent for twice this is dead and the link
+    /// reconnects (resuming its session).
+    pub link_keepalive: Duration,
 }
 
 impl EdgeConfig {
@@ -72,6 +75,7 @@ impl EdgeConfig {
             service_bus_apps: Vec::new(),
             service_bus_timeout: Duration::from_secs(10),
             eventbus: eventbus::EventBusConfig::default(),
+            link_keepalive: transport::LinkConfig::default().heartbeat,
         }
     }
 }
@@ -136,7 +140,8 @@ impl EdgeCore {
             }
         }));
 
-        let client = transport::ClientConfig::new(config.cloud, identity::CLOUD_SERVER_NAME);
+        let mut client = transport::ClientConfig::new(config.cloud, identity::CLOUD_SERVER_NAME);
+        client.link.heartbeat = config.link_keepalive;
         let link = transport::connect(client, &credentials.ca, &credentials.identity)
             .context("starting the link to the cloud")?;
         meta.set_link(link.handle().clone());

@@ -14,6 +14,10 @@ use replication::{ObjectKey, Store, StoreConfig};
 use tokio::sync::Notify;
 use transport::{LinkError, LinkHandle};
 
+/// How long MetaServer waits for the cloud to answer a forwarded call: a client gets a clear
+/// 504 in seconds instead of waiting out the link's idle timeout behind a hung cloud.
+pub const CLOUD_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct MetaManager {
     node: String,
     store: Arc<Store>,
@@ -103,8 +107,11 @@ impl MetaManager {
         let _ = self.link.set(link);
     }
 
-    /// Makes an API call in the cloud (a forwarded write, or a get the cache cannot answer).
-    /// Link failures become the `Status` a client should see.
+    /// Makes an API call in the cloud (a forwarded write, or a get the cache cannot answer),
+    /// waiting at most [`CLOUD_CALL_TIMEOUT`]. Link failures become the `Status` a client
+    /// should see: 503 `ServiceUnavailable` when the link is down (or goes down during the
+    /// call), 504 `Timeout` when the cloud does not answer in time (a hung cloud looks
+    /// connected until the link's idle timeout). Never a 404 for what could not be asked.
     pub async fn call_cloud(&self, call: ApiCall) -> Result<ApiReply, ApiError> {
         let offline = || {
             ApiError::unavailable(format!(
@@ -113,7 +120,8 @@ impl MetaManager {
             ))
         };
         let link = self.link.get().ok_or_else(offline)?;
-        let response = match link.request(&call.to_message("metaserver")).await {
+        let message = call.to_message("metaserver");
+        let response = match link.request_within(&message, CLOUD_CALL_TIMEOUT).await {
             Ok(response) => response,
             Err(LinkError::NotConnected) => return Err(offline()),
             Err(LinkError::Timeout(after)) => {
@@ -121,17 +129,16 @@ impl MetaManager {
                     504,
                     "Timeout",
                     format!(
-                        "the cloud did not answer {} {} within {after:?}",
+                        "the cloud did not answer {} {} within {after:?} (it may be overloaded or                          hung); the node keeps serving what it holds",
                         call.method, call.uri
                     ),
                 ))
             }
             Err(e) => {
-                return Err(ApiError::new(
-                    502,
-                    "BadGateway",
-                    format!("the call to the cloud failed: {e}"),
-                ))
+                return Err(ApiError::unavailable(format!(
+                    "node {} lost the cloud during {} {}: {e}",
+                    self.node, call.method, call.uri
+                )))
             }
         };
         ApiReply::from_message(&response).map_err(|e| {

@@ -11,6 +11,8 @@
 //!
 //! A get of an object the cache does not hold goes to the cloud too while online: the cloud
 //! answers and routes the object to the node from then on, so it is cached and kept current.
+//! Offline, such a get is a 503 (the node cannot know whether the object exists), never a 404;
+//! a cloud that does not answer within [`crate::meta::CLOUD_CALL_TIMEOUT`] is a 504.
 //! Such an answer, and a forwarded write's, carries the cloud's resourceVersion (a number of
 //! the cloud's space, not this cache's): the same object read from the cache afterwards has
 //! the cache's revision.
@@ -42,8 +44,21 @@ pub async fn forward_to_cloud(
         verb if verb.is_write() => !local_status_write(target.resource, verb, target.status),
         _ => false,
     };
-    // Offline, the local API answers: 404 for a miss, 503 for a write (EdgePolicy::admit).
-    if !forward || !meta.is_online() {
+    if !forward {
+        return next.run(request).await;
+    }
+    if !meta.is_online() {
+        if target.verb == Verb::Get {
+            // The cache does not hold it and the cloud cannot be asked: whether it exists is
+            // unknown, which is not a 404 (a client would act on "it does not exist").
+            let key = target.key().map(|k| k.to_string()).unwrap_or_default();
+            return ApiReply::error(&ApiError::unavailable(format!(
+                "node {} is offline: it does not hold {key} and cannot ask the cloud whether                  it exists; retry when the node is back online",
+                meta.node()
+            )))
+            .into_response();
+        }
+        // A write: 503 from EdgePolicy::admit.
         return next.run(request).await;
     }
     let outcome = match ApiCall::from_request(request).await {
@@ -101,10 +116,20 @@ impl ApiPolicy for EdgePolicy {
                 "only single status writes are made locally",
             ));
         };
+        // Every pod bound to this node, and its own Node, is in the cache: a status write of
+        // anything else is another node's, which the Node authorizer forbids (403, not 404,
+        // online or offline alike).
         let current = store
             .get(&key)
             .map_err(|e| ApiError::internal(e.to_string()))?
-            .ok_or_else(|| ApiError::not_found(resource, name))?;
+            .ok_or_else(|| {
+                ApiError::forbidden(format!(
+                    "{resource} \"{name}\" is forbidden: User \"system:node:{node}\" cannot \
+                     write the status of {key}: no relationship found between node '{node}' \
+                     and this object (only pods bound to the node, and its own Node)",
+                    node = self.meta.node()
+                ))
+            })?;
         if let Precondition::Version(expected) = expect {
             if expected != current.revision {
                 return Err(ApiError::conflict(resource, name));

@@ -123,8 +123,18 @@ fn twin_update(property: &str, value: &str, event: &str) -> String {
 
 /// The value the cloud's Device status reports for `property`.
 fn reported(cloud: &CloudProcess, property: &str) -> String {
+    twin_field(cloud, property, "reported")
+}
+
+/// The desired value of `property` the node observed, in the Device's status (KubeEdge's
+/// `status.twins[].observedDesired`).
+fn observed_desired(cloud: &CloudProcess, property: &str) -> String {
+    twin_field(cloud, property, "observedDesired")
+}
+
+fn twin_field(cloud: &CloudProcess, property: &str, field: &str) -> String {
     let path =
-        format!("jsonpath={{.status.twins[?(@.propertyName==\"{property}\")].reported.value}}");
+        format!("jsonpath={{.status.twins[?(@.propertyName==\"{property}\")].{field}.value}}");
     let out = cloud.kubectl(&["get", "device", "thermo-1", "-o", &path]);
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
@@ -231,13 +241,23 @@ fn a_mapper_on_the_embedded_broker_reports_twins_and_gets_desired_values() {
             })
     });
 
-    // The mapper applies it and reports back.
+    // The node reports the desired value it observed at once (field report 11), before the
+    // mapper has acted on it.
+    eventually(
+        "the observed desired setpoint in the cloud",
+        Duration::from_secs(30),
+        || observed_desired(&cloud, "setpoint") == "25",
+    );
+
+    // The mapper applies it and reports back: both sides in the status.
     report(mqtt, "setpoint", "25", "e2");
     eventually(
         "the setpoint reported in the cloud",
         Duration::from_secs(30),
         || reported(&cloud, "setpoint") == "25",
     );
+    assert_eq!(observed_desired(&cloud, "setpoint"), "25");
+    assert_eq!(reported(&cloud, "temperature"), "21.5");
 
     // State and membership.
     publish(

@@ -127,19 +127,14 @@ impl HollowNode {
     /// Applies one event; returns the sequence number to ack once the batch is durable.
     fn on_event(&mut self, event: LinkEvent) -> Option<u64> {
         match event {
-            LinkEvent::Connected {
-                peer_stream_new,
-                peer_forgot_our_stream,
-            } => {
-                if peer_stream_new || peer_forgot_our_stream {
-                    self.sync.link_down();
-                    self.sync.link_up();
-                }
+            LinkEvent::Connected { .. } => {
+                self.sync
+                    .on_connected(event.starts_new_session().unwrap_or(true));
                 self.heartbeat_due = true;
                 None
             }
             LinkEvent::Disconnected { .. } => {
-                self.sync.link_down();
+                self.sync.on_disconnected();
                 None
             }
             LinkEvent::Message(delivery) => {

@@ -108,6 +108,9 @@ impl<T> Pipe<T> {
 
 struct Link {
     up: bool,
+    /// The connection is lost but the transport will resume the link: what is in the pipes
+    /// is replayed after the reconnection, and each side decides to keep its session.
+    paused: bool,
     down_pipe: Pipe<Down>,
     up_pipe: Pipe<Up>,
 }
@@ -216,10 +219,9 @@ impl Cloud {
     /// the current object, at most once per report id.
     fn apply_report(&mut self, node: &str, report: Report) {
         let feed = self.feeds.get_mut(node).expect("feed");
-        let Some(record) = feed
-            .accept_report(&report)
-            .expect("report accepted in state")
-        else {
+        // As CloudHub does: a report that arrives while the session restarts (after a
+        // HelloRequest) is dropped; the node sends it again in the new session.
+        let Ok(Some(record)) = feed.accept_report(&report) else {
             return;
         };
         let mut set = WriteSet::new();
@@ -297,6 +299,7 @@ impl Sim {
                 node.clone(),
                 Link {
                     up: false,
+                    paused: false,
                     down_pipe: Pipe::new(),
                     up_pipe: Pipe::new(),
                 },
@@ -438,19 +441,80 @@ impl Sim {
 
     // ---- links, restarts, disks ----
 
+    /// A connection with new streams (what the transport reports after first contact or a
+    /// restart of either side), or the resumption of a paused link.
     fn connect(&mut self, node: &str) {
         let link = self.links.get_mut(node).expect("link");
+        if link.paused {
+            self.resume(node);
+            return;
+        }
         if link.up {
             return;
         }
         link.up = true;
-        self.cloud.feeds.get_mut(node).expect("feed").link_up();
+        // Both sides decide from the same link event, as the shells do.
+        self.cloud
+            .feeds
+            .get_mut(node)
+            .expect("feed")
+            .on_connected(true);
         self.edges
             .get_mut(node)
             .expect("edge")
             .replica
-            .link_up()
+            .on_connected(true)
             .expect("edge flush on link up");
+    }
+
+    /// The connection is lost for longer than the transport's idle timeout, and the link
+    /// will resume (neither side restarts): the shells see Disconnected, later Connected with
+    /// no new streams. This is the outage that left nodes deaf (field report 1).
+    fn pause(&mut self, node: &str) {
+        let link = self.links.get_mut(node).expect("link");
+        if !link.up || link.paused {
+            return;
+        }
+        link.paused = true;
+        // The cloud's shell stops pumping the feed (nothing to call); the edge stops sending.
+        self.edges
+            .get_mut(node)
+            .expect("edge")
+            .replica
+            .on_disconnected();
+    }
+
+    fn resume(&mut self, node: &str) {
+        let link = self.links.get_mut(node).expect("link");
+        if !link.paused {
+            return;
+        }
+        link.paused = false;
+        self.cloud
+            .feeds
+            .get_mut(node)
+            .expect("feed")
+            .on_connected(false);
+        self.edges
+            .get_mut(node)
+            .expect("edge")
+            .replica
+            .on_connected(false)
+            .expect("edge resume");
+    }
+
+    /// The cloud abandons a node's session on its own (as CloudHub does on a protocol error)
+    /// while the link stays up: it must get the node to say hello again.
+    fn restart_session(&mut self, node: &str) {
+        let link = self.links.get(node).expect("link");
+        if !link.up || link.paused {
+            return;
+        }
+        self.cloud
+            .feeds
+            .get_mut(node)
+            .expect("feed")
+            .restart_session();
     }
 
     fn disconnect(&mut self, node: &str) {
@@ -459,6 +523,7 @@ impl Sim {
             return;
         }
         link.up = false;
+        link.paused = false;
         // Whatever was in flight is lost with the session.
         link.down_pipe.queue.clear();
         link.up_pipe.queue.clear();
@@ -525,7 +590,7 @@ impl Sim {
     /// Moves whatever both sides of `node` want to send into the link.
     fn transmit(&mut self, node: &str) {
         let link = self.links.get_mut(node).expect("link");
-        if !link.up {
+        if !link.up || link.paused {
             return;
         }
         let delay_down = self.rng.random_range(0..3);
@@ -543,6 +608,9 @@ impl Sim {
     /// Delivers what is due on `node`'s link; returns how many messages moved.
     fn deliver(&mut self, node: &str) -> usize {
         let mut moved = 0;
+        if self.links.get(node).expect("link").paused {
+            return 0;
+        }
         loop {
             let link = self.links.get_mut(node).expect("link");
             let Some(message) = link.down_pipe.pop_ready(self.now) else {
@@ -570,13 +638,14 @@ impl Sim {
             moved += 1;
             match message {
                 Up::Report(report) => self.cloud.apply_report(node, report),
-                other => self
-                    .cloud
-                    .feeds
-                    .get_mut(node)
-                    .expect("feed")
-                    .handle(other)
-                    .expect("feed handle"),
+                other => {
+                    let feed = self.cloud.feeds.get_mut(node).expect("feed");
+                    if feed.handle(other).is_err() {
+                        // As CloudHub does: a message out of protocol (a digest that answers
+                        // a request from an abandoned session) restarts the session.
+                        feed.restart_session();
+                    }
+                }
             }
         }
         if self.rng.random_bool(0.5) {
@@ -611,9 +680,17 @@ impl Sim {
                 let node = self.random_node();
                 self.connect(&node);
             }
-            800..850 => {
+            800..830 => {
                 let node = self.random_node();
                 self.disconnect(&node);
+            }
+            830..850 => {
+                let node = self.random_node();
+                self.pause(&node);
+            }
+            876..884 => {
+                let node = self.random_node();
+                self.restart_session(&node);
             }
             850..862 => {
                 let node = self.random_node();

@@ -128,7 +128,10 @@ impl ClientConfig {
             server_name: server_name.into(),
             link: LinkConfig::default(),
             backoff: BackoffConfig::default(),
-            connect_timeout: Duration::from_secs(10),
+            // QUIC retransmits its Initial after ~1 s and ~3 s: an attempt started while the
+            // cloud was down completes soon after it returns, and a dead one gives way to the
+            // next attempt instead of holding the node for long.
+            connect_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -49,6 +49,23 @@ pub enum LinkEvent {
     Disconnected { reason: String },
 }
 
+impl LinkEvent {
+    /// For [`LinkEvent::Connected`]: whether the application's session over this link must
+    /// start again, because one side's stream state is new (first contact, or a restart on
+    /// either side). `false` means the connection resumed the link: unacked messages are
+    /// replayed and nothing was lost, so a session layered on the link carries on. Both ends
+    /// get the same answer from the same hello exchange. `None` for other events.
+    pub fn starts_new_session(&self) -> Option<bool> {
+        match self {
+            LinkEvent::Connected {
+                peer_stream_new,
+                peer_forgot_our_stream,
+            } => Some(*peer_stream_new || *peer_forgot_our_stream),
+            _ => None,
+        }
+    }
+}
+
 /// One message from the peer's ordered data stream.
 #[derive(Debug)]
 pub struct Delivery {
@@ -270,8 +287,22 @@ impl LinkHandle {
         Ok(())
     }
 
-    /// Sends a request on a stream of its own and waits for the response.
+    /// Sends a request on a stream of its own and waits for the response, at most the link's
+    /// `request_timeout`. See [`request_within`](Self::request_within).
     pub async fn request(&self, message: &Message) -> Result<ReceivedMessage, LinkError> {
+        self.request_within(message, self.shared.config.request_timeout)
+            .await
+    }
+
+    /// Sends a request on a stream of its own and waits at most `timeout` for the response.
+    /// Errors: [`LinkError::NotConnected`] at once when the link has no connection (the peer
+    /// is known to be unreachable), [`LinkError::Timeout`] when the peer does not answer in
+    /// time (a hung peer looks connected until the idle timeout), else the connection's error.
+    pub async fn request_within(
+        &self,
+        message: &Message,
+        timeout: std::time::Duration,
+    ) -> Result<ReceivedMessage, LinkError> {
         let connection = self
             .shared
             .ready_connection()
@@ -290,9 +321,9 @@ impl LinkHandle {
                 .into_message()
                 .map_err(|f| LinkError::Protocol(format!("{} frame as a response", f.kind())))
         };
-        tokio::time::timeout(config.request_timeout, exchange)
+        tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| LinkError::Timeout(config.request_timeout))?
+            .map_err(|_| LinkError::Timeout(timeout))?
     }
 
     pub fn is_connected(&self) -> bool {

@@ -420,3 +420,67 @@ async fn two_hundred_nodes_connect_and_exchange_concurrently() {
         t.await.unwrap();
     }
 }
+
+/// Waits for the next message on `link`, acking it; any reconnection on the way must resume
+/// the link (no new session for the application). Returns the message's number.
+async fn next_message_resuming(link: &mut transport::Link) -> u64 {
+    loop {
+        match within(Duration::from_secs(20), link.next_event()).await {
+            Some(LinkEvent::Message(d)) => {
+                link.ack(d.seq);
+                return number_of(&d.message);
+            }
+            Some(event @ LinkEvent::Connected { .. }) => assert_eq!(
+                event.starts_new_session(),
+                Some(false),
+                "neither side restarted: the link resumes"
+            ),
+            Some(LinkEvent::Disconnected { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// Field report 1 at the link's level: outages shorter than the keepalive, between keepalive
+/// and idle timeout, and past the idle timeout. Each time, messages sent during the outage and
+/// after it arrive both ways, and every reconnection tells both ends their session goes on
+/// (`starts_new_session() == Some(false)`): that is what the layers above must act on alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outages_around_each_timeout_resume_the_link_both_ways() {
+    // Keepalive 500 ms, idle timeout 1 s.
+    let mut cloud = start_cloud(fast_link_config());
+    let relay = Relay::start(cloud.addr).await;
+    let mut edge = cloud.connect_via("edge-outages", relay.addr);
+    let mut node = cloud.accept().await;
+    assert_eq!(expect_connected(&mut edge).await, (true, false));
+    assert_eq!(expect_connected(&mut node).await, (true, false));
+    let mut n = 0;
+    for outage in [200u64, 700, 2_500] {
+        relay.cut();
+        n += 1;
+        // Sent while the path is dead: kept in the window and replayed.
+        node.send(&numbered(n)).await.unwrap();
+        edge.send(&numbered(n)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(outage)).await;
+        relay.heal();
+        assert_eq!(
+            next_message_resuming(&mut edge).await,
+            n,
+            "after {outage} ms"
+        );
+        assert_eq!(
+            next_message_resuming(&mut node).await,
+            n,
+            "after {outage} ms"
+        );
+        n += 1;
+        node.send(&numbered(n)).await.unwrap();
+        edge.send(&numbered(n)).await.unwrap();
+        assert_eq!(next_message_resuming(&mut edge).await, n);
+        assert_eq!(next_message_resuming(&mut node).await, n);
+    }
+    assert!(
+        edge.counters().connections >= 2,
+        "the 2.5 s outage outlived the idle timeout: a new connection"
+    );
+}

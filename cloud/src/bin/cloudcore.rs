@@ -47,6 +47,14 @@ struct Cli {
     /// A node without a lease renewal for this long is NotReady (e.g. 40s).
     #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
     node_grace: Duration,
+    /// QUIC keepalive of node connections: a connection silent for twice this is closed (the
+    /// node's link resumes its session when it reconnects).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    link_keepalive: Duration,
+    /// How long a ServiceBus call (`/servicebus/NODE/APP/...`) waits for the node: a hung node
+    /// is a 504 after this, a node whose link is down a 503 at once.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    service_bus_timeout: Duration,
     /// Changes kept in memory for watches that resume from a resourceVersion; older ones get 410.
     #[arg(long, default_value_t = 10_000)]
     watch_history: usize,
@@ -76,6 +84,8 @@ enum TokenCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
+        // Colour only on a terminal: log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -124,6 +134,8 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             kubeconfig: cli.kubeconfig,
             node_grace: cli.node_grace,
             watch_history: cli.watch_history,
+            link_keepalive: cli.link_keepalive,
+            service_bus_timeout: cli.service_bus_timeout,
         };
         let core = match CloudCore::start(config).await {
             Ok(core) => core,

@@ -59,6 +59,10 @@ struct Cli {
     /// --node-grace at three to four periods.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     lease_period: std::time::Duration,
+    /// QUIC keepalive of the link to the cloud: a connection silent for twice this is dead and
+    /// the node reconnects (its sync session resumes).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    link_keepalive: std::time::Duration,
 }
 
 /// mimalloc's `mi_option_purge_delay` (the same position in its v2 and v3 option lists).
@@ -76,6 +80,8 @@ fn main() -> ExitCode {
     keep_memory_small();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
+        // Colour only on a terminal: log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -110,6 +116,7 @@ fn main() -> ExitCode {
         config.service_bus_timeout = cli.service_bus_timeout;
         config.eventbus.max_payload = cli.mqtt_max_payload;
         config.node_status.lease_period = cli.lease_period;
+        config.link_keepalive = cli.link_keepalive;
         config.eventbus.mode = match (cli.no_mqtt, cli.mqtt_url) {
             (true, _) => edge::eventbus::MqttMode::Off,
             (false, Some((host, port))) => edge::eventbus::MqttMode::External(host, port),

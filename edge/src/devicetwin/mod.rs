@@ -430,7 +430,11 @@ impl DeviceTwin {
 
     /// Commits the staged records with the Device status reports and events they cause.
     fn commit(&mut self, staged: Staged) -> Result<(), String> {
-        if staged.twins.is_empty() && staged.devices.is_empty() && staged.reports.is_empty() {
+        if staged.twins.is_empty()
+            && staged.devices.is_empty()
+            && staged.reports.is_empty()
+            && staged.touched.is_empty()
+        {
             return Ok(());
         }
         let mut writes = WriteSet::new();
@@ -462,18 +466,21 @@ impl DeviceTwin {
         let held = self.meta.store().get(&view.key).ok()??;
         let mut device: Object = serde_json::from_slice(&held.object).ok()?;
         let records = self.twin_records(staged, id);
-        let twins: Vec<Value> = records
-            .iter()
-            .map(|(property, r)| {
+        // Every property with a reported value or a desired one (KubeEdge's
+        // `status.twins[]`: `reported` from the device, `observedDesired` as this node saw it).
+        let properties: BTreeSet<&String> = records.keys().chain(view.desired.keys()).collect();
+        let twins: Vec<Value> = properties
+            .into_iter()
+            .map(|property| {
                 let kind = view
                     .properties
                     .get(property)
                     .map_or("string", String::as_str);
-                let mut twin = json!({
-                    "propertyName": property,
-                    "reported": {"value": r.actual, "metadata": {
-                        "timestamp": r.timestamp.to_string(), "type": kind}},
-                });
+                let mut twin = json!({"propertyName": property});
+                if let Some(r) = records.get(property) {
+                    twin["reported"] = json!({"value": r.actual, "metadata": {
+                        "timestamp": r.timestamp.to_string(), "type": kind}});
+                }
                 if let Some((value, ts)) = view.desired.get(property) {
                     twin["observedDesired"] =
                         json!({"value": value, "metadata": {"timestamp": ts.to_string()}});
@@ -879,6 +886,14 @@ impl DeviceTwin {
                         notification: true,
                     });
                     out.extend(self.delta(&staged, id, &view));
+                    // The Device's status carries the desired values this node observed
+                    // (`status.twins[].observedDesired`, as KubeEdge reports them): report
+                    // the new ones now, not only with the mapper's next value.
+                    let mut report = Staged::default();
+                    report.touched.insert(id.to_owned());
+                    if let Err(e) = self.commit(report) {
+                        tracing::warn!(device = %id, error = %e, "cannot report the observed desired values");
+                    }
                 }
             }
         }

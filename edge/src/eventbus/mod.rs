@@ -141,6 +141,9 @@ async fn poll_broker(
     shutdown: CancellationToken,
 ) {
     let mut connected = None;
+    // When the broker was lost, and whether that was said: a blip (the node was paused, the
+    // broker restarted) heals within a retry or two and is not worth a warning.
+    let mut lost: Option<(std::time::Instant, bool)> = None;
     loop {
         let event = tokio::select! {
             event = eventloop.poll() => event,
@@ -151,8 +154,13 @@ async fn poll_broker(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                if connected != Some(true) {
-                    tracing::info!("EventBus connected to the MQTT broker");
+                match lost.take() {
+                    Some((_, true)) => tracing::info!("EventBus reconnected to the MQTT broker"),
+                    Some((_, false)) => tracing::debug!("EventBus reconnected to the MQTT broker"),
+                    None if connected.is_none() => {
+                        tracing::info!("EventBus connected to the MQTT broker")
+                    }
+                    None => {}
                 }
                 connected = Some(true);
                 let filters = topics::subscriptions(&node)
@@ -173,9 +181,13 @@ async fn poll_broker(
             }
             Ok(_) => {}
             Err(e) => {
-                // Logged once per outage, not on every retry.
-                if connected != Some(false) {
-                    tracing::warn!(error = %e, "EventBus lost the MQTT broker; retrying every second");
+                // A warning once per outage that lasts, not on every retry or blip.
+                let (since, warned) = lost.get_or_insert((std::time::Instant::now(), false));
+                if !*warned && since.elapsed() >= BROKER_LOST_WARNING {
+                    tracing::warn!(error = %e, "EventBus cannot reach the MQTT broker for {BROKER_LOST_WARNING:?}; retrying every second");
+                    *warned = true;
+                } else if !*warned {
+                    tracing::debug!(error = %e, "EventBus lost the MQTT broker; retrying");
                 }
                 connected = Some(false);
                 tokio::select! {
@@ -186,6 +198,9 @@ async fn poll_broker(
         }
     }
 }
+
+/// How long the MQTT broker may be unreachable before EventBus warns about it.
+const BROKER_LOST_WARNING: Duration = Duration::from_secs(10);
 
 /// Messages waiting for the MQTT client beyond this are dropped, oldest first (a broker that
 /// takes nothing for this long is gone; mappers re-read with twin/get and membership/get).

@@ -149,6 +149,8 @@ async fn run(args: Args, report: &mut Report) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
+        // Colour only on a terminal: log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )

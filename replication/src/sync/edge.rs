@@ -134,6 +134,11 @@ impl EdgeSync {
         self.held.len()
     }
 
+    /// Whether the link has a connection (messages may be sent).
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
     /// Reports not yet acknowledged by the cloud.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
@@ -158,6 +163,26 @@ impl EdgeSync {
         self.session = None;
         self.control.clear();
         self.ack_due = None;
+    }
+
+    /// The link has a connection. `new_session`: the transport could not resume its streams
+    /// (first contact, or either side restarted), so a new session starts with our hello.
+    /// Otherwise the link resumed: the session goes on, and whatever was waiting (acks,
+    /// reports, a digest) goes out now. The cloud decides the same from the same event (see
+    /// `NodeFeed::on_connected`); if it restarts the session on its own it asks for a hello.
+    pub fn on_connected(&mut self, new_session: bool) {
+        if new_session {
+            self.link_down();
+            self.link_up();
+        } else {
+            self.connected = true;
+        }
+    }
+
+    /// The link lost its connection: nothing is sent until it has one again, and the session
+    /// is kept, since a resumed link carries on with it (see [`EdgeSync::on_connected`]).
+    pub fn on_disconnected(&mut self) {
+        self.connected = false;
     }
 
     fn count_object_message(&mut self) -> Result<Watermark, EdgeError> {
@@ -228,6 +253,7 @@ impl EdgeSync {
                     }
                 }
             }
+            Down::HelloRequest => self.link_up(),
             Down::DigestRequest => {
                 let pairs = self.held.iter().map(|(k, v)| (k.clone(), *v)).collect();
                 self.control.push_back(Up::Digest(pairs));

@@ -281,6 +281,29 @@ impl NodeFeed {
         self.state = FeedState::AwaitHello;
     }
 
+    /// The link has a connection. `new_session`: the transport could not resume its streams
+    /// (first contact, or either side restarted), so the node says hello by itself. Otherwise
+    /// the connection resumes the link where it was and the session goes on: what was in
+    /// flight is replayed by the transport and nothing here changes, except for a feed with no
+    /// session to resume, which asks the node for a hello (it would never send one unasked).
+    ///
+    /// Both ends must make the same decision from the same link event, or one waits for the
+    /// other forever (see `EdgeSync::on_connected`).
+    pub fn on_connected(&mut self, new_session: bool) {
+        if new_session {
+            self.link_up();
+        } else if self.state == FeedState::Offline {
+            self.restart_session();
+        }
+    }
+
+    /// Abandons the current session while the link stays up and asks the node for a new
+    /// hello ([`Down::HelloRequest`]): the recovery from a protocol error.
+    pub fn restart_session(&mut self) {
+        self.link_up();
+        self.control.push_back(Down::HelloRequest);
+    }
+
     pub fn link_down(&mut self) {
         self.reset_link();
         self.state = FeedState::Offline;
@@ -366,17 +389,17 @@ impl NodeFeed {
                 Ok(())
             }
             Up::Ack { session, count } => {
-                if self.state == FeedState::Offline || self.state == FeedState::AwaitHello {
-                    return Err(self.unexpected("ack"));
-                }
-                if Some(session) == self.session {
+                // An ack of an earlier session (replayed by a resumed link, or sent before the
+                // node saw a restart) credits nothing: the next hello carries its watermark.
+                if self.state == FeedState::Streaming && Some(session) == self.session {
                     self.credit(count);
                 }
                 Ok(())
             }
             Up::Refetch { key } => {
                 if self.state != FeedState::Streaming {
-                    return Err(self.unexpected("refetch"));
+                    // The coming session's delta is computed from the node's hello anyway.
+                    return Ok(());
                 }
                 for entry in self.in_flight.iter_mut().filter(|f| f.key == key) {
                     entry.sent = Sent::Void;
@@ -397,9 +420,12 @@ impl NodeFeed {
     }
 
     fn on_hello(&mut self, hello: Hello) -> Result<(), FeedError> {
-        if self.state != FeedState::AwaitHello {
+        if self.state == FeedState::Offline {
             return Err(self.unexpected("hello"));
         }
+        // A hello always starts a new session, whatever this side was doing: the node decided
+        // (it restarted its side, or answered a HelloRequest). What was queued is recomputed.
+        self.reset_link();
         if let Some(applied) = hello.applied {
             if Some(applied.session) == self.session {
                 self.credit(applied.count);

@@ -36,6 +36,10 @@ pub enum Down {
     Bump { key: ObjectKey, base: u64, rv: u64 },
     /// Send me every (key, version) you hold: the cloud cannot trust its record of you.
     DigestRequest,
+    /// Start a new session: send a fresh [`Hello`]. The cloud restarted the session on its
+    /// own (a protocol error, a feed that lost its state) while the link itself carried on, so
+    /// the node would otherwise never say hello again.
+    HelloRequest,
     /// Reports up to and including this id were applied (or refused) durably.
     ReportAck { through: u64 },
 }

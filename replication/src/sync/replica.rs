@@ -63,9 +63,29 @@ impl EdgeReplica {
         self.sync.link_down();
     }
 
+    /// See [`EdgeSync::on_connected`]; a new session's hello is sent after a flush, so that
+    /// the watermark it carries is durable.
+    pub fn on_connected(&mut self, new_session: bool) -> Result<(), StoreError> {
+        if new_session {
+            self.flush()?;
+        }
+        self.sync.on_connected(new_session);
+        Ok(())
+    }
+
+    /// See [`EdgeSync::on_disconnected`].
+    pub fn on_disconnected(&mut self) {
+        self.sync.on_disconnected();
+    }
+
     /// Takes in one message; its writes wait for [`EdgeReplica::flush`], so that many messages
     /// share one commit (one fsync).
     pub fn receive(&mut self, message: Down) -> Result<(), EdgeError> {
+        if matches!(message, Down::HelloRequest) {
+            // The hello it asks for carries our watermark: make it durable first. A failed
+            // flush already starts a new session from what the store holds.
+            let _ = self.flush();
+        }
         self.sync.receive(message)
     }
 
@@ -82,10 +102,16 @@ impl EdgeReplica {
                 Ok(())
             }
             Err(error) => {
+                let was_connected = self.sync.is_connected();
                 let mut sync = EdgeSync::new(persist::load_edge(&self.store)?);
                 // The session this state machine was in cannot be trusted any more: a new
-                // hello after the next link-up tells the cloud what is really held.
+                // hello tells the cloud what is really held, now if the link is up (it may
+                // stay up for days: waiting for the next connection would leave the node
+                // deaf), else at the next connection.
                 sync.link_down();
+                if was_connected {
+                    sync.link_up();
+                }
                 self.sync = sync;
                 Err(error)
             }

@@ -73,6 +73,7 @@ pub fn encode_down(down: &Down) -> EncodedMessage {
         Down::Delete { key, rv } => message("delete", key.as_str(), Some(*rv), Bytes::new()),
         Down::Bump { key, base, rv } => message("bump", key.as_str(), Some(*rv), u64s(&[*base])),
         Down::DigestRequest => message("digest-request", "", None, Bytes::new()),
+        Down::HelloRequest => message("hello-request", "", None, Bytes::new()),
         Down::ReportAck { through } => message("report-ack", "", None, u64s(&[*through])),
     };
     EncodedMessage::encode(&m)
@@ -155,6 +156,7 @@ pub fn decode_down(parts: Parts<'_>) -> Result<Down, WireError> {
             }
         }
         "digest-request" => Down::DigestRequest,
+        "hello-request" => Down::HelloRequest,
         "report-ack" => {
             let [through] = fixed::<1>("report-ack", &parts.content)?;
             Down::ReportAck { through }
@@ -331,6 +333,7 @@ mod tests {
                 rv: 12,
             },
             Down::DigestRequest,
+            Down::HelloRequest,
             Down::ReportAck { through: 44 },
         ];
         for down in messages {
