@@ -9,6 +9,7 @@
 
 pub mod hollow;
 pub mod process;
+pub mod procs;
 pub mod runtime;
 pub mod spec;
 
