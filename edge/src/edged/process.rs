@@ -17,6 +17,9 @@
 //! - the container's process dies with edgecore (`PR_SET_PDEATHSIG`); what it forked is found
 //!   and killed by the next edgecore on the same data dir before it starts any pod
 //!   ([`ProcessRuntime::open`]), so a restart never runs a pod twice;
+//! - a pod the runtime does not know yet resumes from the statuses the node last recorded
+//!   ([`super::runtime::resume`]): restart counts go on, a container that finished for good
+//!   is not run again.
 
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
@@ -30,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::procs::{self, GroupRecord};
 use super::runtime::{
-    ContainerRun, ContainerState, ContainerStatus, PodRun, RestartPolicy, Runtime, Terminated,
+    resume, ContainerRun, ContainerState, ContainerStatus, PodRun, RestartPolicy, Runtime,
+    Terminated,
 };
 
 const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
@@ -155,16 +159,8 @@ impl Runtime for ProcessRuntime {
         let mut statuses = Vec::new();
         let pod_dir = pod.root.parent().unwrap_or(&pod.root);
         for container in &pod.containers {
-            let status = Arc::new(Mutex::new(ContainerStatus {
-                name: container.name.clone(),
-                image: container.image.clone(),
-                state: ContainerState::Waiting {
-                    reason: "ContainerCreating".into(),
-                    message: String::new(),
-                },
-                last_termination: None,
-                restart_count: 0,
-            }));
+            let (status, start) = resume(container, pod.restart_policy, &pod.recorded);
+            let status = Arc::new(Mutex::new(status));
             statuses.push(status.clone());
             let supervisor = Supervisor {
                 container: container.clone(),
@@ -175,6 +171,7 @@ impl Runtime for ProcessRuntime {
                 runtime_id: self.runtime_id.clone(),
                 pod_uid: pod.uid.clone(),
                 policy: pod.restart_policy,
+                start,
                 status,
                 stop: stop.clone(),
                 grace: grace.clone(),
@@ -259,6 +256,8 @@ struct Supervisor {
     runtime_id: Arc<str>,
     pod_uid: String,
     policy: RestartPolicy,
+    /// Whether to run the container at all (not when it finished for good before a restart).
+    start: bool,
     status: Arc<Mutex<ContainerStatus>>,
     stop: CancellationToken,
     grace: Arc<Mutex<Duration>>,
@@ -311,6 +310,9 @@ impl Supervisor {
     }
 
     async fn run(self) {
+        if !self.start {
+            return;
+        }
         if self.container.argv.is_empty() {
             self.set_state(ContainerState::Waiting {
                 reason: "ContainerCannotRun".into(),
