@@ -162,7 +162,17 @@ impl EdgeCore {
 
         let mut status_config = config.node_status.clone();
         let runtime: Arc<dyn edged::Runtime> = match config.runtime {
-            RuntimeKind::Process => Arc::new(edged::process::ProcessRuntime::new()),
+            RuntimeKind::Process => {
+                // Kills what an earlier edgecore on this data dir left running before any
+                // pod starts (it may wait a few seconds for them to die).
+                let pods_dir = config.data_dir.join("pods");
+                let runtime = tokio::task::spawn_blocking(move || {
+                    edged::process::ProcessRuntime::open(&pods_dir)
+                })
+                .await
+                .context("opening the process runtime")?;
+                Arc::new(runtime)
+            }
             RuntimeKind::Hollow => {
                 status_config.runtime = "kedge-hollow://0.1".into();
                 Arc::new(edged::hollow::HollowRuntime::default())

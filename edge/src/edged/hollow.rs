@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use replication::api::object;
 
-use super::runtime::{ContainerState, ContainerStatus, PodRun, Runtime};
+use super::runtime::{resume, ContainerState, ContainerStatus, PodRun, Runtime};
 
 #[derive(Default)]
 pub struct HollowRuntime {
@@ -21,14 +21,14 @@ impl Runtime for HollowRuntime {
             let now = object::now_rfc3339();
             pod.containers
                 .iter()
-                .map(|c| ContainerStatus {
-                    name: c.name.clone(),
-                    image: c.image.clone(),
-                    state: ContainerState::Running {
-                        started_at: now.clone(),
-                    },
-                    last_termination: None,
-                    restart_count: 0,
+                .map(|c| {
+                    let (mut status, start) = resume(c, pod.restart_policy, &pod.recorded);
+                    if start {
+                        status.state = ContainerState::Running {
+                            started_at: now.clone(),
+                        };
+                    }
+                    status
                 })
                 .collect()
         });

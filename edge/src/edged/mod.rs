@@ -6,13 +6,20 @@
 //! confirmed deleted once stopped, pods gone from the cache (deleted in the cloud, or moved away)
 //! stop. A pod's status is reported when it differs from what the cache holds, so a restart
 //! does not re-report what was already said.
+//!
+//! A pod the runtime does not know (edgecore restarted, with or without the cloud) is taken
+//! up from the status the node last recorded for it: its latest report still in the outbox,
+//! or else the status in the cache (the node's reports are written there too). A pod recorded
+//! Succeeded or Failed is never run again, and a running one goes on with the restart counts
+//! it had. The status reported never leaves a terminal phase and never lowers a restart count.
 
 pub mod hollow;
 pub mod process;
+pub mod procs;
 pub mod runtime;
 pub mod spec;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,14 +32,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::meta::MetaManager;
 pub use runtime::Runtime;
-use runtime::{ContainerState, ContainerStatus, RestartPolicy};
+use runtime::{ContainerState, ContainerStatus, RestartPolicy, Terminated};
 
+/// Runs the node's pods (see the module documentation).
 pub struct Edged {
     meta: Arc<MetaManager>,
     runtime: Arc<dyn Runtime>,
     pods_dir: PathBuf,
     /// Pods being stopped because they left the cache (nothing to confirm to the cloud).
     orphans: HashSet<String>,
+    /// Pods as the node last reported them, from the outbox at start (reports the cloud had
+    /// not acknowledged): newer than the cache when the cloud overwrote the local copy before
+    /// applying the report. Dropped once the pod is running or gone.
+    reported: HashMap<ObjectKey, Object>,
 }
 
 fn grace_of(pod: &Object) -> Duration {
@@ -44,14 +56,65 @@ fn grace_of(pod: &Object) -> Duration {
     Duration::from_secs(seconds)
 }
 
+/// The latest report of each pod in the node's outbox (an unreadable outbox: none).
+fn outbox_pods(meta: &MetaManager) -> HashMap<ObjectKey, Object> {
+    let outbox = match replication::sync::persist::load_edge(meta.store()) {
+        Ok(recovered) => recovered.outbox,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the outbox; pods resume from the cache");
+            return HashMap::new();
+        }
+    };
+    let mut latest: HashMap<ObjectKey, (u64, Object)> = HashMap::new();
+    for report in outbox {
+        if report.key.kind() != "pods" || report.object.is_empty() {
+            continue;
+        }
+        let Ok(pod) = serde_json::from_slice::<Object>(&report.object) else {
+            continue;
+        };
+        if latest
+            .get(&report.key)
+            .is_none_or(|(id, _)| *id < report.id)
+        {
+            latest.insert(report.key, (report.id, pod));
+        }
+    }
+    latest.into_iter().map(|(k, (_, pod))| (k, pod)).collect()
+}
+
+/// Whether a pod status is Succeeded or Failed (a pod never leaves either).
+pub fn is_terminal(status: &Value) -> bool {
+    matches!(
+        status.get("phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    )
+}
+
 impl Edged {
+    /// Edged over the node's cache; reads the outbox once for the pods' last reports.
     pub fn new(meta: Arc<MetaManager>, runtime: Arc<dyn Runtime>, pods_dir: PathBuf) -> Self {
+        let reported = outbox_pods(&meta);
         Edged {
             meta,
             runtime,
             pods_dir,
             orphans: HashSet::new(),
+            reported,
         }
+    }
+
+    /// The status the node last recorded for `pod`: its report in the outbox if that is of
+    /// the same pod (same uid), else what the cache holds.
+    fn recorded_status(&self, key: &ObjectKey, pod: &Object) -> Value {
+        let uid = object::meta_str(pod, "uid");
+        self.reported
+            .get(key)
+            .filter(|reported| object::meta_str(reported, "uid") == uid)
+            .and_then(|reported| reported.get("status"))
+            .or_else(|| pod.get("status"))
+            .cloned()
+            .unwrap_or(Value::Null)
     }
 
     fn cached_pods(&self) -> Vec<(ObjectKey, Object)> {
@@ -90,11 +153,28 @@ impl Edged {
                 }
                 continue;
             }
-            let run = spec::pod_run(self.meta.store(), pod, &self.pods_dir);
+            let known = self.runtime.status(&id).is_some();
+            let mut recorded = Value::Null;
+            if !known {
+                recorded = self.recorded_status(key, pod);
+                if is_terminal(&recorded) {
+                    // Finished before edgecore (re)started: it stays finished.
+                    continue;
+                }
+            }
+            let mut run = spec::pod_run(self.meta.store(), pod, &self.pods_dir);
+            if !known {
+                run.recorded = recorded_containers(&recorded);
+                self.reported.remove(key);
+            }
             self.runtime.ensure(&run);
             if let Some(containers) = self.runtime.status(&id) {
                 self.report_status(key, pod, run.restart_policy, &containers);
             }
+        }
+        if !self.reported.is_empty() {
+            let cached: HashSet<&ObjectKey> = pods.iter().map(|(k, _)| k).collect();
+            self.reported.retain(|k, _| cached.contains(k));
         }
         for id in self.runtime.pods() {
             if !wanted.contains(&id) && self.orphans.insert(id.clone()) {
@@ -203,8 +283,78 @@ fn container_json(c: &ContainerStatus) -> Value {
     status
 }
 
+fn terminated_of(value: &Value) -> Option<Terminated> {
+    let text = |field: &str| {
+        value
+            .get(field)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
+    Some(Terminated {
+        exit_code: i32::try_from(value.get("exitCode")?.as_i64()?).ok()?,
+        reason: text("reason"),
+        started_at: text("startedAt"),
+        finished_at: text("finishedAt"),
+    })
+}
+
+/// The container statuses held in a pod status (the inverse of what [`pod_status`] writes):
+/// what a runtime resumes from after a restart. Entries without a name are skipped.
+pub fn recorded_containers(status: &Value) -> Vec<ContainerStatus> {
+    let entries = status.get("containerStatuses").and_then(Value::as_array);
+    entries
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            let text = |field: &str| c.get(field).and_then(Value::as_str).map(str::to_owned);
+            let state = c.get("state");
+            let terminated = state.and_then(|s| s.get("terminated"));
+            let state = if let Some(t) = terminated {
+                ContainerState::Terminated(terminated_of(t)?)
+            } else if let Some(r) = state.and_then(|s| s.get("running")) {
+                ContainerState::Running {
+                    started_at: r.get("startedAt").and_then(Value::as_str)?.to_owned(),
+                }
+            } else {
+                let waiting = state.and_then(|s| s.get("waiting"));
+                let field = |f: &str| {
+                    waiting
+                        .and_then(|w| w.get(f))
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                ContainerState::Waiting {
+                    reason: field("reason"),
+                    message: field("message"),
+                }
+            };
+            let last_termination = c
+                .pointer("/lastState/terminated")
+                .and_then(terminated_of)
+                .or_else(|| match &state {
+                    ContainerState::Terminated(t) => Some(t.clone()),
+                    _ => None,
+                });
+            Some(ContainerStatus {
+                name: text("name").filter(|n| !n.is_empty())?,
+                image: text("image").unwrap_or_default(),
+                state,
+                last_termination,
+                restart_count: c
+                    .get("restartCount")
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
 /// The pod status for these container states. Times that already exist in `held` are kept,
-/// so an unchanged pod yields exactly `held`.
+/// so an unchanged pod yields exactly `held`. Nothing goes backwards from `held`: a
+/// Succeeded or Failed phase stays, and no container's restart count is lowered.
 pub fn pod_status(held: &Value, policy: RestartPolicy, containers: &[ContainerStatus]) -> Value {
     let all_running = containers
         .iter()
@@ -232,6 +382,18 @@ pub fn pod_status(held: &Value, policy: RestartPolicy, containers: &[ContainerSt
         "Running"
     } else {
         "Pending"
+    };
+    let phase = if is_terminal(held) {
+        held.get("phase").and_then(Value::as_str).unwrap_or(phase)
+    } else {
+        phase
+    };
+    let held_containers = recorded_containers(held);
+    let held_restarts = |name: &str| {
+        held_containers
+            .iter()
+            .find(|c| c.name == name)
+            .map_or(0, |c| c.restart_count)
     };
     let ready = all_running && !containers.is_empty();
     let now = object::now_rfc3339();
@@ -267,6 +429,117 @@ pub fn pod_status(held: &Value, policy: RestartPolicy, containers: &[ContainerSt
         "podIPs": [{"ip": "127.0.0.1"}],
         "startTime": start_time,
         "qosClass": held.get("qosClass").cloned().unwrap_or_else(|| json!("BestEffort")),
-        "containerStatuses": containers.iter().map(container_json).collect::<Vec<_>>(),
+        "containerStatuses": containers
+            .iter()
+            .map(|c| {
+                let held = held_restarts(&c.name);
+                if c.restart_count < held {
+                    container_json(&ContainerStatus {
+                        restart_count: held,
+                        ..c.clone()
+                    })
+                } else {
+                    container_json(c)
+                }
+            })
+            .collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn terminated(code: i32) -> Terminated {
+        Terminated {
+            exit_code: code,
+            reason: if code == 0 { "Completed" } else { "Error" }.into(),
+            started_at: "2025-01-01T00:00:00Z".into(),
+            finished_at: "2025-01-01T00:00:01Z".into(),
+        }
+    }
+
+    fn status(name: &str, state: ContainerState, restarts: u32) -> ContainerStatus {
+        ContainerStatus {
+            name: name.into(),
+            image: "busybox".into(),
+            state,
+            last_termination: None,
+            restart_count: restarts,
+        }
+    }
+
+    #[test]
+    fn recorded_containers_read_back_what_pod_status_wrote() {
+        let mut backoff = status(
+            "a",
+            ContainerState::Waiting {
+                reason: "CrashLoopBackOff".into(),
+                message: "back-off 2s".into(),
+            },
+            3,
+        );
+        backoff.last_termination = Some(terminated(1));
+        let mut done = status("b", ContainerState::Terminated(terminated(0)), 1);
+        done.last_termination = Some(terminated(0));
+        let mut running = status(
+            "c",
+            ContainerState::Running {
+                started_at: "2025-01-01T00:00:02Z".into(),
+            },
+            0,
+        );
+        running.last_termination = None;
+        let containers = vec![backoff, done, running];
+        let written = pod_status(&Value::Null, RestartPolicy::OnFailure, &containers);
+        assert_eq!(recorded_containers(&written), containers);
+        assert!(recorded_containers(&Value::Null).is_empty());
+        assert!(
+            recorded_containers(&json!({"containerStatuses": [{"restartCount": 1}]})).is_empty()
+        );
+    }
+
+    #[test]
+    fn a_terminal_phase_is_kept_and_restart_counts_never_drop() {
+        let failed = pod_status(
+            &Value::Null,
+            RestartPolicy::Never,
+            &[status("main", ContainerState::Terminated(terminated(1)), 0)],
+        );
+        assert_eq!(failed["phase"], "Failed");
+        assert!(is_terminal(&failed));
+        // Whatever a runtime says later, the pod stays Failed.
+        let later = pod_status(
+            &failed,
+            RestartPolicy::Never,
+            &[status(
+                "main",
+                ContainerState::Running {
+                    started_at: "2025-01-01T00:00:05Z".into(),
+                },
+                0,
+            )],
+        );
+        assert_eq!(later["phase"], "Failed");
+
+        let six = pod_status(
+            &Value::Null,
+            RestartPolicy::Always,
+            &[status("main", ContainerState::Terminated(terminated(1)), 6)],
+        );
+        assert_eq!(six["containerStatuses"][0]["restartCount"], 6);
+        assert!(!is_terminal(&six));
+        let lower = pod_status(
+            &six,
+            RestartPolicy::Always,
+            &[status("main", ContainerState::Terminated(terminated(1)), 5)],
+        );
+        assert_eq!(lower["containerStatuses"][0]["restartCount"], 6);
+        let higher = pod_status(
+            &six,
+            RestartPolicy::Always,
+            &[status("main", ContainerState::Terminated(terminated(1)), 7)],
+        );
+        assert_eq!(higher["containerStatuses"][0]["restartCount"], 7);
+    }
 }

@@ -8,9 +8,18 @@
 //!   mounted at `/etc/config` is at `$KEDGE_POD_ROOT/etc/config`;
 //! - stdout and stderr are appended to `DATA_DIR/pods/<namespace>_<name>/<container>.log`;
 //! - restartPolicy Always/OnFailure/Never with backoff (1 s doubling to 60 s, reset after a
-//!   minute of running); stopping sends SIGTERM to the process group, then SIGKILL after the
-//!   grace period; processes die with edgecore (`PR_SET_PDEATHSIG`), so a restarted edgecore
-//!   never finds orphans and starts every cached pod afresh.
+//!   minute of running);
+//! - each container runs in a process group of its own, and everything in it belongs to the
+//!   container: stopping sends SIGTERM to the group, then SIGKILL to whatever is left of it
+//!   after the grace period; when the container's process exits by itself, what it left in
+//!   its group is killed; when a pod is stopped, processes that left the group but still
+//!   carry the pod's marker (see [`super::procs`]) are killed too;
+//! - the container's process dies with edgecore (`PR_SET_PDEATHSIG`); what it forked is found
+//!   and killed by the next edgecore on the same data dir before it starts any pod
+//!   ([`ProcessRuntime::open`]), so a restart never runs a pod twice;
+//! - a pod the runtime does not know yet resumes from the statuses the node last recorded
+//!   ([`super::runtime::resume`]): restart counts go on, a container that finished for good
+//!   is not run again.
 
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
@@ -22,15 +31,22 @@ use std::time::{Duration, Instant};
 use replication::api::object;
 use tokio_util::sync::CancellationToken;
 
+use super::procs::{self, GroupRecord};
 use super::runtime::{
-    ContainerRun, ContainerState, ContainerStatus, PodRun, RestartPolicy, Runtime, Terminated,
+    resume, ContainerRun, ContainerState, ContainerStatus, PodRun, RestartPolicy, Runtime,
+    Terminated,
 };
 
 const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The file under the pods directory that holds the data dir's runtime id.
+const RUNTIME_ID_FILE: &str = "runtime-id";
+/// How long [`ProcessRuntime::open`] waits for an earlier run's processes to be gone.
+const SWEEP_WAIT: Duration = Duration::from_secs(5);
 
 struct PodEntry {
+    uid: String,
     statuses: Vec<Arc<Mutex<ContainerStatus>>>,
     stop: CancellationToken,
     grace: Arc<Mutex<Duration>>,
@@ -38,25 +54,58 @@ struct PodEntry {
     files: Vec<(PathBuf, Vec<u8>)>,
 }
 
+/// Runs each container as a local process (see the module documentation).
 pub struct ProcessRuntime {
     pods: Mutex<HashMap<String, PodEntry>>,
+    /// Marks every process of this data dir's pods (environment `KEDGE_RUNTIME_ID`).
+    runtime_id: Arc<str>,
+}
+
+/// The runtime id kept in `pods_dir`, made on first use: it outlives edgecore, so the next
+/// run recognizes the processes of this one.
+fn runtime_id(pods_dir: &Path) -> String {
+    let path = pods_dir.join(RUNTIME_ID_FILE);
+    if let Some(id) = std::fs::read_to_string(&path)
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+    {
+        return id;
+    }
+    let id = format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    );
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::create_dir_all(pods_dir)
+        .and_then(|_| std::fs::write(&tmp, &id))
+        .and_then(|_| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e,
+            "cannot keep the runtime id: processes left by this run will not be found by the next");
+    }
+    id
 }
 
 impl ProcessRuntime {
-    pub fn new() -> Self {
+    /// The runtime for the pods under `pods_dir`. Blocks while it kills what an earlier
+    /// edgecore on the same data dir left running (see [`procs::sweep`]), so call it before
+    /// any pod is started.
+    pub fn open(pods_dir: &Path) -> Self {
+        let runtime_id = runtime_id(pods_dir);
+        let killed = procs::sweep(pods_dir, &runtime_id, SWEEP_WAIT);
+        if killed > 0 {
+            tracing::info!(killed, "cleaned up after an earlier edgecore");
+        }
         ProcessRuntime {
             pods: Mutex::new(HashMap::new()),
+            runtime_id: runtime_id.into(),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PodEntry>> {
         self.pods.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl Default for ProcessRuntime {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -108,28 +157,21 @@ impl Runtime for ProcessRuntime {
         let grace = Arc::new(Mutex::new(Duration::from_secs(30)));
         let live = Arc::new(AtomicUsize::new(pod.containers.len()));
         let mut statuses = Vec::new();
+        let pod_dir = pod.root.parent().unwrap_or(&pod.root);
         for container in &pod.containers {
-            let status = Arc::new(Mutex::new(ContainerStatus {
-                name: container.name.clone(),
-                image: container.image.clone(),
-                state: ContainerState::Waiting {
-                    reason: "ContainerCreating".into(),
-                    message: String::new(),
-                },
-                last_termination: None,
-                restart_count: 0,
-            }));
+            let (status, start) = resume(container, pod.restart_policy, &pod.recorded);
+            let status = Arc::new(Mutex::new(status));
             statuses.push(status.clone());
             let supervisor = Supervisor {
                 container: container.clone(),
                 root: pod.root.clone(),
-                log: pod
-                    .root
-                    .parent()
-                    .unwrap_or(&pod.root)
-                    .join(format!("{}.log", container.name)),
+                log: pod_dir.join(format!("{}.log", container.name)),
+                record: pod_dir.join(format!("{}{}", container.name, procs::RECORD_SUFFIX)),
                 hostname: pod.id.rsplit('/').next().unwrap_or_default().to_owned(),
+                runtime_id: self.runtime_id.clone(),
+                pod_uid: pod.uid.clone(),
                 policy: pod.restart_policy,
+                start,
                 status,
                 stop: stop.clone(),
                 grace: grace.clone(),
@@ -143,6 +185,7 @@ impl Runtime for ProcessRuntime {
         pods.insert(
             pod.id.clone(),
             PodEntry {
+                uid: pod.uid.clone(),
                 statuses,
                 stop,
                 grace,
@@ -176,6 +219,15 @@ impl Runtime for ProcessRuntime {
         match pods.get(id) {
             None => true,
             Some(entry) if entry.stop.is_cancelled() && entry.live.load(Ordering::Acquire) == 0 => {
+                // Processes that left their container's group (setsid, a double fork) but
+                // carry the pod's marker go with the pod.
+                if !entry.uid.is_empty() {
+                    let left =
+                        procs::kill_marked(&procs::markers(&self.runtime_id, Some(&entry.uid)));
+                    if !left.is_empty() {
+                        tracing::info!(pod = %id, pids = ?left, "killed processes the pod left outside its groups");
+                    }
+                }
                 pods.remove(id);
                 true
             }
@@ -198,8 +250,14 @@ struct Supervisor {
     container: ContainerRun,
     root: PathBuf,
     log: PathBuf,
+    /// Where the running process group is recorded (for the next edgecore, if this one dies).
+    record: PathBuf,
     hostname: String,
+    runtime_id: Arc<str>,
+    pod_uid: String,
     policy: RestartPolicy,
+    /// Whether to run the container at all (not when it finished for good before a restart).
+    start: bool,
     status: Arc<Mutex<ContainerStatus>>,
     stop: CancellationToken,
     grace: Arc<Mutex<Duration>>,
@@ -219,6 +277,9 @@ impl Supervisor {
         command.env("HOSTNAME", &self.hostname);
         command.env("KEDGE_POD_ROOT", &self.root);
         command.envs(self.container.env.iter().map(|(k, v)| (k, v)));
+        // The markers come last: the pod's own env cannot override them.
+        command.env(procs::RUNTIME_ID_VAR, &*self.runtime_id);
+        command.env(procs::POD_UID_VAR, &self.pod_uid);
         command.current_dir(&self.root);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -249,6 +310,9 @@ impl Supervisor {
     }
 
     async fn run(self) {
+        if !self.start {
+            return;
+        }
         if self.container.argv.is_empty() {
             self.set_state(ContainerState::Waiting {
                 reason: "ContainerCannotRun".into(),
@@ -281,13 +345,19 @@ impl Supervisor {
             };
             let started = Instant::now();
             let started_at = object::now_rfc3339();
+            // The group the child leads (`process_group(0)`); recorded for the next edgecore.
+            let pgid = child.id().map_or(0, |p| p as i32);
+            self.record_group(pgid);
             self.set_state(ContainerState::Running {
                 started_at: started_at.clone(),
             });
             let (exit, stopped) = tokio::select! {
                 exit = child.wait() => (exit, false),
-                _ = self.stop.cancelled() => (self.terminate(&mut child).await, true),
+                _ = self.stop.cancelled() => (self.terminate(&mut child, pgid).await, true),
             };
+            // Whatever the container's process left in its group dies with it.
+            procs::signal_group(pgid, libc::SIGKILL);
+            let _ = std::fs::remove_file(&self.record);
             let code = match exit {
                 Ok(status) => status
                     .code()
@@ -326,25 +396,38 @@ impl Supervisor {
         }
     }
 
-    /// SIGTERM to the process group, SIGKILL after the grace period.
+    fn record_group(&self, pgid: i32) {
+        let Some(record) = GroupRecord::of(pgid) else {
+            return;
+        };
+        if let Err(e) = std::fs::write(&self.record, record.encode()) {
+            tracing::warn!(path = %self.record.display(), error = %e,
+                "cannot record the container's process group");
+        }
+    }
+
+    /// SIGTERM to the process group, SIGKILL to what is left of it after the grace period
+    /// (members that outlive the container's own process get the rest of it too).
     async fn terminate(
         &self,
         child: &mut tokio::process::Child,
+        pgid: i32,
     ) -> std::io::Result<std::process::ExitStatus> {
         let grace = *self.grace.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pid) = child.id() {
-            // SAFETY: plain syscall; a negative pid addresses the group the child leads.
-            unsafe { libc::kill(-(pid as i32), libc::SIGTERM) };
-        }
-        match tokio::time::timeout(grace, child.wait()).await {
+        let deadline = tokio::time::Instant::now() + grace;
+        procs::signal_group(pgid, libc::SIGTERM);
+        let exit = match tokio::time::timeout_at(deadline, child.wait()).await {
             Ok(exit) => exit,
             Err(_) => {
-                if let Some(pid) = child.id() {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
-                }
+                procs::signal_group(pgid, libc::SIGKILL);
                 child.wait().await
             }
+        };
+        // Bounded by the deadline: a poll every 50 ms until the group is empty.
+        while !procs::group_empty(pgid) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        procs::signal_group(pgid, libc::SIGKILL);
+        exit
     }
 }

@@ -16,6 +16,11 @@ pub struct PodRun {
     /// Files to keep under `root` (ConfigMap and Secret volumes), path relative to `root`.
     pub files: Vec<(PathBuf, Vec<u8>)>,
     pub containers: Vec<ContainerRun>,
+    /// The containers' statuses as the node last recorded them (empty for a pod this node has
+    /// never reported). A runtime that does not know the pod yet (edgecore restarted) resumes
+    /// from them with [`resume`]: restart counts go on from there, and a container that
+    /// terminated for good is not run again.
+    pub recorded: Vec<ContainerStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +82,53 @@ pub struct ContainerStatus {
     pub restart_count: u32,
 }
 
+/// How a runtime that does not know a pod takes up one of its containers: the status to start
+/// from and whether to run the container.
+///
+/// - nothing recorded: a new container, run it;
+/// - terminated with an exit the policy does not restart: it stays terminated, never run again;
+/// - terminated with an exit the policy restarts: it was about to be restarted, so it is, one
+///   restart more;
+/// - running or waiting (edgecore died under it, or it was in back-off): it runs again with
+///   the restarts it had.
+pub fn resume(
+    container: &ContainerRun,
+    policy: RestartPolicy,
+    recorded: &[ContainerStatus],
+) -> (ContainerStatus, bool) {
+    let fresh = ContainerStatus {
+        name: container.name.clone(),
+        image: container.image.clone(),
+        state: ContainerState::Waiting {
+            reason: "ContainerCreating".into(),
+            message: String::new(),
+        },
+        last_termination: None,
+        restart_count: 0,
+    };
+    let Some(held) = recorded.iter().find(|c| c.name == container.name) else {
+        return (fresh, true);
+    };
+    let mut status = ContainerStatus {
+        last_termination: held.last_termination.clone(),
+        restart_count: held.restart_count,
+        ..fresh
+    };
+    match &held.state {
+        ContainerState::Terminated(t) if !policy.restarts(t.exit_code) => {
+            status.state = held.state.clone();
+            status.last_termination = Some(t.clone());
+            (status, false)
+        }
+        ContainerState::Terminated(t) => {
+            status.last_termination = Some(t.clone());
+            status.restart_count += 1;
+            (status, true)
+        }
+        ContainerState::Running { .. } | ContainerState::Waiting { .. } => (status, true),
+    }
+}
+
 /// Runs pods. Every call returns at once; the work happens in the background.
 pub trait Runtime: Send + Sync + 'static {
     /// Makes `pod` run (idempotent). Files are brought up to date on every call.
@@ -91,4 +143,95 @@ pub trait Runtime: Send + Sync + 'static {
     fn pods(&self) -> Vec<String>;
     /// Stops everything (edgecore is exiting) and waits at most `grace`.
     fn shutdown(&self, grace: Duration);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container(name: &str) -> ContainerRun {
+        ContainerRun {
+            name: name.into(),
+            image: "busybox".into(),
+            argv: vec!["true".into()],
+            env: Vec::new(),
+        }
+    }
+
+    fn terminated(code: i32) -> Terminated {
+        Terminated {
+            exit_code: code,
+            reason: if code == 0 { "Completed" } else { "Error" }.into(),
+            started_at: "2025-01-01T00:00:00Z".into(),
+            finished_at: "2025-01-01T00:00:01Z".into(),
+        }
+    }
+
+    fn held(state: ContainerState, restarts: u32) -> ContainerStatus {
+        ContainerStatus {
+            name: "main".into(),
+            image: "busybox".into(),
+            state,
+            last_termination: None,
+            restart_count: restarts,
+        }
+    }
+
+    #[test]
+    fn nothing_recorded_is_a_new_container() {
+        let (status, start) = resume(&container("main"), RestartPolicy::Never, &[]);
+        assert!(start);
+        assert_eq!(status.restart_count, 0);
+        assert!(matches!(status.state, ContainerState::Waiting { .. }));
+        // Another container's record does not count.
+        let other = ContainerStatus {
+            name: "side".into(),
+            ..held(ContainerState::Terminated(terminated(1)), 4)
+        };
+        let (status, start) = resume(&container("main"), RestartPolicy::Never, &[other]);
+        assert!(start);
+        assert_eq!(status.restart_count, 0);
+    }
+
+    #[test]
+    fn a_container_finished_for_good_is_not_run_again() {
+        for (policy, code) in [
+            (RestartPolicy::Never, 1),
+            (RestartPolicy::Never, 0),
+            (RestartPolicy::OnFailure, 0),
+        ] {
+            let record = held(ContainerState::Terminated(terminated(code)), 2);
+            let (status, start) = resume(&container("main"), policy, &[record]);
+            assert!(!start, "{policy:?} exit {code}");
+            assert_eq!(status.state, ContainerState::Terminated(terminated(code)));
+            assert_eq!(status.restart_count, 2);
+        }
+    }
+
+    #[test]
+    fn a_restartable_or_interrupted_container_runs_on_with_its_count() {
+        // Terminated and due for a restart: that restart happens and is counted.
+        let record = held(ContainerState::Terminated(terminated(1)), 5);
+        let (status, start) = resume(&container("main"), RestartPolicy::OnFailure, &[record]);
+        assert!(start);
+        assert_eq!(status.restart_count, 6);
+        assert_eq!(status.last_termination, Some(terminated(1)));
+        // In back-off (already counted) or running when edgecore died: same count.
+        for state in [
+            ContainerState::Waiting {
+                reason: "CrashLoopBackOff".into(),
+                message: String::new(),
+            },
+            ContainerState::Running {
+                started_at: "2025-01-01T00:00:00Z".into(),
+            },
+        ] {
+            let mut record = held(state, 6);
+            record.last_termination = Some(terminated(1));
+            let (status, start) = resume(&container("main"), RestartPolicy::Always, &[record]);
+            assert!(start);
+            assert_eq!(status.restart_count, 6);
+            assert_eq!(status.last_termination, Some(terminated(1)));
+        }
+    }
 }

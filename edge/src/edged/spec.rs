@@ -250,5 +250,7 @@ pub fn pod_run(store: &Store, pod: &Object, pods_dir: &Path) -> PodRun {
         root: pods_dir.join(format!("{namespace}_{name}")).join("root"),
         files: volume_files(store, pod, &spec),
         containers,
+        // Edged fills this in when the runtime does not know the pod yet.
+        recorded: Vec::new(),
     }
 }
