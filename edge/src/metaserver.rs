@@ -37,6 +37,13 @@ pub async fn forward_to_cloud(
     let Some(target) = classify(request.method(), request.uri()) else {
         return next.run(request).await;
     };
+    if target.verb.is_write() && local_status_write(target.resource, target.verb, target.status) {
+        if let Some(key) = target.key() {
+            if matches!(meta.store().get(&key), Ok(None)) {
+                return ApiReply::error(&not_bound(&meta, &key)).into_response();
+            }
+        }
+    }
     let forward = match target.verb {
         Verb::Get => target
             .key()
@@ -69,6 +76,20 @@ pub async fn forward_to_cloud(
         Ok(reply) => reply.into_response(),
         Err(e) => ApiReply::error(&e).into_response(),
     }
+}
+
+/// Every pod bound to this node, and its own Node, is in the cache: a status write of anything
+/// else is another node's, which Kubernetes' Node authorizer forbids (403, not 404, online or
+/// offline alike).
+fn not_bound(meta: &MetaManager, key: &replication::ObjectKey) -> ApiError {
+    let node = meta.node();
+    ApiError::forbidden(format!(
+        "{} \"{}\" is forbidden: User \"system:node:{node}\" cannot write the status of \
+         {key}: no relationship found between node '{node}' and this object (a node writes \
+         the status of the pods bound to it and of its own Node)",
+        key.kind(),
+        key.name()
+    ))
 }
 
 pub struct EdgePolicy {
@@ -116,20 +137,10 @@ impl ApiPolicy for EdgePolicy {
                 "only single status writes are made locally",
             ));
         };
-        // Every pod bound to this node, and its own Node, is in the cache: a status write of
-        // anything else is another node's, which the Node authorizer forbids (403, not 404,
-        // online or offline alike).
         let current = store
             .get(&key)
             .map_err(|e| ApiError::internal(e.to_string()))?
-            .ok_or_else(|| {
-                ApiError::forbidden(format!(
-                    "{resource} \"{name}\" is forbidden: User \"system:node:{node}\" cannot \
-                     write the status of {key}: no relationship found between node '{node}' \
-                     and this object (only pods bound to the node, and its own Node)",
-                    node = self.meta.node()
-                ))
-            })?;
+            .ok_or_else(|| not_bound(&self.meta, &key))?;
         if let Precondition::Version(expected) = expect {
             if expected != current.revision {
                 return Err(ApiError::conflict(resource, name));

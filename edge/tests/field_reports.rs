@@ -457,7 +457,11 @@ fn a_status_write_to_another_nodes_pod_is_forbidden() {
         patch,
     ]);
     assert!(!out.status.success());
-    assert!(stderr_of(&out).contains("forbidden"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("(Forbidden)"),
+        "{}",
+        stderr_of(&out)
+    );
     // The pod in the cloud is untouched.
     assert_eq!(
         cloud.ok(&[
