@@ -106,6 +106,17 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                 "verbs": ["get", "patch", "update"],
             }));
         }
+        if r.scale {
+            list.push(json!({
+                "name": format!("{}/scale", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
     }
     let group_version = served[0].api_version();
     Some(json!({
@@ -188,6 +199,22 @@ pub fn openapi_document(path: &str) -> Option<Value> {
             paths.insert(
                 format!("{item}/status"),
                 json!({"get": op("get"), "put": op("put"), "patch": op("patch")}),
+            );
+        }
+        if r.scale {
+            let scale_gvk = json!({"group": "autoscaling", "version": "v1", "kind": "Scale"});
+            let scale_op = |action: &str| {
+                json!({
+                    "operationId": format!("{action}{}Scale", r.kind),
+                    "x-kubernetes-action": action,
+                    "x-kubernetes-group-version-kind": scale_gvk,
+                    "parameters": [field_validation],
+                    "responses": {"200": {"description": "OK"}},
+                })
+            };
+            paths.insert(
+                format!("{item}/scale"),
+                json!({"get": scale_op("get"), "put": scale_op("put"), "patch": scale_op("patch")}),
             );
         }
     }

@@ -22,6 +22,7 @@ pub mod selector;
 pub mod status;
 pub mod table;
 pub mod watch;
+pub mod workloads;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -124,6 +125,8 @@ pub(crate) struct Target {
     pub namespace: Option<String>,
     pub name: Option<String>,
     pub status: bool,
+    /// The `/scale` subresource (an `autoscaling/v1` `Scale`).
+    pub scale: bool,
     /// The legacy `/watch/` path prefix.
     pub watch_path: bool,
 }
@@ -181,6 +184,7 @@ fn route(path: &str) -> Route {
             namespace: ns.map(str::to_owned),
             name: name.map(str::to_owned),
             status,
+            scale: false,
             watch_path,
         };
     let namespaced = |plural: &str| find(plural).filter(|r| r.namespaced);
@@ -200,6 +204,12 @@ fn route(path: &str) -> Route {
         ["namespaces", ns, plural, name, "status"] => namespaced(plural)
             .filter(|r| r.status)
             .map(|r| target(r, Some(ns), Some(name), true)),
+        ["namespaces", ns, plural, name, "scale"] => namespaced(plural)
+            .filter(|r| r.scale)
+            .map(|r| Target {
+                scale: true,
+                ..target(r, Some(ns), Some(name), false)
+            }),
         [plural] => find(plural).map(|r| target(r, None, None, false)),
         [plural, name] => cluster(plural).map(|r| target(r, None, Some(name), false)),
         [plural, name, "status"] => cluster(plural)
@@ -340,6 +350,7 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
         body,
     };
     let response = match verb {
+        _ if request.target.scale => rest::serve_scale(&server, request).await,
         Verb::Watch => watch::serve(&server, request),
         _ => rest::serve(&server, request).await,
     };
@@ -387,6 +398,13 @@ mod tests {
         assert_eq!(t.resource.kind, "Lease");
         let t = target("/api/v1/nodes/n1/status");
         assert!(t.status);
+        let t = target("/apis/apps/v1/namespaces/default/deployments/web/scale");
+        assert!(t.scale && !t.status);
+        assert_eq!(t.resource.kind, "Deployment");
+        assert!(matches!(
+            route("/apis/apps/v1/namespaces/default/daemonsets/d/scale"),
+            Route::NotFound
+        ));
         let t = target("/api/v1/watch/namespaces/default/pods");
         assert!(t.watch_path);
         assert!(matches!(route("/api/v1/nodes/n1/nope"), Route::NotFound));

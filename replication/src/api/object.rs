@@ -240,6 +240,10 @@ pub fn prepare_update(
             };
         }
     }
+    if super::workloads::is_workload(resource) && !status_subresource {
+        // Defaulted before the spec is compared, so a client omitting defaults changes nothing.
+        super::workloads::apply_defaults(resource, object);
+    }
     let current_meta = meta(current).cloned().unwrap_or_default();
     let metadata = meta_mut(object);
     for field in [
@@ -264,6 +268,9 @@ pub fn prepare_update(
     }
     if resource.plural == "pods" {
         check_pod_update(current, object)?;
+    }
+    if super::workloads::is_workload(resource) && !status_subresource {
+        super::workloads::validate_update(resource, current, object)?;
     }
     validate(resource, object)
 }
@@ -339,21 +346,7 @@ fn apply_defaults(resource: &Resource, object: &mut Object) {
                 .or_insert_with(|| json!({}))
                 .as_object_mut();
             if let Some(spec) = spec {
-                for list in ["containers", "initContainers"] {
-                    let containers = spec.get_mut(list).and_then(Value::as_array_mut);
-                    for container in containers.into_iter().flatten() {
-                        let ports = container.get_mut("ports").and_then(Value::as_array_mut);
-                        for port in ports.into_iter().flatten().filter_map(Value::as_object_mut) {
-                            port.entry("protocol").or_insert(json!("TCP"));
-                        }
-                    }
-                }
-                spec.entry("restartPolicy").or_insert(json!("Always"));
-                spec.entry("terminationGracePeriodSeconds")
-                    .or_insert(json!(30));
-                spec.entry("dnsPolicy").or_insert(json!("ClusterFirst"));
-                spec.entry("schedulerName")
-                    .or_insert(json!("default-scheduler"));
+                default_pod_spec(spec);
             }
             let status = object.entry("status").or_insert_with(|| json!({}));
             if let Some(status) = status.as_object_mut() {
@@ -388,8 +381,30 @@ fn apply_defaults(resource: &Resource, object: &mut Object) {
                 }
             }
         }
+        _ if super::workloads::is_workload(resource) => {
+            super::workloads::apply_defaults(resource, object);
+        }
         _ => {}
     }
+}
+
+/// The defaults of a pod's spec (a pod's, or a workload's pod template's).
+pub fn default_pod_spec(spec: &mut Object) {
+    for list in ["containers", "initContainers"] {
+        let containers = spec.get_mut(list).and_then(Value::as_array_mut);
+        for container in containers.into_iter().flatten() {
+            let ports = container.get_mut("ports").and_then(Value::as_array_mut);
+            for port in ports.into_iter().flatten().filter_map(Value::as_object_mut) {
+                port.entry("protocol").or_insert(json!("TCP"));
+            }
+        }
+    }
+    spec.entry("restartPolicy").or_insert(json!("Always"));
+    spec.entry("terminationGracePeriodSeconds")
+        .or_insert(json!(30));
+    spec.entry("dnsPolicy").or_insert(json!("ClusterFirst"));
+    spec.entry("schedulerName")
+        .or_insert(json!("default-scheduler"));
 }
 
 /// Fields of a pod that may not change after create (the parts edged acts on).
@@ -473,6 +488,7 @@ fn is_label_value(s: &str) -> bool {
 
 /// Field checks: names, labels, and the required fields of the kinds edged acts on.
 pub fn validate(resource: &Resource, object: &Object) -> Result<(), ApiError> {
+    let mut causes_of_workload = Vec::new();
     let mut causes = Vec::new();
     let mut cause = |field: &str, message: String| {
         causes.push(Cause {
@@ -517,6 +533,9 @@ pub fn validate(resource: &Resource, object: &Object) -> Result<(), ApiError> {
     if resource.plural == "pods" {
         validate_pod(object, &mut cause);
     }
+    if super::workloads::is_workload(resource) {
+        super::workloads::validate(resource, object, &mut causes_of_workload);
+    }
     if matches!(resource.plural, "configmaps" | "secrets") {
         for field in ["data", "binaryData", "stringData"] {
             match object.get(field) {
@@ -543,6 +562,7 @@ pub fn validate(resource: &Resource, object: &Object) -> Result<(), ApiError> {
             }
         }
     }
+    causes.extend(causes_of_workload);
     if causes.is_empty() {
         Ok(())
     } else {
@@ -550,7 +570,8 @@ pub fn validate(resource: &Resource, object: &Object) -> Result<(), ApiError> {
     }
 }
 
-fn validate_pod(object: &Object, cause: &mut impl FnMut(&str, String)) {
+/// Checks a pod (or a pod template: the same `spec.containers`), reporting through `cause`.
+pub fn validate_pod(object: &Object, cause: &mut impl FnMut(&str, String)) {
     let containers = object
         .get("spec")
         .and_then(|s| s.get("containers"))

@@ -17,6 +17,8 @@ const MAGIC: &[u8] = b"k8s\x00";
 enum Ty {
     Str,
     Int,
+    /// A Go pointer (`*int32`): present means set, zero included.
+    PtrInt,
     Bool,
     Msg(&'static [Field]),
     StrMap,
@@ -91,12 +93,110 @@ const SERVICE: &[Field] = &[
     Field(3, "status", Ty::Msg(&[])),
 ];
 
+const LABEL_SELECTOR: &[Field] = &[
+    Field(1, "matchLabels", Ty::StrMap),
+    Field(
+        2,
+        "matchExpressions",
+        Ty::RepMsg(&[
+            Field(1, "key", Ty::Str),
+            Field(2, "operator", Ty::Str),
+            Field(3, "values", Ty::RepStr),
+        ]),
+    ),
+];
+
+const CONTAINER: &[Field] = &[
+    Field(1, "name", Ty::Str),
+    Field(2, "image", Ty::Str),
+    Field(3, "command", Ty::RepStr),
+    Field(4, "args", Ty::RepStr),
+    Field(5, "workingDir", Ty::Str),
+    Field(
+        6,
+        "ports",
+        Ty::RepMsg(&[
+            Field(1, "name", Ty::Str),
+            Field(2, "hostPort", Ty::Int),
+            Field(3, "containerPort", Ty::Int),
+            Field(4, "protocol", Ty::Str),
+            Field(5, "hostIP", Ty::Str),
+        ]),
+    ),
+    Field(
+        7,
+        "env",
+        Ty::RepMsg(&[Field(1, "name", Ty::Str), Field(2, "value", Ty::Str)]),
+    ),
+    Field(13, "terminationMessagePath", Ty::Str),
+    Field(14, "imagePullPolicy", Ty::Str),
+    Field(16, "stdin", Ty::Bool),
+    Field(17, "stdinOnce", Ty::Bool),
+    Field(18, "tty", Ty::Bool),
+    Field(20, "terminationMessagePolicy", Ty::Str),
+];
+
+const POD_TEMPLATE_SPEC: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(
+        2,
+        "spec",
+        Ty::Msg(&[
+            Field(2, "containers", Ty::RepMsg(CONTAINER)),
+            Field(3, "restartPolicy", Ty::Str),
+            Field(4, "terminationGracePeriodSeconds", Ty::Int),
+            Field(6, "dnsPolicy", Ty::Str),
+            Field(7, "nodeSelector", Ty::StrMap),
+            Field(8, "serviceAccountName", Ty::Str),
+            Field(10, "nodeName", Ty::Str),
+            Field(11, "hostNetwork", Ty::Bool),
+            Field(19, "schedulerName", Ty::Str),
+            Field(20, "initContainers", Ty::RepMsg(CONTAINER)),
+        ]),
+    ),
+];
+
+/// apps/v1 Deployment, as `kubectl create deployment` builds it.
+const DEPLOYMENT: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(
+        2,
+        "spec",
+        Ty::Msg(&[
+            Field(1, "replicas", Ty::PtrInt),
+            Field(2, "selector", Ty::Msg(LABEL_SELECTOR)),
+            Field(3, "template", Ty::Msg(POD_TEMPLATE_SPEC)),
+            Field(
+                4,
+                "strategy",
+                Ty::Msg(&[
+                    Field(1, "type", Ty::Str),
+                    Field(
+                        2,
+                        "rollingUpdate",
+                        Ty::Msg(&[
+                            Field(1, "maxUnavailable", Ty::IntOrStr),
+                            Field(2, "maxSurge", Ty::IntOrStr),
+                        ]),
+                    ),
+                ]),
+            ),
+            Field(5, "minReadySeconds", Ty::Int),
+            Field(6, "revisionHistoryLimit", Ty::Int),
+            Field(7, "paused", Ty::Bool),
+            Field(9, "progressDeadlineSeconds", Ty::Int),
+        ]),
+    ),
+    Field(3, "status", Ty::Msg(&[])),
+];
+
 fn schema(kind: &str) -> Option<&'static [Field]> {
     Some(match kind {
         "Namespace" => NAMESPACE,
         "ConfigMap" => CONFIG_MAP,
         "Secret" => SECRET,
         "Service" => SERVICE,
+        "Deployment" => DEPLOYMENT,
         _ => return None,
     })
 }
@@ -223,7 +323,7 @@ fn decode_message(
             (Ty::Str, Wire::Len(b)) => {
                 out.insert((*name).into(), json!(text(b)?));
             }
-            (Ty::Int, Wire::Varint(v)) => {
+            (Ty::Int | Ty::PtrInt, Wire::Varint(v)) => {
                 out.insert((*name).into(), json!(v as i64));
             }
             (Ty::Bool, Wire::Varint(v)) => {

@@ -18,6 +18,8 @@ pub struct Resource {
     pub categories: &'static [&'static str],
     /// Built into kubectl's scheme (it sends strategic-merge patches for these).
     pub builtin: bool,
+    /// Has a `/scale` subresource (an `autoscaling/v1` `Scale` over `spec.replicas`).
+    pub scale: bool,
 }
 
 impl Resource {
@@ -59,10 +61,38 @@ const fn core(
         status,
         categories: &[],
         builtin: true,
+        scale: false,
     }
 }
 
 pub const DEVICES_GROUP: &str = "devices.kubeedge.io";
+
+/// The workloads group (`apps/v1`): Deployment, ReplicaSet, DaemonSet.
+pub const APPS_GROUP: &str = "apps";
+
+const fn apps(
+    kind: &'static str,
+    list_kind: &'static str,
+    plural: &'static str,
+    singular: &'static str,
+    short_names: &'static [&'static str],
+    scale: bool,
+) -> Resource {
+    Resource {
+        group: APPS_GROUP,
+        version: "v1",
+        kind,
+        list_kind,
+        plural,
+        singular,
+        namespaced: true,
+        short_names,
+        status: true,
+        categories: &["all"],
+        builtin: true,
+        scale,
+    }
+}
 
 static RESOURCES: &[Resource] = &[
     Resource {
@@ -122,6 +152,7 @@ static RESOURCES: &[Resource] = &[
         status: false,
         categories: &[],
         builtin: true,
+        scale: false,
     },
     Resource {
         group: "discovery.k8s.io",
@@ -135,7 +166,32 @@ static RESOURCES: &[Resource] = &[
         status: false,
         categories: &[],
         builtin: true,
+        scale: false,
     },
+    apps(
+        "Deployment",
+        "DeploymentList",
+        "deployments",
+        "deployment",
+        &["deploy"],
+        true,
+    ),
+    apps(
+        "ReplicaSet",
+        "ReplicaSetList",
+        "replicasets",
+        "replicaset",
+        &["rs"],
+        true,
+    ),
+    apps(
+        "DaemonSet",
+        "DaemonSetList",
+        "daemonsets",
+        "daemonset",
+        &["ds"],
+        false,
+    ),
     Resource {
         group: DEVICES_GROUP,
         version: "v1beta1",
@@ -148,6 +204,7 @@ static RESOURCES: &[Resource] = &[
         status: true,
         categories: &[],
         builtin: false,
+        scale: false,
     },
     Resource {
         group: DEVICES_GROUP,
@@ -161,6 +218,7 @@ static RESOURCES: &[Resource] = &[
         status: false,
         categories: &[],
         builtin: false,
+        scale: false,
     },
 ];
 

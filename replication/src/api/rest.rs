@@ -466,6 +466,99 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
     respond_object(&request, StatusCode::OK, &versioned)
 }
 
+/// The `/scale` subresource: GET answers the workload's `autoscaling/v1` `Scale`; PUT and PATCH
+/// (any patch type, applied to the `Scale`) set `spec.replicas` and answer the new `Scale`. A
+/// `metadata.resourceVersion` in the written `Scale` is a precondition (409 when stale).
+pub(crate) async fn serve_scale(
+    server: &ApiServer,
+    request: ApiRequest,
+) -> Result<Response, ApiError> {
+    use super::workloads::{replicas_of_scale, to_scale};
+    let patch_kind = match request.verb {
+        Verb::Get | Verb::Update => None,
+        Verb::Patch => Some(PatchKind::from_content_type(request.content_type())?),
+        _ => {
+            return Err(ApiError::method_not_allowed(format!(
+                "{} is not supported on the scale subresource",
+                request.verb.as_str()
+            )))
+        }
+    };
+    let key = request.key()?;
+    let store = server.store.clone();
+    let policy = server.policy.clone();
+    let scale = blocking(move || {
+        let resource = request.target.resource;
+        let mut last_error = None;
+        for _ in 0..PATCH_ATTEMPTS {
+            let current = read(&store, &key, &request)?;
+            let current_object = object::decode_stored(&current.object, current.revision)?;
+            if request.verb == Verb::Get {
+                return Ok(to_scale(&current_object));
+            }
+            let written = match patch_kind {
+                Some(kind) => {
+                    let mut scale = to_scale(&current_object);
+                    patch::apply(kind, &mut scale, &request.body)?;
+                    scale
+                }
+                None => serde_json::from_slice::<Value>(&request.body)
+                    .map_err(|e| ApiError::bad_request(format!("Scale: {e}")))?,
+            };
+            let replicas = replicas_of_scale(resource.kind, request.name(), &written)?;
+            let precondition = written
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .filter(|rv| !rv.is_empty());
+            if let Some(rv) = precondition {
+                if rv.parse::<u64>().ok() != Some(current.revision) {
+                    return Err(ApiError::conflict(resource.plural, request.name()));
+                }
+            }
+            let mut updated = current_object.clone();
+            if let Some(spec) = updated.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.insert("replicas".into(), json!(replicas));
+            }
+            object::prepare_update(
+                resource,
+                request.namespace(),
+                request.name(),
+                &current_object,
+                &mut updated,
+                false,
+            )?;
+            match write_update(
+                policy.as_ref(),
+                &store,
+                &request,
+                key.clone(),
+                updated,
+                current.revision,
+            ) {
+                Err(e) if e.code == 409 && precondition.is_none() => last_error = Some(e),
+                Err(e) => return Err(e),
+                Ok(v) => {
+                    let object = object::decode_stored(&v.object, v.revision)?;
+                    return Ok(to_scale(&object));
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| ApiError::internal("scale retries exhausted")))
+    })
+    .await?;
+    Ok(bytes_response(
+        StatusCode::OK,
+        serde_json::to_vec(&scale).unwrap_or_default(),
+    ))
+}
+
+/// The finalizer the API adds for `propagationPolicy: Orphan`: the garbage collector removes
+/// the object's dependents' ownerReferences to it, then the finalizer.
+pub const ORPHAN_FINALIZER: &str = "orphan";
+/// The finalizer the API adds for `propagationPolicy: Foreground`: the garbage collector deletes
+/// the dependents first, then removes the finalizer.
+pub const FOREGROUND_FINALIZER: &str = "foregroundDeletion";
+
 /// Namespaces Kubernetes refuses to delete.
 const PROTECTED_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
 
@@ -489,6 +582,32 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
                 .map_err(|_| ApiError::bad_request("preconditions.resourceVersion is not valid"))
         })
         .transpose()?;
+    // Where the dependents go (Kubernetes' DeleteOptions.propagationPolicy, also a query
+    // parameter); the garbage collector acts on the finalizers added for Orphan and Foreground.
+    let propagation = request
+        .query
+        .get("propagationPolicy")
+        .cloned()
+        .or_else(|| {
+            options
+                .get("propagationPolicy")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .or_else(|| {
+            (options.get("orphanDependents").and_then(Value::as_bool) == Some(true))
+                .then(|| "Orphan".to_owned())
+        });
+    let propagation_finalizer = match propagation.as_deref() {
+        None | Some("Background") => None,
+        Some("Orphan") => Some(ORPHAN_FINALIZER),
+        Some("Foreground") => Some(FOREGROUND_FINALIZER),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "propagationPolicy {other:?} is not one of Orphan, Foreground, Background"
+            )))
+        }
+    };
     let precondition_uid = options
         .pointer("/preconditions/uid")
         .and_then(Value::as_str)
@@ -512,6 +631,16 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
                 .is_some_and(|uid| object::meta_str(&object, "uid") != Some(uid))
         {
             return Err(ApiError::conflict(resource.plural, request.name()));
+        }
+        if let Some(finalizer) = propagation_finalizer {
+            let list = object::meta_mut(&mut object)
+                .entry("finalizers")
+                .or_insert_with(|| json!([]));
+            if let Some(list) = list.as_array_mut() {
+                if !list.iter().any(|f| f == finalizer) {
+                    list.push(json!(finalizer));
+                }
+            }
         }
         let finalizers = object::meta(&object)
             .and_then(|m| m.get("finalizers"))

@@ -99,6 +99,52 @@ impl LabelSelector {
         )
     }
 
+    /// A selector from a `metav1.LabelSelector` (`matchLabels` and `matchExpressions` with
+    /// operators `In`, `NotIn`, `Exists`, `DoesNotExist`), or from the `matchExpressions` of a
+    /// node selector term (same operators; `Gt`/`Lt` are refused). `Err` names what is invalid.
+    pub fn from_label_selector(selector: &Value) -> Result<Self, String> {
+        let mut requirements = Vec::new();
+        if let Some(map) = selector.get("matchLabels").and_then(Value::as_object) {
+            requirements.extend(Self::from_map(map).0);
+        }
+        let expressions = selector.get("matchExpressions").and_then(Value::as_array);
+        for (i, e) in expressions.into_iter().flatten().enumerate() {
+            let key = e.get("key").and_then(Value::as_str).unwrap_or_default();
+            if key.is_empty() {
+                return Err(format!("matchExpressions[{i}].key: Required value"));
+            }
+            let values: Vec<String> = e
+                .get("values")
+                .and_then(Value::as_array)
+                .map(|v| {
+                    v.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let key = key.to_owned();
+            let operator = e.get("operator").and_then(Value::as_str).unwrap_or_default();
+            requirements.push(match operator {
+                "In" if !values.is_empty() => LabelRequirement::In(key, values),
+                "NotIn" if !values.is_empty() => LabelRequirement::NotIn(key, values),
+                "Exists" => LabelRequirement::Exists(key),
+                "DoesNotExist" => LabelRequirement::NotExists(key),
+                "In" | "NotIn" => {
+                    return Err(format!(
+                        "matchExpressions[{i}].values: Required value: must be specified when                          `operator` is 'In' or 'NotIn'"
+                    ))
+                }
+                other => {
+                    return Err(format!(
+                        "matchExpressions[{i}].operator: Invalid value: {other:?}: not a valid                          selector operator"
+                    ))
+                }
+            });
+        }
+        Ok(LabelSelector(requirements))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -118,6 +164,27 @@ impl LabelSelector {
             LabelRequirement::Exists(k) => get(k).is_some(),
             LabelRequirement::NotExists(k) => get(k).is_none(),
         })
+    }
+}
+
+/// The selector in the `labelSelector` query syntax (`a=b,c in (d,e),!f`), as a `Scale`'s
+/// `status.selector` carries it.
+impl std::fmt::Display for LabelSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, r) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            match r {
+                LabelRequirement::Equals(k, v) => write!(f, "{k}={v}")?,
+                LabelRequirement::NotEquals(k, v) => write!(f, "{k}!={v}")?,
+                LabelRequirement::In(k, set) => write!(f, "{k} in ({})", set.join(","))?,
+                LabelRequirement::NotIn(k, set) => write!(f, "{k} notin ({})", set.join(","))?,
+                LabelRequirement::Exists(k) => write!(f, "{k}")?,
+                LabelRequirement::NotExists(k) => write!(f, "!{k}")?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -182,6 +249,27 @@ mod tests {
 
     fn obj(v: Value) -> Object {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn label_selector_objects() {
+        let s = LabelSelector::from_label_selector(&serde_json::json!({
+            "matchLabels": {"app": "web"},
+            "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]},
+                                 {"key": "canary", "operator": "DoesNotExist"}]}))
+        .unwrap();
+        assert_eq!(s.to_string(), "app=web,tier in (a,b),!canary");
+        assert_eq!(LabelSelector::parse(&s.to_string()).unwrap(), s);
+        assert!(s.matches(&obj(
+            serde_json::json!({"metadata": {"labels": {"app": "web", "tier": "a"}}})
+        )));
+        assert!(!s.matches(&obj(
+            serde_json::json!({"metadata": {"labels": {"app": "web", "tier": "c"}}})
+        )));
+        assert!(LabelSelector::from_label_selector(
+            &serde_json::json!({"matchExpressions": [{"key": "a", "operator": "Gt"}]})
+        )
+        .is_err());
     }
 
     #[test]

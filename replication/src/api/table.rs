@@ -61,8 +61,65 @@ fn columns(resource: &Resource) -> Vec<Value> {
             column("Holder", s, 0),
             column("Age", s, 0),
         ],
+        "deployments" => vec![
+            column("Name", s, 0),
+            column("Ready", s, 0),
+            column("Up-to-date", "integer", 0),
+            column("Available", "integer", 0),
+            column("Age", s, 0),
+            column("Containers", s, 1),
+            column("Images", s, 1),
+            column("Selector", s, 1),
+        ],
+        "replicasets" => vec![
+            column("Name", s, 0),
+            column("Desired", "integer", 0),
+            column("Current", "integer", 0),
+            column("Ready", "integer", 0),
+            column("Age", s, 0),
+            column("Containers", s, 1),
+            column("Images", s, 1),
+            column("Selector", s, 1),
+        ],
+        "daemonsets" => vec![
+            column("Name", s, 0),
+            column("Desired", "integer", 0),
+            column("Current", "integer", 0),
+            column("Ready", "integer", 0),
+            column("Up-to-date", "integer", 0),
+            column("Available", "integer", 0),
+            column("Node Selector", s, 0),
+            column("Age", s, 0),
+            column("Containers", s, 1),
+            column("Images", s, 1),
+            column("Selector", s, 1),
+        ],
         _ => vec![column("Name", s, 0), column("Age", s, 0)],
     }
+}
+
+fn int(object: &Object, fields: &[&str]) -> i64 {
+    path(object, fields).and_then(Value::as_i64).unwrap_or(0)
+}
+
+/// The CONTAINERS, IMAGES and SELECTOR cells (`-o wide`) of a workload.
+fn workload_wide(object: &Object) -> [Value; 3] {
+    let containers = path(object, &["spec", "template", "spec", "containers"])
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let field = |f: &str| {
+        containers
+            .iter()
+            .filter_map(|c| c.get(f).and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let selector = path(object, &["spec", "selector"])
+        .and_then(|s| super::selector::LabelSelector::from_label_selector(s).ok())
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "<none>".into());
+    [json!(field("name")), json!(field("image")), json!(selector)]
 }
 
 /// kubectl's short age: `42s`, `7m`, `5h`, `3d`.
@@ -229,6 +286,66 @@ fn cells(resource: &Resource, object: &Object) -> Vec<Value> {
             json!(text(object, &["spec", "holderIdentity"])),
             json!(age(object)),
         ],
+        "deployments" => {
+            let [containers, images, selector] = workload_wide(object);
+            let desired = path(object, &["spec", "replicas"])
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            vec![
+                name,
+                json!(format!(
+                    "{}/{desired}",
+                    int(object, &["status", "readyReplicas"])
+                )),
+                json!(int(object, &["status", "updatedReplicas"])),
+                json!(int(object, &["status", "availableReplicas"])),
+                json!(age(object)),
+                containers,
+                images,
+                selector,
+            ]
+        }
+        "replicasets" => {
+            let [containers, images, selector] = workload_wide(object);
+            vec![
+                name,
+                json!(path(object, &["spec", "replicas"])
+                    .and_then(Value::as_i64)
+                    .unwrap_or(1)),
+                json!(int(object, &["status", "replicas"])),
+                json!(int(object, &["status", "readyReplicas"])),
+                json!(age(object)),
+                containers,
+                images,
+                selector,
+            ]
+        }
+        "daemonsets" => {
+            let [containers, images, selector] = workload_wide(object);
+            let node_selector = path(object, &["spec", "template", "spec", "nodeSelector"])
+                .and_then(Value::as_object)
+                .filter(|m| !m.is_empty())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_else(|| "<none>".into());
+            vec![
+                name,
+                json!(int(object, &["status", "desiredNumberScheduled"])),
+                json!(int(object, &["status", "currentNumberScheduled"])),
+                json!(int(object, &["status", "numberReady"])),
+                json!(int(object, &["status", "updatedNumberScheduled"])),
+                json!(int(object, &["status", "numberAvailable"])),
+                json!(node_selector),
+                json!(age(object)),
+                containers,
+                images,
+                selector,
+            ]
+        }
         _ => vec![name, json!(age(object))],
     }
 }

@@ -1,0 +1,323 @@
+//! The `apps/v1` workloads (Deployment, ReplicaSet, DaemonSet) as the API server handles them:
+//! defaults, validation and the `autoscaling/v1` `Scale` subresource.
+//!
+//! Defaults and rules follow kube-apiserver's (`pkg/apis/apps/v1/defaults.go` and
+//! `pkg/apis/apps/validation`): a Deployment gets `replicas: 1`, a RollingUpdate strategy of
+//! 25%/25%, `revisionHistoryLimit: 10`, `progressDeadlineSeconds: 600`; its selector is required,
+//! must not be empty, must select the template's labels and may not change after create.
+
+use serde_json::{json, Value};
+
+use super::object::{self, Object};
+use super::resources::Resource;
+use super::selector::LabelSelector;
+use super::status::{ApiError, Cause};
+
+/// Whether `resource` is one of the workloads handled here.
+pub fn is_workload(resource: &Resource) -> bool {
+    matches!(resource.plural, "deployments" | "replicasets" | "daemonsets")
+}
+
+fn spec_mut(object: &mut Object) -> Option<&mut Object> {
+    let spec = object.entry("spec").or_insert_with(|| json!({}));
+    spec.as_object_mut()
+}
+
+/// Fills in the defaults of a workload (on create and on every update, as the apiserver
+/// defaults every object it decodes).
+pub fn apply_defaults(resource: &Resource, object: &mut Object) {
+    let Some(spec) = spec_mut(object) else {
+        return;
+    };
+    match resource.plural {
+        "deployments" => {
+            spec.entry("replicas").or_insert(json!(1));
+            spec.entry("revisionHistoryLimit").or_insert(json!(10));
+            spec.entry("progressDeadlineSeconds").or_insert(json!(600));
+            let strategy = spec.entry("strategy").or_insert_with(|| json!({}));
+            if let Some(strategy) = strategy.as_object_mut() {
+                strategy.entry("type").or_insert(json!("RollingUpdate"));
+                if strategy.get("type").and_then(Value::as_str) == Some("RollingUpdate") {
+                    let rolling = strategy
+                        .entry("rollingUpdate")
+                        .or_insert_with(|| json!({}));
+                    if let Some(rolling) = rolling.as_object_mut() {
+                        rolling.entry("maxSurge").or_insert(json!("25%"));
+                        rolling.entry("maxUnavailable").or_insert(json!("25%"));
+                    }
+                }
+            }
+        }
+        "replicasets" => {
+            spec.entry("replicas").or_insert(json!(1));
+        }
+        "daemonsets" => {
+            spec.entry("revisionHistoryLimit").or_insert(json!(10));
+            let strategy = spec.entry("updateStrategy").or_insert_with(|| json!({}));
+            if let Some(strategy) = strategy.as_object_mut() {
+                strategy.entry("type").or_insert(json!("RollingUpdate"));
+                if strategy.get("type").and_then(Value::as_str) == Some("RollingUpdate") {
+                    let rolling = strategy
+                        .entry("rollingUpdate")
+                        .or_insert_with(|| json!({}));
+                    if let Some(rolling) = rolling.as_object_mut() {
+                        rolling.entry("maxUnavailable").or_insert(json!(1));
+                        rolling.entry("maxSurge").or_insert(json!(0));
+                    }
+                }
+            }
+        }
+        _ => return,
+    }
+    let template = spec.entry("template").or_insert_with(|| json!({}));
+    if let Some(pod_spec) = template
+        .as_object_mut()
+        .map(|t| t.entry("spec").or_insert_with(|| json!({})))
+        .and_then(Value::as_object_mut)
+    {
+        object::default_pod_spec(pod_spec);
+    }
+}
+
+/// An int-or-percent (`maxSurge`, `maxUnavailable`) is `n` or `"n%"`.
+fn valid_int_or_percent(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => n.as_i64().is_some_and(|n| n >= 0),
+        Value::String(s) => s
+            .strip_suffix('%')
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| n <= 100),
+        _ => false,
+    }
+}
+
+/// Field checks of a workload; adds one [`Cause`] per problem.
+pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
+    let mut cause = |field: &str, message: String| {
+        causes.push(Cause {
+            field: field.to_owned(),
+            message,
+        })
+    };
+    let spec = object.get("spec").and_then(Value::as_object);
+    let get = |field: &str| spec.and_then(|s| s.get(field));
+    if let Some(replicas) = get("replicas") {
+        if replicas.as_i64().is_none_or(|r| r < 0) {
+            cause(
+                "spec.replicas",
+                format!("Invalid value: {replicas}: must be greater than or equal to 0"),
+            );
+        }
+    }
+    let template_labels = get("template")
+        .and_then(|t| t.get("metadata"))
+        .and_then(|m| m.get("labels"))
+        .and_then(Value::as_object);
+    match get("selector") {
+        None | Some(Value::Null) => cause("spec.selector", "Required value".into()),
+        Some(selector) => match LabelSelector::from_label_selector(selector) {
+            Err(e) => cause("spec.selector", format!("Invalid value: {e}")),
+            Ok(s) if s.is_empty() => cause(
+                "spec.selector",
+                format!(
+                    "Invalid value: {selector}: empty selector is invalid for {}",
+                    resource.singular
+                ),
+            ),
+            Ok(s) if !s.matches_labels(template_labels) => cause(
+                "spec.template.metadata.labels",
+                format!(
+                    "Invalid value: {}: `selector` does not match template `labels`",
+                    template_labels.map_or_else(|| "{}".into(), |l| Value::from(l.clone()).to_string())
+                ),
+            ),
+            Ok(_) => {}
+        },
+    }
+    match get("template").and_then(Value::as_object) {
+        None => cause("spec.template", "Required value".into()),
+        Some(template) => {
+            let mut prefixed = |field: &str, message: String| {
+                cause(&format!("spec.template.{field}"), message)
+            };
+            object::validate_pod(template, &mut prefixed);
+            let restart = template
+                .get("spec")
+                .and_then(|s| s.get("restartPolicy"))
+                .and_then(Value::as_str);
+            if restart.is_some_and(|r| r != "Always") {
+                cause(
+                    "spec.template.spec.restartPolicy",
+                    format!("Unsupported value: {:?}: supported values: \"Always\"", restart.unwrap_or_default()),
+                );
+            }
+        }
+    }
+    let (strategy_field, types): (&str, &[&str]) = match resource.plural {
+        "deployments" => ("strategy", &["RollingUpdate", "Recreate"]),
+        "daemonsets" => ("updateStrategy", &["RollingUpdate", "OnDelete"]),
+        _ => return,
+    };
+    if let Some(strategy) = get(strategy_field) {
+        let kind = strategy.get("type").and_then(Value::as_str).unwrap_or_default();
+        if !types.contains(&kind) {
+            cause(
+                &format!("spec.{strategy_field}.type"),
+                format!("Unsupported value: {kind:?}: supported values: {types:?}"),
+            );
+        }
+        if let Some(rolling) = strategy.get("rollingUpdate").and_then(Value::as_object) {
+            if kind != "RollingUpdate" {
+                cause(
+                    &format!("spec.{strategy_field}.rollingUpdate"),
+                    format!("Forbidden: may not be specified when strategy `type` is '{kind}'"),
+                );
+            }
+            for field in ["maxSurge", "maxUnavailable"] {
+                if let Some(v) = rolling.get(field) {
+                    if !valid_int_or_percent(v) {
+                        cause(
+                            &format!("spec.{strategy_field}.rollingUpdate.{field}"),
+                            format!("Invalid value: {v}: must be a non-negative integer or a percentage (at most 100%)"),
+                        );
+                    }
+                }
+            }
+            let zero = |f: &str| {
+                rolling
+                    .get(f)
+                    .is_none_or(|v| v.as_i64() == Some(0) || v.as_str() == Some("0%"))
+            };
+            if resource.plural == "deployments" && zero("maxSurge") && zero("maxUnavailable") {
+                cause(
+                    &format!("spec.{strategy_field}.rollingUpdate.maxUnavailable"),
+                    "Invalid value: 0: may not be 0 when `maxSurge` is 0".into(),
+                );
+            }
+        }
+    }
+}
+
+/// Update rules: a workload's selector may not change (apps/v1).
+pub fn validate_update(
+    resource: &Resource,
+    current: &Object,
+    object: &Object,
+) -> Result<(), ApiError> {
+    let selector = |o: &Object| o.get("spec").and_then(|s| s.get("selector")).cloned();
+    if selector(current) != selector(object) {
+        return Err(ApiError::invalid(
+            resource.kind,
+            object::name(object),
+            vec![Cause {
+                field: "spec.selector".into(),
+                message: format!(
+                    "Invalid value: {}: field is immutable",
+                    selector(object).unwrap_or(Value::Null)
+                ),
+            }],
+        ));
+    }
+    Ok(())
+}
+
+/// The `autoscaling/v1` `Scale` of a workload: `spec.replicas`, and in status the observed
+/// replicas and the selector in query syntax.
+pub fn to_scale(object: &Object) -> Value {
+    let meta = object::meta(object).cloned().unwrap_or_default();
+    let pick = |f: &str| meta.get(f).cloned().unwrap_or(Value::Null);
+    let spec = object.get("spec");
+    let replicas = spec
+        .and_then(|s| s.get("replicas"))
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    let selector = spec
+        .and_then(|s| s.get("selector"))
+        .and_then(|s| LabelSelector::from_label_selector(s).ok())
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    let observed = object
+        .get("status")
+        .and_then(|s| s.get("replicas"))
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": pick("name"),
+            "namespace": pick("namespace"),
+            "uid": pick("uid"),
+            "resourceVersion": pick("resourceVersion"),
+            "creationTimestamp": pick("creationTimestamp"),
+        },
+        "spec": {"replicas": replicas},
+        "status": {"replicas": observed, "selector": selector},
+    })
+}
+
+/// `spec.replicas` of a `Scale` written by a client; 422 when missing or negative.
+pub fn replicas_of_scale(kind: &str, name: &str, scale: &Value) -> Result<i64, ApiError> {
+    let replicas = scale.get("spec").and_then(|s| s.get("replicas"));
+    match replicas.and_then(Value::as_i64) {
+        Some(r) if r >= 0 => Ok(r),
+        Some(r) => Err(ApiError::invalid(
+            kind,
+            name,
+            vec![Cause {
+                field: "spec.replicas".into(),
+                message: format!("Invalid value: {r}: must be greater than or equal to 0"),
+            }],
+        )),
+        // A Scale without replicas means 0 (the field is omitempty in Go).
+        None if replicas.is_none() => Ok(0),
+        None => Err(ApiError::bad_request("spec.replicas of the Scale is not an integer")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::resources;
+    use super::*;
+
+    fn deployment(v: Value) -> Object {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn deployment_defaults_and_selector_rules() {
+        let r = resources::find("apps", "v1", "deployments").unwrap();
+        let mut d = deployment(json!({"metadata": {"name": "web"}, "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}},
+                         "spec": {"containers": [{"name": "c", "image": "nginx"}]}}}}));
+        apply_defaults(r, &mut d);
+        assert_eq!(d["spec"]["replicas"], 1);
+        assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
+        assert_eq!(d["spec"]["revisionHistoryLimit"], 10);
+        assert_eq!(d["spec"]["template"]["spec"]["restartPolicy"], "Always");
+        let mut causes = Vec::new();
+        validate(r, &d, &mut causes);
+        assert!(causes.is_empty(), "{causes:?}");
+
+        d["spec"]["template"]["metadata"]["labels"] = json!({"app": "other"});
+        validate(r, &d, &mut causes);
+        assert_eq!(causes[0].field, "spec.template.metadata.labels");
+        causes.clear();
+        d["spec"].as_object_mut().unwrap().remove("selector");
+        validate(r, &d, &mut causes);
+        assert_eq!(causes[0].field, "spec.selector");
+    }
+
+    #[test]
+    fn scale_round_trip() {
+        let d = deployment(json!({"metadata": {"name": "web", "namespace": "default"},
+            "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "web"}}},
+            "status": {"replicas": 2}}));
+        let s = to_scale(&d);
+        assert_eq!(s["spec"]["replicas"], 3);
+        assert_eq!(s["status"]["selector"], "app=web");
+        assert_eq!(replicas_of_scale("Deployment", "web", &s).unwrap(), 3);
+        assert!(replicas_of_scale("Deployment", "web", &json!({"spec": {"replicas": -1}})).is_err());
+    }
+}
