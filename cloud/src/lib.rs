@@ -13,12 +13,15 @@
 //! - [`node_api`]: API calls forwarded by a node's MetaServer, under node authorization;
 //! - [`scheduler`]: binds pods without `nodeName` to a ready edge node;
 //! - [`lifecycle`]: node Ready/NotReady from leases;
+//! - [`controllers`]: the Deployment, ReplicaSet, DaemonSet controllers and the garbage
+//!   collector;
 //! - [`servicebus`]: HTTP requests to applications on edge nodes, over their links;
 //! - [`server`]: wires it all together ([`server::CloudCore`]).
 
 pub mod api_tls;
 pub mod authz;
 pub mod cluster;
+pub mod controllers;
 pub mod embedded;
 pub mod hub;
 pub mod join;

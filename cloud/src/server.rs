@@ -1,5 +1,5 @@
 //! cloudcore as a whole: opens the state, starts the API server, the metrics endpoint, the
-//! scheduler and the node lifecycle, and stops them on shutdown.
+//! scheduler, the node lifecycle and the workload controllers, and stops them on shutdown.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -132,6 +132,7 @@ impl CloudCore {
         let metrics_addr = metrics_listener.local_addr()?;
 
         let mut tasks = Vec::new();
+        let controllers_api = ApiServer::new(store.clone(), policy.clone()).router();
         let mut api = ApiServer::new(store.clone(), policy);
         let token: Option<Arc<str>> = api_token.map(Into::into);
         if let Some(token) = &token {
@@ -225,6 +226,7 @@ impl CloudCore {
                 Duration::from_secs(5),
                 metrics.clone(),
             )));
+            tasks.extend(crate::controllers::start(store.clone(), controllers_api));
         }
         tasks.extend(source.clone().start(store.clone()));
         tracing::info!(%api_addr, %metrics_addr, %quic_addr, data_dir = %config.data_dir.display(), source = %source.describe(), "cloudcore started");

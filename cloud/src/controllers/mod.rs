@@ -1,0 +1,612 @@
+//! The workload controllers of the embedded mode: ReplicaSet, Deployment, DaemonSet and the
+//! garbage collector, as level-triggered reconcilers over the store.
+//!
+//! Each controller is a pure core, `reconcile(&World, now) -> Vec<Action>`, that reads a
+//! snapshot of the objects it cares about ([`World`]) and the time (Unix seconds, so tests use a
+//! simulated clock), and says what to write. The shell ([`run`]) loads the snapshot from the
+//! store, applies the actions through the in-process API (so defaults, validation, graceful pod
+//! deletion and resourceVersion preconditions are the API's own, as for any client), and runs
+//! again when an object of a watched kind changes, after its own writes, and every
+//! [`RESYNC`] (time-based conditions such as `minReadySeconds`, and requeues after a 409).
+//!
+//! Because each pass waits for its writes to be committed before the next pass reads the
+//! store, a controller never acts twice on the same observation (what upstream's
+//! "expectations" guard against). The price: every pass reads every object of the watched
+//! kinds, fine for an edge fleet's workloads, not for a 100k-pod cluster.
+
+pub mod daemonset;
+pub mod deployment;
+pub mod gc;
+pub mod replicaset;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Method, Request};
+use axum::Router;
+use replication::api::object::{self, Object};
+use replication::api::resources;
+use replication::{KeyRange, Store};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+/// A pass runs at least this often, changes or not.
+pub const RESYNC: Duration = Duration::from_secs(1);
+
+/// The label a Deployment puts on its ReplicaSets and their pods (Kubernetes' name).
+pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+/// The annotation holding a Deployment's and its ReplicaSets' revision (what `kubectl rollout
+/// history` and `undo` read).
+pub const REVISION: &str = "deployment.kubernetes.io/revision";
+/// The label a DaemonSet puts on its pods: the hash of the template they were made from.
+pub const CONTROLLER_REVISION_HASH: &str = "controller-revision-hash";
+
+/// The objects the controllers read, each with its `metadata.resourceVersion`.
+#[derive(Debug, Default, Clone)]
+pub struct World {
+    pub pods: Vec<Object>,
+    pub replicasets: Vec<Object>,
+    pub deployments: Vec<Object>,
+    pub daemonsets: Vec<Object>,
+    pub nodes: Vec<Object>,
+}
+
+/// The kinds in the order [`World::load`] reads them: dependents before their owners, so a
+/// dependent seen has its owner in the snapshot unless the owner is really gone (owners are
+/// created before their dependents).
+const LOAD_ORDER: &[&str] = &["pods", "replicasets", "deployments", "daemonsets", "nodes"];
+
+impl World {
+    /// Reads the watched kinds from the store.
+    pub fn load(store: &Store) -> World {
+        let mut world = World::default();
+        for kind in LOAD_ORDER {
+            let Ok(range) = KeyRange::kind(kind) else {
+                continue;
+            };
+            let objects: Vec<Object> = store
+                .scan(&range)
+                .flatten()
+                .filter_map(|(_, v)| object::decode_stored(&v.object, v.revision).ok())
+                .collect();
+            match *kind {
+                "pods" => world.pods = objects,
+                "replicasets" => world.replicasets = objects,
+                "deployments" => world.deployments = objects,
+                "daemonsets" => world.daemonsets = objects,
+                _ => world.nodes = objects,
+            }
+        }
+        world
+    }
+
+    /// The pods of `namespace`.
+    pub fn pods_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Object> + 'a {
+        self.pods
+            .iter()
+            .filter(move |p| object::namespace(p) == namespace)
+    }
+}
+
+/// One write a controller wants. `resource` is the plural (the store kind).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// POST the object into its namespace.
+    Create {
+        resource: &'static str,
+        namespace: String,
+        object: Value,
+    },
+    /// PUT the object (its `metadata.resourceVersion` is the precondition).
+    Update {
+        resource: &'static str,
+        object: Value,
+    },
+    /// PUT the object's `/status`.
+    UpdateStatus {
+        resource: &'static str,
+        object: Value,
+    },
+    /// DELETE, with the uid as a precondition (never deletes a newer object of that name).
+    Delete {
+        resource: &'static str,
+        namespace: String,
+        name: String,
+        uid: String,
+    },
+}
+
+impl Action {
+    /// The object's name (the generated prefix for a create), for logs and tests.
+    pub fn name(&self) -> String {
+        match self {
+            Action::Create { object, .. } => {
+                let o = object.as_object().cloned().unwrap_or_default();
+                let name = object::name(&o);
+                if name.is_empty() {
+                    object::meta_str(&o, "generateName")
+                        .unwrap_or_default()
+                        .to_owned()
+                } else {
+                    name.to_owned()
+                }
+            }
+            Action::Update { object, .. } | Action::UpdateStatus { object, .. } => object
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            Action::Delete { name, .. } => name.clone(),
+        }
+    }
+}
+
+// ---- object helpers shared by the controllers ----
+
+pub(crate) fn uid(o: &Object) -> &str {
+    object::meta_str(o, "uid").unwrap_or_default()
+}
+
+pub(crate) fn generation(o: &Object) -> i64 {
+    object::meta(o)
+        .and_then(|m| m.get("generation"))
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn annotation<'a>(o: &'a Object, key: &str) -> Option<&'a str> {
+    object::meta(o)?.get("annotations")?.get(key)?.as_str()
+}
+
+pub(crate) fn label<'a>(o: &'a Object, key: &str) -> Option<&'a str> {
+    object::labels(o)?.get(key)?.as_str()
+}
+
+pub(crate) fn is_terminating(o: &Object) -> bool {
+    object::meta(o).is_some_and(|m| m.contains_key("deletionTimestamp"))
+}
+
+pub(crate) fn owner_references(o: &Object) -> &[Value] {
+    object::meta(o)
+        .and_then(|m| m.get("ownerReferences"))
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// The uid of the object's controller (its ownerReference with `controller: true`).
+pub(crate) fn controller_uid(o: &Object) -> Option<&str> {
+    owner_references(o)
+        .iter()
+        .find(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
+        .and_then(|r| r.get("uid")?.as_str())
+}
+
+pub(crate) fn is_controlled_by(o: &Object, owner: &Object) -> bool {
+    controller_uid(o).is_some_and(|u| u == uid(owner))
+}
+
+/// The ownerReference a controller puts on what it creates.
+pub(crate) fn controller_reference(owner: &Object, api_version: &str, kind: &str) -> Value {
+    json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "name": object::name(owner),
+        "uid": uid(owner),
+        "controller": true,
+        "blockOwnerDeletion": true,
+    })
+}
+
+pub(crate) fn spec_i64(o: &Object, field: &str) -> Option<i64> {
+    o.get("spec")?.get(field)?.as_i64()
+}
+
+pub(crate) fn status_i64(o: &Object, field: &str) -> i64 {
+    o.get("status")
+        .and_then(|s| s.get(field))
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+}
+
+/// `spec.replicas` of a Deployment or ReplicaSet (1 when absent, as defaulted).
+pub(crate) fn replicas(o: &Object) -> i64 {
+    spec_i64(o, "replicas").unwrap_or(1)
+}
+
+fn pod_condition<'a>(pod: &'a Object, kind: &str) -> Option<&'a Value> {
+    pod.get("status")?
+        .get("conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))
+}
+
+pub(crate) fn pod_ready(pod: &Object) -> bool {
+    pod_condition(pod, "Ready").and_then(|c| c.get("status")?.as_str()) == Some("True")
+}
+
+/// Ready for at least `min_ready_seconds` at `now` (Kubernetes' "available").
+pub(crate) fn pod_available(pod: &Object, min_ready_seconds: i64, now: i64) -> bool {
+    if !pod_ready(pod) {
+        return false;
+    }
+    if min_ready_seconds <= 0 {
+        return true;
+    }
+    pod_condition(pod, "Ready")
+        .and_then(|c| c.get("lastTransitionTime")?.as_str())
+        .and_then(object::parse_rfc3339)
+        .is_some_and(|since| since + min_ready_seconds <= now)
+}
+
+/// A pod that counts toward its controller's replicas: not being deleted, not finished.
+pub(crate) fn pod_active(pod: &Object) -> bool {
+    let phase = pod
+        .get("status")
+        .and_then(|s| s.get("phase"))
+        .and_then(Value::as_str);
+    !is_terminating(pod) && !matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+pub(crate) fn node_name(pod: &Object) -> Option<&str> {
+    pod.get("spec")?
+        .get("nodeName")?
+        .as_str()
+        .filter(|n| !n.is_empty())
+}
+
+/// An int-or-percent (`maxSurge`, `maxUnavailable`) scaled to `total`: `n`, or `n%` of `total`
+/// rounded up or down (Kubernetes' `GetScaledValueFromIntOrPercent`).
+pub(crate) fn int_or_percent(value: Option<&Value>, default: i64, total: i64, round_up: bool) -> i64 {
+    match value {
+        Some(Value::Number(n)) => n.as_i64().unwrap_or(default),
+        Some(Value::String(s)) => match s.strip_suffix('%').and_then(|p| p.parse::<i64>().ok()) {
+            Some(p) if round_up => (p * total + 99) / 100,
+            Some(p) => p * total / 100,
+            None => s.parse().unwrap_or(default),
+        },
+        _ => default,
+    }
+}
+
+/// A short, name-safe hash of a pod template: FNV-1a (32 bit) of its canonical JSON (keys
+/// sorted), written with Kubernetes' `SafeEncodeString` alphabet (no vowels, no 0/1/3), as
+/// `pod-template-hash` values look (`5d8f7c9b6`).
+pub fn template_hash(template: &Value) -> String {
+    let canonical = serde_json::to_string(template).unwrap_or_default();
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in canonical.bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    const ALPHANUMS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    hash.to_string()
+        .bytes()
+        .map(|b| ALPHANUMS[usize::from(b) % ALPHANUMS.len()] as char)
+        .collect()
+}
+
+/// `labels` with `key=value` added.
+pub(crate) fn with_label(labels: Option<&Value>, key: &str, value: &str) -> Value {
+    let mut map = labels.and_then(Value::as_object).cloned().unwrap_or_default();
+    map.insert(key.to_owned(), json!(value));
+    Value::Object(map)
+}
+
+/// A condition list with `condition` set (by `type`); `lastTransitionTime` is kept when the
+/// status did not change, `lastUpdateTime` when nothing did.
+pub(crate) fn set_condition(conditions: &mut Vec<Value>, mut condition: Value, now: &str) {
+    let kind = condition["type"].clone();
+    let previous = conditions.iter().position(|c| c["type"] == kind);
+    let (transition, update) = match previous.map(|i| &conditions[i]) {
+        Some(p) if p["status"] == condition["status"] => {
+            let same = p["reason"] == condition["reason"] && p["message"] == condition["message"];
+            (
+                p["lastTransitionTime"].clone(),
+                if same {
+                    p["lastUpdateTime"].clone()
+                } else {
+                    json!(now)
+                },
+            )
+        }
+        _ => (json!(now), json!(now)),
+    };
+    condition["lastTransitionTime"] = transition;
+    condition["lastUpdateTime"] = update;
+    match previous {
+        Some(i) => conditions[i] = condition,
+        None => conditions.push(condition),
+    }
+}
+
+/// An RFC 3339 timestamp of Unix seconds.
+pub(crate) fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map(object::rfc3339)
+        .unwrap_or_default()
+}
+
+// ---- the shell ----
+
+/// Calls the API in process, as a client would (the same router, the same policy).
+#[derive(Clone)]
+pub struct ApiClient {
+    router: Router,
+}
+
+/// A failed call: the HTTP code and the Status message.
+#[derive(Debug)]
+pub struct CallError {
+    pub code: u16,
+    pub message: String,
+}
+
+impl ApiClient {
+    pub fn new(router: Router) -> Self {
+        ApiClient { router }
+    }
+
+    async fn call(&self, method: Method, uri: String, body: Option<Value>) -> Result<Value, CallError> {
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(bytes))
+            .map_err(|e| CallError {
+                code: 400,
+                message: e.to_string(),
+            })?;
+        let response = match self.router.clone().oneshot(request).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        let code = response.status().as_u16();
+        let body = axum::body::to_bytes(response.into_body(), 16 << 20)
+            .await
+            .unwrap_or_default();
+        let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if (200..300).contains(&code) {
+            Ok(value)
+        } else {
+            Err(CallError {
+                code,
+                message: value["message"].as_str().unwrap_or_default().to_owned(),
+            })
+        }
+    }
+
+    /// Applies one action.
+    pub async fn apply(&self, action: &Action) -> Result<Value, CallError> {
+        let base = |resource: &str, namespace: &str| {
+            let r = resources::by_store_kind(resource).expect("a served resource");
+            format!("{}/namespaces/{namespace}/{}", r.group_version_path(), r.plural)
+        };
+        let item = |resource: &str, object: &Value| {
+            let ns = object
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let name = object
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            format!("{}/{name}", base(resource, ns))
+        };
+        match action {
+            Action::Create {
+                resource,
+                namespace,
+                object,
+            } => {
+                self.call(Method::POST, base(resource, namespace), Some(object.clone()))
+                    .await
+            }
+            Action::Update { resource, object } => {
+                self.call(Method::PUT, item(resource, object), Some(object.clone()))
+                    .await
+            }
+            Action::UpdateStatus { resource, object } => {
+                let uri = format!("{}/status", item(resource, object));
+                self.call(Method::PUT, uri, Some(object.clone())).await
+            }
+            Action::Delete {
+                resource,
+                namespace,
+                name,
+                uid,
+            } => {
+                let uri = format!("{}/{name}", base(resource, namespace));
+                let options = json!({"kind": "DeleteOptions", "apiVersion": "v1",
+                    "propagationPolicy": "Background", "preconditions": {"uid": uid}});
+                self.call(Method::DELETE, uri, Some(options)).await
+            }
+        }
+    }
+}
+
+/// A controller's pure core.
+pub type Reconcile = fn(&World, i64) -> Vec<Action>;
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Runs one controller until the store's watch closes: a pass whenever an object of `kinds`
+/// changes (changes arriving together make one pass), and at least every [`RESYNC`].
+pub async fn run(
+    name: &'static str,
+    store: Arc<Store>,
+    client: ApiClient,
+    kinds: &'static [&'static str],
+    reconcile: Reconcile,
+) {
+    let subscribe = |store: &Store| store.watch().subscribe(KeyRange::all(), Some(store.revision()));
+    let Ok(mut watcher) = subscribe(&store) else {
+        return;
+    };
+    loop {
+        let snapshot = store.clone();
+        let world = match tokio::task::spawn_blocking(move || World::load(&snapshot)).await {
+            Ok(world) => world,
+            Err(_) => return,
+        };
+        let actions = reconcile(&world, now_unix());
+        let mut failed = 0;
+        for action in &actions {
+            match client.apply(action).await {
+                Ok(_) => tracing::debug!(controller = name, object = %action.name(), "applied {action:?}"),
+                // A conflict or a vanished object: the next pass sees the new state.
+                Err(e) if matches!(e.code, 404 | 409) => {
+                    failed += 1;
+                    tracing::debug!(controller = name, object = %action.name(), code = e.code, "{}", e.message)
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(controller = name, object = %action.name(), code = e.code, "{}", e.message)
+                }
+            }
+        }
+        if !actions.is_empty() && failed < actions.len() {
+            // Our own writes changed the state: look again (they are in the store already).
+            // Drain what the watch queued meanwhile, so it does not trigger a redundant pass.
+            while let Ok(Some(_)) = watcher.try_next() {}
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let deadline = tokio::time::sleep(RESYNC);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                change = watcher.next() => match change {
+                    Ok(change) => {
+                        let relevant = kinds.contains(&change.key.kind());
+                        if relevant {
+                            break;
+                        }
+                    }
+                    Err(replication::WatchError::Closed) => return,
+                    Err(_) => {
+                        match subscribe(&store) {
+                            Ok(w) => watcher = w,
+                            Err(_) => return,
+                        }
+                        break;
+                    }
+                },
+                _ = &mut deadline => break,
+            }
+        }
+    }
+}
+
+/// Starts the four controllers over `store`, writing through `router` (the embedded API).
+pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<()>> {
+    let client = ApiClient::new(router);
+    let workloads: &'static [&'static str] = &["pods", "replicasets", "deployments", "daemonsets", "nodes"];
+    vec![
+        tokio::spawn(run(
+            "replicaset",
+            store.clone(),
+            client.clone(),
+            &["pods", "replicasets", "nodes"],
+            replicaset::reconcile,
+        )),
+        tokio::spawn(run(
+            "deployment",
+            store.clone(),
+            client.clone(),
+            &["replicasets", "deployments"],
+            deployment::reconcile,
+        )),
+        tokio::spawn(run(
+            "daemonset",
+            store.clone(),
+            client.clone(),
+            &["pods", "daemonsets", "nodes"],
+            daemonset::reconcile,
+        )),
+        tokio::spawn(run("garbagecollector", store, client, workloads, gc::reconcile)),
+    ]
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Builders for the controllers' unit tests.
+    use super::*;
+
+    pub const T0: i64 = 1_800_000_000;
+
+    pub fn obj(v: Value) -> Object {
+        v.as_object().cloned().expect("an object")
+    }
+
+    pub fn node(name: &str, ready: bool, labels: Value) -> Object {
+        let status = if ready { "True" } else { "Unknown" };
+        obj(json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "uid": format!("uid-{name}"), "labels": labels,
+                         "resourceVersion": "1"},
+            "status": {"conditions": [{"type": "Ready", "status": status}]}}))
+    }
+
+    /// A pod created from `create` (a controller's Create action), named and bound.
+    pub fn pod_from(create: &Action, name: &str, node: Option<&str>, ready_since: Option<i64>) -> Object {
+        let Action::Create { object, .. } = create else {
+            panic!("not a create: {create:?}");
+        };
+        let mut pod = obj(object.clone());
+        let meta = object::meta_mut(&mut pod);
+        meta.insert("name".into(), json!(name));
+        meta.insert("uid".into(), json!(format!("uid-{name}")));
+        meta.insert("resourceVersion".into(), json!("1"));
+        meta.insert("creationTimestamp".into(), json!(rfc3339(T0)));
+        if let Some(node) = node {
+            pod["spec"]["nodeName"] = json!(node);
+        }
+        pod.insert(
+            "status".into(),
+            match ready_since {
+                Some(t) => json!({"phase": "Running", "conditions": [
+                    {"type": "Ready", "status": "True", "lastTransitionTime": rfc3339(t)}]}),
+                None => json!({"phase": "Pending"}),
+            },
+        );
+        pod
+    }
+
+    /// What an Update/UpdateStatus action writes, as the store would then hold it.
+    pub fn applied(action: &Action) -> Object {
+        match action {
+            Action::Update { object, .. } | Action::UpdateStatus { object, .. } => {
+                obj(object.clone())
+            }
+            other => panic!("not an update: {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_are_stable_and_name_safe() {
+        let a = template_hash(&json!({"spec": {"containers": [{"name": "c", "image": "x"}]}}));
+        let b = template_hash(&json!({"spec": {"containers": [{"image": "x", "name": "c"}]}}));
+        assert_eq!(a, b);
+        assert!(object::is_dns1123_label(&a));
+        assert_ne!(a, template_hash(&json!({"spec": {"containers": [{"name": "c", "image": "y"}]}})));
+    }
+
+    #[test]
+    fn int_or_percent_rounding() {
+        assert_eq!(int_or_percent(Some(&json!("25%")), 0, 3, true), 1);
+        assert_eq!(int_or_percent(Some(&json!("25%")), 0, 3, false), 0);
+        assert_eq!(int_or_percent(Some(&json!(2)), 0, 3, false), 2);
+        assert_eq!(int_or_percent(None, 1, 3, false), 1);
+    }
+}
