@@ -588,3 +588,165 @@ fn imperative_create_commands_send_protobuf_and_work() {
         r#"["sleep","60"]"#
     );
 }
+
+/// Polls `check` every 100 ms for at most `within`; panics naming `what` on timeout.
+fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < within, "timed out after {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn names(cloud: &CloudProcess, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["get"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-o", "jsonpath={.items[*].metadata.name}"]);
+    cloud
+        .ok(&all)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The embedded API serves apps/v1 workloads: `kubectl create deployment` (protobuf), the
+/// defaults, `kubectl scale` through the scale subresource, ReplicaSets and pods made by the
+/// controllers, `kubectl rollout history|undo`, a selector that does not match the template
+/// refused with 422, and deletion cascading in the background or orphaning. No edge node runs
+/// here, so pods stay Pending (readiness is covered by edge/tests/workloads.rs).
+#[test]
+fn deployments_scale_roll_back_and_cascade() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(dir.path());
+    let resources = cloud.ok(&["api-resources", "--api-group=apps"]);
+    for short in ["deploy", "rs", "ds"] {
+        assert!(resources.contains(short), "{resources}");
+    }
+    // The `all` category includes the workloads.
+    cloud.ok(&["get", "all"]);
+
+    cloud.ok(&["create", "deployment", "web", "--image=nginx"]);
+    assert_eq!(
+        cloud.ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas} {.spec.strategy.rollingUpdate.maxSurge} \
+             {.spec.revisionHistoryLimit} {.metadata.generation}"
+        ]),
+        "1 25% 10 1"
+    );
+    eventually("one ReplicaSet and its pod", Duration::from_secs(20), || {
+        names(&cloud, &["rs", "-l", "app=web"]).len() == 1
+            && names(&cloud, &["pods", "-l", "app=web"]).len() == 1
+    });
+    let rs = names(&cloud, &["rs", "-l", "app=web"]).remove(0);
+    let hash = cloud.ok(&[
+        "get",
+        "rs",
+        &rs,
+        "-o",
+        "jsonpath={.metadata.labels.pod-template-hash}",
+    ]);
+    assert_eq!(rs, format!("web-{hash}"));
+    let pod = names(&cloud, &["pods", "-l", "app=web"]).remove(0);
+    assert!(pod.starts_with(&format!("{rs}-")) && pod.len() == rs.len() + 6, "{pod}");
+    assert_eq!(
+        cloud.ok(&[
+            "get",
+            "pod",
+            &pod,
+            "-o",
+            "jsonpath={.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}"
+        ]),
+        format!("ReplicaSet/{rs}")
+    );
+
+    // kubectl scale goes through /scale.
+    let out = cloud.ok(&["scale", "deployment", "web", "--replicas=3"]);
+    assert!(out.contains("scaled"), "{out}");
+    assert_eq!(
+        cloud.ok(&["get", "deploy", "web", "-o", "jsonpath={.metadata.generation}"]),
+        "2"
+    );
+    eventually("three pods", Duration::from_secs(20), || {
+        names(&cloud, &["pods", "-l", "app=web"]).len() == 3
+    });
+    let table = cloud.ok(&["get", "deploy", "web"]);
+    assert!(
+        table.contains("READY") && table.contains("UP-TO-DATE") && table.contains("0/3"),
+        "{table}"
+    );
+
+    // A new template: a second ReplicaSet at revision 2; undo goes back to the first one.
+    cloud.ok(&["set", "image", "deployment/web", "nginx=nginx:2"]);
+    eventually("two ReplicaSets", Duration::from_secs(20), || {
+        names(&cloud, &["rs", "-l", "app=web"]).len() == 2
+    });
+    let history = cloud.ok(&["rollout", "history", "deployment/web"]);
+    assert!(history.contains("1 ") && history.contains("2 "), "{history}");
+    cloud.ok(&["rollout", "undo", "deployment/web"]);
+    eventually("the first ReplicaSet is revision 3", Duration::from_secs(20), || {
+        cloud.ok(&[
+            "get",
+            "rs",
+            &rs,
+            "-o",
+            "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}",
+        ]) == "3"
+    });
+    assert_eq!(names(&cloud, &["rs", "-l", "app=web"]).len(), 2);
+    assert_eq!(
+        cloud.ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].image}"
+        ]),
+        "nginx"
+    );
+
+    // The selector must select the template's labels.
+    let bad = r#"{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "bad"},
+        "spec": {"selector": {"matchLabels": {"app": "x"}},
+                 "template": {"metadata": {"labels": {"app": "other"}},
+                              "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}"#;
+    let out = cloud.kubectl_stdin(&["create", "-f", "-"], bad);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("`selector` does not match template `labels`"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Background cascade: the ReplicaSets and their pods go with the Deployment.
+    cloud.ok(&["delete", "deployment", "web"]);
+    eventually("ReplicaSets and pods collected", Duration::from_secs(20), || {
+        names(&cloud, &["rs", "-l", "app=web"]).is_empty()
+            && names(&cloud, &["pods", "-l", "app=web"]).is_empty()
+    });
+
+    // Orphan: the ReplicaSet stays, without its owner; its pods stay with theirs.
+    cloud.ok(&["create", "deployment", "keep", "--image=busybox", "--replicas=2"]);
+    eventually("keep's pods", Duration::from_secs(20), || {
+        names(&cloud, &["pods", "-l", "app=keep"]).len() == 2
+    });
+    cloud.ok(&["delete", "deployment", "keep", "--cascade=orphan"]);
+    let out = cloud.kubectl(&["get", "deployment", "keep"]);
+    assert!(!out.status.success(), "the Deployment is gone");
+    let orphans = names(&cloud, &["rs", "-l", "app=keep"]);
+    assert_eq!(orphans.len(), 1);
+    assert_eq!(
+        cloud.ok(&["get", "rs", &orphans[0], "-o", "jsonpath={.metadata.ownerReferences}"]),
+        "[]"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(names(&cloud, &["pods", "-l", "app=keep"]).len(), 2);
+    // The orphaned ReplicaSet still works (scale through /scale).
+    cloud.ok(&["scale", "rs", &orphans[0], "--replicas=1"]);
+    eventually("the orphan scaled down", Duration::from_secs(20), || {
+        names(&cloud, &["pods", "-l", "app=keep"]).len() == 1
+    });
+}

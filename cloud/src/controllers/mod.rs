@@ -270,11 +270,33 @@ pub(crate) fn int_or_percent(value: Option<&Value>, default: i64, total: i64, ro
     }
 }
 
+/// `value` without nulls, empty objects and empty arrays, at any depth: the JSON a Go client
+/// writes for a typed object (`"creationTimestamp": null`, `"resources": {}`) and the JSON
+/// another client writes for the same object then hash alike.
+fn pruned(value: &Value) -> Option<Value> {
+    match value {
+        Value::Null => None,
+        Value::Object(map) => {
+            let kept: serde_json::Map<String, Value> = map
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), pruned(v)?)))
+                .collect();
+            (!kept.is_empty()).then_some(Value::Object(kept))
+        }
+        Value::Array(items) => {
+            (!items.is_empty()).then(|| Value::Array(items.iter().filter_map(pruned).collect()))
+        }
+        other => Some(other.clone()),
+    }
+}
+
 /// A short, name-safe hash of a pod template: FNV-1a (32 bit) of its canonical JSON (keys
-/// sorted), written with Kubernetes' `SafeEncodeString` alphabet (no vowels, no 0/1/3), as
-/// `pod-template-hash` values look (`5d8f7c9b6`).
+/// sorted, empty fields dropped), written with Kubernetes' `SafeEncodeString` alphabet (no
+/// vowels, no 0/1/3), as `pod-template-hash` values look (`5d8f7c9b6`).
 pub fn template_hash(template: &Value) -> String {
-    let canonical = serde_json::to_string(template).unwrap_or_default();
+    let canonical = pruned(template)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
     let mut hash: u32 = 0x811c_9dc5;
     for b in canonical.bytes() {
         hash ^= u32::from(b);
@@ -600,6 +622,10 @@ mod tests {
         assert_eq!(a, b);
         assert!(object::is_dns1123_label(&a));
         assert_ne!(a, template_hash(&json!({"spec": {"containers": [{"name": "c", "image": "y"}]}})));
+        // What kubectl sends back from a ReplicaSet's template (`rollout undo`) hashes alike.
+        let from_go = json!({"metadata": {"creationTimestamp": null},
+            "spec": {"containers": [{"name": "c", "image": "x", "resources": {}}]}});
+        assert_eq!(a, template_hash(&from_go));
     }
 
     #[test]
