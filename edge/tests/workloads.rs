@@ -1,0 +1,232 @@
+//! Deployments and DaemonSets end to end: the real cloudcore with its controllers, real
+//! edgecores running the pods as processes (the `process` runtime runs a container's
+//! `command`; the image is only a name), real kubectl.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const CLOUD_FAST: &[&str] = &["--link-keepalive", "1s", "--node-grace", "4s"];
+
+const DEPLOYMENT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  strategy: {rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - {name: main, image: "busybox:1", command: [sleep, "1000"]}
+"#;
+
+const DAEMONSET: &str = r#"
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent}
+spec:
+  selector: {matchLabels: {app: agent}}
+  template:
+    metadata: {labels: {app: agent}}
+    spec:
+      nodeSelector: {kedge.io/agent: "yes"}
+      terminationGracePeriodSeconds: 1
+      containers:
+      - {name: main, image: busybox, command: [sleep, "1000"]}
+"#;
+
+fn ok(cloud: &CloudProcess, args: &[&str]) -> String {
+    cloud.ok(args)
+}
+
+/// `kubectl rollout status` to completion (bounded by its own timeout).
+fn rollout_status(cloud: &CloudProcess, what: &str) {
+    let out = cloud.kubectl(&["rollout", "status", what, "--timeout=90s"]);
+    assert!(
+        out.status.success(),
+        "rollout status {what}: {}{}",
+        stdout(&out),
+        stderr_of(&out)
+    );
+    assert!(stdout(&out).contains("successfully rolled out"), "{}", stdout(&out));
+}
+
+/// `(name, node, phase, image)` of the pods with `selector`, sorted.
+fn pods(cloud: &CloudProcess, selector: &str) -> Vec<(String, String, String, String)> {
+    let out = ok(
+        cloud,
+        &[
+            "get",
+            "pods",
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.phase} \
+             {.spec.containers[0].image}{\"\\n\"}{end}",
+        ],
+    );
+    let mut list: Vec<_> = out
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 4).then(|| (f[0].into(), f[1].into(), f[2].into(), f[3].into()))
+        })
+        .collect();
+    list.sort();
+    list
+}
+
+/// The nodes running the DaemonSet's pods, sorted.
+fn agent_nodes(cloud: &CloudProcess) -> Vec<String> {
+    let mut nodes: Vec<String> = pods(cloud, "app=agent").into_iter().map(|p| p.1).collect();
+    nodes.sort();
+    nodes
+}
+
+fn wait_ready(cloud: &CloudProcess, node: &str) {
+    eventually(&format!("{node} Ready"), Duration::from_secs(30), || {
+        ok(
+            cloud,
+            &[
+                "get",
+                "node",
+                node,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+            ],
+        ) == "True"
+    });
+}
+
+#[test]
+fn deployments_and_daemonsets_run_on_edge_nodes() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start_with(
+        cloud_dir.path(),
+        free_port(),
+        free_port(),
+        free_port(),
+        CLOUD_FAST,
+    );
+    let token = token(&cloud);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let _edge1 = EdgeProcess::start(&cloud, "edge-1", dirs[0].path(), free_port(), Some(&token));
+    let mut edge2 =
+        EdgeProcess::start(&cloud, "edge-2", dirs[1].path(), free_port(), Some(&token));
+    wait_ready(&cloud, "edge-1");
+    wait_ready(&cloud, "edge-2");
+    for node in ["edge-1", "edge-2"] {
+        ok(&cloud, &["label", "node", node, "kedge.io/agent=yes"]);
+    }
+
+    // A Deployment rolls out to Running, Ready pods.
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], DEPLOYMENT)
+        .status
+        .success());
+    rollout_status(&cloud, "deployment/web");
+    ok(&cloud, &["scale", "deployment", "web", "--replicas=3"]);
+    rollout_status(&cloud, "deployment/web");
+    let running = pods(&cloud, "app=web");
+    assert_eq!(running.len(), 3, "{running:?}");
+    assert!(running.iter().all(|p| p.2 == "Running"), "{running:?}");
+    let table = ok(&cloud, &["get", "deployment", "web"]);
+    assert!(table.contains("3/3"), "{table}");
+
+    // A new image rolls (one surge pod at a time, none unavailable), then back.
+    ok(&cloud, &["set", "image", "deployment/web", "main=busybox:2"]);
+    rollout_status(&cloud, "deployment/web");
+    eventually("only busybox:2 pods", Duration::from_secs(30), || {
+        let p = pods(&cloud, "app=web");
+        p.len() == 3 && p.iter().all(|p| p.3 == "busybox:2" && p.2 == "Running")
+    });
+    let history = ok(&cloud, &["rollout", "history", "deployment/web"]);
+    assert!(history.contains("2 "), "{history}");
+    ok(&cloud, &["rollout", "undo", "deployment/web"]);
+    rollout_status(&cloud, "deployment/web");
+    eventually("busybox:1 pods again", Duration::from_secs(30), || {
+        let p = pods(&cloud, "app=web");
+        p.len() == 3 && p.iter().all(|p| p.3 == "busybox:1")
+    });
+    assert_eq!(
+        ok(
+            &cloud,
+            &[
+                "get",
+                "deployment",
+                "web",
+                "-o",
+                "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}"
+            ]
+        ),
+        "3"
+    );
+
+    // A DaemonSet: one pod per labelled node; a node joining later gets its own.
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], DAEMONSET)
+        .status
+        .success());
+    rollout_status(&cloud, "daemonset/agent");
+    assert_eq!(agent_nodes(&cloud), ["edge-1", "edge-2"]);
+    let _edge3 = EdgeProcess::start(&cloud, "edge-3", dirs[2].path(), free_port(), Some(&token));
+    wait_ready(&cloud, "edge-3");
+    ok(&cloud, &["label", "node", "edge-3", "kedge.io/agent=yes"]);
+    eventually("edge-3 runs its agent", Duration::from_secs(30), || {
+        pods(&cloud, "app=agent")
+            .iter()
+            .any(|p| p.1 == "edge-3" && p.2 == "Running")
+    });
+    rollout_status(&cloud, "daemonset/agent");
+    assert_eq!(
+        ok(&cloud, &["get", "ds", "agent", "-o", "jsonpath={.status.desiredNumberScheduled}"]),
+        "3"
+    );
+    // A node losing the label loses its pod.
+    ok(&cloud, &["label", "node", "edge-3", "kedge.io/agent-"]);
+    eventually("edge-3's agent removed", Duration::from_secs(30), || {
+        agent_nodes(&cloud) == ["edge-1", "edge-2"]
+    });
+
+    // Edge autonomy: edge-2 goes offline; its pods are not replaced elsewhere.
+    let before = pods(&cloud, "app=web");
+    edge2.kill9();
+    eventually("edge-2 NotReady", Duration::from_secs(30), || {
+        ok(
+            &cloud,
+            &[
+                "get",
+                "node",
+                "edge-2",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+            ],
+        ) != "True"
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let after = pods(&cloud, "app=web");
+    let names = |p: &[(String, String, String, String)]| -> Vec<String> {
+        p.iter().map(|p| p.0.clone()).collect()
+    };
+    assert_eq!(names(&after), names(&before), "pods on the offline node were replaced");
+
+    // Deleting cascades: background for the Deployment, orphan for the DaemonSet.
+    ok(&cloud, &["delete", "daemonset", "agent", "--cascade=orphan"]);
+    assert_eq!(pods(&cloud, "app=agent").len(), 2);
+    ok(&cloud, &["delete", "deployment", "web", "--wait=false"]);
+    eventually("the ReplicaSets are collected", Duration::from_secs(30), || {
+        ok(&cloud, &["get", "rs", "-l", "app=web", "-o", "name"]).is_empty()
+    });
+    // Those on connected nodes after their node stopped them; the offline node's at once (it
+    // learns of the deletion when it reconnects).
+    eventually("the web pods are gone", Duration::from_secs(30), || {
+        pods(&cloud, "app=web").is_empty()
+    });
+    assert_eq!(pods(&cloud, "app=agent").len(), 2, "orphaned pods stay");
+}
