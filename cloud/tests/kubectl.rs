@@ -593,7 +593,10 @@ fn imperative_create_commands_send_protobuf_and_work() {
 fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {
-        assert!(start.elapsed() < within, "timed out after {within:?}: {what}");
+        assert!(
+            start.elapsed() < within,
+            "timed out after {within:?}: {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -637,10 +640,14 @@ fn deployments_scale_roll_back_and_cascade() {
         ]),
         "1 25% 10 1"
     );
-    eventually("one ReplicaSet and its pod", Duration::from_secs(20), || {
-        names(&cloud, &["rs", "-l", "app=web"]).len() == 1
-            && names(&cloud, &["pods", "-l", "app=web"]).len() == 1
-    });
+    eventually(
+        "one ReplicaSet and its pod",
+        Duration::from_secs(20),
+        || {
+            names(&cloud, &["rs", "-l", "app=web"]).len() == 1
+                && names(&cloud, &["pods", "-l", "app=web"]).len() == 1
+        },
+    );
     let rs = names(&cloud, &["rs", "-l", "app=web"]).remove(0);
     let hash = cloud.ok(&[
         "get",
@@ -651,7 +658,10 @@ fn deployments_scale_roll_back_and_cascade() {
     ]);
     assert_eq!(rs, format!("web-{hash}"));
     let pod = names(&cloud, &["pods", "-l", "app=web"]).remove(0);
-    assert!(pod.starts_with(&format!("{rs}-")) && pod.len() == rs.len() + 6, "{pod}");
+    assert!(
+        pod.starts_with(&format!("{rs}-")) && pod.len() == rs.len() + 6,
+        "{pod}"
+    );
     assert_eq!(
         cloud.ok(&[
             "get",
@@ -667,7 +677,13 @@ fn deployments_scale_roll_back_and_cascade() {
     let out = cloud.ok(&["scale", "deployment", "web", "--replicas=3"]);
     assert!(out.contains("scaled"), "{out}");
     assert_eq!(
-        cloud.ok(&["get", "deploy", "web", "-o", "jsonpath={.metadata.generation}"]),
+        cloud.ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.metadata.generation}"
+        ]),
         "2"
     );
     eventually("three pods", Duration::from_secs(20), || {
@@ -685,17 +701,24 @@ fn deployments_scale_roll_back_and_cascade() {
         names(&cloud, &["rs", "-l", "app=web"]).len() == 2
     });
     let history = cloud.ok(&["rollout", "history", "deployment/web"]);
-    assert!(history.contains("1 ") && history.contains("2 "), "{history}");
+    assert!(
+        history.contains("1 ") && history.contains("2 "),
+        "{history}"
+    );
     cloud.ok(&["rollout", "undo", "deployment/web"]);
-    eventually("the first ReplicaSet is revision 3", Duration::from_secs(20), || {
-        cloud.ok(&[
-            "get",
-            "rs",
-            &rs,
-            "-o",
-            "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}",
-        ]) == "3"
-    });
+    eventually(
+        "the first ReplicaSet is revision 3",
+        Duration::from_secs(20),
+        || {
+            cloud.ok(&[
+                "get",
+                "rs",
+                &rs,
+                "-o",
+                "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}",
+            ]) == "3"
+        },
+    );
     assert_eq!(names(&cloud, &["rs", "-l", "app=web"]).len(), 2);
     assert_eq!(
         cloud.ok(&[
@@ -723,13 +746,23 @@ fn deployments_scale_roll_back_and_cascade() {
 
     // Background cascade: the ReplicaSets and their pods go with the Deployment.
     cloud.ok(&["delete", "deployment", "web"]);
-    eventually("ReplicaSets and pods collected", Duration::from_secs(20), || {
-        names(&cloud, &["rs", "-l", "app=web"]).is_empty()
-            && names(&cloud, &["pods", "-l", "app=web"]).is_empty()
-    });
+    eventually(
+        "ReplicaSets and pods collected",
+        Duration::from_secs(20),
+        || {
+            names(&cloud, &["rs", "-l", "app=web"]).is_empty()
+                && names(&cloud, &["pods", "-l", "app=web"]).is_empty()
+        },
+    );
 
     // Orphan: the ReplicaSet stays, without its owner; its pods stay with theirs.
-    cloud.ok(&["create", "deployment", "keep", "--image=busybox", "--replicas=2"]);
+    cloud.ok(&[
+        "create",
+        "deployment",
+        "keep",
+        "--image=busybox",
+        "--replicas=2",
+    ]);
     eventually("keep's pods", Duration::from_secs(20), || {
         names(&cloud, &["pods", "-l", "app=keep"]).len() == 2
     });
@@ -739,7 +772,13 @@ fn deployments_scale_roll_back_and_cascade() {
     let orphans = names(&cloud, &["rs", "-l", "app=keep"]);
     assert_eq!(orphans.len(), 1);
     assert_eq!(
-        cloud.ok(&["get", "rs", &orphans[0], "-o", "jsonpath={.metadata.ownerReferences}"]),
+        cloud.ok(&[
+            "get",
+            "rs",
+            &orphans[0],
+            "-o",
+            "jsonpath={.metadata.ownerReferences}"
+        ]),
         "[]"
     );
     std::thread::sleep(Duration::from_millis(1500));

@@ -54,7 +54,11 @@ fn rollout_status(cloud: &CloudProcess, what: &str) {
         stdout(&out),
         stderr_of(&out)
     );
-    assert!(stdout(&out).contains("successfully rolled out"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("successfully rolled out"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 /// `(name, node, phase, image)` of the pods with `selector`, sorted.
@@ -117,8 +121,7 @@ fn deployments_and_daemonsets_run_on_edge_nodes() {
     let token = token(&cloud);
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let _edge1 = EdgeProcess::start(&cloud, "edge-1", dirs[0].path(), free_port(), Some(&token));
-    let mut edge2 =
-        EdgeProcess::start(&cloud, "edge-2", dirs[1].path(), free_port(), Some(&token));
+    let mut edge2 = EdgeProcess::start(&cloud, "edge-2", dirs[1].path(), free_port(), Some(&token));
     wait_ready(&cloud, "edge-1");
     wait_ready(&cloud, "edge-2");
     for node in ["edge-1", "edge-2"] {
@@ -140,7 +143,10 @@ fn deployments_and_daemonsets_run_on_edge_nodes() {
     assert!(table.contains("3/3"), "{table}");
 
     // A new image rolls (one surge pod at a time, none unavailable), then back.
-    ok(&cloud, &["set", "image", "deployment/web", "main=busybox:2"]);
+    ok(
+        &cloud,
+        &["set", "image", "deployment/web", "main=busybox:2"],
+    );
     rollout_status(&cloud, "deployment/web");
     eventually("only busybox:2 pods", Duration::from_secs(30), || {
         let p = pods(&cloud, "app=web");
@@ -185,7 +191,16 @@ fn deployments_and_daemonsets_run_on_edge_nodes() {
     });
     rollout_status(&cloud, "daemonset/agent");
     assert_eq!(
-        ok(&cloud, &["get", "ds", "agent", "-o", "jsonpath={.status.desiredNumberScheduled}"]),
+        ok(
+            &cloud,
+            &[
+                "get",
+                "ds",
+                "agent",
+                "-o",
+                "jsonpath={.status.desiredNumberScheduled}"
+            ]
+        ),
         "3"
     );
     // A node losing the label loses its pod.
@@ -214,15 +229,24 @@ fn deployments_and_daemonsets_run_on_edge_nodes() {
     let names = |p: &[(String, String, String, String)]| -> Vec<String> {
         p.iter().map(|p| p.0.clone()).collect()
     };
-    assert_eq!(names(&after), names(&before), "pods on the offline node were replaced");
+    assert_eq!(
+        names(&after),
+        names(&before),
+        "pods on the offline node were replaced"
+    );
 
     // Deleting cascades: background for the Deployment, orphan for the DaemonSet.
-    ok(&cloud, &["delete", "daemonset", "agent", "--cascade=orphan"]);
+    ok(
+        &cloud,
+        &["delete", "daemonset", "agent", "--cascade=orphan"],
+    );
     assert_eq!(pods(&cloud, "app=agent").len(), 2);
     ok(&cloud, &["delete", "deployment", "web", "--wait=false"]);
-    eventually("the ReplicaSets are collected", Duration::from_secs(30), || {
-        ok(&cloud, &["get", "rs", "-l", "app=web", "-o", "name"]).is_empty()
-    });
+    eventually(
+        "the ReplicaSets are collected",
+        Duration::from_secs(30),
+        || ok(&cloud, &["get", "rs", "-l", "app=web", "-o", "name"]).is_empty(),
+    );
     // Those on connected nodes after their node stopped them; the offline node's at once (it
     // learns of the deletion when it reconnects).
     eventually("the web pods are gone", Duration::from_secs(30), || {

@@ -47,7 +47,12 @@ fn pod_spec(ds: &Object) -> Option<&Value> {
 }
 
 fn tolerates(tolerations: &[Value], taint: &Value) -> bool {
-    let field = |v: &Value, f: &str| v.get(f).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let field = |v: &Value, f: &str| {
+        v.get(f)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
     tolerations.iter().any(|t| {
         let key = field(t, "key");
         let operator = t.get("operator").and_then(Value::as_str).unwrap_or("Equal");
@@ -89,7 +94,12 @@ pub fn eligible(ds: &Object, node: &Object) -> bool {
         .map_or(&[][..], Vec::as_slice);
     let taints_ok = taints
         .iter()
-        .filter(|t| matches!(t.get("effect").and_then(Value::as_str), Some("NoSchedule" | "NoExecute")))
+        .filter(|t| {
+            matches!(
+                t.get("effect").and_then(Value::as_str),
+                Some("NoSchedule" | "NoExecute")
+            )
+        })
         // Upstream DaemonSets tolerate these node-condition taints by themselves.
         .filter(|t| {
             !t.get("key").and_then(Value::as_str).is_some_and(|k| {
@@ -150,7 +160,10 @@ pub fn reconcile_one(ds: &Object, nodes: &[Object], pods: &[&Object], now: i64) 
     // Active pods by node, oldest first.
     let mut by_node: BTreeMap<&str, Vec<&Object>> = BTreeMap::new();
     for pod in pods.iter().copied().filter(|p| pod_active(p)) {
-        by_node.entry(node_name(pod).unwrap_or_default()).or_default().push(pod);
+        by_node
+            .entry(node_name(pod).unwrap_or_default())
+            .or_default()
+            .push(pod);
     }
     for list in by_node.values_mut() {
         list.sort_by_key(|p| {
@@ -233,7 +246,12 @@ pub fn reconcile_one(ds: &Object, nodes: &[Object], pods: &[&Object], now: i64) 
     let mut status = status;
     if let Some(map) = status.as_object_mut() {
         // Go's JSON omits these when zero; the others it always writes.
-        for f in ["updatedNumberScheduled", "numberAvailable", "numberUnavailable", "observedGeneration"] {
+        for f in [
+            "updatedNumberScheduled",
+            "numberAvailable",
+            "numberUnavailable",
+            "observedGeneration",
+        ] {
             if map.get(f).and_then(Value::as_i64) == Some(0) {
                 map.remove(f);
             }
@@ -277,7 +295,9 @@ mod tests {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Create { object, .. } => Some(object["spec"]["nodeName"].as_str().unwrap().to_owned()),
+                Action::Create { object, .. } => {
+                    Some(object["spec"]["nodeName"].as_str().unwrap().to_owned())
+                }
                 _ => None,
             })
             .collect()
@@ -305,7 +325,11 @@ mod tests {
         assert_eq!(created_on(&actions), ["n1", "n2"]);
         let p1 = pod_from(&actions[0], "agent-1", None, Some(T0));
         let p2 = pod_from(&actions[1], "agent-2", None, Some(T0));
-        assert_eq!(p1["metadata"]["labels"][CONTROLLER_REVISION_HASH].as_str().unwrap().len() > 3, true);
+        assert_eq!(
+            p1["metadata"]["labels"][CONTROLLER_REVISION_HASH],
+            template_hash(&template(&ds))
+        );
+        assert_eq!(p1["metadata"]["labels"]["app"], "agent");
         // A node joining later gets its pod; the others keep theirs.
         nodes.push(node("n4", true, json!({"zone": "a"})));
         let actions = reconcile_one(&ds, &nodes, &[&p1, &p2], T0);
@@ -323,9 +347,13 @@ mod tests {
     fn taints_affinity_and_tolerations() {
         let mut ds = ds(json!({}), "agent:1");
         let mut tainted = node("t", true, json!({"zone": "a"}));
-        tainted.insert("spec".into(), json!({"taints": [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]}));
+        tainted.insert(
+            "spec".into(),
+            json!({"taints": [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]}),
+        );
         assert!(!eligible(&ds, &tainted));
-        ds["spec"]["template"]["spec"]["tolerations"] = json!([{"key": "dedicated", "operator": "Equal", "value": "gpu"}]);
+        ds["spec"]["template"]["spec"]["tolerations"] =
+            json!([{"key": "dedicated", "operator": "Equal", "value": "gpu"}]);
         assert!(eligible(&ds, &tainted));
         ds["spec"]["template"]["spec"]["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "NotIn", "values": ["a"]}]},
@@ -337,7 +365,9 @@ mod tests {
     #[test]
     fn rolling_update_replaces_at_most_max_unavailable_at_a_time() {
         let old_ds = ds(json!({}), "agent:1");
-        let nodes: Vec<Object> = (1..=3).map(|i| node(&format!("n{i}"), true, json!({}))).collect();
+        let nodes: Vec<Object> = (1..=3)
+            .map(|i| node(&format!("n{i}"), true, json!({})))
+            .collect();
         let creates = reconcile_one(&old_ds, &nodes, &[], T0);
         let pods: Vec<Object> = (0..3)
             .map(|i| pod_from(&creates[i], &format!("old-{i}"), None, Some(T0)))
@@ -358,7 +388,12 @@ mod tests {
         assert_eq!(status["status"]["updatedNumberScheduled"], 1);
         assert_eq!(status["status"]["numberAvailable"], 2);
         // Ready: the next old one goes.
-        let fresh = pod_from(&actions_create(&new_ds, &nodes), "new-0", Some("n1"), Some(T0 + 4));
+        let fresh = pod_from(
+            &actions_create(&new_ds, &nodes),
+            "new-0",
+            Some("n1"),
+            Some(T0 + 4),
+        );
         let actions = reconcile_one(&new_ds, &nodes, &[&fresh, refs[1], refs[2]], T0 + 5);
         assert_eq!(deleted(&actions), ["old-1"]);
     }

@@ -19,9 +19,9 @@ use replication::api::object::{self, Object};
 use serde_json::{json, Value};
 
 use super::{
-    annotation, controller_reference, generation, int_or_percent, is_controlled_by,
-    is_terminating, label, replicas, rfc3339, set_condition, spec_i64, status_i64,
-    template_hash, with_label, Action, World, POD_TEMPLATE_HASH, REVISION,
+    annotation, controller_reference, generation, int_or_percent, is_controlled_by, is_terminating,
+    label, replicas, rfc3339, set_condition, spec_i64, status_i64, template_hash, with_label,
+    Action, World, POD_TEMPLATE_HASH, REVISION,
 };
 
 /// Annotations of a Deployment that are not copied to its ReplicaSets.
@@ -73,7 +73,12 @@ fn fenceposts(d: &Object) -> (i64, i64) {
         .and_then(|s| s.get("rollingUpdate"));
     let want = replicas(d);
     let surge = int_or_percent(rolling.and_then(|r| r.get("maxSurge")), 1, want, true);
-    let unavailable = int_or_percent(rolling.and_then(|r| r.get("maxUnavailable")), 0, want, false);
+    let unavailable = int_or_percent(
+        rolling.and_then(|r| r.get("maxUnavailable")),
+        0,
+        want,
+        false,
+    );
     if surge == 0 && unavailable == 0 {
         (0, 1)
     } else {
@@ -99,7 +104,11 @@ fn paused(d: &Object) -> bool {
 /// The ReplicaSet `d` wants for its current template (named `<d>-<hash>`), at `replicas`.
 fn new_replicaset(d: &Object, hash: &str, revision: i64, replicas: i64) -> Value {
     let mut template = template(d);
-    let labels = with_label(template.pointer("/metadata/labels"), POD_TEMPLATE_HASH, hash);
+    let labels = with_label(
+        template.pointer("/metadata/labels"),
+        POD_TEMPLATE_HASH,
+        hash,
+    );
     template["metadata"]["labels"] = labels.clone();
     let mut selector = d
         .get("spec")
@@ -354,9 +363,17 @@ fn status(d: &Object, new_rs: Option<&Object>, owned: &[&Object], now: i64) -> O
         .unwrap_or_default();
     let (available_status, available_reason, available_message) =
         if available >= want - max_unavailable {
-            ("True", "MinimumReplicasAvailable", "Deployment has minimum availability.")
+            (
+                "True",
+                "MinimumReplicasAvailable",
+                "Deployment has minimum availability.",
+            )
         } else {
-            ("False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.")
+            (
+                "False",
+                "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability.",
+            )
         };
     set_condition(
         &mut conditions,
@@ -454,7 +471,10 @@ mod tests {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Update { resource: "replicasets", object } => Some((
+                Action::Update {
+                    resource: "replicasets",
+                    object,
+                } => Some((
                     object["metadata"]["name"].as_str().unwrap().to_owned(),
                     object["spec"]["replicas"].as_i64().unwrap(),
                 )),
@@ -480,19 +500,35 @@ mod tests {
         let Action::Create { object, .. } = &actions[0] else {
             panic!("{actions:?}")
         };
-        let hash = object["metadata"]["labels"][POD_TEMPLATE_HASH].as_str().unwrap().to_owned();
+        let hash = object["metadata"]["labels"][POD_TEMPLATE_HASH]
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert_eq!(object["metadata"]["name"], format!("web-{hash}"));
-        assert_eq!(object["spec"]["selector"]["matchLabels"][POD_TEMPLATE_HASH], hash);
-        assert_eq!(object["spec"]["template"]["metadata"]["labels"][POD_TEMPLATE_HASH], hash);
+        assert_eq!(
+            object["spec"]["selector"]["matchLabels"][POD_TEMPLATE_HASH],
+            hash
+        );
+        assert_eq!(
+            object["spec"]["template"]["metadata"]["labels"][POD_TEMPLATE_HASH],
+            hash
+        );
         assert_eq!(object["metadata"]["annotations"][REVISION], "1");
         assert_eq!(object["spec"]["replicas"], 4);
         assert_eq!(object["metadata"]["ownerReferences"][0]["uid"], "d-uid");
-        assert_eq!(status_of(&actions)["conditions"][1]["reason"], "NewReplicaSetCreated");
+        assert_eq!(
+            status_of(&actions)["conditions"][1]["reason"],
+            "NewReplicaSetCreated"
+        );
 
         let rs = with_pods(&created(&actions[0], "rs1"), 4, 4);
         let actions = reconcile_one(&d, &[&rs], T0 + 5);
         // The Deployment takes the revision first, then the status.
-        let Action::Update { resource: "deployments", object } = &actions[0] else {
+        let Action::Update {
+            resource: "deployments",
+            object,
+        } = &actions[0]
+        else {
             panic!("{actions:?}")
         };
         assert_eq!(object["metadata"]["annotations"][REVISION], "1");
@@ -531,7 +567,10 @@ mod tests {
         // The new pod is not available yet: the old one may lose one pod (3 available left).
         let new = with_pods(&created(&actions[0], "rs2"), 1, 0);
         let actions = reconcile_one(&d, &[&old, &new], T0 + 11);
-        assert_eq!(sizes(&actions), [(old["metadata"]["name"].as_str().unwrap().to_owned(), 3)]);
+        assert_eq!(
+            sizes(&actions),
+            [(old["metadata"]["name"].as_str().unwrap().to_owned(), 3)]
+        );
 
         // Simulate convergence step by step: never more than 5 pods, never fewer than 3
         // available.
@@ -549,7 +588,8 @@ mod tests {
             // The new pods become available one pass later.
             new = with_pods(&new, replicas(&new), replicas(&new));
             let total = replicas(&old) + replicas(&new);
-            let available = status_i64(&old, "availableReplicas") + status_i64(&new, "availableReplicas");
+            let available =
+                status_i64(&old, "availableReplicas") + status_i64(&new, "availableReplicas");
             assert!(total <= 5, "step {step}: {total} pods");
             assert!(available >= 3, "step {step}: {available} available");
             if replicas(&old) == 0 && replicas(&new) == 4 {
@@ -578,7 +618,11 @@ mod tests {
         let mut back = deployment(2, "nginx:1");
         back["metadata"]["annotations"] = json!({REVISION: "2"});
         let actions = reconcile_one(&back, &[&rs1, &rs2], T0 + 1);
-        let Action::Update { resource: "replicasets", object } = &actions[0] else {
+        let Action::Update {
+            resource: "replicasets",
+            object,
+        } = &actions[0]
+        else {
             panic!("{actions:?}")
         };
         assert_eq!(object["metadata"]["name"], rs1["metadata"]["name"]);
@@ -606,7 +650,10 @@ mod tests {
         assert!(sizes(&reconcile_one(&d, &[&old, &new], T0)).is_empty());
         old = with_pods(&old, 0, 0);
         new = with_pods(&new, 0, 0);
-        assert_eq!(sizes(&reconcile_one(&d, &[&old, &new], T0)), [(object::name(&new).to_owned(), 2)]);
+        assert_eq!(
+            sizes(&reconcile_one(&d, &[&old, &new], T0)),
+            [(object::name(&new).to_owned(), 2)]
+        );
     }
 
     #[test]
@@ -618,7 +665,10 @@ mod tests {
         d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("nginx:2");
         let actions = reconcile_one(&d, &[&rs], T0);
         assert!(!actions.iter().any(|a| matches!(a, Action::Create { .. })));
-        assert_eq!(status_of(&actions)["conditions"][1]["reason"], "DeploymentPaused");
+        assert_eq!(
+            status_of(&actions)["conditions"][1]["reason"],
+            "DeploymentPaused"
+        );
 
         let mut d = deployment(2, "nginx:9");
         d["spec"]["revisionHistoryLimit"] = json!(1);
@@ -626,7 +676,11 @@ mod tests {
         let mut olds = Vec::new();
         for (i, image) in ["nginx:1", "nginx:2"].iter().enumerate() {
             let di = deployment(2, image);
-            let mut rs = with_pods(&created(&reconcile_one(&di, &[], T0)[0], &format!("o{i}")), 0, 0);
+            let mut rs = with_pods(
+                &created(&reconcile_one(&di, &[], T0)[0], &format!("o{i}")),
+                0,
+                0,
+            );
             rs["metadata"]["annotations"][REVISION] = json!((i + 1).to_string());
             olds.push(rs);
         }

@@ -53,7 +53,8 @@ pub fn reconcile(world: &World, _now: i64) -> Vec<Action> {
             continue;
         }
         let owner_uids: Vec<&str> = refs.iter().filter_map(|r| r.get("uid")?.as_str()).collect();
-        let present: Vec<&(&str, &Object)> = owner_uids.iter().filter_map(|u| owners.get(u)).collect();
+        let present: Vec<&(&str, &Object)> =
+            owner_uids.iter().filter_map(|u| owners.get(u)).collect();
         for (_, owner) in &present {
             has_dependents.insert(uid(owner));
         }
@@ -78,7 +79,11 @@ pub fn reconcile(world: &World, _now: i64) -> Vec<Action> {
             let mut updated = (*dependent).clone();
             let kept: Vec<Value> = refs
                 .iter()
-                .filter(|r| !r.get("uid").and_then(Value::as_str).is_some_and(|u| orphaning.contains(&u)))
+                .filter(|r| {
+                    !r.get("uid")
+                        .and_then(Value::as_str)
+                        .is_some_and(|u| orphaning.contains(&u))
+                })
                 .cloned()
                 .collect();
             object::meta_mut(&mut updated).insert("ownerReferences".into(), json!(kept));
@@ -138,10 +143,12 @@ mod tests {
     use super::*;
 
     fn owned(kind: &str, name: &str, owner_kind: &str, owner_uid: &str) -> Object {
-        obj(json!({"kind": kind, "metadata": {"name": name, "namespace": "default",
+        obj(
+            json!({"kind": kind, "metadata": {"name": name, "namespace": "default",
             "uid": format!("uid-{name}"), "resourceVersion": "1",
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": owner_kind, "name": "x",
-                                 "uid": owner_uid, "controller": true}]}}))
+                                 "uid": owner_uid, "controller": true}]}}),
+        )
     }
 
     fn owner(name: &str, finalizer: Option<&str>) -> Object {
@@ -215,6 +222,9 @@ mod tests {
             replicasets: vec![],
             ..world
         };
-        assert_eq!(applied(&reconcile(&world, T0)[0])["metadata"]["finalizers"], json!([]));
+        assert_eq!(
+            applied(&reconcile(&world, T0)[0])["metadata"]["finalizers"],
+            json!([])
+        );
     }
 }

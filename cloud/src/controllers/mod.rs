@@ -258,7 +258,12 @@ pub(crate) fn node_name(pod: &Object) -> Option<&str> {
 
 /// An int-or-percent (`maxSurge`, `maxUnavailable`) scaled to `total`: `n`, or `n%` of `total`
 /// rounded up or down (Kubernetes' `GetScaledValueFromIntOrPercent`).
-pub(crate) fn int_or_percent(value: Option<&Value>, default: i64, total: i64, round_up: bool) -> i64 {
+pub(crate) fn int_or_percent(
+    value: Option<&Value>,
+    default: i64,
+    total: i64,
+    round_up: bool,
+) -> i64 {
     match value {
         Some(Value::Number(n)) => n.as_i64().unwrap_or(default),
         Some(Value::String(s)) => match s.strip_suffix('%').and_then(|p| p.parse::<i64>().ok()) {
@@ -294,9 +299,7 @@ fn pruned(value: &Value) -> Option<Value> {
 /// sorted, empty fields dropped), written with Kubernetes' `SafeEncodeString` alphabet (no
 /// vowels, no 0/1/3), as `pod-template-hash` values look (`5d8f7c9b6`).
 pub fn template_hash(template: &Value) -> String {
-    let canonical = pruned(template)
-        .map(|v| v.to_string())
-        .unwrap_or_default();
+    let canonical = pruned(template).map(|v| v.to_string()).unwrap_or_default();
     let mut hash: u32 = 0x811c_9dc5;
     for b in canonical.bytes() {
         hash ^= u32::from(b);
@@ -311,7 +314,10 @@ pub fn template_hash(template: &Value) -> String {
 
 /// `labels` with `key=value` added.
 pub(crate) fn with_label(labels: Option<&Value>, key: &str, value: &str) -> Value {
-    let mut map = labels.and_then(Value::as_object).cloned().unwrap_or_default();
+    let mut map = labels
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
     map.insert(key.to_owned(), json!(value));
     Value::Object(map)
 }
@@ -370,7 +376,12 @@ impl ApiClient {
         ApiClient { router }
     }
 
-    async fn call(&self, method: Method, uri: String, body: Option<Value>) -> Result<Value, CallError> {
+    async fn call(
+        &self,
+        method: Method,
+        uri: String,
+        body: Option<Value>,
+    ) -> Result<Value, CallError> {
         let bytes = body.map(|b| b.to_string()).unwrap_or_default();
         let request = Request::builder()
             .method(method)
@@ -404,7 +415,11 @@ impl ApiClient {
     pub async fn apply(&self, action: &Action) -> Result<Value, CallError> {
         let base = |resource: &str, namespace: &str| {
             let r = resources::by_store_kind(resource).expect("a served resource");
-            format!("{}/namespaces/{namespace}/{}", r.group_version_path(), r.plural)
+            format!(
+                "{}/namespaces/{namespace}/{}",
+                r.group_version_path(),
+                r.plural
+            )
         };
         let item = |resource: &str, object: &Value| {
             let ns = object
@@ -423,8 +438,12 @@ impl ApiClient {
                 namespace,
                 object,
             } => {
-                self.call(Method::POST, base(resource, namespace), Some(object.clone()))
-                    .await
+                self.call(
+                    Method::POST,
+                    base(resource, namespace),
+                    Some(object.clone()),
+                )
+                .await
             }
             Action::Update { resource, object } => {
                 self.call(Method::PUT, item(resource, object), Some(object.clone()))
@@ -467,7 +486,11 @@ pub async fn run(
     kinds: &'static [&'static str],
     reconcile: Reconcile,
 ) {
-    let subscribe = |store: &Store| store.watch().subscribe(KeyRange::all(), Some(store.revision()));
+    let subscribe = |store: &Store| {
+        store
+            .watch()
+            .subscribe(KeyRange::all(), Some(store.revision()))
+    };
     let Ok(mut watcher) = subscribe(&store) else {
         return;
     };
@@ -481,7 +504,9 @@ pub async fn run(
         let mut failed = 0;
         for action in &actions {
             match client.apply(action).await {
-                Ok(_) => tracing::debug!(controller = name, object = %action.name(), "applied {action:?}"),
+                Ok(_) => {
+                    tracing::debug!(controller = name, object = %action.name(), "applied {action:?}")
+                }
                 // A conflict or a vanished object: the next pass sees the new state.
                 Err(e) if matches!(e.code, 404 | 409) => {
                     failed += 1;
@@ -529,7 +554,8 @@ pub async fn run(
 /// Starts the four controllers over `store`, writing through `router` (the embedded API).
 pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<()>> {
     let client = ApiClient::new(router);
-    let workloads: &'static [&'static str] = &["pods", "replicasets", "deployments", "daemonsets", "nodes"];
+    let workloads: &'static [&'static str] =
+        &["pods", "replicasets", "deployments", "daemonsets", "nodes"];
     vec![
         tokio::spawn(run(
             "replicaset",
@@ -552,7 +578,13 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             &["pods", "daemonsets", "nodes"],
             daemonset::reconcile,
         )),
-        tokio::spawn(run("garbagecollector", store, client, workloads, gc::reconcile)),
+        tokio::spawn(run(
+            "garbagecollector",
+            store,
+            client,
+            workloads,
+            gc::reconcile,
+        )),
     ]
 }
 
@@ -576,7 +608,12 @@ pub(crate) mod testing {
     }
 
     /// A pod created from `create` (a controller's Create action), named and bound.
-    pub fn pod_from(create: &Action, name: &str, node: Option<&str>, ready_since: Option<i64>) -> Object {
+    pub fn pod_from(
+        create: &Action,
+        name: &str,
+        node: Option<&str>,
+        ready_since: Option<i64>,
+    ) -> Object {
         let Action::Create { object, .. } = create else {
             panic!("not a create: {create:?}");
         };
@@ -621,7 +658,10 @@ mod tests {
         let b = template_hash(&json!({"spec": {"containers": [{"image": "x", "name": "c"}]}}));
         assert_eq!(a, b);
         assert!(object::is_dns1123_label(&a));
-        assert_ne!(a, template_hash(&json!({"spec": {"containers": [{"name": "c", "image": "y"}]}})));
+        assert_ne!(
+            a,
+            template_hash(&json!({"spec": {"containers": [{"name": "c", "image": "y"}]}}))
+        );
         // What kubectl sends back from a ReplicaSet's template (`rollout undo`) hashes alike.
         let from_go = json!({"metadata": {"creationTimestamp": null},
             "spec": {"containers": [{"name": "c", "image": "x", "resources": {}}]}});

@@ -222,7 +222,10 @@ mod tests {
         let create = &reconcile_one(&rs, &[], T0)[0];
         let ready_old = pod_from(create, "ready-old", Some("n1"), Some(T0));
         let mut ready_new = pod_from(create, "ready-new", Some("n1"), Some(T0));
-        object::meta_mut(&mut ready_new).insert("creationTimestamp".into(), json!(super::super::rfc3339(T0 + 60)));
+        object::meta_mut(&mut ready_new).insert(
+            "creationTimestamp".into(),
+            json!(super::super::rfc3339(T0 + 60)),
+        );
         let not_ready = pod_from(create, "not-ready", Some("n1"), None);
         let unscheduled = pod_from(create, "unscheduled", None, None);
         let pods = [&ready_old, &ready_new, &not_ready, &unscheduled];
@@ -245,10 +248,16 @@ mod tests {
 
         let mut failed = on_offline.clone();
         failed["status"]["phase"] = json!("Failed");
-        assert_eq!(creates(&reconcile_one(&rs, &[&on_ready, &failed], T0)).len(), 1);
+        assert_eq!(
+            creates(&reconcile_one(&rs, &[&on_ready, &failed], T0)).len(),
+            1
+        );
         let mut deleting = on_offline.clone();
         object::meta_mut(&mut deleting).insert("deletionTimestamp".into(), json!("x"));
-        assert_eq!(creates(&reconcile_one(&rs, &[&on_ready, &deleting], T0)).len(), 1);
+        assert_eq!(
+            creates(&reconcile_one(&rs, &[&on_ready, &deleting], T0)).len(),
+            1
+        );
     }
 
     #[test]

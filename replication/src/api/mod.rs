@@ -204,12 +204,12 @@ fn route(path: &str) -> Route {
         ["namespaces", ns, plural, name, "status"] => namespaced(plural)
             .filter(|r| r.status)
             .map(|r| target(r, Some(ns), Some(name), true)),
-        ["namespaces", ns, plural, name, "scale"] => namespaced(plural)
-            .filter(|r| r.scale)
-            .map(|r| Target {
+        ["namespaces", ns, plural, name, "scale"] => {
+            namespaced(plural).filter(|r| r.scale).map(|r| Target {
                 scale: true,
                 ..target(r, Some(ns), Some(name), false)
-            }),
+            })
+        }
         [plural] => find(plural).map(|r| target(r, None, None, false)),
         [plural, name] => cluster(plural).map(|r| target(r, None, Some(name), false)),
         [plural, name, "status"] => cluster(plural)

@@ -124,7 +124,10 @@ impl LabelSelector {
                 })
                 .unwrap_or_default();
             let key = key.to_owned();
-            let operator = e.get("operator").and_then(Value::as_str).unwrap_or_default();
+            let operator = e
+                .get("operator")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             requirements.push(match operator {
                 "In" if !values.is_empty() => LabelRequirement::In(key, values),
                 "NotIn" if !values.is_empty() => LabelRequirement::NotIn(key, values),

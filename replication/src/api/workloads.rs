@@ -15,7 +15,10 @@ use super::status::{ApiError, Cause};
 
 /// Whether `resource` is one of the workloads handled here.
 pub fn is_workload(resource: &Resource) -> bool {
-    matches!(resource.plural, "deployments" | "replicasets" | "daemonsets")
+    matches!(
+        resource.plural,
+        "deployments" | "replicasets" | "daemonsets"
+    )
 }
 
 fn spec_mut(object: &mut Object) -> Option<&mut Object> {
@@ -38,9 +41,7 @@ pub fn apply_defaults(resource: &Resource, object: &mut Object) {
             if let Some(strategy) = strategy.as_object_mut() {
                 strategy.entry("type").or_insert(json!("RollingUpdate"));
                 if strategy.get("type").and_then(Value::as_str) == Some("RollingUpdate") {
-                    let rolling = strategy
-                        .entry("rollingUpdate")
-                        .or_insert_with(|| json!({}));
+                    let rolling = strategy.entry("rollingUpdate").or_insert_with(|| json!({}));
                     if let Some(rolling) = rolling.as_object_mut() {
                         rolling.entry("maxSurge").or_insert(json!("25%"));
                         rolling.entry("maxUnavailable").or_insert(json!("25%"));
@@ -57,9 +58,7 @@ pub fn apply_defaults(resource: &Resource, object: &mut Object) {
             if let Some(strategy) = strategy.as_object_mut() {
                 strategy.entry("type").or_insert(json!("RollingUpdate"));
                 if strategy.get("type").and_then(Value::as_str) == Some("RollingUpdate") {
-                    let rolling = strategy
-                        .entry("rollingUpdate")
-                        .or_insert_with(|| json!({}));
+                    let rolling = strategy.entry("rollingUpdate").or_insert_with(|| json!({}));
                     if let Some(rolling) = rolling.as_object_mut() {
                         rolling.entry("maxUnavailable").or_insert(json!(1));
                         rolling.entry("maxSurge").or_insert(json!(0));
@@ -128,7 +127,8 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
                 "spec.template.metadata.labels",
                 format!(
                     "Invalid value: {}: `selector` does not match template `labels`",
-                    template_labels.map_or_else(|| "{}".into(), |l| Value::from(l.clone()).to_string())
+                    template_labels
+                        .map_or_else(|| "{}".into(), |l| Value::from(l.clone()).to_string())
                 ),
             ),
             Ok(_) => {}
@@ -137,9 +137,8 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
     match get("template").and_then(Value::as_object) {
         None => cause("spec.template", "Required value".into()),
         Some(template) => {
-            let mut prefixed = |field: &str, message: String| {
-                cause(&format!("spec.template.{field}"), message)
-            };
+            let mut prefixed =
+                |field: &str, message: String| cause(&format!("spec.template.{field}"), message);
             object::validate_pod(template, &mut prefixed);
             let restart = template
                 .get("spec")
@@ -148,7 +147,10 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
             if restart.is_some_and(|r| r != "Always") {
                 cause(
                     "spec.template.spec.restartPolicy",
-                    format!("Unsupported value: {:?}: supported values: \"Always\"", restart.unwrap_or_default()),
+                    format!(
+                        "Unsupported value: {:?}: supported values: \"Always\"",
+                        restart.unwrap_or_default()
+                    ),
                 );
             }
         }
@@ -159,7 +161,10 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
         _ => return,
     };
     if let Some(strategy) = get(strategy_field) {
-        let kind = strategy.get("type").and_then(Value::as_str).unwrap_or_default();
+        let kind = strategy
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if !types.contains(&kind) {
             cause(
                 &format!("spec.{strategy_field}.type"),
@@ -271,7 +276,9 @@ pub fn replicas_of_scale(kind: &str, name: &str, scale: &Value) -> Result<i64, A
         )),
         // A Scale without replicas means 0 (the field is omitempty in Go).
         None if replicas.is_none() => Ok(0),
-        None => Err(ApiError::bad_request("spec.replicas of the Scale is not an integer")),
+        None => Err(ApiError::bad_request(
+            "spec.replicas of the Scale is not an integer",
+        )),
     }
 }
 
@@ -318,6 +325,8 @@ mod tests {
         assert_eq!(s["spec"]["replicas"], 3);
         assert_eq!(s["status"]["selector"], "app=web");
         assert_eq!(replicas_of_scale("Deployment", "web", &s).unwrap(), 3);
-        assert!(replicas_of_scale("Deployment", "web", &json!({"spec": {"replicas": -1}})).is_err());
+        assert!(
+            replicas_of_scale("Deployment", "web", &json!({"spec": {"replicas": -1}})).is_err()
+        );
     }
 }
