@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: cloudcore with its embedded Kubernetes-compatible API server, three edgecores
 # on this machine that join it with a bootstrap token, a sample workload (a namespace, a
-# ConfigMap and three pods) applied with kubectl, a device on edge-1 reporting over MQTT, and
+# ConfigMap, a Deployment of three pods and a DaemonSet) applied with kubectl, a device on edge-1 reporting over MQTT, and
 # how to look at it from the cloud and from an edge.
 #
 #   ./scripts/demo.sh            # runs until Ctrl-C; use kubectl meanwhile
@@ -78,18 +78,21 @@ kubectl get nodes -o wide
 echo
 echo "== kubectl apply -f examples/sample-workload.yaml"
 kubectl apply -f examples/sample-workload.yaml
-kubectl wait --for=condition=Ready pod --all --timeout=60s
+kubectl rollout status deployment/greeter --timeout=60s
+kubectl rollout status daemonset/node-agent --timeout=60s
 echo
-echo "== from the cloud: kubectl get pods -o wide"
+echo "== from the cloud: kubectl get deployments,daemonsets,replicasets,pods -o wide"
+kubectl get deployments,daemonsets,replicasets -o wide
 kubectl get pods -o wide
 echo
 echo "== from edge-1's MetaServer: kubectl --server http://127.0.0.1:10551 get pods -A"
 kubectl --kubeconfig /dev/null --server http://127.0.0.1:10551 get pods -A
 echo
-node=$(kubectl get pod greeter-1 -o jsonpath='{.spec.nodeName}')
-echo "== greeter-1 runs on $node as a process; its output:"
+pod=$(kubectl get pods -l app=greeter -o jsonpath='{.items[0].metadata.name}')
+node=$(kubectl get pod "$pod" -o jsonpath='{.spec.nodeName}')
+echo "== $pod runs on $node as a process; its output:"
 sleep 1
-cat "$dir/$node/pods/demo_greeter-1/greeter.log"
+cat "$dir/$node/pods/demo_$pod/greeter.log"
 echo
 echo "== kubectl apply -f examples/sample-device.yaml; a mapper on edge-1 reports over MQTT"
 kubectl apply -f examples/sample-device.yaml
@@ -118,8 +121,11 @@ edgecores run the pods as local processes (state in $dir/edge-N, logs in $dir/*.
     kubectl get nodes,pods -o wide                                   # from the cloud
     kubectl --kubeconfig /dev/null --server http://127.0.0.1:10551 get pods -A   # from edge-1
     kubectl patch configmap greeter-config -p '{"data":{"greeting":"bonjour"}}'
-    cat $dir/*/pods/demo_greeter-3/root/etc/greeter/greeting          # updated on the edge
-    kubectl delete pod greeter-2                                      # stops its process
+    cat $dir/*/pods/demo_greeter-*/root/etc/greeter/greeting          # updated on the edge
+    kubectl scale deployment greeter --replicas=5                     # two more processes
+    kubectl set image deployment/greeter greeter=busybox:2 && kubectl rollout status deployment/greeter
+    kubectl rollout undo deployment/greeter                           # back to revision 1
+    kubectl delete pod $pod   # stopped, and replaced by the ReplicaSet
     mosquitto_sub -p 11883 -t '\$hw/events/device/+/twin/update/#' -v &   # a mapper's view
     kubectl patch device thermo-1 --type=merge -p '{"spec":{"properties":[{"name":"setpoint","desired":{"value":"23"}}]}}'   # a delta
 
