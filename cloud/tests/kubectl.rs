@@ -788,4 +788,21 @@ fn deployments_scale_roll_back_and_cascade() {
     eventually("the orphan scaled down", Duration::from_secs(20), || {
         names(&cloud, &["pods", "-l", "app=keep"]).len() == 1
     });
+
+    // Foreground: the ReplicaSet is deleted before the Deployment is (kubectl waits for it).
+    cloud.ok(&["create", "deployment", "fg", "--image=busybox"]);
+    eventually("fg's pod", Duration::from_secs(20), || {
+        names(&cloud, &["pods", "-l", "app=fg"]).len() == 1
+    });
+    cloud.ok(&[
+        "delete",
+        "deployment",
+        "fg",
+        "--cascade=foreground",
+        "--timeout=20s",
+    ]);
+    assert!(names(&cloud, &["rs", "-l", "app=fg"]).is_empty());
+    eventually("fg's pod collected", Duration::from_secs(20), || {
+        names(&cloud, &["pods", "-l", "app=fg"]).is_empty()
+    });
 }
