@@ -788,6 +788,26 @@ fn deployments_scale_roll_back_and_cascade() {
     eventually("the orphan scaled down", Duration::from_secs(20), || {
         names(&cloud, &["pods", "-l", "app=keep"]).len() == 1
     });
+    // The same Deployment applied again adopts its ReplicaSet rather than making another.
+    cloud.ok(&[
+        "create",
+        "deployment",
+        "keep",
+        "--image=busybox",
+        "--replicas=1",
+    ]);
+    eventually("the ReplicaSet adopted", Duration::from_secs(20), || {
+        cloud.ok(&[
+            "get",
+            "rs",
+            &orphans[0],
+            "-o",
+            "jsonpath={.metadata.ownerReferences[0].kind}",
+        ]) == "Deployment"
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(names(&cloud, &["rs", "-l", "app=keep"]), orphans);
+    assert_eq!(names(&cloud, &["pods", "-l", "app=keep"]).len(), 1);
 
     // Foreground: the ReplicaSet is deleted before the Deployment is (kubectl waits for it).
     cloud.ok(&["create", "deployment", "fg", "--image=busybox"]);

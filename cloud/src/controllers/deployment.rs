@@ -13,15 +13,16 @@
 //!
 //! Not done: `progressDeadlineSeconds` (never `ProgressDeadlineExceeded`), proportional scaling
 //! of several live ReplicaSets in the middle of a rollout (the rolling logic converges instead),
-//! adoption of orphaned ReplicaSets, hash collisions (`collisionCount`).
+//! hash collisions (`collisionCount`). Orphaned ReplicaSets matching the selector are adopted
+//! (a Deployment deleted with `--cascade=orphan` and applied again takes its ReplicaSets back).
 
 use replication::api::object::{self, Object};
 use serde_json::{json, Value};
 
 use super::{
-    annotation, controller_reference, generation, int_or_percent, is_controlled_by, is_terminating,
-    label, replicas, rfc3339, set_condition, spec_i64, status_i64, template_hash, with_label,
-    Action, World, POD_TEMPLATE_HASH, REVISION,
+    annotation, claim, controller_reference, generation, int_or_percent, is_controlled_by,
+    is_terminating, label, replicas, rfc3339, set_condition, spec_i64, status_i64, template_hash,
+    with_label, Action, World, POD_TEMPLATE_HASH, REVISION,
 };
 
 /// Annotations of a Deployment that are not copied to its ReplicaSets.
@@ -40,6 +41,16 @@ pub fn reconcile(world: &World, now: i64) -> Vec<Action> {
         .iter()
         .filter(|d| !is_terminating(d))
         .flat_map(|d| {
+            let claims = claim(
+                d,
+                "apps/v1",
+                "Deployment",
+                "replicasets",
+                world.replicasets.iter(),
+            );
+            if !claims.is_empty() {
+                return claims;
+            }
             let owned: Vec<&Object> = world
                 .replicasets
                 .iter()

@@ -27,6 +27,7 @@ use axum::http::{header, Method, Request};
 use axum::Router;
 use replication::api::object::{self, Object};
 use replication::api::resources;
+use replication::api::selector::LabelSelector;
 use replication::{KeyRange, Store};
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -196,6 +197,56 @@ pub(crate) fn controller_reference(owner: &Object, api_version: &str, kind: &str
         "controller": true,
         "blockOwnerDeletion": true,
     })
+}
+
+/// Adoption and release, as upstream's `ControllerRefManager`: an object of `candidates` (the
+/// owner's namespace) that has no controller and matches `owner`'s `spec.selector` is adopted
+/// (a controller ownerReference added); one it controls that no longer matches is released
+/// (the reference removed). Objects being deleted are left alone, and a deleted owner adopts
+/// nothing.
+pub(crate) fn claim<'a>(
+    owner: &Object,
+    api_version: &str,
+    kind: &str,
+    resource: &'static str,
+    candidates: impl Iterator<Item = &'a Object>,
+) -> Vec<Action> {
+    let Some(selector) = owner
+        .get("spec")
+        .and_then(|s| s.get("selector"))
+        .and_then(|s| LabelSelector::from_label_selector(s).ok())
+        .filter(|s| !s.is_empty())
+    else {
+        return Vec::new();
+    };
+    let mut actions = Vec::new();
+    for candidate in candidates {
+        if is_terminating(candidate) || object::namespace(candidate) != object::namespace(owner) {
+            continue;
+        }
+        let matches = selector.matches(candidate);
+        let refs = owner_references(candidate);
+        let updated_refs = match controller_uid(candidate) {
+            None if matches && !is_terminating(owner) => {
+                let mut refs = refs.to_vec();
+                refs.push(controller_reference(owner, api_version, kind));
+                refs
+            }
+            Some(u) if u == uid(owner) && !matches => refs
+                .iter()
+                .filter(|r| r.get("uid").and_then(Value::as_str) != Some(u))
+                .cloned()
+                .collect(),
+            _ => continue,
+        };
+        let mut updated = candidate.clone();
+        object::meta_mut(&mut updated).insert("ownerReferences".into(), json!(updated_refs));
+        actions.push(Action::Update {
+            resource,
+            object: Value::Object(updated),
+        });
+    }
+    actions
 }
 
 pub(crate) fn spec_i64(o: &Object, field: &str) -> Option<i64> {
@@ -666,6 +717,38 @@ mod tests {
         let from_go = json!({"metadata": {"creationTimestamp": null},
             "spec": {"containers": [{"name": "c", "image": "x", "resources": {}}]}});
         assert_eq!(a, template_hash(&from_go));
+    }
+
+    #[test]
+    fn claim_adopts_matching_orphans_and_releases_non_matching() {
+        use testing::obj;
+        let owner = obj(
+            json!({"metadata": {"name": "rs", "namespace": "default", "uid": "o"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}}}),
+        );
+        let pod = |name: &str, app: &str, owner_uid: Option<&str>| {
+            let refs = owner_uid.map_or(json!([]), |u| json!([{"uid": u, "controller": true}]));
+            obj(json!({"metadata": {"name": name, "namespace": "default",
+                "labels": {"app": app}, "ownerReferences": refs}}))
+        };
+        let candidates = [
+            pod("orphan", "web", None),
+            pod("other-app", "db", None),
+            pod("someone-elses", "web", Some("x")),
+            pod("relabelled", "debug", Some("o")),
+            pod("mine", "web", Some("o")),
+        ];
+        let actions = claim(&owner, "apps/v1", "ReplicaSet", "pods", candidates.iter());
+        let names: Vec<String> = actions.iter().map(Action::name).collect();
+        assert_eq!(names, ["orphan", "relabelled"]);
+        let adopted = testing::applied(&actions[0]);
+        assert_eq!(adopted["metadata"]["ownerReferences"][0]["uid"], "o");
+        assert_eq!(
+            adopted["metadata"]["ownerReferences"][0]["controller"],
+            true
+        );
+        let released = testing::applied(&actions[1]);
+        assert_eq!(released["metadata"]["ownerReferences"], json!([]));
     }
 
     #[test]

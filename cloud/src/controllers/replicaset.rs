@@ -5,6 +5,9 @@
 //! (unscheduled, then Pending, then not ready, then the most recently ready, then the newest),
 //! as upstream ranks them.
 //!
+//! Pods without a controller that match the selector are adopted, controlled pods that no
+//! longer match it (relabelled to be debugged) are released and replaced.
+//!
 //! Edge autonomy: a pod bound to a NotReady edge node is still active (the node keeps running
 //! it while the cloud cannot see it, kubeedge#4659), so it counts toward `replicas` and is not
 //! replaced; only a pod that is deleted or finished (Succeeded/Failed) is.
@@ -16,8 +19,8 @@ use replication::api::selector::LabelSelector;
 use serde_json::{json, Value};
 
 use super::{
-    controller_reference, generation, is_controlled_by, is_terminating, node_name, pod_active,
-    pod_available, pod_ready, replicas, spec_i64, Action, World,
+    claim, controller_reference, generation, is_controlled_by, is_terminating, node_name,
+    pod_active, pod_available, pod_ready, replicas, spec_i64, Action, World,
 };
 
 /// Most pods one ReplicaSet creates in a pass (the next pass creates the rest).
@@ -30,6 +33,17 @@ pub fn reconcile(world: &World, now: i64) -> Vec<Action> {
         .iter()
         .filter(|rs| !is_terminating(rs))
         .flat_map(|rs| {
+            let claims = claim(
+                rs,
+                "apps/v1",
+                "ReplicaSet",
+                "pods",
+                world.pods_in(object::namespace(rs)),
+            );
+            if !claims.is_empty() {
+                // Count the pods again once the ownership changes are written.
+                return claims;
+            }
             let pods: Vec<&Object> = world
                 .pods_in(object::namespace(rs))
                 .filter(|p| is_controlled_by(p, rs))
@@ -261,16 +275,31 @@ mod tests {
     }
 
     #[test]
-    fn only_controlled_pods_count() {
+    fn only_controlled_pods_count_and_orphans_are_adopted_first() {
         let rs = rs(1);
         let create = &reconcile_one(&rs, &[], T0)[0];
         let mut foreign = pod_from(create, "foreign", Some("n1"), Some(T0));
-        object::meta_mut(&mut foreign).insert("ownerReferences".into(), json!([]));
+        object::meta_mut(&mut foreign).insert(
+            "ownerReferences".into(),
+            json!([{"uid": "another", "controller": true}]),
+        );
         let world = World {
             replicasets: vec![rs.clone()],
-            pods: vec![foreign],
+            pods: vec![foreign.clone()],
             ..World::default()
         };
         assert_eq!(creates(&reconcile(&world, T0)).len(), 1);
+        let mut orphan = foreign;
+        object::meta_mut(&mut orphan).insert("ownerReferences".into(), json!([]));
+        let world = World {
+            pods: vec![orphan],
+            ..world
+        };
+        let actions = reconcile(&world, T0);
+        assert_eq!(actions.len(), 1);
+        assert_eq!(
+            applied(&actions[0])["metadata"]["ownerReferences"][0]["uid"],
+            "rs-uid"
+        );
     }
 }
