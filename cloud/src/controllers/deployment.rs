@@ -11,7 +11,11 @@
 //! (observedGeneration, replicas, updatedReplicas, availableReplicas and the `Progressing`
 //! condition, `NewReplicaSetAvailable` once complete).
 //!
-//! Not done: `progressDeadlineSeconds` (never `ProgressDeadlineExceeded`), proportional scaling
+//! A rollout that makes no progress (more updated, ready or available pods, fewer old ones)
+//! for `progressDeadlineSeconds` gets `Progressing=False` with reason `ProgressDeadlineExceeded`
+//! (`kubectl rollout status` then fails), until it progresses again.
+//!
+//! Not done: proportional scaling
 //! of several live ReplicaSets in the middle of a rollout (the rolling logic converges instead),
 //! hash collisions (`collisionCount`). Orphaned ReplicaSets matching the selector are adopted
 //! (a Deployment deleted with `--cascade=orphan` and applied again takes its ReplicaSets back).
@@ -398,6 +402,22 @@ fn status(d: &Object, new_rs: Option<&Object>, owned: &[&Object], now: i64) -> O
         && total == want
         && available == want
         && new_rs.is_some_and(|rs| replicas(rs) == want);
+    let previous = conditions
+        .iter()
+        .find(|c| c["type"] == "Progressing")
+        .cloned();
+    let previous_reason = previous
+        .as_ref()
+        .and_then(|c| c["reason"].as_str())
+        .unwrap_or_default();
+    // Progress since the last status (upstream's `DeploymentProgressing`): more updated, ready
+    // or available pods, or fewer old ones.
+    let was = |field: &str| status_i64(d, field);
+    let progressed = updated > was("updatedReplicas")
+        || ready > was("readyReplicas")
+        || available > was("availableReplicas")
+        || total - updated < was("replicas") - was("updatedReplicas");
+    let mut fresh_update = false;
     let progressing = if paused(d) {
         json!({"type": "Progressing", "status": "Unknown", "reason": "DeploymentPaused",
                "message": "Deployment is paused"})
@@ -405,13 +425,36 @@ fn status(d: &Object, new_rs: Option<&Object>, owned: &[&Object], now: i64) -> O
         json!({"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
                "message": format!("ReplicaSet \"{rs_name}\" has successfully progressed.")})
     } else if new_rs.is_some() {
-        json!({"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated",
-               "message": format!("ReplicaSet \"{rs_name}\" is progressing.")})
+        let last_update = previous
+            .as_ref()
+            .and_then(|c| c["lastUpdateTime"].as_str())
+            .and_then(object::parse_rfc3339)
+            .unwrap_or(now);
+        let deadline = spec_i64(d, "progressDeadlineSeconds");
+        let timed_out = previous_reason == "ProgressDeadlineExceeded"
+            || (previous_reason == "ReplicaSetUpdated"
+                && deadline.is_some_and(|s| last_update + s < now));
+        if progressed {
+            fresh_update = true;
+        }
+        if timed_out && !progressed {
+            json!({"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                   "message": format!("ReplicaSet \"{rs_name}\" has timed out progressing.")})
+        } else {
+            json!({"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated",
+                   "message": format!("ReplicaSet \"{rs_name}\" is progressing.")})
+        }
     } else {
         json!({"type": "Progressing", "status": "True", "reason": "NewReplicaSetCreated",
                "message": "Created new replica set"})
     };
     set_condition(&mut conditions, progressing, &now_text);
+    if fresh_update {
+        // The deadline counts from the last progress.
+        if let Some(c) = conditions.iter_mut().find(|c| c["type"] == "Progressing") {
+            c["lastUpdateTime"] = json!(now_text);
+        }
+    }
     // Kubernetes lists Available before Progressing.
     conditions.sort_by_key(|c| c["type"] != "Available");
     let mut status = json!({
@@ -614,6 +657,36 @@ mod tests {
             }
         }
         panic!("the rollout did not converge: old {old:?} new {new:?}");
+    }
+
+    #[test]
+    fn a_rollout_without_progress_exceeds_its_deadline() {
+        let mut d = deployment(2, "nginx:1");
+        d["spec"]["progressDeadlineSeconds"] = json!(60);
+        d["metadata"]["annotations"] = json!({REVISION: "1"});
+        let rs = with_pods(&created(&reconcile_one(&d, &[], T0)[0], "rs1"), 2, 0);
+        let progressing = |d: &Object| d["status"]["conditions"][1].clone();
+        let mut d1 = d.clone();
+        d1.insert("status".into(), status_of(&reconcile_one(&d, &[&rs], T0)));
+        assert_eq!(progressing(&d1)["reason"], "ReplicaSetUpdated");
+        // No progress for 60 s: still within the deadline; past it, exceeded.
+        assert!(reconcile_one(&d1, &[&rs], T0 + 60).is_empty());
+        let mut d2 = d1.clone();
+        d2.insert(
+            "status".into(),
+            status_of(&reconcile_one(&d1, &[&rs], T0 + 61)),
+        );
+        assert_eq!(progressing(&d2)["reason"], "ProgressDeadlineExceeded");
+        assert_eq!(progressing(&d2)["status"], "False");
+        // A pod becoming available is progress again.
+        let better = with_pods(&rs, 2, 1);
+        let mut d3 = d2.clone();
+        d3.insert(
+            "status".into(),
+            status_of(&reconcile_one(&d2, &[&better], T0 + 70)),
+        );
+        assert_eq!(progressing(&d3)["reason"], "ReplicaSetUpdated");
+        assert_eq!(progressing(&d3)["lastUpdateTime"], rfc3339(T0 + 70));
     }
 
     #[test]
