@@ -545,6 +545,7 @@ pub async fn run(
     let Ok(mut watcher) = subscribe(&store) else {
         return;
     };
+    let mut busy_passes: u32 = 0;
     loop {
         let snapshot = store.clone();
         let world = match tokio::task::spawn_blocking(move || World::load(&snapshot)).await {
@@ -572,10 +573,16 @@ pub async fn run(
         if !actions.is_empty() && failed < actions.len() {
             // Our own writes changed the state: look again (they are in the store already).
             // Drain what the watch queued meanwhile, so it does not trigger a redundant pass.
+            // Passes that keep writing back off after 16 in a row (20 ms doubling to 1 s): a
+            // rollout takes a few passes, a bug that rewrites forever must not spin.
             while let Ok(Some(_)) = watcher.try_next() {}
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let pause =
+                Duration::from_millis(20 << busy_passes.saturating_sub(16).min(6)).min(RESYNC);
+            busy_passes += 1;
+            tokio::time::sleep(pause).await;
             continue;
         }
+        busy_passes = 0;
         let deadline = tokio::time::sleep(RESYNC);
         tokio::pin!(deadline);
         loop {
