@@ -731,6 +731,53 @@ fn deployments_scale_roll_back_and_cascade() {
         "nginx"
     );
 
+    // Paused, a template change makes no ReplicaSet; resumed, it does; a restart makes another.
+    cloud.ok(&["rollout", "pause", "deployment/web"]);
+    cloud.ok(&["set", "env", "deployment/web", "MODE=paused"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(names(&cloud, &["rs", "-l", "app=web"]).len(), 2);
+    assert_eq!(
+        cloud.ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type=='Progressing')].reason}"
+        ]),
+        "DeploymentPaused"
+    );
+    cloud.ok(&["rollout", "resume", "deployment/web"]);
+    eventually("a third ReplicaSet", Duration::from_secs(20), || {
+        names(&cloud, &["rs", "-l", "app=web"]).len() == 3
+    });
+    cloud.ok(&["rollout", "restart", "deployment/web"]);
+    eventually("a fourth ReplicaSet", Duration::from_secs(20), || {
+        names(&cloud, &["rs", "-l", "app=web"]).len() == 4
+    });
+    // `--current-replicas` makes kubectl GET and PUT the Scale (a precondition).
+    let out = cloud.kubectl(&[
+        "scale",
+        "deployment/web",
+        "--current-replicas=2",
+        "--replicas=4",
+    ]);
+    assert!(!out.status.success(), "3 replicas, not 2");
+    cloud.ok(&[
+        "scale",
+        "deployment/web",
+        "--current-replicas=3",
+        "--replicas=4",
+    ]);
+    assert_eq!(
+        cloud.ok(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"]),
+        "4"
+    );
+    let described = cloud.ok(&["describe", "deployment", "web"]);
+    assert!(
+        described.contains("RollingUpdateStrategy:  25% max unavailable, 25% max surge"),
+        "{described}"
+    );
+
     // The selector must select the template's labels.
     let bad = r#"{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "bad"},
         "spec": {"selector": {"matchLabels": {"app": "x"}},

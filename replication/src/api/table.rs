@@ -403,6 +403,28 @@ mod tests {
     }
 
     #[test]
+    fn workload_rows() {
+        let d = json!({"metadata": {"name": "web"},
+            "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "web"}},
+                     "template": {"spec": {"containers": [{"name": "c", "image": "nginx"}]}}},
+            "status": {"readyReplicas": 2, "updatedReplicas": 3, "availableReplicas": 2}});
+        let r = super::super::resources::find("apps", "v1", "deployments").unwrap();
+        let c = cells(r, d.as_object().unwrap());
+        assert_eq!(columns(r).len(), c.len());
+        assert_eq!(&c[1..4], &[json!("2/3"), json!(3), json!(2)]);
+        assert_eq!(&c[5..], &[json!("c"), json!("nginx"), json!("app=web")]);
+        let ds = json!({"metadata": {"name": "agent"},
+            "spec": {"template": {"spec": {"nodeSelector": {"zone": "a"}}}},
+            "status": {"desiredNumberScheduled": 2, "numberReady": 1}});
+        let r = super::super::resources::find("apps", "v1", "daemonsets").unwrap();
+        let c = cells(r, ds.as_object().unwrap());
+        assert_eq!(columns(r).len(), c.len());
+        assert_eq!(c[1], 2);
+        assert_eq!(c[3], 1);
+        assert_eq!(c[6], "zone=a");
+    }
+
+    #[test]
     fn pod_row() {
         let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}], "nodeName": "n"},
             "status": {"phase": "Running", "containerStatuses": [{"ready": true, "restartCount": 2}]}});
