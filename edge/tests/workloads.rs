@@ -203,6 +203,16 @@ fn deployments_and_daemonsets_run_on_edge_nodes() {
         ),
         "3"
     );
+    // A new template replaces the agents node by node (maxUnavailable 1).
+    ok(
+        &cloud,
+        &["set", "image", "daemonset/agent", "main=busybox:2"],
+    );
+    rollout_status(&cloud, "daemonset/agent");
+    eventually("only busybox:2 agents", Duration::from_secs(30), || {
+        let p = pods(&cloud, "app=agent");
+        p.len() == 3 && p.iter().all(|p| p.3 == "busybox:2" && p.2 == "Running")
+    });
     // A node losing the label loses its pod.
     ok(&cloud, &["label", "node", "edge-3", "kedge.io/agent-"]);
     eventually("edge-3's agent removed", Duration::from_secs(30), || {

@@ -6,8 +6,9 @@
 //! simulated clock), and says what to write. The shell ([`run`]) loads the snapshot from the
 //! store, applies the actions through the in-process API (so defaults, validation, graceful pod
 //! deletion and resourceVersion preconditions are the API's own, as for any client), and runs
-//! again when an object of a watched kind changes, after its own writes, and every
-//! [`RESYNC`] (time-based conditions such as `minReadySeconds`, and requeues after a 409).
+//! again when an object of a watched kind changes (changes arriving within [`DEBOUNCE`] make
+//! one pass), after its own writes, and every [`RESYNC`] (time-based conditions such as
+//! `minReadySeconds`, and requeues after a 409).
 //!
 //! Because each pass waits for its writes to be committed before the next pass reads the
 //! store, a controller never acts twice on the same observation (what upstream's
@@ -34,6 +35,9 @@ use tower::ServiceExt;
 
 /// A pass runs at least this often, changes or not.
 pub const RESYNC: Duration = Duration::from_secs(1);
+
+/// A change starts a pass this long after it arrives, with every change arrived meanwhile.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// The label a Deployment puts on its ReplicaSets and their pods (Kubernetes' name).
 pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
@@ -589,8 +593,11 @@ pub async fn run(
             tokio::select! {
                 change = watcher.next() => match change {
                     Ok(change) => {
-                        let relevant = kinds.contains(&change.key.kind());
-                        if relevant {
+                        if kinds.contains(&change.key.kind()) {
+                            // Let a burst of changes (a fleet's status reports) arrive and make
+                            // one pass of it: at most one pass per DEBOUNCE.
+                            tokio::time::sleep(DEBOUNCE).await;
+                            while let Ok(Some(_)) = watcher.try_next() {}
                             break;
                         }
                     }
