@@ -526,6 +526,19 @@ impl ApiClient {
 /// A controller's pure core.
 pub type Reconcile = fn(&World, i64) -> Vec<Action>;
 
+/// Whether a change of `kind` calls for a pass. Without any workload object, a pod or node
+/// change matters only to a pod that has owners (the garbage collector's): a fleet's pod
+/// status reports then cost no pass (the resync still comes every [`RESYNC`]).
+fn relevant(kinds: &[&str], owners_seen: bool, kind: &str, object: &[u8]) -> bool {
+    const OWNER_REFERENCES: &[u8] = b"\"ownerReferences\"";
+    kinds.contains(&kind)
+        && (matches!(kind, "replicasets" | "deployments" | "daemonsets")
+            || owners_seen
+            || object
+                .windows(OWNER_REFERENCES.len())
+                .any(|w| w == OWNER_REFERENCES))
+}
+
 fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -556,6 +569,9 @@ pub async fn run(
             Ok(world) => world,
             Err(_) => return,
         };
+        let owners_seen = !(world.replicasets.is_empty()
+            && world.deployments.is_empty()
+            && world.daemonsets.is_empty());
         let actions = reconcile(&world, now_unix());
         let mut failed = 0;
         for action in &actions {
@@ -593,7 +609,7 @@ pub async fn run(
             tokio::select! {
                 change = watcher.next() => match change {
                     Ok(change) => {
-                        if kinds.contains(&change.key.kind()) {
+                        if relevant(kinds, owners_seen, change.key.kind(), &change.object) {
                             // Let a burst of changes (a fleet's status reports) arrive and make
                             // one pass of it: at most one pass per DEBOUNCE.
                             tokio::time::sleep(DEBOUNCE).await;
@@ -626,7 +642,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             "replicaset",
             store.clone(),
             client.clone(),
-            &["pods", "replicasets", "nodes"],
+            &["pods", "replicasets"],
             replicaset::reconcile,
         )),
         tokio::spawn(run(
@@ -763,6 +779,18 @@ mod tests {
         );
         let released = testing::applied(&actions[1]);
         assert_eq!(released["metadata"]["ownerReferences"], json!([]));
+    }
+
+    #[test]
+    fn plain_pod_changes_wake_no_controller_without_workloads() {
+        let kinds = &["pods", "replicasets"];
+        let plain = br#"{"metadata":{"name":"p"},"status":{"phase":"Running"}}"#;
+        let owned = br#"{"metadata":{"name":"p","ownerReferences":[{"uid":"u"}]}}"#;
+        assert!(!relevant(kinds, false, "pods", plain));
+        assert!(relevant(kinds, false, "pods", owned));
+        assert!(relevant(kinds, true, "pods", plain));
+        assert!(relevant(kinds, false, "replicasets", b"{}"));
+        assert!(!relevant(kinds, true, "nodes", b"{}"));
     }
 
     #[test]
