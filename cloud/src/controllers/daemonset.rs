@@ -11,7 +11,9 @@
 //! label `controller-revision-hash` = the hash of the template they were made from. A pod on a
 //! node that is no longer eligible (or gone) is deleted. `RollingUpdate` replaces pods of an old
 //! template at most `maxUnavailable` nodes at a time (old pods that are not available anyway
-//! go first and cost nothing); `OnDelete` leaves them. No ControllerRevision objects are kept,
+//! go first and cost nothing); `OnDelete` leaves them. Matching pods without a controller are
+//! adopted (and, lacking the current hash, replaced as old ones). No ControllerRevision
+//! objects are kept,
 //! so `kubectl rollout history|undo daemonset` do not work (`rollout status` does).
 
 use std::collections::BTreeMap;
@@ -21,9 +23,9 @@ use replication::api::selector::LabelSelector;
 use serde_json::{json, Value};
 
 use super::{
-    controller_reference, generation, int_or_percent, is_controlled_by, is_terminating, label,
-    node_name, pod_active, pod_available, pod_ready, spec_i64, template_hash, with_label, Action,
-    World, CONTROLLER_REVISION_HASH,
+    claim, controller_reference, generation, int_or_percent, is_controlled_by, is_terminating,
+    label, node_name, pod_active, pod_available, pod_ready, spec_i64, template_hash, with_label,
+    Action, World, CONTROLLER_REVISION_HASH,
 };
 
 /// Every DaemonSet's actions.
@@ -33,6 +35,16 @@ pub fn reconcile(world: &World, now: i64) -> Vec<Action> {
         .iter()
         .filter(|ds| !is_terminating(ds))
         .flat_map(|ds| {
+            let claims = claim(
+                ds,
+                "apps/v1",
+                "DaemonSet",
+                "pods",
+                world.pods_in(object::namespace(ds)),
+            );
+            if !claims.is_empty() {
+                return claims;
+            }
             let pods: Vec<&Object> = world
                 .pods_in(object::namespace(ds))
                 .filter(|p| is_controlled_by(p, ds))

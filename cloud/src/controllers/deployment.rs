@@ -61,7 +61,24 @@ pub fn reconcile(world: &World, now: i64) -> Vec<Action> {
                 .filter(|rs| object::namespace(rs) == object::namespace(d))
                 .filter(|rs| is_controlled_by(rs, d))
                 .collect();
-            reconcile_one(d, &owned, now)
+            // Recreate waits for every old pod to be gone, terminating ones included.
+            let hash = template_hash(&template(d));
+            let old_pods = world
+                .pods_in(object::namespace(d))
+                .filter(|p| {
+                    let phase = p
+                        .get("status")
+                        .and_then(|s| s.get("phase"))
+                        .and_then(Value::as_str);
+                    !matches!(phase, Some("Succeeded" | "Failed"))
+                })
+                .filter(|p| {
+                    owned.iter().any(|rs| {
+                        is_controlled_by(p, rs) && label(rs, POD_TEMPLATE_HASH) != Some(&hash)
+                    })
+                })
+                .count();
+            reconcile_with(d, &owned, old_pods, now)
         })
         .collect()
 }
@@ -184,6 +201,12 @@ fn scale(rs: &Object, to: i64) -> Action {
 
 /// One Deployment's actions, given the ReplicaSets it controls.
 pub fn reconcile_one(d: &Object, owned: &[&Object], now: i64) -> Vec<Action> {
+    reconcile_with(d, owned, 0, now)
+}
+
+/// [`reconcile_one`] knowing how many pods of old ReplicaSets still exist (terminating ones
+/// included), which `Recreate` waits for.
+pub fn reconcile_with(d: &Object, owned: &[&Object], old_pods: usize, now: i64) -> Vec<Action> {
     let mut actions = Vec::new();
     let hash = template_hash(&template(d));
     let new_rs = owned
@@ -216,7 +239,16 @@ pub fn reconcile_one(d: &Object, owned: &[&Object], now: i64) -> Vec<Action> {
                 object: new_replicaset(d, &hash, max_old_revision + 1, initial),
             });
         }
-        None => {}
+        None => {
+            // Paused with a template not rolled out yet: a scale still applies to the one
+            // live ReplicaSet (with several live, sizes wait for the resume).
+            let live: Vec<&&Object> = old.iter().filter(|rs| replicas(rs) > 0).collect();
+            if let [only] = live[..] {
+                if replicas(only) != want {
+                    actions.push(scale(only, want));
+                }
+            }
+        }
         Some(new_rs) => {
             // The current template's ReplicaSet holds the newest revision (after an undo it
             // was an old one).
@@ -245,7 +277,7 @@ pub fn reconcile_one(d: &Object, owned: &[&Object], now: i64) -> Vec<Action> {
                 annotations[REVISION] = json!(new_revision.to_string());
                 deployment_update = Some(updated);
             }
-            actions.extend(rollout(d, new_rs, &old));
+            actions.extend(rollout(d, new_rs, &old, old_pods));
         }
     }
     if actions.is_empty() {
@@ -266,20 +298,29 @@ pub fn reconcile_one(d: &Object, owned: &[&Object], now: i64) -> Vec<Action> {
 }
 
 /// The scaling steps of a rollout (or, paused or complete, of a plain scale).
-fn rollout(d: &Object, new_rs: &Object, old: &[&Object]) -> Vec<Action> {
+fn rollout(d: &Object, new_rs: &Object, old: &[&Object], old_pods: usize) -> Vec<Action> {
     let want = replicas(d);
     let old_live: Vec<&Object> = old
         .iter()
         .copied()
         .filter(|rs| replicas(rs) > 0 || status_i64(rs, "replicas") > 0)
         .collect();
-    if old_live.is_empty() || paused(d) {
-        // Nothing to roll (or not allowed to): the new ReplicaSet is the Deployment's size.
-        return if replicas(new_rs) != want && (old_live.is_empty() || !is_recreate(d)) {
+    if is_recreate(d) && old_live.is_empty() && old_pods > 0 && replicas(new_rs) < want {
+        // Scaled down, but old pods are still terminating.
+        return Vec::new();
+    }
+    if old_live.is_empty() {
+        // Nothing to roll: the new ReplicaSet is the Deployment's size.
+        return if replicas(new_rs) != want {
             vec![scale(new_rs, want)]
         } else {
             Vec::new()
         };
+    }
+    if paused(d) {
+        // Paused in the middle of a rollout: sizes wait for the resume (upstream would scale
+        // the live ReplicaSets proportionally).
+        return Vec::new();
     }
     if is_recreate(d) {
         let scaled_down: Vec<Action> = old_live
@@ -734,6 +775,8 @@ mod tests {
         assert!(sizes(&reconcile_one(&d, &[&old, &new], T0)).is_empty());
         old = with_pods(&old, 0, 0);
         new = with_pods(&new, 0, 0);
+        // One old pod still terminating on its node: still waiting.
+        assert!(sizes(&reconcile_with(&d, &[&old, &new], 1, T0)).is_empty());
         assert_eq!(
             sizes(&reconcile_one(&d, &[&old, &new], T0)),
             [(object::name(&new).to_owned(), 2)]
