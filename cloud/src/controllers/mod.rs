@@ -50,10 +50,15 @@ pub const CONTROLLER_REVISION_HASH: &str = "controller-revision-hash";
 /// The objects the controllers read, each with its `metadata.resourceVersion`.
 #[derive(Debug, Default, Clone)]
 pub struct World {
+    /// Every pod, all namespaces.
     pub pods: Vec<Object>,
+    /// Every `apps/v1` ReplicaSet.
     pub replicasets: Vec<Object>,
+    /// Every `apps/v1` Deployment.
     pub deployments: Vec<Object>,
+    /// Every `apps/v1` DaemonSet.
     pub daemonsets: Vec<Object>,
+    /// Every Node (edge nodes carry `node-role.kubernetes.io/edge`).
     pub nodes: Vec<Object>,
 }
 
@@ -422,11 +427,14 @@ pub struct ApiClient {
 /// A failed call: the HTTP code and the Status message.
 #[derive(Debug)]
 pub struct CallError {
+    /// The HTTP status code (409 for a stale resourceVersion, 404 for a vanished object...).
     pub code: u16,
+    /// The Kubernetes `Status` message.
     pub message: String,
 }
 
 impl ApiClient {
+    /// A client of `router` (an [`replication::api::ApiServer`]'s).
     pub fn new(router: Router) -> Self {
         ApiClient { router }
     }
