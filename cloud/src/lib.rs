@@ -14,10 +14,12 @@
 //! - [`scheduler`]: binds pods without `nodeName` to a ready edge node;
 //! - [`lifecycle`]: node Ready/NotReady from leases;
 //! - [`servicebus`]: HTTP requests to applications on edge nodes, over their links;
+//! - [`cloudstream`]: `kubectl logs` of pods on edge nodes, over their links;
 //! - [`server`]: wires it all together ([`server::CloudCore`]).
 
 pub mod api_tls;
 pub mod authz;
+pub mod cloudstream;
 pub mod cluster;
 pub mod embedded;
 pub mod hub;

@@ -140,7 +140,13 @@ impl CloudCore {
         let bus = Arc::new(crate::servicebus::ServiceBus::new(
             config.service_bus_timeout,
         ));
-        let router = crate::servicebus::router(bus.clone(), token).merge(api.router());
+        let router = crate::servicebus::router(bus.clone(), token.clone())
+            .merge(crate::cloudstream::router(
+                store.clone(),
+                bus.clone(),
+                token,
+            ))
+            .merge(api.router());
         if api_tls {
             let ca = crate::pki::load_or_create_ca(&config.data_dir)?;
             let mut names = vec![
