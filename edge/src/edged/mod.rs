@@ -33,6 +33,9 @@ pub struct Edged {
     pods_dir: PathBuf,
     /// Pods being stopped because they left the cache (nothing to confirm to the cloud).
     orphans: HashSet<String>,
+    /// Pods (by uid) whose deletion was confirmed to the cloud: the cache keeps them (marked
+    /// for deletion) until the cloud's delete arrives, and they are confirmed only once.
+    confirmed: HashSet<String>,
 }
 
 fn grace_of(pod: &Object) -> Duration {
@@ -51,6 +54,7 @@ impl Edged {
             runtime,
             pods_dir,
             orphans: HashSet::new(),
+            confirmed: HashSet::new(),
         }
     }
 
@@ -81,11 +85,20 @@ impl Edged {
             wanted.insert(id.clone());
             let deleting = object::meta(pod).is_some_and(|m| m.contains_key("deletionTimestamp"));
             if deleting {
+                let uid = object::meta_str(pod, "uid").unwrap_or_default().to_owned();
+                if self.confirmed.contains(&uid) {
+                    continue;
+                }
                 self.runtime.stop(&id, grace_of(pod));
                 if self.runtime.reap(&id) {
                     tracing::info!(pod = %id, "pod stopped; confirming its deletion");
-                    if let Err(e) = self.meta.confirm_deleted(key.clone()) {
-                        tracing::warn!(pod = %id, error = %e, "cannot queue the deletion");
+                    match self.meta.confirm_deleted(key.clone()) {
+                        Ok(()) => {
+                            self.confirmed.insert(uid);
+                        }
+                        Err(e) => {
+                            tracing::warn!(pod = %id, error = %e, "cannot queue the deletion")
+                        }
                     }
                 }
                 continue;
@@ -104,6 +117,12 @@ impl Edged {
         }
         let runtime = &self.runtime;
         self.orphans.retain(|id| !runtime.reap(id));
+        // A confirmed pod is forgotten once the cloud's delete removed it from the cache.
+        let cached: HashSet<&str> = pods
+            .iter()
+            .filter_map(|(_, pod)| object::meta_str(pod, "uid"))
+            .collect();
+        self.confirmed.retain(|uid| cached.contains(uid.as_str()));
     }
 
     fn report_status(

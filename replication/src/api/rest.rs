@@ -197,6 +197,7 @@ pub(crate) fn range_of(target: &Target) -> Result<KeyRange, ApiError> {
 }
 
 async fn list(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
+    super::options::validate(&request.query, false)?;
     let selectors = Selectors::from_query(&request.query)?;
     let limit: usize = match request.query.get("limit") {
         Some(l) => l

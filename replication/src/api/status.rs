@@ -4,11 +4,41 @@ use serde_json::{json, Value};
 
 use crate::store::StoreError;
 
-/// One field-level cause of a 422.
+/// One cause of an error: a `StatusCause` (`reason`, `message`, `field`) in the `Status`'s
+/// `details.causes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cause {
+    /// The cause type, e.g. `FieldValueInvalid`, `FieldValueForbidden`,
+    /// `ResourceVersionTooLarge`.
+    pub reason: &'static str,
+    /// The field's path (`spec.nodeName`); empty when the cause is not about a field.
     pub field: String,
     pub message: String,
+}
+
+impl Cause {
+    /// A field cause worded as apimachinery's `field.Error` body (`"Forbidden: ..."`,
+    /// `"Required value: ..."`, `"Unsupported value: ..."`, `"Invalid value: ..."`); the cause
+    /// type follows from that wording, as the apiserver's does from the error type.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        let message = message.into();
+        let reason = [
+            ("Forbidden", "FieldValueForbidden"),
+            ("Required value", "FieldValueRequired"),
+            ("Unsupported value", "FieldValueNotSupported"),
+            ("Duplicate value", "FieldValueDuplicate"),
+            ("Too long", "FieldValueTooLong"),
+            ("Too many", "FieldValueTooMany"),
+        ]
+        .into_iter()
+        .find(|(prefix, _)| message.starts_with(prefix))
+        .map_or("FieldValueInvalid", |(_, reason)| reason);
+        Cause {
+            reason,
+            field: field.into(),
+            message,
+        }
+    }
 }
 
 /// An error the API answers with: HTTP code, `reason`, message and (for 422) field causes.
@@ -21,6 +51,10 @@ pub struct ApiError {
     pub causes: Vec<Cause>,
     /// `details.kind`/`details.name` for clients that read them.
     pub details: Option<(String, String)>,
+    /// `details.group`, when the kind is not in the core group.
+    pub group: Option<&'static str>,
+    /// `details.retryAfterSeconds`: when the client may try again.
+    pub retry_after_seconds: Option<u64>,
 }
 
 impl ApiError {
@@ -31,6 +65,8 @@ impl ApiError {
             message: message.into(),
             causes: Vec::new(),
             details: None,
+            group: None,
+            retry_after_seconds: None,
         }
     }
 
@@ -137,18 +173,30 @@ impl ApiError {
             "reason": self.reason,
             "code": self.code,
         });
-        if self.details.is_some() || !self.causes.is_empty() {
+        if self.details.is_some() || !self.causes.is_empty() || self.retry_after_seconds.is_some() {
             let mut details = json!({});
             if let Some((kind, name)) = &self.details {
-                details["kind"] = json!(kind);
                 details["name"] = json!(name);
+                if let Some(group) = self.group {
+                    details["group"] = json!(group);
+                }
+                details["kind"] = json!(kind);
             }
             if !self.causes.is_empty() {
                 details["causes"] = self
                     .causes
                     .iter()
-                    .map(|c| json!({"reason": "FieldValueInvalid", "message": c.message, "field": c.field}))
+                    .map(|c| {
+                        let mut cause = json!({"reason": c.reason, "message": c.message});
+                        if !c.field.is_empty() {
+                            cause["field"] = json!(c.field);
+                        }
+                        cause
+                    })
                     .collect();
+            }
+            if let Some(seconds) = self.retry_after_seconds {
+                details["retryAfterSeconds"] = json!(seconds);
             }
             status["details"] = details;
         }
