@@ -139,8 +139,11 @@ fn invalid_list_options(causes: Vec<Cause>) -> ApiError {
         format!("ListOptions.meta.k8s.io \"\" is invalid: {aggregate}"),
     );
     error.causes = causes;
-    error.details = Some(("ListOptions".to_owned(), String::new()));
-    error.group = Some("meta.k8s.io");
+    error.details = Some(Box::new(("ListOptions".to_owned(), String::new())));
+    error.more = Some(Box::new(super::status::MoreDetails {
+        group: Some("meta.k8s.io"),
+        ..Default::default()
+    }));
     error
 }
 

@@ -49,8 +49,16 @@ pub struct ApiError {
     pub reason: &'static str,
     pub message: String,
     pub causes: Vec<Cause>,
-    /// `details.kind`/`details.name` for clients that read them.
-    pub details: Option<(String, String)>,
+    /// `details.kind`/`details.name` for clients that read them (boxed, as `more`: errors
+    /// travel in `Result`s everywhere and stay small).
+    pub details: Option<Box<(String, String)>>,
+    /// The rarer `details` fields.
+    pub more: Option<Box<MoreDetails>>,
+}
+
+/// `details` fields few errors have.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoreDetails {
     /// `details.group`, when the kind is not in the core group.
     pub group: Option<&'static str>,
     /// `details.retryAfterSeconds`: when the client may try again.
@@ -65,8 +73,7 @@ impl ApiError {
             message: message.into(),
             causes: Vec::new(),
             details: None,
-            group: None,
-            retry_after_seconds: None,
+            more: None,
         }
     }
 
@@ -76,7 +83,7 @@ impl ApiError {
 
     pub fn not_found(resource: &str, name: &str) -> Self {
         let mut e = Self::new(404, "NotFound", format!("{resource} \"{name}\" not found"));
-        e.details = Some((resource.to_owned(), name.to_owned()));
+        e.details = Some(Box::new((resource.to_owned(), name.to_owned())));
         e
     }
 
@@ -86,7 +93,7 @@ impl ApiError {
             "AlreadyExists",
             format!("{resource} \"{name}\" already exists"),
         );
-        e.details = Some((resource.to_owned(), name.to_owned()));
+        e.details = Some(Box::new((resource.to_owned(), name.to_owned())));
         e
     }
 
@@ -99,7 +106,7 @@ impl ApiError {
                  modified; please apply your changes to the latest version and try again"
             ),
         );
-        e.details = Some((resource.to_owned(), name.to_owned()));
+        e.details = Some(Box::new((resource.to_owned(), name.to_owned())));
         e
     }
 
@@ -115,7 +122,7 @@ impl ApiError {
             format!("{kind} \"{name}\" is invalid: {}", list.join(", ")),
         );
         e.causes = causes;
-        e.details = Some((kind.to_owned(), name.to_owned()));
+        e.details = Some(Box::new((kind.to_owned(), name.to_owned())));
         e
     }
 
@@ -173,11 +180,12 @@ impl ApiError {
             "reason": self.reason,
             "code": self.code,
         });
-        if self.details.is_some() || !self.causes.is_empty() || self.retry_after_seconds.is_some() {
+        let more = self.more.as_deref().cloned().unwrap_or_default();
+        if self.details.is_some() || !self.causes.is_empty() || more.retry_after_seconds.is_some() {
             let mut details = json!({});
-            if let Some((kind, name)) = &self.details {
+            if let Some((kind, name)) = self.details.as_deref() {
                 details["name"] = json!(name);
-                if let Some(group) = self.group {
+                if let Some(group) = more.group {
                     details["group"] = json!(group);
                 }
                 details["kind"] = json!(kind);
@@ -195,7 +203,7 @@ impl ApiError {
                     })
                     .collect();
             }
-            if let Some(seconds) = self.retry_after_seconds {
+            if let Some(seconds) = more.retry_after_seconds {
                 details["retryAfterSeconds"] = json!(seconds);
             }
             status["details"] = details;

@@ -196,7 +196,10 @@ fn too_large(requested: u64, current: u64) -> ApiError {
         field: String::new(),
         message: "Too large resource version".into(),
     }];
-    error.retry_after_seconds = Some(1);
+    error.more = Some(Box::new(super::status::MoreDetails {
+        retry_after_seconds: Some(1),
+        ..Default::default()
+    }));
     error
 }
 
