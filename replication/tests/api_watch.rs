@@ -573,3 +573,30 @@ fn watch_list_options_are_checked_on_an_edge_cache_too() {
         vec![("ADDED".into(), "p".into()), ("BOOKMARK".into(), "".into())]
     );
 }
+
+#[test]
+fn an_update_that_changes_nothing_keeps_the_version_and_sends_no_event() {
+    let (_dir, _store, api) = cloud();
+    api.ok("POST", PODS, Some(&pod("p", "a")));
+    let label = json!({"metadata": {"labels": {"x": "y"}}});
+    let first = api.ok("PATCH", &format!("{PODS}/p"), Some(&label));
+    let rv = first["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut watch = api.watch(&format!("{PODS}?watch=1&resourceVersion={rv}"));
+    // The same patch again, and a PUT of the object as it is: nothing to write.
+    let again = api.ok("PATCH", &format!("{PODS}/p"), Some(&label));
+    assert_eq!(again["metadata"]["resourceVersion"], rv.as_str());
+    let same = api.ok("PUT", &format!("{PODS}/p"), Some(&again));
+    assert_eq!(same["metadata"]["resourceVersion"], rv.as_str());
+    // A real change still goes out, and is the only event.
+    api.ok(
+        "PATCH",
+        &format!("{PODS}/p"),
+        Some(&json!({"metadata": {"labels": {"x": "z"}}})),
+    );
+    let events = watch.drain(Duration::from_millis(500));
+    assert_eq!(summary(&events), vec![("MODIFIED".into(), "p".into())]);
+    assert_eq!(events[0]["object"]["metadata"]["labels"]["x"], "z");
+}
