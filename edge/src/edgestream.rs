@@ -104,10 +104,12 @@ impl EdgeStream {
             let regular = regular_containers(&pod);
             match regular.as_slice() {
                 [only] => options.container = only.clone(),
-                _ => return Err(ApiError::bad_request(format!(
+                _ => {
+                    return Err(ApiError::bad_request(format!(
                     "a container name must be specified for pod {pod_name}, choose one of: [{}]",
                     names.join(" ")
-                ))),
+                )))
+                }
             }
         }
         if !names.contains(&options.container) {
