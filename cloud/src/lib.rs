@@ -16,10 +16,12 @@
 //! - [`controllers`]: the Deployment, ReplicaSet, DaemonSet controllers and the garbage
 //!   collector;
 //! - [`servicebus`]: HTTP requests to applications on edge nodes, over their links;
+//! - [`cloudstream`]: `kubectl logs` of pods on edge nodes, over their links;
 //! - [`server`]: wires it all together ([`server::CloudCore`]).
 
 pub mod api_tls;
 pub mod authz;
+pub mod cloudstream;
 pub mod cluster;
 pub mod controllers;
 pub mod embedded;

@@ -39,7 +39,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 
 /// Writes `contents` to `path` atomically (temp file + rename), mode 0600.
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
-    let tmp = path.with_extension("tmp");
+    // A name of this process's own: two processes writing the same file (cloudcore and
+    // `cloudcore token create`) must not rename each other's temporary file away.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     {
         let mut options = fs::OpenOptions::new();
         options.write(true).create(true).truncate(true);
@@ -68,6 +70,25 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn load_or_create_ca(data_dir: &Path) -> Result<CertificateAuthority, PkiError> {
     let dir = data_dir.join("pki");
     fs::create_dir_all(&dir).map_err(io(&dir))?;
+    // One creator at a time (cloudcore starting while `cloudcore token create` runs on the
+    // same data dir would otherwise make two CAs, or read one's key with the other's
+    // certificate). An advisory lock, released by the kernel if its holder dies.
+    let lock_path = dir.join(".ca.lock");
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(&lock_path))?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns; released when `lock` is dropped.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io(&lock_path)(std::io::Error::last_os_error()));
+        }
+    }
+    let _held = lock;
     let cert_path = dir.join("ca.crt");
     let key_path = dir.join("ca.key");
     if cert_path.exists() {
@@ -207,6 +228,22 @@ pub fn verify_token(data_dir: &Path, token: &Token) -> Result<(), TokenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_creators_agree_on_one_ca() {
+        // cloudcore starting while `cloudcore token create` runs: one CA, never a mix.
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let pins: Vec<String> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| scope.spawn(|| ca_pin(&load_or_create_ca(dir.path()).unwrap())))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert!(pins.windows(2).all(|w| w[0] == w[1]), "{pins:?}");
+            assert_eq!(ca_pin(&load_or_create_ca(dir.path()).unwrap()), pins[0]);
+        }
+    }
 
     #[test]
     fn tokens_verify_and_expire() {

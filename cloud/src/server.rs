@@ -107,6 +107,9 @@ impl CloudCore {
         let api_tls = config.api_tls || off_loopback;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
+        // The cluster CA exists before anything is served: a `cloudcore token create` run as
+        // soon as the API answers pins this CA, not one of its own.
+        crate::pki::load_or_create_ca(&config.data_dir)?;
         let store = crate::embedded::open_store(&config.data_dir, config.watch_history)
             .with_context(|| {
                 format!(
@@ -141,7 +144,13 @@ impl CloudCore {
         let bus = Arc::new(crate::servicebus::ServiceBus::new(
             config.service_bus_timeout,
         ));
-        let router = crate::servicebus::router(bus.clone(), token).merge(api.router());
+        let router = crate::servicebus::router(bus.clone(), token.clone())
+            .merge(crate::cloudstream::router(
+                store.clone(),
+                bus.clone(),
+                token,
+            ))
+            .merge(api.router());
         if api_tls {
             let ca = crate::pki::load_or_create_ca(&config.data_dir)?;
             let mut names = vec![

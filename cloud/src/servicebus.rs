@@ -79,6 +79,15 @@ impl ServiceBus {
             .insert(node.to_owned(), link);
     }
 
+    /// The link of `node`, if it ever connected (CloudStream uses it too).
+    pub fn link(&self, node: &str) -> Option<LinkHandle> {
+        self.links
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned()
+    }
+
     /// Sends `request` to `node` and waits for the application's response.
     pub async fn call(&self, node: &str, request: &BusRequest) -> Result<BusResponse, CallError> {
         let link = self

@@ -873,3 +873,196 @@ fn deployments_scale_roll_back_and_cascade() {
         names(&cloud, &["pods", "-l", "app=fg"]).is_empty()
     });
 }
+
+/// Pods of namespace `zz` bound to a node that never connects, so that no controller writes
+/// them (the scheduler leaves bound pods alone; deletes are immediate).
+fn parked_pods(names: &[&str], tier: &str) -> String {
+    names
+        .iter()
+        .map(|name| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: zz, labels: \
+                 {{tier: {tier}}}}}\nspec:\n  nodeName: parked\n  containers:\n  - {{name: c, \
+                 image: busybox, command: [sleep, \"3600\"]}}\n---\n"
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn watch_list_sends_every_current_object_then_the_end_bookmark_and_checks_its_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(dir.path());
+    let addr = cloud.api.replace("http://", "");
+    cloud.ok(&["create", "namespace", "zz"]);
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], &parked_pods(&["a", "b", "c"], "a"))
+        .status
+        .success());
+    // (kubectl's `-o jsonpath` on a list does not show the list's own metadata.)
+    let (_, list) = common::http_call(&addr, "GET", "/api/v1/namespaces/zz/pods", "");
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let list_rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(list_rv.parse::<u64>().unwrap() > 1);
+    cloud.ok(&["label", "pod", "c", "-n", "zz", "x=y"]);
+    // The report's input: a list's version (and an older one, and none) with NotOlderThan.
+    for rv in [list_rv.as_str(), "1", ""] {
+        let mut watch = common::RawWatch::open(
+            &addr,
+            &format!(
+                "/api/v1/namespaces/zz/pods?watch=1&sendInitialEvents=true\
+                 &resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&resourceVersion={rv}"
+            ),
+        );
+        assert_eq!(watch.status, 200);
+        let events = watch.until("BOOKMARK", "", Duration::from_secs(10));
+        assert_eq!(
+            common::event_summary(&events),
+            [
+                ("ADDED", "a"),
+                ("ADDED", "b"),
+                ("ADDED", "c"),
+                ("BOOKMARK", "")
+            ]
+            .map(|(t, n)| (t.to_owned(), n.to_owned())),
+            "resourceVersion={rv:?}"
+        );
+        assert_eq!(
+            events[3]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+            "true"
+        );
+        assert_eq!(events[2]["object"]["metadata"]["labels"]["x"], "y");
+    }
+
+    // Invalid combinations: 422 Status objects, worded as kube-apiserver's.
+    for (query, message) in [
+        (
+            "watch=1&sendInitialEvents=true",
+            "resourceVersionMatch: Forbidden: sendInitialEvents requires setting \
+             resourceVersionMatch to NotOlderThan",
+        ),
+        (
+            "watch=1&resourceVersionMatch=NotOlderThan&resourceVersion=1",
+            "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden for watch \
+             unless sendInitialEvents is provided",
+        ),
+        (
+            "sendInitialEvents=true",
+            "sendInitialEvents: Forbidden: sendInitialEvents is forbidden for list",
+        ),
+    ] {
+        let (status, body) = common::http_call(
+            &addr,
+            "GET",
+            &format!("/api/v1/namespaces/zz/pods?{query}"),
+            "",
+        );
+        assert_eq!(status, 422, "{query}: {body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["kind"], "Status");
+        assert_eq!(body["reason"], "Invalid");
+        assert_eq!(
+            body["message"],
+            format!("ListOptions.meta.k8s.io \"\" is invalid: {message}")
+        );
+    }
+    // kubectl shows the apiserver's message for a list with sendInitialEvents.
+    let out = cloud.kubectl(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/zz/pods?sendInitialEvents=true",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("sendInitialEvents is forbidden for list"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn filtered_watches_see_pods_enter_and_leave_their_selector() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(dir.path());
+    let addr = cloud.api.replace("http://", "");
+    cloud.ok(&["create", "namespace", "zz"]);
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], &parked_pods(&["p"], "a"))
+        .status
+        .success());
+    let mut watch = common::RawWatch::open(
+        &addr,
+        "/api/v1/namespaces/zz/pods?watch=1&labelSelector=tier%3Da",
+    );
+    assert_eq!(
+        common::event_summary(&watch.until("ADDED", "p", Duration::from_secs(10))),
+        [("ADDED".to_owned(), "p".to_owned())]
+    );
+    cloud.ok(&["label", "pod", "p", "-n", "zz", "tier=b", "--overwrite"]);
+    let to_b = cloud.ok(&[
+        "get",
+        "pod",
+        "p",
+        "-n",
+        "zz",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]);
+    let deleted = watch.until("DELETED", "p", Duration::from_secs(10));
+    assert_eq!(
+        common::event_summary(&deleted),
+        [("DELETED".to_owned(), "p".to_owned())]
+    );
+    // kube-apiserver's shape: the object as it last matched, at the change's version.
+    assert_eq!(deleted[0]["object"]["metadata"]["labels"]["tier"], "a");
+    assert_eq!(deleted[0]["object"]["metadata"]["resourceVersion"], to_b);
+    cloud.ok(&["label", "pod", "p", "-n", "zz", "tier=a", "--overwrite"]);
+    let added = watch.until("ADDED", "p", Duration::from_secs(10));
+    assert_eq!(
+        common::event_summary(&added),
+        [("ADDED".to_owned(), "p".to_owned())]
+    );
+    assert_eq!(added[0]["object"]["metadata"]["labels"]["tier"], "a");
+
+    // kubectl's own filtered watch sees the same.
+    let watcher = Command::new("kubectl")
+        .args([
+            "--server",
+            &cloud.api,
+            "get",
+            "pods",
+            "-n",
+            "zz",
+            "-l",
+            "tier=a",
+            "-w",
+            "--output-watch-events",
+            "--request-timeout=15s",
+        ])
+        .env("KUBECONFIG", "/dev/null")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    cloud.ok(&["label", "pod", "p", "-n", "zz", "tier=b", "--overwrite"]);
+    cloud.ok(&["label", "pod", "p", "-n", "zz", "tier=a", "--overwrite"]);
+    std::thread::sleep(Duration::from_secs(2));
+    unsafe { libc::kill(watcher.id() as i32, libc::SIGTERM) };
+    let out = watcher.wait_with_output().unwrap();
+    // Rows are `EVENT NAME READY STATUS ...`, after a header.
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("EVENT"))
+        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        lines,
+        ["ADDED p", "DELETED p", "ADDED p"],
+        "{}",
+        stderr(&out)
+    );
+}

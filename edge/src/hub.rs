@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use transport::bus::{BusRequest, BusResponse};
 use transport::{IncomingRequest, Link, LinkEvent, Message, Route};
 
+use crate::edgestream::EdgeStream;
 use crate::meta::MetaManager;
 use crate::servicebus::ServiceBus;
 
@@ -21,6 +22,7 @@ pub async fn run(
     mut link: Link,
     meta: Arc<MetaManager>,
     bus: Arc<ServiceBus>,
+    stream: Arc<EdgeStream>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -94,7 +96,7 @@ pub async fn run(
             }
         }
         for request in requests {
-            tokio::spawn(answer(request, bus.clone()));
+            tokio::spawn(answer(request, bus.clone(), stream.clone()));
         }
         send_upward(&link, &meta).await;
     }
@@ -115,7 +117,27 @@ async fn send_upward(link: &Link, meta: &MetaManager) {
 
 /// Answers a request from the cloud: ServiceBus calls are performed against the local
 /// application; anything else is answered with an error message.
-async fn answer(request: IncomingRequest, bus: Arc<ServiceBus>) {
+async fn answer(request: IncomingRequest, bus: Arc<ServiceBus>, stream: Arc<EdgeStream>) {
+    if request.message.route().group.as_str() == transport::stream::GROUP {
+        match transport::stream::LogRequest::from_message(&request.message) {
+            Ok(Some(log)) => stream.serve(request, log).await,
+            Ok(None) | Err(_) => {
+                let status = replication::api::remote::ApiReply::error(
+                    &replication::api::ApiError::bad_request(
+                        "not a stream request this node serves",
+                    ),
+                );
+                let head = transport::stream::StreamHead::Error {
+                    code: 400,
+                    status: status.body,
+                };
+                let mut writer = request.into_stream();
+                let _ = writer.send(&head.to_message()).await;
+                let _ = writer.finish();
+            }
+        }
+        return;
+    }
     let header = request.message.to_message().header;
     let response = if request.message.route().group.as_str() == transport::bus::GROUP {
         let response = match BusRequest::from_message(&request.message) {

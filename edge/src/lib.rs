@@ -14,6 +14,7 @@
 
 pub mod devicetwin;
 pub mod edged;
+pub mod edgestream;
 pub mod eventbus;
 pub mod hub;
 pub mod identity;
@@ -127,9 +128,21 @@ impl EdgeCore {
         let mut tasks = Vec::new();
 
         let policy = Arc::new(metaserver::EdgePolicy { meta: meta.clone() });
-        let router = ApiServer::new(meta.store().clone(), policy).router().layer(
-            axum::middleware::from_fn_with_state(meta.clone(), metaserver::forward_to_cloud),
-        );
+        let edgestream = Arc::new(edgestream::EdgeStream::new(
+            meta.clone(),
+            config.data_dir.join("pods"),
+        ));
+        // Container logs are served from this node's files (offline too); everything else
+        // by the shared API over the cache.
+        let router = axum::Router::new()
+            .route(
+                "/api/v1/namespaces/{namespace}/pods/{name}/log",
+                axum::routing::get(edgestream::http_log),
+            )
+            .with_state(edgestream.clone())
+            .merge(ApiServer::new(meta.store().clone(), policy).router().layer(
+                axum::middleware::from_fn_with_state(meta.clone(), metaserver::forward_to_cloud),
+            ));
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(listener, router)
@@ -154,6 +167,7 @@ impl EdgeCore {
             link,
             meta.clone(),
             bus,
+            edgestream,
             shutdown.clone(),
         )));
 

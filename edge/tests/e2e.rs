@@ -867,3 +867,145 @@ fn a_device_bound_to_the_node_reaches_it_with_its_model() {
             && !listed(&edge, "devicemodels").contains("thermometer")
     });
 }
+
+/// A pod for edge-1 in namespace `zz` with label `tier`, stopped fast.
+fn zz_pod(name: &str, tier: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: zz, labels: {{tier: \
+         {tier}}}}}\nspec:\n  nodeName: edge-1\n  terminationGracePeriodSeconds: 1\n  \
+         containers:\n  - {{name: main, image: busybox, command: [sleep, \"1000\"]}}\n"
+    )
+}
+
+#[test]
+fn metaserver_watches_send_deletes_selector_changes_and_watch_lists() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    let port = free_port();
+    let m1 = format!("127.0.0.1:{port}");
+    let edge = EdgeProcess::start(&cloud, "edge-1", edge_dir.path(), port, Some(&token));
+    eventually(
+        "edge-1's Node in its cache",
+        Duration::from_secs(30),
+        || edge.kubectl(&["get", "node", "edge-1"]).status.success(),
+    );
+    cloud.ok(&["create", "namespace", "zz"]);
+    let pods = "/api/v1/namespaces/zz/pods";
+
+    // Item 4: a pod created on edge-1 and deleted ends with DELETED on the edge's watches.
+    let mut all = common::RawWatch::open(&m1, &format!("{pods}?watch=1"));
+    let mut on_node = common::RawWatch::open(
+        &m1,
+        &format!("{pods}?watch=1&fieldSelector=spec.nodeName%3Dedge-1"),
+    );
+    assert_eq!(all.status, 200);
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], &zz_pod("gone", "a"))
+        .status
+        .success());
+    eventually(
+        "the pod Running in the cloud",
+        Duration::from_secs(30),
+        || {
+            cloud.ok(&[
+                "get",
+                "pod",
+                "gone",
+                "-n",
+                "zz",
+                "-o",
+                "jsonpath={.status.phase}",
+            ]) == "Running"
+        },
+    );
+    cloud.ok(&["delete", "pod", "gone", "-n", "zz", "--wait=false"]);
+    for watch in [&mut all, &mut on_node] {
+        let events = watch.until("DELETED", "gone", Duration::from_secs(30));
+        let last = events.last().expect("events");
+        assert_eq!(
+            (
+                last["type"].as_str(),
+                last["object"]["metadata"]["name"].as_str()
+            ),
+            (Some("DELETED"), Some("gone")),
+            "{:?}",
+            common::event_summary(&events)
+        );
+        assert!(last["object"]["metadata"]["deletionTimestamp"].is_string());
+    }
+    eventually(
+        "the pod gone from the cloud",
+        Duration::from_secs(10),
+        || {
+            !cloud
+                .kubectl(&["get", "pod", "gone", "-n", "zz"])
+                .status
+                .success()
+        },
+    );
+
+    // Item 5: a pod relabelled out of and back into a label selector.
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], &zz_pod("p", "a"))
+        .status
+        .success());
+    let mut tier_a = common::RawWatch::open(&m1, &format!("{pods}?watch=1&labelSelector=tier%3Da"));
+    eventually(
+        "the pod p on edge-1's MetaServer",
+        Duration::from_secs(30),
+        || {
+            edge.kubectl(&["get", "pod", "p", "-n", "zz"])
+                .status
+                .success()
+        },
+    );
+    cloud.ok(&["label", "pod", "p", "-n", "zz", "tier=b", "--overwrite"]);
+    let left = tier_a.until("DELETED", "p", Duration::from_secs(20));
+    let deleted = left.last().expect("events");
+    assert_eq!(
+        deleted["type"],
+        "DELETED",
+        "{:?}",
+        common::event_summary(&left)
+    );
+    assert_eq!(deleted["object"]["metadata"]["labels"]["tier"], "a");
+    cloud.ok(&["label", "pod", "p", "-n", "zz", "tier=a", "--overwrite"]);
+    let back = tier_a.until("ADDED", "p", Duration::from_secs(20));
+    let added = back.last().expect("events");
+    assert_eq!(added["type"], "ADDED", "{:?}", common::event_summary(&back));
+    assert_eq!(added["object"]["metadata"]["labels"]["tier"], "a");
+
+    // Item 9: a watch-list from a list's version sends every pod, then the end bookmark.
+    let (status, list) = common::http_call(&m1, "GET", pods, "");
+    assert_eq!(status, 200, "{list}");
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let rv = list["metadata"]["resourceVersion"].as_str().unwrap();
+    let mut watch_list = common::RawWatch::open(
+        &m1,
+        &format!(
+            "{pods}?watch=1&sendInitialEvents=true&resourceVersionMatch=NotOlderThan\
+             &allowWatchBookmarks=true&resourceVersion={rv}"
+        ),
+    );
+    let events = watch_list.until("BOOKMARK", "", Duration::from_secs(10));
+    let summary = common::event_summary(&events);
+    assert_eq!(
+        summary,
+        [("ADDED", "p"), ("BOOKMARK", "")].map(|(t, n)| (t.to_owned(), n.to_owned()))
+    );
+    assert_eq!(
+        events[1]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
+    for query in [
+        "watch=1&sendInitialEvents=true",
+        "watch=1&resourceVersionMatch=NotOlderThan&resourceVersion=1",
+        "sendInitialEvents=true",
+    ] {
+        let (status, body) = common::http_call(&m1, "GET", &format!("{pods}?{query}"), "");
+        assert_eq!(status, 422, "{query}: {body}");
+        assert!(body.contains("ListOptions.meta.k8s.io"), "{body}");
+    }
+}

@@ -239,12 +239,19 @@ fn restarts_via(server: impl Fn(&[&str]) -> String, pod: &str) -> Option<u32> {
     .ok()
 }
 
+/// Lines "start" in the pod's logs, this instance's and the previous one's (CRI format:
+/// `<time> <stream> <F|P> <content>`).
 fn starts(edge_dir: &Path, pod: &str) -> usize {
-    std::fs::read_to_string(edge_dir.join(format!("pods/default_{pod}/main.log")))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| *l == "start")
-        .count()
+    ["main.log", "main.previous.log"]
+        .iter()
+        .map(|file| {
+            std::fs::read_to_string(edge_dir.join(format!("pods/default_{pod}/{file}")))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.splitn(4, ' ').nth(3) == Some("start"))
+                .count()
+        })
+        .sum()
 }
 
 #[test]

@@ -31,6 +31,12 @@ pub struct Change {
     pub kind: ChangeKind,
     /// The object's JSON bytes after the change; for a delete, its last state.
     pub object: Bytes,
+    /// The object's JSON bytes before the change (`None` when it did not exist; for a delete,
+    /// the same bytes as `object`). The store fills it at commit from the value it reads for
+    /// preconditions anyway, sharing the bytes (no copy). A filtered watch needs it to tell an
+    /// object entering its selector (`ADDED`) or leaving it (`DELETED`) from a plain update,
+    /// as kube-apiserver's watch cache does with its `PrevObject`.
+    pub prev: Option<Bytes>,
     encoded: OnceLock<Box<dyn Any + Send + Sync>>,
 }
 
@@ -42,8 +48,15 @@ impl Change {
             rv,
             kind,
             object,
+            prev: None,
             encoded: OnceLock::new(),
         }
+    }
+
+    /// This change with the object's state before it (see [`Change::prev`]).
+    pub fn with_prev(mut self, prev: Option<Bytes>) -> Self {
+        self.prev = prev;
+        self
     }
 
     pub fn is_delete(&self) -> bool {
@@ -73,6 +86,7 @@ impl fmt::Debug for Change {
             .field("rv", &self.rv)
             .field("kind", &self.kind)
             .field("object_len", &self.object.len())
+            .field("prev_len", &self.prev.as_ref().map(Bytes::len))
             .finish()
     }
 }

@@ -582,6 +582,8 @@ impl Store {
                 Some(state) => state.clone(),
                 None => self.get(&key)?,
             };
+            // The state before this change, for filtered watches (shared bytes, no copy).
+            let prev = current.as_ref().map(|v| v.object.clone());
             let (kind, rv, object) = match op {
                 ObjectOp::Put { object, expect, .. } => {
                     self.check(Versioning::Assign, "put", &key, current.as_ref(), expect)?;
@@ -662,7 +664,9 @@ impl Store {
                     }),
                 );
             }
-            changes.push(Arc::new(Change::new(revision, key, rv, kind, object)));
+            changes.push(Arc::new(
+                Change::new(revision, key, rv, kind, object).with_prev(prev),
+            ));
         }
 
         for op in set.aux {

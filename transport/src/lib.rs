@@ -23,6 +23,7 @@ pub mod join;
 pub mod link;
 pub mod message;
 pub mod server;
+pub mod stream;
 mod stream_io;
 pub mod tls;
 pub mod window;
@@ -33,7 +34,10 @@ pub use endpoint::{client_endpoint, quinn_client_config_from};
 pub use error::{CloseCode, EndpointError, LinkError};
 pub use frame::{EncodedMessage, ReceivedMessage};
 pub use join::{join, JoinError, JoinHandler, JoinRequest, Joined};
-pub use link::{Delivery, IncomingRequest, Link, LinkCounters, LinkEvent, LinkHandle};
+pub use link::{
+    Delivery, IncomingRequest, Link, LinkCounters, LinkEvent, LinkHandle, ResponseStream,
+    ResponseWriter,
+};
 pub use message::{Header, Message, Route};
 pub use server::Server;
 pub use tls::{CertificateAuthority, Identity};

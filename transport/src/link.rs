@@ -92,6 +92,65 @@ impl IncomingRequest {
         self.stream.finish()?;
         Ok(())
     }
+
+    /// Answers with a stream of messages instead of one (a log that is followed, a long
+    /// transfer): see [`ResponseWriter`]. The requester reads them with
+    /// [`LinkHandle::request_stream`].
+    pub fn into_stream(self) -> ResponseWriter {
+        ResponseWriter {
+            stream: self.stream,
+            max_frame: self.max_frame,
+        }
+    }
+}
+
+/// The answering side of a streamed response: messages in order on the request's own QUIC
+/// stream. `send` waits while the requester does not read (QUIC flow control end to end, so a
+/// slow reader grows no buffer on either side), and fails once the requester has gone away
+/// (it stopped reading or its connection ended): the answerer should stop producing then.
+pub struct ResponseWriter {
+    stream: quinn::SendStream,
+    max_frame: usize,
+}
+
+impl ResponseWriter {
+    /// Sends one message of the response.
+    pub async fn send(&mut self, message: &Message) -> Result<(), LinkError> {
+        let body = encode_body(&Envelope::Message(message));
+        write_bodies(&mut self.stream, [&body], self.max_frame).await
+    }
+
+    /// Resolves when the requester stops reading (it dropped its [`ResponseStream`]) or the
+    /// connection ends: a producer that waits for new data (a followed log) learns this way
+    /// that nobody listens any more.
+    pub async fn stopped(&mut self) {
+        let _ = self.stream.stopped().await;
+    }
+
+    /// Ends the response cleanly: the requester's [`ResponseStream::next`] returns `None`.
+    pub fn finish(mut self) -> Result<(), LinkError> {
+        self.stream.finish()?;
+        Ok(())
+    }
+}
+
+/// The requesting side of a streamed response ([`LinkHandle::request_stream`]). Dropping it
+/// tells the answerer to stop (QUIC STOP_SENDING), which ends a followed log on the node.
+pub struct ResponseStream {
+    reader: FrameReader,
+}
+
+impl ResponseStream {
+    /// The next message of the response; `None` once the answerer finished it.
+    pub async fn next(&mut self) -> Result<Option<ReceivedMessage>, LinkError> {
+        match self.reader.next().await? {
+            None => Ok(None),
+            Some(frame) => frame
+                .into_message()
+                .map(Some)
+                .map_err(|f| LinkError::Protocol(format!("{} frame in a response", f.kind()))),
+        }
+    }
 }
 
 /// The application's end of a link: its events, and a handle to act on it. Dropping the
@@ -320,6 +379,40 @@ impl LinkHandle {
             frame
                 .into_message()
                 .map_err(|f| LinkError::Protocol(format!("{} frame as a response", f.kind())))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| LinkError::Timeout(timeout))?
+    }
+
+    /// Sends a request on a stream of its own whose answer is a stream of messages
+    /// ([`IncomingRequest::into_stream`]). Waits at most `timeout` for the first message, which
+    /// is returned with the stream of the rest; later messages come as the answerer produces
+    /// them, without a deadline (a followed log may be quiet for hours). Errors as
+    /// [`request_within`](Self::request_within); a response with no message at all is a
+    /// protocol error.
+    pub async fn request_stream(
+        &self,
+        message: &Message,
+        timeout: std::time::Duration,
+    ) -> Result<(ReceivedMessage, ResponseStream), LinkError> {
+        let connection = self
+            .shared
+            .ready_connection()
+            .ok_or(LinkError::NotConnected)?;
+        let max_frame = self.shared.config.max_frame;
+        let body = encode_body(&Envelope::Message(message));
+        let exchange = async {
+            let (mut send, recv) = connection.open_bi().await?;
+            write_bodies(&mut send, [&body], max_frame).await?;
+            send.finish()?;
+            let mut stream = ResponseStream {
+                reader: FrameReader::new(recv, max_frame),
+            };
+            let first = stream.next().await?.ok_or_else(|| {
+                LinkError::Protocol("request stream closed without a response".into())
+            })?;
+            Ok((first, stream))
         };
         tokio::time::timeout(timeout, exchange)
             .await

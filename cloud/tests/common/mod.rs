@@ -215,3 +215,130 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_owned())
 }
+
+/// One HTTP/1.0 request (the answer ends when the server closes): status and body.
+pub fn http_call(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
+}
+
+/// A watch over plain HTTP/1.0 (no chunked framing: the body is the newline-delimited events
+/// and ends when the server closes).
+pub struct RawWatch {
+    pub status: u16,
+    reader: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl RawWatch {
+    /// Opens `path` on `addr` (`127.0.0.1:port`) and reads the answer's head (within 10 s).
+    pub fn open(addr: &str, path: &str) -> RawWatch {
+        use std::io::BufRead;
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut reader = std::io::BufReader::new(stream);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut status = 0;
+        while Instant::now() < deadline {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) => break,
+                Ok(_) if line == "\r\n" => break,
+                Ok(_) if status == 0 => {
+                    status = line
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0)
+                }
+                _ => {}
+            }
+        }
+        RawWatch { status, reader }
+    }
+
+    /// The next event, or `None` if none comes within `within` (or the stream ended).
+    pub fn next(&mut self, within: Duration) -> Option<serde_json::Value> {
+        use std::io::BufRead;
+        let deadline = Instant::now() + within;
+        let mut line = String::new();
+        while Instant::now() < deadline {
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return None,
+                Ok(_) if line.ends_with('\n') => return serde_json::from_str(&line).ok(),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Events until none comes for `quiet` (at most 100).
+    pub fn drain(&mut self, quiet: Duration) -> Vec<serde_json::Value> {
+        let mut events = Vec::new();
+        while events.len() < 100 {
+            match self.next(quiet) {
+                Some(event) => events.push(event),
+                None => break,
+            }
+        }
+        events
+    }
+
+    /// Events until one of type `kind` for `name` (included), within `within` in all.
+    pub fn until(&mut self, kind: &str, name: &str, within: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        let mut events = Vec::new();
+        while Instant::now() < deadline && events.len() < 100 {
+            let Some(event) = self.next(deadline.saturating_duration_since(Instant::now())) else {
+                break;
+            };
+            let done = event["type"] == kind
+                && event["object"]["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    == name;
+            events.push(event);
+            if done {
+                break;
+            }
+        }
+        events
+    }
+}
+
+/// `(type, name)` of each event, for assertions.
+pub fn event_summary(events: &[serde_json::Value]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or_default().to_owned(),
+                e["object"]["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}

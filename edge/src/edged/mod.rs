@@ -14,6 +14,7 @@
 //! it had. The status reported never leaves a terminal phase and never lowers a restart count.
 
 pub mod hollow;
+pub mod logs;
 pub mod process;
 pub mod procs;
 pub mod runtime;
@@ -45,6 +46,9 @@ pub struct Edged {
     /// not acknowledged): newer than the cache when the cloud overwrote the local copy before
     /// applying the report. Dropped once the pod is running or gone.
     reported: HashMap<ObjectKey, Object>,
+    /// Pods (by uid) whose deletion was confirmed to the cloud: the cache keeps them (marked
+    /// for deletion) until the cloud's delete arrives, and they are confirmed only once.
+    confirmed: HashSet<String>,
 }
 
 fn grace_of(pod: &Object) -> Duration {
@@ -101,6 +105,7 @@ impl Edged {
             pods_dir,
             orphans: HashSet::new(),
             reported,
+            confirmed: HashSet::new(),
         }
     }
 
@@ -144,11 +149,20 @@ impl Edged {
             wanted.insert(id.clone());
             let deleting = object::meta(pod).is_some_and(|m| m.contains_key("deletionTimestamp"));
             if deleting {
+                let uid = object::meta_str(pod, "uid").unwrap_or_default().to_owned();
+                if self.confirmed.contains(&uid) {
+                    continue;
+                }
                 self.runtime.stop(&id, grace_of(pod));
                 if self.runtime.reap(&id) {
                     tracing::info!(pod = %id, "pod stopped; confirming its deletion");
-                    if let Err(e) = self.meta.confirm_deleted(key.clone()) {
-                        tracing::warn!(pod = %id, error = %e, "cannot queue the deletion");
+                    match self.meta.confirm_deleted(key.clone()) {
+                        Ok(()) => {
+                            self.confirmed.insert(uid);
+                        }
+                        Err(e) => {
+                            tracing::warn!(pod = %id, error = %e, "cannot queue the deletion")
+                        }
                     }
                 }
                 continue;
@@ -184,6 +198,12 @@ impl Edged {
         }
         let runtime = &self.runtime;
         self.orphans.retain(|id| !runtime.reap(id));
+        // A confirmed pod is forgotten once the cloud's delete removed it from the cache.
+        let cached: HashSet<&str> = pods
+            .iter()
+            .filter_map(|(_, pod)| object::meta_str(pod, "uid"))
+            .collect();
+        self.confirmed.retain(|uid| cached.contains(uid.as_str()));
     }
 
     fn report_status(

@@ -6,7 +6,9 @@
 //! - the environment is `PATH`, `HOSTNAME`, `KEDGE_POD_ROOT` and the container's resolved env;
 //! - the working directory is the pod root, `DATA_DIR/pods/<namespace>_<name>/root`; a volume
 //!   mounted at `/etc/config` is at `$KEDGE_POD_ROOT/etc/config`;
-//! - stdout and stderr are appended to `DATA_DIR/pods/<namespace>_<name>/<container>.log`;
+//! - stdout and stderr go to `DATA_DIR/pods/<namespace>_<name>/<container>.log` in the CRI log
+//!   format (each line with its time and stream, see [`super::logs`]); at a restart the log
+//!   becomes `<container>.previous.log` (`kubectl logs --previous`);
 //! - restartPolicy Always/OnFailure/Never with backoff (1 s doubling to 60 s, reset after a
 //!   minute of running);
 //! - each container runs in a process group of its own, and everything in it belongs to the
@@ -281,12 +283,10 @@ impl Supervisor {
         command.env(procs::RUNTIME_ID_VAR, &*self.runtime_id);
         command.env(procs::POD_UID_VAR, &self.pod_uid);
         command.current_dir(&self.root);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        command.stdout(log.try_clone()?);
-        command.stderr(log);
+        // Through pipes, so that each line gets its time (the CRI log format, see
+        // `super::logs`); the container dies with edgecore anyway (PDEATHSIG below).
+        command.stdout(std::process::Stdio::piped());
+        command.stderr(std::process::Stdio::piped());
         command.stdin(std::process::Stdio::null());
         command.process_group(0);
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
@@ -328,6 +328,8 @@ impl Supervisor {
             if self.stop.is_cancelled() {
                 return;
             }
+            // The last instance's log stays readable as `kubectl logs --previous`.
+            super::logs::rotate(&self.log);
             let spawned = self.command().and_then(|mut c| c.spawn());
             let mut child = match spawned {
                 Ok(child) => child,
@@ -343,6 +345,18 @@ impl Supervisor {
                     continue;
                 }
             };
+            let copies: Vec<_> =
+                [
+                    child.stdout.take().map(|p| {
+                        tokio::spawn(super::logs::copy_to_log(p, self.log.clone(), "stdout"))
+                    }),
+                    child.stderr.take().map(|p| {
+                        tokio::spawn(super::logs::copy_to_log(p, self.log.clone(), "stderr"))
+                    }),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
             let started = Instant::now();
             let started_at = object::now_rfc3339();
             // The group the child leads (`process_group(0)`); recorded for the next edgecore.
@@ -357,6 +371,11 @@ impl Supervisor {
             };
             // Whatever the container's process left in its group dies with it.
             procs::signal_group(pgid, libc::SIGKILL);
+            // Its last lines are in the log before its end is reported. Bounded: a process
+            // that left the group may hold the pipes open.
+            for copy in copies {
+                let _ = tokio::time::timeout(Duration::from_secs(2), copy).await;
+            }
             let _ = std::fs::remove_file(&self.record);
             let code = match exit {
                 Ok(status) => status

@@ -4,6 +4,7 @@
 //! - [`resources`]: the served kinds; [`discovery`]: `/version`, `/api`, `/apis`, OpenAPI;
 //! - [`object`]: stored form, defaults, validation; [`selector`], [`patch`], [`table`];
 //! - [`rest`]: get/list/create/update/patch/delete; [`watch`]: the watch stream;
+//! - [`options`]: the checks of a list's or watch's `resourceVersionMatch`/`sendInitialEvents`;
 //! - [`remote`]: API calls carried over a node's link (MetaServer → cloud);
 //! - this module: URL parsing and dispatch ([`ApiServer::router`]).
 //!
@@ -13,6 +14,7 @@
 
 pub mod discovery;
 pub mod object;
+pub mod options;
 pub mod patch;
 pub mod protobuf;
 pub mod remote;
@@ -351,7 +353,7 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
     };
     let response = match verb {
         _ if request.target.scale => rest::serve_scale(&server, request).await,
-        Verb::Watch => watch::serve(&server, request),
+        Verb::Watch => watch::serve(&server, request).await,
         _ => rest::serve(&server, request).await,
     };
     let response = match response {

@@ -179,10 +179,10 @@ pub fn prepare_create(
             return Err(ApiError::invalid(
                 resource.kind,
                 "",
-                vec![Cause {
-                    field: "metadata.name".into(),
-                    message: "Required value: name or generateName is required".into(),
-                }],
+                vec![Cause::new(
+                    "metadata.name",
+                    "Required value: name or generateName is required",
+                )],
             ));
         };
         let suffix: String = (0..5)
@@ -416,10 +416,10 @@ fn check_pod_update(current: &Object, object: &Object) -> Result<(), ApiError> {
         return Err(ApiError::invalid(
             "Pod",
             name(object),
-            vec![Cause {
-                field: "spec.nodeName".into(),
-                message: "Forbidden: pod updates may not change nodeName once set".into(),
-            }],
+            vec![Cause::new(
+                "spec.nodeName",
+                "Forbidden: pod updates may not change nodeName once set",
+            )],
         ));
     }
     let containers = |o: &Object| {
@@ -436,12 +436,10 @@ fn check_pod_update(current: &Object, object: &Object) -> Result<(), ApiError> {
         return Err(ApiError::invalid(
             "Pod",
             name(object),
-            vec![Cause {
-                field: "spec".into(),
-                message: "Forbidden: pod updates may not add or remove containers or change \
-                          their commands"
-                    .into(),
-            }],
+            vec![Cause::new(
+                "spec",
+                "Forbidden: pod updates may not add or remove containers or change their commands",
+            )],
         ));
     }
     Ok(())
@@ -490,12 +488,7 @@ fn is_label_value(s: &str) -> bool {
 pub fn validate(resource: &Resource, object: &Object) -> Result<(), ApiError> {
     let mut causes_of_workload = Vec::new();
     let mut causes = Vec::new();
-    let mut cause = |field: &str, message: String| {
-        causes.push(Cause {
-            field: field.to_owned(),
-            message,
-        })
-    };
+    let mut cause = |field: &str, message: String| causes.push(Cause::new(field, message));
     let object_name = name(object);
     let label_names = matches!(resource.plural, "namespaces" | "services");
     let name_ok = if label_names {

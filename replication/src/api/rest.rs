@@ -197,6 +197,7 @@ pub(crate) fn range_of(target: &Target) -> Result<KeyRange, ApiError> {
 }
 
 async fn list(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
+    super::options::validate(&request.query, false)?;
     let selectors = Selectors::from_query(&request.query)?;
     let limit: usize = match request.query.get("limit") {
         Some(l) => l
@@ -349,16 +350,19 @@ async fn create(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
     respond_object(&request, StatusCode::CREATED, &versioned)
 }
 
-/// Writes `object` as the new state of `key` if the store still holds `expected`; an object
-/// being deleted whose finalizers are all gone is removed instead.
+/// Writes `object` as the new state of `key` if the store still holds `current` (its
+/// version); an object being deleted whose finalizers are all gone is removed instead. An
+/// update that changes nothing is not written: as kube-apiserver, it keeps the object's
+/// resourceVersion and makes no watch event.
 fn write_update(
     policy: &dyn ApiPolicy,
     store: &Store,
     request: &ApiRequest,
     key: ObjectKey,
     object: Object,
-    expected: u64,
+    current: &Versioned,
 ) -> Result<Versioned, ApiError> {
+    let expected = current.revision;
     let resource = request.target.resource.plural;
     let deleting = object::meta(&object).is_some_and(|m| m.contains_key("deletionTimestamp"));
     let finalizers_left = object::meta(&object)
@@ -370,6 +374,11 @@ fn write_update(
         set.delete(key, Precondition::Version(expected));
     } else {
         let bytes = Bytes::from(object::to_stored(object));
+        // Stored bytes are written by `to_stored` too (sorted keys), so equal objects are
+        // equal bytes.
+        if bytes == current.object {
+            return Ok(current.clone());
+        }
         if request.dry_run() {
             return Ok(Versioned {
                 rv: expected,
@@ -406,7 +415,7 @@ async fn update(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
             &mut object,
             request.target.status,
         )?;
-        let v = write_update(policy.as_ref(), &store, &request, key, object, expected)?;
+        let v = write_update(policy.as_ref(), &store, &request, key, object, &current)?;
         Ok((request, v))
     })
     .await?;
@@ -454,7 +463,7 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
                 &request,
                 key.clone(),
                 patched,
-                current.revision,
+                &current,
             ) {
                 Err(e) if e.code == 409 && e.reason == "Conflict" => last_error = Some(e),
                 other => return other.map(|v| (request, v)),
@@ -533,7 +542,7 @@ pub(crate) async fn serve_scale(
                 &request,
                 key.clone(),
                 updated,
-                current.revision,
+                &current,
             ) {
                 Err(e) if e.code == 409 && precondition.is_none() => last_error = Some(e),
                 Err(e) => return Err(e),

@@ -4,11 +4,41 @@ use serde_json::{json, Value};
 
 use crate::store::StoreError;
 
-/// One field-level cause of a 422.
+/// One cause of an error: a `StatusCause` (`reason`, `message`, `field`) in the `Status`'s
+/// `details.causes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cause {
+    /// The cause type, e.g. `FieldValueInvalid`, `FieldValueForbidden`,
+    /// `ResourceVersionTooLarge`.
+    pub reason: &'static str,
+    /// The field's path (`spec.nodeName`); empty when the cause is not about a field.
     pub field: String,
     pub message: String,
+}
+
+impl Cause {
+    /// A field cause worded as apimachinery's `field.Error` body (`"Forbidden: ..."`,
+    /// `"Required value: ..."`, `"Unsupported value: ..."`, `"Invalid value: ..."`); the cause
+    /// type follows from that wording, as the apiserver's does from the error type.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        let message = message.into();
+        let reason = [
+            ("Forbidden", "FieldValueForbidden"),
+            ("Required value", "FieldValueRequired"),
+            ("Unsupported value", "FieldValueNotSupported"),
+            ("Duplicate value", "FieldValueDuplicate"),
+            ("Too long", "FieldValueTooLong"),
+            ("Too many", "FieldValueTooMany"),
+        ]
+        .into_iter()
+        .find(|(prefix, _)| message.starts_with(prefix))
+        .map_or("FieldValueInvalid", |(_, reason)| reason);
+        Cause {
+            reason,
+            field: field.into(),
+            message,
+        }
+    }
 }
 
 /// An error the API answers with: HTTP code, `reason`, message and (for 422) field causes.
@@ -19,8 +49,20 @@ pub struct ApiError {
     pub reason: &'static str,
     pub message: String,
     pub causes: Vec<Cause>,
-    /// `details.kind`/`details.name` for clients that read them.
-    pub details: Option<(String, String)>,
+    /// `details.kind`/`details.name` for clients that read them (boxed, as `more`: errors
+    /// travel in `Result`s everywhere and stay small).
+    pub details: Option<Box<(String, String)>>,
+    /// The rarer `details` fields.
+    pub more: Option<Box<MoreDetails>>,
+}
+
+/// `details` fields few errors have.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoreDetails {
+    /// `details.group`, when the kind is not in the core group.
+    pub group: Option<&'static str>,
+    /// `details.retryAfterSeconds`: when the client may try again.
+    pub retry_after_seconds: Option<u64>,
 }
 
 impl ApiError {
@@ -31,6 +73,7 @@ impl ApiError {
             message: message.into(),
             causes: Vec::new(),
             details: None,
+            more: None,
         }
     }
 
@@ -40,7 +83,7 @@ impl ApiError {
 
     pub fn not_found(resource: &str, name: &str) -> Self {
         let mut e = Self::new(404, "NotFound", format!("{resource} \"{name}\" not found"));
-        e.details = Some((resource.to_owned(), name.to_owned()));
+        e.details = Some(Box::new((resource.to_owned(), name.to_owned())));
         e
     }
 
@@ -50,7 +93,7 @@ impl ApiError {
             "AlreadyExists",
             format!("{resource} \"{name}\" already exists"),
         );
-        e.details = Some((resource.to_owned(), name.to_owned()));
+        e.details = Some(Box::new((resource.to_owned(), name.to_owned())));
         e
     }
 
@@ -63,7 +106,7 @@ impl ApiError {
                  modified; please apply your changes to the latest version and try again"
             ),
         );
-        e.details = Some((resource.to_owned(), name.to_owned()));
+        e.details = Some(Box::new((resource.to_owned(), name.to_owned())));
         e
     }
 
@@ -79,7 +122,7 @@ impl ApiError {
             format!("{kind} \"{name}\" is invalid: {}", list.join(", ")),
         );
         e.causes = causes;
-        e.details = Some((kind.to_owned(), name.to_owned()));
+        e.details = Some(Box::new((kind.to_owned(), name.to_owned())));
         e
     }
 
@@ -137,18 +180,31 @@ impl ApiError {
             "reason": self.reason,
             "code": self.code,
         });
-        if self.details.is_some() || !self.causes.is_empty() {
+        let more = self.more.as_deref().cloned().unwrap_or_default();
+        if self.details.is_some() || !self.causes.is_empty() || more.retry_after_seconds.is_some() {
             let mut details = json!({});
-            if let Some((kind, name)) = &self.details {
-                details["kind"] = json!(kind);
+            if let Some((kind, name)) = self.details.as_deref() {
                 details["name"] = json!(name);
+                if let Some(group) = more.group {
+                    details["group"] = json!(group);
+                }
+                details["kind"] = json!(kind);
             }
             if !self.causes.is_empty() {
                 details["causes"] = self
                     .causes
                     .iter()
-                    .map(|c| json!({"reason": "FieldValueInvalid", "message": c.message, "field": c.field}))
+                    .map(|c| {
+                        let mut cause = json!({"reason": c.reason, "message": c.message});
+                        if !c.field.is_empty() {
+                            cause["field"] = json!(c.field);
+                        }
+                        cause
+                    })
                     .collect();
+            }
+            if let Some(seconds) = more.retry_after_seconds {
+                details["retryAfterSeconds"] = json!(seconds);
             }
             status["details"] = details;
         }

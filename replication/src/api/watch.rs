@@ -17,8 +17,9 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
 use super::object;
+use super::options;
 use super::rest::{range_of, ApiRequest, Selectors};
-use super::status::ApiError;
+use super::status::{ApiError, Cause};
 use super::table;
 use super::{ApiServer, Resource};
 use crate::change::{ChangeKind, SharedChange};
@@ -70,6 +71,27 @@ impl Encoder {
         selectors.matches(&o).then(|| self.object_event(kind, o))
     }
 
+    /// The least a `DELETED` event can carry when the object's last state is not readable:
+    /// its kind, name, namespace and the delete's resourceVersion.
+    fn placeholder(&self, change: &SharedChange) -> object::Object {
+        let mut metadata = json!({
+            "name": change.key.name(),
+            "resourceVersion": change.revision.to_string(),
+        });
+        if !change.key.namespace().is_empty() {
+            metadata["namespace"] = json!(change.key.namespace());
+        }
+        let placeholder = json!({
+            "kind": self.resource.kind,
+            "apiVersion": self.resource.api_version(),
+            "metadata": metadata,
+        });
+        match placeholder {
+            Value::Object(map) => map,
+            _ => object::Object::new(),
+        }
+    }
+
     fn object_event(&self, kind: &str, object: object::Object) -> Bytes {
         if self.table {
             let rv = object::meta_str(&object, "resourceVersion")
@@ -87,16 +109,20 @@ impl Encoder {
         self.event(kind, Value::Object(object))
     }
 
-    fn bookmark(&self, revision: u64) -> Bytes {
+    /// A `BOOKMARK` at `revision`: an object of the watched kind with only
+    /// `metadata.resourceVersion`; the one that ends a watch-list's initial events carries the
+    /// annotation `k8s.io/initial-events-end: "true"` (and only that one, as kube-apiserver).
+    fn bookmark(&self, revision: u64, initial_events_end: bool) -> Bytes {
+        let mut metadata = json!({"resourceVersion": revision.to_string()});
+        if initial_events_end {
+            metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+        }
         self.event(
             "BOOKMARK",
             json!({
                 "kind": self.resource.kind,
                 "apiVersion": self.resource.api_version(),
-                "metadata": {
-                    "resourceVersion": revision.to_string(),
-                    "annotations": {"k8s.io/initial-events-end": "true"},
-                },
+                "metadata": metadata,
             }),
         )
     }
@@ -121,7 +147,88 @@ fn watch_error(error: &WatchError) -> ApiError {
     }
 }
 
-pub(crate) fn serve(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
+/// How long a watch-list waits for the store to reach a `resourceVersion` ahead of it before
+/// answering 504, as kube-apiserver's watch cache waits (`blockTimeout`, 3 s).
+const FRESHNESS_WAIT: Duration = Duration::from_secs(3);
+
+/// Where a watch starts, from its `resourceVersion` and `sendInitialEvents`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// The current objects as `ADDED`, then changes after them; the state listed is at least
+    /// as new as `not_older_than` (the store's revision is waited for if it is behind).
+    Initial { not_older_than: Option<u64> },
+    /// Changes after this revision (`None`: from now on), from the watch history.
+    After(Option<u64>),
+}
+
+impl Start {
+    /// Kubernetes' rules: `sendInitialEvents` defaults to true for `resourceVersion` unset or
+    /// "0" (the legacy "current state, then changes" watch) and to false otherwise; with it,
+    /// `resourceVersionMatch=NotOlderThan` (checked before) makes the version a lower bound of
+    /// the initial state, not a point to replay from.
+    fn of(query: &super::Query) -> Result<Start, ApiError> {
+        let rv = match query.get("resourceVersion").map(String::as_str) {
+            None | Some("") | Some("0") => None,
+            Some(rv) => Some(rv.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(format!("resourceVersion {rv:?} is not valid"))
+            })?),
+        };
+        let initial = options::send_initial_events(query)?.unwrap_or(rv.is_none());
+        Ok(if initial {
+            Start::Initial { not_older_than: rv }
+        } else {
+            Start::After(rv)
+        })
+    }
+}
+
+/// kube-apiserver's answer to a watch-list whose `resourceVersion` the store did not reach in
+/// time: `504 Timeout` "Too large resource version" with a `ResourceVersionTooLarge` cause and
+/// `retryAfterSeconds` 1 (k8s.io/apiserver/pkg/storage `NewTooLargeResourceVersionError`).
+fn too_large(requested: u64, current: u64) -> ApiError {
+    let mut error = ApiError::new(
+        504,
+        "Timeout",
+        format!("Too large resource version: {requested}, current: {current}"),
+    );
+    error.causes = vec![Cause {
+        reason: "ResourceVersionTooLarge",
+        field: String::new(),
+        message: "Too large resource version".into(),
+    }];
+    error.more = Some(Box::new(super::status::MoreDetails {
+        retry_after_seconds: Some(1),
+        ..Default::default()
+    }));
+    error
+}
+
+/// Waits (at most [`FRESHNESS_WAIT`]) until the store's revision is at least `revision`.
+async fn wait_for_revision(store: &crate::Store, revision: u64) -> Result<(), ApiError> {
+    if store.revision() >= revision {
+        return Ok(());
+    }
+    let mut watcher = store
+        .watch()
+        .subscribe(crate::KeyRange::all(), None)
+        .map_err(|e| watch_error(&e))?;
+    let reached = tokio::time::timeout(FRESHNESS_WAIT, async {
+        // Each change moves the revision on; a lagging or closed watcher ends the wait.
+        while store.revision() < revision {
+            if watcher.next().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    match reached {
+        Ok(()) if store.revision() >= revision => Ok(()),
+        _ => Err(too_large(revision, store.revision())),
+    }
+}
+
+pub(crate) async fn serve(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
+    options::validate(&request.query, true)?;
     let mut selectors = Selectors::from_query(&request.query)?;
     // A watch on one object (`.../pods/name?watch=true` or `/watch/.../name`).
     if let Some(name) = &request.target.name {
@@ -136,13 +243,7 @@ pub(crate) fn serve(server: &ApiServer, request: ApiRequest) -> Result<Response,
         fields.push_str(&format!("metadata.name={name}"));
         selectors.fields = super::selector::FieldSelector::parse(&fields)?;
     }
-    let from =
-        match request.query.get("resourceVersion").map(String::as_str) {
-            None | Some("") | Some("0") => None,
-            Some(rv) => Some(rv.parse::<u64>().map_err(|_| {
-                ApiError::bad_request(format!("resourceVersion {rv:?} is not valid"))
-            })?),
-        };
+    let start = Start::of(&request.query)?;
     let timeout = request
         .query
         .get("timeoutSeconds")
@@ -154,10 +255,10 @@ pub(crate) fn serve(server: &ApiServer, request: ApiRequest) -> Result<Response,
         .query
         .get("allowWatchBookmarks")
         .is_some_and(|b| b == "true" || b == "1");
-    let send_initial_events = request
-        .query
-        .get("sendInitialEvents")
-        .is_some_and(|b| b == "true" || b == "1");
+    // The watch-list protocol's end-of-initial-events bookmark is for those who asked for it.
+    let initial_events_end = bookmarks
+        && options::send_initial_events(&request.query)? == Some(true)
+        && matches!(start, Start::Initial { .. });
     let encoder = Encoder {
         resource: request.target.resource,
         table: table::wants_table(
@@ -171,19 +272,26 @@ pub(crate) fn serve(server: &ApiServer, request: ApiRequest) -> Result<Response,
     };
     let range = range_of(&request.target)?;
     let store = server.store.clone();
+    if let Start::Initial {
+        not_older_than: Some(revision),
+    } = start
+    {
+        // Answered before the stream starts, so a version never reached is an HTTP 504.
+        wait_for_revision(&store, revision).await?;
+    }
     let (tx, rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
 
     tokio::spawn(async move {
         let deadline = Instant::now() + timeout;
-        let (mut watcher, mut seen) = match from {
-            Some(rv) => match store.watch().subscribe(range.clone(), Some(rv)) {
+        let (mut watcher, mut seen) = match start {
+            Start::After(from) => match store.watch().subscribe(range.clone(), from) {
                 Ok(w) => (w, HashMap::new()),
                 Err(e) => {
                     let _ = tx.send(encoder.error(&watch_error(&e))).await;
                     return;
                 }
             },
-            None => {
+            Start::Initial { .. } => {
                 // Subscribe first, then list: changes racing the list are replayed, and the
                 // versions listed are remembered so they are not sent twice.
                 let revision = store.revision();
@@ -231,9 +339,8 @@ pub(crate) fn serve(server: &ApiServer, request: ApiRequest) -> Result<Response,
                 (watcher, seen)
             }
         };
-        if bookmarks && send_initial_events {
-            // The initial events are complete (the watch-list protocol's marker).
-            let _ = tx.send(encoder.bookmark(watcher.position())).await;
+        if initial_events_end {
+            let _ = tx.send(encoder.bookmark(watcher.position(), true)).await;
         }
         run(
             &mut watcher,
@@ -284,7 +391,7 @@ async fn run(
             },
             _ = sleep_until(next_bookmark), if bookmarks => {
                 next_bookmark = Instant::now() + BOOKMARK_EVERY;
-                Some(encoder.bookmark(watcher.position()))
+                Some(encoder.bookmark(watcher.position(), false))
             }
             _ = sleep_until(deadline) => return,
             _ = tx.closed() => return,
@@ -297,6 +404,11 @@ async fn run(
     }
 }
 
+/// The event a change makes for one watcher, as kube-apiserver's watch cache makes it
+/// (`cacheWatcher.convertToWatchEvent`): with selectors, an update that makes the object match
+/// is `ADDED`, one that makes it stop matching is `DELETED` carrying the object's previous
+/// state at the change's resourceVersion, and one it matches neither before nor after is not
+/// sent. Without selectors the stored bytes go out as they are.
 fn change_event(
     change: &SharedChange,
     seen: &mut HashMap<crate::key::ObjectKey, u64>,
@@ -314,5 +426,36 @@ fn change_event(
         ChangeKind::Modified => "MODIFIED",
         ChangeKind::Deleted => "DELETED",
     };
-    encoder.stored_event(kind, &change.object, change.revision, selectors)
+    let decode = |bytes: &[u8]| object::decode_stored(bytes, change.revision).ok();
+    if change.kind == ChangeKind::Deleted {
+        if selectors.is_empty() {
+            if let Some(event) =
+                encoder.stored_event(kind, &change.object, change.revision, selectors)
+            {
+                return Some(event);
+            }
+        }
+        // A client must learn that an object is gone even if its last state is unreadable.
+        let last = decode(&change.object).unwrap_or_else(|| encoder.placeholder(change));
+        return selectors
+            .matches(&last)
+            .then(|| encoder.object_event(kind, last));
+    }
+    if selectors.is_empty() {
+        return encoder.stored_event(kind, &change.object, change.revision, selectors);
+    }
+    let current = decode(&change.object)?;
+    let now = selectors.matches(&current);
+    let before = match &change.prev {
+        Some(prev) => decode(prev).filter(|prev| selectors.matches(prev)),
+        // Not known (a change made without its previous state): judged by the current one.
+        None if change.kind == ChangeKind::Modified && now => Some(current.clone()),
+        None => None,
+    };
+    match (now, before) {
+        (true, Some(_)) => Some(encoder.object_event(kind, current)),
+        (true, None) => Some(encoder.object_event("ADDED", current)),
+        (false, Some(prev)) => Some(encoder.object_event("DELETED", prev)),
+        (false, None) => None,
+    }
 }

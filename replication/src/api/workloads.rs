@@ -92,12 +92,7 @@ fn valid_int_or_percent(value: &Value) -> bool {
 
 /// Field checks of a workload; adds one [`Cause`] per problem.
 pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
-    let mut cause = |field: &str, message: String| {
-        causes.push(Cause {
-            field: field.to_owned(),
-            message,
-        })
-    };
+    let mut cause = |field: &str, message: String| causes.push(Cause::new(field, message));
     let spec = object.get("spec").and_then(Value::as_object);
     let get = |field: &str| spec.and_then(|s| s.get(field));
     if let Some(replicas) = get("replicas") {
@@ -214,13 +209,13 @@ pub fn validate_update(
         return Err(ApiError::invalid(
             resource.kind,
             object::name(object),
-            vec![Cause {
-                field: "spec.selector".into(),
-                message: format!(
+            vec![Cause::new(
+                "spec.selector",
+                format!(
                     "Invalid value: {}: field is immutable",
                     selector(object).unwrap_or(Value::Null)
                 ),
-            }],
+            )],
         ));
     }
     Ok(())
@@ -269,10 +264,10 @@ pub fn replicas_of_scale(kind: &str, name: &str, scale: &Value) -> Result<i64, A
         Some(r) => Err(ApiError::invalid(
             kind,
             name,
-            vec![Cause {
-                field: "spec.replicas".into(),
-                message: format!("Invalid value: {r}: must be greater than or equal to 0"),
-            }],
+            vec![Cause::new(
+                "spec.replicas",
+                format!("Invalid value: {r}: must be greater than or equal to 0"),
+            )],
         )),
         // A Scale without replicas means 0 (the field is omitempty in Go).
         None if replicas.is_none() => Ok(0),

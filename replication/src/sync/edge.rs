@@ -277,7 +277,8 @@ impl EdgeSync {
     /// upward once durable, coalesced with any earlier unacknowledged report on the same key.
     /// An object the node holds is also updated locally at once, keeping its version until the
     /// cloud assigns one; an object it does not hold is reported with base 0 (a create, or a
-    /// write to an object not routed here) and not stored locally. Returns the report id.
+    /// write to an object not routed here) and not stored locally. An empty `object` confirms a
+    /// deletion and leaves the held object as it is. Returns the report id.
     pub fn report(&mut self, key: ObjectKey, object: Bytes) -> Result<u64, EdgeError> {
         self.report_on(key, object, None)
     }
@@ -313,7 +314,11 @@ impl EdgeSync {
             object: object.clone(),
             patch,
         };
-        if held.is_some() {
+        // An empty report is the node's confirmation that it stopped a pod being deleted, not
+        // a new state of the object: the cache keeps the object's last state until the cloud's
+        // delete removes it, so that delete carries a real object (a watch's DELETED event) and
+        // the cache never holds bytes that are not an object.
+        if held.is_some() && !object.is_empty() {
             self.batch.local_write(key.clone(), object);
         }
         self.batch.put_aux(

@@ -1,0 +1,237 @@
+//! EdgeStream: the node's side of `kubectl logs`, for the cloud (over the link, see
+//! `transport::stream`) and for local clients (MetaServer's `pods/{name}/log`, which works
+//! offline too: the logs are on this node).
+//!
+//! The pod and its containers come from the node's cache; the log files from Edged
+//! ([`crate::edged::logs`]). Errors are the `Status` kube-apiserver answers: 404 for a pod the
+//! node does not hold, 400 for a missing or unknown container name or a bad parameter.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use replication::api::object::Object;
+use replication::api::remote::ApiReply;
+use replication::api::ApiError;
+use replication::ObjectKey;
+use serde_json::Value;
+use transport::stream::{LogRequest, StreamHead};
+use transport::{IncomingRequest, ResponseWriter};
+
+use crate::edged::logs::{self, LogOptions, LogSink};
+use crate::meta::MetaManager;
+
+/// Serves container logs from this node's files.
+pub struct EdgeStream {
+    meta: Arc<MetaManager>,
+    /// `DATA_DIR/pods`.
+    pods_dir: PathBuf,
+}
+
+/// A log request checked against the pod: what to read and how.
+pub struct PreparedLog {
+    file: PathBuf,
+    options: LogOptions,
+    key: ObjectKey,
+    container: String,
+}
+
+fn container_names(pod: &Object) -> Vec<String> {
+    let spec = pod.get("spec");
+    ["initContainers", "containers"]
+        .iter()
+        .filter_map(|field| spec?.get(*field)?.as_array())
+        .flatten()
+        .filter_map(|c| c.get("name")?.as_str().map(str::to_owned))
+        .collect()
+}
+
+fn regular_containers(pod: &Object) -> Vec<String> {
+    pod.get("spec")
+        .and_then(|s| s.get("containers"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("name")?.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Whether the pod's status says `container` runs.
+fn running(pod: &Object, container: &str) -> bool {
+    let status = pod.get("status");
+    ["initContainerStatuses", "containerStatuses"]
+        .iter()
+        .filter_map(|field| status?.get(*field)?.as_array())
+        .flatten()
+        .find(|c| c.get("name").and_then(Value::as_str) == Some(container))
+        .and_then(|c| c.get("state")?.get("running"))
+        .is_some()
+}
+
+impl EdgeStream {
+    pub fn new(meta: Arc<MetaManager>, pods_dir: PathBuf) -> Self {
+        EdgeStream { meta, pods_dir }
+    }
+
+    fn pod(&self, key: &ObjectKey) -> Result<Option<Object>, ApiError> {
+        let held = self
+            .meta
+            .store()
+            .get(key)
+            .map_err(|e| ApiError::internal(format!("reading the node's cache: {e}")))?;
+        Ok(held.and_then(|v| serde_json::from_slice(&v.object).ok()))
+    }
+
+    /// Checks a log request against the pod as the node holds it.
+    pub fn prepare_log(
+        &self,
+        namespace: &str,
+        pod_name: &str,
+        query: &str,
+    ) -> Result<PreparedLog, ApiError> {
+        let mut options = LogOptions::from_query(query).map_err(ApiError::bad_request)?;
+        let key = ObjectKey::new("pods", namespace, pod_name)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let pod = self
+            .pod(&key)?
+            .ok_or_else(|| ApiError::not_found("pods", pod_name))?;
+        let names = container_names(&pod);
+        if options.container.is_empty() {
+            let regular = regular_containers(&pod);
+            match regular.as_slice() {
+                [only] => options.container = only.clone(),
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                    "a container name must be specified for pod {pod_name}, choose one of: [{}]",
+                    names.join(" ")
+                )))
+                }
+            }
+        }
+        if !names.contains(&options.container) {
+            return Err(ApiError::bad_request(format!(
+                "container {} is not valid for pod {pod_name}",
+                options.container
+            )));
+        }
+        let dir = self.pods_dir.join(format!("{namespace}_{pod_name}"));
+        let file = logs::path(&dir, &options.container, options.previous);
+        if options.previous && !file.exists() {
+            return Err(ApiError::bad_request(format!(
+                "previous terminated container \"{}\" in pod \"{pod_name}\" not found",
+                options.container
+            )));
+        }
+        let container = options.container.clone();
+        Ok(PreparedLog {
+            file,
+            options,
+            key,
+            container,
+        })
+    }
+
+    /// Sends the log into `sink` (all of it, or followed while the container runs).
+    pub async fn stream_log(
+        &self,
+        log: &PreparedLog,
+        sink: &mut impl LogSink,
+    ) -> std::io::Result<()> {
+        if !log.options.follow || log.options.previous {
+            let bytes = logs::read(&log.file, &log.options)?;
+            // In pieces well under the link's frame limit.
+            for piece in bytes.chunks(256 * 1024) {
+                if !sink.send(piece.to_vec()).await {
+                    break;
+                }
+            }
+            return Ok(());
+        }
+        let running = || {
+            self.pod(&log.key)
+                .ok()
+                .flatten()
+                .is_some_and(|pod| running(&pod, &log.container))
+        };
+        logs::follow(&log.file, &log.options, running, sink).await
+    }
+
+    /// Answers a log request from the cloud on its own stream of the link.
+    pub async fn serve(self: Arc<Self>, request: IncomingRequest, log: LogRequest) {
+        let prepared = self.prepare_log(&log.namespace, &log.pod, &log.query);
+        let mut writer = request.into_stream();
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                let head = StreamHead::Error {
+                    code: e.code,
+                    status: ApiReply::error(&e).body,
+                };
+                let _ = writer.send(&head.to_message()).await;
+                let _ = writer.finish();
+                return;
+            }
+        };
+        if writer.send(&StreamHead::Ok.to_message()).await.is_err() {
+            return;
+        }
+        let result = self.stream_log(&prepared, &mut LinkSink(&mut writer)).await;
+        if let Err(e) = result {
+            tracing::warn!(pod = %prepared.key, error = %e, "reading a container log failed");
+        }
+        let _ = writer.finish();
+    }
+}
+
+/// Log bytes into a link's response stream, as `data` messages.
+struct LinkSink<'a>(&'a mut ResponseWriter);
+
+impl LogSink for LinkSink<'_> {
+    async fn send(&mut self, bytes: Vec<u8>) -> bool {
+        self.0.send(&transport::stream::data(bytes)).await.is_ok()
+    }
+}
+
+/// Log bytes into an HTTP body.
+struct BodySink(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>);
+
+impl LogSink for BodySink {
+    async fn send(&mut self, bytes: Vec<u8>) -> bool {
+        self.0.send(Ok(Bytes::from(bytes))).await.is_ok()
+    }
+}
+
+/// MetaServer's `GET /api/v1/namespaces/{namespace}/pods/{name}/log`: served from this node's
+/// files, online or offline. A followed log streams as a chunked `text/plain` body.
+pub async fn http_log(
+    State(stream): State<Arc<EdgeStream>>,
+    Path((namespace, pod)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let prepared = match stream.prepare_log(&namespace, &pod, query.as_deref().unwrap_or("")) {
+        Ok(p) => p,
+        Err(e) => return ApiReply::error(&e).into_response(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let mut sink = BodySink(tx);
+        if let Err(e) = stream.stream_log(&prepared, &mut sink).await {
+            let _ = sink.0.send(Err(e)).await;
+        }
+    });
+    let body = Body::from_stream(tokio_stream_of(rx));
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
+}
+
+/// A receiver as a `Stream` (without pulling in tokio-stream for one adapter).
+fn tokio_stream_of<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
