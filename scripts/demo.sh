@@ -87,9 +87,12 @@ echo "== from edge-1's MetaServer: kubectl --server http://127.0.0.1:10551 get p
 kubectl --kubeconfig /dev/null --server http://127.0.0.1:10551 get pods -A
 echo
 node=$(kubectl get pod greeter-1 -o jsonpath='{.spec.nodeName}')
-echo "== greeter-1 runs on $node as a process; its output:"
+echo "== greeter-1 runs on $node as a process: kubectl logs greeter-1 -n demo"
 sleep 1
-cat "$dir/$node/pods/demo_greeter-1/greeter.log"
+kubectl logs greeter-1 -n demo
+echo
+echo "== kubectl exec greeter-1 -n demo -- printenv GREETING   (over $node's QUIC link)"
+kubectl exec greeter-1 -n demo -- printenv GREETING
 echo
 echo "== kubectl apply -f examples/sample-device.yaml; a mapper on edge-1 reports over MQTT"
 kubectl apply -f examples/sample-device.yaml
@@ -119,6 +122,8 @@ edgecores run the pods as local processes (state in $dir/edge-N, logs in $dir/*.
     kubectl --kubeconfig /dev/null --server http://127.0.0.1:10551 get pods -A   # from edge-1
     kubectl patch configmap greeter-config -p '{"data":{"greeting":"bonjour"}}'
     cat $dir/*/pods/demo_greeter-3/root/etc/greeter/greeting          # updated on the edge
+    kubectl logs -f greeter-1 -n demo                                 # follows its output
+    kubectl exec -it greeter-1 -n demo -- sh                          # a shell in the pod
     kubectl delete pod greeter-2                                      # stops its process
     mosquitto_sub -p 11883 -t '\$hw/events/device/+/twin/update/#' -v &   # a mapper's view
     kubectl patch device thermo-1 --type=merge -p '{"spec":{"properties":[{"name":"setpoint","desired":{"value":"23"}}]}}'   # a delta
