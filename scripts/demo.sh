@@ -90,9 +90,12 @@ kubectl --kubeconfig /dev/null --server http://127.0.0.1:10551 get pods -A
 echo
 pod=$(kubectl get pods -l app=greeter -o jsonpath='{.items[0].metadata.name}')
 node=$(kubectl get pod "$pod" -o jsonpath='{.spec.nodeName}')
-echo "== $pod runs on $node as a process; its output:"
+echo "== $pod (of Deployment greeter) runs on $node as a process: kubectl logs $pod -n demo"
 sleep 1
-cat "$dir/$node/pods/demo_$pod/greeter.log"
+kubectl logs "$pod" -n demo
+echo
+echo "== kubectl exec $pod -n demo -- printenv GREETING   (over $node's QUIC link)"
+kubectl exec "$pod" -n demo -- printenv GREETING
 echo
 echo "== kubectl apply -f examples/sample-device.yaml; a mapper on edge-1 reports over MQTT"
 kubectl apply -f examples/sample-device.yaml
@@ -122,6 +125,8 @@ edgecores run the pods as local processes (state in $dir/edge-N, logs in $dir/*.
     kubectl --kubeconfig /dev/null --server http://127.0.0.1:10551 get pods -A   # from edge-1
     kubectl patch configmap greeter-config -p '{"data":{"greeting":"bonjour"}}'
     cat $dir/*/pods/demo_greeter-*/root/etc/greeter/greeting          # updated on the edge
+    kubectl logs -f $pod                                              # follows its output
+    kubectl exec -it $pod -- sh                                       # a shell in the pod
     kubectl scale deployment greeter --replicas=5                     # two more processes
     kubectl set image deployment/greeter greeter=busybox:2 && kubectl rollout status deployment/greeter
     kubectl rollout undo deployment/greeter                           # back to revision 1

@@ -1,4 +1,4 @@
-//! CloudStream: `kubectl logs` for pods on edge nodes, on the embedded API's address, carried
+//! CloudStream: `kubectl logs` and `kubectl exec` for pods on edge nodes, on the embedded API's address, carried
 //! over the node's own QUIC link (a request stream per call, `transport::stream`) instead of
 //! KubeEdge's separate tunnel port: no extra port, no iptables rule, and nothing that breaks
 //! when certificates rotate.
@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -23,8 +25,8 @@ use replication::api::object::Object;
 use replication::api::remote::ApiReply;
 use replication::api::ApiError;
 use replication::{ObjectKey, Store};
-use transport::stream::{LogRequest, StreamHead};
-use transport::LinkError;
+use transport::stream::{PodStreamRequest, StreamHead, StreamMessage, Subresource};
+use transport::{LinkError, LinkHandle, StreamReader, StreamWriter};
 
 use crate::servicebus::ServiceBus;
 
@@ -42,6 +44,10 @@ struct StreamState {
 pub fn router(store: Arc<Store>, bus: Arc<ServiceBus>, bearer_token: Option<Arc<str>>) -> Router {
     Router::new()
         .route("/api/v1/namespaces/{namespace}/pods/{name}/log", get(log))
+        .route(
+            "/api/v1/namespaces/{namespace}/pods/{name}/exec",
+            get(exec).post(exec),
+        )
         .with_state(StreamState {
             store,
             bus,
@@ -51,6 +57,265 @@ pub fn router(store: Arc<Store>, bus: Arc<ServiceBus>, bearer_token: Option<Arc<
 
 fn error(e: ApiError) -> Response {
     ApiReply::error(&e).into_response()
+}
+
+/// The link to the node a pod is bound to.
+struct PodLink {
+    handle: LinkHandle,
+    node: String,
+    pod: String,
+    /// The pod's spec.
+    spec: serde_json::Value,
+}
+
+/// The `container` a query names must be one of the pod's (or the pod has only one): the
+/// errors kube-apiserver gives.
+fn check_container(spec: &serde_json::Value, pod: &str, query: &str) -> Result<(), ApiError> {
+    let asked = query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == "container")
+        .map(|(_, v)| v.to_owned())
+        .unwrap_or_default();
+    let names = |field: &str| -> Vec<String> {
+        spec.get(field)
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("name")?.as_str().map(str::to_owned))
+            .collect()
+    };
+    let regular = names("containers");
+    let mut all = names("initContainers");
+    all.extend(regular.iter().cloned());
+    if asked.is_empty() {
+        return match regular.len() {
+            1 => Ok(()),
+            _ => Err(ApiError::bad_request(format!(
+                "a container name must be specified for pod {pod}, choose one of: [{}]",
+                all.join(" ")
+            ))),
+        };
+    }
+    if all.contains(&asked) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "container {asked} is not valid for pod {pod}"
+        )))
+    }
+}
+
+impl PodLink {
+    /// What a link failure means to the client.
+    fn failed(&self, e: LinkError) -> ApiError {
+        let (node, pod) = (&self.node, &self.pod);
+        match e {
+            LinkError::NotConnected => ApiError::unavailable(format!(
+                "node {node} is not connected: pod {pod} runs there (its MetaServer serves the \
+                 pod's logs locally)"
+            )),
+            LinkError::Timeout(after) => ApiError::new(
+                504,
+                "Timeout",
+                format!("node {node} did not answer within {after:?}"),
+            ),
+            e => ApiError::unavailable(format!("node {node}: the stream failed: {e}")),
+        }
+    }
+}
+
+/// Finds the pod, the node it is bound to and that node's link: 404 without the pod, 400
+/// before it is bound, 503 for a node that never connected.
+fn pod_link(state: &StreamState, namespace: &str, name: &str) -> Result<PodLink, ApiError> {
+    let key = ObjectKey::new("pods", namespace, name)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let pod: Option<Object> = match state.store.get(&key) {
+        Ok(held) => held.and_then(|v| serde_json::from_slice(&v.object).ok()),
+        Err(e) => return Err(ApiError::internal(format!("reading the pod: {e}"))),
+    };
+    let pod = pod.ok_or_else(|| ApiError::not_found("pods", name))?;
+    let node = pod
+        .get("spec")
+        .and_then(|s| s.get("nodeName"))
+        .and_then(|n| n.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    if node.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "pod {name} is not bound to a node yet"
+        )));
+    }
+    let handle = state.bus.link(&node).ok_or_else(|| {
+        ApiError::unavailable(format!(
+            "node {node} has never connected: pod {name} is bound to it"
+        ))
+    })?;
+    Ok(PodLink {
+        handle,
+        node,
+        pod: name.to_owned(),
+        spec: pod.get("spec").cloned().unwrap_or_default(),
+    })
+}
+
+/// The node's refusal as the HTTP answer, if the head is one.
+fn refusal(head: &transport::ReceivedMessage) -> Option<Response> {
+    match StreamHead::from_message(head) {
+        Ok(StreamHead::Ok) => None,
+        Ok(StreamHead::Error { code, status }) => {
+            let code = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+            Some((code, [(header::CONTENT_TYPE, "application/json")], status).into_response())
+        }
+        Err(e) => Some(error(ApiError::new(502, "BadGateway", e.to_string()))),
+    }
+}
+
+/// The remote-command subprotocols served, newest first (KEP-3396: v5 adds the close signal).
+const REMOTE_COMMAND_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
+
+/// `kubectl exec`: the remote-command protocol over WebSocket (`v5.channel.k8s.io`, or v4),
+/// each message a channel byte (0 stdin, 1 stdout, 2 stderr, 3 the final status, 4 terminal
+/// size; v5's 255 + channel half-closes one), bridged to a duplex call on the node's link.
+/// Errors before the upgrade are plain `Status` answers, as kube-apiserver's; a client that
+/// offers only SPDY is told what is served.
+async fn exec(
+    State(state): State<StreamState>,
+    Path((namespace, name)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if let Some(token) = state.bearer_token.as_deref() {
+        if !replication::api::bearer_matches(&headers, token) {
+            return error(ApiError::unauthorized());
+        }
+    }
+    // The pod and the container first: kubectl falls back from a failed WebSocket upgrade to
+    // SPDY, so these errors must be what either attempt is told.
+    let link = match pod_link(&state, &namespace, &name) {
+        Ok(link) => link,
+        Err(e) => return error(e),
+    };
+    if let Err(e) = check_container(&link.spec, &name, query.as_deref().unwrap_or("")) {
+        return error(e);
+    }
+    let Ok(upgrade) = upgrade else {
+        let offered = headers
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("nothing");
+        return error(ApiError::bad_request(format!(
+            "exec is served over WebSocket with the {} subprotocols (kubectl 1.30 and later \
+             use them by default); this request asked to upgrade to {offered}, and SPDY is not \
+             served",
+            REMOTE_COMMAND_PROTOCOLS.join(" or ")
+        )));
+    };
+    let call = PodStreamRequest {
+        subresource: Subresource::Exec,
+        namespace,
+        pod: name,
+        query: query.unwrap_or_default(),
+    };
+    let (head, input, output) = match link
+        .handle
+        .open_duplex(&call.to_message(), FIRST_BYTE_TIMEOUT)
+        .await
+    {
+        Ok(answer) => answer,
+        Err(e) => return error(link.failed(e)),
+    };
+    if let Some(refused) = refusal(&head) {
+        return refused;
+    }
+    let upgrade = upgrade.protocols(REMOTE_COMMAND_PROTOCOLS);
+    let v5 = upgrade
+        .selected_protocol()
+        .is_some_and(|p| p.as_bytes() == REMOTE_COMMAND_PROTOCOLS[0].as_bytes());
+    upgrade.on_upgrade(move |socket| bridge(socket, input, output, v5))
+}
+
+/// Carries one exec session between kubectl's WebSocket and the node's duplex call until the
+/// command's final status has gone to kubectl, or either side goes away (dropping the link's
+/// streams makes the node kill the command).
+async fn bridge(
+    socket: WebSocket,
+    mut to_node: StreamWriter,
+    mut from_node: StreamReader,
+    v5: bool,
+) {
+    use futures_util::{SinkExt, StreamExt};
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let upward = async {
+        while let Some(Ok(message)) = ws_rx.next().await {
+            let data = match message {
+                WsMessage::Binary(data) => data,
+                WsMessage::Close(_) => break,
+                _ => continue, // pings are answered by the WebSocket layer
+            };
+            let Some((&channel, payload)) = data.split_first() else {
+                continue;
+            };
+            let message = match channel {
+                0 => StreamMessage::Stdin(payload.to_vec()),
+                4 => {
+                    let size: serde_json::Value =
+                        serde_json::from_slice(payload).unwrap_or_default();
+                    let dimension =
+                        |k: &str| size.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as u16;
+                    StreamMessage::Resize {
+                        width: dimension("Width"),
+                        height: dimension("Height"),
+                    }
+                }
+                255 if v5 && payload.first() == Some(&0) => StreamMessage::StdinClose,
+                _ => continue,
+            };
+            if to_node.send(&message.to_message()).await.is_err() {
+                break;
+            }
+        }
+        // kubectl is gone (or closed): the node stops the command when the streams drop.
+    };
+    let downward = async {
+        loop {
+            let message = match from_node.next().await {
+                Ok(Some(m)) => m,
+                _ => break,
+            };
+            let (channel, payload) = match StreamMessage::from_message(&message) {
+                Ok(StreamMessage::Stdout(b)) => (1u8, b),
+                Ok(StreamMessage::Stderr(b)) => (2u8, b),
+                Ok(StreamMessage::Exit(status)) => (3u8, status.to_vec()),
+                _ => continue,
+            };
+            let mut frame = Vec::with_capacity(payload.len() + 1);
+            frame.push(channel);
+            frame.extend_from_slice(&payload);
+            if ws_tx.send(WsMessage::Binary(frame.into())).await.is_err() {
+                return;
+            }
+            if channel == 3 {
+                break;
+            }
+        }
+        let _ = ws_tx
+            .send(WsMessage::Close(Some(CloseFrame {
+                code: 1000,
+                reason: "".into(),
+            })))
+            .await;
+    };
+    // The session ends with the command's status (or its stream); kubectl's side ending first
+    // cancels it: the reset tells the node to kill the command.
+    let client_gone = tokio::select! {
+        _ = downward => false,
+        _ = upward => true,
+    };
+    if client_gone {
+        to_node.reset();
+    }
 }
 
 async fn log(
@@ -64,71 +329,26 @@ async fn log(
             return error(ApiError::unauthorized());
         }
     }
-    let key = match ObjectKey::new("pods", &namespace, &name) {
-        Ok(key) => key,
-        Err(e) => return error(ApiError::bad_request(e.to_string())),
+    let link = match pod_link(&state, &namespace, &name) {
+        Ok(link) => link,
+        Err(e) => return error(e),
     };
-    let pod: Option<Object> = match state.store.get(&key) {
-        Ok(held) => held.and_then(|v| serde_json::from_slice(&v.object).ok()),
-        Err(e) => return error(ApiError::internal(format!("reading the pod: {e}"))),
-    };
-    let Some(pod) = pod else {
-        return error(ApiError::not_found("pods", &name));
-    };
-    let node = pod
-        .get("spec")
-        .and_then(|s| s.get("nodeName"))
-        .and_then(|n| n.as_str())
-        .unwrap_or_default()
-        .to_owned();
-    if node.is_empty() {
-        return error(ApiError::bad_request(format!(
-            "pod {name} is not bound to a node yet: it has no logs"
-        )));
-    }
-    let Some(link) = state.bus.link(&node) else {
-        return error(ApiError::unavailable(format!(
-            "node {node} has never connected: the logs of pod {name} are on it"
-        )));
-    };
-    let call = LogRequest {
+    let call = PodStreamRequest {
+        subresource: Subresource::Log,
         namespace,
         pod: name.clone(),
         query: query.unwrap_or_default(),
     };
     let (head, stream) = match link
+        .handle
         .request_stream(&call.to_message(), FIRST_BYTE_TIMEOUT)
         .await
     {
         Ok(answer) => answer,
-        Err(LinkError::NotConnected) => {
-            return error(ApiError::unavailable(format!(
-                "node {node} is not connected: the logs of pod {name} are on it (its MetaServer \
-                 serves them locally)"
-            )))
-        }
-        Err(LinkError::Timeout(after)) => {
-            return error(ApiError::new(
-                504,
-                "Timeout",
-                format!("node {node} did not answer within {after:?}"),
-            ))
-        }
-        Err(e) => {
-            return error(ApiError::unavailable(format!(
-                "node {node}: the log stream failed: {e}"
-            )))
-        }
+        Err(e) => return error(link.failed(e)),
     };
-    match StreamHead::from_message(&head) {
-        Ok(StreamHead::Ok) => {}
-        Ok(StreamHead::Error { code, status }) => {
-            let code = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
-            return (code, [(header::CONTENT_TYPE, "application/json")], status).into_response();
-        }
-        Err(e) => {
-            return error(ApiError::new(502, "BadGateway", e.to_string()));
-        }
+    if let Some(refused) = refusal(&head) {
+        return refused;
     }
     // Each data message's content as a chunk of the body; an error ends the body (the client
     // sees a cut response, as when a kubelet goes away mid-stream).

@@ -1,4 +1,5 @@
-//! EdgeStream: the node's side of `kubectl logs`, for the cloud (over the link, see
+//! EdgeStream: the node's side of `kubectl logs` and `kubectl exec` ([`crate::exec`]), for
+//! the cloud (over the link, see
 //! `transport::stream`) and for local clients (MetaServer's `pods/{name}/log`, which works
 //! offline too: the logs are on this node).
 //!
@@ -19,10 +20,11 @@ use replication::api::remote::ApiReply;
 use replication::api::ApiError;
 use replication::ObjectKey;
 use serde_json::Value;
-use transport::stream::{LogRequest, StreamHead};
-use transport::{IncomingRequest, ResponseWriter};
+use transport::stream::{PodStreamRequest, StreamHead, Subresource};
+use transport::{IncomingRequest, StreamWriter};
 
 use crate::edged::logs::{self, LogOptions, LogSink};
+use crate::exec::{self, ExecOptions};
 use crate::meta::MetaManager;
 
 /// Serves container logs from this node's files.
@@ -99,25 +101,7 @@ impl EdgeStream {
         let pod = self
             .pod(&key)?
             .ok_or_else(|| ApiError::not_found("pods", pod_name))?;
-        let names = container_names(&pod);
-        if options.container.is_empty() {
-            let regular = regular_containers(&pod);
-            match regular.as_slice() {
-                [only] => options.container = only.clone(),
-                _ => {
-                    return Err(ApiError::bad_request(format!(
-                    "a container name must be specified for pod {pod_name}, choose one of: [{}]",
-                    names.join(" ")
-                )))
-                }
-            }
-        }
-        if !names.contains(&options.container) {
-            return Err(ApiError::bad_request(format!(
-                "container {} is not valid for pod {pod_name}",
-                options.container
-            )));
-        }
+        options.container = self.container_of(&pod, pod_name, &options.container)?;
         let dir = self.pods_dir.join(format!("{namespace}_{pod_name}"));
         let file = logs::path(&dir, &options.container, options.previous);
         if options.previous && !file.exists() {
@@ -160,9 +144,17 @@ impl EdgeStream {
         logs::follow(&log.file, &log.options, running, sink).await
     }
 
-    /// Answers a log request from the cloud on its own stream of the link.
-    pub async fn serve(self: Arc<Self>, request: IncomingRequest, log: LogRequest) {
-        let prepared = self.prepare_log(&log.namespace, &log.pod, &log.query);
+    /// Answers a stream request from the cloud (a log, or an exec) on its own stream of the
+    /// link.
+    pub async fn serve(self: Arc<Self>, request: IncomingRequest, call: PodStreamRequest) {
+        match call.subresource {
+            Subresource::Log => self.serve_log(request, call).await,
+            Subresource::Exec => self.serve_exec(request, call).await,
+        }
+    }
+
+    async fn serve_log(&self, request: IncomingRequest, call: PodStreamRequest) {
+        let prepared = self.prepare_log(&call.namespace, &call.pod, &call.query);
         let mut writer = request.into_stream();
         let prepared = match prepared {
             Ok(p) => p,
@@ -185,10 +177,73 @@ impl EdgeStream {
         }
         let _ = writer.finish();
     }
+
+    /// Checks an exec request against the pod: its options, and the running container the
+    /// command runs in.
+    pub fn prepare_exec(
+        &self,
+        namespace: &str,
+        pod_name: &str,
+        query: &str,
+    ) -> Result<(ExecOptions, exec::Target), ApiError> {
+        let mut options = ExecOptions::from_query(query).map_err(ApiError::bad_request)?;
+        let key = ObjectKey::new("pods", namespace, pod_name)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let pod = self
+            .pod(&key)?
+            .ok_or_else(|| ApiError::not_found("pods", pod_name))?;
+        options.container = self.container_of(&pod, pod_name, &options.container)?;
+        let dir = self.pods_dir.join(format!("{namespace}_{pod_name}"));
+        let target = exec::target(&dir, &options.container).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "container {} in pod {pod_name} is not running on this node's process runtime",
+                options.container
+            ))
+        })?;
+        Ok((options, target))
+    }
+
+    async fn serve_exec(&self, request: IncomingRequest, call: PodStreamRequest) {
+        let prepared = self.prepare_exec(&call.namespace, &call.pod, &call.query);
+        let (input, mut output) = request.into_duplex();
+        match prepared {
+            Ok((options, target)) => exec::run(options, target, input, output).await,
+            Err(e) => {
+                let head = StreamHead::Error {
+                    code: e.code,
+                    status: ApiReply::error(&e).body,
+                };
+                let _ = output.send(&head.to_message()).await;
+                let _ = output.finish();
+            }
+        }
+    }
+
+    /// The container a request names, or the pod's only one; the errors kube-apiserver gives.
+    fn container_of(&self, pod: &Object, pod_name: &str, asked: &str) -> Result<String, ApiError> {
+        let names = container_names(pod);
+        let container = if asked.is_empty() {
+            match regular_containers(pod).as_slice() {
+                [only] => only.clone(),
+                _ => return Err(ApiError::bad_request(format!(
+                    "a container name must be specified for pod {pod_name}, choose one of: [{}]",
+                    names.join(" ")
+                ))),
+            }
+        } else {
+            asked.to_owned()
+        };
+        if !names.contains(&container) {
+            return Err(ApiError::bad_request(format!(
+                "container {container} is not valid for pod {pod_name}"
+            )));
+        }
+        Ok(container)
+    }
 }
 
 /// Log bytes into a link's response stream, as `data` messages.
-struct LinkSink<'a>(&'a mut ResponseWriter);
+struct LinkSink<'a>(&'a mut StreamWriter);
 
 impl LogSink for LinkSink<'_> {
     async fn send(&mut self, bytes: Vec<u8>) -> bool {

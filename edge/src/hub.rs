@@ -119,18 +119,10 @@ async fn send_upward(link: &Link, meta: &MetaManager) {
 /// application; anything else is answered with an error message.
 async fn answer(request: IncomingRequest, bus: Arc<ServiceBus>, stream: Arc<EdgeStream>) {
     if request.message.route().group.as_str() == transport::stream::GROUP {
-        match transport::stream::LogRequest::from_message(&request.message) {
-            Ok(Some(log)) => stream.serve(request, log).await,
-            Ok(None) | Err(_) => {
-                let status = replication::api::remote::ApiReply::error(
-                    &replication::api::ApiError::bad_request(
-                        "not a stream request this node serves",
-                    ),
-                );
-                let head = transport::stream::StreamHead::Error {
-                    code: 400,
-                    status: status.body,
-                };
+        match transport::stream::PodStreamRequest::from_message(&request.message) {
+            Ok(call) => stream.serve(request, call).await,
+            Err(e) => {
+                let head = transport::stream::StreamHead::error(400, &e.to_string());
                 let mut writer = request.into_stream();
                 let _ = writer.send(&head.to_message()).await;
                 let _ = writer.finish();

@@ -16,6 +16,7 @@ pub mod devicetwin;
 pub mod edged;
 pub mod edgestream;
 pub mod eventbus;
+pub mod exec;
 pub mod hub;
 pub mod identity;
 pub mod meta;

@@ -35,8 +35,8 @@ pub use error::{CloseCode, EndpointError, LinkError};
 pub use frame::{EncodedMessage, ReceivedMessage};
 pub use join::{join, JoinError, JoinHandler, JoinRequest, Joined};
 pub use link::{
-    Delivery, IncomingRequest, Link, LinkCounters, LinkEvent, LinkHandle, ResponseStream,
-    ResponseWriter,
+    Delivery, IncomingRequest, Link, LinkCounters, LinkEvent, LinkHandle, StreamReader,
+    StreamWriter,
 };
 pub use message::{Header, Message, Route};
 pub use server::Server;

@@ -78,6 +78,8 @@ pub struct Delivery {
 pub struct IncomingRequest {
     pub message: ReceivedMessage,
     stream: quinn::SendStream,
+    /// The rest of the requester's side (more messages of a duplex call).
+    reader: FrameReader,
     max_frame: usize,
 }
 
@@ -94,53 +96,79 @@ impl IncomingRequest {
     }
 
     /// Answers with a stream of messages instead of one (a log that is followed, a long
-    /// transfer): see [`ResponseWriter`]. The requester reads them with
+    /// transfer): see [`StreamWriter`]. The requester reads them with
     /// [`LinkHandle::request_stream`].
-    pub fn into_stream(self) -> ResponseWriter {
-        ResponseWriter {
+    pub fn into_stream(self) -> StreamWriter {
+        StreamWriter {
             stream: self.stream,
             max_frame: self.max_frame,
         }
     }
+
+    /// A duplex call ([`LinkHandle::open_duplex`]): the requester's further messages (stdin of
+    /// an exec) and the writer of the answer. The reader's error means the requester went
+    /// away; `None` that it finished its side.
+    pub fn into_duplex(self) -> (StreamReader, StreamWriter) {
+        (
+            StreamReader {
+                reader: self.reader,
+            },
+            StreamWriter {
+                stream: self.stream,
+                max_frame: self.max_frame,
+            },
+        )
+    }
 }
 
-/// The answering side of a streamed response: messages in order on the request's own QUIC
-/// stream. `send` waits while the requester does not read (QUIC flow control end to end, so a
+/// One direction of a streamed call: messages in order on the call's own QUIC stream (the
+/// answer of [`IncomingRequest::into_stream`], or the requester's side of a duplex call). `send` waits while the requester does not read (QUIC flow control end to end, so a
 /// slow reader grows no buffer on either side), and fails once the requester has gone away
 /// (it stopped reading or its connection ended): the answerer should stop producing then.
-pub struct ResponseWriter {
+pub struct StreamWriter {
     stream: quinn::SendStream,
     max_frame: usize,
 }
 
-impl ResponseWriter {
+impl StreamWriter {
     /// Sends one message of the response.
     pub async fn send(&mut self, message: &Message) -> Result<(), LinkError> {
         let body = encode_body(&Envelope::Message(message));
         write_bodies(&mut self.stream, [&body], self.max_frame).await
     }
 
-    /// Resolves when the requester stops reading (it dropped its [`ResponseStream`]) or the
+    /// Resolves when the requester stops reading (it dropped its [`StreamReader`]) or the
     /// connection ends: a producer that waits for new data (a followed log) learns this way
     /// that nobody listens any more.
-    pub async fn stopped(&mut self) {
-        let _ = self.stream.stopped().await;
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let stopped = self.stream.stopped();
+        async move {
+            let _ = stopped.await;
+        }
     }
 
-    /// Ends the response cleanly: the requester's [`ResponseStream::next`] returns `None`.
+    /// Abandons the stream: the reader gets an error, not a clean end (a session cancelled
+    /// because its client went away, as opposed to one that finished). Dropping a writer
+    /// finishes it cleanly instead.
+    pub fn reset(mut self) {
+        let _ = self.stream.reset(quinn::VarInt::from_u32(0));
+    }
+
+    /// Ends the response cleanly: the requester's [`StreamReader::next`] returns `None`.
     pub fn finish(mut self) -> Result<(), LinkError> {
         self.stream.finish()?;
         Ok(())
     }
 }
 
-/// The requesting side of a streamed response ([`LinkHandle::request_stream`]). Dropping it
-/// tells the answerer to stop (QUIC STOP_SENDING), which ends a followed log on the node.
-pub struct ResponseStream {
+/// The reading side of a streamed call ([`LinkHandle::request_stream`],
+/// [`LinkHandle::open_duplex`], [`IncomingRequest::into_duplex`]). Dropping it tells the
+/// writer to stop (QUIC STOP_SENDING), which ends a followed log on the node.
+pub struct StreamReader {
     reader: FrameReader,
 }
 
-impl ResponseStream {
+impl StreamReader {
     /// The next message of the response; `None` once the answerer finished it.
     pub async fn next(&mut self) -> Result<Option<ReceivedMessage>, LinkError> {
         match self.reader.next().await? {
@@ -395,7 +423,7 @@ impl LinkHandle {
         &self,
         message: &Message,
         timeout: std::time::Duration,
-    ) -> Result<(ReceivedMessage, ResponseStream), LinkError> {
+    ) -> Result<(ReceivedMessage, StreamReader), LinkError> {
         let connection = self
             .shared
             .ready_connection()
@@ -406,13 +434,52 @@ impl LinkHandle {
             let (mut send, recv) = connection.open_bi().await?;
             write_bodies(&mut send, [&body], max_frame).await?;
             send.finish()?;
-            let mut stream = ResponseStream {
+            let mut stream = StreamReader {
                 reader: FrameReader::new(recv, max_frame),
             };
             let first = stream.next().await?.ok_or_else(|| {
                 LinkError::Protocol("request stream closed without a response".into())
             })?;
             Ok((first, stream))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| LinkError::Timeout(timeout))?
+    }
+
+    /// Opens a duplex call: `message` first, then more messages through the returned
+    /// [`StreamWriter`] (which the requester finishes when it has nothing more to say), while
+    /// the answer comes through the [`StreamReader`]; its first message is waited for at most
+    /// `timeout` and returned. Dropping both ends cancels the call on the peer. Errors as
+    /// [`request_stream`](Self::request_stream).
+    pub async fn open_duplex(
+        &self,
+        message: &Message,
+        timeout: std::time::Duration,
+    ) -> Result<(ReceivedMessage, StreamWriter, StreamReader), LinkError> {
+        let connection = self
+            .shared
+            .ready_connection()
+            .ok_or(LinkError::NotConnected)?;
+        let max_frame = self.shared.config.max_frame;
+        let body = encode_body(&Envelope::Message(message));
+        let exchange = async {
+            let (mut send, recv) = connection.open_bi().await?;
+            write_bodies(&mut send, [&body], max_frame).await?;
+            let mut reader = StreamReader {
+                reader: FrameReader::new(recv, max_frame),
+            };
+            let first = reader.next().await?.ok_or_else(|| {
+                LinkError::Protocol("request stream closed without a response".into())
+            })?;
+            Ok((
+                first,
+                StreamWriter {
+                    stream: send,
+                    max_frame,
+                },
+                reader,
+            ))
         };
         tokio::time::timeout(timeout, exchange)
             .await
@@ -774,6 +841,7 @@ impl Shared {
                         let request = IncomingRequest {
                             message,
                             stream: send,
+                            reader,
                             max_frame: config.max_frame,
                         };
                         let _ = shared.events.send(LinkEvent::Request(request)).await;

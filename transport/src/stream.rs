@@ -1,5 +1,5 @@
-//! CloudStream ↔ EdgeStream messages: what `kubectl logs` (and later exec, attach and
-//! port-forward) asks of a node, carried on a request stream of the node's own link
+//! CloudStream ↔ EdgeStream messages: what `kubectl logs` and `kubectl exec` (and later
+//! attach and port-forward) ask of a node, carried on a request stream of the node's own link
 //! ([`LinkHandle::request_stream`](crate::LinkHandle::request_stream)) instead of KubeEdge's
 //! extra tunnel port.
 //!
@@ -8,6 +8,11 @@
 //! messages: first a head ([`StreamHead`]: operation `response` and empty content when the log
 //! follows, or operation `error` with a Kubernetes `Status` JSON as content), then the log's
 //! bytes as the content of `data` messages, in order, until the node finishes the stream.
+//!
+//! An exec request (operation `exec`, the `PodExecOptions` query) is a duplex call: after it
+//! the cloud sends `stdin`, `stdin-close` and `resize` messages; after the head the node sends
+//! `stdout` and `stderr`, then `exit` with the remote-command protocol's final `Status`
+//! ([`StreamMessage`]).
 
 use bytes::Bytes;
 
@@ -22,46 +27,73 @@ pub const GROUP: &str = "stream";
 #[error("malformed stream message: {0}")]
 pub struct StreamError(pub String);
 
-/// `GET /api/v1/namespaces/{namespace}/pods/{pod}/log?{query}`, asked of the pod's node.
+/// The pod subresources a node serves as streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subresource {
+    /// `pods/{name}/log`: a streamed answer of `data` messages.
+    Log,
+    /// `pods/{name}/exec`: a duplex call (stdin up, stdout, stderr and the exit status down).
+    Exec,
+}
+
+impl Subresource {
+    /// The route operation (and the URL's last segment).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Subresource::Log => "log",
+            Subresource::Exec => "exec",
+        }
+    }
+}
+
+/// `GET|POST /api/v1/namespaces/{namespace}/pods/{pod}/{subresource}?{query}`, asked of the
+/// pod's node.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogRequest {
+pub struct PodStreamRequest {
+    pub subresource: Subresource,
     pub namespace: String,
     pub pod: String,
     /// The subresource's query string, as the client sent it.
     pub query: String,
 }
 
-impl LogRequest {
+impl PodStreamRequest {
     pub fn to_message(&self) -> Message {
         Message::new(
             Route::new(
                 "cloudstream",
                 GROUP,
-                "log",
+                self.subresource.as_str(),
                 &format!("{}/{}", self.namespace, self.pod),
             ),
             self.query.clone(),
         )
     }
 
-    /// Reads a request; `Ok(None)` if the message is some other stream operation.
-    pub fn from_message(message: &ReceivedMessage) -> Result<Option<LogRequest>, StreamError> {
+    /// Reads a request of route group [`GROUP`].
+    pub fn from_message(message: &ReceivedMessage) -> Result<PodStreamRequest, StreamError> {
         let route = message.route();
-        if route.group.as_str() != GROUP || route.operation.as_str() != "log" {
-            return Ok(None);
+        if route.group.as_str() != GROUP {
+            return Err(StreamError(format!("group {:?}", route.group.as_str())));
         }
+        let subresource = match route.operation.as_str() {
+            "log" => Subresource::Log,
+            "exec" => Subresource::Exec,
+            other => return Err(StreamError(format!("no stream {other:?} is served"))),
+        };
         let (namespace, pod) = route
             .resource
             .as_str()
             .split_once('/')
-            .ok_or_else(|| StreamError("a log request names namespace/pod".into()))?;
+            .ok_or_else(|| StreamError("a stream request names namespace/pod".into()))?;
         let query = String::from_utf8(message.content().to_vec())
             .map_err(|_| StreamError("the query is not UTF-8".into()))?;
-        Ok(Some(LogRequest {
+        Ok(PodStreamRequest {
+            subresource,
             namespace: namespace.to_owned(),
             pod: pod.to_owned(),
             query,
-        }))
+        })
     }
 }
 
@@ -75,6 +107,25 @@ pub enum StreamHead {
 }
 
 impl StreamHead {
+    /// A refusal with a Kubernetes `Status` of `code` (reason from the code) and `message`.
+    pub fn error(code: u16, message: &str) -> StreamHead {
+        let reason = match code {
+            400 => "BadRequest",
+            403 => "Forbidden",
+            404 => "NotFound",
+            503 => "ServiceUnavailable",
+            _ => "InternalError",
+        };
+        let status = serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code,
+        });
+        StreamHead::Error {
+            code,
+            status: Bytes::from(status.to_string()),
+        }
+    }
+
     pub fn to_message(&self) -> Message {
         match self {
             StreamHead::Ok => Message::new(
@@ -107,5 +158,69 @@ impl StreamHead {
 
 /// One piece of the data after the head.
 pub fn data(bytes: Vec<u8>) -> Message {
-    Message::new(Route::new("edgestream", GROUP, "data", ""), bytes)
+    StreamMessage::Data(bytes).to_message()
+}
+
+/// The messages after the request and the head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamMessage {
+    /// A piece of a log.
+    Data(Vec<u8>),
+    /// Input for an exec'd command (cloud → node).
+    Stdin(Vec<u8>),
+    /// The end of the input (cloud → node).
+    StdinClose,
+    /// The client's terminal size changed (cloud → node), in characters.
+    Resize {
+        width: u16,
+        height: u16,
+    },
+    /// Output of an exec'd command (node → cloud).
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// The command ended: the remote-command protocol's final `Status` (JSON).
+    Exit(Bytes),
+}
+
+impl StreamMessage {
+    /// The final status message of an exec.
+    pub fn exit(status: &serde_json::Value) -> StreamMessage {
+        StreamMessage::Exit(Bytes::from(status.to_string()))
+    }
+
+    pub fn to_message(&self) -> Message {
+        let (operation, content): (&str, Bytes) = match self {
+            StreamMessage::Data(b) => ("data", Bytes::copy_from_slice(b)),
+            StreamMessage::Stdin(b) => ("stdin", Bytes::copy_from_slice(b)),
+            StreamMessage::StdinClose => ("stdin-close", Bytes::new()),
+            StreamMessage::Resize { width, height } => {
+                ("resize", Bytes::from(format!("{width} {height}")))
+            }
+            StreamMessage::Stdout(b) => ("stdout", Bytes::copy_from_slice(b)),
+            StreamMessage::Stderr(b) => ("stderr", Bytes::copy_from_slice(b)),
+            StreamMessage::Exit(status) => ("exit", status.clone()),
+        };
+        Message::new(Route::new("stream", GROUP, operation, ""), content)
+    }
+
+    pub fn from_message(message: &ReceivedMessage) -> Result<StreamMessage, StreamError> {
+        let content = message.content();
+        Ok(match message.route().operation.as_str() {
+            "data" => StreamMessage::Data(content.to_vec()),
+            "stdin" => StreamMessage::Stdin(content.to_vec()),
+            "stdin-close" => StreamMessage::StdinClose,
+            "resize" => {
+                let text = std::str::from_utf8(&content).unwrap_or_default();
+                let mut parts = text.split(' ').map(|p| p.parse::<u16>());
+                match (parts.next(), parts.next()) {
+                    (Some(Ok(width)), Some(Ok(height))) => StreamMessage::Resize { width, height },
+                    _ => return Err(StreamError(format!("resize {text:?}"))),
+                }
+            }
+            "stdout" => StreamMessage::Stdout(content.to_vec()),
+            "stderr" => StreamMessage::Stderr(content.to_vec()),
+            "exit" => StreamMessage::Exit(content),
+            other => return Err(StreamError(format!("stream message {other:?}"))),
+        })
+    }
 }

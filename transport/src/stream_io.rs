@@ -10,6 +10,7 @@ use crate::frame::{length_prefix, Frame, FrameDecoder};
 const COPY_THRESHOLD: usize = 8 * 1024;
 
 /// Reads validated frames from a receive stream.
+#[derive(Debug)]
 pub(crate) struct FrameReader {
     stream: quinn::RecvStream,
     decoder: FrameDecoder,

@@ -147,7 +147,8 @@ impl LogOptions {
     }
 }
 
-fn percent_decode(text: &str) -> String {
+/// Decodes a query value (`%XX` and `+`).
+pub(crate) fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -1,0 +1,449 @@
+//! `kubectl exec` on this node (EdgeStream's exec): a command run in a container of the
+//! process runtime, with the container's environment and working directory (read from its
+//! running process, as `nsenter` would take them), in the pod's process markers so that it
+//! dies with the pod, and with stdin, stdout, stderr and a terminal when asked.
+//!
+//! Over the link (see `transport::stream`), the cloud sends the request, then `stdin` data,
+//! `stdin-close` and `resize` messages; the node answers with a head, then `stdout` and
+//! `stderr` data, then `exit` carrying the Kubernetes `Status` that the remote-command protocol
+//! ends with (`Success`, or `Failure` with reason `NonZeroExitCode` and an `ExitCode` cause),
+//! which `kubectl exec` turns into its own exit code. The cloud going away (kubectl
+//! interrupted) kills the command's process group.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use transport::stream::{StreamHead, StreamMessage};
+use transport::{StreamReader, StreamWriter};
+
+use crate::edged::procs::{self, GroupRecord};
+
+/// The query of `GET|POST .../pods/{name}/exec` (Kubernetes' `PodExecOptions`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// argv; at least one element.
+    pub command: Vec<String>,
+    /// The container; may be empty only for a pod with one container.
+    pub container: String,
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    /// Run the command on a terminal (stderr then goes to stdout, as with a real terminal).
+    pub tty: bool,
+}
+
+impl ExecOptions {
+    /// Parses the query string of the `exec` subresource; errors name the bad parameter.
+    pub fn from_query(query: &str) -> Result<ExecOptions, String> {
+        let mut options = ExecOptions::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = crate::edged::logs::percent_decode(value);
+            let flag = || matches!(value.as_str(), "" | "true" | "1");
+            match name {
+                "command" => options.command.push(value.clone()),
+                "container" => options.container = value.clone(),
+                "stdin" => options.stdin = flag(),
+                "stdout" => options.stdout = flag(),
+                "stderr" => options.stderr = flag(),
+                "tty" => options.tty = flag(),
+                _ => {}
+            }
+        }
+        if options.command.is_empty() {
+            return Err("you must specify at least 1 command".into());
+        }
+        if !(options.stdin || options.stdout || options.stderr) {
+            return Err("you must specify at least 1 of stdin, stdout, stderr".into());
+        }
+        Ok(options)
+    }
+}
+
+/// What a command runs with: the container's environment and working directory.
+pub struct Target {
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    /// The container's process group (to find it still running).
+    pub group: GroupRecord,
+}
+
+/// The running container's environment and working directory, from its recorded process
+/// group's leader (`<pod dir>/<container>.pgroup`). `None` if it is not running.
+pub fn target(pod_dir: &Path, container: &str) -> Option<Target> {
+    let record =
+        std::fs::read_to_string(pod_dir.join(format!("{container}{}", procs::RECORD_SUFFIX)))
+            .ok()?;
+    let group = GroupRecord::decode(&record)?;
+    if !group.leader_alive(&procs::boot_id()) {
+        return None;
+    }
+    let environ = std::fs::read(format!("/proc/{}/environ", group.pgid)).ok()?;
+    let env = environ
+        .split(|b| *b == 0)
+        .filter_map(|entry| {
+            let entry = std::str::from_utf8(entry).ok()?;
+            let (k, v) = entry.split_once('=')?;
+            Some((k.to_owned(), v.to_owned()))
+        })
+        .collect();
+    let cwd = std::fs::read_link(format!("/proc/{}/cwd", group.pgid)).ok()?;
+    Some(Target { env, cwd, group })
+}
+
+/// The remote-command protocol's final `Status` for an exit code (client-go's
+/// `remotecommand` reads `NonZeroExitCode` and the `ExitCode` cause).
+pub fn exit_status(command: &[String], code: i32) -> Value {
+    if code == 0 {
+        return json!({"metadata": {}, "status": "Success"});
+    }
+    json!({
+        "metadata": {},
+        "status": "Failure",
+        "message": format!(
+            "command terminated with non-zero exit code: error executing command {command:?}, exit code {code}"
+        ),
+        "reason": "NonZeroExitCode",
+        "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
+    })
+}
+
+/// A pseudo-terminal pair: the master for this side, the slave for the command.
+fn open_pty() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut master = -1;
+    let mut slave = -1;
+    // SAFETY: openpty writes two descriptors it opened into the pointers given.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just opened and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) })
+}
+
+fn set_window(master: &OwnedFd, width: u16, height: u16) {
+    let size = libc::winsize {
+        ws_row: height,
+        ws_col: width,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from the pointer; the descriptor is a pty master.
+    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+}
+
+/// Runs the command and carries its streams over the link until it exits (then the final
+/// status) or the cloud goes away (then its process group is killed).
+pub async fn run(
+    options: ExecOptions,
+    target: Target,
+    mut input: StreamReader,
+    mut output: StreamWriter,
+) {
+    let mut command = tokio::process::Command::new(&options.command[0]);
+    command
+        .args(&options.command[1..])
+        .env_clear()
+        .envs(target.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&target.cwd)
+        .kill_on_drop(true);
+    let pty = if options.tty {
+        match open_pty() {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                let _ = output
+                    .send(
+                        &StreamHead::error(500, &format!("cannot allocate a terminal: {e}"))
+                            .to_message(),
+                    )
+                    .await;
+                let _ = output.finish();
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    if let Some((_, slave)) = &pty {
+        let fd = slave.as_raw_fd();
+        let stdio = |fd: i32| -> std::io::Result<Stdio> {
+            // SAFETY: dup of a descriptor we own; the duplicate is owned by the Stdio.
+            let dup = unsafe { libc::dup(fd) };
+            if dup < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(Stdio::from(unsafe { OwnedFd::from_raw_fd(dup) }))
+        };
+        match (stdio(fd), stdio(fd), stdio(fd)) {
+            (Ok(a), Ok(b), Ok(c)) => {
+                command.stdin(a).stdout(b).stderr(c);
+            }
+            _ => {
+                let _ = output
+                    .send(&StreamHead::error(500, "cannot set up the terminal").to_message())
+                    .await;
+                let _ = output.finish();
+                return;
+            }
+        }
+        // SAFETY: between fork and exec only async-signal-safe calls: a new session whose
+        // controlling terminal is the pty (its stdin), and death with edgecore.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    } else {
+        // A group of its own (the terminal case gets one from setsid).
+        command.process_group(0);
+        command
+            .stdin(if options.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(if options.stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(if options.stderr {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            // As runtimes answer: the command could not start; kubectl exits with its code.
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            let _ = output.send(&StreamHead::Ok.to_message()).await;
+            let message = format!("exec: {:?}: {e}\n", options.command[0]);
+            let _ = output
+                .send(&StreamMessage::Stderr(message.into_bytes()).to_message())
+                .await;
+            let _ = output
+                .send(&StreamMessage::exit(&exit_status(&options.command, code)).to_message())
+                .await;
+            let _ = output.finish();
+            return;
+        }
+    };
+    if output.send(&StreamHead::Ok.to_message()).await.is_err() {
+        return; // kill_on_drop
+    }
+    let pgid = child.id().map_or(0, |p| p as i32);
+    drop(target.group);
+
+    // Output: the command's pipes (or the terminal) into messages, in one task each, all
+    // feeding one channel so that a single writer owns the stream.
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<StreamMessage>(8);
+    let mut readers = Vec::new();
+    let mut pty_writer: Option<tokio::fs::File> = None;
+    let mut pty_master: Option<OwnedFd> = None;
+    if let Some((master, slave)) = pty {
+        drop(slave);
+        if let (Ok(reader), Ok(writer)) = (master.try_clone(), master.try_clone()) {
+            pty_writer = Some(tokio::fs::File::from_std(std::fs::File::from(writer)));
+            let reader = tokio::fs::File::from_std(std::fs::File::from(reader));
+            readers.push(tokio::spawn(pump(
+                reader,
+                out_tx.clone(),
+                StreamMessage::Stdout,
+            )));
+        }
+        pty_master = Some(master);
+    } else {
+        if let Some(stdout) = child.stdout.take() {
+            readers.push(tokio::spawn(pump(
+                stdout,
+                out_tx.clone(),
+                StreamMessage::Stdout,
+            )));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            readers.push(tokio::spawn(pump(
+                stderr,
+                out_tx.clone(),
+                StreamMessage::Stderr,
+            )));
+        }
+    }
+    drop(out_tx);
+    let mut stdin: Option<Box<dyn tokio::io::AsyncWrite + Unpin + Send>> = match pty_writer {
+        Some(w) => Some(Box::new(w)),
+        None => child
+            .stdin
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>),
+    };
+
+    let mut input_open = true;
+    let mut output_open = true;
+    // The cloud stops reading when kubectl went away: the command goes with it.
+    let stopped = output.stopped();
+    tokio::pin!(stopped);
+    let exit = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            _ = &mut stopped => {
+                procs::signal_group(pgid, libc::SIGKILL);
+                let _ = child.wait().await;
+                return;
+            }
+            message = input.next(), if input_open => match message.map(|m| m.and_then(|m| StreamMessage::from_message(&m).ok())) {
+                Ok(Some(StreamMessage::Stdin(bytes))) => {
+                    if let Some(w) = stdin.as_mut() {
+                        if w.write_all(&bytes).await.is_err() || w.flush().await.is_err() {
+                            stdin = None;
+                        }
+                    }
+                }
+                Ok(Some(StreamMessage::StdinClose)) => {
+                    if options.tty {
+                        // A terminal has no end of input: ^D is how a shell hears it.
+                        if let Some(w) = stdin.as_mut() {
+                            let _ = w.write_all(&[4]).await;
+                        }
+                    } else {
+                        stdin = None;
+                    }
+                }
+                Ok(Some(StreamMessage::Resize { width, height })) => {
+                    if let Some(master) = &pty_master {
+                        set_window(master, width, height);
+                    }
+                }
+                Ok(Some(_)) => {}
+                // The cloud finished its side: no more input.
+                Ok(None) => { input_open = false; stdin = None; }
+                // The cloud went away (kubectl interrupted): the command goes with it.
+                Err(_) => {
+                    procs::signal_group(pgid, libc::SIGKILL);
+                    let _ = child.wait().await;
+                    return;
+                }
+            },
+            message = out_rx.recv(), if output_open => match message {
+                Some(message) => {
+                    if output.send(&message.to_message()).await.is_err() {
+                        procs::signal_group(pgid, libc::SIGKILL);
+                        let _ = child.wait().await;
+                        return;
+                    }
+                }
+                None => output_open = false,
+            },
+        }
+    };
+    // What it left in its group goes with it; its last output is sent, then its status.
+    procs::signal_group(pgid, libc::SIGKILL);
+    drop(stdin);
+    drop(pty_master);
+    let drain = async {
+        while let Some(message) = out_rx.recv().await {
+            if output.send(&message.to_message()).await.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    if !tokio::time::timeout(Duration::from_secs(2), drain)
+        .await
+        .unwrap_or(true)
+    {
+        return;
+    }
+    for reader in readers {
+        reader.abort();
+    }
+    let code = match exit {
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+        }
+        Err(_) => 255,
+    };
+    let _ = output
+        .send(&StreamMessage::exit(&exit_status(&options.command, code)).to_message())
+        .await;
+    let _ = output.finish();
+}
+
+/// Copies one output of the command into messages until it ends (a terminal's EIO after the
+/// command closed it is its end too).
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    to: tokio::sync::mpsc::Sender<StreamMessage>,
+    wrap: fn(Vec<u8>) -> StreamMessage,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.send(wrap(buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_what_kubectl_sends() {
+        let o = ExecOptions::from_query(
+            "command=sh&command=-c&command=echo%20hi%3B%20exit%203&container=main&stdout=true&stderr=true",
+        )
+        .unwrap();
+        assert_eq!(o.command, ["sh", "-c", "echo hi; exit 3"]);
+        assert_eq!(o.container, "main");
+        assert!(o.stdout && o.stderr && !o.stdin && !o.tty);
+        assert!(ExecOptions::from_query("stdout=true").is_err());
+        assert!(ExecOptions::from_query("command=ls").is_err());
+    }
+
+    #[test]
+    fn the_final_status_carries_the_exit_code_as_client_go_reads_it() {
+        let ok = exit_status(&["true".into()], 0);
+        assert_eq!(ok["status"], "Success");
+        let failed = exit_status(&["false".into()], 3);
+        assert_eq!(failed["reason"], "NonZeroExitCode");
+        assert_eq!(failed["details"]["causes"][0]["reason"], "ExitCode");
+        assert_eq!(failed["details"]["causes"][0]["message"], "3");
+    }
+}
