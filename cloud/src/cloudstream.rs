@@ -254,23 +254,8 @@ async fn bridge(
                 WsMessage::Close(_) => break,
                 _ => continue, // pings are answered by the WebSocket layer
             };
-            let Some((&channel, payload)) = data.split_first() else {
+            let Some(message) = StreamMessage::from_ws_frame(&data, v5) else {
                 continue;
-            };
-            let message = match channel {
-                0 => StreamMessage::Stdin(payload.to_vec()),
-                4 => {
-                    let size: serde_json::Value =
-                        serde_json::from_slice(payload).unwrap_or_default();
-                    let dimension =
-                        |k: &str| size.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as u16;
-                    StreamMessage::Resize {
-                        width: dimension("Width"),
-                        height: dimension("Height"),
-                    }
-                }
-                255 if v5 && payload.first() == Some(&0) => StreamMessage::StdinClose,
-                _ => continue,
             };
             if to_node.send(&message.to_message()).await.is_err() {
                 break;
@@ -284,19 +269,16 @@ async fn bridge(
                 Ok(Some(m)) => m,
                 _ => break,
             };
-            let (channel, payload) = match StreamMessage::from_message(&message) {
-                Ok(StreamMessage::Stdout(b)) => (1u8, b),
-                Ok(StreamMessage::Stderr(b)) => (2u8, b),
-                Ok(StreamMessage::Exit(status)) => (3u8, status.to_vec()),
-                _ => continue,
+            let Ok(message) = StreamMessage::from_message(&message) else {
+                continue;
             };
-            let mut frame = Vec::with_capacity(payload.len() + 1);
-            frame.push(channel);
-            frame.extend_from_slice(&payload);
+            let Some(frame) = message.to_ws_frame() else {
+                continue;
+            };
             if ws_tx.send(WsMessage::Binary(frame.into())).await.is_err() {
                 return;
             }
-            if channel == 3 {
+            if matches!(message, StreamMessage::Exit(_)) {
                 break;
             }
         }

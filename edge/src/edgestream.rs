@@ -207,7 +207,7 @@ impl EdgeStream {
         let prepared = self.prepare_exec(&call.namespace, &call.pod, &call.query);
         let (input, mut output) = request.into_duplex();
         match prepared {
-            Ok((options, target)) => exec::run(options, target, input, output).await,
+            Ok((options, target)) => exec::over_link(options, target, input, output).await,
             Err(e) => {
                 let head = StreamHead::Error {
                     code: e.code,
@@ -225,10 +225,12 @@ impl EdgeStream {
         let container = if asked.is_empty() {
             match regular_containers(pod).as_slice() {
                 [only] => only.clone(),
-                _ => return Err(ApiError::bad_request(format!(
+                _ => {
+                    return Err(ApiError::bad_request(format!(
                     "a container name must be specified for pod {pod_name}, choose one of: [{}]",
                     names.join(" ")
-                ))),
+                )))
+                }
             }
         } else {
             asked.to_owned()
@@ -288,5 +290,89 @@ fn tokio_stream_of<T: Send + 'static>(
 ) -> impl futures_util::Stream<Item = T> + Send + 'static {
     futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
+    })
+}
+
+/// The remote-command subprotocols MetaServer serves, newest first.
+const REMOTE_COMMAND_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
+
+/// MetaServer's `GET .../pods/{name}/exec`: `kubectl exec` on the node itself (someone at the
+/// device, with or without the cloud), over WebSocket as kube-apiserver serves it.
+pub async fn http_exec(
+    State(stream): State<Arc<EdgeStream>>,
+    Path((namespace, pod)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    upgrade: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Response {
+    let (options, target) =
+        match stream.prepare_exec(&namespace, &pod, query.as_deref().unwrap_or("")) {
+            Ok(prepared) => prepared,
+            Err(e) => return ApiReply::error(&e).into_response(),
+        };
+    let Ok(upgrade) = upgrade else {
+        return ApiReply::error(&ApiError::bad_request(format!(
+            "exec is served over WebSocket with the {} subprotocols (kubectl 1.30 and later use \
+             them by default); SPDY is not served",
+            REMOTE_COMMAND_PROTOCOLS.join(" or ")
+        )))
+        .into_response();
+    };
+    let upgrade = upgrade.protocols(REMOTE_COMMAND_PROTOCOLS);
+    let v5 = upgrade
+        .selected_protocol()
+        .is_some_and(|p| p.as_bytes() == REMOTE_COMMAND_PROTOCOLS[0].as_bytes());
+    upgrade.on_upgrade(move |socket| async move {
+        use axum::extract::ws::Message as WsMessage;
+        use futures_util::{SinkExt, StreamExt};
+        let (session, in_tx, mut out_rx) = exec::Session::new();
+        let cancel = session.cancelled.clone();
+        let runner = tokio::spawn(exec::run(options, target, session));
+        let (mut ws_tx, mut ws_rx) = socket.split();
+        let mut in_tx = Some(in_tx);
+        loop {
+            tokio::select! {
+                message = out_rx.recv() => match message {
+                    Some(message) => {
+                        let Some(frame) = message.to_ws_frame() else { continue };
+                        if ws_tx.send(WsMessage::Binary(frame.into())).await.is_err() {
+                            cancel.cancel();
+                            break;
+                        }
+                    }
+                    None => {
+                        let _ = ws_tx.send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
+                            code: 1000,
+                            reason: "".into(),
+                        }))).await;
+                        break;
+                    }
+                },
+                message = ws_rx.next() => match message {
+                    Some(Ok(WsMessage::Binary(data))) => {
+                        let Some(message) = transport::stream::StreamMessage::from_ws_frame(&data, v5) else {
+                            continue;
+                        };
+                        if let Some(tx) = &in_tx {
+                            if matches!(message, transport::stream::StreamMessage::StdinClose) {
+                                let _ = tx.send(message).await;
+                                in_tx = None;
+                            } else {
+                                let _ = tx.send(message).await;
+                            }
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    // The client went away: the command goes with it.
+                    Some(Err(_)) | None => {
+                        cancel.cancel();
+                        break;
+                    }
+                },
+            }
+        }
+        let _ = runner.await;
     })
 }

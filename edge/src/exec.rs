@@ -144,14 +144,51 @@ fn set_window(master: &OwnedFd, width: u16, height: u16) {
     unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
 }
 
-/// Runs the command and carries its streams over the link until it exits (then the final
-/// status) or the cloud goes away (then its process group is killed).
-pub async fn run(
-    options: ExecOptions,
-    target: Target,
-    mut input: StreamReader,
-    mut output: StreamWriter,
-) {
+/// One exec session's ends, whatever carries them (the link to the cloud, or MetaServer's
+/// WebSocket for someone at the node): input from the client (`Stdin`, `StdinClose`,
+/// `Resize`; the channel closing means no more input), output to it (`Stdout`, `Stderr`, then
+/// `Exit`; a closed channel means the client is gone), and a token cancelled when the client
+/// went away (the command's process group is killed then).
+pub struct Session {
+    pub input: tokio::sync::mpsc::Receiver<StreamMessage>,
+    pub output: tokio::sync::mpsc::Sender<StreamMessage>,
+    pub cancelled: tokio_util::sync::CancellationToken,
+}
+
+impl Session {
+    /// A session and the other ends of its channels: (session, input sender, output receiver).
+    pub fn new() -> (
+        Session,
+        tokio::sync::mpsc::Sender<StreamMessage>,
+        tokio::sync::mpsc::Receiver<StreamMessage>,
+    ) {
+        let (in_tx, input) = tokio::sync::mpsc::channel(8);
+        let (output, out_rx) = tokio::sync::mpsc::channel(8);
+        let session = Session {
+            input,
+            output,
+            cancelled: tokio_util::sync::CancellationToken::new(),
+        };
+        (session, in_tx, out_rx)
+    }
+}
+
+/// Ends a session with a command that could not start: its message on stderr, then the exit
+/// code runtimes give (127 not found, 126 otherwise).
+async fn not_started(session: &Session, command: &[String], message: String, code: i32) {
+    let _ = session
+        .output
+        .send(StreamMessage::Stderr(message.into_bytes()))
+        .await;
+    let _ = session
+        .output
+        .send(StreamMessage::exit(&exit_status(command, code)))
+        .await;
+}
+
+/// Runs the command and carries its streams through `session` until it exits (then the final
+/// status) or the client goes away (then its process group is killed).
+pub async fn run(options: ExecOptions, target: Target, mut session: Session) {
     let mut command = tokio::process::Command::new(&options.command[0]);
     command
         .args(&options.command[1..])
@@ -163,13 +200,8 @@ pub async fn run(
         match open_pty() {
             Ok(pair) => Some(pair),
             Err(e) => {
-                let _ = output
-                    .send(
-                        &StreamHead::error(500, &format!("cannot allocate a terminal: {e}"))
-                            .to_message(),
-                    )
-                    .await;
-                let _ = output.finish();
+                let message = format!("cannot allocate a terminal: {e}\n");
+                not_started(&session, &options.command, message, 126).await;
                 return;
             }
         }
@@ -191,10 +223,8 @@ pub async fn run(
                 command.stdin(a).stdout(b).stderr(c);
             }
             _ => {
-                let _ = output
-                    .send(&StreamHead::error(500, "cannot set up the terminal").to_message())
-                    .await;
-                let _ = output.finish();
+                let message = "cannot set up the terminal\n".to_owned();
+                not_started(&session, &options.command, message, 126).await;
                 return;
             }
         }
@@ -245,26 +275,16 @@ pub async fn run(
             } else {
                 126
             };
-            let _ = output.send(&StreamHead::Ok.to_message()).await;
             let message = format!("exec: {:?}: {e}\n", options.command[0]);
-            let _ = output
-                .send(&StreamMessage::Stderr(message.into_bytes()).to_message())
-                .await;
-            let _ = output
-                .send(&StreamMessage::exit(&exit_status(&options.command, code)).to_message())
-                .await;
-            let _ = output.finish();
+            not_started(&session, &options.command, message, code).await;
             return;
         }
     };
-    if output.send(&StreamHead::Ok.to_message()).await.is_err() {
-        return; // kill_on_drop
-    }
     let pgid = child.id().map_or(0, |p| p as i32);
     drop(target.group);
 
-    // Output: the command's pipes (or the terminal) into messages, in one task each, all
-    // feeding one channel so that a single writer owns the stream.
+    // Each output of the command (or the terminal) is pumped by a task of its own into one
+    // channel, so that one loop owns the session's output.
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<StreamMessage>(8);
     let mut readers = Vec::new();
     let mut pty_writer: Option<tokio::fs::File> = None;
@@ -308,26 +328,25 @@ pub async fn run(
 
     let mut input_open = true;
     let mut output_open = true;
-    // The cloud stops reading when kubectl went away: the command goes with it.
-    let stopped = output.stopped();
-    tokio::pin!(stopped);
+    let cancelled = session.cancelled.clone();
     let exit = loop {
         tokio::select! {
             status = child.wait() => break status,
-            _ = &mut stopped => {
+            // The client went away (kubectl interrupted): the command goes with it.
+            _ = cancelled.cancelled() => {
                 procs::signal_group(pgid, libc::SIGKILL);
                 let _ = child.wait().await;
                 return;
             }
-            message = input.next(), if input_open => match message.map(|m| m.and_then(|m| StreamMessage::from_message(&m).ok())) {
-                Ok(Some(StreamMessage::Stdin(bytes))) => {
+            message = session.input.recv(), if input_open => match message {
+                Some(StreamMessage::Stdin(bytes)) => {
                     if let Some(w) = stdin.as_mut() {
                         if w.write_all(&bytes).await.is_err() || w.flush().await.is_err() {
                             stdin = None;
                         }
                     }
                 }
-                Ok(Some(StreamMessage::StdinClose)) => {
+                Some(StreamMessage::StdinClose) => {
                     if options.tty {
                         // A terminal has no end of input: ^D is how a shell hears it.
                         if let Some(w) = stdin.as_mut() {
@@ -337,24 +356,18 @@ pub async fn run(
                         stdin = None;
                     }
                 }
-                Ok(Some(StreamMessage::Resize { width, height })) => {
+                Some(StreamMessage::Resize { width, height }) => {
                     if let Some(master) = &pty_master {
                         set_window(master, width, height);
                     }
                 }
-                Ok(Some(_)) => {}
-                // The cloud finished its side: no more input.
-                Ok(None) => { input_open = false; stdin = None; }
-                // The cloud went away (kubectl interrupted): the command goes with it.
-                Err(_) => {
-                    procs::signal_group(pgid, libc::SIGKILL);
-                    let _ = child.wait().await;
-                    return;
-                }
+                Some(_) => {}
+                // The client finished its side: no more input.
+                None => { input_open = false; stdin = None; }
             },
             message = out_rx.recv(), if output_open => match message {
                 Some(message) => {
-                    if output.send(&message.to_message()).await.is_err() {
+                    if session.output.send(message).await.is_err() {
                         procs::signal_group(pgid, libc::SIGKILL);
                         let _ = child.wait().await;
                         return;
@@ -370,7 +383,7 @@ pub async fn run(
     drop(pty_master);
     let drain = async {
         while let Some(message) = out_rx.recv().await {
-            if output.send(&message.to_message()).await.is_err() {
+            if session.output.send(message).await.is_err() {
                 return false;
             }
         }
@@ -394,10 +407,64 @@ pub async fn run(
         }
         Err(_) => 255,
     };
-    let _ = output
-        .send(&StreamMessage::exit(&exit_status(&options.command, code)).to_message())
+    let _ = session
+        .output
+        .send(StreamMessage::exit(&exit_status(&options.command, code)))
         .await;
-    let _ = output.finish();
+}
+
+/// Carries a session over the link: the cloud's messages in, the session's out, until the
+/// final status went out or either side is gone (the cloud resetting its side, or stopping
+/// reading, cancels the session).
+pub async fn over_link(
+    options: ExecOptions,
+    target: Target,
+    mut input: StreamReader,
+    mut output: StreamWriter,
+) {
+    if output.send(&StreamHead::Ok.to_message()).await.is_err() {
+        return;
+    }
+    let (session, in_tx, mut out_rx) = Session::new();
+    let cancel = session.cancelled.clone();
+    let runner = tokio::spawn(run(options, target, session));
+    let stopped = output.stopped();
+    tokio::pin!(stopped);
+    let mut in_tx = Some(in_tx);
+    loop {
+        tokio::select! {
+            message = out_rx.recv() => match message {
+                Some(message) => {
+                    if output.send(&message.to_message()).await.is_err() {
+                        cancel.cancel();
+                        break;
+                    }
+                }
+                None => {
+                    let _ = output.finish();
+                    break;
+                }
+            },
+            message = input.next(), if in_tx.is_some() => match message {
+                Ok(Some(message)) => {
+                    let Ok(message) = StreamMessage::from_message(&message) else { continue };
+                    if let Some(tx) = &in_tx {
+                        let _ = tx.send(message).await;
+                    }
+                }
+                Ok(None) => in_tx = None,
+                Err(_) => {
+                    cancel.cancel();
+                    break;
+                }
+            },
+            _ = &mut stopped => {
+                cancel.cancel();
+                break;
+            }
+        }
+    }
+    let _ = runner.await;
 }
 
 /// Copies one output of the command into messages until it ends (a terminal's EIO after the

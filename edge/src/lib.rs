@@ -133,12 +133,16 @@ impl EdgeCore {
             meta.clone(),
             config.data_dir.join("pods"),
         ));
-        // Container logs are served from this node's files (offline too); everything else
+        // Container logs and exec are served on the node itself (offline too); everything else
         // by the shared API over the cache.
         let router = axum::Router::new()
             .route(
                 "/api/v1/namespaces/{namespace}/pods/{name}/log",
                 axum::routing::get(edgestream::http_log),
+            )
+            .route(
+                "/api/v1/namespaces/{namespace}/pods/{name}/exec",
+                axum::routing::get(edgestream::http_exec).post(edgestream::http_exec),
             )
             .with_state(edgestream.clone())
             .merge(ApiServer::new(meta.store().clone(), policy).router().layer(

@@ -66,9 +66,9 @@ fn processes(cmdline: &[&str]) -> usize {
 fn kubectl_exec_runs_in_the_container_with_streams_exit_codes_stdin_and_a_terminal() {
     let cloud_dir = tempfile::tempdir().unwrap();
     let edge_dir = tempfile::tempdir().unwrap();
-    let cloud = CloudProcess::start(cloud_dir.path());
+    let mut cloud = CloudProcess::start(cloud_dir.path());
     let token = token(&cloud);
-    let _edge = EdgeProcess::start(&cloud, "edge-1", edge_dir.path(), free_port(), Some(&token));
+    let edge = EdgeProcess::start(&cloud, "edge-1", edge_dir.path(), free_port(), Some(&token));
     assert!(cloud
         .kubectl_stdin(&["apply", "-f", "-"], POD)
         .status
@@ -153,4 +153,23 @@ fn kubectl_exec_runs_in_the_container_with_streams_exit_codes_stdin_and_a_termin
         processes(&["sleep", "737373"]) == 0
     });
     eprintln!("gone {:?} after kubectl", started.elapsed());
+
+    // On the node itself, with the cloud gone: MetaServer serves exec too.
+    cloud.kill9();
+    let (code, out, err) = kubectl_exec(
+        &edge.metaserver,
+        &["box", "--", "sh", "-c", "printenv GREETING; exit 5"],
+        None,
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (5, "hello from the container\n"),
+        "{err}"
+    );
+    let (code, out, err) = kubectl_exec(
+        &edge.metaserver,
+        &["-i", "box", "--", "cat"],
+        Some("offline\n"),
+    );
+    assert_eq!((code, out.as_str()), (0, "offline\n"), "{err}");
 }

@@ -182,7 +182,62 @@ pub enum StreamMessage {
     Exit(Bytes),
 }
 
+/// Kubernetes' remote-command channels over WebSocket (`v4.channel.k8s.io`,
+/// `v5.channel.k8s.io`): each binary WebSocket message is a channel byte and its payload.
+pub mod channel {
+    pub const STDIN: u8 = 0;
+    pub const STDOUT: u8 = 1;
+    pub const STDERR: u8 = 2;
+    /// The final `Status` (JSON).
+    pub const ERROR: u8 = 3;
+    /// Terminal size, JSON `{"Width":…,"Height":…}`.
+    pub const RESIZE: u8 = 4;
+    /// v5 only: `[CLOSE, channel]` half-closes that channel (stdin's end).
+    pub const CLOSE: u8 = 255;
+}
+
 impl StreamMessage {
+    /// Reads a client's WebSocket message (stdin, resize, v5's close of stdin); `None` for
+    /// what a server ignores.
+    pub fn from_ws_frame(frame: &[u8], v5: bool) -> Option<StreamMessage> {
+        let (&id, payload) = frame.split_first()?;
+        match id {
+            channel::STDIN => Some(StreamMessage::Stdin(payload.to_vec())),
+            channel::RESIZE => {
+                let size: serde_json::Value = serde_json::from_slice(payload).ok()?;
+                let dimension = |k: &str| {
+                    size.get(k)
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(0)
+                        .min(u16::MAX as u64) as u16
+                };
+                Some(StreamMessage::Resize {
+                    width: dimension("Width"),
+                    height: dimension("Height"),
+                })
+            }
+            channel::CLOSE if v5 && payload.first() == Some(&channel::STDIN) => {
+                Some(StreamMessage::StdinClose)
+            }
+            _ => None,
+        }
+    }
+
+    /// The WebSocket message a server sends for this (stdout, stderr, the final status);
+    /// `None` for what goes the other way.
+    pub fn to_ws_frame(&self) -> Option<Vec<u8>> {
+        let (id, payload): (u8, &[u8]) = match self {
+            StreamMessage::Stdout(b) => (channel::STDOUT, b),
+            StreamMessage::Stderr(b) => (channel::STDERR, b),
+            StreamMessage::Exit(status) => (channel::ERROR, status),
+            _ => return None,
+        };
+        let mut frame = Vec::with_capacity(payload.len() + 1);
+        frame.push(id);
+        frame.extend_from_slice(payload);
+        Some(frame)
+    }
+
     /// The final status message of an exec.
     pub fn exit(status: &serde_json::Value) -> StreamMessage {
         StreamMessage::Exit(Bytes::from(status.to_string()))
