@@ -96,12 +96,8 @@ impl EdgeStream {
         query: &str,
     ) -> Result<PreparedLog, ApiError> {
         let mut options = LogOptions::from_query(query).map_err(ApiError::bad_request)?;
-        let key = ObjectKey::new("pods", namespace, pod_name)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let pod = self
-            .pod(&key)?
-            .ok_or_else(|| ApiError::not_found("pods", pod_name))?;
-        options.container = self.container_of(&pod, pod_name, &options.container)?;
+        let (key, container) = self.pod_container(namespace, pod_name, &options.container)?;
+        options.container = container;
         let dir = self.pods_dir.join(format!("{namespace}_{pod_name}"));
         let file = logs::path(&dir, &options.container, options.previous);
         if options.previous && !file.exists() {
@@ -187,12 +183,9 @@ impl EdgeStream {
         query: &str,
     ) -> Result<(ExecOptions, exec::Target), ApiError> {
         let mut options = ExecOptions::from_query(query).map_err(ApiError::bad_request)?;
-        let key = ObjectKey::new("pods", namespace, pod_name)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let pod = self
-            .pod(&key)?
-            .ok_or_else(|| ApiError::not_found("pods", pod_name))?;
-        options.container = self.container_of(&pod, pod_name, &options.container)?;
+        options.container = self
+            .pod_container(namespace, pod_name, &options.container)?
+            .1;
         let dir = self.pods_dir.join(format!("{namespace}_{pod_name}"));
         let target = exec::target(&dir, &options.container).ok_or_else(|| {
             ApiError::bad_request(format!(
@@ -217,6 +210,23 @@ impl EdgeStream {
                 let _ = output.finish();
             }
         }
+    }
+
+    /// The pod's key and the container a request names (or the pod's only one): 404 for a pod
+    /// the node does not hold, 400 for a container it does not have.
+    fn pod_container(
+        &self,
+        namespace: &str,
+        pod_name: &str,
+        asked: &str,
+    ) -> Result<(ObjectKey, String), ApiError> {
+        let key = ObjectKey::new("pods", namespace, pod_name)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let pod = self
+            .pod(&key)?
+            .ok_or_else(|| ApiError::not_found("pods", pod_name))?;
+        let container = self.container_of(&pod, pod_name, asked)?;
+        Ok((key, container))
     }
 
     /// The container a request names, or the pod's only one; the errors kube-apiserver gives.

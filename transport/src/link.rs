@@ -424,27 +424,11 @@ impl LinkHandle {
         message: &Message,
         timeout: std::time::Duration,
     ) -> Result<(ReceivedMessage, StreamReader), LinkError> {
-        let connection = self
-            .shared
-            .ready_connection()
-            .ok_or(LinkError::NotConnected)?;
-        let max_frame = self.shared.config.max_frame;
-        let body = encode_body(&Envelope::Message(message));
-        let exchange = async {
-            let (mut send, recv) = connection.open_bi().await?;
-            write_bodies(&mut send, [&body], max_frame).await?;
-            send.finish()?;
-            let mut stream = StreamReader {
-                reader: FrameReader::new(recv, max_frame),
-            };
-            let first = stream.next().await?.ok_or_else(|| {
-                LinkError::Protocol("request stream closed without a response".into())
-            })?;
-            Ok((first, stream))
-        };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| LinkError::Timeout(timeout))?
+        let (first, writer, reader) = self.open_duplex(message, timeout).await?;
+        // Nothing more to say. The answerer may already have stopped reading (it reads only
+        // the request), which makes finishing fail harmlessly.
+        let _ = writer.finish();
+        Ok((first, reader))
     }
 
     /// Opens a duplex call: `message` first, then more messages through the returned
