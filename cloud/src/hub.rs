@@ -486,12 +486,16 @@ impl HubCore {
         ) {
             Ok(Decision::Write(object)) | Ok(Decision::Status(object)) => {
                 let bytes = Bytes::from(object::to_stored(object));
-                let expect = current
-                    .as_ref()
-                    .map_or(Precondition::Absent, |c| Precondition::Version(c.rv));
-                echo_bytes = Some(bytes.clone());
-                changes_object = true;
-                set.put(report.key.clone(), bytes, expect);
+                // A report that changes nothing is recorded, not written: no new version, no
+                // MODIFIED event without a change (as kube-apiserver skips no-op updates).
+                if current.as_ref().is_none_or(|c| c.object != bytes) {
+                    let expect = current
+                        .as_ref()
+                        .map_or(Precondition::Absent, |c| Precondition::Version(c.rv));
+                    echo_bytes = Some(bytes.clone());
+                    changes_object = true;
+                    set.put(report.key.clone(), bytes, expect);
+                }
             }
             Ok(Decision::ConfirmDelete) => {
                 let expect = current
