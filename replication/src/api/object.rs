@@ -244,6 +244,9 @@ pub fn prepare_update(
         // Defaulted before the spec is compared, so a client omitting defaults changes nothing.
         super::workloads::apply_defaults(resource, object);
     }
+    if resource.plural == "secrets" {
+        secret_string_data(object);
+    }
     let current_meta = meta(current).cloned().unwrap_or_default();
     let metadata = meta_mut(object);
     for field in [
@@ -338,7 +341,34 @@ fn check_namespace(
     }
 }
 
+/// A Secret's `stringData` is write-only, as in Kubernetes: each entry is merged into `data`
+/// (base64, overriding an entry of the same key) and `stringData` is not stored; `type`
+/// defaults to `Opaque`.
+fn secret_string_data(object: &mut Object) {
+    use base64::Engine;
+    if let Some(Value::Object(strings)) = object.remove("stringData") {
+        let data = object.entry("data").or_insert_with(|| json!({}));
+        if !data.is_object() {
+            *data = json!({});
+        }
+        if let Some(data) = data.as_object_mut() {
+            for (key, value) in strings {
+                let text = value
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| value.to_string());
+                let encoded = base64::engine::general_purpose::STANDARD.encode(text.as_bytes());
+                data.insert(key, Value::String(encoded));
+            }
+        }
+    }
+    object.entry("type").or_insert(json!("Opaque"));
+}
+
 fn apply_defaults(resource: &Resource, object: &mut Object) {
+    if resource.plural == "secrets" {
+        secret_string_data(object);
+    }
     match resource.plural {
         "pods" => {
             let spec = object
@@ -614,6 +644,34 @@ mod tests {
         let no_meta = with_resource_version(br#"{"kind":"X"}"#, 7).unwrap();
         let v: Value = serde_json::from_slice(&no_meta).unwrap();
         assert_eq!(v["metadata"]["resourceVersion"], "7");
+    }
+
+    #[test]
+    fn a_secrets_string_data_is_merged_into_data_and_not_stored() {
+        let secrets = super::super::resources::find("", "v1", "secrets").unwrap();
+        let mut secret: Object = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "s", "namespace": "d"},
+            "data": {"kept": "a2VwdA==", "token": "b2xk"},
+            "stringData": {"token": "s3cret"},
+        }))
+        .unwrap();
+        prepare_create(secrets, "d", &mut secret).unwrap();
+        assert_eq!(
+            secret["data"]["token"], "czNjcmV0",
+            "stringData wins over data"
+        );
+        assert_eq!(secret["data"]["kept"], "a2VwdA==");
+        assert!(secret.get("stringData").is_none());
+        assert_eq!(secret["type"], "Opaque");
+
+        let current = secret.clone();
+        let mut update = secret.clone();
+        update.insert("stringData".into(), json!({"extra": "x"}));
+        prepare_update(secrets, "d", "s", &current, &mut update, false).unwrap();
+        assert_eq!(update["data"]["extra"], "eA==");
+        assert!(update.get("stringData").is_none());
+        assert_eq!(update["type"], "Opaque");
     }
 
     #[test]

@@ -181,7 +181,13 @@ impl ApiError {
             "code": self.code,
         });
         let more = self.more.as_deref().cloned().unwrap_or_default();
-        if self.details.is_some() || !self.causes.is_empty() || more.retry_after_seconds.is_some() {
+        // kube-apiserver's NotFound always has `details` (empty for an unknown resource);
+        // kubectl debug dereferences it.
+        if self.details.is_some()
+            || !self.causes.is_empty()
+            || more.retry_after_seconds.is_some()
+            || self.code == 404
+        {
             let mut details = json!({});
             if let Some((kind, name)) = self.details.as_deref() {
                 details["name"] = json!(name);
@@ -221,4 +227,26 @@ pub fn success_status(kind: &str, name: &str) -> Value {
         "status": "Success",
         "details": {"name": name, "kind": kind},
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_not_found_always_has_details() {
+        // kubectl debug reads `details` of a 404 for an unknown subresource and panics without.
+        let unknown = ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+        assert_eq!(unknown.to_status()["details"], json!({}));
+        let named = ApiError::not_found("pods", "p");
+        assert_eq!(named.to_status()["details"]["name"], "p");
+        assert!(ApiError::bad_request("x")
+            .to_status()
+            .get("details")
+            .is_none());
+    }
 }

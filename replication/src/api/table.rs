@@ -207,11 +207,21 @@ fn cells(resource: &Resource, object: &Object) -> Vec<Value> {
             ]
         }
         "nodes" => {
-            let status = match condition(object, "Ready").as_deref() {
+            let mut status = match condition(object, "Ready").as_deref() {
                 Some("True") => "Ready",
                 Some(_) => "NotReady",
                 None => "Unknown",
-            };
+            }
+            .to_owned();
+            // As kubectl prints a cordoned node.
+            if object
+                .get("spec")
+                .and_then(|s| s.get("unschedulable"))
+                .and_then(|u| u.as_bool())
+                == Some(true)
+            {
+                status.push_str(",SchedulingDisabled");
+            }
             let roles: Vec<String> = super::object::labels(object)
                 .map(|l| {
                     l.keys()
@@ -422,6 +432,17 @@ mod tests {
         assert_eq!(c[1], 2);
         assert_eq!(c[3], 1);
         assert_eq!(c[6], "zone=a");
+    }
+
+    #[test]
+    fn a_cordoned_node_is_shown_as_kubectl_shows_it() {
+        let node = json!({"metadata": {"name": "edge-1"}, "spec": {"unschedulable": true},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+        let r = super::super::resources::find("", "v1", "nodes").unwrap();
+        assert_eq!(
+            cells(r, node.as_object().unwrap())[1],
+            "Ready,SchedulingDisabled"
+        );
     }
 
     #[test]
