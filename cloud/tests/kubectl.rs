@@ -844,13 +844,18 @@ fn deployments_scale_roll_back_and_cascade() {
         "--replicas=1",
     ]);
     eventually("the ReplicaSet adopted", Duration::from_secs(20), || {
-        cloud.ok(&[
-            "get",
-            "rs",
-            &orphans[0],
-            "-o",
-            "jsonpath={.metadata.ownerReferences[0].kind}",
-        ]) == "Deployment"
+        // Not `ok`: until the adoption, the list is empty and the jsonpath index fails.
+        String::from_utf8_lossy(
+            &cloud
+                .kubectl(&[
+                    "get",
+                    "rs",
+                    &orphans[0],
+                    "-o",
+                    "jsonpath={.metadata.ownerReferences[*].kind}",
+                ])
+                .stdout,
+        ) == "Deployment"
     });
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(names(&cloud, &["rs", "-l", "app=keep"]), orphans);
