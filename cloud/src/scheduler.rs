@@ -21,6 +21,8 @@ pub const EDGE_ROLE_LABEL: &str = "node-role.kubernetes.io/edge";
 struct NodeInfo {
     labels: Object,
     ready: bool,
+    /// Cordoned (`spec.unschedulable`, `kubectl cordon`/`drain`): no new pods.
+    unschedulable: bool,
     pods: usize,
 }
 
@@ -68,6 +70,11 @@ impl Scheduler {
                 let info = self.nodes.entry(key.name().to_owned()).or_default();
                 info.labels = object::labels(&node).cloned().unwrap_or_default();
                 info.ready = node_is_ready(&node);
+                info.unschedulable = node
+                    .get("spec")
+                    .and_then(|s| s.get("unschedulable"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
             }
             "pods" => {
                 if let Some(old) = self.bound.remove(key) {
@@ -98,7 +105,8 @@ impl Scheduler {
         }
     }
 
-    /// The node for `pod`: Ready, an edge node, matching the nodeSelector, fewest pods, then name.
+    /// The node for `pod`: Ready, an edge node, not cordoned, matching the nodeSelector, fewest
+    /// pods, then name.
     pub fn pick(&self, pod: &Object) -> Option<String> {
         let selector = pod
             .get("spec")
@@ -108,7 +116,7 @@ impl Scheduler {
             .unwrap_or_default();
         self.nodes
             .iter()
-            .filter(|(_, n)| n.ready && n.labels.contains_key(EDGE_ROLE_LABEL))
+            .filter(|(_, n)| n.ready && !n.unschedulable && n.labels.contains_key(EDGE_ROLE_LABEL))
             .filter(|(_, n)| selector.matches_labels(Some(&n.labels)))
             .min_by(|a, b| a.1.pods.cmp(&b.1.pods).then(a.0.cmp(b.0)))
             .map(|(name, _)| name.clone())
@@ -262,5 +270,13 @@ mod tests {
         let nowhere: Object =
             serde_json::from_value(json!({"spec": {"nodeSelector": {"zone": "z"}}})).unwrap();
         assert_eq!(s.pick(&nowhere), None);
+        // Cordoned (kubectl cordon / drain): no new pods.
+        let cordoned = serde_json::to_vec(&json!({"metadata": {"labels": edge("x")},
+            "spec": {"unschedulable": true},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}))
+        .unwrap();
+        s.observe(&key("nodes//a"), false, &cordoned);
+        assert_eq!(s.pick(&zoned), None);
+        assert_eq!(s.pick(&pod).as_deref(), Some("b"));
     }
 }

@@ -190,8 +190,25 @@ const DEPLOYMENT: &[Field] = &[
     Field(3, "status", Ty::Msg(&[])),
 ];
 
+/// meta/v1 DeleteOptions, as `kubectl drain` sends it.
+const DELETE_OPTIONS: &[Field] = &[
+    Field(1, "gracePeriodSeconds", Ty::PtrInt),
+    Field(
+        2,
+        "preconditions",
+        Ty::Msg(&[
+            Field(1, "uid", Ty::Str),
+            Field(2, "resourceVersion", Ty::Str),
+        ]),
+    ),
+    Field(3, "orphanDependents", Ty::Bool),
+    Field(4, "propagationPolicy", Ty::Str),
+    Field(5, "dryRun", Ty::RepStr),
+];
+
 fn schema(kind: &str) -> Option<&'static [Field]> {
     Some(match kind {
+        "DeleteOptions" => DELETE_OPTIONS,
         "Namespace" => NAMESPACE,
         "ConfigMap" => CONFIG_MAP,
         "Secret" => SECRET,
@@ -444,6 +461,22 @@ mod tests {
         let mut out = vec![(number << 3 | 2) as u8, bytes.len() as u8];
         out.extend_from_slice(bytes);
         out
+    }
+
+    #[test]
+    fn decodes_the_delete_options_kubectl_drain_sends() {
+        // gracePeriodSeconds 0 (a pointer: present even when zero), propagationPolicy.
+        let raw = [vec![1 << 3, 0], len_field(4, b"Background")].concat();
+        let type_meta = [
+            len_field(1, b"meta.k8s.io/v1"),
+            len_field(2, b"DeleteOptions"),
+        ]
+        .concat();
+        let body = [MAGIC.to_vec(), len_field(1, &type_meta), len_field(2, &raw)].concat();
+        let v = decode(&body).unwrap();
+        assert_eq!(v["gracePeriodSeconds"], 0);
+        assert_eq!(v["propagationPolicy"], "Background");
+        assert_eq!(v["kind"], "DeleteOptions");
     }
 
     #[test]

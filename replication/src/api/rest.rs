@@ -572,11 +572,14 @@ pub const FOREGROUND_FINALIZER: &str = "foregroundDeletion";
 const PROTECTED_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
 
 async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
+    // kubectl drain sends its DeleteOptions as protobuf.
     let options: Value = if request.body.is_empty() {
         json!({})
     } else {
-        serde_json::from_slice(&request.body)
-            .map_err(|e| ApiError::bad_request(format!("DeleteOptions: {e}")))?
+        request
+            .body_object()
+            .map(Value::Object)
+            .map_err(|e| ApiError::bad_request(format!("DeleteOptions: {}", e.message)))?
     };
     let grace: Option<i64> = request
         .query
