@@ -219,6 +219,21 @@ fn deployments_and_daemonsets_run_on_edge_nodes() {
         agent_nodes(&cloud) == ["edge-1", "edge-2"]
     });
 
+    // kubectl drain: edge-3 is cordoned and its Deployment pods move to the other nodes (drain
+    // deletes them with protobuf DeleteOptions); none comes back while it is cordoned.
+    let out = cloud.kubectl(&["drain", "edge-3", "--ignore-daemonsets", "--timeout=60s"]);
+    assert!(out.status.success(), "drain: {}", stderr_of(&out));
+    assert!(ok(&cloud, &["get", "node", "edge-3"]).contains("SchedulingDisabled"));
+    eventually(
+        "web away from edge-3, all Running",
+        Duration::from_secs(40),
+        || {
+            let web = pods(&cloud, "app=web");
+            !web.is_empty() && web.iter().all(|p| p.1 != "edge-3" && p.2 == "Running")
+        },
+    );
+    ok(&cloud, &["uncordon", "edge-3"]);
+
     // Edge autonomy: edge-2 goes offline; its pods are not replaced elsewhere.
     let before = pods(&cloud, "app=web");
     edge2.kill9();
