@@ -25,7 +25,9 @@ use replication::api::object::Object;
 use replication::api::remote::ApiReply;
 use replication::api::ApiError;
 use replication::{ObjectKey, Store};
-use transport::stream::{PodStreamRequest, StreamHead, StreamMessage, Subresource};
+use transport::stream::{
+    PodStreamRequest, StreamHead, StreamMessage, Subresource, REMOTE_COMMAND_PROTOCOLS,
+};
 use transport::{LinkError, LinkHandle, StreamReader, StreamWriter};
 
 use crate::servicebus::ServiceBus;
@@ -170,9 +172,6 @@ fn refusal(head: &transport::ReceivedMessage) -> Option<Response> {
         Err(e) => Some(error(ApiError::new(502, "BadGateway", e.to_string()))),
     }
 }
-
-/// The remote-command subprotocols served, newest first (KEP-3396: v5 adds the close signal).
-const REMOTE_COMMAND_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
 
 /// `kubectl exec`: the remote-command protocol over WebSocket (`v5.channel.k8s.io`, or v4),
 /// each message a channel byte (0 stdin, 1 stdout, 2 stderr, 3 the final status, 4 terminal

@@ -20,7 +20,7 @@ use replication::api::remote::ApiReply;
 use replication::api::ApiError;
 use replication::ObjectKey;
 use serde_json::Value;
-use transport::stream::{PodStreamRequest, StreamHead, Subresource};
+use transport::stream::{PodStreamRequest, StreamHead, Subresource, REMOTE_COMMAND_PROTOCOLS};
 use transport::{IncomingRequest, StreamWriter};
 
 use crate::edged::logs::{self, LogOptions, LogSink};
@@ -302,9 +302,6 @@ fn tokio_stream_of<T: Send + 'static>(
         rx.recv().await.map(|item| (item, rx))
     })
 }
-
-/// The remote-command subprotocols MetaServer serves, newest first.
-const REMOTE_COMMAND_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
 
 /// MetaServer's `GET .../pods/{name}/exec`: `kubectl exec` on the node itself (someone at the
 /// device, with or without the cloud), over WebSocket as kube-apiserver serves it.

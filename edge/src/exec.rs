@@ -40,11 +40,9 @@ impl ExecOptions {
     /// Parses the query string of the `exec` subresource; errors name the bad parameter.
     pub fn from_query(query: &str) -> Result<ExecOptions, String> {
         let mut options = ExecOptions::default();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = crate::edged::logs::percent_decode(value);
+        for (name, value) in crate::edged::logs::query_pairs(query)? {
             let flag = || matches!(value.as_str(), "" | "true" | "1");
-            match name {
+            match name.as_str() {
                 "command" => options.command.push(value.clone()),
                 "container" => options.container = value.clone(),
                 "stdin" => options.stdin = flag(),

@@ -7,7 +7,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use support::common;
@@ -30,25 +30,12 @@ fn start_edge(
     token: Option<&str>,
     extra: &[&str],
 ) -> EdgeProcess {
-    let port = free_port();
-    let mut command = edge_command(cloud, node, dir, port);
-    command.arg("--no-mqtt").args(extra);
-    if let Some(token) = token {
-        command.arg("--token").arg(token);
-    }
-    let child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start edgecore");
-    let edge = EdgeProcess {
-        child,
-        metaserver: format!("http://127.0.0.1:{port}"),
-    };
-    eventually("MetaServer answers", Duration::from_secs(15), || {
-        common::http_get(&format!("127.0.0.1:{port}"), "/healthz").is_some_and(|b| b == "ok")
-    });
-    edge
+    // Non-empty MQTT flags are passed as they are: `--no-mqtt` and the test's own.
+    let flags: Vec<String> = std::iter::once("--no-mqtt")
+        .chain(extra.iter().copied())
+        .map(str::to_owned)
+        .collect();
+    EdgeProcess::start_with(cloud, node, dir, free_port(), token, &flags)
 }
 
 fn signal(child: &Child, signal: &str) {

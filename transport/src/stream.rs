@@ -182,6 +182,10 @@ pub enum StreamMessage {
     Exit(Bytes),
 }
 
+/// The WebSocket subprotocols of Kubernetes' remote-command protocol that kedge serves, newest
+/// first (KEP-3396: v5 adds the close signal).
+pub const REMOTE_COMMAND_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
+
 /// Kubernetes' remote-command channels over WebSocket (`v4.channel.k8s.io`,
 /// `v5.channel.k8s.io`): each binary WebSocket message is a channel byte and its payload.
 pub mod channel {

@@ -50,9 +50,7 @@ impl LogOptions {
     /// kube-apiserver's 400 does.
     pub fn from_query(query: &str) -> Result<LogOptions, String> {
         let mut options = LogOptions::default();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value);
+        for (name, value) in query_pairs(query)? {
             let number = |what: &str| -> Result<i64, String> {
                 value
                     .parse::<i64>()
@@ -65,7 +63,7 @@ impl LogOptions {
                     other => Err(format!("{what}: {other:?} is not a boolean")),
                 }
             };
-            match name {
+            match name.as_str() {
                 "container" => options.container = value.clone(),
                 "follow" => options.follow = flag("follow")?,
                 "previous" => options.previous = flag("previous")?,
@@ -147,30 +145,9 @@ impl LogOptions {
     }
 }
 
-/// Decodes a query value (`%XX` and `+`).
-pub(crate) fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// The `name=value` pairs of a query string, decoded (`%XX`, `+`), repeats kept in order.
+pub(crate) fn query_pairs(query: &str) -> Result<Vec<(String, String)>, String> {
+    serde_urlencoded::from_str(query).map_err(|e| format!("the query is malformed: {e}"))
 }
 
 /// The log file of `container` in the pod directory `pod_dir`.
