@@ -2,6 +2,14 @@
 //! cluster), the EdgeController that routes objects to nodes, CloudHub (one QUIC link per node)
 //! and the per-node ObjectSync record.
 //!
+//! KubeEdge's cloud modules, by their names here:
+//! - [`hub`]: CloudHub (links, sync sessions, ObjectSync), a sans-IO core and its async shell;
+//! - [`edgecontroller`]: EdgeController (what each node holds; node reports judged);
+//! - [`routing`]: the EdgeController's routing index (KubeEdge's LocationCache);
+//! - [`devicecontroller`]: DeviceController (Devices and DeviceModels to nodes, twins up);
+//! - [`lifecycle`]: the node lifecycle (Lease renewal from heartbeats, Ready/NotReady);
+//! - [`node_api`]: API calls forwarded by MetaServer, under node authorization ([`authz`]);
+//!
 //! - [`api_tls`]: the API over HTTPS with a bearer token (off loopback);
 //! - [`cluster`]: the cluster source, embedded or a real cluster through kube-rs (mirror and
 //!   write-back);
@@ -24,6 +32,8 @@ pub mod authz;
 pub mod cloudstream;
 pub mod cluster;
 pub mod controllers;
+pub mod devicecontroller;
+pub mod edgecontroller;
 pub mod embedded;
 pub mod hub;
 pub mod join;

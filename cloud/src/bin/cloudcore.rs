@@ -137,7 +137,7 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             link_keepalive: cli.link_keepalive,
             service_bus_timeout: cli.service_bus_timeout,
         };
-        let core = match CloudCore::start(config).await {
+        let mut core = match CloudCore::start(config).await {
             Ok(core) => core,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -152,12 +152,22 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-        tokio::select! {
-            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
-        }
+        let failure = tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); None }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); None }
+            why = core.failed() => Some(why),
+        };
         core.shutdown().await;
-        tracing::info!("cloudcore stopped");
-        ExitCode::SUCCESS
+        match failure {
+            None => {
+                tracing::info!("cloudcore stopped");
+                ExitCode::SUCCESS
+            }
+            Some(why) => {
+                tracing::error!(%why, "a part of cloudcore failed; exiting");
+                eprintln!("error: {why}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }

@@ -142,11 +142,15 @@ pub fn now_rfc3339() -> String {
 
 /// Now, with microseconds: a Kubernetes `MicroTime` (a Lease's `renewTime`).
 pub fn now_micro_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc();
+    micro_rfc3339(time::OffsetDateTime::now_utc())
+}
+
+/// `t` as a Kubernetes `MicroTime`: RFC 3339 UTC with six fractional digits.
+pub fn micro_rfc3339(t: time::OffsetDateTime) -> String {
     format!(
         "{}.{:06}Z",
-        rfc3339(now).trim_end_matches('Z'),
-        now.microsecond()
+        rfc3339(t).trim_end_matches('Z'),
+        t.microsecond()
     )
 }
 

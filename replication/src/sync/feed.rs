@@ -271,6 +271,15 @@ impl NodeFeed {
         }
     }
 
+    /// The keys of the node's desired set inside `range`, with the version desired.
+    pub fn desired_in(&self, range: &crate::KeyRange) -> Vec<(ObjectKey, u64)> {
+        self.desired
+            .iter()
+            .filter(|(key, _)| range.contains(key))
+            .map(|(key, d)| (key.clone(), d.change.rv))
+            .collect()
+    }
+
     /// Whether `key` is in the node's desired set.
     pub fn wants(&self, key: &ObjectKey) -> bool {
         self.desired.contains_key(key)
