@@ -11,6 +11,15 @@ command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 # The device tests play the mapper with mosquitto_pub/sub and run a real mosquitto broker.
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+# `k8s-cri` (CRI v1 for `edgecore --runtime cri`) compiles its protos with protoc at build time.
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# The CRI tests and benchmark: containerd (with ctr) and runc, CNI plugins, a local OCI registry,
+# and busybox-static to build the test images from (edge/tests/support/cri.rs).
+command -v containerd >/dev/null 2>&1 || need_apt+=(containerd)
+command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || need_apt+=(runc)
+[ -x /usr/lib/cni/bridge ] || need_apt+=(containernetworking-plugins)
+command -v docker-registry >/dev/null 2>&1 || need_apt+=(docker-registry)
+dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2

@@ -68,11 +68,26 @@ pub struct Target {
     pub cwd: PathBuf,
     /// The container's process group (to find it still running).
     pub group: GroupRecord,
+    /// A container of the CRI runtime instead of a process: the command runs through CRI
+    /// `ExecSync` (see [`run_cri`]).
+    pub cri: Option<crate::edged::cri::ExecTarget>,
 }
 
 /// The running container's environment and working directory, from its recorded process
 /// group's leader (`<pod dir>/<container>.pgroup`). `None` if it is not running.
 pub fn target(pod_dir: &Path, container: &str) -> Option<Target> {
+    if let Some(cri) = crate::edged::cri::exec_target(pod_dir, container) {
+        return Some(Target {
+            env: Vec::new(),
+            cwd: PathBuf::new(),
+            group: GroupRecord {
+                boot: String::new(),
+                pgid: 0,
+                start: 0,
+            },
+            cri: Some(cri),
+        });
+    }
     let record =
         std::fs::read_to_string(pod_dir.join(format!("{container}{}", procs::RECORD_SUFFIX)))
             .ok()?;
@@ -90,7 +105,12 @@ pub fn target(pod_dir: &Path, container: &str) -> Option<Target> {
         })
         .collect();
     let cwd = std::fs::read_link(format!("/proc/{}/cwd", group.pgid)).ok()?;
-    Some(Target { env, cwd, group })
+    Some(Target {
+        env,
+        cwd,
+        group,
+        cri: None,
+    })
 }
 
 /// The remote-command protocol's final `Status` for an exit code (client-go's
@@ -187,6 +207,10 @@ async fn not_started(session: &Session, command: &[String], message: String, cod
 /// Runs the command and carries its streams through `session` until it exits (then the final
 /// status) or the client goes away (then its process group is killed).
 pub async fn run(options: ExecOptions, target: Target, mut session: Session) {
+    if let Some(cri) = target.cri {
+        run_cri(options, cri, session).await;
+        return;
+    }
     let mut command = tokio::process::Command::new(&options.command[0]);
     command
         .args(&options.command[1..])
@@ -409,6 +433,72 @@ pub async fn run(options: ExecOptions, target: Target, mut session: Session) {
         .output
         .send(StreamMessage::exit(&exit_status(&options.command, code)))
         .await;
+}
+
+/// How long a command in a CRI container may run (`ExecSync` has no streaming: its output
+/// comes at its end).
+pub const CRI_EXEC_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Runs the command in a CRI container with `ExecSync`: stdout and stderr are sent when it
+/// ends, then its exit status. Non-interactive only: a session asking for stdin or a terminal
+/// gets an error (exit code 126) instead, since CRI's streaming `Exec` is not served here.
+/// The client going away abandons the call (containerd then kills the command).
+pub async fn run_cri(
+    options: ExecOptions,
+    target: crate::edged::cri::ExecTarget,
+    session: Session,
+) {
+    if options.stdin || options.tty {
+        let message = "kedge runs commands in CRI containers without stdin or a terminal \
+                       (CRI ExecSync): drop -i/-t\n"
+            .to_owned();
+        not_started(&session, &options.command, message, 126).await;
+        return;
+    }
+    let exec = target.client.exec_sync(
+        &target.container_id,
+        options.command.clone(),
+        CRI_EXEC_TIMEOUT,
+    );
+    let result = tokio::select! {
+        result = exec => result,
+        _ = session.cancelled.cancelled() => return,
+    };
+    match result {
+        Ok(response) => {
+            if options.stdout && !response.stdout.is_empty() {
+                let _ = session
+                    .output
+                    .send(StreamMessage::Stdout(response.stdout))
+                    .await;
+            }
+            if options.stderr && !response.stderr.is_empty() {
+                let _ = session
+                    .output
+                    .send(StreamMessage::Stderr(response.stderr))
+                    .await;
+            }
+            let _ = session
+                .output
+                .send(StreamMessage::exit(&exit_status(
+                    &options.command,
+                    response.exit_code,
+                )))
+                .await;
+        }
+        Err(e) => {
+            // As kubelet: a command that cannot run (not found, no such container) is 126/127
+            // to kubectl, with the runtime's words.
+            let code = if e.message().contains("not found") || e.message().contains("no such file")
+            {
+                127
+            } else {
+                126
+            };
+            let message = format!("exec {:?}: {}\n", options.command[0], e.message());
+            not_started(&session, &options.command, message, code).await;
+        }
+    }
 }
 
 /// Carries a session over the link: the cloud's messages in, the session's out, until the

@@ -5,7 +5,7 @@
 //! - [`meta`]: MetaManager, the cache (replication's mirror store), watermark and outbox;
 //! - [`hub`]: EdgeHub, the QUIC link to the cloud (sync down, reports up);
 //! - [`metaserver`]: MetaServer's policy over the shared `replication::api` code;
-//! - [`edged`]: Edged, a light kubelet over a runtime (`process` or `hollow`);
+//! - [`edged`]: Edged, a light kubelet over a runtime (`process`, `cri` or `hollow`);
 //! - [`node`]: node status and the Lease heartbeat;
 //! - [`servicebus`]: HTTP requests from the cloud to local applications;
 //! - [`devicetwin`]: the node's devices and their twins (expected/actual), reported upward;
@@ -42,7 +42,12 @@ pub enum RuntimeKind {
     Process,
     /// Pods are Running at once, nothing is started (load tests).
     Hollow,
+    /// Containers of a CRI v1 runtime (containerd) at `--cri-endpoint`.
+    Cri,
 }
+
+/// containerd's default CRI socket.
+pub const DEFAULT_CRI_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
 
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
@@ -52,6 +57,8 @@ pub struct EdgeConfig {
     pub data_dir: PathBuf,
     pub metaserver_listen: SocketAddr,
     pub runtime: RuntimeKind,
+    /// The CRI runtime's socket for [`RuntimeKind::Cri`] (`unix:///path`).
+    pub cri_endpoint: String,
     pub node_status: node::NodeStatusConfig,
     /// Applications the cloud may call through ServiceBus, by name.
     pub service_bus_apps: Vec<(String, SocketAddr)>,
@@ -73,6 +80,7 @@ impl EdgeConfig {
             data_dir,
             metaserver_listen: "127.0.0.1:10550".parse().expect("address"),
             runtime: RuntimeKind::Process,
+            cri_endpoint: DEFAULT_CRI_ENDPOINT.to_owned(),
             node_status: node::NodeStatusConfig::default(),
             service_bus_apps: Vec::new(),
             service_bus_timeout: Duration::from_secs(10),
@@ -195,6 +203,15 @@ impl EdgeCore {
             RuntimeKind::Hollow => {
                 status_config.runtime = "kedge-hollow://0.1".into();
                 Arc::new(edged::hollow::HollowRuntime::default())
+            }
+            RuntimeKind::Cri => {
+                let runtime = edged::cri::CriRuntime::open(
+                    &config.cri_endpoint,
+                    &config.data_dir.join("pods"),
+                )
+                .await?;
+                status_config.runtime = runtime.runtime_version().to_owned();
+                Arc::new(runtime)
             }
         };
         tasks.push(tokio::spawn(node::run(

@@ -35,6 +35,9 @@ struct Cli {
     /// How pods run.
     #[arg(long, value_enum, default_value = "process")]
     runtime: RuntimeKind,
+    /// The CRI v1 runtime's socket for `--runtime cri` (containerd's by default).
+    #[arg(long, default_value = edge::DEFAULT_CRI_ENDPOINT)]
+    cri_endpoint: String,
     /// An application the cloud may call through ServiceBus: NAME=HOST:PORT (repeatable).
     #[arg(long = "service-bus-app", value_parser = edge::servicebus::parse_app)]
     service_bus_apps: Vec<(String, SocketAddr)>,
@@ -112,6 +115,7 @@ fn main() -> ExitCode {
         config.token = cli.token;
         config.metaserver_listen = cli.metaserver_listen;
         config.runtime = cli.runtime;
+        config.cri_endpoint = cli.cri_endpoint;
         config.service_bus_apps = cli.service_bus_apps;
         config.service_bus_timeout = cli.service_bus_timeout;
         config.eventbus.max_payload = cli.mqtt_max_payload;

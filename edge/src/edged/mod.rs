@@ -13,6 +13,7 @@
 //! Succeeded or Failed is never run again, and a running one goes on with the restart counts
 //! it had. The status reported never leaves a terminal phase and never lowers a restart count.
 
+pub mod cri;
 pub mod hollow;
 pub mod logs;
 pub mod process;
@@ -183,7 +184,7 @@ impl Edged {
             }
             self.runtime.ensure(&run);
             if let Some(containers) = self.runtime.status(&id) {
-                self.report_status(key, pod, run.restart_policy, &containers);
+                self.report_status(&id, key, pod, run.restart_policy, &containers);
             }
         }
         if !self.reported.is_empty() {
@@ -208,13 +209,19 @@ impl Edged {
 
     fn report_status(
         &self,
+        id: &str,
         key: &ObjectKey,
         pod: &Object,
         policy: RestartPolicy,
         containers: &[ContainerStatus],
     ) {
         let held = pod.get("status").cloned().unwrap_or(Value::Null);
-        let status = pod_status(&held, policy, containers);
+        let mut status = pod_status(&held, policy, containers);
+        with_runtime_details(
+            &mut status,
+            self.runtime.pod_ip(id),
+            &self.runtime.container_ids(id),
+        );
         if status == held {
             return;
         }
@@ -268,6 +275,38 @@ impl Edged {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Fills in what only some runtimes know: the pod's own IP (`podIP`, `podIPs`) and each
+/// container's `containerID` and `imageID`.
+fn with_runtime_details(
+    status: &mut Value,
+    pod_ip: Option<String>,
+    ids: &[(String, String, String)],
+) {
+    if let Some(ip) = pod_ip {
+        status["podIP"] = json!(ip);
+        status["podIPs"] = json!([{ "ip": ip }]);
+    }
+    let Some(list) = status
+        .get_mut("containerStatuses")
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    for (name, container_id, image_id) in ids {
+        if let Some(entry) = list
+            .iter_mut()
+            .find(|c| c.get("name").and_then(Value::as_str) == Some(name.as_str()))
+        {
+            if !container_id.is_empty() {
+                entry["containerID"] = json!(container_id);
+            }
+            if !image_id.is_empty() {
+                entry["imageID"] = json!(image_id);
+            }
         }
     }
 }

@@ -65,7 +65,7 @@ pub struct ProcessRuntime {
 
 /// The runtime id kept in `pods_dir`, made on first use: it outlives edgecore, so the next
 /// run recognizes the processes of this one.
-fn runtime_id(pods_dir: &Path) -> String {
+pub(super) fn runtime_id(pods_dir: &Path) -> String {
     let path = pods_dir.join(RUNTIME_ID_FILE);
     if let Some(id) = std::fs::read_to_string(&path)
         .ok()
@@ -124,7 +124,7 @@ fn inside(root: &Path, relative: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
-fn write_files(root: &Path, files: &[(PathBuf, Vec<u8>)]) {
+pub(super) fn write_files(root: &Path, files: &[(PathBuf, Vec<u8>)]) {
     for (relative, contents) in files {
         let Some(path) = inside(root, relative) else {
             tracing::warn!(path = %relative.display(), "volume path leaves the pod root; skipped");

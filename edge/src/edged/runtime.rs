@@ -21,15 +21,78 @@ pub struct PodRun {
     /// from them with [`resume`]: restart counts go on from there, and a container that
     /// terminated for good is not run again.
     pub recorded: Vec<ContainerStatus>,
+    /// `spec.hostNetwork`: the pod shares the node's network namespace (CRI: a sandbox with
+    /// `NamespaceMode::NODE` and no hostname of its own).
+    pub host_network: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerRun {
     pub name: String,
     pub image: String,
-    /// `command` followed by `args`.
+    /// `command` followed by `args` (empty without `command`: the process runtime has no
+    /// image to take an entrypoint from).
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// `command` alone (CRI: overrides the image's entrypoint when not empty).
+    pub command: Vec<String>,
+    /// `args` alone (CRI: overrides the image's `Cmd` when not empty).
+    pub args: Vec<String>,
+    /// `workingDir`, if set (CRI: else the image's).
+    pub working_dir: Option<String>,
+    /// `imagePullPolicy`, defaulted as the API server does.
+    pub pull_policy: PullPolicy,
+    /// The container's volume mounts, resolved to directories on the node.
+    pub mounts: Vec<MountRun>,
+    /// `securityContext.privileged`.
+    pub privileged: bool,
+}
+
+/// A container's `imagePullPolicy` (Kubernetes' `PullPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Pull at every container start.
+    Always,
+    /// Pull only when the node does not have the image.
+    IfNotPresent,
+    /// Never pull: a missing image is `ErrImageNeverPull`.
+    Never,
+}
+
+impl PullPolicy {
+    /// The policy written in a container spec, or the API server's default for `image` when
+    /// none is: `Always` for the tag `latest` or no tag (and no digest), else `IfNotPresent`.
+    pub fn of(text: Option<&str>, image: &str) -> Self {
+        match text {
+            Some("Always") => PullPolicy::Always,
+            Some("IfNotPresent") => PullPolicy::IfNotPresent,
+            Some("Never") => PullPolicy::Never,
+            _ => {
+                if image.contains('@') {
+                    return PullPolicy::IfNotPresent;
+                }
+                // The tag is after the last ':' that follows the last '/' (a registry port
+                // is not a tag).
+                let last = image.rsplit('/').next().unwrap_or(image);
+                match last.rsplit_once(':') {
+                    Some((_, tag)) if tag != "latest" => PullPolicy::IfNotPresent,
+                    _ => PullPolicy::Always,
+                }
+            }
+        }
+    }
+}
+
+/// A volume mounted into a container: a directory (or file) of the node at `container_path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountRun {
+    /// `volumeMounts[].mountPath`, absolute in the container.
+    pub container_path: String,
+    /// The node's path: under the pod root for configMap and secret volumes, the pod's
+    /// `volumes/<name>` directory for emptyDir, the path itself for hostPath.
+    pub host_path: PathBuf,
+    /// `readOnly` (always for configMap and secret volumes, as kubelet mounts them).
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +206,16 @@ pub trait Runtime: Send + Sync + 'static {
     fn pods(&self) -> Vec<String>;
     /// Stops everything (edgecore is exiting) and waits at most `grace`.
     fn shutdown(&self, grace: Duration);
+    /// The pod's IP when the runtime gives the pod a network of its own (CRI with CNI);
+    /// `None`: the node's address.
+    fn pod_ip(&self, _id: &str) -> Option<String> {
+        None
+    }
+    /// `(container name, containerID, imageID)` of the pod's containers where the runtime
+    /// has them, in Kubernetes' forms (`containerd://<id>`, `<repo>@sha256:<digest>`).
+    fn container_ids(&self, _id: &str) -> Vec<(String, String, String)> {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]
@@ -155,6 +228,12 @@ mod tests {
             image: "busybox".into(),
             argv: vec!["true".into()],
             env: Vec::new(),
+            command: vec!["true".into()],
+            args: Vec::new(),
+            working_dir: None,
+            pull_policy: PullPolicy::IfNotPresent,
+            mounts: Vec::new(),
+            privileged: false,
         }
     }
 
@@ -175,6 +254,22 @@ mod tests {
             last_termination: None,
             restart_count: restarts,
         }
+    }
+
+    #[test]
+    fn pull_policy_defaults_as_the_api_server_does() {
+        let of = |image| PullPolicy::of(None, image);
+        assert_eq!(of("busybox"), PullPolicy::Always);
+        assert_eq!(of("busybox:latest"), PullPolicy::Always);
+        assert_eq!(of("busybox:1.36"), PullPolicy::IfNotPresent);
+        assert_eq!(of("127.0.0.1:5000/kedge/busybox"), PullPolicy::Always);
+        assert_eq!(
+            of("127.0.0.1:5000/kedge/busybox:1"),
+            PullPolicy::IfNotPresent
+        );
+        assert_eq!(of("busybox@sha256:abc"), PullPolicy::IfNotPresent);
+        assert_eq!(PullPolicy::of(Some("Never"), "busybox"), PullPolicy::Never);
+        assert_eq!(PullPolicy::of(Some("Always"), "a:1"), PullPolicy::Always);
     }
 
     #[test]

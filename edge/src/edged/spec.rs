@@ -12,7 +12,7 @@ use replication::api::object::{self, Object};
 use replication::{ObjectKey, Store};
 use serde_json::Value;
 
-use super::runtime::{ContainerRun, PodRun, RestartPolicy};
+use super::runtime::{ContainerRun, MountRun, PodRun, PullPolicy, RestartPolicy};
 
 /// The `data` of a ConfigMap (and `binaryData`) or Secret (decoded), as bytes by key.
 fn source_data(store: &Store, kind: &str, namespace: &str, name: &str) -> Vec<(String, Vec<u8>)> {
@@ -205,6 +205,56 @@ fn volume_files(store: &Store, pod: &Object, spec: &Value) -> Vec<(PathBuf, Vec<
     files
 }
 
+/// A container's volume mounts resolved to the node's paths (see [`MountRun`]): configMap and
+/// secret volumes at `root/<mountPath>` (where [`volume_files`] writes their files), emptyDir
+/// at `<pod dir>/volumes/<name>`, hostPath at its path. Other volume types (and mounts of a
+/// volume the pod does not declare) are left out.
+fn mounts_of(spec: &Value, container: &Value, root: &Path) -> Vec<MountRun> {
+    let volumes = spec.get("volumes").and_then(Value::as_array);
+    let pod_dir = root.parent().unwrap_or(root);
+    let mut out = Vec::new();
+    let mounts = container.get("volumeMounts").and_then(Value::as_array);
+    for mount in mounts.into_iter().flatten() {
+        let (Some(name), Some(path)) = (
+            mount.get("name").and_then(Value::as_str),
+            mount.get("mountPath").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        let Some(volume) = volumes
+            .into_iter()
+            .flatten()
+            .find(|v| v.get("name").and_then(Value::as_str) == Some(name))
+        else {
+            continue;
+        };
+        let read_only = mount
+            .get("readOnly")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let relative = Path::new(path.trim_start_matches('/'));
+        let (host_path, read_only) =
+            if volume.get("configMap").is_some() || volume.get("secret").is_some() {
+                (root.join(relative), true)
+            } else if volume.get("emptyDir").is_some() {
+                if name.contains('/') || name == ".." {
+                    continue;
+                }
+                (pod_dir.join("volumes").join(name), read_only)
+            } else if let Some(host) = volume.pointer("/hostPath/path").and_then(Value::as_str) {
+                (PathBuf::from(host), read_only)
+            } else {
+                continue;
+            };
+        out.push(MountRun {
+            container_path: path.to_owned(),
+            host_path,
+            read_only,
+        });
+    }
+    out
+}
+
 /// What the runtime needs to run `pod`, resolved against the cache now.
 pub fn pod_run(store: &Store, pod: &Object, pods_dir: &Path) -> PodRun {
     let namespace = object::namespace(pod);
@@ -217,29 +267,49 @@ pub fn pod_run(store: &Store, pod: &Object, pods_dir: &Path) -> PodRun {
             .filter_map(|s| s.as_str().map(str::to_owned))
             .collect()
     };
+    let root = pods_dir.join(format!("{namespace}_{name}")).join("root");
     let containers = spec
         .get("containers")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
         .map(|c| {
-            let mut argv = strings(c.get("command"));
+            let command = strings(c.get("command"));
+            let args = strings(c.get("args"));
+            let mut argv = command.clone();
             if !argv.is_empty() {
-                argv.extend(strings(c.get("args")));
+                argv.extend(args.iter().cloned());
             }
+            let image = c
+                .get("image")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
             ContainerRun {
                 name: c
                     .get("name")
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_owned(),
-                image: c
-                    .get("image")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned(),
+                pull_policy: PullPolicy::of(
+                    c.get("imagePullPolicy").and_then(Value::as_str),
+                    &image,
+                ),
+                image,
                 argv,
                 env: env_of(store, pod, c),
+                command,
+                args,
+                working_dir: c
+                    .get("workingDir")
+                    .and_then(Value::as_str)
+                    .filter(|w| !w.is_empty())
+                    .map(str::to_owned),
+                mounts: mounts_of(&spec, c, &root),
+                privileged: c
+                    .pointer("/securityContext/privileged")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
             }
         })
         .collect();
@@ -247,10 +317,14 @@ pub fn pod_run(store: &Store, pod: &Object, pods_dir: &Path) -> PodRun {
         id: format!("{namespace}/{name}"),
         uid: object::meta_str(pod, "uid").unwrap_or("").to_owned(),
         restart_policy: RestartPolicy::parse(spec.get("restartPolicy").and_then(Value::as_str)),
-        root: pods_dir.join(format!("{namespace}_{name}")).join("root"),
         files: volume_files(store, pod, &spec),
         containers,
         // Edged fills this in when the runtime does not know the pod yet.
         recorded: Vec::new(),
+        host_network: spec
+            .get("hostNetwork")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        root,
     }
 }

@@ -1,0 +1,275 @@
+//! `edgecore --runtime cri` end to end: real cloudcore, edgecore, kubectl, containerd, runc,
+//! CNI and a local registry (see `support/cri_env.rs`). Pods are written as a user writes
+//! them; their image is pulled from the loopback registry through CRI.
+
+#[path = "support/cri_env.rs"]
+mod cri_env;
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use cri_env::CriEnv;
+use support::*;
+
+fn start_edge(
+    cloud: &CloudProcess,
+    node: &str,
+    dir: &std::path::Path,
+    port: u16,
+    token: Option<&str>,
+    env: &CriEnv,
+) -> EdgeProcess {
+    let mut command = edge_command_with_mqtt(cloud, node, dir, port, &[]);
+    command
+        .args(["--runtime", "cri", "--cri-endpoint", &env.endpoint])
+        .env("RUST_LOG", "warn,edge::edged=info");
+    if let Some(token) = token {
+        command.arg("--token").arg(token);
+    }
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start edgecore");
+    let edge = EdgeProcess {
+        child,
+        metaserver: format!("http://127.0.0.1:{port}"),
+    };
+    eventually("MetaServer answers", Duration::from_secs(20), || {
+        common::http_get(&format!("127.0.0.1:{port}"), "/healthz").is_some_and(|b| b == "ok")
+    });
+    edge
+}
+
+fn get(cloud: &CloudProcess, pod: &str, path: &str) -> String {
+    let out = cloud.kubectl(&["get", "pod", pod, "-o", &format!("jsonpath={{{path}}}")]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn pods(image: &str, registry: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: settings}}
+data: {{greeting: from-configmap}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: hello}}
+spec:
+  terminationGracePeriodSeconds: 5
+  containers:
+  - name: main
+    image: {image}
+    workingDir: /tmp
+    env:
+    - {{name: WHO, value: world}}
+    command: ["sh", "-c", "echo hello $WHO in $(pwd) $(cat /etc/settings/greeting); trap 'exit 0' TERM; sleep 3600 & wait"]
+    volumeMounts:
+    - {{name: settings, mountPath: /etc/settings}}
+  volumes:
+  - name: settings
+    configMap: {{name: settings}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: crasher}}
+spec:
+  restartPolicy: OnFailure
+  containers:
+  - name: main
+    image: {image}
+    command: ["sh", "-c", "echo attempt; exit 1"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: never}}
+spec:
+  containers:
+  - name: main
+    image: {registry}/kedge/missing:1
+    imagePullPolicy: Never
+    command: ["sh", "-c", "sleep 3600"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: hostnet}}
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 5
+  containers:
+  - name: main
+    image: {image}
+    args: ["sh", "-c", "echo on the host network; trap 'exit 0' TERM; sleep 3600 & wait"]
+"#
+    )
+}
+
+#[test]
+fn pods_run_as_containers_pulled_through_cri() {
+    let env = CriEnv::up();
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+
+    // A dead socket: edgecore says which and exits.
+    let bad_dir = tempfile::tempdir().unwrap();
+    let out = edge_command_with_mqtt(&cloud, "edge-bad", bad_dir.path(), free_port(), &[])
+        .args(["--runtime", "cri", "--cri-endpoint"])
+        .arg(format!("unix://{}/nothing.sock", bad_dir.path().display()))
+        .arg("--token")
+        .arg(&token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("edgecore");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "edgecore ran without its CRI runtime"
+    );
+    assert!(
+        said.contains("nothing.sock") && said.contains("CRI"),
+        "the error names the socket: {said}"
+    );
+
+    let port = free_port();
+    let mut edge = start_edge(&cloud, "edge-1", edge_dir.path(), port, Some(&token), &env);
+    eventually("edge-1 Ready", Duration::from_secs(30), || {
+        cloud
+            .kubectl(&[
+                "get",
+                "node",
+                "edge-1",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ])
+            .stdout
+            .starts_with(b"True")
+    });
+    let runtime = cloud.ok(&[
+        "get",
+        "node",
+        "edge-1",
+        "-o",
+        "jsonpath={.status.nodeInfo.containerRuntimeVersion}",
+    ]);
+    assert!(runtime.starts_with("containerd://"), "{runtime}");
+
+    let applied = cloud.kubectl_stdin(&["apply", "-f", "-"], &pods(&env.busybox, &env.registry));
+    assert!(applied.status.success(), "{}", stderr_of(&applied));
+
+    // Running, with an IP of the CNI network, and its output in `kubectl logs`.
+    eventually("hello Running", Duration::from_secs(60), || {
+        get(&cloud, "hello", ".status.phase") == "Running"
+    });
+    let ip = get(&cloud, "hello", ".status.podIP");
+    let prefix = env.subnet.split('.').take(2).collect::<Vec<_>>().join(".") + ".";
+    assert!(ip.starts_with(&prefix), "pod IP {ip:?} in {}", env.subnet);
+    let container_id = get(&cloud, "hello", ".status.containerStatuses[0].containerID");
+    assert!(container_id.starts_with("containerd://"), "{container_id}");
+    let image_id = get(&cloud, "hello", ".status.containerStatuses[0].imageID");
+    assert!(image_id.contains("@sha256:"), "{image_id}");
+    eventually("kubectl logs hello", Duration::from_secs(20), || {
+        stdout(&cloud.kubectl(&["logs", "hello"])).contains("hello world in /tmp from-configmap")
+    });
+
+    // kubectl exec (non-interactive, CRI ExecSync): output and exit code.
+    let out = cloud.kubectl(&[
+        "exec",
+        "hello",
+        "--",
+        "sh",
+        "-c",
+        "echo $WHO; echo oops >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
+    assert_eq!(stdout(&out), "world\n");
+    assert!(stderr_of(&out).contains("oops"), "{}", stderr_of(&out));
+
+    // hostNetwork: the node's network, no sandbox IP of its own.
+    eventually("hostnet Running", Duration::from_secs(60), || {
+        get(&cloud, "hostnet", ".status.phase") == "Running"
+    });
+    assert_eq!(get(&cloud, "hostnet", ".status.podIP"), "127.0.0.1");
+    eventually("kubectl logs hostnet", Duration::from_secs(20), || {
+        stdout(&cloud.kubectl(&["logs", "hostnet"])).contains("on the host network")
+    });
+
+    // OnFailure: the failing container comes back, and its restarts are counted.
+    eventually("crasher restarted twice", Duration::from_secs(60), || {
+        get(
+            &cloud,
+            "crasher",
+            ".status.containerStatuses[0].restartCount",
+        )
+        .parse::<u32>()
+        .is_ok_and(|n| n >= 2)
+    });
+    let last = get(
+        &cloud,
+        "crasher",
+        ".status.containerStatuses[0].lastState.terminated.exitCode",
+    );
+    assert_eq!(last, "1");
+    assert!(stdout(&cloud.kubectl(&["logs", "crasher", "--previous"])).contains("attempt"));
+
+    // imagePullPolicy Never and no such image: a reason, not a pull.
+    eventually("never: ErrImageNeverPull", Duration::from_secs(30), || {
+        get(
+            &cloud,
+            "never",
+            ".status.containerStatuses[0].state.waiting.reason",
+        ) == "ErrImageNeverPull"
+    });
+    let message = get(
+        &cloud,
+        "never",
+        ".status.containerStatuses[0].state.waiting.message",
+    );
+    assert!(message.contains("missing:1"), "{message}");
+
+    // edgecore killed: the containers keep running; the next one adopts them, no duplicate.
+    let hello_uid = get(&cloud, "hello", ".metadata.uid");
+    let host_uid = get(&cloud, "hostnet", ".metadata.uid");
+    edge.kill9();
+    let running = |uid: &str| {
+        env.containers_of(uid)
+            .into_iter()
+            .filter(|c| c.state == k8s_cri::v1::ContainerState::ContainerRunning as i32)
+            .map(|c| c.id)
+            .collect::<Vec<_>>()
+    };
+    let before = running(&host_uid);
+    assert_eq!(before.len(), 1, "hostnet runs on without edgecore");
+    let mut edge = start_edge(&cloud, "edge-1", edge_dir.path(), port, None, &env);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(running(&host_uid), before, "the same container, adopted");
+    assert_eq!(env.sandboxes_of(&host_uid).len(), 1);
+    assert_eq!(get(&cloud, "hostnet", ".status.phase"), "Running");
+    assert_eq!(
+        get(&cloud, "hello", ".status.containerStatuses[0].containerID"),
+        container_id,
+        "hello adopted, not started again"
+    );
+
+    // Delete: the container stops within its grace period and the sandbox is removed.
+    assert_eq!(env.sandboxes_of(&hello_uid).len(), 1);
+    let deleted = std::time::Instant::now();
+    let out = cloud.kubectl(&["delete", "pod", "hello", "--wait=false"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    eventually("hello's sandbox removed", Duration::from_secs(30), || {
+        env.sandboxes_of(&hello_uid).is_empty()
+    });
+    assert!(
+        deleted.elapsed() < Duration::from_secs(5 + 10),
+        "stopped within the grace period"
+    );
+    eventually("hello gone from the API", Duration::from_secs(30), || {
+        !cloud.kubectl(&["get", "pod", "hello"]).status.success()
+    });
+    edge.kill9();
+}

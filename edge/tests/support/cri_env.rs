@@ -1,0 +1,186 @@
+//! A throw-away CRI environment for tests: Debian's `docker-registry` on a free loopback port
+//! with a busybox image pushed to it, and containerd 1.6 with its own root, state, socket,
+//! runc root, CNI bridge (a subnet of its own) and an offline pause image, all under a short
+//! temp dir (`scripts/cri-env.sh up`). Dropping it (also on a panic) removes every pod sandbox
+//! through CRI (`StopPodSandbox`, `RemovePodSandbox`: CNI releases the netns and IP), then runs
+//! `scripts/cri-env.sh down` (containerd, registry, shims, mounts, netns, bridge, temp dir).
+//!
+//! Missing tools are a failure naming them and `scripts/setup.sh`, never a skip.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use edge::edged::cri::CriClient;
+
+/// What `scripts/cri-env.sh up` made.
+pub struct CriEnv {
+    /// The environment's directory (`/tmp/kcri.XXXX`).
+    pub dir: PathBuf,
+    /// `unix://DIR/containerd/containerd.sock`.
+    pub endpoint: String,
+    /// `127.0.0.1:PORT` of the registry.
+    pub registry: String,
+    /// `127.0.0.1:PORT/kedge/busybox:1` (Cmd `/bin/sh`).
+    pub busybox: String,
+    /// The pods' CNI subnet, e.g. `10.123.0.0/16`.
+    pub subnet: String,
+    /// For the CRI calls of the test.
+    pub rt: tokio::runtime::Runtime,
+    pub client: CriClient,
+}
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .join("scripts")
+}
+
+/// Fails (never skips) when a tool the environment needs is missing.
+pub fn require_tools() {
+    let tools: [(&str, &str); 7] = [
+        ("containerd", "containerd"),
+        ("ctr", "containerd"),
+        ("runc", "runc"),
+        ("docker-registry", "docker-registry"),
+        ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+        ("/usr/lib/cni/host-local", "containernetworking-plugins"),
+        ("/bin/busybox", "busybox-static"),
+    ];
+    let mut missing = Vec::new();
+    for (tool, package) in tools {
+        let found = if tool.starts_with('/') {
+            Path::new(tool).exists()
+        } else {
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "command -v {tool} || test -x /usr/sbin/{tool} || test -x /sbin/{tool}"
+                ))
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !found {
+            missing.push(format!("{tool} (Debian package {package})"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the CRI tests need containerd, runc, the CNI plugins, docker-registry and \
+         busybox-static; missing: {}. Run scripts/setup.sh (as root) to install them.",
+        missing.join(", ")
+    );
+}
+
+impl CriEnv {
+    /// Brings the environment up (about 2 s) and connects a CRI client to it.
+    pub fn up() -> CriEnv {
+        require_tools();
+        let dir = tempfile::Builder::new()
+            .prefix("kcri.")
+            .tempdir_in("/tmp")
+            .expect("temp dir")
+            .keep();
+        // A subnet of its own, so that environments of concurrent runs do not collide.
+        let subnet = format!("10.{}.0.0/16", 100 + rand_byte() % 100);
+        let out = Command::new(scripts().join("cri-env.sh"))
+            .arg("up")
+            .arg(&dir)
+            .env("CNI_SUBNET", &subnet)
+            .env("PUSH_IMAGE", scripts().join("push-image.sh"))
+            .output()
+            .expect("run scripts/cri-env.sh");
+        if !out.status.success() {
+            let _ = Command::new(scripts().join("cri-env.sh"))
+                .arg("down")
+                .arg(&dir)
+                .output();
+            panic!(
+                "scripts/cri-env.sh up failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let env: HashMap<String, String> = std::fs::read_to_string(dir.join("env"))
+            .expect("DIR/env")
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio");
+        let endpoint = env["CRI_ENDPOINT"].clone();
+        let client = rt
+            .block_on(CriClient::connect(&endpoint))
+            .expect("CRI answers");
+        CriEnv {
+            dir,
+            endpoint,
+            registry: env["REGISTRY"].clone(),
+            busybox: env["BUSYBOX_IMAGE"].clone(),
+            subnet,
+            rt,
+            client,
+        }
+    }
+
+    /// Every pod sandbox the runtime has (ready or not).
+    pub fn sandboxes(&self) -> Vec<k8s_cri::v1::PodSandbox> {
+        self.rt
+            .block_on(self.client.sandboxes(HashMap::new()))
+            .expect("ListPodSandbox")
+    }
+
+    /// The sandboxes of the pod with this uid.
+    pub fn sandboxes_of(&self, uid: &str) -> Vec<k8s_cri::v1::PodSandbox> {
+        let labels = HashMap::from([(edge::edged::cri::LABEL_POD_UID.to_owned(), uid.to_owned())]);
+        self.rt
+            .block_on(self.client.sandboxes(labels))
+            .expect("ListPodSandbox")
+    }
+
+    /// The containers of the pod with this uid.
+    pub fn containers_of(&self, uid: &str) -> Vec<k8s_cri::v1::Container> {
+        let labels = HashMap::from([(edge::edged::cri::LABEL_POD_UID.to_owned(), uid.to_owned())]);
+        self.rt
+            .block_on(self.client.containers("", labels))
+            .expect("ListContainers")
+    }
+}
+
+fn rand_byte() -> u8 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    ((nanos ^ std::process::id()) % 251) as u8
+}
+
+impl Drop for CriEnv {
+    fn drop(&mut self) {
+        // Through CRI first: CNI releases each pod's netns, IP and port rules.
+        let sandboxes = self
+            .rt
+            .block_on(self.client.sandboxes(HashMap::new()))
+            .unwrap_or_default();
+        for sandbox in sandboxes {
+            let _ = self.rt.block_on(self.client.remove_sandbox(&sandbox.id));
+        }
+        let out = Command::new(scripts().join("cri-env.sh"))
+            .arg("down")
+            .arg(&self.dir)
+            .output();
+        if let Ok(out) = out {
+            if !out.status.success() {
+                eprintln!(
+                    "scripts/cri-env.sh down: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+}
