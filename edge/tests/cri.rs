@@ -273,3 +273,198 @@ fn pods_run_as_containers_pulled_through_cri() {
     });
     edge.kill9();
 }
+
+fn more_pods(image: &str, registry: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: live}}
+data: {{value: first}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: wrong-image}}
+spec:
+  containers:
+  - name: main
+    image: {registry}/kedge/nosuch:1
+    command: ["sh", "-c", "sleep 3600"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: stubborn}}
+spec:
+  terminationGracePeriodSeconds: 3
+  containers:
+  - name: main
+    image: {image}
+    command: ["sleep", "3600"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: shared}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: writer
+    image: {image}
+    command: ["sh", "-c", "echo from-writer > /data/note; trap 'exit 0' TERM; sleep 3600 & wait"]
+    volumeMounts: [{{name: scratch, mountPath: /data}}]
+  - name: reader
+    image: {image}
+    command: ["sh", "-c", "trap 'exit 0' TERM; while true; do cat /data/note /etc/live/value 2>/dev/null; sleep 0.3; done"]
+    volumeMounts:
+    - {{name: scratch, mountPath: /data, readOnly: true}}
+    - {{name: live, mountPath: /etc/live}}
+  volumes:
+  - {{name: scratch, emptyDir: {{}}}}
+  - {{name: live, configMap: {{name: live}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: gone-while-down}}
+spec:
+  hostNetwork: true
+  containers:
+  - name: main
+    image: {image}
+    command: ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
+"#
+    )
+}
+
+#[test]
+fn pull_errors_grace_periods_volumes_and_pods_deleted_while_edgecore_was_down() {
+    let env = CriEnv::up();
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    let port = free_port();
+    let mut edge = start_edge(&cloud, "edge-2", edge_dir.path(), port, Some(&token), &env);
+    eventually("edge-2 Ready", Duration::from_secs(30), || {
+        cloud
+            .kubectl(&[
+                "get",
+                "node",
+                "edge-2",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ])
+            .stdout
+            .starts_with(b"True")
+    });
+    let applied = cloud.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &more_pods(&env.busybox, &env.registry),
+    );
+    assert!(applied.status.success(), "{}", stderr_of(&applied));
+
+    // A tag the registry does not have: ErrImagePull, then ImagePullBackOff.
+    let reason = |pod: &str| {
+        get(
+            &cloud,
+            pod,
+            ".status.containerStatuses[0].state.waiting.reason",
+        )
+    };
+    eventually("wrong-image: ErrImagePull", Duration::from_secs(60), || {
+        reason("wrong-image") == "ErrImagePull"
+    });
+    eventually(
+        "wrong-image: ImagePullBackOff",
+        Duration::from_secs(30),
+        || reason("wrong-image") == "ImagePullBackOff",
+    );
+    let message = get(
+        &cloud,
+        "wrong-image",
+        ".status.containerStatuses[0].state.waiting.message",
+    );
+    assert!(message.contains("nosuch:1"), "{message}");
+
+    // emptyDir shared by two containers, and a configMap volume kept current.
+    eventually(
+        "shared: reader sees the writer's file",
+        Duration::from_secs(60),
+        || {
+            stdout(&cloud.kubectl(&["logs", "shared", "-c", "reader", "--tail", "4"]))
+                .contains("from-writer")
+        },
+    );
+    assert!(
+        stdout(&cloud.kubectl(&["logs", "shared", "-c", "reader", "--tail", "4"]))
+            .contains("first")
+    );
+    let patched = cloud.kubectl(&[
+        "patch",
+        "configmap",
+        "live",
+        "-p",
+        r#"{"data":{"value":"second"}}"#,
+    ]);
+    assert!(patched.status.success(), "{}", stderr_of(&patched));
+    eventually(
+        "shared: the configMap's new value in the container",
+        Duration::from_secs(30),
+        || {
+            stdout(&cloud.kubectl(&["logs", "shared", "-c", "reader", "--tail", "2"]))
+                .contains("second")
+        },
+    );
+
+    // PID 1 that ignores SIGTERM: killed when its grace period (3 s) is over.
+    eventually("stubborn Running", Duration::from_secs(60), || {
+        get(&cloud, "stubborn", ".status.phase") == "Running"
+    });
+    let stubborn_uid = get(&cloud, "stubborn", ".metadata.uid");
+    let deleted = std::time::Instant::now();
+    let out = cloud.kubectl(&["delete", "pod", "stubborn", "--wait=false"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    eventually(
+        "stubborn's sandbox removed",
+        Duration::from_secs(30),
+        || env.sandboxes_of(&stubborn_uid).is_empty(),
+    );
+    let took = deleted.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(15),
+        "stopped after its grace period: {took:?}"
+    );
+
+    // Deleted (forced) while edgecore is down: the next edgecore removes its sandbox.
+    eventually("gone-while-down Running", Duration::from_secs(60), || {
+        get(&cloud, "gone-while-down", ".status.phase") == "Running"
+    });
+    let gone_uid = get(&cloud, "gone-while-down", ".metadata.uid");
+    edge.kill9();
+    let out = cloud.kubectl(&[
+        "delete",
+        "pod",
+        "gone-while-down",
+        "--force",
+        "--grace-period=0",
+    ]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        env.sandboxes_of(&gone_uid).len(),
+        1,
+        "kept while edgecore is down"
+    );
+    let _edge = start_edge(&cloud, "edge-2", edge_dir.path(), port, None, &env);
+    eventually(
+        "gone-while-down's sandbox removed",
+        Duration::from_secs(60),
+        || env.sandboxes_of(&gone_uid).is_empty(),
+    );
+    // The others were adopted, not doubled.
+    let shared_uid = get(&cloud, "shared", ".metadata.uid");
+    assert_eq!(env.sandboxes_of(&shared_uid).len(), 1);
+    let running = env
+        .containers_of(&shared_uid)
+        .into_iter()
+        .filter(|c| c.state == k8s_cri::v1::ContainerState::ContainerRunning as i32)
+        .count();
+    assert_eq!(running, 2);
+}

@@ -1155,8 +1155,9 @@ impl Supervisor {
                     let delay = INITIAL_BACKOFF * 2u32.saturating_pow(pull_failures.min(6));
                     let delay = delay.min(MAX_BACKOFF);
                     if reason == "ErrImagePull" {
-                        // kubelet's two steps: the error, then the back-off before the next try.
-                        if self.wait(INITIAL_BACKOFF).await {
+                        // kubelet's two steps: the error (for 2 s, so that Edged's report,
+                        // once a second, carries it), then the back-off before the next try.
+                        if self.wait(INITIAL_BACKOFF * 2).await {
                             return;
                         }
                         self.set_state(ContainerState::Waiting {

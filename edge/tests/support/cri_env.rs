@@ -84,7 +84,12 @@ impl CriEnv {
             .expect("temp dir")
             .keep();
         // A subnet of its own, so that environments of concurrent runs do not collide.
-        let subnet = format!("10.{}.0.0/16", 100 + rand_byte() % 100);
+        static ENVS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = ENVS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let subnet = format!(
+            "10.{}.0.0/16",
+            100 + (u32::from(rand_byte()) + n * 37) % 100
+        );
         let out = Command::new(scripts().join("cri-env.sh"))
             .arg("up")
             .arg(&dir)
