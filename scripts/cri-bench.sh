@@ -24,6 +24,7 @@ cleanup() {
   kill "${pids[@]}" 2>/dev/null || true
   wait 2>/dev/null || true
   CNI_SUBNET=10.77.0.0/16 scripts/cri-env.sh down "$env_dir" || true
+  [ -z "${KEEP_LOGS:-}" ] || cp "$work"/*.log "$KEEP_LOGS"/ 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -32,28 +33,8 @@ CNI_SUBNET=10.77.0.0/16 PUSH_IMAGE=scripts/push-image.sh scripts/cri-env.sh up "
 sock=${CRI_ENDPOINT#unix://}
 ctr=(ctr --address "$sock" -n kedge-bench)
 
-# --- baseline: ctr run of the same image (pulled once into its own namespace)
+# --- baseline image: pulled once into ctr's own namespace (kedge's is pulled by its warm-up pod)
 "${ctr[@]}" images pull --plain-http "$BUSYBOX_IMAGE" >/dev/null
-ctr_run() { # label args...
-  local label=$1; shift
-  local times=()
-  for i in $(seq 1 "$n"); do
-    local s e; s=$(date +%s%N)
-    "${ctr[@]}" run -d "$@" "$BUSYBOX_IMAGE" "b-$label-$i" sh -c 'sleep 3600' >/dev/null
-    e=$(date +%s%N); times+=($(( (e - s) / 1000 )))
-  done
-  for i in $(seq 1 "$n"); do
-    "${ctr[@]}" task kill -s KILL "b-$label-$i" >/dev/null 2>&1 || true
-  done
-  sleep 0.5
-  for i in $(seq 1 "$n"); do
-    "${ctr[@]}" task rm -f "b-$label-$i" >/dev/null 2>&1 || true
-    "${ctr[@]}" containers rm "b-$label-$i" >/dev/null 2>&1 || true
-  done
-  printf '%s\n' "${times[@]}" >"$work/ctr-$label"
-}
-ctr_run host --net-host
-ctr_run netns
 
 # --- kedge: cloudcore + one edgecore --runtime cri
 api=127.0.0.1:17180
@@ -71,9 +52,10 @@ for _ in $(seq 1 150); do
   sleep 0.2
 done
 
-python3 - "$api" "$BUSYBOX_IMAGE" "$n" "$work" <<'PY'
-import json, statistics, sys, threading, time, urllib.request
-api, image, n, work = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+python3 - "$api" "$BUSYBOX_IMAGE" "$n" "$sock" <<'PY'
+import json, statistics, subprocess, sys, threading, time, urllib.request
+api, image, n, sock = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ctr = ["ctr", "--address", sock, "-n", "kedge-bench"]
 running = {}
 cond = threading.Condition()
 
@@ -108,13 +90,28 @@ def create(name, host):
             sys.exit(f"{name} not Running within 120 s")
     return (running[name] - t0) * 1e6
 
-create("warm-up", False)  # the image is pulled here, once
-res = {}
-for label, host in (("host", True), ("netns", False)):
-    res[label] = [create(f"p-{label}-{i}", host) for i in range(n)]
+def ctr_run(name, host):
+    args = ctr + ["run", "-d"] + (["--net-host"] if host else []) + [image, name, "sh", "-c", "sleep 3600"]
+    t0 = time.monotonic()
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    return (time.monotonic() - t0) * 1e6
 
-def ctr(label):
-    return [int(x) for x in open(f"{work}/ctr-{label}").read().split()]
+create("warm-up", False)  # the image is pulled here, once
+res, base = {}, {}
+# Interleaved, one kedge pod then one `ctr run`, so that both see the same machine.
+for label, host in (("host", True), ("netns", False)):
+    res[label], base[label] = [], []
+    for i in range(n):
+        res[label].append(create(f"p-{label}-{i}", host))
+        base[label].append(ctr_run(f"b-{label}-{i}", host))
+for label in base:
+    for i in range(n):
+        subprocess.run(ctr + ["task", "kill", "-s", "KILL", f"b-{label}-{i}"], stderr=subprocess.DEVNULL)
+time.sleep(0.5)
+for label in base:
+    for i in range(n):
+        subprocess.run(ctr + ["task", "rm", "-f", f"b-{label}-{i}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(ctr + ["containers", "rm", f"b-{label}-{i}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 def ms(v):
     return f"{v / 1000:.0f} ms"
@@ -122,9 +119,9 @@ def ms(v):
 print(f"pod start, {n} pods each, one at a time (median / p90 / min)")
 print("| pods | kedge --runtime cri: create → Running | baseline `ctr run -d` | ratio (medians) |")
 print("|---|---|---|---|")
-for label, what, base in (("host", "hostNetwork", "--net-host"), ("netns", "CNI bridge", "own netns, no CNI")):
-    k, c = sorted(res[label]), sorted(ctr(label))
+for label, what, kind in (("host", "hostNetwork", "--net-host"), ("netns", "CNI bridge", "own netns, no CNI")):
+    k, c = sorted(res[label]), sorted(base[label])
     p90 = lambda v: v[min(len(v) - 1, int(len(v) * 0.9))]
     km, cm = statistics.median(k), statistics.median(c)
-    print(f"| {what} | {ms(km)} / {ms(p90(k))} / {ms(k[0])} | {ms(cm)} / {ms(p90(c))} / {ms(c[0])} ({base}) | {km / cm:.2f}× |")
+    print(f"| {what} | {ms(km)} / {ms(p90(k))} / {ms(k[0])} | {ms(cm)} / {ms(p90(c))} / {ms(c[0])} ({kind}) | {km / cm:.2f}× |")
 PY

@@ -109,7 +109,7 @@ EOF
 # pids of the shims serving our socket, found by a /proc scan of argv — never by process name
 shim_pids() { # SOCK
   local p a; for p in /proc/[0-9]*; do
-    a=$(tr '\0' '|' <"$p/cmdline" 2>/dev/null) || continue
+    a=$(tr '\0' '|' 2>/dev/null <"$p/cmdline") || continue
     case "$a" in *containerd-shim-runc-v2\|*"|-address|$1|"*) echo "${p#/proc/}" ;; esac
   done; return 0; }
 

@@ -328,6 +328,33 @@ struct Shared {
     listing: tokio::sync::watch::Sender<Listing>,
     /// Cancelled when edgecore exits: supervisors stop watching, containers keep running.
     detached: CancellationToken,
+    /// Notified whenever a container's state changes ([`Runtime::changed`]).
+    changed: Arc<tokio::sync::Notify>,
+}
+
+/// A container's slot locked for a change: Edged is told when the lock is released.
+struct Changing<'a> {
+    guard: std::sync::MutexGuard<'a, Slot>,
+    changed: &'a tokio::sync::Notify,
+}
+
+impl std::ops::Deref for Changing<'_> {
+    type Target = Slot;
+    fn deref(&self) -> &Slot {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Changing<'_> {
+    fn deref_mut(&mut self) -> &mut Slot {
+        &mut self.guard
+    }
+}
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        self.changed.notify_one();
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -381,6 +408,7 @@ impl CriRuntime {
             found: Mutex::new(found),
             listing,
             detached: CancellationToken::new(),
+            changed: Arc::new(tokio::sync::Notify::new()),
         });
         tokio::spawn(relist(Arc::downgrade(&shared)));
         Ok(CriRuntime {
@@ -664,6 +692,7 @@ impl Runtime for CriRuntime {
             ip: entry.ip.clone(),
         };
         pods.insert(pod.id.clone(), entry);
+        tracing::debug!(pod = %pod.id, "starting the pod");
         tokio::spawn(run.run());
     }
 
@@ -755,6 +784,10 @@ impl Runtime for CriRuntime {
         self.shared.detached.cancel();
     }
 
+    fn changed(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(self.shared.changed.clone())
+    }
+
     fn pod_ip(&self, id: &str) -> Option<String> {
         let pods = lock(&self.shared.pods);
         let ip = lock(&pods.get(id)?.ip).clone();
@@ -835,9 +868,11 @@ impl PodTask {
                 };
             }
         }
+        self.shared.changed.notify_one();
     }
 
     async fn run(self) {
+        let began = Instant::now();
         let detached = self.shared.detached.clone();
         let cri = self.shared.cri.clone();
         // The earlier edgecore's sandboxes of this pod: one of the same pod (uid) still ready
@@ -891,7 +926,10 @@ impl PodTask {
                         .run_pod_sandbox(call(request, CALL_TIMEOUT * 6))
                         .await
                     {
-                        Ok(response) => break Some(response.into_inner().pod_sandbox_id),
+                        Ok(response) => {
+                            tracing::debug!(pod = %self.pod.id, took = ?began.elapsed(), "sandbox ready");
+                            break Some(response.into_inner().pod_sandbox_id);
+                        }
                         Err(e) => {
                             tracing::warn!(pod = %self.pod.id, error = %e, "cannot create the pod sandbox");
                             self.set_waiting_all(
@@ -1019,8 +1057,15 @@ struct Supervisor {
 }
 
 impl Supervisor {
+    fn slot_mut(&self) -> Changing<'_> {
+        Changing {
+            guard: lock(&self.slot),
+            changed: &self.shared.changed,
+        }
+    }
+
     fn set_state(&self, state: ContainerState) {
-        lock(&self.slot).status.state = state;
+        self.slot_mut().status.state = state;
     }
 
     fn register_exec(&self, id: &str) {
@@ -1043,7 +1088,7 @@ impl Supervisor {
 
     async fn run(mut self) {
         let cri = self.shared.cri.clone();
-        let mut attempt = lock(&self.slot).status.restart_count;
+        let mut attempt = self.slot_mut().status.restart_count;
         let mut current: Option<(String, Instant)> = None;
         let mut previous: Option<String> = None;
         // A restart due (the previous instance exited and the policy restarts it).
@@ -1054,7 +1099,7 @@ impl Supervisor {
             match status {
                 Ok(s) if s.state == cri::ContainerState::ContainerRunning as i32 => {
                     tracing::info!(pod = %self.pod.id, container = %self.container.name, "adopting the running container");
-                    let mut slot = lock(&self.slot);
+                    let mut slot = self.slot_mut();
                     slot.container_id = found.id.clone();
                     slot.image_id = s.image_ref.clone();
                     slot.status.state = ContainerState::Running {
@@ -1067,7 +1112,7 @@ impl Supervisor {
                 Ok(s) if s.state == cri::ContainerState::ContainerExited as i32 => {
                     let t = terminated_of(&s);
                     let restarts = self.pod.restart_policy.restarts(t.exit_code);
-                    let mut slot = lock(&self.slot);
+                    let mut slot = self.slot_mut();
                     slot.container_id = found.id.clone();
                     slot.image_id = s.image_ref.clone();
                     slot.status.last_termination = Some(t.clone());
@@ -1106,7 +1151,7 @@ impl Supervisor {
                     }
                     Watch::Exited(t) => {
                         {
-                            let mut slot = lock(&self.slot);
+                            let mut slot = self.slot_mut();
                             slot.status.state = ContainerState::Terminated(t.clone());
                             slot.status.last_termination = Some(t.clone());
                         }
@@ -1126,7 +1171,7 @@ impl Supervisor {
             if restart_due {
                 restart_due = false;
                 {
-                    let mut slot = lock(&self.slot);
+                    let mut slot = self.slot_mut();
                     slot.status.restart_count += 1;
                     slot.status.state = ContainerState::Waiting {
                         reason: "CrashLoopBackOff".into(),
@@ -1204,7 +1249,7 @@ impl Supervisor {
             if let Some(old) = previous.take() {
                 remove_container(&cri, &old).await;
             }
-            lock(&self.slot).container_id = id.clone();
+            self.slot_mut().container_id = id.clone();
             let request = cri::StartContainerRequest {
                 container_id: id.clone(),
             };
@@ -1218,6 +1263,7 @@ impl Supervisor {
                         started_at: object::now_rfc3339(),
                     });
                     self.register_exec(&id);
+                    tracing::debug!(pod = %self.pod.id, container = %self.container.name, "container started");
                 }
                 Err(e) => {
                     // The container is EXITED with reason StartError: the watch reads it.
@@ -1304,7 +1350,7 @@ impl Supervisor {
                         return Watch::Exited(t);
                     }
                     Ok(s) => {
-                        let mut slot = lock(&self.slot);
+                        let mut slot = self.slot_mut();
                         if slot.image_id.is_empty() {
                             slot.image_id = s.image_ref;
                         }
@@ -1360,7 +1406,7 @@ impl Supervisor {
                 finished_at: object::now_rfc3339(),
             },
         };
-        let mut slot = lock(&self.slot);
+        let mut slot = self.slot_mut();
         slot.status.state = ContainerState::Terminated(t.clone());
         slot.status.last_termination = Some(t);
     }

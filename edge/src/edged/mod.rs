@@ -246,10 +246,18 @@ impl Edged {
             }
         };
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let runtime_changed = self.runtime.changed();
         loop {
             self.sync_once();
             tokio::select! {
                 _ = tick.tick() => {}
+                // A container's state changed: reported now, not at the next tick.
+                _ = async {
+                    match &runtime_changed {
+                        Some(changed) => changed.notified().await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
                 changed = async {
                     match watcher.as_mut() {
                         Some(w) => w.next().await.is_ok(),

@@ -206,6 +206,11 @@ pub trait Runtime: Send + Sync + 'static {
     fn pods(&self) -> Vec<String>;
     /// Stops everything (edgecore is exiting) and waits at most `grace`.
     fn shutdown(&self, grace: Duration);
+    /// Notified when a container's state changed, so that Edged reports it at once rather
+    /// than at its next periodic pass (once a second); `None`: the periodic pass only.
+    fn changed(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
     /// The pod's IP when the runtime gives the pod a network of its own (CRI with CNI);
     /// `None`: the node's address.
     fn pod_ip(&self, _id: &str) -> Option<String> {
