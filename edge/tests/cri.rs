@@ -274,7 +274,7 @@ fn pods_run_as_containers_pulled_through_cri() {
     edge.kill9();
 }
 
-fn more_pods(image: &str, registry: &str) -> String {
+fn more_pods(image: &str, registry: &str, host_port: u16) -> String {
     format!(
         r#"
 apiVersion: v1
@@ -323,6 +323,32 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {{name: limited}}
+spec:
+  securityContext: {{runAsUser: 65534}}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {image}
+    securityContext: {{runAsGroup: 65534, readOnlyRootFilesystem: true}}
+    resources:
+      limits: {{memory: 64Mi, cpu: 250m}}
+    command: ["sh", "-c", "echo uid=$(id -u) gid=$(id -g) mem=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes) quota=$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us); touch /x || echo read-only; trap 'exit 0' TERM; sleep 3600 & wait"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {image}
+    command: ["sh", "-c", "echo hi-from-web > /tmp/index.html; exec httpd -f -p 8080 -h /tmp"]
+    ports:
+    - {{containerPort: 8080, hostPort: {host_port}, hostIP: 127.0.0.1}}
+---
+apiVersion: v1
+kind: Pod
 metadata: {{name: gone-while-down}}
 spec:
   hostNetwork: true
@@ -355,9 +381,10 @@ fn pull_errors_grace_periods_volumes_and_pods_deleted_while_edgecore_was_down() 
             .stdout
             .starts_with(b"True")
     });
+    let host_port = free_port();
     let applied = cloud.kubectl_stdin(
         &["apply", "-f", "-"],
-        &more_pods(&env.busybox, &env.registry),
+        &more_pods(&env.busybox, &env.registry, host_port),
     );
     assert!(applied.status.success(), "{}", stderr_of(&applied));
 
@@ -413,6 +440,23 @@ fn pull_errors_grace_periods_volumes_and_pods_deleted_while_edgecore_was_down() 
                 .contains("second")
         },
     );
+
+    // securityContext and resources as the container sees them.
+    eventually(
+        "limited: its user, group and limits",
+        Duration::from_secs(60),
+        || {
+            stdout(&cloud.kubectl(&["logs", "limited"]))
+                .contains("uid=65534 gid=65534 mem=67108864 quota=25000")
+        },
+    );
+    assert!(stdout(&cloud.kubectl(&["logs", "limited"])).contains("read-only"));
+
+    // A hostPort on the node's loopback reaches the pod (CNI portmap).
+    eventually("web: its hostPort answers", Duration::from_secs(60), || {
+        common::http_get(&format!("127.0.0.1:{host_port}"), "/index.html")
+            .is_some_and(|body| body.contains("hi-from-web"))
+    });
 
     // PID 1 that ignores SIGTERM: killed when its grace period (3 s) is over.
     eventually("stubborn Running", Duration::from_secs(60), || {

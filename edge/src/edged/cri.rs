@@ -546,6 +546,23 @@ fn sandbox_config(shared: &Shared, pod: &PodRun, attempt: u32) -> cri::PodSandbo
             name.chars().take(63).collect()
         },
         log_directory: pod_dir.to_string_lossy().into_owned(),
+        port_mappings: pod
+            .containers
+            .iter()
+            .flat_map(|c| &c.host_ports)
+            .map(
+                |(protocol, container_port, host_port, host_ip)| cri::PortMapping {
+                    protocol: match protocol.as_str() {
+                        "UDP" => cri::Protocol::Udp,
+                        "SCTP" => cri::Protocol::Sctp,
+                        _ => cri::Protocol::Tcp,
+                    } as i32,
+                    container_port: *container_port,
+                    host_port: *host_port,
+                    host_ip: host_ip.clone(),
+                },
+            )
+            .collect(),
         labels,
         linux: Some(cri::LinuxPodSandboxConfig {
             security_context: Some(cri::LinuxSandboxSecurityContext {
@@ -611,10 +628,41 @@ fn container_config(
             security_context: Some(cri::LinuxContainerSecurityContext {
                 namespace_options: Some(namespace_options(pod.host_network)),
                 privileged: container.privileged,
+                run_as_user: container
+                    .security
+                    .run_as_user
+                    .map(|value| cri::Int64Value { value }),
+                run_as_group: container
+                    .security
+                    .run_as_group
+                    .map(|value| cri::Int64Value { value }),
+                readonly_rootfs: container.security.read_only_root,
                 ..Default::default()
             }),
+            resources: Some(linux_resources(&container.resources)),
             ..Default::default()
         }),
+        ..Default::default()
+    }
+}
+
+/// CPU and memory as kubelet maps them: shares from the request (1024 per core, at least 2),
+/// a CFS quota from the limit over a 100 ms period, the memory limit in bytes.
+fn linux_resources(resources: &super::runtime::ResourcesRun) -> cri::LinuxContainerResources {
+    const PERIOD: u64 = 100_000;
+    cri::LinuxContainerResources {
+        cpu_shares: resources
+            .cpu_request_millis
+            .map_or(0, |m| (m * 1024 / 1000).max(2) as i64),
+        cpu_period: if resources.cpu_limit_millis.is_some() {
+            PERIOD as i64
+        } else {
+            0
+        },
+        cpu_quota: resources
+            .cpu_limit_millis
+            .map_or(0, |m| (m * PERIOD / 1000).max(1000) as i64),
+        memory_limit_in_bytes: resources.memory_limit_bytes.unwrap_or(0),
         ..Default::default()
     }
 }

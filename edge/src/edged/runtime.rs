@@ -46,6 +46,64 @@ pub struct ContainerRun {
     pub mounts: Vec<MountRun>,
     /// `securityContext.privileged`.
     pub privileged: bool,
+    /// `securityContext` (the container's over the pod's): user, group, read-only root.
+    pub security: SecurityRun,
+    /// `resources` as a CRI runtime applies them.
+    pub resources: ResourcesRun,
+    /// `ports[]` with a `hostPort`: (protocol `TCP|UDP|SCTP`, containerPort, hostPort, hostIP).
+    pub host_ports: Vec<(String, i32, i32, String)>,
+}
+
+/// The common `securityContext` fields; the container's value wins over the pod's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecurityRun {
+    /// `runAsUser`.
+    pub run_as_user: Option<i64>,
+    /// `runAsGroup`.
+    pub run_as_group: Option<i64>,
+    /// `readOnlyRootFilesystem`.
+    pub read_only_root: bool,
+}
+
+/// A container's `resources`, in the units CRI takes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourcesRun {
+    /// CPU request in millicores (defaults to the limit, as the API server defaults it).
+    pub cpu_request_millis: Option<u64>,
+    /// CPU limit in millicores.
+    pub cpu_limit_millis: Option<u64>,
+    /// Memory limit in bytes.
+    pub memory_limit_bytes: Option<i64>,
+}
+
+/// A Kubernetes quantity (`500m`, `2`, `0.5`, `64Mi`, `1G`, `1e3`) times `scale` (1000 for
+/// millicores, 1 for bytes), rounded up; `None` if it does not parse.
+pub fn quantity(text: &str, scale: f64) -> Option<u64> {
+    let text = text.trim();
+    let suffixes: [(&str, f64); 13] = [
+        ("Ki", 1024.0),
+        ("Mi", 1024.0 * 1024.0),
+        ("Gi", 1024.0 * 1024.0 * 1024.0),
+        ("Ti", 1024f64.powi(4)),
+        ("Pi", 1024f64.powi(5)),
+        ("Ei", 1024f64.powi(6)),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+    ];
+    let (number, factor) = suffixes
+        .iter()
+        .find_map(|(suffix, factor)| Some((text.strip_suffix(suffix)?, *factor)))
+        .unwrap_or((text, 1.0));
+    let value: f64 = number.parse().ok()?;
+    if !value.is_finite() || value < 0.0 {
+        return None;
+    }
+    Some((value * factor * scale).ceil() as u64)
 }
 
 /// A container's `imagePullPolicy` (Kubernetes' `PullPolicy`).
@@ -239,6 +297,9 @@ mod tests {
             pull_policy: PullPolicy::IfNotPresent,
             mounts: Vec::new(),
             privileged: false,
+            security: SecurityRun::default(),
+            resources: ResourcesRun::default(),
+            host_ports: Vec::new(),
         }
     }
 
@@ -259,6 +320,18 @@ mod tests {
             last_termination: None,
             restart_count: restarts,
         }
+    }
+
+    #[test]
+    fn quantities_parse_as_kubernetes_writes_them() {
+        assert_eq!(quantity("500m", 1000.0), Some(500));
+        assert_eq!(quantity("2", 1000.0), Some(2000));
+        assert_eq!(quantity("0.25", 1000.0), Some(250));
+        assert_eq!(quantity("64Mi", 1.0), Some(64 << 20));
+        assert_eq!(quantity("1G", 1.0), Some(1_000_000_000));
+        assert_eq!(quantity("128974848", 1.0), Some(128_974_848));
+        assert_eq!(quantity("1e3", 1.0), Some(1000));
+        assert_eq!(quantity("lots", 1.0), None);
     }
 
     #[test]

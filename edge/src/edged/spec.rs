@@ -12,7 +12,9 @@ use replication::api::object::{self, Object};
 use replication::{ObjectKey, Store};
 use serde_json::Value;
 
-use super::runtime::{ContainerRun, MountRun, PodRun, PullPolicy, RestartPolicy};
+use super::runtime::{
+    quantity, ContainerRun, MountRun, PodRun, PullPolicy, ResourcesRun, RestartPolicy, SecurityRun,
+};
 
 /// The `data` of a ConfigMap (and `binaryData`) or Secret (decoded), as bytes by key.
 fn source_data(store: &Store, kind: &str, namespace: &str, name: &str) -> Vec<(String, Vec<u8>)> {
@@ -255,6 +257,59 @@ fn mounts_of(spec: &Value, container: &Value, root: &Path) -> Vec<MountRun> {
     out
 }
 
+/// `securityContext` of a container over the pod's.
+fn security_of(spec: &Value, container: &Value) -> SecurityRun {
+    let field = |name: &str| {
+        container
+            .pointer(&format!("/securityContext/{name}"))
+            .or_else(|| spec.pointer(&format!("/securityContext/{name}")))
+    };
+    SecurityRun {
+        run_as_user: field("runAsUser").and_then(Value::as_i64),
+        run_as_group: field("runAsGroup").and_then(Value::as_i64),
+        read_only_root: container
+            .pointer("/securityContext/readOnlyRootFilesystem")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    }
+}
+
+/// `resources` of a container (unparsable quantities are left out).
+fn resources_of(container: &Value) -> ResourcesRun {
+    let text = |path: &str| -> Option<String> {
+        let v = container.pointer(path)?;
+        v.as_str()
+            .map(str::to_owned)
+            .or_else(|| v.as_f64().map(|n| n.to_string()))
+    };
+    let cpu_limit = text("/resources/limits/cpu").and_then(|t| quantity(&t, 1000.0));
+    ResourcesRun {
+        cpu_request_millis: text("/resources/requests/cpu")
+            .and_then(|t| quantity(&t, 1000.0))
+            .or(cpu_limit),
+        cpu_limit_millis: cpu_limit,
+        memory_limit_bytes: text("/resources/limits/memory")
+            .and_then(|t| quantity(&t, 1.0))
+            .and_then(|n| i64::try_from(n).ok()),
+    }
+}
+
+/// `ports[]` that ask for a `hostPort`.
+fn host_ports_of(container: &Value) -> Vec<(String, i32, i32, String)> {
+    let ports = container.get("ports").and_then(Value::as_array);
+    ports
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let host = i32::try_from(p.get("hostPort")?.as_i64()?).ok()?;
+            let port = i32::try_from(p.get("containerPort")?.as_i64()?).ok()?;
+            let protocol = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+            let ip = p.get("hostIP").and_then(Value::as_str).unwrap_or("");
+            (host > 0).then(|| (protocol.to_owned(), port, host, ip.to_owned()))
+        })
+        .collect()
+}
+
 /// What the runtime needs to run `pod`, resolved against the cache now.
 pub fn pod_run(store: &Store, pod: &Object, pods_dir: &Path) -> PodRun {
     let namespace = object::namespace(pod);
@@ -310,6 +365,9 @@ pub fn pod_run(store: &Store, pod: &Object, pods_dir: &Path) -> PodRun {
                     .pointer("/securityContext/privileged")
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
+                security: security_of(&spec, c),
+                resources: resources_of(c),
+                host_ports: host_ports_of(c),
             }
         })
         .collect();
