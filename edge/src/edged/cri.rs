@@ -640,7 +640,6 @@ fn container_config(
                 ..Default::default()
             }),
             resources: Some(linux_resources(&container.resources)),
-            ..Default::default()
         }),
         ..Default::default()
     }
