@@ -8,7 +8,9 @@
 #   cri-env.sh down DIR   # kill containerd, its shims and containers, unmount, delete netns/bridge, rm -rf DIR
 #
 # needs: containerd runc containernetworking-plugins docker-registry busybox-static curl python3 iproute2
-# env:   CNI_SUBNET (default 10.88.0.0/16), PUSH_IMAGE (default: push-image.sh beside this file)
+# env:   CNI_SUBNET (default 10.88.0.0/16), PUSH_IMAGE (default: push-image.sh beside this file),
+#        PRIVATE_AUTH=user:pass (also a registry with htpasswd auth and an image of its own in it:
+#        PRIVATE_REGISTRY, PRIVATE_IMAGE in DIR/env; needs htpasswd from apache2-utils)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 PUSH_IMAGE=${PUSH_IMAGE:-$HERE/push-image.sh}
@@ -44,6 +46,36 @@ EOF
   setsid docker-registry serve "$D/registry/config.yml" >"$D/registry/log" 2>&1 </dev/null &
   echo $! >"$D/registry/pid"; echo "$P" >"$D/registry/port"
   wait_for 200 curl -sf "http://127.0.0.1:$P/v2/" || { cat "$D/registry/log"; exit 1; }
+
+  # --- optional private registry (htpasswd, bcrypt) with its own image: PRIVATE_AUTH=user:pass
+  local P2=""
+  if [ -n "${PRIVATE_AUTH:-}" ]; then
+    P2=$(free_port)
+    mkdir -p "$D/registry-private/data" "$D/private-extra"
+    htpasswd -Bbn "${PRIVATE_AUTH%%:*}" "${PRIVATE_AUTH#*:}" >"$D/registry-private/htpasswd"
+    cat >"$D/registry-private/config.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $D/registry-private/data
+auth:
+  htpasswd:
+    realm: kedge-test
+    path: $D/registry-private/htpasswd
+http:
+  addr: 127.0.0.1:$P2
+  secret: kedge-test
+EOF
+    setsid docker-registry serve "$D/registry-private/config.yml" >"$D/registry-private/log" 2>&1 </dev/null &
+    echo $! >"$D/registry-private/pid"
+    wait_for 200 curl -sf -u "$PRIVATE_AUTH" "http://127.0.0.1:$P2/v2/" || { cat "$D/registry-private/log"; exit 1; }
+    echo private >"$D/private-extra/private-marker"   # content of its own: an image id of its own
+    EXTRA_DIR=$D/private-extra REGISTRY_AUTH=$PRIVATE_AUTH "$PUSH_IMAGE" "127.0.0.1:$P2" kedge/private:1 >/dev/null
+  fi
 
   # --- images: busybox (Cmd sh) and a pause stand-in (sleep infinity), the latter also as OCI tar
   "$PUSH_IMAGE" "127.0.0.1:$P" kedge/busybox:1 >/dev/null
@@ -103,6 +135,7 @@ CNI_BRIDGE=$BR
 CNI_NETWORK=$NET
 CNI_SUBNET=$SUBNET
 EOF
+  [ -z "$P2" ] || printf 'PRIVATE_REGISTRY=127.0.0.1:%s\nPRIVATE_IMAGE=127.0.0.1:%s/kedge/private:1\n' "$P2" "$P2" >>"$D/env"
   cat "$D/env"
 }
 
@@ -122,7 +155,7 @@ down() {
   ids=$(ls "$D"/containerd/root/io.containerd.grpc.v1.cri/{sandboxes,containers} 2>/dev/null | grep -E '^[0-9a-f]{64}$' || true)
   netns=$(grep -aoE '/var/run/netns/cni-[0-9a-f-]{36}' "$D"/containerd/root/io.containerd.metadata.v1.bolt/meta.db 2>/dev/null | sort -u || true)
   # 2. containerd, then its shims (which keep containers alive on their own)
-  for f in containerd/pid registry/pid; do
+  for f in containerd/pid registry/pid registry-private/pid; do
     [ -f "$D/$f" ] && kill "$(cat "$D/$f")" 2>/dev/null || true
   done
   for pid in $(shim_pids "$SOCK"); do kill -9 "$pid" 2>/dev/null || true; done
@@ -132,7 +165,7 @@ down() {
     for c in $cs; do runc --root "$R" kill --all "$c" KILL >/dev/null 2>&1 || true; done
     for c in $cs; do runc --root "$R" delete --force "$c" >/dev/null 2>&1 & done; wait
   fi
-  for f in containerd/pid registry/pid; do # wait, then insist
+  for f in containerd/pid registry/pid registry-private/pid; do # wait, then insist
     [ -f "$D/$f" ] || continue; pid=$(cat "$D/$f")
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true

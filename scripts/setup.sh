@@ -20,6 +20,8 @@ command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || need_apt+=(runc)
 [ -x /usr/lib/cni/bridge ] || need_apt+=(containernetworking-plugins)
 command -v docker-registry >/dev/null 2>&1 || need_apt+=(docker-registry)
 dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
+# htpasswd for the private-registry test (imagePullSecrets).
+command -v htpasswd >/dev/null 2>&1 || need_apt+=(apache2-utils)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2

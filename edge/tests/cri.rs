@@ -274,9 +274,44 @@ fn pods_run_as_containers_pulled_through_cri() {
     edge.kill9();
 }
 
-fn more_pods(image: &str, registry: &str, host_port: u16) -> String {
+fn more_pods(image: &str, registry: &str, host_port: u16, env: &CriEnv) -> String {
+    let (user, password) = cri_env::PRIVATE_AUTH;
+    let private = &env.private_image;
+    let config = format!(
+        r#"{{"auths":{{"{}":{{"username":"{user}","password":"{password}"}}}}}}"#,
+        env.private_registry
+    );
     format!(
         r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: pull}}
+type: kubernetes.io/dockerconfigjson
+stringData:
+  .dockerconfigjson: '{config}'
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: private}}
+spec:
+  terminationGracePeriodSeconds: 1
+  imagePullSecrets: [{{name: pull}}]
+  containers:
+  - name: main
+    image: {private}
+    command: ["sh", "-c", "cat /private-marker; trap 'exit 0' TERM; sleep 3600 & wait"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: private-without-secret}}
+spec:
+  containers:
+  - name: main
+    image: {private}
+    # Always: a pull (refused) even once the other pod brought the image to the node.
+    imagePullPolicy: Always
+    command: ["sh", "-c", "sleep 3600"]
+---
 apiVersion: v1
 kind: ConfigMap
 metadata: {{name: live}}
@@ -384,7 +419,7 @@ fn pull_errors_grace_periods_volumes_and_pods_deleted_while_edgecore_was_down() 
     let host_port = free_port();
     let applied = cloud.kubectl_stdin(
         &["apply", "-f", "-"],
-        &more_pods(&env.busybox, &env.registry, host_port),
+        &more_pods(&env.busybox, &env.registry, host_port, &env),
     );
     assert!(applied.status.success(), "{}", stderr_of(&applied));
 
@@ -410,6 +445,41 @@ fn pull_errors_grace_periods_volumes_and_pods_deleted_while_edgecore_was_down() 
         ".status.containerStatuses[0].state.waiting.message",
     );
     assert!(message.contains("nosuch:1"), "{message}");
+
+    // A private registry: pulled with the pod's imagePullSecret, refused without one.
+    eventually(
+        "private: pulled with its imagePullSecret",
+        Duration::from_secs(60),
+        || {
+            let pulled = stdout(&cloud.kubectl(&["logs", "private"])).contains("private");
+            if !pulled {
+                eprintln!(
+                    "private: {}",
+                    get(&cloud, "private", ".status.containerStatuses[0].state")
+                );
+            }
+            pulled
+        },
+    );
+    eventually(
+        "private-without-secret: ErrImagePull",
+        Duration::from_secs(60),
+        || {
+            matches!(
+                reason("private-without-secret").as_str(),
+                "ErrImagePull" | "ImagePullBackOff"
+            )
+        },
+    );
+    let message = get(
+        &cloud,
+        "private-without-secret",
+        ".status.containerStatuses[0].state.waiting.message",
+    );
+    assert!(
+        message.contains("401") || message.contains("nauthorized"),
+        "{message}"
+    );
 
     // emptyDir shared by two containers, and a configMap volume kept current.
     eventually(

@@ -312,6 +312,9 @@ struct PodEntry {
     done: Arc<AtomicBool>,
     files: Vec<(PathBuf, Vec<u8>)>,
     ip: Arc<Mutex<Option<String>>>,
+    /// The pod's imagePullSecrets as of Edged's last pass (a Secret may reach the node after
+    /// its pod).
+    pull_secrets: Arc<Mutex<Vec<super::runtime::RegistryAuth>>>,
 }
 
 /// The containers of this node by id and their CRI state, as of the last relist.
@@ -687,6 +690,10 @@ impl Runtime for CriRuntime {
                 write_files(&pod.root, &pod.files);
                 entry.files = pod.files.clone();
             }
+            let mut secrets = lock(&entry.pull_secrets);
+            if *secrets != pod.pull_secrets {
+                *secrets = pod.pull_secrets.clone();
+            }
             return;
         }
         let _ = std::fs::create_dir_all(&pod.root);
@@ -726,6 +733,7 @@ impl Runtime for CriRuntime {
             done: Arc::new(AtomicBool::new(false)),
             files: pod.files.clone(),
             ip: Arc::new(Mutex::new(None)),
+            pull_secrets: Arc::new(Mutex::new(pod.pull_secrets.clone())),
         };
         let run = PodTask {
             shared: self.shared.clone(),
@@ -737,6 +745,7 @@ impl Runtime for CriRuntime {
             grace: entry.grace.clone(),
             done: entry.done.clone(),
             ip: entry.ip.clone(),
+            pull_secrets: entry.pull_secrets.clone(),
         };
         pods.insert(pod.id.clone(), entry);
         tracing::debug!(pod = %pod.id, "starting the pod");
@@ -769,6 +778,7 @@ impl Runtime for CriRuntime {
                 done: done.clone(),
                 files: Vec::new(),
                 ip: Arc::new(Mutex::new(None)),
+                pull_secrets: Arc::new(Mutex::new(Vec::new())),
             },
         );
         let cri = self.shared.cri.clone();
@@ -902,6 +912,7 @@ struct PodTask {
     grace: Arc<Mutex<Duration>>,
     done: Arc<AtomicBool>,
     ip: Arc<Mutex<Option<String>>>,
+    pull_secrets: Arc<Mutex<Vec<super::runtime::RegistryAuth>>>,
 }
 
 impl PodTask {
@@ -1045,6 +1056,7 @@ impl PodTask {
                 start: *start,
                 counted: *counted,
                 existing: existing.remove(&container.name),
+                pull_secrets: self.pull_secrets.clone(),
                 stop: self.stop.clone(),
                 grace: self.grace.clone(),
             };
@@ -1099,6 +1111,7 @@ struct Supervisor {
     counted: bool,
     /// The newest instance in an adopted sandbox.
     existing: Option<cri::Container>,
+    pull_secrets: Arc<Mutex<Vec<super::runtime::RegistryAuth>>>,
     stop: CancellationToken,
     grace: Arc<Mutex<Duration>>,
 }
@@ -1361,22 +1374,43 @@ impl Supervisor {
                 format!("Container image \"{image}\" is not present with pull policy of Never"),
             ));
         }
-        let request = cri::PullImageRequest {
-            image: Some(spec),
-            auth: None,
-            sandbox_config: None,
-        };
-        match cri
-            .image_service()
-            .pull_image(call(request, PULL_TIMEOUT))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) => Err((
-                "ErrImagePull".into(),
-                format!("failed to pull image \"{image}\": {}", e.message()),
-            )),
+        // As kubelet: each matching imagePullSecret in turn, then no credentials.
+        let registry = super::runtime::image_registry(image);
+        let secrets = lock(&self.pull_secrets).clone();
+        let mut auths: Vec<Option<cri::AuthConfig>> = secrets
+            .iter()
+            .filter(|a| a.registry == registry)
+            .map(|a| {
+                Some(cri::AuthConfig {
+                    username: a.username.clone(),
+                    password: a.password.clone(),
+                    // Left empty: matched above, and containerd would ignore credentials
+                    // whose server address is not a URL of the image's host.
+                    ..Default::default()
+                })
+            })
+            .collect();
+        auths.push(None);
+        let mut last = String::new();
+        for auth in auths {
+            let request = cri::PullImageRequest {
+                image: Some(spec.clone()),
+                auth,
+                sandbox_config: None,
+            };
+            match cri
+                .image_service()
+                .pull_image(call(request, PULL_TIMEOUT))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e.message().to_owned(),
+            }
         }
+        Err((
+            "ErrImagePull".into(),
+            format!("failed to pull image \"{image}\": {last}"),
+        ))
     }
 
     /// Waits until the container exits, the pod is stopped, or edgecore exits. The runtime is

@@ -21,6 +21,8 @@ pub struct PodRun {
     /// from them with [`resume`]: restart counts go on from there, and a container that
     /// terminated for good is not run again.
     pub recorded: Vec<ContainerStatus>,
+    /// Registry credentials from the pod's `imagePullSecrets`, in their order.
+    pub pull_secrets: Vec<RegistryAuth>,
     /// `spec.hostNetwork`: the pod shares the node's network namespace (CRI: a sandbox with
     /// `NamespaceMode::NODE` and no hostname of its own).
     pub host_network: bool,
@@ -104,6 +106,37 @@ pub fn quantity(text: &str, scale: f64) -> Option<u64> {
         return None;
     }
     Some((value * factor * scale).ceil() as u64)
+}
+
+/// One registry's credentials from a `kubernetes.io/dockerconfigjson` (or `dockercfg`) Secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryAuth {
+    /// The registry as the Secret names it, without scheme or path: `HOST[:PORT]`
+    /// (`docker.io` for Docker Hub's `https://index.docker.io/v1/`).
+    pub registry: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password never reaches a log.
+        f.debug_struct("RegistryAuth")
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The registry host of an image reference (`HOST[:PORT]`), `docker.io` when the reference
+/// names none (as containerd resolves `busybox` and `library/busybox`).
+pub fn image_registry(image: &str) -> String {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            first.to_owned()
+        }
+        _ => "docker.io".to_owned(),
+    }
 }
 
 /// A container's `imagePullPolicy` (Kubernetes' `PullPolicy`).
@@ -320,6 +353,21 @@ mod tests {
             last_termination: None,
             restart_count: restarts,
         }
+    }
+
+    #[test]
+    fn image_registries_are_found_as_containerd_resolves_them() {
+        assert_eq!(image_registry("busybox"), "docker.io");
+        assert_eq!(image_registry("library/busybox:1"), "docker.io");
+        assert_eq!(
+            image_registry("127.0.0.1:5000/kedge/busybox:1"),
+            "127.0.0.1:5000"
+        );
+        assert_eq!(
+            image_registry("registry.example.com/app"),
+            "registry.example.com"
+        );
+        assert_eq!(image_registry("localhost/app"), "localhost");
     }
 
     #[test]

@@ -13,7 +13,8 @@ use replication::{ObjectKey, Store};
 use serde_json::Value;
 
 use super::runtime::{
-    quantity, ContainerRun, MountRun, PodRun, PullPolicy, ResourcesRun, RestartPolicy, SecurityRun,
+    quantity, ContainerRun, MountRun, PodRun, PullPolicy, RegistryAuth, ResourcesRun,
+    RestartPolicy, SecurityRun,
 };
 
 /// The `data` of a ConfigMap (and `binaryData`) or Secret (decoded), as bytes by key.
@@ -257,6 +258,61 @@ fn mounts_of(spec: &Value, container: &Value, root: &Path) -> Vec<MountRun> {
     out
 }
 
+/// The registry credentials of the pod's `imagePullSecrets` (`.dockerconfigjson`'s `auths`,
+/// or a legacy `.dockercfg`): `username`/`password`, else the base64 `auth` (`user:pass`).
+/// Secrets the node does not hold, or that do not parse, give nothing.
+fn pull_secrets_of(store: &Store, pod: &Object, spec: &Value) -> Vec<RegistryAuth> {
+    let namespace = object::namespace(pod);
+    let base64 = base64::engine::general_purpose::STANDARD;
+    let mut out = Vec::new();
+    let names = spec.get("imagePullSecrets").and_then(Value::as_array);
+    for name in names.into_iter().flatten() {
+        let Some(name) = name.get("name").and_then(Value::as_str) else {
+            continue;
+        };
+        for (key, bytes) in source_data(store, "secrets", namespace, name) {
+            let Ok(config) = serde_json::from_slice::<Value>(&bytes) else {
+                continue;
+            };
+            let auths = match key.as_str() {
+                ".dockerconfigjson" => config.get("auths").cloned(),
+                ".dockercfg" => Some(config),
+                _ => None,
+            };
+            let Some(Value::Object(auths)) = auths else {
+                continue;
+            };
+            for (server, entry) in auths {
+                let text = |f: &str| entry.get(f).and_then(Value::as_str).unwrap_or("");
+                let (mut username, mut password) = (text("username"), text("password"));
+                let decoded = base64.decode(text("auth")).unwrap_or_default();
+                let decoded = String::from_utf8_lossy(&decoded).into_owned();
+                if username.is_empty() {
+                    if let Some((u, p)) = decoded.split_once(':') {
+                        (username, password) = (u, p);
+                    }
+                }
+                let host = server
+                    .trim_start_matches("https://")
+                    .trim_start_matches("http://")
+                    .split('/')
+                    .next()
+                    .unwrap_or("");
+                let registry = match host {
+                    "index.docker.io" | "registry-1.docker.io" => "docker.io",
+                    other => other,
+                };
+                out.push(RegistryAuth {
+                    registry: registry.to_owned(),
+                    username: username.to_owned(),
+                    password: password.to_owned(),
+                });
+            }
+        }
+    }
+    out
+}
+
 /// `securityContext` of a container over the pod's.
 fn security_of(spec: &Value, container: &Value) -> SecurityRun {
     let field = |name: &str| {
@@ -379,6 +435,7 @@ pub fn pod_run(store: &Store, pod: &Object, pods_dir: &Path) -> PodRun {
         containers,
         // Edged fills this in when the runtime does not know the pod yet.
         recorded: Vec::new(),
+        pull_secrets: pull_secrets_of(store, pod, &spec),
         host_network: spec
             .get("hostNetwork")
             .and_then(Value::as_bool)

@@ -24,6 +24,10 @@ pub struct CriEnv {
     pub registry: String,
     /// `127.0.0.1:PORT/kedge/busybox:1` (Cmd `/bin/sh`).
     pub busybox: String,
+    /// `127.0.0.1:PORT/kedge/private:1` in a registry that wants [`PRIVATE_AUTH`].
+    pub private_image: String,
+    /// `127.0.0.1:PORT` of that registry.
+    pub private_registry: String,
     /// The pods' CNI subnet, e.g. `10.123.0.0/16`.
     pub subnet: String,
     /// For the CRI calls of the test.
@@ -38,9 +42,13 @@ fn scripts() -> PathBuf {
         .join("scripts")
 }
 
+/// The user and password of the environment's private registry.
+pub const PRIVATE_AUTH: (&str, &str) = ("kedge", "s3cret-pass");
+
 /// Fails (never skips) when a tool the environment needs is missing.
 pub fn require_tools() {
-    let tools: [(&str, &str); 7] = [
+    let tools: [(&str, &str); 8] = [
+        ("htpasswd", "apache2-utils"),
         ("containerd", "containerd"),
         ("ctr", "containerd"),
         ("runc", "runc"),
@@ -69,7 +77,7 @@ pub fn require_tools() {
     assert!(
         missing.is_empty(),
         "the CRI tests need containerd, runc, the CNI plugins, docker-registry and \
-         busybox-static; missing: {}. Run scripts/setup.sh (as root) to install them.",
+         busybox-static (and htpasswd); missing: {}. Run scripts/setup.sh (as root) to install them.",
         missing.join(", ")
     );
 }
@@ -94,6 +102,10 @@ impl CriEnv {
             .arg("up")
             .arg(&dir)
             .env("CNI_SUBNET", &subnet)
+            .env(
+                "PRIVATE_AUTH",
+                format!("{}:{}", PRIVATE_AUTH.0, PRIVATE_AUTH.1),
+            )
             .env("PUSH_IMAGE", scripts().join("push-image.sh"))
             .output()
             .expect("run scripts/cri-env.sh");
@@ -127,6 +139,8 @@ impl CriEnv {
             endpoint,
             registry: env["REGISTRY"].clone(),
             busybox: env["BUSYBOX_IMAGE"].clone(),
+            private_image: env["PRIVATE_IMAGE"].clone(),
+            private_registry: env["PRIVATE_REGISTRY"].clone(),
             subnet,
             rt,
             client,
