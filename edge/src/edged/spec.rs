@@ -443,3 +443,107 @@ pub fn pod_run(store: &Store, pod: &Object, pods_dir: &Path) -> PodRun {
         root,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use replication::{Precondition, StoreConfig, WriteSet};
+    use serde_json::json;
+
+    fn store_with(objects: &[(&str, Value)]) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StoreConfig::edge();
+        config.sync_writes = false;
+        config.versioning = replication::Versioning::Assign;
+        let store = Store::open(dir.path(), config).unwrap();
+        let mut set = WriteSet::new();
+        for (key, object) in objects {
+            set.put(
+                ObjectKey::parse(key).unwrap(),
+                Bytes::from(serde_json::to_vec(object).unwrap()),
+                Precondition::None,
+            );
+        }
+        store.commit(set).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn a_pod_spec_becomes_what_a_container_runtime_needs() {
+        let base64 = base64::engine::general_purpose::STANDARD;
+        let config = r#"{"auths":{"https://reg.example:5000/v2/":{"auth":"dTpw"},"other.example":{"username":"a","password":"b"}}}"#;
+        let secret = json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "pull", "namespace": "ns"},
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": base64.encode(config)}});
+        let (_dir, store) = store_with(&[("secrets/ns/pull", secret)]);
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u1"},
+            "spec": {
+                "hostNetwork": true,
+                "imagePullSecrets": [{"name": "pull"}, {"name": "absent"}],
+                "securityContext": {"runAsUser": 1000, "runAsGroup": 5},
+                "volumes": [{"name": "scratch", "emptyDir": {}},
+                            {"name": "host", "hostPath": {"path": "/srv/data"}},
+                            {"name": "cfg", "configMap": {"name": "cfg"}},
+                            {"name": "weird", "downwardAPI": {}}],
+                "containers": [{
+                    "name": "main", "image": "reg.example:5000/app",
+                    "args": ["--flag"], "workingDir": "/work",
+                    "securityContext": {"runAsGroup": 7, "readOnlyRootFilesystem": true},
+                    "resources": {"limits": {"cpu": "500m", "memory": "64Mi"}},
+                    "ports": [{"containerPort": 80, "hostPort": 8080}, {"containerPort": 81}],
+                    "volumeMounts": [{"name": "scratch", "mountPath": "/data"},
+                                     {"name": "host", "mountPath": "/host", "readOnly": true},
+                                     {"name": "cfg", "mountPath": "/etc/cfg"},
+                                     {"name": "weird", "mountPath": "/w"}]}]}});
+        let pod: Object = serde_json::from_value(pod).unwrap();
+        let run = pod_run(&store, &pod, Path::new("/d/pods"));
+        assert!(run.host_network);
+        let names: Vec<_> = run
+            .pull_secrets
+            .iter()
+            .map(|a| {
+                (
+                    a.registry.as_str(),
+                    a.username.as_str(),
+                    a.password.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [("reg.example:5000", "u", "p"), ("other.example", "a", "b")]
+        );
+        let c = &run.containers[0];
+        assert!(c.command.is_empty() && c.argv.is_empty());
+        assert_eq!(c.args, ["--flag"]);
+        assert_eq!(c.working_dir.as_deref(), Some("/work"));
+        assert_eq!(c.pull_policy, PullPolicy::Always);
+        assert_eq!(c.security.run_as_user, Some(1000));
+        assert_eq!(c.security.run_as_group, Some(7));
+        assert!(c.security.read_only_root);
+        assert_eq!(c.resources.cpu_limit_millis, Some(500));
+        assert_eq!(c.resources.cpu_request_millis, Some(500));
+        assert_eq!(c.resources.memory_limit_bytes, Some(64 << 20));
+        assert_eq!(c.host_ports, [("TCP".to_owned(), 80, 8080, String::new())]);
+        let mounts: Vec<_> = c
+            .mounts
+            .iter()
+            .map(|m| (m.container_path.as_str(), m.host_path.clone(), m.read_only))
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                (
+                    "/data",
+                    PathBuf::from("/d/pods/ns_p/volumes/scratch"),
+                    false
+                ),
+                ("/host", PathBuf::from("/srv/data"), true),
+                ("/etc/cfg", PathBuf::from("/d/pods/ns_p/root/etc/cfg"), true),
+            ]
+        );
+    }
+}
