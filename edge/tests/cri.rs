@@ -582,3 +582,75 @@ fn pull_errors_grace_periods_volumes_and_pods_deleted_while_edgecore_was_down() 
         .count();
     assert_eq!(running, 2);
 }
+
+#[test]
+fn containerd_going_away_is_reported_and_survived() {
+    let env = CriEnv::up();
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    let _edge = start_edge(
+        &cloud,
+        "edge-3",
+        edge_dir.path(),
+        free_port(),
+        Some(&token),
+        &env,
+    );
+    let pod = |name: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {}
+    command: ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
+"#,
+            env.busybox
+        )
+    };
+    let applied = cloud.kubectl_stdin(&["apply", "-f", "-"], &pod("before"));
+    assert!(applied.status.success(), "{}", stderr_of(&applied));
+    eventually("before Running", Duration::from_secs(60), || {
+        get(&cloud, "before", ".status.phase") == "Running"
+    });
+    let before_id = get(&cloud, "before", ".status.containerStatuses[0].containerID");
+
+    // containerd gone: a new pod waits with the reason; the running one runs on.
+    env.kill_containerd();
+    let applied = cloud.kubectl_stdin(&["apply", "-f", "-"], &pod("during"));
+    assert!(applied.status.success(), "{}", stderr_of(&applied));
+    eventually(
+        "during: waiting with the runtime's error",
+        Duration::from_secs(30),
+        || {
+            get(
+                &cloud,
+                "during",
+                ".status.containerStatuses[0].state.waiting.message",
+            )
+            .contains("failed to create the pod sandbox")
+        },
+    );
+    assert_eq!(get(&cloud, "before", ".status.phase"), "Running");
+
+    // Back: the waiting pod starts (its retry back-off), the running one is the same container.
+    env.start_containerd();
+    eventually(
+        "during Running once containerd is back",
+        Duration::from_secs(60),
+        || get(&cloud, "during", ".status.phase") == "Running",
+    );
+    assert_eq!(get(&cloud, "before", ".status.phase"), "Running");
+    assert_eq!(
+        get(&cloud, "before", ".status.containerStatuses[0].containerID"),
+        before_id
+    );
+    let before_uid = get(&cloud, "before", ".metadata.uid");
+    assert_eq!(env.sandboxes_of(&before_uid).len(), 1);
+}

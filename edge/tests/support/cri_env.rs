@@ -171,6 +171,49 @@ impl CriEnv {
     }
 }
 
+impl CriEnv {
+    /// SIGKILLs containerd (its shims, and so the containers, live on).
+    pub fn kill_containerd(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("containerd/pid")).expect("containerd pid");
+        let pid: i32 = pid.trim().parse().expect("a pid");
+        // SAFETY: a plain kill(2) of the containerd this environment started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let stat = format!("/proc/{pid}/stat");
+        let start = std::time::Instant::now();
+        while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z")) {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "containerd still alive"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Starts containerd again on the same configuration (it takes up the running shims).
+    pub fn start_containerd(&self) {
+        // Through a shell, as scripts/cri-env.sh does: containerd is nobody's child here, and
+        // `down` kills it by its pid file.
+        let dir = self.dir.display();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "setsid containerd --config {dir}/containerd/config.toml \
+                 >>{dir}/containerd/log 2>&1 </dev/null & echo $! >{dir}/containerd/pid"
+            ))
+            .output()
+            .expect("start containerd");
+        assert!(out.status.success(), "containerd did not start");
+        let start = std::time::Instant::now();
+        while self.rt.block_on(self.client.version()).is_err() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "containerd did not come back"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
 fn rand_byte() -> u8 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
