@@ -233,7 +233,8 @@ impl EdgeCore {
         })
     }
 
-    /// Stops pods (SIGTERM, at most 10 s), the link and MetaServer, and flushes the cache.
+    /// Stops pods (SIGTERM, at most 10 s; the CRI runtime's containers keep running for the
+    /// next edgecore, as kubelet's do), the link and MetaServer, and flushes the cache.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         let _ = self.edged.await;

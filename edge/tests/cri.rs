@@ -653,4 +653,26 @@ spec:
     );
     let before_uid = get(&cloud, "before", ".metadata.uid");
     assert_eq!(env.sandboxes_of(&before_uid).len(), 1);
+
+    // edgecore stopped with SIGTERM: it exits promptly and leaves the containers running.
+    let mut edge = _edge;
+    let stopping = std::time::Instant::now();
+    // SAFETY: a plain kill(2) of the edgecore this test started.
+    unsafe { libc::kill(edge.child.id() as i32, libc::SIGTERM) };
+    let mut exited = None;
+    while stopping.elapsed() < Duration::from_secs(10) {
+        if let Some(status) = edge.child.try_wait().unwrap() {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = exited.expect("edgecore exits within 10 s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+    let running = env
+        .containers_of(&before_uid)
+        .into_iter()
+        .filter(|c| c.state == k8s_cri::v1::ContainerState::ContainerRunning as i32)
+        .count();
+    assert_eq!(running, 1, "the pod's container outlives edgecore");
 }
