@@ -676,3 +676,75 @@ spec:
         .count();
     assert_eq!(running, 1, "the pod's container outlives edgecore");
 }
+
+#[test]
+fn after_a_reboot_with_the_cloud_away_pods_run_again_from_local_images() {
+    let env = CriEnv::up();
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let mut cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    let port = free_port();
+    let mut edge = start_edge(&cloud, "edge-4", edge_dir.path(), port, Some(&token), &env);
+    let manifest = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: survivor}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {}
+    command: ["sh", "-c", "echo started; trap 'exit 0' TERM; sleep 3600 & wait"]
+"#,
+        env.busybox
+    );
+    let applied = cloud.kubectl_stdin(&["apply", "-f", "-"], &manifest);
+    assert!(applied.status.success(), "{}", stderr_of(&applied));
+    eventually("survivor Running", Duration::from_secs(60), || {
+        get(&cloud, "survivor", ".status.phase") == "Running"
+    });
+    let uid = get(&cloud, "survivor", ".metadata.uid");
+
+    // The cloud goes away, then the node "reboots": edgecore dies and the pod's sandbox and
+    // containers are stopped under it (what a power cycle leaves in containerd's state).
+    cloud.kill9();
+    edge.kill9();
+    let old = env.sandboxes_of(&uid);
+    assert_eq!(old.len(), 1);
+    env.rt
+        .block_on(async {
+            let mut runtime = env.client.runtime_service();
+            runtime
+                .stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest {
+                    pod_sandbox_id: old[0].id.clone(),
+                })
+                .await
+        })
+        .expect("StopPodSandbox");
+
+    // edgecore again, offline: the pod runs again from the cache and the local image.
+    let edge = start_edge(&cloud, "edge-4", edge_dir.path(), port, None, &env);
+    eventually(
+        "survivor running again, offline",
+        Duration::from_secs(60),
+        || {
+            env.containers_of(&uid)
+                .iter()
+                .any(|c| c.state == k8s_cri::v1::ContainerState::ContainerRunning as i32)
+        },
+    );
+    let sandboxes = env.sandboxes_of(&uid);
+    assert_eq!(
+        sandboxes.len(),
+        1,
+        "the stopped sandbox replaced, not kept beside"
+    );
+    assert_ne!(sandboxes[0].id, old[0].id);
+    eventually("MetaServer says Running", Duration::from_secs(30), || {
+        stdout(&edge.kubectl(&["get", "pod", "survivor", "-o", "jsonpath={.status.phase}"]))
+            == "Running"
+    });
+    assert!(stdout(&edge.kubectl(&["logs", "survivor"])).contains("started"));
+}
