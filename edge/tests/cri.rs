@@ -384,6 +384,37 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {{name: initialized}}
+spec:
+  terminationGracePeriodSeconds: 1
+  initContainers:
+  - name: prepare
+    image: {image}
+    command: ["sh", "-c", "echo prepared > /work/ready"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  containers:
+  - name: main
+    image: {image}
+    command: ["sh", "-c", "cat /work/ready; trap 'exit 0' TERM; sleep 3600 & wait"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  volumes: [{{name: work, emptyDir: {{}}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: init-fails}}
+spec:
+  restartPolicy: Never
+  initContainers:
+  - name: check
+    image: {image}
+    command: ["sh", "-c", "exit 2"]
+  containers:
+  - name: main
+    image: {image}
+    command: ["sh", "-c", "echo should-not-run"]
+---
+apiVersion: v1
+kind: Pod
 metadata: {{name: gone-while-down}}
 spec:
   hostNetwork: true
@@ -509,6 +540,44 @@ fn pull_errors_grace_periods_volumes_and_pods_deleted_while_edgecore_was_down() 
             stdout(&cloud.kubectl(&["logs", "shared", "-c", "reader", "--tail", "2"]))
                 .contains("second")
         },
+    );
+
+    // Init containers: run to completion first; one failing under Never fails the pod.
+    eventually(
+        "initialized: the main container sees what the init container wrote",
+        Duration::from_secs(60),
+        || stdout(&cloud.kubectl(&["logs", "initialized"])).contains("prepared"),
+    );
+    assert_eq!(
+        get(
+            &cloud,
+            "initialized",
+            ".status.initContainerStatuses[0].state.terminated.reason"
+        ),
+        "Completed"
+    );
+    assert_eq!(get(&cloud, "initialized", ".status.phase"), "Running");
+    eventually("init-fails: Failed", Duration::from_secs(60), || {
+        get(&cloud, "init-fails", ".status.phase") == "Failed"
+    });
+    assert_eq!(
+        get(
+            &cloud,
+            "init-fails",
+            ".status.initContainerStatuses[0].state.terminated.exitCode"
+        ),
+        "2"
+    );
+    assert_eq!(
+        get(
+            &cloud,
+            "init-fails",
+            ".status.containerStatuses[0].state.waiting.reason"
+        ),
+        "PodInitializing"
+    );
+    assert!(
+        !stdout(&cloud.kubectl(&["logs", "init-fails", "-c", "main"])).contains("should-not-run")
     );
 
     // securityContext and resources as the container sees them.

@@ -306,6 +306,7 @@ struct Slot {
 struct PodEntry {
     uid: String,
     slots: Vec<Arc<Mutex<Slot>>>,
+    init_slots: Vec<Arc<Mutex<Slot>>>,
     stop: CancellationToken,
     grace: Arc<Mutex<Duration>>,
     /// Set once the pod's sandbox is stopped and removed.
@@ -725,9 +726,30 @@ impl Runtime for CriRuntime {
             })));
             starts.push((start, counted));
         }
+        let init_slots: Vec<_> = pod
+            .init_containers
+            .iter()
+            .map(|c| {
+                Arc::new(Mutex::new(Slot {
+                    status: ContainerStatus {
+                        name: c.name.clone(),
+                        image: c.image.clone(),
+                        state: ContainerState::Waiting {
+                            reason: "PodInitializing".into(),
+                            message: String::new(),
+                        },
+                        last_termination: None,
+                        restart_count: 0,
+                    },
+                    container_id: String::new(),
+                    image_id: String::new(),
+                }))
+            })
+            .collect();
         let entry = PodEntry {
             uid: pod.uid.clone(),
             slots: slots.clone(),
+            init_slots: init_slots.clone(),
             stop: CancellationToken::new(),
             grace: Arc::new(Mutex::new(Duration::from_secs(30))),
             done: Arc::new(AtomicBool::new(false)),
@@ -740,6 +762,7 @@ impl Runtime for CriRuntime {
             pod: pod.clone(),
             found,
             slots,
+            init_slots,
             starts,
             stop: entry.stop.clone(),
             grace: entry.grace.clone(),
@@ -773,6 +796,7 @@ impl Runtime for CriRuntime {
             PodEntry {
                 uid: String::new(),
                 slots: Vec::new(),
+                init_slots: Vec::new(),
                 stop,
                 grace: Arc::new(Mutex::new(grace)),
                 done: done.clone(),
@@ -845,6 +869,18 @@ impl Runtime for CriRuntime {
         Some(self.shared.changed.clone())
     }
 
+    fn init_status(&self, id: &str) -> Vec<ContainerStatus> {
+        let pods = lock(&self.shared.pods);
+        let Some(entry) = pods.get(id) else {
+            return Vec::new();
+        };
+        entry
+            .init_slots
+            .iter()
+            .map(|slot| lock(slot).status.clone())
+            .collect()
+    }
+
     fn pod_ip(&self, id: &str) -> Option<String> {
         let pods = lock(&self.shared.pods);
         let ip = lock(&pods.get(id)?.ip).clone();
@@ -906,6 +942,7 @@ struct PodTask {
     pod: PodRun,
     found: Vec<cri::PodSandbox>,
     slots: Vec<Arc<Mutex<Slot>>>,
+    init_slots: Vec<Arc<Mutex<Slot>>>,
     /// Per container: whether to run it, and whether a recorded termination was counted.
     starts: Vec<(bool, bool)>,
     stop: CancellationToken,
@@ -916,6 +953,50 @@ struct PodTask {
 }
 
 impl PodTask {
+    /// Runs the init containers in order, each to completion (restarted on failure unless
+    /// the pod's restartPolicy is Never). Whether all completed: false when one failed for
+    /// good, or the pod was stopped first.
+    async fn run_init_containers(&self, sandbox: &str) -> bool {
+        if self.pod.init_containers.is_empty() {
+            return true;
+        }
+        self.set_waiting_all("PodInitializing", String::new());
+        let mut init_pod = self.pod.clone();
+        if init_pod.restart_policy == super::runtime::RestartPolicy::Always {
+            init_pod.restart_policy = super::runtime::RestartPolicy::OnFailure;
+        }
+        for (container, slot) in self.pod.init_containers.iter().zip(&self.init_slots) {
+            let supervisor = Supervisor {
+                shared: self.shared.clone(),
+                pod: init_pod.clone(),
+                container: container.clone(),
+                sandbox: sandbox.to_owned(),
+                log: self
+                    .pod
+                    .root
+                    .parent()
+                    .unwrap_or(&self.pod.root)
+                    .join(format!("{}.log", container.name)),
+                slot: slot.clone(),
+                start: true,
+                counted: false,
+                existing: None,
+                pull_secrets: self.pull_secrets.clone(),
+                stop: self.stop.clone(),
+                grace: self.grace.clone(),
+            };
+            supervisor.run().await;
+            let completed = matches!(
+                &lock(slot).status.state,
+                ContainerState::Terminated(t) if t.exit_code == 0
+            );
+            if !completed {
+                return false;
+            }
+        }
+        true
+    }
+
     fn set_waiting_all(&self, reason: &str, message: String) {
         for slot in &self.slots {
             let mut slot = lock(slot);
@@ -954,6 +1035,7 @@ impl PodTask {
             }
         }
         let mut existing: HashMap<String, cri::Container> = HashMap::new();
+        let was_adopted = adopted.is_some();
         let sandbox = match adopted {
             Some(id) => {
                 if let Ok(containers) = cri.containers(&id, HashMap::new()).await {
@@ -1033,6 +1115,26 @@ impl PodTask {
                 }
             }
         }
+        let initialized = if was_adopted {
+            // Its containers ran in this sandbox: the init containers completed before.
+            for (container, slot) in self.pod.init_containers.iter().zip(&self.init_slots) {
+                let done = existing.remove(&container.name);
+                let mut slot = lock(slot);
+                slot.status.state = ContainerState::Terminated(Terminated {
+                    exit_code: 0,
+                    reason: "Completed".into(),
+                    started_at: object::now_rfc3339(),
+                    finished_at: object::now_rfc3339(),
+                });
+                if let Some(done) = done {
+                    slot.container_id = done.id;
+                    slot.image_id = done.image_ref;
+                }
+            }
+            true
+        } else {
+            self.run_init_containers(&sandbox).await
+        };
         let mut supervisors = tokio::task::JoinSet::new();
         for ((container, slot), (start, counted)) in self
             .pod
@@ -1060,7 +1162,9 @@ impl PodTask {
                 stop: self.stop.clone(),
                 grace: self.grace.clone(),
             };
-            supervisors.spawn(supervisor.run());
+            if initialized {
+                supervisors.spawn(supervisor.run());
+            }
         }
         while supervisors.join_next().await.is_some() {}
         tokio::select! {

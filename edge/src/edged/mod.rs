@@ -222,6 +222,10 @@ impl Edged {
             self.runtime.pod_ip(id),
             &self.runtime.container_ids(id),
         );
+        let init = self.runtime.init_status(id);
+        if !init.is_empty() {
+            with_init_containers(&mut status, &held, policy, &init);
+        }
         if status == held {
             return;
         }
@@ -314,6 +318,59 @@ fn with_runtime_details(
             }
             if !image_id.is_empty() {
                 entry["imageID"] = json!(image_id);
+            }
+        }
+    }
+}
+
+/// Adds `initContainerStatuses` and what they mean for the pod: until every init container
+/// completed (exit 0) the pod is not `Initialized` (and `Pending`), and one that failed for
+/// good (restartPolicy Never) makes it `Failed`, as kubelet reports it. A terminal phase in
+/// `held` is kept; condition times are kept from `held` when the condition did not change.
+fn with_init_containers(
+    status: &mut Value,
+    held: &Value,
+    policy: RestartPolicy,
+    init: &[ContainerStatus],
+) {
+    let completed =
+        |c: &ContainerStatus| matches!(&c.state, ContainerState::Terminated(t) if t.exit_code == 0);
+    status["initContainerStatuses"] = init
+        .iter()
+        .map(|c| {
+            let mut json = container_json(c);
+            json["ready"] = json!(completed(c));
+            json
+        })
+        .collect();
+    if init.iter().all(completed) {
+        return;
+    }
+    let failed = policy == RestartPolicy::Never
+        && init
+            .iter()
+            .any(|c| matches!(&c.state, ContainerState::Terminated(t) if t.exit_code != 0));
+    if !is_terminal(held) {
+        status["phase"] = json!(if failed { "Failed" } else { "Pending" });
+    }
+    let held_transition = held
+        .get("conditions")
+        .and_then(Value::as_array)
+        .and_then(|list| {
+            list.iter().find(|c| {
+                c.get("type").and_then(Value::as_str) == Some("Initialized")
+                    && c.get("status").and_then(Value::as_str) == Some("False")
+            })
+        })
+        .and_then(|c| c.get("lastTransitionTime").cloned());
+    if let Some(list) = status.get_mut("conditions").and_then(Value::as_array_mut) {
+        for condition in list {
+            if condition.get("type").and_then(Value::as_str) == Some("Initialized") {
+                condition["status"] = json!("False");
+                condition["reason"] = json!("ContainersNotInitialized");
+                if let Some(t) = &held_transition {
+                    condition["lastTransitionTime"] = t.clone();
+                }
             }
         }
     }

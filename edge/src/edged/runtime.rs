@@ -16,6 +16,9 @@ pub struct PodRun {
     /// Files to keep under `root` (ConfigMap and Secret volumes), path relative to `root`.
     pub files: Vec<(PathBuf, Vec<u8>)>,
     pub containers: Vec<ContainerRun>,
+    /// `spec.initContainers`, run to completion in order before `containers` (the CRI
+    /// runtime; the process runtime does not run them).
+    pub init_containers: Vec<ContainerRun>,
     /// The containers' statuses as the node last recorded them (empty for a pod this node has
     /// never reported). A runtime that does not know the pod yet (edgecore restarted) resumes
     /// from them with [`resume`]: restart counts go on from there, and a container that
@@ -301,6 +304,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// than at its next periodic pass (once a second); `None`: the periodic pass only.
     fn changed(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
         None
+    }
+    /// The pod's init containers' statuses, in order (empty when it has none, or when the
+    /// runtime does not run init containers).
+    fn init_status(&self, _id: &str) -> Vec<ContainerStatus> {
+        Vec::new()
     }
     /// The pod's IP when the runtime gives the pod a network of its own (CRI with CNI);
     /// `None`: the node's address.

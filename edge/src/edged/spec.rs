@@ -379,60 +379,62 @@ pub fn pod_run(store: &Store, pod: &Object, pods_dir: &Path) -> PodRun {
             .collect()
     };
     let root = pods_dir.join(format!("{namespace}_{name}")).join("root");
-    let containers = spec
-        .get("containers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .map(|c| {
-            let command = strings(c.get("command"));
-            let args = strings(c.get("args"));
-            let mut argv = command.clone();
-            if !argv.is_empty() {
-                argv.extend(args.iter().cloned());
-            }
-            let image = c
-                .get("image")
+    let to_run = |c: &Value| {
+        let command = strings(c.get("command"));
+        let args = strings(c.get("args"));
+        let mut argv = command.clone();
+        if !argv.is_empty() {
+            argv.extend(args.iter().cloned());
+        }
+        let image = c
+            .get("image")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        ContainerRun {
+            name: c
+                .get("name")
                 .and_then(Value::as_str)
                 .unwrap_or("")
-                .to_owned();
-            ContainerRun {
-                name: c
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned(),
-                pull_policy: PullPolicy::of(
-                    c.get("imagePullPolicy").and_then(Value::as_str),
-                    &image,
-                ),
-                image,
-                argv,
-                env: env_of(store, pod, c),
-                command,
-                args,
-                working_dir: c
-                    .get("workingDir")
-                    .and_then(Value::as_str)
-                    .filter(|w| !w.is_empty())
-                    .map(str::to_owned),
-                mounts: mounts_of(&spec, c, &root),
-                privileged: c
-                    .pointer("/securityContext/privileged")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-                security: security_of(&spec, c),
-                resources: resources_of(c),
-                host_ports: host_ports_of(c),
-            }
-        })
-        .collect();
+                .to_owned(),
+            pull_policy: PullPolicy::of(c.get("imagePullPolicy").and_then(Value::as_str), &image),
+            image,
+            argv,
+            env: env_of(store, pod, c),
+            command,
+            args,
+            working_dir: c
+                .get("workingDir")
+                .and_then(Value::as_str)
+                .filter(|w| !w.is_empty())
+                .map(str::to_owned),
+            mounts: mounts_of(&spec, c, &root),
+            privileged: c
+                .pointer("/securityContext/privileged")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            security: security_of(&spec, c),
+            resources: resources_of(c),
+            host_ports: host_ports_of(c),
+        }
+    };
+    let list = |field: &str| -> Vec<ContainerRun> {
+        spec.get(field)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(to_run)
+            .collect()
+    };
+    let containers = list("containers");
+    let init_containers = list("initContainers");
     PodRun {
         id: format!("{namespace}/{name}"),
         uid: object::meta_str(pod, "uid").unwrap_or("").to_owned(),
         restart_policy: RestartPolicy::parse(spec.get("restartPolicy").and_then(Value::as_str)),
         files: volume_files(store, pod, &spec),
         containers,
+        init_containers,
         // Edged fills this in when the runtime does not know the pod yet.
         recorded: Vec::new(),
         pull_secrets: pull_secrets_of(store, pod, &spec),
