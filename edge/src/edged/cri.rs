@@ -7,11 +7,18 @@
 //!   otherwise the runtime's CNI network gives it an IP, reported as `status.podIP`;
 //! - images pulled per `imagePullPolicy` (`Always`, `IfNotPresent`, `Never`; a missing image
 //!   under `Never` waits in `ErrImageNeverPull`, a failed pull in `ErrImagePull` and then
-//!   `ImagePullBackOff`), every call with a deadline ([`PULL_TIMEOUT`] for pulls, since a
-//!   hung registry never answers);
-//! - containers created and started with `command`, `args`, `env`, `workingDir` and the
-//!   pod's volumes as bind mounts (configMap and secret read-only, emptyDir, hostPath), with
-//!   the restart policy and back-off of the process runtime (1 s doubling to 60 s);
+//!   `ImagePullBackOff`) with the pod's `imagePullSecrets` (each matching one in turn, then
+//!   none), every call with a deadline ([`PULL_TIMEOUT`] for pulls, since a hung registry
+//!   never answers);
+//! - init containers run in order to completion first (restarted on failure unless the
+//!   restartPolicy is Never);
+//! - containers created and started with `command`, `args`, `env`, `workingDir`, the pod's
+//!   volumes as bind mounts (configMap and secret read-only, emptyDir, hostPath),
+//!   `securityContext` (runAsUser/Group, readOnlyRootFilesystem, privileged), `resources`
+//!   (CPU shares and CFS quota, memory limit) and `hostPort`s (CNI portmap), with the restart
+//!   policy and back-off of the process runtime (1 s doubling to 60 s); the runtime tells
+//!   Edged when a state changes ([`Runtime::changed`]);
+//! - `kubectl exec` through `ExecSync` ([`exec_target`]; non-interactive);
 //! - container logs written by the runtime in the CRI format at
 //!   `DATA_DIR/pods/<namespace>_<name>/<container>.log` (the sandbox's `log_directory` and the
 //!   container's `log_path`), which is where [`super::logs`] reads them for `kubectl logs`;
