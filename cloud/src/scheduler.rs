@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use replication::api::object::{self, Object};
 use replication::api::selector::LabelSelector;
+use replication::watcher::{Event, ResumableWatcher};
 use replication::{ChangeKind, KeyRange, ObjectKey, Precondition, Store, WriteSet};
 use serde_json::{json, Value};
 
@@ -199,35 +200,33 @@ fn from_store(store: &Store) -> Scheduler {
 
 /// Runs the scheduler until the store's watch closes.
 pub async fn run(store: Arc<Store>) {
-    let Ok(mut watcher) = store
-        .watch()
-        .subscribe(KeyRange::all(), Some(store.revision()))
-    else {
-        return;
-    };
-    let mut scheduler = from_store(&store);
+    let mut watcher = ResumableWatcher::all(store.clone());
+    let mut scheduler = Scheduler::default();
     let mut retry = tokio::time::interval(Duration::from_secs(5));
     loop {
         scheduler.schedule(&store);
         tokio::select! {
-            change = watcher.next() => match change {
-                Ok(change) => {
-                    scheduler.observe(&change.key, change.kind == ChangeKind::Deleted, &change.object);
-                    // Take everything already queued before scheduling again.
-                    while let Ok(Some(change)) = watcher.try_next() {
-                        scheduler.observe(&change.key, change.kind == ChangeKind::Deleted, &change.object);
-                    }
-                }
-                Err(replication::WatchError::Closed) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "scheduler watch lost; resubscribing");
-                    match store.watch().subscribe(KeyRange::all(), Some(store.revision())) {
-                        Ok(w) => watcher = w,
+            event = watcher.next() => {
+                let mut event = event;
+                // Everything already queued before scheduling again.
+                loop {
+                    match event {
+                        Ok(Event::Change(change)) => scheduler.observe(
+                            &change.key,
+                            change.kind == ChangeKind::Deleted,
+                            &change.object,
+                        ),
+                        // (Re)started: the pods and nodes are read from the store.
+                        Ok(Event::Restart { .. }) => scheduler = from_store(&store),
                         Err(_) => return,
                     }
-                    scheduler = from_store(&store);
+                    event = match watcher.try_next() {
+                        Ok(Some(next)) => Ok(next),
+                        Ok(None) => break,
+                        Err(e) => Err(e),
+                    };
                 }
-            },
+            }
             _ = retry.tick() => {
                 scheduler.marked.clear();
             }

@@ -28,9 +28,6 @@ use crate::watch::{WatchConfig, WatchHub};
 
 const CF_OBJECTS: &str = "objects";
 const CF_META: &str = "meta";
-const CF_OUTBOX: &str = "outbox";
-const CF_OBJECTSYNC: &str = "objectsync";
-const CF_DEVICETWIN: &str = "devicetwin";
 const META_REVISION: &[u8] = b"store/revision";
 
 /// Who decides resourceVersions.
@@ -54,6 +51,9 @@ pub struct StoreConfig {
     /// Memtable size per column family; all memtables together are capped at 4× this.
     pub write_buffer_bytes: usize,
     pub watch: WatchConfig,
+    /// The auxiliary column families the store's users write (see [`Aux`]); created on open
+    /// if missing. Column families found on disk are opened whether listed or not.
+    pub aux: Vec<Aux>,
 }
 
 impl StoreConfig {
@@ -71,6 +71,7 @@ impl StoreConfig {
                 lag_limit: 65_536,
                 ..WatchConfig::default()
             },
+            aux: vec![Aux::META, Aux::OBJECTSYNC],
         }
     }
 
@@ -85,7 +86,16 @@ impl StoreConfig {
                 history: 2_000,
                 lag_limit: 1_024,
             },
+            aux: vec![Aux::META, Aux::OUTBOX, Aux::OBJECTSYNC],
         }
+    }
+
+    /// With `aux` registered too (an owner's own column family).
+    pub fn with_aux(mut self, aux: Aux) -> Self {
+        if !self.aux.contains(&aux) {
+            self.aux.push(aux);
+        }
+        self
     }
 }
 
@@ -139,24 +149,33 @@ pub enum Precondition {
     Version(u64),
 }
 
-/// The bookkeeping column families a caller may write beside objects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Aux {
-    Meta,
-    Outbox,
-    ObjectSync,
-    /// The edge's device and twin records (DeviceTwin), committed with the reports they cause.
-    DeviceTwin,
-}
+/// A bookkeeping column family that a caller writes beside objects, in the same atomic
+/// commit. Each owner names its own and registers it in [`StoreConfig::aux`] (or with
+/// [`StoreConfig::with_aux`]); the store knows only its own [`Aux::META`]. Using one that was
+/// not registered when the store was opened is a programming error (a panic naming it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Aux(&'static str);
 
 impl Aux {
+    /// The store's own bookkeeping (the revision), also open to callers' small records.
+    pub const META: Aux = Aux(CF_META);
+    /// The sync layer's edge outbox (reports not yet acknowledged by the cloud).
+    pub const OUTBOX: Aux = Aux("outbox");
+    /// The sync layer's ObjectSync records (what each node acknowledged; interests).
+    pub const OBJECTSYNC: Aux = Aux("objectsync");
+
+    /// A column family named `name` (RocksDB's name for it on disk).
+    pub const fn named(name: &'static str) -> Aux {
+        Aux(name)
+    }
+
+    /// Its name on disk.
+    pub fn name(self) -> &'static str {
+        self.0
+    }
+
     fn cf_name(self) -> &'static str {
-        match self {
-            Aux::Meta => CF_META,
-            Aux::Outbox => CF_OUTBOX,
-            Aux::ObjectSync => CF_OBJECTSYNC,
-            Aux::DeviceTwin => CF_DEVICETWIN,
-        }
+        self.0
     }
 }
 
@@ -311,6 +330,8 @@ struct Writer {
 pub struct Store {
     db: DB,
     config: StoreConfig,
+    /// Every open column family.
+    families: Vec<String>,
     writer: Mutex<Writer>,
     watch: Arc<WatchHub>,
 }
@@ -380,10 +401,22 @@ impl Store {
         db_options.set_keep_log_file_num(2);
         db_options.set_max_open_files(512);
 
-        let families = [CF_OBJECTS, CF_META, CF_OUTBOX, CF_OBJECTSYNC, CF_DEVICETWIN]
-            .into_iter()
+        // The registered families, and any others already on disk (RocksDB opens a store
+        // only with all of its column families).
+        let mut names: Vec<String> = vec![CF_OBJECTS.to_owned(), CF_META.to_owned()];
+        for aux in &config.aux {
+            names.push(aux.name().to_owned());
+        }
+        if let Ok(existing) = DB::list_cf(&Options::default(), path.as_ref()) {
+            names.extend(existing);
+        }
+        names.retain(|n| n != "default");
+        names.sort();
+        names.dedup();
+        let families = names
+            .iter()
             .map(|name| ColumnFamilyDescriptor::new(name, cf_options()));
-        let db = DB::open_cf_descriptors(&db_options, path, families)?;
+        let db = DB::open_cf_descriptors(&db_options, path.as_ref(), families)?;
         let revision = match db.get_cf(db.cf_handle(CF_META).expect("created"), META_REVISION)? {
             Some(bytes) => decode_u64(&bytes)?,
             None => 0,
@@ -392,15 +425,16 @@ impl Store {
         Ok(Store {
             db,
             config,
+            families: names,
             writer: Mutex::new(Writer { revision }),
             watch,
         })
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db
-            .cf_handle(name)
-            .expect("column families are created on open")
+        self.db.cf_handle(name).unwrap_or_else(|| {
+            panic!("column family {name:?} was not registered in StoreConfig::aux")
+        })
     }
 
     fn lock_writer(&self) -> MutexGuard<'_, Writer> {
@@ -694,7 +728,7 @@ impl Store {
 
     /// Flushes memtables (tests and benchmarks use this to measure steady state).
     pub fn flush(&self) -> Result<(), StoreError> {
-        for name in [CF_OBJECTS, CF_META, CF_OUTBOX, CF_OBJECTSYNC, CF_DEVICETWIN] {
+        for name in &self.families {
             self.db.flush_cf(self.cf(name))?;
         }
         Ok(())
@@ -714,6 +748,25 @@ mod tests {
         config.versioning = versioning;
         config.sync_writes = false;
         Store::open(dir, config).unwrap()
+    }
+
+    #[test]
+    fn an_owners_column_family_is_kept_by_a_store_opened_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = Aux::named("owner-records");
+        let config = StoreConfig::edge().with_aux(mine);
+        let store = Store::open(dir.path(), config).unwrap();
+        let mut set = WriteSet::new();
+        set.put_aux(mine, b"k".to_vec(), b"v".to_vec());
+        store.commit(set).unwrap();
+        drop(store);
+        // Opened by a program that does not know the family: it opens, and the records stay.
+        let store = Store::open(dir.path(), StoreConfig::edge()).unwrap();
+        store.flush().unwrap();
+        assert_eq!(
+            store.get_aux(mine, b"k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
     }
 
     #[test]
@@ -785,11 +838,11 @@ mod tests {
             Bytes::from_static(b"1"),
             Precondition::Absent,
         );
-        set.put_aux(Aux::Meta, b"m".to_vec(), b"v".to_vec());
+        set.put_aux(Aux::META, b"m".to_vec(), b"v".to_vec());
         set.delete(key("pods/a/missing"), Precondition::None);
         assert!(matches!(store.commit(set), Err(StoreError::NotFound(_))));
         assert_eq!(store.get(&key("pods/a/x")).unwrap(), None);
-        assert_eq!(store.get_aux(Aux::Meta, b"m").unwrap(), None);
+        assert_eq!(store.get_aux(Aux::META, b"m").unwrap(), None);
         assert_eq!(store.revision(), 0);
     }
 

@@ -8,6 +8,7 @@
 //! - [`backoff`]: reconnect delays with full jitter (sans-IO).
 //! - [`tls`]: the cloud CA, node and server certificates, rustls configs for mutual TLS.
 //! - [`link`]: a reliable, reconnecting link to one peer over successive QUIC connections.
+//! - [`logging`]: how kedge's binaries log (text, colour only on a terminal, or JSON lines).
 //! - [`join`]: how a node without a certificate gets one with a bootstrap token (CA pinned).
 //! - [`server`] / [`client`]: the cloud's endpoint (one link per node, named by its certificate)
 //!   and the edge's endpoint (one link to the cloud, reconnecting with backoff).
@@ -21,6 +22,7 @@ pub mod error;
 pub mod frame;
 pub mod join;
 pub mod link;
+pub mod logging;
 pub mod message;
 pub mod server;
 pub mod stream;

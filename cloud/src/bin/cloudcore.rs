@@ -21,6 +21,9 @@ struct Cli {
     /// Where the store, the CA and the tokens live.
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
+    /// Log lines as `text` (colour only on a terminal) or `json` (one object per line).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: transport::logging::LogFormat,
     /// QUIC address edge nodes connect to.
     #[arg(long, default_value = "0.0.0.0:10001")]
     quic_listen: SocketAddr,
@@ -83,14 +86,7 @@ enum TokenCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        // Colour only on a terminal: log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    transport::logging::init(cli.log_format, "info");
     let Some(data_dir) = cli.data_dir.clone() else {
         eprintln!("error: --data-dir DIR is required");
         return ExitCode::from(2);

@@ -200,7 +200,7 @@ impl EdgeSync {
         if let Some(id) = self.latest_report.remove(key) {
             self.outbox.remove(&id);
             self.token.reports.retain(|r| r.id != id);
-            self.batch.delete_aux(Aux::Outbox, persist::outbox_key(id));
+            self.batch.delete_aux(Aux::OUTBOX, persist::outbox_key(id));
         }
     }
 
@@ -265,7 +265,7 @@ impl EdgeSync {
                         if self.latest_report.get(&report.key) == Some(&id) {
                             self.latest_report.remove(&report.key);
                         }
-                        self.batch.delete_aux(Aux::Outbox, persist::outbox_key(id));
+                        self.batch.delete_aux(Aux::OUTBOX, persist::outbox_key(id));
                     }
                 }
             }
@@ -322,12 +322,12 @@ impl EdgeSync {
             self.batch.local_write(key.clone(), object);
         }
         self.batch.put_aux(
-            Aux::Outbox,
+            Aux::OUTBOX,
             persist::outbox_key(report.id),
             persist::encode_report(&report),
         );
         self.batch.put_aux(
-            Aux::Meta,
+            Aux::META,
             persist::EDGE_NEXT_REPORT,
             self.next_report.to_be_bytes(),
         );
@@ -350,7 +350,7 @@ impl EdgeSync {
         let token = std::mem::take(&mut self.token);
         if let Some(mark) = token.watermark {
             writes.put_aux(
-                Aux::Meta,
+                Aux::META,
                 persist::EDGE_APPLIED,
                 persist::encode_watermark(mark),
             );
