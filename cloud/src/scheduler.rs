@@ -12,6 +12,11 @@ use bytes::Bytes;
 use replication::api::object::{self, Object};
 use replication::api::selector::LabelSelector;
 use replication::watcher::{Event, ResumableWatcher};
+
+use crate::events::{EventType, Involved};
+
+/// The component the scheduler's Events name (Kubernetes' scheduler name).
+const SCHEDULER: &str = "default-scheduler";
 use replication::{ChangeKind, KeyRange, ObjectKey, Precondition, Store, WriteSet};
 use serde_json::{json, Value};
 
@@ -128,9 +133,17 @@ impl Scheduler {
         let mut bound = 0;
         let pending: Vec<ObjectKey> = self.unbound.iter().cloned().collect();
         for key in pending {
-            let Ok(Some(current)) = store.get(&key) else {
-                self.unbound.remove(&key);
-                continue;
+            let current = match store.get(&key) {
+                Ok(Some(current)) => current,
+                Ok(None) => {
+                    self.unbound.remove(&key);
+                    continue;
+                }
+                // Not taken for absence: the pod stays pending and is tried again.
+                Err(e) => {
+                    tracing::warn!(pod = %key, error = %e, "cannot read the pod; retrying");
+                    continue;
+                }
             };
             let Ok(mut pod) = serde_json::from_slice::<Object>(&current.object) else {
                 continue;
@@ -171,10 +184,36 @@ impl Scheduler {
             match store.commit(set) {
                 Ok(_) if choice.is_some() => {
                     tracing::info!(pod = %key, node = ?choice, "scheduled");
+                    let message = format!(
+                        "Successfully assigned {}/{} to {}",
+                        key.namespace(),
+                        key.name(),
+                        choice.as_deref().unwrap_or_default()
+                    );
+                    crate::events::emit(
+                        store,
+                        &Involved::of(&pod),
+                        EventType::Normal,
+                        "Scheduled",
+                        &message,
+                        SCHEDULER,
+                    );
                     bound += 1;
                 }
                 Ok(_) => {
                     self.marked.insert(key.clone());
+                    let message = format!(
+                        "0/{} nodes are available: no Ready, schedulable edge node matches the pod's nodeSelector",
+                        self.nodes.len()
+                    );
+                    crate::events::emit(
+                        store,
+                        &Involved::of(&pod),
+                        EventType::Warning,
+                        "FailedScheduling",
+                        &message,
+                        SCHEDULER,
+                    );
                 }
                 // A racing write: the watch brings the new version and we try again.
                 Err(e) => tracing::debug!(pod = %key, error = %e, "bind raced a write"),

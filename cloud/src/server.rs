@@ -260,6 +260,13 @@ impl CloudCore {
                     metrics.clone(),
                 )),
             ));
+            tasks.push((
+                "event expiry",
+                tokio::spawn(crate::events::run_ttl(
+                    store.clone(),
+                    crate::events::EVENT_TTL,
+                )),
+            ));
             for task in crate::controllers::start(store.clone(), controllers_api) {
                 tasks.push(("controller", task));
             }

@@ -94,7 +94,30 @@ fn columns(resource: &Resource) -> Vec<Value> {
             column("Images", s, 1),
             column("Selector", s, 1),
         ],
+        // kube-apiserver's event columns (`kubectl get events`).
+        "events" => vec![
+            column("Last Seen", s, 0),
+            column("Type", s, 0),
+            column("Reason", s, 0),
+            column("Object", s, 0),
+            column("Message", s, 0),
+            column("Source", s, 1),
+            column("First Seen", s, 1),
+            column("Count", "integer", 1),
+            column("Name", s, 1),
+        ],
         _ => vec![column("Name", s, 0), column("Age", s, 0)],
+    }
+}
+
+/// How long ago the RFC 3339 time at `fields` was, as kubectl prints ages.
+fn since(object: &Object, fields: &[&str]) -> String {
+    match path(object, fields)
+        .and_then(Value::as_str)
+        .and_then(parse_rfc3339)
+    {
+        Some(t) => human_age(time::OffsetDateTime::now_utc().unix_timestamp() - t),
+        None => "<unknown>".into(),
     }
 }
 
@@ -170,6 +193,21 @@ fn condition(object: &Object, kind: &str) -> Option<String> {
 fn cells(resource: &Resource, object: &Object) -> Vec<Value> {
     let name = json!(super::object::name(object));
     match resource.plural {
+        "events" => {
+            let kind = text(object, &["involvedObject", "kind"]).to_lowercase();
+            let involved = text(object, &["involvedObject", "name"]);
+            vec![
+                json!(since(object, &["lastTimestamp"])),
+                json!(text(object, &["type"])),
+                json!(text(object, &["reason"])),
+                json!(format!("{kind}/{involved}")),
+                json!(text(object, &["message"])),
+                json!(text(object, &["source", "component"])),
+                json!(since(object, &["firstTimestamp"])),
+                json!(int(object, &["count"])),
+                name,
+            ]
+        }
         "pods" => {
             let total = path(object, &["spec", "containers"])
                 .and_then(Value::as_array)
