@@ -15,9 +15,11 @@
 //! "expectations" guard against). The price: every pass reads every object of the watched
 //! kinds, fine for an edge fleet's workloads, not for a 100k-pod cluster.
 
+pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod gc;
+pub mod job;
 pub mod replicaset;
 
 use std::sync::Arc;
@@ -61,6 +63,10 @@ pub struct World {
     pub deployments: Vec<Object>,
     /// Every `apps/v1` DaemonSet.
     pub daemonsets: Vec<Object>,
+    /// Every `batch/v1` Job.
+    pub jobs: Vec<Object>,
+    /// Every `batch/v1` CronJob.
+    pub cronjobs: Vec<Object>,
     /// Every Node (edge nodes carry `node-role.kubernetes.io/edge`).
     pub nodes: Vec<Object>,
 }
@@ -68,7 +74,15 @@ pub struct World {
 /// The kinds in the order [`World::load`] reads them: dependents before their owners, so a
 /// dependent seen has its owner in the snapshot unless the owner is really gone (owners are
 /// created before their dependents).
-const LOAD_ORDER: &[&str] = &["pods", "replicasets", "deployments", "daemonsets", "nodes"];
+const LOAD_ORDER: &[&str] = &[
+    "pods",
+    "replicasets",
+    "jobs",
+    "deployments",
+    "daemonsets",
+    "cronjobs",
+    "nodes",
+];
 
 impl World {
     /// Reads the watched kinds from the store.
@@ -88,6 +102,8 @@ impl World {
                 "replicasets" => world.replicasets = objects,
                 "deployments" => world.deployments = objects,
                 "daemonsets" => world.daemonsets = objects,
+                "jobs" => world.jobs = objects,
+                "cronjobs" => world.cronjobs = objects,
                 _ => world.nodes = objects,
             }
         }
@@ -543,8 +559,10 @@ pub type Reconcile = fn(&World, i64) -> Vec<Action>;
 fn relevant(kinds: &[&str], owners_seen: bool, kind: &str, object: &[u8]) -> bool {
     const OWNER_REFERENCES: &[u8] = b"\"ownerReferences\"";
     kinds.contains(&kind)
-        && (matches!(kind, "replicasets" | "deployments" | "daemonsets")
-            || owners_seen
+        && (matches!(
+            kind,
+            "replicasets" | "deployments" | "daemonsets" | "jobs" | "cronjobs"
+        ) || owners_seen
             || object
                 .windows(OWNER_REFERENCES.len())
                 .any(|w| w == OWNER_REFERENCES))
@@ -579,7 +597,9 @@ pub async fn run(
         };
         let owners_seen = !(world.replicasets.is_empty()
             && world.deployments.is_empty()
-            && world.daemonsets.is_empty());
+            && world.daemonsets.is_empty()
+            && world.jobs.is_empty()
+            && world.cronjobs.is_empty());
         let actions = reconcile(&world, now_unix());
         let mut failed = 0;
         for action in &actions {
@@ -764,8 +784,15 @@ fn record_event(
 /// Starts the four controllers over `store`, writing through `router` (the embedded API).
 pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<()>> {
     let client = ApiClient::new(router);
-    let workloads: &'static [&'static str] =
-        &["pods", "replicasets", "deployments", "daemonsets", "nodes"];
+    let workloads: &'static [&'static str] = &[
+        "pods",
+        "replicasets",
+        "deployments",
+        "daemonsets",
+        "jobs",
+        "cronjobs",
+        "nodes",
+    ];
     vec![
         tokio::spawn(run(
             "replicaset",
@@ -787,6 +814,20 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             client.clone(),
             &["pods", "daemonsets", "nodes"],
             daemonset::reconcile,
+        )),
+        tokio::spawn(run(
+            "job",
+            store.clone(),
+            client.clone(),
+            &["pods", "jobs"],
+            job::reconcile,
+        )),
+        tokio::spawn(run(
+            "cronjob",
+            store.clone(),
+            client.clone(),
+            &["jobs", "cronjobs"],
+            cronjob::reconcile,
         )),
         tokio::spawn(run(
             "garbagecollector",

@@ -94,6 +94,23 @@ const fn apps(
     }
 }
 
+/// The batch group (`batch/v1`): Job, CronJob.
+pub const BATCH_GROUP: &str = "batch";
+
+const fn batch(
+    kind: &'static str,
+    list_kind: &'static str,
+    plural: &'static str,
+    singular: &'static str,
+    short_names: &'static [&'static str],
+) -> Resource {
+    Resource {
+        group: BATCH_GROUP,
+        scale: false,
+        ..apps(kind, list_kind, plural, singular, short_names, false)
+    }
+}
+
 static RESOURCES: &[Resource] = &[
     Resource {
         list_kind: "NamespaceList",
@@ -192,6 +209,8 @@ static RESOURCES: &[Resource] = &[
         &["ds"],
         false,
     ),
+    batch("Job", "JobList", "jobs", "job", &[]),
+    batch("CronJob", "CronJobList", "cronjobs", "cronjob", &["cj"]),
     Resource {
         group: DEVICES_GROUP,
         version: "v1beta1",
