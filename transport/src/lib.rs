@@ -13,6 +13,8 @@
 //! - [`server`] / [`client`]: the cloud's endpoint (one link per node, named by its certificate)
 //!   and the edge's endpoint (one link to the cloud, reconnecting with backoff).
 
+#![warn(missing_docs)]
+
 pub mod backoff;
 pub mod bus;
 pub mod client;
