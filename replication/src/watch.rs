@@ -219,8 +219,9 @@ impl Watcher {
     /// The next change, waiting for one.
     ///
     /// # Errors
-    /// [`WatchError::TooSlow`] when the watcher fell behind the live ring (it is then unusable:
-    /// resume from [`position`](Self::position) with a new subscription, or re-list),
+    /// [`WatchError::TooSlow`] when the watcher fell behind the live ring (changes were lost to
+    /// it: drop it, and resume from [`position`](Self::position) with a new subscription, or
+    /// re-list),
     /// [`WatchError::Closed`] when the hub is gone.
     pub async fn next(&mut self) -> Result<SharedChange, WatchError> {
         if let Some(change) = self.pop_backlog() {

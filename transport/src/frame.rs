@@ -137,9 +137,8 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// Validates an archive. `body` must start on a 16-byte boundary (as [`FrameDecoder`] gives).
-    ///
-    /// A body that is not aligned is copied once into an aligned buffer.
+    /// Validates an archive. `body` should start on a 16-byte boundary (as [`FrameDecoder`]
+    /// gives); one that does not is copied once into an aligned buffer.
     ///
     /// # Errors
     /// [`FrameError::Empty`] for an empty body, [`FrameError::Malformed`] when it is not a valid

@@ -48,7 +48,7 @@ pub struct JoinRequest {
 pub trait JoinHandler: Send + Sync + 'static {
     /// Checks the request and returns the node's certificate (DER), or a reason for the node.
     ///
-    /// Runs on the server's connection task: a handler that blocks delays only this join.
+    /// Called synchronously from the connection's async task: it must not block for long.
     ///
     /// # Errors
     /// The reason the join is refused (bad or expired token, name taken, ...): sent to the node,

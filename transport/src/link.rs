@@ -104,7 +104,8 @@ impl IncomingRequest {
     /// # Errors
     /// [`LinkError::Frame`] when the message is over the link's `max_frame`,
     /// [`LinkError::Write`] when the requester stopped the stream or the connection ended,
-    /// [`LinkError::ClosedStream`] when the stream was already finished.
+    /// [`LinkError::ClosedStream`] when quinn no longer has the stream (already finished or
+    /// reset).
     pub async fn respond_encoded(mut self, response: &EncodedMessage) -> Result<(), LinkError> {
         write_bodies(&mut self.stream, [response.body()], self.max_frame).await?;
         self.stream.finish()?;
@@ -178,7 +179,8 @@ impl StreamWriter {
     /// Ends the response cleanly: the requester's [`StreamReader::next`] returns `None`.
     ///
     /// # Errors
-    /// [`LinkError::ClosedStream`] when the stream was already reset.
+    /// [`LinkError::ClosedStream`] when quinn no longer has the stream (already finished or
+    /// reset).
     pub fn finish(mut self) -> Result<(), LinkError> {
         self.stream.finish()?;
         Ok(())

@@ -37,7 +37,8 @@ pub enum Down {
     Delete {
         /// The object.
         key: ObjectKey,
-        /// The version of the delete (or of the change that unrouted it).
+        /// The delete's version: of the delete, of the change that unrouted the object, or (in a
+        /// resync's delta) the version the node holds.
         rv: u64,
     },
     /// Object message: the object you hold at `base` is now at `rv`, bytes unchanged: the
@@ -104,7 +105,7 @@ pub struct Report {
     pub id: u64,
     /// The object reported on.
     pub key: ObjectKey,
-    /// The version of the object the node's write was made on.
+    /// The version of the object the node's write was made on (0: the node does not hold it).
     pub base: u64,
     /// The whole object as the node wrote it (empty: a pod's deletion is confirmed).
     pub object: Bytes,
