@@ -40,8 +40,10 @@ pub enum Versioning {
     Mirror,
 }
 
+/// How a [`Store`] is opened: versioning, durability, memory and column families.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    /// Who assigns resourceVersions.
     pub versioning: Versioning,
     /// fsync the WAL on every commit. Off, a killed process still loses nothing (the WAL is in
     /// the OS page cache); only a power loss can take the last commits.
@@ -50,6 +52,7 @@ pub struct StoreConfig {
     pub block_cache_bytes: usize,
     /// Memtable size per column family; all memtables together are capped at 4× this.
     pub write_buffer_bytes: usize,
+    /// History and lag limits of the store's [`WatchHub`].
     pub watch: WatchConfig,
     /// The auxiliary column families the store's users write (see [`Aux`]); created on open
     /// if missing. Column families found on disk are opened whether listed or not.
@@ -99,27 +102,41 @@ impl StoreConfig {
     }
 }
 
+/// Why a store operation failed. A failed commit wrote nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// RocksDB failed (IO error, corruption it detected, a lock held by another process).
     #[error("rocksdb: {0}")]
     Db(#[from] rocksdb::Error),
+    /// A [`Precondition::Version`] that does not match the object's resourceVersion (HTTP 409).
     #[error("{key}: resourceVersion conflict: expected {expected}, found {actual:?}")]
     Conflict {
+        /// The object.
         key: ObjectKey,
+        /// The resourceVersion the write expected.
         expected: u64,
+        /// The object's resourceVersion (`None`: absent).
         actual: Option<u64>,
     },
+    /// [`Precondition::Absent`] and the object exists (HTTP 409 `AlreadyExists`).
     #[error("{0} already exists")]
     AlreadyExists(ObjectKey),
+    /// The object must exist and does not (HTTP 404).
     #[error("{0} not found")]
     NotFound(ObjectKey),
+    /// An assigning operation on a mirroring store, or the other way round (a programming error).
     #[error("{op} is not allowed in a store with {versioning:?} versioning")]
     WrongVersioning {
+        /// The [`WriteSet`] operation (`put`, `delete`, `mirror_put`, ...).
         op: &'static str,
+        /// The store's versioning.
         versioning: Versioning,
     },
+    /// A stored record that does not decode (a value shorter than its 16-byte header, a counter
+    /// that is not 8 bytes); what was wrong.
     #[error("corrupt store record: {0}")]
     Corrupt(String),
+    /// A stored or given key that is not a valid [`ObjectKey`].
     #[error(transparent)]
     Key(#[from] KeyError),
 }
@@ -134,12 +151,14 @@ pub struct Versioned {
     /// object versions, list versions and watch positions share one increasing number space,
     /// which mirrored versions, arriving in routing order, do not).
     pub revision: u64,
+    /// The object's JSON, exactly as written.
     pub object: Bytes,
 }
 
 /// What must hold for a write in a version-assigning store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precondition {
+    /// No condition: create or replace.
     None,
     /// Create: the object must not exist.
     Absent,
@@ -224,6 +243,7 @@ pub struct WriteSet {
 }
 
 impl WriteSet {
+    /// An empty set.
     pub fn new() -> Self {
         Self::default()
     }
@@ -250,6 +270,7 @@ impl WriteSet {
         self.aux.extend(other.aux);
     }
 
+    /// Whether the set has no operation at all.
     pub fn is_empty(&self) -> bool {
         self.objects.is_empty() && self.aux.is_empty()
     }
@@ -295,10 +316,12 @@ impl WriteSet {
         self
     }
 
+    /// Sets `key` to `value` in `aux`.
     pub fn put_aux(&mut self, aux: Aux, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
         self.aux.push(AuxOp::Put(aux, key.into(), value.into()));
     }
 
+    /// Deletes `key` from `aux` (nothing if absent).
     pub fn delete_aux(&mut self, aux: Aux, key: impl Into<Vec<u8>>) {
         self.aux.push(AuxOp::Delete(aux, key.into()));
     }
@@ -316,6 +339,7 @@ pub type AuxEntry = (Box<[u8]>, Box<[u8]>);
 /// One page of a list.
 #[derive(Debug, Clone)]
 pub struct ListPage {
+    /// The objects of this page, in key order.
     pub items: Vec<(ObjectKey, Versioned)>,
     /// The store's revision when the list was read.
     pub revision: u64,
@@ -327,6 +351,9 @@ struct Writer {
     revision: u64,
 }
 
+/// A versioned object store over one RocksDB database; share it behind an `Arc`. Every write
+/// is a [`WriteSet`] committed with [`commit`](Store::commit); committed changes are
+/// published to [`watch`](Store::watch) in revision order.
 pub struct Store {
     db: DB,
     config: StoreConfig,
@@ -361,6 +388,9 @@ fn decode_value(value: Vec<u8>) -> Result<Versioned, StoreError> {
 }
 
 /// Reads a big-endian u64 stored by [`u64::to_be_bytes`].
+///
+/// # Errors
+/// [`StoreError::Corrupt`] when `bytes` is not 8 bytes long.
 pub fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
     let array: [u8; 8] = bytes
         .try_into()
@@ -369,6 +399,13 @@ pub fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
 }
 
 impl Store {
+    /// Opens (or creates) the database in directory `path` with the `objects` and `meta` column
+    /// families, those in `config.aux`, and any others on disk; reads the revision back. One
+    /// process at a time: RocksDB locks the directory.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] when RocksDB cannot open or read the database (another process holds
+    /// it, IO error, corruption); [`StoreError::Corrupt`] when the stored revision is not 8 bytes.
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StoreError> {
         let cache = Cache::new_lru_cache(config.block_cache_bytes);
         let mut table = BlockBasedOptions::default();
@@ -442,6 +479,7 @@ impl Store {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Who assigns versions in this store (as opened).
     pub fn versioning(&self) -> Versioning {
         self.config.versioning
     }
@@ -451,10 +489,16 @@ impl Store {
         self.lock_writer().revision
     }
 
+    /// The hub that fans committed changes out to watchers.
     pub fn watch(&self) -> &Arc<WatchHub> {
         &self.watch
     }
 
+    /// The object at `key`, or `None` when there is none.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] when RocksDB cannot read, [`StoreError::Corrupt`] when the stored value
+    /// does not decode.
     pub fn get(&self, key: &ObjectKey) -> Result<Option<Versioned>, StoreError> {
         match self.db.get_cf(self.cf(CF_OBJECTS), key.as_bytes())? {
             Some(value) => Ok(Some(decode_value(value)?)),
@@ -463,6 +507,9 @@ impl Store {
     }
 
     /// Iterates over the objects in `range` in key order, reading as it goes.
+    ///
+    /// Each item fails on its own: [`StoreError::Db`] for a read error, [`StoreError::Corrupt`] or
+    /// [`StoreError::Key`] for a record that does not decode.
     pub fn scan(
         &self,
         range: &KeyRange,
@@ -513,6 +560,13 @@ impl Store {
     }
 
     /// One page of at most `limit` objects in `range`, starting after `after`.
+    ///
+    /// A `limit` of 0 counts as 1. The page's `revision` is read before the scan: objects in the page
+    /// may be newer than it.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get), for any object read, and [`StoreError::Key`] for a stored key that
+    /// is not a valid object key.
     pub fn list(
         &self,
         range: &KeyRange,
@@ -539,11 +593,19 @@ impl Store {
         })
     }
 
+    /// The value at `key` in `aux`, or `None`. Panics if `aux` was not registered when the store
+    /// was opened.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] when RocksDB cannot read.
     pub fn get_aux(&self, aux: Aux, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(aux.cf_name()), key)?)
     }
 
     /// Every bookkeeping entry whose key starts with `prefix`, in key order.
+    ///
+    /// Panics if `aux` was not registered. Each item fails on its own with [`StoreError::Db`] for
+    /// a read error.
     pub fn scan_aux(
         &self,
         aux: Aux,
@@ -594,6 +656,17 @@ impl Store {
 
     /// Commits `set` atomically and returns the changes it made, in revision order. On error
     /// nothing is written.
+    ///
+    /// Operations apply in order, each seeing the ones before it; each object change takes the
+    /// next revision, and an assigning store uses it as the resourceVersion. A `delete` without
+    /// precondition needs the object to exist; a `mirror_delete` of an absent object is no change.
+    /// The WAL is fsynced when [`StoreConfig::sync_writes`] is on.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`], [`StoreError::NotFound`] or [`StoreError::Conflict`] when a
+    /// precondition fails (a `set_version` or `local_write` also needs the object to exist),
+    /// [`StoreError::WrongVersioning`] for an operation of the other versioning,
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`] when reading or writing fails.
     pub fn commit(&self, set: WriteSet) -> Result<Vec<SharedChange>, StoreError> {
         let mut writer = self.lock_writer();
         let mut revision = writer.revision;
@@ -727,6 +800,9 @@ impl Store {
     }
 
     /// Flushes memtables (tests and benchmarks use this to measure steady state).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] when RocksDB cannot flush.
     pub fn flush(&self) -> Result<(), StoreError> {
         for name in &self.families {
             self.db.flush_cf(self.cf(name))?;

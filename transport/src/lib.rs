@@ -9,9 +9,11 @@
 //! - [`tls`]: the cloud CA, node and server certificates, rustls configs for mutual TLS.
 //! - [`link`]: a reliable, reconnecting link to one peer over successive QUIC connections.
 //! - [`logging`]: how kedge's binaries log (text, colour only on a terminal, or JSON lines).
-//! - [`join`]: how a node without a certificate gets one with a bootstrap token (CA pinned).
+//! - [`join`](mod@join): how a node without a certificate gets one with a bootstrap token (CA pinned).
 //! - [`server`] / [`client`]: the cloud's endpoint (one link per node, named by its certificate)
 //!   and the edge's endpoint (one link to the cloud, reconnecting with backoff).
+
+#![warn(missing_docs)]
 
 pub mod backoff;
 pub mod bus;

@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::status::ApiError;
 
+/// The media type of Kubernetes' protobuf encoding.
 pub const CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf";
 const MAGIC: &[u8] = b"k8s\x00";
 
@@ -481,6 +482,11 @@ fn decode_message(
 }
 
 /// Decodes a protobuf request body into the JSON object it stands for.
+///
+/// # Errors
+/// 400 `BadRequest` for a body without the `k8s\0` envelope, or that is not well-formed
+/// protobuf (truncated, a bad varint or wire type, a string that is not UTF-8); 415
+/// `UnsupportedMediaType` for a kind, or a non-empty field, the decoder does not know.
 pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
     let unknown = body
         .strip_prefix(MAGIC)

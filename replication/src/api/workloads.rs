@@ -338,6 +338,9 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
 }
 
 /// Update rules: a workload's selector may not change (apps/v1).
+///
+/// # Errors
+/// 422 `Invalid` on `spec.selector` when it differs from the current object's.
 pub fn validate_update(
     resource: &Resource,
     current: &Object,
@@ -395,7 +398,11 @@ pub fn to_scale(object: &Object) -> Value {
     })
 }
 
-/// `spec.replicas` of a `Scale` written by a client; 422 when missing or negative.
+/// `spec.replicas` of a `Scale` written by a client; 0 when absent (the field is `omitempty`
+/// in Go).
+///
+/// # Errors
+/// 422 `Invalid` when it is negative, 400 `BadRequest` when it is not an integer.
 pub fn replicas_of_scale(kind: &str, name: &str, scale: &Value) -> Result<i64, ApiError> {
     let replicas = scale.get("spec").and_then(|s| s.get("replicas"));
     match replicas.and_then(Value::as_i64) {

@@ -93,6 +93,11 @@ fn meta_u64(store: &Store, name: &[u8]) -> Result<Option<u64>, StoreError> {
 }
 
 /// Reads the edge's sync state; a new store gets a fresh random store id (committed here).
+///
+/// # Errors
+/// [`StoreError::Db`] when the store cannot be read or the new store id cannot be committed;
+/// [`StoreError::Corrupt`] or [`StoreError::Key`] for a watermark, counter, outbox entry or
+/// object key that does not decode.
 pub fn load_edge(store: &Store) -> Result<EdgeRecovered, StoreError> {
     let store_id = match meta_u64(store, EDGE_STORE_ID)? {
         Some(id) => id,
@@ -149,6 +154,10 @@ fn reports_key(node: &str) -> Vec<u8> {
 }
 
 /// Reads one node's ObjectSync record from the cloud's store.
+///
+/// # Errors
+/// [`StoreError::Db`] when the store cannot be read; [`StoreError::Corrupt`] or
+/// [`StoreError::Key`] for a record that does not decode.
 pub fn load_feed_record(store: &Store, node: &str) -> Result<FeedRecord, StoreError> {
     let prefix = acked_prefix(node);
     let mut acked = BTreeMap::new();
@@ -223,6 +232,10 @@ pub fn add_interest(set: &mut WriteSet, node: &str, object: &ObjectKey) {
 }
 
 /// Every recorded interest, as (node, object).
+///
+/// # Errors
+/// [`StoreError::Db`] when the store cannot be read; [`StoreError::Corrupt`] or
+/// [`StoreError::Key`] for a record that does not decode.
 pub fn load_interests(store: &Store) -> Result<Vec<(String, ObjectKey)>, StoreError> {
     let mut out = Vec::new();
     for item in store.scan_aux(Aux::OBJECTSYNC, b"q\0") {
