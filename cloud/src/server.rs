@@ -138,6 +138,10 @@ impl CloudCore {
         let api_addr = api_listener.local_addr()?;
         let metrics_addr = metrics_listener.local_addr()?;
 
+        if source.accepts_api_writes() {
+            crate::embedded::ensure_kubernetes_service(&store, api_addr)
+                .context("writing the kubernetes Service")?;
+        }
         let mut tasks = Vec::new();
         let controllers_api = ApiServer::new(store.clone(), policy.clone()).router();
         let mut api = ApiServer::new(store.clone(), policy);

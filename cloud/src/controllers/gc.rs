@@ -89,7 +89,12 @@ pub fn reconcile(world: &World, _now: i64) -> Vec<Action> {
                 })
                 .cloned()
                 .collect();
-            object::meta_mut(&mut updated).insert("ownerReferences".into(), json!(kept));
+            // No owner left: no field (as upstream's collector leaves it, not `[]`).
+            if kept.is_empty() {
+                object::meta_mut(&mut updated).remove("ownerReferences");
+            } else {
+                object::meta_mut(&mut updated).insert("ownerReferences".into(), json!(kept));
+            }
             actions.push(Action::Update {
                 resource,
                 object: Value::Object(updated),
@@ -201,7 +206,7 @@ mod tests {
         let actions = reconcile(&world, T0);
         assert_eq!(actions.len(), 1);
         let updated = applied(&actions[0]);
-        assert_eq!(updated["metadata"]["ownerReferences"], json!([]));
+        assert!(updated["metadata"].get("ownerReferences").is_none());
         let world = World {
             replicasets: vec![updated],
             ..world

@@ -21,6 +21,7 @@ pub mod deployment;
 pub mod gc;
 pub mod job;
 pub mod replicaset;
+pub mod serviceaccount;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +68,10 @@ pub struct World {
     pub jobs: Vec<Object>,
     /// Every `batch/v1` CronJob.
     pub cronjobs: Vec<Object>,
+    /// Every Namespace.
+    pub namespaces: Vec<Object>,
+    /// Every ServiceAccount.
+    pub serviceaccounts: Vec<Object>,
     /// Every Node (edge nodes carry `node-role.kubernetes.io/edge`).
     pub nodes: Vec<Object>,
 }
@@ -81,6 +86,8 @@ const LOAD_ORDER: &[&str] = &[
     "deployments",
     "daemonsets",
     "cronjobs",
+    "serviceaccounts",
+    "namespaces",
     "nodes",
 ];
 
@@ -104,6 +111,8 @@ impl World {
                 "daemonsets" => world.daemonsets = objects,
                 "jobs" => world.jobs = objects,
                 "cronjobs" => world.cronjobs = objects,
+                "namespaces" => world.namespaces = objects,
+                "serviceaccounts" => world.serviceaccounts = objects,
                 _ => world.nodes = objects,
             }
         }
@@ -561,7 +570,13 @@ fn relevant(kinds: &[&str], owners_seen: bool, kind: &str, object: &[u8]) -> boo
     kinds.contains(&kind)
         && (matches!(
             kind,
-            "replicasets" | "deployments" | "daemonsets" | "jobs" | "cronjobs"
+            "replicasets"
+                | "deployments"
+                | "daemonsets"
+                | "jobs"
+                | "cronjobs"
+                | "namespaces"
+                | "serviceaccounts"
         ) || owners_seen
             || object
                 .windows(OWNER_REFERENCES.len())
@@ -828,6 +843,13 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             client.clone(),
             &["jobs", "cronjobs"],
             cronjob::reconcile,
+        )),
+        tokio::spawn(run(
+            "serviceaccount",
+            store.clone(),
+            client.clone(),
+            &["namespaces", "serviceaccounts"],
+            serviceaccount::reconcile,
         )),
         tokio::spawn(run(
             "garbagecollector",

@@ -12,6 +12,7 @@
 //! store's (in a version-assigning store, a change's resourceVersion is its revision, so a list's
 //! resourceVersion, an object's and a watch position are one number space).
 
+pub mod auth;
 pub mod discovery;
 pub mod object;
 pub mod options;
@@ -320,6 +321,30 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
             ))
         }
         _ => {}
+    }
+    if auth::is_review(&path) {
+        if parts.method != Method::POST {
+            return error_response(&ApiError::method_not_allowed(
+                "reviews are created with POST",
+            ));
+        }
+        let protobuf = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with(protobuf::CONTENT_TYPE));
+        let reply = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+            Ok(bytes) => auth::review(server.policy.as_ref(), &path, &bytes, protobuf),
+            Err(_) => Err(ApiError::too_large(format!(
+                "the request body is larger than {MAX_BODY_BYTES} bytes"
+            ))),
+        };
+        let code = reply.as_ref().map_or_else(|e| e.code, |_| 201);
+        server.policy.observe("create", "reviews", code);
+        return match reply {
+            Ok(value) => json_response(StatusCode::CREATED, &value),
+            Err(e) => error_response(&e),
+        };
     }
     let target = match route(&path) {
         Route::Json(value) => {

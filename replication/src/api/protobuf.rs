@@ -250,6 +250,43 @@ const CRON_JOB: &[Field] = &[
     Field(3, "status", Ty::Msg(&[])),
 ];
 
+/// authorization.k8s.io/v1 SelfSubjectAccessReview (`kubectl auth can-i`).
+const SELF_SUBJECT_ACCESS_REVIEW: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(
+        2,
+        "spec",
+        Ty::Msg(&[
+            Field(
+                1,
+                "resourceAttributes",
+                Ty::Msg(&[
+                    Field(1, "namespace", Ty::Str),
+                    Field(2, "verb", Ty::Str),
+                    Field(3, "group", Ty::Str),
+                    Field(4, "version", Ty::Str),
+                    Field(5, "resource", Ty::Str),
+                    Field(6, "subresource", Ty::Str),
+                    Field(7, "name", Ty::Str),
+                ]),
+            ),
+            Field(
+                2,
+                "nonResourceAttributes",
+                Ty::Msg(&[Field(1, "path", Ty::Str), Field(2, "verb", Ty::Str)]),
+            ),
+        ]),
+    ),
+    Field(3, "status", Ty::Msg(&[])),
+];
+
+/// authorization.k8s.io/v1 SelfSubjectRulesReview (`kubectl auth can-i --list`).
+const SELF_SUBJECT_RULES_REVIEW: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(2, "spec", Ty::Msg(&[Field(1, "namespace", Ty::Str)])),
+    Field(3, "status", Ty::Msg(&[])),
+];
+
 /// meta/v1 DeleteOptions, as `kubectl drain` sends it.
 const DELETE_OPTIONS: &[Field] = &[
     Field(1, "gracePeriodSeconds", Ty::PtrInt),
@@ -275,6 +312,12 @@ fn schema(kind: &str) -> Option<&'static [Field]> {
         "Service" => SERVICE,
         "Deployment" => DEPLOYMENT,
         "Job" => JOB,
+        "SelfSubjectAccessReview" => SELF_SUBJECT_ACCESS_REVIEW,
+        "SelfSubjectRulesReview" => SELF_SUBJECT_RULES_REVIEW,
+        "SelfSubjectReview" => &[
+            Field(1, "metadata", Ty::Msg(OBJECT_META)),
+            Field(2, "status", Ty::Msg(&[Field(1, "userInfo", Ty::Msg(&[]))])),
+        ],
         "CronJob" => CRON_JOB,
         _ => return None,
     })

@@ -152,6 +152,17 @@ static RESOURCES: &[Resource] = &[
         ..core("Node", "nodes", "node", false, &["no"], true)
     },
     Resource {
+        list_kind: "ServiceAccountList",
+        ..core(
+            "ServiceAccount",
+            "serviceaccounts",
+            "serviceaccount",
+            true,
+            &["sa"],
+            false,
+        )
+    },
+    Resource {
         list_kind: "EventList",
         ..core("Event", "events", "event", true, &["ev"], false)
     },
