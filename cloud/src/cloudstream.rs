@@ -9,6 +9,12 @@
 //! client as they come: a followed log (`-f`) stays open until the container stops or the
 //! client leaves (dropping the stream stops the node's reader), with QUIC flow control end to
 //! end, so a slow client grows no buffer here or on the node.
+//!
+//! `kubectl port-forward` (`GET .../pods/{name}/portforward`, the WebSocket tunnel of
+//! `SPDY/3.1+portforward.k8s.io`, see `transport::portforward`): each connection kubectl
+//! accepts becomes one duplex call on the node's link, so connections (and ports) are
+//! independent QUIC streams with their own flow control; kubectl going away resets them all,
+//! and the node closes the pod-side connections.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +31,9 @@ use replication::api::object::Object;
 use replication::api::remote::ApiReply;
 use replication::api::ApiError;
 use replication::{ObjectKey, Store};
+use transport::portforward::{
+    self as pf, ClientInput, Ended, Forward, LinkSink, LinkSource, SPDY_TUNNEL_PROTOCOL,
+};
 use transport::stream::{
     PodStreamRequest, StreamHead, StreamMessage, Subresource, REMOTE_COMMAND_PROTOCOLS,
 };
@@ -49,6 +58,10 @@ pub fn router(store: Arc<Store>, bus: Arc<ServiceBus>, bearer_token: Option<Arc<
         .route(
             "/api/v1/namespaces/{namespace}/pods/{name}/exec",
             get(exec).post(exec),
+        )
+        .route(
+            "/api/v1/namespaces/{namespace}/pods/{name}/portforward",
+            get(portforward).post(portforward),
         )
         .with_state(StreamState {
             store,
@@ -347,4 +360,137 @@ async fn log(
         Body::from_stream(chunks),
     )
         .into_response()
+}
+
+/// How long, once the node finished sending a forwarded connection's bytes, the client's side
+/// may stay open before the connection is ended here (the node itself lingers 1 s and then
+/// stops reading, which ends it sooner).
+const PORT_FORWARD_LINGER: Duration = Duration::from_secs(5);
+
+/// `kubectl port-forward`: kubectl's port-forward protocol over the WebSocket tunnel, each
+/// connection carried to the pod's node on a duplex call of its own. Errors before the
+/// upgrade are plain `Status` answers (404 pod, 400 not bound, 503 node never connected); a
+/// client that offers only SPDY is told what is served.
+async fn portforward(
+    State(state): State<StreamState>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if let Some(token) = state.bearer_token.as_deref() {
+        if !replication::api::bearer_matches(&headers, token) {
+            return error(ApiError::unauthorized());
+        }
+    }
+    let link = match pod_link(&state, &namespace, &name) {
+        Ok(link) => link,
+        Err(e) => return error(e),
+    };
+    let not_tunnel = || {
+        let offered = headers
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("nothing");
+        error(ApiError::bad_request(format!(
+            "port-forward is served over WebSocket with the {SPDY_TUNNEL_PROTOCOL} subprotocol \
+             (kubectl 1.30 and later use it by default); this request asked to upgrade to \
+             {offered}, and SPDY upgrades are not served"
+        )))
+    };
+    let Ok(upgrade) = upgrade else {
+        return not_tunnel();
+    };
+    let upgrade = upgrade.protocols([SPDY_TUNNEL_PROTOCOL]);
+    if upgrade.selected_protocol().is_none() {
+        return not_tunnel();
+    }
+    let link = Arc::new(link);
+    upgrade.on_upgrade(move |socket| async move {
+        use futures_util::{SinkExt, StreamExt};
+        let (mut ws_tx, ws_rx) = socket.split();
+        let (out_tx, mut out_rx) = pf::output_channel();
+        let input = ws_rx
+            .take_while(|m| {
+                std::future::ready(matches!(m, Ok(m) if !matches!(m, WsMessage::Close(_))))
+            })
+            .filter_map(|m| {
+                std::future::ready(match m {
+                    Ok(WsMessage::Binary(bytes)) => Some(bytes),
+                    _ => None,
+                })
+            });
+        let writer = async {
+            while let Some(frame) = out_rx.recv().await {
+                if ws_tx.send(WsMessage::Binary(frame.into())).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let on_forward = |forward: Forward| {
+            tokio::spawn(carry(link.clone(), namespace.clone(), forward));
+        };
+        tokio::select! {
+            _ = pf::serve(Box::pin(input), out_tx, on_forward) => {}
+            _ = writer => {}
+        }
+    })
+}
+
+/// Carries one forwarded connection to the node and back. The node's refusal (nothing
+/// listening, no such pod) is the text of the connection's error stream, as kubelet's.
+async fn carry(link: Arc<PodLink>, namespace: String, mut forward: Forward) {
+    let call = PodStreamRequest {
+        subresource: Subresource::PortForward,
+        namespace,
+        pod: link.pod.clone(),
+        query: format!("port={}", forward.port),
+    };
+    let request = call.to_message();
+    let opened = tokio::select! {
+        opened = link.handle.open_duplex(&request, FIRST_BYTE_TIMEOUT) => opened,
+        _ = forward.cancelled.cancelled() => return,
+    };
+    let (head, writer, reader) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            let message = link.failed(e).message;
+            forward.to_client.finish(Some(&message)).await;
+            return;
+        }
+    };
+    match StreamHead::from_message(&head) {
+        Ok(StreamHead::Ok) => {}
+        Ok(StreamHead::Error { status, .. }) => {
+            let message = serde_json::from_slice::<serde_json::Value>(&status)
+                .ok()
+                .and_then(|s| s.get("message")?.as_str().map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&status).into_owned());
+            forward.to_client.finish(Some(&message)).await;
+            return;
+        }
+        Err(e) => {
+            forward.to_client.finish(Some(&e.to_string())).await;
+            return;
+        }
+    }
+    let mut pod_in = LinkSource(reader);
+    let mut pod_out = LinkSink(Some(writer));
+    let mut client_in = ClientInput {
+        from_client: &mut forward.from_client,
+        cancelled: &forward.cancelled,
+    };
+    let ended = pf::pump(
+        &mut client_in,
+        &mut forward.to_client,
+        &mut pod_in,
+        &mut pod_out,
+        PORT_FORWARD_LINGER,
+    )
+    .await;
+    match ended {
+        Ended::Clean => forward.to_client.finish(None).await,
+        // kubectl reset the connection or went away: the node's side is reset too (it closes
+        // the pod's connection); the client's streams are reset when dropped.
+        Ended::Aborted => pod_out.reset(),
+    }
 }

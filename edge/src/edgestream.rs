@@ -146,6 +146,7 @@ impl EdgeStream {
         match call.subresource {
             Subresource::Log => self.serve_log(request, call).await,
             Subresource::Exec => self.serve_exec(request, call).await,
+            Subresource::PortForward => self.serve_portforward(request, call).await,
         }
     }
 
@@ -201,6 +202,56 @@ impl EdgeStream {
         let (input, mut output) = request.into_duplex();
         match prepared {
             Ok((options, target)) => exec::over_link(options, target, input, output).await,
+            Err(e) => {
+                let head = StreamHead::Error {
+                    code: e.code,
+                    status: ApiReply::error(&e).body,
+                };
+                let _ = output.send(&head.to_message()).await;
+                let _ = output.finish();
+            }
+        }
+    }
+
+    /// A pod this node holds and runs (bound to this node): 404 otherwise.
+    pub fn own_pod(&self, namespace: &str, pod_name: &str) -> Result<Object, ApiError> {
+        let key = ObjectKey::new("pods", namespace, pod_name)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let pod = self
+            .pod(&key)?
+            .ok_or_else(|| ApiError::not_found("pods", pod_name))?;
+        let node = pod
+            .get("spec")
+            .and_then(|s| s.get("nodeName"))
+            .and_then(Value::as_str);
+        if node != Some(self.meta.node()) {
+            return Err(ApiError::not_found("pods", pod_name));
+        }
+        Ok(pod)
+    }
+
+    /// One forwarded connection for the cloud: the pod must be this node's, the query names
+    /// the port (`port=N`); nothing listening there is an error head whose message kubectl
+    /// shows.
+    async fn serve_portforward(&self, request: IncomingRequest, call: PodStreamRequest) {
+        let (input, mut output) = request.into_duplex();
+        let port = logs::query_pairs(&call.query).and_then(|pairs| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == "port")
+                .and_then(|(_, v)| v.parse::<u16>().ok())
+                .filter(|p| *p > 0)
+                .ok_or_else(|| "a port-forward names its port (port=N)".to_owned())
+        });
+        let connected = match (self.own_pod(&call.namespace, &call.pod), port) {
+            (Err(e), _) => Err(e),
+            (_, Err(e)) => Err(ApiError::bad_request(e)),
+            (Ok(_), Ok(port)) => crate::portforward::connect(&call.pod, port)
+                .await
+                .map_err(ApiError::internal),
+        };
+        match connected {
+            Ok(tcp) => crate::portforward::over_link(tcp, input, output).await,
             Err(e) => {
                 let head = StreamHead::Error {
                     code: e.code,

@@ -22,6 +22,7 @@ pub mod identity;
 pub mod meta;
 pub mod metaserver;
 pub mod node;
+pub mod portforward;
 pub mod servicebus;
 
 use std::net::SocketAddr;
@@ -143,6 +144,11 @@ impl EdgeCore {
             .route(
                 "/api/v1/namespaces/{namespace}/pods/{name}/exec",
                 axum::routing::get(edgestream::http_exec).post(edgestream::http_exec),
+            )
+            .route(
+                "/api/v1/namespaces/{namespace}/pods/{name}/portforward",
+                axum::routing::get(portforward::http_portforward)
+                    .post(portforward::http_portforward),
             )
             .with_state(edgestream.clone())
             .merge(ApiServer::new(meta.store().clone(), policy).router().layer(
