@@ -1,0 +1,251 @@
+//! `kubectl port-forward` end to end: real kubectl (the WebSocket tunnel of
+//! `SPDY/3.1+portforward.k8s.io`) against the cloud, each connection carried over the node's
+//! QUIC link to a process-runtime pod's port; and against the node's MetaServer, offline.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// An echo server on each port of its arguments, printing `open PORT` and `closed PORT` for
+/// each connection (so the test sees the pod's side of the connections in the pod's log).
+const ECHO: &str = r#"
+import socket, sys, threading
+def handle(c, port):
+    print("open", port, flush=True)
+    try:
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            c.sendall(d)
+    except OSError:
+        pass
+    c.close()
+    print("closed", port, flush=True)
+def serve(s, port):
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=handle, args=(c, port), daemon=True).start()
+for p in sys.argv[1:]:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", int(p)))
+    s.listen(64)
+    threading.Thread(target=serve, args=(s, int(p)), daemon=True).start()
+print("listening", flush=True)
+threading.Event().wait()
+"#;
+
+struct PortForward {
+    child: Child,
+}
+
+impl PortForward {
+    /// `kubectl port-forward pod/echo PAIRS…` against `server`, once every local port accepts.
+    fn start(server: &str, pairs: &[(u16, u16)]) -> PortForward {
+        let child = Command::new("kubectl")
+            .args(["--server", server, "port-forward", "pod/echo"])
+            .args(pairs.iter().map(|(l, r)| format!("{l}:{r}")))
+            .env("KUBECONFIG", "/dev/null")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let forward = PortForward { child };
+        for (local, _) in pairs {
+            eventually(
+                &format!("kubectl listens on {local}"),
+                Duration::from_secs(20),
+                || TcpStream::connect(("127.0.0.1", *local)).is_ok(),
+            );
+        }
+        forward
+    }
+
+    /// Waits (bounded) for kubectl to exit and returns its stderr.
+    fn exited(mut self, within: Duration) -> String {
+        let started = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(started.elapsed() < within, "kubectl still runs");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut err = String::new();
+        let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+        err
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn connect(port: u16) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+}
+
+/// Sends `size` bytes (a pattern of `seed`) through the forwarded port while reading the echo,
+/// checks it, then half-closes and expects the pod's close (EOF) after it.
+fn echo_round(port: u16, seed: u8, size: usize) {
+    let stream = connect(port);
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    let mut writer = stream.try_clone().unwrap();
+    let sent = data.clone();
+    let writing = std::thread::spawn(move || {
+        for piece in sent.chunks(16 * 1024) {
+            writer.write_all(piece).unwrap();
+        }
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::with_capacity(size);
+    let mut reader = stream;
+    reader.read_to_end(&mut back).unwrap();
+    writing.join().unwrap();
+    assert_eq!(back.len(), size, "port {port}, seed {seed}");
+    assert!(back == data, "port {port}, seed {seed}: the echo differs");
+}
+
+/// Lines of the echo pod's log that are exactly `line`.
+fn log_count(kubectl_server: &str, line: &str) -> usize {
+    let out = kubectl(kubectl_server, &["logs", "echo"], None);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| *l == line)
+        .count()
+}
+
+#[test]
+fn kubectl_port_forward_carries_several_ports_and_connections_and_cancels_both_ways() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let mut cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    let edge = EdgeProcess::start(&cloud, "edge-1", edge_dir.path(), free_port(), Some(&token));
+    let (p1, p2) = (free_port(), free_port());
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo"},
+        "spec": {"containers": [{
+            "name": "main", "image": "python",
+            "command": ["python3", "-c", ECHO, p1.to_string(), p2.to_string()],
+        }]},
+    });
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], &pod.to_string())
+        .status
+        .success());
+    let api = cloud.api.clone();
+    eventually("the echo pod listens", Duration::from_secs(40), || {
+        log_count(&api, "listening") == 1
+    });
+
+    // Two ports, four connections on each at once, a megabyte each way on each.
+    let (l1, l2) = (free_port(), free_port());
+    let forward = PortForward::start(&api, &[(l1, p1), (l2, p2)]);
+    let started = Instant::now();
+    let rounds: Vec<_> = (0..8u8)
+        .map(|i| {
+            let port = if i % 2 == 0 { l1 } else { l2 };
+            std::thread::spawn(move || echo_round(port, i, 1 << 20))
+        })
+        .collect();
+    for round in rounds {
+        round.join().unwrap();
+    }
+    eprintln!(
+        "8 connections x 1 MiB each way through the cloud: {:?}",
+        started.elapsed()
+    );
+    // Every connection the pod saw (the readiness probes' too) is closed on its side.
+    eventually(
+        "the pod closed every connection",
+        Duration::from_secs(20),
+        || {
+            let opened =
+                log_count(&api, &format!("open {p1}")) + log_count(&api, &format!("open {p2}"));
+            let closed =
+                log_count(&api, &format!("closed {p1}")) + log_count(&api, &format!("closed {p2}"));
+            opened >= 8 && opened == closed
+        },
+    );
+
+    // kubectl killed mid-connection: the pod's end of the connection closes.
+    let mut open = connect(l1);
+    open.write_all(b"ping").unwrap();
+    let mut pong = [0u8; 4];
+    open.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"ping");
+    let closed_before = log_count(&api, &format!("closed {p1}"));
+    drop(forward); // SIGKILL
+    let killed = Instant::now();
+    eventually(
+        "the pod's side of the connection closed after kubectl",
+        Duration::from_secs(20),
+        || log_count(&api, &format!("closed {p1}")) == closed_before + 1,
+    );
+    eprintln!("closed {:?} after kubectl was killed", killed.elapsed());
+    drop(open);
+
+    // Nothing listens on the port: kubectl is told why (kubelet's wording), and gives up.
+    let nothing = free_port();
+    let l3 = free_port();
+    let failing = PortForward::start(&api, &[(l3, nothing)]);
+    let mut probe = connect(l3);
+    let mut buf = [0u8; 1];
+    assert!(matches!(probe.read(&mut buf), Ok(0) | Err(_)));
+    let err = failing.exited(Duration::from_secs(20));
+    assert!(
+        err.contains(&format!("failed to connect to localhost:{nothing}")),
+        "{err}"
+    );
+
+    // A pod that does not exist: the API's 404 before any upgrade.
+    let out = Command::new("kubectl")
+        .args(["--server", &api, "port-forward", "pod/nope", "1:1"])
+        .env("KUBECONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // On the node itself, with the cloud gone: MetaServer forwards too.
+    cloud.kill9();
+    let l4 = free_port();
+    let local = PortForward::start(&edge.metaserver, &[(l4, p2)]);
+    let rounds: Vec<_> = (0..4u8)
+        .map(|i| std::thread::spawn(move || echo_round(l4, 100 + i, 256 * 1024)))
+        .collect();
+    for round in rounds {
+        round.join().unwrap();
+    }
+    let mut open = connect(l4);
+    open.write_all(b"ping").unwrap();
+    open.read_exact(&mut pong).unwrap();
+    let meta = edge.metaserver.clone();
+    let closed_before = log_count(&meta, &format!("closed {p2}"));
+    drop(local);
+    eventually(
+        "the pod's side closed after a MetaServer kubectl",
+        Duration::from_secs(20),
+        || log_count(&meta, &format!("closed {p2}")) == closed_before + 1,
+    );
+}
