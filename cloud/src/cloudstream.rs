@@ -60,6 +60,10 @@ pub fn router(store: Arc<Store>, bus: Arc<ServiceBus>, bearer_token: Option<Arc<
             get(exec).post(exec),
         )
         .route(
+            "/api/v1/namespaces/{namespace}/pods/{name}/attach",
+            get(attach).post(attach),
+        )
+        .route(
             "/api/v1/namespaces/{namespace}/pods/{name}/portforward",
             get(portforward).post(portforward),
         )
@@ -192,6 +196,30 @@ fn refusal(head: &transport::ReceivedMessage) -> Option<Response> {
 /// Errors before the upgrade are plain `Status` answers, as kube-apiserver's; a client that
 /// offers only SPDY is told what is served.
 async fn exec(
+    state: State<StreamState>,
+    path: Path<(String, String)>,
+    query: RawQuery,
+    headers: axum::http::HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    remote_command(Subresource::Exec, state, path, query, headers, upgrade).await
+}
+
+/// `kubectl attach`: the same protocol as exec, to the running container's own streams (the
+/// node follows its output and writes to the stdin it keeps for `stdin: true` containers); it
+/// ends with `Success` when the container stops.
+async fn attach(
+    state: State<StreamState>,
+    path: Path<(String, String)>,
+    query: RawQuery,
+    headers: axum::http::HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    remote_command(Subresource::Attach, state, path, query, headers, upgrade).await
+}
+
+async fn remote_command(
+    subresource: Subresource,
     State(state): State<StreamState>,
     Path((namespace, name)): Path<(String, String)>,
     RawQuery(query): RawQuery,
@@ -218,14 +246,15 @@ async fn exec(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("nothing");
         return error(ApiError::bad_request(format!(
-            "exec is served over WebSocket with the {} subprotocols (kubectl 1.30 and later \
+            "{} is served over WebSocket with the {} subprotocols (kubectl 1.30 and later \
              use them by default); this request asked to upgrade to {offered}, and SPDY is not \
              served",
+            subresource.as_str(),
             REMOTE_COMMAND_PROTOCOLS.join(" or ")
         )));
     };
     let call = PodStreamRequest {
-        subresource: Subresource::Exec,
+        subresource,
         namespace,
         pod: name,
         query: query.unwrap_or_default(),

@@ -23,6 +23,7 @@ use serde_json::Value;
 use transport::stream::{PodStreamRequest, StreamHead, Subresource, REMOTE_COMMAND_PROTOCOLS};
 use transport::{IncomingRequest, StreamWriter};
 
+use crate::attach::{self, AttachOptions, AttachTarget};
 use crate::edged::logs::{self, LogOptions, LogSink};
 use crate::exec::{self, ExecOptions};
 use crate::meta::MetaManager;
@@ -146,6 +147,7 @@ impl EdgeStream {
         match call.subresource {
             Subresource::Log => self.serve_log(request, call).await,
             Subresource::Exec => self.serve_exec(request, call).await,
+            Subresource::Attach => self.serve_attach(request, call).await,
             Subresource::PortForward => self.serve_portforward(request, call).await,
         }
     }
@@ -202,6 +204,57 @@ impl EdgeStream {
         let (input, mut output) = request.into_duplex();
         match prepared {
             Ok((options, target)) => exec::over_link(options, target, input, output).await,
+            Err(e) => {
+                let head = StreamHead::Error {
+                    code: e.code,
+                    status: ApiReply::error(&e).body,
+                };
+                let _ = output.send(&head.to_message()).await;
+                let _ = output.finish();
+            }
+        }
+    }
+
+    /// Checks an attach request against the pod: its options, and the running container.
+    pub fn prepare_attach(
+        &self,
+        namespace: &str,
+        pod_name: &str,
+        query: &str,
+    ) -> Result<(AttachOptions, AttachTarget), ApiError> {
+        let mut options = AttachOptions::from_query(query).map_err(ApiError::bad_request)?;
+        options.container = self
+            .pod_container(namespace, pod_name, &options.container)?
+            .1;
+        let dir = self.pods_dir.join(format!("{namespace}_{pod_name}"));
+        let running = exec::target(&dir, &options.container).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "container {} in pod {pod_name} is not running on this node's process runtime",
+                options.container
+            ))
+        })?;
+        let log = logs::path(&dir, &options.container, false);
+        let stdin = crate::edged::process::container_stdin(&log);
+        Ok((
+            options,
+            AttachTarget {
+                log,
+                group: running.group,
+                stdin,
+            },
+        ))
+    }
+
+    async fn serve_attach(&self, request: IncomingRequest, call: PodStreamRequest) {
+        let prepared = self.prepare_attach(&call.namespace, &call.pod, &call.query);
+        let (input, mut output) = request.into_duplex();
+        match prepared {
+            Ok((options, target)) => {
+                exec::session_over_link(input, output, move |session| {
+                    attach::run(options, target, session)
+                })
+                .await
+            }
             Err(e) => {
                 let head = StreamHead::Error {
                     code: e.code,
@@ -382,12 +435,27 @@ pub async fn http_exec(
     let v5 = upgrade
         .selected_protocol()
         .is_some_and(|p| p.as_bytes() == REMOTE_COMMAND_PROTOCOLS[0].as_bytes());
-    upgrade.on_upgrade(move |socket| async move {
+    upgrade.on_upgrade(move |socket| {
+        ws_session(socket, v5, move |session| {
+            exec::run(options, target, session)
+        })
+    })
+}
+
+/// Runs a remote-command session (exec, attach) for a WebSocket client of MetaServer: the
+/// client's channels into the session `runner` runs, its output back, until it ends or the
+/// client goes away (which cancels it).
+pub async fn ws_session<F, Fut>(socket: axum::extract::ws::WebSocket, v5: bool, runner: F)
+where
+    F: FnOnce(exec::Session) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    {
         use axum::extract::ws::Message as WsMessage;
         use futures_util::{SinkExt, StreamExt};
         let (session, in_tx, mut out_rx) = exec::Session::new();
         let cancel = session.cancelled.clone();
-        let runner = tokio::spawn(exec::run(options, target, session));
+        let runner = tokio::spawn(runner(session));
         let (mut ws_tx, mut ws_rx) = socket.split();
         let mut in_tx = Some(in_tx);
         loop {
@@ -432,5 +500,39 @@ pub async fn http_exec(
             }
         }
         let _ = runner.await;
+    }
+}
+
+/// MetaServer's `GET|POST .../pods/{name}/attach`: `kubectl attach` on the node itself.
+pub async fn http_attach(
+    State(stream): State<Arc<EdgeStream>>,
+    Path((namespace, pod)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    upgrade: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Response {
+    let (options, target) =
+        match stream.prepare_attach(&namespace, &pod, query.as_deref().unwrap_or("")) {
+            Ok(prepared) => prepared,
+            Err(e) => return ApiReply::error(&e).into_response(),
+        };
+    let Ok(upgrade) = upgrade else {
+        return ApiReply::error(&ApiError::bad_request(format!(
+            "attach is served over WebSocket with the {} subprotocols (kubectl 1.30 and later \
+             use them by default); SPDY is not served",
+            REMOTE_COMMAND_PROTOCOLS.join(" or ")
+        )))
+        .into_response();
+    };
+    let upgrade = upgrade.protocols(REMOTE_COMMAND_PROTOCOLS);
+    let v5 = upgrade
+        .selected_protocol()
+        .is_some_and(|p| p.as_bytes() == REMOTE_COMMAND_PROTOCOLS[0].as_bytes());
+    upgrade.on_upgrade(move |socket| {
+        ws_session(socket, v5, move |session| {
+            attach::run(options, target, session)
+        })
     })
 }

@@ -12,6 +12,7 @@
 //! - [`eventbus`]: MQTT (embedded broker or external), KubeEdge's topics, to DeviceTwin;
 //! - this module: wiring ([`EdgeCore`]).
 
+pub mod attach;
 pub mod devicetwin;
 pub mod edged;
 pub mod edgestream;
@@ -144,6 +145,10 @@ impl EdgeCore {
             .route(
                 "/api/v1/namespaces/{namespace}/pods/{name}/exec",
                 axum::routing::get(edgestream::http_exec).post(edgestream::http_exec),
+            )
+            .route(
+                "/api/v1/namespaces/{namespace}/pods/{name}/attach",
+                axum::routing::get(edgestream::http_attach).post(edgestream::http_attach),
             )
             .route(
                 "/api/v1/namespaces/{namespace}/pods/{name}/portforward",

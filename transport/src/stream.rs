@@ -38,6 +38,9 @@ pub enum Subresource {
     Log,
     /// `pods/{name}/exec`: a duplex call (stdin up, stdout, stderr and the exit status down).
     Exec,
+    /// `pods/{name}/attach`: a duplex call like exec's (`PodAttachOptions` query), to the
+    /// running container's own streams; it ends with `Success` when the container stops.
+    Attach,
     /// `pods/{name}/portforward`: one forwarded TCP connection as a duplex call, query
     /// `port=N` (the pod's port). After the head, `data` messages both ways carry the bytes; each
     /// side finishes its stream when its end closed (half close), and a reset is an abort. A
@@ -52,6 +55,7 @@ impl Subresource {
         match self {
             Subresource::Log => "log",
             Subresource::Exec => "exec",
+            Subresource::Attach => "attach",
             Subresource::PortForward => "portforward",
         }
     }
@@ -90,6 +94,7 @@ impl PodStreamRequest {
         let subresource = match route.operation.as_str() {
             "log" => Subresource::Log,
             "exec" => Subresource::Exec,
+            "attach" => Subresource::Attach,
             "portforward" => Subresource::PortForward,
             other => return Err(StreamError(format!("no stream {other:?} is served"))),
         };
