@@ -148,8 +148,9 @@ impl CloudCore {
             .merge(crate::cloudstream::router(
                 store.clone(),
                 bus.clone(),
-                token,
+                token.clone(),
             ))
+            .merge(crate::top::router(store.clone(), bus.clone(), token))
             .merge(api.router());
         if api_tls {
             let ca = crate::pki::load_or_create_ca(&config.data_dir)?;

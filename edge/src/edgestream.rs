@@ -33,6 +33,8 @@ pub struct EdgeStream {
     meta: Arc<MetaManager>,
     /// `DATA_DIR/pods`.
     pods_dir: PathBuf,
+    /// The node's and its pods' resource usage (`kubectl top`).
+    pub usage: Arc<crate::usage::Sampler>,
 }
 
 /// A log request checked against the pod: what to read and how.
@@ -77,7 +79,12 @@ fn running(pod: &Object, container: &str) -> bool {
 
 impl EdgeStream {
     pub fn new(meta: Arc<MetaManager>, pods_dir: PathBuf) -> Self {
-        EdgeStream { meta, pods_dir }
+        let usage = Arc::new(crate::usage::Sampler::new(pods_dir.clone()));
+        EdgeStream {
+            meta,
+            pods_dir,
+            usage,
+        }
     }
 
     fn pod(&self, key: &ObjectKey) -> Result<Option<Object>, ApiError> {
@@ -263,6 +270,30 @@ impl EdgeStream {
                 let _ = output.send(&head.to_message()).await;
                 let _ = output.finish();
             }
+        }
+    }
+
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        self.meta.node()
+    }
+
+    /// The labels of a pod this node holds (for `PodMetrics`).
+    pub fn pod_labels(&self, namespace: &str, name: &str) -> Option<Value> {
+        let key = ObjectKey::new("pods", namespace, name).ok()?;
+        self.pod(&key)
+            .ok()
+            .flatten()?
+            .get("metadata")?
+            .get("labels")
+            .cloned()
+    }
+
+    /// Answers the cloud's usage request (`transport::usage`) with a report measured now.
+    pub async fn serve_usage(&self, request: IncomingRequest) {
+        let report = self.usage.report().await;
+        if let Err(e) = request.respond(&transport::usage::answer(&report)).await {
+            tracing::debug!(error = %e, "the cloud went away before the usage report");
         }
     }
 

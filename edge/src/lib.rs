@@ -25,6 +25,7 @@ pub mod metaserver;
 pub mod node;
 pub mod portforward;
 pub mod servicebus;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -150,6 +151,7 @@ impl EdgeCore {
                 "/api/v1/namespaces/{namespace}/pods/{name}/attach",
                 axum::routing::get(edgestream::http_attach).post(edgestream::http_attach),
             )
+            .merge(usage::routes())
             .route(
                 "/api/v1/namespaces/{namespace}/pods/{name}/portforward",
                 axum::routing::get(portforward::http_portforward)
@@ -159,6 +161,7 @@ impl EdgeCore {
             .merge(ApiServer::new(meta.store().clone(), policy).router().layer(
                 axum::middleware::from_fn_with_state(meta.clone(), metaserver::forward_to_cloud),
             ));
+        tasks.push(tokio::spawn(edgestream.usage.clone().run(shutdown.clone())));
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(listener, router)

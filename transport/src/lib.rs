@@ -28,6 +28,7 @@ pub mod spdy;
 pub mod stream;
 mod stream_io;
 pub mod tls;
+pub mod usage;
 pub mod window;
 
 pub use client::{connect, connect_on};
