@@ -44,15 +44,93 @@ use crate::servicebus::ServiceBus;
 /// How long the node may take to start answering (the data may then take as long as it takes).
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Streams open at once per node by default (see [`StreamLimit`]).
+pub const DEFAULT_STREAMS_PER_NODE: usize = 64;
+
+/// How many streams (a log, an exec or attach session, a port-forward connection) are open
+/// through the cloud to each node, against a limit: one more is refused with 429
+/// `TooManyRequests` (before any upgrade; for a port-forward connection, on its error stream).
+/// Bounds what one node's streams cost here, whatever clients do.
+pub struct StreamLimit {
+    per_node: usize,
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// One open stream counted against its node's limit, until dropped.
+pub struct StreamPermit {
+    limit: Arc<StreamLimit>,
+    node: String,
+}
+
+impl StreamLimit {
+    pub fn new(per_node: usize) -> Arc<StreamLimit> {
+        Arc::new(StreamLimit {
+            per_node,
+            open: Default::default(),
+        })
+    }
+
+    /// Counts one more stream to `node`, or the 429 error if it has its limit open.
+    pub fn acquire(self: &Arc<Self>, node: &str) -> Result<StreamPermit, ApiError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(node.to_owned()).or_default();
+        if *count >= self.per_node {
+            return Err(ApiError::new(
+                429,
+                "TooManyRequests",
+                format!(
+                    "node {node} has {count} streams open through the cloud (logs, exec, attach, \
+                     port-forward connections), its limit (cloudcore --streams-per-node); try \
+                     again when one ends"
+                ),
+            ));
+        }
+        *count += 1;
+        Ok(StreamPermit {
+            limit: self.clone(),
+            node: node.to_owned(),
+        })
+    }
+
+    /// Streams open to `node` now.
+    pub fn open(&self, node: &str) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut open = self.limit.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.node) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.node);
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 struct StreamState {
     store: Arc<Store>,
     bus: Arc<ServiceBus>,
     bearer_token: Option<Arc<str>>,
+    limit: Arc<StreamLimit>,
 }
 
-/// The routes of CloudStream (same bearer token as the API, when it has one).
-pub fn router(store: Arc<Store>, bus: Arc<ServiceBus>, bearer_token: Option<Arc<str>>) -> Router {
+/// The routes of CloudStream (same bearer token as the API, when it has one), with at most
+/// `streams_per_node` streams open to each node at once.
+pub fn router(
+    store: Arc<Store>,
+    bus: Arc<ServiceBus>,
+    bearer_token: Option<Arc<str>>,
+    streams_per_node: usize,
+) -> Router {
     Router::new()
         .route("/api/v1/namespaces/{namespace}/pods/{name}/log", get(log))
         .route(
@@ -71,6 +149,7 @@ pub fn router(store: Arc<Store>, bus: Arc<ServiceBus>, bearer_token: Option<Arc<
             store,
             bus,
             bearer_token,
+            limit: StreamLimit::new(streams_per_node),
         })
 }
 
@@ -240,6 +319,10 @@ async fn remote_command(
     if let Err(e) = check_container(&link.spec, &name, query.as_deref().unwrap_or("")) {
         return error(e);
     }
+    let permit = match state.limit.acquire(&link.node) {
+        Ok(permit) => permit,
+        Err(e) => return error(e),
+    };
     let Ok(upgrade) = upgrade else {
         let offered = headers
             .get(header::UPGRADE)
@@ -274,7 +357,10 @@ async fn remote_command(
     let v5 = upgrade
         .selected_protocol()
         .is_some_and(|p| p.as_bytes() == REMOTE_COMMAND_PROTOCOLS[0].as_bytes());
-    upgrade.on_upgrade(move |socket| bridge(socket, input, output, v5))
+    upgrade.on_upgrade(move |socket| async move {
+        bridge(socket, input, output, v5).await;
+        drop(permit);
+    })
 }
 
 /// Carries one exec session between kubectl's WebSocket and the node's duplex call until the
@@ -356,6 +442,10 @@ async fn log(
         Ok(link) => link,
         Err(e) => return error(e),
     };
+    let permit = match state.limit.acquire(&link.node) {
+        Ok(permit) => permit,
+        Err(e) => return error(e),
+    };
     let call = PodStreamRequest {
         subresource: Subresource::Log,
         namespace,
@@ -375,10 +465,12 @@ async fn log(
     }
     // Each data message's content as a chunk of the body; an error ends the body (the client
     // sees a cut response, as when a kubelet goes away mid-stream).
-    let chunks = futures_util::stream::unfold(Some(stream), |stream| async move {
-        let mut stream = stream?;
+    // The permit goes with the stream: the body holds both until the log ends or the client
+    // leaves.
+    let chunks = futures_util::stream::unfold(Some((stream, permit)), |held| async move {
+        let (mut stream, permit) = held?;
         match stream.next().await {
-            Ok(Some(message)) => Some((Ok(message.content()), Some(stream))),
+            Ok(Some(message)) => Some((Ok(message.content()), Some((stream, permit)))),
             Ok(None) => None,
             Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
         }
@@ -456,7 +548,17 @@ async fn portforward(
             }
         };
         let on_forward = |forward: Forward| {
-            tokio::spawn(carry(link.clone(), namespace.clone(), forward));
+            let permit = state.limit.acquire(&link.node);
+            let (link, namespace) = (link.clone(), namespace.clone());
+            tokio::spawn(async move {
+                match permit {
+                    Ok(permit) => {
+                        carry(link, namespace, forward).await;
+                        drop(permit);
+                    }
+                    Err(e) => forward.to_client.finish(Some(&e.message)).await,
+                }
+            });
         };
         tokio::select! {
             _ = pf::serve(Box::pin(input), out_tx, on_forward) => {}
@@ -521,5 +623,25 @@ async fn carry(link: Arc<PodLink>, namespace: String, mut forward: Forward) {
         // kubectl reset the connection or went away: the node's side is reset too (it closes
         // the pod's connection); the client's streams are reset when dropped.
         Ended::Aborted => pod_out.reset(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_past_the_limit_are_refused_until_one_ends() {
+        let limit = StreamLimit::new(2);
+        let a = limit.acquire("n1").unwrap();
+        let _b = limit.acquire("n1").unwrap();
+        let refused = limit.acquire("n1").err().unwrap();
+        assert_eq!((refused.code, refused.reason), (429, "TooManyRequests"));
+        assert!(refused.message.contains("node n1 has 2 streams open"));
+        // Another node has its own count.
+        let _c = limit.acquire("n2").unwrap();
+        drop(a);
+        assert_eq!(limit.open("n1"), 1);
+        let _d = limit.acquire("n1").unwrap();
     }
 }

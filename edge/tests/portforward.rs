@@ -249,3 +249,57 @@ fn kubectl_port_forward_carries_several_ports_and_connections_and_cancels_both_w
         || log_count(&meta, &format!("closed {p2}")) == closed_before + 1,
     );
 }
+
+#[test]
+fn streams_past_the_per_node_limit_are_refused_with_429() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start_with(
+        cloud_dir.path(),
+        free_port(),
+        free_port(),
+        free_port(),
+        &["--streams-per-node", "1"],
+    );
+    let token = token(&cloud);
+    let _edge = EdgeProcess::start(&cloud, "edge-1", edge_dir.path(), free_port(), Some(&token));
+    let pod = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo"},
+        "spec": {"containers": [{"name": "main", "image": "busybox",
+        "command": ["sh", "-c", "echo started; exec sleep 100000"]}]}}"#;
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], pod)
+        .status
+        .success());
+    let api = cloud.api.clone();
+    eventually("the pod started", Duration::from_secs(40), || {
+        log_count(&api, "started") == 1
+    });
+    // A followed log holds the node's only stream.
+    let mut follow = Command::new("kubectl")
+        .args(["--server", &api, "logs", "-f", "echo"])
+        .env("KUBECONFIG", "/dev/null")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 8];
+    follow
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    assert_eq!(&first, b"started\n");
+    let exec = kubectl(&api, &["exec", "echo", "--", "true"], None);
+    let err = String::from_utf8_lossy(&exec.stderr);
+    assert!(!exec.status.success());
+    assert!(err.contains("has 1 streams open"), "{err}");
+    // Once the log's client is gone, the stream is free again.
+    let _ = follow.kill();
+    let _ = follow.wait();
+    eventually("exec works again", Duration::from_secs(20), || {
+        kubectl(&api, &["exec", "echo", "--", "true"], None)
+            .status
+            .success()
+    });
+}
