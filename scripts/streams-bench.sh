@@ -86,9 +86,16 @@ spec:
 YAML
 listening() { ss -ltn "sport = :$1" | grep -q LISTEN; }
 for _ in $(seq 1 100); do listening 17800 && break; sleep 0.2; done
-$cloud port-forward pod/source 17801:17800 >/dev/null 2>&1 &
+# kubectl port-forward refuses a pod that is not Running yet (as both APIs see it).
+for api in "$cloud" "$node"; do
+  for _ in $(seq 1 100); do
+    [ "$($api get pod source -o jsonpath='{.status.phase}')" = Running ] && break
+    sleep 0.2
+  done
+done
+$cloud port-forward pod/source 17801:17800 >"$dir/pf-cloud.log" 2>&1 &
 pids+=($!)
-$node port-forward pod/source 17802:17800 >/dev/null 2>&1 &
+$node port-forward pod/source 17802:17800 >"$dir/pf-node.log" 2>&1 &
 pids+=($!)
 for port in 17801 17802; do
   for _ in $(seq 1 100); do listening $port && break; sleep 0.2; done

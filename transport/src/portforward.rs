@@ -516,3 +516,131 @@ impl Drop for LinkSink {
         self.reset();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spdy::tests::{client_compressor, syn_stream};
+
+    /// The frames the session sent so far, decoded.
+    async fn frames(
+        out: &mut mpsc::Receiver<Vec<u8>>,
+        decoder: &mut spdy::Decoder,
+        n: usize,
+    ) -> Vec<Frame> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            while let Some(frame) = decoder.next_frame().unwrap() {
+                got.push(frame);
+            }
+            if got.len() >= n {
+                break;
+            }
+            let bytes = tokio::time::timeout(std::time::Duration::from_secs(5), out.recv())
+                .await
+                .expect("a frame within 5 s")
+                .expect("the session's output");
+            decoder.push(&bytes);
+        }
+        got
+    }
+
+    fn data(id: u32, fin: bool, bytes: &[u8]) -> Frame {
+        Frame::Data {
+            stream_id: id,
+            fin,
+            data: Bytes::copy_from_slice(bytes),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_pairs_streams_carries_bytes_and_cancels() {
+        let (client_tx, client_rx) = mpsc::channel::<Bytes>(16);
+        let (out_tx, mut out_rx) = output_channel();
+        let (fwd_tx, mut fwd_rx) = mpsc::unbounded_channel();
+        let session = tokio::spawn(serve(
+            Box::pin(futures_util::stream::unfold(
+                client_rx,
+                |mut rx| async move { rx.recv().await.map(|b| (b, rx)) },
+            )),
+            out_tx,
+            move |forward| {
+                let _ = fwd_tx.send(forward);
+            },
+        ));
+        let mut compress = client_compressor();
+        let mut decoder = spdy::Decoder::new();
+        let send = |bytes: Vec<u8>| {
+            let tx = client_tx.clone();
+            async move { tx.send(Bytes::from(bytes)).await.unwrap() }
+        };
+        let headers = |kind: &'static str, id: &'static str| {
+            [("streamtype", kind), ("port", "8080"), ("requestid", id)]
+        };
+        // kubectl's order: the error stream (closed at once on its side), then the data stream.
+        send(syn_stream(&mut compress, 1, &headers("error", "0"))).await;
+        send(spdy::data(1, true, b"")).await;
+        send(syn_stream(&mut compress, 3, &headers("data", "0"))).await;
+        send(spdy::data(3, false, b"hello")).await;
+        let replies = frames(&mut out_rx, &mut decoder, 2).await;
+        assert_eq!(
+            replies,
+            [
+                Frame::SynReply {
+                    stream_id: 1,
+                    fin: false
+                },
+                Frame::SynReply {
+                    stream_id: 3,
+                    fin: false
+                }
+            ]
+        );
+        let mut forward = fwd_rx.recv().await.unwrap();
+        assert_eq!((forward.port, forward.request_id.as_str()), (8080, "0"));
+        assert_eq!(forward.from_client.recv().await.unwrap(), "hello");
+        forward.to_client.send(b"world").await.unwrap();
+        assert_eq!(
+            frames(&mut out_rx, &mut decoder, 1).await,
+            [data(3, false, b"world")]
+        );
+        // The client's half close ends its input; the end carries the error text.
+        send(spdy::data(3, true, b"")).await;
+        assert!(forward.from_client.recv().await.is_none());
+        assert!(!forward.cancelled.is_cancelled());
+        forward.to_client.finish(Some("refused")).await;
+        assert_eq!(
+            frames(&mut out_rx, &mut decoder, 3).await,
+            [
+                data(1, false, b"refused"),
+                data(3, true, b""),
+                data(1, true, b"")
+            ]
+        );
+
+        // A second connection, reset by the client: cancelled; its streams reset when dropped.
+        send(syn_stream(&mut compress, 5, &headers("error", "1"))).await;
+        send(syn_stream(&mut compress, 7, &headers("data", "1"))).await;
+        frames(&mut out_rx, &mut decoder, 2).await;
+        let second = fwd_rx.recv().await.unwrap();
+        send(spdy::rst_stream(7, spdy::status::CANCEL)).await;
+        second.cancelled.cancelled().await;
+        drop(second);
+        let resets = frames(&mut out_rx, &mut decoder, 2).await;
+        assert!(
+            matches!(resets[0], Frame::RstStream { stream_id: 7, .. }),
+            "{resets:?}"
+        );
+
+        // Pings are echoed; the client going away ends the session and cancels the rest.
+        send(syn_stream(&mut compress, 9, &headers("error", "2"))).await;
+        send(syn_stream(&mut compress, 11, &headers("data", "2"))).await;
+        send(spdy::ping(1)).await;
+        let third = fwd_rx.recv().await.unwrap();
+        let got = frames(&mut out_rx, &mut decoder, 3).await;
+        assert_eq!(got[2], Frame::Ping(1));
+        drop(client_tx);
+        session.await.unwrap();
+        third.cancelled.cancelled().await;
+    }
+}

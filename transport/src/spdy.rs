@@ -393,9 +393,16 @@ ot Implemented503 Service UnavailableJan Feb Mar Apr May Jun Jul Aug Sept Oct No
 p,deflate,sdchcharset=utf-8charset=iso-8859-1,utf-,*,enq=0.";
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use flate2::{Compress, Compression, FlushCompress};
+
+    /// A client's header compressor, as moby/spdystream sets it up.
+    pub(crate) fn client_compressor() -> Compress {
+        let mut compress = Compress::new(Compression::best(), true);
+        compress.set_dictionary(HEADER_DICTIONARY).unwrap();
+        compress
+    }
 
     /// What the Go client (moby/spdystream) writes: one zlib stream with the dictionary, a sync
     /// flush after each header block.
@@ -415,7 +422,11 @@ mod tests {
         out
     }
 
-    fn syn_stream(compress: &mut Compress, id: u32, headers: &[(&str, &str)]) -> Vec<u8> {
+    pub(crate) fn syn_stream(
+        compress: &mut Compress,
+        id: u32,
+        headers: &[(&str, &str)],
+    ) -> Vec<u8> {
         let mut payload = id.to_be_bytes().to_vec();
         payload.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
         payload.extend_from_slice(&go_like_block(compress, headers));
