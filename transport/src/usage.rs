@@ -164,4 +164,37 @@ mod tests {
         let wire = serde_json::to_string(&report).unwrap();
         assert_eq!(serde_json::from_str::<UsageReport>(&wire).unwrap(), report);
     }
+
+    /// What one `kubectl top` costs on a node's link: the request and the answer as framed
+    /// (a node of 10 pods), QUIC's packet overhead aside (BENCHMARKS.md "Streams").
+    #[test]
+    fn a_query_is_small_on_the_wire() {
+        let container = |name: &str| ContainerUsage {
+            name: name.into(),
+            usage: Usage {
+                cpu_nanocores: 123_456_789,
+                memory_bytes: 45 << 20,
+            },
+        };
+        let report = UsageReport {
+            timestamp: "2026-12-01T00:00:00Z".into(),
+            window_seconds: 15,
+            node: Usage {
+                cpu_nanocores: 1_234_567_890,
+                memory_bytes: 3 << 30,
+            },
+            pods: (0..10)
+                .map(|i| PodUsage {
+                    namespace: "default".into(),
+                    name: format!("greeter-7d9f8c6b5-{i:05}"),
+                    containers: vec![container("main")],
+                })
+                .collect(),
+        };
+        let request = crate::EncodedMessage::encode(&request()).body().len();
+        let answer = crate::EncodedMessage::encode(&answer(&report)).body().len();
+        eprintln!("usage request {request} B, answer for 10 pods {answer} B");
+        assert!(request < 200, "{request}");
+        assert!(answer < 2000, "{answer}");
+    }
 }
