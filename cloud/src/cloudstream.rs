@@ -143,7 +143,7 @@ pub fn router(
         )
         .route(
             "/api/v1/namespaces/{namespace}/pods/{name}/portforward",
-            get(portforward).post(portforward),
+            get(portforward).post(portforward_spdy),
         )
         .with_state(StreamState {
             store,
@@ -498,26 +498,12 @@ async fn portforward(
     headers: axum::http::HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Some(token) = state.bearer_token.as_deref() {
-        if !replication::api::bearer_matches(&headers, token) {
-            return error(ApiError::unauthorized());
-        }
-    }
-    let link = match pod_link(&state, &namespace, &name) {
+    let link = match portforward_link(&state, &namespace, &name, &headers) {
         Ok(link) => link,
-        Err(e) => return error(e),
+        Err(refused) => return refused,
     };
-    let not_tunnel = || {
-        let offered = headers
-            .get(header::UPGRADE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("nothing");
-        error(ApiError::bad_request(format!(
-            "port-forward is served over WebSocket with the {SPDY_TUNNEL_PROTOCOL} subprotocol \
-             (kubectl 1.30 and later use it by default); this request asked to upgrade to \
-             {offered}, and SPDY upgrades are not served"
-        )))
-    };
+    let offered = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    let not_tunnel = || error(ApiError::bad_request(pf::unsupported(offered)));
     let Ok(upgrade) = upgrade else {
         return not_tunnel();
     };
@@ -525,7 +511,7 @@ async fn portforward(
     if upgrade.selected_protocol().is_none() {
         return not_tunnel();
     }
-    let link = Arc::new(link);
+    let on_forward = forwarder(&state, link, namespace);
     upgrade.on_upgrade(move |socket| async move {
         use futures_util::{SinkExt, StreamExt};
         let (mut ws_tx, ws_rx) = socket.split();
@@ -547,24 +533,90 @@ async fn portforward(
                 }
             }
         };
-        let on_forward = |forward: Forward| {
-            let permit = state.limit.acquire(&link.node);
-            let (link, namespace) = (link.clone(), namespace.clone());
-            tokio::spawn(async move {
-                match permit {
-                    Ok(permit) => {
-                        carry(link, namespace, forward).await;
-                        drop(permit);
-                    }
-                    Err(e) => forward.to_client.finish(Some(&e.message)).await,
-                }
-            });
-        };
         tokio::select! {
             _ = pf::serve(Box::pin(input), out_tx, on_forward) => {}
             _ = writer => {}
         }
     })
+}
+
+/// `POST .../portforward` with `Upgrade: SPDY/3.1`: the same protocol as a plain SPDY
+/// session after `101 Switching Protocols` (kubectl before 1.30, or with
+/// `KUBECTL_PORT_FORWARD_WEBSOCKETS=false`, and tools built on client-go's SPDY dialer).
+async fn portforward_spdy(
+    State(state): State<StreamState>,
+    Path((namespace, name)): Path<(String, String)>,
+    mut request: Request,
+) -> Response {
+    let headers = request.headers().clone();
+    let link = match portforward_link(&state, &namespace, &name, &headers) {
+        Ok(link) => link,
+        Err(refused) => return refused,
+    };
+    let upgrade = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    let offered = headers
+        .get_all(pf::PROTOCOL_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    if !pf::is_spdy_upgrade(upgrade, offered) {
+        return error(ApiError::bad_request(pf::unsupported(upgrade)));
+    }
+    let on_forward = forwarder(&state, link, namespace);
+    let upgraded = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match upgraded.await {
+            Ok(io) => pf::serve_io(hyper_util::rt::TokioIo::new(io), on_forward).await,
+            Err(e) => tracing::debug!(error = %e, "a SPDY port-forward upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, pf::SPDY_UPGRADE)
+        .header(pf::PROTOCOL_HEADER, pf::PROTOCOL_V1)
+        .body(Body::empty())
+        .unwrap_or_default()
+}
+
+/// The checks before a port-forward upgrade (token, pod, its node's link): the refusal as
+/// the answer.
+fn portforward_link(
+    state: &StreamState,
+    namespace: &str,
+    name: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<Arc<PodLink>, Response> {
+    if let Some(token) = state.bearer_token.as_deref() {
+        if !replication::api::bearer_matches(headers, token) {
+            return Err(error(ApiError::unauthorized()));
+        }
+    }
+    pod_link(state, namespace, name)
+        .map(Arc::new)
+        .map_err(error)
+}
+
+/// What a session does with each connection: counted against the node's stream limit, carried
+/// to the node (or refused with the limit's error on its error stream).
+fn forwarder(
+    state: &StreamState,
+    link: Arc<PodLink>,
+    namespace: String,
+) -> impl FnMut(Forward) + Send + 'static {
+    let limit = state.limit.clone();
+    move |forward: Forward| {
+        let permit = limit.acquire(&link.node);
+        let (link, namespace) = (link.clone(), namespace.clone());
+        tokio::spawn(async move {
+            match permit {
+                Ok(permit) => {
+                    carry(link, namespace, forward).await;
+                    drop(permit);
+                }
+                Err(e) => forward.to_client.finish(Some(&e.message)).await,
+            }
+        });
+    }
 }
 
 /// Carries one forwarded connection to the node and back. The node's refusal (nothing

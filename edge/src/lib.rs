@@ -155,7 +155,7 @@ impl EdgeCore {
             .route(
                 "/api/v1/namespaces/{namespace}/pods/{name}/portforward",
                 axum::routing::get(portforward::http_portforward)
-                    .post(portforward::http_portforward),
+                    .post(portforward::http_portforward_spdy),
             )
             .with_state(edgestream.clone())
             .merge(ApiServer::new(meta.store().clone(), policy).router().layer(

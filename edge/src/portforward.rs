@@ -128,21 +128,8 @@ pub async fn ws_session(socket: WebSocket, on_forward: impl FnMut(Forward)) {
     }
 }
 
-/// The error for a port-forward request that is not the WebSocket tunnel kubectl ≥ 1.30 opens.
-pub fn not_tunnel(headers: &HeaderMap) -> ApiError {
-    let offered = headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("nothing");
-    ApiError::bad_request(format!(
-        "port-forward is served over WebSocket with the {SPDY_TUNNEL_PROTOCOL} subprotocol \
-         (kubectl 1.30 and later use it by default); this request asked to upgrade to \
-         {offered}, and SPDY upgrades are not served"
-    ))
-}
-
-/// MetaServer's `GET|POST /api/v1/namespaces/{namespace}/pods/{name}/portforward`: kubectl
-/// port-forward on the node itself, to a pod this node runs.
+/// MetaServer's `GET /api/v1/namespaces/{namespace}/pods/{name}/portforward`: kubectl
+/// port-forward (the WebSocket tunnel) on the node itself, to a pod this node runs.
 pub async fn http_portforward(
     State(stream): State<Arc<EdgeStream>>,
     Path((namespace, pod)): Path<(String, String)>,
@@ -152,16 +139,59 @@ pub async fn http_portforward(
     if let Err(e) = stream.own_pod(&namespace, &pod) {
         return ApiReply::error(&e).into_response();
     }
+    let offered = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    let not_tunnel = || {
+        ApiReply::error(&ApiError::bad_request(portforward::unsupported(offered))).into_response()
+    };
     let Ok(upgrade) = upgrade else {
-        return ApiReply::error(&not_tunnel(&headers)).into_response();
+        return not_tunnel();
     };
     let upgrade = upgrade.protocols([SPDY_TUNNEL_PROTOCOL]);
     if upgrade.selected_protocol().is_none() {
-        return ApiReply::error(&not_tunnel(&headers)).into_response();
+        return not_tunnel();
     }
     upgrade.on_upgrade(move |socket| {
         ws_session(socket, move |forward| {
             tokio::spawn(local(pod.clone(), forward));
         })
     })
+}
+
+/// MetaServer's `POST .../portforward` with `Upgrade: SPDY/3.1` (older kubectl, client-go's
+/// SPDY dialer): the same session over the upgraded connection.
+pub async fn http_portforward_spdy(
+    State(stream): State<Arc<EdgeStream>>,
+    Path((namespace, pod)): Path<(String, String)>,
+    mut request: axum::extract::Request,
+) -> Response {
+    if let Err(e) = stream.own_pod(&namespace, &pod) {
+        return ApiReply::error(&e).into_response();
+    }
+    let headers = request.headers();
+    let upgrade = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    let offered = headers
+        .get_all(portforward::PROTOCOL_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    if !portforward::is_spdy_upgrade(upgrade, offered) {
+        let e = ApiError::bad_request(portforward::unsupported(upgrade));
+        return ApiReply::error(&e).into_response();
+    }
+    let upgraded = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        if let Ok(io) = upgraded.await {
+            let io = hyper_util::rt::TokioIo::new(io);
+            portforward::serve_io(io, move |forward| {
+                tokio::spawn(local(pod.clone(), forward));
+            })
+            .await;
+        }
+    });
+    axum::http::Response::builder()
+        .status(axum::http::StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, portforward::SPDY_UPGRADE)
+        .header(portforward::PROTOCOL_HEADER, portforward::PROTOCOL_V1)
+        .body(axum::body::Body::empty())
+        .unwrap_or_default()
 }

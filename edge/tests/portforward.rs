@@ -48,21 +48,41 @@ struct PortForward {
 impl PortForward {
     /// `kubectl port-forward pod/echo PAIRS…` against `server`, once every local port accepts.
     fn start(server: &str, pairs: &[(u16, u16)]) -> PortForward {
+        Self::start_with(server, pairs, true)
+    }
+
+    /// [`PortForward::start`] over the WebSocket tunnel (kubectl's default) or over a plain
+    /// SPDY upgrade (`KUBECTL_PORT_FORWARD_WEBSOCKETS=false`, as kubectl before 1.30).
+    fn start_with(server: &str, pairs: &[(u16, u16)], websocket: bool) -> PortForward {
         let child = Command::new("kubectl")
             .args(["--server", server, "port-forward", "pod/echo"])
             .args(pairs.iter().map(|(l, r)| format!("{l}:{r}")))
             .env("KUBECONFIG", "/dev/null")
+            .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websocket.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let forward = PortForward { child };
+        let mut forward = PortForward { child };
         for (local, _) in pairs {
-            eventually(
-                &format!("kubectl listens on {local}"),
-                Duration::from_secs(20),
-                || TcpStream::connect(("127.0.0.1", *local)).is_ok(),
-            );
+            let started = Instant::now();
+            while TcpStream::connect(("127.0.0.1", *local)).is_err() {
+                if forward.child.try_wait().unwrap().is_some() {
+                    let mut err = String::new();
+                    let _ = forward
+                        .child
+                        .stderr
+                        .take()
+                        .unwrap()
+                        .read_to_string(&mut err);
+                    panic!("kubectl port-forward {pairs:?} (websocket {websocket}) exited: {err}");
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "kubectl does not listen on {local} after 20 s"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         forward
     }
@@ -150,8 +170,10 @@ fn kubectl_port_forward_carries_several_ports_and_connections_and_cancels_both_w
         .status
         .success());
     let api = cloud.api.clone();
+    // kubectl port-forward refuses a pod whose status is not Running yet.
     eventually("the echo pod listens", Duration::from_secs(40), || {
         log_count(&api, "listening") == 1
+            && cloud.ok(&["get", "pod", "echo", "-o", "jsonpath={.status.phase}"]) == "Running"
     });
 
     // Two ports, four connections on each at once, a megabyte each way on each.
@@ -201,6 +223,17 @@ fn kubectl_port_forward_carries_several_ports_and_connections_and_cancels_both_w
     eprintln!("closed {:?} after kubectl was killed", killed.elapsed());
     drop(open);
 
+    // The same over a plain SPDY upgrade (older kubectl, client-go's SPDY dialer).
+    let l5 = free_port();
+    let spdy = PortForward::start_with(&api, &[(l5, p1)], false);
+    let rounds: Vec<_> = (0..3u8)
+        .map(|i| std::thread::spawn(move || echo_round(l5, 50 + i, 256 * 1024)))
+        .collect();
+    for round in rounds {
+        round.join().unwrap();
+    }
+    drop(spdy);
+
     // Nothing listens on the port: kubectl is told why (kubelet's wording), and gives up.
     let nothing = free_port();
     let l3 = free_port();
@@ -237,6 +270,10 @@ fn kubectl_port_forward_carries_several_ports_and_connections_and_cancels_both_w
     for round in rounds {
         round.join().unwrap();
     }
+    let l6 = free_port();
+    let local_spdy = PortForward::start_with(&edge.metaserver, &[(l6, p2)], false);
+    echo_round(l6, 200, 256 * 1024);
+    drop(local_spdy);
     let mut open = connect(l4);
     open.write_all(b"ping").unwrap();
     open.read_exact(&mut pong).unwrap();
@@ -271,8 +308,11 @@ fn streams_past_the_per_node_limit_are_refused_with_429() {
         .status
         .success());
     let api = cloud.api.clone();
+    // Running as the node sees it too (a followed log of a container the node does not yet
+    // know runs ends at once).
     eventually("the pod started", Duration::from_secs(40), || {
         log_count(&api, "started") == 1
+            && cloud.ok(&["get", "pod", "echo", "-o", "jsonpath={.status.phase}"]) == "Running"
     });
     // A followed log holds the node's only stream.
     let mut follow = Command::new("kubectl")

@@ -277,6 +277,68 @@ where
     }
 }
 
+/// The upgrade token of a plain SPDY port-forward (`Upgrade: SPDY/3.1`, what kubectl before
+/// 1.30, `KUBECTL_PORT_FORWARD_WEBSOCKETS=false` and client-go's SPDY dialer used by other tools
+/// ask for, with `X-Stream-Protocol-Version: portforward.k8s.io`).
+pub const SPDY_UPGRADE: &str = "SPDY/3.1";
+
+/// The header naming the sub-protocol of a SPDY upgrade (request: offered; answer: chosen).
+pub const PROTOCOL_HEADER: &str = "X-Stream-Protocol-Version";
+
+/// Whether a request is a SPDY port-forward upgrade: its `Upgrade` header and the protocols it
+/// offers in [`PROTOCOL_HEADER`] (one of them [`PROTOCOL_V1`]).
+pub fn is_spdy_upgrade<'a>(
+    upgrade: Option<&str>,
+    mut offered: impl Iterator<Item = &'a str>,
+) -> bool {
+    upgrade.is_some_and(|u| u.eq_ignore_ascii_case(SPDY_UPGRADE))
+        && offered.any(|p| p.split(',').any(|p| p.trim() == PROTOCOL_V1))
+}
+
+/// What a client that asked for neither transport is told (`upgrade`: what it asked for).
+pub fn unsupported(upgrade: Option<&str>) -> String {
+    format!(
+        "port-forward is served over WebSocket with the {SPDY_TUNNEL_PROTOCOL} subprotocol \
+         (kubectl 1.30 and later) or as an HTTP upgrade to {SPDY_UPGRADE} with \
+         {PROTOCOL_HEADER}: {PROTOCOL_V1}; this request asked to upgrade to {}",
+        upgrade.unwrap_or("nothing")
+    )
+}
+
+/// Runs a session ([`serve`]) over a plain byte connection: the SPDY upgrade's, after its
+/// `101 Switching Protocols`.
+pub async fn serve_io<IO, F>(io: IO, on_forward: F)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    F: FnMut(Forward),
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (read, mut write) = tokio::io::split(io);
+    let (out_tx, mut out_rx) = output_channel();
+    let input = futures_util::stream::unfold(read, |mut read| async move {
+        let mut buf = vec![0u8; spdy::MAX_DATA];
+        match read.read(&mut buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Bytes::from(buf), read))
+            }
+        }
+    });
+    let writer = async {
+        while let Some(frame) = out_rx.recv().await {
+            if write.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = write.shutdown().await;
+    };
+    tokio::select! {
+        _ = serve(Box::pin(input), out_tx, on_forward) => {}
+        _ = writer => {}
+    }
+}
+
 /// A channel's capacity for the frames of one session (see [`serve`]).
 pub fn output_channel() -> (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>) {
     mpsc::channel(OUT_FRAMES)
