@@ -500,7 +500,7 @@ async fn portforward(
 ) -> Response {
     let link = match portforward_link(&state, &namespace, &name, &headers) {
         Ok(link) => link,
-        Err(refused) => return refused,
+        Err(e) => return error(e),
     };
     let offered = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok());
     let not_tunnel = || error(ApiError::bad_request(pf::unsupported(offered)));
@@ -551,7 +551,7 @@ async fn portforward_spdy(
     let headers = request.headers().clone();
     let link = match portforward_link(&state, &namespace, &name, &headers) {
         Ok(link) => link,
-        Err(refused) => return refused,
+        Err(e) => return error(e),
     };
     let upgrade = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok());
     let offered = headers
@@ -578,22 +578,19 @@ async fn portforward_spdy(
         .unwrap_or_default()
 }
 
-/// The checks before a port-forward upgrade (token, pod, its node's link): the refusal as
-/// the answer.
+/// The checks before a port-forward upgrade (token, pod, its node's link).
 fn portforward_link(
     state: &StreamState,
     namespace: &str,
     name: &str,
     headers: &axum::http::HeaderMap,
-) -> Result<Arc<PodLink>, Response> {
+) -> Result<Arc<PodLink>, ApiError> {
     if let Some(token) = state.bearer_token.as_deref() {
         if !replication::api::bearer_matches(headers, token) {
-            return Err(error(ApiError::unauthorized()));
+            return Err(ApiError::unauthorized());
         }
     }
-    pod_link(state, namespace, name)
-        .map(Arc::new)
-        .map_err(error)
+    pod_link(state, namespace, name).map(Arc::new)
 }
 
 /// What a session does with each connection: counted against the node's stream limit, carried
