@@ -108,15 +108,33 @@ impl Drop for ToClient {
         if self.done {
             return;
         }
-        // Abandoned (the carrier failed, or the session ended): reset both streams, without
-        // waiting (best effort: a full queue means the client is not reading anyway).
-        let _ = self
-            .out
-            .try_send(spdy::rst_stream(self.data_id, spdy::status::CANCEL));
+        // Abandoned (the carrier failed, or the session ended): reset both streams. Queued at
+        // once if there is room, else by a task that waits for room (the session's end closes
+        // the queue, which ends the task).
+        let mut frames = vec![spdy::rst_stream(self.data_id, spdy::status::CANCEL)];
         if self.error_id != 0 {
-            let _ = self
-                .out
-                .try_send(spdy::rst_stream(self.error_id, spdy::status::CANCEL));
+            frames.push(spdy::rst_stream(self.error_id, spdy::status::CANCEL));
+        }
+        let mut rest = Vec::new();
+        for frame in frames {
+            match self.out.try_send(frame) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(frame)) => rest.push(frame),
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+        if rest.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let out = self.out.clone();
+            runtime.spawn(async move {
+                for frame in rest {
+                    if out.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+            });
         }
     }
 }
