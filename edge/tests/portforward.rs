@@ -343,3 +343,76 @@ fn streams_past_the_per_node_limit_are_refused_with_429() {
             .success()
     });
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A pod that writes without end to whoever connects, and a client that stops reading: the
+/// flow stops at the client (QUIC flow control end to end), cloudcore and edgecore buffer
+/// nothing more; once the client reads again, the bytes flow again.
+#[test]
+fn a_client_that_stops_reading_grows_no_buffer_in_cloudcore_or_edgecore() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    let edge = EdgeProcess::start(&cloud, "edge-1", edge_dir.path(), free_port(), Some(&token));
+    let port = free_port();
+    let flood = format!(
+        "import socket, threading\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', {port})); s.listen(4)\n\
+         chunk = bytes(1 << 20)\n\
+         def send(c):\n    try:\n        while True: c.sendall(chunk)\n    except OSError: pass\n\
+         print('listening', flush=True)\n\
+         while True:\n    c, _ = s.accept(); threading.Thread(target=send, args=(c,), daemon=True).start()\n"
+    );
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo"},
+        "spec": {"containers": [{"name": "main", "image": "python",
+            "command": ["python3", "-c", flood]}]},
+    });
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], &pod.to_string())
+        .status
+        .success());
+    let api = cloud.api.clone();
+    eventually("the flood pod listens", Duration::from_secs(40), || {
+        log_count(&api, "listening") == 1
+            && cloud.ok(&["get", "pod", "echo", "-o", "jsonpath={.status.phase}"]) == "Running"
+    });
+    let local = free_port();
+    let _forward = PortForward::start(&api, &[(local, port)]);
+    let mut client = connect(local);
+    let mut buf = vec![0u8; 1 << 20];
+    client.read_exact(&mut buf).unwrap();
+    // Everything in flight settles into its (bounded) buffers.
+    std::thread::sleep(Duration::from_secs(2));
+    let (cloud_pid, edge_pid) = (cloud.child.id(), edge.child.id());
+    let before = (rss_kib(cloud_pid), rss_kib(edge_pid));
+    std::thread::sleep(Duration::from_secs(3));
+    let after = (rss_kib(cloud_pid), rss_kib(edge_pid));
+    eprintln!(
+        "RSS KiB (cloudcore, edgecore) while the client does not read: {before:?} → {after:?}"
+    );
+    // The pod writes about a gigabyte a second when it can: any unbounded buffer would show.
+    assert!(
+        after.0 < before.0 + 32 * 1024,
+        "cloudcore grew {before:?} → {after:?}"
+    );
+    assert!(
+        after.1 < before.1 + 32 * 1024,
+        "edgecore grew {before:?} → {after:?}"
+    );
+    // And it flows again.
+    for _ in 0..64 {
+        client.read_exact(&mut buf).unwrap();
+    }
+}
