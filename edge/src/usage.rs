@@ -138,6 +138,8 @@ fn groups() -> HashMap<i32, (u64, u64)> {
 }
 
 impl Sampler {
+    /// A sampler of the process runtime's pods under `pods_dir` (`DATA_DIR/pods`), with no
+    /// sample yet.
     pub fn new(pods_dir: PathBuf) -> Sampler {
         Sampler {
             pods_dir,

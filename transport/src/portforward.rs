@@ -470,7 +470,9 @@ pub async fn pump(
 
 /// The client's side of a [`Forward`] as a [`Source`]: its bytes, until it finished (or reset).
 pub struct ClientInput<'a> {
+    /// [`Forward::from_client`].
     pub from_client: &'a mut mpsc::Receiver<Bytes>,
+    /// [`Forward::cancelled`]: a reset, not a half close, when it fires.
     pub cancelled: &'a CancellationToken,
 }
 

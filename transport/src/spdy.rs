@@ -31,9 +31,13 @@ const MAX_HEADERS: usize = 64 * 1024;
 
 /// `RST_STREAM` status codes.
 pub mod status {
+    /// The peer broke the protocol (a stream without the headers port-forward needs).
     pub const PROTOCOL_ERROR: u32 = 1;
+    /// The stream was refused before any processing.
     pub const REFUSED_STREAM: u32 = 3;
+    /// The stream is no longer needed (a connection abandoned).
     pub const CANCEL: u32 = 5;
+    /// The endpoint failed.
     pub const INTERNAL_ERROR: u32 = 6;
 }
 
@@ -56,30 +60,23 @@ pub enum Frame {
         fin: bool,
         headers: Vec<(String, String)>,
     },
-    SynReply {
-        stream_id: u32,
-        fin: bool,
-    },
+    /// The peer accepted a stream this side opened (a server never opens any: ignored).
+    SynReply { stream_id: u32, fin: bool },
     /// The peer abandoned a stream, with a status from [`status`].
-    RstStream {
-        stream_id: u32,
-        status: u32,
-    },
+    RstStream { stream_id: u32, status: u32 },
+    /// The peer's settings (window sizes, which no kubectl honours: ignored).
     Settings,
     /// A ping to echo (a client's ids are odd).
     Ping(u32),
+    /// The peer ends the session after `last_good_stream_id`.
     GoAway {
         last_good_stream_id: u32,
         status: u32,
     },
-    Headers {
-        stream_id: u32,
-        fin: bool,
-    },
-    WindowUpdate {
-        stream_id: u32,
-        delta: u32,
-    },
+    /// More headers for a stream (ignored).
+    Headers { stream_id: u32, fin: bool },
+    /// More flow-control window for a stream, in bytes (ignored: see the module docs).
+    WindowUpdate { stream_id: u32, delta: u32 },
     /// Bytes of a stream; `fin` ends the peer's side of it.
     Data {
         stream_id: u32,
@@ -112,6 +109,7 @@ impl Default for Decoder {
 }
 
 impl Decoder {
+    /// A decoder at the start of a session (its header zlib stream not begun).
     pub fn new() -> Decoder {
         Decoder {
             buf: BytesMut::new(),
@@ -290,6 +288,7 @@ fn control(kind: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 impl Encoder {
+    /// An encoder at the start of a session (its header zlib stream not begun).
     pub fn new() -> Encoder {
         Encoder::default()
     }

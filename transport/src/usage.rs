@@ -15,8 +15,9 @@ use crate::message::{Message, Route};
 
 /// Route group of usage requests.
 pub const GROUP: &str = "usage";
-/// The Metrics API group and version kubectl top looks for.
+/// The Metrics API group kubectl top looks for (metrics-server's).
 pub const API_GROUP: &str = "metrics.k8s.io";
+/// The Metrics API version kubectl top asks for.
 pub const API_VERSION: &str = "v1beta1";
 
 /// Usage of one thing (a node, a container) over the report's window.
