@@ -9,9 +9,11 @@
 //! - the node's CPU is the busy time of `/proc/stat` over the window; its memory is
 //!   `MemTotal - MemAvailable` (`/proc/meminfo`), close to a cgroup's working set.
 //!
-//! A sample is taken every [`SAMPLE_PERIOD`] in the background (a scan of `/proc`, no I/O on
-//! the network); a report takes a fresh sample and measures against the last one at least a
-//! second older (waiting a second at most when there is none yet).
+//! A report takes a fresh sample and measures against the last one at least a second older
+//! (waiting a second when there is none). While reports are asked for (within
+//! [`WARM_FOR`] of the last one), a sample is also taken every [`SAMPLE_PERIOD`] in the
+//! background (a scan of `/proc`, nothing on the network), so that the next report needs no
+//! wait; an idle node that nobody asks does not sample at all.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,8 +32,10 @@ use transport::usage::{ContainerUsage, PodUsage, Usage, UsageReport};
 use crate::edged::procs::{self, GroupRecord};
 use crate::edgestream::EdgeStream;
 
-/// How often the background sampler looks at `/proc`.
+/// How often the background sampler looks at `/proc` (while warm).
 pub const SAMPLE_PERIOD: Duration = Duration::from_secs(15);
+/// How long after a report the background sampler keeps sampling.
+pub const WARM_FOR: Duration = Duration::from_secs(600);
 /// The shortest window a rate is measured over.
 const MIN_WINDOW: Duration = Duration::from_secs(1);
 
@@ -52,6 +56,8 @@ pub struct Sampler {
     /// `DATA_DIR/pods`.
     pods_dir: PathBuf,
     samples: Mutex<Vec<Sample>>,
+    /// When a report was last asked for.
+    asked: Mutex<Option<Instant>>,
 }
 
 fn ticks_per_second() -> u64 {
@@ -144,6 +150,7 @@ impl Sampler {
         Sampler {
             pods_dir,
             samples: Mutex::new(Vec::new()),
+            asked: Mutex::new(None),
         }
     }
 
@@ -203,11 +210,19 @@ impl Sampler {
         samples.drain(..excess);
     }
 
-    /// Samples every [`SAMPLE_PERIOD`] until `stop`.
+    /// Samples every [`SAMPLE_PERIOD`] while warm (a report within [`WARM_FOR`]), until
+    /// `stop`.
     pub async fn run(self: std::sync::Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         loop {
-            let sampler = self.clone();
-            let _ = tokio::task::spawn_blocking(move || sampler.sample()).await;
+            let warm = self
+                .asked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|at| at.elapsed() < WARM_FOR);
+            if warm {
+                let sampler = self.clone();
+                let _ = tokio::task::spawn_blocking(move || sampler.sample()).await;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(SAMPLE_PERIOD) => {}
                 _ = stop.cancelled() => return,
@@ -218,6 +233,7 @@ impl Sampler {
     /// The node's and its pods' usage now, as rates over the window since an earlier sample
     /// that saw every running container (else over a second from now).
     pub async fn report(&self) -> UsageReport {
+        *self.asked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let first = self.take();
         let baseline = self
             .samples
