@@ -44,8 +44,10 @@ use crate::servicebus::ServiceBus;
 /// How long the node may take to start answering (the data may then take as long as it takes).
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Streams open at once per node by default (see [`StreamLimit`]).
-pub const DEFAULT_STREAMS_PER_NODE: usize = 64;
+/// Streams open at once per node by default (see [`StreamLimit`]); below the 512 an edgecore
+/// lets the cloud open (`edge::STREAMS_FROM_CLOUD`), leaving room for ServiceBus calls and
+/// usage queries.
+pub const DEFAULT_STREAMS_PER_NODE: usize = 256;
 
 /// How many streams (a log, an exec or attach session, a port-forward connection) are open
 /// through the cloud to each node, against a limit: one more is refused with 429

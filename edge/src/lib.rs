@@ -27,6 +27,9 @@ pub mod portforward;
 pub mod servicebus;
 pub mod usage;
 
+/// Request streams the cloud may have open to this node at once (QUIC's stream limit).
+pub const STREAMS_FROM_CLOUD: u32 = 512;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -174,6 +177,11 @@ impl EdgeCore {
 
         let mut client = transport::ClientConfig::new(config.cloud, identity::CLOUD_SERVER_NAME);
         client.link.heartbeat = config.link_keepalive;
+        // The streams the cloud may have open to this node at once: every `kubectl logs -f`,
+        // exec or attach session and port-forward connection is one (the cloud caps them per
+        // node below this, `cloudcore --streams-per-node`), besides ServiceBus calls. What they
+        // buffer is bounded by the connection's receive window, not by their number.
+        client.link.max_concurrent_requests = STREAMS_FROM_CLOUD;
         let link = transport::connect(client, &credentials.ca, &credentials.identity)
             .context("starting the link to the cloud")?;
         meta.set_link(link.handle().clone());

@@ -206,6 +206,19 @@ fn kubectl_port_forward_carries_several_ports_and_connections_and_cancels_both_w
         },
     );
 
+    // Many connections open at once (more than a link's default of 16 request streams): each
+    // is its own stream, and all of them work.
+    let mut many: Vec<TcpStream> = (0..40).map(|_| connect(l2)).collect();
+    for (i, conn) in many.iter_mut().enumerate() {
+        conn.write_all(format!("hello {i:02}").as_bytes()).unwrap();
+    }
+    for (i, conn) in many.iter_mut().enumerate() {
+        let mut back = [0u8; 8];
+        conn.read_exact(&mut back).unwrap();
+        assert_eq!(back, format!("hello {i:02}").as_bytes());
+    }
+    drop(many);
+
     // kubectl killed mid-connection: the pod's end of the connection closes.
     let mut open = connect(l1);
     open.write_all(b"ping").unwrap();
