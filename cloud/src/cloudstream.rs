@@ -497,6 +497,7 @@ const PORT_FORWARD_LINGER: Duration = Duration::from_secs(5);
 async fn portforward(
     State(state): State<StreamState>,
     Path((namespace, name)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
     headers: axum::http::HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
@@ -509,10 +510,19 @@ async fn portforward(
     let Ok(upgrade) = upgrade else {
         return not_tunnel();
     };
-    let upgrade = upgrade.protocols([SPDY_TUNNEL_PROTOCOL]);
-    if upgrade.selected_protocol().is_none() {
+    let upgrade = upgrade.protocols([SPDY_TUNNEL_PROTOCOL, pf::CHANNEL_PROTOCOL]);
+    let Some(selected) = upgrade.selected_protocol() else {
         return not_tunnel();
-    }
+    };
+    // kubelet's channel protocol (other clients than kubectl): the ports are in the query.
+    let channel_ports = if selected.as_bytes() == pf::CHANNEL_PROTOCOL.as_bytes() {
+        match pf::query_ports(query.as_deref().unwrap_or("")) {
+            Ok(ports) => Some(ports),
+            Err(e) => return error(ApiError::bad_request(e)),
+        }
+    } else {
+        None
+    };
     let on_forward = forwarder(&state, link, namespace);
     upgrade.on_upgrade(move |socket| async move {
         use futures_util::{SinkExt, StreamExt};
@@ -531,13 +541,23 @@ async fn portforward(
         let writer = async {
             while let Some(frame) = out_rx.recv().await {
                 if ws_tx.send(WsMessage::Binary(frame.into())).await.is_err() {
-                    break;
+                    return;
                 }
             }
+            // Every connection is over (the channel protocol's end): close the WebSocket.
+            let _ = ws_tx.send(WsMessage::Close(None)).await;
         };
-        tokio::select! {
-            _ = pf::serve(Box::pin(input), out_tx, on_forward) => {}
-            _ = writer => {}
+        match channel_ports {
+            Some(ports) => {
+                let session = pf::serve_channels(ports, Box::pin(input), out_tx, on_forward);
+                tokio::join!(session, writer);
+            }
+            None => {
+                tokio::select! {
+                    _ = pf::serve(Box::pin(input), out_tx, on_forward) => {}
+                    _ = writer => {}
+                }
+            }
         }
     })
 }

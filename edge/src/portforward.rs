@@ -102,8 +102,14 @@ async fn local(pod: String, mut forward: Forward) {
 }
 
 /// Runs a port-forward session on an upgraded WebSocket: the SPDY session in its binary
-/// messages, one `on_forward` per connection, until the client goes away.
-pub async fn ws_session(socket: WebSocket, on_forward: impl FnMut(Forward)) {
+/// messages (or, given `channel_ports`, kubelet's channel protocol for those ports), one
+/// `on_forward` per connection, until the client goes away (or, for the channel protocol,
+/// every connection is over: the WebSocket is closed then).
+pub async fn ws_session(
+    socket: WebSocket,
+    channel_ports: Option<Vec<u16>>,
+    on_forward: impl FnMut(Forward),
+) {
     use futures_util::{SinkExt, StreamExt};
     let (mut ws_tx, ws_rx) = socket.split();
     let (out_tx, mut out_rx) = portforward::output_channel();
@@ -118,13 +124,22 @@ pub async fn ws_session(socket: WebSocket, on_forward: impl FnMut(Forward)) {
     let writer = async {
         while let Some(frame) = out_rx.recv().await {
             if ws_tx.send(WsMessage::Binary(frame.into())).await.is_err() {
-                break;
+                return;
             }
         }
+        let _ = ws_tx.send(WsMessage::Close(None)).await;
     };
-    tokio::select! {
-        _ = portforward::serve(Box::pin(input), out_tx, on_forward) => {}
-        _ = writer => {}
+    match channel_ports {
+        Some(ports) => {
+            let session = portforward::serve_channels(ports, Box::pin(input), out_tx, on_forward);
+            tokio::join!(session, writer);
+        }
+        None => {
+            tokio::select! {
+                _ = portforward::serve(Box::pin(input), out_tx, on_forward) => {}
+                _ = writer => {}
+            }
+        }
     }
 }
 
@@ -133,6 +148,7 @@ pub async fn ws_session(socket: WebSocket, on_forward: impl FnMut(Forward)) {
 pub async fn http_portforward(
     State(stream): State<Arc<EdgeStream>>,
     Path((namespace, pod)): Path<(String, String)>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
@@ -146,12 +162,20 @@ pub async fn http_portforward(
     let Ok(upgrade) = upgrade else {
         return not_tunnel();
     };
-    let upgrade = upgrade.protocols([SPDY_TUNNEL_PROTOCOL]);
-    if upgrade.selected_protocol().is_none() {
+    let upgrade = upgrade.protocols([SPDY_TUNNEL_PROTOCOL, portforward::CHANNEL_PROTOCOL]);
+    let Some(selected) = upgrade.selected_protocol() else {
         return not_tunnel();
-    }
+    };
+    let channel_ports = if selected.as_bytes() == portforward::CHANNEL_PROTOCOL.as_bytes() {
+        match portforward::query_ports(query.as_deref().unwrap_or("")) {
+            Ok(ports) => Some(ports),
+            Err(e) => return ApiReply::error(&ApiError::bad_request(e)).into_response(),
+        }
+    } else {
+        None
+    };
     upgrade.on_upgrade(move |socket| {
-        ws_session(socket, move |forward| {
+        ws_session(socket, channel_ports, move |forward| {
             tokio::spawn(local(pod.clone(), forward));
         })
     })

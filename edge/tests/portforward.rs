@@ -107,6 +107,76 @@ impl Drop for PortForward {
     }
 }
 
+/// A WebSocket of kubelet's channel protocol to `pod/echo`'s `port` through `server`: the
+/// messages it receives until `until` says stop (or the socket ends).
+fn channel_session(
+    server: &str,
+    port: u16,
+    send: &[u8],
+    until: impl Fn(&[Vec<u8>]) -> bool,
+) -> Vec<Vec<u8>> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    use tokio_tungstenite::tungstenite::Message;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let url = format!(
+            "{}/api/v1/namespaces/default/pods/echo/portforward?ports={port}",
+            server.replace("http://", "ws://")
+        );
+        let mut request = url.into_client_request().unwrap();
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static("v4.channel.k8s.io"),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let mut data = vec![0u8];
+        data.extend_from_slice(send);
+        ws.send(Message::Binary(data.into())).await.unwrap();
+        let mut received = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !until(&received) {
+            match tokio::time::timeout_at(deadline, ws.next()).await {
+                Ok(Some(Ok(Message::Binary(bytes)))) => received.push(bytes.to_vec()),
+                Ok(Some(Ok(_))) => {}
+                Ok(_) => break,
+                Err(_) => panic!("no answer within 20 s: {received:?}"),
+            }
+        }
+        let _ = ws.close(None).await;
+        received
+    })
+}
+
+/// One echo through the channel protocol: the port on both channels first, then the echo.
+fn channel_round(server: &str, port: u16, text: &str) {
+    let received = channel_session(server, port, text.as_bytes(), |got| {
+        got.iter()
+            .skip(2)
+            .any(|m| m.first() == Some(&0) && m[1..] == *text.as_bytes())
+    });
+    let [lo, hi] = port.to_le_bytes();
+    assert_eq!(received[0], [0, lo, hi], "{received:?}");
+    assert_eq!(received[1], [1, lo, hi], "{received:?}");
+}
+
+/// The error channel's text for a port nothing listens on (then the socket closes).
+fn channel_round_refused(server: &str, port: u16) -> String {
+    let received = channel_session(server, port, b"x", |got| {
+        got.iter().skip(2).any(|m| m.first() == Some(&1))
+    });
+    let error = received
+        .iter()
+        .skip(2)
+        .find(|m| m.first() == Some(&1))
+        .unwrap();
+    String::from_utf8_lossy(&error[1..]).into_owned()
+}
+
 fn connect(port: u16) -> TcpStream {
     let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream
@@ -247,6 +317,14 @@ fn kubectl_port_forward_carries_several_ports_and_connections_and_cancels_both_w
     }
     drop(spdy);
 
+    // kubelet's channel protocol (v4.channel.k8s.io, `?ports=`), as other clients speak it.
+    channel_round(&api, p1, &format!("hello on {p1}"));
+    let refused = channel_round_refused(&api, free_port());
+    assert!(
+        refused.contains("failed to connect to localhost:"),
+        "{refused}"
+    );
+
     // Nothing listens on the port: kubectl is told why (kubelet's wording), and gives up.
     let nothing = free_port();
     let l3 = free_port();
@@ -283,6 +361,7 @@ fn kubectl_port_forward_carries_several_ports_and_connections_and_cancels_both_w
     for round in rounds {
         round.join().unwrap();
     }
+    channel_round(&edge.metaserver, p2, &format!("hello on {p2} at the node"));
     let l6 = free_port();
     let local_spdy = PortForward::start_with(&edge.metaserver, &[(l6, p2)], false);
     echo_round(l6, 200, 256 * 1024);

@@ -60,15 +60,29 @@ pub struct ToClient {
     data_id: u32,
     /// 0 when the client opened no error stream for this connection.
     error_id: u32,
+    /// The WebSocket channel protocol's (data, error) channels instead of SPDY streams
+    /// ([`serve_channels`]).
+    channels: Option<(u8, u8)>,
     out: mpsc::Sender<Vec<u8>>,
     data_closed: bool,
     done: bool,
+    /// Held while the connection lives ([`serve_channels`] ends when all are dropped).
+    _alive: Option<mpsc::Sender<()>>,
 }
 
 impl ToClient {
     /// Sends bytes from the port on the data stream (in frames of at most
     /// [`spdy::MAX_DATA`]), waiting while the client does not read.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ClientGone> {
+        if let Some((data, _)) = self.channels {
+            for piece in bytes.chunks(spdy::MAX_DATA) {
+                let mut message = Vec::with_capacity(piece.len() + 1);
+                message.push(data);
+                message.extend_from_slice(piece);
+                self.out.send(message).await.map_err(|_| ClientGone)?;
+            }
+            return Ok(());
+        }
         for piece in bytes.chunks(spdy::MAX_DATA) {
             self.out
                 .send(spdy::data(self.data_id, false, piece))
@@ -80,6 +94,11 @@ impl ToClient {
 
     /// Ends the data stream (the port closed its side); the error stream stays open.
     pub async fn close_data(&mut self) {
+        if self.channels.is_some() {
+            // The channel protocol has no half close: the connection ends with the session.
+            self.data_closed = true;
+            return;
+        }
         if !self.data_closed {
             self.data_closed = true;
             let _ = self.out.send(spdy::data(self.data_id, true, b"")).await;
@@ -90,6 +109,14 @@ impl ToClient {
     /// it as "an error occurred forwarding L -> R: …"), then both streams end.
     pub async fn finish(mut self, error: Option<&str>) {
         self.done = true;
+        if let Some((_, channel)) = self.channels {
+            if let Some(text) = error {
+                let mut message = vec![channel];
+                message.extend_from_slice(text.as_bytes());
+                let _ = self.out.send(message).await;
+            }
+            return;
+        }
         if let (Some(text), true) = (error, self.error_id != 0) {
             let _ = self
                 .out
@@ -105,7 +132,7 @@ impl ToClient {
 
 impl Drop for ToClient {
     fn drop(&mut self) {
-        if self.done {
+        if self.done || self.channels.is_some() {
             return;
         }
         // Abandoned (the carrier failed, or the session ended): reset both streams. Queued at
@@ -237,9 +264,11 @@ where
                                 to_client: ToClient {
                                     data_id: stream_id,
                                     error_id,
+                                    channels: None,
                                     out: to_client.clone(),
                                     data_closed: false,
                                     done: false,
+                                    _alive: None,
                                 },
                                 cancelled,
                             });
@@ -317,8 +346,9 @@ pub fn is_spdy_upgrade<'a>(
 pub fn unsupported(upgrade: Option<&str>) -> String {
     format!(
         "port-forward is served over WebSocket with the {SPDY_TUNNEL_PROTOCOL} subprotocol \
-         (kubectl 1.30 and later) or as an HTTP upgrade to {SPDY_UPGRADE} with \
-         {PROTOCOL_HEADER}: {PROTOCOL_V1}; this request asked to upgrade to {}",
+         (kubectl 1.30 and later) or {CHANNEL_PROTOCOL} (with ?ports=), or as an HTTP upgrade \
+         to {SPDY_UPGRADE} with {PROTOCOL_HEADER}: {PROTOCOL_V1}; this request asked to upgrade \
+         to {}",
         upgrade.unwrap_or("nothing")
     )
 }
@@ -354,6 +384,98 @@ where
     tokio::select! {
         _ = serve(Box::pin(input), out_tx, on_forward) => {}
         _ = writer => {}
+    }
+}
+
+/// The WebSocket subprotocol of kubelet's channel port-forward protocol (binary), which
+/// clients other than kubectl speak (the Python and JavaScript clients).
+pub const CHANNEL_PROTOCOL: &str = "v4.channel.k8s.io";
+
+/// The `ports` of a channel-protocol request's query (`ports=8080,9090`, or the parameter
+/// repeated), in order; an error names a bad one.
+pub fn query_ports(query: &str) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for pair in query.split('&') {
+        let Some(("ports", value)) = pair.split_once('=') else {
+            continue;
+        };
+        for port in value.split("%2C").flat_map(|v| v.split(',')) {
+            match port.trim().parse::<u16>() {
+                Ok(p) if p > 0 => ports.push(p),
+                _ => return Err(format!("invalid port {port:?}")),
+            }
+        }
+    }
+    if ports.is_empty() {
+        return Err("at least one port is required (ports=N)".into());
+    }
+    Ok(ports)
+}
+
+/// Runs kubelet's WebSocket channel protocol for port-forward (`v4.channel.k8s.io`): one
+/// connection per port of `ports` (a request's `ports` query, see [`query_ports`]), port `i`
+/// on data channel `2i` and error channel `2i+1`; each binary message is a channel byte and its
+/// payload. The first message on each channel carries the port, `u16` little-endian. The
+/// client's data messages go to the port; a failure's text goes on the error channel. Returns
+/// when the client leaves or every connection is over (then the caller closes the WebSocket).
+pub async fn serve_channels<S, F>(
+    ports: Vec<u16>,
+    mut from_client: S,
+    to_client: mpsc::Sender<Vec<u8>>,
+    mut on_forward: F,
+) where
+    S: Stream<Item = Bytes> + Unpin,
+    F: FnMut(Forward),
+{
+    let session = CancellationToken::new();
+    let _cancel_all = session.clone().drop_guard();
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let mut inputs: Vec<Option<mpsc::Sender<Bytes>>> = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let (data, error) = ((2 * i) as u8, (2 * i + 1) as u8);
+        for channel in [data, error] {
+            let mut first = vec![channel];
+            first.extend_from_slice(&port.to_le_bytes());
+            if to_client.send(first).await.is_err() {
+                return;
+            }
+        }
+        let (tx, rx) = mpsc::channel(IN_PIECES);
+        inputs.push(Some(tx));
+        on_forward(Forward {
+            port: *port,
+            request_id: i.to_string(),
+            from_client: rx,
+            to_client: ToClient {
+                data_id: 0,
+                error_id: 0,
+                channels: Some((data, error)),
+                out: to_client.clone(),
+                data_closed: false,
+                done: false,
+                _alive: Some(alive_tx.clone()),
+            },
+            cancelled: session.child_token(),
+        });
+    }
+    drop(alive_tx);
+    loop {
+        tokio::select! {
+            message = from_client.next() => {
+                let Some(message) = message else { return };
+                let Some((&channel, payload)) = message.split_first() else { continue };
+                if channel % 2 != 0 || payload.is_empty() {
+                    continue;
+                }
+                let Some(slot) = inputs.get_mut(channel as usize / 2) else { continue };
+                if let Some(tx) = slot {
+                    if tx.send(message.slice(1..)).await.is_err() {
+                        *slot = None;
+                    }
+                }
+            }
+            _ = alive_rx.recv() => return, // every connection is over
+        }
     }
 }
 
@@ -633,6 +755,15 @@ mod tests {
             fin,
             data: Bytes::copy_from_slice(bytes),
         }
+    }
+
+    #[test]
+    fn ports_come_from_the_query_as_clients_send_them() {
+        assert_eq!(query_ports("ports=8080,9090"), Ok(vec![8080, 9090]));
+        assert_eq!(query_ports("ports=80&ports=443"), Ok(vec![80, 443]));
+        assert_eq!(query_ports("ports=80%2C81"), Ok(vec![80, 81]));
+        assert!(query_ports("").is_err());
+        assert!(query_ports("ports=http").is_err());
     }
 
     #[tokio::test]
