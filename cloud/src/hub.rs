@@ -1,421 +1,297 @@
-//! CloudHub: one sync session per node over `transport`, fed by the EdgeController's routing
-//! index from the store's watch, with ObjectSync persisted beside the cluster state.
+//! CloudHub (KubeEdge's name for it): one sync session per node over `transport`, with
+//! ObjectSync (what each node holds, acknowledged) persisted beside the cluster state.
 //!
-//! [`HubCore`] is synchronous (no IO of its own beyond the store): it folds store changes into
-//! routes and node feeds, applies node reports (after node authorization), and says what to
-//! send. [`run`] is the async shell: it accepts links, forwards their events, follows the
-//! store's watch and pumps the feeds into the links.
+//! [`HubCore`] is the sans-IO core, in the style of quinn-proto and raft-rs: inputs are the
+//! store's committed changes, link events (already decoded) and a clock reading ([`Now`]);
+//! outputs are the messages to send to each node ([`HubCore::poll_transmit`]) and the writes
+//! to commit ([`HubCore::poll_commit`], with the result handed back to
+//! [`HubCore::on_committed`]). It reads the store but never writes it, spawns nothing, and
+//! draws no randomness (the session epoch is given). It composes:
+//! - the [`EdgeController`] (what each node should hold; reports judged under node
+//!   authorization),
+//! - one `NodeFeed` per node (sessions, acks, coalescing, ObjectSync records),
+//! - [`LeaseRenewals`] (heartbeats → Lease writes).
+//!
+//! [`run`] is the async shell: it accepts links, decodes their events, follows the store's
+//! watch with [`crate::watcher`], commits on the blocking pool (fsyncs never run on a runtime
+//! thread), hands forwarded API calls to [`crate::node_api::dispatch`], and pushes the core's
+//! messages into the links.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use replication::api::object::{self, Object};
-use replication::api::remote::{classify, ApiCall, ApiReply};
-use replication::api::{ApiError, Verb};
+use replication::api::ApiError;
 use replication::sync::wire::{self, Parts};
-use replication::sync::{persist, FeedConfig, NodeFeed, Report, Up};
-use replication::{
-    Change, ChangeKind, KeyRange, ObjectKey, Precondition, SharedChange, Store, WriteSet,
-};
+use replication::sync::{persist, Down, FeedConfig, NodeFeed, Report, ReportRecord, Up};
+use replication::watcher::{Event as WatcherEvent, ResumableWatcher};
+use replication::{ObjectKey, SharedChange, Store, StoreError, WriteSet};
 use tokio::sync::mpsc;
-use transport::{EncodedMessage, IncomingRequest, LinkEvent, LinkHandle};
+use tokio_util::sync::CancellationToken;
+use transport::{EncodedMessage, LinkEvent, LinkHandle};
 
-use crate::authz::{self, Decision, Read};
+use crate::edgecontroller::{EdgeController, FeedOp, Judged};
+use crate::lifecycle::LeaseRenewals;
 use crate::metrics::Metrics;
-use crate::node_api::{self, NodeApiPolicy};
 use crate::policy::ConnectedNodes;
-use crate::routing::{Action, Route, RoutingIndex, Target, SERVICE_KINDS};
 
-struct NodeSlot {
+pub use crate::lifecycle::MIN_RENEWAL_INTERVAL;
+
+/// A clock reading, given to the core by its shell (or a simulation).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// For intervals (ack latency, renewal rate).
+    pub instant: Instant,
+    /// For timestamps written into objects (a Lease's `renewTime`).
+    pub wall: time::OffsetDateTime,
+}
+
+impl Now {
+    /// The real clocks.
+    pub fn real() -> Now {
+        Now {
+            instant: Instant::now(),
+            wall: time::OffsetDateTime::now_utc(),
+        }
+    }
+}
+
+/// One node's session state on the cloud side.
+struct NodeSession {
     feed: NodeFeed,
-    link: Option<LinkHandle>,
-    /// A message the link had no room for; sent before anything else.
-    stalled: Option<EncodedMessage>,
-    /// The link has a connection. While it has none, nothing is pumped into it: the feed keeps
-    /// (and coalesces) what is due, instead of the link's window filling with messages that a
+    /// The link has a connection. While it has none, nothing is sent: the feed keeps (and
+    /// coalesces) what is due, instead of the link's window filling with messages that a
     /// returning node may not need (a node back with a new session resyncs from its hello).
     connected: bool,
     /// When each unacknowledged object message of this session was sent (its number in the
     /// session, time), for the ack-latency histogram.
     sent_at: VecDeque<(u64, Instant)>,
-    /// When this node's Lease was last renewed from a heartbeat.
-    renewed_at: Option<Instant>,
 }
 
-/// A report this hub wrote, whose watch event should go back to its node as a bump only.
-struct Echo {
-    node: Arc<str>,
-    base: u64,
-    rv: u64,
-}
-
-/// A report decided and waiting for the batch commit.
+/// A report accepted from a node (at most once, by its feed) and not yet committed.
+#[derive(Debug, Clone)]
 struct PendingReport {
     node: Arc<str>,
     report: Report,
-    record: replication::sync::ReportRecord,
-    judged: Judged,
+    record: ReportRecord,
 }
 
-/// A report judged against the current object.
-struct Judged {
-    /// Its writes alone (committed alone if the batch fails).
-    set: WriteSet,
-    /// It writes or deletes the object (one change), rather than only being recorded.
-    changes_object: bool,
-    /// The report's bytes are exactly what is written (the node needs only the new version).
-    echo: bool,
+/// What a [`Commit`] is for, so that its result can be applied.
+#[derive(Debug)]
+enum Purpose {
+    /// Reports on distinct keys, committed together (one fsync for all of them).
+    Reports(Vec<(PendingReport, Judged)>),
+    /// One report alone, after its batch lost a race with a write through the API.
+    Report {
+        pending: PendingReport,
+        judged: Judged,
+        attempts: u32,
+    },
+    /// Lease renewals; `batch` if several are written together.
+    Leases { nodes: Vec<Arc<str>>, batch: bool },
+    /// ObjectSync records and interests: losing them costs resends only.
+    Records,
 }
 
-/// The shortest interval between two renewals of one node's Lease (nodes beat every 10 s).
-pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
+/// Writes the core wants committed. Commit `set` (off the runtime threads) and hand the
+/// result to [`HubCore::on_committed`] before asking for the next one.
+#[derive(Debug)]
+pub struct Commit {
+    pub set: WriteSet,
+    purpose: Purpose,
+}
 
+/// The CloudHub core. See the module docs.
 pub struct HubCore {
-    store: Arc<Store>,
-    routing: RoutingIndex,
-    nodes: HashMap<Arc<str>, NodeSlot>,
+    controller: EdgeController,
+    nodes: HashMap<Arc<str>, NodeSession>,
     feed_config: FeedConfig,
     epoch: u64,
-    echoes: HashMap<ObjectKey, Echo>,
-    /// Nodes with work to send or records to persist.
-    dirty: HashSet<Arc<str>>,
+    /// Nodes that may have something to send (ordered, so that a simulation replays).
+    dirty: BTreeSet<Arc<str>>,
+    leases: LeaseRenewals,
+    /// Reports accepted and not yet judged, in arrival order.
+    reports: VecDeque<PendingReport>,
+    /// Reports of a failed batch, committed one by one before anything else.
+    retry: VecDeque<(PendingReport, u32)>,
+    /// Lease renewals of a failed batch, written one by one.
+    lease_retry: Vec<Arc<str>>,
+    /// A report could not be judged (store read error): wait for the next tick.
+    reports_blocked: bool,
+    /// Interests to persist.
+    records: WriteSet,
     metrics: Arc<Metrics>,
-    /// Reports decided since the last commit: one commit (one fsync) for all of them.
-    reports: Vec<PendingReport>,
-    report_keys: HashSet<ObjectKey>,
-    /// Nodes whose heartbeat arrived since the last commit: their Leases are renewed together.
-    heartbeats: HashSet<Arc<str>>,
-}
-
-fn parse(bytes: &[u8]) -> Option<Object> {
-    serde_json::from_slice(bytes).ok()
 }
 
 impl HubCore {
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Self {
+    /// A core whose node sessions are numbered in `epoch` (a random number per process, so
+    /// that a node tells a restarted cloud from the one it knew).
+    pub fn new(metrics: Arc<Metrics>, feed_config: FeedConfig, epoch: u64) -> Self {
         HubCore {
-            store,
-            routing: RoutingIndex::new(),
+            controller: EdgeController::new(metrics.clone()),
             nodes: HashMap::new(),
-            feed_config: FeedConfig::default(),
-            epoch: rand::random(),
-            echoes: HashMap::new(),
-            dirty: HashSet::new(),
+            feed_config,
+            epoch,
+            dirty: BTreeSet::new(),
+            leases: LeaseRenewals::default(),
+            reports: VecDeque::new(),
+            retry: VecDeque::new(),
+            lease_retry: Vec::new(),
+            reports_blocked: false,
+            records: WriteSet::new(),
             metrics,
-            reports: Vec::new(),
-            report_keys: HashSet::new(),
-            heartbeats: HashSet::new(),
         }
     }
 
-    fn slot(&mut self, node: &Arc<str>) -> &mut NodeSlot {
+    /// The EdgeController inside (its routing index, for inspection).
+    pub fn controller(&self) -> &EdgeController {
+        &self.controller
+    }
+
+    /// `node`'s feed, if the node is known.
+    pub fn feed(&self, node: &str) -> Option<&NodeFeed> {
+        self.nodes.get(node).map(|s| &s.feed)
+    }
+
+    fn session(&mut self, store: &Store, node: &Arc<str>) -> &mut NodeSession {
         if !self.nodes.contains_key(node) {
-            let record = persist::load_feed_record(&self.store, node).unwrap_or_else(|e| {
+            let record = persist::load_feed_record(store, node).unwrap_or_else(|e| {
+                // Safe to start without it: the node is asked for a digest of what it holds.
+                self.metrics.store_read_errors.inc();
                 tracing::warn!(%node, error = %e, "ObjectSync record unreadable; the node will be asked for a digest");
                 Default::default()
             });
             let feed = NodeFeed::new(self.feed_config, self.epoch, record);
             self.nodes.insert(
                 node.clone(),
-                NodeSlot {
+                NodeSession {
                     feed,
-                    link: None,
-                    stalled: None,
                     connected: false,
                     sent_at: VecDeque::new(),
-                    renewed_at: None,
                 },
             );
         }
         self.nodes.get_mut(node).expect("inserted")
     }
 
-    /// Routes everything already in the store (at start). Returns the revision it read at.
-    pub fn bootstrap(&mut self) -> u64 {
-        let revision = self.store.revision();
-        match persist::load_interests(&self.store) {
-            Ok(interests) => {
-                for (node, key) in interests {
-                    self.routing.add_interest(&node, &key);
-                    if let Some(current) = self.current(&key) {
-                        let node: Arc<str> = node.into();
-                        self.want(&node, &current);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "interest records unreadable; nodes ask again"),
-        }
-        for kind in ["nodes", "pods", "devices"] {
-            let Ok(range) = KeyRange::kind(kind) else {
-                continue;
+    /// Routes everything already in the store (at start, or after the watch lost its
+    /// history). Returns the revision it read at.
+    ///
+    /// # Errors
+    /// A store read error; call again (routes are idempotent).
+    pub fn bootstrap(&mut self, store: &Store) -> Result<u64, StoreError> {
+        let revision = self.controller.bootstrap(store)?;
+        self.apply_feed_ops(store);
+        Ok(revision)
+    }
+
+    /// One committed change of the cluster state (from the store's watch, in order).
+    pub fn on_change(&mut self, store: &Store, change: &SharedChange) {
+        self.controller.on_change(store, change);
+        self.apply_feed_ops(store);
+    }
+
+    fn apply_feed_ops(&mut self, store: &Store) {
+        while let Some(op) = self.controller.poll_feed_op() {
+            let node = match &op {
+                FeedOp::Set { node, .. }
+                | FeedOp::Echo { node, .. }
+                | FeedOp::Unset { node, .. }
+                | FeedOp::UnsetRange { node, .. } => node.clone(),
             };
-            let items: Vec<_> = self.store.scan(&range).flatten().collect();
-            for (key, versioned) in items {
-                let change = Arc::new(Change::new(
-                    revision,
-                    key,
-                    versioned.rv,
-                    ChangeKind::Added,
-                    versioned.object,
-                ));
-                self.on_change(&change);
-            }
-        }
-        revision
-    }
-
-    fn current(&self, key: &ObjectKey) -> Option<SharedChange> {
-        let v = self.store.get(key).ok()??;
-        Some(Arc::new(Change::new(
-            self.store.revision(),
-            key.clone(),
-            v.rv,
-            ChangeKind::Modified,
-            v.object,
-        )))
-    }
-
-    fn want(&mut self, node: &Arc<str>, change: &SharedChange) {
-        let echo = self
-            .echoes
-            .get(&change.key)
-            .filter(|e| &e.node == node && e.rv == change.rv)
-            .map(|e| e.base);
-        let slot = self.slot(node);
-        match echo {
-            Some(base) => slot.feed.set_echo(change, base),
-            None => slot.feed.set(change),
-        }
-        self.dirty.insert(node.clone());
-    }
-
-    fn drop_key(&mut self, node: &Arc<str>, key: &ObjectKey, rv: u64) {
-        self.slot(node).feed.unset(key, rv);
-        self.dirty.insert(node.clone());
-    }
-
-    fn apply_route(&mut self, route: Route, change: &SharedChange) {
-        match (&route.target, route.action) {
-            (Target::Object(key), Action::Want) if *key == change.key => {
-                if !change.is_delete() {
-                    self.want(&route.node, change);
-                }
-            }
-            (Target::Object(key), Action::Drop) if *key == change.key => {
-                self.drop_key(&route.node, key, change.rv)
-            }
-            (Target::Object(key), Action::Want) => {
-                if let Some(current) = self.current(key) {
-                    self.want(&route.node, &current);
-                }
-            }
-            // A node that asked for the object keeps it when its last pod stops referencing it.
-            (Target::Object(key), Action::Drop) if self.routing.is_interested(&route.node, key) => {
-            }
-            (Target::Object(key), Action::Drop) => {
-                let rv = self
-                    .store
-                    .get(key)
-                    .ok()
-                    .flatten()
-                    .map_or(change.rv, |v| v.rv);
-                self.drop_key(&route.node, key, rv);
-            }
-            (Target::NamespaceServices(ns), action) => {
-                for kind in SERVICE_KINDS {
-                    let Ok(range) = KeyRange::namespace(kind, ns) else {
-                        continue;
-                    };
-                    let items: Vec<_> = self.store.scan(&range).flatten().collect();
-                    for (key, v) in items {
-                        match action {
-                            Action::Want => {
-                                let c = Arc::new(Change::new(
-                                    change.revision,
-                                    key,
-                                    v.rv,
-                                    ChangeKind::Modified,
-                                    v.object,
-                                ));
-                                self.want(&route.node, &c);
-                            }
-                            Action::Drop if self.routing.is_interested(&route.node, &key) => {}
-                            Action::Drop => self.drop_key(&route.node, &key, v.rv),
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// One committed change of the cluster state.
-    pub fn on_change(&mut self, change: &SharedChange) {
-        let object = if change.is_delete() {
-            None
-        } else {
-            parse(&change.object)
-        };
-        if !change.is_delete() && object.is_none() {
-            tracing::warn!(key = %change.key, "unparseable object not routed");
-            return;
-        }
-        let routes = self.routing.observe(&change.key, object.as_ref());
-        for route in routes {
-            self.apply_route(route, change);
-        }
-        if let Some(echo) = self.echoes.get(&change.key) {
-            if change.rv >= echo.rv {
-                self.echoes.remove(&change.key);
-            }
-        }
-    }
-
-    pub fn attach(&mut self, node: &Arc<str>, link: LinkHandle) {
-        self.slot(node).link = Some(link);
-    }
-
-    pub fn link_event(&mut self, node: &Arc<str>, event: LinkEvent, connected: &ConnectedNodes) {
-        match event {
-            LinkEvent::Connected {
-                peer_stream_new,
-                peer_forgot_our_stream,
-            } => {
-                connected.insert(node);
-                let new_session = peer_stream_new || peer_forgot_our_stream;
-                let slot = self.slot(node);
-                slot.connected = true;
-                if new_session {
-                    // The link's window was reset with it: nothing stalled belongs to it.
-                    slot.stalled = None;
-                }
-                // A new session (the node's hello decides the delta), or the same session
-                // going on over a resumed link: the node decides the same way.
-                slot.feed.on_connected(new_session);
-                tracing::info!(%node, peer_stream_new, peer_forgot_our_stream, "node connected");
-            }
-            LinkEvent::Disconnected { reason } => {
-                connected.remove(node);
-                self.slot(node).connected = false;
-                tracing::info!(%node, %reason, "node disconnected");
-            }
-            LinkEvent::Message(delivery) => {
-                self.metrics.frames_up.inc();
-                self.metrics
-                    .bytes_up
-                    .inc_by(delivery.message.content().len() as u64);
-                match wire::decode_up(Parts::of(&delivery.message)) {
-                    Ok(Up::Report(report)) => self.on_report(node, report),
-                    Ok(up) => {
-                        if let Err(e) = self.slot(node).feed.handle(up) {
-                            tracing::warn!(%node, error = %e, "sync protocol error; restarting the session");
-                            self.slot(node).feed.restart_session();
-                        }
-                        if let Some(slot) = self.nodes.get_mut(node) {
-                            let through = slot.feed.credited_in_session();
-                            while slot.sent_at.front().is_some_and(|(n, _)| *n <= through) {
-                                if let Some((_, at)) = slot.sent_at.pop_front() {
-                                    self.metrics.ack_latency.observe(at.elapsed().as_secs_f64());
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(%node, error = %e, "malformed message from node dropped")
-                    }
-                }
-                if let Some(link) = &self.slot(node).link {
-                    link.ack(delivery.seq);
-                }
-            }
-            LinkEvent::Request(request) => self.on_request(node, request),
-            LinkEvent::Heartbeat => {
-                self.metrics.heartbeats.inc();
-                self.heartbeats.insert(node.clone());
-                return; // nothing to send: the Lease is not routed back to its node
-            }
-        }
-        self.dirty.insert(node.clone());
-    }
-
-    /// A call the node's MetaServer forwarded: reads are authorized here (by what is routed
-    /// to the node), writes at commit by [`NodeApiPolicy`]; served off this loop.
-    fn on_request(&mut self, node: &Arc<str>, request: IncomingRequest) {
-        let header = request.message.to_message().header;
-        let call = match ApiCall::from_message(&request.message) {
-            Ok(call) => call,
-            Err(e) => {
-                tracing::warn!(%node, error = %e, "malformed request from node");
-                let reply = ApiReply::error(&ApiError::bad_request(e.to_string()));
-                tokio::spawn(async move {
-                    let _ = request
-                        .respond(&reply.to_message(&header, "cloudhub"))
-                        .await;
-                });
-                return;
-            }
-        };
-        let uri = call.uri.parse().unwrap_or_default();
-        let refused = match classify(&call.method, &uri) {
-            Some(target) if target.verb == Verb::Get => match target.key() {
-                Some(key) => {
-                    let routed = self.routing.holds(node, &key);
-                    match authz::authorize_read(node, &key, routed) {
-                        Ok(Read::Routed) => None,
-                        Ok(Read::Subscribe) => {
-                            self.subscribe(node, &key);
-                            None
-                        }
-                        Err(refusal) => {
-                            tracing::warn!(%node, %key, reason = %refusal.reason, "node read refused");
-                            Some(ApiError::forbidden(refusal.to_string()))
-                        }
-                    }
-                }
-                None => Some(ApiError::bad_request("not an object name")),
-            },
-            // Other verbs are judged by the policy (writes on their result).
-            _ => None,
-        };
-        let store = self.store.clone();
-        let policy = Arc::new(NodeApiPolicy {
-            node: node.clone(),
-            metrics: self.metrics.clone(),
-        });
-        tokio::spawn(async move {
-            let reply = match refused {
-                Some(error) => ApiReply::error(&error),
-                None => node_api::serve(store, policy, call).await,
+            let routing = self.controller.routing();
+            let session = self.nodes.get(&node);
+            // Keys of the range the node was given and did not ask for itself.
+            let range_keys: Vec<(ObjectKey, u64)> = match (&op, session) {
+                (FeedOp::UnsetRange { range, .. }, Some(session)) => session
+                    .feed
+                    .desired_in(range)
+                    .into_iter()
+                    .filter(|(key, _)| !routing.is_interested(&node, key))
+                    .collect(),
+                _ => Vec::new(),
             };
-            if let Err(e) = request
-                .respond(&reply.to_message(&header, "cloudhub"))
-                .await
-            {
-                tracing::debug!(error = %e, "node went away before its reply");
+            let feed = &mut self.session(store, &node).feed;
+            match &op {
+                FeedOp::Set { change, .. } => feed.set(change),
+                FeedOp::Echo { change, base, .. } => feed.set_echo(change, *base),
+                FeedOp::Unset { key, rv, .. } => feed.unset(key, *rv),
+                FeedOp::UnsetRange { .. } => {
+                    for (key, rv) in range_keys {
+                        feed.unset(&key, rv);
+                    }
+                }
             }
-        });
-    }
-
-    /// Routes `key` to `node` from now on (it asked for it), and persists that.
-    fn subscribe(&mut self, node: &Arc<str>, key: &replication::ObjectKey) {
-        if !self.routing.add_interest(node, key) {
-            return;
-        }
-        let mut set = WriteSet::new();
-        persist::add_interest(&mut set, node, key);
-        if let Err(e) = self.store.commit(set) {
-            tracing::warn!(%node, %key, error = %e, "persisting an interest failed");
-        }
-        if let Some(current) = self.current(key) {
-            self.want(node, &current);
+            self.dirty.insert(node);
         }
     }
 
-    /// Applies a node's report if node authorization allows it; either way it is recorded as
-    /// done, so the node stops resending it.
-    fn on_report(&mut self, node: &Arc<str>, report: Report) {
-        let record = match self.slot(node).feed.accept_report(&report) {
+    /// The node's link has a connection. `new_session` is
+    /// [`LinkEvent::starts_new_session`]: a new session (the node's hello decides the
+    /// delta), or the same session going on over a resumed link.
+    pub fn on_connected(&mut self, store: &Store, node: &Arc<str>, new_session: bool) {
+        let session = self.session(store, node);
+        session.connected = true;
+        session.feed.on_connected(new_session);
+        self.dirty.insert(node.clone());
+    }
+
+    /// The node's connection ended (the link may resume it).
+    pub fn on_disconnected(&mut self, store: &Store, node: &Arc<str>) {
+        self.session(store, node).connected = false;
+    }
+
+    /// A sync message from `node`, in order.
+    pub fn on_message(&mut self, store: &Store, node: &Arc<str>, message: Up, now: Now) {
+        match message {
+            Up::Report(report) => self.on_report(store, node, report),
+            up => {
+                let metrics = self.metrics.clone();
+                let session = self.session(store, node);
+                if let Err(e) = session.feed.handle(up) {
+                    tracing::warn!(%node, error = %e, "sync protocol error; restarting the session");
+                    session.feed.restart_session();
+                }
+                let through = session.feed.credited_in_session();
+                while session.sent_at.front().is_some_and(|(n, _)| *n <= through) {
+                    if let Some((_, at)) = session.sent_at.pop_front() {
+                        let latency = now.instant.saturating_duration_since(at);
+                        metrics.ack_latency.observe(latency.as_secs_f64());
+                    }
+                }
+            }
+        }
+        self.dirty.insert(node.clone());
+    }
+
+    /// A heartbeat from `node`: its Lease is renewed at the next [`HubCore::poll_commit`].
+    pub fn on_heartbeat(&mut self, node: &Arc<str>) {
+        self.metrics.heartbeats.inc();
+        self.leases.on_heartbeat(node);
+    }
+
+    /// Decides a get that `node`'s MetaServer forwarded (see
+    /// [`EdgeController::authorize_read`]).
+    ///
+    /// # Errors
+    /// 403 Forbidden if node authorization refuses it.
+    pub fn on_read(
+        &mut self,
+        store: &Store,
+        node: &Arc<str>,
+        key: &ObjectKey,
+    ) -> Result<(), ApiError> {
+        if let Some(set) = self.controller.authorize_read(store, node, key)? {
+            self.records.append(set);
+        }
+        self.apply_feed_ops(store);
+        Ok(())
+    }
+
+    /// Accepts a report (at most once per report id); it is judged and committed by the
+    /// next [`HubCore::poll_commit`].
+    fn on_report(&mut self, store: &Store, node: &Arc<str>, report: Report) {
+        let record = match self.session(store, node).feed.accept_report(&report) {
             Ok(Some(record)) => record,
             Ok(None) => return, // already applied
             Err(e) => {
@@ -425,271 +301,345 @@ impl HubCore {
                 return;
             }
         };
-        // A report is judged against the current object: an earlier one on the same key
-        // still in the batch must be committed first.
-        if self.report_keys.contains(&report.key) {
-            self.commit_reports();
-        }
-        let judged = self.judge_report(node, &report, record);
-        self.report_keys.insert(report.key.clone());
-        self.reports.push(PendingReport {
+        self.reports.push_back(PendingReport {
             node: node.clone(),
             report,
             record,
-            judged,
         });
     }
 
-    /// What applying `report` to the current object means: the writes (with the report's
-    /// record), whether the object changes, and whether the node already holds the result.
-    fn judge_report(
-        &mut self,
-        node: &Arc<str>,
-        report: &Report,
-        record: replication::sync::ReportRecord,
-    ) -> Judged {
-        let current = self.store.get(&report.key).ok().flatten();
-        let current_object = current.as_ref().and_then(|v| parse(&v.object));
-        let proposed = match &report.patch {
-            // A patch of the part the node owns, on top of the cloud's current object.
-            Some(patch) => current_object.clone().and_then(|mut object| {
-                let part = replication::sync::status_patch::owned_part(report.key.kind())?;
-                match replication::sync::status_patch::apply(part, &mut object, patch) {
-                    Ok(()) => Some(object),
-                    Err(e) => {
-                        tracing::warn!(%node, key = %report.key, error = %e, "bad status patch");
-                        None
-                    }
+    /// The next writes to commit, or `None` when there is nothing (left) to write. Reports
+    /// first (a batch of distinct keys, each judged against the object as it is now), then
+    /// Lease renewals, then ObjectSync records and interests.
+    pub fn poll_commit(&mut self, store: &Store, now: Now) -> Option<Commit> {
+        if let Some(commit) = self.poll_report_commit(store) {
+            return Some(commit);
+        }
+        if let Some(node) = self.lease_retry.pop() {
+            return self.lease_commit(store, vec![node], now, false);
+        }
+        let due = self.leases.due(now.instant);
+        if !due.is_empty() {
+            if let Some(commit) = self.lease_commit(store, due, now, true) {
+                return Some(commit);
+            }
+        }
+        let mut set = std::mem::take(&mut self.records);
+        for (node, session) in self.nodes.iter_mut() {
+            persist::add_objectsync_writes(&mut set, node, session.feed.drain_writes());
+        }
+        (!set.is_empty()).then_some(Commit {
+            set,
+            purpose: Purpose::Records,
+        })
+    }
+
+    fn poll_report_commit(&mut self, store: &Store) -> Option<Commit> {
+        if self.reports_blocked {
+            return None;
+        }
+        if let Some((pending, attempts)) = self.retry.pop_front() {
+            return match self.judge(store, &pending) {
+                Some(judged) => Some(Commit {
+                    set: judged.set.clone(),
+                    purpose: Purpose::Report {
+                        pending,
+                        judged,
+                        attempts,
+                    },
+                }),
+                None => {
+                    self.retry.push_front((pending, attempts));
+                    None
                 }
-            }),
-            None if report.object.is_empty() => None,
-            None => parse(&report.object),
-        };
-        let mut set = WriteSet::new();
-        if report.patch.is_some() && proposed.is_none() {
-            // Nothing to apply (the pod is gone, or the patch was bad): recorded as done.
-            self.metrics.reports_refused.inc();
-            persist::add_report_record(&mut set, node, record);
-            return Judged {
-                set,
-                changes_object: false,
-                echo: false,
             };
         }
-        let mut echo_bytes = None;
-        let mut changes_object = false;
-        match authz::authorize(
-            node,
-            &report.key,
-            current_object.as_ref(),
-            proposed.as_ref(),
-        ) {
-            Ok(Decision::Write(object)) | Ok(Decision::Status(object)) => {
-                let bytes = Bytes::from(object::to_stored(object));
-                // A report that changes nothing is recorded, not written: no new version, no
-                // MODIFIED event without a change (as kube-apiserver skips no-op updates).
-                if current.as_ref().is_none_or(|c| c.object != bytes) {
-                    let expect = current
-                        .as_ref()
-                        .map_or(Precondition::Absent, |c| Precondition::Version(c.rv));
-                    echo_bytes = Some(bytes.clone());
-                    changes_object = true;
-                    set.put(report.key.clone(), bytes, expect);
-                }
+        // A batch of reports on distinct keys: a report is judged against the current
+        // object, so a later one on the same key waits for the earlier one's commit.
+        let mut batch: Vec<(PendingReport, Judged)> = Vec::new();
+        let mut keys = HashSet::new();
+        let mut all = WriteSet::new();
+        while let Some(pending) = self.reports.pop_front() {
+            if !keys.insert(pending.report.key.clone()) {
+                self.reports.push_front(pending);
+                break;
             }
-            Ok(Decision::ConfirmDelete) => {
-                let expect = current
-                    .as_ref()
-                    .map_or(Precondition::Exists, |c| Precondition::Version(c.rv));
-                changes_object = true;
-                set.delete(report.key.clone(), expect);
-            }
-            Err(refusal) => {
-                tracing::warn!(%node, key = %report.key, reason = %refusal.reason, "node write refused");
-                self.metrics.reports_refused.inc();
-            }
+            let Some(judged) = self.judge(store, &pending) else {
+                self.reports.push_front(pending);
+                break;
+            };
+            all.append(judged.set.clone());
+            batch.push((pending, judged));
         }
-        persist::add_report_record(&mut set, node, record);
-        // The node already holds what is written (it needs only the new version): the same
-        // bytes for a whole report; for a status patch on the version it was made against,
-        // the same status on the same object.
-        let echo = match &report.patch {
-            Some(_) => {
-                echo_bytes.is_some() && current.as_ref().is_some_and(|c| c.rv == report.base)
+        (!batch.is_empty()).then_some(Commit {
+            set: all,
+            purpose: Purpose::Reports(batch),
+        })
+    }
+
+    fn judge(&mut self, store: &Store, pending: &PendingReport) -> Option<Judged> {
+        match self
+            .controller
+            .judge_report(store, &pending.node, &pending.report, pending.record)
+        {
+            Ok(judged) => Some(judged),
+            Err(e) => {
+                tracing::warn!(node = %pending.node, key = %pending.report.key, error = %e, "cannot read the reported object; the report waits");
+                self.reports_blocked = true;
+                None
             }
-            None => echo_bytes.as_ref().is_some_and(|b| *b == report.object),
-        };
-        Judged {
-            set,
-            changes_object,
-            echo,
         }
     }
 
-    /// Commits the pending reports in one write; if that fails (a write through the API raced
-    /// one report), one by one, judging a report that lost the race again against the object
-    /// as it is now. Acknowledgements are cumulative, so no report may be skipped: each is
-    /// applied, or refused for good, before the next.
-    pub fn commit_reports(&mut self) {
-        let pending = std::mem::take(&mut self.reports);
-        self.report_keys.clear();
-        if pending.is_empty() {
-            return;
+    fn lease_commit(
+        &mut self,
+        store: &Store,
+        nodes: Vec<Arc<str>>,
+        now: Now,
+        batch: bool,
+    ) -> Option<Commit> {
+        let renew_time = replication::api::object::micro_rfc3339(now.wall);
+        let mut set = WriteSet::new();
+        let mut renewing = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            match crate::lifecycle::lease_renewal(store, &node, &renew_time) {
+                Ok(s) => {
+                    set.append(s);
+                    renewing.push(node);
+                }
+                Err(e) => {
+                    self.metrics.store_read_errors.inc();
+                    tracing::warn!(%node, error = %e, "cannot read the Lease (the next heartbeat renews it)");
+                }
+            }
         }
-        let mut all = WriteSet::new();
-        for p in &pending {
-            all.append(p.judged.set.clone());
-        }
-        match self.store.commit(all) {
-            Ok(changes) => {
+        (!set.is_empty()).then_some(Commit {
+            set,
+            purpose: Purpose::Leases {
+                nodes: renewing,
+                batch,
+            },
+        })
+    }
+
+    /// The result of committing `commit`: the changes it made (in its writes' order), or the
+    /// error. A failed report batch is committed again report by report, each judged again
+    /// against the object as it is now (acknowledgements are cumulative, so no report may be
+    /// skipped: each is applied, or refused for good, before the next).
+    pub fn on_committed(&mut self, commit: Commit, result: Result<Vec<SharedChange>, StoreError>) {
+        match (commit.purpose, result) {
+            (Purpose::Reports(batch), Ok(changes)) => {
                 let mut changes = changes.into_iter();
-                for p in pending {
-                    let change = if p.judged.changes_object {
+                for (pending, judged) in batch {
+                    let change = if judged.changes_object {
                         changes.next()
                     } else {
                         None
                     };
-                    self.report_committed(p, change);
+                    self.report_done(pending, judged.echo, change);
                 }
             }
-            Err(_) => {
-                for mut p in pending {
-                    let mut attempts = 0;
-                    loop {
-                        match self.store.commit(p.judged.set.clone()) {
-                            Ok(changes) => {
-                                let change = changes.into_iter().next();
-                                self.report_committed(p, change);
-                                break;
-                            }
-                            Err(e) if attempts < 3 => {
-                                attempts += 1;
-                                tracing::debug!(node = %p.node, key = %p.report.key, error = %e, "report raced a write; judging it again");
-                                p.judged = self.judge_report(&p.node, &p.report, p.record);
-                            }
-                            Err(e) => {
-                                // Only its record, so that the node stops resending it.
-                                tracing::warn!(node = %p.node, key = %p.report.key, error = %e, "report lost the race to other writes three times; dropped");
-                                self.metrics.reports_refused.inc();
-                                let mut set = WriteSet::new();
-                                persist::add_report_record(&mut set, &p.node, p.record);
-                                if let Err(e) = self.store.commit(set) {
-                                    tracing::error!(node = %p.node, error = %e, "cannot record a report");
-                                }
-                                p.judged.changes_object = false;
-                                self.report_committed(p, None);
-                                break;
-                            }
-                        }
+            (Purpose::Reports(batch), Err(e)) => {
+                tracing::debug!(error = %e, "a report batch raced a write; committing one by one");
+                // Ahead of anything queued since, in their order.
+                for (pending, _) in batch.into_iter().rev() {
+                    self.retry.push_front((pending, 0));
+                }
+            }
+            (
+                Purpose::Report {
+                    pending, judged, ..
+                },
+                Ok(changes),
+            ) => {
+                let change = if judged.changes_object {
+                    changes.into_iter().next()
+                } else {
+                    None
+                };
+                self.report_done(pending, judged.echo, change);
+            }
+            (
+                Purpose::Report {
+                    pending, attempts, ..
+                },
+                Err(e),
+            ) if attempts < 3 => {
+                tracing::debug!(node = %pending.node, key = %pending.report.key, error = %e, "report raced a write; judging it again");
+                self.retry.push_front((pending, attempts + 1));
+            }
+            (Purpose::Report { pending, .. }, Err(e)) => {
+                // Only its record from now on, so that the node stops resending it.
+                tracing::warn!(node = %pending.node, key = %pending.report.key, error = %e, "report lost the race to other writes repeatedly; dropped");
+                self.metrics.reports_refused.inc();
+                persist::add_report_record(&mut self.records, &pending.node, pending.record);
+                self.report_done(pending, false, None);
+            }
+            (Purpose::Leases { nodes, batch: true }, Err(_)) => {
+                // A write through the API raced one of them: each alone, on the Lease as it
+                // is now.
+                self.lease_retry.extend(nodes);
+            }
+            (Purpose::Leases { nodes, .. }, Err(e)) => {
+                tracing::warn!(?nodes, error = %e, "cannot renew the lease (the next heartbeat will)");
+            }
+            (Purpose::Leases { .. }, Ok(_)) => {}
+            (Purpose::Records, Err(e)) => {
+                tracing::warn!(error = %e, "persisting ObjectSync or interests failed (costs resends only)");
+            }
+            (Purpose::Records, Ok(_)) => {}
+        }
+    }
+
+    fn report_done(&mut self, pending: PendingReport, echo: bool, change: Option<SharedChange>) {
+        if let Some(change) = change.filter(|c| !c.is_delete()) {
+            self.controller
+                .report_committed(&pending.node, &pending.report, echo, change.rv);
+        }
+        if let Some(session) = self.nodes.get_mut(&pending.node) {
+            session.feed.report_done(pending.record);
+        }
+        self.dirty.insert(pending.node);
+    }
+
+    /// A node that may have messages to send ([`HubCore::poll_transmit`]), each once.
+    pub fn poll_dirty(&mut self) -> Option<Arc<str>> {
+        self.dirty.pop_first()
+    }
+
+    /// The next message for `node`, if it is connected and its feed has one.
+    pub fn poll_transmit(&mut self, node: &str, now: Now) -> Option<Down> {
+        let session = self.nodes.get_mut(node).filter(|s| s.connected)?;
+        let down = session.feed.poll_transmit()?;
+        if down.is_object_message() {
+            let number = session.feed.sent_in_session();
+            // A new session numbers from 1 again.
+            if session.sent_at.back().is_some_and(|(n, _)| *n >= number) {
+                session.sent_at.clear();
+            }
+            session.sent_at.push_back((number, now.instant));
+        }
+        Some(down)
+    }
+
+    /// The periodic tick: reads that failed are tried again, and nodes with queued work are
+    /// marked to be pumped. Returns (messages queued or in flight over all nodes, the most
+    /// for one node), for the queue gauges.
+    pub fn tick(&mut self, store: &Store) -> (usize, usize) {
+        self.reports_blocked = false;
+        if self.controller.retry_reads(store) > 0 {
+            tracing::debug!("some routes are still unread");
+        }
+        self.apply_feed_ops(store);
+        let (mut total, mut max) = (0usize, 0usize);
+        for (node, session) in &self.nodes {
+            if session.feed.queued() > 0 {
+                self.dirty.insert(node.clone());
+            }
+            let depth = session.feed.queued() + session.feed.in_flight();
+            total += depth;
+            max = max.max(depth);
+        }
+        (total, max)
+    }
+}
+
+/// The shell's side of one node's link.
+struct LinkSlot {
+    link: LinkHandle,
+    /// A message the link had no room for; sent before anything else.
+    stalled: Option<EncodedMessage>,
+}
+
+/// The async shell around [`HubCore`].
+struct Shell {
+    core: HubCore,
+    store: Arc<Store>,
+    links: HashMap<Arc<str>, LinkSlot>,
+    metrics: Arc<Metrics>,
+    connected: Arc<ConnectedNodes>,
+}
+
+impl Shell {
+    fn link_event(&mut self, node: &Arc<str>, event: LinkEvent) {
+        let store = self.store.clone();
+        match event {
+            LinkEvent::Connected { .. } => {
+                let new_session = event.starts_new_session().unwrap_or(true);
+                self.connected.insert(node);
+                if new_session {
+                    // The link's window was reset with it: nothing stalled belongs to it.
+                    if let Some(slot) = self.links.get_mut(node) {
+                        slot.stalled = None;
                     }
                 }
+                self.core.on_connected(&store, node, new_session);
+                tracing::info!(%node, new_session, "node connected");
             }
-        }
-    }
-
-    /// Renews the Lease of every node whose heartbeat arrived since the last call, in one
-    /// write. The renewal time is the cloud's clock at receipt, so a node's clock skew cannot
-    /// make it look alive or dead. A node that beats more often than [`MIN_RENEWAL_INTERVAL`]
-    /// renews no more often than that: each renewal is a write, and the link is the node's to
-    /// flood.
-    pub fn commit_heartbeats(&mut self) {
-        if self.heartbeats.is_empty() {
-            return;
-        }
-        let beating: Vec<Arc<str>> = self.heartbeats.drain().collect();
-        let now = Instant::now();
-        let mut nodes = Vec::with_capacity(beating.len());
-        for node in beating {
-            let slot = self.slot(&node);
-            if slot
-                .renewed_at
-                .is_some_and(|at| now.duration_since(at) < MIN_RENEWAL_INTERVAL)
-            {
-                continue;
+            LinkEvent::Disconnected { reason } => {
+                self.connected.remove(node);
+                self.core.on_disconnected(&store, node);
+                tracing::info!(%node, %reason, "node disconnected");
             }
-            slot.renewed_at = Some(now);
-            nodes.push(node);
-        }
-        if nodes.is_empty() {
-            return;
-        }
-        let renew_time = object::now_micro_rfc3339();
-        let mut all = WriteSet::new();
-        for node in &nodes {
-            if let Some(set) = self.lease_renewal(node, &renew_time) {
-                all.append(set);
+            LinkEvent::Message(delivery) => {
+                self.metrics.frames_up.inc();
+                self.metrics
+                    .bytes_up
+                    .inc_by(delivery.message.content().len() as u64);
+                match wire::decode_up(Parts::of(&delivery.message)) {
+                    Ok(up) => self.core.on_message(&store, node, up, Now::real()),
+                    Err(e) => {
+                        tracing::warn!(%node, error = %e, "malformed message from node dropped")
+                    }
+                }
+                if let Some(slot) = self.links.get(node) {
+                    slot.link.ack(delivery.seq);
+                }
             }
-        }
-        if self.store.commit(all).is_ok() {
-            return;
-        }
-        // A write through the API raced one of them: each alone, on the Lease as it is now.
-        for node in &nodes {
-            let Some(set) = self.lease_renewal(node, &renew_time) else {
-                continue;
-            };
-            if let Err(e) = self.store.commit(set) {
-                tracing::warn!(%node, error = %e, "cannot renew the lease (the next heartbeat will)");
-            }
-        }
-    }
-
-    fn lease_renewal(&self, node: &str, renew_time: &str) -> Option<WriteSet> {
-        let key = ObjectKey::new("leases", "kube-node-lease", node).ok()?;
-        let current = self.store.get(&key).ok().flatten();
-        let held = current.as_ref().and_then(|v| parse(&v.object));
-        let lease = crate::lifecycle::renewed_lease(node, held, renew_time);
-        let expect = current.map_or(Precondition::Absent, |c| Precondition::Version(c.rv));
-        let mut set = WriteSet::new();
-        set.put(key, Bytes::from(object::to_stored(lease)), expect);
-        Some(set)
-    }
-
-    fn report_committed(&mut self, p: PendingReport, change: Option<SharedChange>) {
-        if let Some(change) = change.filter(|c| !c.is_delete()) {
-            self.metrics.reports_applied.inc();
-            // The node already holds exactly these bytes: it needs only the version.
-            if p.judged.echo {
-                self.echoes.insert(
-                    p.report.key.clone(),
-                    Echo {
-                        node: p.node.clone(),
-                        base: p.report.base,
-                        rv: change.rv,
-                    },
+            LinkEvent::Request(request) => {
+                let core = &mut self.core;
+                crate::node_api::dispatch(
+                    store.clone(),
+                    node.clone(),
+                    self.metrics.clone(),
+                    request,
+                    |key| core.on_read(&store, node, key),
                 );
             }
+            LinkEvent::Heartbeat => self.core.on_heartbeat(node),
         }
-        self.slot(&p.node).feed.report_done(p.record);
-        self.dirty.insert(p.node);
     }
 
-    /// Sends what the node's feed has for its link, and persists its ObjectSync writes.
-    pub fn pump(&mut self, node: &Arc<str>) {
-        let Some(slot) = self.nodes.get_mut(node) else {
-            return;
-        };
-        if let Some(link) = slot.link.clone().filter(|_| slot.connected) {
+    /// Commits what the core wants written, one commit at a time, on the blocking pool.
+    ///
+    /// # Errors
+    /// A commit's thread panicked or was cancelled (CloudHub stops: cloudcore exits).
+    async fn commit(&mut self) -> anyhow::Result<()> {
+        while let Some(mut commit) = self.core.poll_commit(&self.store, Now::real()) {
+            let store = self.store.clone();
+            let set = std::mem::take(&mut commit.set);
+            let result = tokio::task::spawn_blocking(move || store.commit(set)).await?;
+            self.core.on_committed(commit, result);
+        }
+        Ok(())
+    }
+
+    /// Sends what the core has for each node with work, as far as each link has room.
+    fn pump(&mut self) {
+        while let Some(node) = self.core.poll_dirty() {
+            let Some(slot) = self.links.get_mut(&node) else {
+                continue;
+            };
             loop {
                 let message = match slot.stalled.take() {
                     Some(m) => m,
-                    None => match slot.feed.poll_transmit() {
-                        Some(down) => {
-                            if down.is_object_message() {
-                                let number = slot.feed.sent_in_session();
-                                // A new session numbers from 1 again.
-                                if slot.sent_at.back().is_some_and(|(n, _)| *n >= number) {
-                                    slot.sent_at.clear();
-                                }
-                                slot.sent_at.push_back((number, Instant::now()));
-                            }
-                            wire::encode_down(&down)
-                        }
+                    None => match self.core.poll_transmit(&node, Now::real()) {
+                        Some(down) => wire::encode_down(&down),
                         None => break,
                     },
                 };
                 let len = message.len() as u64;
-                match link.try_send_encoded(message) {
+                match slot.link.try_send_encoded(message) {
                     Ok(Ok(_)) => {
                         self.metrics.frames_down.inc();
                         self.metrics.bytes_down.inc_by(len);
@@ -705,178 +655,99 @@ impl HubCore {
                 }
             }
         }
-        let writes: Vec<_> = slot.feed.drain_writes().collect();
-        if !writes.is_empty() {
-            let mut set = WriteSet::new();
-            persist::add_objectsync_writes(&mut set, node, writes);
-            if let Err(e) = self.store.commit(set) {
-                tracing::warn!(%node, error = %e, "persisting ObjectSync failed (costs resends only)");
-            }
-        }
     }
 
-    pub fn pump_dirty(&mut self) {
-        let dirty: Vec<Arc<str>> = self.dirty.drain().collect();
-        for node in dirty {
-            self.pump(&node);
-        }
-        let (mut total, mut max) = (0usize, 0usize);
-        for slot in self.nodes.values() {
-            let depth = slot.feed.queued() + slot.feed.in_flight();
-            total += depth;
-            max = max.max(depth);
-        }
+    fn tick(&mut self) {
+        let (total, max) = self.core.tick(&self.store);
         self.metrics.send_queue_depth.set(total as i64);
         self.metrics.send_queue_max.set(max as i64);
-    }
-
-    /// Nodes whose feeds still have stalled or queued work (retried on a timer).
-    pub fn mark_backlogged(&mut self) {
-        for (node, slot) in &self.nodes {
-            if slot.stalled.is_some() || slot.feed.queued() > 0 {
-                self.dirty.insert(node.clone());
-            }
+        // Links that had no room are tried again.
+        let stalled: Vec<Arc<str>> = self
+            .links
+            .iter()
+            .filter(|(_, slot)| slot.stalled.is_some())
+            .map(|(node, _)| node.clone())
+            .collect();
+        for node in stalled {
+            self.core.dirty.insert(node);
         }
     }
 }
 
-/// Runs CloudHub until the server stops: accepts node links, follows the store, pumps feeds.
+/// How often CloudHub retries what waits (a full link, a failed read) and updates its gauges.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Runs CloudHub until `shutdown` is cancelled or the server stops: accepts node links,
+/// follows the store, pumps feeds.
+///
+/// # Errors
+/// The store's watch closed, or the store could not be read at start after retries.
 pub async fn run(
     store: Arc<Store>,
     mut server: transport::Server,
     metrics: Arc<Metrics>,
     connected: Arc<ConnectedNodes>,
     bus: Arc<crate::servicebus::ServiceBus>,
-) {
-    let mut core = HubCore::new(store.clone(), metrics.clone());
-    // Subscribe at the revision the bootstrap reads, so no change between them is missed;
-    // a change seen both ways is applied twice, which feeds treat as the same desired state.
-    let revision = store.revision();
-    let mut seen = revision;
-    let Ok(mut watcher) = store.watch().subscribe(KeyRange::all(), Some(revision)) else {
-        tracing::error!("CloudHub cannot follow the store");
-        return;
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut shell = Shell {
+        core: HubCore::new(metrics.clone(), FeedConfig::default(), rand::random()),
+        store: store.clone(),
+        links: HashMap::new(),
+        metrics: metrics.clone(),
+        connected,
     };
-    core.bootstrap();
-    core.pump_dirty();
+    let mut changes = ResumableWatcher::all(store.clone());
     let (events_tx, mut events_rx) = mpsc::channel::<(Arc<str>, LinkEvent)>(4096);
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(TICK);
     loop {
         tokio::select! {
-            change = watcher.next() => match change {
-                Ok(change) => {
-                    seen = change.revision;
-                    core.on_change(&change);
-                    while let Ok(Some(change)) = watcher.try_next() {
-                        seen = change.revision;
-                        core.on_change(&change);
+            _ = shutdown.cancelled() => return Ok(()),
+            event = changes.next() => match event? {
+                WatcherEvent::Change(change) => {
+                    shell.core.on_change(&store, &change);
+                    // Everything already queued before committing and sending.
+                    while let Some(WatcherEvent::Change(change)) = changes.try_next()? {
+                        shell.core.on_change(&store, &change);
                     }
                 }
-                Err(replication::WatchError::Closed) => return,
-                Err(e) => {
-                    // Fell behind the live window: resume from the store's history where it
-                    // can (no change missed); rebuild the routes from the store only if the
-                    // history no longer reaches back that far (a full scan).
-                    match store.watch().subscribe(KeyRange::all(), Some(seen)) {
-                        Ok(w) => {
-                            tracing::info!(error = %e, revision = seen, "CloudHub watch resumed from history");
-                            watcher = w;
-                        }
-                        Err(_) => {
-                            tracing::warn!(error = %e, "CloudHub watch lost; re-routing from the store");
-                            seen = store.revision();
-                            match store.watch().subscribe(KeyRange::all(), Some(seen)) {
-                                Ok(w) => watcher = w,
-                                Err(_) => return,
-                            }
-                            core.bootstrap();
+                WatcherEvent::Restart { .. } => {
+                    // The watch starts (or lost its history): route everything from the
+                    // store; a change seen both ways is the same desired state to a feed.
+                    while let Err(e) = shell.core.bootstrap(&store) {
+                        metrics.store_read_errors.inc();
+                        tracing::error!(error = %e, "CloudHub cannot read the store; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                     }
                 }
             },
             link = server.accept() => {
-                let Some(mut link) = link else { return };
+                let Some(mut link) = link else { return Ok(()) };
                 let node: Arc<str> = link.handle().peer().into();
-                core.attach(&node, link.handle().clone());
+                shell.links.insert(node.clone(), LinkSlot { link: link.handle().clone(), stalled: None });
                 bus.attach(&node, link.handle().clone());
                 let tx = events_tx.clone();
-                let name = node.clone();
                 tokio::spawn(async move {
                     while let Some(event) = link.next_event().await {
-                        if tx.send((name.clone(), event)).await.is_err() {
+                        if tx.send((node.clone(), event)).await.is_err() {
                             return;
                         }
                     }
                 });
             }
             Some((node, event)) = events_rx.recv() => {
-                core.link_event(&node, event, &connected);
+                shell.link_event(&node, event);
                 while let Ok((node, event)) = events_rx.try_recv() {
-                    core.link_event(&node, event, &connected);
+                    shell.link_event(&node, event);
                 }
-                metrics.connected_nodes.set(connected.len() as i64);
+                metrics.connected_nodes.set(shell.connected.len() as i64);
             }
-            _ = tick.tick() => core.mark_backlogged(),
+            _ = tick.tick() => shell.tick(),
         }
-        core.commit_reports();
-        core.commit_heartbeats();
-        core.pump_dirty();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use replication::StoreConfig;
-
-    fn lease_rv(store: &Store, node: &str) -> Option<u64> {
-        let key = ObjectKey::new("leases", "kube-node-lease", node).ok()?;
-        store.get(&key).ok().flatten().map(|v| v.rv)
-    }
-
-    #[test]
-    fn heartbeats_renew_the_lease_at_most_once_a_second_per_node() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), StoreConfig::cloud()).unwrap());
-        let mut hub = HubCore::new(store.clone(), Arc::new(Metrics::new()));
-        let connected = ConnectedNodes::default();
-        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-
-        hub.link_event(&a, LinkEvent::Heartbeat, &connected);
-        hub.commit_heartbeats();
-        let first = lease_rv(&store, "a").expect("a's Lease is created by its heartbeat");
-        assert_eq!(lease_rv(&store, "b"), None, "b has not beaten");
-        let key = ObjectKey::new("leases", "kube-node-lease", "a").unwrap();
-        let lease: Object =
-            serde_json::from_slice(&store.get(&key).unwrap().unwrap().object).unwrap();
-        assert_eq!(lease["spec"]["holderIdentity"], "a");
-        assert!(lease["spec"]["renewTime"]
-            .as_str()
-            .is_some_and(|t| t.ends_with('Z')));
-
-        // A flood right after: no write for a, while b's first heartbeat renews b.
-        for _ in 0..100 {
-            hub.link_event(&a, LinkEvent::Heartbeat, &connected);
-            hub.commit_heartbeats();
-        }
-        hub.link_event(&b, LinkEvent::Heartbeat, &connected);
-        hub.commit_heartbeats();
-        assert_eq!(
-            lease_rv(&store, "a"),
-            Some(first),
-            "a flood is one renewal a second"
-        );
-        assert!(lease_rv(&store, "b").is_some());
-        assert_eq!(
-            hub.metrics.heartbeats.get(),
-            102,
-            "every heartbeat is counted"
-        );
-
-        // After the interval, a's next heartbeat renews again.
-        std::thread::sleep(MIN_RENEWAL_INTERVAL);
-        hub.link_event(&a, LinkEvent::Heartbeat, &connected);
-        hub.commit_heartbeats();
-        assert!(lease_rv(&store, "a") > Some(first));
+        shell.commit().await?;
+        shell.pump();
     }
 }

@@ -2,6 +2,14 @@
 //! cluster), the EdgeController that routes objects to nodes, CloudHub (one QUIC link per node)
 //! and the per-node ObjectSync record.
 //!
+//! KubeEdge's cloud modules, by their names here:
+//! - [`hub`]: CloudHub (links, sync sessions, ObjectSync), a sans-IO core and its async shell;
+//! - [`edgecontroller`]: EdgeController (what each node holds; node reports judged);
+//! - [`routing`]: the EdgeController's routing index (KubeEdge's LocationCache);
+//! - [`devicecontroller`]: DeviceController (Devices and DeviceModels to nodes, twins up);
+//! - [`lifecycle`]: the node lifecycle (Lease renewal from heartbeats, Ready/NotReady);
+//! - [`node_api`]: API calls forwarded by MetaServer, under node authorization ([`authz`]);
+//!
 //! - [`api_tls`]: the API over HTTPS with a bearer token (off loopback);
 //! - [`cluster`]: the cluster source, embedded or a real cluster through kube-rs (mirror and
 //!   write-back);
@@ -15,6 +23,7 @@
 //! - [`lifecycle`]: node Ready/NotReady from leases;
 //! - [`controllers`]: the Deployment, ReplicaSet, DaemonSet controllers and the garbage
 //!   collector;
+//! - [`events`]: core/v1 Events from the control plane (aggregated, expired after an hour);
 //! - [`servicebus`]: HTTP requests to applications on edge nodes, over their links;
 //! - [`cloudstream`]: `kubectl logs` of pods on edge nodes, over their links;
 //! - [`server`]: wires it all together ([`server::CloudCore`]).
@@ -24,7 +33,10 @@ pub mod authz;
 pub mod cloudstream;
 pub mod cluster;
 pub mod controllers;
+pub mod devicecontroller;
+pub mod edgecontroller;
 pub mod embedded;
+pub mod events;
 pub mod hub;
 pub mod join;
 pub mod lifecycle;

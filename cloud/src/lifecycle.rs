@@ -5,14 +5,16 @@
 //! NotReady node are left alone: an edge node keeps running its pods while the cloud cannot see
 //! it (edge autonomy), so nothing is evicted.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use replication::api::object::{self, Object};
-use replication::{KeyRange, ObjectKey, Precondition, Store, WriteSet};
+use replication::{KeyRange, ObjectKey, Precondition, Store, StoreError, WriteSet};
 use serde_json::{json, Value};
 
+use crate::events::{EventType, Involved};
 use crate::metrics::Metrics;
 use crate::scheduler::{node_is_ready, ready_condition, EDGE_ROLE_LABEL};
 
@@ -48,6 +50,65 @@ pub fn renewed_lease(node: &str, current: Option<Object>, renew_time: &str) -> O
         spec.insert("renewTime".into(), json!(renew_time));
     }
     lease
+}
+
+/// The shortest interval between two renewals of one node's Lease (nodes beat every 10 s).
+pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Lease renewal from heartbeats, sans-IO: CloudHub tells it of each heartbeat, and asks
+/// which Leases are due for a write at `now`. A node that beats more often than
+/// [`MIN_RENEWAL_INTERVAL`] renews no more often than that: each renewal is a write, and the
+/// link is the node's to flood.
+#[derive(Default)]
+pub struct LeaseRenewals {
+    beating: HashSet<Arc<str>>,
+    renewed_at: HashMap<Arc<str>, Instant>,
+}
+
+impl LeaseRenewals {
+    /// A heartbeat arrived from `node`.
+    pub fn on_heartbeat(&mut self, node: &Arc<str>) {
+        self.beating.insert(node.clone());
+    }
+
+    /// The nodes whose Lease should be written now: they beat since the last call and were
+    /// not renewed in the last [`MIN_RENEWAL_INTERVAL`] before `now`. Recorded as renewed.
+    pub fn due(&mut self, now: Instant) -> Vec<Arc<str>> {
+        let mut due = Vec::new();
+        for node in self.beating.drain() {
+            let recent = self
+                .renewed_at
+                .get(&node)
+                .is_some_and(|at| now.saturating_duration_since(*at) < MIN_RENEWAL_INTERVAL);
+            if !recent {
+                self.renewed_at.insert(node.clone(), now);
+                due.push(node);
+            }
+        }
+        due.sort();
+        due
+    }
+}
+
+/// The write renewing `node`'s Lease at `renew_time` (a `MicroTime`) on top of the Lease as
+/// it is now, with a precondition on its version. The renewal time is the cloud's clock at
+/// receipt of the heartbeat, so a node's clock skew cannot make it look alive or dead.
+///
+/// # Errors
+/// The store's read error (never taken for an absent Lease).
+pub fn lease_renewal(store: &Store, node: &str, renew_time: &str) -> Result<WriteSet, StoreError> {
+    let mut set = WriteSet::new();
+    let Ok(key) = ObjectKey::new("leases", "kube-node-lease", node) else {
+        return Ok(set);
+    };
+    let current = store.get(&key)?;
+    let held = current
+        .as_ref()
+        .and_then(|v| serde_json::from_slice::<Object>(&v.object).ok());
+    let lease = renewed_lease(node, held, renew_time);
+    let expect = current.map_or(Precondition::Absent, |c| Precondition::Version(c.rv));
+    set.put(key, Bytes::from(object::to_stored(lease)), expect);
+    Ok(set)
 }
 
 fn lease_renewed_unix(store: &Store, node: &str) -> Option<i64> {
@@ -128,8 +189,26 @@ pub fn check(store: &Store, grace: Duration, since_unix: i64, now_unix: i64) -> 
             let mut set = WriteSet::new();
             let bytes = Bytes::from(serde_json::to_vec(&node).expect("json"));
             set.put(key.clone(), bytes, Precondition::Version(current.rv));
-            if let Err(e) = store.commit(set) {
-                tracing::debug!(node = key.name(), error = %e, "lifecycle write raced; next pass");
+            match store.commit(set) {
+                Ok(_) => {
+                    let (kind, reason) = if ready {
+                        (EventType::Normal, "NodeReady")
+                    } else {
+                        (EventType::Warning, "NodeNotReady")
+                    };
+                    let message = format!("Node {} status is now: {reason}", key.name());
+                    crate::events::emit(
+                        store,
+                        &Involved::of(&node),
+                        kind,
+                        reason,
+                        &message,
+                        "node-controller",
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(node = key.name(), error = %e, "lifecycle write raced; next pass")
+                }
             }
         }
     }
@@ -177,6 +256,48 @@ mod tests {
             .as_str()
             .unwrap()
             .to_owned()
+    }
+
+    #[test]
+    fn heartbeats_renew_a_lease_at_most_once_per_interval() {
+        let mut leases = LeaseRenewals::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let t0 = Instant::now();
+        leases.on_heartbeat(&a);
+        assert_eq!(leases.due(t0), vec![a.clone()]);
+        assert!(leases.due(t0).is_empty(), "no heartbeat since");
+        // A flood right after: no renewal for a, while b's first heartbeat renews b.
+        for ms in 0..100 {
+            leases.on_heartbeat(&a);
+            assert!(leases.due(t0 + Duration::from_millis(ms)).is_empty());
+        }
+        leases.on_heartbeat(&b);
+        assert_eq!(leases.due(t0 + Duration::from_millis(100)), vec![b.clone()]);
+        // After the interval, a's next heartbeat renews again.
+        leases.on_heartbeat(&a);
+        assert_eq!(leases.due(t0 + MIN_RENEWAL_INTERVAL), vec![a]);
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_lease_and_checks_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreConfig::cloud()).unwrap();
+        let first = lease_renewal(&store, "edge-1", "2027-01-15T08:00:00.000000Z").unwrap();
+        store.commit(first).unwrap();
+        let key = ObjectKey::parse("leases/kube-node-lease/edge-1").unwrap();
+        let lease: Object =
+            serde_json::from_slice(&store.get(&key).unwrap().unwrap().object).unwrap();
+        assert_eq!(lease["spec"]["holderIdentity"], "edge-1");
+        let uid = lease["metadata"]["uid"].clone();
+        // A stale renewal (prepared before another write) is refused by its precondition.
+        let stale = lease_renewal(&store, "edge-1", "2027-01-15T08:00:10.000000Z").unwrap();
+        let newer = lease_renewal(&store, "edge-1", "2027-01-15T08:00:11.000000Z").unwrap();
+        store.commit(newer).unwrap();
+        assert!(store.commit(stale).is_err());
+        let lease: Object =
+            serde_json::from_slice(&store.get(&key).unwrap().unwrap().object).unwrap();
+        assert_eq!(lease["spec"]["renewTime"], "2027-01-15T08:00:11.000000Z");
+        assert_eq!(lease["metadata"]["uid"], uid, "the same Lease, renewed");
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub reports_refused: Counter,
     /// Node heartbeats received (each renews the node's Lease).
     pub heartbeats: Counter,
+    /// Store reads that failed (each is retried; none is taken for an absent object).
+    pub store_read_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -110,6 +112,12 @@ impl Metrics {
             "Node heartbeats received; each renews the node's Lease",
             heartbeats.clone(),
         );
+        let store_read_errors = Counter::default();
+        registry.register(
+            "store_read_errors",
+            "Store reads that failed and were retried",
+            store_read_errors.clone(),
+        );
         let counter = |family: &Family<DirectionLabels, Counter>, direction| {
             family.get_or_create(&DirectionLabels { direction }).clone()
         };
@@ -130,6 +138,7 @@ impl Metrics {
             reports_applied,
             reports_refused,
             heartbeats,
+            store_read_errors,
         }
     }
 

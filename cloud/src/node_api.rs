@@ -2,19 +2,21 @@
 //! cannot make locally, gets of objects it does not hold) are served by the same API code as
 //! the embedded server, under node authorization ([`crate::authz`]).
 //!
-//! Reads are decided by CloudHub before the call is served (it knows what is routed where);
-//! writes are decided here, at commit, on the object the write would produce, so a forwarded
-//! create, update or any kind of patch is judged by its result, like a report.
+//! Reads are decided by CloudHub before the call is served (its EdgeController knows what is
+//! routed where); writes are decided here, at commit, on the object the write would produce,
+//! so a forwarded create, update or any kind of patch is judged by its result, like a report.
+//! [`dispatch`] takes a call off CloudHub's loop and answers it on the link.
 
 use std::sync::Arc;
 
 use axum::Router;
 use bytes::Bytes;
 use replication::api::object::{self, Object};
-use replication::api::remote::{ApiCall, ApiReply};
+use replication::api::remote::{classify, ApiCall, ApiReply};
 use replication::api::{rest, ApiError, ApiPolicy, ApiServer, Resource, Verb};
-use replication::{Store, Versioned, WriteSet};
+use replication::{ObjectKey, Store, Versioned, WriteSet};
 use tower::ServiceExt;
+use transport::IncomingRequest;
 
 use crate::authz::{self, Decision};
 use crate::metrics::{Metrics, RequestLabels};
@@ -100,4 +102,46 @@ pub async fn serve(store: Arc<Store>, policy: Arc<NodeApiPolicy>, call: ApiCall)
         Ok(response) => ApiReply::from_response(response).await,
         Err(never) => match never {},
     }
+}
+
+/// Answers a call `node`'s MetaServer forwarded (`request`), off the caller's loop. A get is
+/// first put to `authorize_read` (CloudHub's routing knows what the node holds, and
+/// subscribes it to what it may read); other verbs are judged by [`NodeApiPolicy`] on their
+/// result. A malformed call is answered 400 Bad Request.
+pub fn dispatch(
+    store: Arc<Store>,
+    node: Arc<str>,
+    metrics: Arc<Metrics>,
+    request: IncomingRequest,
+    authorize_read: impl FnOnce(&ObjectKey) -> Result<(), ApiError>,
+) {
+    let header = request.message.to_message().header;
+    let decided = ApiCall::from_message(&request.message)
+        .map_err(|e| {
+            tracing::warn!(%node, error = %e, "malformed request from node");
+            ApiError::bad_request(e.to_string())
+        })
+        .and_then(|call| {
+            let uri = call.uri.parse().unwrap_or_default();
+            match classify(&call.method, &uri) {
+                Some(target) if target.verb == Verb::Get => match target.key() {
+                    Some(key) => authorize_read(&key).map(|()| call),
+                    None => Err(ApiError::bad_request("not an object name")),
+                },
+                _ => Ok(call),
+            }
+        });
+    let policy = Arc::new(NodeApiPolicy { node, metrics });
+    tokio::spawn(async move {
+        let reply = match decided {
+            Ok(call) => serve(store, policy, call).await,
+            Err(error) => ApiReply::error(&error),
+        };
+        if let Err(e) = request
+            .respond(&reply.to_message(&header, "cloudhub"))
+            .await
+        {
+            tracing::debug!(error = %e, "node went away before its reply");
+        }
+    });
 }

@@ -82,7 +82,7 @@ pub struct RoutingIndex {
     interests: HashMap<ObjectKey, Vec<Arc<str>>>,
 }
 
-fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
+pub(crate) fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
     let mut current = value;
     for part in path {
         current = current.get(part)?;
@@ -166,19 +166,6 @@ pub fn pod_references(namespace: &str, pod: &Object) -> Vec<ObjectKey> {
         add("secrets", str_at(secret, &["name"]));
     }
     out
-}
-
-/// The DeviceModel a device uses, as a key in the device's namespace.
-pub fn device_references(namespace: &str, device: &Object) -> Vec<ObjectKey> {
-    str_at_object(device, &["spec", "deviceModelRef", "name"])
-        .and_then(|name| ObjectKey::new("devicemodels", namespace, name).ok())
-        .into_iter()
-        .collect()
-}
-
-fn str_at_object<'a>(object: &'a Object, path: &[&str]) -> Option<&'a str> {
-    let (first, rest) = path.split_first()?;
-    str_at(object.get(*first)?, rest)
 }
 
 fn increment<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, u32>, key: K) -> bool {
@@ -306,7 +293,7 @@ impl RoutingIndex {
             let references = if key.kind() == "pods" {
                 pod_references(key.namespace(), pod)
             } else {
-                device_references(key.namespace(), pod)
+                crate::devicecontroller::device_references(key.namespace(), pod)
             };
             Some(PodRoute {
                 node: self.intern(node),

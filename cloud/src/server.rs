@@ -11,6 +11,7 @@ use replication::api::ApiServer;
 use replication::Store;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{ClusterSource, Embedded, KubeCluster};
 use crate::metrics::Metrics;
@@ -72,7 +73,10 @@ pub struct CloudCore {
     pub api_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub quic_addr: SocketAddr,
-    tasks: Vec<JoinHandle<()>>,
+    /// Every long-running task, by name. None ends before shutdown: one that does is a
+    /// failure ([`CloudCore::failed`]).
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+    shutdown: CancellationToken,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -172,17 +176,19 @@ impl CloudCore {
                 .issue_server(&names, Duration::from_secs(365 * 24 * 3600))
                 .context("issuing the API's certificate")?;
             let tls = crate::api_tls::server_config(&identity)?;
-            tasks.push(tokio::spawn(crate::api_tls::serve(
-                api_listener,
-                router,
-                tls,
-            )));
+            tasks.push((
+                "API server",
+                tokio::spawn(crate::api_tls::serve(api_listener, router, tls)),
+            ));
         } else {
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = axum::serve(api_listener, router).await {
-                    tracing::error!(error = %e, "API server stopped");
-                }
-            }));
+            tasks.push((
+                "API server",
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(api_listener, router).await {
+                        tracing::error!(error = %e, "API server stopped");
+                    }
+                }),
+            ));
         }
         let metrics_router = {
             let metrics = metrics.clone();
@@ -202,11 +208,14 @@ impl CloudCore {
                 }),
             )
         };
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(metrics_listener, metrics_router).await {
-                tracing::error!(error = %e, "metrics endpoint stopped");
-            }
-        }));
+        tasks.push((
+            "metrics endpoint",
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(metrics_listener, metrics_router).await {
+                    tracing::error!(error = %e, "metrics endpoint stopped");
+                }
+            }),
+        ));
         let ca = crate::pki::load_or_create_ca(&config.data_dir)?;
         let identity = crate::pki::server_identity(&ca)?;
         let mut quic_config = transport::ServerConfig::new(config.quic_listen);
@@ -226,24 +235,51 @@ impl CloudCore {
                 )
             })?;
         let quic_addr = quic.local_addr()?;
-        tasks.push(tokio::spawn(crate::hub::run(
+        let shutdown = CancellationToken::new();
+        let hub = crate::hub::run(
             store.clone(),
             quic,
             metrics.clone(),
             connected.clone(),
             bus.clone(),
-        )));
+            shutdown.clone(),
+        );
+        tasks.push((
+            "CloudHub",
+            tokio::spawn(async move {
+                if let Err(e) = hub.await {
+                    tracing::error!(error = format!("{e:#}"), "CloudHub stopped");
+                }
+            }),
+        ));
         if source.runs_controllers() {
-            tasks.push(tokio::spawn(crate::scheduler::run(store.clone())));
-            tasks.push(tokio::spawn(crate::lifecycle::run(
-                store.clone(),
-                config.node_grace,
-                Duration::from_secs(5),
-                metrics.clone(),
-            )));
-            tasks.extend(crate::controllers::start(store.clone(), controllers_api));
+            tasks.push((
+                "scheduler",
+                tokio::spawn(crate::scheduler::run(store.clone())),
+            ));
+            tasks.push((
+                "node lifecycle",
+                tokio::spawn(crate::lifecycle::run(
+                    store.clone(),
+                    config.node_grace,
+                    Duration::from_secs(5),
+                    metrics.clone(),
+                )),
+            ));
+            tasks.push((
+                "event expiry",
+                tokio::spawn(crate::events::run_ttl(
+                    store.clone(),
+                    crate::events::EVENT_TTL,
+                )),
+            ));
+            for task in crate::controllers::start(store.clone(), controllers_api) {
+                tasks.push(("controller", task));
+            }
         }
-        tasks.extend(source.clone().start(store.clone()));
+        for task in source.clone().start(store.clone()) {
+            tasks.push(("cluster source", task));
+        }
         tracing::info!(%api_addr, %metrics_addr, %quic_addr, data_dir = %config.data_dir.display(), source = %source.describe(), "cloudcore started");
         Ok(CloudCore {
             store,
@@ -254,15 +290,31 @@ impl CloudCore {
             metrics_addr,
             quic_addr,
             tasks,
+            shutdown,
         })
+    }
+
+    /// Waits until one of cloudcore's tasks ends on its own, which none should before
+    /// shutdown, and says which and why (it returned, or panicked). The binary exits
+    /// non-zero on it rather than run on with a part missing.
+    pub async fn failed(&mut self) -> String {
+        let handles = self.tasks.iter_mut().map(|(_, handle)| handle);
+        let (result, index, _) = futures_util::future::select_all(handles).await;
+        let name = self.tasks[index].0;
+        match result {
+            Ok(()) => format!("{name} stopped"),
+            Err(e) if e.is_panic() => format!("{name} panicked"),
+            Err(e) => format!("{name} ended: {e}"),
+        }
     }
 
     /// Stops every task and flushes the store.
     pub async fn shutdown(self) {
-        for task in &self.tasks {
+        self.shutdown.cancel();
+        for (_, task) in &self.tasks {
             task.abort();
         }
-        for task in self.tasks {
+        for (_, task) in self.tasks {
             let _ = task.await;
         }
         if let Err(e) = self.store.flush() {

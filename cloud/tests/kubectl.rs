@@ -694,6 +694,29 @@ fn deployments_scale_roll_back_and_cascade() {
         table.contains("READY") && table.contains("UP-TO-DATE") && table.contains("0/3"),
         "{table}"
     );
+    // What happened, as `kubectl describe` shows it: the controllers' and the scheduler's
+    // Events on each object (no edge node here, so the pods cannot be scheduled).
+    let scaled = format!("Scaled up replica set {rs} from 1 to 3");
+    eventually("the Deployment's events", Duration::from_secs(20), || {
+        let described = cloud.ok(&["describe", "deployment", "web"]);
+        described.contains("ScalingReplicaSet") && described.contains(&scaled)
+    });
+    eventually("the ReplicaSet's events", Duration::from_secs(20), || {
+        let described = cloud.ok(&["describe", "rs", &rs]);
+        described.contains("SuccessfulCreate") && described.contains(&format!("Created pod: {pod}"))
+    });
+    eventually("the pod's events", Duration::from_secs(20), || {
+        cloud
+            .ok(&["describe", "pod", &pod])
+            .contains("FailedScheduling")
+    });
+    let events = cloud.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "reason=ScalingReplicaSet",
+    ]);
+    assert!(events.contains("ScalingReplicaSet"), "{events}");
 
     // A new template: a second ReplicaSet at revision 2; undo goes back to the first one.
     cloud.ok(&["set", "image", "deployment/web", "nginx=nginx:2"]);

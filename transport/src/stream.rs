@@ -65,14 +65,19 @@ impl Subresource {
 /// pod's node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodStreamRequest {
+    /// Which subresource: `log` or `exec`.
     pub subresource: Subresource,
+    /// The pod's namespace.
     pub namespace: String,
+    /// The pod's name.
     pub pod: String,
     /// The subresource's query string, as the client sent it.
     pub query: String,
 }
 
 impl PodStreamRequest {
+    /// The request message: source `cloudstream`, group [`GROUP`], operation the subresource,
+    /// resource `namespace/pod`, content the query string.
     pub fn to_message(&self) -> Message {
         Message::new(
             Route::new(
@@ -86,6 +91,10 @@ impl PodStreamRequest {
     }
 
     /// Reads a request of route group [`GROUP`].
+    ///
+    /// # Errors
+    /// [`StreamError`] when the group is not [`GROUP`], the operation is not `log` or `exec`, the
+    /// resource is not `namespace/pod`, or the query is not UTF-8.
     pub fn from_message(message: &ReceivedMessage) -> Result<PodStreamRequest, StreamError> {
         let route = message.route();
         if route.group.as_str() != GROUP {
@@ -120,7 +129,12 @@ pub enum StreamHead {
     /// The data follows.
     Ok,
     /// Refused: the HTTP status code and a Kubernetes `Status` object (JSON) for the client.
-    Error { code: u16, status: Bytes },
+    Error {
+        /// The HTTP status code (4xx, 5xx).
+        code: u16,
+        /// A `v1` `Status` object as JSON (Kubernetes API conventions, "Response Status Kind").
+        status: Bytes,
+    },
 }
 
 impl StreamHead {
@@ -143,6 +157,8 @@ impl StreamHead {
         }
     }
 
+    /// The head message: source `edgestream`, operation `response` (empty content) or `error`
+    /// (resource the status code, content the `Status` JSON).
     pub fn to_message(&self) -> Message {
         match self {
             StreamHead::Ok => Message::new(
@@ -156,6 +172,11 @@ impl StreamHead {
         }
     }
 
+    /// Reads a head made by [`to_message`](Self::to_message).
+    ///
+    /// # Errors
+    /// [`StreamError`] when the operation is neither `response` nor `error`, or an error head's
+    /// resource is not a status code.
     pub fn from_message(message: &ReceivedMessage) -> Result<StreamHead, StreamError> {
         let route = message.route();
         match route.operation.as_str() {
@@ -189,11 +210,14 @@ pub enum StreamMessage {
     StdinClose,
     /// The client's terminal size changed (cloud → node), in characters.
     Resize {
+        /// Columns.
         width: u16,
+        /// Rows.
         height: u16,
     },
     /// Output of an exec'd command (node → cloud).
     Stdout(Vec<u8>),
+    /// Error output of an exec'd command (node → cloud).
     Stderr(Vec<u8>),
     /// The command ended: the remote-command protocol's final `Status` (JSON).
     Exit(Bytes),
@@ -206,8 +230,11 @@ pub const REMOTE_COMMAND_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channe
 /// Kubernetes' remote-command channels over WebSocket (`v4.channel.k8s.io`,
 /// `v5.channel.k8s.io`): each binary WebSocket message is a channel byte and its payload.
 pub mod channel {
+    /// Client to server: input for the command.
     pub const STDIN: u8 = 0;
+    /// Server to client: the command's standard output.
     pub const STDOUT: u8 = 1;
+    /// Server to client: the command's standard error.
     pub const STDERR: u8 = 2;
     /// The final `Status` (JSON).
     pub const ERROR: u8 = 3;
@@ -264,6 +291,8 @@ impl StreamMessage {
         StreamMessage::Exit(Bytes::from(status.to_string()))
     }
 
+    /// The message: group [`GROUP`], operation `data`, `stdin`, `stdin-close`, `resize` (content
+    /// `"{width} {height}"`), `stdout`, `stderr` or `exit`, content the bytes.
     pub fn to_message(&self) -> Message {
         let (operation, content): (&str, Bytes) = match self {
             StreamMessage::Data(b) => ("data", Bytes::copy_from_slice(b)),
@@ -279,6 +308,10 @@ impl StreamMessage {
         Message::new(Route::new("stream", GROUP, operation, ""), content)
     }
 
+    /// Reads a message made by [`to_message`](Self::to_message).
+    ///
+    /// # Errors
+    /// [`StreamError`] for an unknown operation, or a `resize` whose content is not two `u16`s.
     pub fn from_message(message: &ReceivedMessage) -> Result<StreamMessage, StreamError> {
         let content = message.content();
         Ok(match message.route().operation.as_str() {

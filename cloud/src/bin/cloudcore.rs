@@ -21,6 +21,9 @@ struct Cli {
     /// Where the store, the CA and the tokens live.
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
+    /// Log lines as `text` (colour only on a terminal) or `json` (one object per line).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: transport::logging::LogFormat,
     /// QUIC address edge nodes connect to.
     #[arg(long, default_value = "0.0.0.0:10001")]
     quic_listen: SocketAddr,
@@ -87,14 +90,7 @@ enum TokenCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        // Colour only on a terminal: log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    transport::logging::init(cli.log_format, "info");
     let Some(data_dir) = cli.data_dir.clone() else {
         eprintln!("error: --data-dir DIR is required");
         return ExitCode::from(2);
@@ -142,7 +138,7 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             service_bus_timeout: cli.service_bus_timeout,
             streams_per_node: cli.streams_per_node,
         };
-        let core = match CloudCore::start(config).await {
+        let mut core = match CloudCore::start(config).await {
             Ok(core) => core,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -157,12 +153,22 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-        tokio::select! {
-            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
-        }
+        let failure = tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); None }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); None }
+            why = core.failed() => Some(why),
+        };
         core.shutdown().await;
-        tracing::info!("cloudcore stopped");
-        ExitCode::SUCCESS
+        match failure {
+            None => {
+                tracing::info!("cloudcore stopped");
+                ExitCode::SUCCESS
+            }
+            Some(why) => {
+                tracing::error!(%why, "a part of cloudcore failed; exiting");
+                eprintln!("error: {why}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }

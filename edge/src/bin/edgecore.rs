@@ -20,6 +20,9 @@ struct Cli {
     /// This node's name (a DNS-1123 subdomain).
     #[arg(long)]
     node_name: String,
+    /// Log lines as `text` (colour only on a terminal) or `json` (one object per line).
+    #[arg(long, default_value = "text")]
+    log_format: transport::logging::LogFormat,
     /// cloudcore's QUIC address (HOST:PORT).
     #[arg(long)]
     cloud: String,
@@ -79,14 +82,7 @@ fn keep_memory_small() {
 fn main() -> ExitCode {
     keep_memory_small();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        // Colour only on a terminal: log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    transport::logging::init(cli.log_format, "info");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -12,8 +12,11 @@ use serde_json::{json, Value};
 
 use super::resources::{self, Resource};
 
+/// The Kubernetes version the API reports at `/version` (the API it mimics).
 pub const KUBERNETES_VERSION: &str = "v1.32.0";
 
+/// `/version`: a `version.Info` for [`KUBERNETES_VERSION`], `gitVersion` suffixed with
+/// `+kedge-{crate version}`.
 pub fn version() -> Value {
     json!({
         "major": "1",
@@ -28,6 +31,7 @@ pub fn version() -> Value {
     })
 }
 
+/// `/api`: the `APIVersions` of the core group (`v1`).
 pub fn core_versions() -> Value {
     json!({
         "kind": "APIVersions",
@@ -51,6 +55,8 @@ fn group_json(group: &str) -> Value {
     })
 }
 
+/// `/apis`: the `APIGroupList` of the named groups served (core excluded, as the apiserver),
+/// the Metrics API last.
 pub fn groups() -> Value {
     let mut names: Vec<&str> = Vec::new();
     for (g, _) in resources::group_versions() {
@@ -96,6 +102,7 @@ fn metrics_resources() -> Value {
     })
 }
 
+/// `/apis/{group}`: its `APIGroup`; `None` for a group not served.
 pub fn group(group: &str) -> Option<Value> {
     if group == METRICS_GROUP {
         return Some(metrics_group());
@@ -110,6 +117,8 @@ const VERBS: &[&str] = &[
     "create", "delete", "get", "list", "patch", "update", "watch",
 ];
 
+/// `/api/v1` or `/apis/{group}/{version}`: the `APIResourceList` of that group-version
+/// (subresources included); `None` when it is not served.
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     if (group, version) == (METRICS_GROUP, METRICS_VERSION) {
         return Some(metrics_resources());

@@ -47,16 +47,24 @@ pub const MAX_BODY_BYTES: usize = 3 << 20;
 /// The API verbs, for policy decisions and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verb {
+    /// `get`: one object.
     Get,
+    /// `list`: a collection.
     List,
+    /// `watch`: a collection's changes (`?watch=true` or a `/watch/` path).
     Watch,
+    /// `create`: `POST` to a collection.
     Create,
+    /// `update`: `PUT` of one object.
     Update,
+    /// `patch`: `PATCH` of one object.
     Patch,
+    /// `delete`: `DELETE` of one object.
     Delete,
 }
 
 impl Verb {
+    /// The verb as Kubernetes' RBAC and audit name it (`get`, `list`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             Verb::Get => "get",
@@ -69,6 +77,7 @@ impl Verb {
         }
     }
 
+    /// Whether the verb changes state (create, update, patch, delete).
     pub fn is_write(self) -> bool {
         matches!(
             self,
@@ -80,6 +89,11 @@ impl Verb {
 /// What differs between the places the API is served (the cloud, an edge node).
 pub trait ApiPolicy: Send + Sync + 'static {
     /// Refuses a request before it is served (authorization, an offline edge...).
+    ///
+    /// `status`: the request is for the `/status` subresource. The default admits everything.
+    ///
+    /// # Errors
+    /// The error to answer with instead (403 `Forbidden`, 503 `ServiceUnavailable`, ...).
     fn admit(&self, _resource: &Resource, _verb: Verb, _status: bool) -> Result<(), ApiError> {
         Ok(())
     }
@@ -95,6 +109,10 @@ pub trait ApiPolicy: Send + Sync + 'static {
 
     /// Commits an admitted write and returns the object's state after it. The default writes
     /// the store; an edge node applies status writes locally and queues them for the cloud.
+    ///
+    /// # Errors
+    /// The error to answer with: the default maps [`StoreError`](crate::StoreError)s as
+    /// [`ApiError::from_store`] does, and a commit that changed nothing is a 500.
     fn commit(
         &self,
         store: &Store,
@@ -237,6 +255,7 @@ fn verb_of(method: &Method, target: &Target, query: &Query) -> Option<Verb> {
 }
 
 impl ApiServer {
+    /// An API over `store`, deciding with `policy`, without authentication.
     pub fn new(store: Arc<Store>, policy: Arc<dyn ApiPolicy>) -> Self {
         ApiServer {
             store,
@@ -251,10 +270,13 @@ impl ApiServer {
         self
     }
 
+    /// The store it serves.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
 
+    /// An axum router serving the whole API (`/api`, `/apis`, `/version`, `/openapi/v3`,
+    /// `/healthz`, ...) from one fallback handler.
     pub fn router(self) -> Router {
         Router::new().fallback(dispatch).with_state(self)
     }
