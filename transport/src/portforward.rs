@@ -487,6 +487,7 @@ pub fn output_channel() -> (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>) {
 /// One end of a forwarded connection, read side: the next bytes, `Ok(None)` once that side
 /// finished sending (half close), `Err` when it aborted.
 pub trait Source {
+    /// The next bytes; `Ok(None)` at the half close, `Err` at an abort.
     fn recv(&mut self) -> impl std::future::Future<Output = Result<Option<Bytes>, ()>> + Send;
 }
 

@@ -51,36 +51,65 @@ const TYPE_HEADERS: u16 = 8;
 const TYPE_WINDOW_UPDATE: u16 = 9;
 const FLAG_FIN: u8 = 0x01;
 
-/// A frame read from the peer.
+/// A frame read from the peer. Stream ids are 31-bit (a client's are odd); `fin` is the
+/// frame's FIN flag (the sender's side of that stream ends with it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// A new stream and its headers (names lower-case, as SPDY requires).
     SynStream {
+        /// The new stream.
         stream_id: u32,
+        /// The opener sends nothing more on it.
         fin: bool,
+        /// Its header pairs, in order (a multi-valued header's values NUL-separated).
         headers: Vec<(String, String)>,
     },
     /// The peer accepted a stream this side opened (a server never opens any: ignored).
-    SynReply { stream_id: u32, fin: bool },
-    /// The peer abandoned a stream, with a status from [`status`].
-    RstStream { stream_id: u32, status: u32 },
+    SynReply {
+        /// The accepted stream.
+        stream_id: u32,
+        /// The peer sends nothing more on it.
+        fin: bool,
+    },
+    /// The peer abandoned a stream.
+    RstStream {
+        /// The abandoned stream.
+        stream_id: u32,
+        /// Why, one of [`status`].
+        status: u32,
+    },
     /// The peer's settings (window sizes, which no kubectl honours: ignored).
     Settings,
     /// A ping to echo (a client's ids are odd).
     Ping(u32),
-    /// The peer ends the session after `last_good_stream_id`.
+    /// The peer ends the session.
     GoAway {
+        /// The last stream it processed.
         last_good_stream_id: u32,
+        /// Why (0 OK, 1 protocol error, 2 internal error).
         status: u32,
     },
     /// More headers for a stream (ignored).
-    Headers { stream_id: u32, fin: bool },
-    /// More flow-control window for a stream, in bytes (ignored: see the module docs).
-    WindowUpdate { stream_id: u32, delta: u32 },
-    /// Bytes of a stream; `fin` ends the peer's side of it.
-    Data {
+    Headers {
+        /// The stream.
         stream_id: u32,
+        /// The peer sends nothing more on it.
         fin: bool,
+    },
+    /// More flow-control window for a stream (ignored: see the module docs).
+    WindowUpdate {
+        /// The stream (0: the session).
+        stream_id: u32,
+        /// The window's growth, in bytes.
+        delta: u32,
+    },
+    /// Bytes of a stream.
+    Data {
+        /// The stream.
+        stream_id: u32,
+        /// The peer's side of the stream ends here.
+        fin: bool,
+        /// The bytes (possibly none, with `fin`).
         data: Bytes,
     },
     /// A control frame of a type this module does not know (skipped).

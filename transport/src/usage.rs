@@ -32,7 +32,9 @@ pub struct Usage {
 /// One container's usage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerUsage {
+    /// The container's name in the pod spec.
     pub name: String,
+    /// Its usage (flattened into the container's JSON object).
     #[serde(flatten)]
     pub usage: Usage,
 }
@@ -40,8 +42,11 @@ pub struct ContainerUsage {
 /// One pod's usage, per running container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodUsage {
+    /// The pod's namespace.
     pub namespace: String,
+    /// The pod's name.
     pub name: String,
+    /// Its running containers, by name.
     pub containers: Vec<ContainerUsage>,
 }
 
@@ -49,9 +54,13 @@ pub struct PodUsage {
 /// ending at `timestamp` (RFC 3339).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageReport {
+    /// When the window ended (RFC 3339, UTC).
     pub timestamp: String,
+    /// The window's length, in whole seconds (at least 1).
     pub window_seconds: u64,
+    /// The node's own usage.
     pub node: Usage,
+    /// Its running pods', by namespace and name.
     pub pods: Vec<PodUsage>,
 }
 
