@@ -48,3 +48,4 @@ pub mod routing;
 pub mod scheduler;
 pub mod server;
 pub mod servicebus;
+pub mod top;

@@ -38,6 +38,9 @@ pub struct CloudConfig {
     pub link_keepalive: Duration,
     /// How long a ServiceBus call waits for the node (then 504).
     pub service_bus_timeout: Duration,
+    /// Streams (logs, exec, attach, port-forward connections) open at once per node through
+    /// the cloud; more are refused with 429 ([`crate::cloudstream`]).
+    pub streams_per_node: usize,
 }
 
 impl CloudConfig {
@@ -55,6 +58,7 @@ impl CloudConfig {
             api_names: Vec::new(),
             link_keepalive: transport::LinkConfig::default().heartbeat,
             service_bus_timeout: crate::servicebus::DEFAULT_TIMEOUT,
+            streams_per_node: crate::cloudstream::DEFAULT_STREAMS_PER_NODE,
         }
     }
 }
@@ -156,8 +160,10 @@ impl CloudCore {
             .merge(crate::cloudstream::router(
                 store.clone(),
                 bus.clone(),
-                token,
+                token.clone(),
+                config.streams_per_node,
             ))
+            .merge(crate::top::router(store.clone(), bus.clone(), token))
             .merge(api.router());
         if api_tls {
             let ca = crate::pki::load_or_create_ca(&config.data_dir)?;

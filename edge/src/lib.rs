@@ -12,6 +12,7 @@
 //! - [`eventbus`]: MQTT (embedded broker or external), KubeEdge's topics, to DeviceTwin;
 //! - this module: wiring ([`EdgeCore`]).
 
+pub mod attach;
 pub mod devicetwin;
 pub mod edged;
 pub mod edgestream;
@@ -22,7 +23,12 @@ pub mod identity;
 pub mod meta;
 pub mod metaserver;
 pub mod node;
+pub mod portforward;
 pub mod servicebus;
+pub mod usage;
+
+/// Request streams the cloud may have open to this node at once (QUIC's stream limit).
+pub const STREAMS_FROM_CLOUD: u32 = 512;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -144,10 +150,21 @@ impl EdgeCore {
                 "/api/v1/namespaces/{namespace}/pods/{name}/exec",
                 axum::routing::get(edgestream::http_exec).post(edgestream::http_exec),
             )
+            .route(
+                "/api/v1/namespaces/{namespace}/pods/{name}/attach",
+                axum::routing::get(edgestream::http_attach).post(edgestream::http_attach),
+            )
+            .merge(usage::routes())
+            .route(
+                "/api/v1/namespaces/{namespace}/pods/{name}/portforward",
+                axum::routing::get(portforward::http_portforward)
+                    .post(portforward::http_portforward_spdy),
+            )
             .with_state(edgestream.clone())
             .merge(ApiServer::new(meta.store().clone(), policy).router().layer(
                 axum::middleware::from_fn_with_state(meta.clone(), metaserver::forward_to_cloud),
             ));
+        tasks.push(tokio::spawn(edgestream.usage.clone().run(shutdown.clone())));
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(listener, router)
@@ -160,6 +177,11 @@ impl EdgeCore {
 
         let mut client = transport::ClientConfig::new(config.cloud, identity::CLOUD_SERVER_NAME);
         client.link.heartbeat = config.link_keepalive;
+        // The streams the cloud may have open to this node at once: every `kubectl logs -f`,
+        // exec or attach session and port-forward connection is one (the cloud caps them per
+        // node below this, `cloudcore --streams-per-node`), besides ServiceBus calls. What they
+        // buffer is bounded by the connection's receive window, not by their number.
+        client.link.max_concurrent_requests = STREAMS_FROM_CLOUD;
         let link = transport::connect(client, &credentials.ca, &credentials.identity)
             .context("starting the link to the cloud")?;
         meta.set_link(link.handle().clone());

@@ -26,10 +26,13 @@ pub mod join;
 pub mod link;
 pub mod logging;
 pub mod message;
+pub mod portforward;
 pub mod server;
+pub mod spdy;
 pub mod stream;
 mod stream_io;
 pub mod tls;
+pub mod usage;
 pub mod window;
 
 pub use client::{connect, connect_on};

@@ -13,6 +13,10 @@
 //! the cloud sends `stdin`, `stdin-close` and `resize` messages; after the head the node sends
 //! `stdout` and `stderr`, then `exit` with the remote-command protocol's final `Status`
 //! ([`StreamMessage`]).
+//!
+//! A port-forward connection (operation `portforward`, query `port=N`) is a duplex call of
+//! `data` messages both ways after the head, one call per forwarded TCP connection (see
+//! [`Subresource::PortForward`]; the client side of the protocol is [`crate::portforward`]).
 
 use bytes::Bytes;
 
@@ -34,6 +38,15 @@ pub enum Subresource {
     Log,
     /// `pods/{name}/exec`: a duplex call (stdin up, stdout, stderr and the exit status down).
     Exec,
+    /// `pods/{name}/attach`: a duplex call like exec's (`PodAttachOptions` query), to the
+    /// running container's own streams; it ends with `Success` when the container stops.
+    Attach,
+    /// `pods/{name}/portforward`: one forwarded TCP connection as a duplex call, query
+    /// `port=N` (the pod's port). After the head, `data` messages both ways carry the bytes; each
+    /// side finishes its stream when its end closed (half close), and a reset is an abort. A
+    /// refusal (no such pod, nothing listening on the port) is an error head whose `Status`
+    /// message is the text for the client's error stream.
+    PortForward,
 }
 
 impl Subresource {
@@ -42,6 +55,8 @@ impl Subresource {
         match self {
             Subresource::Log => "log",
             Subresource::Exec => "exec",
+            Subresource::Attach => "attach",
+            Subresource::PortForward => "portforward",
         }
     }
 }
@@ -88,6 +103,8 @@ impl PodStreamRequest {
         let subresource = match route.operation.as_str() {
             "log" => Subresource::Log,
             "exec" => Subresource::Exec,
+            "attach" => Subresource::Attach,
+            "portforward" => Subresource::PortForward,
             other => return Err(StreamError(format!("no stream {other:?} is served"))),
         };
         let (namespace, pod) = route

@@ -58,6 +58,10 @@ struct Cli {
     /// is a 504 after this, a node whose link is down a 503 at once.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     service_bus_timeout: Duration,
+    /// Streams open at once per node through the cloud (kubectl logs -f, exec, attach, and each
+    /// port-forward connection); more are refused with 429 Too Many Requests.
+    #[arg(long, default_value_t = cloud::cloudstream::DEFAULT_STREAMS_PER_NODE)]
+    streams_per_node: usize,
     /// Changes kept in memory for watches that resume from a resourceVersion; older ones get 410.
     #[arg(long, default_value_t = 10_000)]
     watch_history: usize,
@@ -132,6 +136,7 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             watch_history: cli.watch_history,
             link_keepalive: cli.link_keepalive,
             service_bus_timeout: cli.service_bus_timeout,
+            streams_per_node: cli.streams_per_node,
         };
         let mut core = match CloudCore::start(config).await {
             Ok(core) => core,

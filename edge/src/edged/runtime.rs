@@ -30,6 +30,10 @@ pub struct ContainerRun {
     /// `command` followed by `args`.
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// `stdin: true`: the container's stdin is a pipe kept open for `kubectl attach -i`.
+    pub stdin: bool,
+    /// `stdinOnce: true`: that pipe closes when the first attach session that used it ends.
+    pub stdin_once: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +159,8 @@ mod tests {
             image: "busybox".into(),
             argv: vec!["true".into()],
             env: Vec::new(),
+            stdin: false,
+            stdin_once: false,
         }
     }
 

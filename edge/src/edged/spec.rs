@@ -240,6 +240,8 @@ pub fn pod_run(store: &Store, pod: &Object, pods_dir: &Path) -> PodRun {
                     .to_owned(),
                 argv,
                 env: env_of(store, pod, c),
+                stdin: c.get("stdin").and_then(Value::as_bool).unwrap_or(false),
+                stdin_once: c.get("stdinOnce").and_then(Value::as_bool).unwrap_or(false),
             }
         })
         .collect();
