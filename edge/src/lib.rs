@@ -96,7 +96,9 @@ pub struct EdgeCore {
     pub mqtt_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     edged: JoinHandle<()>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Every long-running task, by name. None ends before shutdown: one that does is a
+    /// failure ([`EdgeCore::failed`]).
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
 }
 
 impl EdgeCore {
@@ -164,16 +166,22 @@ impl EdgeCore {
             .merge(ApiServer::new(meta.store().clone(), policy).router().layer(
                 axum::middleware::from_fn_with_state(meta.clone(), metaserver::forward_to_cloud),
             ));
-        tasks.push(tokio::spawn(edgestream.usage.clone().run(shutdown.clone())));
+        tasks.push((
+            "usage sampler",
+            tokio::spawn(edgestream.usage.clone().run(shutdown.clone())),
+        ));
         let stop = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "MetaServer stopped");
-            }
-        }));
+        tasks.push((
+            "MetaServer",
+            tokio::spawn(async move {
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "MetaServer stopped");
+                }
+            }),
+        ));
 
         let mut client = transport::ClientConfig::new(config.cloud, identity::CLOUD_SERVER_NAME);
         client.link.heartbeat = config.link_keepalive;
@@ -190,13 +198,16 @@ impl EdgeCore {
             config.service_bus_apps.clone(),
             config.service_bus_timeout,
         ));
-        tasks.push(tokio::spawn(hub::run(
-            link,
-            meta.clone(),
-            bus,
-            edgestream,
-            shutdown.clone(),
-        )));
+        tasks.push((
+            "EdgeHub",
+            tokio::spawn(hub::run(
+                link,
+                meta.clone(),
+                bus,
+                edgestream,
+                shutdown.clone(),
+            )),
+        ));
 
         let mqtt_addr =
             eventbus::start(meta.clone(), config.eventbus.clone(), shutdown.clone()).await?;
@@ -219,12 +230,15 @@ impl EdgeCore {
                 Arc::new(edged::hollow::HollowRuntime::default())
             }
         };
-        tasks.push(tokio::spawn(node::run(
-            meta.clone(),
-            link_handle,
-            status_config,
-            shutdown.clone(),
-        )));
+        tasks.push((
+            "node status",
+            tokio::spawn(node::run(
+                meta.clone(),
+                link_handle,
+                status_config,
+                shutdown.clone(),
+            )),
+        ));
         let edged = edged::Edged::new(meta.clone(), runtime, config.data_dir.join("pods"));
         let edged = tokio::spawn(edged.run(shutdown.clone(), Duration::from_secs(10)));
         tracing::info!(node = %config.node_name, %metaserver_addr, mqtt = ?mqtt_addr, cloud = %config.cloud, "edgecore started");
@@ -238,14 +252,34 @@ impl EdgeCore {
         })
     }
 
+    /// Waits until one of edgecore's tasks (Edged included) ends on its own, which none
+    /// should before shutdown, and says which and why. The binary exits non-zero on it (its
+    /// supervisor restarts it; the pods keep running and are adopted again) rather than run on
+    /// with a part missing.
+    pub async fn failed(&mut self) -> String {
+        let handles = std::iter::once(&mut self.edged).chain(self.tasks.iter_mut().map(|(_, h)| h));
+        let (result, index, _) = futures_util::future::select_all(handles).await;
+        let name = match index {
+            0 => "Edged",
+            i => self.tasks[i - 1].0,
+        };
+        match result {
+            Ok(()) => format!("{name} stopped"),
+            Err(e) if e.is_panic() => format!("{name} panicked"),
+            Err(e) => format!("{name} ended: {e}"),
+        }
+    }
+
     /// Stops pods (SIGTERM, at most 10 s), the link and MetaServer, and flushes the cache.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        let _ = self.edged.await;
-        for task in &self.tasks {
+        if !self.edged.is_finished() {
+            let _ = self.edged.await;
+        }
+        for (_, task) in &self.tasks {
             task.abort();
         }
-        for task in self.tasks {
+        for (_, task) in self.tasks {
             let _ = task.await;
         }
         if let Err(e) = self.meta.store().flush() {

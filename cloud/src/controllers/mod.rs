@@ -92,10 +92,16 @@ const LOAD_ORDER: &[&str] = &[
 ];
 
 impl World {
-    /// Reads the watched kinds from the store.
+    /// Reads every kind the controllers watch from the store.
     pub fn load(store: &Store) -> World {
+        Self::load_kinds(store, LOAD_ORDER)
+    }
+
+    /// Reads only `kinds` (a controller's own: each pass of each controller reads them all,
+    /// and a fleet's pods are most of the store), in [`LOAD_ORDER`].
+    pub fn load_kinds(store: &Store, kinds: &[&str]) -> World {
         let mut world = World::default();
-        for kind in LOAD_ORDER {
+        for kind in LOAD_ORDER.iter().filter(|k| kinds.contains(k)) {
             let Ok(range) = KeyRange::kind(kind) else {
                 continue;
             };
@@ -113,7 +119,8 @@ impl World {
                 "cronjobs" => world.cronjobs = objects,
                 "namespaces" => world.namespaces = objects,
                 "serviceaccounts" => world.serviceaccounts = objects,
-                _ => world.nodes = objects,
+                "nodes" => world.nodes = objects,
+                _ => {}
             }
         }
         world
@@ -606,10 +613,11 @@ pub async fn run(
     let mut busy_passes: u32 = 0;
     loop {
         let snapshot = store.clone();
-        let world = match tokio::task::spawn_blocking(move || World::load(&snapshot)).await {
-            Ok(world) => world,
-            Err(_) => return,
-        };
+        let world =
+            match tokio::task::spawn_blocking(move || World::load_kinds(&snapshot, kinds)).await {
+                Ok(world) => world,
+                Err(_) => return,
+            };
         let owners_seen = !(world.replicasets.is_empty()
             && world.deployments.is_empty()
             && world.daemonsets.is_empty()

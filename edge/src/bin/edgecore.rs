@@ -118,7 +118,7 @@ fn main() -> ExitCode {
             (false, Some((host, port))) => edge::eventbus::MqttMode::External(host, port),
             (false, None) => edge::eventbus::MqttMode::Embedded(cli.mqtt_listen),
         };
-        let core = match EdgeCore::start(config).await {
+        let mut core = match EdgeCore::start(config).await {
             Ok(core) => core,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -133,12 +133,22 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-        tokio::select! {
-            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
-        }
+        let failure = tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); None }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); None }
+            why = core.failed() => Some(why),
+        };
         core.shutdown().await;
-        tracing::info!("edgecore stopped");
-        ExitCode::SUCCESS
+        match failure {
+            None => {
+                tracing::info!("edgecore stopped");
+                ExitCode::SUCCESS
+            }
+            Some(why) => {
+                tracing::error!(%why, "a part of edgecore failed; exiting");
+                eprintln!("error: {why}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }
