@@ -97,6 +97,9 @@ echo
 echo "== kubectl exec $pod -n demo -- printenv GREETING   (over $node's QUIC link)"
 kubectl exec "$pod" -n demo -- printenv GREETING
 echo
+echo "== kubectl top nodes   (usage measured on each node, asked for over its link)"
+kubectl top nodes || true
+echo
 echo "== kubectl apply -f examples/sample-device.yaml; a mapper on edge-1 reports over MQTT"
 kubectl apply -f examples/sample-device.yaml
 for _ in $(seq 1 100); do
@@ -127,6 +130,9 @@ edgecores run the pods as local processes (state in $dir/edge-N, logs in $dir/*.
     cat $dir/*/pods/demo_greeter-*/root/etc/greeter/greeting          # updated on the edge
     kubectl logs -f $pod                                              # follows its output
     kubectl exec -it $pod -- sh                                       # a shell in the pod
+    kubectl attach $pod                                               # its output as it comes
+    kubectl top pods                                                  # CPU and memory per pod
+    kubectl port-forward pod/POD 8080:PORT                            # a pod's port (127.0.0.1:PORT on its node)
     kubectl scale deployment greeter --replicas=5                     # two more processes
     kubectl set image deployment/greeter greeter=busybox:2 && kubectl rollout status deployment/greeter
     kubectl rollout undo deployment/greeter                           # back to revision 1

@@ -9,6 +9,12 @@
 //! client as they come: a followed log (`-f`) stays open until the container stops or the
 //! client leaves (dropping the stream stops the node's reader), with QUIC flow control end to
 //! end, so a slow client grows no buffer here or on the node.
+//!
+//! `kubectl port-forward` (`GET .../pods/{name}/portforward`, the WebSocket tunnel of
+//! `SPDY/3.1+portforward.k8s.io`, see `transport::portforward`): each connection kubectl
+//! accepts becomes one duplex call on the node's link, so connections (and ports) are
+//! independent QUIC streams with their own flow control; kubectl going away resets them all,
+//! and the node closes the pod-side connections.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +31,9 @@ use replication::api::object::Object;
 use replication::api::remote::ApiReply;
 use replication::api::ApiError;
 use replication::{ObjectKey, Store};
+use transport::portforward::{
+    self as pf, ClientInput, Ended, Forward, LinkSink, LinkSource, SPDY_TUNNEL_PROTOCOL,
+};
 use transport::stream::{
     PodStreamRequest, StreamHead, StreamMessage, Subresource, REMOTE_COMMAND_PROTOCOLS,
 };
@@ -35,25 +44,114 @@ use crate::servicebus::ServiceBus;
 /// How long the node may take to start answering (the data may then take as long as it takes).
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Streams open at once per node by default (see [`StreamLimit`]); below the 512 an edgecore
+/// lets the cloud open (`edge::STREAMS_FROM_CLOUD`), leaving room for ServiceBus calls and
+/// usage queries.
+pub const DEFAULT_STREAMS_PER_NODE: usize = 256;
+
+/// How many streams (a log, an exec or attach session, a port-forward connection) are open
+/// through the cloud to each node, against a limit: one more is refused with 429
+/// `TooManyRequests` (before any upgrade; for a port-forward connection, on its error stream).
+/// Bounds what one node's streams cost here, whatever clients do.
+pub struct StreamLimit {
+    per_node: usize,
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// One open stream counted against its node's limit, until dropped.
+pub struct StreamPermit {
+    limit: Arc<StreamLimit>,
+    node: String,
+}
+
+impl StreamLimit {
+    pub fn new(per_node: usize) -> Arc<StreamLimit> {
+        Arc::new(StreamLimit {
+            per_node,
+            open: Default::default(),
+        })
+    }
+
+    /// Counts one more stream to `node`, or the 429 error if it has its limit open.
+    pub fn acquire(self: &Arc<Self>, node: &str) -> Result<StreamPermit, ApiError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(node.to_owned()).or_default();
+        if *count >= self.per_node {
+            return Err(ApiError::new(
+                429,
+                "TooManyRequests",
+                format!(
+                    "node {node} has {count} streams open through the cloud (logs, exec, attach, \
+                     port-forward connections), its limit (cloudcore --streams-per-node); try \
+                     again when one ends"
+                ),
+            ));
+        }
+        *count += 1;
+        Ok(StreamPermit {
+            limit: self.clone(),
+            node: node.to_owned(),
+        })
+    }
+
+    /// Streams open to `node` now.
+    pub fn open(&self, node: &str) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut open = self.limit.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.node) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.node);
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 struct StreamState {
     store: Arc<Store>,
     bus: Arc<ServiceBus>,
     bearer_token: Option<Arc<str>>,
+    limit: Arc<StreamLimit>,
 }
 
-/// The routes of CloudStream (same bearer token as the API, when it has one).
-pub fn router(store: Arc<Store>, bus: Arc<ServiceBus>, bearer_token: Option<Arc<str>>) -> Router {
+/// The routes of CloudStream (same bearer token as the API, when it has one), with at most
+/// `streams_per_node` streams open to each node at once.
+pub fn router(
+    store: Arc<Store>,
+    bus: Arc<ServiceBus>,
+    bearer_token: Option<Arc<str>>,
+    streams_per_node: usize,
+) -> Router {
     Router::new()
         .route("/api/v1/namespaces/{namespace}/pods/{name}/log", get(log))
         .route(
             "/api/v1/namespaces/{namespace}/pods/{name}/exec",
             get(exec).post(exec),
         )
+        .route(
+            "/api/v1/namespaces/{namespace}/pods/{name}/attach",
+            get(attach).post(attach),
+        )
+        .route(
+            "/api/v1/namespaces/{namespace}/pods/{name}/portforward",
+            get(portforward).post(portforward_spdy),
+        )
         .with_state(StreamState {
             store,
             bus,
             bearer_token,
+            limit: StreamLimit::new(streams_per_node),
         })
 }
 
@@ -179,6 +277,30 @@ fn refusal(head: &transport::ReceivedMessage) -> Option<Response> {
 /// Errors before the upgrade are plain `Status` answers, as kube-apiserver's; a client that
 /// offers only SPDY is told what is served.
 async fn exec(
+    state: State<StreamState>,
+    path: Path<(String, String)>,
+    query: RawQuery,
+    headers: axum::http::HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    remote_command(Subresource::Exec, state, path, query, headers, upgrade).await
+}
+
+/// `kubectl attach`: the same protocol as exec, to the running container's own streams (the
+/// node follows its output and writes to the stdin it keeps for `stdin: true` containers); it
+/// ends with `Success` when the container stops.
+async fn attach(
+    state: State<StreamState>,
+    path: Path<(String, String)>,
+    query: RawQuery,
+    headers: axum::http::HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    remote_command(Subresource::Attach, state, path, query, headers, upgrade).await
+}
+
+async fn remote_command(
+    subresource: Subresource,
     State(state): State<StreamState>,
     Path((namespace, name)): Path<(String, String)>,
     RawQuery(query): RawQuery,
@@ -199,20 +321,25 @@ async fn exec(
     if let Err(e) = check_container(&link.spec, &name, query.as_deref().unwrap_or("")) {
         return error(e);
     }
+    let permit = match state.limit.acquire(&link.node) {
+        Ok(permit) => permit,
+        Err(e) => return error(e),
+    };
     let Ok(upgrade) = upgrade else {
         let offered = headers
             .get(header::UPGRADE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("nothing");
         return error(ApiError::bad_request(format!(
-            "exec is served over WebSocket with the {} subprotocols (kubectl 1.30 and later \
+            "{} is served over WebSocket with the {} subprotocols (kubectl 1.30 and later \
              use them by default); this request asked to upgrade to {offered}, and SPDY is not \
              served",
+            subresource.as_str(),
             REMOTE_COMMAND_PROTOCOLS.join(" or ")
         )));
     };
     let call = PodStreamRequest {
-        subresource: Subresource::Exec,
+        subresource,
         namespace,
         pod: name,
         query: query.unwrap_or_default(),
@@ -232,7 +359,10 @@ async fn exec(
     let v5 = upgrade
         .selected_protocol()
         .is_some_and(|p| p.as_bytes() == REMOTE_COMMAND_PROTOCOLS[0].as_bytes());
-    upgrade.on_upgrade(move |socket| bridge(socket, input, output, v5))
+    upgrade.on_upgrade(move |socket| async move {
+        bridge(socket, input, output, v5).await;
+        drop(permit);
+    })
 }
 
 /// Carries one exec session between kubectl's WebSocket and the node's duplex call until the
@@ -314,6 +444,10 @@ async fn log(
         Ok(link) => link,
         Err(e) => return error(e),
     };
+    let permit = match state.limit.acquire(&link.node) {
+        Ok(permit) => permit,
+        Err(e) => return error(e),
+    };
     let call = PodStreamRequest {
         subresource: Subresource::Log,
         namespace,
@@ -333,10 +467,12 @@ async fn log(
     }
     // Each data message's content as a chunk of the body; an error ends the body (the client
     // sees a cut response, as when a kubelet goes away mid-stream).
-    let chunks = futures_util::stream::unfold(Some(stream), |stream| async move {
-        let mut stream = stream?;
+    // The permit goes with the stream: the body holds both until the log ends or the client
+    // leaves.
+    let chunks = futures_util::stream::unfold(Some((stream, permit)), |held| async move {
+        let (mut stream, permit) = held?;
         match stream.next().await {
-            Ok(Some(message)) => Some((Ok(message.content()), Some(stream))),
+            Ok(Some(message)) => Some((Ok(message.content()), Some((stream, permit)))),
             Ok(None) => None,
             Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
         }
@@ -347,4 +483,236 @@ async fn log(
         Body::from_stream(chunks),
     )
         .into_response()
+}
+
+/// How long, once the node finished sending a forwarded connection's bytes, the client's side
+/// may stay open before the connection is ended here (the node itself lingers 1 s and then
+/// stops reading, which ends it sooner).
+const PORT_FORWARD_LINGER: Duration = Duration::from_secs(5);
+
+/// `kubectl port-forward`: kubectl's port-forward protocol over the WebSocket tunnel, each
+/// connection carried to the pod's node on a duplex call of its own. Errors before the
+/// upgrade are plain `Status` answers (404 pod, 400 not bound, 503 node never connected); a
+/// client that offers only SPDY is told what is served.
+async fn portforward(
+    State(state): State<StreamState>,
+    Path((namespace, name)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let link = match portforward_link(&state, &namespace, &name, &headers) {
+        Ok(link) => link,
+        Err(e) => return error(e),
+    };
+    let offered = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    let not_tunnel = || error(ApiError::bad_request(pf::unsupported(offered)));
+    let Ok(upgrade) = upgrade else {
+        return not_tunnel();
+    };
+    let upgrade = upgrade.protocols([SPDY_TUNNEL_PROTOCOL, pf::CHANNEL_PROTOCOL]);
+    let Some(selected) = upgrade.selected_protocol() else {
+        return not_tunnel();
+    };
+    // kubelet's channel protocol (other clients than kubectl): the ports are in the query.
+    let channel_ports = if selected.as_bytes() == pf::CHANNEL_PROTOCOL.as_bytes() {
+        match pf::query_ports(query.as_deref().unwrap_or("")) {
+            Ok(ports) => Some(ports),
+            Err(e) => return error(ApiError::bad_request(e)),
+        }
+    } else {
+        None
+    };
+    let on_forward = forwarder(&state, link, namespace);
+    upgrade.on_upgrade(move |socket| async move {
+        use futures_util::{SinkExt, StreamExt};
+        let (mut ws_tx, ws_rx) = socket.split();
+        let (out_tx, mut out_rx) = pf::output_channel();
+        let input = ws_rx
+            .take_while(|m| {
+                std::future::ready(matches!(m, Ok(m) if !matches!(m, WsMessage::Close(_))))
+            })
+            .filter_map(|m| {
+                std::future::ready(match m {
+                    Ok(WsMessage::Binary(bytes)) => Some(bytes),
+                    _ => None,
+                })
+            });
+        let writer = async {
+            while let Some(frame) = out_rx.recv().await {
+                if ws_tx.send(WsMessage::Binary(frame.into())).await.is_err() {
+                    return;
+                }
+            }
+            // Every connection is over (the channel protocol's end): close the WebSocket.
+            let _ = ws_tx.send(WsMessage::Close(None)).await;
+        };
+        match channel_ports {
+            Some(ports) => {
+                let session = pf::serve_channels(ports, Box::pin(input), out_tx, on_forward);
+                tokio::join!(session, writer);
+            }
+            None => {
+                tokio::select! {
+                    _ = pf::serve(Box::pin(input), out_tx, on_forward) => {}
+                    _ = writer => {}
+                }
+            }
+        }
+    })
+}
+
+/// `POST .../portforward` with `Upgrade: SPDY/3.1`: the same protocol as a plain SPDY
+/// session after `101 Switching Protocols` (kubectl before 1.30, or with
+/// `KUBECTL_PORT_FORWARD_WEBSOCKETS=false`, and tools built on client-go's SPDY dialer).
+async fn portforward_spdy(
+    State(state): State<StreamState>,
+    Path((namespace, name)): Path<(String, String)>,
+    mut request: Request,
+) -> Response {
+    let headers = request.headers().clone();
+    let link = match portforward_link(&state, &namespace, &name, &headers) {
+        Ok(link) => link,
+        Err(e) => return error(e),
+    };
+    let upgrade = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    let offered = headers
+        .get_all(pf::PROTOCOL_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    if !pf::is_spdy_upgrade(upgrade, offered) {
+        return error(ApiError::bad_request(pf::unsupported(upgrade)));
+    }
+    let on_forward = forwarder(&state, link, namespace);
+    let upgraded = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match upgraded.await {
+            Ok(io) => pf::serve_io(hyper_util::rt::TokioIo::new(io), on_forward).await,
+            Err(e) => tracing::debug!(error = %e, "a SPDY port-forward upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, pf::SPDY_UPGRADE)
+        .header(pf::PROTOCOL_HEADER, pf::PROTOCOL_V1)
+        .body(Body::empty())
+        .unwrap_or_default()
+}
+
+/// The checks before a port-forward upgrade (token, pod, its node's link).
+fn portforward_link(
+    state: &StreamState,
+    namespace: &str,
+    name: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<Arc<PodLink>, ApiError> {
+    if let Some(token) = state.bearer_token.as_deref() {
+        if !replication::api::bearer_matches(headers, token) {
+            return Err(ApiError::unauthorized());
+        }
+    }
+    pod_link(state, namespace, name).map(Arc::new)
+}
+
+/// What a session does with each connection: counted against the node's stream limit, carried
+/// to the node (or refused with the limit's error on its error stream).
+fn forwarder(
+    state: &StreamState,
+    link: Arc<PodLink>,
+    namespace: String,
+) -> impl FnMut(Forward) + Send + 'static {
+    let limit = state.limit.clone();
+    move |forward: Forward| {
+        let permit = limit.acquire(&link.node);
+        let (link, namespace) = (link.clone(), namespace.clone());
+        tokio::spawn(async move {
+            match permit {
+                Ok(permit) => {
+                    carry(link, namespace, forward).await;
+                    drop(permit);
+                }
+                Err(e) => forward.to_client.finish(Some(&e.message)).await,
+            }
+        });
+    }
+}
+
+/// Carries one forwarded connection to the node and back. The node's refusal (nothing
+/// listening, no such pod) is the text of the connection's error stream, as kubelet's.
+async fn carry(link: Arc<PodLink>, namespace: String, mut forward: Forward) {
+    let call = PodStreamRequest {
+        subresource: Subresource::PortForward,
+        namespace,
+        pod: link.pod.clone(),
+        query: format!("port={}", forward.port),
+    };
+    let request = call.to_message();
+    let opened = tokio::select! {
+        opened = link.handle.open_duplex(&request, FIRST_BYTE_TIMEOUT) => opened,
+        _ = forward.cancelled.cancelled() => return,
+    };
+    let (head, writer, reader) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            let message = link.failed(e).message;
+            forward.to_client.finish(Some(&message)).await;
+            return;
+        }
+    };
+    match StreamHead::from_message(&head) {
+        Ok(StreamHead::Ok) => {}
+        Ok(StreamHead::Error { status, .. }) => {
+            let message = serde_json::from_slice::<serde_json::Value>(&status)
+                .ok()
+                .and_then(|s| s.get("message")?.as_str().map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&status).into_owned());
+            forward.to_client.finish(Some(&message)).await;
+            return;
+        }
+        Err(e) => {
+            forward.to_client.finish(Some(&e.to_string())).await;
+            return;
+        }
+    }
+    let mut pod_in = LinkSource(reader);
+    let mut pod_out = LinkSink(Some(writer));
+    let mut client_in = ClientInput {
+        from_client: &mut forward.from_client,
+        cancelled: &forward.cancelled,
+    };
+    let ended = pf::pump(
+        &mut client_in,
+        &mut forward.to_client,
+        &mut pod_in,
+        &mut pod_out,
+        PORT_FORWARD_LINGER,
+    )
+    .await;
+    match ended {
+        Ended::Clean => forward.to_client.finish(None).await,
+        // kubectl reset the connection or went away: the node's side is reset too (it closes
+        // the pod's connection); the client's streams are reset when dropped.
+        Ended::Aborted => pod_out.reset(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_past_the_limit_are_refused_until_one_ends() {
+        let limit = StreamLimit::new(2);
+        let a = limit.acquire("n1").unwrap();
+        let _b = limit.acquire("n1").unwrap();
+        let refused = limit.acquire("n1").err().unwrap();
+        assert_eq!((refused.code, refused.reason), (429, "TooManyRequests"));
+        assert!(refused.message.contains("node n1 has 2 streams open"));
+        // Another node has its own count.
+        let _c = limit.acquire("n2").unwrap();
+        drop(a);
+        assert_eq!(limit.open("n1"), 1);
+        let _d = limit.acquire("n1").unwrap();
+    }
 }

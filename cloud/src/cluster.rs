@@ -31,6 +31,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use replication::api::object::{self, Object};
 use replication::api::resources::{self, Resource};
+use replication::watcher::{Event, ResumableWatcher};
 use replication::{ChangeKind, KeyRange, ObjectKey, Precondition, SharedChange, Store, WriteSet};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
@@ -269,48 +270,36 @@ impl KubeCluster {
 
     /// Writes local changes made for nodes back to the cluster until the task is aborted.
     async fn write_back(self: Arc<Self>, store: Arc<Store>) {
-        let mut watcher = match store.watch().subscribe(KeyRange::all(), None) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(error = %e, "no local watch: nothing is written back to the cluster");
-                return;
-            }
-        };
-        let mut position = store.revision();
+        let mut watcher = ResumableWatcher::all(store.clone());
+        let mut started = false;
         // The latest local change per key still to be written (coalesced while the cluster
         // is slow or unreachable).
         let mut pending: BTreeMap<ObjectKey, SharedChange> = BTreeMap::new();
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                change = watcher.next() => match change {
-                    Ok(change) => {
-                        position = change.revision;
-                        if self.is_ours(&change) {
-                            pending.insert(change.key.clone(), change);
-                        }
-                        while let Ok(Some(change)) = watcher.try_next() {
-                            position = change.revision;
-                            if self.is_ours(&change) {
-                                pending.insert(change.key.clone(), change);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the write-back fell behind the local store; resuming");
-                        watcher = match store.watch().subscribe(KeyRange::all(), Some(position)) {
-                            Ok(w) => w,
-                            Err(e) => {
-                                tracing::error!(error = %e, "local changes were lost for the write-back");
-                                match store.watch().subscribe(KeyRange::all(), None) {
-                                    Ok(w) => w,
-                                    Err(_) => return,
+                event = watcher.next() => {
+                    let mut event = event;
+                    loop {
+                        match event {
+                            Ok(Event::Change(change)) => {
+                                if self.is_ours(&change) {
+                                    pending.insert(change.key.clone(), change);
                                 }
                             }
+                            Ok(Event::Restart { .. }) if !started => started = true,
+                            Ok(Event::Restart { .. }) => {
+                                tracing::error!("local changes were lost for the write-back (the watch history was gone)");
+                            }
+                            Err(_) => return,
+                        }
+                        event = match watcher.try_next() {
+                            Ok(Some(next)) => Ok(next),
+                            Ok(None) => break,
+                            Err(e) => Err(e),
                         };
-                        continue;
                     }
-                },
+                }
                 _ = retry.tick(), if !pending.is_empty() => {}
             }
             self.flush(&mut pending).await;

@@ -109,6 +109,9 @@ pub struct HubCore {
     epoch: u64,
     /// Nodes that may have something to send (ordered, so that a simulation replays).
     dirty: BTreeSet<Arc<str>>,
+    /// Nodes whose feeds may have ObjectSync records to persist (only those are drained: a
+    /// walk over every node per commit would cost O(fleet) per event).
+    touched: BTreeSet<Arc<str>>,
     leases: LeaseRenewals,
     /// Reports accepted and not yet judged, in arrival order.
     reports: VecDeque<PendingReport>,
@@ -133,6 +136,7 @@ impl HubCore {
             feed_config,
             epoch,
             dirty: BTreeSet::new(),
+            touched: BTreeSet::new(),
             leases: LeaseRenewals::default(),
             reports: VecDeque::new(),
             retry: VecDeque::new(),
@@ -154,6 +158,7 @@ impl HubCore {
     }
 
     fn session(&mut self, store: &Store, node: &Arc<str>) -> &mut NodeSession {
+        self.touched.insert(node.clone());
         if !self.nodes.contains_key(node) {
             let record = persist::load_feed_record(store, node).unwrap_or_else(|e| {
                 // Safe to start without it: the node is asked for a digest of what it holds.
@@ -325,8 +330,10 @@ impl HubCore {
             }
         }
         let mut set = std::mem::take(&mut self.records);
-        for (node, session) in self.nodes.iter_mut() {
-            persist::add_objectsync_writes(&mut set, node, session.feed.drain_writes());
+        for node in std::mem::take(&mut self.touched) {
+            if let Some(session) = self.nodes.get_mut(&node) {
+                persist::add_objectsync_writes(&mut set, &node, session.feed.drain_writes());
+            }
         }
         (!set.is_empty()).then_some(Commit {
             set,
@@ -498,6 +505,7 @@ impl HubCore {
         }
         if let Some(session) = self.nodes.get_mut(&pending.node) {
             session.feed.report_done(pending.record);
+            self.touched.insert(pending.node.clone());
         }
         self.dirty.insert(pending.node);
     }
@@ -508,9 +516,10 @@ impl HubCore {
     }
 
     /// The next message for `node`, if it is connected and its feed has one.
-    pub fn poll_transmit(&mut self, node: &str, now: Now) -> Option<Down> {
+    pub fn poll_transmit(&mut self, node: &Arc<str>, now: Now) -> Option<Down> {
         let session = self.nodes.get_mut(node).filter(|s| s.connected)?;
         let down = session.feed.poll_transmit()?;
+        self.touched.insert(node.clone());
         if down.is_object_message() {
             let number = session.feed.sent_in_session();
             // A new session numbers from 1 again.

@@ -23,6 +23,7 @@
 //! - [`lifecycle`]: node Ready/NotReady from leases;
 //! - [`controllers`]: the Deployment, ReplicaSet, DaemonSet controllers and the garbage
 //!   collector;
+//! - [`events`]: core/v1 Events from the control plane (aggregated, expired after an hour);
 //! - [`servicebus`]: HTTP requests to applications on edge nodes, over their links;
 //! - [`cloudstream`]: `kubectl logs` of pods on edge nodes, over their links;
 //! - [`server`]: wires it all together ([`server::CloudCore`]).
@@ -35,6 +36,7 @@ pub mod controllers;
 pub mod devicecontroller;
 pub mod edgecontroller;
 pub mod embedded;
+pub mod events;
 pub mod hub;
 pub mod join;
 pub mod lifecycle;
@@ -46,3 +48,4 @@ pub mod routing;
 pub mod scheduler;
 pub mod server;
 pub mod servicebus;
+pub mod top;

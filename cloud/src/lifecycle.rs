@@ -14,6 +14,7 @@ use replication::api::object::{self, Object};
 use replication::{KeyRange, ObjectKey, Precondition, Store, StoreError, WriteSet};
 use serde_json::{json, Value};
 
+use crate::events::{EventType, Involved};
 use crate::metrics::Metrics;
 use crate::scheduler::{node_is_ready, ready_condition, EDGE_ROLE_LABEL};
 
@@ -188,8 +189,26 @@ pub fn check(store: &Store, grace: Duration, since_unix: i64, now_unix: i64) -> 
             let mut set = WriteSet::new();
             let bytes = Bytes::from(serde_json::to_vec(&node).expect("json"));
             set.put(key.clone(), bytes, Precondition::Version(current.rv));
-            if let Err(e) = store.commit(set) {
-                tracing::debug!(node = key.name(), error = %e, "lifecycle write raced; next pass");
+            match store.commit(set) {
+                Ok(_) => {
+                    let (kind, reason) = if ready {
+                        (EventType::Normal, "NodeReady")
+                    } else {
+                        (EventType::Warning, "NodeNotReady")
+                    };
+                    let message = format!("Node {} status is now: {reason}", key.name());
+                    crate::events::emit(
+                        store,
+                        &Involved::of(&node),
+                        kind,
+                        reason,
+                        &message,
+                        "node-controller",
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(node = key.name(), error = %e, "lifecycle write raced; next pass")
+                }
             }
         }
     }

@@ -11,6 +11,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use replication::api::object::{self, Object};
 use replication::api::selector::LabelSelector;
+use replication::watcher::{Event, ResumableWatcher};
+
+use crate::events::{EventType, Involved};
+
+/// The component the scheduler's Events name (Kubernetes' scheduler name).
+const SCHEDULER: &str = "default-scheduler";
 use replication::{ChangeKind, KeyRange, ObjectKey, Precondition, Store, WriteSet};
 use serde_json::{json, Value};
 
@@ -127,9 +133,17 @@ impl Scheduler {
         let mut bound = 0;
         let pending: Vec<ObjectKey> = self.unbound.iter().cloned().collect();
         for key in pending {
-            let Ok(Some(current)) = store.get(&key) else {
-                self.unbound.remove(&key);
-                continue;
+            let current = match store.get(&key) {
+                Ok(Some(current)) => current,
+                Ok(None) => {
+                    self.unbound.remove(&key);
+                    continue;
+                }
+                // Not taken for absence: the pod stays pending and is tried again.
+                Err(e) => {
+                    tracing::warn!(pod = %key, error = %e, "cannot read the pod; retrying");
+                    continue;
+                }
             };
             let Ok(mut pod) = serde_json::from_slice::<Object>(&current.object) else {
                 continue;
@@ -170,10 +184,36 @@ impl Scheduler {
             match store.commit(set) {
                 Ok(_) if choice.is_some() => {
                     tracing::info!(pod = %key, node = ?choice, "scheduled");
+                    let message = format!(
+                        "Successfully assigned {}/{} to {}",
+                        key.namespace(),
+                        key.name(),
+                        choice.as_deref().unwrap_or_default()
+                    );
+                    crate::events::emit(
+                        store,
+                        &Involved::of(&pod),
+                        EventType::Normal,
+                        "Scheduled",
+                        &message,
+                        SCHEDULER,
+                    );
                     bound += 1;
                 }
                 Ok(_) => {
                     self.marked.insert(key.clone());
+                    let message = format!(
+                        "0/{} nodes are available: no Ready, schedulable edge node matches the pod's nodeSelector",
+                        self.nodes.len()
+                    );
+                    crate::events::emit(
+                        store,
+                        &Involved::of(&pod),
+                        EventType::Warning,
+                        "FailedScheduling",
+                        &message,
+                        SCHEDULER,
+                    );
                 }
                 // A racing write: the watch brings the new version and we try again.
                 Err(e) => tracing::debug!(pod = %key, error = %e, "bind raced a write"),
@@ -199,35 +239,33 @@ fn from_store(store: &Store) -> Scheduler {
 
 /// Runs the scheduler until the store's watch closes.
 pub async fn run(store: Arc<Store>) {
-    let Ok(mut watcher) = store
-        .watch()
-        .subscribe(KeyRange::all(), Some(store.revision()))
-    else {
-        return;
-    };
-    let mut scheduler = from_store(&store);
+    let mut watcher = ResumableWatcher::all(store.clone());
+    let mut scheduler = Scheduler::default();
     let mut retry = tokio::time::interval(Duration::from_secs(5));
     loop {
         scheduler.schedule(&store);
         tokio::select! {
-            change = watcher.next() => match change {
-                Ok(change) => {
-                    scheduler.observe(&change.key, change.kind == ChangeKind::Deleted, &change.object);
-                    // Take everything already queued before scheduling again.
-                    while let Ok(Some(change)) = watcher.try_next() {
-                        scheduler.observe(&change.key, change.kind == ChangeKind::Deleted, &change.object);
-                    }
-                }
-                Err(replication::WatchError::Closed) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "scheduler watch lost; resubscribing");
-                    match store.watch().subscribe(KeyRange::all(), Some(store.revision())) {
-                        Ok(w) => watcher = w,
+            event = watcher.next() => {
+                let mut event = event;
+                // Everything already queued before scheduling again.
+                loop {
+                    match event {
+                        Ok(Event::Change(change)) => scheduler.observe(
+                            &change.key,
+                            change.kind == ChangeKind::Deleted,
+                            &change.object,
+                        ),
+                        // (Re)started: the pods and nodes are read from the store.
+                        Ok(Event::Restart { .. }) => scheduler = from_store(&store),
                         Err(_) => return,
                     }
-                    scheduler = from_store(&store);
+                    event = match watcher.try_next() {
+                        Ok(Some(next)) => Ok(next),
+                        Ok(None) => break,
+                        Err(e) => Err(e),
+                    };
                 }
-            },
+            }
             _ = retry.tick() => {
                 scheduler.marked.clear();
             }

@@ -38,6 +38,9 @@ pub struct CloudConfig {
     pub link_keepalive: Duration,
     /// How long a ServiceBus call waits for the node (then 504).
     pub service_bus_timeout: Duration,
+    /// Streams (logs, exec, attach, port-forward connections) open at once per node through
+    /// the cloud; more are refused with 429 ([`crate::cloudstream`]).
+    pub streams_per_node: usize,
 }
 
 impl CloudConfig {
@@ -55,6 +58,7 @@ impl CloudConfig {
             api_names: Vec::new(),
             link_keepalive: transport::LinkConfig::default().heartbeat,
             service_bus_timeout: crate::servicebus::DEFAULT_TIMEOUT,
+            streams_per_node: crate::cloudstream::DEFAULT_STREAMS_PER_NODE,
         }
     }
 }
@@ -138,6 +142,10 @@ impl CloudCore {
         let api_addr = api_listener.local_addr()?;
         let metrics_addr = metrics_listener.local_addr()?;
 
+        if source.accepts_api_writes() {
+            crate::embedded::ensure_kubernetes_service(&store, api_addr)
+                .context("writing the kubernetes Service")?;
+        }
         let mut tasks = Vec::new();
         let controllers_api = ApiServer::new(store.clone(), policy.clone()).router();
         let mut api = ApiServer::new(store.clone(), policy);
@@ -152,8 +160,10 @@ impl CloudCore {
             .merge(crate::cloudstream::router(
                 store.clone(),
                 bus.clone(),
-                token,
+                token.clone(),
+                config.streams_per_node,
             ))
+            .merge(crate::top::router(store.clone(), bus.clone(), token))
             .merge(api.router());
         if api_tls {
             let ca = crate::pki::load_or_create_ca(&config.data_dir)?;
@@ -258,6 +268,13 @@ impl CloudCore {
                     config.node_grace,
                     Duration::from_secs(5),
                     metrics.clone(),
+                )),
+            ));
+            tasks.push((
+                "event expiry",
+                tokio::spawn(crate::events::run_ttl(
+                    store.clone(),
+                    crate::events::EVENT_TTL,
                 )),
             ));
             for task in crate::controllers::start(store.clone(), controllers_api) {

@@ -473,7 +473,7 @@ impl Sim {
         if lose_objectsync {
             // ObjectSync is gone (say, the store restored from a backup without it).
             let mut set = WriteSet::new();
-            set.delete_aux_range(replication::Aux::ObjectSync, vec![0u8], vec![0xffu8]);
+            set.delete_aux_range(replication::Aux::OBJECTSYNC, vec![0u8], vec![0xffu8]);
             self.cloud.store.commit(set).expect("wipe ObjectSync");
             // Interests are kept with ObjectSync: they go with it (a node asks again).
             self.interests.clear();

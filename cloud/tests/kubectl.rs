@@ -618,6 +618,71 @@ fn names(cloud: &CloudProcess, args: &[&str]) -> Vec<String> {
 /// refused with 422, and deletion cascading in the background or orphaning. No edge node runs
 /// here, so pods stay Pending (readiness is covered by edge/tests/workloads.rs).
 #[test]
+fn auth_reviews_service_accounts_and_the_kubernetes_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(dir.path());
+    // kubectl auth: the one identity may do what the embedded API serves.
+    assert_eq!(
+        cloud.ok(&["auth", "can-i", "create", "deployments"]).trim(),
+        "yes"
+    );
+    assert_eq!(
+        cloud
+            .ok(&["auth", "can-i", "delete", "pods", "-n", "kube-system"])
+            .trim(),
+        "yes"
+    );
+    let unknown = cloud.kubectl(&["auth", "can-i", "get", "widgets.example.com"]);
+    assert_eq!(
+        String::from_utf8_lossy(&unknown.stdout).trim(),
+        "no - the server does not serve widgets.example.com",
+        "{}",
+        stderr(&unknown)
+    );
+    let list = cloud.ok(&["auth", "can-i", "--list"]);
+    assert!(
+        list.contains("pods") && list.contains("deployments.apps"),
+        "{list}"
+    );
+    let me = cloud.ok(&["auth", "whoami"]);
+    assert!(me.contains("kedge-admin"), "{me}");
+
+    // Every namespace has its default ServiceAccount, new ones too.
+    eventually("default/default", Duration::from_secs(20), || {
+        cloud.kubectl(&["get", "sa", "default"]).status.success()
+    });
+    cloud.ok(&["create", "namespace", "team-a"]);
+    eventually("team-a/default", Duration::from_secs(20), || {
+        cloud
+            .kubectl(&["get", "sa", "default", "-n", "team-a"])
+            .status
+            .success()
+    });
+
+    // The kubernetes Service names the API.
+    let ip = cloud.ok(&[
+        "get",
+        "svc",
+        "kubernetes",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    assert_eq!(ip, "10.96.0.1");
+    let port = cloud.ok(&[
+        "get",
+        "endpoints",
+        "kubernetes",
+        "-o",
+        "jsonpath={.subsets[0].ports[0].port}",
+    ]);
+    assert!(
+        cloud.api.ends_with(&format!(":{port}")),
+        "{port} vs {}",
+        cloud.api
+    );
+}
+
+#[test]
 fn deployments_scale_roll_back_and_cascade() {
     let dir = tempfile::tempdir().unwrap();
     let cloud = CloudProcess::start(dir.path());
@@ -694,6 +759,29 @@ fn deployments_scale_roll_back_and_cascade() {
         table.contains("READY") && table.contains("UP-TO-DATE") && table.contains("0/3"),
         "{table}"
     );
+    // What happened, as `kubectl describe` shows it: the controllers' and the scheduler's
+    // Events on each object (no edge node here, so the pods cannot be scheduled).
+    let scaled = format!("Scaled up replica set {rs} from 1 to 3");
+    eventually("the Deployment's events", Duration::from_secs(20), || {
+        let described = cloud.ok(&["describe", "deployment", "web"]);
+        described.contains("ScalingReplicaSet") && described.contains(&scaled)
+    });
+    eventually("the ReplicaSet's events", Duration::from_secs(20), || {
+        let described = cloud.ok(&["describe", "rs", &rs]);
+        described.contains("SuccessfulCreate") && described.contains(&format!("Created pod: {pod}"))
+    });
+    eventually("the pod's events", Duration::from_secs(20), || {
+        cloud
+            .ok(&["describe", "pod", &pod])
+            .contains("FailedScheduling")
+    });
+    let events = cloud.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "reason=ScalingReplicaSet",
+    ]);
+    assert!(events.contains("ScalingReplicaSet"), "{events}");
 
     // A new template: a second ReplicaSet at revision 2; undo goes back to the first one.
     cloud.ok(&["set", "image", "deployment/web", "nginx=nginx:2"]);
@@ -826,7 +914,8 @@ fn deployments_scale_roll_back_and_cascade() {
             "-o",
             "jsonpath={.metadata.ownerReferences}"
         ]),
-        "[]"
+        "",
+        "no owner left: no ownerReferences field (not `[]`)"
     );
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(names(&cloud, &["pods", "-l", "app=keep"]).len(), 2);

@@ -23,6 +23,7 @@ use serde_json::Value;
 use transport::stream::{PodStreamRequest, StreamHead, Subresource, REMOTE_COMMAND_PROTOCOLS};
 use transport::{IncomingRequest, StreamWriter};
 
+use crate::attach::{self, AttachOptions, AttachTarget};
 use crate::edged::logs::{self, LogOptions, LogSink};
 use crate::exec::{self, ExecOptions};
 use crate::meta::MetaManager;
@@ -32,6 +33,8 @@ pub struct EdgeStream {
     meta: Arc<MetaManager>,
     /// `DATA_DIR/pods`.
     pods_dir: PathBuf,
+    /// The node's and its pods' resource usage (`kubectl top`).
+    pub usage: Arc<crate::usage::Sampler>,
 }
 
 /// A log request checked against the pod: what to read and how.
@@ -76,7 +79,12 @@ fn running(pod: &Object, container: &str) -> bool {
 
 impl EdgeStream {
     pub fn new(meta: Arc<MetaManager>, pods_dir: PathBuf) -> Self {
-        EdgeStream { meta, pods_dir }
+        let usage = Arc::new(crate::usage::Sampler::new(pods_dir.clone()));
+        EdgeStream {
+            meta,
+            pods_dir,
+            usage,
+        }
     }
 
     fn pod(&self, key: &ObjectKey) -> Result<Option<Object>, ApiError> {
@@ -146,6 +154,8 @@ impl EdgeStream {
         match call.subresource {
             Subresource::Log => self.serve_log(request, call).await,
             Subresource::Exec => self.serve_exec(request, call).await,
+            Subresource::Attach => self.serve_attach(request, call).await,
+            Subresource::PortForward => self.serve_portforward(request, call).await,
         }
     }
 
@@ -201,6 +211,131 @@ impl EdgeStream {
         let (input, mut output) = request.into_duplex();
         match prepared {
             Ok((options, target)) => exec::over_link(options, target, input, output).await,
+            Err(e) => {
+                let head = StreamHead::Error {
+                    code: e.code,
+                    status: ApiReply::error(&e).body,
+                };
+                let _ = output.send(&head.to_message()).await;
+                let _ = output.finish();
+            }
+        }
+    }
+
+    /// Checks an attach request against the pod: its options, and the running container.
+    pub fn prepare_attach(
+        &self,
+        namespace: &str,
+        pod_name: &str,
+        query: &str,
+    ) -> Result<(AttachOptions, AttachTarget), ApiError> {
+        let mut options = AttachOptions::from_query(query).map_err(ApiError::bad_request)?;
+        options.container = self
+            .pod_container(namespace, pod_name, &options.container)?
+            .1;
+        let dir = self.pods_dir.join(format!("{namespace}_{pod_name}"));
+        let running = exec::target(&dir, &options.container).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "container {} in pod {pod_name} is not running on this node's process runtime",
+                options.container
+            ))
+        })?;
+        let log = logs::path(&dir, &options.container, false);
+        let stdin = crate::edged::process::container_stdin(&log);
+        Ok((
+            options,
+            AttachTarget {
+                log,
+                group: running.group,
+                stdin,
+            },
+        ))
+    }
+
+    async fn serve_attach(&self, request: IncomingRequest, call: PodStreamRequest) {
+        let prepared = self.prepare_attach(&call.namespace, &call.pod, &call.query);
+        let (input, mut output) = request.into_duplex();
+        match prepared {
+            Ok((options, target)) => {
+                exec::session_over_link(input, output, move |session| {
+                    attach::run(options, target, session)
+                })
+                .await
+            }
+            Err(e) => {
+                let head = StreamHead::Error {
+                    code: e.code,
+                    status: ApiReply::error(&e).body,
+                };
+                let _ = output.send(&head.to_message()).await;
+                let _ = output.finish();
+            }
+        }
+    }
+
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        self.meta.node()
+    }
+
+    /// The labels of a pod this node holds (for `PodMetrics`).
+    pub fn pod_labels(&self, namespace: &str, name: &str) -> Option<Value> {
+        let key = ObjectKey::new("pods", namespace, name).ok()?;
+        self.pod(&key)
+            .ok()
+            .flatten()?
+            .get("metadata")?
+            .get("labels")
+            .cloned()
+    }
+
+    /// Answers the cloud's usage request (`transport::usage`) with a report measured now.
+    pub async fn serve_usage(&self, request: IncomingRequest) {
+        let report = self.usage.report().await;
+        if let Err(e) = request.respond(&transport::usage::answer(&report)).await {
+            tracing::debug!(error = %e, "the cloud went away before the usage report");
+        }
+    }
+
+    /// A pod this node holds and runs (bound to this node): 404 otherwise.
+    pub fn own_pod(&self, namespace: &str, pod_name: &str) -> Result<Object, ApiError> {
+        let key = ObjectKey::new("pods", namespace, pod_name)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let pod = self
+            .pod(&key)?
+            .ok_or_else(|| ApiError::not_found("pods", pod_name))?;
+        let node = pod
+            .get("spec")
+            .and_then(|s| s.get("nodeName"))
+            .and_then(Value::as_str);
+        if node != Some(self.meta.node()) {
+            return Err(ApiError::not_found("pods", pod_name));
+        }
+        Ok(pod)
+    }
+
+    /// One forwarded connection for the cloud: the pod must be this node's, the query names
+    /// the port (`port=N`); nothing listening there is an error head whose message kubectl
+    /// shows.
+    async fn serve_portforward(&self, request: IncomingRequest, call: PodStreamRequest) {
+        let (input, mut output) = request.into_duplex();
+        let port = logs::query_pairs(&call.query).and_then(|pairs| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == "port")
+                .and_then(|(_, v)| v.parse::<u16>().ok())
+                .filter(|p| *p > 0)
+                .ok_or_else(|| "a port-forward names its port (port=N)".to_owned())
+        });
+        let connected = match (self.own_pod(&call.namespace, &call.pod), port) {
+            (Err(e), _) => Err(e),
+            (_, Err(e)) => Err(ApiError::bad_request(e)),
+            (Ok(_), Ok(port)) => crate::portforward::connect(&call.pod, port)
+                .await
+                .map_err(ApiError::internal),
+        };
+        match connected {
+            Ok(tcp) => crate::portforward::over_link(tcp, input, output).await,
             Err(e) => {
                 let head = StreamHead::Error {
                     code: e.code,
@@ -331,12 +466,27 @@ pub async fn http_exec(
     let v5 = upgrade
         .selected_protocol()
         .is_some_and(|p| p.as_bytes() == REMOTE_COMMAND_PROTOCOLS[0].as_bytes());
-    upgrade.on_upgrade(move |socket| async move {
+    upgrade.on_upgrade(move |socket| {
+        ws_session(socket, v5, move |session| {
+            exec::run(options, target, session)
+        })
+    })
+}
+
+/// Runs a remote-command session (exec, attach) for a WebSocket client of MetaServer: the
+/// client's channels into the session `runner` runs, its output back, until it ends or the
+/// client goes away (which cancels it).
+pub async fn ws_session<F, Fut>(socket: axum::extract::ws::WebSocket, v5: bool, runner: F)
+where
+    F: FnOnce(exec::Session) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    {
         use axum::extract::ws::Message as WsMessage;
         use futures_util::{SinkExt, StreamExt};
         let (session, in_tx, mut out_rx) = exec::Session::new();
         let cancel = session.cancelled.clone();
-        let runner = tokio::spawn(exec::run(options, target, session));
+        let runner = tokio::spawn(runner(session));
         let (mut ws_tx, mut ws_rx) = socket.split();
         let mut in_tx = Some(in_tx);
         loop {
@@ -381,5 +531,39 @@ pub async fn http_exec(
             }
         }
         let _ = runner.await;
+    }
+}
+
+/// MetaServer's `GET|POST .../pods/{name}/attach`: `kubectl attach` on the node itself.
+pub async fn http_attach(
+    State(stream): State<Arc<EdgeStream>>,
+    Path((namespace, pod)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    upgrade: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Response {
+    let (options, target) =
+        match stream.prepare_attach(&namespace, &pod, query.as_deref().unwrap_or("")) {
+            Ok(prepared) => prepared,
+            Err(e) => return ApiReply::error(&e).into_response(),
+        };
+    let Ok(upgrade) = upgrade else {
+        return ApiReply::error(&ApiError::bad_request(format!(
+            "attach is served over WebSocket with the {} subprotocols (kubectl 1.30 and later \
+             use them by default); SPDY is not served",
+            REMOTE_COMMAND_PROTOCOLS.join(" or ")
+        )))
+        .into_response();
+    };
+    let upgrade = upgrade.protocols(REMOTE_COMMAND_PROTOCOLS);
+    let v5 = upgrade
+        .selected_protocol()
+        .is_some_and(|p| p.as_bytes() == REMOTE_COMMAND_PROTOCOLS[0].as_bytes());
+    upgrade.on_upgrade(move |socket| {
+        ws_session(socket, v5, move |session| {
+            attach::run(options, target, session)
+        })
     })
 }

@@ -507,15 +507,26 @@ pub async fn run_cri(
 pub async fn over_link(
     options: ExecOptions,
     target: Target,
-    mut input: StreamReader,
-    mut output: StreamWriter,
+    input: StreamReader,
+    output: StreamWriter,
 ) {
+    session_over_link(input, output, move |session| run(options, target, session)).await
+}
+
+/// Carries any remote-command session (exec, attach) over the link: the head, then the cloud's
+/// messages into the session `runner` runs, and its output back, until the final status went
+/// out or either side is gone (which cancels the session).
+pub async fn session_over_link<F, Fut>(mut input: StreamReader, mut output: StreamWriter, runner: F)
+where
+    F: FnOnce(Session) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     if output.send(&StreamHead::Ok.to_message()).await.is_err() {
         return;
     }
     let (session, in_tx, mut out_rx) = Session::new();
     let cancel = session.cancelled.clone();
-    let runner = tokio::spawn(run(options, target, session));
+    let runner = tokio::spawn(runner(session));
     let stopped = output.stopped();
     tokio::pin!(stopped);
     let mut in_tx = Some(in_tx);

@@ -118,6 +118,10 @@ async fn send_upward(link: &Link, meta: &MetaManager) {
 /// Answers a request from the cloud: ServiceBus calls are performed against the local
 /// application; anything else is answered with an error message.
 async fn answer(request: IncomingRequest, bus: Arc<ServiceBus>, stream: Arc<EdgeStream>) {
+    if request.message.route().group.as_str() == transport::usage::GROUP {
+        stream.serve_usage(request).await;
+        return;
+    }
     if request.message.route().group.as_str() == transport::stream::GROUP {
         match transport::stream::PodStreamRequest::from_message(&request.message) {
             Ok(call) => stream.serve(request, call).await,

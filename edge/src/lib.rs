@@ -12,6 +12,7 @@
 //! - [`eventbus`]: MQTT (embedded broker or external), KubeEdge's topics, to DeviceTwin;
 //! - this module: wiring ([`EdgeCore`]).
 
+pub mod attach;
 pub mod devicetwin;
 pub mod edged;
 pub mod edgestream;
@@ -22,7 +23,12 @@ pub mod identity;
 pub mod meta;
 pub mod metaserver;
 pub mod node;
+pub mod portforward;
 pub mod servicebus;
+pub mod usage;
+
+/// Request streams the cloud may have open to this node at once (QUIC's stream limit).
+pub const STREAMS_FROM_CLOUD: u32 = 512;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -98,7 +104,9 @@ pub struct EdgeCore {
     pub mqtt_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     edged: JoinHandle<()>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Every long-running task, by name. None ends before shutdown: one that does is a
+    /// failure ([`EdgeCore::failed`]).
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
 }
 
 impl EdgeCore {
@@ -152,22 +160,44 @@ impl EdgeCore {
                 "/api/v1/namespaces/{namespace}/pods/{name}/exec",
                 axum::routing::get(edgestream::http_exec).post(edgestream::http_exec),
             )
+            .route(
+                "/api/v1/namespaces/{namespace}/pods/{name}/attach",
+                axum::routing::get(edgestream::http_attach).post(edgestream::http_attach),
+            )
+            .merge(usage::routes())
+            .route(
+                "/api/v1/namespaces/{namespace}/pods/{name}/portforward",
+                axum::routing::get(portforward::http_portforward)
+                    .post(portforward::http_portforward_spdy),
+            )
             .with_state(edgestream.clone())
             .merge(ApiServer::new(meta.store().clone(), policy).router().layer(
                 axum::middleware::from_fn_with_state(meta.clone(), metaserver::forward_to_cloud),
             ));
+        tasks.push((
+            "usage sampler",
+            tokio::spawn(edgestream.usage.clone().run(shutdown.clone())),
+        ));
         let stop = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "MetaServer stopped");
-            }
-        }));
+        tasks.push((
+            "MetaServer",
+            tokio::spawn(async move {
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "MetaServer stopped");
+                }
+            }),
+        ));
 
         let mut client = transport::ClientConfig::new(config.cloud, identity::CLOUD_SERVER_NAME);
         client.link.heartbeat = config.link_keepalive;
+        // The streams the cloud may have open to this node at once: every `kubectl logs -f`,
+        // exec or attach session and port-forward connection is one (the cloud caps them per
+        // node below this, `cloudcore --streams-per-node`), besides ServiceBus calls. What they
+        // buffer is bounded by the connection's receive window, not by their number.
+        client.link.max_concurrent_requests = STREAMS_FROM_CLOUD;
         let link = transport::connect(client, &credentials.ca, &credentials.identity)
             .context("starting the link to the cloud")?;
         meta.set_link(link.handle().clone());
@@ -176,13 +206,16 @@ impl EdgeCore {
             config.service_bus_apps.clone(),
             config.service_bus_timeout,
         ));
-        tasks.push(tokio::spawn(hub::run(
-            link,
-            meta.clone(),
-            bus,
-            edgestream,
-            shutdown.clone(),
-        )));
+        tasks.push((
+            "EdgeHub",
+            tokio::spawn(hub::run(
+                link,
+                meta.clone(),
+                bus,
+                edgestream,
+                shutdown.clone(),
+            )),
+        ));
 
         let mqtt_addr =
             eventbus::start(meta.clone(), config.eventbus.clone(), shutdown.clone()).await?;
@@ -214,12 +247,15 @@ impl EdgeCore {
                 Arc::new(runtime)
             }
         };
-        tasks.push(tokio::spawn(node::run(
-            meta.clone(),
-            link_handle,
-            status_config,
-            shutdown.clone(),
-        )));
+        tasks.push((
+            "node status",
+            tokio::spawn(node::run(
+                meta.clone(),
+                link_handle,
+                status_config,
+                shutdown.clone(),
+            )),
+        ));
         let edged = edged::Edged::new(meta.clone(), runtime, config.data_dir.join("pods"));
         let edged = tokio::spawn(edged.run(shutdown.clone(), Duration::from_secs(10)));
         tracing::info!(node = %config.node_name, %metaserver_addr, mqtt = ?mqtt_addr, cloud = %config.cloud, "edgecore started");
@@ -233,15 +269,35 @@ impl EdgeCore {
         })
     }
 
+    /// Waits until one of edgecore's tasks (Edged included) ends on its own, which none
+    /// should before shutdown, and says which and why. The binary exits non-zero on it (its
+    /// supervisor restarts it; the pods keep running and are adopted again) rather than run on
+    /// with a part missing.
+    pub async fn failed(&mut self) -> String {
+        let handles = std::iter::once(&mut self.edged).chain(self.tasks.iter_mut().map(|(_, h)| h));
+        let (result, index, _) = futures_util::future::select_all(handles).await;
+        let name = match index {
+            0 => "Edged",
+            i => self.tasks[i - 1].0,
+        };
+        match result {
+            Ok(()) => format!("{name} stopped"),
+            Err(e) if e.is_panic() => format!("{name} panicked"),
+            Err(e) => format!("{name} ended: {e}"),
+        }
+    }
+
     /// Stops pods (SIGTERM, at most 10 s; the CRI runtime's containers keep running for the
     /// next edgecore, as kubelet's do), the link and MetaServer, and flushes the cache.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        let _ = self.edged.await;
-        for task in &self.tasks {
+        if !self.edged.is_finished() {
+            let _ = self.edged.await;
+        }
+        for (_, task) in &self.tasks {
             task.abort();
         }
-        for task in self.tasks {
+        for (_, task) in self.tasks {
             let _ = task.await;
         }
         if let Err(e) = self.meta.store().flush() {

@@ -32,7 +32,8 @@ pub struct MetaManager {
 impl MetaManager {
     /// Opens (or creates) the cache in `dir`.
     pub fn open(dir: &Path, node: &str) -> Result<Arc<Self>, replication::StoreError> {
-        let store = Arc::new(Store::open(dir, StoreConfig::edge())?);
+        let config = StoreConfig::edge().with_aux(crate::devicetwin::DEVICETWIN);
+        let store = Arc::new(Store::open(dir, config)?);
         let replica = EdgeReplica::from_shared(store.clone())?;
         Ok(Arc::new(MetaManager {
             node: node.to_owned(),

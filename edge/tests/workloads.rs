@@ -279,3 +279,141 @@ fn deployments_and_daemonsets_run_on_edge_nodes() {
     });
     assert_eq!(pods(&cloud, "app=agent").len(), 2, "orphaned pods stay");
 }
+
+const FAILING_JOB: &str = r#"
+apiVersion: batch/v1
+kind: Job
+metadata: {name: fails}
+spec:
+  backoffLimit: 1
+  template:
+    spec:
+      restartPolicy: Never
+      terminationGracePeriodSeconds: 1
+      containers:
+      - {name: main, image: busybox, command: [sh, -c, "exit 3"]}
+"#;
+
+/// `kubectl wait --for=condition=<condition>` on `what`, bounded by its own timeout.
+fn wait_for(cloud: &CloudProcess, condition: &str, what: &str) {
+    let out = cloud.kubectl(&[
+        "wait",
+        &format!("--for=condition={condition}"),
+        what,
+        "--timeout=60s",
+    ]);
+    assert!(
+        out.status.success(),
+        "wait {condition} {what}: {}{}",
+        stdout(&out),
+        stderr_of(&out)
+    );
+}
+
+#[test]
+fn jobs_and_cronjobs_run_to_completion_on_an_edge_node() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start_with(
+        cloud_dir.path(),
+        free_port(),
+        free_port(),
+        free_port(),
+        CLOUD_FAST,
+    );
+    let token = token(&cloud);
+    let dir = tempfile::tempdir().unwrap();
+    let _edge = EdgeProcess::start(&cloud, "edge-1", dir.path(), free_port(), Some(&token));
+    wait_ready(&cloud, "edge-1");
+
+    // kubectl's own Job: runs once, completes, its output is in `kubectl logs job/…`.
+    ok(
+        &cloud,
+        &[
+            "create",
+            "job",
+            "hello",
+            "--image=busybox",
+            "--",
+            "sh",
+            "-c",
+            "echo hello from a job",
+        ],
+    );
+    wait_for(&cloud, "complete", "job/hello");
+    let logs = ok(&cloud, &["logs", "job/hello"]);
+    assert!(logs.contains("hello from a job"), "{logs}");
+    let table = ok(&cloud, &["get", "job", "hello"]);
+    assert!(
+        table.contains("Complete") && table.contains("1/1"),
+        "{table}"
+    );
+    let described = ok(&cloud, &["describe", "job", "hello"]);
+    assert!(described.contains("SuccessfulCreate"), "{described}");
+
+    // A Job whose pods fail: one retry (backoffLimit 1), then Failed.
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], FAILING_JOB)
+        .status
+        .success());
+    wait_for(&cloud, "failed", "job/fails");
+    assert_eq!(
+        ok(
+            &cloud,
+            &[
+                "get",
+                "job",
+                "fails",
+                "-o",
+                "jsonpath={.status.failed} {.status.conditions[0].reason}"
+            ]
+        ),
+        "2 BackoffLimitExceeded"
+    );
+    // Restart policy Always is refused for a Job, as kube-apiserver refuses it.
+    let refused = cloud.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &FAILING_JOB
+            .replace("name: fails", "name: always")
+            .replace("Never", "Always"),
+    );
+    assert!(!refused.status.success());
+    assert!(
+        stderr_of(&refused).contains("restartPolicy"),
+        "{}",
+        stderr_of(&refused)
+    );
+
+    // A CronJob, and a Job made from it by hand (`--from=cronjob/…`), as operators test one.
+    ok(
+        &cloud,
+        &[
+            "create",
+            "cronjob",
+            "tick",
+            "--image=busybox",
+            "--schedule=*/30 * * * *",
+            "--",
+            "sh",
+            "-c",
+            "echo tick",
+        ],
+    );
+    let table = ok(&cloud, &["get", "cronjob", "tick"]);
+    assert!(table.contains("*/30 * * * *"), "{table}");
+    ok(
+        &cloud,
+        &["create", "job", "tick-now", "--from=cronjob/tick"],
+    );
+    wait_for(&cloud, "complete", "job/tick-now");
+    assert!(ok(&cloud, &["logs", "job/tick-now"]).contains("tick"));
+
+    // Deleting a Job takes its pods with it.
+    let selector = "batch.kubernetes.io/job-name=hello";
+    assert_eq!(pods(&cloud, selector).len(), 1);
+    ok(&cloud, &["delete", "job", "hello"]);
+    eventually(
+        "the Job's pod is collected",
+        Duration::from_secs(30),
+        || pods(&cloud, selector).is_empty(),
+    );
+}

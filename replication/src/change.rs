@@ -16,18 +16,24 @@ use crate::key::ObjectKey;
 /// Watch event types, as Kubernetes names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeKind {
+    /// The object was created (`ADDED`).
     Added,
+    /// The object was replaced or updated (`MODIFIED`).
     Modified,
+    /// The object was deleted (`DELETED`).
     Deleted,
 }
 
+/// One committed change to one object; shared as a [`SharedChange`].
 pub struct Change {
     /// Position in this store's change history: strictly increasing, one per change. Equal to
     /// `rv` in a store that assigns versions; a local counter in a store that mirrors them.
     pub revision: u64,
+    /// The object changed.
     pub key: ObjectKey,
     /// The object's resourceVersion after the change (for a delete: the version of the delete).
     pub rv: u64,
+    /// Created, modified or deleted.
     pub kind: ChangeKind,
     /// The object's JSON bytes after the change; for a delete, its last state.
     pub object: Bytes,
@@ -41,6 +47,7 @@ pub struct Change {
 }
 
 impl Change {
+    /// A change without its previous state (`prev` is `None`) and no cached encoding.
     pub fn new(revision: u64, key: ObjectKey, rv: u64, kind: ChangeKind, object: Bytes) -> Self {
         Change {
             revision,
@@ -59,6 +66,7 @@ impl Change {
         self
     }
 
+    /// Whether this is a delete.
     pub fn is_delete(&self) -> bool {
         self.kind == ChangeKind::Deleted
     }
@@ -91,6 +99,7 @@ impl fmt::Debug for Change {
     }
 }
 
+/// A change shared by the watch history, every watcher and every node feed.
 pub type SharedChange = Arc<Change>;
 
 #[cfg(test)]

@@ -9,10 +9,13 @@ use std::sync::Arc;
 /// Why a string is not a valid object key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
+    /// Not three `/`-separated parts (or, read back from the store, not UTF-8).
     #[error("object key {0:?} is not of the form kind/namespace/name")]
     Shape(String),
+    /// An empty kind or name.
     #[error("object key {0:?}: kind and name must not be empty")]
     Empty(String),
+    /// A part containing `/` or a control character.
     #[error("object key part {0:?} contains '/' or a control character")]
     BadPart(String),
 }
@@ -30,6 +33,12 @@ fn check_part(part: &str) -> Result<(), KeyError> {
 }
 
 impl ObjectKey {
+    /// The key of an object: `kind` is the resource's plural (`pods`), `namespace` is empty for a
+    /// cluster-scoped object.
+    ///
+    /// # Errors
+    /// [`KeyError::BadPart`] when a part contains `/` or a control character,
+    /// [`KeyError::Empty`] when `kind` or `name` is empty.
     pub fn new(kind: &str, namespace: &str, name: &str) -> Result<Self, KeyError> {
         for part in [kind, namespace, name] {
             check_part(part)?;
@@ -40,6 +49,11 @@ impl ObjectKey {
         Ok(ObjectKey(format!("{kind}/{namespace}/{name}").into()))
     }
 
+    /// Parses `kind/namespace/name` (`nodes//edge-1` for a cluster-scoped object).
+    ///
+    /// # Errors
+    /// [`KeyError::Shape`] when `key` is not three `/`-separated parts, else as
+    /// [`new`](Self::new).
     pub fn parse(key: &str) -> Result<Self, KeyError> {
         let mut parts = key.split('/');
         match (parts.next(), parts.next(), parts.next(), parts.next()) {
@@ -63,6 +77,7 @@ impl ObjectKey {
         (kind, namespace, name)
     }
 
+    /// The resource's plural (`pods`, `configmaps`, ...).
     pub fn kind(&self) -> &str {
         self.parts().0
     }
@@ -72,14 +87,17 @@ impl ObjectKey {
         self.parts().1
     }
 
+    /// The object's name.
     pub fn name(&self) -> &str {
         self.parts().2
     }
 
+    /// The key as text, `kind/namespace/name`.
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
+    /// The key as stored (the UTF-8 of [`as_str`](Self::as_str)).
     pub fn as_bytes(&self) -> &[u8] {
         self.0.as_bytes()
     }
@@ -104,6 +122,10 @@ pub struct KeyRange {
 }
 
 impl KeyRange {
+    /// Every object of `kind`.
+    ///
+    /// # Errors
+    /// [`KeyError::BadPart`] when `kind` contains `/` or a control character.
     pub fn kind(kind: &str) -> Result<Self, KeyError> {
         check_part(kind)?;
         Ok(KeyRange {
@@ -111,6 +133,10 @@ impl KeyRange {
         })
     }
 
+    /// Every object of `kind` in `namespace` (the empty namespace: cluster-scoped objects).
+    ///
+    /// # Errors
+    /// [`KeyError::BadPart`] when `kind` or `namespace` contains `/` or a control character.
     pub fn namespace(kind: &str, namespace: &str) -> Result<Self, KeyError> {
         check_part(kind)?;
         check_part(namespace)?;
@@ -126,10 +152,12 @@ impl KeyRange {
         }
     }
 
+    /// The bytes every key in the range starts with (`kind/`, `kind/namespace/`, or empty).
     pub fn prefix(&self) -> &[u8] {
         self.prefix.as_bytes()
     }
 
+    /// Whether `key` is in the range.
     pub fn contains(&self, key: &ObjectKey) -> bool {
         key.as_bytes().starts_with(self.prefix())
     }

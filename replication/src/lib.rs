@@ -11,6 +11,8 @@
 //! Only [`sync::wire`] knows `transport` (how the sync messages ride on it); `cloud` and `edge`
 //! run the sessions. [`api`] is the Kubernetes-compatible HTTP API over a store.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod change;
 pub mod key;

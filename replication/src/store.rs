@@ -28,9 +28,6 @@ use crate::watch::{WatchConfig, WatchHub};
 
 const CF_OBJECTS: &str = "objects";
 const CF_META: &str = "meta";
-const CF_OUTBOX: &str = "outbox";
-const CF_OBJECTSYNC: &str = "objectsync";
-const CF_DEVICETWIN: &str = "devicetwin";
 const META_REVISION: &[u8] = b"store/revision";
 
 /// Who decides resourceVersions.
@@ -43,8 +40,10 @@ pub enum Versioning {
     Mirror,
 }
 
+/// How a [`Store`] is opened: versioning, durability, memory and column families.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    /// Who assigns resourceVersions.
     pub versioning: Versioning,
     /// fsync the WAL on every commit. Off, a killed process still loses nothing (the WAL is in
     /// the OS page cache); only a power loss can take the last commits.
@@ -53,7 +52,11 @@ pub struct StoreConfig {
     pub block_cache_bytes: usize,
     /// Memtable size per column family; all memtables together are capped at 4× this.
     pub write_buffer_bytes: usize,
+    /// History and lag limits of the store's [`WatchHub`].
     pub watch: WatchConfig,
+    /// The auxiliary column families the store's users write (see [`Aux`]); created on open
+    /// if missing. Column families found on disk are opened whether listed or not.
+    pub aux: Vec<Aux>,
 }
 
 impl StoreConfig {
@@ -71,6 +74,7 @@ impl StoreConfig {
                 lag_limit: 65_536,
                 ..WatchConfig::default()
             },
+            aux: vec![Aux::META, Aux::OBJECTSYNC],
         }
     }
 
@@ -85,31 +89,54 @@ impl StoreConfig {
                 history: 2_000,
                 lag_limit: 1_024,
             },
+            aux: vec![Aux::META, Aux::OUTBOX, Aux::OBJECTSYNC],
         }
+    }
+
+    /// With `aux` registered too (an owner's own column family).
+    pub fn with_aux(mut self, aux: Aux) -> Self {
+        if !self.aux.contains(&aux) {
+            self.aux.push(aux);
+        }
+        self
     }
 }
 
+/// Why a store operation failed. A failed commit wrote nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// RocksDB failed (IO error, corruption it detected, a lock held by another process).
     #[error("rocksdb: {0}")]
     Db(#[from] rocksdb::Error),
+    /// A [`Precondition::Version`] that does not match the object's resourceVersion (HTTP 409).
     #[error("{key}: resourceVersion conflict: expected {expected}, found {actual:?}")]
     Conflict {
+        /// The object.
         key: ObjectKey,
+        /// The resourceVersion the write expected.
         expected: u64,
+        /// The object's resourceVersion (`None`: absent).
         actual: Option<u64>,
     },
+    /// [`Precondition::Absent`] and the object exists (HTTP 409 `AlreadyExists`).
     #[error("{0} already exists")]
     AlreadyExists(ObjectKey),
+    /// The object must exist and does not (HTTP 404).
     #[error("{0} not found")]
     NotFound(ObjectKey),
+    /// An assigning operation on a mirroring store, or the other way round (a programming error).
     #[error("{op} is not allowed in a store with {versioning:?} versioning")]
     WrongVersioning {
+        /// The [`WriteSet`] operation (`put`, `delete`, `mirror_put`, ...).
         op: &'static str,
+        /// The store's versioning.
         versioning: Versioning,
     },
+    /// A stored record that does not decode (a value shorter than its 16-byte header, a counter
+    /// that is not 8 bytes); what was wrong.
     #[error("corrupt store record: {0}")]
     Corrupt(String),
+    /// A stored or given key that is not a valid [`ObjectKey`].
     #[error(transparent)]
     Key(#[from] KeyError),
 }
@@ -124,12 +151,14 @@ pub struct Versioned {
     /// object versions, list versions and watch positions share one increasing number space,
     /// which mirrored versions, arriving in routing order, do not).
     pub revision: u64,
+    /// The object's JSON, exactly as written.
     pub object: Bytes,
 }
 
 /// What must hold for a write in a version-assigning store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precondition {
+    /// No condition: create or replace.
     None,
     /// Create: the object must not exist.
     Absent,
@@ -139,24 +168,33 @@ pub enum Precondition {
     Version(u64),
 }
 
-/// The bookkeeping column families a caller may write beside objects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Aux {
-    Meta,
-    Outbox,
-    ObjectSync,
-    /// The edge's device and twin records (DeviceTwin), committed with the reports they cause.
-    DeviceTwin,
-}
+/// A bookkeeping column family that a caller writes beside objects, in the same atomic
+/// commit. Each owner names its own and registers it in [`StoreConfig::aux`] (or with
+/// [`StoreConfig::with_aux`]); the store knows only its own [`Aux::META`]. Using one that was
+/// not registered when the store was opened is a programming error (a panic naming it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Aux(&'static str);
 
 impl Aux {
+    /// The store's own bookkeeping (the revision), also open to callers' small records.
+    pub const META: Aux = Aux(CF_META);
+    /// The sync layer's edge outbox (reports not yet acknowledged by the cloud).
+    pub const OUTBOX: Aux = Aux("outbox");
+    /// The sync layer's ObjectSync records (what each node acknowledged; interests).
+    pub const OBJECTSYNC: Aux = Aux("objectsync");
+
+    /// A column family named `name` (RocksDB's name for it on disk).
+    pub const fn named(name: &'static str) -> Aux {
+        Aux(name)
+    }
+
+    /// Its name on disk.
+    pub fn name(self) -> &'static str {
+        self.0
+    }
+
     fn cf_name(self) -> &'static str {
-        match self {
-            Aux::Meta => CF_META,
-            Aux::Outbox => CF_OUTBOX,
-            Aux::ObjectSync => CF_OBJECTSYNC,
-            Aux::DeviceTwin => CF_DEVICETWIN,
-        }
+        self.0
     }
 }
 
@@ -205,6 +243,7 @@ pub struct WriteSet {
 }
 
 impl WriteSet {
+    /// An empty set.
     pub fn new() -> Self {
         Self::default()
     }
@@ -231,6 +270,7 @@ impl WriteSet {
         self.aux.extend(other.aux);
     }
 
+    /// Whether the set has no operation at all.
     pub fn is_empty(&self) -> bool {
         self.objects.is_empty() && self.aux.is_empty()
     }
@@ -276,10 +316,12 @@ impl WriteSet {
         self
     }
 
+    /// Sets `key` to `value` in `aux`.
     pub fn put_aux(&mut self, aux: Aux, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
         self.aux.push(AuxOp::Put(aux, key.into(), value.into()));
     }
 
+    /// Deletes `key` from `aux` (nothing if absent).
     pub fn delete_aux(&mut self, aux: Aux, key: impl Into<Vec<u8>>) {
         self.aux.push(AuxOp::Delete(aux, key.into()));
     }
@@ -297,6 +339,7 @@ pub type AuxEntry = (Box<[u8]>, Box<[u8]>);
 /// One page of a list.
 #[derive(Debug, Clone)]
 pub struct ListPage {
+    /// The objects of this page, in key order.
     pub items: Vec<(ObjectKey, Versioned)>,
     /// The store's revision when the list was read.
     pub revision: u64,
@@ -308,9 +351,14 @@ struct Writer {
     revision: u64,
 }
 
+/// A versioned object store over one RocksDB database; share it behind an `Arc`. Every write
+/// is a [`WriteSet`] committed with [`commit`](Store::commit); committed changes are
+/// published to [`watch`](Store::watch) in revision order.
 pub struct Store {
     db: DB,
     config: StoreConfig,
+    /// Every open column family.
+    families: Vec<String>,
     writer: Mutex<Writer>,
     watch: Arc<WatchHub>,
 }
@@ -340,6 +388,9 @@ fn decode_value(value: Vec<u8>) -> Result<Versioned, StoreError> {
 }
 
 /// Reads a big-endian u64 stored by [`u64::to_be_bytes`].
+///
+/// # Errors
+/// [`StoreError::Corrupt`] when `bytes` is not 8 bytes long.
 pub fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
     let array: [u8; 8] = bytes
         .try_into()
@@ -348,6 +399,13 @@ pub fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
 }
 
 impl Store {
+    /// Opens (or creates) the database in directory `path` with the `objects` and `meta` column
+    /// families, those in `config.aux`, and any others on disk; reads the revision back. One
+    /// process at a time: RocksDB locks the directory.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] when RocksDB cannot open or read the database (another process holds
+    /// it, IO error, corruption); [`StoreError::Corrupt`] when the stored revision is not 8 bytes.
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StoreError> {
         let cache = Cache::new_lru_cache(config.block_cache_bytes);
         let mut table = BlockBasedOptions::default();
@@ -380,10 +438,22 @@ impl Store {
         db_options.set_keep_log_file_num(2);
         db_options.set_max_open_files(512);
 
-        let families = [CF_OBJECTS, CF_META, CF_OUTBOX, CF_OBJECTSYNC, CF_DEVICETWIN]
-            .into_iter()
+        // The registered families, and any others already on disk (RocksDB opens a store
+        // only with all of its column families).
+        let mut names: Vec<String> = vec![CF_OBJECTS.to_owned(), CF_META.to_owned()];
+        for aux in &config.aux {
+            names.push(aux.name().to_owned());
+        }
+        if let Ok(existing) = DB::list_cf(&Options::default(), path.as_ref()) {
+            names.extend(existing);
+        }
+        names.retain(|n| n != "default");
+        names.sort();
+        names.dedup();
+        let families = names
+            .iter()
             .map(|name| ColumnFamilyDescriptor::new(name, cf_options()));
-        let db = DB::open_cf_descriptors(&db_options, path, families)?;
+        let db = DB::open_cf_descriptors(&db_options, path.as_ref(), families)?;
         let revision = match db.get_cf(db.cf_handle(CF_META).expect("created"), META_REVISION)? {
             Some(bytes) => decode_u64(&bytes)?,
             None => 0,
@@ -392,15 +462,16 @@ impl Store {
         Ok(Store {
             db,
             config,
+            families: names,
             writer: Mutex::new(Writer { revision }),
             watch,
         })
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db
-            .cf_handle(name)
-            .expect("column families are created on open")
+        self.db.cf_handle(name).unwrap_or_else(|| {
+            panic!("column family {name:?} was not registered in StoreConfig::aux")
+        })
     }
 
     fn lock_writer(&self) -> MutexGuard<'_, Writer> {
@@ -408,6 +479,7 @@ impl Store {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Who assigns versions in this store (as opened).
     pub fn versioning(&self) -> Versioning {
         self.config.versioning
     }
@@ -417,10 +489,16 @@ impl Store {
         self.lock_writer().revision
     }
 
+    /// The hub that fans committed changes out to watchers.
     pub fn watch(&self) -> &Arc<WatchHub> {
         &self.watch
     }
 
+    /// The object at `key`, or `None` when there is none.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] when RocksDB cannot read, [`StoreError::Corrupt`] when the stored value
+    /// does not decode.
     pub fn get(&self, key: &ObjectKey) -> Result<Option<Versioned>, StoreError> {
         match self.db.get_cf(self.cf(CF_OBJECTS), key.as_bytes())? {
             Some(value) => Ok(Some(decode_value(value)?)),
@@ -429,6 +507,9 @@ impl Store {
     }
 
     /// Iterates over the objects in `range` in key order, reading as it goes.
+    ///
+    /// Each item fails on its own: [`StoreError::Db`] for a read error, [`StoreError::Corrupt`] or
+    /// [`StoreError::Key`] for a record that does not decode.
     pub fn scan(
         &self,
         range: &KeyRange,
@@ -479,6 +560,13 @@ impl Store {
     }
 
     /// One page of at most `limit` objects in `range`, starting after `after`.
+    ///
+    /// A `limit` of 0 counts as 1. The page's `revision` is read before the scan: objects in the page
+    /// may be newer than it.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get), for any object read, and [`StoreError::Key`] for a stored key that
+    /// is not a valid object key.
     pub fn list(
         &self,
         range: &KeyRange,
@@ -505,11 +593,19 @@ impl Store {
         })
     }
 
+    /// The value at `key` in `aux`, or `None`. Panics if `aux` was not registered when the store
+    /// was opened.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] when RocksDB cannot read.
     pub fn get_aux(&self, aux: Aux, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(aux.cf_name()), key)?)
     }
 
     /// Every bookkeeping entry whose key starts with `prefix`, in key order.
+    ///
+    /// Panics if `aux` was not registered. Each item fails on its own with [`StoreError::Db`] for
+    /// a read error.
     pub fn scan_aux(
         &self,
         aux: Aux,
@@ -560,6 +656,17 @@ impl Store {
 
     /// Commits `set` atomically and returns the changes it made, in revision order. On error
     /// nothing is written.
+    ///
+    /// Operations apply in order, each seeing the ones before it; each object change takes the
+    /// next revision, and an assigning store uses it as the resourceVersion. A `delete` without
+    /// precondition needs the object to exist; a `mirror_delete` of an absent object is no change.
+    /// The WAL is fsynced when [`StoreConfig::sync_writes`] is on.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`], [`StoreError::NotFound`] or [`StoreError::Conflict`] when a
+    /// precondition fails (a `set_version` or `local_write` also needs the object to exist),
+    /// [`StoreError::WrongVersioning`] for an operation of the other versioning,
+    /// [`StoreError::Db`] or [`StoreError::Corrupt`] when reading or writing fails.
     pub fn commit(&self, set: WriteSet) -> Result<Vec<SharedChange>, StoreError> {
         let mut writer = self.lock_writer();
         let mut revision = writer.revision;
@@ -693,8 +800,11 @@ impl Store {
     }
 
     /// Flushes memtables (tests and benchmarks use this to measure steady state).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] when RocksDB cannot flush.
     pub fn flush(&self) -> Result<(), StoreError> {
-        for name in [CF_OBJECTS, CF_META, CF_OUTBOX, CF_OBJECTSYNC, CF_DEVICETWIN] {
+        for name in &self.families {
             self.db.flush_cf(self.cf(name))?;
         }
         Ok(())
@@ -714,6 +824,25 @@ mod tests {
         config.versioning = versioning;
         config.sync_writes = false;
         Store::open(dir, config).unwrap()
+    }
+
+    #[test]
+    fn an_owners_column_family_is_kept_by_a_store_opened_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = Aux::named("owner-records");
+        let config = StoreConfig::edge().with_aux(mine);
+        let store = Store::open(dir.path(), config).unwrap();
+        let mut set = WriteSet::new();
+        set.put_aux(mine, b"k".to_vec(), b"v".to_vec());
+        store.commit(set).unwrap();
+        drop(store);
+        // Opened by a program that does not know the family: it opens, and the records stay.
+        let store = Store::open(dir.path(), StoreConfig::edge()).unwrap();
+        store.flush().unwrap();
+        assert_eq!(
+            store.get_aux(mine, b"k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
     }
 
     #[test]
@@ -785,11 +914,11 @@ mod tests {
             Bytes::from_static(b"1"),
             Precondition::Absent,
         );
-        set.put_aux(Aux::Meta, b"m".to_vec(), b"v".to_vec());
+        set.put_aux(Aux::META, b"m".to_vec(), b"v".to_vec());
         set.delete(key("pods/a/missing"), Precondition::None);
         assert!(matches!(store.commit(set), Err(StoreError::NotFound(_))));
         assert_eq!(store.get(&key("pods/a/x")).unwrap(), None);
-        assert_eq!(store.get_aux(Aux::Meta, b"m").unwrap(), None);
+        assert_eq!(store.get_aux(Aux::META, b"m").unwrap(), None);
         assert_eq!(store.revision(), 0);
     }
 

@@ -33,14 +33,33 @@ impl Default for WatchConfig {
     }
 }
 
+/// Why a watch could not start or cannot go on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WatchError {
+    /// The revision to resume from is older than the history window (HTTP `410 Gone`, reason
+    /// `Expired`): re-list, then watch from the list's revision.
     #[error("revision {requested} is too old: history starts after {oldest}; re-list")]
-    Gone { requested: u64, oldest: u64 },
+    Gone {
+        /// The revision asked for.
+        requested: u64,
+        /// The oldest revision still resumable from.
+        oldest: u64,
+    },
+    /// The revision to resume from was never published.
     #[error("revision {requested} is in the future: the latest is {latest}")]
-    Future { requested: u64, latest: u64 },
+    Future {
+        /// The revision asked for.
+        requested: u64,
+        /// The latest published revision.
+        latest: u64,
+    },
+    /// The watcher fell more than [`WatchConfig::lag_limit`] changes behind the live ring.
     #[error("watcher fell {missed} changes behind and was cut off; re-list")]
-    TooSlow { missed: u64 },
+    TooSlow {
+        /// Changes it missed.
+        missed: u64,
+    },
+    /// The hub is gone (the store was dropped): no more changes will come.
     #[error("the store was closed")]
     Closed,
 }
@@ -48,6 +67,7 @@ pub enum WatchError {
 /// An event as a watcher sees it.
 #[derive(Debug, Clone)]
 pub enum WatchEvent {
+    /// A committed change in the watched range.
     Change(SharedChange),
     /// Every change up to this revision has been delivered (Kubernetes' BOOKMARK).
     Bookmark(u64),
@@ -60,6 +80,8 @@ struct History {
     latest: u64,
 }
 
+/// Fans a store's committed changes out to its [`Watcher`]s, keeping the last
+/// [`WatchConfig::history`] for watchers that resume.
 pub struct WatchHub {
     config: WatchConfig,
     history: Mutex<History>,
@@ -120,6 +142,13 @@ impl WatchHub {
     }
 
     /// Watches changes in `range` after `from` (None: from now on).
+    ///
+    /// The backlog (changes in `range` after `from` still in the history) comes first, then live
+    /// changes, with no gap and no duplicate.
+    ///
+    /// # Errors
+    /// [`WatchError::Gone`] when `from` is older than [`oldest_resumable`](Self::oldest_resumable),
+    /// [`WatchError::Future`] when it is past the latest revision.
     pub fn subscribe(&self, range: KeyRange, from: Option<u64>) -> Result<Watcher, WatchError> {
         let history = self.lock();
         let from = from.unwrap_or(history.latest);
@@ -188,6 +217,12 @@ impl Watcher {
     }
 
     /// The next change, waiting for one.
+    ///
+    /// # Errors
+    /// [`WatchError::TooSlow`] when the watcher fell behind the live ring (changes were lost to
+    /// it: drop it, and resume from [`position`](Self::position) with a new subscription, or
+    /// re-list),
+    /// [`WatchError::Closed`] when the hub is gone.
     pub async fn next(&mut self) -> Result<SharedChange, WatchError> {
         if let Some(change) = self.pop_backlog() {
             return Ok(change);
@@ -208,6 +243,9 @@ impl Watcher {
     }
 
     /// The next change if one is ready.
+    ///
+    /// # Errors
+    /// As [`next`](Self::next).
     pub fn try_next(&mut self) -> Result<Option<SharedChange>, WatchError> {
         if let Some(change) = self.pop_backlog() {
             return Ok(Some(change));
@@ -233,6 +271,8 @@ impl Watcher {
         WatchEvent::Bookmark(self.position)
     }
 
+    /// Every change up to this revision has been delivered or filtered out: the revision to resume
+    /// from.
     pub fn position(&self) -> u64 {
         self.position
     }

@@ -19,7 +19,10 @@ pub enum Event {
     /// The watch (re)started at `revision`: every change after it follows. The caller reads
     /// the store now (a re-list); a change it reads that also follows is delivered twice, so
     /// its handling must be idempotent (state, not deltas).
-    Restart { revision: u64 },
+    Restart {
+        /// The store's revision when the watch (re)started.
+        revision: u64,
+    },
     /// One committed change in the watched range, in revision order.
     Change(SharedChange),
 }

@@ -71,7 +71,7 @@ fn latest_for(k: u64, last: u64) -> Option<u64> {
 
 fn check_cloud(dir: &Path, acked: u64) -> u64 {
     let store = Store::open(dir, StoreConfig::cloud()).expect("reopen after kill");
-    let last = decode_u64(&store.get_aux(Aux::Meta, b"writer/last").unwrap().unwrap()).unwrap();
+    let last = decode_u64(&store.get_aux(Aux::META, b"writer/last").unwrap().unwrap()).unwrap();
     assert!(
         last >= acked,
         "acked write {acked} lost: store ends at {last}"
@@ -84,7 +84,7 @@ fn check_cloud(dir: &Path, acked: u64) -> u64 {
     for k in 0..50 {
         let object = store.get(&key(k)).unwrap();
         let objectsync = store
-            .get_aux(Aux::ObjectSync, key(k).as_bytes())
+            .get_aux(Aux::OBJECTSYNC, key(k).as_bytes())
             .unwrap()
             .map(|v| decode_u64(&v).unwrap());
         match latest_for(k, last) {
@@ -98,7 +98,7 @@ fn check_cloud(dir: &Path, acked: u64) -> u64 {
         }
     }
     let outbox: Vec<u64> = store
-        .scan_aux(Aux::Outbox, b"")
+        .scan_aux(Aux::OUTBOX, b"")
         .map(|item| decode_u64(&item.unwrap().0).unwrap())
         .collect();
     assert_eq!(outbox.len() as u64, last, "one outbox entry per write");

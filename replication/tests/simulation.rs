@@ -546,7 +546,7 @@ impl Sim {
         // The cloud's ObjectSync is gone (say, restored from a backup without it).
         self.restart_cloud();
         let mut set = WriteSet::new();
-        set.delete_aux_range(replication::Aux::ObjectSync, vec![0u8], vec![0xffu8]);
+        set.delete_aux_range(replication::Aux::OBJECTSYNC, vec![0u8], vec![0xffu8]);
         self.cloud.store.commit(set).expect("wipe ObjectSync");
         self.restart_cloud_without_persisting();
     }

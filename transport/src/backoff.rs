@@ -40,6 +40,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Delays with randomness seeded from the OS.
     pub fn new(config: BackoffConfig) -> Self {
         Backoff::with_rng(config, SmallRng::from_os_rng())
     }

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use crate::frame::ReceivedMessage;
 use crate::message::{Header, Message, Route};
 
+/// The route group of ServiceBus messages, as KubeEdge's `modules.BusGroup`.
 pub const GROUP: &str = "bus";
 
 /// Hop-by-hop headers belong to one HTTP connection, not to the request (RFC 9110 §7.6.1):
@@ -31,25 +32,35 @@ pub fn is_end_to_end(name: &str) -> bool {
     !HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
+/// A message that is not a well-formed ServiceBus request or response; the string says what is
+/// wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed ServiceBus message: {0}")]
 pub struct BusError(pub String);
 
+/// An HTTP request for an application on a node, as the cloud's ServiceBus sends it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusRequest {
     /// The application's name on the node.
     pub app: String,
+    /// The HTTP method (`GET`, `POST`, ...), carried as the route's operation.
     pub method: String,
     /// Path and query on the application, starting with `/`.
     pub path: String,
+    /// End-to-end headers as `(name, value)` pairs, in order ([`is_end_to_end`]).
     pub headers: Vec<(String, String)>,
+    /// The request body, as-is.
     pub body: Bytes,
 }
 
+/// The application's HTTP response, or one the node made when it could not reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusResponse {
+    /// The HTTP status code (100–599), carried as the route's operation.
     pub status: u16,
+    /// End-to-end headers as `(name, value)` pairs, in order ([`is_end_to_end`]).
     pub headers: Vec<(String, String)>,
+    /// The response body, as-is.
     pub body: Bytes,
 }
 
@@ -71,6 +82,8 @@ fn unpack(content: Bytes) -> Result<(Vec<(String, String)>, Bytes), BusError> {
 }
 
 impl BusRequest {
+    /// The transport message for this request: source `servicebus`, group [`GROUP`], operation
+    /// the method, resource `/app/path?query`; content as the [module docs](self) describe.
     pub fn to_message(&self) -> Message {
         let resource = format!("/{}{}", self.app, self.path);
         Message::new(
@@ -79,6 +92,13 @@ impl BusRequest {
         )
     }
 
+    /// Reads a request made by [`to_message`](Self::to_message). A resource without a path
+    /// (`/app`, `/app?q`) gets path `/`.
+    ///
+    /// # Errors
+    /// [`BusError`] when the group is not [`GROUP`], the resource does not start with `/` or has
+    /// no application name, or the content has no header line or its headers are not a JSON array
+    /// of `[name, value]` pairs.
     pub fn from_message(message: &ReceivedMessage) -> Result<Self, BusError> {
         let route = message.route();
         if route.group.as_str() != GROUP {
@@ -112,6 +132,8 @@ impl BusRequest {
 }
 
 impl BusResponse {
+    /// The transport message answering `request`: group [`GROUP`], operation the status code,
+    /// `parent_id` the request's id.
     pub fn to_message(&self, request: &Header) -> Message {
         Message::response_to(
             request,
@@ -120,6 +142,12 @@ impl BusResponse {
         )
     }
 
+    /// Reads a response made by [`to_message`](Self::to_message).
+    ///
+    /// # Errors
+    /// [`BusError`] when the group is not [`GROUP`], the operation is not a status code in
+    /// 100–599, or the content has no header line or its headers are not a JSON array of
+    /// `[name, value]` pairs.
     pub fn from_message(message: &ReceivedMessage) -> Result<Self, BusError> {
         let route = message.route();
         if route.group.as_str() != GROUP {

@@ -17,6 +17,14 @@ use crate::tls::Identity;
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 /// Starts a link to the cloud on an endpoint of its own. Must be called within a tokio runtime.
+///
+/// The link's peer is `config.server_name`; its first connection attempt starts at once.
+///
+/// # Errors
+/// [`EndpointError::Tls`] or [`EndpointError::QuicTls`] when `ca` and `identity` make no
+/// client TLS configuration, [`EndpointError::ServerName`] when `config.server_name` is not a
+/// DNS name or IP address, [`EndpointError::Bind`] when no UDP socket can be bound. Failing to
+/// reach the cloud is no error: the link keeps trying.
 pub fn connect(
     config: ClientConfig,
     ca: &CertificateDer<'static>,
@@ -35,6 +43,9 @@ pub fn connect(
 }
 
 /// Starts a link to the cloud on a shared endpoint.
+///
+/// # Errors
+/// As [`connect`], except binding (the endpoint exists).
 pub fn connect_on(
     endpoint: &quinn::Endpoint,
     config: ClientConfig,

@@ -83,7 +83,9 @@ impl LinkConfig {
 /// The cloud's endpoint.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// The UDP address to listen on.
     pub listen: SocketAddr,
+    /// Settings of every node's link.
     pub link: LinkConfig,
     /// Connections (including handshakes in progress) beyond this are refused.
     pub max_connections: usize,
@@ -98,6 +100,7 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// Defaults for a fleet: up to 100,000 connections, 32 MiB socket buffers, a random reset key.
     pub fn new(listen: SocketAddr) -> Self {
         ServerConfig {
             listen,
@@ -112,16 +115,20 @@ impl ServerConfig {
 /// A node's endpoint.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
+    /// The cloud's UDP address.
     pub server_addr: SocketAddr,
     /// The name the server certificate must carry.
     pub server_name: String,
+    /// Settings of the link to the cloud.
     pub link: LinkConfig,
+    /// Delays between connection attempts.
     pub backoff: BackoffConfig,
     /// How long one connection attempt (QUIC + TLS handshake) may take.
     pub connect_timeout: Duration,
 }
 
 impl ClientConfig {
+    /// Defaults: link and backoff defaults, 5 s per connection attempt.
     pub fn new(server_addr: SocketAddr, server_name: impl Into<String>) -> Self {
         ClientConfig {
             server_addr,

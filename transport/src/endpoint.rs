@@ -53,6 +53,10 @@ pub(crate) fn quinn_client_config(
 }
 
 /// A quinn client config from any rustls config (tests use it to present bad credentials).
+///
+/// # Errors
+/// [`EndpointError::QuicTls`] when quinn refuses `tls` (no TLS 1.3, or no cipher suite QUIC
+/// can use).
 pub fn quinn_client_config_from(
     tls: rustls::ClientConfig,
     link: &LinkConfig,
@@ -65,6 +69,12 @@ pub fn quinn_client_config_from(
 }
 
 /// A client-side quinn endpoint. Several links may share one (a load test's hollow nodes).
+///
+/// `socket_buffer_bytes` sets SO_RCVBUF and SO_SNDBUF (best effort; 0 keeps the OS default).
+///
+/// # Errors
+/// [`EndpointError::Bind`] when the UDP socket cannot be made or bound, or there is no tokio
+/// runtime.
 pub fn client_endpoint(
     bind: SocketAddr,
     socket_buffer_bytes: usize,

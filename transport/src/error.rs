@@ -27,6 +27,8 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// The close code with this numeric value, as read from a peer's CONNECTION_CLOSE frame;
+    /// `None` for a value this version does not define.
     pub fn from_code(code: u64) -> Option<Self> {
         Some(match code {
             0 => CloseCode::Normal,
@@ -40,6 +42,7 @@ impl CloseCode {
         })
     }
 
+    /// This code as the QUIC variable-length integer `quinn::Connection::close` takes.
     pub fn var_int(self) -> quinn::VarInt {
         quinn::VarInt::from_u32(self as u32)
     }
@@ -48,26 +51,42 @@ impl CloseCode {
 /// What went wrong on a link.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
+    /// The link was closed locally ([`crate::LinkHandle::close`], or the [`crate::Link`] dropped).
     #[error("the link is closed")]
     Closed,
+    /// The link has no connection with a finished hello right now (the peer is unreachable).
     #[error("not connected")]
     NotConnected,
+    /// A frame could not be encoded or decoded (too large, empty, malformed, truncated).
     #[error(transparent)]
     Frame(#[from] FrameError),
+    /// The peer's sequence numbers or acks are inconsistent with this side's window.
     #[error(transparent)]
     Sequence(#[from] SequenceError),
+    /// The peer broke the link protocol (a frame of the wrong kind, a stream closed too early).
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// The peer's hello names another [`crate::PROTOCOL_VERSION`].
     #[error("peer speaks link protocol version {peer}, this side {ours}")]
-    Version { peer: u32, ours: u32 },
+    Version {
+        /// The version in the peer's hello.
+        peer: u32,
+        /// This side's [`crate::PROTOCOL_VERSION`].
+        ours: u32,
+    },
+    /// The QUIC connection ended (closed by the peer, idle timeout, reset).
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
+    /// Writing to a QUIC stream failed (the peer stopped it, or the connection ended).
     #[error("stream write failed: {0}")]
     Write(#[from] quinn::WriteError),
+    /// Reading from a QUIC stream failed (the peer reset it, or the connection ended).
     #[error("stream read failed: {0}")]
     Read(#[from] quinn::ReadError),
+    /// The QUIC stream had already been finished or reset on this side.
     #[error("stream already closed: {0}")]
     ClosedStream(#[from] quinn::ClosedStream),
+    /// An exchange took longer than its deadline (the handshake, a request); the deadline it had.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
 }
@@ -96,15 +115,21 @@ impl LinkError {
 /// An endpoint could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
+    /// The UDP socket could not be bound or configured (or there is no async runtime).
     #[error("cannot bind UDP socket {addr}: {source}")]
     Bind {
+        /// The address that could not be bound.
         addr: std::net::SocketAddr,
+        /// The OS error.
         source: std::io::Error,
     },
+    /// The certificates or keys could not become a rustls configuration.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// quinn refused the rustls configuration (for example no TLS 1.3 cipher suite).
     #[error("QUIC rejected the TLS configuration: {0}")]
     QuicTls(String),
+    /// A server name that is neither a DNS name nor an IP address.
     #[error("invalid server name {0:?}")]
     ServerName(String),
 }

@@ -54,14 +54,28 @@ pub type ArchivedFrame = ArchivedEnvelope<'static>;
 /// Why bytes could not become a frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// A frame body over the maximum (or over `u32::MAX` bytes, which its prefix cannot say).
     #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// Body length in bytes, as given or as the length prefix announced.
+        len: usize,
+        /// The maximum body length in bytes.
+        max: usize,
+    },
+    /// A length prefix of zero: no frame body is empty.
     #[error("empty frame")]
     Empty,
+    /// The body is not a valid rkyv archive of an [`Envelope`] (bytecheck's reason).
     #[error("malformed frame: {0}")]
     Malformed(String),
+    /// The stream ended inside a frame.
     #[error("stream ended inside a frame ({have} of {want} bytes)")]
-    Truncated { have: usize, want: usize },
+    Truncated {
+        /// Bytes of the frame received, length prefix included.
+        have: usize,
+        /// Bytes the whole frame has, length prefix included (4 while the prefix is incomplete).
+        want: usize,
+    },
 }
 
 /// A message already encoded as a frame body. Encode once, then clone (a refcount) to send the
@@ -70,6 +84,7 @@ pub enum FrameError {
 pub struct EncodedMessage(Bytes);
 
 impl EncodedMessage {
+    /// Encodes `message` as a frame body (an [`Envelope::Message`] archive), once.
     pub fn encode(message: &Message) -> Self {
         EncodedMessage(encode_body(&Envelope::Message(message)))
     }
@@ -79,10 +94,12 @@ impl EncodedMessage {
         &self.0
     }
 
+    /// Length of the frame body in bytes (without the 4-byte prefix).
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
+    /// Whether the body is empty (never for an encoded message).
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -103,6 +120,9 @@ pub fn put_frame(out: &mut BytesMut, body: &[u8]) {
 }
 
 /// The 4-byte length prefix of a body, checked against `max`.
+///
+/// # Errors
+/// [`FrameError::TooLarge`] when `body_len` exceeds `max` or `u32::MAX`.
 pub fn length_prefix(body_len: usize, max: usize) -> Result<[u8; 4], FrameError> {
     if body_len > max || body_len > u32::MAX as usize {
         return Err(FrameError::TooLarge { len: body_len, max });
@@ -117,7 +137,12 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// Validates an archive. `body` must start on a 16-byte boundary (as [`FrameDecoder`] gives).
+    /// Validates an archive. `body` should start on a 16-byte boundary (as [`FrameDecoder`]
+    /// gives); one that does not is copied once into an aligned buffer.
+    ///
+    /// # Errors
+    /// [`FrameError::Empty`] for an empty body, [`FrameError::Malformed`] when it is not a valid
+    /// archive of an [`Envelope`].
     pub fn validate(body: Bytes) -> Result<Self, FrameError> {
         if body.is_empty() {
             return Err(FrameError::Empty);
@@ -146,6 +171,10 @@ impl Frame {
     }
 
     /// This frame as a message, if it is one.
+    ///
+    /// # Errors
+    /// The frame itself, given back, when it carries another envelope variant (use
+    /// [`kind`](Self::kind) to name it).
     pub fn into_message(self) -> Result<ReceivedMessage, Frame> {
         if matches!(self.envelope(), ArchivedEnvelope::Message(_)) {
             Ok(ReceivedMessage { frame: self })
@@ -190,10 +219,12 @@ impl ReceivedMessage {
         }
     }
 
+    /// The message header, read in place.
     pub fn header(&self) -> &ArchivedHeader {
         &self.archived().header
     }
 
+    /// The message route, read in place.
     pub fn route(&self) -> &ArchivedRoute {
         &self.archived().route
     }
@@ -258,6 +289,7 @@ enum DecodeState {
 }
 
 impl FrameDecoder {
+    /// A decoder that refuses frame bodies over `max_frame` bytes.
     pub fn new(max_frame: usize) -> Self {
         FrameDecoder {
             max_frame,
@@ -271,6 +303,11 @@ impl FrameDecoder {
     /// Consumes bytes from the front of `input` until a frame is complete (returned) or `input`
     /// is empty (`None`). Call again with the rest of `input` after a frame. After an error the
     /// stream is unusable: close it.
+    ///
+    /// # Errors
+    /// [`FrameError::Empty`] for a zero length prefix, [`FrameError::TooLarge`] for a length over
+    /// the decoder's maximum (before anything is allocated for it), [`FrameError::Malformed`] for
+    /// a body that is not a valid archive.
     pub fn decode(&mut self, input: &mut &[u8]) -> Result<Option<Frame>, FrameError> {
         loop {
             match &mut self.state {
@@ -320,6 +357,10 @@ impl FrameDecoder {
     }
 
     /// Call at end of stream: an error if the stream stopped inside a frame.
+    ///
+    /// # Errors
+    /// [`FrameError::Truncated`] when part of a length prefix or body has been read, counting
+    /// the prefix's 4 bytes in `have` and `want`.
     pub fn finish(&self) -> Result<(), FrameError> {
         match &self.state {
             DecodeState::Length { have: 0, .. } => Ok(()),

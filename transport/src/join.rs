@@ -36,6 +36,7 @@ const MAX_JOIN_FRAME: usize = 64 * 1024;
 /// What a joining node asks for.
 #[derive(Debug, Clone)]
 pub struct JoinRequest {
+    /// The name the node asks to be known by (the handler decides what it gets).
     pub node_name: String,
     /// The bootstrap token as the operator typed it; only the application interprets it.
     pub token: String,
@@ -46,23 +47,42 @@ pub struct JoinRequest {
 /// The cloud's side of joining.
 pub trait JoinHandler: Send + Sync + 'static {
     /// Checks the request and returns the node's certificate (DER), or a reason for the node.
+    ///
+    /// Called synchronously from the connection's async task: it must not block for long.
+    ///
+    /// # Errors
+    /// The reason the join is refused (bad or expired token, name taken, ...): sent to the node,
+    /// which returns it as [`JoinError::Refused`].
     fn join(&self, request: JoinRequest, remote: SocketAddr) -> Result<Vec<u8>, String>;
 }
 
+/// Why a node could not join.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
+    /// No QUIC connection to the cloud could be made (including a server certificate that
+    /// does not verify against the pinned CA), or it gave no answer in time.
     #[error("cannot reach the cloud at {addr}: {reason}")]
-    Unreachable { addr: SocketAddr, reason: String },
+    Unreachable {
+        /// The cloud's address.
+        addr: SocketAddr,
+        /// What failed (the connection error, or the timeout).
+        reason: String,
+    },
+    /// No certificate in the server's chain has the pinned SHA-256.
     #[error(
         "the cloud at {0} does not present the CA the token pins (wrong cloud, or a wrong token)"
     )]
     PinMismatch(SocketAddr),
+    /// The cloud answered with a refusal (or closed the connection); its reason.
     #[error("the cloud refused to join this node: {0}")]
     Refused(String),
+    /// The cloud's answer broke the join protocol.
     #[error("join protocol error: {0}")]
     Protocol(String),
+    /// The key, CSR or TLS configuration could not be made (an invalid node name, ...).
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The client endpoint could not be set up.
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
 }
@@ -82,6 +102,19 @@ const OP_REFUSED: &str = "refused";
 
 /// Joins `node_name` to the cloud at `server_addr`, trusting only a CA whose SHA-256 is
 /// `ca_pin`. Must be called within a tokio runtime.
+///
+/// `server_name` is the name the server's certificate must carry; `timeout` bounds the whole
+/// exchange (handshake, request and answer). The pin is the SHA-256 of the CA certificate's
+/// DER, as in kubeadm's `--discovery-token-ca-cert-hash sha256:…`.
+///
+/// # Errors
+/// [`JoinError::Tls`] for a node name that is not a DNS-1123 subdomain,
+/// [`JoinError::Endpoint`] when no UDP socket can be bound, [`JoinError::Unreachable`] when
+/// the handshake fails (also when the server's certificate does not verify against the
+/// pinned CA) or nothing is answered within `timeout`,
+/// [`JoinError::PinMismatch`] when the server does not present the pinned CA,
+/// [`JoinError::Refused`] when the cloud's [`JoinHandler`] refuses, [`JoinError::Protocol`]
+/// for an answer that is not a join answer.
 pub async fn join(
     server_addr: SocketAddr,
     server_name: &str,

@@ -8,9 +8,12 @@
 //! - [`backoff`]: reconnect delays with full jitter (sans-IO).
 //! - [`tls`]: the cloud CA, node and server certificates, rustls configs for mutual TLS.
 //! - [`link`]: a reliable, reconnecting link to one peer over successive QUIC connections.
-//! - [`join`]: how a node without a certificate gets one with a bootstrap token (CA pinned).
+//! - [`logging`]: how kedge's binaries log (text, colour only on a terminal, or JSON lines).
+//! - [`join`](mod@join): how a node without a certificate gets one with a bootstrap token (CA pinned).
 //! - [`server`] / [`client`]: the cloud's endpoint (one link per node, named by its certificate)
 //!   and the edge's endpoint (one link to the cloud, reconnecting with backoff).
+
+#![warn(missing_docs)]
 
 pub mod backoff;
 pub mod bus;
@@ -21,11 +24,15 @@ pub mod error;
 pub mod frame;
 pub mod join;
 pub mod link;
+pub mod logging;
 pub mod message;
+pub mod portforward;
 pub mod server;
+pub mod spdy;
 pub mod stream;
 mod stream_io;
 pub mod tls;
+pub mod usage;
 pub mod window;
 
 pub use client::{connect, connect_on};

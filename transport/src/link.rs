@@ -46,7 +46,10 @@ pub enum LinkEvent {
     /// The peer sent a heartbeat ([`LinkHandle::heartbeat`]).
     Heartbeat,
     /// The connection ended; the link reconnects (node side) or waits for the node (cloud).
-    Disconnected { reason: String },
+    Disconnected {
+        /// Why, readable (the peer's close code and reason, an idle timeout, an error).
+        reason: String,
+    },
 }
 
 impl LinkEvent {
@@ -69,13 +72,16 @@ impl LinkEvent {
 /// One message from the peer's ordered data stream.
 #[derive(Debug)]
 pub struct Delivery {
+    /// Its sequence number on the peer's stream: pass it to [`LinkHandle::ack`] once durable.
     pub seq: u64,
+    /// The message, read in place from its frame.
     pub message: ReceivedMessage,
 }
 
 /// A request from the peer, with the stream to answer it on.
 #[derive(Debug)]
 pub struct IncomingRequest {
+    /// The request message, read in place from its frame.
     pub message: ReceivedMessage,
     stream: quinn::SendStream,
     /// The rest of the requester's side (more messages of a duplex call).
@@ -84,11 +90,22 @@ pub struct IncomingRequest {
 }
 
 impl IncomingRequest {
+    /// Encodes `response` and answers with it; the stream is finished after it.
+    ///
+    /// # Errors
+    /// As [`respond_encoded`](Self::respond_encoded).
     pub async fn respond(self, response: &Message) -> Result<(), LinkError> {
         self.respond_encoded(&EncodedMessage::encode(response))
             .await
     }
 
+    /// Answers with an already encoded message and finishes the stream.
+    ///
+    /// # Errors
+    /// [`LinkError::Frame`] when the message is over the link's `max_frame`,
+    /// [`LinkError::Write`] when the requester stopped the stream or the connection ended,
+    /// [`LinkError::ClosedStream`] when quinn no longer has the stream (already finished or
+    /// reset).
     pub async fn respond_encoded(mut self, response: &EncodedMessage) -> Result<(), LinkError> {
         write_bodies(&mut self.stream, [response.body()], self.max_frame).await?;
         self.stream.finish()?;
@@ -132,6 +149,11 @@ pub struct StreamWriter {
 
 impl StreamWriter {
     /// Sends one message of the response.
+    ///
+    /// # Errors
+    /// [`LinkError::Frame`] when the message is over the link's `max_frame`,
+    /// [`LinkError::Write`] when the requester has gone away (it stopped reading, or the
+    /// connection ended).
     pub async fn send(&mut self, message: &Message) -> Result<(), LinkError> {
         let body = encode_body(&Envelope::Message(message));
         write_bodies(&mut self.stream, [&body], self.max_frame).await
@@ -155,6 +177,10 @@ impl StreamWriter {
     }
 
     /// Ends the response cleanly: the requester's [`StreamReader::next`] returns `None`.
+    ///
+    /// # Errors
+    /// [`LinkError::ClosedStream`] when quinn no longer has the stream (already finished or
+    /// reset).
     pub fn finish(mut self) -> Result<(), LinkError> {
         self.stream.finish()?;
         Ok(())
@@ -170,6 +196,11 @@ pub struct StreamReader {
 
 impl StreamReader {
     /// The next message of the response; `None` once the answerer finished it.
+    ///
+    /// # Errors
+    /// [`LinkError::Read`] when the answerer reset the stream (it cancelled) or the connection
+    /// ended, [`LinkError::Frame`] for a frame that does not decode, [`LinkError::Protocol`] for a
+    /// frame that is not a message.
     pub async fn next(&mut self) -> Result<Option<ReceivedMessage>, LinkError> {
         match self.reader.next().await? {
             None => Ok(None),
@@ -200,6 +231,7 @@ impl Link {
         self.events.try_recv().ok()
     }
 
+    /// The handle to act on this link (also reachable through `Deref`); clone it to share.
     pub fn handle(&self) -> &LinkHandle {
         &self.handle
     }
@@ -221,8 +253,11 @@ pub struct LinkHandle {
 /// Counters of a link, over all its connections.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct LinkCounters {
+    /// Connections whose hello exchange completed.
     pub connections: u64,
+    /// Messages from the peer's data stream handed to the application (replays excluded).
     pub messages_delivered: u64,
+    /// Replayed messages dropped because they had been delivered already.
     pub replays_dropped: u64,
 }
 
@@ -317,12 +352,19 @@ impl LinkHandle {
     }
 
     /// Encodes and sends a message on the ordered data stream. See [`send_encoded`](Self::send_encoded).
+    ///
+    /// # Errors
+    /// As [`send_encoded`](Self::send_encoded).
     pub async fn send(&self, message: &Message) -> Result<u64, LinkError> {
         self.send_encoded(EncodedMessage::encode(message)).await
     }
 
     /// Queues an encoded message for the peer and returns its sequence number. Waits while the
     /// window is full. The message is kept until the peer acks it, across reconnects.
+    ///
+    /// # Errors
+    /// [`LinkError::Frame`] when the message is over the link's `max_frame`,
+    /// [`LinkError::Closed`] when the link is closed (before or while waiting for room).
     pub async fn send_encoded(&self, mut message: EncodedMessage) -> Result<u64, LinkError> {
         crate::frame::length_prefix(message.len(), self.shared.config.max_frame)?;
         loop {
@@ -341,6 +383,11 @@ impl LinkHandle {
     }
 
     /// Queues a message if the window has room; gives it back otherwise.
+    ///
+    /// # Errors
+    /// [`LinkError::Closed`] when the link is closed, [`LinkError::Frame`] when the message is
+    /// over the link's `max_frame`. A full window is not an error: the inner `Err` gives the
+    /// message back.
     pub fn try_send_encoded(
         &self,
         message: EncodedMessage,
@@ -365,6 +412,9 @@ impl LinkHandle {
     /// Sends a heartbeat frame on the current connection's control stream: ~20 bytes of
     /// stream data, no reply beyond QUIC's own ACK. Heartbeats asked for before the writer
     /// runs go as one. Not queued while there is no connection: a heartbeat is about now.
+    ///
+    /// # Errors
+    /// [`LinkError::NotConnected`] when there is no connection with a finished hello.
     pub fn heartbeat(&self) -> Result<(), LinkError> {
         if self.shared.ready_connection().is_none() {
             return Err(LinkError::NotConnected);
@@ -376,15 +426,23 @@ impl LinkHandle {
 
     /// Sends a request on a stream of its own and waits for the response, at most the link's
     /// `request_timeout`. See [`request_within`](Self::request_within).
+    ///
+    /// # Errors
+    /// As [`request_within`](Self::request_within).
     pub async fn request(&self, message: &Message) -> Result<ReceivedMessage, LinkError> {
         self.request_within(message, self.shared.config.request_timeout)
             .await
     }
 
     /// Sends a request on a stream of its own and waits at most `timeout` for the response.
-    /// Errors: [`LinkError::NotConnected`] at once when the link has no connection (the peer
-    /// is known to be unreachable), [`LinkError::Timeout`] when the peer does not answer in
-    /// time (a hung peer looks connected until the idle timeout), else the connection's error.
+    ///
+    /// # Errors
+    /// [`LinkError::NotConnected`] at once when the link has no connection (the peer is known
+    /// to be unreachable), [`LinkError::Timeout`] when the peer does not answer in time (a hung
+    /// peer looks connected until the idle timeout), [`LinkError::Protocol`] when the stream
+    /// ends without a message, else the connection's or stream's error
+    /// ([`LinkError::Connection`], [`LinkError::Write`], [`LinkError::Read`],
+    /// [`LinkError::Frame`]).
     pub async fn request_within(
         &self,
         message: &Message,
@@ -416,9 +474,11 @@ impl LinkHandle {
     /// Sends a request on a stream of its own whose answer is a stream of messages
     /// ([`IncomingRequest::into_stream`]). Waits at most `timeout` for the first message, which
     /// is returned with the stream of the rest; later messages come as the answerer produces
-    /// them, without a deadline (a followed log may be quiet for hours). Errors as
-    /// [`request_within`](Self::request_within); a response with no message at all is a
-    /// protocol error.
+    /// them, without a deadline (a followed log may be quiet for hours).
+    ///
+    /// # Errors
+    /// As [`request_within`](Self::request_within), for the first message; a response with no
+    /// message at all is [`LinkError::Protocol`].
     pub async fn request_stream(
         &self,
         message: &Message,
@@ -434,8 +494,10 @@ impl LinkHandle {
     /// Opens a duplex call: `message` first, then more messages through the returned
     /// [`StreamWriter`] (which the requester finishes when it has nothing more to say), while
     /// the answer comes through the [`StreamReader`]; its first message is waited for at most
-    /// `timeout` and returned. Dropping both ends cancels the call on the peer. Errors as
-    /// [`request_stream`](Self::request_stream).
+    /// `timeout` and returned. Dropping both ends cancels the call on the peer.
+    ///
+    /// # Errors
+    /// As [`request_stream`](Self::request_stream).
     pub async fn open_duplex(
         &self,
         message: &Message,
@@ -470,6 +532,7 @@ impl LinkHandle {
             .map_err(|_| LinkError::Timeout(timeout))?
     }
 
+    /// Whether a connection is up with its hello exchange done (requests can be made now).
     pub fn is_connected(&self) -> bool {
         self.shared.ready_connection().is_some()
     }
@@ -484,6 +547,7 @@ impl LinkHandle {
         self.shared.ready_connection().map(|c| c.stats())
     }
 
+    /// The link's counters, read now.
     pub fn counters(&self) -> LinkCounters {
         LinkCounters {
             connections: self.shared.connections.load(Ordering::Relaxed),

@@ -46,16 +46,21 @@ pub struct Route {
     Debug, Clone, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
 )]
 pub struct Message {
+    /// Id, time, parent and resourceVersion.
     pub header: Header,
+    /// Source, group, operation and resource.
     pub route: Route,
+    /// The payload, opaque to the transport (an object's JSON, a ServiceBus request, ...).
     pub content: Bytes,
 }
 
 /// The content could not be represented in, or read from, KubeEdge's JSON form.
 #[derive(Debug, thiserror::Error)]
 pub enum JsonFormError {
+    /// The content is not UTF-8 JSON, so it cannot be embedded in the JSON form.
     #[error("message content is not JSON, so it has no KubeEdge JSON form: {0}")]
     ContentNotJson(serde_json::Error),
+    /// The bytes are not a KubeEdge JSON message.
     #[error("malformed KubeEdge JSON message: {0}")]
     Malformed(serde_json::Error),
 }
@@ -82,6 +87,14 @@ impl Message {
     }
 
     /// KubeEdge's JSON wire shape. Content must be JSON; it is embedded as-is, not re-encoded.
+    ///
+    /// The shape KubeEdge's `model.Message` marshals to: `{"header": {"msg_id", "parent_msg_id",
+    /// "timestamp", "resourceversion", "sync"}, "route": {"source", "group", "operation",
+    /// "resource"}, "content": …}`, with `parent_msg_id`, `resourceversion` and `sync` only
+    /// when set.
+    ///
+    /// # Errors
+    /// [`JsonFormError::ContentNotJson`] when the content is not UTF-8 or not JSON.
     pub fn to_kubeedge_json(&self) -> Result<Vec<u8>, JsonFormError> {
         let text = std::str::from_utf8(&self.content).map_err(|_| {
             JsonFormError::ContentNotJson(serde::de::Error::custom("content is not UTF-8"))
@@ -109,6 +122,10 @@ impl Message {
     }
 
     /// Parses KubeEdge's JSON wire shape; the content keeps its JSON text exactly.
+    ///
+    /// # Errors
+    /// [`JsonFormError::Malformed`] when `bytes` are not JSON of that shape (the header's `msg_id`
+    /// and `timestamp`, and the content, are required).
     pub fn from_kubeedge_json(bytes: &[u8]) -> Result<Self, JsonFormError> {
         let json: JsonMessage<'_> =
             serde_json::from_slice(bytes).map_err(JsonFormError::Malformed)?;
@@ -132,6 +149,7 @@ impl Message {
 }
 
 impl Route {
+    /// A route from its four parts.
     pub fn new(source: &str, group: &str, operation: &str, resource: &str) -> Self {
         Route {
             source: source.to_owned(),

@@ -36,6 +36,11 @@ struct Registry {
 
 impl Server {
     /// Binds the endpoint and starts accepting. Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    /// [`EndpointError::Tls`] or [`EndpointError::QuicTls`] when `ca` and `identity` make no
+    /// server TLS configuration, [`EndpointError::Bind`] when the UDP socket cannot be bound or
+    /// there is no tokio runtime.
     pub fn bind(
         config: ServerConfig,
         ca: &CertificateDer<'static>,
@@ -45,6 +50,9 @@ impl Server {
     }
 
     /// Like [`Server::bind`], and nodes without a certificate may join through `join`.
+    ///
+    /// # Errors
+    /// As [`Server::bind`].
     pub fn bind_with_join(
         config: ServerConfig,
         ca: &CertificateDer<'static>,
@@ -100,6 +108,10 @@ impl Server {
         self.new_links.recv().await
     }
 
+    /// The address the endpoint is bound to (the port, when bound to port 0).
+    ///
+    /// # Errors
+    /// The OS error when the socket's address cannot be read.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
     }

@@ -13,6 +13,10 @@
 //! the cloud sends `stdin`, `stdin-close` and `resize` messages; after the head the node sends
 //! `stdout` and `stderr`, then `exit` with the remote-command protocol's final `Status`
 //! ([`StreamMessage`]).
+//!
+//! A port-forward connection (operation `portforward`, query `port=N`) is a duplex call of
+//! `data` messages both ways after the head, one call per forwarded TCP connection (see
+//! [`Subresource::PortForward`]; the client side of the protocol is [`crate::portforward`]).
 
 use bytes::Bytes;
 
@@ -34,6 +38,15 @@ pub enum Subresource {
     Log,
     /// `pods/{name}/exec`: a duplex call (stdin up, stdout, stderr and the exit status down).
     Exec,
+    /// `pods/{name}/attach`: a duplex call like exec's (`PodAttachOptions` query), to the
+    /// running container's own streams; it ends with `Success` when the container stops.
+    Attach,
+    /// `pods/{name}/portforward`: one forwarded TCP connection as a duplex call, query
+    /// `port=N` (the pod's port). After the head, `data` messages both ways carry the bytes; each
+    /// side finishes its stream when its end closed (half close), and a reset is an abort. A
+    /// refusal (no such pod, nothing listening on the port) is an error head whose `Status`
+    /// message is the text for the client's error stream.
+    PortForward,
 }
 
 impl Subresource {
@@ -42,6 +55,8 @@ impl Subresource {
         match self {
             Subresource::Log => "log",
             Subresource::Exec => "exec",
+            Subresource::Attach => "attach",
+            Subresource::PortForward => "portforward",
         }
     }
 }
@@ -50,14 +65,19 @@ impl Subresource {
 /// pod's node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodStreamRequest {
+    /// Which subresource: `log` or `exec`.
     pub subresource: Subresource,
+    /// The pod's namespace.
     pub namespace: String,
+    /// The pod's name.
     pub pod: String,
     /// The subresource's query string, as the client sent it.
     pub query: String,
 }
 
 impl PodStreamRequest {
+    /// The request message: source `cloudstream`, group [`GROUP`], operation the subresource,
+    /// resource `namespace/pod`, content the query string.
     pub fn to_message(&self) -> Message {
         Message::new(
             Route::new(
@@ -71,6 +91,10 @@ impl PodStreamRequest {
     }
 
     /// Reads a request of route group [`GROUP`].
+    ///
+    /// # Errors
+    /// [`StreamError`] when the group is not [`GROUP`], the operation is not `log` or `exec`, the
+    /// resource is not `namespace/pod`, or the query is not UTF-8.
     pub fn from_message(message: &ReceivedMessage) -> Result<PodStreamRequest, StreamError> {
         let route = message.route();
         if route.group.as_str() != GROUP {
@@ -79,6 +103,8 @@ impl PodStreamRequest {
         let subresource = match route.operation.as_str() {
             "log" => Subresource::Log,
             "exec" => Subresource::Exec,
+            "attach" => Subresource::Attach,
+            "portforward" => Subresource::PortForward,
             other => return Err(StreamError(format!("no stream {other:?} is served"))),
         };
         let (namespace, pod) = route
@@ -103,7 +129,12 @@ pub enum StreamHead {
     /// The data follows.
     Ok,
     /// Refused: the HTTP status code and a Kubernetes `Status` object (JSON) for the client.
-    Error { code: u16, status: Bytes },
+    Error {
+        /// The HTTP status code (4xx, 5xx).
+        code: u16,
+        /// A `v1` `Status` object as JSON (Kubernetes API conventions, "Response Status Kind").
+        status: Bytes,
+    },
 }
 
 impl StreamHead {
@@ -126,6 +157,8 @@ impl StreamHead {
         }
     }
 
+    /// The head message: source `edgestream`, operation `response` (empty content) or `error`
+    /// (resource the status code, content the `Status` JSON).
     pub fn to_message(&self) -> Message {
         match self {
             StreamHead::Ok => Message::new(
@@ -139,6 +172,11 @@ impl StreamHead {
         }
     }
 
+    /// Reads a head made by [`to_message`](Self::to_message).
+    ///
+    /// # Errors
+    /// [`StreamError`] when the operation is neither `response` nor `error`, or an error head's
+    /// resource is not a status code.
     pub fn from_message(message: &ReceivedMessage) -> Result<StreamHead, StreamError> {
         let route = message.route();
         match route.operation.as_str() {
@@ -172,11 +210,14 @@ pub enum StreamMessage {
     StdinClose,
     /// The client's terminal size changed (cloud → node), in characters.
     Resize {
+        /// Columns.
         width: u16,
+        /// Rows.
         height: u16,
     },
     /// Output of an exec'd command (node → cloud).
     Stdout(Vec<u8>),
+    /// Error output of an exec'd command (node → cloud).
     Stderr(Vec<u8>),
     /// The command ended: the remote-command protocol's final `Status` (JSON).
     Exit(Bytes),
@@ -189,8 +230,11 @@ pub const REMOTE_COMMAND_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channe
 /// Kubernetes' remote-command channels over WebSocket (`v4.channel.k8s.io`,
 /// `v5.channel.k8s.io`): each binary WebSocket message is a channel byte and its payload.
 pub mod channel {
+    /// Client to server: input for the command.
     pub const STDIN: u8 = 0;
+    /// Server to client: the command's standard output.
     pub const STDOUT: u8 = 1;
+    /// Server to client: the command's standard error.
     pub const STDERR: u8 = 2;
     /// The final `Status` (JSON).
     pub const ERROR: u8 = 3;
@@ -247,6 +291,8 @@ impl StreamMessage {
         StreamMessage::Exit(Bytes::from(status.to_string()))
     }
 
+    /// The message: group [`GROUP`], operation `data`, `stdin`, `stdin-close`, `resize` (content
+    /// `"{width} {height}"`), `stdout`, `stderr` or `exit`, content the bytes.
     pub fn to_message(&self) -> Message {
         let (operation, content): (&str, Bytes) = match self {
             StreamMessage::Data(b) => ("data", Bytes::copy_from_slice(b)),
@@ -262,6 +308,10 @@ impl StreamMessage {
         Message::new(Route::new("stream", GROUP, operation, ""), content)
     }
 
+    /// Reads a message made by [`to_message`](Self::to_message).
+    ///
+    /// # Errors
+    /// [`StreamError`] for an unknown operation, or a `resize` whose content is not two `u16`s.
     pub fn from_message(message: &ReceivedMessage) -> Result<StreamMessage, StreamError> {
         let content = message.content();
         Ok(match message.route().operation.as_str() {

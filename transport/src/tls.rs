@@ -20,16 +20,24 @@ use time::OffsetDateTime;
 /// The ALPN protocol id of kedge's link.
 pub const ALPN: &[u8] = b"kedge/1";
 
+/// Why a certificate, key or TLS configuration could not be made or read.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// rcgen could not generate a key, certificate or CSR, or could not parse a key or CSR.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// PEM text without the expected block, or a block that does not decode.
     #[error("invalid PEM: {0}")]
     Pem(String),
+    /// rustls refused the certificates or key (a CA certificate it cannot use as a root, a key
+    /// that does not match).
     #[error("TLS configuration rejected: {0}")]
     Config(#[from] rustls::Error),
+    /// The client-certificate verifier could not be built from the CA.
     #[error("client verifier: {0}")]
     Verifier(String),
+    /// A node name that is not a DNS-1123 subdomain, or a certificate without one as its common
+    /// name.
     #[error("certificate has no usable node name: {0}")]
     NodeName(String),
 }
@@ -37,7 +45,9 @@ pub enum TlsError {
 /// A certificate chain and its private key.
 #[derive(Debug)]
 pub struct Identity {
+    /// DER certificates, the end-entity certificate first.
     pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The end-entity certificate's private key (PKCS#8 for keys made here).
     pub key: PrivateKeyDer<'static>,
 }
 
@@ -62,6 +72,13 @@ impl Identity {
         (certs, key)
     }
 
+    /// Reads a chain and key from PEM text, as written by [`to_pem`](Self::to_pem): every
+    /// `CERTIFICATE` block of `cert_chain_pem`, and the first private key block of `key_pem`
+    /// (PKCS#8, PKCS#1 or SEC1).
+    ///
+    /// # Errors
+    /// [`TlsError::Pem`] when `cert_chain_pem` has no `CERTIFICATE` block, a block does not
+    /// decode, or `key_pem` has no private key.
     pub fn from_pem(cert_chain_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let cert_chain = CertificateDer::pem_slice_iter(cert_chain_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
@@ -85,6 +102,9 @@ pub fn cert_to_pem(cert: &CertificateDer<'_>) -> String {
 }
 
 /// The first certificate in PEM text.
+///
+/// # Errors
+/// [`TlsError::Pem`] when `text` has no `CERTIFICATE` block or it does not decode.
 pub fn cert_from_pem(text: &str) -> Result<CertificateDer<'static>, TlsError> {
     CertificateDer::from_pem_slice(text.as_bytes()).map_err(|e| TlsError::Pem(e.to_string()))
 }
@@ -97,6 +117,9 @@ pub struct CertificateAuthority {
 
 impl CertificateAuthority {
     /// A new self-signed CA, valid for ten years.
+    ///
+    /// # Errors
+    /// [`TlsError::Generate`] when rcgen cannot make the key or sign the certificate.
     pub fn generate(common_name: &str) -> Result<Self, TlsError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
@@ -121,6 +144,10 @@ impl CertificateAuthority {
     }
 
     /// Loads a CA saved with [`CertificateAuthority::to_pem`].
+    ///
+    /// # Errors
+    /// [`TlsError::Generate`] when the key does not parse or the certificate is not a CA
+    /// certificate rcgen can issue from; [`TlsError::Pem`] when `cert_pem` has no certificate.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let key = KeyPair::from_pem(key_pem)?;
         let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
@@ -137,11 +164,19 @@ impl CertificateAuthority {
         )
     }
 
+    /// The CA's own certificate (DER): what nodes and the server trust as their only root.
     pub fn cert(&self) -> &CertificateDer<'static> {
         &self.cert
     }
 
     /// A fresh key and a client certificate for `node_name`, valid for `validity` from now.
+    ///
+    /// The certificate's common name is `node_name`; it is valid for client authentication only,
+    /// from five minutes ago (clock skew).
+    ///
+    /// # Errors
+    /// [`TlsError::NodeName`] when `node_name` is not a DNS-1123 subdomain;
+    /// [`TlsError::Generate`] when the key cannot be made or the certificate signed.
     pub fn issue_node(&self, node_name: &str, validity: Duration) -> Result<Identity, TlsError> {
         let now = OffsetDateTime::now_utc();
         self.issue_node_between(node_name, now - time::Duration::minutes(5), now + validity)
@@ -149,6 +184,9 @@ impl CertificateAuthority {
 
     /// Like [`issue_node`](Self::issue_node) with explicit validity bounds (tests use it to
     /// make expired certificates).
+    ///
+    /// # Errors
+    /// As [`issue_node`](Self::issue_node).
     pub fn issue_node_between(
         &self,
         node_name: &str,
@@ -166,6 +204,13 @@ impl CertificateAuthority {
 
     /// Signs a node's certificate signing request. The name comes from the caller (who checked
     /// the node's bootstrap token), not from the request; only the public key is taken from it.
+    ///
+    /// The certificate is valid from five minutes ago to `validity` from now.
+    ///
+    /// # Errors
+    /// [`TlsError::Generate`] when `csr_der` is not a DER PKCS#10 request with a valid
+    /// signature, or signing fails; [`TlsError::NodeName`] when `node_name` is not a DNS-1123
+    /// subdomain.
     pub fn sign_node_csr(
         &self,
         csr_der: &[u8],
@@ -184,6 +229,14 @@ impl CertificateAuthority {
     }
 
     /// A fresh key and a server certificate for the given DNS names and IP addresses.
+    ///
+    /// Its common name is `kedge-cloudcore`; it is valid for server authentication only, from five
+    /// minutes ago to `validity` from now. A name that parses as an IP address becomes an IP
+    /// subject alternative name, any other a DNS one.
+    ///
+    /// # Errors
+    /// [`TlsError::Generate`] when a name is not a valid subject alternative name, or the key
+    /// cannot be made or the certificate signed.
     pub fn issue_server(&self, names: &[String], validity: Duration) -> Result<Identity, TlsError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names.to_vec())?;
@@ -204,6 +257,12 @@ impl CertificateAuthority {
 }
 
 /// A key and a certificate signing request for `node_name`: what a joining node sends.
+///
+/// `(private key, DER PKCS#10 request)`; the request's subject common name is `node_name`.
+///
+/// # Errors
+/// [`TlsError::NodeName`] when `node_name` is not a DNS-1123 subdomain;
+/// [`TlsError::Generate`] when the key or request cannot be made.
 pub fn node_csr(node_name: &str) -> Result<(PrivateKeyDer<'static>, Vec<u8>), TlsError> {
     let key = KeyPair::generate()?;
     let params = node_params(
@@ -238,6 +297,12 @@ fn private_key(key: &KeyPair) -> PrivateKeyDer<'static> {
 }
 
 /// Node names are Kubernetes node names: DNS-1123 subdomains.
+///
+/// At most 253 characters of dot-separated labels, each 1–63 lowercase letters, digits and
+/// `-`, neither starting nor ending with `-` (RFC 1123, as Kubernetes validates names).
+///
+/// # Errors
+/// [`TlsError::NodeName`] when `name` is not such a name.
 pub fn validate_node_name(name: &str) -> Result<(), TlsError> {
     let ok_label = |label: &str| {
         !label.is_empty()
@@ -257,6 +322,12 @@ pub fn validate_node_name(name: &str) -> Result<(), TlsError> {
 }
 
 /// The node name a verified client certificate carries (its subject common name).
+///
+/// The certificate is not verified here: call it on certificates TLS has verified.
+///
+/// # Errors
+/// [`TlsError::NodeName`] when the certificate does not parse as X.509, has no common name, or
+/// its common name is not a valid node name.
 pub fn node_name_from_cert(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| TlsError::NodeName(format!("unparsable certificate: {e}")))?;
@@ -285,6 +356,10 @@ fn roots(ca: &CertificateDer<'static>) -> Result<Arc<rustls::RootCertStore>, Tls
 /// nodes check against their pin), and client certificates verified against `ca`. A client
 /// certificate is optional at the TLS level so that nodes can join (ALPN `kedge-join/1`); the
 /// server refuses a `kedge/1` connection without one.
+///
+/// # Errors
+/// [`TlsError::Config`] when rustls refuses `ca` as a root or `identity`'s key;
+/// [`TlsError::Verifier`] when the client verifier cannot be built.
 pub fn server_config(
     ca: &CertificateDer<'static>,
     identity: &Identity,
@@ -307,6 +382,9 @@ pub fn server_config(
 }
 
 /// A node's TLS config: trusts only `ca`, presents `identity`.
+///
+/// # Errors
+/// [`TlsError::Config`] when rustls refuses `ca` as a root or `identity`'s key.
 pub fn client_config(
     ca: &CertificateDer<'static>,
     identity: &Identity,

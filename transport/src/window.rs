@@ -17,10 +17,23 @@ use crate::frame::{EncodedMessage, Hello};
 /// The peer did something the protocol does not allow.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SequenceError {
+    /// An ack (or a hello's `recv_acked`) for a sequence this side never sent.
     #[error("peer acked sequence {acked}, but only {sent} was ever sent")]
-    AckBeyondSent { acked: u64, sent: u64 },
+    AckBeyondSent {
+        /// The sequence the peer acked.
+        acked: u64,
+        /// The highest sequence sent (0 before any).
+        sent: u64,
+    },
+    /// A data stream that starts past the next undelivered sequence: messages would be lost.
     #[error("data stream starts at {first}, but {expected} is the next expected (a gap)")]
-    Gap { first: u64, expected: u64 },
+    Gap {
+        /// The `StreamStart` sequence.
+        first: u64,
+        /// The sequence after the last one delivered.
+        expected: u64,
+    },
+    /// A message on a data stream before its `StreamStart`.
     #[error("message before StreamStart on a data stream")]
     NoStreamStart,
 }
@@ -38,6 +51,9 @@ pub struct SendWindow {
 }
 
 impl SendWindow {
+    /// An empty window named `epoch` (nonzero; 0 means "none" in a hello), holding at most
+    /// `max_messages` (at least 1) messages and `max_bytes` bytes of frame bodies. The first
+    /// message gets sequence 1.
     pub fn new(epoch: u64, max_messages: usize, max_bytes: usize) -> Self {
         SendWindow {
             epoch,
@@ -49,6 +65,7 @@ impl SendWindow {
         }
     }
 
+    /// This window's epoch, sent as the hello's `send_epoch`.
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -63,10 +80,12 @@ impl SendWindow {
         self.base + self.entries.len() as u64
     }
 
+    /// Messages in the window (sent or not, not yet acked).
     pub fn unacked_messages(&self) -> usize {
         self.entries.len()
     }
 
+    /// Frame body bytes of the messages in the window.
     pub fn unacked_bytes(&self) -> usize {
         self.bytes
     }
@@ -79,6 +98,9 @@ impl SendWindow {
     }
 
     /// Appends a message and returns its sequence, or gives it back when the window is full.
+    ///
+    /// # Errors
+    /// The message itself, given back, when it does not fit ([`has_room`](Self::has_room)).
     pub fn push(&mut self, message: EncodedMessage) -> Result<u64, EncodedMessage> {
         if !self.has_room(message.len()) {
             return Err(message);
@@ -90,6 +112,11 @@ impl SendWindow {
     }
 
     /// Cumulative ack: drops everything up to `seq`. Returns how many messages were freed.
+    ///
+    /// An ack at or below what was already acked frees nothing.
+    ///
+    /// # Errors
+    /// [`SequenceError::AckBeyondSent`] when `seq` is above the highest sequence pushed.
     pub fn ack(&mut self, seq: u64) -> Result<usize, SequenceError> {
         let sent = self.next_seq() - 1;
         if seq > sent {
@@ -114,6 +141,10 @@ impl SendWindow {
 
     /// Applies the peer's hello: if the peer tracks this window's epoch, what it acked is done.
     /// Returns whether the peer knew this window (`false`: it lost it, everything is resent).
+    ///
+    /// # Errors
+    /// [`SequenceError::AckBeyondSent`] when the peer claims to have more of this window than was
+    /// sent.
     pub fn on_peer_hello(&mut self, hello: &Hello) -> Result<bool, SequenceError> {
         if hello.recv_epoch != self.epoch {
             return Ok(false);
@@ -141,18 +172,23 @@ pub struct ReceiveTracker {
 }
 
 impl ReceiveTracker {
+    /// A tracker that has seen no peer window yet (epoch 0).
     pub fn new() -> Self {
         ReceiveTracker::default()
     }
 
+    /// The peer's window (its `send_epoch`) the counters refer to; 0 before the first hello.
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
 
+    /// Highest sequence handed to the application.
     pub fn delivered(&self) -> u64 {
         self.delivered
     }
 
+    /// Highest sequence the application made durable: what this side acks, and sends as the
+    /// hello's `recv_acked`.
     pub fn durable(&self) -> u64 {
         self.durable
     }
@@ -170,6 +206,12 @@ impl ReceiveTracker {
     }
 
     /// A data stream started; its first message has sequence `first`.
+    ///
+    /// After a new epoch, `first - 1` becomes the baseline (nothing before it is expected).
+    ///
+    /// # Errors
+    /// [`SequenceError::Gap`] when, on a known epoch, `first` is past the next undelivered
+    /// sequence.
     pub fn on_stream_start(&mut self, first: u64) -> Result<(), SequenceError> {
         if self.rebase_pending {
             let base = first.saturating_sub(1);
@@ -189,6 +231,9 @@ impl ReceiveTracker {
 
     /// A message arrived on the data stream. Returns its sequence if it is new, `None` if it is
     /// a replay of one already delivered.
+    ///
+    /// # Errors
+    /// [`SequenceError::NoStreamStart`] when no data stream has started since the last hello.
     pub fn on_message(&mut self) -> Result<Option<u64>, SequenceError> {
         let seq = self.stream_next.ok_or(SequenceError::NoStreamStart)?;
         self.stream_next = Some(seq + 1);

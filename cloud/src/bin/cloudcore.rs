@@ -21,6 +21,9 @@ struct Cli {
     /// Where the store, the CA and the tokens live.
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
+    /// Log lines as `text` (colour only on a terminal) or `json` (one object per line).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: transport::logging::LogFormat,
     /// QUIC address edge nodes connect to.
     #[arg(long, default_value = "0.0.0.0:10001")]
     quic_listen: SocketAddr,
@@ -55,6 +58,10 @@ struct Cli {
     /// is a 504 after this, a node whose link is down a 503 at once.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     service_bus_timeout: Duration,
+    /// Streams open at once per node through the cloud (kubectl logs -f, exec, attach, and each
+    /// port-forward connection); more are refused with 429 Too Many Requests.
+    #[arg(long, default_value_t = cloud::cloudstream::DEFAULT_STREAMS_PER_NODE)]
+    streams_per_node: usize,
     /// Changes kept in memory for watches that resume from a resourceVersion; older ones get 410.
     #[arg(long, default_value_t = 10_000)]
     watch_history: usize,
@@ -83,14 +90,7 @@ enum TokenCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        // Colour only on a terminal: log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    transport::logging::init(cli.log_format, "info");
     let Some(data_dir) = cli.data_dir.clone() else {
         eprintln!("error: --data-dir DIR is required");
         return ExitCode::from(2);
@@ -136,6 +136,7 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             watch_history: cli.watch_history,
             link_keepalive: cli.link_keepalive,
             service_bus_timeout: cli.service_bus_timeout,
+            streams_per_node: cli.streams_per_node,
         };
         let mut core = match CloudCore::start(config).await {
             Ok(core) => core,

@@ -35,6 +35,7 @@ pub fn reconcile(world: &World, _now: i64) -> Vec<Action> {
         .iter()
         .map(|p| ("pods", p))
         .chain(world.replicasets.iter().map(|r| ("replicasets", r)))
+        .chain(world.jobs.iter().map(|j| ("jobs", j)))
         .collect();
     let owners: HashMap<&str, (&'static str, &Object)> = world
         .replicasets
@@ -42,6 +43,8 @@ pub fn reconcile(world: &World, _now: i64) -> Vec<Action> {
         .map(|o| ("replicasets", o))
         .chain(world.deployments.iter().map(|o| ("deployments", o)))
         .chain(world.daemonsets.iter().map(|o| ("daemonsets", o)))
+        .chain(world.jobs.iter().map(|o| ("jobs", o)))
+        .chain(world.cronjobs.iter().map(|o| ("cronjobs", o)))
         .map(|(r, o)| (uid(o), (r, o)))
         .collect();
     let mut actions = Vec::new();
@@ -86,7 +89,12 @@ pub fn reconcile(world: &World, _now: i64) -> Vec<Action> {
                 })
                 .cloned()
                 .collect();
-            object::meta_mut(&mut updated).insert("ownerReferences".into(), json!(kept));
+            // No owner left: no field (as upstream's collector leaves it, not `[]`).
+            if kept.is_empty() {
+                object::meta_mut(&mut updated).remove("ownerReferences");
+            } else {
+                object::meta_mut(&mut updated).insert("ownerReferences".into(), json!(kept));
+            }
             actions.push(Action::Update {
                 resource,
                 object: Value::Object(updated),
@@ -126,13 +134,13 @@ pub fn reconcile(world: &World, _now: i64) -> Vec<Action> {
     actions
 }
 
-/// Only references to kinds the collector sees are judged (a pod owned by, say, a Job that
-/// kedge does not serve is left alone rather than collected).
+/// Only references to kinds the collector sees are judged (a pod owned by, say, a StatefulSet
+/// that kedge does not serve is left alone rather than collected).
 fn owner_kinds_known(refs: &[Value]) -> bool {
     refs.iter().all(|r| {
         matches!(
             r.get("kind").and_then(Value::as_str),
-            Some("Deployment" | "ReplicaSet" | "DaemonSet")
+            Some("Deployment" | "ReplicaSet" | "DaemonSet" | "Job" | "CronJob")
         )
     })
 }
@@ -173,7 +181,7 @@ mod tests {
             pods: vec![
                 owned("Pod", "p1", "ReplicaSet", "uid-kept"),
                 owned("Pod", "p2", "ReplicaSet", "uid-orphaned"),
-                owned("Pod", "job-pod", "Job", "uid-job"),
+                owned("Pod", "sts-pod", "StatefulSet", "uid-sts"),
             ],
             ..World::default()
         };
@@ -198,7 +206,7 @@ mod tests {
         let actions = reconcile(&world, T0);
         assert_eq!(actions.len(), 1);
         let updated = applied(&actions[0]);
-        assert_eq!(updated["metadata"]["ownerReferences"], json!([]));
+        assert!(updated["metadata"].get("ownerReferences").is_none());
         let world = World {
             replicasets: vec![updated],
             ..world

@@ -15,10 +15,13 @@
 //! "expectations" guard against). The price: every pass reads every object of the watched
 //! kinds, fine for an edge fleet's workloads, not for a 100k-pod cluster.
 
+pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod gc;
+pub mod job;
 pub mod replicaset;
+pub mod serviceaccount;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +32,9 @@ use axum::Router;
 use replication::api::object::{self, Object};
 use replication::api::resources;
 use replication::api::selector::LabelSelector;
+use replication::watcher::{Event, ResumableWatcher};
+
+use crate::events::{EventType, Involved};
 use replication::{KeyRange, Store};
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -58,6 +64,14 @@ pub struct World {
     pub deployments: Vec<Object>,
     /// Every `apps/v1` DaemonSet.
     pub daemonsets: Vec<Object>,
+    /// Every `batch/v1` Job.
+    pub jobs: Vec<Object>,
+    /// Every `batch/v1` CronJob.
+    pub cronjobs: Vec<Object>,
+    /// Every Namespace.
+    pub namespaces: Vec<Object>,
+    /// Every ServiceAccount.
+    pub serviceaccounts: Vec<Object>,
     /// Every Node (edge nodes carry `node-role.kubernetes.io/edge`).
     pub nodes: Vec<Object>,
 }
@@ -65,13 +79,29 @@ pub struct World {
 /// The kinds in the order [`World::load`] reads them: dependents before their owners, so a
 /// dependent seen has its owner in the snapshot unless the owner is really gone (owners are
 /// created before their dependents).
-const LOAD_ORDER: &[&str] = &["pods", "replicasets", "deployments", "daemonsets", "nodes"];
+const LOAD_ORDER: &[&str] = &[
+    "pods",
+    "replicasets",
+    "jobs",
+    "deployments",
+    "daemonsets",
+    "cronjobs",
+    "serviceaccounts",
+    "namespaces",
+    "nodes",
+];
 
 impl World {
-    /// Reads the watched kinds from the store.
+    /// Reads every kind the controllers watch from the store.
     pub fn load(store: &Store) -> World {
+        Self::load_kinds(store, LOAD_ORDER)
+    }
+
+    /// Reads only `kinds` (a controller's own: each pass of each controller reads them all,
+    /// and a fleet's pods are most of the store), in [`LOAD_ORDER`].
+    pub fn load_kinds(store: &Store, kinds: &[&str]) -> World {
         let mut world = World::default();
-        for kind in LOAD_ORDER {
+        for kind in LOAD_ORDER.iter().filter(|k| kinds.contains(k)) {
             let Ok(range) = KeyRange::kind(kind) else {
                 continue;
             };
@@ -85,7 +115,12 @@ impl World {
                 "replicasets" => world.replicasets = objects,
                 "deployments" => world.deployments = objects,
                 "daemonsets" => world.daemonsets = objects,
-                _ => world.nodes = objects,
+                "jobs" => world.jobs = objects,
+                "cronjobs" => world.cronjobs = objects,
+                "namespaces" => world.namespaces = objects,
+                "serviceaccounts" => world.serviceaccounts = objects,
+                "nodes" => world.nodes = objects,
+                _ => {}
             }
         }
         world
@@ -540,8 +575,16 @@ pub type Reconcile = fn(&World, i64) -> Vec<Action>;
 fn relevant(kinds: &[&str], owners_seen: bool, kind: &str, object: &[u8]) -> bool {
     const OWNER_REFERENCES: &[u8] = b"\"ownerReferences\"";
     kinds.contains(&kind)
-        && (matches!(kind, "replicasets" | "deployments" | "daemonsets")
-            || owners_seen
+        && (matches!(
+            kind,
+            "replicasets"
+                | "deployments"
+                | "daemonsets"
+                | "jobs"
+                | "cronjobs"
+                | "namespaces"
+                | "serviceaccounts"
+        ) || owners_seen
             || object
                 .windows(OWNER_REFERENCES.len())
                 .any(|w| w == OWNER_REFERENCES))
@@ -562,30 +605,32 @@ pub async fn run(
     kinds: &'static [&'static str],
     reconcile: Reconcile,
 ) {
-    let subscribe = |store: &Store| {
-        store
-            .watch()
-            .subscribe(KeyRange::all(), Some(store.revision()))
-    };
-    let Ok(mut watcher) = subscribe(&store) else {
+    // Each pass reads the store: a restart of the watch is one more pass, like a change.
+    let mut watcher = ResumableWatcher::all(store.clone());
+    if watcher.next().await.is_err() {
         return;
-    };
+    }
     let mut busy_passes: u32 = 0;
     loop {
         let snapshot = store.clone();
-        let world = match tokio::task::spawn_blocking(move || World::load(&snapshot)).await {
-            Ok(world) => world,
-            Err(_) => return,
-        };
+        let world =
+            match tokio::task::spawn_blocking(move || World::load_kinds(&snapshot, kinds)).await {
+                Ok(world) => world,
+                Err(_) => return,
+            };
         let owners_seen = !(world.replicasets.is_empty()
             && world.deployments.is_empty()
-            && world.daemonsets.is_empty());
+            && world.daemonsets.is_empty()
+            && world.jobs.is_empty()
+            && world.cronjobs.is_empty());
         let actions = reconcile(&world, now_unix());
         let mut failed = 0;
         for action in &actions {
+            let before = stored_before(&store, action);
             match client.apply(action).await {
-                Ok(_) => {
-                    tracing::debug!(controller = name, object = %action.name(), "applied {action:?}")
+                Ok(response) => {
+                    tracing::debug!(controller = name, object = %action.name(), "applied {action:?}");
+                    record_event(&store, name, action, before.as_ref(), &response);
                 }
                 // A conflict or a vanished object: the next pass sees the new state.
                 Err(e) if matches!(e.code, 404 | 409) => {
@@ -615,8 +660,8 @@ pub async fn run(
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                change = watcher.next() => match change {
-                    Ok(change) => {
+                event = watcher.next() => match event {
+                    Ok(Event::Change(change)) => {
                         if relevant(kinds, owners_seen, change.key.kind(), &change.object) {
                             // Let a burst of changes (a fleet's status reports) arrive and make
                             // one pass of it: at most one pass per DEBOUNCE.
@@ -625,14 +670,8 @@ pub async fn run(
                             break;
                         }
                     }
-                    Err(replication::WatchError::Closed) => return,
-                    Err(_) => {
-                        match subscribe(&store) {
-                            Ok(w) => watcher = w,
-                            Err(_) => return,
-                        }
-                        break;
-                    }
+                    Ok(Event::Restart { .. }) => break,
+                    Err(_) => return,
                 },
                 _ = &mut deadline => break,
             }
@@ -640,11 +679,143 @@ pub async fn run(
     }
 }
 
+/// The object an action replaces or deletes, as stored before it (only where its Event needs
+/// it: a pod's owner, a ReplicaSet's previous size).
+fn stored_before(store: &Store, action: &Action) -> Option<Value> {
+    let key = match action {
+        Action::Delete {
+            resource: "pods",
+            namespace,
+            name,
+            ..
+        } => replication::ObjectKey::new("pods", namespace, name).ok()?,
+        Action::Update {
+            resource: "replicasets",
+            object,
+        } => replication::ObjectKey::new(
+            "replicasets",
+            object.pointer("/metadata/namespace")?.as_str()?,
+            object.pointer("/metadata/name")?.as_str()?,
+        )
+        .ok()?,
+        _ => return None,
+    };
+    serde_json::from_slice(&store.get(&key).ok()??.object).ok()
+}
+
+/// The owner (controller reference) of `object`, in `namespace`.
+fn controller_of(object: &Value, namespace: &str) -> Option<Involved> {
+    object
+        .pointer("/metadata/ownerReferences")?
+        .as_array()?
+        .iter()
+        .find(|r| r.get("controller") == Some(&Value::Bool(true)))
+        .and_then(|r| Involved::owner(r, namespace))
+}
+
+/// `spec.replicas` of a JSON value holding a ReplicaSet.
+fn replicas_of(object: &Value) -> i64 {
+    object.as_object().map_or(0, replicas)
+}
+
+/// Records the Event upstream's controllers record for an applied action (on the owner, as
+/// `kubectl describe deployment|replicaset|daemonset` shows them): `SuccessfulCreate` /
+/// `SuccessfulDelete` of a pod, `ScalingReplicaSet` when a Deployment resizes a ReplicaSet.
+fn record_event(
+    store: &Store,
+    controller: &str,
+    action: &Action,
+    before: Option<&Value>,
+    response: &Value,
+) {
+    let component = format!("{controller}-controller");
+    let name_of = |v: &Value| {
+        v.pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (owner, reason, message) = match action {
+        Action::Create {
+            resource: "pods",
+            namespace,
+            ..
+        } => (
+            controller_of(response, namespace),
+            "SuccessfulCreate",
+            format!("Created pod: {}", name_of(response)),
+        ),
+        Action::Delete {
+            resource: "pods",
+            namespace,
+            name,
+            ..
+        } => (
+            before.and_then(|b| controller_of(b, namespace)),
+            "SuccessfulDelete",
+            format!("Deleted pod: {name}"),
+        ),
+        Action::Create {
+            resource: "replicasets",
+            namespace,
+            ..
+        } => (
+            controller_of(response, namespace),
+            "ScalingReplicaSet",
+            format!(
+                "Scaled up replica set {} from 0 to {}",
+                name_of(response),
+                replicas_of(response)
+            ),
+        ),
+        Action::Update {
+            resource: "replicasets",
+            object,
+        } => {
+            let (from, to) = (before.map_or(0, replicas_of), replicas_of(object));
+            if from == to {
+                return;
+            }
+            let namespace = object
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let direction = if to > from { "up" } else { "down" };
+            (
+                controller_of(object, namespace),
+                "ScalingReplicaSet",
+                format!(
+                    "Scaled {direction} replica set {} from {from} to {to}",
+                    name_of(object)
+                ),
+            )
+        }
+        _ => return,
+    };
+    if let Some(owner) = owner {
+        crate::events::emit(
+            store,
+            &owner,
+            EventType::Normal,
+            reason,
+            &message,
+            &component,
+        );
+    }
+}
+
 /// Starts the four controllers over `store`, writing through `router` (the embedded API).
 pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<()>> {
     let client = ApiClient::new(router);
-    let workloads: &'static [&'static str] =
-        &["pods", "replicasets", "deployments", "daemonsets", "nodes"];
+    let workloads: &'static [&'static str] = &[
+        "pods",
+        "replicasets",
+        "deployments",
+        "daemonsets",
+        "jobs",
+        "cronjobs",
+        "nodes",
+    ];
     vec![
         tokio::spawn(run(
             "replicaset",
@@ -666,6 +837,27 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             client.clone(),
             &["pods", "daemonsets", "nodes"],
             daemonset::reconcile,
+        )),
+        tokio::spawn(run(
+            "job",
+            store.clone(),
+            client.clone(),
+            &["pods", "jobs"],
+            job::reconcile,
+        )),
+        tokio::spawn(run(
+            "cronjob",
+            store.clone(),
+            client.clone(),
+            &["jobs", "cronjobs"],
+            cronjob::reconcile,
+        )),
+        tokio::spawn(run(
+            "serviceaccount",
+            store.clone(),
+            client.clone(),
+            &["namespaces", "serviceaccounts"],
+            serviceaccount::reconcile,
         )),
         tokio::spawn(run(
             "garbagecollector",

@@ -20,6 +20,9 @@ struct Cli {
     /// This node's name (a DNS-1123 subdomain).
     #[arg(long)]
     node_name: String,
+    /// Log lines as `text` (colour only on a terminal) or `json` (one object per line).
+    #[arg(long, default_value = "text")]
+    log_format: transport::logging::LogFormat,
     /// cloudcore's QUIC address (HOST:PORT).
     #[arg(long)]
     cloud: String,
@@ -82,14 +85,7 @@ fn keep_memory_small() {
 fn main() -> ExitCode {
     keep_memory_small();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        // Colour only on a terminal: log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    transport::logging::init(cli.log_format, "info");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -126,7 +122,7 @@ fn main() -> ExitCode {
             (false, Some((host, port))) => edge::eventbus::MqttMode::External(host, port),
             (false, None) => edge::eventbus::MqttMode::Embedded(cli.mqtt_listen),
         };
-        let core = match EdgeCore::start(config).await {
+        let mut core = match EdgeCore::start(config).await {
             Ok(core) => core,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -141,12 +137,22 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-        tokio::select! {
-            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
-        }
+        let failure = tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); None }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); None }
+            why = core.failed() => Some(why),
+        };
         core.shutdown().await;
-        tracing::info!("edgecore stopped");
-        ExitCode::SUCCESS
+        match failure {
+            None => {
+                tracing::info!("edgecore stopped");
+                ExitCode::SUCCESS
+            }
+            Some(why) => {
+                tracing::error!(%why, "a part of edgecore failed; exiting");
+                eprintln!("error: {why}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }

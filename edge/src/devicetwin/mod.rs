@@ -31,6 +31,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::eventbus::topics::{self, Request};
+
+/// DeviceTwin's column family in the node's store: device and twin records, committed
+/// atomically with the reports they cause. Registered by [`crate::meta::MetaManager`].
+pub const DEVICETWIN: Aux = Aux::named("devicetwin");
 use crate::meta::MetaManager;
 use payload::{
     BaseMessage, DeviceInfo, DeviceState, ErrorResult, MembershipDetail, MembershipUpdate, MsgTwin,
@@ -253,7 +257,7 @@ impl DeviceTwin {
         let bytes = self
             .meta
             .store()
-            .get_aux(Aux::DeviceTwin, &twin_key(device, property))
+            .get_aux(DEVICETWIN, &twin_key(device, property))
             .ok()??;
         serde_json::from_slice(&bytes).ok()
     }
@@ -264,7 +268,7 @@ impl DeviceTwin {
         for (key, value) in self
             .meta
             .store()
-            .scan_aux(Aux::DeviceTwin, &prefix)
+            .scan_aux(DEVICETWIN, &prefix)
             .filter_map(Result::ok)
         {
             let property = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
@@ -286,7 +290,7 @@ impl DeviceTwin {
         }
         self.meta
             .store()
-            .get_aux(Aux::DeviceTwin, &device_key(device))
+            .get_aux(DEVICETWIN, &device_key(device))
             .ok()
             .flatten()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -439,14 +443,10 @@ impl DeviceTwin {
         }
         let mut writes = WriteSet::new();
         for ((device, property), record) in &staged.twins {
-            writes.put_aux(
-                Aux::DeviceTwin,
-                twin_key(device, property),
-                json_bytes(record),
-            );
+            writes.put_aux(DEVICETWIN, twin_key(device, property), json_bytes(record));
         }
         for (device, record) in &staged.devices {
-            writes.put_aux(Aux::DeviceTwin, device_key(device), json_bytes(record));
+            writes.put_aux(DEVICETWIN, device_key(device), json_bytes(record));
         }
         let mut reports = staged.reports.clone();
         for id in &staged.touched {
@@ -841,8 +841,8 @@ impl DeviceTwin {
                 if let Some(last) = end.last_mut() {
                     *last = 1;
                 }
-                writes.delete_aux_range(Aux::DeviceTwin, prefix, end);
-                writes.delete_aux(Aux::DeviceTwin, device_key(id));
+                writes.delete_aux_range(DEVICETWIN, prefix, end);
+                writes.delete_aux(DEVICETWIN, device_key(id));
                 if let Err(e) = self.meta.report_batch(Vec::new(), writes) {
                     tracing::warn!(device = %id, error = %e, "cannot remove the twin records");
                 }

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use replication::api::object::{self, Object};
+use replication::watcher::ResumableWatcher;
 use replication::{KeyRange, ObjectKey};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -242,13 +243,9 @@ impl Edged {
     /// Reconciles on every cache change and every second until `shutdown`, then stops all
     /// pods (waiting at most `stop_grace`).
     pub async fn run(mut self, shutdown: CancellationToken, stop_grace: Duration) {
-        let mut watcher = match self.meta.store().watch().subscribe(KeyRange::all(), None) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "no cache watch; polling only");
-                None
-            }
-        };
+        // Any change (or a restart of the watch) means one more pass; a pass reads the cache.
+        let mut watcher = ResumableWatcher::all(self.meta.store().clone());
+        let mut watching = true;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let runtime_changed = self.runtime.changed();
         loop {
@@ -262,23 +259,16 @@ impl Edged {
                         None => std::future::pending().await,
                     }
                 } => {}
-                changed = async {
-                    match watcher.as_mut() {
-                        Some(w) => w.next().await.is_ok(),
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    if !changed {
-                        // Fell behind the change history: the next pass reads the cache anyway.
-                        watcher = self.meta.store().watch().subscribe(KeyRange::all(), None).ok();
+                event = watcher.next(), if watching => {
+                    if event.is_err() {
+                        tracing::warn!("the cache's watch closed; polling only");
+                        watching = false;
                     }
                 }
                 _ = shutdown.cancelled() => break,
             }
             // Drain what is queued: one pass covers it all.
-            if let Some(w) = watcher.as_mut() {
-                while let Ok(Some(_)) = w.try_next() {}
-            }
+            while let Ok(Some(_)) = watcher.try_next() {}
         }
         self.runtime.shutdown(stop_grace);
         let deadline = tokio::time::Instant::now() + stop_grace + Duration::from_secs(1);

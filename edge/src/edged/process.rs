@@ -248,6 +248,72 @@ impl Runtime for ProcessRuntime {
     }
 }
 
+/// The stdin of a running container started with `stdin: true`, which `kubectl attach -i`
+/// writes to. Held by this edgecore only: a container adopted after an edgecore restart has
+/// lost it (its stdin then reads end of file).
+#[derive(Clone)]
+pub struct ContainerStdin {
+    pipe: Arc<tokio::sync::Mutex<Option<tokio::process::ChildStdin>>>,
+    /// `stdinOnce`: closed when the first attach session that used it ends.
+    pub once: bool,
+}
+
+impl ContainerStdin {
+    /// Writes to the container's stdin; false once it is closed (or the container ended).
+    pub async fn write(&self, bytes: &[u8]) -> bool {
+        use tokio::io::AsyncWriteExt;
+        let mut pipe = self.pipe.lock().await;
+        let Some(p) = pipe.as_mut() else {
+            return false;
+        };
+        if p.write_all(bytes).await.is_err() || p.flush().await.is_err() {
+            *pipe = None;
+            return false;
+        }
+        true
+    }
+
+    /// Closes the container's stdin (it reads end of file).
+    pub async fn close(&self) {
+        self.pipe.lock().await.take();
+    }
+}
+
+type Stdins = Mutex<HashMap<PathBuf, ContainerStdin>>;
+
+fn stdins() -> &'static Stdins {
+    static STDINS: std::sync::OnceLock<Stdins> = std::sync::OnceLock::new();
+    STDINS.get_or_init(Default::default)
+}
+
+fn register_stdin(log: &Path, pipe: tokio::process::ChildStdin, once: bool) {
+    let stdin = ContainerStdin {
+        pipe: Arc::new(tokio::sync::Mutex::new(Some(pipe))),
+        once,
+    };
+    stdins()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(log.to_owned(), stdin);
+}
+
+fn unregister_stdin(log: &Path) {
+    stdins()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(log);
+}
+
+/// The stdin of the running container whose log file is `log` (`<pod dir>/<container>.log`),
+/// if it was started with `stdin: true` by this edgecore.
+pub fn container_stdin(log: &Path) -> Option<ContainerStdin> {
+    stdins()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(log)
+        .cloned()
+}
+
 struct Supervisor {
     container: ContainerRun,
     root: PathBuf,
@@ -287,7 +353,12 @@ impl Supervisor {
         // `super::logs`); the container dies with edgecore anyway (PDEATHSIG below).
         command.stdout(std::process::Stdio::piped());
         command.stderr(std::process::Stdio::piped());
-        command.stdin(std::process::Stdio::null());
+        // `stdin: true`: a pipe kept open for `kubectl attach -i` ([`container_stdin`]).
+        command.stdin(if self.container.stdin {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        });
         command.process_group(0);
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
@@ -345,6 +416,9 @@ impl Supervisor {
                     continue;
                 }
             };
+            if let Some(pipe) = child.stdin.take() {
+                register_stdin(&self.log, pipe, self.container.stdin_once);
+            }
             let copies: Vec<_> =
                 [
                     child.stdout.take().map(|p| {
@@ -369,6 +443,7 @@ impl Supervisor {
                 exit = child.wait() => (exit, false),
                 _ = self.stop.cancelled() => (self.terminate(&mut child, pgid).await, true),
             };
+            unregister_stdin(&self.log);
             // Whatever the container's process left in its group dies with it.
             procs::signal_group(pgid, libc::SIGKILL);
             // Its last lines are in the log before its end is reported. Bounded: a process

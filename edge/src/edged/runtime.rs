@@ -39,6 +39,10 @@ pub struct ContainerRun {
     /// image to take an entrypoint from).
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// `stdin: true`: the container's stdin is a pipe kept open for `kubectl attach -i`.
+    pub stdin: bool,
+    /// `stdinOnce: true`: that pipe closes when the first attach session that used it ends.
+    pub stdin_once: bool,
     /// `command` alone (CRI: overrides the image's entrypoint when not empty).
     pub command: Vec<String>,
     /// `args` alone (CRI: overrides the image's `Cmd` when not empty).
@@ -341,6 +345,8 @@ mod tests {
             security: SecurityRun::default(),
             resources: ResourcesRun::default(),
             host_ports: Vec::new(),
+            stdin: false,
+            stdin_once: false,
         }
     }
 

@@ -416,6 +416,8 @@ pub fn pod_run(store: &Store, pod: &Object, pods_dir: &Path) -> PodRun {
             security: security_of(&spec, c),
             resources: resources_of(c),
             host_ports: host_ports_of(c),
+            stdin: c.get("stdin").and_then(Value::as_bool).unwrap_or(false),
+            stdin_once: c.get("stdinOnce").and_then(Value::as_bool).unwrap_or(false),
         }
     };
     let list = |field: &str| -> Vec<ContainerRun> {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use replication::KeyRange;
+use replication::watcher::{Event as CacheEvent, ResumableWatcher};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -216,25 +216,19 @@ async fn serve(
     mut requests: mpsc::Receiver<(String, Bytes)>,
     shutdown: CancellationToken,
 ) {
-    let subscribe = || meta.store().watch().subscribe(KeyRange::all(), None).ok();
-    let mut watcher = subscribe();
+    let mut watcher = ResumableWatcher::all(meta.store().clone());
+    let mut watching = true;
+    let mut started = false;
     let mut backlog: VecDeque<Outgoing> = VecDeque::new();
     loop {
         // Cache changes first, all of them: our own commits add one per device reported,
         // and a watcher left behind is cut off.
         let mut outgoing = Vec::new();
-        if let Some(w) = watcher.as_mut() {
-            loop {
-                match w.try_next() {
-                    Ok(Some(change)) => outgoing.extend(twin.on_change(&change)),
-                    Ok(None) => break,
-                    Err(_) => {
-                        tracing::warn!("DeviceTwin fell behind the cache; re-reading the devices");
-                        watcher = subscribe();
-                        outgoing.extend(twin.resync());
-                        break;
-                    }
-                }
+        while watching {
+            match watcher.try_next() {
+                Ok(Some(event)) => outgoing.extend(twin_event(&mut twin, event, &mut started)),
+                Ok(None) => break,
+                Err(_) => watching = false,
             }
         }
         queue(&mut backlog, outgoing);
@@ -251,17 +245,12 @@ async fn serve(
                 }
                 twin.handle(batch)
             }
-            change = async {
-                match watcher.as_mut() {
-                    Some(w) => w.next().await.ok(),
-                    None => std::future::pending().await,
-                }
-            } => match change {
-                Some(change) => twin.on_change(&change),
-                None => {
-                    tracing::warn!("DeviceTwin fell behind the cache; re-reading the devices");
-                    watcher = subscribe();
-                    twin.resync()
+            event = watcher.next(), if watching => match event {
+                Ok(event) => twin_event(&mut twin, event, &mut started),
+                Err(_) => {
+                    tracing::warn!("the cache's watch closed; DeviceTwin follows requests only");
+                    watching = false;
+                    Vec::new()
                 }
             },
             _ = tokio::time::sleep(Duration::from_millis(5)), if !backlog.is_empty() => Vec::new(),
@@ -269,6 +258,23 @@ async fn serve(
         };
         queue(&mut backlog, outgoing);
         flush(&client, &mut backlog);
+    }
+}
+
+/// One event of the cache's watch for DeviceTwin. The first restart is the watch starting
+/// (the twin was just built from the cache); a later one means changes were lost: the
+/// devices are read again.
+fn twin_event(twin: &mut DeviceTwin, event: CacheEvent, started: &mut bool) -> Vec<Outgoing> {
+    match event {
+        CacheEvent::Change(change) => twin.on_change(&change),
+        CacheEvent::Restart { .. } if !*started => {
+            *started = true;
+            Vec::new()
+        }
+        CacheEvent::Restart { .. } => {
+            tracing::warn!("DeviceTwin fell behind the cache; re-reading the devices");
+            twin.resync()
+        }
     }
 }
 

@@ -84,7 +84,8 @@ impl EdgeProcess {
             child,
             metaserver: format!("http://127.0.0.1:{port}"),
         };
-        eventually("MetaServer answers", Duration::from_secs(15), || {
+        // A join (TLS, CSR signed) and the RocksDB open: seconds on a loaded 2-core machine.
+        eventually("MetaServer answers", Duration::from_secs(30), || {
             common::http_get(&format!("127.0.0.1:{port}"), "/healthz").is_some_and(|b| b == "ok")
         });
         edge

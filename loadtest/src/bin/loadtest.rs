@@ -148,14 +148,7 @@ async fn run(args: Args, report: &mut Report) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        // Colour only on a terminal: log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    transport::logging::init(transport::logging::LogFormat::Text, "warn");
     let args = Args::parse();
     raise_limits(args.nodes as usize);
     let settings = Settings {

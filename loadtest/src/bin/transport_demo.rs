@@ -36,13 +36,7 @@ const DAY: Duration = Duration::from_secs(86400);
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        // Colour only on a terminal: log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    transport::logging::init(transport::logging::LogFormat::Text, "warn");
     let args = Args::parse();
     if args.nodes == 0 || args.messages == 0 {
         bail!("--nodes and --messages must be at least 1");

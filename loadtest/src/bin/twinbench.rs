@@ -89,14 +89,7 @@ fn summary(name: &str, phase: &Phase) -> serde_json::Value {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        // Colour only on a terminal: log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    transport::logging::init(transport::logging::LogFormat::Text, "warn");
     let cloud = Cloud::start_child(&args.cloudcore.unwrap_or_else(default_cloudcore))?;
     let edge = start_edgecore(&args.edgecore.unwrap_or_else(default_edgecore), &cloud)?;
     let devices = args.devices as usize;

@@ -12,8 +12,11 @@ use serde_json::{json, Value};
 
 use super::resources::{self, Resource};
 
+/// The Kubernetes version the API reports at `/version` (the API it mimics).
 pub const KUBERNETES_VERSION: &str = "v1.32.0";
 
+/// `/version`: a `version.Info` for [`KUBERNETES_VERSION`], `gitVersion` suffixed with
+/// `+kedge-{crate version}`.
 pub fn version() -> Value {
     json!({
         "major": "1",
@@ -28,6 +31,7 @@ pub fn version() -> Value {
     })
 }
 
+/// `/api`: the `APIVersions` of the core group (`v1`).
 pub fn core_versions() -> Value {
     json!({
         "kind": "APIVersions",
@@ -51,6 +55,8 @@ fn group_json(group: &str) -> Value {
     })
 }
 
+/// `/apis`: the `APIGroupList` of the named groups served (core excluded, as the apiserver),
+/// the Metrics API last.
 pub fn groups() -> Value {
     let mut names: Vec<&str> = Vec::new();
     for (g, _) in resources::group_versions() {
@@ -58,11 +64,49 @@ pub fn groups() -> Value {
             names.push(g);
         }
     }
-    let groups: Vec<Value> = names.into_iter().map(group_json).collect();
+    let mut groups: Vec<Value> = names.into_iter().map(group_json).collect();
+    groups.push(metrics_group());
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
+/// The Metrics API (`metrics.k8s.io/v1beta1`, `kubectl top`): served from the nodes' usage, not
+/// from the store (cloudcore and MetaServer route its paths themselves), so it is listed here
+/// and not among [`resources::all`].
+pub const METRICS_GROUP: &str = "metrics.k8s.io";
+const METRICS_VERSION: &str = "v1beta1";
+
+fn metrics_group() -> Value {
+    let version = json!({
+        "groupVersion": format!("{METRICS_GROUP}/{METRICS_VERSION}"),
+        "version": METRICS_VERSION,
+    });
+    json!({
+        "kind": "APIGroup",
+        "apiVersion": "v1",
+        "name": METRICS_GROUP,
+        "versions": [version],
+        "preferredVersion": version,
+    })
+}
+
+fn metrics_resources() -> Value {
+    let resource = |name: &str, kind: &str, namespaced: bool| {
+        json!({"name": name, "singularName": "", "namespaced": namespaced, "kind": kind,
+               "verbs": ["get", "list"]})
+    };
+    json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": format!("{METRICS_GROUP}/{METRICS_VERSION}"),
+        "resources": [resource("nodes", "NodeMetrics", false), resource("pods", "PodMetrics", true)],
+    })
+}
+
+/// `/apis/{group}`: its `APIGroup`; `None` for a group not served.
 pub fn group(group: &str) -> Option<Value> {
+    if group == METRICS_GROUP {
+        return Some(metrics_group());
+    }
     resources::all()
         .iter()
         .any(|r| r.group == group && !group.is_empty())
@@ -73,7 +117,12 @@ const VERBS: &[&str] = &[
     "create", "delete", "get", "list", "patch", "update", "watch",
 ];
 
+/// `/api/v1` or `/apis/{group}/{version}`: the `APIResourceList` of that group-version
+/// (subresources included); `None` when it is not served.
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    if (group, version) == (METRICS_GROUP, METRICS_VERSION) {
+        return Some(metrics_resources());
+    }
     let served: Vec<&Resource> = resources::all()
         .iter()
         .filter(|r| r.group == group && r.version == version)

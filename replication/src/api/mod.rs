@@ -12,6 +12,7 @@
 //! store's (in a version-assigning store, a change's resourceVersion is its revision, so a list's
 //! resourceVersion, an object's and a watch position are one number space).
 
+pub mod auth;
 pub mod discovery;
 pub mod object;
 pub mod options;
@@ -47,16 +48,24 @@ pub const MAX_BODY_BYTES: usize = 3 << 20;
 /// The API verbs, for policy decisions and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verb {
+    /// `get`: one object.
     Get,
+    /// `list`: a collection.
     List,
+    /// `watch`: a collection's changes (`?watch=true` or a `/watch/` path).
     Watch,
+    /// `create`: `POST` to a collection.
     Create,
+    /// `update`: `PUT` of one object.
     Update,
+    /// `patch`: `PATCH` of one object.
     Patch,
+    /// `delete`: `DELETE` of one object.
     Delete,
 }
 
 impl Verb {
+    /// The verb as Kubernetes' RBAC and audit name it (`get`, `list`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             Verb::Get => "get",
@@ -69,6 +78,7 @@ impl Verb {
         }
     }
 
+    /// Whether the verb changes state (create, update, patch, delete).
     pub fn is_write(self) -> bool {
         matches!(
             self,
@@ -80,6 +90,11 @@ impl Verb {
 /// What differs between the places the API is served (the cloud, an edge node).
 pub trait ApiPolicy: Send + Sync + 'static {
     /// Refuses a request before it is served (authorization, an offline edge...).
+    ///
+    /// `status`: the request is for the `/status` subresource. The default admits everything.
+    ///
+    /// # Errors
+    /// The error to answer with instead (403 `Forbidden`, 503 `ServiceUnavailable`, ...).
     fn admit(&self, _resource: &Resource, _verb: Verb, _status: bool) -> Result<(), ApiError> {
         Ok(())
     }
@@ -95,6 +110,10 @@ pub trait ApiPolicy: Send + Sync + 'static {
 
     /// Commits an admitted write and returns the object's state after it. The default writes
     /// the store; an edge node applies status writes locally and queues them for the cloud.
+    ///
+    /// # Errors
+    /// The error to answer with: the default maps [`StoreError`](crate::StoreError)s as
+    /// [`ApiError::from_store`] does, and a commit that changed nothing is a 500.
     fn commit(
         &self,
         store: &Store,
@@ -237,6 +256,7 @@ fn verb_of(method: &Method, target: &Target, query: &Query) -> Option<Verb> {
 }
 
 impl ApiServer {
+    /// An API over `store`, deciding with `policy`, without authentication.
     pub fn new(store: Arc<Store>, policy: Arc<dyn ApiPolicy>) -> Self {
         ApiServer {
             store,
@@ -251,10 +271,13 @@ impl ApiServer {
         self
     }
 
+    /// The store it serves.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
 
+    /// An axum router serving the whole API (`/api`, `/apis`, `/version`, `/openapi/v3`,
+    /// `/healthz`, ...) from one fallback handler.
     pub fn router(self) -> Router {
         Router::new().fallback(dispatch).with_state(self)
     }
@@ -298,6 +321,30 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
             ))
         }
         _ => {}
+    }
+    if auth::is_review(&path) {
+        if parts.method != Method::POST {
+            return error_response(&ApiError::method_not_allowed(
+                "reviews are created with POST",
+            ));
+        }
+        let protobuf = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with(protobuf::CONTENT_TYPE));
+        let reply = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+            Ok(bytes) => auth::review(server.policy.as_ref(), &path, &bytes, protobuf),
+            Err(_) => Err(ApiError::too_large(format!(
+                "the request body is larger than {MAX_BODY_BYTES} bytes"
+            ))),
+        };
+        let code = reply.as_ref().map_or_else(|e| e.code, |_| 201);
+        server.policy.observe("create", "reviews", code);
+        return match reply {
+            Ok(value) => json_response(StatusCode::CREATED, &value),
+            Err(e) => error_response(&e),
+        };
     }
     let target = match route(&path) {
         Route::Json(value) => {

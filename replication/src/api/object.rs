@@ -11,9 +11,13 @@ use serde_json::{json, Map, Value};
 use super::resources::Resource;
 use super::status::{ApiError, Cause};
 
+/// A Kubernetes object as a JSON map (`apiVersion`, `kind`, `metadata`, ...).
 pub type Object = Map<String, Value>;
 
 /// Parses a request body into a JSON object.
+///
+/// # Errors
+/// 400 `BadRequest` when `body` is not JSON, or not a JSON object.
 pub fn parse_object(body: &[u8]) -> Result<Object, ApiError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
@@ -26,10 +30,12 @@ pub fn parse_object(body: &[u8]) -> Result<Object, ApiError> {
     }
 }
 
+/// `metadata`, if it is an object.
 pub fn meta(object: &Object) -> Option<&Object> {
     object.get("metadata").and_then(Value::as_object)
 }
 
+/// `metadata`, made an empty object first when absent or not an object.
 pub fn meta_mut(object: &mut Object) -> &mut Object {
     let entry = object
         .entry("metadata")
@@ -40,19 +46,27 @@ pub fn meta_mut(object: &mut Object) -> &mut Object {
     entry.as_object_mut().expect("metadata is an object")
 }
 
+/// A string field of `metadata`.
 pub fn meta_str<'a>(object: &'a Object, field: &str) -> Option<&'a str> {
     meta(object)?.get(field)?.as_str()
 }
 
+/// `metadata.name`; empty when absent.
 pub fn name(object: &Object) -> &str {
     meta_str(object, "name").unwrap_or_default()
 }
 
+/// `metadata.namespace`; empty when absent (and for cluster-scoped objects).
 pub fn namespace(object: &Object) -> &str {
     meta_str(object, "namespace").unwrap_or_default()
 }
 
 /// `metadata.resourceVersion` as a number; `Err` when present and not a number.
+///
+/// `None` when absent or empty.
+///
+/// # Errors
+/// 400 `BadRequest` when it is not a decimal `u64`.
 pub fn resource_version(object: &Object) -> Result<Option<u64>, ApiError> {
     match meta_str(object, "resourceVersion") {
         None | Some("") => Ok(None),
@@ -62,6 +76,7 @@ pub fn resource_version(object: &Object) -> Result<Option<u64>, ApiError> {
     }
 }
 
+/// `metadata.labels`, if it is an object.
 pub fn labels(object: &Object) -> Option<&Object> {
     meta(object)?.get("labels")?.as_object()
 }
@@ -74,6 +89,9 @@ pub fn to_stored(mut object: Object) -> Vec<u8> {
 
 /// Stored bytes with `metadata.resourceVersion` set, ready to serve. Re-reads only the top level
 /// and `metadata`; the rest is copied through as raw JSON.
+///
+/// # Errors
+/// 500 `InternalError` when `stored` is not a JSON object or its `metadata` is not one.
 pub fn with_resource_version(stored: &[u8], rv: u64) -> Result<Vec<u8>, ApiError> {
     let corrupt = |e: serde_json::Error| ApiError::internal(format!("stored object: {e}"));
     let raw: std::collections::BTreeMap<String, Box<RawValue>> =
@@ -114,6 +132,9 @@ pub fn with_resource_version(stored: &[u8], rv: u64) -> Result<Vec<u8>, ApiError
 }
 
 /// Stored bytes as a JSON object with its resourceVersion.
+///
+/// # Errors
+/// 500 `InternalError` when `stored` is not a JSON object.
 pub fn decode_stored(stored: &[u8], rv: u64) -> Result<Object, ApiError> {
     let mut object: Object = serde_json::from_slice(stored)
         .map_err(|e| ApiError::internal(format!("stored object: {e}")))?;
@@ -166,6 +187,11 @@ const GENERATE_ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 /// Checks the request's apiVersion/kind and namespace against the URL and fills in what the
 /// apiserver fills in on create: name from generateName, namespace, uid, creationTimestamp,
 /// generation and kind-specific defaults.
+///
+/// # Errors
+/// 400 `BadRequest` when the body's `apiVersion`, `kind` or `metadata.namespace` contradicts the
+/// URL; 422 `Invalid` without `metadata.name` and `metadata.generateName`, or when
+/// [`validate`] refuses the result.
 pub fn prepare_create(
     resource: &Resource,
     url_namespace: &str,
@@ -210,6 +236,11 @@ pub fn prepare_create(
 
 /// Update/patch: the URL decides namespace and name; identity fields are carried over from the
 /// current object; status is kept unless this is a `/status` write (and vice versa).
+///
+/// # Errors
+/// 400 `BadRequest` when the body's `apiVersion`, `kind`, namespace or name contradicts the URL;
+/// 422 `Invalid` for a pod whose `spec.nodeName` (once set), containers or commands change, a
+/// workload whose selector changes, or when [`validate`] refuses the result.
 pub fn prepare_update(
     resource: &Resource,
     url_namespace: &str,
@@ -519,6 +550,12 @@ fn is_label_value(s: &str) -> bool {
 }
 
 /// Field checks: names, labels, and the required fields of the kinds edged acts on.
+///
+/// # Errors
+/// 422 `Invalid` with one [`Cause`] per problem: a name that is not an RFC 1123 subdomain (a
+/// label for Namespaces and Services), a label key or value that is not valid, a pod or
+/// workload without its required fields, a ConfigMap's or Secret's data that is not a map of
+/// strings with valid keys.
 pub fn validate(resource: &Resource, object: &Object) -> Result<(), ApiError> {
     let mut causes_of_workload = Vec::new();
     let mut causes = Vec::new();

@@ -5,14 +5,23 @@ use serde_json::{Map, Value};
 
 use super::status::ApiError;
 
+/// The PATCH body formats, by `Content-Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PatchKind {
+    /// `application/json-patch+json`: a JSON patch (RFC 6902).
     Json,
+    /// `application/merge-patch+json`: a JSON merge patch (RFC 7386).
     Merge,
+    /// `application/strategic-merge-patch+json`: Kubernetes' strategic merge patch (lists merged
+    /// by their `patchMergeKey`).
     StrategicMerge,
 }
 
 impl PatchKind {
+    /// The patch format a `Content-Type` names (parameters ignored).
+    ///
+    /// # Errors
+    /// 415 `UnsupportedMediaType` for any other media type, server-side apply's included.
     pub fn from_content_type(content_type: &str) -> Result<Self, ApiError> {
         let media = content_type.split(';').next().unwrap_or_default().trim();
         match media {
@@ -34,6 +43,11 @@ impl PatchKind {
 }
 
 /// Applies `patch` of `kind` to `target`.
+///
+/// # Errors
+/// 400 `BadRequest` when `patch` is not JSON of the kind's shape (a strategic merge patch must
+/// be an object); 422 `Invalid` when a JSON patch operation cannot be applied (a missing path,
+/// a failed `test`).
 pub fn apply(kind: PatchKind, target: &mut Value, patch: &[u8]) -> Result<(), ApiError> {
     let bad = |e: &dyn std::fmt::Display| ApiError::bad_request(format!("invalid patch: {e}"));
     match kind {

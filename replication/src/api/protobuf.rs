@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::status::ApiError;
 
+/// The media type of Kubernetes' protobuf encoding.
 pub const CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf";
 const MAGIC: &[u8] = b"k8s\x00";
 
@@ -41,7 +42,18 @@ const OBJECT_META: &[Field] = &[
     Field(8, "creationTimestamp", Ty::Time),
     Field(11, "labels", Ty::StrMap),
     Field(12, "annotations", Ty::StrMap),
+    Field(13, "ownerReferences", Ty::RepMsg(OWNER_REFERENCE)),
     Field(14, "finalizers", Ty::RepStr),
+];
+
+/// meta/v1 OwnerReference (`kubectl create job --from=cronjob/…` sets one).
+const OWNER_REFERENCE: &[Field] = &[
+    Field(1, "kind", Ty::Str),
+    Field(3, "name", Ty::Str),
+    Field(4, "uid", Ty::Str),
+    Field(5, "apiVersion", Ty::Str),
+    Field(6, "controller", Ty::Bool),
+    Field(7, "blockOwnerDeletion", Ty::Bool),
 ];
 
 const NAMESPACE: &[Field] = &[
@@ -190,6 +202,91 @@ const DEPLOYMENT: &[Field] = &[
     Field(3, "status", Ty::Msg(&[])),
 ];
 
+/// batch/v1 JobSpec.
+const JOB_SPEC: &[Field] = &[
+    Field(1, "parallelism", Ty::PtrInt),
+    Field(2, "completions", Ty::PtrInt),
+    Field(3, "activeDeadlineSeconds", Ty::PtrInt),
+    Field(4, "selector", Ty::Msg(LABEL_SELECTOR)),
+    Field(5, "manualSelector", Ty::Bool),
+    Field(6, "template", Ty::Msg(POD_TEMPLATE_SPEC)),
+    Field(7, "backoffLimit", Ty::PtrInt),
+    Field(8, "ttlSecondsAfterFinished", Ty::PtrInt),
+    Field(9, "completionMode", Ty::Str),
+    Field(10, "suspend", Ty::Bool),
+];
+
+/// batch/v1 Job, as `kubectl create job` builds it (also `--from=cronjob/…`).
+const JOB: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(2, "spec", Ty::Msg(JOB_SPEC)),
+    Field(3, "status", Ty::Msg(&[])),
+];
+
+/// batch/v1 CronJob, as `kubectl create cronjob` builds it.
+const CRON_JOB: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(
+        2,
+        "spec",
+        Ty::Msg(&[
+            Field(1, "schedule", Ty::Str),
+            Field(2, "startingDeadlineSeconds", Ty::PtrInt),
+            Field(3, "concurrencyPolicy", Ty::Str),
+            Field(4, "suspend", Ty::Bool),
+            Field(
+                5,
+                "jobTemplate",
+                Ty::Msg(&[
+                    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+                    Field(2, "spec", Ty::Msg(JOB_SPEC)),
+                ]),
+            ),
+            Field(6, "successfulJobsHistoryLimit", Ty::PtrInt),
+            Field(7, "failedJobsHistoryLimit", Ty::PtrInt),
+            Field(8, "timeZone", Ty::Str),
+        ]),
+    ),
+    Field(3, "status", Ty::Msg(&[])),
+];
+
+/// authorization.k8s.io/v1 SelfSubjectAccessReview (`kubectl auth can-i`).
+const SELF_SUBJECT_ACCESS_REVIEW: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(
+        2,
+        "spec",
+        Ty::Msg(&[
+            Field(
+                1,
+                "resourceAttributes",
+                Ty::Msg(&[
+                    Field(1, "namespace", Ty::Str),
+                    Field(2, "verb", Ty::Str),
+                    Field(3, "group", Ty::Str),
+                    Field(4, "version", Ty::Str),
+                    Field(5, "resource", Ty::Str),
+                    Field(6, "subresource", Ty::Str),
+                    Field(7, "name", Ty::Str),
+                ]),
+            ),
+            Field(
+                2,
+                "nonResourceAttributes",
+                Ty::Msg(&[Field(1, "path", Ty::Str), Field(2, "verb", Ty::Str)]),
+            ),
+        ]),
+    ),
+    Field(3, "status", Ty::Msg(&[])),
+];
+
+/// authorization.k8s.io/v1 SelfSubjectRulesReview (`kubectl auth can-i --list`).
+const SELF_SUBJECT_RULES_REVIEW: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(2, "spec", Ty::Msg(&[Field(1, "namespace", Ty::Str)])),
+    Field(3, "status", Ty::Msg(&[])),
+];
+
 /// meta/v1 DeleteOptions, as `kubectl drain` sends it.
 const DELETE_OPTIONS: &[Field] = &[
     Field(1, "gracePeriodSeconds", Ty::PtrInt),
@@ -214,6 +311,14 @@ fn schema(kind: &str) -> Option<&'static [Field]> {
         "Secret" => SECRET,
         "Service" => SERVICE,
         "Deployment" => DEPLOYMENT,
+        "Job" => JOB,
+        "SelfSubjectAccessReview" => SELF_SUBJECT_ACCESS_REVIEW,
+        "SelfSubjectRulesReview" => SELF_SUBJECT_RULES_REVIEW,
+        "SelfSubjectReview" => &[
+            Field(1, "metadata", Ty::Msg(OBJECT_META)),
+            Field(2, "status", Ty::Msg(&[Field(1, "userInfo", Ty::Msg(&[]))])),
+        ],
+        "CronJob" => CRON_JOB,
         _ => return None,
     })
 }
@@ -420,6 +525,11 @@ fn decode_message(
 }
 
 /// Decodes a protobuf request body into the JSON object it stands for.
+///
+/// # Errors
+/// 400 `BadRequest` for a body without the `k8s\0` envelope, or that is not well-formed
+/// protobuf (truncated, a bad varint or wire type, a string that is not UTF-8); 415
+/// `UnsupportedMediaType` for a kind, or a non-empty field, the decoder does not know.
 pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
     let unknown = body
         .strip_prefix(MAGIC)

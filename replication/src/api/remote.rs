@@ -16,15 +16,19 @@ use transport::{Header, Message, ReceivedMessage, Route};
 use super::{route, verb_of, ApiError, Query, Resource, Route as ApiRoute, Verb, MAX_BODY_BYTES};
 use crate::key::ObjectKey;
 
+/// The route group of forwarded API calls.
 pub const GROUP: &str = "api";
 
 /// The largest response carried back (a list of a whole kind is served locally, not forwarded).
 pub const MAX_REPLY_BYTES: usize = 8 << 20;
 
+/// A transport message that is not a well-formed API call or reply.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
+    /// The route group is not [`GROUP`]; the group it has.
     #[error("not an API call (group {0:?})")]
     NotApi(String),
+    /// A bad method, URI or status code, or content without its two header lines; what is wrong.
     #[error("malformed API call: {0}")]
     Malformed(String),
 }
@@ -32,19 +36,26 @@ pub enum RemoteError {
 /// An HTTP request to the API, in transit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiCall {
+    /// The HTTP method, carried as the route's operation.
     pub method: Method,
     /// Path and query.
     pub uri: String,
+    /// The request's `Content-Type` (empty when absent).
     pub content_type: String,
+    /// The request's `Accept` (empty when absent).
     pub accept: String,
+    /// The request body, at most [`MAX_BODY_BYTES`].
     pub body: Bytes,
 }
 
 /// The API's answer, in transit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiReply {
+    /// The HTTP status code (100–599), carried as the route's operation.
     pub code: u16,
+    /// The response's `Content-Type`.
     pub content_type: String,
+    /// The response body, at most [`MAX_REPLY_BYTES`].
     pub body: Bytes,
 }
 
@@ -88,6 +99,11 @@ fn header_text(request: &Request, name: header::HeaderName) -> String {
 
 impl ApiCall {
     /// Reads an incoming HTTP request (its body up to the API's limit).
+    ///
+    /// A `Content-Type` or `Accept` that is not text, or holds a newline, is dropped.
+    ///
+    /// # Errors
+    /// 413 `RequestEntityTooLarge` when the body is over [`MAX_BODY_BYTES`] (or cannot be read).
     pub async fn from_request(request: Request) -> Result<Self, ApiError> {
         let method = request.method().clone();
         let uri = request.uri().path_and_query().map_or_else(
@@ -112,6 +128,8 @@ impl ApiCall {
         })
     }
 
+    /// The transport request: source `source`, group [`GROUP`], operation the method, resource
+    /// the path and query, content as the [module docs](self) describe.
     pub fn to_message(&self, source: &str) -> Message {
         Message::new(
             Route::new(source, GROUP, self.method.as_str(), &self.uri),
@@ -119,6 +137,11 @@ impl ApiCall {
         )
     }
 
+    /// Reads a call made by [`to_message`](Self::to_message).
+    ///
+    /// # Errors
+    /// [`RemoteError::NotApi`] for another route group, [`RemoteError::Malformed`] for a method or
+    /// URI that does not parse, or content without its two UTF-8 header lines.
     pub fn from_message(message: &ReceivedMessage) -> Result<Self, RemoteError> {
         let route = message.route();
         if route.group.as_str() != GROUP {
@@ -180,6 +203,7 @@ impl ApiReply {
         }
     }
 
+    /// A reply carrying `error` as a `Status` (JSON).
     pub fn error(error: &ApiError) -> Self {
         ApiReply {
             code: error.code,
@@ -188,6 +212,8 @@ impl ApiReply {
         }
     }
 
+    /// The transport response to `request`: operation the status code, content the
+    /// `Content-Type`, an empty `Accept` line and the body.
     pub fn to_message(&self, request: &Header, source: &str) -> Message {
         Message::response_to(
             request,
@@ -196,6 +222,11 @@ impl ApiReply {
         )
     }
 
+    /// Reads a reply made by [`to_message`](Self::to_message).
+    ///
+    /// # Errors
+    /// [`RemoteError::NotApi`] for another route group, [`RemoteError::Malformed`] for an operation
+    /// that is not a status code in 100–599, or content without its two UTF-8 header lines.
     pub fn from_message(message: &ReceivedMessage) -> Result<Self, RemoteError> {
         let route = message.route();
         if route.group.as_str() != GROUP {
@@ -216,6 +247,7 @@ impl ApiReply {
         })
     }
 
+    /// The HTTP response to give the client (502 for a code outside 100–999).
     pub fn into_response(self) -> Response {
         let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::BAD_GATEWAY);
         let content_type = HeaderValue::from_str(&self.content_type)
@@ -227,11 +259,15 @@ impl ApiReply {
 /// What an API request is about: the resource, namespace and name it points at, and its verb.
 #[derive(Debug, Clone)]
 pub struct Classified {
+    /// The resource the path names.
     pub resource: &'static Resource,
+    /// The namespace on the path; `None` for all namespaces or a cluster-scoped resource.
     pub namespace: Option<String>,
+    /// The object's name on the path; `None` for a collection.
     pub name: Option<String>,
     /// The `/status` subresource.
     pub status: bool,
+    /// The verb (`watch` from `?watch=true` or a `/watch/` path).
     pub verb: Verb,
 }
 

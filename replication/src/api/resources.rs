@@ -5,16 +5,23 @@
 pub struct Resource {
     /// API group; empty for the core group.
     pub group: &'static str,
+    /// API version within the group (`v1`, `v1beta1`).
     pub version: &'static str,
+    /// The object kind (`Pod`).
     pub kind: &'static str,
+    /// The kind of its lists (`PodList`).
     pub list_kind: &'static str,
     /// The REST collection name; also the kind part of store keys (unique across groups here).
     pub plural: &'static str,
+    /// The singular name, as discovery lists it (`pod`).
     pub singular: &'static str,
+    /// Namespaced (`true`) or cluster-scoped.
     pub namespaced: bool,
+    /// kubectl's short names (`po`).
     pub short_names: &'static [&'static str],
     /// Has a `/status` subresource: a normal update leaves status alone, `/status` only status.
     pub status: bool,
+    /// Discovery categories (`all`).
     pub categories: &'static [&'static str],
     /// Built into kubectl's scheme (it sends strategic-merge patches for these).
     pub builtin: bool,
@@ -23,6 +30,7 @@ pub struct Resource {
 }
 
 impl Resource {
+    /// The objects' `apiVersion`: `v1` for the core group, else `{group}/{version}`.
     pub fn api_version(&self) -> String {
         if self.group.is_empty() {
             self.version.to_owned()
@@ -65,6 +73,7 @@ const fn core(
     }
 }
 
+/// KubeEdge's device group (`devices.kubeedge.io`): Device and DeviceModel.
 pub const DEVICES_GROUP: &str = "devices.kubeedge.io";
 
 /// The workloads group (`apps/v1`): Deployment, ReplicaSet, DaemonSet.
@@ -91,6 +100,23 @@ const fn apps(
         categories: &["all"],
         builtin: true,
         scale,
+    }
+}
+
+/// The batch group (`batch/v1`): Job, CronJob.
+pub const BATCH_GROUP: &str = "batch";
+
+const fn batch(
+    kind: &'static str,
+    list_kind: &'static str,
+    plural: &'static str,
+    singular: &'static str,
+    short_names: &'static [&'static str],
+) -> Resource {
+    Resource {
+        group: BATCH_GROUP,
+        scale: false,
+        ..apps(kind, list_kind, plural, singular, short_names, false)
     }
 }
 
@@ -124,6 +150,17 @@ static RESOURCES: &[Resource] = &[
     Resource {
         list_kind: "NodeList",
         ..core("Node", "nodes", "node", false, &["no"], true)
+    },
+    Resource {
+        list_kind: "ServiceAccountList",
+        ..core(
+            "ServiceAccount",
+            "serviceaccounts",
+            "serviceaccount",
+            true,
+            &["sa"],
+            false,
+        )
     },
     Resource {
         list_kind: "EventList",
@@ -192,6 +229,8 @@ static RESOURCES: &[Resource] = &[
         &["ds"],
         false,
     ),
+    batch("Job", "JobList", "jobs", "job", &[]),
+    batch("CronJob", "CronJobList", "cronjobs", "cronjob", &["cj"]),
     Resource {
         group: DEVICES_GROUP,
         version: "v1beta1",
@@ -222,6 +261,7 @@ static RESOURCES: &[Resource] = &[
     },
 ];
 
+/// Every served resource.
 pub fn all() -> &'static [Resource] {
     RESOURCES
 }

@@ -281,7 +281,12 @@ async fn list(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiEr
 }
 
 /// Commits an API write to the store and returns the written object's last state (the
-/// default [`ApiPolicy::commit`](super::ApiPolicy::commit)).
+/// default [`ApiPolicy::commit`]).
+///
+/// # Errors
+/// The store's error as [`ApiError::from_store`] maps it for `request_resource`/`name` (404
+/// `NotFound`, 409 `AlreadyExists` or `Conflict`, 400 for a bad key, else 500), and 500 when
+/// the write changed nothing.
 pub fn commit_to_store(
     store: &Store,
     set: WriteSet,

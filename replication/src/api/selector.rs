@@ -51,6 +51,12 @@ fn parse_set(text: &str) -> Option<Vec<String>> {
 }
 
 impl LabelSelector {
+    /// Parses the `labelSelector` query syntax: comma-separated `k=v`, `k==v`, `k!=v`,
+    /// `k in (a,b)`, `k notin (a,b)`, `k`, `!k` (Kubernetes' label selector grammar; empty
+    /// matches everything).
+    ///
+    /// # Errors
+    /// 400 `BadRequest` naming the first requirement that does not parse.
     pub fn parse(text: &str) -> Result<Self, ApiError> {
         let bad = |part: &str| {
             ApiError::bad_request(format!(
@@ -101,7 +107,11 @@ impl LabelSelector {
 
     /// A selector from a `metav1.LabelSelector` (`matchLabels` and `matchExpressions` with
     /// operators `In`, `NotIn`, `Exists`, `DoesNotExist`), or from the `matchExpressions` of a
-    /// node selector term (same operators; `Gt`/`Lt` are refused). `Err` names what is invalid.
+    /// node selector term (same operators; `Gt`/`Lt` are refused).
+    ///
+    /// # Errors
+    /// What is invalid, worded as a field error (`matchExpressions[0].operator: Invalid
+    /// value: ...`): a missing key, `In` or `NotIn` without values, or another operator.
     pub fn from_label_selector(selector: &Value) -> Result<Self, String> {
         let mut requirements = Vec::new();
         if let Some(map) = selector.get("matchLabels").and_then(Value::as_object) {
@@ -148,10 +158,12 @@ impl LabelSelector {
         Ok(LabelSelector(requirements))
     }
 
+    /// Whether it has no requirement (matches everything).
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
+    /// Whether the object's `metadata.labels` meet every requirement.
     pub fn matches(&self, object: &Object) -> bool {
         self.matches_labels(labels(object))
     }
@@ -198,6 +210,10 @@ impl std::fmt::Display for LabelSelector {
 pub struct FieldSelector(Vec<(String, bool, String)>);
 
 impl FieldSelector {
+    /// Parses the `fieldSelector` query syntax (empty terms ignored).
+    ///
+    /// # Errors
+    /// 400 `BadRequest` for a term without `=`, `==` or `!=`.
     pub fn parse(text: &str) -> Result<Self, ApiError> {
         let mut terms = Vec::new();
         for part in text.split(',') {
@@ -221,10 +237,12 @@ impl FieldSelector {
         Ok(FieldSelector(terms))
     }
 
+    /// Whether it has no term (matches everything).
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
+    /// Whether every term holds for the object (a missing field compares as `""`).
     pub fn matches(&self, object: &Object) -> bool {
         self.0.iter().all(|(path, equal, value)| {
             let mut current = None::<&Value>;

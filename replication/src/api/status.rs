@@ -13,6 +13,7 @@ pub struct Cause {
     pub reason: &'static str,
     /// The field's path (`spec.nodeName`); empty when the cause is not about a field.
     pub field: String,
+    /// What is wrong, as apimachinery's `field.Error` words it.
     pub message: String,
 }
 
@@ -45,9 +46,13 @@ impl Cause {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code} {reason}: {message}")]
 pub struct ApiError {
+    /// The HTTP status code, also the `Status`'s `code`.
     pub code: u16,
+    /// The `Status`'s `reason` (`NotFound`, `AlreadyExists`, `Conflict`, `Invalid`, ...).
     pub reason: &'static str,
+    /// The `Status`'s human-readable `message`.
     pub message: String,
+    /// `details.causes`: the fields a 422 rejects.
     pub causes: Vec<Cause>,
     /// `details.kind`/`details.name` for clients that read them (boxed, as `more`: errors
     /// travel in `Result`s everywhere and stay small).
@@ -66,6 +71,8 @@ pub struct MoreDetails {
 }
 
 impl ApiError {
+    /// An error with this code, `reason` (a `metav1.StatusReason`: `NotFound`, `Conflict`, ...)
+    /// and message, without details.
     pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             code,
@@ -77,16 +84,19 @@ impl ApiError {
         }
     }
 
+    /// 400 `BadRequest`.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)
     }
 
+    /// 404 `NotFound`: `{resource} "{name}" not found`, with `details` naming it.
     pub fn not_found(resource: &str, name: &str) -> Self {
         let mut e = Self::new(404, "NotFound", format!("{resource} \"{name}\" not found"));
         e.details = Some(Box::new((resource.to_owned(), name.to_owned())));
         e
     }
 
+    /// 409 `AlreadyExists`, with `details` naming the object.
     pub fn already_exists(resource: &str, name: &str) -> Self {
         let mut e = Self::new(
             409,
@@ -97,6 +107,7 @@ impl ApiError {
         e
     }
 
+    /// 409 `Conflict`: a stale resourceVersion, worded as the apiserver's (clients retry on it).
     pub fn conflict(resource: &str, name: &str) -> Self {
         let mut e = Self::new(
             409,
@@ -126,34 +137,42 @@ impl ApiError {
         e
     }
 
+    /// 405 `MethodNotAllowed`.
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
         Self::new(405, "MethodNotAllowed", message)
     }
 
+    /// 415 `UnsupportedMediaType`.
     pub fn unsupported_media_type(message: impl Into<String>) -> Self {
         Self::new(415, "UnsupportedMediaType", message)
     }
 
+    /// 410 with reason `Expired`: a resourceVersion older than the watch history (re-list).
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)
     }
 
+    /// 503 `ServiceUnavailable`.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(503, "ServiceUnavailable", message)
     }
 
+    /// 403 `Forbidden`.
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(403, "Forbidden", message)
     }
 
+    /// 401 `Unauthorized` (no or a wrong bearer token).
     pub fn unauthorized() -> Self {
         Self::new(401, "Unauthorized", "Unauthorized")
     }
 
+    /// 500 `InternalError`.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "InternalError", message)
     }
 
+    /// 413 `RequestEntityTooLarge`.
     pub fn too_large(message: impl Into<String>) -> Self {
         Self::new(413, "RequestEntityTooLarge", message)
     }

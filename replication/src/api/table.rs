@@ -94,7 +94,52 @@ fn columns(resource: &Resource) -> Vec<Value> {
             column("Images", s, 1),
             column("Selector", s, 1),
         ],
+        "jobs" => vec![
+            column("Name", s, 0),
+            column("Status", s, 0),
+            column("Completions", s, 0),
+            column("Duration", s, 0),
+            column("Age", s, 0),
+            column("Containers", s, 1),
+            column("Images", s, 1),
+            column("Selector", s, 1),
+        ],
+        "cronjobs" => vec![
+            column("Name", s, 0),
+            column("Schedule", s, 0),
+            column("Timezone", s, 0),
+            column("Suspend", "boolean", 0),
+            column("Active", "integer", 0),
+            column("Last Schedule", s, 0),
+            column("Age", s, 0),
+            column("Containers", s, 1),
+            column("Images", s, 1),
+            column("Selector", s, 1),
+        ],
+        // kube-apiserver's event columns (`kubectl get events`).
+        "events" => vec![
+            column("Last Seen", s, 0),
+            column("Type", s, 0),
+            column("Reason", s, 0),
+            column("Object", s, 0),
+            column("Message", s, 0),
+            column("Source", s, 1),
+            column("First Seen", s, 1),
+            column("Count", "integer", 1),
+            column("Name", s, 1),
+        ],
         _ => vec![column("Name", s, 0), column("Age", s, 0)],
+    }
+}
+
+/// How long ago the RFC 3339 time at `fields` was, as kubectl prints ages.
+fn since(object: &Object, fields: &[&str]) -> String {
+    match path(object, fields)
+        .and_then(Value::as_str)
+        .and_then(parse_rfc3339)
+    {
+        Some(t) => human_age(time::OffsetDateTime::now_utc().unix_timestamp() - t),
+        None => "<unknown>".into(),
     }
 }
 
@@ -170,6 +215,96 @@ fn condition(object: &Object, kind: &str) -> Option<String> {
 fn cells(resource: &Resource, object: &Object) -> Vec<Value> {
     let name = json!(super::object::name(object));
     match resource.plural {
+        "jobs" => {
+            let [containers, images, selector] = workload_wide(object);
+            let conditions = path(object, &["status", "conditions"])
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let has = |kind: &str| {
+                conditions
+                    .iter()
+                    .any(|c| c["type"] == kind && c["status"] == "True")
+            };
+            let status = if has("Complete") {
+                "Complete"
+            } else if has("Failed") {
+                "Failed"
+            } else if path(object, &["spec", "suspend"]) == Some(&Value::Bool(true)) {
+                "Suspended"
+            } else {
+                "Running"
+            };
+            let completions = path(object, &["spec", "completions"])
+                .and_then(Value::as_i64)
+                .map_or_else(|| "-".to_owned(), |n| n.to_string());
+            let started = path(object, &["status", "startTime"])
+                .and_then(Value::as_str)
+                .and_then(parse_rfc3339);
+            let ended = path(object, &["status", "completionTime"])
+                .and_then(Value::as_str)
+                .and_then(parse_rfc3339)
+                .unwrap_or_else(|| time::OffsetDateTime::now_utc().unix_timestamp());
+            let duration = started.map_or_else(String::new, |s| human_age(ended - s));
+            vec![
+                name,
+                json!(status),
+                json!(format!(
+                    "{}/{completions}",
+                    int(object, &["status", "succeeded"])
+                )),
+                json!(duration),
+                json!(age(object)),
+                containers,
+                images,
+                selector,
+            ]
+        }
+        "cronjobs" => {
+            let template = path(object, &["spec", "jobTemplate"])
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            let [containers, images, selector] = workload_wide(&template);
+            let last = path(object, &["status", "lastScheduleTime"])
+                .and_then(Value::as_str)
+                .map_or_else(
+                    || "<none>".to_owned(),
+                    |_| since(object, &["status", "lastScheduleTime"]),
+                );
+            let active = path(object, &["status", "active"])
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            vec![
+                name,
+                json!(text(object, &["spec", "schedule"])),
+                json!(text(object, &["spec", "timeZone"])),
+                json!(path(object, &["spec", "suspend"])
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)),
+                json!(active),
+                json!(last),
+                json!(age(object)),
+                containers,
+                images,
+                selector,
+            ]
+        }
+        "events" => {
+            let kind = text(object, &["involvedObject", "kind"]).to_lowercase();
+            let involved = text(object, &["involvedObject", "name"]);
+            vec![
+                json!(since(object, &["lastTimestamp"])),
+                json!(text(object, &["type"])),
+                json!(text(object, &["reason"])),
+                json!(format!("{kind}/{involved}")),
+                json!(text(object, &["message"])),
+                json!(text(object, &["source", "component"])),
+                json!(since(object, &["firstTimestamp"])),
+                json!(int(object, &["count"])),
+                name,
+            ]
+        }
         "pods" => {
             let total = path(object, &["spec", "containers"])
                 .and_then(Value::as_array)

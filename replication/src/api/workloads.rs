@@ -1,5 +1,10 @@
-//! The `apps/v1` workloads (Deployment, ReplicaSet, DaemonSet) as the API server handles them:
-//! defaults, validation and the `autoscaling/v1` `Scale` subresource.
+//! The workloads (`apps/v1` Deployment, ReplicaSet, DaemonSet; `batch/v1` Job, CronJob) as the
+//! API server handles them: defaults, validation and the `autoscaling/v1` `Scale` subresource.
+//!
+//! A Job without `manualSelector: true` gets kube-apiserver's generated selector
+//! (`batch.kubernetes.io/controller-uid: <uid>`) and those labels on its pod template; its
+//! pods must have `restartPolicy` `OnFailure` or `Never`. A CronJob's `schedule` is a 5-field
+//! cron expression (minute, hour, day of month, month, day of week, or `@hourly`-style).
 //!
 //! Defaults and rules follow kube-apiserver's (`pkg/apis/apps/v1/defaults.go` and
 //! `pkg/apis/apps/validation`): a Deployment gets `replicas: 1`, a RollingUpdate strategy of
@@ -17,8 +22,31 @@ use super::status::{ApiError, Cause};
 pub fn is_workload(resource: &Resource) -> bool {
     matches!(
         resource.plural,
-        "deployments" | "replicasets" | "daemonsets"
+        "deployments" | "replicasets" | "daemonsets" | "jobs" | "cronjobs"
     )
+}
+
+/// The label kube-apiserver puts on a Job's pods and in its generated selector.
+pub const JOB_CONTROLLER_UID: &str = "batch.kubernetes.io/controller-uid";
+/// The label naming a Job on its pods.
+pub const JOB_NAME: &str = "batch.kubernetes.io/job-name";
+
+/// The first time strictly after `after_unix` (Unix seconds, UTC) that the cron `schedule`
+/// fires, or `None` if it never does.
+///
+/// # Errors
+/// The schedule does not parse, with the parser's reason.
+pub fn next_schedule(schedule: &str, after_unix: i64) -> Result<Option<i64>, String> {
+    let cron: croner::Cron = schedule
+        .parse()
+        .map_err(|e: croner::errors::CronError| e.to_string())?;
+    let Some(after) = chrono::DateTime::from_timestamp(after_unix, 0) else {
+        return Ok(None);
+    };
+    Ok(cron
+        .find_next_occurrence(&after, false)
+        .ok()
+        .map(|t| t.timestamp()))
 }
 
 fn spec_mut(object: &mut Object) -> Option<&mut Object> {
@@ -29,10 +57,32 @@ fn spec_mut(object: &mut Object) -> Option<&mut Object> {
 /// Fills in the defaults of a workload (on create and on every update, as the apiserver
 /// defaults every object it decodes).
 pub fn apply_defaults(resource: &Resource, object: &mut Object) {
+    let uid = object::meta_str(object, "uid")
+        .unwrap_or_default()
+        .to_owned();
+    let name = object::name(object).to_owned();
     let Some(spec) = spec_mut(object) else {
         return;
     };
     match resource.plural {
+        "jobs" => default_job_spec(spec, &uid, &name),
+        "cronjobs" => {
+            spec.entry("concurrencyPolicy").or_insert(json!("Allow"));
+            spec.entry("suspend").or_insert(json!(false));
+            spec.entry("successfulJobsHistoryLimit").or_insert(json!(3));
+            spec.entry("failedJobsHistoryLimit").or_insert(json!(1));
+            let job_spec = spec
+                .entry("jobTemplate")
+                .or_insert_with(|| json!({}))
+                .as_object_mut()
+                .map(|t| t.entry("spec").or_insert_with(|| json!({})))
+                .and_then(Value::as_object_mut);
+            if let Some(job_spec) = job_spec {
+                // The Jobs it makes get their selector when they are created.
+                default_job_spec(job_spec, "", "");
+            }
+            return;
+        }
         "deployments" => {
             spec.entry("replicas").or_insert(json!(1));
             spec.entry("revisionHistoryLimit").or_insert(json!(10));
@@ -78,6 +128,52 @@ pub fn apply_defaults(resource: &Resource, object: &mut Object) {
     }
 }
 
+/// A Job's defaults (kube-apiserver's `pkg/apis/batch/v1/defaults.go`) and, with its `uid`,
+/// the generated selector and pod labels; also a CronJob's job template (no uid yet).
+fn default_job_spec(spec: &mut Object, uid: &str, name: &str) {
+    if !spec.contains_key("completions") && !spec.contains_key("parallelism") {
+        spec.insert("completions".into(), json!(1));
+    }
+    spec.entry("parallelism").or_insert(json!(1));
+    spec.entry("backoffLimit").or_insert(json!(6));
+    spec.entry("completionMode").or_insert(json!("NonIndexed"));
+    spec.entry("suspend").or_insert(json!(false));
+    let manual = spec.get("manualSelector").and_then(Value::as_bool) == Some(true);
+    if !manual && !uid.is_empty() {
+        spec.insert(
+            "selector".into(),
+            json!({"matchLabels": {JOB_CONTROLLER_UID: uid}}),
+        );
+        let template = spec.entry("template").or_insert_with(|| json!({}));
+        if let Some(meta) = template
+            .as_object_mut()
+            .map(|t| t.entry("metadata").or_insert_with(|| json!({})))
+            .and_then(Value::as_object_mut)
+        {
+            let labels = meta.entry("labels").or_insert_with(|| json!({}));
+            if let Some(labels) = labels.as_object_mut() {
+                for (key, value) in [
+                    (JOB_CONTROLLER_UID, uid),
+                    (JOB_NAME, name),
+                    ("controller-uid", uid),
+                    ("job-name", name),
+                ] {
+                    labels.insert(key.into(), json!(value));
+                }
+            }
+        }
+    }
+    let pod_spec = spec
+        .entry("template")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .map(|t| t.entry("spec").or_insert_with(|| json!({})))
+        .and_then(Value::as_object_mut);
+    if let Some(pod_spec) = pod_spec {
+        object::default_pod_spec(pod_spec);
+    }
+}
+
 /// An int-or-percent (`maxSurge`, `maxUnavailable`) is `n` or `"n%"`.
 fn valid_int_or_percent(value: &Value) -> bool {
     match value {
@@ -95,6 +191,48 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
     let mut cause = |field: &str, message: String| causes.push(Cause::new(field, message));
     let spec = object.get("spec").and_then(Value::as_object);
     let get = |field: &str| spec.and_then(|s| s.get(field));
+    let restart_policy = |template: Option<&Value>| {
+        template
+            .and_then(|t| t.pointer("/spec/restartPolicy"))
+            .and_then(Value::as_str)
+            .unwrap_or("Always")
+            .to_owned()
+    };
+    let job_restart = |policy: &str| -> Option<String> {
+        (!matches!(policy, "OnFailure" | "Never")).then(|| {
+            format!("Unsupported value: \"{policy}\": supported values: \"OnFailure\", \"Never\"")
+        })
+    };
+    if resource.plural == "cronjobs" {
+        match get("schedule").and_then(Value::as_str) {
+            None | Some("") => cause("spec.schedule", "Required value".into()),
+            Some(schedule) => {
+                if let Err(e) = next_schedule(schedule, 0) {
+                    cause("spec.schedule", format!("Invalid value: {schedule:?}: {e}"));
+                }
+            }
+        }
+        let template = get("jobTemplate").and_then(|t| t.pointer("/spec/template"));
+        if let Some(message) = job_restart(&restart_policy(template)) {
+            cause("spec.jobTemplate.spec.template.spec.restartPolicy", message);
+        }
+        return;
+    }
+    if resource.plural == "jobs" {
+        if let Some(message) = job_restart(&restart_policy(get("template"))) {
+            cause("spec.template.spec.restartPolicy", message);
+        }
+        for field in ["parallelism", "completions", "backoffLimit"] {
+            if let Some(v) = get(field).filter(|v| !v.is_null()) {
+                if v.as_i64().is_none_or(|n| n < 0) {
+                    cause(
+                        &format!("spec.{field}"),
+                        format!("Invalid value: {v}: must be greater than or equal to 0"),
+                    );
+                }
+            }
+        }
+    }
     if let Some(replicas) = get("replicas") {
         if replicas.as_i64().is_none_or(|r| r < 0) {
             cause(
@@ -139,7 +277,8 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
                 .get("spec")
                 .and_then(|s| s.get("restartPolicy"))
                 .and_then(Value::as_str);
-            if restart.is_some_and(|r| r != "Always") {
+            // A Job's pods end (checked above); an apps/v1 workload's run forever.
+            if resource.plural != "jobs" && restart.is_some_and(|r| r != "Always") {
                 cause(
                     "spec.template.spec.restartPolicy",
                     format!(
@@ -199,6 +338,9 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
 }
 
 /// Update rules: a workload's selector may not change (apps/v1).
+///
+/// # Errors
+/// 422 `Invalid` on `spec.selector` when it differs from the current object's.
 pub fn validate_update(
     resource: &Resource,
     current: &Object,
@@ -256,7 +398,11 @@ pub fn to_scale(object: &Object) -> Value {
     })
 }
 
-/// `spec.replicas` of a `Scale` written by a client; 422 when missing or negative.
+/// `spec.replicas` of a `Scale` written by a client; 0 when absent (the field is `omitempty`
+/// in Go).
+///
+/// # Errors
+/// 422 `Invalid` when it is negative, 400 `BadRequest` when it is not an integer.
 pub fn replicas_of_scale(kind: &str, name: &str, scale: &Value) -> Result<i64, ApiError> {
     let replicas = scale.get("spec").and_then(|s| s.get("replicas"));
     match replicas.and_then(Value::as_i64) {

@@ -31,10 +31,10 @@ fn ack(out: &mut impl Write, n: u64) {
 }
 
 fn cloud(dir: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = StoreConfig::cloud();
+    let mut config = StoreConfig::cloud().with_aux(Aux::OUTBOX);
     config.sync_writes = false;
     let store = Store::open(dir, config)?;
-    let mut n = match store.get_aux(Aux::Meta, b"writer/last")? {
+    let mut n = match store.get_aux(Aux::META, b"writer/last")? {
         Some(bytes) => replication::store::decode_u64(&bytes)?,
         None => 0,
     };
@@ -43,9 +43,9 @@ fn cloud(dir: &str) -> Result<(), Box<dyn std::error::Error>> {
         n += 1;
         let mut set = WriteSet::new();
         set.put(key(n), Bytes::from(n.to_string()), Precondition::None);
-        set.put_aux(Aux::Outbox, n.to_be_bytes(), key(n).as_str());
-        set.put_aux(Aux::ObjectSync, key(n).as_str(), n.to_be_bytes());
-        set.put_aux(Aux::Meta, b"writer/last".to_vec(), n.to_be_bytes());
+        set.put_aux(Aux::OUTBOX, n.to_be_bytes(), key(n).as_str());
+        set.put_aux(Aux::OBJECTSYNC, key(n).as_str(), n.to_be_bytes());
+        set.put_aux(Aux::META, b"writer/last".to_vec(), n.to_be_bytes());
         store.commit(set)?;
         ack(&mut out, n);
     }

@@ -9,6 +9,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::key::ObjectKey;
 
+/// The digest of a set of (key, version) pairs, with the set's size; see the module docs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SetDigest {
     sum: u64,
@@ -21,10 +22,12 @@ fn pair_hash(key: &ObjectKey, rv: u64) -> u64 {
 }
 
 impl SetDigest {
+    /// The digest of the empty set.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// The digest of `pairs` (assumed distinct).
     pub fn of<'a>(pairs: impl IntoIterator<Item = (&'a ObjectKey, u64)>) -> Self {
         let mut digest = Self::new();
         for (key, rv) in pairs {
@@ -33,11 +36,13 @@ impl SetDigest {
         digest
     }
 
+    /// Adds a pair (not already in the set).
     pub fn insert(&mut self, key: &ObjectKey, rv: u64) {
         self.sum = self.sum.wrapping_add(pair_hash(key, rv));
         self.count += 1;
     }
 
+    /// Removes a pair (that is in the set).
     pub fn remove(&mut self, key: &ObjectKey, rv: u64) {
         self.sum = self.sum.wrapping_sub(pair_hash(key, rv));
         self.count = self.count.saturating_sub(1);
@@ -49,10 +54,13 @@ impl SetDigest {
         self.insert(key, new);
     }
 
+    /// The 64-bit digest: the wrapping sum of the pairs' XXH3-64 hashes (key bytes, seeded
+    /// with the version).
     pub fn value(&self) -> u64 {
         self.sum
     }
 
+    /// How many pairs the set has.
     pub fn count(&self) -> u64 {
         self.count
     }

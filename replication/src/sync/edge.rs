@@ -23,8 +23,11 @@ use crate::sync::digest::SetDigest;
 use crate::sync::messages::{Down, Hello, Report, SessionId, Up, Watermark};
 use crate::sync::persist;
 
+/// A message the edge cannot take in its state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EdgeError {
+    /// An object message (upsert, delete, bump) before any [`Down::Session`] since the link
+    /// came up: a protocol error (restart the session).
     #[error("object message before the session started")]
     NoSession,
 }
@@ -32,17 +35,24 @@ pub enum EdgeError {
 /// The edge's durable sync state, as recovered from its store.
 #[derive(Debug, Clone, Default)]
 pub struct EdgeRecovered {
+    /// The random id of the edge's store (made when the store was created).
     pub store_id: u64,
+    /// The last object message applied durably, if any.
     pub applied: Option<Watermark>,
+    /// Every object held: key → version.
     pub held: BTreeMap<ObjectKey, u64>,
+    /// Reports not yet acknowledged by the cloud, in id order (whole objects, no patches).
     pub outbox: Vec<Report>,
+    /// The last report id used (0: none); the next report gets the one after it.
     pub next_report: u64,
 }
 
 /// Store writes for a group of messages, and what becomes true once they are durable.
 #[derive(Debug)]
 pub struct EdgeBatch {
+    /// The writes to commit, watermark and outbox changes included.
     pub writes: WriteSet,
+    /// Give it to [`EdgeSync::durable`] once `writes` is committed.
     pub token: DurableToken,
 }
 
@@ -56,12 +66,19 @@ pub struct DurableToken {
 /// Counters for metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EdgeStats {
+    /// Object messages that changed the store.
     pub applied: u64,
+    /// Object messages skipped (already held at that version or newer, or a delete of an absent
+    /// object).
     pub skipped: u64,
+    /// Bumps that did not match what was held, answered with a refetch.
     pub refetches: u64,
+    /// Reports sent (resends after a reconnect included).
     pub reports_sent: u64,
 }
 
+/// The edge's sync state machine; see the module docs. Recover it from the store with
+/// [`persist::load_edge`], or run it with [`EdgeReplica`](crate::sync::EdgeReplica).
 pub struct EdgeSync {
     store_id: u64,
     applied: Option<Watermark>,
@@ -85,6 +102,7 @@ pub struct EdgeSync {
 }
 
 impl EdgeSync {
+    /// A state machine recovered from the store, disconnected and without a session.
     pub fn new(recovered: EdgeRecovered) -> Self {
         let digest = SetDigest::of(recovered.held.iter().map(|(k, v)| (k, *v)));
         let latest_report = recovered
@@ -112,10 +130,12 @@ impl EdgeSync {
         }
     }
 
+    /// The edge store's id, sent in every hello.
     pub fn store_id(&self) -> u64 {
         self.store_id
     }
 
+    /// Counters since this state machine was made.
     pub fn stats(&self) -> EdgeStats {
         self.stats
     }
@@ -130,6 +150,7 @@ impl EdgeSync {
         self.held.clone()
     }
 
+    /// How many objects are held.
     pub fn held_len(&self) -> usize {
         self.held.len()
     }
@@ -144,6 +165,9 @@ impl EdgeSync {
         self.outbox.len()
     }
 
+    /// A connection is up and a new session must start: queue our hello (the latest watermark,
+    /// durable or not yet, and the digest of what is held). Queued messages are dropped; reports
+    /// are sent again from the start of the outbox.
     pub fn link_up(&mut self) {
         self.connected = true;
         self.session = None;
@@ -158,6 +182,7 @@ impl EdgeSync {
         }));
     }
 
+    /// The connection is gone and the session with it: nothing is sent until the next link up.
     pub fn link_down(&mut self) {
         self.connected = false;
         self.session = None;
@@ -200,10 +225,15 @@ impl EdgeSync {
         if let Some(id) = self.latest_report.remove(key) {
             self.outbox.remove(&id);
             self.token.reports.retain(|r| r.id != id);
-            self.batch.delete_aux(Aux::Outbox, persist::outbox_key(id));
+            self.batch.delete_aux(Aux::OUTBOX, persist::outbox_key(id));
         }
     }
 
+    /// Takes a message from the cloud: object messages go into the next batch (idempotently by
+    /// version), control messages queue their answers.
+    ///
+    /// # Errors
+    /// [`EdgeError::NoSession`] for an object message before the session started.
     pub fn receive(&mut self, message: Down) -> Result<(), EdgeError> {
         match message {
             Down::Session(session) => {
@@ -265,7 +295,7 @@ impl EdgeSync {
                         if self.latest_report.get(&report.key) == Some(&id) {
                             self.latest_report.remove(&report.key);
                         }
-                        self.batch.delete_aux(Aux::Outbox, persist::outbox_key(id));
+                        self.batch.delete_aux(Aux::OUTBOX, persist::outbox_key(id));
                     }
                 }
             }
@@ -279,6 +309,9 @@ impl EdgeSync {
     /// cloud assigns one; an object it does not hold is reported with base 0 (a create, or a
     /// write to an object not routed here) and not stored locally. An empty `object` confirms a
     /// deletion and leaves the held object as it is. Returns the report id.
+    ///
+    /// # Errors
+    /// Never, at present: every report is accepted.
     pub fn report(&mut self, key: ObjectKey, object: Bytes) -> Result<u64, EdgeError> {
         self.report_on(key, object, None)
     }
@@ -288,6 +321,9 @@ impl EdgeSync {
     /// goes as a patch of that part (a few dozen bytes instead of the whole object) when the
     /// cloud is known to hold those bytes, i.e. no earlier report on the key is still
     /// unacknowledged (the cloud may or may not have applied it).
+    ///
+    /// # Errors
+    /// As [`report`](Self::report).
     pub fn report_on(
         &mut self,
         key: ObjectKey,
@@ -322,12 +358,12 @@ impl EdgeSync {
             self.batch.local_write(key.clone(), object);
         }
         self.batch.put_aux(
-            Aux::Outbox,
+            Aux::OUTBOX,
             persist::outbox_key(report.id),
             persist::encode_report(&report),
         );
         self.batch.put_aux(
-            Aux::Meta,
+            Aux::META,
             persist::EDGE_NEXT_REPORT,
             self.next_report.to_be_bytes(),
         );
@@ -350,7 +386,7 @@ impl EdgeSync {
         let token = std::mem::take(&mut self.token);
         if let Some(mark) = token.watermark {
             writes.put_aux(
-                Aux::Meta,
+                Aux::META,
                 persist::EDGE_APPLIED,
                 persist::encode_watermark(mark),
             );
@@ -361,6 +397,8 @@ impl EdgeSync {
         Some(EdgeBatch { writes, token })
     }
 
+    /// The batch `token` came with is committed: its watermark is acked (when still in the current
+    /// session and connected) and its reports may be sent.
     pub fn durable(&mut self, token: DurableToken) {
         if let Some(mark) = token.watermark {
             self.applied = Some(mark);
@@ -373,6 +411,8 @@ impl EdgeSync {
         }
     }
 
+    /// The next message to send, if any (nothing while disconnected): control messages first, then
+    /// the ack, then outbox reports not yet sent on this connection.
     pub fn poll_transmit(&mut self) -> Option<Up> {
         if !self.connected {
             return None;

@@ -24,6 +24,7 @@ use crate::key::ObjectKey;
 use crate::sync::digest::SetDigest;
 use crate::sync::messages::{Down, Hello, Report, SessionId, Up};
 
+/// Limits of a [`NodeFeed`].
 #[derive(Debug, Clone, Copy)]
 pub struct FeedConfig {
     /// Object messages sent and not yet acknowledged, at most.
@@ -42,15 +43,21 @@ impl Default for FeedConfig {
 /// the latest of them in a crash costs resends, never correctness.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ObjectSyncWrite {
+    /// The node acknowledged holding `key` at `rv`.
     Acked {
+        /// The object.
         key: ObjectKey,
+        /// The version the node holds.
         rv: u64,
     },
+    /// The record no longer says the node holds `key` (it acked a delete, or asked to refetch).
     Forgotten {
+        /// The object.
         key: ObjectKey,
     },
     /// The whole record is replaced (after a digest exchange, or for a new disk).
     Reset {
+        /// Every (key, version) the node holds.
         acked: Vec<(ObjectKey, u64)>,
     },
 }
@@ -59,31 +66,45 @@ pub enum ObjectSyncWrite {
 /// report's effect, so each report takes effect at most once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReportRecord {
+    /// The node's store ([`Hello::store_id`]) the report ids are of.
     pub store_id: u64,
+    /// Every report id up to and including this one is applied (or refused for good).
     pub through: u64,
 }
 
 /// A node's ObjectSync state as loaded from disk.
 #[derive(Debug, Clone, Default)]
 pub struct FeedRecord {
+    /// What the node acknowledged holding: key → version.
     pub acked: BTreeMap<ObjectKey, u64>,
+    /// Which of the node's reports are applied (`None`: none yet).
     pub reports: Option<ReportRecord>,
 }
 
+/// A message the feed cannot take in its state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FeedError {
+    /// The node sent a message the feed's state does not allow (a protocol error: restart the
+    /// session).
     #[error("unexpected {message} while {state:?}")]
     Unexpected {
+        /// What came (`hello`, `digest`, `report`, ...).
         message: &'static str,
+        /// The feed's state when it came.
         state: FeedState,
     },
 }
 
+/// Where a [`NodeFeed`] is in its session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FeedState {
+    /// No connection to the node.
     Offline,
+    /// Connected; waiting for the node's [`Hello`].
     AwaitHello,
+    /// Sent a [`Down::DigestRequest`]; waiting for the node's pairs.
     AwaitDigest,
+    /// In a session: sending the delta, then changes as they come.
     Streaming,
 }
 
@@ -119,14 +140,21 @@ struct InFlight {
 /// Counters for metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FeedStats {
+    /// Upserts sent (whole objects).
     pub upserts: u64,
+    /// Deletes sent.
     pub deletes: u64,
+    /// Bumps sent (new version, bytes the node already has).
     pub bumps: u64,
+    /// Object bytes sent in upserts.
     pub content_bytes: u64,
+    /// Digest requests sent (the record was not trusted).
     pub digest_exchanges: u64,
+    /// Sessions started.
     pub sessions: u64,
 }
 
+/// The cloud's sync state machine for one node; see the module docs.
 pub struct NodeFeed {
     config: FeedConfig,
     epoch: u64,
@@ -177,10 +205,12 @@ impl NodeFeed {
         }
     }
 
+    /// Where the feed is in its session.
     pub fn state(&self) -> FeedState {
         self.state
     }
 
+    /// Counters since the feed was made.
     pub fn stats(&self) -> FeedStats {
         self.stats
     }
@@ -195,6 +225,7 @@ impl NodeFeed {
         self.pending.len()
     }
 
+    /// Object messages sent and not yet acknowledged.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
@@ -285,6 +316,8 @@ impl NodeFeed {
         self.desired.contains_key(key)
     }
 
+    /// A connection is up and a new session must start: wait for the node's hello. Unsent work is
+    /// dropped (the next delta recomputes it).
     pub fn link_up(&mut self) {
         self.reset_link();
         self.state = FeedState::AwaitHello;
@@ -313,6 +346,7 @@ impl NodeFeed {
         self.control.push_back(Down::HelloRequest);
     }
 
+    /// The connection is gone: nothing is sent until the next [`on_connected`](Self::on_connected).
     pub fn link_down(&mut self) {
         self.reset_link();
         self.state = FeedState::Offline;
@@ -383,6 +417,12 @@ impl NodeFeed {
     }
 
     /// A message from the node (except reports: see [`NodeFeed::accept_report`]).
+    ///
+    /// An ack of another session, and a refetch outside a session, are ignored.
+    ///
+    /// # Errors
+    /// [`FeedError::Unexpected`] for a hello while offline, a digest that was not asked for, or a
+    /// report (which goes through [`accept_report`](Self::accept_report)).
     pub fn handle(&mut self, message: Up) -> Result<(), FeedError> {
         match message {
             Up::Hello(hello) => self.on_hello(hello),
@@ -505,6 +545,10 @@ impl NodeFeed {
     /// Whether the shell should apply `report` (false: already applied, just acknowledged).
     /// If it should, the shell commits the report's effect together with the returned record
     /// and then calls [`NodeFeed::report_done`].
+    ///
+    /// # Errors
+    /// [`FeedError::Unexpected`] for a report before the node's hello in this session (offline,
+    /// or awaiting hello).
     pub fn accept_report(&mut self, report: &Report) -> Result<Option<ReportRecord>, FeedError> {
         let Some(store_id) = self.store_id else {
             return Err(self.unexpected("report before hello"));

@@ -11,14 +11,18 @@ use crate::key::ObjectKey;
 /// sides, without carrying the number: the same encoded change can go to every node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SessionId {
+    /// The cloud process instance: random, new on every cloudcore start.
     pub epoch: u64,
+    /// The session's number within the epoch.
     pub number: u64,
 }
 
 /// How far an edge has durably applied: the `count`-th object message of `session`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Watermark {
+    /// The session the count is in.
     pub session: SessionId,
+    /// Object messages of the session applied durably (1..=count).
     pub count: u64,
 }
 
@@ -30,10 +34,23 @@ pub enum Down {
     /// Object message: hold this object at this version.
     Upsert(SharedChange),
     /// Object message: stop holding this object (deleted, or no longer routed to the node).
-    Delete { key: ObjectKey, rv: u64 },
+    Delete {
+        /// The object.
+        key: ObjectKey,
+        /// The delete's version: of the delete, of the change that unrouted the object, or (in a
+        /// resync's delta) the version the node holds.
+        rv: u64,
+    },
     /// Object message: the object you hold at `base` is now at `rv`, bytes unchanged: the
     /// cloud wrote back your own report (no echo of the content).
-    Bump { key: ObjectKey, base: u64, rv: u64 },
+    Bump {
+        /// The object.
+        key: ObjectKey,
+        /// The version the node's bytes are at (its report's base).
+        base: u64,
+        /// The version those bytes have now.
+        rv: u64,
+    },
     /// Send me every (key, version) you hold: the cloud cannot trust its record of you.
     DigestRequest,
     /// Start a new session: send a fresh [`Hello`]. The cloud restarted the session on its
@@ -41,7 +58,10 @@ pub enum Down {
     /// the node would otherwise never say hello again.
     HelloRequest,
     /// Reports up to and including this id were applied (or refused) durably.
-    ReportAck { through: u64 },
+    ReportAck {
+        /// The highest report id applied or refused; every lower one is done too.
+        through: u64,
+    },
 }
 
 impl Down {
@@ -73,6 +93,7 @@ pub struct Hello {
     /// How many objects the edge holds, and the [`SetDigest`](super::SetDigest) of their
     /// (key, version) pairs: a mismatch with the cloud's record triggers a digest exchange.
     pub objects: u64,
+    /// The [`SetDigest`](super::SetDigest) value of the held (key, version) pairs.
     pub digest: u64,
 }
 
@@ -82,7 +103,9 @@ pub struct Hello {
 pub struct Report {
     /// Increasing per edge store; the cloud applies each id at most once.
     pub id: u64,
+    /// The object reported on.
     pub key: ObjectKey,
+    /// The version of the object the node's write was made on (0: the node does not hold it).
     pub base: u64,
     /// The whole object as the node wrote it (empty: a pod's deletion is confirmed).
     pub object: Bytes,
@@ -95,17 +118,22 @@ pub struct Report {
 /// Edge → cloud.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Up {
+    /// The session opener, sent when a link comes up or on [`Down::HelloRequest`].
     Hello(Hello),
     /// Object messages 1..=count of `session` are durable.
     Ack {
+        /// The session the count is in.
         session: SessionId,
+        /// Object messages of the session made durable.
         count: u64,
     },
     /// Every (key, version) held, answering [`Down::DigestRequest`].
     Digest(Vec<(ObjectKey, u64)>),
     /// A bump could not be applied (the edge does not hold `base`): send the object.
     Refetch {
+        /// The object to send whole.
         key: ObjectKey,
     },
+    /// A report from the edge's outbox.
     Report(Report),
 }

@@ -87,25 +87,30 @@ fn decode_report(id: &[u8], value: &[u8]) -> Result<Report, StoreError> {
 
 fn meta_u64(store: &Store, name: &[u8]) -> Result<Option<u64>, StoreError> {
     store
-        .get_aux(Aux::Meta, name)?
+        .get_aux(Aux::META, name)?
         .map(|bytes| decode_u64(&bytes))
         .transpose()
 }
 
 /// Reads the edge's sync state; a new store gets a fresh random store id (committed here).
+///
+/// # Errors
+/// [`StoreError::Db`] when the store cannot be read or the new store id cannot be committed;
+/// [`StoreError::Corrupt`] or [`StoreError::Key`] for a watermark, counter, outbox entry or
+/// object key that does not decode.
 pub fn load_edge(store: &Store) -> Result<EdgeRecovered, StoreError> {
     let store_id = match meta_u64(store, EDGE_STORE_ID)? {
         Some(id) => id,
         None => {
             let id = rand::random::<u64>() | 1;
             let mut set = WriteSet::new();
-            set.put_aux(Aux::Meta, EDGE_STORE_ID, id.to_be_bytes());
+            set.put_aux(Aux::META, EDGE_STORE_ID, id.to_be_bytes());
             store.commit(set)?;
             id
         }
     };
     let applied = store
-        .get_aux(Aux::Meta, EDGE_APPLIED)?
+        .get_aux(Aux::META, EDGE_APPLIED)?
         .map(|bytes| decode_watermark(&bytes))
         .transpose()?;
     let next_report = meta_u64(store, EDGE_NEXT_REPORT)?.unwrap_or(0);
@@ -115,7 +120,7 @@ pub fn load_edge(store: &Store) -> Result<EdgeRecovered, StoreError> {
         held.insert(key, value.rv);
     }
     let mut outbox = Vec::new();
-    for item in store.scan_aux(Aux::Outbox, b"") {
+    for item in store.scan_aux(Aux::OUTBOX, b"") {
         let (id, value) = item?;
         outbox.push(decode_report(&id, &value)?);
     }
@@ -149,17 +154,21 @@ fn reports_key(node: &str) -> Vec<u8> {
 }
 
 /// Reads one node's ObjectSync record from the cloud's store.
+///
+/// # Errors
+/// [`StoreError::Db`] when the store cannot be read; [`StoreError::Corrupt`] or
+/// [`StoreError::Key`] for a record that does not decode.
 pub fn load_feed_record(store: &Store, node: &str) -> Result<FeedRecord, StoreError> {
     let prefix = acked_prefix(node);
     let mut acked = BTreeMap::new();
-    for item in store.scan_aux(Aux::ObjectSync, &prefix) {
+    for item in store.scan_aux(Aux::OBJECTSYNC, &prefix) {
         let (key, value) = item?;
         acked.insert(
             ObjectKey::from_stored(&key[prefix.len()..])?,
             decode_u64(&value)?,
         );
     }
-    let reports = match store.get_aux(Aux::ObjectSync, &reports_key(node))? {
+    let reports = match store.get_aux(Aux::OBJECTSYNC, &reports_key(node))? {
         Some(value) if value.len() == 16 => Some(ReportRecord {
             store_id: decode_u64(&value[0..8])?,
             through: decode_u64(&value[8..16])?,
@@ -179,10 +188,10 @@ pub fn add_objectsync_writes(
     for write in writes {
         match write {
             ObjectSyncWrite::Acked { key, rv } => {
-                set.put_aux(Aux::ObjectSync, acked_key(node, &key), rv.to_be_bytes())
+                set.put_aux(Aux::OBJECTSYNC, acked_key(node, &key), rv.to_be_bytes())
             }
             ObjectSyncWrite::Forgotten { key } => {
-                set.delete_aux(Aux::ObjectSync, acked_key(node, &key))
+                set.delete_aux(Aux::OBJECTSYNC, acked_key(node, &key))
             }
             ObjectSyncWrite::Reset { acked } => {
                 let from = acked_prefix(node);
@@ -191,9 +200,9 @@ pub fn add_objectsync_writes(
                 if let Some(last) = to.last_mut() {
                     *last = 1;
                 }
-                set.delete_aux_range(Aux::ObjectSync, from, to);
+                set.delete_aux_range(Aux::OBJECTSYNC, from, to);
                 for (key, rv) in acked {
-                    set.put_aux(Aux::ObjectSync, acked_key(node, &key), rv.to_be_bytes());
+                    set.put_aux(Aux::OBJECTSYNC, acked_key(node, &key), rv.to_be_bytes());
                 }
             }
         }
@@ -205,7 +214,7 @@ pub fn add_report_record(set: &mut WriteSet, node: &str, record: ReportRecord) {
     let mut value = Vec::with_capacity(16);
     value.extend_from_slice(&record.store_id.to_be_bytes());
     value.extend_from_slice(&record.through.to_be_bytes());
-    set.put_aux(Aux::ObjectSync, reports_key(node), value);
+    set.put_aux(Aux::OBJECTSYNC, reports_key(node), value);
 }
 
 fn interest_key(node: &str, object: &ObjectKey) -> Vec<u8> {
@@ -219,13 +228,17 @@ fn interest_key(node: &str, object: &ObjectKey) -> Vec<u8> {
 
 /// Records that `node` asked for `object`.
 pub fn add_interest(set: &mut WriteSet, node: &str, object: &ObjectKey) {
-    set.put_aux(Aux::ObjectSync, interest_key(node, object), Vec::new());
+    set.put_aux(Aux::OBJECTSYNC, interest_key(node, object), Vec::new());
 }
 
 /// Every recorded interest, as (node, object).
+///
+/// # Errors
+/// [`StoreError::Db`] when the store cannot be read; [`StoreError::Corrupt`] or
+/// [`StoreError::Key`] for a record that does not decode.
 pub fn load_interests(store: &Store) -> Result<Vec<(String, ObjectKey)>, StoreError> {
     let mut out = Vec::new();
-    for item in store.scan_aux(Aux::ObjectSync, b"q\0") {
+    for item in store.scan_aux(Aux::OBJECTSYNC, b"q\0") {
         let (key, _) = item?;
         let rest = &key[2..];
         let split = rest

@@ -12,59 +12,90 @@ use crate::sync::edge::{EdgeError, EdgeSync};
 use crate::sync::messages::{Down, Up};
 use crate::sync::persist;
 
+/// Why a report could not be made durable.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
+    /// Reading or committing the store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The sync state machine refused the input.
     #[error(transparent)]
     Protocol(#[from] EdgeError),
 }
 
+/// An [`EdgeSync`] over its store: everything received or reported is committed by
+/// [`flush`](EdgeReplica::flush) before it is acked or sent.
 pub struct EdgeReplica {
     store: Arc<Store>,
     sync: EdgeSync,
 }
 
 impl EdgeReplica {
+    /// Opens the store at `path` and recovers the sync state from it.
+    ///
+    /// # Errors
+    /// As [`Store::open`], then as [`from_shared`](Self::from_shared).
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Self, StoreError> {
         Self::from_store(Store::open(path, config)?)
     }
 
+    /// Over an open store that only this replica uses.
+    ///
+    /// # Errors
+    /// As [`from_shared`](Self::from_shared).
     pub fn from_store(store: Store) -> Result<Self, StoreError> {
         Self::from_shared(Arc::new(store))
     }
 
     /// Over a store others read too (the edge's MetaServer and Edged); only this replica
     /// writes it.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] when the store cannot be read or, for a new store, its store id cannot be
+    /// committed; [`StoreError::Corrupt`] or [`StoreError::Key`] for sync records or keys that do
+    /// not decode.
     pub fn from_shared(store: Arc<Store>) -> Result<Self, StoreError> {
         let sync = EdgeSync::new(persist::load_edge(&store)?);
         Ok(EdgeReplica { store, sync })
     }
 
+    /// The store.
     pub fn store(&self) -> &Store {
         &self.store
     }
 
+    /// The store, to share with its readers.
     pub fn shared_store(&self) -> &Arc<Store> {
         &self.store
     }
 
+    /// The state machine, to read its state.
     pub fn sync(&self) -> &EdgeSync {
         &self.sync
     }
 
+    /// A connection is up and a new session starts: flushes first, so that the hello's watermark
+    /// is durable. See [`EdgeSync::link_up`].
+    ///
+    /// # Errors
+    /// As [`flush`](Self::flush); the hello is not queued then (the failed flush already queued
+    /// one if connected).
     pub fn link_up(&mut self) -> Result<(), StoreError> {
         self.flush()?;
         self.sync.link_up();
         Ok(())
     }
 
+    /// See [`EdgeSync::link_down`].
     pub fn link_down(&mut self) {
         self.sync.link_down();
     }
 
     /// See [`EdgeSync::on_connected`]; a new session's hello is sent after a flush, so that
     /// the watermark it carries is durable.
+    ///
+    /// # Errors
+    /// As [`flush`](Self::flush), for a new session.
     pub fn on_connected(&mut self, new_session: bool) -> Result<(), StoreError> {
         if new_session {
             self.flush()?;
@@ -80,6 +111,9 @@ impl EdgeReplica {
 
     /// Takes in one message; its writes wait for [`EdgeReplica::flush`], so that many messages
     /// share one commit (one fsync).
+    ///
+    /// # Errors
+    /// As [`EdgeSync::receive`].
     pub fn receive(&mut self, message: Down) -> Result<(), EdgeError> {
         if matches!(message, Down::HelloRequest) {
             // The hello it asks for carries our watermark: make it durable first. A failed
@@ -92,6 +126,10 @@ impl EdgeReplica {
     /// Commits what was received or reported since the last flush; acks and reports become
     /// sendable once it is durable. On a store error the in-memory state is rebuilt from the
     /// store, so it never claims what the store does not hold.
+    ///
+    /// # Errors
+    /// The commit's [`StoreError`] (the state machine is then rebuilt from the store), or the
+    /// error of reading the store back for that.
     pub fn flush(&mut self) -> Result<(), StoreError> {
         let Some(batch) = self.sync.take_batch() else {
             return Ok(());
@@ -119,6 +157,12 @@ impl EdgeReplica {
     }
 
     /// The node's own write of an object it holds, committed at once and queued upward.
+    ///
+    /// Returns the report id.
+    ///
+    /// # Errors
+    /// [`ReplicaError::Store`] when the held object cannot be read (for a kind that may go as a
+    /// patch) or the commit fails.
     pub fn report(&mut self, key: ObjectKey, object: Bytes) -> Result<u64, ReplicaError> {
         let id = self.stage_report(key, object)?;
         self.flush()?;
@@ -137,6 +181,9 @@ impl EdgeReplica {
 
     /// Several reports and the caller's own bookkeeping `extra`, in one commit (one fsync):
     /// either all of them are durable and queued, or none.
+    ///
+    /// # Errors
+    /// As [`report`](Self::report); nothing is committed then.
     pub fn report_batch(
         &mut self,
         reports: Vec<(ObjectKey, Bytes)>,
@@ -150,6 +197,7 @@ impl EdgeReplica {
         Ok(())
     }
 
+    /// See [`EdgeSync::poll_transmit`].
     pub fn poll_transmit(&mut self) -> Option<Up> {
         self.sync.poll_transmit()
     }

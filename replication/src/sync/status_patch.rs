@@ -57,7 +57,11 @@ pub fn diff(part: &str, before: &[u8], after: &[u8]) -> Option<bytes::Bytes> {
     (patch.len() < after.len()).then(|| bytes::Bytes::from(patch))
 }
 
-/// Applies a patch of `part` to the cloud's object. Errors if it touches anything else.
+/// Applies a patch of `part` to the cloud's object (a JSON merge patch, RFC 7386).
+///
+/// # Errors
+/// A readable reason when `patch` is not JSON, not a JSON object, or has a top-level field
+/// other than `part`; `object` is unchanged then.
 pub fn apply(part: &str, object: &mut Map<String, Value>, patch: &[u8]) -> Result<(), String> {
     let patch: Value =
         serde_json::from_slice(patch).map_err(|e| format!("the patch is not JSON: {e}"))?;

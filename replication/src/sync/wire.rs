@@ -13,17 +13,24 @@ use super::messages::{Down, Hello, Report, SessionId, Up, Watermark};
 use crate::change::{Change, ChangeKind};
 use crate::key::ObjectKey;
 
+/// The route group of every sync message.
 pub const GROUP: &str = "sync";
 
+/// Why a received message is not a sync message this side can read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
+    /// The route group is not [`GROUP`]; the group it has.
     #[error("not a sync message (group {0:?})")]
     NotSync(String),
+    /// An operation this direction does not have; the operation.
     #[error("unknown sync operation {0:?}")]
     UnknownOperation(String),
+    /// A sync operation whose key, version or content does not decode.
     #[error("sync {operation}: {problem}")]
     Malformed {
+        /// The operation (`upsert`, `hello`, ...).
         operation: &'static str,
+        /// What is wrong.
         problem: String,
     },
 }
@@ -81,14 +88,20 @@ pub fn encode_down(down: &Down) -> EncodedMessage {
 
 /// The parts of a received message that sync reads.
 pub struct Parts<'a> {
+    /// The route group.
     pub group: &'a str,
+    /// The route operation: the message variant.
     pub operation: &'a str,
+    /// The route resource: an object key, or empty.
     pub resource: &'a str,
+    /// The header's resourceVersion (decimal), or empty.
     pub resource_version: &'a str,
+    /// The content (a slice of the receive buffer).
     pub content: Bytes,
 }
 
 impl<'a> Parts<'a> {
+    /// The parts of `received`, borrowed.
     pub fn of(received: &'a ReceivedMessage) -> Self {
         Parts {
             group: received.route().group.as_str(),
@@ -122,6 +135,13 @@ fn fixed<const N: usize>(op: &'static str, content: &Bytes) -> Result<[u64; N], 
     Ok(std::array::from_fn(|_| buf.get_u64()))
 }
 
+/// Decodes a downward message. An upsert decodes as a [`ChangeKind::Modified`] change at
+/// revision 0 (the edge orders by session count, not by the cloud's revision).
+///
+/// # Errors
+/// [`WireError::NotSync`] for another route group, [`WireError::UnknownOperation`] for an
+/// operation that is not downward, [`WireError::Malformed`] for a key that does not parse, a
+/// resourceVersion that is not a decimal `u64`, or content of the wrong length.
 pub fn decode_down(parts: Parts<'_>) -> Result<Down, WireError> {
     if parts.group != GROUP {
         return Err(WireError::NotSync(parts.group.to_owned()));
@@ -211,6 +231,14 @@ pub fn encode_up(up: &Up) -> Message {
     m
 }
 
+/// Decodes an upward message (`report-patch` as a [`Report`] with `patch` set and an empty
+/// `object`).
+///
+/// # Errors
+/// [`WireError::NotSync`] for another route group, [`WireError::UnknownOperation`] for an
+/// operation that is not upward, [`WireError::Malformed`] for a key that does not parse, a
+/// resourceVersion that is not a decimal `u64`, fixed-size content of the wrong length, a
+/// truncated digest, a report shorter than its 8-byte id, or an empty patch.
 pub fn decode_up(parts: Parts<'_>) -> Result<Up, WireError> {
     if parts.group != GROUP {
         return Err(WireError::NotSync(parts.group.to_owned()));
