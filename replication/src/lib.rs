@@ -16,6 +16,7 @@
 pub mod api;
 pub mod change;
 pub mod key;
+pub mod simulation;
 pub mod store;
 pub mod sync;
 pub mod watch;

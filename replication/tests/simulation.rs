@@ -12,13 +12,14 @@
 //! `SIM_SEEDS=N` runs N seeds (default 1000); `SIM_SEED=S` runs only seed S. A failure names the
 //! seed that reproduces it.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use replication::simulation::{run_seeds, seeds, Pipe};
 use replication::sync::{persist, Down, EdgeReplica, FeedConfig, NodeFeed, Report, Up};
 use replication::{
     Change, ChangeKind, KeyRange, ObjectKey, Precondition, SharedChange, Store, StoreConfig,
@@ -78,32 +79,6 @@ fn desired_keys(objects: &BTreeMap<ObjectKey, SharedChange>, node: &str) -> BTre
         }
     }
     keys
-}
-
-/// One direction of a link: messages in order, each with the tick it may be delivered at.
-struct Pipe<T> {
-    queue: VecDeque<(u64, T)>,
-}
-
-impl<T> Pipe<T> {
-    fn new() -> Self {
-        Pipe {
-            queue: VecDeque::new(),
-        }
-    }
-
-    fn push(&mut self, now: u64, delay: u64, message: T) {
-        // In order: never before the message ahead of it.
-        let at = self.queue.back().map_or(0, |(t, _)| *t).max(now + delay);
-        self.queue.push_back((at, message));
-    }
-
-    fn pop_ready(&mut self, now: u64) -> Option<T> {
-        if self.queue.front().is_some_and(|(t, _)| *t <= now) {
-            return self.queue.pop_front().map(|(_, m)| m);
-        }
-        None
-    }
 }
 
 struct Link {
@@ -300,8 +275,8 @@ impl Sim {
                 Link {
                     up: false,
                     paused: false,
-                    down_pipe: Pipe::new(),
-                    up_pipe: Pipe::new(),
+                    down_pipe: Pipe::default(),
+                    up_pipe: Pipe::default(),
                 },
             );
         }
@@ -525,8 +500,8 @@ impl Sim {
         link.up = false;
         link.paused = false;
         // Whatever was in flight is lost with the session.
-        link.down_pipe.queue.clear();
-        link.up_pipe.queue.clear();
+        link.down_pipe.clear();
+        link.up_pipe.clear();
         self.cloud.feeds.get_mut(node).expect("feed").link_down();
         self.edges.get_mut(node).expect("edge").replica.link_down();
     }
@@ -719,7 +694,7 @@ impl Sim {
             let in_pipes: usize = self
                 .links
                 .values()
-                .map(|l| l.down_pipe.queue.len() + l.up_pipe.queue.len())
+                .map(|l| l.down_pipe.len() + l.up_pipe.len())
                 .sum();
             if moved == 0 && in_pipes == 0 {
                 idle_rounds += 1;
@@ -803,57 +778,14 @@ fn run_seed(seed: u64) -> (u64, u64) {
     (steps, sim.delivered)
 }
 
-fn seeds() -> Vec<u64> {
-    if let Ok(seed) = std::env::var("SIM_SEED") {
-        return vec![seed.parse().expect("SIM_SEED is a number")];
-    }
-    let count: u64 = std::env::var("SIM_SEEDS")
-        .ok()
-        .map(|n| n.parse().expect("SIM_SEEDS is a number"))
-        .unwrap_or(1_000);
-    (0..count).collect()
-}
-
 #[test]
 fn every_edge_converges_to_its_desired_set() {
     let seeds = seeds();
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let chunks: Vec<Vec<u64>> = (0..threads)
-        .map(|t| seeds.iter().copied().skip(t).step_by(threads).collect())
-        .collect();
-    let results: Vec<Result<(u64, u64), u64>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = chunks
-            .into_iter()
-            .map(|chunk| {
-                scope.spawn(move || {
-                    let mut total = (0, 0);
-                    for seed in chunk {
-                        match std::panic::catch_unwind(|| run_seed(seed)) {
-                            Ok((steps, delivered)) => {
-                                total.0 += steps;
-                                total.1 += delivered;
-                            }
-                            Err(_) => return Err(seed),
-                        }
-                    }
-                    Ok(total)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("simulation thread"))
-            .collect()
+    let (steps, delivered) = run_seeds(&seeds, run_seed).unwrap_or_else(|failed| {
+        panic!(
+            "simulation failed for seeds {failed:?}: rerun one with SIM_SEED=<seed> cargo test --workspace --test simulation"
+        )
     });
-    let failed: Vec<u64> = results.iter().filter_map(|r| r.err()).collect();
-    assert!(
-        failed.is_empty(),
-        "simulation failed for seeds {failed:?}: rerun one with SIM_SEED=<seed> cargo test -p replication --test simulation"
-    );
-    let (steps, delivered): (u64, u64) = results
-        .iter()
-        .filter_map(|r| r.ok())
-        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     eprintln!(
         "simulated {} seeds: {steps} steps, {delivered} messages delivered",
         seeds.len()

@@ -21,7 +21,7 @@ use replication::api::object::{self, Object};
 use serde_json::{json, Value};
 
 use super::{
-    controller_reference, is_controlled_by, is_terminating, pod_active, pod_ready, rfc3339,
+    is_controlled_by, is_terminating, pod_active, pod_from_template, pod_ready, rfc3339,
     set_condition, spec_i64, Action, World,
 };
 
@@ -62,28 +62,6 @@ pub fn has_condition(job: &Object, kind: &str) -> bool {
 /// Finished: `Complete` or `Failed`.
 pub fn is_finished(job: &Object) -> bool {
     has_condition(job, "Complete") || has_condition(job, "Failed")
-}
-
-/// A pod for `job`, from its template.
-fn new_pod(job: &Object) -> Value {
-    let template = job.get("spec").and_then(|s| s.get("template"));
-    let template_meta = template.and_then(|t| t.get("metadata"));
-    let mut metadata = json!({
-        "generateName": format!("{}-", object::name(job)),
-        "namespace": object::namespace(job),
-        "ownerReferences": [controller_reference(job, "batch/v1", "Job")],
-    });
-    for field in ["labels", "annotations"] {
-        if let Some(v) = template_meta.and_then(|m| m.get(field)) {
-            metadata[field] = v.clone();
-        }
-    }
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": metadata,
-        "spec": template.and_then(|t| t.get("spec")).cloned().unwrap_or_else(|| json!({})),
-    })
 }
 
 fn delete(pod: &Object) -> Action {
@@ -180,7 +158,7 @@ pub fn reconcile_one(job: &Object, pods: &[&Object], now: i64) -> Vec<Action> {
                     actions.push(Action::Create {
                         resource: "pods",
                         namespace: object::namespace(job).to_owned(),
-                        object: new_pod(job),
+                        object: pod_from_template(job, "batch/v1", "Job"),
                     });
                 }
             }

@@ -231,6 +231,30 @@ pub(crate) fn is_controlled_by(o: &Object, owner: &Object) -> bool {
     controller_uid(o).is_some_and(|u| u == uid(owner))
 }
 
+/// A pod from `owner`'s `spec.template` (its labels, annotations and spec), named
+/// `<owner>-<5 random characters>` by the API (`generateName`), controlled by `owner` (of
+/// `api_version`/`kind`): what ReplicaSets and Jobs create.
+pub(crate) fn pod_from_template(owner: &Object, api_version: &str, kind: &str) -> Value {
+    let template = owner.get("spec").and_then(|s| s.get("template"));
+    let template_meta = template.and_then(|t| t.get("metadata"));
+    let mut metadata = json!({
+        "generateName": format!("{}-", object::name(owner)),
+        "namespace": object::namespace(owner),
+        "ownerReferences": [controller_reference(owner, api_version, kind)],
+    });
+    for field in ["labels", "annotations"] {
+        if let Some(v) = template_meta.and_then(|m| m.get(field)) {
+            metadata[field] = v.clone();
+        }
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": metadata,
+        "spec": template.and_then(|t| t.get("spec")).cloned().unwrap_or_else(|| json!({})),
+    })
+}
+
 /// The ownerReference a controller puts on what it creates.
 pub(crate) fn controller_reference(owner: &Object, api_version: &str, kind: &str) -> Value {
     json!({

@@ -19,8 +19,8 @@ use replication::api::selector::LabelSelector;
 use serde_json::{json, Value};
 
 use super::{
-    claim, controller_reference, generation, is_controlled_by, is_terminating, node_name,
-    pod_active, pod_available, pod_ready, replicas, spec_i64, Action, World,
+    claim, generation, is_controlled_by, is_terminating, node_name, pod_active, pod_available,
+    pod_from_template, pod_ready, replicas, spec_i64, Action, World,
 };
 
 /// Most pods one ReplicaSet creates in a pass (the next pass creates the rest).
@@ -51,28 +51,6 @@ pub fn reconcile(world: &World, now: i64) -> Vec<Action> {
             reconcile_one(rs, &pods, now)
         })
         .collect()
-}
-
-/// A pod for `rs`, from its template.
-fn new_pod(rs: &Object) -> Value {
-    let template = rs.get("spec").and_then(|s| s.get("template"));
-    let template_meta = template.and_then(|t| t.get("metadata"));
-    let mut metadata = json!({
-        "generateName": format!("{}-", object::name(rs)),
-        "namespace": object::namespace(rs),
-        "ownerReferences": [controller_reference(rs, "apps/v1", "ReplicaSet")],
-    });
-    for field in ["labels", "annotations"] {
-        if let Some(v) = template_meta.and_then(|m| m.get(field)) {
-            metadata[field] = v.clone();
-        }
-    }
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": metadata,
-        "spec": template.and_then(|t| t.get("spec")).cloned().unwrap_or_else(|| json!({})),
-    })
 }
 
 /// The deletion rank of a pod: lower goes first.
@@ -117,7 +95,7 @@ pub fn reconcile_one(rs: &Object, pods: &[&Object], now: i64) -> Vec<Action> {
             actions.push(Action::Create {
                 resource: "pods",
                 namespace: object::namespace(rs).to_owned(),
-                object: new_pod(rs),
+                object: pod_from_template(rs, "apps/v1", "ReplicaSet"),
             });
         }
     } else if active.len() > want {
