@@ -276,7 +276,7 @@ impl Classified {
     pub fn key(&self) -> Option<ObjectKey> {
         let name = self.name.as_deref()?;
         ObjectKey::new(
-            self.resource.plural,
+            self.resource.store_kind,
             self.namespace.as_deref().unwrap_or_default(),
             name,
         )
@@ -286,7 +286,9 @@ impl Classified {
 
 /// Classifies a request the way the API routes it; `None` for discovery and unknown paths.
 pub fn classify(method: &Method, uri: &Uri) -> Option<Classified> {
-    let ApiRoute::Resource(target) = route(uri.path()) else {
+    static BUILTIN: std::sync::OnceLock<super::Registry> = std::sync::OnceLock::new();
+    let registry = BUILTIN.get_or_init(super::Registry::builtin);
+    let ApiRoute::Resource(target) = route(uri.path(), registry) else {
         return None;
     };
     let query: Query = axum::extract::Query::<Query>::try_from_uri(uri)
