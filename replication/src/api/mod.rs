@@ -273,6 +273,12 @@ impl ApiServer {
         }
     }
 
+    /// Serves the kinds of `registry` (one shared by several servers over the same store).
+    pub fn with_registry(mut self, registry: Arc<Registry>) -> Self {
+        self.registry = registry;
+        self
+    }
+
     /// The kinds it serves (built-in and custom).
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry

@@ -284,10 +284,15 @@ impl Classified {
     }
 }
 
-/// Classifies a request the way the API routes it; `None` for discovery and unknown paths.
+/// Classifies a request the way the API routes it, for the built-in kinds; `None` for
+/// discovery and unknown paths.
 pub fn classify(method: &Method, uri: &Uri) -> Option<Classified> {
     static BUILTIN: std::sync::OnceLock<super::Registry> = std::sync::OnceLock::new();
-    let registry = BUILTIN.get_or_init(super::Registry::builtin);
+    classify_with(BUILTIN.get_or_init(super::Registry::builtin), method, uri)
+}
+
+/// Classifies a request the way an API serving `registry`'s kinds routes it.
+pub fn classify_with(registry: &super::Registry, method: &Method, uri: &Uri) -> Option<Classified> {
     let ApiRoute::Resource(target) = route(uri.path(), registry) else {
         return None;
     };

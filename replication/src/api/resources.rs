@@ -94,6 +94,26 @@ const fn core(
 /// KubeEdge's device group (`devices.kubeedge.io`): Device and DeviceModel.
 pub const DEVICES_GROUP: &str = "devices.kubeedge.io";
 
+/// The RBAC group (`rbac.authorization.k8s.io/v1`): ClusterRoles and ClusterRoleBindings are
+/// stored and served; the cloud consults them for what edge nodes may list beyond the
+/// defaults (see `cloud::authz`), not for API clients.
+pub const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
+
+const fn rbac(
+    kind: &'static str,
+    list_kind: &'static str,
+    plural: &'static str,
+    singular: &'static str,
+) -> Resource {
+    Resource {
+        group: RBAC_GROUP,
+        namespaced: false,
+        status: false,
+        categories: &[],
+        ..batch(kind, list_kind, plural, singular, &[])
+    }
+}
+
 /// The group of CustomResourceDefinitions (`apiextensions.k8s.io/v1`).
 pub const APIEXTENSIONS_GROUP: &str = "apiextensions.k8s.io";
 
@@ -261,6 +281,13 @@ static RESOURCES: &[Resource] = &[
     ),
     batch("Job", "JobList", "jobs", "job", &[]),
     batch("CronJob", "CronJobList", "cronjobs", "cronjob", &["cj"]),
+    rbac("ClusterRole", "ClusterRoleList", "clusterroles", "clusterrole"),
+    rbac(
+        "ClusterRoleBinding",
+        "ClusterRoleBindingList",
+        "clusterrolebindings",
+        "clusterrolebinding",
+    ),
     Resource {
         group: APIEXTENSIONS_GROUP,
         version: "v1",
