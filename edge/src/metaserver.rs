@@ -9,6 +9,10 @@
 //! authorization decides (a node may write its own Node and Lease, events about itself or its
 //! pods, the status of its pods), and refused with 503 while it is not.
 //!
+//! A list or watch of a collection the node does not hold (ConfigMaps of a namespace, a custom
+//! resource) subscribes the node to it first ([`crate::collections`]); offline, such a list
+//! is a 503, never the partial list the cache happens to hold.
+//!
 //! A get of an object the cache does not hold goes to the cloud too while online: the cloud
 //! answers and routes the object to the node from then on, so it is cached and kept current.
 //! Offline, such a get is a 503 (the node cannot know whether the object exists), never a 404;
@@ -26,6 +30,7 @@ use replication::api::remote::{classify, ApiCall, ApiReply};
 use replication::api::{ApiError, ApiPolicy, Resource, Verb};
 use replication::{Precondition, Store, Versioned, WriteSet};
 
+use crate::collections::Collection;
 use crate::meta::MetaManager;
 
 /// Middleware in front of the API: sends to the cloud what the cache cannot serve.
@@ -34,6 +39,29 @@ pub async fn forward_to_cloud(
     request: Request,
     next: Next,
 ) -> Response {
+    if let Some(collection) = Collection::of(request.method(), request.uri().path()) {
+        if !collection.is_local() && !meta.collections().covers(&collection) {
+            if !meta.is_online() {
+                // Serving the part the cache happens to hold would be a silently wrong list.
+                return ApiReply::error(&ApiError::unavailable(format!(
+                    "node {} is offline and has not subscribed to {}: the cloud cannot be \
+                     asked for them; retry when the node is back online (once listed, a \
+                     collection is kept and served offline)",
+                    meta.node(),
+                    request.uri().path()
+                )))
+                .into_response();
+            }
+            let subscribed = meta
+                .collections()
+                .subscribe(meta.store(), &collection, |call| meta.call_cloud(call))
+                .await;
+            if let Err(e) = subscribed {
+                return ApiReply::error(&e).into_response();
+            }
+        }
+        return next.run(request).await;
+    }
     let Some(target) = classify(request.method(), request.uri()) else {
         return next.run(request).await;
     };
