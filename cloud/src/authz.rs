@@ -236,7 +236,11 @@ pub fn authorize_collection(
         node: node.to_owned(),
         key: resource.clone(),
         reason: format!(
-            "nodes list {resource} only with a grant: bind the Group system:nodes (or the User              system:node:{node}) to a ClusterRole allowing list and watch on {resource}, e.g.              `kubectl create clusterrole edge-read --verb=list,watch --resource={resource}` and              `kubectl create clusterrolebinding edge-read --clusterrole=edge-read              --group=system:nodes`"
+            "nodes list {resource} only with a grant: bind the Group system:nodes (or the User \
+             system:node:{node}) to a ClusterRole allowing list and watch on {resource}, e.g. \
+             `kubectl create clusterrole edge-read --verb=list,watch --resource={resource}` and \
+             `kubectl create clusterrolebinding edge-read --clusterrole=edge-read \
+             --group=system:nodes`"
         ),
     })
 }
@@ -268,8 +272,7 @@ fn granted(
                 _ => false,
             });
         let role_ref = binding.get("roleRef");
-        let is_cluster_role =
-            role_ref.and_then(|r| r["kind"].as_str()) == Some("ClusterRole");
+        let is_cluster_role = role_ref.and_then(|r| r["kind"].as_str()) == Some("ClusterRole");
         let Some(role) = role_ref
             .and_then(|r| r["name"].as_str())
             .filter(|_| subject_matches && is_cluster_role)
@@ -321,11 +324,22 @@ mod tests {
                                    "kind": "ClusterRole", "name": "edge-read"}}))
         };
         let widgets = |bindings: &[Object]| {
-            authorize_collection("n1", "example.com", "widgets", "widgets.example.com", bindings, role)
+            authorize_collection(
+                "n1",
+                "example.com",
+                "widgets",
+                "widgets.example.com",
+                bindings,
+                role,
+            )
         };
         assert!(authorize_collection("n1", "", "configmaps", "configmaps", &[], role).is_ok());
         let refusal = authorize_collection("n1", "", "secrets", "secrets", &[], role).unwrap_err();
-        assert!(refusal.reason.contains("clusterrolebinding"), "{}", refusal.reason);
+        assert!(
+            refusal.reason.contains("clusterrolebinding"),
+            "{}",
+            refusal.reason
+        );
         assert!(widgets(&[]).is_err());
         assert!(widgets(&[binding(json!({"kind": "Group", "name": "system:nodes"}))]).is_ok());
         assert!(widgets(&[binding(json!({"kind": "User", "name": "system:node:n1"}))]).is_ok());

@@ -375,7 +375,9 @@ impl EdgeController {
         namespace: Option<&str>,
     ) -> Result<Option<WriteSet>, ApiError> {
         let kind = resource.store_kind;
-        let namespace = namespace.filter(|_| resource.namespaced).unwrap_or_default();
+        let namespace = namespace
+            .filter(|_| resource.namespaced)
+            .unwrap_or_default();
         if self.routing.covers(node, kind, namespace) {
             return Ok(None);
         }

@@ -148,7 +148,13 @@ impl Collections {
     /// Whether a subscription covers `collection`.
     pub fn covers(&self, collection: &Collection) -> bool {
         let held = self.held();
-        let entry = |ns: &str| (collection.group.clone(), collection.plural.clone(), ns.to_owned());
+        let entry = |ns: &str| {
+            (
+                collection.group.clone(),
+                collection.plural.clone(),
+                ns.to_owned(),
+            )
+        };
         held.contains(&entry("")) || held.contains(&entry(&collection.namespace))
     }
 
@@ -185,10 +191,16 @@ impl Collections {
             .map_err(|e| ApiError::internal(e.to_string()))?;
         let reply = call(ApiCall::from_request(request).await?).await?;
         let body: Value = serde_json::from_slice(&reply.body).map_err(|e| {
-            ApiError::new(502, "BadGateway", format!("the cloud's list is not JSON: {e}"))
+            ApiError::new(
+                502,
+                "BadGateway",
+                format!("the cloud's list is not JSON: {e}"),
+            )
         })?;
         if reply.code != 200 {
-            let message = body["message"].as_str().unwrap_or("the cloud refused the list");
+            let message = body["message"]
+                .as_str()
+                .unwrap_or("the cloud refused the list");
             let reason = match body["reason"].as_str() {
                 Some("Forbidden") => "Forbidden",
                 Some("NotFound") => "NotFound",
@@ -213,8 +225,7 @@ impl Collections {
                 wanted.push((key, rv));
             }
         }
-        if resources::find(&collection.group, &collection.version, &collection.plural).is_none()
-        {
+        if resources::find(&collection.group, &collection.version, &collection.plural).is_none() {
             // A custom kind: its definition comes too, and the cache's API serves it from it.
             if let Ok(key) = ObjectKey::new(resources::CRD_STORE_KIND, "", &kind) {
                 wanted.push((key, 0));
@@ -222,9 +233,9 @@ impl Collections {
         }
         let deadline = Instant::now() + CATCH_UP;
         loop {
-            let missing = wanted.iter().find(|(key, rv)| {
-                !matches!(store.get(key), Ok(Some(v)) if v.rv >= *rv)
-            });
+            let missing = wanted
+                .iter()
+                .find(|(key, rv)| !matches!(store.get(key), Ok(Some(v)) if v.rv >= *rv));
             let Some((key, _)) = missing else { break };
             if Instant::now() >= deadline {
                 return Err(ApiError::new(
@@ -263,15 +274,25 @@ mod tests {
     #[test]
     fn collections_of_paths() {
         let c = Collection::of(&Method::GET, "/api/v1/namespaces/apps/configmaps").unwrap();
-        assert_eq!((c.plural.as_str(), c.namespace.as_str()), ("configmaps", "apps"));
+        assert_eq!(
+            (c.plural.as_str(), c.namespace.as_str()),
+            ("configmaps", "apps")
+        );
         assert_eq!(c.store_kind(), "configmaps");
         let c = Collection::of(&Method::GET, "/apis/example.com/v1/watch/widgets").unwrap();
-        assert_eq!((c.group.as_str(), c.namespace.as_str()), ("example.com", ""));
+        assert_eq!(
+            (c.group.as_str(), c.namespace.as_str()),
+            ("example.com", "")
+        );
         assert_eq!(c.store_kind(), "widgets.example.com");
         assert_eq!(c.list_path(), "/apis/example.com/v1/widgets");
         assert!(Collection::of(&Method::GET, "/api/v1/namespaces/apps/configmaps/x").is_none());
         assert!(Collection::of(&Method::POST, "/api/v1/namespaces/apps/configmaps").is_none());
-        assert!(Collection::of(&Method::GET, "/api/v1/pods").unwrap().is_local());
-        assert!(!Collection::of(&Method::GET, "/api/v1/namespaces").unwrap().is_local());
+        assert!(Collection::of(&Method::GET, "/api/v1/pods")
+            .unwrap()
+            .is_local());
+        assert!(!Collection::of(&Method::GET, "/api/v1/namespaces")
+            .unwrap()
+            .is_local());
     }
 }

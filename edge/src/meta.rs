@@ -139,7 +139,8 @@ impl MetaManager {
                     504,
                     "Timeout",
                     format!(
-                        "the cloud did not answer {} {} within {after:?} (it may be overloaded or                          hung); the node keeps serving what it holds",
+                        "the cloud did not answer {} {} within {after:?} (it may be overloaded or \
+                         hung); the node keeps serving what it holds",
                         call.method, call.uri
                     ),
                 ))

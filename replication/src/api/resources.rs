@@ -281,7 +281,12 @@ static RESOURCES: &[Resource] = &[
     ),
     batch("Job", "JobList", "jobs", "job", &[]),
     batch("CronJob", "CronJobList", "cronjobs", "cronjob", &["cj"]),
-    rbac("ClusterRole", "ClusterRoleList", "clusterroles", "clusterrole"),
+    rbac(
+        "ClusterRole",
+        "ClusterRoleList",
+        "clusterroles",
+        "clusterrole",
+    ),
     rbac(
         "ClusterRoleBinding",
         "ClusterRoleBindingList",

@@ -243,7 +243,11 @@ fn collection_key(node: &str, kind: &str, namespace: &str) -> Vec<u8> {
 
 /// Records that `node` listed the collection of `kind` in `namespace` (`""`: all namespaces).
 pub fn add_collection(set: &mut WriteSet, node: &str, kind: &str, namespace: &str) {
-    set.put_aux(Aux::OBJECTSYNC, collection_key(node, kind, namespace), Vec::new());
+    set.put_aux(
+        Aux::OBJECTSYNC,
+        collection_key(node, kind, namespace),
+        Vec::new(),
+    );
 }
 
 /// Every recorded collection interest, as (node, kind, namespace).
