@@ -628,6 +628,7 @@ mod tests {
                     let target = match r.target {
                         Target::Object(k) => k.as_str().to_owned(),
                         Target::NamespaceServices(ns) => format!("ns:{ns}"),
+                        Target::Collection { kind, namespace } => format!("c:{kind}/{namespace}"),
                     };
                     match r.action {
                         Action::Want => { held.insert((r.node.to_string(), target)); }
