@@ -147,8 +147,11 @@ impl CloudCore {
                 .context("writing the kubernetes Service")?;
         }
         let mut tasks = Vec::new();
-        let controllers_api = ApiServer::new(store.clone(), policy.clone()).router();
-        let mut api = ApiServer::new(store.clone(), policy);
+        let mut api = ApiServer::new(store.clone(), policy.clone());
+        // One registry of custom resources for both (it follows the store's CRDs).
+        let controllers_api = ApiServer::new(store.clone(), policy)
+            .with_registry(api.registry().clone())
+            .router();
         let token: Option<Arc<str>> = api_token.map(Into::into);
         if let Some(token) = &token {
             api = api.with_bearer_token(token.clone());

@@ -492,6 +492,10 @@ pub struct CallError {
     pub message: String,
 }
 
+/// The User-Agent of the controllers' API calls (kube-controller-manager's, so server-side
+/// apply names their fields' manager as Kubernetes does).
+pub const CONTROLLER_MANAGER: &str = "kube-controller-manager/v1.32.0 (kedge)";
+
 impl ApiClient {
     /// A client of `router` (an [`replication::api::ApiServer`]'s).
     pub fn new(router: Router) -> Self {
@@ -509,6 +513,8 @@ impl ApiClient {
             .method(method)
             .uri(uri)
             .header(header::CONTENT_TYPE, "application/json")
+            // Their writes' manager in managedFields, as kube-apiserver names the controllers'.
+            .header(header::USER_AGENT, CONTROLLER_MANAGER)
             .body(Body::from(bytes))
             .map_err(|e| CallError {
                 code: 400,

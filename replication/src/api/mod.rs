@@ -12,6 +12,7 @@
 //! store's (in a version-assigning store, a change's resourceVersion is its revision, so a list's
 //! resourceVersion, an object's and a watch position are one number space).
 
+pub mod apply;
 pub mod auth;
 pub mod crd;
 pub mod discovery;

@@ -15,24 +15,26 @@ pub enum PatchKind {
     /// `application/strategic-merge-patch+json`: Kubernetes' strategic merge patch (lists merged
     /// by their `patchMergeKey`).
     StrategicMerge,
+    /// `application/apply-patch+yaml`: server-side apply ([`super::apply`]); the body is the
+    /// manager's configuration (JSON, which is YAML, as kubectl sends it; or YAML).
+    Apply,
 }
 
 impl PatchKind {
     /// The patch format a `Content-Type` names (parameters ignored).
     ///
     /// # Errors
-    /// 415 `UnsupportedMediaType` for any other media type, server-side apply's included.
+    /// 415 `UnsupportedMediaType` for any other media type (CBOR included).
     pub fn from_content_type(content_type: &str) -> Result<Self, ApiError> {
         let media = content_type.split(';').next().unwrap_or_default().trim();
         match media {
             "application/json-patch+json" => Ok(PatchKind::Json),
             "application/merge-patch+json" => Ok(PatchKind::Merge),
             "application/strategic-merge-patch+json" => Ok(PatchKind::StrategicMerge),
-            "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
-                Err(ApiError::unsupported_media_type(
-                    "server-side apply is not supported yet; use client-side `kubectl apply`",
-                ))
-            }
+            "application/apply-patch+yaml" => Ok(PatchKind::Apply),
+            "application/apply-patch+cbor" => Err(ApiError::unsupported_media_type(
+                "server-side apply in CBOR is not supported; send application/apply-patch+yaml",
+            )),
             other => Err(ApiError::unsupported_media_type(format!(
                 "the body of the request was in an unknown format - accepted media types \
                  include: application/json-patch+json, application/merge-patch+json, \
@@ -66,6 +68,9 @@ pub fn apply(kind: PatchKind, target: &mut Value, patch: &[u8]) -> Result<(), Ap
             json_patch::merge(target, &patch);
             Ok(())
         }
+        PatchKind::Apply => Err(ApiError::internal(
+            "server-side apply is served by the apply module, not as a patch",
+        )),
         PatchKind::StrategicMerge => {
             let patch: Value = serde_json::from_slice(patch).map_err(|e| bad(&e))?;
             if !patch.is_object() {
@@ -81,7 +86,7 @@ pub fn apply(kind: PatchKind, target: &mut Value, patch: &[u8]) -> Result<(), Ap
 
 /// The merge key of a list field, by field name (and, for `ports`, by what the elements hold):
 /// the subset of Kubernetes' `patchMergeKey` tags on the kinds served here.
-fn merge_key(field: &str, elements: &[&Value]) -> Option<&'static str> {
+pub(crate) fn merge_key(field: &str, elements: &[&Value]) -> Option<&'static str> {
     Some(match field {
         "containers"
         | "initContainers"

@@ -5,6 +5,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
 
+use super::apply;
 use super::object::{self, Object};
 use super::patch::{self, PatchKind};
 use super::resources::{self, Resource};
@@ -79,6 +80,38 @@ impl ApiRequest {
 
     fn include_object(&self) -> bool {
         self.query.get("includeObject").map(String::as_str) == Some("Object")
+    }
+
+    /// The manager of this write ([`apply::manager_of`]).
+    fn manager(&self) -> String {
+        apply::manager_of(
+            self.query.get("fieldManager").map(String::as_str),
+            self.headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok()),
+        )
+    }
+
+    /// Records this non-apply write in `written`'s `managedFields` (when it has them).
+    fn track_update(&self, current: &Object, written: &mut Object) {
+        if self.target.status {
+            // Status is not tracked; keep the entries as they are.
+            if let Some(m) = object::meta(current).and_then(|m| m.get("managedFields")) {
+                object::meta_mut(written).insert("managedFields".into(), m.clone());
+            }
+            return;
+        }
+        let cleared = object::meta(written)
+            .and_then(|m| m.get("managedFields"))
+            .and_then(Value::as_array)
+            .is_some_and(|list| list.is_empty());
+        apply::track_update(
+            self.target.resource,
+            current,
+            written,
+            &self.manager(),
+            cleared,
+        );
     }
 }
 
@@ -509,6 +542,7 @@ async fn update(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
             &mut object,
             request.target.status,
         )?;
+        request.track_update(&current_object, &mut object);
         let v = write_update(policy.as_ref(), &store, &request, key, object, &current)?;
         Ok((request, v))
     })
@@ -522,6 +556,9 @@ const PATCH_ATTEMPTS: usize = 8;
 
 async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
     let kind = PatchKind::from_content_type(request.content_type())?;
+    if kind == PatchKind::Apply {
+        return server_side_apply(server, request).await;
+    }
     let key = request.key()?;
     let store = server.store.clone();
     let policy = server.policy.clone();
@@ -553,6 +590,7 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
                 &mut patched,
                 request.target.status,
             )?;
+            request.track_update(&current_object, &mut patched);
             match write_update(
                 policy.as_ref(),
                 &store,
@@ -569,6 +607,107 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
     })
     .await?;
     let response = respond_object(&request, StatusCode::OK, &versioned)?;
+    Ok(with_warnings(response, &warnings))
+}
+
+/// Server-side apply: `PATCH` with `application/apply-patch+yaml` ([`apply`]). Creates the
+/// object when it does not exist (201), else merges the configuration (200).
+///
+/// # Errors
+/// 400 without `fieldManager` or for a body that is not a JSON object; 409 `Conflict` with
+/// `FieldManagerConflict` causes (kubectl prints them with how to resolve); the create and
+/// update errors otherwise (422 for an invalid result).
+async fn server_side_apply(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
+    let Some(manager) = request
+        .query
+        .get("fieldManager")
+        .filter(|m| !m.is_empty())
+        .cloned()
+    else {
+        return Err(ApiError::invalid(
+            "PatchOptions.meta.k8s.io",
+            "",
+            vec![super::status::Cause::new(
+                "fieldManager",
+                "Required value: is required for apply patch",
+            )],
+        ));
+    };
+    let force = request.query.get("force").is_some_and(|f| f == "true");
+    let mut applied = object::parse_object(&request.body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the apply configuration must be a JSON object (YAML is not parsed here): {}",
+            e.message
+        ))
+    })?;
+    let warnings = field_validation(&request, &applied)?;
+    let key = request.key()?;
+    let store = server.store.clone();
+    let policy = server.policy.clone();
+    let (request, code, versioned) = blocking(move || {
+        let resource = request.target.resource;
+        let mut last_error = None;
+        for _ in 0..PATCH_ATTEMPTS {
+            let current = store
+                .get(&key)
+                .map_err(|e| ApiError::from_store(e, resource.store_kind, request.name()))?;
+            let Some(current) = current else {
+                if resource.namespaced {
+                    check_namespace_exists(&store, request.namespace())?;
+                }
+                object::meta_mut(&mut applied)
+                    .entry("name")
+                    .or_insert_with(|| json!(request.name()));
+                let mut created = apply::apply(resource, None, &applied, &manager, force)?;
+                object::prepare_create(resource, request.namespace(), &mut created)?;
+                let bytes = Bytes::from(object::to_stored(created));
+                if request.dry_run() {
+                    let v = Versioned {
+                        rv: 0,
+                        revision: 0,
+                        object: bytes,
+                    };
+                    return Ok((request, StatusCode::CREATED, v));
+                }
+                let mut set = WriteSet::new();
+                set.put(key.clone(), bytes, Precondition::Absent);
+                match policy.commit(&store, set, resource.store_kind, request.name()) {
+                    Ok(v) => return Ok((request, StatusCode::CREATED, v)),
+                    // Created meanwhile: apply to it.
+                    Err(e) if e.code == 409 => {
+                        last_error = Some(e);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            let current_object = object::decode_stored(&current.object, current.revision)?;
+            let mut merged =
+                apply::apply(resource, Some(&current_object), &applied, &manager, force)?;
+            object::prepare_update(
+                resource,
+                request.namespace(),
+                request.name(),
+                &current_object,
+                &mut merged,
+                false,
+            )?;
+            match write_update(
+                policy.as_ref(),
+                &store,
+                &request,
+                key.clone(),
+                merged,
+                &current,
+            ) {
+                Err(e) if e.code == 409 && e.reason == "Conflict" => last_error = Some(e),
+                other => return other.map(|v| (request, StatusCode::OK, v)),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| ApiError::internal("apply retries exhausted")))
+    })
+    .await?;
+    let response = respond_object(&request, code, &versioned)?;
     Ok(with_warnings(response, &warnings))
 }
 
