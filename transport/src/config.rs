@@ -125,10 +125,16 @@ pub struct ClientConfig {
     pub backoff: BackoffConfig,
     /// How long one connection attempt (QUIC + TLS handshake) may take.
     pub connect_timeout: Duration,
+    /// How long the node waits before reconnecting after the cloud replaced its open
+    /// connection with a newer one presenting the same certificate (another process with
+    /// this node's identity); doubled on each repetition, up to an hour. The newer process
+    /// keeps the link meanwhile instead of the two replacing each other in a loop.
+    pub conflict_holdoff: Duration,
 }
 
 impl ClientConfig {
-    /// Defaults: link and backoff defaults, 5 s per connection attempt.
+    /// Defaults: link and backoff defaults, 5 s per connection attempt, a conflict hold-off of
+    /// ten minutes.
     pub fn new(server_addr: SocketAddr, server_name: impl Into<String>) -> Self {
         ClientConfig {
             server_addr,
@@ -139,6 +145,7 @@ impl ClientConfig {
             // cloud was down completes soon after it returns, and a dead one gives way to the
             // next attempt instead of holding the node for long.
             connect_timeout: Duration::from_secs(5),
+            conflict_holdoff: Duration::from_secs(600),
         }
     }
 }

@@ -6,7 +6,7 @@
 //! anything the node says.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
@@ -342,6 +342,156 @@ pub fn node_name_from_cert(cert: &CertificateDer<'_>) -> Result<String, TlsError
     Ok(cn.to_owned())
 }
 
+/// What kedge reads from a node certificate: its name, validity and fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCertInfo {
+    /// The subject common name (a valid node name).
+    pub node: String,
+    /// `notBefore`, as a system time (second precision, as X.509 has it).
+    pub not_before: SystemTime,
+    /// `notAfter`, as a system time.
+    pub not_after: SystemTime,
+    /// SHA-256 of the certificate's DER, lowercase hex: what the cloud records per node.
+    pub fingerprint: String,
+}
+
+/// Reads a node certificate's name, validity and fingerprint. The certificate is not verified.
+///
+/// # Errors
+/// [`TlsError::NodeName`] when it does not parse as X.509 or names no valid node.
+pub fn node_cert_info(cert: &CertificateDer<'_>) -> Result<NodeCertInfo, TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| TlsError::NodeName(format!("unparsable certificate: {e}")))?;
+    let time = |t: x509_parser::time::ASN1Time| {
+        let secs = t.timestamp();
+        if secs >= 0 {
+            UNIX_EPOCH + Duration::from_secs(secs as u64)
+        } else {
+            UNIX_EPOCH
+        }
+    };
+    Ok(NodeCertInfo {
+        node: node_name_from_cert(cert)?,
+        not_before: time(parsed.validity().not_before),
+        not_after: time(parsed.validity().not_after),
+        fingerprint: fingerprint(cert),
+    })
+}
+
+/// SHA-256 of a certificate's DER, lowercase hex.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    ring::digest::digest(&ring::digest::SHA256, cert.as_ref())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// When a node renews a certificate valid from `not_before` to `not_after`: at two thirds of
+/// its lifetime (like kubelet's rotation at 70–90 %, early enough for a node that is offline
+/// for a while to still get its renewal through). A certificate whose bounds are reversed is
+/// due at once (`not_before`).
+pub fn renewal_due(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    not_before + lifetime * 2 / 3
+}
+
+/// How the cloud treats a certificate at a given time, by its expiry alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Not expired: every use.
+    Valid,
+    /// Expired this long ago, within the grace window: only to rotate it.
+    InGrace(Duration),
+    /// Expired this long ago, beyond the grace window: refused (the node re-joins).
+    Beyond(Duration),
+}
+
+/// Judges a certificate expiring at `not_after`, `now`, with a grace window of `grace` after
+/// expiry (the bound itself is still in grace).
+pub fn expiry(now: SystemTime, not_after: SystemTime, grace: Duration) -> Expiry {
+    match now.duration_since(not_after) {
+        Err(_) => Expiry::Valid,
+        Ok(ago) if ago.is_zero() => Expiry::Valid,
+        Ok(ago) if ago <= grace => Expiry::InGrace(ago),
+        Ok(ago) => Expiry::Beyond(ago),
+    }
+}
+
+/// A client verifier that also lets expired certificates through the TLS handshake when they
+/// are otherwise valid (issued by the CA, signature and chain good at their expiry time), so
+/// that the application can tell an expired node what to do instead of a bare TLS alert. The
+/// application must judge expiry itself ([`expiry`] on [`node_cert_info`]); the cloud lets an
+/// expired certificate only rotate itself.
+#[derive(Debug)]
+struct ExpiryTolerantVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for ExpiryTolerantVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        use rustls::CertificateError;
+        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            )) => {
+                let info = node_cert_info(end_entity)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                let at = info
+                    .not_after
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .saturating_sub(Duration::from_secs(1));
+                self.inner.verify_client_cert(
+                    end_entity,
+                    intermediates,
+                    rustls::pki_types::UnixTime::since_unix_epoch(at),
+                )
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -355,7 +505,9 @@ fn roots(ca: &CertificateDer<'static>) -> Result<Arc<rustls::RootCertStore>, Tls
 /// The cloud's TLS config: its server identity (sent with the CA certificate, which joining
 /// nodes check against their pin), and client certificates verified against `ca`. A client
 /// certificate is optional at the TLS level so that nodes can join (ALPN `kedge-join/1`); the
-/// server refuses a `kedge/1` connection without one.
+/// server refuses a `kedge/1` connection without one. An expired client certificate that is
+/// otherwise valid passes the handshake: the server application judges expiry (see
+/// [`expiry`]), so that it can answer with a reason instead of a TLS alert.
 ///
 /// # Errors
 /// [`TlsError::Config`] when rustls refuses `ca` as a root or `identity`'s key;
@@ -369,6 +521,7 @@ pub fn server_config(
             .allow_unauthenticated()
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(ExpiryTolerantVerifier { inner: verifier });
     let mut chain = identity.cert_chain.clone();
     if !chain.contains(ca) {
         chain.push(ca.clone());
@@ -377,7 +530,11 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, identity.key.clone_key())?;
-    config.alpn_protocols = vec![ALPN.to_vec(), crate::join::JOIN_ALPN.to_vec()];
+    config.alpn_protocols = vec![
+        ALPN.to_vec(),
+        crate::join::JOIN_ALPN.to_vec(),
+        crate::renew::RENEW_ALPN.to_vec(),
+    ];
     Ok(config)
 }
 
@@ -417,6 +574,56 @@ mod tests {
             .sign_node_csr(&csr, "edge-7", Duration::from_secs(60))
             .unwrap();
         assert_eq!(node_name_from_cert(&cert).unwrap(), "edge-7");
+    }
+
+    #[test]
+    fn renewal_is_due_at_two_thirds_of_the_lifetime() {
+        let start = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let due = renewal_due(start, start + Duration::from_secs(90));
+        assert_eq!(due, start + Duration::from_secs(60));
+        // Reversed bounds: due at once.
+        assert_eq!(renewal_due(start, start - Duration::from_secs(5)), start);
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let due = renewal_due(start, start + year);
+        assert!(due > start + year / 2 && due < start + year * 3 / 4);
+    }
+
+    #[test]
+    fn expiry_grace_decision() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let grace = Duration::from_secs(30);
+        assert_eq!(
+            expiry(t - Duration::from_secs(1), t, grace),
+            Expiry::Valid
+        );
+        assert_eq!(expiry(t, t, grace), Expiry::Valid);
+        assert_eq!(
+            expiry(t + Duration::from_secs(1), t, grace),
+            Expiry::InGrace(Duration::from_secs(1))
+        );
+        assert_eq!(expiry(t + grace, t, grace), Expiry::InGrace(grace));
+        assert_eq!(
+            expiry(t + grace + Duration::from_secs(1), t, grace),
+            Expiry::Beyond(grace + Duration::from_secs(1))
+        );
+        assert_eq!(
+            expiry(t + Duration::from_secs(1), t, Duration::ZERO),
+            Expiry::Beyond(Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn cert_info_reads_validity_and_fingerprint() {
+        let ca = CertificateAuthority::generate("kedge-ca").unwrap();
+        let id = ca.issue_node("edge-3", Duration::from_secs(600)).unwrap();
+        let info = node_cert_info(&id.cert_chain[0]).unwrap();
+        assert_eq!(info.node, "edge-3");
+        let lifetime = info.not_after.duration_since(info.not_before).unwrap();
+        // Five minutes back-dated for clock skew, plus the validity.
+        assert!(lifetime.as_secs().abs_diff(900) <= 2, "{lifetime:?}");
+        assert_eq!(info.fingerprint.len(), 64);
+        let other = ca.issue_node("edge-3", Duration::from_secs(600)).unwrap();
+        assert_ne!(node_cert_info(&other.cert_chain[0]).unwrap().fingerprint, info.fingerprint);
     }
 
     #[test]
