@@ -41,6 +41,12 @@ pub struct CloudConfig {
     /// Streams (logs, exec, attach, port-forward connections) open at once per node through
     /// the cloud; more are refused with 429 ([`crate::cloudstream`]).
     pub streams_per_node: usize,
+    /// Validity of the node certificates issued at join and renewal.
+    pub node_cert_lifetime: Duration,
+    /// How long after expiry a node certificate may still renew itself (and do nothing else).
+    pub node_cert_grace: Duration,
+    /// Join attempts a minute per source address (0: no limit).
+    pub join_rate_limit: u32,
 }
 
 impl CloudConfig {
@@ -59,6 +65,9 @@ impl CloudConfig {
             link_keepalive: transport::LinkConfig::default().heartbeat,
             service_bus_timeout: crate::servicebus::DEFAULT_TIMEOUT,
             streams_per_node: crate::cloudstream::DEFAULT_STREAMS_PER_NODE,
+            node_cert_lifetime: crate::credentials::DEFAULT_LIFETIME,
+            node_cert_grace: crate::credentials::DEFAULT_GRACE,
+            join_rate_limit: crate::join::DEFAULT_JOIN_RATE,
         }
     }
 }
@@ -226,18 +235,34 @@ impl CloudCore {
         quic_config.reset_key = Some(crate::pki::load_or_create_reset_key(&config.data_dir)?);
         quic_config.link.heartbeat = config.link_keepalive;
         let ca = Arc::new(ca);
+        let credentials = Arc::new(crate::credentials::NodeCredentials::new(
+            &config.data_dir,
+            store.clone(),
+            ca.clone(),
+            config.node_cert_lifetime,
+            config.node_cert_grace,
+            metrics.clone(),
+        ));
         let join = Arc::new(crate::join::CloudJoin {
             data_dir: config.data_dir.clone(),
             store: store.clone(),
-            ca: ca.clone(),
+            credentials: credentials.clone(),
+            metrics: metrics.clone(),
+            rate: std::sync::Mutex::new(crate::join::JoinRateLimit::new(config.join_rate_limit)),
         });
-        let quic = transport::Server::bind_with_join(quic_config, ca.cert(), &identity, Some(join))
-            .with_context(|| {
-                format!(
-                    "cannot listen on {} for edge nodes (QUIC)",
-                    config.quic_listen
-                )
-            })?;
+        let quic = transport::Server::bind_with_policy(
+            quic_config,
+            ca.cert(),
+            &identity,
+            Some(join),
+            Some(credentials.clone()),
+        )
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for edge nodes (QUIC)",
+                config.quic_listen
+            )
+        })?;
         let quic_addr = quic.local_addr()?;
         let shutdown = CancellationToken::new();
         let hub = crate::hub::run(
@@ -246,6 +271,7 @@ impl CloudCore {
             metrics.clone(),
             connected.clone(),
             bus.clone(),
+            credentials,
             shutdown.clone(),
         );
         tasks.push((

@@ -378,6 +378,30 @@ pub fn node_cert_info(cert: &CertificateDer<'_>) -> Result<NodeCertInfo, TlsErro
     })
 }
 
+/// The subject common name a certificate signing request (DER PKCS#10) asks for. The request's
+/// signature is checked too (a request whose key did not sign it is refused).
+///
+/// # Errors
+/// [`TlsError::NodeName`] when the request does not parse, its signature does not verify, or
+/// it has no common name.
+pub fn csr_common_name(csr_der: &[u8]) -> Result<String, TlsError> {
+    use x509_parser::prelude::FromDer;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+        .map_err(|e| TlsError::NodeName(format!("unparsable certificate signing request: {e}")))?;
+    // rcgen checks the request's signature.
+    CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+        .map_err(|e| TlsError::NodeName(format!("certificate signing request: {e}")))?;
+    let cn = csr
+        .certification_request_info
+        .subject
+        .iter_common_name()
+        .next()
+        .ok_or_else(|| TlsError::NodeName("the request has no common name".into()))?
+        .as_str()
+        .map_err(|e| TlsError::NodeName(format!("common name is not a string: {e}")))?;
+    Ok(cn.to_owned())
+}
+
 /// SHA-256 of a certificate's DER, lowercase hex.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     ring::digest::digest(&ring::digest::SHA256, cert.as_ref())
@@ -574,6 +598,8 @@ mod tests {
             .sign_node_csr(&csr, "edge-7", Duration::from_secs(60))
             .unwrap();
         assert_eq!(node_name_from_cert(&cert).unwrap(), "edge-7");
+        assert_eq!(csr_common_name(&csr).unwrap(), "i-claim-to-be-another-node");
+        assert!(csr_common_name(b"garbage").is_err());
     }
 
     #[test]
