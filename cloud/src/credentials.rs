@@ -148,6 +148,18 @@ impl NodeCredentials {
         self.save(node, &record)
     }
 
+    /// Whether none of `node`'s certificates can be used any more (all expired beyond the
+    /// grace window, or revoked): then a join with a bootstrap token may take the name over
+    /// although its Node exists. `false` for a node without a record (its certificates are
+    /// unknown).
+    pub fn identity_is_dead(&self, node: &str) -> bool {
+        let _held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let now = unix(SystemTime::now());
+        let grace = self.grace.as_secs();
+        matches!(self.load(node), Ok(Some(record))
+            if record.certs.values().all(|not_after| not_after.saturating_add(grace) < now))
+    }
+
     /// The Node `node` was deleted: every certificate issued to it is refused from now on
     /// (the hub closes its live connection).
     pub fn revoke(&self, node: &str) {

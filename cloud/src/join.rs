@@ -3,7 +3,9 @@
 //!
 //! A name that already has a Node object is refused: a token lets a new node in, it does not let
 //! anyone take over an existing node's identity. To re-join a node that lost its disk, delete its
-//! Node object first (`kubectl delete node NAME`).
+//! Node object first (`kubectl delete node NAME`). The exception is a node whose every
+//! certificate expired beyond the grace window (`--node-cert-grace`): nothing can use its
+//! identity any more, and a join with a new token takes it back, keeping its Node object.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -153,19 +155,29 @@ impl CloudJoin {
         let mut set = WriteSet::new();
         let node = Bytes::from(object::to_stored(new_node(&request.node_name)));
         set.put(key, node, Precondition::Absent);
-        self.store.commit(set).map_err(|e| {
-            give_back(match e {
-                replication::StoreError::AlreadyExists(_) => format!(
+        let mut created = true;
+        match self.store.commit(set) {
+            Ok(_) => {}
+            // A node whose every certificate expired beyond the grace window comes back
+            // with a new token, keeping its Node (and what is bound to it).
+            Err(replication::StoreError::AlreadyExists(_))
+                if self.credentials.identity_is_dead(&request.node_name) =>
+            {
+                tracing::info!(node = %request.node_name, "re-join of a node whose certificates all expired beyond the grace window");
+                created = false;
+            }
+            Err(replication::StoreError::AlreadyExists(_)) => {
+                return Err(give_back(format!(
                     "node {} already joined; to join it again (e.g. after losing its disk), \
                      delete it first: kubectl delete node {}",
                     request.node_name, request.node_name
-                ),
-                other => format!("cannot record the node: {other}"),
-            })
-        })?;
+                )))
+            }
+            Err(other) => return Err(give_back(format!("cannot record the node: {other}"))),
+        }
         if let Err(e) = self.credentials.record_join(&request.node_name, &cert) {
             // Without its record the certificate would be refused: undo the Node.
-            if let Ok(key) = ObjectKey::new("nodes", "", &request.node_name) {
+            if let (true, Ok(key)) = (created, ObjectKey::new("nodes", "", &request.node_name)) {
                 let mut undo = WriteSet::new();
                 undo.delete(key, Precondition::Exists);
                 let _ = self.store.commit(undo);

@@ -139,6 +139,18 @@ fn replaced_by_another(connection: &quinn::Connection) -> bool {
     )
 }
 
+/// The reason the cloud gave for closing `connection` as unauthorized, if it did.
+fn refused(connection: &quinn::Connection) -> Option<String> {
+    match connection.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code.into_inner() == CloseCode::Unauthorized as u64 =>
+        {
+            Some(String::from_utf8_lossy(&close.reason).into_owned())
+        }
+        _ => None,
+    }
+}
+
 async fn reconnect_loop(
     endpoint: quinn::Endpoint,
     (mut quinn_config, mut version): (quinn::ClientConfig, u64),
@@ -181,7 +193,6 @@ async fn reconnect_loop(
                 let started = Instant::now();
                 let (generation, _) = shared.begin_connection(config.server_addr);
                 tracing::info!(server = %config.server_addr, "connected to the cloud");
-                last_failure = None;
                 let reason = shared
                     .drive(connection.clone(), Role::Client, generation)
                     .await;
@@ -189,7 +200,15 @@ async fn reconnect_loop(
                     break;
                 }
                 tracing::info!(server = %config.server_addr, "disconnected from the cloud: {reason}");
-                if replaced_by_another(&connection) {
+                if let Some(refusal) = refused(&connection) {
+                    // Revoked, expired beyond the grace window, ...: say so loudly, once per
+                    // reason (the node keeps trying: the operator may fix it on the cloud).
+                    if last_failure.as_deref() != Some(refusal.as_str()) {
+                        tracing::error!(server = %config.server_addr, "the cloud refuses this node: {refusal}");
+                    }
+                    last_failure = Some(refusal);
+                } else if replaced_by_another(&connection) {
+                    last_failure = None;
                     // Another process connected with this node's certificate. The newer
                     // connection wins; reconnecting at once would take it back and start a
                     // loop of the two replacing each other. Wait, longer each time.
@@ -202,9 +221,12 @@ async fn reconnect_loop(
                     );
                     delay = Some(holdoff);
                     holdoff = (holdoff * 2).min(MAX_CONFLICT_HOLDOFF.max(config.conflict_holdoff));
-                } else if started.elapsed() >= STABLE_CONNECTION {
-                    backoff.reset();
-                    holdoff = config.conflict_holdoff;
+                } else {
+                    last_failure = None;
+                    if started.elapsed() >= STABLE_CONNECTION {
+                        backoff.reset();
+                        holdoff = config.conflict_holdoff;
+                    }
                 }
             }
             Ok(Err(e)) => log_failure(&mut last_failure, &config, e),
