@@ -594,13 +594,8 @@ impl Shared {
         let mut replaced = None;
         if let Some(old) = current.connection.take() {
             if old.close_reason().is_none() {
-                let from = old.remote_address();
-                replaced = Some(from);
-                tracing::warn!(
-                    peer = %self.peer, old = %from, new = %remote,
-                    "a new connection replaces one that was still open; if this repeats, two \
-                     processes present this node's certificate"
-                );
+                replaced = Some(old.remote_address());
+                tracing::debug!(peer = %self.peer, %remote, "a new connection replaces an open one");
             }
             old.close(
                 CloseCode::Replaced.var_int(),

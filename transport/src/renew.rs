@@ -68,9 +68,9 @@ pub trait CredentialPolicy: Send + Sync + 'static {
 
     /// A new connection of `node` from `new` replaced its connection from `old`, which was
     /// still open: a restart before the old connection timed out, or two processes presenting
-    /// one node's certificate. The default does nothing.
+    /// one node's certificate. The default logs a warning.
     fn on_replaced(&self, node: &str, old: SocketAddr, new: SocketAddr) {
-        let _ = (node, old, new);
+        tracing::warn!(%node, %old, %new, "a new connection replaces one that was still open; if this repeats, two processes present this node's certificate");
     }
 }
 

@@ -172,14 +172,15 @@ impl CertificateAuthority {
     /// A fresh key and a client certificate for `node_name`, valid for `validity` from now.
     ///
     /// The certificate's common name is `node_name`; it is valid for client authentication only,
-    /// from five minutes ago (clock skew).
+    /// from five minutes ago (clock skew; a tenth of `validity` if that is less, so that a node
+    /// renewing at two thirds of the lifetime it reads does so near two thirds of `validity`).
     ///
     /// # Errors
     /// [`TlsError::NodeName`] when `node_name` is not a DNS-1123 subdomain;
     /// [`TlsError::Generate`] when the key cannot be made or the certificate signed.
     pub fn issue_node(&self, node_name: &str, validity: Duration) -> Result<Identity, TlsError> {
         let now = OffsetDateTime::now_utc();
-        self.issue_node_between(node_name, now - time::Duration::minutes(5), now + validity)
+        self.issue_node_between(node_name, now - backdate(validity), now + validity)
     }
 
     /// Like [`issue_node`](Self::issue_node) with explicit validity bounds (tests use it to
@@ -205,7 +206,8 @@ impl CertificateAuthority {
     /// Signs a node's certificate signing request. The name comes from the caller (who checked
     /// the node's bootstrap token), not from the request; only the public key is taken from it.
     ///
-    /// The certificate is valid from five minutes ago to `validity` from now.
+    /// The certificate is valid from five minutes ago (a tenth of `validity` if that is less) to
+    /// `validity` from now.
     ///
     /// # Errors
     /// [`TlsError::Generate`] when `csr_der` is not a DER PKCS#10 request with a valid
@@ -221,7 +223,7 @@ impl CertificateAuthority {
             csr_der,
         ))?;
         let now = OffsetDateTime::now_utc();
-        let params = node_params(node_name, now - time::Duration::minutes(5), now + validity)?;
+        let params = node_params(node_name, now - backdate(validity), now + validity)?;
         Ok(params
             .signed_by(&csr.public_key, &self.issuer)?
             .der()
@@ -272,6 +274,13 @@ pub fn node_csr(node_name: &str) -> Result<(PrivateKeyDer<'static>, Vec<u8>), Tl
     )?;
     let csr = params.serialize_request(&key)?;
     Ok((private_key(&key), csr.der().to_vec()))
+}
+
+/// How far back a node certificate's validity starts (clock skew between cloud and node):
+/// five minutes, or a tenth of its validity if that is less.
+fn backdate(validity: Duration) -> time::Duration {
+    let skew = (validity / 10).min(Duration::from_secs(300));
+    time::Duration::try_from(skew).unwrap_or(time::Duration::minutes(5))
 }
 
 fn node_params(
@@ -645,8 +654,12 @@ mod tests {
         let info = node_cert_info(&id.cert_chain[0]).unwrap();
         assert_eq!(info.node, "edge-3");
         let lifetime = info.not_after.duration_since(info.not_before).unwrap();
-        // Five minutes back-dated for clock skew, plus the validity.
-        assert!(lifetime.as_secs().abs_diff(900) <= 2, "{lifetime:?}");
+        // Back-dated a tenth of the validity (at most five minutes) for clock skew.
+        assert!(lifetime.as_secs().abs_diff(660) <= 2, "{lifetime:?}");
+        let long = ca.issue_node("edge-3", Duration::from_secs(86400)).unwrap();
+        let long = node_cert_info(&long.cert_chain[0]).unwrap();
+        let lifetime = long.not_after.duration_since(long.not_before).unwrap();
+        assert!(lifetime.as_secs().abs_diff(86700) <= 2, "{lifetime:?}");
         assert_eq!(info.fingerprint.len(), 64);
         let other = ca.issue_node("edge-3", Duration::from_secs(600)).unwrap();
         assert_ne!(node_cert_info(&other.cert_chain[0]).unwrap().fingerprint, info.fingerprint);
