@@ -290,3 +290,104 @@ impl CredentialPolicy for NodeCredentials {
         tracing::warn!(%node, %old, %new, "node connected again while its previous connection was open; the newer connection wins (if this repeats, two processes present this node's certificate)");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use replication::{Precondition, WriteSet};
+    use transport::tls::node_csr;
+
+    fn put_node(store: &Store, name: &str) {
+        let mut set = WriteSet::new();
+        let node = Bytes::from(replication::api::object::to_stored(crate::join::new_node(
+            name,
+        )));
+        set.put(
+            ObjectKey::new("nodes", "", name).unwrap(),
+            node,
+            Precondition::None,
+        );
+        store.commit(set).unwrap();
+    }
+
+    fn delete_node(store: &Store, name: &str) {
+        let mut set = WriteSet::new();
+        set.delete(
+            ObjectKey::new("nodes", "", name).unwrap(),
+            Precondition::Exists,
+        );
+        store.commit(set).unwrap();
+    }
+
+    #[test]
+    fn admission_follows_the_node_its_record_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::embedded::open_store(dir.path(), 100).unwrap();
+        let ca = Arc::new(CertificateAuthority::generate("kedge-ca").unwrap());
+        let creds = NodeCredentials::new(
+            dir.path(),
+            store.clone(),
+            ca.clone(),
+            Duration::from_secs(600),
+            Duration::from_secs(3600),
+            Arc::new(Metrics::new()),
+        );
+        let now = time::OffsetDateTime::now_utc();
+        let issued = |from: time::OffsetDateTime, to: time::OffsetDateTime| {
+            ca.issue_node_between("n1", from, to).unwrap().cert_chain[0].clone()
+        };
+        let valid = issued(now - time::Duration::minutes(1), now + time::Duration::hours(1));
+        // No Node: refused.
+        assert!(matches!(creds.admit("n1", &valid), Admission::Refuse(r) if r.contains("revoked")));
+        put_node(&store, "n1");
+        creds.record_join("n1", &valid).unwrap();
+        assert_eq!(creds.admit("n1", &valid), Admission::Link);
+        // A certificate the node was not given (e.g. from before a re-join): refused.
+        let other = issued(now - time::Duration::minutes(1), now + time::Duration::hours(1));
+        assert!(matches!(creds.admit("n1", &other), Admission::Refuse(_)));
+
+        // Renewal: the CSR must name the node; the new certificate joins the old one.
+        let (_, wrong) = node_csr("n2").unwrap();
+        assert!(creds.renew("n1", &wrong).unwrap_err().contains("names \"n2\""));
+        let (_, csr) = node_csr("n1").unwrap();
+        let renewed = CertificateDer::from(creds.renew("n1", &csr).unwrap());
+        assert_eq!(creds.admit("n1", &renewed), Admission::Link);
+        assert_eq!(creds.admit("n1", &valid), Admission::Link, "the old one works on");
+        assert!(!creds.identity_is_dead("n1"));
+
+        // Expired within grace: renewal only; beyond: refused with the way back.
+        let in_grace = issued(now - time::Duration::hours(2), now - time::Duration::minutes(5));
+        let beyond = issued(now - time::Duration::hours(4), now - time::Duration::hours(2));
+        creds.record_join("n1", &in_grace).unwrap();
+        assert!(matches!(creds.admit("n1", &in_grace), Admission::RenewOnly(_)));
+        creds.record_join("n1", &beyond).unwrap();
+        assert!(matches!(creds.admit("n1", &beyond), Admission::Refuse(r)
+            if r.contains("beyond the grace window") && r.contains("--rejoin")));
+        assert!(creds.identity_is_dead("n1"));
+
+        // Deleting the Node revokes everything, also if the name comes back.
+        creds.record_join("n1", &valid).unwrap();
+        delete_node(&store, "n1");
+        creds.revoke("n1");
+        assert!(matches!(creds.admit("n1", &valid), Admission::Refuse(_)));
+        assert!(creds.renew("n1", &csr).is_err());
+        put_node(&store, "n1");
+        assert!(matches!(creds.admit("n1", &valid), Admission::Refuse(_)));
+
+        // A node from before the records: its certificate is adopted.
+        put_node(&store, "n1x");
+        let legacy = ca
+            .issue_node("n1x", Duration::from_secs(600))
+            .unwrap()
+            .cert_chain[0]
+            .clone();
+        assert_eq!(creds.admit("n1x", &legacy), Admission::Link);
+        let stranger = ca
+            .issue_node("n1x", Duration::from_secs(600))
+            .unwrap()
+            .cert_chain[0]
+            .clone();
+        assert!(matches!(creds.admit("n1x", &stranger), Admission::Refuse(_)));
+    }
+}
