@@ -169,7 +169,9 @@ impl NodeCredentials {
                 self.count("revoked");
                 tracing::info!(%node, "Node deleted: its certificates are revoked");
             }
-            Err(e) => tracing::error!(%node, error = %e, "cannot record the revocation (the node is still refused while its Node object is absent)"),
+            Err(e) => {
+                tracing::error!(%node, error = %e, "cannot record the revocation (the node is still refused while its Node object is absent)")
+            }
         }
     }
 
@@ -211,7 +213,9 @@ impl NodeCredentials {
                 Ok(None) => {
                     // Joined before records existed: adopt the certificate it presents.
                     let mut record = NodeRecord::default();
-                    record.certs.insert(info.fingerprint.clone(), unix(info.not_after));
+                    record
+                        .certs
+                        .insert(info.fingerprint.clone(), unix(info.not_after));
                     if let Err(e) = self.save(node, &record) {
                         return Admission::Refuse(format!("cannot record the certificate: {e}"));
                     }
@@ -337,30 +341,52 @@ mod tests {
         let issued = |from: time::OffsetDateTime, to: time::OffsetDateTime| {
             ca.issue_node_between("n1", from, to).unwrap().cert_chain[0].clone()
         };
-        let valid = issued(now - time::Duration::minutes(1), now + time::Duration::hours(1));
+        let valid = issued(
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        );
         // No Node: refused.
         assert!(matches!(creds.admit("n1", &valid), Admission::Refuse(r) if r.contains("revoked")));
         put_node(&store, "n1");
         creds.record_join("n1", &valid).unwrap();
         assert_eq!(creds.admit("n1", &valid), Admission::Link);
         // A certificate the node was not given (e.g. from before a re-join): refused.
-        let other = issued(now - time::Duration::minutes(1), now + time::Duration::hours(1));
+        let other = issued(
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        );
         assert!(matches!(creds.admit("n1", &other), Admission::Refuse(_)));
 
         // Renewal: the CSR must name the node; the new certificate joins the old one.
         let (_, wrong) = node_csr("n2").unwrap();
-        assert!(creds.renew("n1", &wrong).unwrap_err().contains("names \"n2\""));
+        assert!(creds
+            .renew("n1", &wrong)
+            .unwrap_err()
+            .contains("names \"n2\""));
         let (_, csr) = node_csr("n1").unwrap();
         let renewed = CertificateDer::from(creds.renew("n1", &csr).unwrap());
         assert_eq!(creds.admit("n1", &renewed), Admission::Link);
-        assert_eq!(creds.admit("n1", &valid), Admission::Link, "the old one works on");
+        assert_eq!(
+            creds.admit("n1", &valid),
+            Admission::Link,
+            "the old one works on"
+        );
         assert!(!creds.identity_is_dead("n1"));
 
         // Expired within grace: renewal only; beyond: refused with the way back.
-        let in_grace = issued(now - time::Duration::hours(2), now - time::Duration::minutes(5));
-        let beyond = issued(now - time::Duration::hours(4), now - time::Duration::hours(2));
+        let in_grace = issued(
+            now - time::Duration::hours(2),
+            now - time::Duration::minutes(5),
+        );
+        let beyond = issued(
+            now - time::Duration::hours(4),
+            now - time::Duration::hours(2),
+        );
         creds.record_join("n1", &in_grace).unwrap();
-        assert!(matches!(creds.admit("n1", &in_grace), Admission::RenewOnly(_)));
+        assert!(matches!(
+            creds.admit("n1", &in_grace),
+            Admission::RenewOnly(_)
+        ));
         creds.record_join("n1", &beyond).unwrap();
         assert!(matches!(creds.admit("n1", &beyond), Admission::Refuse(r)
             if r.contains("beyond the grace window") && r.contains("--rejoin")));
@@ -388,6 +414,9 @@ mod tests {
             .unwrap()
             .cert_chain[0]
             .clone();
-        assert!(matches!(creds.admit("n1x", &stranger), Admission::Refuse(_)));
+        assert!(matches!(
+            creds.admit("n1x", &stranger),
+            Admission::Refuse(_)
+        ));
     }
 }

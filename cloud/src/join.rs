@@ -59,13 +59,12 @@ impl JoinRateLimit {
         // Addresses whose buckets are full again are forgotten (bounded memory).
         if self.buckets.len() > 4096 {
             self.buckets.retain(|_, (tokens, at)| {
-                *tokens + now.saturating_duration_since(*at).as_secs_f64() * per_second
-                    < capacity
+                *tokens + now.saturating_duration_since(*at).as_secs_f64() * per_second < capacity
             });
         }
         let (tokens, at) = self.buckets.entry(addr).or_insert((capacity, now));
-        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * per_second)
-            .min(capacity);
+        *tokens =
+            (*tokens + now.saturating_duration_since(*at).as_secs_f64() * per_second).min(capacity);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -137,11 +136,13 @@ impl CloudJoin {
 
     fn admit_token(&self, request: &JoinRequest) -> Result<Vec<u8>, String> {
         let token = Token::parse(&request.token).map_err(|e| e.to_string())?;
-        let once =
-            pki::verify_token(&self.data_dir, &token).map_err(|e| format!("bootstrap token: {e}"))?;
+        let once = pki::verify_token(&self.data_dir, &token)
+            .map_err(|e| format!("bootstrap token: {e}"))?;
         transport::tls::validate_node_name(&request.node_name).map_err(|e| e.to_string())?;
         let key = ObjectKey::new("nodes", "", &request.node_name).map_err(|e| e.to_string())?;
-        let cert = self.credentials.sign(&request.node_name, &request.csr_der)?;
+        let cert = self
+            .credentials
+            .sign(&request.node_name, &request.csr_der)?;
         if once {
             pki::consume_token(&self.data_dir, &token)
                 .map_err(|e| format!("bootstrap token: {e}"))?;
@@ -208,7 +209,10 @@ mod tests {
             limit.check(a, t).unwrap();
         }
         let wait = limit.check(a, t).unwrap_err();
-        assert!(wait > Duration::from_secs(19) && wait <= Duration::from_secs(20), "{wait:?}");
+        assert!(
+            wait > Duration::from_secs(19) && wait <= Duration::from_secs(20),
+            "{wait:?}"
+        );
         // Another address has its own bucket.
         limit.check(b, t).unwrap();
         // One attempt back every 20 s (3 a minute).

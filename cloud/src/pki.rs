@@ -419,12 +419,11 @@ mod tests {
     #[test]
     fn one_use_tokens_are_consumed_once_listed_and_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let once = Token::parse(
-            &create_token_with(dir.path(), Duration::from_secs(3600), true).unwrap(),
-        )
-        .unwrap();
-        let many = Token::parse(&create_token(dir.path(), Duration::from_secs(3600)).unwrap())
-            .unwrap();
+        let once =
+            Token::parse(&create_token_with(dir.path(), Duration::from_secs(3600), true).unwrap())
+                .unwrap();
+        let many =
+            Token::parse(&create_token(dir.path(), Duration::from_secs(3600)).unwrap()).unwrap();
         assert_eq!(verify_token(dir.path(), &once), Ok(true));
         consume_token(dir.path(), &once).unwrap();
         assert_eq!(consume_token(dir.path(), &once), Err(TokenError::Used));

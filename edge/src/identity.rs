@@ -413,8 +413,14 @@ mod tests {
 
     #[test]
     fn renewal_retries_scale_with_the_lifetime() {
-        assert_eq!(retry_backoff(Duration::from_secs(6)).max, Duration::from_secs(1));
-        assert_eq!(retry_backoff(Duration::from_secs(600)).max, Duration::from_secs(60));
+        assert_eq!(
+            retry_backoff(Duration::from_secs(6)).max,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            retry_backoff(Duration::from_secs(600)).max,
+            Duration::from_secs(60)
+        );
         assert_eq!(
             retry_backoff(Duration::from_secs(90 * 24 * 3600)).max,
             Duration::from_secs(300)

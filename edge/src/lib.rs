@@ -203,7 +203,8 @@ impl EdgeCore {
         // node below this, `cloudcore --streams-per-node`), besides ServiceBus calls. What they
         // buffer is bounded by the connection's receive window, not by their number.
         client.link.max_concurrent_requests = STREAMS_FROM_CLOUD;
-        let cell = transport::Credentials::new(credentials.ca.clone(), credentials.identity.clone());
+        let cell =
+            transport::Credentials::new(credentials.ca.clone(), credentials.identity.clone());
         let link = transport::connect_with(client, cell.clone())
             .context("starting the link to the cloud")?;
         tasks.push((

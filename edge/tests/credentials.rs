@@ -75,7 +75,13 @@ fn metric(cloud: &CloudProcess, series: &str) -> u64 {
     common::http_get(&cloud.metrics, "/metrics")
         .unwrap_or_default()
         .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .find_map(|line| {
+            line.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
@@ -163,7 +169,11 @@ fn the_certificate_rotates_over_the_link_and_the_new_one_connects_after_a_restar
     assert!(cert_event(&cloud, "renewed") >= 1);
     assert_eq!(cert_event(&cloud, "expired_in_grace"), 0);
     assert_eq!(connected(&cloud), 1, "renewing does not drop the link");
-    assert!(edge.log().contains("node certificate renewed"), "{}", edge.log());
+    assert!(
+        edge.log().contains("node certificate renewed"),
+        "{}",
+        edge.log()
+    );
 
     edge.kill();
     let renewed = cert_info(edge_dir.path());
@@ -288,9 +298,11 @@ fn beyond_the_grace_window_the_node_is_refused_clearly_and_rejoins_with_a_new_to
         edge_dir.path(),
         &["--rejoin", "--token", &token, "--link-keepalive", "1s"],
     );
-    eventually("the re-joined node connected", Duration::from_secs(30), || {
-        connected(&cloud) == 1
-    });
+    eventually(
+        "the re-joined node connected",
+        Duration::from_secs(30),
+        || connected(&cloud) == 1,
+    );
     assert_ne!(
         cert_info(edge_dir.path()).fingerprint,
         expired.fingerprint,
@@ -352,14 +364,21 @@ fn deleting_a_node_revokes_its_certificate_and_the_name_can_join_again() {
         edge_dir.path(),
         &["--rejoin", "--token", &fresh, "--link-keepalive", "1s"],
     );
-    eventually("the re-joined node connected", Duration::from_secs(30), || {
-        connected(&cloud) == 1
-    });
+    eventually(
+        "the re-joined node connected",
+        Duration::from_secs(30),
+        || connected(&cloud) == 1,
+    );
     assert!(cloud.kubectl(&["get", "node", "edge-del"]).status.success());
 
     // The certificate from before the deletion stays refused, now that the name exists again.
     let refused_before = cert_event(&cloud, "refused_revoked");
-    let old = Edge::spawn(&cloud, "edge-del", old_dir.path(), &["--link-keepalive", "1s"]);
+    let old = Edge::spawn(
+        &cloud,
+        "edge-del",
+        old_dir.path(),
+        &["--link-keepalive", "1s"],
+    );
     eventually(
         "the old certificate refused",
         Duration::from_secs(30),
@@ -380,9 +399,11 @@ fn two_processes_with_one_certificate_the_newer_wins_without_flapping() {
     let cloud = CloudProcess::start(cloud_dir.path());
     let token = token(&cloud);
     let first = Edge::spawn(&cloud, "edge-twin", first_dir.path(), &["--token", &token]);
-    eventually("the first process connected", Duration::from_secs(30), || {
-        connected(&cloud) == 1
-    });
+    eventually(
+        "the first process connected",
+        Duration::from_secs(30),
+        || connected(&cloud) == 1,
+    );
     copy_identity(first_dir.path(), second_dir.path());
     let second = Edge::spawn(&cloud, "edge-twin", second_dir.path(), &[]);
     let replaced = || cert_event(&cloud, "connection_replaced");
@@ -391,11 +412,15 @@ fn two_processes_with_one_certificate_the_newer_wins_without_flapping() {
         Duration::from_secs(30),
         || replaced() >= 1,
     );
-    eventually("the first process held off", Duration::from_secs(10), || {
-        first
-            .log()
-            .contains("another process connected to the cloud with this node's certificate")
-    });
+    eventually(
+        "the first process held off",
+        Duration::from_secs(10),
+        || {
+            first
+                .log()
+                .contains("another process connected to the cloud with this node's certificate")
+        },
+    );
     // Without the hold-off the first would be back within its reconnect backoff (under 5 s)
     // and the two would replace each other for as long as both run. Watched for 8 s.
     let watch = std::time::Instant::now();
@@ -432,9 +457,18 @@ fn one_use_tokens_join_once_tokens_are_listed_and_deleted_and_joins_are_rate_lim
             .unwrap_or_else(|| panic!("{id} not listed: {list}"))
             .to_owned()
     };
-    assert!(line(&once_id).contains("once") && line(&once_id).ends_with("used"), "{list}");
-    assert!(line(&other_id).contains("unlimited") && line(&other_id).ends_with("valid"), "{list}");
-    assert!(!list.contains(other.split('.').nth(3).unwrap()), "secrets are never listed");
+    assert!(
+        line(&once_id).contains("once") && line(&once_id).ends_with("used"),
+        "{list}"
+    );
+    assert!(
+        line(&other_id).contains("unlimited") && line(&other_id).ends_with("valid"),
+        "{list}"
+    );
+    assert!(
+        !list.contains(other.split('.').nth(3).unwrap()),
+        "secrets are never listed"
+    );
 
     assert!(token_cli(&cloud, &["delete", &other_id]).status.success());
     assert!(!stdout(&token_cli(&cloud, &["list"])).contains(&other_id));

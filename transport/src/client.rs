@@ -169,7 +169,9 @@ async fn reconnect_loop(
                     quinn_config = c;
                     tracing::info!("using the renewed node certificate from this connection on");
                 }
-                Err(e) => tracing::error!(error = %e, "the renewed credentials are unusable; keeping the previous ones"),
+                Err(e) => {
+                    tracing::error!(error = %e, "the renewed credentials are unusable; keeping the previous ones")
+                }
             }
             version = credentials.version();
         }

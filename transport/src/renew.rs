@@ -239,7 +239,9 @@ pub(crate) async fn serve(
         }
         let result = policy.renew(node, &request.content());
         match &result {
-            Ok(_) => tracing::info!(%node, %remote, "node certificate renewed (expired-certificate path)"),
+            Ok(_) => {
+                tracing::info!(%node, %remote, "node certificate renewed (expired-certificate path)")
+            }
             Err(reason) => tracing::warn!(%node, %remote, "renewal refused: {reason}"),
         }
         write_bodies(

@@ -261,9 +261,7 @@ fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
         .protocol
 }
 
-fn peer_node(
-    connection: &quinn::Connection,
-) -> Result<(String, CertificateDer<'static>), String> {
+fn peer_node(connection: &quinn::Connection) -> Result<(String, CertificateDer<'static>), String> {
     let identity = connection.peer_identity().ok_or("no client certificate")?;
     let certs = identity
         .downcast::<Vec<CertificateDer<'static>>>()

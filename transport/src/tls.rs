@@ -481,7 +481,10 @@ impl rustls::server::danger::ClientCertVerifier for ExpiryTolerantVerifier {
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
         use rustls::CertificateError;
-        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+        match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::Expired | CertificateError::ExpiredContext { .. },
             )) => {
@@ -627,10 +630,7 @@ mod tests {
     fn expiry_grace_decision() {
         let t = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let grace = Duration::from_secs(30);
-        assert_eq!(
-            expiry(t - Duration::from_secs(1), t, grace),
-            Expiry::Valid
-        );
+        assert_eq!(expiry(t - Duration::from_secs(1), t, grace), Expiry::Valid);
         assert_eq!(expiry(t, t, grace), Expiry::Valid);
         assert_eq!(
             expiry(t + Duration::from_secs(1), t, grace),
@@ -662,7 +662,10 @@ mod tests {
         assert!(lifetime.as_secs().abs_diff(86700) <= 2, "{lifetime:?}");
         assert_eq!(info.fingerprint.len(), 64);
         let other = ca.issue_node("edge-3", Duration::from_secs(600)).unwrap();
-        assert_ne!(node_cert_info(&other.cert_chain[0]).unwrap().fingerprint, info.fingerprint);
+        assert_ne!(
+            node_cert_info(&other.cert_chain[0]).unwrap().fingerprint,
+            info.fingerprint
+        );
     }
 
     #[test]

@@ -113,8 +113,8 @@ enum TokenCommand {
 
 fn token_command(data_dir: &std::path::Path, command: TokenCommand) -> ExitCode {
     let result = match command {
-        TokenCommand::Create { ttl, once } => {
-            cloud::pki::create_token_with(data_dir, ttl, once).map(|token| {
+        TokenCommand::Create { ttl, once } => cloud::pki::create_token_with(data_dir, ttl, once)
+            .map(|token| {
                 println!("# join an edge node with: edgecore --token <this token> ...");
                 println!(
                     "# valid for {}{}",
@@ -122,8 +122,7 @@ fn token_command(data_dir: &std::path::Path, command: TokenCommand) -> ExitCode 
                     if once { ", for one join" } else { "" }
                 );
                 println!("{token}");
-            })
-        }
+            }),
         TokenCommand::List => cloud::pki::list_tokens(data_dir).map(|tokens| {
             println!("{:<8} {:<22} {:<10} STATE", "ID", "EXPIRES", "USES");
             for t in tokens {
