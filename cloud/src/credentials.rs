@@ -56,6 +56,8 @@ pub struct NodeCredentials {
     /// How long after expiry a certificate may still renew itself.
     pub grace: Duration,
     metrics: Arc<Metrics>,
+    /// The CAs nodes should trust (the signing CA first; two during a CA rollover).
+    trust: Vec<CertificateDer<'static>>,
     /// One writer of the record files at a time in this process.
     lock: Mutex<()>,
 }
@@ -70,7 +72,8 @@ fn human(d: Duration) -> humantime::FormattedDuration {
 
 impl NodeCredentials {
     /// Credentials over `store`'s Node objects, issuing from `ca`, recording under
-    /// `DATA_DIR/pki/nodes/`.
+    /// `DATA_DIR/pki/nodes/`. Nodes are told to trust `ca` alone (see
+    /// [`with_trust`](Self::with_trust)).
     pub fn new(
         data_dir: &Path,
         store: Arc<Store>,
@@ -80,6 +83,7 @@ impl NodeCredentials {
         metrics: Arc<Metrics>,
     ) -> Self {
         NodeCredentials {
+            trust: vec![ca.cert().clone()],
             dir: data_dir.join("pki").join("nodes"),
             store,
             ca,
@@ -88,6 +92,19 @@ impl NodeCredentials {
             metrics,
             lock: Mutex::new(()),
         }
+    }
+
+    /// Nodes are told to trust `bundle` (the signing CA first): during a CA rollover, both.
+    pub fn with_trust(mut self, bundle: Vec<CertificateDer<'static>>) -> Self {
+        if !bundle.is_empty() {
+            self.trust = bundle;
+        }
+        self
+    }
+
+    /// The CAs nodes should trust, signing CA first.
+    pub fn trust_bundle(&self) -> &[CertificateDer<'static>] {
+        &self.trust
     }
 
     /// The CA that signs node certificates.

@@ -629,6 +629,15 @@ impl Shell {
                     }
                 });
             }
+            LinkEvent::Request(request)
+                if transport::renew::is_trust_request(&request.message) =>
+            {
+                let answer =
+                    transport::renew::trust_answer(node, self.credentials.trust_bundle());
+                tokio::spawn(async move {
+                    let _ = request.respond(&answer).await;
+                });
+            }
             LinkEvent::Request(request) => {
                 let core = &mut self.core;
                 crate::node_api::dispatch(

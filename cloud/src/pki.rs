@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use transport::tls::{CertificateAuthority, Identity};
+use transport::tls::{CertificateAuthority, CertificateDer, Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -104,6 +104,135 @@ pub fn load_or_create_ca(data_dir: &Path) -> Result<CertificateAuthority, PkiErr
     write_private(&key_path, key.as_bytes())?;
     write_private(&cert_path, cert.as_bytes())?;
     Ok(ca)
+}
+
+/// The CAs nodes and the cloud trust: the signing CA (`pki/ca.crt`) first, then, during a
+/// rollover, the other one (`pki/ca-next.crt` after [`ca_add`], `pki/ca-prev.crt` after
+/// [`ca_switch`]).
+///
+/// # Errors
+/// [`PkiError::Io`] or [`PkiError::Tls`] when a CA file cannot be read or parsed.
+pub fn trust_bundle(data_dir: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let ca = load_or_create_ca(data_dir)?;
+    let mut bundle = vec![ca.cert().clone()];
+    let dir = data_dir.join("pki");
+    for other in ["ca-next.crt", "ca-prev.crt"] {
+        let path = dir.join(other);
+        match fs::read_to_string(&path) {
+            Ok(text) => bundle.push(transport::tls::cert_from_pem(&text)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+    }
+    Ok(bundle)
+}
+
+/// Where a CA rollover stands ([`ca_add`], [`ca_switch`], [`ca_finish`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rollover {
+    /// One CA.
+    None,
+    /// A next CA is trusted (and sent to nodes) but does not sign yet.
+    Added,
+    /// The new CA signs; the previous one is still trusted (nodes' certificates from it).
+    Switched,
+}
+
+/// The rollover phase of the data dir.
+pub fn rollover(data_dir: &Path) -> Rollover {
+    let dir = data_dir.join("pki");
+    if dir.join("ca-next.crt").exists() {
+        Rollover::Added
+    } else if dir.join("ca-prev.crt").exists() {
+        Rollover::Switched
+    } else {
+        Rollover::None
+    }
+}
+
+fn rollover_error(data_dir: &Path, message: &str) -> PkiError {
+    PkiError::Corrupt {
+        path: data_dir.join("pki"),
+        message: message.to_owned(),
+    }
+}
+
+/// Rollover step 1: makes the next CA (`pki/ca-next.{crt,key}`). From cloudcore's next start it
+/// is trusted and sent to nodes over their links; the current CA still signs.
+///
+/// # Errors
+/// A rollover is already under way; a file cannot be written.
+pub fn ca_add(data_dir: &Path) -> Result<(), PkiError> {
+    load_or_create_ca(data_dir)?;
+    if rollover(data_dir) != Rollover::None {
+        return Err(rollover_error(data_dir, "a CA rollover is already under way"));
+    }
+    let dir = data_dir.join("pki");
+    // A name of its own, so that certificates say which CA issued them.
+    let next = CertificateAuthority::generate(&format!("kedge-ca-{}", now_unix()))?;
+    let (cert, key) = next.to_pem();
+    write_private(&dir.join("ca-next.key"), key.as_bytes())?;
+    write_private(&dir.join("ca-next.crt"), cert.as_bytes())
+}
+
+/// Rollover step 2: the next CA becomes the signing CA (`pki/ca.{crt,key}`), the current one is
+/// kept as `pki/ca-prev.crt` and still trusted. From cloudcore's next start the server's
+/// certificate and every new node certificate come from the new CA. Run it once every node has
+/// learned the new CA (its `pki/ca.crt` holds two certificates). Tokens made before pin the old
+/// CA: make new ones. Interrupted, it can be run again.
+///
+/// # Errors
+/// No rollover in step 1; a file cannot be written.
+pub fn ca_switch(data_dir: &Path) -> Result<(), PkiError> {
+    if rollover(data_dir) != Rollover::Added {
+        return Err(rollover_error(data_dir, "no next CA: run `cloudcore ca add` first"));
+    }
+    let dir = data_dir.join("pki");
+    let read = |name: &str| {
+        let path = dir.join(name);
+        fs::read(&path).map_err(io(&path))
+    };
+    let (cert, key, next_cert, next_key) = (
+        read("ca.crt")?,
+        read("ca.key")?,
+        read("ca-next.crt")?,
+        read("ca-next.key")?,
+    );
+    // Run again after an interruption, the first run's copy of the previous CA stands (the
+    // current files may already be half the next CA's).
+    if !dir.join("ca-prev.crt").exists() {
+        write_private(&dir.join("ca-prev.key"), &key)?;
+        write_private(&dir.join("ca-prev.crt"), &cert)?;
+    }
+    write_private(&dir.join("ca.key"), &next_key)?;
+    write_private(&dir.join("ca.crt"), &next_cert)?;
+    for name in ["ca-next.crt", "ca-next.key"] {
+        let path = dir.join(name);
+        fs::remove_file(&path).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+/// Rollover step 3: the previous CA is no longer trusted (`pki/ca-prev.*` removed). Run it once
+/// every node renewed its certificate from the new CA (a node certificate lifetime after
+/// step 2, or when `kedge_node_certificates_total{event="renewed"}` says so).
+///
+/// # Errors
+/// No rollover in step 2; a file cannot be removed.
+pub fn ca_finish(data_dir: &Path) -> Result<(), PkiError> {
+    if rollover(data_dir) != Rollover::Switched {
+        return Err(rollover_error(data_dir, "no previous CA: run `cloudcore ca add` and `cloudcore ca switch` first"));
+    }
+    let dir = data_dir.join("pki");
+    for name in ["ca-prev.crt", "ca-prev.key"] {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+    }
+    Ok(())
 }
 
 /// The QUIC stateless-reset secret of this data dir, created on first use (see
@@ -414,6 +543,29 @@ mod tests {
         let expired = Token::parse(&create_token(dir.path(), Duration::ZERO).unwrap()).unwrap();
         assert_eq!(verify_token(dir.path(), &expired), Err(TokenError::Expired));
         assert_eq!(Token::parse("nope"), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn a_ca_rollover_adds_switches_and_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_ca(dir.path()).unwrap().cert().clone();
+        assert_eq!(trust_bundle(dir.path()).unwrap(), vec![first.clone()]);
+        assert!(ca_switch(dir.path()).is_err());
+        assert!(ca_finish(dir.path()).is_err());
+        ca_add(dir.path()).unwrap();
+        assert!(ca_add(dir.path()).is_err());
+        assert_eq!(rollover(dir.path()), Rollover::Added);
+        let bundle = trust_bundle(dir.path()).unwrap();
+        assert_eq!(bundle.len(), 2);
+        assert_eq!(bundle[0], first, "the current CA signs until the switch");
+        let next = bundle[1].clone();
+        ca_switch(dir.path()).unwrap();
+        assert_eq!(rollover(dir.path()), Rollover::Switched);
+        assert_eq!(load_or_create_ca(dir.path()).unwrap().cert(), &next);
+        assert_eq!(trust_bundle(dir.path()).unwrap(), vec![next.clone(), first]);
+        ca_finish(dir.path()).unwrap();
+        assert_eq!(rollover(dir.path()), Rollover::None);
+        assert_eq!(trust_bundle(dir.path()).unwrap(), vec![next]);
     }
 
     #[test]

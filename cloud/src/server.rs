@@ -234,6 +234,12 @@ impl CloudCore {
         let mut quic_config = transport::ServerConfig::new(config.quic_listen);
         quic_config.reset_key = Some(crate::pki::load_or_create_reset_key(&config.data_dir)?);
         quic_config.link.heartbeat = config.link_keepalive;
+        let trust = crate::pki::trust_bundle(&config.data_dir)?;
+        // During a CA rollover node certificates of the other CA are trusted too.
+        quic_config.other_client_cas = trust[1..].to_vec();
+        if trust.len() > 1 {
+            tracing::info!(phase = ?crate::pki::rollover(&config.data_dir), "CA rollover under way: nodes are sent both CAs");
+        }
         let ca = Arc::new(ca);
         let credentials = Arc::new(crate::credentials::NodeCredentials::new(
             &config.data_dir,
@@ -242,7 +248,8 @@ impl CloudCore {
             config.node_cert_lifetime,
             config.node_cert_grace,
             metrics.clone(),
-        ));
+        )
+        .with_trust(trust));
         let join = Arc::new(crate::join::CloudJoin {
             data_dir: config.data_dir.clone(),
             store: store.clone(),

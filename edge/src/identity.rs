@@ -29,7 +29,8 @@ use transport::LinkHandle;
 /// What the node needs to connect to its cloud.
 #[derive(Debug, Clone)]
 pub struct Credentials {
-    pub ca: transport::tls::CertificateDer<'static>,
+    /// The CAs the node trusts (`pki/ca.crt`, a PEM bundle: two during a CA rollover).
+    pub cas: Vec<transport::tls::CertificateDer<'static>>,
     pub identity: Identity,
 }
 
@@ -185,7 +186,7 @@ pub async fn load_or_join(
     store_pair(&paths, &joined.identity)?;
     tracing::info!(node = node_name, "joined the cloud; certificate stored");
     Ok(Credentials {
-        ca: joined.ca,
+        cas: vec![joined.ca],
         identity: joined.identity,
     })
 }
@@ -196,9 +197,54 @@ fn load(paths: &Paths) -> anyhow::Result<Credentials> {
     let identity = Identity::from_pem(&read(&paths.cert)?, &read(&paths.key)?)
         .with_context(|| format!("{}", paths.cert.display()))?;
     let ca_pem = read(&paths.ca)?;
-    let ca = transport::tls::cert_from_pem(&ca_pem)
+    let cas = transport::tls::certs_from_pem(&ca_pem)
         .with_context(|| format!("{}", paths.ca.display()))?;
-    Ok(Credentials { ca, identity })
+    Ok(Credentials { cas, identity })
+}
+
+/// How often the node checks for a new connection to ask the cloud for its trust bundle.
+const TRUST_CHECK: Duration = Duration::from_secs(1);
+
+/// Keeps the node's trust bundle (`pki/ca.crt`) what the cloud says it is: asked once per new
+/// connection of `link`; a different bundle (a CA rollover's next CA added, or its previous
+/// one dropped) is stored (atomically) and put into `credentials` for the next connection.
+pub async fn run_trust_sync(
+    data_dir: PathBuf,
+    node: String,
+    credentials: Arc<transport::Credentials>,
+    link: LinkHandle,
+    shutdown: CancellationToken,
+) {
+    let mut synced_on: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TRUST_CHECK) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let connection = link.counters().connections;
+        if synced_on == Some(connection) || !link.is_connected() {
+            continue;
+        }
+        match transport::renew::fetch_trust_bundle(&link, &node, RENEW_TIMEOUT).await {
+            Ok(bundle) => {
+                synced_on = Some(connection);
+                if bundle == credentials.get().0 {
+                    continue;
+                }
+                let pem: String = bundle.iter().map(transport::tls::cert_to_pem).collect();
+                let path = paths(&data_dir).ca;
+                match write_file(&path, pem.as_bytes(), false) {
+                    Ok(()) => {
+                        tracing::info!(cas = bundle.len(), "the cloud's trust bundle changed (CA rollover); stored, used from the next connection");
+                        credentials.replace_roots(bundle);
+                    }
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "cannot store the trust bundle"),
+                }
+            }
+            // An older cloud answers no such request: nothing to learn from it.
+            Err(e) => tracing::debug!(error = %e, "trust bundle not fetched"),
+        }
+    }
 }
 
 /// How long one renewal attempt may take.
@@ -231,7 +277,7 @@ pub async fn run_rotation(
 ) {
     let mut backoff: Option<Backoff> = None;
     loop {
-        let (ca, identity) = credentials.get();
+        let (cas, identity) = credentials.get();
         let Some(info) = identity
             .cert_chain
             .first()
@@ -275,12 +321,12 @@ pub async fn run_rotation(
             .await
         } else {
             renew(&node, |csr| {
-                let (ca, identity, node) = (&ca, &identity, &node);
+                let (cas, identity, node) = (&cas, &identity, &node);
                 async move {
                     transport::renew::renew_expired(
                         cloud,
                         CLOUD_SERVER_NAME,
-                        ca,
+                        cas,
                         identity,
                         node,
                         csr,

@@ -204,9 +204,19 @@ impl EdgeCore {
         // buffer is bounded by the connection's receive window, not by their number.
         client.link.max_concurrent_requests = STREAMS_FROM_CLOUD;
         let cell =
-            transport::Credentials::new(credentials.ca.clone(), credentials.identity.clone());
+            transport::Credentials::trusting(credentials.cas.clone(), credentials.identity.clone());
         let link = transport::connect_with(client, cell.clone())
             .context("starting the link to the cloud")?;
+        tasks.push((
+            "trust bundle",
+            tokio::spawn(identity::run_trust_sync(
+                config.data_dir.clone(),
+                config.node_name.clone(),
+                cell.clone(),
+                link.handle().clone(),
+                shutdown.clone(),
+            )),
+        ));
         tasks.push((
             "certificate rotation",
             tokio::spawn(identity::run_rotation(

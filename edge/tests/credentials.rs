@@ -491,3 +491,88 @@ fn one_use_tokens_join_once_tokens_are_listed_and_deleted_and_joins_are_rate_lim
     );
     assert_eq!(metric(&cloud, "kedge_joins_total{event=\"joined\"}"), 1);
 }
+
+/// The CAs an edge data dir trusts.
+fn trusted_cas(dir: &Path) -> usize {
+    transport::tls::certs_from_pem(&std::fs::read_to_string(dir.join("pki/ca.crt")).unwrap())
+        .unwrap()
+        .len()
+}
+
+fn ca_cli(cloud: &CloudProcess, step: &str) {
+    let out = Command::new(binary("cloudcore"))
+        .args(["ca", step, "--data-dir"])
+        .arg(&cloud.data_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ca {step}: {}", stderr_of(&out));
+}
+
+#[test]
+fn a_ca_rollover_reaches_the_node_over_its_link_without_losing_it() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let flags = ["--node-cert-lifetime", "20s", "--link-keepalive", "1s"];
+    let mut cloud = cloud_with(cloud_dir.path(), &flags);
+    let token = token(&cloud);
+    let edge_flags = ["--link-keepalive", "1s"];
+    let mut edge = Edge::spawn(
+        &cloud,
+        "edge-ca",
+        edge_dir.path(),
+        &[&edge_flags[..], &["--token", &token]].concat(),
+    );
+    eventually("the node connected", Duration::from_secs(30), || {
+        connected(&cloud) == 1
+    });
+    let old_ca = cert_info(edge_dir.path()).issuer;
+    assert_eq!(trusted_cas(edge_dir.path()), 1);
+
+    // 1. The next CA: trusted, sent to the node, not signing yet.
+    ca_cli(&cloud, "add");
+    cloud.restart_after_kill9(&flags);
+    eventually(
+        "the node learned the next CA over its link",
+        Duration::from_secs(30),
+        || trusted_cas(edge_dir.path()) == 2,
+    );
+
+    // 2. The switch: the cloud's certificate and new node certificates come from the new CA;
+    // the node's certificate from the old one still connects.
+    ca_cli(&cloud, "switch");
+    cloud.restart_after_kill9(&flags);
+    eventually(
+        "the node trusts the cloud's new certificate",
+        Duration::from_secs(30),
+        || connected(&cloud) == 1,
+    );
+    eventually(
+        "the node renewed its certificate from the new CA",
+        Duration::from_secs(40),
+        || cert_info(edge_dir.path()).issuer != old_ca,
+    );
+    assert!(cert_info(edge_dir.path()).issuer.starts_with("kedge-ca-"));
+
+    // 3. The old CA is dropped; the node follows and still connects after its own restart.
+    ca_cli(&cloud, "finish");
+    cloud.restart_after_kill9(&flags);
+    eventually("the node reconnected", Duration::from_secs(30), || {
+        connected(&cloud) == 1
+    });
+    eventually(
+        "the node dropped the old CA",
+        Duration::from_secs(30),
+        || trusted_cas(edge_dir.path()) == 1,
+    );
+    edge.kill();
+    eventually("the cloud saw the node go", Duration::from_secs(20), || {
+        connected(&cloud) == 0
+    });
+    let edge = Edge::spawn(&cloud, "edge-ca", edge_dir.path(), &edge_flags);
+    eventually(
+        "the restarted node connected on the new CA alone",
+        Duration::from_secs(30),
+        || connected(&cloud) == 1,
+    );
+    assert_eq!(cert_event(&cloud, "refused_revoked"), 0, "{}", edge.log());
+}

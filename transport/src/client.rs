@@ -20,18 +20,24 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 const MAX_CONFLICT_HOLDOFF: Duration = Duration::from_secs(3600);
 
 /// A node's credentials as its link uses them: each connection attempt takes the newest.
-/// A node that renewed its certificate [`replace`](Self::replace)s its identity here; the
-/// connection that is up keeps the certificate it was made with.
+/// A node that renewed its certificate [`replace`](Self::replace)s its identity here, and one
+/// that learned a new trust bundle (a CA rollover) [`replace_roots`](Self::replace_roots); the
+/// connection that is up keeps what it was made with.
 #[derive(Debug)]
 pub struct Credentials {
-    inner: Mutex<(CertificateDer<'static>, Identity, u64)>,
+    inner: Mutex<(Vec<CertificateDer<'static>>, Identity, u64)>,
 }
 
 impl Credentials {
-    /// Credentials of the cloud's CA `ca` and the node's `identity`.
+    /// Credentials trusting the cloud's CA `ca`, presenting the node's `identity`.
     pub fn new(ca: CertificateDer<'static>, identity: Identity) -> Arc<Self> {
+        Self::trusting(vec![ca], identity)
+    }
+
+    /// Credentials trusting any of `cas` (a trust bundle), presenting `identity`.
+    pub fn trusting(cas: Vec<CertificateDer<'static>>, identity: Identity) -> Arc<Self> {
         Arc::new(Credentials {
-            inner: Mutex::new((ca, identity, 0)),
+            inner: Mutex::new((cas, identity, 0)),
         })
     }
 
@@ -42,8 +48,15 @@ impl Credentials {
         inner.2 += 1;
     }
 
-    /// `(CA, identity)` now.
-    pub fn get(&self) -> (CertificateDer<'static>, Identity) {
+    /// The CAs to trust from the next connection on (not empty).
+    pub fn replace_roots(&self, cas: Vec<CertificateDer<'static>>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.0 = cas;
+        inner.2 += 1;
+    }
+
+    /// `(trusted CAs, identity)` now.
+    pub fn get(&self) -> (Vec<CertificateDer<'static>>, Identity) {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         (inner.0.clone(), inner.1.clone())
     }

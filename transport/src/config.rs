@@ -97,6 +97,9 @@ pub struct ServerConfig {
     /// packet instead of nodes waiting for their idle timeout. `None`: random per start.
     /// The connection-id checksum key is derived from it as well (see `Server::bind`).
     pub reset_key: Option<[u8; 32]>,
+    /// CAs whose node certificates are trusted besides the server's own CA: the previous (or
+    /// next) CA during a CA rollover. Empty normally.
+    pub other_client_cas: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl ServerConfig {
@@ -108,6 +111,7 @@ impl ServerConfig {
             max_connections: 100_000,
             socket_buffer_bytes: 32 * 1024 * 1024,
             reset_key: None,
+            other_client_cas: Vec::new(),
         }
     }
 }

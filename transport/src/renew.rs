@@ -129,6 +129,49 @@ fn read_answer(answer: &ReceivedMessage) -> Result<CertificateDer<'static>, Rene
     }
 }
 
+const OP_TRUST: &str = "trust";
+
+/// The request for the cloud's trust bundle (the CAs a node should trust: two during a CA
+/// rollover).
+pub fn trust_request(node: &str) -> Message {
+    Message::new(Route::new("edgehub", GROUP, OP_TRUST, node), Bytes::new())
+}
+
+/// Whether `message` is a trust bundle request ([`trust_request`]).
+pub fn is_trust_request(message: &ReceivedMessage) -> bool {
+    message.route().group.as_str() == GROUP && message.route().operation.as_str() == OP_TRUST
+}
+
+/// The answer to a trust bundle request: the CAs as PEM, in the cloud's order (signing CA
+/// first).
+pub fn trust_answer(node: &str, cas: &[CertificateDer<'static>]) -> Message {
+    let pem: String = cas.iter().map(crate::tls::cert_to_pem).collect();
+    Message::new(Route::new("cloudhub", GROUP, OP_GRANTED, node), pem)
+}
+
+/// Asks the cloud over the node's live link which CAs to trust.
+///
+/// # Errors
+/// [`RenewError::Link`] when the request fails, [`RenewError::Refused`] when the cloud
+/// refuses, [`RenewError::Protocol`] when the answer is no PEM bundle.
+pub async fn fetch_trust_bundle(
+    link: &LinkHandle,
+    node: &str,
+    timeout: Duration,
+) -> Result<Vec<CertificateDer<'static>>, RenewError> {
+    let answer = link.request_within(&trust_request(node), timeout).await?;
+    match answer.route().operation.as_str() {
+        OP_GRANTED => {
+            let text = String::from_utf8_lossy(&answer.content()).into_owned();
+            crate::tls::certs_from_pem(&text).map_err(|e| RenewError::Protocol(e.to_string()))
+        }
+        OP_REFUSED => Err(RenewError::Refused(
+            String::from_utf8_lossy(&answer.content()).into_owned(),
+        )),
+        other => Err(RenewError::Protocol(format!("unexpected answer {other:?}"))),
+    }
+}
+
 /// Asks for a certificate for `csr_der` over the node's live link, waiting at most `timeout`.
 ///
 /// # Errors
@@ -148,8 +191,8 @@ pub async fn renew_over_link(
 }
 
 /// Asks for a certificate for `csr_der` on a connection of its own with ALPN [`RENEW_ALPN`],
-/// presenting `identity` (an expired certificate is fine: the cloud decides). `ca` is the
-/// cloud's CA, `server_name` the name its certificate carries; `timeout` bounds the whole
+/// presenting `identity` (an expired certificate is fine: the cloud decides). `cas` are the
+/// CAs the node trusts, `server_name` the name the cloud's certificate carries; `timeout` bounds the whole
 /// exchange. Must be called within a tokio runtime.
 ///
 /// # Errors
@@ -160,13 +203,13 @@ pub async fn renew_over_link(
 pub async fn renew_expired(
     server_addr: SocketAddr,
     server_name: &str,
-    ca: &CertificateDer<'static>,
+    cas: &[CertificateDer<'static>],
     identity: &Identity,
     node: &str,
     csr_der: Vec<u8>,
     timeout: Duration,
 ) -> Result<CertificateDer<'static>, RenewError> {
-    let mut tls = crate::tls::client_config(ca, identity)?;
+    let mut tls = crate::tls::client_config_trusting(cas, identity)?;
     tls.alpn_protocols = vec![RENEW_ALPN.to_vec()];
     let quinn_config = crate::endpoint::quinn_client_config_from(tls, &LinkConfig::default())?;
     let bind = if server_addr.is_ipv6() {

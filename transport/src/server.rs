@@ -79,7 +79,8 @@ impl Server {
         join: Option<Arc<dyn JoinHandler>>,
         policy: Option<Arc<dyn CredentialPolicy>>,
     ) -> Result<Server, EndpointError> {
-        let quinn_config = quinn_server_config(ca, identity, &config.link)?;
+        let quinn_config =
+            quinn_server_config(ca, &config.other_client_cas, identity, &config.link)?;
         let socket = udp_socket(config.listen, config.socket_buffer_bytes)?;
         let runtime = quinn::default_runtime().ok_or_else(|| EndpointError::Bind {
             addr: config.listen,

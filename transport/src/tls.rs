@@ -362,6 +362,8 @@ pub struct NodeCertInfo {
     pub not_after: SystemTime,
     /// SHA-256 of the certificate's DER, lowercase hex: what the cloud records per node.
     pub fingerprint: String,
+    /// The issuer's common name (the CA that signed it; empty if it has none).
+    pub issuer: String,
 }
 
 /// Reads a node certificate's name, validity and fingerprint. The certificate is not verified.
@@ -379,11 +381,19 @@ pub fn node_cert_info(cert: &CertificateDer<'_>) -> Result<NodeCertInfo, TlsErro
             UNIX_EPOCH
         }
     };
+    let issuer = parsed
+        .issuer()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     Ok(NodeCertInfo {
         node: node_name_from_cert(cert)?,
         not_before: time(parsed.validity().not_before),
         not_after: time(parsed.validity().not_after),
         fingerprint: fingerprint(cert),
+        issuer,
     })
 }
 
@@ -532,9 +542,11 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn roots(ca: &CertificateDer<'static>) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+fn roots(cas: &[CertificateDer<'static>]) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.clone())?;
+    for ca in cas {
+        roots.add(ca.clone())?;
+    }
     Ok(Arc::new(roots))
 }
 
@@ -552,8 +564,23 @@ pub fn server_config(
     ca: &CertificateDer<'static>,
     identity: &Identity,
 ) -> Result<rustls::ServerConfig, TlsError> {
+    server_config_trusting(ca, &[], identity)
+}
+
+/// Like [`server_config`], and client certificates issued by any of `other_cas` are trusted
+/// too (the previous or next CA during a CA rollover). `ca` is the CA that issued `identity`.
+///
+/// # Errors
+/// As [`server_config`].
+pub fn server_config_trusting(
+    ca: &CertificateDer<'static>,
+    other_cas: &[CertificateDer<'static>],
+    identity: &Identity,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut trusted = vec![ca.clone()];
+    trusted.extend(other_cas.iter().filter(|c| *c != ca).cloned());
     let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&trusted)?, provider())
             .allow_unauthenticated()
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
@@ -582,12 +609,42 @@ pub fn client_config(
     ca: &CertificateDer<'static>,
     identity: &Identity,
 ) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_trusting(std::slice::from_ref(ca), identity)
+}
+
+/// A node's TLS config trusting any of `cas` (its trust bundle: two CAs during a rollover),
+/// presenting `identity`.
+///
+/// # Errors
+/// [`TlsError::Config`] when `cas` is empty, rustls refuses one as a root, or refuses
+/// `identity`'s key.
+pub fn client_config_trusting(
+    cas: &[CertificateDer<'static>],
+    identity: &Identity,
+) -> Result<rustls::ClientConfig, TlsError> {
+    if cas.is_empty() {
+        return Err(TlsError::Pem("no CA certificate to trust".into()));
+    }
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(ca)?)
+        .with_root_certificates(roots(cas)?)
         .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
+}
+
+/// Every `CERTIFICATE` block of PEM text (a trust bundle), in order.
+///
+/// # Errors
+/// [`TlsError::Pem`] when a block does not decode or there is none.
+pub fn certs_from_pem(text: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem("no CERTIFICATE block".into()));
+    }
+    Ok(certs)
 }
 
 #[cfg(test)]
@@ -661,6 +718,7 @@ mod tests {
         let lifetime = long.not_after.duration_since(long.not_before).unwrap();
         assert!(lifetime.as_secs().abs_diff(86700) <= 2, "{lifetime:?}");
         assert_eq!(info.fingerprint.len(), 64);
+        assert_eq!(info.issuer, "kedge-ca");
         let other = ca.issue_node("edge-3", Duration::from_secs(600)).unwrap();
         assert_ne!(
             node_cert_info(&other.cert_chain[0]).unwrap().fingerprint,

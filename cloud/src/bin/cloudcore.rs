@@ -89,6 +89,54 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The cluster CA's rollover (three steps, each taking effect at cloudcore's next start).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Rollover step 1: make the next CA. From cloudcore's next start nodes learn it over
+    /// their links (trusted, not signing yet).
+    Add,
+    /// Rollover step 2, once every node holds both CAs: the next CA signs from cloudcore's
+    /// next start; the previous one stays trusted. Make new bootstrap tokens after it.
+    Switch,
+    /// Rollover step 3, once every node renewed its certificate from the new CA: the
+    /// previous CA is no longer trusted (from cloudcore's next start).
+    Finish,
+    /// Shows the CAs and the rollover step.
+    Status,
+}
+
+fn ca_command(data_dir: &std::path::Path, command: CaCommand) -> ExitCode {
+    let result = match command {
+        CaCommand::Add => cloud::pki::ca_add(data_dir),
+        CaCommand::Switch => cloud::pki::ca_switch(data_dir),
+        CaCommand::Finish => cloud::pki::ca_finish(data_dir),
+        CaCommand::Status => Ok(()),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    match cloud::pki::trust_bundle(data_dir) {
+        Ok(bundle) => {
+            println!("rollover: {:?}", cloud::pki::rollover(data_dir));
+            for (i, ca) in bundle.iter().enumerate() {
+                let role = if i == 0 { "signing" } else { "trusted" };
+                println!("{role} CA sha256:{}", cloud::pki::sha256_hex(ca.as_ref()));
+            }
+            println!("# takes effect when cloudcore (re)starts");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -166,6 +214,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Token { command }) => token_command(&data_dir, command),
+        Some(Command::Ca { command }) => ca_command(&data_dir, command),
         None => run(cli, data_dir),
     }
 }
