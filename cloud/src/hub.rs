@@ -629,11 +629,8 @@ impl Shell {
                     }
                 });
             }
-            LinkEvent::Request(request)
-                if transport::renew::is_trust_request(&request.message) =>
-            {
-                let answer =
-                    transport::renew::trust_answer(node, self.credentials.trust_bundle());
+            LinkEvent::Request(request) if transport::renew::is_trust_request(&request.message) => {
+                let answer = transport::renew::trust_answer(node, self.credentials.trust_bundle());
                 tokio::spawn(async move {
                     let _ = request.respond(&answer).await;
                 });

@@ -165,7 +165,10 @@ fn rollover_error(data_dir: &Path, message: &str) -> PkiError {
 pub fn ca_add(data_dir: &Path) -> Result<(), PkiError> {
     load_or_create_ca(data_dir)?;
     if rollover(data_dir) != Rollover::None {
-        return Err(rollover_error(data_dir, "a CA rollover is already under way"));
+        return Err(rollover_error(
+            data_dir,
+            "a CA rollover is already under way",
+        ));
     }
     let dir = data_dir.join("pki");
     // A name of its own, so that certificates say which CA issued them.
@@ -185,7 +188,10 @@ pub fn ca_add(data_dir: &Path) -> Result<(), PkiError> {
 /// No rollover in step 1; a file cannot be written.
 pub fn ca_switch(data_dir: &Path) -> Result<(), PkiError> {
     if rollover(data_dir) != Rollover::Added {
-        return Err(rollover_error(data_dir, "no next CA: run `cloudcore ca add` first"));
+        return Err(rollover_error(
+            data_dir,
+            "no next CA: run `cloudcore ca add` first",
+        ));
     }
     let dir = data_dir.join("pki");
     let read = |name: &str| {
@@ -221,7 +227,10 @@ pub fn ca_switch(data_dir: &Path) -> Result<(), PkiError> {
 /// No rollover in step 2; a file cannot be removed.
 pub fn ca_finish(data_dir: &Path) -> Result<(), PkiError> {
     if rollover(data_dir) != Rollover::Switched {
-        return Err(rollover_error(data_dir, "no previous CA: run `cloudcore ca add` and `cloudcore ca switch` first"));
+        return Err(rollover_error(
+            data_dir,
+            "no previous CA: run `cloudcore ca add` and `cloudcore ca switch` first",
+        ));
     }
     let dir = data_dir.join("pki");
     for name in ["ca-prev.crt", "ca-prev.key"] {

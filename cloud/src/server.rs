@@ -241,15 +241,17 @@ impl CloudCore {
             tracing::info!(phase = ?crate::pki::rollover(&config.data_dir), "CA rollover under way: nodes are sent both CAs");
         }
         let ca = Arc::new(ca);
-        let credentials = Arc::new(crate::credentials::NodeCredentials::new(
-            &config.data_dir,
-            store.clone(),
-            ca.clone(),
-            config.node_cert_lifetime,
-            config.node_cert_grace,
-            metrics.clone(),
-        )
-        .with_trust(trust));
+        let credentials = Arc::new(
+            crate::credentials::NodeCredentials::new(
+                &config.data_dir,
+                store.clone(),
+                ca.clone(),
+                config.node_cert_lifetime,
+                config.node_cert_grace,
+                metrics.clone(),
+            )
+            .with_trust(trust),
+        );
         let join = Arc::new(crate::join::CloudJoin {
             data_dir: config.data_dir.clone(),
             store: store.clone(),

@@ -238,7 +238,9 @@ pub async fn run_trust_sync(
                         tracing::info!(cas = bundle.len(), "the cloud's trust bundle changed (CA rollover); stored, used from the next connection");
                         credentials.replace_roots(bundle);
                     }
-                    Err(e) => tracing::error!(error = format!("{e:#}"), "cannot store the trust bundle"),
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "cannot store the trust bundle")
+                    }
                 }
             }
             // An older cloud answers no such request: nothing to learn from it.
