@@ -201,6 +201,101 @@ pub fn authorize_read(node: &str, key: &ObjectKey, routed: bool) -> Result<Read,
     })
 }
 
+/// Whether `node` may list (and so subscribe to) the collection of `plural` in API group
+/// `group`. Open without a grant: the kinds any node may read by name ([`OPEN_READ_KINDS`]:
+/// ConfigMaps, Services, Endpoints, EndpointSlices, Namespaces, DeviceModels; the Node
+/// authorizer lets kubelets list Services and Endpoints too). Anything else needs an operator's
+/// grant, given the Kubernetes way: a ClusterRoleBinding of the Group `system:nodes` (every
+/// node) or the User `system:node:{name}` (one node) to a ClusterRole with a rule allowing
+/// `list` or `watch` (or `*`) on that group and resource. `bindings` are the stored
+/// ClusterRoleBindings, `role` looks a ClusterRole up by name.
+///
+/// # Errors
+/// A [`Refusal`] that says how to grant the read.
+pub fn authorize_collection(
+    node: &str,
+    group: &str,
+    plural: &str,
+    store_kind: &str,
+    bindings: &[Object],
+    role: impl Fn(&str) -> Option<Object>,
+) -> Result<(), Refusal> {
+    if store_kind == "leases" || store_kind == "pods" {
+        // A node's own pods and Lease are already its; other nodes' are not its business.
+    } else if OPEN_READ_KINDS.contains(&store_kind) || granted(node, group, plural, bindings, role)
+    {
+        return Ok(());
+    }
+    let resource = if group.is_empty() {
+        plural.to_owned()
+    } else {
+        format!("{plural}.{group}")
+    };
+    Err(Refusal {
+        action: "list",
+        node: node.to_owned(),
+        key: resource.clone(),
+        reason: format!(
+            "nodes list {resource} only with a grant: bind the Group system:nodes (or the User \
+             system:node:{node}) to a ClusterRole allowing list and watch on {resource}, e.g. \
+             `kubectl create clusterrole edge-read --verb=list,watch --resource={resource}` and \
+             `kubectl create clusterrolebinding edge-read --clusterrole=edge-read \
+             --group=system:nodes`"
+        ),
+    })
+}
+
+fn strings(value: Option<&Value>) -> Vec<&str> {
+    value
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn granted(
+    node: &str,
+    group: &str,
+    plural: &str,
+    bindings: &[Object],
+    role: impl Fn(&str) -> Option<Object>,
+) -> bool {
+    let user = format!("system:node:{node}");
+    bindings.iter().any(|binding| {
+        let subject_matches = binding
+            .get("subjects")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|s| match (s["kind"].as_str(), s["name"].as_str()) {
+                (Some("Group"), Some(name)) => name == "system:nodes",
+                (Some("User"), Some(name)) => name == user,
+                _ => false,
+            });
+        let role_ref = binding.get("roleRef");
+        let is_cluster_role = role_ref.and_then(|r| r["kind"].as_str()) == Some("ClusterRole");
+        let Some(role) = role_ref
+            .and_then(|r| r["name"].as_str())
+            .filter(|_| subject_matches && is_cluster_role)
+            .and_then(&role)
+        else {
+            return false;
+        };
+        role.get("rules")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|rule| {
+                let verbs = strings(rule.get("verbs"));
+                let groups = strings(rule.get("apiGroups"));
+                let resources = strings(rule.get("resources"));
+                verbs.iter().any(|v| matches!(*v, "list" | "watch" | "*"))
+                    && groups.iter().any(|g| *g == group || *g == "*")
+                    && resources.iter().any(|r| *r == plural || *r == "*")
+                    && strings(rule.get("resourceNames")).is_empty()
+            })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +307,44 @@ mod tests {
 
     fn key(s: &str) -> ObjectKey {
         ObjectKey::parse(s).unwrap()
+    }
+
+    #[test]
+    fn collections_need_a_grant_beyond_the_open_kinds() {
+        let role = |name: &str| {
+            (name == "edge-read").then(|| {
+                obj(json!({"metadata": {"name": "edge-read"}, "rules": [
+                    {"verbs": ["get", "list", "watch"], "apiGroups": ["example.com"],
+                     "resources": ["widgets"]}]}))
+            })
+        };
+        let binding = |subject: Value| {
+            obj(json!({"metadata": {"name": "b"}, "subjects": [subject],
+                       "roleRef": {"apiGroup": "rbac.authorization.k8s.io",
+                                   "kind": "ClusterRole", "name": "edge-read"}}))
+        };
+        let widgets = |bindings: &[Object]| {
+            authorize_collection(
+                "n1",
+                "example.com",
+                "widgets",
+                "widgets.example.com",
+                bindings,
+                role,
+            )
+        };
+        assert!(authorize_collection("n1", "", "configmaps", "configmaps", &[], role).is_ok());
+        let refusal = authorize_collection("n1", "", "secrets", "secrets", &[], role).unwrap_err();
+        assert!(
+            refusal.reason.contains("clusterrolebinding"),
+            "{}",
+            refusal.reason
+        );
+        assert!(widgets(&[]).is_err());
+        assert!(widgets(&[binding(json!({"kind": "Group", "name": "system:nodes"}))]).is_ok());
+        assert!(widgets(&[binding(json!({"kind": "User", "name": "system:node:n1"}))]).is_ok());
+        assert!(widgets(&[binding(json!({"kind": "User", "name": "system:node:n2"}))]).is_err());
+        assert!(authorize_collection("n1", "", "pods", "pods", &[], role).is_err());
     }
 
     #[test]

@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use replication::api::object::{self, Object};
-use replication::api::ApiError;
+use replication::api::resources::CRD_STORE_KIND;
+use replication::api::{ApiError, Resource};
 use replication::sync::{persist, Report, ReportRecord};
 use replication::{
     Change, ChangeKind, KeyRange, ObjectKey, Precondition, SharedChange, Store, StoreError,
@@ -125,6 +126,15 @@ impl EdgeController {
             if let Some(current) = current(store, &key)? {
                 self.want(&node.into(), &current);
             }
+        }
+        for (node, kind, namespace) in persist::load_collections(store)? {
+            self.routing.add_collection(&node, &kind, &namespace);
+            let route = Route {
+                node: node.into(),
+                target: Target::Collection { kind, namespace },
+                action: Action::Want,
+            };
+            self.apply_route(store, route, None);
         }
         for kind in ["nodes", "pods", "devices"] {
             let Ok(range) = KeyRange::kind(kind) else {
@@ -240,6 +250,38 @@ impl EdgeController {
                 };
                 self.unset(&node, key, rv);
             }
+            (Target::Collection { .. }, Action::Drop) => {}
+            (Target::Collection { kind, namespace }, Action::Want) => {
+                let range = if namespace.is_empty() {
+                    KeyRange::kind(kind)
+                } else {
+                    KeyRange::namespace(kind, namespace)
+                };
+                let Ok(range) = range else {
+                    return;
+                };
+                let mut items = Vec::new();
+                for item in store.scan(&range) {
+                    match item {
+                        Ok(item) => items.push(item),
+                        Err(e) => {
+                            let what = format!("{kind} of namespace {namespace:?}");
+                            return self.read_failed(route.clone(), &what, &e);
+                        }
+                    }
+                }
+                let revision = store.revision();
+                for (key, v) in items {
+                    let c = Arc::new(Change::new(
+                        revision,
+                        key,
+                        v.rv,
+                        ChangeKind::Modified,
+                        v.object,
+                    ));
+                    self.want(&node, &c);
+                }
+            }
             (Target::NamespaceServices(ns), Action::Drop) => {
                 for kind in SERVICE_KINDS {
                     if let Ok(range) = KeyRange::namespace(kind, ns) {
@@ -315,6 +357,80 @@ impl EdgeController {
                 Err(ApiError::forbidden(refusal.to_string()))
             }
         }
+    }
+
+    /// Decides a list (or watch) of `resource` in `namespace` (`None`: all namespaces)
+    /// forwarded by `node`'s MetaServer: allowed under [`authz::authorize_collection`], the
+    /// collection is subscribed (every object of it routed to the node from now on) and, for a
+    /// custom resource, its CustomResourceDefinition too (the node's API serves the kind from
+    /// it). The returned writes persist the subscription (the caller commits them).
+    ///
+    /// # Errors
+    /// 403 Forbidden with how to grant the read; 500 when the grants cannot be read.
+    pub fn authorize_list(
+        &mut self,
+        store: &Store,
+        node: &Arc<str>,
+        resource: &Resource,
+        namespace: Option<&str>,
+    ) -> Result<Option<WriteSet>, ApiError> {
+        let kind = resource.store_kind;
+        let namespace = namespace
+            .filter(|_| resource.namespaced)
+            .unwrap_or_default();
+        if self.routing.covers(node, kind, namespace) {
+            return Ok(None);
+        }
+        let read = |kind: &str| -> Result<Vec<Object>, ApiError> {
+            let range = KeyRange::kind(kind).map_err(|e| ApiError::internal(e.to_string()))?;
+            let mut out = Vec::new();
+            for item in store.scan(&range) {
+                let (_, v) = item.map_err(|e| ApiError::internal(e.to_string()))?;
+                out.extend(parse(&v.object));
+            }
+            Ok(out)
+        };
+        let bindings = read("clusterrolebindings")?;
+        let roles = read("clusterroles")?;
+        let role = |name: &str| roles.iter().find(|r| object::name(r) == name).cloned();
+        if let Err(refusal) = authz::authorize_collection(
+            node,
+            resource.group,
+            resource.plural,
+            kind,
+            &bindings,
+            role,
+        ) {
+            tracing::warn!(%node, kind, namespace, reason = %refusal.reason, "node list refused");
+            return Err(ApiError::forbidden(refusal.to_string()));
+        }
+        let mut set = WriteSet::new();
+        if let Some(custom) = resource.custom {
+            let crd = ObjectKey::new(CRD_STORE_KIND, "", &custom.crd_name)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            if self.routing.add_interest(node, &crd) {
+                persist::add_interest(&mut set, node, &crd);
+                let route = Route {
+                    node: node.clone(),
+                    target: Target::Object(crd),
+                    action: Action::Want,
+                };
+                self.apply_route(store, route, None);
+            }
+        }
+        self.routing.add_collection(node, kind, namespace);
+        persist::add_collection(&mut set, node, kind, namespace);
+        tracing::info!(%node, kind, namespace, "node subscribed to a collection");
+        let route = Route {
+            node: node.clone(),
+            target: Target::Collection {
+                kind: kind.to_owned(),
+                namespace: namespace.to_owned(),
+            },
+            action: Action::Want,
+        };
+        self.apply_route(store, route, None);
+        Ok(Some(set))
     }
 
     /// What applying `report` from `node` to the current object means: the writes (with the

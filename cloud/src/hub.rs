@@ -21,7 +21,9 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use replication::api::ApiError;
+use replication::api::{ApiError, Registry, Resource};
+
+use crate::node_api::NodeRead;
 use replication::sync::wire::{self, Parts};
 use replication::sync::{persist, Down, FeedConfig, NodeFeed, Report, ReportRecord, Up};
 use replication::watcher::{Event as WatcherEvent, ResumableWatcher};
@@ -288,6 +290,28 @@ impl HubCore {
         key: &ObjectKey,
     ) -> Result<(), ApiError> {
         if let Some(set) = self.controller.authorize_read(store, node, key)? {
+            self.records.append(set);
+        }
+        self.apply_feed_ops(store);
+        Ok(())
+    }
+
+    /// Decides a list that `node`'s MetaServer forwarded (see
+    /// [`EdgeController::authorize_list`]).
+    ///
+    /// # Errors
+    /// 403 Forbidden if node authorization refuses it.
+    pub fn on_list(
+        &mut self,
+        store: &Store,
+        node: &Arc<str>,
+        resource: &Resource,
+        namespace: Option<&str>,
+    ) -> Result<(), ApiError> {
+        if let Some(set) = self
+            .controller
+            .authorize_list(store, node, resource, namespace)?
+        {
             self.records.append(set);
         }
         self.apply_feed_ops(store);
@@ -570,6 +594,8 @@ struct Shell {
     connected: Arc<ConnectedNodes>,
     /// Node certificates: renewals over the link, revocation when a Node is deleted.
     credentials: Arc<NodeCredentials>,
+    /// The served kinds, custom ones included, for classifying the nodes' forwarded calls.
+    registry: Arc<Registry>,
 }
 
 impl Shell {
@@ -639,10 +665,16 @@ impl Shell {
                 let core = &mut self.core;
                 crate::node_api::dispatch(
                     store.clone(),
+                    &self.registry,
                     node.clone(),
                     self.metrics.clone(),
                     request,
-                    |key| core.on_read(&store, node, key),
+                    |read| match read {
+                        NodeRead::Object(key) => core.on_read(&store, node, key),
+                        NodeRead::Collection(resource, namespace) => {
+                            core.on_list(&store, node, resource, namespace)
+                        }
+                    },
                 );
             }
             LinkEvent::Heartbeat => self.core.on_heartbeat(node),
@@ -778,6 +810,7 @@ pub async fn run(
         metrics: metrics.clone(),
         connected,
         credentials,
+        registry: Arc::new(Registry::with_store(store.clone())),
     };
     let mut changes = ResumableWatcher::all(store.clone());
     let (events_tx, mut events_rx) = mpsc::channel::<(Arc<str>, LinkEvent)>(4096);

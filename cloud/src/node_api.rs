@@ -12,8 +12,8 @@ use std::sync::Arc;
 use axum::Router;
 use bytes::Bytes;
 use replication::api::object::{self, Object};
-use replication::api::remote::{classify, ApiCall, ApiReply};
-use replication::api::{rest, ApiError, ApiPolicy, ApiServer, Resource, Verb};
+use replication::api::remote::{classify_with, ApiCall, ApiReply};
+use replication::api::{rest, ApiError, ApiPolicy, ApiServer, Registry, Resource, Verb};
 use replication::{ObjectKey, Store, Versioned, WriteSet};
 use tower::ServiceExt;
 use transport::IncomingRequest;
@@ -29,12 +29,11 @@ pub struct NodeApiPolicy {
 impl ApiPolicy for NodeApiPolicy {
     fn admit(&self, resource: &Resource, verb: Verb, _status: bool) -> Result<(), ApiError> {
         match verb {
-            Verb::List | Verb::Watch => Err(ApiError::forbidden(format!(
-                "node {} may not {} {} through the cloud: its MetaServer serves lists and \
-                 watches from the node's cache",
-                self.node,
-                verb.as_str(),
-                resource.plural
+            // A list was authorized (and subscribed) by CloudHub before it got here.
+            Verb::Watch => Err(ApiError::forbidden(format!(
+                "node {} may not watch {} through the cloud: its MetaServer serves watches \
+                 from the node's cache (a list subscribes the node to the collection)",
+                self.node, resource.plural
             ))),
             Verb::Delete => Err(ApiError::forbidden(format!(
                 "node {} may not delete {}: nodes delete nothing in the cluster (a pod being \
@@ -96,24 +95,40 @@ impl ApiPolicy for NodeApiPolicy {
 }
 
 /// Serves one forwarded call for `node` and returns the reply to send back.
-pub async fn serve(store: Arc<Store>, policy: Arc<NodeApiPolicy>, call: ApiCall) -> ApiReply {
-    let router: Router = ApiServer::new(store, policy).router();
+pub async fn serve(
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+    policy: Arc<NodeApiPolicy>,
+    call: ApiCall,
+) -> ApiReply {
+    let router: Router = ApiServer::new(store, policy)
+        .with_registry(registry)
+        .router();
     match router.oneshot(call.into_request()).await {
         Ok(response) => ApiReply::from_response(response).await,
         Err(never) => match never {},
     }
 }
 
-/// Answers a call `node`'s MetaServer forwarded (`request`), off the caller's loop. A get is
-/// first put to `authorize_read` (CloudHub's routing knows what the node holds, and
+/// A read a node forwarded, for CloudHub to decide before it is served.
+pub enum NodeRead<'a> {
+    /// A get of one object.
+    Object(&'a ObjectKey),
+    /// A list of a resource in a namespace (`None`: all namespaces).
+    Collection(&'a Resource, Option<&'a str>),
+}
+
+/// Answers a call `node`'s MetaServer forwarded (`request`), off the caller's loop. A get or
+/// a list is first put to `authorize` (CloudHub's routing knows what the node holds, and
 /// subscribes it to what it may read); other verbs are judged by [`NodeApiPolicy`] on their
 /// result. A malformed call is answered 400 Bad Request.
 pub fn dispatch(
     store: Arc<Store>,
+    registry: &Arc<Registry>,
     node: Arc<str>,
     metrics: Arc<Metrics>,
     request: IncomingRequest,
-    authorize_read: impl FnOnce(&ObjectKey) -> Result<(), ApiError>,
+    authorize: impl FnOnce(NodeRead<'_>) -> Result<(), ApiError>,
 ) {
     let header = request.message.to_message().header;
     let decided = ApiCall::from_message(&request.message)
@@ -123,18 +138,24 @@ pub fn dispatch(
         })
         .and_then(|call| {
             let uri = call.uri.parse().unwrap_or_default();
-            match classify(&call.method, &uri) {
+            match classify_with(registry, &call.method, &uri) {
                 Some(target) if target.verb == Verb::Get => match target.key() {
-                    Some(key) => authorize_read(&key).map(|()| call),
+                    Some(key) => authorize(NodeRead::Object(&key)).map(|()| call),
                     None => Err(ApiError::bad_request("not an object name")),
                 },
+                Some(target) if target.verb == Verb::List => authorize(NodeRead::Collection(
+                    target.resource,
+                    target.namespace.as_deref(),
+                ))
+                .map(|()| call),
                 _ => Ok(call),
             }
         });
     let policy = Arc::new(NodeApiPolicy { node, metrics });
+    let registry = registry.clone();
     tokio::spawn(async move {
         let reply = match decided {
-            Ok(call) => serve(store, policy, call).await,
+            Ok(call) => serve(store, registry, policy, call).await,
             Err(error) => ApiReply::error(&error),
         };
         if let Err(e) = request

@@ -16,7 +16,11 @@
 //!   every service of the cluster; cross-namespace lookups go to the cloud as queries.
 //! - objects the node asked for (a get its MetaServer could not serve from the cache): from
 //!   then on they are routed like the rest, so the node's copy follows the cloud's (an
-//!   *interest*, kept until the node is removed; persisted beside ObjectSync).
+//!   *interest*, kept until the node is removed; persisted beside ObjectSync);
+//! - collections the node listed (a kind in a namespace, or in all namespaces, that its
+//!   MetaServer did not hold): every object of it, from then on (a *collection interest*,
+//!   kept and persisted the same way). Label and field selectors are applied on the node, so
+//!   one subscription serves every selector.
 //!
 //! The index is sans-IO: [`RoutingIndex::observe`] takes one object change and returns the
 //! routes that changed; the caller turns them into feed updates.
@@ -36,6 +40,9 @@ pub enum Target {
     /// Every Service, Endpoints and EndpointSlice of a namespace (expanded by the caller with a
     /// namespace-range read when a node's first pod lands in the namespace).
     NamespaceServices(String),
+    /// Every object of a store kind in a namespace (`""`: all namespaces): a collection the
+    /// node listed through its MetaServer (expanded by the caller with a range read).
+    Collection { kind: String, namespace: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -80,6 +87,8 @@ pub struct RoutingIndex {
     namespaces: HashMap<String, HashMap<Arc<str>, u32>>,
     /// Object → the nodes that asked for it.
     interests: HashMap<ObjectKey, Vec<Arc<str>>>,
+    /// Store kind → the (namespace, `""` for all, node) collections nodes listed.
+    collections: HashMap<String, Vec<(String, Arc<str>)>>,
 }
 
 pub(crate) fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
@@ -214,11 +223,36 @@ impl RoutingIndex {
         true
     }
 
-    /// Whether `node` asked for `key` (it keeps the object even when no pod references it).
+    /// Whether `node` asked for `key`, by name or by listing its collection (it keeps the
+    /// object even when no pod references it).
     pub fn is_interested(&self, node: &str, key: &ObjectKey) -> bool {
         self.interests
             .get(key)
             .is_some_and(|nodes| nodes.iter().any(|n| &**n == node))
+            || self.covers(node, key.kind(), key.namespace())
+    }
+
+    /// Records that `node` listed `kind` in `namespace` (`""`: all namespaces); true if that
+    /// collection is new to the node (not covered by one it already has).
+    pub fn add_collection(&mut self, node: &str, kind: &str, namespace: &str) -> bool {
+        if self.covers(node, kind, namespace) {
+            return false;
+        }
+        let node = self.intern(node);
+        self.collections
+            .entry(kind.to_owned())
+            .or_default()
+            .push((namespace.to_owned(), node));
+        true
+    }
+
+    /// Whether a collection `node` listed covers `kind` in `namespace` (`""`: only a collection
+    /// of all namespaces covers all namespaces).
+    pub fn covers(&self, node: &str, kind: &str, namespace: &str) -> bool {
+        self.collections.get(kind).is_some_and(|list| {
+            list.iter()
+                .any(|(ns, n)| &**n == node && (ns.is_empty() || ns == namespace))
+        })
     }
 
     /// Whether `key` is routed to `node` now.
@@ -231,6 +265,11 @@ impl RoutingIndex {
         let mut nodes = self.routed_nodes(key);
         for node in self.interests.get(key).into_iter().flatten() {
             if !nodes.contains(node) {
+                nodes.push(node.clone());
+            }
+        }
+        for (ns, node) in self.collections.get(key.kind()).into_iter().flatten() {
+            if (ns.is_empty() || ns == key.namespace()) && !nodes.contains(node) {
                 nodes.push(node.clone());
             }
         }
@@ -589,6 +628,7 @@ mod tests {
                     let target = match r.target {
                         Target::Object(k) => k.as_str().to_owned(),
                         Target::NamespaceServices(ns) => format!("ns:{ns}"),
+                        Target::Collection { kind, namespace } => format!("c:{kind}/{namespace}"),
                     };
                     match r.action {
                         Action::Want => { held.insert((r.node.to_string(), target)); }

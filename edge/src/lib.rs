@@ -13,6 +13,7 @@
 //! - this module: wiring ([`EdgeCore`]).
 
 pub mod attach;
+pub mod collections;
 pub mod devicetwin;
 pub mod edged;
 pub mod edgestream;

@@ -27,6 +27,8 @@ pub struct MetaManager {
     online: AtomicBool,
     /// The link to the cloud, for API calls MetaServer forwards.
     link: OnceLock<LinkHandle>,
+    /// The collections MetaServer subscribed to.
+    collections: crate::collections::Collections,
 }
 
 impl MetaManager {
@@ -35,7 +37,9 @@ impl MetaManager {
         let config = StoreConfig::edge().with_aux(crate::devicetwin::DEVICETWIN);
         let store = Arc::new(Store::open(dir, config)?);
         let replica = EdgeReplica::from_shared(store.clone())?;
+        let collections = crate::collections::Collections::load(&store)?;
         Ok(Arc::new(MetaManager {
+            collections,
             node: node.to_owned(),
             store,
             replica: Mutex::new(replica),
@@ -51,6 +55,11 @@ impl MetaManager {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The collections MetaServer subscribed to.
+    pub fn collections(&self) -> &crate::collections::Collections {
+        &self.collections
     }
 
     /// The sync state machine and its store, for EdgeHub.
@@ -130,7 +139,8 @@ impl MetaManager {
                     504,
                     "Timeout",
                     format!(
-                        "the cloud did not answer {} {} within {after:?} (it may be overloaded or                          hung); the node keeps serving what it holds",
+                        "the cloud did not answer {} {} within {after:?} (it may be overloaded or \
+                         hung); the node keeps serving what it holds",
                         call.method, call.uri
                     ),
                 ))

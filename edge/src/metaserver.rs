@@ -9,6 +9,10 @@
 //! authorization decides (a node may write its own Node and Lease, events about itself or its
 //! pods, the status of its pods), and refused with 503 while it is not.
 //!
+//! A list or watch of a collection the node does not hold (ConfigMaps of a namespace, a custom
+//! resource) subscribes the node to it first ([`crate::collections`]); offline, such a list
+//! is a 503, never the partial list the cache happens to hold.
+//!
 //! A get of an object the cache does not hold goes to the cloud too while online: the cloud
 //! answers and routes the object to the node from then on, so it is cached and kept current.
 //! Offline, such a get is a 503 (the node cannot know whether the object exists), never a 404;
@@ -26,6 +30,7 @@ use replication::api::remote::{classify, ApiCall, ApiReply};
 use replication::api::{ApiError, ApiPolicy, Resource, Verb};
 use replication::{Precondition, Store, Versioned, WriteSet};
 
+use crate::collections::Collection;
 use crate::meta::MetaManager;
 
 /// Middleware in front of the API: sends to the cloud what the cache cannot serve.
@@ -34,6 +39,41 @@ pub async fn forward_to_cloud(
     request: Request,
     next: Next,
 ) -> Response {
+    if meta.is_online() && cloud_discovery(request.method(), request.uri().path()) {
+        // The cloud knows the custom groups this cache has not seen yet (kubectl finds a
+        // resource through discovery before it lists it); offline, or if the call fails, the
+        // cache's own discovery answers.
+        if let Ok(call) = ApiCall::from_request(clone_get(&request)).await {
+            if let Ok(reply) = meta.call_cloud(call).await {
+                if reply.code == 200 {
+                    return reply.into_response();
+                }
+            }
+        }
+    }
+    if let Some(collection) = Collection::of(request.method(), request.uri().path()) {
+        if !collection.is_local() && !meta.collections().covers(&collection) {
+            if !meta.is_online() {
+                // Serving the part the cache happens to hold would be a silently wrong list.
+                return ApiReply::error(&ApiError::unavailable(format!(
+                    "node {} is offline and has not subscribed to {}: the cloud cannot be \
+                     asked for them; retry when the node is back online (once listed, a \
+                     collection is kept and served offline)",
+                    meta.node(),
+                    request.uri().path()
+                )))
+                .into_response();
+            }
+            let subscribed = meta
+                .collections()
+                .subscribe(meta.store(), &collection, |call| meta.call_cloud(call))
+                .await;
+            if let Err(e) = subscribed {
+                return ApiReply::error(&e).into_response();
+            }
+        }
+        return next.run(request).await;
+    }
     let Some(target) = classify(request.method(), request.uri()) else {
         return next.run(request).await;
     };
@@ -60,7 +100,8 @@ pub async fn forward_to_cloud(
             // unknown, which is not a 404 (a client would act on "it does not exist").
             let key = target.key().map(|k| k.to_string()).unwrap_or_default();
             return ApiReply::error(&ApiError::unavailable(format!(
-                "node {} is offline: it does not hold {key} and cannot ask the cloud whether                  it exists; retry when the node is back online",
+                "node {} is offline: it does not hold {key} and cannot ask the cloud whether \
+                 it exists; retry when the node is back online",
                 meta.node()
             )))
             .into_response();
@@ -76,6 +117,32 @@ pub async fn forward_to_cloud(
         Ok(reply) => reply.into_response(),
         Err(e) => ApiReply::error(&e).into_response(),
     }
+}
+
+/// Discovery paths the cloud answers while online: the group list and the documents of
+/// groups that are not built in (custom resources' groups).
+fn cloud_discovery(method: &axum::http::Method, path: &str) -> bool {
+    if method != axum::http::Method::GET {
+        return false;
+    }
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["apis"] | ["openapi", "v3"] => true,
+        ["apis", group] | ["apis", group, _] | ["openapi", "v3", "apis", group, _] => {
+            !replication::api::resources::is_builtin_group(group)
+                && *group != replication::api::discovery::METRICS_GROUP
+        }
+        _ => false,
+    }
+}
+
+/// A bodiless copy of a GET (discovery requests carry no body).
+fn clone_get(request: &Request) -> Request {
+    let mut copy = Request::new(axum::body::Body::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    copy
 }
 
 /// Every pod bound to this node, and its own Node, is in the cache: a status write of anything

@@ -9,7 +9,7 @@
 
 use serde_json::{json, Value};
 
-use super::resources::{self, Resource};
+use super::resources::{Registry, Resource};
 use super::status::ApiError;
 use super::{ApiPolicy, Verb};
 
@@ -42,14 +42,15 @@ pub fn is_review(path: &str) -> bool {
     matches!(path, ACCESS_REVIEW | RULES_REVIEW | SUBJECT_REVIEW)
 }
 
-fn find(group: &str, plural: &str) -> Option<&'static Resource> {
-    resources::all()
-        .iter()
+fn find(registry: &Registry, group: &str, plural: &str) -> Option<&'static Resource> {
+    registry
+        .all()
+        .into_iter()
         .find(|r| r.group == group && r.plural == plural)
 }
 
 /// Whether `verb` on `resource` is admitted, with the policy's reason when it is not.
-fn decide(policy: &dyn ApiPolicy, attributes: &Value) -> (bool, String) {
+fn decide(policy: &dyn ApiPolicy, registry: &Registry, attributes: &Value) -> (bool, String) {
     let text = |field: &str| {
         attributes
             .get(field)
@@ -65,9 +66,9 @@ fn decide(policy: &dyn ApiPolicy, attributes: &Value) -> (bool, String) {
         },
     };
     let candidates: Vec<&Resource> = if plural == "*" {
-        resources::all().iter().collect()
+        registry.all()
     } else {
-        match find(group, plural) {
+        match find(registry, group, plural) {
             Some(r) => vec![r],
             None => {
                 let name = if group.is_empty() {
@@ -97,6 +98,7 @@ fn decide(policy: &dyn ApiPolicy, attributes: &Value) -> (bool, String) {
 /// 400 Bad Request for a body that is not an object; 404 for another path.
 pub fn review(
     policy: &dyn ApiPolicy,
+    registry: &Registry,
     path: &str,
     body: &[u8],
     protobuf: bool,
@@ -116,7 +118,7 @@ pub fn review(
     match path {
         ACCESS_REVIEW => {
             let (allowed, reason) = match spec.get("resourceAttributes") {
-                Some(attributes) => decide(policy, attributes),
+                Some(attributes) => decide(policy, registry, attributes),
                 // Non-resource URLs (/healthz, /version, ...) are open to the one user.
                 None => (true, format!("{USERNAME} may read every non-resource URL")),
             };
@@ -134,7 +136,7 @@ pub fn review(
         }
         RULES_REVIEW => {
             let mut rules = Vec::new();
-            for resource in resources::all() {
+            for resource in registry.all() {
                 let verbs: Vec<&str> = VERBS
                     .iter()
                     .filter(|(_, verb)| policy.admit(resource, *verb, false).is_ok())
@@ -194,7 +196,15 @@ mod tests {
     fn can(policy: &dyn ApiPolicy, verb: &str, group: &str, resource: &str) -> Value {
         let body = json!({"spec": {"resourceAttributes":
             {"verb": verb, "group": group, "resource": resource, "namespace": "default"}}});
-        review(policy, ACCESS_REVIEW, body.to_string().as_bytes(), false).unwrap()["status"].clone()
+        review(
+            policy,
+            &Registry::builtin(),
+            ACCESS_REVIEW,
+            body.to_string().as_bytes(),
+            false,
+        )
+        .unwrap()["status"]
+            .clone()
     }
 
     #[test]
@@ -214,7 +224,7 @@ mod tests {
 
     #[test]
     fn rules_and_whoami() {
-        let rules = review(&ReadOnly, RULES_REVIEW, b"{}", false).unwrap();
+        let rules = review(&ReadOnly, &Registry::builtin(), RULES_REVIEW, b"{}", false).unwrap();
         let pods = rules["status"]["resourceRules"]
             .as_array()
             .unwrap()
@@ -223,8 +233,8 @@ mod tests {
             .unwrap()
             .clone();
         assert_eq!(pods["verbs"], json!(["get", "list", "watch"]));
-        let me = review(&Open, SUBJECT_REVIEW, b"", false).unwrap();
+        let me = review(&Open, &Registry::builtin(), SUBJECT_REVIEW, b"", false).unwrap();
         assert_eq!(me["status"]["userInfo"]["username"], USERNAME);
-        assert!(review(&Open, ACCESS_REVIEW, b"[1]", false).is_err());
+        assert!(review(&Open, &Registry::builtin(), ACCESS_REVIEW, b"[1]", false).is_err());
     }
 }

@@ -10,7 +10,7 @@
 
 use serde_json::{json, Value};
 
-use super::resources::{self, Resource};
+use super::resources::{Registry, Resource};
 
 /// The Kubernetes version the API reports at `/version` (the API it mimics).
 pub const KUBERNETES_VERSION: &str = "v1.32.0";
@@ -40,8 +40,9 @@ pub fn core_versions() -> Value {
     })
 }
 
-fn group_json(group: &str) -> Value {
-    let versions: Vec<Value> = resources::group_versions()
+fn group_json(registry: &Registry, group: &str) -> Value {
+    let versions: Vec<Value> = registry
+        .group_versions()
         .into_iter()
         .filter(|(g, _)| *g == group)
         .map(|(g, v)| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
@@ -57,14 +58,14 @@ fn group_json(group: &str) -> Value {
 
 /// `/apis`: the `APIGroupList` of the named groups served (core excluded, as the apiserver),
 /// the Metrics API last.
-pub fn groups() -> Value {
+pub fn groups(registry: &Registry) -> Value {
     let mut names: Vec<&str> = Vec::new();
-    for (g, _) in resources::group_versions() {
+    for (g, _) in registry.group_versions() {
         if !g.is_empty() && !names.contains(&g) {
             names.push(g);
         }
     }
-    let mut groups: Vec<Value> = names.into_iter().map(group_json).collect();
+    let mut groups: Vec<Value> = names.into_iter().map(|g| group_json(registry, g)).collect();
     groups.push(metrics_group());
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
@@ -103,14 +104,15 @@ fn metrics_resources() -> Value {
 }
 
 /// `/apis/{group}`: its `APIGroup`; `None` for a group not served.
-pub fn group(group: &str) -> Option<Value> {
+pub fn group(registry: &Registry, group: &str) -> Option<Value> {
     if group == METRICS_GROUP {
         return Some(metrics_group());
     }
-    resources::all()
+    registry
+        .all()
         .iter()
         .any(|r| r.group == group && !group.is_empty())
-        .then(|| group_json(group))
+        .then(|| group_json(registry, group))
 }
 
 const VERBS: &[&str] = &[
@@ -119,12 +121,13 @@ const VERBS: &[&str] = &[
 
 /// `/api/v1` or `/apis/{group}/{version}`: the `APIResourceList` of that group-version
 /// (subresources included); `None` when it is not served.
-pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<Value> {
     if (group, version) == (METRICS_GROUP, METRICS_VERSION) {
         return Some(metrics_resources());
     }
-    let served: Vec<&Resource> = resources::all()
-        .iter()
+    let served: Vec<&Resource> = registry
+        .all()
+        .into_iter()
         .filter(|r| r.group == group && r.version == version)
         .collect();
     if served.is_empty() {
@@ -177,33 +180,54 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
 }
 
 /// `/openapi/v3`: the index of group-version documents.
-pub fn openapi_index() -> Value {
+pub fn openapi_index(registry: &Registry) -> Value {
     let mut paths = serde_json::Map::new();
-    for (g, v) in resources::group_versions() {
+    for (g, v) in registry.group_versions() {
         let path = if g.is_empty() {
             format!("api/{v}")
         } else {
             format!("apis/{g}/{v}")
         };
-        let url = format!("/openapi/v3/{path}?hash={}", openapi_hash());
+        let url = format!("/openapi/v3/{path}?hash={}", openapi_hash(registry, g, v));
         paths.insert(path, json!({"serverRelativeURL": url}));
     }
     json!({"paths": paths})
 }
 
-fn openapi_hash() -> String {
-    format!("kedge{}", env!("CARGO_PKG_VERSION").replace('.', ""))
+/// The document's version for clients' caches: the crate version, and for a custom group the
+/// fingerprint of what its CRDs serve (a changed schema is a new URL).
+fn openapi_hash(registry: &Registry, group: &str, version: &str) -> String {
+    let mut hash = format!("kedge{}", env!("CARGO_PKG_VERSION").replace('.', ""));
+    let custom: Vec<&Resource> = registry
+        .custom()
+        .iter()
+        .copied()
+        .filter(|r| r.group == group && r.version == version)
+        .collect();
+    if !custom.is_empty() {
+        let schemas: Vec<&Value> = custom
+            .iter()
+            .filter_map(|r| r.custom.map(|c| &c.schema))
+            .collect();
+        let text = serde_json::to_string(&schemas).unwrap_or_default();
+        hash.push_str(&format!(
+            "{:016x}",
+            xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+        ));
+    }
+    hash
 }
 
 /// `/openapi/v3/{api/v1 | apis/group/version}`.
-pub fn openapi_document(path: &str) -> Option<Value> {
+pub fn openapi_document(registry: &Registry, path: &str) -> Option<Value> {
     let (group, version) = match path.split('/').collect::<Vec<_>>().as_slice() {
         ["api", v] => ("", *v),
         ["apis", g, v] => (*g, *v),
         _ => return None,
     };
-    let served: Vec<&Resource> = resources::all()
-        .iter()
+    let served: Vec<&Resource> = registry
+        .all()
+        .into_iter()
         .filter(|r| r.group == group && r.version == version)
         .collect();
     if served.is_empty() {
@@ -216,7 +240,16 @@ pub fn openapi_document(path: &str) -> Option<Value> {
         "schema": {"type": "string", "uniqueItems": true},
     });
     let mut paths = serde_json::Map::new();
+    let mut schemas = serde_json::Map::new();
     for r in served {
+        if let Some(custom) = r.custom {
+            // Named as apiextensions names them: the reversed group, version, kind.
+            let reversed: Vec<&str> = r.group.split('.').rev().collect();
+            schemas.insert(
+                format!("{}.{}.{}", reversed.join("."), r.version, r.kind),
+                super::schema::openapi_component(&custom.schema, r.group, r.version, r.kind),
+            );
+        }
         let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
         let op = |action: &str| {
             json!({
@@ -271,7 +304,7 @@ pub fn openapi_document(path: &str) -> Option<Value> {
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes", "version": KUBERNETES_VERSION},
         "paths": paths,
-        "components": {"schemas": {}},
+        "components": {"schemas": schemas},
     }))
 }
 
@@ -281,18 +314,19 @@ mod tests {
 
     #[test]
     fn every_group_version_has_documents() {
-        for (g, v) in resources::group_versions() {
-            assert!(resource_list(g, v).is_some());
+        let registry = Registry::builtin();
+        for (g, v) in registry.group_versions() {
+            assert!(resource_list(&registry, g, v).is_some());
             let path = if g.is_empty() {
                 format!("api/{v}")
             } else {
                 format!("apis/{g}/{v}")
             };
-            assert!(openapi_index()["paths"][&path].is_object());
-            let doc = openapi_document(&path).unwrap();
+            assert!(openapi_index(&registry)["paths"][&path].is_object());
+            let doc = openapi_document(&registry, &path).unwrap();
             assert!(!doc["paths"].as_object().unwrap().is_empty());
         }
-        assert!(resource_list("nope", "v1").is_none());
-        assert!(group("devices.kubeedge.io").is_some());
+        assert!(resource_list(&registry, "nope", "v1").is_none());
+        assert!(group(&registry, "devices.kubeedge.io").is_some());
     }
 }

@@ -13,6 +13,7 @@
 //! resourceVersion, an object's and a watch position are one number space).
 
 pub mod auth;
+pub mod crd;
 pub mod discovery;
 pub mod object;
 pub mod options;
@@ -21,6 +22,7 @@ pub mod protobuf;
 pub mod remote;
 pub mod resources;
 pub mod rest;
+pub mod schema;
 pub mod selector;
 pub mod status;
 pub mod table;
@@ -39,7 +41,7 @@ use serde_json::Value;
 
 use crate::store::{Store, Versioned, WriteSet};
 use object::Object;
-pub use resources::Resource;
+pub use resources::{Registry, Resource};
 pub use status::ApiError;
 
 /// Largest request body accepted (the apiserver's limit is 3 MiB per object).
@@ -135,6 +137,8 @@ impl ApiPolicy for OpenPolicy {}
 pub struct ApiServer {
     pub(crate) store: Arc<Store>,
     pub(crate) policy: Arc<dyn ApiPolicy>,
+    /// The served kinds: built-in and the store's CustomResourceDefinitions.
+    pub(crate) registry: Arc<Registry>,
     bearer_token: Option<Arc<str>>,
 }
 
@@ -175,16 +179,18 @@ pub(crate) fn error_response(error: &ApiError) -> Response {
 }
 
 /// Splits `/api/v1/...` and `/apis/{group}/{version}/...` into a route.
-fn route(path: &str) -> Route {
+fn route(path: &str, registry: &Registry) -> Route {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest): (&str, &str, &[&str]) = match segments.as_slice() {
         ["version"] => return Route::Json(discovery::version()),
         ["api"] => return Route::Json(discovery::core_versions()),
-        ["apis"] => return Route::Json(discovery::groups()),
-        ["apis", group] => return discovery::group(group).map_or(Route::NotFound, Route::Json),
-        ["openapi", "v3"] => return Route::Json(discovery::openapi_index()),
+        ["apis"] => return Route::Json(discovery::groups(registry)),
+        ["apis", group] => {
+            return discovery::group(registry, group).map_or(Route::NotFound, Route::Json)
+        }
+        ["openapi", "v3"] => return Route::Json(discovery::openapi_index(registry)),
         ["openapi", "v3", rest @ ..] => {
-            return discovery::openapi_document(&rest.join("/"))
+            return discovery::openapi_document(registry, &rest.join("/"))
                 .map_or(Route::NotFound, Route::Json)
         }
         ["api", version, rest @ ..] => ("", *version, rest),
@@ -192,13 +198,14 @@ fn route(path: &str) -> Route {
         _ => return Route::NotFound,
     };
     if rest.is_empty() {
-        return discovery::resource_list(group, version).map_or(Route::NotFound, Route::Json);
+        return discovery::resource_list(registry, group, version)
+            .map_or(Route::NotFound, Route::Json);
     }
     let (watch_path, rest) = match rest {
         ["watch", rest @ ..] => (true, rest),
         rest => (false, rest),
     };
-    let find = |plural: &str| resources::find(group, version, plural);
+    let find = |plural: &str| registry.find(group, version, plural);
     let target =
         |resource: &'static Resource, ns: Option<&str>, name: Option<&str>, status| Target {
             resource,
@@ -259,10 +266,22 @@ impl ApiServer {
     /// An API over `store`, deciding with `policy`, without authentication.
     pub fn new(store: Arc<Store>, policy: Arc<dyn ApiPolicy>) -> Self {
         ApiServer {
+            registry: Arc::new(Registry::with_store(store.clone())),
             store,
             policy,
             bearer_token: None,
         }
+    }
+
+    /// Serves the kinds of `registry` (one shared by several servers over the same store).
+    pub fn with_registry(mut self, registry: Arc<Registry>) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// The kinds it serves (built-in and custom).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 
     /// Requires `Authorization: Bearer <token>` on every request.
@@ -334,7 +353,13 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
             .and_then(|v| v.to_str().ok())
             .is_some_and(|t| t.starts_with(protobuf::CONTENT_TYPE));
         let reply = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
-            Ok(bytes) => auth::review(server.policy.as_ref(), &path, &bytes, protobuf),
+            Ok(bytes) => auth::review(
+                server.policy.as_ref(),
+                &server.registry,
+                &path,
+                &bytes,
+                protobuf,
+            ),
             Err(_) => Err(ApiError::too_large(format!(
                 "the request body is larger than {MAX_BODY_BYTES} bytes"
             ))),
@@ -346,7 +371,7 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
             Err(e) => error_response(&e),
         };
     }
-    let target = match route(&path) {
+    let target = match route(&path, &server.registry) {
         Route::Json(value) => {
             if parts.method != Method::GET {
                 return error_response(&ApiError::method_not_allowed("discovery is read-only"));
@@ -372,7 +397,7 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
             parts.method
         )));
     };
-    let resource = target.resource.plural;
+    let resource = target.resource.store_kind;
     if let Err(e) = server.policy.admit(target.resource, verb, target.status) {
         server.policy.observe(verb.as_str(), resource, e.code);
         return error_response(&e);
@@ -416,6 +441,10 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn route(path: &str) -> Route {
+        super::route(path, &Registry::builtin())
+    }
 
     fn target(path: &str) -> Target {
         match route(path) {

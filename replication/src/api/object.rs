@@ -8,7 +8,7 @@
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use super::resources::Resource;
+use super::resources::{self, Resource};
 use super::status::{ApiError, Cause};
 
 /// A Kubernetes object as a JSON map (`apiVersion`, `kind`, `metadata`, ...).
@@ -93,6 +93,19 @@ pub fn to_stored(mut object: Object) -> Vec<u8> {
 /// # Errors
 /// 500 `InternalError` when `stored` is not a JSON object or its `metadata` is not one.
 pub fn with_resource_version(stored: &[u8], rv: u64) -> Result<Vec<u8>, ApiError> {
+    with_resource_version_as(stored, rv, None)
+}
+
+/// [`with_resource_version`], with `apiVersion` replaced by `api_version` when given (a custom
+/// resource read at a version other than its storage version: conversion `None`).
+///
+/// # Errors
+/// As [`with_resource_version`].
+pub fn with_resource_version_as(
+    stored: &[u8],
+    rv: u64,
+    api_version: Option<&str>,
+) -> Result<Vec<u8>, ApiError> {
     let corrupt = |e: serde_json::Error| ApiError::internal(format!("stored object: {e}"));
     let raw: std::collections::BTreeMap<String, Box<RawValue>> =
         serde_json::from_slice(stored).map_err(corrupt)?;
@@ -118,6 +131,9 @@ pub fn with_resource_version(stored: &[u8], rv: u64) -> Result<Vec<u8>, ApiError
             push_key(&mut out, key);
             serde_json::to_writer(&mut out, &metadata).expect("a map serializes");
             wrote_meta = true;
+        } else if let (Some(version), "apiVersion") = (api_version, key.as_str()) {
+            push_key(&mut out, key);
+            serde_json::to_writer(&mut out, version).expect("a string serializes");
         } else {
             push_key(&mut out, key);
             out.extend_from_slice(value.get().as_bytes());
@@ -231,7 +247,32 @@ pub fn prepare_create(
     metadata.remove("deletionTimestamp");
     metadata.remove("deletionGracePeriodSeconds");
     apply_defaults(resource, object);
+    if resource.store_kind == resources::CRD_STORE_KIND {
+        super::crd::set_status(object, None);
+        super::crd::validate(object, None)?;
+    }
+    admit_custom(resource, object)?;
     validate(resource, object)
+}
+
+/// A custom resource's schema work (prune, default, validate), then its `apiVersion` set to the
+/// storage version: stored objects are all at one version, whatever version wrote them.
+fn admit_custom(resource: &Resource, object: &mut Object) -> Result<(), ApiError> {
+    let Some(custom) = resource.custom else {
+        return Ok(());
+    };
+    if let Err(causes) = super::schema::admit(&custom.schema, object) {
+        return Err(ApiError::invalid(
+            &super::crd::qualified_kind(resource),
+            name(object),
+            causes,
+        ));
+    }
+    object.insert(
+        "apiVersion".into(),
+        Value::String(format!("{}/{}", resource.group, custom.storage_version)),
+    );
+    Ok(())
 }
 
 /// Update/patch: the URL decides namespace and name; identity fields are carried over from the
@@ -279,7 +320,7 @@ pub fn prepare_update(
         // Defaulted before the spec is compared, so a client omitting defaults changes nothing.
         super::workloads::apply_defaults(resource, object);
     }
-    if resource.plural == "secrets" {
+    if resource.store_kind == "secrets" {
         secret_string_data(object);
     }
     let current_meta = meta(current).cloned().unwrap_or_default();
@@ -304,12 +345,18 @@ pub fn prepare_update(
     } else if let Some(generation) = current_meta.get("generation") {
         meta_mut(object).insert("generation".into(), generation.clone());
     }
-    if resource.plural == "pods" {
+    if resource.store_kind == "pods" {
         check_pod_update(current, object)?;
     }
     if super::workloads::is_workload(resource) && !status_subresource {
         super::workloads::validate_update(resource, current, object)?;
     }
+    if resource.store_kind == resources::CRD_STORE_KIND {
+        super::crd::apply_defaults(object);
+        super::crd::set_status(object, Some(current));
+        super::crd::validate(object, Some(current))?;
+    }
+    admit_custom(resource, object)?;
     validate(resource, object)
 }
 
@@ -401,10 +448,11 @@ fn secret_string_data(object: &mut Object) {
 }
 
 fn apply_defaults(resource: &Resource, object: &mut Object) {
-    if resource.plural == "secrets" {
+    if resource.store_kind == "secrets" {
         secret_string_data(object);
     }
-    match resource.plural {
+    match resource.store_kind {
+        resources::CRD_STORE_KIND => super::crd::apply_defaults(object),
         "pods" => {
             let spec = object
                 .entry("spec")
@@ -561,7 +609,7 @@ pub fn validate(resource: &Resource, object: &Object) -> Result<(), ApiError> {
     let mut causes = Vec::new();
     let mut cause = |field: &str, message: String| causes.push(Cause::new(field, message));
     let object_name = name(object);
-    let label_names = matches!(resource.plural, "namespaces" | "services");
+    let label_names = matches!(resource.store_kind, "namespaces" | "services");
     let name_ok = if label_names {
         is_dns1123_label(object_name)
     } else {
@@ -594,13 +642,13 @@ pub fn validate(resource: &Resource, object: &Object) -> Result<(), ApiError> {
             }
         }
     }
-    if resource.plural == "pods" {
+    if resource.store_kind == "pods" {
         validate_pod(object, &mut cause);
     }
     if super::workloads::is_workload(resource) {
         super::workloads::validate(resource, object, &mut causes_of_workload);
     }
-    if matches!(resource.plural, "configmaps" | "secrets") {
+    if matches!(resource.store_kind, "configmaps" | "secrets") {
         for field in ["data", "binaryData", "stringData"] {
             match object.get(field) {
                 None | Some(Value::Null) => {}
@@ -630,7 +678,11 @@ pub fn validate(resource: &Resource, object: &Object) -> Result<(), ApiError> {
     if causes.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::invalid(resource.kind, object_name, causes))
+        Err(ApiError::invalid(
+            &super::crd::qualified_kind(resource),
+            object_name,
+            causes,
+        ))
     }
 }
 

@@ -303,6 +303,45 @@ const DELETE_OPTIONS: &[Field] = &[
     Field(5, "dryRun", Ty::RepStr),
 ];
 
+/// `rbac/v1` `PolicyRule`.
+const POLICY_RULE: &[Field] = &[
+    Field(1, "verbs", Ty::RepStr),
+    Field(2, "apiGroups", Ty::RepStr),
+    Field(3, "resources", Ty::RepStr),
+    Field(4, "resourceNames", Ty::RepStr),
+    Field(5, "nonResourceURLs", Ty::RepStr),
+];
+
+/// `rbac/v1` `ClusterRole` (`kubectl create clusterrole`).
+const CLUSTER_ROLE: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(2, "rules", Ty::RepMsg(POLICY_RULE)),
+];
+
+/// `rbac/v1` `ClusterRoleBinding` (`kubectl create clusterrolebinding`).
+const CLUSTER_ROLE_BINDING: &[Field] = &[
+    Field(1, "metadata", Ty::Msg(OBJECT_META)),
+    Field(
+        2,
+        "subjects",
+        Ty::RepMsg(&[
+            Field(1, "kind", Ty::Str),
+            Field(2, "apiGroup", Ty::Str),
+            Field(3, "name", Ty::Str),
+            Field(4, "namespace", Ty::Str),
+        ]),
+    ),
+    Field(
+        3,
+        "roleRef",
+        Ty::Msg(&[
+            Field(1, "apiGroup", Ty::Str),
+            Field(2, "kind", Ty::Str),
+            Field(3, "name", Ty::Str),
+        ]),
+    ),
+];
+
 fn schema(kind: &str) -> Option<&'static [Field]> {
     Some(match kind {
         "DeleteOptions" => DELETE_OPTIONS,
@@ -319,6 +358,8 @@ fn schema(kind: &str) -> Option<&'static [Field]> {
             Field(2, "status", Ty::Msg(&[Field(1, "userInfo", Ty::Msg(&[]))])),
         ],
         "CronJob" => CRON_JOB,
+        "ClusterRole" => CLUSTER_ROLE,
+        "ClusterRoleBinding" => CLUSTER_ROLE_BINDING,
         _ => return None,
     })
 }

@@ -276,7 +276,7 @@ impl Classified {
     pub fn key(&self) -> Option<ObjectKey> {
         let name = self.name.as_deref()?;
         ObjectKey::new(
-            self.resource.plural,
+            self.resource.store_kind,
             self.namespace.as_deref().unwrap_or_default(),
             name,
         )
@@ -284,9 +284,16 @@ impl Classified {
     }
 }
 
-/// Classifies a request the way the API routes it; `None` for discovery and unknown paths.
+/// Classifies a request the way the API routes it, for the built-in kinds; `None` for
+/// discovery and unknown paths.
 pub fn classify(method: &Method, uri: &Uri) -> Option<Classified> {
-    let ApiRoute::Resource(target) = route(uri.path()) else {
+    static BUILTIN: std::sync::OnceLock<super::Registry> = std::sync::OnceLock::new();
+    classify_with(BUILTIN.get_or_init(super::Registry::builtin), method, uri)
+}
+
+/// Classifies a request the way an API serving `registry`'s kinds routes it.
+pub fn classify_with(registry: &super::Registry, method: &Method, uri: &Uri) -> Option<Classified> {
+    let ApiRoute::Resource(target) = route(uri.path(), registry) else {
         return None;
     };
     let query: Query = axum::extract::Query::<Query>::try_from_uri(uri)

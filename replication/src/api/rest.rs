@@ -7,10 +7,11 @@ use serde_json::{json, Value};
 
 use super::object::{self, Object};
 use super::patch::{self, PatchKind};
+use super::resources::{self, Resource};
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::table;
-use super::{bytes_response, resources, ApiPolicy, ApiServer, Query, Target, Verb};
+use super::{bytes_response, ApiPolicy, ApiServer, Query, Target, Verb};
 use crate::key::{KeyRange, ObjectKey};
 use crate::store::{Precondition, Store, Versioned, WriteSet};
 
@@ -64,8 +65,12 @@ impl ApiRequest {
     }
 
     fn key(&self) -> Result<ObjectKey, ApiError> {
-        ObjectKey::new(self.target.resource.plural, self.namespace(), self.name())
-            .map_err(|e| ApiError::bad_request(e.to_string()))
+        ObjectKey::new(
+            self.target.resource.store_kind,
+            self.namespace(),
+            self.name(),
+        )
+        .map_err(|e| ApiError::bad_request(e.to_string()))
     }
 
     fn wants_table(&self) -> bool {
@@ -98,8 +103,30 @@ pub(crate) async fn serve(server: &ApiServer, request: ApiRequest) -> Result<Res
     }
 }
 
-fn render(versioned: &Versioned) -> Result<Vec<u8>, ApiError> {
-    object::with_resource_version(&versioned.object, versioned.revision)
+/// The `apiVersion` to serve a stored object of `resource` at, when it differs from the stored
+/// one: a custom resource read at a version other than its storage version.
+pub(crate) fn served_api_version(resource: &Resource) -> Option<String> {
+    resource
+        .custom
+        .filter(|c| c.storage_version != resource.version)
+        .map(|_| resource.api_version())
+}
+
+fn render(resource: &Resource, versioned: &Versioned) -> Result<Vec<u8>, ApiError> {
+    object::with_resource_version_as(
+        &versioned.object,
+        versioned.revision,
+        served_api_version(resource).as_deref(),
+    )
+}
+
+/// A stored object decoded for `resource` (at the version it was asked at).
+pub(crate) fn decode_for(resource: &Resource, versioned: &Versioned) -> Result<Object, ApiError> {
+    let mut object = object::decode_stored(&versioned.object, versioned.revision)?;
+    if let Some(version) = served_api_version(resource) {
+        object.insert("apiVersion".into(), Value::String(version));
+    }
+    Ok(object)
 }
 
 fn respond_object(
@@ -108,7 +135,7 @@ fn respond_object(
     versioned: &Versioned,
 ) -> Result<Response, ApiError> {
     if request.wants_table() {
-        let object = object::decode_stored(&versioned.object, versioned.revision)?;
+        let object = decode_for(request.target.resource, versioned)?;
         let t = table::table(
             request.target.resource,
             vec![object],
@@ -121,14 +148,17 @@ fn respond_object(
             serde_json::to_vec(&t).unwrap_or_default(),
         ));
     }
-    Ok(bytes_response(code, render(versioned)?))
+    Ok(bytes_response(
+        code,
+        render(request.target.resource, versioned)?,
+    ))
 }
 
 fn read(store: &Store, key: &ObjectKey, request: &ApiRequest) -> Result<Versioned, ApiError> {
     store
         .get(key)
-        .map_err(|e| ApiError::from_store(e, request.target.resource.plural, request.name()))?
-        .ok_or_else(|| ApiError::not_found(request.target.resource.plural, request.name()))
+        .map_err(|e| ApiError::from_store(e, request.target.resource.store_kind, request.name()))?
+        .ok_or_else(|| ApiError::not_found(request.target.resource.store_kind, request.name()))
 }
 
 async fn get(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
@@ -188,7 +218,7 @@ impl Selectors {
 }
 
 pub(crate) fn range_of(target: &Target) -> Result<KeyRange, ApiError> {
-    let plural = target.resource.plural;
+    let plural = target.resource.store_kind;
     let range = match &target.namespace {
         Some(ns) if target.resource.namespaced => KeyRange::namespace(plural, ns),
         _ => KeyRange::kind(plural),
@@ -226,7 +256,7 @@ async fn list(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiEr
         for item in store.scan_after(&range, after.as_ref()) {
             let (key, versioned) = item.map_err(|e| ApiError::internal(format!("list: {e}")))?;
             let decoded = if table || !selectors.is_empty() {
-                let o = object::decode_stored(&versioned.object, versioned.revision)?;
+                let o = decode_for(resource, &versioned)?;
                 if !selectors.matches(&o) {
                     continue;
                 }
@@ -272,7 +302,7 @@ async fn list(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiEr
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(&render(versioned)?);
+            body.extend_from_slice(&render(resource, versioned)?);
         }
         body.extend_from_slice(b"]}");
         Ok(bytes_response(StatusCode::OK, body))
@@ -323,13 +353,13 @@ async fn create(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
     if resource.namespaced && request.target.namespace.is_none() {
         return Err(ApiError::method_not_allowed(format!(
             "create {} in a namespace: POST to .../namespaces/{{namespace}}/{}",
-            resource.plural, resource.plural
+            resource.store_kind, resource.plural
         )));
     }
     let mut object = request.body_object()?;
     object::prepare_create(resource, request.namespace(), &mut object)?;
     let name = object::name(&object).to_owned();
-    let key = ObjectKey::new(resource.plural, request.namespace(), &name)
+    let key = ObjectKey::new(resource.store_kind, request.namespace(), &name)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let store = server.store.clone();
     let policy = server.policy.clone();
@@ -349,7 +379,7 @@ async fn create(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
         }
         let mut set = WriteSet::new();
         set.put(key, bytes, Precondition::Absent);
-        policy.commit(&store, set, resource.plural, &name)
+        policy.commit(&store, set, resource.store_kind, &name)
     })
     .await?;
     respond_object(&request, StatusCode::CREATED, &versioned)
@@ -368,14 +398,14 @@ fn write_update(
     current: &Versioned,
 ) -> Result<Versioned, ApiError> {
     let expected = current.revision;
-    let resource = request.target.resource.plural;
+    let resource = request.target.resource.store_kind;
     let deleting = object::meta(&object).is_some_and(|m| m.contains_key("deletionTimestamp"));
     let finalizers_left = object::meta(&object)
         .and_then(|m| m.get("finalizers"))
         .and_then(Value::as_array)
         .is_some_and(|f| !f.is_empty());
     let mut set = WriteSet::new();
-    if deleting && !finalizers_left && request.target.resource.plural != "pods" {
+    if deleting && !finalizers_left && request.target.resource.store_kind != "pods" {
         set.delete(key, Precondition::Version(expected));
     } else {
         let bytes = Bytes::from(object::to_stored(object));
@@ -407,7 +437,7 @@ async fn update(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
         let expected = body_rv.unwrap_or(current.revision);
         if expected != current.revision {
             return Err(ApiError::conflict(
-                request.target.resource.plural,
+                request.target.resource.store_kind,
                 request.name(),
             ));
         }
@@ -449,7 +479,7 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
             if let Some(rv) = object::resource_version(&patched)? {
                 if rv != current.revision {
                     return Err(ApiError::conflict(
-                        request.target.resource.plural,
+                        request.target.resource.store_kind,
                         request.name(),
                     ));
                 }
@@ -508,11 +538,11 @@ pub(crate) async fn serve_scale(
             let current = read(&store, &key, &request)?;
             let current_object = object::decode_stored(&current.object, current.revision)?;
             if request.verb == Verb::Get {
-                return Ok(to_scale(&current_object));
+                return Ok(to_scale(resource, &current_object));
             }
             let written = match patch_kind {
                 Some(kind) => {
-                    let mut scale = to_scale(&current_object);
+                    let mut scale = to_scale(resource, &current_object);
                     patch::apply(kind, &mut scale, &request.body)?;
                     scale
                 }
@@ -526,12 +556,24 @@ pub(crate) async fn serve_scale(
                 .filter(|rv| !rv.is_empty());
             if let Some(rv) = precondition {
                 if rv.parse::<u64>().ok() != Some(current.revision) {
-                    return Err(ApiError::conflict(resource.plural, request.name()));
+                    return Err(ApiError::conflict(resource.store_kind, request.name()));
                 }
             }
             let mut updated = current_object.clone();
-            if let Some(spec) = updated.get_mut("spec").and_then(Value::as_object_mut) {
-                spec.insert("replicas".into(), json!(replicas));
+            match resource.custom.and_then(|c| c.scale.as_ref()) {
+                Some(paths) => {
+                    let mut value = Value::Object(updated);
+                    super::crd::set_path(&mut value, &paths.spec_replicas, json!(replicas));
+                    let Value::Object(map) = value else {
+                        return Err(ApiError::internal("the object is not a map"));
+                    };
+                    updated = map;
+                }
+                None => {
+                    if let Some(spec) = updated.get_mut("spec").and_then(Value::as_object_mut) {
+                        spec.insert("replicas".into(), json!(replicas));
+                    }
+                }
             }
             object::prepare_update(
                 resource,
@@ -553,7 +595,7 @@ pub(crate) async fn serve_scale(
                 Err(e) => return Err(e),
                 Ok(v) => {
                     let object = object::decode_stored(&v.object, v.revision)?;
-                    return Ok(to_scale(&object));
+                    return Ok(to_scale(resource, &object));
                 }
             }
         }
@@ -630,7 +672,7 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
         .and_then(Value::as_str)
         .map(str::to_owned);
     let resource = request.target.resource;
-    if resource.plural == "namespaces" && PROTECTED_NAMESPACES.contains(&request.name()) {
+    if resource.store_kind == "namespaces" && PROTECTED_NAMESPACES.contains(&request.name()) {
         return Err(ApiError::forbidden(format!(
             "namespaces \"{}\" is forbidden: this namespace may not be deleted",
             request.name()
@@ -639,6 +681,7 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
     let key = request.key()?;
     let store = server.store.clone();
     let policy = server.policy.clone();
+    let registry = server.registry.clone();
     let (request, versioned) = blocking(move || {
         let current = read(&store, &key, &request)?;
         let mut object = object::decode_stored(&current.object, current.revision)?;
@@ -647,7 +690,7 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
                 .as_deref()
                 .is_some_and(|uid| object::meta_str(&object, "uid") != Some(uid))
         {
-            return Err(ApiError::conflict(resource.plural, request.name()));
+            return Err(ApiError::conflict(resource.store_kind, request.name()));
         }
         if let Some(finalizer) = propagation_finalizer {
             let list = object::meta_mut(&mut object)
@@ -688,26 +731,43 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
             if request.dry_run() {
                 return Ok((request, current));
             }
-            let v = policy.commit(&store, set, resource.plural, request.name())?;
+            let v = policy.commit(&store, set, resource.store_kind, request.name())?;
             return Ok((request, v));
         }
         if request.dry_run() {
             return Ok((request, current));
         }
         let mut set = WriteSet::new();
-        if resource.plural == "namespaces" {
+        let mut cascade = Vec::new();
+        if resource.store_kind == "namespaces" {
             // Everything in the namespace goes with it, in the same commit.
-            for r in resources::all().iter().filter(|r| r.namespaced) {
-                let range = KeyRange::namespace(r.plural, request.name())
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
-                for item in store.scan(&range) {
-                    let (k, _) = item.map_err(|e| ApiError::internal(e.to_string()))?;
-                    set.delete(k, Precondition::None);
+            let mut kinds: Vec<&str> = Vec::new();
+            for r in registry.all().into_iter().filter(|r| r.namespaced) {
+                if !kinds.contains(&r.store_kind) {
+                    kinds.push(r.store_kind);
                 }
+            }
+            for kind in kinds {
+                cascade.push(
+                    KeyRange::namespace(kind, request.name())
+                        .map_err(|e| ApiError::bad_request(e.to_string()))?,
+                );
+            }
+        }
+        if resource.store_kind == resources::CRD_STORE_KIND {
+            // A CRD's objects go with it (apiextensions' finalizer deletes them first).
+            cascade.push(
+                KeyRange::kind(request.name()).map_err(|e| ApiError::bad_request(e.to_string()))?,
+            );
+        }
+        for range in cascade {
+            for item in store.scan(&range) {
+                let (k, _) = item.map_err(|e| ApiError::internal(e.to_string()))?;
+                set.delete(k, Precondition::None);
             }
         }
         set.delete(key, Precondition::Version(current.revision));
-        let v = policy.commit(&store, set, resource.plural, request.name())?;
+        let v = policy.commit(&store, set, resource.store_kind, request.name())?;
         Ok((request, v))
     })
     .await?;

@@ -145,7 +145,8 @@ impl LabelSelector {
                 "DoesNotExist" => LabelRequirement::NotExists(key),
                 "In" | "NotIn" => {
                     return Err(format!(
-                        "matchExpressions[{i}].values: Required value: must be specified when                          `operator` is 'In' or 'NotIn'"
+                        "matchExpressions[{i}].values: Required value: must be specified when \
+                         `operator` is 'In' or 'NotIn'"
                     ))
                 }
                 other => {

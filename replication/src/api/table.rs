@@ -20,8 +20,17 @@ fn column(name: &str, kind: &str, priority: u8) -> Value {
 }
 
 fn columns(resource: &Resource) -> Vec<Value> {
+    if let Some(custom) = resource.custom {
+        // A CRD's additionalPrinterColumns after the name, as apiextensions' table convertor.
+        let mut out = vec![column("Name", "string", 0)];
+        for c in &custom.columns {
+            out.push(json!({"name": c.name, "type": c.kind, "format": c.format,
+                            "description": c.description, "priority": c.priority}));
+        }
+        return out;
+    }
     let s = "string";
-    match resource.plural {
+    match resource.store_kind {
         "pods" => vec![
             column("Name", s, 0),
             column("Ready", s, 0),
@@ -214,7 +223,13 @@ fn condition(object: &Object, kind: &str) -> Option<String> {
 
 fn cells(resource: &Resource, object: &Object) -> Vec<Value> {
     let name = json!(super::object::name(object));
-    match resource.plural {
+    if let Some(custom) = resource.custom {
+        let value = Value::Object(object.clone());
+        return std::iter::once(name)
+            .chain(custom.columns.iter().map(|c| super::crd::cell(c, &value)))
+            .collect();
+    }
+    match resource.store_kind {
         "jobs" => {
             let [containers, images, selector] = workload_wide(object);
             let conditions = path(object, &["status", "conditions"])

@@ -58,7 +58,8 @@ impl Encoder {
         selectors: &Selectors,
     ) -> Option<Bytes> {
         if !self.table && selectors.is_empty() {
-            let object = object::with_resource_version(stored, rv).ok()?;
+            let version = super::rest::served_api_version(self.resource);
+            let object = object::with_resource_version_as(stored, rv, version.as_deref()).ok()?;
             let mut line = Vec::with_capacity(object.len() + 32);
             line.extend_from_slice(b"{\"type\":");
             serde_json::to_writer(&mut line, kind).ok()?;
@@ -67,7 +68,10 @@ impl Encoder {
             line.extend_from_slice(b"}\n");
             return Some(Bytes::from(line));
         }
-        let o = object::decode_stored(stored, rv).ok()?;
+        let mut o = object::decode_stored(stored, rv).ok()?;
+        if let Some(version) = super::rest::served_api_version(self.resource) {
+            o.insert("apiVersion".into(), Value::String(version));
+        }
         selectors.matches(&o).then(|| self.object_event(kind, o))
     }
 

@@ -21,7 +21,7 @@ use super::status::{ApiError, Cause};
 /// Whether `resource` is one of the workloads handled here.
 pub fn is_workload(resource: &Resource) -> bool {
     matches!(
-        resource.plural,
+        resource.store_kind,
         "deployments" | "replicasets" | "daemonsets" | "jobs" | "cronjobs"
     )
 }
@@ -64,7 +64,7 @@ pub fn apply_defaults(resource: &Resource, object: &mut Object) {
     let Some(spec) = spec_mut(object) else {
         return;
     };
-    match resource.plural {
+    match resource.store_kind {
         "jobs" => default_job_spec(spec, &uid, &name),
         "cronjobs" => {
             spec.entry("concurrencyPolicy").or_insert(json!("Allow"));
@@ -203,7 +203,7 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
             format!("Unsupported value: \"{policy}\": supported values: \"OnFailure\", \"Never\"")
         })
     };
-    if resource.plural == "cronjobs" {
+    if resource.store_kind == "cronjobs" {
         match get("schedule").and_then(Value::as_str) {
             None | Some("") => cause("spec.schedule", "Required value".into()),
             Some(schedule) => {
@@ -218,7 +218,7 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
         }
         return;
     }
-    if resource.plural == "jobs" {
+    if resource.store_kind == "jobs" {
         if let Some(message) = job_restart(&restart_policy(get("template"))) {
             cause("spec.template.spec.restartPolicy", message);
         }
@@ -278,7 +278,7 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
                 .and_then(|s| s.get("restartPolicy"))
                 .and_then(Value::as_str);
             // A Job's pods end (checked above); an apps/v1 workload's run forever.
-            if resource.plural != "jobs" && restart.is_some_and(|r| r != "Always") {
+            if resource.store_kind != "jobs" && restart.is_some_and(|r| r != "Always") {
                 cause(
                     "spec.template.spec.restartPolicy",
                     format!(
@@ -289,7 +289,7 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
             }
         }
     }
-    let (strategy_field, types): (&str, &[&str]) = match resource.plural {
+    let (strategy_field, types): (&str, &[&str]) = match resource.store_kind {
         "deployments" => ("strategy", &["RollingUpdate", "Recreate"]),
         "daemonsets" => ("updateStrategy", &["RollingUpdate", "OnDelete"]),
         _ => return,
@@ -327,7 +327,7 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
                     .get(f)
                     .is_none_or(|v| v.as_i64() == Some(0) || v.as_str() == Some("0%"))
             };
-            if resource.plural == "deployments" && zero("maxSurge") && zero("maxUnavailable") {
+            if resource.store_kind == "deployments" && zero("maxSurge") && zero("maxUnavailable") {
                 cause(
                     &format!("spec.{strategy_field}.rollingUpdate.maxUnavailable"),
                     "Invalid value: 0: may not be 0 when `maxSurge` is 0".into(),
@@ -365,24 +365,30 @@ pub fn validate_update(
 
 /// The `autoscaling/v1` `Scale` of a workload: `spec.replicas`, and in status the observed
 /// replicas and the selector in query syntax.
-pub fn to_scale(object: &Object) -> Value {
+pub fn to_scale(resource: &Resource, object: &Object) -> Value {
     let meta = object::meta(object).cloned().unwrap_or_default();
     let pick = |f: &str| meta.get(f).cloned().unwrap_or(Value::Null);
-    let spec = object.get("spec");
-    let replicas = spec
-        .and_then(|s| s.get("replicas"))
-        .and_then(Value::as_i64)
-        .unwrap_or(1);
-    let selector = spec
-        .and_then(|s| s.get("selector"))
-        .and_then(|s| LabelSelector::from_label_selector(s).ok())
-        .map(|s| s.to_string())
-        .unwrap_or_default();
-    let observed = object
-        .get("status")
-        .and_then(|s| s.get("replicas"))
-        .and_then(Value::as_i64)
-        .unwrap_or(0);
+    let (replicas, observed, selector) = match resource.custom.and_then(|c| c.scale.as_ref()) {
+        Some(paths) => super::crd::scale_replicas(&Value::Object(object.clone()), paths),
+        None => {
+            let spec = object.get("spec");
+            let replicas = spec
+                .and_then(|s| s.get("replicas"))
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            let selector = spec
+                .and_then(|s| s.get("selector"))
+                .and_then(|s| LabelSelector::from_label_selector(s).ok())
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            let observed = object
+                .get("status")
+                .and_then(|s| s.get("replicas"))
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            (replicas, observed, selector)
+        }
+    };
     json!({
         "kind": "Scale",
         "apiVersion": "autoscaling/v1",
@@ -462,7 +468,7 @@ mod tests {
         let d = deployment(json!({"metadata": {"name": "web", "namespace": "default"},
             "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "web"}}},
             "status": {"replicas": 2}}));
-        let s = to_scale(&d);
+        let s = to_scale(resources::find("apps", "v1", "deployments").unwrap(), &d);
         assert_eq!(s["spec"]["replicas"], 3);
         assert_eq!(s["status"]["selector"], "app=web");
         assert_eq!(replicas_of_scale("Deployment", "web", &s).unwrap(), 3);

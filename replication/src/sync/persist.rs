@@ -231,6 +231,53 @@ pub fn add_interest(set: &mut WriteSet, node: &str, object: &ObjectKey) {
     set.put_aux(Aux::OBJECTSYNC, interest_key(node, object), Vec::new());
 }
 
+fn collection_key(node: &str, kind: &str, namespace: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(5 + node.len() + kind.len() + namespace.len());
+    key.extend_from_slice(b"c\0");
+    for part in [node, kind, namespace] {
+        key.extend_from_slice(part.as_bytes());
+        key.push(0);
+    }
+    key
+}
+
+/// Records that `node` listed the collection of `kind` in `namespace` (`""`: all namespaces).
+pub fn add_collection(set: &mut WriteSet, node: &str, kind: &str, namespace: &str) {
+    set.put_aux(
+        Aux::OBJECTSYNC,
+        collection_key(node, kind, namespace),
+        Vec::new(),
+    );
+}
+
+/// Every recorded collection interest, as (node, kind, namespace).
+///
+/// # Errors
+/// [`StoreError::Db`] when the store cannot be read; [`StoreError::Corrupt`] for a record that
+/// does not decode.
+pub fn load_collections(store: &Store) -> Result<Vec<(String, String, String)>, StoreError> {
+    let mut out = Vec::new();
+    for item in store.scan_aux(Aux::OBJECTSYNC, b"c\0") {
+        let (key, _) = item?;
+        let parts: Vec<&[u8]> = key[2..].split(|b| *b == 0).collect();
+        let (node, kind, namespace) = match parts.as_slice() {
+            [node, kind, namespace, end] if end.is_empty() => (*node, *kind, *namespace),
+            _ => {
+                return Err(StoreError::Corrupt(
+                    "collection record is not node/kind/namespace".into(),
+                ))
+            }
+        };
+        let text = |b: &[u8]| {
+            std::str::from_utf8(b)
+                .map(str::to_owned)
+                .map_err(|_| StoreError::Corrupt("collection record is not UTF-8".into()))
+        };
+        out.push((text(node)?, text(kind)?, text(namespace)?));
+    }
+    Ok(out)
+}
+
 /// Every recorded interest, as (node, object).
 ///
 /// # Errors
