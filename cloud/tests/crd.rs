@@ -105,12 +105,21 @@ fn custom_resources_through_kubectl() {
         "{resources}"
     );
 
-    // Created through the short name's kind; the unknown field is pruned, the default applied.
+    // kubectl's default (fieldValidation=Strict) refuses the undeclared field, as
+    // kube-apiserver does; with warnings only it is pruned, and the default applied.
     let out = cloud.kubectl_stdin(&["apply", "-f", "-"], WIDGET);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("strict decoding error: unknown field \"spec.unknownField\""),
+        "{err}"
+    );
+    let out = cloud.kubectl_stdin(&["apply", "--validate=warn", "-f", "-"], WIDGET);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("unknown field \"spec.unknownField\""),
+        "no warning: {err}"
     );
     let spec = cloud.ok(&["get", "wd", "w1", "-o", "jsonpath={.spec}"]);
     let spec: serde_json::Value = serde_json::from_str(&spec).unwrap();

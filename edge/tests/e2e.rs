@@ -454,21 +454,13 @@ fn metaserver_forwards_writes_and_cache_misses_to_the_cloud_under_node_authoriza
         "hidden",
         "--from-literal=p=s",
     ]);
-    let cached = |edge: &EdgeProcess| {
-        stdout(&edge.kubectl(&["get", "configmaps", "-o", "name"])).contains("configmap/extra")
-    };
-    assert!(!cached(&edge), "no pod references it: not routed");
-
+    // No pod references it, so it is not routed here. (A list of ConfigMaps through MetaServer
+    // would subscribe the node to all of them: edge/tests/collections.rs.)
     // A miss goes to the cloud, and from then on the ConfigMap is routed here and kept current.
     let value = |edge: &EdgeProcess| {
         stdout(&edge.kubectl(&["get", "cm", "extra", "-o", "jsonpath={.data.k}"]))
     };
     assert_eq!(value(&edge), "v1");
-    eventually(
-        "the queried ConfigMap cached",
-        Duration::from_secs(10),
-        || cached(&edge),
-    );
     cloud.ok(&[
         "patch",
         "cm",

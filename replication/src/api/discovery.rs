@@ -4,9 +4,9 @@
 //! The OpenAPI documents are deliberately small: for each resource, the paths with their
 //! operations, the `x-kubernetes-group-version-kind` extension and the `fieldValidation` query
 //! parameter. That is what kubectl checks to decide that the server validates fields itself (so it
-//! does no client-side schema validation). They carry no schemas: kubectl then builds
-//! strategic-merge patches for built-in kinds from its compiled-in types, and JSON merge patches
-//! for custom resources, as it does for any server without schemas.
+//! does no client-side schema validation). Built-in kinds carry no schemas: kubectl then builds
+//! strategic-merge patches for them from its compiled-in types. Custom resources carry their
+//! CRD version's schema (`kubectl explain`), and kubectl sends them JSON merge patches.
 
 use serde_json::{json, Value};
 
@@ -236,7 +236,8 @@ pub fn openapi_document(registry: &Registry, path: &str) -> Option<Value> {
     let field_validation = json!({
         "name": "fieldValidation",
         "in": "query",
-        "description": "accepted; kedge does not reject unknown fields",
+        "description": "Ignore, Warn (default) or Strict: applied to custom resources (fields \
+                        their schema does not declare); built-in kinds accept unknown fields",
         "schema": {"type": "string", "uniqueItems": true},
     });
     let mut paths = serde_json::Map::new();

@@ -82,6 +82,62 @@ impl ApiRequest {
     }
 }
 
+/// `fieldValidation` for a custom resource's body, as kube-apiserver applies it: `Strict`
+/// refuses fields its schema does not declare (400, kube-apiserver's "strict decoding error"
+/// wording), `Warn` (the server default) returns them as warnings, `Ignore` says nothing. The
+/// fields are pruned in every case. Built-in kinds are not checked (no schemas here).
+///
+/// # Errors
+/// 400 `BadRequest` for unknown fields under `Strict`, or an unknown `fieldValidation` value.
+fn field_validation(request: &ApiRequest, object: &Object) -> Result<Vec<String>, ApiError> {
+    let mode = request
+        .query
+        .get("fieldValidation")
+        .map_or("Warn", String::as_str);
+    if !matches!(mode, "Strict" | "Warn" | "Ignore" | "") {
+        return Err(ApiError::bad_request(format!(
+            "fieldValidation {mode:?} is not one of Ignore, Warn, Strict"
+        )));
+    }
+    let resource = request.target.resource;
+    let Some(custom) = resource.custom else {
+        return Ok(Vec::new());
+    };
+    if mode == "Ignore" {
+        return Ok(Vec::new());
+    }
+    let unknown = super::schema::unknown_fields(&custom.schema, &Value::Object(object.clone()));
+    if unknown.is_empty() {
+        return Ok(Vec::new());
+    }
+    let listed: Vec<String> = unknown
+        .iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect();
+    if mode == "Strict" {
+        return Err(ApiError::bad_request(format!(
+            "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding \
+             error: {}",
+            listed.join(", "),
+            kind = resource.kind,
+            version = resource.version,
+        )));
+    }
+    Ok(listed)
+}
+
+/// Adds `warnings` to `response` as `Warning: 299 - "..."` headers (RFC 7234, as
+/// kube-apiserver sends them; kubectl prints each as `Warning: ...`).
+fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
+    for warning in warnings {
+        let text = format!("299 - \"{}\"", warning.replace('"', "\\\""));
+        if let Ok(value) = axum::http::HeaderValue::from_str(&text) {
+            response.headers_mut().append(header::WARNING, value);
+        }
+    }
+    response
+}
+
 /// Runs store work off the async threads (RocksDB reads and fsyncs block).
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -357,6 +413,7 @@ async fn create(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
         )));
     }
     let mut object = request.body_object()?;
+    let warnings = field_validation(&request, &object)?;
     object::prepare_create(resource, request.namespace(), &mut object)?;
     let name = object::name(&object).to_owned();
     let key = ObjectKey::new(resource.store_kind, request.namespace(), &name)
@@ -382,7 +439,8 @@ async fn create(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
         policy.commit(&store, set, resource.store_kind, &name)
     })
     .await?;
-    respond_object(&request, StatusCode::CREATED, &versioned)
+    let response = respond_object(&request, StatusCode::CREATED, &versioned)?;
+    Ok(with_warnings(response, &warnings))
 }
 
 /// Writes `object` as the new state of `key` if the store still holds `current` (its
@@ -428,6 +486,7 @@ fn write_update(
 
 async fn update(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
     let mut object = request.body_object()?;
+    let warnings = field_validation(&request, &object)?;
     let body_rv = object::resource_version(&object)?;
     let key = request.key()?;
     let store = server.store.clone();
@@ -454,7 +513,8 @@ async fn update(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
         Ok((request, v))
     })
     .await?;
-    respond_object(&request, StatusCode::OK, &versioned)
+    let response = respond_object(&request, StatusCode::OK, &versioned)?;
+    Ok(with_warnings(response, &warnings))
 }
 
 /// Attempts before a patch racing other writers gives up with 409.
@@ -465,7 +525,7 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
     let key = request.key()?;
     let store = server.store.clone();
     let policy = server.policy.clone();
-    let (request, versioned) = blocking(move || {
+    let (request, versioned, warnings) = blocking(move || {
         let mut last_error = None;
         for _ in 0..PATCH_ATTEMPTS {
             let current = read(&store, &key, &request)?;
@@ -475,6 +535,7 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
             let Value::Object(mut patched) = patched else {
                 return Err(ApiError::bad_request("the patch did not leave an object"));
             };
+            let warnings = field_validation(&request, &patched)?;
             // A resourceVersion in the patch is a precondition.
             if let Some(rv) = object::resource_version(&patched)? {
                 if rv != current.revision {
@@ -501,13 +562,14 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
                 &current,
             ) {
                 Err(e) if e.code == 409 && e.reason == "Conflict" => last_error = Some(e),
-                other => return other.map(|v| (request, v)),
+                other => return other.map(|v| (request, v, warnings)),
             }
         }
         Err(last_error.unwrap_or_else(|| ApiError::internal("patch retries exhausted")))
     })
     .await?;
-    respond_object(&request, StatusCode::OK, &versioned)
+    let response = respond_object(&request, StatusCode::OK, &versioned)?;
+    Ok(with_warnings(response, &warnings))
 }
 
 /// The `/scale` subresource: GET answers the workload's `autoscaling/v1` `Scale`; PUT and PATCH

@@ -151,6 +151,44 @@ pub fn prune(schema: &Value, value: &mut Value, root: bool) {
     }
 }
 
+/// The paths (`spec.extra`, `spec.items[0].x`) of the fields [`prune`] would remove: what
+/// `fieldValidation=Strict` refuses and `Warn` warns about.
+pub fn unknown_fields(schema: &Value, value: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    walk_unknown(schema, value, "", true, &mut out);
+    out
+}
+
+fn walk_unknown(schema: &Value, value: &Value, path: &str, root: bool, out: &mut Vec<String>) {
+    let keep_meta = root || is_true(schema, "x-kubernetes-embedded-resource");
+    match value {
+        Value::Object(map) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            let extra = schema.get("additionalProperties").filter(|v| v.is_object());
+            let preserve = is_true(schema, "x-kubernetes-preserve-unknown-fields")
+                || schema.get("additionalProperties") == Some(&Value::Bool(true));
+            for (field, child_value) in map {
+                if keep_meta && matches!(field.as_str(), "apiVersion" | "kind" | "metadata") {
+                    continue;
+                }
+                match props.and_then(|p| p.get(field)).or(extra) {
+                    Some(child) => walk_unknown(child, child_value, &join(path, field), false, out),
+                    None if !preserve => out.push(join(path, field)),
+                    None => {}
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item_schema) = schema.get("items") {
+                for (i, item) in items.iter().enumerate() {
+                    walk_unknown(item_schema, item, &format!("{path}[{i}]"), false, out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Fills in each absent property that has a `default`, depth first.
 pub fn apply_defaults(schema: &Value, value: &mut Value) {
     match value {
@@ -508,6 +546,14 @@ mod tests {
             (causes[0].field.as_str(), causes[0].message.as_str()),
             ("spec.size", "Required value")
         );
+    }
+
+    #[test]
+    fn unknown_fields_are_what_pruning_removes() {
+        let o = json!({"apiVersion": "v", "kind": "K", "metadata": {"x": 1}, "extra": 1,
+            "spec": {"size": 1, "bogus": 2, "free": {"kept": 3}, "labels": {"a": "b"},
+                     "tags": ["x"]}});
+        assert_eq!(unknown_fields(&schema(), &o), ["extra", "spec.bogus"]);
     }
 
     #[test]

@@ -261,7 +261,7 @@ pub fn load_collections(store: &Store) -> Result<Vec<(String, String, String)>, 
         let (key, _) = item?;
         let parts: Vec<&[u8]> = key[2..].split(|b| *b == 0).collect();
         let (node, kind, namespace) = match parts.as_slice() {
-            [node, kind, namespace, end] if end.is_empty() => (*node, *kind, *namespace),
+            [node, kind, namespace, []] => (*node, *kind, *namespace),
             _ => {
                 return Err(StoreError::Corrupt(
                     "collection record is not node/kind/namespace".into(),
