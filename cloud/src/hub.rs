@@ -30,8 +30,9 @@ use replication::watcher::{Event as WatcherEvent, ResumableWatcher};
 use replication::{ObjectKey, SharedChange, Store, StoreError, WriteSet};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use transport::{EncodedMessage, LinkEvent, LinkHandle};
+use transport::{CredentialPolicy, EncodedMessage, LinkEvent, LinkHandle};
 
+use crate::credentials::NodeCredentials;
 use crate::edgecontroller::{EdgeController, FeedOp, Judged};
 use crate::lifecycle::LeaseRenewals;
 use crate::metrics::Metrics;
@@ -591,6 +592,8 @@ struct Shell {
     links: HashMap<Arc<str>, LinkSlot>,
     metrics: Arc<Metrics>,
     connected: Arc<ConnectedNodes>,
+    /// Node certificates: renewals over the link, revocation when a Node is deleted.
+    credentials: Arc<NodeCredentials>,
     /// The served kinds, custom ones included, for classifying the nodes' forwarded calls.
     registry: Arc<Registry>,
 }
@@ -630,6 +633,33 @@ impl Shell {
                 if let Some(slot) = self.links.get(node) {
                     slot.link.ack(delivery.seq);
                 }
+            }
+            LinkEvent::Request(request) if transport::renew::is_request(&request.message) => {
+                // Signing is a few milliseconds of CPU and a small file write: off the
+                // runtime threads.
+                let credentials = self.credentials.clone();
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let csr = request.message.content();
+                    let signer = node.clone();
+                    let result =
+                        tokio::task::spawn_blocking(move || credentials.renew(&signer, &csr))
+                            .await
+                            .unwrap_or_else(|e| Err(format!("renewal failed: {e}")));
+                    if let Err(reason) = &result {
+                        tracing::warn!(%node, "renewal refused: {reason}");
+                    }
+                    let answer = transport::renew::answer(&node, result);
+                    if let Err(e) = request.respond(&answer).await {
+                        tracing::debug!(%node, error = %e, "node went away before its renewal");
+                    }
+                });
+            }
+            LinkEvent::Request(request) if transport::renew::is_trust_request(&request.message) => {
+                let answer = transport::renew::trust_answer(node, self.credentials.trust_bundle());
+                tokio::spawn(async move {
+                    let _ = request.respond(&answer).await;
+                });
             }
             LinkEvent::Request(request) => {
                 let core = &mut self.core;
@@ -698,6 +728,47 @@ impl Shell {
         }
     }
 
+    /// A committed change: a deleted Node revokes its node's certificates and cuts its link.
+    fn on_change(&mut self, change: &SharedChange) {
+        if change.is_delete() && change.key.kind() == "nodes" {
+            self.cut_off(change.key.name().into());
+        }
+        self.core.on_change(&self.store, change);
+    }
+
+    /// After the watch lost its history: a node with a link and no Node object was deleted
+    /// meanwhile.
+    fn cut_off_deleted(&mut self) {
+        let gone: Vec<Arc<str>> = self
+            .links
+            .keys()
+            .filter(|node| {
+                ObjectKey::new("nodes", "", node)
+                    .is_ok_and(|key| matches!(self.store.get(&key), Ok(None)))
+            })
+            .cloned()
+            .collect();
+        for node in gone {
+            self.cut_off(node);
+        }
+    }
+
+    fn cut_off(&mut self, node: Arc<str>) {
+        {
+            self.credentials.revoke(&node);
+            if let Some(slot) = self.links.remove(&node) {
+                slot.link.close_with(
+                    transport::CloseCode::Unauthorized,
+                    &format!(
+                        "node {node}: certificate revoked (its Node object was deleted); to \
+                         bring the node back, re-join it with a new bootstrap token"
+                    ),
+                );
+                tracing::info!(%node, "Node deleted: its link is closed");
+            }
+        }
+    }
+
     fn tick(&mut self) {
         let (total, max) = self.core.tick(&self.store);
         self.metrics.send_queue_depth.set(total as i64);
@@ -729,6 +800,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     connected: Arc<ConnectedNodes>,
     bus: Arc<crate::servicebus::ServiceBus>,
+    credentials: Arc<NodeCredentials>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut shell = Shell {
@@ -737,6 +809,7 @@ pub async fn run(
         links: HashMap::new(),
         metrics: metrics.clone(),
         connected,
+        credentials,
         registry: Arc::new(Registry::with_store(store.clone())),
     };
     let mut changes = ResumableWatcher::all(store.clone());
@@ -747,10 +820,10 @@ pub async fn run(
             _ = shutdown.cancelled() => return Ok(()),
             event = changes.next() => match event? {
                 WatcherEvent::Change(change) => {
-                    shell.core.on_change(&store, &change);
+                    shell.on_change(&change);
                     // Everything already queued before committing and sending.
                     while let Some(WatcherEvent::Change(change)) = changes.try_next()? {
-                        shell.core.on_change(&store, &change);
+                        shell.on_change(&change);
                     }
                 }
                 WatcherEvent::Restart { .. } => {
@@ -764,6 +837,7 @@ pub async fn run(
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                     }
+                    shell.cut_off_deleted();
                 }
             },
             link = server.accept() => {

@@ -17,6 +17,7 @@
 //! - [`policy`]: what the embedded API allows and how it deletes pods bound to nodes;
 //! - [`pki`]: the cluster CA, the server certificate and bootstrap tokens;
 //! - [`join`]: nodes joining with a bootstrap token (certificate + Node object);
+//! - [`credentials`]: which node certificates may connect, renewal, revocation on Node delete;
 //! - [`metrics`]: Prometheus metrics;
 //! - [`node_api`]: API calls forwarded by a node's MetaServer, under node authorization;
 //! - [`scheduler`]: binds pods without `nodeName` to a ready edge node;
@@ -33,6 +34,7 @@ pub mod authz;
 pub mod cloudstream;
 pub mod cluster;
 pub mod controllers;
+pub mod credentials;
 pub mod devicecontroller;
 pub mod edgecontroller;
 pub mod embedded;

@@ -20,6 +20,12 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// What happened (see each metric's help).
+    pub event: &'static str,
+}
+
 /// Every metric cloudcore exports.
 pub struct Metrics {
     registry: Registry,
@@ -43,6 +49,12 @@ pub struct Metrics {
     pub heartbeats: Counter,
     /// Store reads that failed (each is retried; none is taken for an absent object).
     pub store_read_errors: Counter,
+    /// Node certificate events by `event`: `renewed`, `renewal_refused`, `expired_in_grace`
+    /// (a connection with an expired certificate, allowed only to renew), `refused_expired`,
+    /// `refused_revoked`, `revoked` (a Node deleted), `connection_replaced`.
+    pub node_certificates: Family<EventLabels, Counter>,
+    /// Join attempts by `event`: `joined`, `refused`, `rate_limited`.
+    pub joins: Family<EventLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -118,6 +130,22 @@ impl Metrics {
             "Store reads that failed and were retried",
             store_read_errors.clone(),
         );
+        let node_certificates = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "node_certificates",
+            "Node certificate events: renewed, renewal_refused, expired_in_grace (a connection \
+             with an expired certificate, allowed only to renew), refused_expired, \
+             refused_revoked, revoked (Node deleted), connection_replaced (a node connected \
+             while its previous connection was open: a quick restart, or two processes with \
+             one certificate)",
+            node_certificates.clone(),
+        );
+        let joins = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "joins",
+            "Join attempts: joined, refused, rate_limited",
+            joins.clone(),
+        );
         let counter = |family: &Family<DirectionLabels, Counter>, direction| {
             family.get_or_create(&DirectionLabels { direction }).clone()
         };
@@ -139,6 +167,8 @@ impl Metrics {
             reports_refused,
             heartbeats,
             store_read_errors,
+            node_certificates,
+            joins,
         }
     }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use transport::tls::{CertificateAuthority, Identity};
+use transport::tls::{CertificateAuthority, CertificateDer, Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -37,8 +37,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     }
 }
 
-/// Writes `contents` to `path` atomically (temp file + rename), mode 0600.
-fn write_private(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+/// Writes `contents` to `path` atomically (temp file, fsync, rename), mode 0600.
+///
+/// # Errors
+/// [`PkiError::Io`] when the file cannot be written or renamed.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
     // A name of this process's own: two processes writing the same file (cloudcore and
     // `cloudcore token create`) must not rename each other's temporary file away.
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
@@ -103,6 +106,144 @@ pub fn load_or_create_ca(data_dir: &Path) -> Result<CertificateAuthority, PkiErr
     Ok(ca)
 }
 
+/// The CAs nodes and the cloud trust: the signing CA (`pki/ca.crt`) first, then, during a
+/// rollover, the other one (`pki/ca-next.crt` after [`ca_add`], `pki/ca-prev.crt` after
+/// [`ca_switch`]).
+///
+/// # Errors
+/// [`PkiError::Io`] or [`PkiError::Tls`] when a CA file cannot be read or parsed.
+pub fn trust_bundle(data_dir: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let ca = load_or_create_ca(data_dir)?;
+    let mut bundle = vec![ca.cert().clone()];
+    let dir = data_dir.join("pki");
+    for other in ["ca-next.crt", "ca-prev.crt"] {
+        let path = dir.join(other);
+        match fs::read_to_string(&path) {
+            Ok(text) => bundle.push(transport::tls::cert_from_pem(&text)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+    }
+    Ok(bundle)
+}
+
+/// Where a CA rollover stands ([`ca_add`], [`ca_switch`], [`ca_finish`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rollover {
+    /// One CA.
+    None,
+    /// A next CA is trusted (and sent to nodes) but does not sign yet.
+    Added,
+    /// The new CA signs; the previous one is still trusted (nodes' certificates from it).
+    Switched,
+}
+
+/// The rollover phase of the data dir.
+pub fn rollover(data_dir: &Path) -> Rollover {
+    let dir = data_dir.join("pki");
+    if dir.join("ca-next.crt").exists() {
+        Rollover::Added
+    } else if dir.join("ca-prev.crt").exists() {
+        Rollover::Switched
+    } else {
+        Rollover::None
+    }
+}
+
+fn rollover_error(data_dir: &Path, message: &str) -> PkiError {
+    PkiError::Corrupt {
+        path: data_dir.join("pki"),
+        message: message.to_owned(),
+    }
+}
+
+/// Rollover step 1: makes the next CA (`pki/ca-next.{crt,key}`). From cloudcore's next start it
+/// is trusted and sent to nodes over their links; the current CA still signs.
+///
+/// # Errors
+/// A rollover is already under way; a file cannot be written.
+pub fn ca_add(data_dir: &Path) -> Result<(), PkiError> {
+    load_or_create_ca(data_dir)?;
+    if rollover(data_dir) != Rollover::None {
+        return Err(rollover_error(
+            data_dir,
+            "a CA rollover is already under way",
+        ));
+    }
+    let dir = data_dir.join("pki");
+    // A name of its own, so that certificates say which CA issued them.
+    let next = CertificateAuthority::generate(&format!("kedge-ca-{}", now_unix()))?;
+    let (cert, key) = next.to_pem();
+    write_private(&dir.join("ca-next.key"), key.as_bytes())?;
+    write_private(&dir.join("ca-next.crt"), cert.as_bytes())
+}
+
+/// Rollover step 2: the next CA becomes the signing CA (`pki/ca.{crt,key}`), the current one is
+/// kept as `pki/ca-prev.crt` and still trusted. From cloudcore's next start the server's
+/// certificate and every new node certificate come from the new CA. Run it once every node has
+/// learned the new CA (its `pki/ca.crt` holds two certificates). Tokens made before pin the old
+/// CA: make new ones. Interrupted, it can be run again.
+///
+/// # Errors
+/// No rollover in step 1; a file cannot be written.
+pub fn ca_switch(data_dir: &Path) -> Result<(), PkiError> {
+    if rollover(data_dir) != Rollover::Added {
+        return Err(rollover_error(
+            data_dir,
+            "no next CA: run `cloudcore ca add` first",
+        ));
+    }
+    let dir = data_dir.join("pki");
+    let read = |name: &str| {
+        let path = dir.join(name);
+        fs::read(&path).map_err(io(&path))
+    };
+    let (cert, key, next_cert, next_key) = (
+        read("ca.crt")?,
+        read("ca.key")?,
+        read("ca-next.crt")?,
+        read("ca-next.key")?,
+    );
+    // Run again after an interruption, the first run's copy of the previous CA stands (the
+    // current files may already be half the next CA's).
+    if !dir.join("ca-prev.crt").exists() {
+        write_private(&dir.join("ca-prev.key"), &key)?;
+        write_private(&dir.join("ca-prev.crt"), &cert)?;
+    }
+    write_private(&dir.join("ca.key"), &next_key)?;
+    write_private(&dir.join("ca.crt"), &next_cert)?;
+    for name in ["ca-next.crt", "ca-next.key"] {
+        let path = dir.join(name);
+        fs::remove_file(&path).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+/// Rollover step 3: the previous CA is no longer trusted (`pki/ca-prev.*` removed). Run it once
+/// every node renewed its certificate from the new CA (a node certificate lifetime after
+/// step 2, or when `kedge_node_certificates_total{event="renewed"}` says so).
+///
+/// # Errors
+/// No rollover in step 2; a file cannot be removed.
+pub fn ca_finish(data_dir: &Path) -> Result<(), PkiError> {
+    if rollover(data_dir) != Rollover::Switched {
+        return Err(rollover_error(
+            data_dir,
+            "no previous CA: run `cloudcore ca add` and `cloudcore ca switch` first",
+        ));
+    }
+    let dir = data_dir.join("pki");
+    for name in ["ca-prev.crt", "ca-prev.key"] {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+    }
+    Ok(())
+}
+
 /// The QUIC stateless-reset secret of this data dir, created on first use (see
 /// `transport::ServerConfig::reset_key`).
 pub fn load_or_create_reset_key(data_dir: &Path) -> Result<[u8; 32], PkiError> {
@@ -138,6 +279,10 @@ pub fn ca_pin(ca: &CertificateAuthority) -> String {
 struct TokenRecord {
     secret_sha256: String,
     expires_unix: u64,
+    /// A one-use token: its first successful join consumes it (the file is renamed to
+    /// `ID.used`).
+    #[serde(default)]
+    once: bool,
 }
 
 fn random_string(len: usize) -> String {
@@ -154,7 +299,19 @@ fn now_unix() -> u64 {
 }
 
 /// Creates a token valid for `ttl` and returns its printed form.
+///
+/// # Errors
+/// As [`create_token_with`].
 pub fn create_token(data_dir: &Path, ttl: Duration) -> Result<String, PkiError> {
+    create_token_with(data_dir, ttl, false)
+}
+
+/// Creates a token valid for `ttl`, for one join only if `once`, and returns its printed form
+/// (`kedge1.<ca-sha256-hex>.<id>.<secret>`).
+///
+/// # Errors
+/// [`PkiError::Io`] when the CA or the token file cannot be written.
+pub fn create_token_with(data_dir: &Path, ttl: Duration, once: bool) -> Result<String, PkiError> {
     let ca = load_or_create_ca(data_dir)?;
     let dir = data_dir.join("tokens");
     fs::create_dir_all(&dir).map_err(io(&dir))?;
@@ -163,10 +320,102 @@ pub fn create_token(data_dir: &Path, ttl: Duration) -> Result<String, PkiError> 
     let record = TokenRecord {
         secret_sha256: sha256_hex(secret.as_bytes()),
         expires_unix: now_unix() + ttl.as_secs(),
+        once,
     };
     let path = dir.join(format!("{id}.json"));
     write_private(&path, &serde_json::to_vec(&record).expect("json"))?;
     Ok(format!("kedge1.{}.{id}.{secret}", ca_pin(&ca)))
+}
+
+/// A token as `cloudcore token list` shows it (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    /// The token's id (the third part of its printed form).
+    pub id: String,
+    /// When it expires, unix seconds.
+    pub expires_unix: u64,
+    /// A one-use token.
+    pub once: bool,
+    /// A one-use token that was used.
+    pub used: bool,
+}
+
+impl TokenInfo {
+    /// `valid`, `expired` or `used`.
+    pub fn state(&self) -> &'static str {
+        if self.used {
+            "used"
+        } else if now_unix() >= self.expires_unix {
+            "expired"
+        } else {
+            "valid"
+        }
+    }
+}
+
+/// The tokens of the data dir, by id.
+///
+/// # Errors
+/// [`PkiError::Io`] when the tokens directory cannot be read (an absent one is no tokens).
+pub fn list_tokens(data_dir: &Path) -> Result<Vec<TokenInfo>, PkiError> {
+    let dir = data_dir.join("tokens");
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(&dir)(e)),
+    };
+    let mut tokens = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(io(&dir))?.path();
+        let (Some(id), Some(ext)) = (
+            path.file_stem().and_then(|s| s.to_str()),
+            path.extension().and_then(|s| s.to_str()),
+        ) else {
+            continue;
+        };
+        let used = match ext {
+            "json" => false,
+            "used" => true,
+            _ => continue,
+        };
+        let Ok(bytes) = fs::read(&path) else { continue };
+        let Ok(record) = serde_json::from_slice::<TokenRecord>(&bytes) else {
+            continue;
+        };
+        tokens.push(TokenInfo {
+            id: id.to_owned(),
+            expires_unix: record.expires_unix,
+            once: record.once,
+            used,
+        });
+    }
+    tokens.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(tokens)
+}
+
+/// Deletes the token `id` (unused or used). Returns whether there was one.
+///
+/// # Errors
+/// [`PkiError::Io`] when a token file exists and cannot be removed; [`PkiError::Corrupt`]
+/// for an id that is not alphanumeric.
+pub fn delete_token(data_dir: &Path, id: &str) -> Result<bool, PkiError> {
+    let dir = data_dir.join("tokens");
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(PkiError::Corrupt {
+            path: dir,
+            message: format!("{id:?} is not a token id"),
+        });
+    }
+    let mut found = false;
+    for ext in ["json", "used"] {
+        let path = dir.join(format!("{id}.{ext}"));
+        match fs::remove_file(&path) {
+            Ok(()) => found = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+    }
+    Ok(found)
 }
 
 /// A parsed token.
@@ -177,14 +426,21 @@ pub struct Token {
     pub secret: String,
 }
 
+/// Why a token is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
+    /// Not of the printed form.
     #[error("the token is not of the form kedge1.<ca-hash>.<id>.<secret>")]
     Malformed,
+    /// No such token, or a wrong secret.
     #[error("unknown token")]
     Unknown,
+    /// Past its expiry.
     #[error("the token expired")]
     Expired,
+    /// A one-use token that a join used already.
+    #[error("the token was for one join only and has been used")]
+    Used,
 }
 
 impl Token {
@@ -208,10 +464,21 @@ impl Token {
     }
 }
 
-/// Checks a token presented by a joining node against the token files.
-pub fn verify_token(data_dir: &Path, token: &Token) -> Result<(), TokenError> {
-    let path = data_dir.join("tokens").join(format!("{}.json", token.id));
-    let bytes = fs::read(&path).map_err(|_| TokenError::Unknown)?;
+/// Checks a token presented by a joining node against the token files. Returns whether it is
+/// a one-use token (then [`consume_token`] before the join takes effect).
+///
+/// # Errors
+/// [`TokenError::Unknown`] for no such token or a wrong secret, [`TokenError::Expired`],
+/// [`TokenError::Used`] for a one-use token used already.
+pub fn verify_token(data_dir: &Path, token: &Token) -> Result<bool, TokenError> {
+    let dir = data_dir.join("tokens");
+    let (bytes, used) = match fs::read(dir.join(format!("{}.json", token.id))) {
+        Ok(bytes) => (bytes, false),
+        Err(_) => (
+            fs::read(dir.join(format!("{}.used", token.id))).map_err(|_| TokenError::Unknown)?,
+            true,
+        ),
+    };
     let record: TokenRecord = serde_json::from_slice(&bytes).map_err(|_| TokenError::Unknown)?;
     let presented = sha256_hex(token.secret.as_bytes());
     let equal =
@@ -219,10 +486,36 @@ pub fn verify_token(data_dir: &Path, token: &Token) -> Result<(), TokenError> {
     if !bool::from(equal) {
         return Err(TokenError::Unknown);
     }
+    if used {
+        return Err(TokenError::Used);
+    }
     if now_unix() >= record.expires_unix {
         return Err(TokenError::Expired);
     }
-    Ok(())
+    Ok(record.once)
+}
+
+/// Uses up a one-use token (verified with [`verify_token`]): of joins racing with it, exactly
+/// one succeeds (an atomic rename of `ID.json` to `ID.used`).
+///
+/// # Errors
+/// [`TokenError::Used`] when another join used it first (or it was deleted).
+pub fn consume_token(data_dir: &Path, token: &Token) -> Result<(), TokenError> {
+    let dir = data_dir.join("tokens");
+    fs::rename(
+        dir.join(format!("{}.json", token.id)),
+        dir.join(format!("{}.used", token.id)),
+    )
+    .map_err(|_| TokenError::Used)
+}
+
+/// Gives a consumed one-use token back (the join it was consumed for failed).
+pub fn restore_token(data_dir: &Path, token: &Token) {
+    let dir = data_dir.join("tokens");
+    let _ = fs::rename(
+        dir.join(format!("{}.used", token.id)),
+        dir.join(format!("{}.json", token.id)),
+    );
 }
 
 #[cfg(test)]
@@ -252,12 +545,65 @@ mod tests {
         let token = Token::parse(&printed).unwrap();
         let ca = load_or_create_ca(dir.path()).unwrap();
         assert_eq!(token.ca_pin, ca_pin(&ca));
-        verify_token(dir.path(), &token).unwrap();
+        assert_eq!(verify_token(dir.path(), &token), Ok(false));
         let mut wrong = token.clone();
         wrong.secret.push('x');
         assert_eq!(verify_token(dir.path(), &wrong), Err(TokenError::Unknown));
         let expired = Token::parse(&create_token(dir.path(), Duration::ZERO).unwrap()).unwrap();
         assert_eq!(verify_token(dir.path(), &expired), Err(TokenError::Expired));
         assert_eq!(Token::parse("nope"), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn a_ca_rollover_adds_switches_and_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_ca(dir.path()).unwrap().cert().clone();
+        assert_eq!(trust_bundle(dir.path()).unwrap(), vec![first.clone()]);
+        assert!(ca_switch(dir.path()).is_err());
+        assert!(ca_finish(dir.path()).is_err());
+        ca_add(dir.path()).unwrap();
+        assert!(ca_add(dir.path()).is_err());
+        assert_eq!(rollover(dir.path()), Rollover::Added);
+        let bundle = trust_bundle(dir.path()).unwrap();
+        assert_eq!(bundle.len(), 2);
+        assert_eq!(bundle[0], first, "the current CA signs until the switch");
+        let next = bundle[1].clone();
+        ca_switch(dir.path()).unwrap();
+        assert_eq!(rollover(dir.path()), Rollover::Switched);
+        assert_eq!(load_or_create_ca(dir.path()).unwrap().cert(), &next);
+        assert_eq!(trust_bundle(dir.path()).unwrap(), vec![next.clone(), first]);
+        ca_finish(dir.path()).unwrap();
+        assert_eq!(rollover(dir.path()), Rollover::None);
+        assert_eq!(trust_bundle(dir.path()).unwrap(), vec![next]);
+    }
+
+    #[test]
+    fn one_use_tokens_are_consumed_once_listed_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let once =
+            Token::parse(&create_token_with(dir.path(), Duration::from_secs(3600), true).unwrap())
+                .unwrap();
+        let many =
+            Token::parse(&create_token(dir.path(), Duration::from_secs(3600)).unwrap()).unwrap();
+        assert_eq!(verify_token(dir.path(), &once), Ok(true));
+        consume_token(dir.path(), &once).unwrap();
+        assert_eq!(consume_token(dir.path(), &once), Err(TokenError::Used));
+        assert_eq!(verify_token(dir.path(), &once), Err(TokenError::Used));
+        let mut wrong = once.clone();
+        wrong.secret.push('x');
+        assert_eq!(verify_token(dir.path(), &wrong), Err(TokenError::Unknown));
+        let listed = list_tokens(dir.path()).unwrap();
+        assert_eq!(listed.len(), 2);
+        let used = listed.iter().find(|t| t.id == once.id).unwrap();
+        assert!(used.once && used.used && used.state() == "used");
+        let other = listed.iter().find(|t| t.id == many.id).unwrap();
+        assert!(!other.once && other.state() == "valid");
+        restore_token(dir.path(), &once);
+        assert_eq!(verify_token(dir.path(), &once), Ok(true));
+        assert!(delete_token(dir.path(), &many.id).unwrap());
+        assert!(!delete_token(dir.path(), &many.id).unwrap());
+        assert_eq!(verify_token(dir.path(), &many), Err(TokenError::Unknown));
+        assert!(delete_token(dir.path(), "../x").is_err());
+        assert_eq!(list_tokens(dir.path()).unwrap().len(), 1);
     }
 }

@@ -41,6 +41,12 @@ pub struct CloudConfig {
     /// Streams (logs, exec, attach, port-forward connections) open at once per node through
     /// the cloud; more are refused with 429 ([`crate::cloudstream`]).
     pub streams_per_node: usize,
+    /// Validity of the node certificates issued at join and renewal.
+    pub node_cert_lifetime: Duration,
+    /// How long after expiry a node certificate may still renew itself (and do nothing else).
+    pub node_cert_grace: Duration,
+    /// Join attempts a minute per source address (0: no limit).
+    pub join_rate_limit: u32,
 }
 
 impl CloudConfig {
@@ -59,6 +65,9 @@ impl CloudConfig {
             link_keepalive: transport::LinkConfig::default().heartbeat,
             service_bus_timeout: crate::servicebus::DEFAULT_TIMEOUT,
             streams_per_node: crate::cloudstream::DEFAULT_STREAMS_PER_NODE,
+            node_cert_lifetime: crate::credentials::DEFAULT_LIFETIME,
+            node_cert_grace: crate::credentials::DEFAULT_GRACE,
+            join_rate_limit: crate::join::DEFAULT_JOIN_RATE,
         }
     }
 }
@@ -228,19 +237,44 @@ impl CloudCore {
         let mut quic_config = transport::ServerConfig::new(config.quic_listen);
         quic_config.reset_key = Some(crate::pki::load_or_create_reset_key(&config.data_dir)?);
         quic_config.link.heartbeat = config.link_keepalive;
+        let trust = crate::pki::trust_bundle(&config.data_dir)?;
+        // During a CA rollover node certificates of the other CA are trusted too.
+        quic_config.other_client_cas = trust[1..].to_vec();
+        if trust.len() > 1 {
+            tracing::info!(phase = ?crate::pki::rollover(&config.data_dir), "CA rollover under way: nodes are sent both CAs");
+        }
         let ca = Arc::new(ca);
+        let credentials = Arc::new(
+            crate::credentials::NodeCredentials::new(
+                &config.data_dir,
+                store.clone(),
+                ca.clone(),
+                config.node_cert_lifetime,
+                config.node_cert_grace,
+                metrics.clone(),
+            )
+            .with_trust(trust),
+        );
         let join = Arc::new(crate::join::CloudJoin {
             data_dir: config.data_dir.clone(),
             store: store.clone(),
-            ca: ca.clone(),
+            credentials: credentials.clone(),
+            metrics: metrics.clone(),
+            rate: std::sync::Mutex::new(crate::join::JoinRateLimit::new(config.join_rate_limit)),
         });
-        let quic = transport::Server::bind_with_join(quic_config, ca.cert(), &identity, Some(join))
-            .with_context(|| {
-                format!(
-                    "cannot listen on {} for edge nodes (QUIC)",
-                    config.quic_listen
-                )
-            })?;
+        let quic = transport::Server::bind_with_policy(
+            quic_config,
+            ca.cert(),
+            &identity,
+            Some(join),
+            Some(credentials.clone()),
+        )
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for edge nodes (QUIC)",
+                config.quic_listen
+            )
+        })?;
         let quic_addr = quic.local_addr()?;
         let shutdown = CancellationToken::new();
         let hub = crate::hub::run(
@@ -249,6 +283,7 @@ impl CloudCore {
             metrics.clone(),
             connected.clone(),
             bus.clone(),
+            credentials,
             shutdown.clone(),
         );
         tasks.push((

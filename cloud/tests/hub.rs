@@ -119,6 +119,10 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 
 const OBJECTS: &str = r#"
 apiVersion: v1
+kind: Node
+metadata: {name: edge-1}
+---
+apiVersion: v1
 kind: ConfigMap
 metadata: {name: cm}
 data: {greeting: hello}

@@ -76,6 +76,9 @@ pub struct EdgeConfig {
     /// QUIC keepalive of the link; a connection silent for twice this is dead and the link
     /// reconnects (resuming its session).
     pub link_keepalive: Duration,
+    /// Join again with `token` even though the data dir has a certificate (a node the cloud
+    /// revoked, or refuses as expired beyond its grace window).
+    pub rejoin: bool,
 }
 
 impl EdgeConfig {
@@ -93,6 +96,7 @@ impl EdgeConfig {
             service_bus_timeout: Duration::from_secs(10),
             eventbus: eventbus::EventBusConfig::default(),
             link_keepalive: transport::LinkConfig::default().heartbeat,
+            rejoin: false,
         }
     }
 }
@@ -124,6 +128,7 @@ impl EdgeCore {
             &config.node_name,
             config.cloud,
             config.token.as_deref(),
+            config.rejoin,
         )
         .await?;
         let meta = MetaManager::open(&config.data_dir.join("store"), &config.node_name)
@@ -199,8 +204,31 @@ impl EdgeCore {
         // node below this, `cloudcore --streams-per-node`), besides ServiceBus calls. What they
         // buffer is bounded by the connection's receive window, not by their number.
         client.link.max_concurrent_requests = STREAMS_FROM_CLOUD;
-        let link = transport::connect(client, &credentials.ca, &credentials.identity)
+        let cell =
+            transport::Credentials::trusting(credentials.cas.clone(), credentials.identity.clone());
+        let link = transport::connect_with(client, cell.clone())
             .context("starting the link to the cloud")?;
+        tasks.push((
+            "trust bundle",
+            tokio::spawn(identity::run_trust_sync(
+                config.data_dir.clone(),
+                config.node_name.clone(),
+                cell.clone(),
+                link.handle().clone(),
+                shutdown.clone(),
+            )),
+        ));
+        tasks.push((
+            "certificate rotation",
+            tokio::spawn(identity::run_rotation(
+                config.data_dir.clone(),
+                config.node_name.clone(),
+                config.cloud,
+                cell,
+                link.handle().clone(),
+                shutdown.clone(),
+            )),
+        ));
         meta.set_link(link.handle().clone());
         let link_handle = link.handle().clone();
         let bus = Arc::new(servicebus::ServiceBus::new(

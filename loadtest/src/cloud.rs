@@ -180,6 +180,8 @@ fn spawn_cloudcore(
         .arg(format!("127.0.0.1:{metrics_port}"))
         .arg("--quic-listen")
         .arg(quic.to_string())
+        // The whole fleet joins from this one address.
+        .args(["--join-rate-limit", "0"])
         .env(
             "RUST_LOG",
             std::env::var("CLOUD_LOG").unwrap_or_else(|_| "warn".into()),

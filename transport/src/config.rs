@@ -97,6 +97,9 @@ pub struct ServerConfig {
     /// packet instead of nodes waiting for their idle timeout. `None`: random per start.
     /// The connection-id checksum key is derived from it as well (see `Server::bind`).
     pub reset_key: Option<[u8; 32]>,
+    /// CAs whose node certificates are trusted besides the server's own CA: the previous (or
+    /// next) CA during a CA rollover. Empty normally.
+    pub other_client_cas: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl ServerConfig {
@@ -108,6 +111,7 @@ impl ServerConfig {
             max_connections: 100_000,
             socket_buffer_bytes: 32 * 1024 * 1024,
             reset_key: None,
+            other_client_cas: Vec::new(),
         }
     }
 }
@@ -125,10 +129,16 @@ pub struct ClientConfig {
     pub backoff: BackoffConfig,
     /// How long one connection attempt (QUIC + TLS handshake) may take.
     pub connect_timeout: Duration,
+    /// How long the node waits before reconnecting after the cloud replaced its open
+    /// connection with a newer one presenting the same certificate (another process with
+    /// this node's identity); doubled on each repetition, up to an hour. The newer process
+    /// keeps the link meanwhile instead of the two replacing each other in a loop.
+    pub conflict_holdoff: Duration,
 }
 
 impl ClientConfig {
-    /// Defaults: link and backoff defaults, 5 s per connection attempt.
+    /// Defaults: link and backoff defaults, 5 s per connection attempt, a conflict hold-off of
+    /// ten minutes.
     pub fn new(server_addr: SocketAddr, server_name: impl Into<String>) -> Self {
         ClientConfig {
             server_addr,
@@ -139,6 +149,7 @@ impl ClientConfig {
             // cloud was down completes soon after it returns, and a dead one gives way to the
             // next attempt instead of holding the node for long.
             connect_timeout: Duration::from_secs(5),
+            conflict_holdoff: Duration::from_secs(600),
         }
     }
 }

@@ -32,10 +32,11 @@ pub(crate) fn udp_socket(
 
 pub(crate) fn quinn_server_config(
     ca: &CertificateDer<'static>,
+    other_cas: &[CertificateDer<'static>],
     identity: &Identity,
     link: &LinkConfig,
 ) -> Result<quinn::ServerConfig, EndpointError> {
-    let tls = crate::tls::server_config(ca, identity)?;
+    let tls = crate::tls::server_config_trusting(ca, other_cas, identity)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| EndpointError::QuicTls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -44,11 +45,11 @@ pub(crate) fn quinn_server_config(
 }
 
 pub(crate) fn quinn_client_config(
-    ca: &CertificateDer<'static>,
+    cas: &[CertificateDer<'static>],
     identity: &Identity,
     link: &LinkConfig,
 ) -> Result<quinn::ClientConfig, EndpointError> {
-    let tls = crate::tls::client_config(ca, identity)?;
+    let tls = crate::tls::client_config_trusting(cas, identity)?;
     quinn_client_config_from(tls, link)
 }
 

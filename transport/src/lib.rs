@@ -10,6 +10,8 @@
 //! - [`link`]: a reliable, reconnecting link to one peer over successive QUIC connections.
 //! - [`logging`]: how kedge's binaries log (text, colour only on a terminal, or JSON lines).
 //! - [`join`](mod@join): how a node without a certificate gets one with a bootstrap token (CA pinned).
+//! - [`renew`]: how a node renews its certificate, and the cloud's [`CredentialPolicy`] over
+//!   which certificates may connect (revoked, expired, in a grace window).
 //! - [`server`] / [`client`]: the cloud's endpoint (one link per node, named by its certificate)
 //!   and the edge's endpoint (one link to the cloud, reconnecting with backoff).
 
@@ -27,6 +29,7 @@ pub mod link;
 pub mod logging;
 pub mod message;
 pub mod portforward;
+pub mod renew;
 pub mod server;
 pub mod spdy;
 pub mod stream;
@@ -35,7 +38,7 @@ pub mod tls;
 pub mod usage;
 pub mod window;
 
-pub use client::{connect, connect_on};
+pub use client::{connect, connect_on, connect_with, Credentials};
 pub use config::{ClientConfig, LinkConfig, ServerConfig, PROTOCOL_VERSION};
 pub use endpoint::{client_endpoint, quinn_client_config_from};
 pub use error::{CloseCode, EndpointError, LinkError};
@@ -46,5 +49,6 @@ pub use link::{
     StreamWriter,
 };
 pub use message::{Header, Message, Route};
+pub use renew::{Admission, CredentialPolicy, RenewError};
 pub use server::Server;
 pub use tls::{CertificateAuthority, Identity};

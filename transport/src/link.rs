@@ -11,6 +11,7 @@
 //! sends through a bounded window: a full window makes `send` wait (backpressure). Unacked
 //! messages are replayed on the next connection; the receiver drops replays it already has.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -560,6 +561,13 @@ impl LinkHandle {
     pub fn close(&self) {
         self.shared.cancel.cancel();
     }
+
+    /// Closes the link, its current connection with `code` and `reason` (at most ~1 KB of
+    /// it reaches the peer): how the cloud tells a node why it is cut off (a revoked
+    /// certificate). The cloud's server accepts the node's next connection on a new link.
+    pub fn close_with(&self, code: CloseCode, reason: &str) {
+        self.shared.close_with(code, reason);
+    }
 }
 
 impl Shared {
@@ -577,18 +585,33 @@ impl Shared {
         current.ready.then(|| current.connection.clone()).flatten()
     }
 
-    /// Announces a new connection and closes the one it supersedes. Returns its generation.
-    pub(crate) fn begin_connection(&self) -> u64 {
+    /// Announces a new connection from `remote` and closes the one it supersedes. Returns its
+    /// generation, and the superseded connection's address if that one was still open (a
+    /// second process with the same identity, or a restart before the old one timed out).
+    pub(crate) fn begin_connection(&self, remote: SocketAddr) -> (u64, Option<SocketAddr>) {
         let mut current = self.lock_current();
         current.newest += 1;
+        let mut replaced = None;
         if let Some(old) = current.connection.take() {
+            if old.close_reason().is_none() {
+                replaced = Some(old.remote_address());
+                tracing::debug!(peer = %self.peer, %remote, "a new connection replaces an open one");
+            }
             old.close(
                 CloseCode::Replaced.var_int(),
-                b"replaced by a newer connection",
+                b"replaced by a newer connection with this node's certificate",
             );
         }
         current.ready = false;
-        current.newest
+        (current.newest, replaced)
+    }
+
+    /// Closes the current connection with `code` and `reason`, and the link with it.
+    pub(crate) fn close_with(&self, code: CloseCode, reason: &str) {
+        if let Some(connection) = self.lock_current().connection.take() {
+            connection.close(code.var_int(), reason.as_bytes());
+        }
+        self.cancel.cancel();
     }
 
     pub(crate) fn is_closed(&self) -> bool {

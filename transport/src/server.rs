@@ -15,6 +15,7 @@ use crate::endpoint::{quinn_server_config, udp_socket};
 use crate::error::{CloseCode, EndpointError};
 use crate::join::{JoinHandler, JOIN_ALPN};
 use crate::link::{Link, Role, Shared};
+use crate::renew::{Admission, CredentialPolicy, RENEW_ALPN};
 use crate::tls::{node_name_from_cert, Identity};
 
 /// Accepts nodes. Dropping it stops accepting; existing links live until they are dropped.
@@ -29,6 +30,9 @@ struct Registry {
     config: ServerConfig,
     /// Answers nodes that join (ALPN `kedge-join/1`); `None`: joining is refused.
     join: Option<Arc<dyn JoinHandler>>,
+    /// Decides which certificates may connect and renews them; `None`: every verified,
+    /// unexpired certificate opens its node's link, and nothing is renewed.
+    policy: Option<Arc<dyn CredentialPolicy>>,
     links: Mutex<HashMap<String, Weak<Shared>>>,
     /// Connections being handshaken or running.
     connections: AtomicUsize,
@@ -59,7 +63,24 @@ impl Server {
         identity: &Identity,
         join: Option<Arc<dyn JoinHandler>>,
     ) -> Result<Server, EndpointError> {
-        let quinn_config = quinn_server_config(ca, identity, &config.link)?;
+        Self::bind_with_policy(config, ca, identity, join, None)
+    }
+
+    /// Like [`Server::bind_with_join`], and `policy` decides which node certificates may
+    /// connect (revoked and expired ones are refused with its reason) and renews them
+    /// ([`crate::renew`]).
+    ///
+    /// # Errors
+    /// As [`Server::bind`].
+    pub fn bind_with_policy(
+        config: ServerConfig,
+        ca: &CertificateDer<'static>,
+        identity: &Identity,
+        join: Option<Arc<dyn JoinHandler>>,
+        policy: Option<Arc<dyn CredentialPolicy>>,
+    ) -> Result<Server, EndpointError> {
+        let quinn_config =
+            quinn_server_config(ca, &config.other_client_cas, identity, &config.link)?;
         let socket = udp_socket(config.listen, config.socket_buffer_bytes)?;
         let runtime = quinn::default_runtime().ok_or_else(|| EndpointError::Bind {
             addr: config.listen,
@@ -91,6 +112,7 @@ impl Server {
         let registry = Arc::new(Registry {
             config,
             join,
+            policy,
             links: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
         });
@@ -186,14 +208,36 @@ async fn serve_connection(
         }
         return;
     }
-    let node = match peer_node_name(&connection) {
-        Ok(node) => node,
+    let (node, leaf) = match peer_node(&connection) {
+        Ok(peer) => peer,
         Err(reason) => {
             tracing::warn!(%remote, "rejecting connection: {reason}");
             connection.close(CloseCode::Unauthorized.var_int(), reason.as_bytes());
             return;
         }
     };
+    let policy = crate::renew::or_default(&registry.policy);
+    let admission = policy.admit(&node, &leaf);
+    if negotiated_alpn(&connection).as_deref() == Some(RENEW_ALPN) {
+        match admission {
+            Admission::Refuse(reason) => {
+                tracing::warn!(%node, %remote, "renewal refused: {reason}");
+                connection.close(CloseCode::Unauthorized.var_int(), reason.as_bytes());
+            }
+            Admission::Link | Admission::RenewOnly(_) => {
+                crate::renew::serve(connection, policy, &node, timeout).await
+            }
+        }
+        return;
+    }
+    match admission {
+        Admission::Link => {}
+        Admission::RenewOnly(reason) | Admission::Refuse(reason) => {
+            tracing::warn!(%node, %remote, "connection refused: {reason}");
+            connection.close(CloseCode::Unauthorized.var_int(), reason.as_bytes());
+            return;
+        }
+    }
     let (shared, new_link) = registry.link_for(&node);
     if let Some(link) = new_link {
         if links_tx.send(link).await.is_err() {
@@ -201,7 +245,10 @@ async fn serve_connection(
             return;
         }
     }
-    let generation = shared.begin_connection();
+    let (generation, replaced) = shared.begin_connection(remote);
+    if let Some(old) = replaced {
+        policy.on_replaced(&node, old, remote);
+    }
     tracing::debug!(%node, %remote, generation, "node connected");
     let reason = shared.drive(connection, Role::Server, generation).await;
     tracing::debug!(%node, %remote, "node connection ended: {reason}");
@@ -215,13 +262,14 @@ fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
         .protocol
 }
 
-fn peer_node_name(connection: &quinn::Connection) -> Result<String, String> {
+fn peer_node(connection: &quinn::Connection) -> Result<(String, CertificateDer<'static>), String> {
     let identity = connection.peer_identity().ok_or("no client certificate")?;
     let certs = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| "unexpected peer identity type".to_owned())?;
     let leaf = certs.first().ok_or("empty client certificate chain")?;
-    node_name_from_cert(leaf).map_err(|e| e.to_string())
+    let node = node_name_from_cert(leaf).map_err(|e| e.to_string())?;
+    Ok((node, leaf.clone()))
 }
 
 impl Registry {

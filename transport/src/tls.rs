@@ -6,7 +6,7 @@
 //! anything the node says.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
@@ -172,14 +172,15 @@ impl CertificateAuthority {
     /// A fresh key and a client certificate for `node_name`, valid for `validity` from now.
     ///
     /// The certificate's common name is `node_name`; it is valid for client authentication only,
-    /// from five minutes ago (clock skew).
+    /// from five minutes ago (clock skew; a tenth of `validity` if that is less, so that a node
+    /// renewing at two thirds of the lifetime it reads does so near two thirds of `validity`).
     ///
     /// # Errors
     /// [`TlsError::NodeName`] when `node_name` is not a DNS-1123 subdomain;
     /// [`TlsError::Generate`] when the key cannot be made or the certificate signed.
     pub fn issue_node(&self, node_name: &str, validity: Duration) -> Result<Identity, TlsError> {
         let now = OffsetDateTime::now_utc();
-        self.issue_node_between(node_name, now - time::Duration::minutes(5), now + validity)
+        self.issue_node_between(node_name, now - backdate(validity), now + validity)
     }
 
     /// Like [`issue_node`](Self::issue_node) with explicit validity bounds (tests use it to
@@ -205,7 +206,8 @@ impl CertificateAuthority {
     /// Signs a node's certificate signing request. The name comes from the caller (who checked
     /// the node's bootstrap token), not from the request; only the public key is taken from it.
     ///
-    /// The certificate is valid from five minutes ago to `validity` from now.
+    /// The certificate is valid from five minutes ago (a tenth of `validity` if that is less) to
+    /// `validity` from now.
     ///
     /// # Errors
     /// [`TlsError::Generate`] when `csr_der` is not a DER PKCS#10 request with a valid
@@ -221,7 +223,7 @@ impl CertificateAuthority {
             csr_der,
         ))?;
         let now = OffsetDateTime::now_utc();
-        let params = node_params(node_name, now - time::Duration::minutes(5), now + validity)?;
+        let params = node_params(node_name, now - backdate(validity), now + validity)?;
         Ok(params
             .signed_by(&csr.public_key, &self.issuer)?
             .der()
@@ -272,6 +274,13 @@ pub fn node_csr(node_name: &str) -> Result<(PrivateKeyDer<'static>, Vec<u8>), Tl
     )?;
     let csr = params.serialize_request(&key)?;
     Ok((private_key(&key), csr.der().to_vec()))
+}
+
+/// How far back a node certificate's validity starts (clock skew between cloud and node):
+/// five minutes, or a tenth of its validity if that is less.
+fn backdate(validity: Duration) -> time::Duration {
+    let skew = (validity / 10).min(Duration::from_secs(300));
+    time::Duration::try_from(skew).unwrap_or(time::Duration::minutes(5))
 }
 
 fn node_params(
@@ -342,20 +351,211 @@ pub fn node_name_from_cert(cert: &CertificateDer<'_>) -> Result<String, TlsError
     Ok(cn.to_owned())
 }
 
+/// What kedge reads from a node certificate: its name, validity and fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCertInfo {
+    /// The subject common name (a valid node name).
+    pub node: String,
+    /// `notBefore`, as a system time (second precision, as X.509 has it).
+    pub not_before: SystemTime,
+    /// `notAfter`, as a system time.
+    pub not_after: SystemTime,
+    /// SHA-256 of the certificate's DER, lowercase hex: what the cloud records per node.
+    pub fingerprint: String,
+    /// The issuer's common name (the CA that signed it; empty if it has none).
+    pub issuer: String,
+}
+
+/// Reads a node certificate's name, validity and fingerprint. The certificate is not verified.
+///
+/// # Errors
+/// [`TlsError::NodeName`] when it does not parse as X.509 or names no valid node.
+pub fn node_cert_info(cert: &CertificateDer<'_>) -> Result<NodeCertInfo, TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| TlsError::NodeName(format!("unparsable certificate: {e}")))?;
+    let time = |t: x509_parser::time::ASN1Time| {
+        let secs = t.timestamp();
+        if secs >= 0 {
+            UNIX_EPOCH + Duration::from_secs(secs as u64)
+        } else {
+            UNIX_EPOCH
+        }
+    };
+    let issuer = parsed
+        .issuer()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Ok(NodeCertInfo {
+        node: node_name_from_cert(cert)?,
+        not_before: time(parsed.validity().not_before),
+        not_after: time(parsed.validity().not_after),
+        fingerprint: fingerprint(cert),
+        issuer,
+    })
+}
+
+/// The subject common name a certificate signing request (DER PKCS#10) asks for. The request's
+/// signature is checked too (a request whose key did not sign it is refused).
+///
+/// # Errors
+/// [`TlsError::NodeName`] when the request does not parse, its signature does not verify, or
+/// it has no common name.
+pub fn csr_common_name(csr_der: &[u8]) -> Result<String, TlsError> {
+    use x509_parser::prelude::FromDer;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+        .map_err(|e| TlsError::NodeName(format!("unparsable certificate signing request: {e}")))?;
+    // rcgen checks the request's signature.
+    CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+        .map_err(|e| TlsError::NodeName(format!("certificate signing request: {e}")))?;
+    let cn = csr
+        .certification_request_info
+        .subject
+        .iter_common_name()
+        .next()
+        .ok_or_else(|| TlsError::NodeName("the request has no common name".into()))?
+        .as_str()
+        .map_err(|e| TlsError::NodeName(format!("common name is not a string: {e}")))?;
+    Ok(cn.to_owned())
+}
+
+/// SHA-256 of a certificate's DER, lowercase hex.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    ring::digest::digest(&ring::digest::SHA256, cert.as_ref())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// When a node renews a certificate valid from `not_before` to `not_after`: at two thirds of
+/// its lifetime (like kubelet's rotation at 70–90 %, early enough for a node that is offline
+/// for a while to still get its renewal through). A certificate whose bounds are reversed is
+/// due at once (`not_before`).
+pub fn renewal_due(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    not_before + lifetime * 2 / 3
+}
+
+/// How the cloud treats a certificate at a given time, by its expiry alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Not expired: every use.
+    Valid,
+    /// Expired this long ago, within the grace window: only to rotate it.
+    InGrace(Duration),
+    /// Expired this long ago, beyond the grace window: refused (the node re-joins).
+    Beyond(Duration),
+}
+
+/// Judges a certificate expiring at `not_after`, `now`, with a grace window of `grace` after
+/// expiry (the bound itself is still in grace).
+pub fn expiry(now: SystemTime, not_after: SystemTime, grace: Duration) -> Expiry {
+    match now.duration_since(not_after) {
+        Err(_) => Expiry::Valid,
+        Ok(ago) if ago.is_zero() => Expiry::Valid,
+        Ok(ago) if ago <= grace => Expiry::InGrace(ago),
+        Ok(ago) => Expiry::Beyond(ago),
+    }
+}
+
+/// A client verifier that also lets expired certificates through the TLS handshake when they
+/// are otherwise valid (issued by the CA, signature and chain good at their expiry time), so
+/// that the application can tell an expired node what to do instead of a bare TLS alert. The
+/// application must judge expiry itself ([`expiry`] on [`node_cert_info`]); the cloud lets an
+/// expired certificate only rotate itself.
+#[derive(Debug)]
+struct ExpiryTolerantVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for ExpiryTolerantVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        use rustls::CertificateError;
+        match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            )) => {
+                let info = node_cert_info(end_entity)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                let at = info
+                    .not_after
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .saturating_sub(Duration::from_secs(1));
+                self.inner.verify_client_cert(
+                    end_entity,
+                    intermediates,
+                    rustls::pki_types::UnixTime::since_unix_epoch(at),
+                )
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn roots(ca: &CertificateDer<'static>) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+fn roots(cas: &[CertificateDer<'static>]) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.clone())?;
+    for ca in cas {
+        roots.add(ca.clone())?;
+    }
     Ok(Arc::new(roots))
 }
 
 /// The cloud's TLS config: its server identity (sent with the CA certificate, which joining
 /// nodes check against their pin), and client certificates verified against `ca`. A client
 /// certificate is optional at the TLS level so that nodes can join (ALPN `kedge-join/1`); the
-/// server refuses a `kedge/1` connection without one.
+/// server refuses a `kedge/1` connection without one. An expired client certificate that is
+/// otherwise valid passes the handshake: the server application judges expiry (see
+/// [`expiry`]), so that it can answer with a reason instead of a TLS alert.
 ///
 /// # Errors
 /// [`TlsError::Config`] when rustls refuses `ca` as a root or `identity`'s key;
@@ -364,11 +564,27 @@ pub fn server_config(
     ca: &CertificateDer<'static>,
     identity: &Identity,
 ) -> Result<rustls::ServerConfig, TlsError> {
+    server_config_trusting(ca, &[], identity)
+}
+
+/// Like [`server_config`], and client certificates issued by any of `other_cas` are trusted
+/// too (the previous or next CA during a CA rollover). `ca` is the CA that issued `identity`.
+///
+/// # Errors
+/// As [`server_config`].
+pub fn server_config_trusting(
+    ca: &CertificateDer<'static>,
+    other_cas: &[CertificateDer<'static>],
+    identity: &Identity,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut trusted = vec![ca.clone()];
+    trusted.extend(other_cas.iter().filter(|c| *c != ca).cloned());
     let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&trusted)?, provider())
             .allow_unauthenticated()
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(ExpiryTolerantVerifier { inner: verifier });
     let mut chain = identity.cert_chain.clone();
     if !chain.contains(ca) {
         chain.push(ca.clone());
@@ -377,7 +593,11 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, identity.key.clone_key())?;
-    config.alpn_protocols = vec![ALPN.to_vec(), crate::join::JOIN_ALPN.to_vec()];
+    config.alpn_protocols = vec![
+        ALPN.to_vec(),
+        crate::join::JOIN_ALPN.to_vec(),
+        crate::renew::RENEW_ALPN.to_vec(),
+    ];
     Ok(config)
 }
 
@@ -389,12 +609,42 @@ pub fn client_config(
     ca: &CertificateDer<'static>,
     identity: &Identity,
 ) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_trusting(std::slice::from_ref(ca), identity)
+}
+
+/// A node's TLS config trusting any of `cas` (its trust bundle: two CAs during a rollover),
+/// presenting `identity`.
+///
+/// # Errors
+/// [`TlsError::Config`] when `cas` is empty, rustls refuses one as a root, or refuses
+/// `identity`'s key.
+pub fn client_config_trusting(
+    cas: &[CertificateDer<'static>],
+    identity: &Identity,
+) -> Result<rustls::ClientConfig, TlsError> {
+    if cas.is_empty() {
+        return Err(TlsError::Pem("no CA certificate to trust".into()));
+    }
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(ca)?)
+        .with_root_certificates(roots(cas)?)
         .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
+}
+
+/// Every `CERTIFICATE` block of PEM text (a trust bundle), in order.
+///
+/// # Errors
+/// [`TlsError::Pem`] when a block does not decode or there is none.
+pub fn certs_from_pem(text: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem("no CERTIFICATE block".into()));
+    }
+    Ok(certs)
 }
 
 #[cfg(test)]
@@ -417,6 +667,63 @@ mod tests {
             .sign_node_csr(&csr, "edge-7", Duration::from_secs(60))
             .unwrap();
         assert_eq!(node_name_from_cert(&cert).unwrap(), "edge-7");
+        assert_eq!(csr_common_name(&csr).unwrap(), "i-claim-to-be-another-node");
+        assert!(csr_common_name(b"garbage").is_err());
+    }
+
+    #[test]
+    fn renewal_is_due_at_two_thirds_of_the_lifetime() {
+        let start = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let due = renewal_due(start, start + Duration::from_secs(90));
+        assert_eq!(due, start + Duration::from_secs(60));
+        // Reversed bounds: due at once.
+        assert_eq!(renewal_due(start, start - Duration::from_secs(5)), start);
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let due = renewal_due(start, start + year);
+        assert!(due > start + year / 2 && due < start + year * 3 / 4);
+    }
+
+    #[test]
+    fn expiry_grace_decision() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let grace = Duration::from_secs(30);
+        assert_eq!(expiry(t - Duration::from_secs(1), t, grace), Expiry::Valid);
+        assert_eq!(expiry(t, t, grace), Expiry::Valid);
+        assert_eq!(
+            expiry(t + Duration::from_secs(1), t, grace),
+            Expiry::InGrace(Duration::from_secs(1))
+        );
+        assert_eq!(expiry(t + grace, t, grace), Expiry::InGrace(grace));
+        assert_eq!(
+            expiry(t + grace + Duration::from_secs(1), t, grace),
+            Expiry::Beyond(grace + Duration::from_secs(1))
+        );
+        assert_eq!(
+            expiry(t + Duration::from_secs(1), t, Duration::ZERO),
+            Expiry::Beyond(Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn cert_info_reads_validity_and_fingerprint() {
+        let ca = CertificateAuthority::generate("kedge-ca").unwrap();
+        let id = ca.issue_node("edge-3", Duration::from_secs(600)).unwrap();
+        let info = node_cert_info(&id.cert_chain[0]).unwrap();
+        assert_eq!(info.node, "edge-3");
+        let lifetime = info.not_after.duration_since(info.not_before).unwrap();
+        // Back-dated a tenth of the validity (at most five minutes) for clock skew.
+        assert!(lifetime.as_secs().abs_diff(660) <= 2, "{lifetime:?}");
+        let long = ca.issue_node("edge-3", Duration::from_secs(86400)).unwrap();
+        let long = node_cert_info(&long.cert_chain[0]).unwrap();
+        let lifetime = long.not_after.duration_since(long.not_before).unwrap();
+        assert!(lifetime.as_secs().abs_diff(86700) <= 2, "{lifetime:?}");
+        assert_eq!(info.fingerprint.len(), 64);
+        assert_eq!(info.issuer, "kedge-ca");
+        let other = ca.issue_node("edge-3", Duration::from_secs(600)).unwrap();
+        assert_ne!(
+            node_cert_info(&other.cert_chain[0]).unwrap().fingerprint,
+            info.fingerprint
+        );
     }
 
     #[test]

@@ -62,6 +62,19 @@ struct Cli {
     /// port-forward connection); more are refused with 429 Too Many Requests.
     #[arg(long, default_value_t = cloud::cloudstream::DEFAULT_STREAMS_PER_NODE)]
     streams_per_node: usize,
+    /// Validity of the node certificates issued at join and renewal (e.g. 90d, 12h). Nodes
+    /// renew theirs over the link at two thirds of it.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    node_cert_lifetime: Duration,
+    /// How long after its expiry a node certificate may still renew itself (and do nothing
+    /// else): a node offline past its expiry comes back by itself within this window; beyond
+    /// it, it must re-join with a new bootstrap token.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    node_cert_grace: Duration,
+    /// Join attempts a minute per source address (a burst of as many); more are refused with
+    /// "429 Too Many Requests". 0: no limit.
+    #[arg(long, default_value_t = cloud::join::DEFAULT_JOIN_RATE)]
+    join_rate_limit: u32,
     /// Changes kept in memory for watches that resume from a resourceVersion; older ones get 410.
     #[arg(long, default_value_t = 10_000)]
     watch_history: usize,
@@ -76,6 +89,54 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The cluster CA's rollover (three steps, each taking effect at cloudcore's next start).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Rollover step 1: make the next CA. From cloudcore's next start nodes learn it over
+    /// their links (trusted, not signing yet).
+    Add,
+    /// Rollover step 2, once every node holds both CAs: the next CA signs from cloudcore's
+    /// next start; the previous one stays trusted. Make new bootstrap tokens after it.
+    Switch,
+    /// Rollover step 3, once every node renewed its certificate from the new CA: the
+    /// previous CA is no longer trusted (from cloudcore's next start).
+    Finish,
+    /// Shows the CAs and the rollover step.
+    Status,
+}
+
+fn ca_command(data_dir: &std::path::Path, command: CaCommand) -> ExitCode {
+    let result = match command {
+        CaCommand::Add => cloud::pki::ca_add(data_dir),
+        CaCommand::Switch => cloud::pki::ca_switch(data_dir),
+        CaCommand::Finish => cloud::pki::ca_finish(data_dir),
+        CaCommand::Status => Ok(()),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    match cloud::pki::trust_bundle(data_dir) {
+        Ok(bundle) => {
+            println!("rollover: {:?}", cloud::pki::rollover(data_dir));
+            for (i, ca) in bundle.iter().enumerate() {
+                let role = if i == 0 { "signing" } else { "trusted" };
+                println!("{role} CA sha256:{}", cloud::pki::sha256_hex(ca.as_ref()));
+            }
+            println!("# takes effect when cloudcore (re)starts");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -85,7 +146,63 @@ enum TokenCommand {
         /// How long the token is valid (e.g. 24h, 30m).
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// The token joins one node only: its first successful join uses it up.
+        #[arg(long)]
+        once: bool,
     },
+    /// Lists the tokens: id, expiry, uses, state (never their secrets).
+    List,
+    /// Deletes a token by its id (the third part of `kedge1.<hash>.<id>.<secret>`).
+    Delete {
+        /// The token's id.
+        id: String,
+    },
+}
+
+fn token_command(data_dir: &std::path::Path, command: TokenCommand) -> ExitCode {
+    let result = match command {
+        TokenCommand::Create { ttl, once } => cloud::pki::create_token_with(data_dir, ttl, once)
+            .map(|token| {
+                println!("# join an edge node with: edgecore --token <this token> ...");
+                println!(
+                    "# valid for {}{}",
+                    humantime::format_duration(ttl),
+                    if once { ", for one join" } else { "" }
+                );
+                println!("{token}");
+            }),
+        TokenCommand::List => cloud::pki::list_tokens(data_dir).map(|tokens| {
+            println!("{:<8} {:<22} {:<10} STATE", "ID", "EXPIRES", "USES");
+            for t in tokens {
+                let expires = std::time::UNIX_EPOCH + Duration::from_secs(t.expires_unix);
+                println!(
+                    "{:<8} {:<22} {:<10} {}",
+                    t.id,
+                    humantime::format_rfc3339_seconds(expires).to_string(),
+                    if t.once { "once" } else { "unlimited" },
+                    t.state()
+                );
+            }
+        }),
+        TokenCommand::Delete { id } => match cloud::pki::delete_token(data_dir, &id) {
+            Ok(true) => {
+                println!("token {id} deleted");
+                Ok(())
+            }
+            Ok(false) => {
+                eprintln!("error: no token {id}");
+                return ExitCode::FAILURE;
+            }
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -96,20 +213,8 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     match cli.command {
-        Some(Command::Token {
-            command: TokenCommand::Create { ttl },
-        }) => match cloud::pki::create_token(&data_dir, ttl) {
-            Ok(token) => {
-                println!("# join an edge node with: edgecore --token <this token> ...");
-                println!("# valid for {}", humantime::format_duration(ttl));
-                println!("{token}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Some(Command::Token { command }) => token_command(&data_dir, command),
+        Some(Command::Ca { command }) => ca_command(&data_dir, command),
         None => run(cli, data_dir),
     }
 }
@@ -137,6 +242,9 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             link_keepalive: cli.link_keepalive,
             service_bus_timeout: cli.service_bus_timeout,
             streams_per_node: cli.streams_per_node,
+            node_cert_lifetime: cli.node_cert_lifetime,
+            node_cert_grace: cli.node_cert_grace,
+            join_rate_limit: cli.join_rate_limit,
         };
         let mut core = match CloudCore::start(config).await {
             Ok(core) => core,

@@ -29,6 +29,11 @@ struct Cli {
     /// Bootstrap token from `cloudcore token create`; needed only for the first start.
     #[arg(long)]
     token: Option<String>,
+    /// Join again with --token although the data dir holds a certificate: for a node whose
+    /// Node was deleted (its certificate revoked) or whose certificate expired beyond the
+    /// cloud's grace window. The cache and pods' files are kept.
+    #[arg(long, requires = "token")]
+    rejoin: bool,
     /// Where the cache, the certificate and the pods' files live.
     #[arg(long)]
     data_dir: PathBuf,
@@ -109,6 +114,7 @@ fn main() -> ExitCode {
         };
         let mut config = EdgeConfig::new(&cli.node_name, cloud, cli.data_dir);
         config.token = cli.token;
+        config.rejoin = cli.rejoin;
         config.metaserver_listen = cli.metaserver_listen;
         config.runtime = cli.runtime;
         config.cri_endpoint = cli.cri_endpoint;
