@@ -31,6 +31,10 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# The official Kubernetes Python client: a client library nobody here wrote, for the watch-list
+# tests (edge/tests/client_libraries.rs).
+python3 -c "import kubernetes" >/dev/null 2>&1 || python3 -m pip install -q kubernetes >&2
+
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing (this machine kind ships Rust via rustup)" >&2; exit 1; }
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy

@@ -11,7 +11,7 @@
 //! the node has, as KubeEdge's MetaServer answers them). Label and field selectors do not narrow a subscription: they are applied by
 //! the cache's API, so one subscription serves every selector.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -115,8 +115,9 @@ const CATCH_UP: Duration = Duration::from_secs(10);
 
 /// The collections this node subscribed to (see the module docs).
 pub struct Collections {
-    /// (group, plural, namespace) of each subscription; an empty namespace covers all.
-    held: Mutex<HashSet<(String, String, String)>>,
+    /// (group, plural, namespace) of each subscription (an empty namespace covers all), with
+    /// the version it was listed at.
+    held: Mutex<HashMap<(String, String, String), String>>,
 }
 
 impl Collections {
@@ -125,15 +126,16 @@ impl Collections {
     /// # Errors
     /// The store cannot be read.
     pub fn load(store: &Store) -> Result<Self, replication::StoreError> {
-        let mut held = HashSet::new();
+        let mut held = HashMap::new();
         for item in store.scan_aux(Aux::META, b"collection\0") {
-            let (key, _) = item?;
+            let (key, version) = item?;
             let parts: Vec<String> = key[b"collection\0".len()..]
                 .split(|b| *b == 0)
                 .map(|p| String::from_utf8_lossy(p).into_owned())
                 .collect();
             if let [group, plural, namespace, _] = parts.as_slice() {
-                held.insert((group.clone(), plural.clone(), namespace.clone()));
+                let version = String::from_utf8_lossy(&version).into_owned();
+                held.insert((group.clone(), plural.clone(), namespace.clone()), version);
             }
         }
         Ok(Collections {
@@ -141,7 +143,7 @@ impl Collections {
         })
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashSet<(String, String, String)>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String, String), String>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -155,7 +157,7 @@ impl Collections {
                 ns.to_owned(),
             )
         };
-        held.contains(&entry("")) || held.contains(&entry(&collection.namespace))
+        held.contains_key(&entry("")) || held.contains_key(&entry(&collection.namespace))
     }
 
     /// How many collections are subscribed.
@@ -166,6 +168,33 @@ impl Collections {
     /// Whether none is.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Every subscribed collection.
+    pub fn all(&self) -> Vec<Collection> {
+        self.held()
+            .iter()
+            .map(|((group, plural, namespace), version)| Collection {
+                group: group.clone(),
+                version: version.clone(),
+                plural: plural.clone(),
+                namespace: namespace.clone(),
+            })
+            .collect()
+    }
+
+    /// The call that tells the cloud again that the node holds `collection` (at the start of
+    /// each new sync session, in case the cloud lost its records): a list with `limit=1`, so the
+    /// answer costs one object, not the collection.
+    ///
+    /// # Errors
+    /// 500 if the request cannot be built.
+    pub async fn reassert_call(collection: &Collection) -> Result<ApiCall, ApiError> {
+        let request = axum::http::Request::get(format!("{}?limit=1", collection.list_path()))
+            .header(axum::http::header::ACCEPT, "application/json")
+            .body(axum::body::Body::empty())
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        ApiCall::from_request(request).await
     }
 
     /// Subscribes `collection` through `call` (the cloud call), waits for the cache to catch
@@ -251,17 +280,24 @@ impl Collections {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut set = WriteSet::new();
-        set.put_aux(Aux::META, collection.record_key(), Vec::new());
+        set.put_aux(
+            Aux::META,
+            collection.record_key(),
+            collection.version.as_bytes().to_vec(),
+        );
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.commit(set))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| ApiError::internal(format!("recording the subscription: {e}")))?;
-        self.held().insert((
-            collection.group.clone(),
-            collection.plural.clone(),
-            collection.namespace.clone(),
-        ));
+        self.held().insert(
+            (
+                collection.group.clone(),
+                collection.plural.clone(),
+                collection.namespace.clone(),
+            ),
+            collection.version.clone(),
+        );
         tracing::info!(path = %collection.list_path(), "subscribed to a collection");
         Ok(())
     }

@@ -55,6 +55,9 @@ pub async fn run(
                         if let Err(e) = replica.on_connected(new_session) {
                             tracing::error!(error = %e, "cannot commit before the hello");
                         }
+                        if new_session {
+                            tokio::spawn(reassert_collections(meta.clone()));
+                        }
                     }
                     LinkEvent::Disconnected { .. } => {
                         meta.set_online(false);
@@ -150,5 +153,23 @@ async fn answer(request: IncomingRequest, bus: Arc<ServiceBus>, stream: Arc<Edge
     };
     if let Err(e) = request.respond(&response).await {
         tracing::debug!(error = %e, "the cloud went away before the response");
+    }
+}
+
+/// Tells the cloud again which collections this node subscribed to (MetaServer's lists), at
+/// the start of a new sync session: a cloud that lost its records (a restored backup, a wiped
+/// ObjectSync) routes them again. Each costs one small list call; failures are logged and left
+/// to the next session.
+async fn reassert_collections(meta: Arc<MetaManager>) {
+    for collection in meta.collections().all() {
+        let outcome = match crate::collections::Collections::reassert_call(&collection).await {
+            Ok(call) => meta.call_cloud(call).await.map(|reply| reply.code),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(200) => {}
+            Ok(code) => tracing::warn!(?collection, code, "the cloud refused a subscription"),
+            Err(e) => tracing::debug!(?collection, error = %e.message, "subscription not re-sent"),
+        }
     }
 }
