@@ -54,8 +54,11 @@ fn rollout_status(cloud: &CloudProcess, what: &str) {
         stdout(&out),
         stderr_of(&out)
     );
+    // A StatefulSet with the default `partition: 0` reads "partitioned roll out complete" in
+    // kubectl, as against kube-apiserver.
     assert!(
-        stdout(&out).contains("successfully rolled out"),
+        stdout(&out).contains("successfully rolled out")
+            || stdout(&out).contains("partitioned roll out complete: 3 new pods"),
         "{}",
         stdout(&out)
     );
@@ -416,4 +419,127 @@ fn jobs_and_cronjobs_run_to_completion_on_an_edge_node() {
         Duration::from_secs(30),
         || pods(&cloud, selector).is_empty(),
     );
+}
+
+const STATEFULSET: &str = r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db}
+spec:
+  replicas: 3
+  serviceName: db
+  selector: {matchLabels: {app: db}}
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - {name: main, image: "busybox:1", command: [sleep, "1000"]}
+"#;
+
+fn created_at(cloud: &CloudProcess, pod: &str) -> String {
+    ok(
+        cloud,
+        &[
+            "get",
+            "pod",
+            pod,
+            "-o",
+            "jsonpath={.metadata.creationTimestamp}",
+        ],
+    )
+}
+
+#[test]
+fn a_statefulset_keeps_names_claims_and_order_on_an_edge_node() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start_with(
+        cloud_dir.path(),
+        free_port(),
+        free_port(),
+        free_port(),
+        CLOUD_FAST,
+    );
+    let token = token(&cloud);
+    let dir = tempfile::tempdir().unwrap();
+    let _edge = EdgeProcess::start(&cloud, "edge-1", dir.path(), free_port(), Some(&token));
+    wait_ready(&cloud, "edge-1");
+
+    let out = cloud.kubectl_stdin(&["apply", "-f", "-"], STATEFULSET);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    rollout_status(&cloud, "statefulset/db");
+    let pods = ok(&cloud, &["get", "pods", "-l", "app=db", "-o", "name"]);
+    assert_eq!(
+        pods.split_whitespace().collect::<Vec<_>>(),
+        ["pod/db-0", "pod/db-1", "pod/db-2"]
+    );
+    // OrderedReady: each pod was made after the one before it (RFC 3339 sorts as text).
+    assert!(created_at(&cloud, "db-0") <= created_at(&cloud, "db-1"));
+    assert!(created_at(&cloud, "db-1") <= created_at(&cloud, "db-2"));
+    let hostname = ok(
+        &cloud,
+        &[
+            "get",
+            "pod",
+            "db-1",
+            "-o",
+            "jsonpath={.spec.hostname}.{.spec.subdomain}",
+        ],
+    );
+    assert_eq!(hostname, "db-1.db");
+    let claims = ok(&cloud, &["get", "pvc", "-o", "name"]);
+    for i in 0..3 {
+        assert!(
+            claims.contains(&format!("persistentvolumeclaim/data-db-{i}")),
+            "{claims}"
+        );
+    }
+    let table = ok(&cloud, &["get", "sts", "db"]);
+    assert!(
+        table.lines().nth(1).is_some_and(|l| l.contains("3/3")),
+        "{table}"
+    );
+
+    // A new template rolls out, highest ordinal first, to completion.
+    ok(
+        &cloud,
+        &["set", "image", "statefulset/db", "main=busybox:2"],
+    );
+    rollout_status(&cloud, "statefulset/db");
+    for i in 0..3 {
+        let image = ok(
+            &cloud,
+            &[
+                "get",
+                "pod",
+                &format!("db-{i}"),
+                "-o",
+                "jsonpath={.spec.containers[0].image}",
+            ],
+        );
+        assert_eq!(image, "busybox:2", "db-{i}");
+    }
+
+    // Scale down removes the highest ordinals and keeps their claims.
+    ok(&cloud, &["scale", "statefulset/db", "--replicas=1"]);
+    eventually("db scaled to one pod", Duration::from_secs(60), || {
+        ok(&cloud, &["get", "pods", "-l", "app=db", "-o", "name"]).trim() == "pod/db-0"
+    });
+    let claims = ok(&cloud, &["get", "pvc", "-o", "name"]);
+    assert!(
+        claims.contains("persistentvolumeclaim/data-db-2"),
+        "{claims}"
+    );
+
+    // Deleting the set collects its pods; the claims stay (Retain).
+    ok(&cloud, &["delete", "statefulset", "db"]);
+    eventually("db's pods collected", Duration::from_secs(60), || {
+        ok(&cloud, &["get", "pods", "-l", "app=db", "-o", "name"])
+            .trim()
+            .is_empty()
+    });
+    assert!(ok(&cloud, &["get", "pvc", "-o", "name"]).contains("data-db-0"));
 }

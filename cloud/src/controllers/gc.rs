@@ -43,6 +43,7 @@ pub fn reconcile(world: &World, _now: i64) -> Vec<Action> {
         .map(|o| ("replicasets", o))
         .chain(world.deployments.iter().map(|o| ("deployments", o)))
         .chain(world.daemonsets.iter().map(|o| ("daemonsets", o)))
+        .chain(world.statefulsets.iter().map(|o| ("statefulsets", o)))
         .chain(world.jobs.iter().map(|o| ("jobs", o)))
         .chain(world.cronjobs.iter().map(|o| ("cronjobs", o)))
         .map(|(r, o)| (uid(o), (r, o)))
@@ -134,13 +135,13 @@ pub fn reconcile(world: &World, _now: i64) -> Vec<Action> {
     actions
 }
 
-/// Only references to kinds the collector sees are judged (a pod owned by, say, a StatefulSet
-/// that kedge does not serve is left alone rather than collected).
+/// Only references to kinds the collector sees are judged (a pod owned by a kind kedge does not
+/// serve is left alone rather than collected).
 fn owner_kinds_known(refs: &[Value]) -> bool {
     refs.iter().all(|r| {
         matches!(
             r.get("kind").and_then(Value::as_str),
-            Some("Deployment" | "ReplicaSet" | "DaemonSet" | "Job" | "CronJob")
+            Some("Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet" | "Job" | "CronJob")
         )
     })
 }

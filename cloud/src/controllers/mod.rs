@@ -1,5 +1,5 @@
-//! The workload controllers of the embedded mode: ReplicaSet, Deployment, DaemonSet and the
-//! garbage collector, as level-triggered reconcilers over the store.
+//! The workload controllers of the embedded mode: ReplicaSet, Deployment, DaemonSet,
+//! StatefulSet, Job, CronJob, ServiceAccount and the garbage collector, as level-triggered reconcilers over the store.
 //!
 //! Each controller is a pure core, `reconcile(&World, now) -> Vec<Action>`, that reads a
 //! snapshot of the objects it cares about ([`World`]) and the time (Unix seconds, so tests use a
@@ -22,6 +22,7 @@ pub mod gc;
 pub mod job;
 pub mod replicaset;
 pub mod serviceaccount;
+pub mod statefulset;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +65,10 @@ pub struct World {
     pub deployments: Vec<Object>,
     /// Every `apps/v1` DaemonSet.
     pub daemonsets: Vec<Object>,
+    /// Every `apps/v1` StatefulSet.
+    pub statefulsets: Vec<Object>,
+    /// Every PersistentVolumeClaim (a StatefulSet's claims).
+    pub persistentvolumeclaims: Vec<Object>,
     /// Every `batch/v1` Job.
     pub jobs: Vec<Object>,
     /// Every `batch/v1` CronJob.
@@ -81,10 +86,12 @@ pub struct World {
 /// created before their dependents).
 const LOAD_ORDER: &[&str] = &[
     "pods",
+    "persistentvolumeclaims",
     "replicasets",
     "jobs",
     "deployments",
     "daemonsets",
+    "statefulsets",
     "cronjobs",
     "serviceaccounts",
     "namespaces",
@@ -115,6 +122,8 @@ impl World {
                 "replicasets" => world.replicasets = objects,
                 "deployments" => world.deployments = objects,
                 "daemonsets" => world.daemonsets = objects,
+                "statefulsets" => world.statefulsets = objects,
+                "persistentvolumeclaims" => world.persistentvolumeclaims = objects,
                 "jobs" => world.jobs = objects,
                 "cronjobs" => world.cronjobs = objects,
                 "namespaces" => world.namespaces = objects,
@@ -842,6 +851,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
         "replicasets",
         "deployments",
         "daemonsets",
+        "statefulsets",
         "jobs",
         "cronjobs",
         "nodes",
@@ -867,6 +877,13 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             client.clone(),
             &["pods", "daemonsets", "nodes"],
             daemonset::reconcile,
+        )),
+        tokio::spawn(run(
+            "statefulset",
+            store.clone(),
+            client.clone(),
+            &["pods", "persistentvolumeclaims", "statefulsets"],
+            statefulset::reconcile,
         )),
         tokio::spawn(run(
             "job",

@@ -706,13 +706,20 @@ impl Runtime for CriRuntime {
         }
         let _ = std::fs::create_dir_all(&pod.root);
         write_files(&pod.root, &pod.files);
+        let pod_dir = pod.root.parent().unwrap_or(&pod.root);
+        // The node's claim volumes live beside the pods' directories (spec::claim_dir).
+        let claims = pod_dir
+            .parent()
+            .and_then(Path::parent)
+            .map(|data| data.join("claims"));
         for container in &pod.containers {
             for mount in &container.mounts {
                 // Bind mount sources must exist; hostPath ones are the user's.
-                if mount
-                    .host_path
-                    .starts_with(pod.root.parent().unwrap_or(&pod.root))
-                {
+                let ours = mount.host_path.starts_with(pod_dir)
+                    || claims
+                        .as_ref()
+                        .is_some_and(|c| mount.host_path.starts_with(c));
+                if ours {
                     let _ = std::fs::create_dir_all(&mount.host_path);
                 }
             }

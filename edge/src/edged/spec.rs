@@ -208,10 +208,23 @@ fn volume_files(store: &Store, pod: &Object, spec: &Value) -> Vec<(PathBuf, Vec<
     files
 }
 
+/// The node-local directory of a PersistentVolumeClaim: `<data dir>/claims/<namespace>_<claim>`
+/// beside `<data dir>/pods/<namespace>_<pod>` (`pod_dir`); `None` for a name that is not a
+/// plain path segment.
+fn claim_dir(pod_dir: &Path, claim: &str) -> Option<PathBuf> {
+    if claim.is_empty() || claim.contains('/') || claim.starts_with('.') {
+        return None;
+    }
+    let namespace = pod_dir.file_name()?.to_str()?.split('_').next()?;
+    let data_dir = pod_dir.parent()?.parent()?;
+    Some(data_dir.join("claims").join(format!("{namespace}_{claim}")))
+}
+
 /// A container's volume mounts resolved to the node's paths (see [`MountRun`]): configMap and
 /// secret volumes at `root/<mountPath>` (where [`volume_files`] writes their files), emptyDir
-/// at `<pod dir>/volumes/<name>`, hostPath at its path. Other volume types (and mounts of a
-/// volume the pod does not declare) are left out.
+/// at `<pod dir>/volumes/<name>`, hostPath at its path, a PersistentVolumeClaim at the node's
+/// directory for that claim ([`claim_dir`], kept when the pod goes). Other volume types (and
+/// mounts of a volume the pod does not declare) are left out.
 fn mounts_of(spec: &Value, container: &Value, root: &Path) -> Vec<MountRun> {
     let volumes = spec.get("volumes").and_then(Value::as_array);
     let pod_dir = root.parent().unwrap_or(root);
@@ -246,6 +259,16 @@ fn mounts_of(spec: &Value, container: &Value, root: &Path) -> Vec<MountRun> {
                 (pod_dir.join("volumes").join(name), read_only)
             } else if let Some(host) = volume.pointer("/hostPath/path").and_then(Value::as_str) {
                 (PathBuf::from(host), read_only)
+            } else if let Some(claim) = volume
+                .pointer("/persistentVolumeClaim/claimName")
+                .and_then(Value::as_str)
+            {
+                // A node-local volume per claim, outliving its pods: what a StatefulSet's
+                // `data-db-0` needs to find its data again when db-0 is made again here.
+                match claim_dir(pod_dir, claim) {
+                    Some(dir) => (dir, read_only),
+                    None => continue,
+                }
             } else {
                 continue;
             };

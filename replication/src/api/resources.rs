@@ -120,7 +120,7 @@ pub const APIEXTENSIONS_GROUP: &str = "apiextensions.k8s.io";
 /// The store kind (and plural) of CustomResourceDefinitions.
 pub const CRD_STORE_KIND: &str = "customresourcedefinitions";
 
-/// The workloads group (`apps/v1`): Deployment, ReplicaSet, DaemonSet.
+/// The workloads group (`apps/v1`): Deployment, ReplicaSet, DaemonSet, StatefulSet.
 pub const APPS_GROUP: &str = "apps";
 
 const fn apps(
@@ -278,6 +278,14 @@ static RESOURCES: &[Resource] = &[
         "daemonset",
         &["ds"],
         false,
+    ),
+    apps(
+        "StatefulSet",
+        "StatefulSetList",
+        "statefulsets",
+        "statefulset",
+        &["sts"],
+        true,
     ),
     batch("Job", "JobList", "jobs", "job", &[]),
     batch("CronJob", "CronJobList", "cronjobs", "cronjob", &["cj"]),

@@ -90,6 +90,13 @@ fn columns(resource: &Resource) -> Vec<Value> {
             column("Images", s, 1),
             column("Selector", s, 1),
         ],
+        "statefulsets" => vec![
+            column("Name", s, 0),
+            column("Ready", s, 0),
+            column("Age", s, 0),
+            column("Containers", s, 1),
+            column("Images", s, 1),
+        ],
         "daemonsets" => vec![
             column("Name", s, 0),
             column("Desired", "integer", 0),
@@ -463,6 +470,22 @@ fn cells(resource: &Resource, object: &Object) -> Vec<Value> {
                 containers,
                 images,
                 selector,
+            ]
+        }
+        "statefulsets" => {
+            let [containers, images, _] = workload_wide(object);
+            let want = path(object, &["spec", "replicas"])
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            vec![
+                name,
+                json!(format!(
+                    "{}/{want}",
+                    int(object, &["status", "readyReplicas"])
+                )),
+                json!(age(object)),
+                containers,
+                images,
             ]
         }
         "replicasets" => {

@@ -22,7 +22,7 @@ use super::status::{ApiError, Cause};
 pub fn is_workload(resource: &Resource) -> bool {
     matches!(
         resource.store_kind,
-        "deployments" | "replicasets" | "daemonsets" | "jobs" | "cronjobs"
+        "deployments" | "replicasets" | "daemonsets" | "statefulsets" | "jobs" | "cronjobs"
     )
 }
 
@@ -101,6 +101,24 @@ pub fn apply_defaults(resource: &Resource, object: &mut Object) {
         }
         "replicasets" => {
             spec.entry("replicas").or_insert(json!(1));
+        }
+        "statefulsets" => {
+            spec.entry("replicas").or_insert(json!(1));
+            spec.entry("revisionHistoryLimit").or_insert(json!(10));
+            spec.entry("podManagementPolicy")
+                .or_insert(json!("OrderedReady"));
+            spec.entry("persistentVolumeClaimRetentionPolicy")
+                .or_insert(json!({"whenDeleted": "Retain", "whenScaled": "Retain"}));
+            let strategy = spec.entry("updateStrategy").or_insert_with(|| json!({}));
+            if let Some(strategy) = strategy.as_object_mut() {
+                strategy.entry("type").or_insert(json!("RollingUpdate"));
+                if strategy.get("type").and_then(Value::as_str) == Some("RollingUpdate") {
+                    let rolling = strategy.entry("rollingUpdate").or_insert_with(|| json!({}));
+                    if let Some(rolling) = rolling.as_object_mut() {
+                        rolling.entry("partition").or_insert(json!(0));
+                    }
+                }
+            }
         }
         "daemonsets" => {
             spec.entry("revisionHistoryLimit").or_insert(json!(10));
@@ -291,9 +309,20 @@ pub fn validate(resource: &Resource, object: &Object, causes: &mut Vec<Cause>) {
     }
     let (strategy_field, types): (&str, &[&str]) = match resource.store_kind {
         "deployments" => ("strategy", &["RollingUpdate", "Recreate"]),
-        "daemonsets" => ("updateStrategy", &["RollingUpdate", "OnDelete"]),
+        "daemonsets" | "statefulsets" => ("updateStrategy", &["RollingUpdate", "OnDelete"]),
         _ => return,
     };
+    if resource.store_kind == "statefulsets" {
+        match get("podManagementPolicy").and_then(Value::as_str) {
+            None | Some("OrderedReady" | "Parallel") => {}
+            Some(other) => cause(
+                "spec.podManagementPolicy",
+                format!(
+                    "Unsupported value: {other:?}: supported values: \"OrderedReady\", \"Parallel\""
+                ),
+            ),
+        }
+    }
     if let Some(strategy) = get(strategy_field) {
         let kind = strategy
             .get("type")
