@@ -64,7 +64,7 @@ pub fn reconcile(world: &World, now: i64) -> Vec<Action> {
                 .persistentvolumeclaims
                 .iter()
                 .filter(|c| object::namespace(c) == namespace)
-                .map(|c| object::name(c))
+                .map(object::name)
                 .collect();
             reconcile_one(set, &pods, &claims, now)
         })
