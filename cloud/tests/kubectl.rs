@@ -1160,3 +1160,23 @@ fn filtered_watches_see_pods_enter_and_leave_their_selector() {
         stderr(&out)
     );
 }
+
+/// `kubectl get -o yaml > f; kubectl create -f f`: the file is a `kind: List`, which kubectl
+/// validates on the client against `/openapi/v2` (protobuf) before sending its items.
+#[test]
+fn a_list_exported_with_get_is_created_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(dir.path());
+    cloud.ok(&["create", "configmap", "one", "--from-literal=a=1"]);
+    cloud.ok(&["create", "configmap", "two", "--from-literal=b=2"]);
+    let exported = cloud.ok(&["get", "configmaps", "one", "two", "-o", "yaml"]);
+    assert!(exported.contains("kind: List"), "{exported}");
+    cloud.ok(&["delete", "configmap", "one", "two"]);
+    let out = cloud.kubectl_stdin(&["create", "-f", "-"], &exported);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let names = cloud.ok(&["get", "configmaps", "-o", "name"]);
+    assert!(
+        names.contains("configmap/one") && names.contains("configmap/two"),
+        "{names}"
+    );
+}

@@ -179,6 +179,57 @@ pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<
     }))
 }
 
+/// The media type of OpenAPI v2 in protobuf (gnostic's `openapi_v2.Document`), what client-go
+/// asks `/openapi/v2` for.
+pub const OPENAPI_V2_PROTOBUF: &str = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf";
+
+/// `/openapi/v2`: a Swagger 2.0 document without definitions, in protobuf when asked (client-go
+/// asks nothing else) or JSON. kubectl validates a `kind: List` file against v2 on the client
+/// (the server cannot validate a List); with no definition for an item's kind it skips that
+/// item, as it does for any kind the server does not describe, and leaves validation to the
+/// server, which validates every item it creates. Without a v2 document, `kubectl create -f`
+/// of a List fails outright.
+pub fn openapi_v2(headers: &axum::http::HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let protobuf = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("protobuf"));
+    if !protobuf {
+        let doc = json!({"swagger": "2.0", "info": {"title": "Kubernetes",
+                         "version": KUBERNETES_VERSION}, "paths": {}});
+        return (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            doc.to_string(),
+        )
+            .into_response();
+    }
+    // gnostic's OpenAPIv2.proto: Document { swagger = 1; info = 2; paths = 8 },
+    // Info { title = 1; version = 2 }.
+    fn field(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
+        out.push(tag);
+        let mut len = bytes.len();
+        while len >= 0x80 {
+            out.push((len as u8) | 0x80);
+            len >>= 7;
+        }
+        out.push(len as u8);
+        out.extend_from_slice(bytes);
+    }
+    let mut info = Vec::new();
+    field(&mut info, 0x0a, b"Kubernetes");
+    field(&mut info, 0x12, KUBERNETES_VERSION.as_bytes());
+    let mut doc = Vec::new();
+    field(&mut doc, 0x0a, b"2.0");
+    field(&mut doc, 0x12, &info);
+    field(&mut doc, 0x42, &[]);
+    (
+        [(axum::http::header::CONTENT_TYPE, OPENAPI_V2_PROTOBUF)],
+        doc,
+    )
+        .into_response()
+}
+
 /// `/openapi/v3`: the index of group-version documents.
 pub fn openapi_index(registry: &Registry) -> Value {
     let mut paths = serde_json::Map::new();

@@ -333,13 +333,7 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
     }
     match path.as_str() {
         "/healthz" | "/livez" | "/readyz" => return (StatusCode::OK, "ok").into_response(),
-        "/openapi/v2" | "/swagger.json" => {
-            return error_response(&ApiError::new(
-                404,
-                "NotFound",
-                "OpenAPI v2 is not served; use /openapi/v3",
-            ))
-        }
+        "/openapi/v2" | "/swagger.json" => return discovery::openapi_v2(&parts.headers),
         _ => {}
     }
     if auth::is_review(&path) {
