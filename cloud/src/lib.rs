@@ -44,6 +44,7 @@ pub mod join;
 pub mod lifecycle;
 pub mod metrics;
 pub mod node_api;
+pub mod openapi;
 pub mod pki;
 pub mod policy;
 pub mod routing;

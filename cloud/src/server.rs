@@ -156,6 +156,8 @@ impl CloudCore {
                 .context("writing the kubernetes Service")?;
         }
         let mut tasks = Vec::new();
+        // `kubectl explain` of the built-in kinds (k8s-openapi's schemas, built once).
+        replication::api::discovery::set_builtin_schemas(crate::openapi::builtin_schemas());
         let mut api = ApiServer::new(store.clone(), policy.clone());
         // One registry of custom resources for both (it follows the store's CRDs).
         let controllers_api = ApiServer::new(store.clone(), policy)

@@ -215,6 +215,12 @@ fn custom_resources_through_kubectl() {
         "{explained}"
     );
 
+    // ...and the built-in kinds' schemas (k8s-openapi's, with the upstream descriptions).
+    let explained = cloud.ok(&["explain", "pod.spec.containers.image"]);
+    assert!(explained.contains("Container image name"), "{explained}");
+    let explained = cloud.ok(&["explain", "statefulset.spec.podManagementPolicy"]);
+    assert!(explained.contains("OrderedReady"), "{explained}");
+
     // A cluster-scoped custom resource.
     cloud.ok(&[
         "wait",

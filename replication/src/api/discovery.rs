@@ -230,6 +230,22 @@ pub fn openapi_v2(headers: &axum::http::HeaderMap) -> axum::response::Response {
         .into_response()
 }
 
+/// Schemas of the built-in kinds, by group-version path (`api/v1`, `apis/apps/v1`): OpenAPI v3
+/// components (`io.k8s.api.core.v1.Pod` ...), the kinds' own carrying
+/// `x-kubernetes-group-version-kind`. Set once by the process that has them (cloudcore builds
+/// them from k8s-openapi); without them the documents describe custom resources only.
+static BUILTIN_SCHEMAS: std::sync::OnceLock<
+    std::collections::HashMap<String, serde_json::Map<String, Value>>,
+> = std::sync::OnceLock::new();
+
+/// Publishes the built-in kinds' schemas in the OpenAPI v3 documents (`kubectl explain pod`);
+/// the first call wins.
+pub fn set_builtin_schemas(
+    schemas: std::collections::HashMap<String, serde_json::Map<String, Value>>,
+) {
+    let _ = BUILTIN_SCHEMAS.set(schemas);
+}
+
 /// `/openapi/v3`: the index of group-version documents.
 pub fn openapi_index(registry: &Registry) -> Value {
     let mut paths = serde_json::Map::new();
@@ -249,6 +265,9 @@ pub fn openapi_index(registry: &Registry) -> Value {
 /// fingerprint of what its CRDs serve (a changed schema is a new URL).
 fn openapi_hash(registry: &Registry, group: &str, version: &str) -> String {
     let mut hash = format!("kedge{}", env!("CARGO_PKG_VERSION").replace('.', ""));
+    if BUILTIN_SCHEMAS.get().is_some() {
+        hash.push('s');
+    }
     let custom: Vec<&Resource> = registry
         .custom()
         .iter()
@@ -292,7 +311,11 @@ pub fn openapi_document(registry: &Registry, path: &str) -> Option<Value> {
         "schema": {"type": "string", "uniqueItems": true},
     });
     let mut paths = serde_json::Map::new();
-    let mut schemas = serde_json::Map::new();
+    let mut schemas = BUILTIN_SCHEMAS
+        .get()
+        .and_then(|all| all.get(path))
+        .cloned()
+        .unwrap_or_default();
     for r in served {
         if let Some(custom) = r.custom {
             // Named as apiextensions names them: the reversed group, version, kind.
