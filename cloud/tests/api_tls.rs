@@ -75,6 +75,20 @@ fn the_api_over_https_needs_the_token_and_serves_kubectl() {
     );
     assert!(applied.status.success(), "{}", text(&applied));
 
+    // `kubectl auth can-i` with the token: a SelfSubjectAccessReview for its identity; without
+    // it (or with a wrong one): Unauthorized, not an answer.
+    let can = secure(&server, ca, TOKEN, &["auth", "can-i", "create", "pods"], None);
+    assert!(can.status.success(), "{}", text(&can));
+    assert_eq!(String::from_utf8_lossy(&can.stdout).trim(), "yes");
+    let anonymous = kubectl(
+        &server,
+        &["--certificate-authority", ca, "auth", "can-i", "create", "pods"],
+        None,
+    );
+    // (kubectl, answered 401, asks for credentials on a terminal; here it has none.)
+    assert!(!anonymous.status.success(), "{}", text(&anonymous));
+    assert!(!String::from_utf8_lossy(&anonymous.stdout).contains("yes"));
+
     let wrong = secure(&server, ca, "not-the-token-at-all", &["get", "pods"], None);
     assert!(!wrong.status.success());
     assert!(text(&wrong).contains("Unauthorized"), "{}", text(&wrong));
