@@ -14,7 +14,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "edgecore",
     version,
-    about = "kedge's edge node: joins the cloud, caches its state, runs its pods, serves a local Kubernetes API"
+    about = "kedge's edge node: joins the cloud, caches its state, runs its pods, serves a local Kubernetes API",
+    after_help = "Also: edgecore mqtt-passwd FILE USERNAME (password on standard input) adds a user to the embedded MQTT broker's password file."
 )]
 struct Cli {
     /// This node's name (a DNS-1123 subdomain).
@@ -53,13 +54,22 @@ struct Cli {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     service_bus_timeout: std::time::Duration,
     /// Address of the embedded MQTT broker for mappers (loopback unless you mean otherwise;
-    /// it has no authentication).
+    /// without --mqtt-password-file it has no authentication).
     #[arg(long, default_value = "127.0.0.1:1883", conflicts_with_all = ["mqtt_url", "no_mqtt"])]
     mqtt_listen: SocketAddr,
     /// Use this external MQTT broker (mqtt://HOST[:PORT], e.g. mosquitto) instead of the
     /// embedded one.
     #[arg(long, value_parser = edge::eventbus::parse_mqtt_url, conflicts_with = "no_mqtt")]
     mqtt_url: Option<(String, u16)>,
+    /// The embedded broker requires a username and password listed in this file (lines
+    /// `USERNAME:ARGON2-PHC-HASH`; add entries with `edgecore mqtt-passwd FILE USERNAME`).
+    #[arg(long, conflicts_with_all = ["mqtt_url", "no_mqtt"])]
+    mqtt_password_file: Option<PathBuf>,
+    /// Topic ACLs of the embedded broker: lines `USER read|write|readwrite PATTERN` (USER `*`
+    /// for everyone, `%u` in PATTERN for the user's name; e.g.
+    /// `* readwrite $hw/events/device/%u/#`). What no line allows is refused.
+    #[arg(long, requires = "mqtt_password_file")]
+    mqtt_acl_file: Option<PathBuf>,
     /// Run no EventBus (no devices over MQTT on this node).
     #[arg(long)]
     no_mqtt: bool,
@@ -87,8 +97,39 @@ fn keep_memory_small() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
 }
 
+/// `edgecore mqtt-passwd FILE USERNAME`: adds or replaces USERNAME's entry in the embedded
+/// MQTT broker's password file; the password is read from standard input (its first line).
+#[derive(Parser)]
+#[command(name = "edgecore mqtt-passwd")]
+struct MqttPasswd {
+    /// The password file (created if missing).
+    file: PathBuf,
+    /// The user (a mapper); with `%u` in the ACL file, name users after their device.
+    username: String,
+}
+
+fn mqtt_passwd(args: impl Iterator<Item = String>) -> ExitCode {
+    let cli = MqttPasswd::parse_from(args);
+    let mut password = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut password) {
+        eprintln!("error: reading the password from standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    let password = password.trim_end_matches(['\n', '\r']);
+    match edge::eventbus::auth::set_password(&cli.file, &cli.username, password) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     keep_memory_small();
+    if std::env::args().nth(1).as_deref() == Some("mqtt-passwd") {
+        return mqtt_passwd(std::env::args().skip(1));
+    }
     let cli = Cli::parse();
     transport::logging::init(cli.log_format, "info");
     let runtime = match tokio::runtime::Runtime::new() {
@@ -121,6 +162,8 @@ fn main() -> ExitCode {
         config.service_bus_apps = cli.service_bus_apps;
         config.service_bus_timeout = cli.service_bus_timeout;
         config.eventbus.max_payload = cli.mqtt_max_payload;
+        config.eventbus.password_file = cli.mqtt_password_file;
+        config.eventbus.acl_file = cli.mqtt_acl_file;
         config.node_status.lease_period = cli.lease_period;
         config.link_keepalive = cli.link_keepalive;
         config.eventbus.mode = match (cli.no_mqtt, cli.mqtt_url) {

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
+use super::auth::{BrokerAuth, Principal, Refusal};
 use super::topics;
 
 /// Packets queued for one subscriber before newer ones are dropped (a stuck client must not
@@ -38,6 +39,8 @@ pub struct BrokerConfig {
     pub max_packet_bytes: usize,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout: Duration,
+    /// Who may connect and what they may do ([`super::auth`]); `None`: anyone, everything.
+    pub auth: Option<Arc<BrokerAuth>>,
 }
 
 impl Default for BrokerConfig {
@@ -45,6 +48,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             max_packet_bytes: 1 << 20,
             connect_timeout: Duration::from_secs(10),
+            auth: None,
         }
     }
 }
@@ -121,9 +125,21 @@ fn min_qos(a: QoS, b: QoS) -> QoS {
     }
 }
 
+/// What the broker refused since it started (each refusal is logged too).
+#[derive(Debug, Default)]
+pub struct BrokerStats {
+    /// CONNECTs refused: bad or missing credentials, or a will topic not allowed.
+    pub refused_connects: AtomicU64,
+    /// PUBLISHes dropped because the ACL does not allow their topic.
+    pub denied_publishes: AtomicU64,
+    /// Subscription filters refused (SUBACK return code 0x80) by the ACL.
+    pub denied_subscribes: AtomicU64,
+}
+
 /// A running broker.
 pub struct Broker {
     pub local_addr: SocketAddr,
+    pub stats: Arc<BrokerStats>,
 }
 
 impl Broker {
@@ -137,6 +153,11 @@ impl Broker {
         let local_addr = listener.local_addr()?;
         let router = Arc::new(Mutex::new(Router::default()));
         let ids = Arc::new(AtomicU64::new(0));
+        let stats = Arc::new(BrokerStats::default());
+        let broker = Broker {
+            local_addr,
+            stats: stats.clone(),
+        };
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -151,6 +172,8 @@ impl Broker {
                             router: router.clone(),
                             config: config.clone(),
                             connection,
+                            stats: stats.clone(),
+                            peer,
                         };
                         let stop = shutdown.clone();
                         tokio::spawn(async move {
@@ -169,7 +192,7 @@ impl Broker {
                 }
             }
         });
-        Ok(Broker { local_addr })
+        Ok(broker)
     }
 }
 
@@ -177,6 +200,8 @@ struct Session {
     router: Arc<Mutex<Router>>,
     config: BrokerConfig,
     connection: u64,
+    stats: Arc<BrokerStats>,
+    peer: SocketAddr,
 }
 
 impl Session {
@@ -198,6 +223,27 @@ impl Session {
             Some(Ok(other)) => return Err(format!("expected CONNECT, got {other:?}")),
             Some(Err(e)) => return Err(format!("bad CONNECT: {e}")),
             None => return Ok(()),
+        };
+        let principal = match self.authenticate(&connect).await {
+            Ok(principal) => principal,
+            Err(refusal) => {
+                self.stats.refused_connects.fetch_add(1, Ordering::Relaxed);
+                let (code, why) = match refusal {
+                    Refusal::BadCredentials => (
+                        ConnectReturnCode::BadUserNamePassword,
+                        "bad user name or password",
+                    ),
+                    Refusal::NotAuthorized => (
+                        ConnectReturnCode::NotAuthorized,
+                        "not authorized (last will topic)",
+                    ),
+                };
+                let user = connect.login.as_ref().map(|l| l.username.clone());
+                tracing::warn!(peer = %self.peer, client_id = %connect.client_id, ?user, "MQTT CONNECT refused: {why}");
+                // §3.2.2.3: a refusing CONNACK, then the server closes the connection.
+                let _ = framed.send(Packet::ConnAck(ConnAck::new(code, false))).await;
+                return Err(format!("CONNECT refused: {why}"));
+            }
         };
         let client_id = if connect.client_id.is_empty() {
             format!("kedge-anon-{}", self.connection)
@@ -238,7 +284,7 @@ impl Session {
                         Ok(Some(Err(e))) => break Err(format!("bad packet: {e}")),
                         Ok(Some(Ok(packet))) => packet,
                     };
-                    match self.handle(&client_id, packet, &control_tx).await {
+                    match self.handle(&client_id, &principal, packet, &control_tx).await {
                         Ok(true) => {}
                         Ok(false) => break Ok(()),
                         Err(e) => break Err(e),
@@ -273,10 +319,50 @@ impl Session {
         outcome
     }
 
+    /// Checks the CONNECT's credentials when the broker has a password file (Argon2 on a
+    /// blocking thread: it is slow on purpose).
+    async fn authenticate(
+        &self,
+        connect: &rumqttc::mqttbytes::v4::Connect,
+    ) -> Result<Principal, Refusal> {
+        let Some(auth) = self.config.auth.clone() else {
+            return Ok(Principal::Anonymous);
+        };
+        let login = connect
+            .login
+            .as_ref()
+            .map(|l| (l.username.clone(), l.password.clone()));
+        let will = connect.last_will.as_ref().map(|w| w.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let (user, password) = match &login {
+                Some((user, password)) => (Some(user.as_str()), Some(password.as_str())),
+                None => (None, None),
+            };
+            auth.authenticate(user, password, will.as_deref())
+        })
+        .await
+        .unwrap_or(Err(Refusal::BadCredentials))
+    }
+
+    fn may_publish(&self, who: &Principal, topic: &str) -> bool {
+        self.config
+            .auth
+            .as_ref()
+            .is_none_or(|auth| auth.may_publish(who, topic))
+    }
+
+    fn may_subscribe(&self, who: &Principal, filter: &str) -> bool {
+        self.config
+            .auth
+            .as_ref()
+            .is_none_or(|auth| auth.may_subscribe(who, filter))
+    }
+
     /// Handles one packet; `Ok(false)` when the client disconnected.
     async fn handle(
         &self,
         client_id: &str,
+        principal: &Principal,
         packet: Packet,
         control: &mpsc::Sender<Packet>,
     ) -> Result<bool, String> {
@@ -292,7 +378,15 @@ impl Session {
                     return Err(format!("invalid topic {:?}", publish.topic));
                 }
                 let (qos, pkid) = (publish.qos, publish.pkid);
-                let deliveries = self.router().route(&publish);
+                let deliveries = if self.may_publish(principal, &publish.topic) {
+                    self.router().route(&publish)
+                } else {
+                    // MQTT 3.1.1 has no negative acknowledgement: the message is acknowledged
+                    // as the QoS requires and dropped (as mosquitto does).
+                    self.stats.denied_publishes.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %self.peer, %client_id, user = ?principal, topic = %publish.topic, "MQTT PUBLISH refused by the ACL: dropped");
+                    Vec::new()
+                };
                 // Acknowledged once every subscriber's queue took it.
                 deliver(deliveries).await;
                 match qos {
@@ -313,6 +407,12 @@ impl Session {
                     };
                     for filter in subscribe.filters {
                         if !topics::valid_filter(&filter.path) {
+                            codes.push(SubscribeReasonCode::Failure);
+                            continue;
+                        }
+                        if !self.may_subscribe(principal, &filter.path) {
+                            self.stats.denied_subscribes.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(peer = %self.peer, %client_id, user = ?principal, filter = %filter.path, "MQTT SUBSCRIBE refused by the ACL (return code 0x80)");
                             codes.push(SubscribeReasonCode::Failure);
                             continue;
                         }

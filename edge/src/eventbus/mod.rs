@@ -4,11 +4,13 @@
 //! publishes the answers; it also publishes what DeviceTwin derives from cache changes
 //! (membership updates, deltas).
 
+pub mod auth;
 pub mod broker;
 pub mod topics;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,6 +68,10 @@ pub struct EventBusConfig {
     pub mode: MqttMode,
     /// Larger request payloads are answered with an error (413) on their result topic.
     pub max_payload: usize,
+    /// The embedded broker's password file ([`auth`]); `None`: the broker is open.
+    pub password_file: Option<PathBuf>,
+    /// The embedded broker's ACL file ([`auth`]); needs a password file.
+    pub acl_file: Option<PathBuf>,
 }
 
 impl Default for EventBusConfig {
@@ -73,6 +79,8 @@ impl Default for EventBusConfig {
         EventBusConfig {
             mode: MqttMode::Embedded("127.0.0.1:1883".parse().expect("address")),
             max_payload: 64 << 10,
+            password_file: None,
+            acl_file: None,
         }
     }
 }
@@ -83,14 +91,33 @@ pub async fn start(
     config: EventBusConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<SocketAddr>> {
+    let mut login = None;
     let (host, port, embedded) = match &config.mode {
         MqttMode::Off => return Ok(None),
         MqttMode::Embedded(listen) => {
-            if !listen.ip().is_loopback() {
-                tracing::warn!(%listen, "the embedded MQTT broker listens beyond loopback and has no authentication");
-            }
+            let auth = match &config.password_file {
+                Some(file) => {
+                    let auth = auth::BrokerAuth::load(file, config.acl_file.as_deref())
+                        .map_err(|e| anyhow::anyhow!("the MQTT broker's credentials: {e}"))?;
+                    tracing::info!(users = auth.users(), acl = config.acl_file.is_some(), "the embedded MQTT broker requires a username and password");
+                    login = Some(auth.internal());
+                    Some(Arc::new(auth))
+                }
+                None if config.acl_file.is_some() => {
+                    anyhow::bail!("an MQTT ACL file needs a password file (--mqtt-password-file): without one no user is known")
+                }
+                None if listen.ip().is_loopback() => {
+                    tracing::warn!(%listen, "the embedded MQTT broker has no authentication: every local process may read and write every device's topics (--mqtt-password-file to require credentials)");
+                    None
+                }
+                None => {
+                    tracing::warn!(%listen, "the embedded MQTT broker listens beyond loopback and has no authentication (--mqtt-password-file to require credentials)");
+                    None
+                }
+            };
             let broker_config = broker::BrokerConfig {
                 max_packet_bytes: MAX_PACKET,
+                auth,
                 ..Default::default()
             };
             let broker = broker::Broker::start(*listen, broker_config, shutdown.clone())
@@ -114,6 +141,9 @@ pub async fn start(
         .set_max_packet_size(MAX_PACKET + 1024, MAX_PACKET + 1024)
         .set_request_channel_capacity(4096)
         .set_inflight(1024);
+    if let Some((user, password)) = login {
+        options.set_credentials(user, password);
+    }
     let (client, mut eventloop) = AsyncClient::new(options, 4096);
     // Answers go out at once (rumqttc leaves Nagle's algorithm on by default).
     let mut network = rumqttc::NetworkOptions::new();
