@@ -275,21 +275,23 @@ impl BrokerAuth {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let bad = |why: String| {
-                format!("{} line {}: {why}", password_file.display(), number + 1)
-            };
+            let bad =
+                |why: String| format!("{} line {}: {why}", password_file.display(), number + 1);
             let Some((user, hash)) = line.split_once(':') else {
                 return Err(bad("expected USERNAME:HASH".into()));
             };
             valid_username(user).map_err(bad)?;
-            PasswordHash::new(hash)
-                .map_err(|e| bad(format!("not a PHC password hash ({e}); make entries with edgecore mqtt-passwd")))?;
+            PasswordHash::new(hash).map_err(|e| {
+                bad(format!(
+                    "not a PHC password hash ({e}); make entries with edgecore mqtt-passwd"
+                ))
+            })?;
             users.insert(user.to_owned(), hash.to_owned());
         }
         let acl = match acl_file {
             Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
                 Some(Acl::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?)
             }
             None => None,
@@ -387,14 +389,26 @@ mod tests {
     #[test]
     fn filters_within_patterns() {
         let cases = [
-            ("$hw/events/device/d1/twin/update", "$hw/events/device/d1/#", true),
+            (
+                "$hw/events/device/d1/twin/update",
+                "$hw/events/device/d1/#",
+                true,
+            ),
             ("$hw/events/device/d1/#", "$hw/events/device/d1/#", true),
             ("$hw/events/device/d1", "$hw/events/device/d1/#", true),
             ("$hw/events/device/+/twin", "$hw/events/device/d1/#", false),
             ("$hw/events/device/#", "$hw/events/device/d1/#", false),
             ("$hw/events/device/d2/twin", "$hw/events/device/d1/#", false),
-            ("$hw/events/device/d1/twin/+", "$hw/events/device/+/twin/+", true),
-            ("$hw/events/device/d1/twin/#", "$hw/events/device/+/twin/+", false),
+            (
+                "$hw/events/device/d1/twin/+",
+                "$hw/events/device/+/twin/+",
+                true,
+            ),
+            (
+                "$hw/events/device/d1/twin/#",
+                "$hw/events/device/+/twin/+",
+                false,
+            ),
             ("$hw/x", "#", false),
             ("$hw/x", "+/x", false),
             ("a/b", "#", true),
@@ -403,7 +417,11 @@ mod tests {
             ("a", "a/b", false),
         ];
         for (filter, pattern, want) in cases {
-            assert_eq!(filter_within(filter, pattern), want, "{filter} in {pattern}");
+            assert_eq!(
+                filter_within(filter, pattern),
+                want,
+                "{filter} in {pattern}"
+            );
         }
     }
 

@@ -178,8 +178,13 @@ impl Broker {
                         let stop = shutdown.clone();
                         tokio::spawn(async move {
                             tokio::select! {
-                                outcome = session.run(stream) => if let Err(reason) = outcome {
-                                    tracing::info!(%peer, %reason, "MQTT connection closed");
+                                outcome = session.run(stream) => match outcome {
+                                    // A packet over the size limit, or not MQTT: worth a warning.
+                                    Err(reason) if reason.starts_with("bad ") => {
+                                        tracing::warn!(%peer, %reason, "MQTT connection closed");
+                                    }
+                                    Err(reason) => tracing::info!(%peer, %reason, "MQTT connection closed"),
+                                    Ok(()) => {}
                                 },
                                 _ = stop.cancelled() => {}
                             }
@@ -241,7 +246,9 @@ impl Session {
                 let user = connect.login.as_ref().map(|l| l.username.clone());
                 tracing::warn!(peer = %self.peer, client_id = %connect.client_id, ?user, "MQTT CONNECT refused: {why}");
                 // §3.2.2.3: a refusing CONNACK, then the server closes the connection.
-                let _ = framed.send(Packet::ConnAck(ConnAck::new(code, false))).await;
+                let _ = framed
+                    .send(Packet::ConnAck(ConnAck::new(code, false)))
+                    .await;
                 return Err(format!("CONNECT refused: {why}"));
             }
         };

@@ -99,7 +99,11 @@ pub async fn start(
                 Some(file) => {
                     let auth = auth::BrokerAuth::load(file, config.acl_file.as_deref())
                         .map_err(|e| anyhow::anyhow!("the MQTT broker's credentials: {e}"))?;
-                    tracing::info!(users = auth.users(), acl = config.acl_file.is_some(), "the embedded MQTT broker requires a username and password");
+                    tracing::info!(
+                        users = auth.users(),
+                        acl = config.acl_file.is_some(),
+                        "the embedded MQTT broker requires a username and password"
+                    );
                     login = Some(auth.internal());
                     Some(Arc::new(auth))
                 }
