@@ -334,3 +334,213 @@ fn mappers_need_credentials_and_reach_only_their_own_devices() {
     );
     drop(edge);
 }
+
+/// `openssl` with `args`, in `dir`; panics on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        stderr_of(&out)
+    );
+}
+
+/// A test CA, a server certificate for 127.0.0.1 and a client certificate, made by the
+/// `openssl` command line (P-256 keys).
+fn certificates(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=kedge-test-ca",
+        "-days",
+        "2",
+    ]);
+    openssl(dir, &ca);
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        let mut req = vec!["req"];
+        req.extend(ec);
+        let (key, csr, cn) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("/CN={name}"),
+        );
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &cn]);
+        openssl(dir, &req);
+        let (crt, ext) = (format!("{name}.crt"), format!("{name}.ext"));
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+}
+
+/// mosquitto with a TLS listener that requires a client certificate and a password.
+struct TlsMosquitto {
+    child: Child,
+}
+
+impl TlsMosquitto {
+    fn start(port: u16, dir: &Path) -> TlsMosquitto {
+        let passwd = dir.join("mosquitto.passwd");
+        for (user, password) in [("edgecore", "edge-secret"), ("mapper", "mapper-secret")] {
+            let mut command = Command::new("mosquitto_passwd");
+            if !passwd.exists() {
+                command.arg("-c");
+            }
+            let out = command
+                .arg("-b")
+                .arg(&passwd)
+                .args([user, password])
+                .output()
+                .expect("mosquitto_passwd (apt-get install mosquitto)");
+            assert!(out.status.success(), "{}", stderr_of(&out));
+        }
+        let d = dir.display();
+        let config = dir.join("mosquitto-tls.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "user root\nlistener {port} 127.0.0.1\ncafile {d}/ca.crt\ncertfile {d}/server.crt\n\
+                 keyfile {d}/server.key\nrequire_certificate true\npassword_file {d}/mosquitto.passwd\n\
+                 allow_anonymous false\n"
+            ),
+        )
+        .unwrap();
+        let program = if Path::new("/usr/sbin/mosquitto").exists() {
+            "/usr/sbin/mosquitto"
+        } else {
+            "mosquitto"
+        };
+        let child = Command::new(program)
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("mosquitto (apt-get install mosquitto)");
+        eventually("mosquitto listens", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        TlsMosquitto { child }
+    }
+}
+
+impl Drop for TlsMosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn edgecore_uses_an_external_broker_over_tls_with_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let port = free_port();
+    let _broker = TlsMosquitto::start(port, dir.path());
+    let password = dir.path().join("edge-password");
+    std::fs::write(&password, "edge-secret\n").unwrap();
+    let d = dir.path().display();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    let edge = EdgeProcess::start_with(
+        &cloud,
+        "edge-1",
+        edge_dir.path(),
+        free_port(),
+        Some(&token),
+        &[
+            "--mqtt-url".into(),
+            format!("mqtts://127.0.0.1:{port}"),
+            "--mqtt-ca".into(),
+            format!("{d}/ca.crt"),
+            "--mqtt-client-cert".into(),
+            format!("{d}/client.crt"),
+            "--mqtt-client-key".into(),
+            format!("{d}/client.key"),
+            "--mqtt-username".into(),
+            "edgecore".into(),
+            "--mqtt-client-password-file".into(),
+            password.display().to_string(),
+        ],
+    );
+    let out = cloud.kubectl_stdin(&["apply", "-f", "-"], DEVICES);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    eventually("the devices on edge-1", Duration::from_secs(30), || {
+        let out = edge.kubectl(&["get", "devices", "-o", "name"]);
+        String::from_utf8_lossy(&out.stdout).contains("thermo-1")
+    });
+    // The mapper, over TLS with its own certificate and password. edgecore may still be
+    // subscribing: retry until the report lands.
+    let mapper_tls = |command: &mut Command| {
+        command
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["--cafile", &format!("{d}/ca.crt")])
+            .args(["--cert", &format!("{d}/client.crt")])
+            .args(["--key", &format!("{d}/client.key")])
+            .args(["-u", "mapper", "-P", "mapper-secret"]);
+    };
+    let mut attempts = 0;
+    eventually(
+        "a report through mosquitto over TLS",
+        Duration::from_secs(60),
+        || {
+            attempts += 1;
+            let mut command = Command::new("mosquitto_pub");
+            mapper_tls(&mut command);
+            let out = command
+                .args(["-q", "1", "-t", "$hw/events/device/thermo-1/twin/update"])
+                .args(["-m", &twin_update(&attempts.to_string(), "t1")])
+                .output()
+                .expect("mosquitto_pub");
+            assert!(
+                out.status.success(),
+                "the mapper's TLS publish: {}",
+                stderr_of(&out)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            reported(&cloud, "thermo-1") == attempts.to_string()
+        },
+    );
+}

@@ -57,10 +57,26 @@ struct Cli {
     /// without --mqtt-password-file it has no authentication).
     #[arg(long, default_value = "127.0.0.1:1883", conflicts_with_all = ["mqtt_url", "no_mqtt"])]
     mqtt_listen: SocketAddr,
-    /// Use this external MQTT broker (mqtt://HOST[:PORT], e.g. mosquitto) instead of the
-    /// embedded one.
+    /// Use this external MQTT broker (mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS;
+    /// e.g. mosquitto) instead of the embedded one.
     #[arg(long, value_parser = edge::eventbus::parse_mqtt_url, conflicts_with = "no_mqtt")]
-    mqtt_url: Option<(String, u16)>,
+    mqtt_url: Option<edge::eventbus::BrokerUrl>,
+    /// The username edgecore signs in with on the external broker.
+    #[arg(long, requires = "mqtt_url")]
+    mqtt_username: Option<String>,
+    /// A file whose first line is the password for --mqtt-username on the external broker.
+    #[arg(long, requires = "mqtt_username")]
+    mqtt_client_password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) that sign the external broker's certificate (for mqtts://).
+    #[arg(long, requires = "mqtt_url")]
+    mqtt_ca: Option<PathBuf>,
+    /// PEM certificate for edgecore's client on an external broker that requires client
+    /// certificates (with --mqtt-client-key).
+    #[arg(long, requires_all = ["mqtt_client_key", "mqtt_ca"])]
+    mqtt_client_cert: Option<PathBuf>,
+    /// PEM private key of --mqtt-client-cert.
+    #[arg(long, requires = "mqtt_client_cert")]
+    mqtt_client_key: Option<PathBuf>,
     /// The embedded broker requires a username and password listed in this file (lines
     /// `USERNAME:ARGON2-PHC-HASH`; add entries with `edgecore mqtt-passwd FILE USERNAME`).
     #[arg(long, conflicts_with_all = ["mqtt_url", "no_mqtt"])]
@@ -164,11 +180,17 @@ fn main() -> ExitCode {
         config.eventbus.max_payload = cli.mqtt_max_payload;
         config.eventbus.password_file = cli.mqtt_password_file;
         config.eventbus.acl_file = cli.mqtt_acl_file;
+        config.eventbus.external = edge::eventbus::ExternalClient {
+            username: cli.mqtt_username,
+            password_file: cli.mqtt_client_password_file,
+            ca: cli.mqtt_ca,
+            client_cert: cli.mqtt_client_cert.zip(cli.mqtt_client_key),
+        };
         config.node_status.lease_period = cli.lease_period;
         config.link_keepalive = cli.link_keepalive;
         config.eventbus.mode = match (cli.no_mqtt, cli.mqtt_url) {
             (true, _) => edge::eventbus::MqttMode::Off,
-            (false, Some((host, port))) => edge::eventbus::MqttMode::External(host, port),
+            (false, Some(url)) => edge::eventbus::MqttMode::External(url),
             (false, None) => edge::eventbus::MqttMode::Embedded(cli.mqtt_listen),
         };
         let mut core = match EdgeCore::start(config).await {
