@@ -287,7 +287,11 @@ mod tests {
         assert_eq!(r.subresource.as_deref(), Some("scale"));
         let r = object_ref("/api/v1/namespaces/a").expect("ref");
         assert_eq!(
-            (r.resource.as_str(), r.name.as_deref(), r.namespace.as_deref()),
+            (
+                r.resource.as_str(),
+                r.name.as_deref(),
+                r.namespace.as_deref()
+            ),
             ("namespaces", Some("a"), None)
         );
         let r = object_ref("/api/v1/namespaces/a/status").expect("ref");
