@@ -797,6 +797,8 @@ const TICK: Duration = Duration::from_millis(50);
 ///
 /// # Errors
 /// The store's watch closed, or the store could not be read at start after retries.
+// Each is one of cloudcore's shared parts; a struct of them would only be unpacked here.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     store: Arc<Store>,
     mut server: transport::Server,
