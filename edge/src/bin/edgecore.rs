@@ -83,9 +83,20 @@ struct Cli {
     mqtt_password_file: Option<PathBuf>,
     /// Topic ACLs of the embedded broker: lines `USER read|write|readwrite PATTERN` (USER `*`
     /// for everyone, `%u` in PATTERN for the user's name; e.g.
-    /// `* readwrite $hw/events/device/%u/#`). What no line allows is refused.
-    #[arg(long, requires = "mqtt_password_file")]
+    /// `* readwrite $hw/events/device/%u/#`). What no line allows is refused. Needs
+    /// --mqtt-password-file or --mqtt-tls-client-ca.
+    #[arg(long, conflicts_with_all = ["mqtt_url", "no_mqtt"])]
     mqtt_acl_file: Option<PathBuf>,
+    /// Serve the embedded broker over TLS (only) with this PEM certificate chain.
+    #[arg(long, requires = "mqtt_tls_key", conflicts_with_all = ["mqtt_url", "no_mqtt"])]
+    mqtt_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --mqtt-tls-cert.
+    #[arg(long, requires = "mqtt_tls_cert")]
+    mqtt_tls_key: Option<PathBuf>,
+    /// Require MQTT clients to show a certificate signed by this PEM CA; without
+    /// --mqtt-password-file its common name is the client's username (for the ACL's %u).
+    #[arg(long, requires = "mqtt_tls_cert")]
+    mqtt_tls_client_ca: Option<PathBuf>,
     /// Run no EventBus (no devices over MQTT on this node).
     #[arg(long)]
     no_mqtt: bool,
@@ -180,6 +191,13 @@ fn main() -> ExitCode {
         config.eventbus.max_payload = cli.mqtt_max_payload;
         config.eventbus.password_file = cli.mqtt_password_file;
         config.eventbus.acl_file = cli.mqtt_acl_file;
+        config.eventbus.tls = cli.mqtt_tls_cert.zip(cli.mqtt_tls_key).map(|(cert, key)| {
+            edge::eventbus::tls::BrokerTls {
+                cert,
+                key,
+                client_ca: cli.mqtt_tls_client_ca,
+            }
+        });
         config.eventbus.external = edge::eventbus::ExternalClient {
             username: cli.mqtt_username,
             password_file: cli.mqtt_client_password_file,

@@ -224,8 +224,10 @@ pub fn filter_within(filter: &str, pattern: &str) -> bool {
 
 /// The broker's view of who may connect and what they may do.
 pub struct BrokerAuth {
-    /// Username to Argon2 PHC string.
-    users: HashMap<String, String>,
+    /// Username to Argon2 PHC string; `None`: users are named by their certificates.
+    users: Option<HashMap<String, String>>,
+    /// A verified client certificate is required (the broker speaks TLS and checks them).
+    client_certs: bool,
     acl: Option<Acl>,
     /// edgecore's own client's password (random, made at start).
     internal_secret: String,
@@ -235,7 +237,8 @@ impl std::fmt::Debug for BrokerAuth {
     // No hashes, no secret.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerAuth")
-            .field("users", &self.users.len())
+            .field("users", &self.users.as_ref().map(HashMap::len))
+            .field("client_certs", &self.client_certs)
             .field("acl_rules", &self.acl.as_ref().map(|a| a.rules.len()))
             .finish_non_exhaustive()
     }
@@ -246,7 +249,8 @@ impl std::fmt::Debug for BrokerAuth {
 pub enum Refusal {
     /// Return code 4: no such user, wrong password, or none given.
     BadCredentials,
-    /// Return code 5: known user, but the last will's topic is not allowed.
+    /// Return code 5: no client certificate where one is required, or a last will on a topic
+    /// the user may not publish to.
     NotAuthorized,
 }
 
@@ -255,39 +259,30 @@ pub enum Refusal {
 pub enum Principal {
     /// edgecore itself: everything allowed.
     Internal,
-    /// A user of the password file (or anyone, on a broker without one).
+    /// A user of the password file, or named by its client certificate.
     User(String),
     /// Nobody signed in, on an open broker (no password file): everything allowed.
     Anonymous,
 }
 
 impl BrokerAuth {
-    /// Reads the password file and, if given, the ACL file.
+    /// Reads the password file and, if given, the ACL file. `client_certs`: the broker
+    /// requires a verified client certificate; without a password file, its common name is
+    /// then the user's name (as mosquitto's `use_identity_as_username`).
     ///
     /// # Errors
-    /// An unreadable file, a bad line (with its number), an unusable username.
-    pub fn load(password_file: &Path, acl_file: Option<&Path>) -> Result<BrokerAuth, String> {
-        let text = std::fs::read_to_string(password_file)
-            .map_err(|e| format!("{}: {e}", password_file.display()))?;
-        let mut users = HashMap::new();
-        for (number, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let bad =
-                |why: String| format!("{} line {}: {why}", password_file.display(), number + 1);
-            let Some((user, hash)) = line.split_once(':') else {
-                return Err(bad("expected USERNAME:HASH".into()));
-            };
-            valid_username(user).map_err(bad)?;
-            PasswordHash::new(hash).map_err(|e| {
-                bad(format!(
-                    "not a PHC password hash ({e}); make entries with edgecore mqtt-passwd"
-                ))
-            })?;
-            users.insert(user.to_owned(), hash.to_owned());
-        }
+    /// Neither a password file nor client certificates, an unreadable file, a bad line (with
+    /// its number), an unusable username.
+    pub fn load(
+        password_file: Option<&Path>,
+        acl_file: Option<&Path>,
+        client_certs: bool,
+    ) -> Result<BrokerAuth, String> {
+        let users = match password_file {
+            Some(file) => Some(read_password_file(file)?),
+            None if client_certs => None,
+            None => return Err("neither a password file nor client certificates".into()),
+        };
         let acl = match acl_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -299,6 +294,7 @@ impl BrokerAuth {
         let secret: [u8; 32] = rand::random();
         Ok(BrokerAuth {
             users,
+            client_certs,
             acl,
             internal_secret: secret.iter().map(|b| format!("{b:02x}")).collect(),
         })
@@ -309,13 +305,14 @@ impl BrokerAuth {
         (INTERNAL_USER.to_owned(), self.internal_secret.clone())
     }
 
-    /// Users in the password file.
+    /// Users in the password file (0 without one).
     pub fn users(&self) -> usize {
-        self.users.len()
+        self.users.as_ref().map_or(0, HashMap::len)
     }
 
-    /// Checks a CONNECT's credentials and will topic. Argon2 takes tens of milliseconds on
-    /// purpose: call it off the async threads.
+    /// Checks a CONNECT's credentials, client certificate and will topic. `identity`: the
+    /// common name of the client's verified certificate, if it showed one. Argon2 takes tens
+    /// of milliseconds on purpose: call it off the async threads.
     ///
     /// # Errors
     /// [`Refusal`] with the return code to send.
@@ -324,11 +321,9 @@ impl BrokerAuth {
         username: Option<&str>,
         password: Option<&str>,
         will_topic: Option<&str>,
+        identity: Option<&str>,
     ) -> Result<Principal, Refusal> {
-        let (Some(username), Some(password)) = (username, password) else {
-            return Err(Refusal::BadCredentials);
-        };
-        if username == INTERNAL_USER {
+        if let (Some(INTERNAL_USER), Some(password)) = (username, password) {
             let ok: bool = password
                 .as_bytes()
                 .ct_eq(self.internal_secret.as_bytes())
@@ -339,7 +334,21 @@ impl BrokerAuth {
                 Err(Refusal::BadCredentials)
             };
         }
-        let Some(hash) = self.users.get(username) else {
+        if self.client_certs && identity.is_none() {
+            return Err(Refusal::NotAuthorized);
+        }
+        let Some(users) = &self.users else {
+            // Named by the certificate; a username, if given, must be the same.
+            let identity = identity.ok_or(Refusal::NotAuthorized)?;
+            if username.is_some_and(|u| u != identity) {
+                return Err(Refusal::BadCredentials);
+            }
+            return self.with_will(identity, will_topic);
+        };
+        let (Some(username), Some(password)) = (username, password) else {
+            return Err(Refusal::BadCredentials);
+        };
+        let Some(hash) = users.get(username) else {
             // The same work as for a known user: no telling usernames apart by timing.
             let _ = Argon2::default().verify_password(password.as_bytes(), &dummy_hash());
             return Err(Refusal::BadCredentials);
@@ -348,12 +357,16 @@ impl BrokerAuth {
         Argon2::default()
             .verify_password(password.as_bytes(), &hash)
             .map_err(|_| Refusal::BadCredentials)?;
-        if let Some(topic) = will_topic {
-            if !self.may_publish(&Principal::User(username.to_owned()), topic) {
-                return Err(Refusal::NotAuthorized);
-            }
+        self.with_will(username, will_topic)
+    }
+
+    /// `user`, unless its last will's topic is not one it may publish to.
+    fn with_will(&self, user: &str, will_topic: Option<&str>) -> Result<Principal, Refusal> {
+        let principal = Principal::User(user.to_owned());
+        match will_topic {
+            Some(topic) if !self.may_publish(&principal, topic) => Err(Refusal::NotAuthorized),
+            _ => Ok(principal),
         }
-        Ok(Principal::User(username.to_owned()))
     }
 
     /// Whether `who` may publish to `topic`.
@@ -371,6 +384,31 @@ impl BrokerAuth {
             _ => true,
         }
     }
+}
+
+/// Reads a password file (`USERNAME:PHC-HASH` lines).
+fn read_password_file(password_file: &Path) -> Result<HashMap<String, String>, String> {
+    let text = std::fs::read_to_string(password_file)
+        .map_err(|e| format!("{}: {e}", password_file.display()))?;
+    let mut users = HashMap::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |why: String| format!("{} line {}: {why}", password_file.display(), number + 1);
+        let Some((user, hash)) = line.split_once(':') else {
+            return Err(bad("expected USERNAME:HASH".into()));
+        };
+        valid_username(user).map_err(bad)?;
+        PasswordHash::new(hash).map_err(|e| {
+            bad(format!(
+                "not a PHC password hash ({e}); make entries with edgecore mqtt-passwd"
+            ))
+        })?;
+        users.insert(user.to_owned(), hash.to_owned());
+    }
+    Ok(users)
 }
 
 fn dummy_hash() -> PasswordHash<'static> {
@@ -449,6 +487,51 @@ mod tests {
     }
 
     #[test]
+    fn certificates_name_users() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let acl = dir.path().join("acl");
+        std::fs::write(&acl, "* readwrite $hw/events/device/%u/#\n").expect("write");
+        assert!(BrokerAuth::load(None, Some(&acl), false).is_err());
+        let auth = BrokerAuth::load(None, Some(&acl), true).expect("load");
+        let thermo = Principal::User("thermo-1".into());
+        assert_eq!(
+            auth.authenticate(None, None, None, Some("thermo-1")),
+            Ok(thermo.clone())
+        );
+        assert_eq!(
+            auth.authenticate(Some("thermo-1"), Some("ignored"), None, Some("thermo-1")),
+            Ok(thermo.clone())
+        );
+        assert_eq!(
+            auth.authenticate(Some("thermo-2"), None, None, Some("thermo-1")),
+            Err(Refusal::BadCredentials)
+        );
+        assert_eq!(
+            auth.authenticate(Some("thermo-1"), Some("x"), None, None),
+            Err(Refusal::NotAuthorized),
+            "no certificate"
+        );
+        assert_eq!(
+            auth.authenticate(
+                None,
+                None,
+                Some("$hw/events/device/thermo-2/gone"),
+                Some("thermo-1")
+            ),
+            Err(Refusal::NotAuthorized),
+            "a will on another device's topic"
+        );
+        assert!(auth.may_publish(&thermo, "$hw/events/device/thermo-1/twin/update"));
+        assert!(!auth.may_publish(&thermo, "$hw/events/device/thermo-2/twin/update"));
+        let (user, secret) = auth.internal();
+        assert_eq!(
+            auth.authenticate(Some(&user), Some(&secret), None, None),
+            Ok(Principal::Internal),
+            "edgecore's own client needs no certificate"
+        );
+    }
+
+    #[test]
     fn passwords_are_checked() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("passwd");
@@ -460,9 +543,9 @@ mod tests {
         let text = std::fs::read_to_string(&file).expect("read");
         assert_eq!(text.lines().count(), 2, "{text}");
         assert!(text.contains("mapper:$argon2id$"), "{text}");
-        let auth = BrokerAuth::load(&file, None).expect("load");
+        let auth = BrokerAuth::load(Some(&file), None, false).expect("load");
         assert_eq!(
-            auth.authenticate(Some("mapper"), Some("n3w"), None),
+            auth.authenticate(Some("mapper"), Some("n3w"), None, None),
             Ok(Principal::User("mapper".into()))
         );
         for (user, password) in [
@@ -473,18 +556,18 @@ mod tests {
             (Some(INTERNAL_USER), Some("guess")),
         ] {
             assert_eq!(
-                auth.authenticate(user, password, None),
+                auth.authenticate(user, password, None, None),
                 Err(Refusal::BadCredentials),
                 "{user:?}"
             );
         }
         let (user, secret) = auth.internal();
         assert_eq!(
-            auth.authenticate(Some(&user), Some(&secret), None),
+            auth.authenticate(Some(&user), Some(&secret), None, None),
             Ok(Principal::Internal)
         );
         std::fs::write(&file, "mapper:plaintext\n").expect("write");
-        assert!(BrokerAuth::load(&file, None)
+        assert!(BrokerAuth::load(Some(&file), None, false)
             .expect_err("not a hash")
             .contains("line 1"));
     }

@@ -21,7 +21,8 @@ use rumqttc::mqttbytes::v4::{
     SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::QoS;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +42,9 @@ pub struct BrokerConfig {
     pub connect_timeout: Duration,
     /// Who may connect and what they may do ([`super::auth`]); `None`: anyone, everything.
     pub auth: Option<Arc<BrokerAuth>>,
+    /// MQTT over TLS (the listener speaks TLS only): the server's certificate and, when
+    /// client certificates are checked, their verifier (see [`super::tls`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for BrokerConfig {
@@ -49,6 +53,7 @@ impl Default for BrokerConfig {
             max_packet_bytes: 1 << 20,
             connect_timeout: Duration::from_secs(10),
             auth: None,
+            tls: None,
         }
     }
 }
@@ -178,7 +183,7 @@ impl Broker {
                         let stop = shutdown.clone();
                         tokio::spawn(async move {
                             tokio::select! {
-                                outcome = session.run(stream) => match outcome {
+                                outcome = session.accept(stream) => match outcome {
                                     // A packet over the size limit, or not MQTT: worth a warning.
                                     Err(reason) if reason.starts_with("bad ") => {
                                         tracing::warn!(%peer, %reason, "MQTT connection closed");
@@ -214,7 +219,32 @@ impl Session {
         self.router.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn run(self, stream: TcpStream) -> Result<(), String> {
+    /// Serves one accepted connection: the TLS handshake first when the broker has TLS
+    /// (within the CONNECT timeout), then the MQTT session.
+    async fn accept(self, stream: tokio::net::TcpStream) -> Result<(), String> {
+        let Some(tls) = self.config.tls.clone() else {
+            return self.run(stream, None).await;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let stream = tokio::time::timeout(self.config.connect_timeout, acceptor.accept(stream))
+            .await
+            .map_err(|_| "no TLS handshake in time".to_owned())?
+            .map_err(|e| format!("bad TLS handshake: {e}"))?;
+        // The client certificate was verified by the handshake (when one is asked for).
+        let identity = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| transport::tls::node_name_from_cert(cert).ok());
+        self.run(stream, identity).await
+    }
+
+    /// The MQTT session; `identity`: the common name of the client's verified certificate.
+    async fn run<S>(self, stream: S, identity: Option<String>) -> Result<(), String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let codec = Codec {
             max_incoming_size: self.config.max_packet_bytes,
             max_outgoing_size: self.config.max_packet_bytes,
@@ -229,7 +259,8 @@ impl Session {
             Some(Err(e)) => return Err(format!("bad CONNECT: {e}")),
             None => return Ok(()),
         };
-        let principal = match self.authenticate(&connect).await {
+        let identity_seen = identity.clone();
+        let principal = match self.authenticate(&connect, identity).await {
             Ok(principal) => principal,
             Err(refusal) => {
                 self.stats.refused_connects.fetch_add(1, Ordering::Relaxed);
@@ -243,7 +274,11 @@ impl Session {
                         "not authorized (last will topic)",
                     ),
                 };
-                let user = connect.login.as_ref().map(|l| l.username.clone());
+                let user = connect
+                    .login
+                    .as_ref()
+                    .map(|l| l.username.clone())
+                    .or(identity_seen);
                 tracing::warn!(peer = %self.peer, client_id = %connect.client_id, ?user, "MQTT CONNECT refused: {why}");
                 // §3.2.2.3: a refusing CONNACK, then the server closes the connection.
                 let _ = framed
@@ -331,6 +366,7 @@ impl Session {
     async fn authenticate(
         &self,
         connect: &rumqttc::mqttbytes::v4::Connect,
+        identity: Option<String>,
     ) -> Result<Principal, Refusal> {
         let Some(auth) = self.config.auth.clone() else {
             return Ok(Principal::Anonymous);
@@ -345,7 +381,7 @@ impl Session {
                 Some((user, password)) => (Some(user.as_str()), Some(password.as_str())),
                 None => (None, None),
             };
-            auth.authenticate(user, password, will.as_deref())
+            auth.authenticate(user, password, will.as_deref(), identity.as_deref())
         })
         .await
         .unwrap_or(Err(Refusal::BadCredentials))
@@ -461,8 +497,8 @@ impl Session {
 
 /// Writes one connection's packets: acknowledgements from its reader first, then messages
 /// for its subscriptions. Ends when the client's slot is taken over or the socket fails.
-async fn write_loop(
-    mut sink: SplitSink<Framed<TcpStream, Codec>, Packet>,
+async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sink: SplitSink<Framed<S, Codec>, Packet>,
     mut deliveries: mpsc::Receiver<Publish>,
     mut control: mpsc::Receiver<Packet>,
 ) -> Result<(), String> {

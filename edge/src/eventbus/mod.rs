@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod tls;
 pub mod topics;
 
 use std::collections::VecDeque;
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use bytes::Bytes;
 use replication::watcher::{Event as CacheEvent, ResumableWatcher};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter};
@@ -181,8 +183,11 @@ pub struct EventBusConfig {
     pub max_payload: usize,
     /// The embedded broker's password file ([`auth`]); `None`: the broker is open.
     pub password_file: Option<PathBuf>,
-    /// The embedded broker's ACL file ([`auth`]); needs a password file.
+    /// The embedded broker's ACL file ([`auth`]); needs a password file or client
+    /// certificates.
     pub acl_file: Option<PathBuf>,
+    /// TLS on the embedded broker ([`tls`]).
+    pub tls: Option<tls::BrokerTls>,
     /// Credentials and TLS towards an external broker.
     pub external: ExternalClient,
 }
@@ -194,6 +199,7 @@ impl Default for EventBusConfig {
             max_payload: 64 << 10,
             password_file: None,
             acl_file: None,
+            tls: None,
             external: ExternalClient::default(),
         }
     }
@@ -206,36 +212,48 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<SocketAddr>> {
     let mut login = None;
+    let mut client_tls = None;
     let (host, port, embedded) = match &config.mode {
         MqttMode::Off => return Ok(None),
         MqttMode::Embedded(listen) => {
-            let auth = match &config.password_file {
-                Some(file) => {
-                    let auth = auth::BrokerAuth::load(file, config.acl_file.as_deref())
-                        .map_err(|e| anyhow::anyhow!("the MQTT broker's credentials: {e}"))?;
-                    tracing::info!(
-                        users = auth.users(),
-                        acl = config.acl_file.is_some(),
-                        "the embedded MQTT broker requires a username and password"
-                    );
-                    login = Some(auth.internal());
-                    Some(Arc::new(auth))
+            let server_tls = match &config.tls {
+                Some(files) => {
+                    Some(tls::server_config(files).context("TLS for the embedded MQTT broker")?)
                 }
-                None if config.acl_file.is_some() => {
-                    anyhow::bail!("an MQTT ACL file needs a password file (--mqtt-password-file): without one no user is known")
-                }
-                None if listen.ip().is_loopback() => {
-                    tracing::warn!(%listen, "the embedded MQTT broker has no authentication: every local process may read and write every device's topics (--mqtt-password-file to require credentials)");
-                    None
-                }
-                None => {
-                    tracing::warn!(%listen, "the embedded MQTT broker listens beyond loopback and has no authentication (--mqtt-password-file to require credentials)");
-                    None
-                }
+                None => None,
             };
+            let client_certs = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+            let auth = if config.password_file.is_some() || client_certs {
+                let auth = auth::BrokerAuth::load(
+                    config.password_file.as_deref(),
+                    config.acl_file.as_deref(),
+                    client_certs,
+                )
+                .map_err(|e| anyhow::anyhow!("the MQTT broker's credentials: {e}"))?;
+                tracing::info!(
+                    users = auth.users(),
+                    client_certs,
+                    acl = config.acl_file.is_some(),
+                    "the embedded MQTT broker authenticates its clients"
+                );
+                login = Some(auth.internal());
+                Some(Arc::new(auth))
+            } else if config.acl_file.is_some() {
+                anyhow::bail!("an MQTT ACL file needs a password file (--mqtt-password-file) or client certificates (--mqtt-tls-client-ca): without one no user is known")
+            } else if listen.ip().is_loopback() {
+                tracing::warn!(%listen, "the embedded MQTT broker has no authentication: every local process may read and write every device's topics (--mqtt-password-file to require credentials)");
+                None
+            } else {
+                tracing::warn!(%listen, "the embedded MQTT broker listens beyond loopback and has no authentication (--mqtt-password-file to require credentials)");
+                None
+            };
+            if let Some((_, own)) = &server_tls {
+                client_tls = Some(tls::pinned_client(own.clone())?);
+            }
             let broker_config = broker::BrokerConfig {
                 max_packet_bytes: MAX_PACKET,
                 auth,
+                tls: server_tls.map(|(config, _)| config),
                 ..Default::default()
             };
             let broker = broker::Broker::start(*listen, broker_config, shutdown.clone())
@@ -264,6 +282,11 @@ pub async fn start(
     }
     if let MqttMode::External(url) = &config.mode {
         config.external.apply(url, &mut options)?;
+    }
+    if let Some(tls) = client_tls {
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
     }
     let (client, mut eventloop) = AsyncClient::new(options, 4096);
     // Answers go out at once (rumqttc leaves Nagle's algorithm on by default).
