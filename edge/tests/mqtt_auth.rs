@@ -349,8 +349,9 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A test CA, a server certificate for 127.0.0.1 and a client certificate, made by the
-/// `openssl` command line (P-256 keys).
+/// A test CA, a server certificate for 127.0.0.1 and client certificates (`client`,
+/// `thermo-1`, `thermo-2`: their common names), made by the `openssl` command line (P-256
+/// keys).
 fn certificates(dir: &Path) {
     let ec = [
         "-newkey",
@@ -378,6 +379,8 @@ fn certificates(dir: &Path) {
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
         ),
         ("client", "extendedKeyUsage=clientAuth\n"),
+        ("thermo-1", "extendedKeyUsage=clientAuth\n"),
+        ("thermo-2", "extendedKeyUsage=clientAuth\n"),
     ] {
         std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
         let mut req = vec!["req"];
@@ -542,5 +545,129 @@ fn edgecore_uses_an_external_broker_over_tls_with_credentials() {
             std::thread::sleep(Duration::from_millis(500));
             reported(&cloud, "thermo-1") == attempts.to_string()
         },
+    );
+}
+
+#[test]
+fn the_embedded_broker_over_tls_names_mappers_by_their_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let d = dir.path().display().to_string();
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, "* readwrite $hw/events/device/%u/#\n").unwrap();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    let mqtt = free_port();
+    let edge = EdgeProcess::start_with(
+        &cloud,
+        "edge-1",
+        edge_dir.path(),
+        free_port(),
+        Some(&token),
+        &[
+            "--mqtt-listen".into(),
+            format!("127.0.0.1:{mqtt}"),
+            "--mqtt-tls-cert".into(),
+            format!("{d}/server.crt"),
+            "--mqtt-tls-key".into(),
+            format!("{d}/server.key"),
+            "--mqtt-tls-client-ca".into(),
+            format!("{d}/ca.crt"),
+            "--mqtt-acl-file".into(),
+            acl.display().to_string(),
+        ],
+    );
+    let out = cloud.kubectl_stdin(&["apply", "-f", "-"], DEVICES);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    eventually("the devices on edge-1", Duration::from_secs(30), || {
+        let out = edge.kubectl(&["get", "devices", "-o", "name"]);
+        String::from_utf8_lossy(&out.stdout).contains("thermo-1")
+    });
+    // `mosquitto_pub` over TLS, with `cert`'s certificate and key if any (`timeout`: a client
+    // whose connection fails may retry rather than exit).
+    let tls_pub = |cert: Option<&str>, topic: &str, payload: &str| {
+        let mut command = Command::new("timeout");
+        command
+            .args([
+                "20",
+                "mosquitto_pub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &mqtt.to_string(),
+            ])
+            .args(["--cafile", &format!("{d}/ca.crt"), "-q", "1"]);
+        if let Some(name) = cert {
+            command
+                .args(["--cert", &format!("{d}/{name}.crt")])
+                .args(["--key", &format!("{d}/{name}.key")]);
+        }
+        command
+            .args(["-t", topic, "-m", payload])
+            .output()
+            .expect("mosquitto_pub")
+    };
+    let topic_one = "$hw/events/device/thermo-1/twin/update";
+
+    // Plain MQTT on the TLS port: no session.
+    let out = Command::new("timeout")
+        .args([
+            "20",
+            "mosquitto_pub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &mqtt.to_string(),
+        ])
+        .args(["-t", topic_one, "-m", "plain"])
+        .output()
+        .expect("mosquitto_pub");
+    assert!(
+        !out.status.success(),
+        "plain MQTT was accepted on the TLS listener"
+    );
+    // TLS without a client certificate: CONNACK 5, not authorized.
+    let out = tls_pub(None, topic_one, &twin_update("1", "nocert"));
+    assert!(!out.status.success(), "no client certificate, yet accepted");
+    let said = format!("{}{}", stderr_of(&out), stdout(&out)).to_lowercase();
+    assert!(said.contains("not authori"), "{said}");
+
+    // thermo-1's certificate: its reports reach the cloud, through edgecore's own client,
+    // which talks TLS to its broker too. (It may still be subscribing: retry.)
+    let mut attempt = 0;
+    eventually(
+        "thermo-1's report over TLS",
+        Duration::from_secs(60),
+        || {
+            attempt += 1;
+            let out = tls_pub(
+                Some("thermo-1"),
+                topic_one,
+                &twin_update(&attempt.to_string(), "t"),
+            );
+            assert!(
+                out.status.success(),
+                "thermo-1 over TLS: {}",
+                stderr_of(&out)
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            reported(&cloud, "thermo-1") == attempt.to_string()
+        },
+    );
+    // ... and it may not subscribe to thermo-2's topics.
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt.to_string(), "-E", "-W", "20"])
+        .args(["--cafile", &format!("{d}/ca.crt")])
+        .args(["--cert", &format!("{d}/thermo-1.crt")])
+        .args(["--key", &format!("{d}/thermo-1.key")])
+        .args(["-t", "$hw/events/device/thermo-2/twin/update/result"])
+        .output()
+        .expect("mosquitto_sub");
+    let said = format!("{}{}", stderr_of(&out), stdout(&out));
+    assert!(
+        said.contains("denied"),
+        "thermo-1 subscribing to thermo-2: {said}"
     );
 }

@@ -249,9 +249,10 @@ impl std::fmt::Debug for BrokerAuth {
 pub enum Refusal {
     /// Return code 4: no such user, wrong password, or none given.
     BadCredentials,
-    /// Return code 5: no client certificate where one is required, or a last will on a topic
-    /// the user may not publish to.
+    /// Return code 5: a last will on a topic the user may not publish to.
     NotAuthorized,
+    /// Return code 5 too: no verified client certificate where one is required.
+    NoCertificate,
 }
 
 /// Who a connection is, once its CONNECT was accepted.
@@ -335,11 +336,11 @@ impl BrokerAuth {
             };
         }
         if self.client_certs && identity.is_none() {
-            return Err(Refusal::NotAuthorized);
+            return Err(Refusal::NoCertificate);
         }
         let Some(users) = &self.users else {
             // Named by the certificate; a username, if given, must be the same.
-            let identity = identity.ok_or(Refusal::NotAuthorized)?;
+            let identity = identity.ok_or(Refusal::NoCertificate)?;
             if username.is_some_and(|u| u != identity) {
                 return Err(Refusal::BadCredentials);
             }
@@ -508,7 +509,7 @@ mod tests {
         );
         assert_eq!(
             auth.authenticate(Some("thermo-1"), Some("x"), None, None),
-            Err(Refusal::NotAuthorized),
+            Err(Refusal::NoCertificate),
             "no certificate"
         );
         assert_eq!(

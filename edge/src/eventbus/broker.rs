@@ -273,6 +273,10 @@ impl Session {
                         ConnectReturnCode::NotAuthorized,
                         "not authorized (last will topic)",
                     ),
+                    Refusal::NoCertificate => (
+                        ConnectReturnCode::NotAuthorized,
+                        "not authorized (no client certificate)",
+                    ),
                 };
                 let user = connect
                     .login
