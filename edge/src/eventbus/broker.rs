@@ -641,4 +641,89 @@ mod tests {
         publisher_task.abort();
         stop.cancel();
     }
+
+    #[tokio::test]
+    async fn refusals_are_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let passwd = dir.path().join("passwd");
+        let acl = dir.path().join("acl");
+        super::super::auth::set_password(&passwd, "d1", "pw").expect("passwd");
+        std::fs::write(&acl, "* readwrite $hw/events/device/%u/#\n").expect("acl");
+        let auth = BrokerAuth::load(Some(&passwd), Some(&acl), false).expect("auth");
+        let stop = CancellationToken::new();
+        let broker = Broker::start(
+            "127.0.0.1:0".parse().expect("address"),
+            BrokerConfig {
+                auth: Some(Arc::new(auth)),
+                ..BrokerConfig::default()
+            },
+            stop.clone(),
+        )
+        .await
+        .expect("broker");
+        let addr = broker.local_addr;
+
+        let mut options = MqttOptions::new("d1", addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(5));
+        options.set_credentials("d1", "pw");
+        let (d1, mut d1_loop) = AsyncClient::new(options, 64);
+        d1.subscribe("$hw/events/device/d2/#", QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+        d1.subscribe("$hw/events/device/d1/#", QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+        d1.publish(
+            "$hw/events/device/d2/twin/update",
+            QoS::AtLeastOnce,
+            false,
+            "x",
+        )
+        .await
+        .expect("publish");
+        d1.publish(
+            "$hw/events/device/d1/twin/update",
+            QoS::AtLeastOnce,
+            false,
+            "mine",
+        )
+        .await
+        .expect("publish");
+        let mut codes = Vec::new();
+        let mut got = Vec::new();
+        let mut acks = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while acks < 2 || codes.len() < 2 || got.is_empty() {
+            match tokio::time::timeout_at(deadline, d1_loop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => codes.extend(ack.return_codes),
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acks += 1,
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => got.push(p.topic),
+                Ok(Ok(_)) => {}
+                other => panic!("d1: {other:?} (sub codes {codes:?}, acks {acks}, got {got:?})"),
+            }
+        }
+        assert_eq!(
+            codes,
+            vec![
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtMostOnce)
+            ]
+        );
+        assert_eq!(got, vec!["$hw/events/device/d1/twin/update".to_owned()]);
+        assert_eq!(broker.stats.denied_publishes.load(Ordering::Relaxed), 1);
+        assert_eq!(broker.stats.denied_subscribes.load(Ordering::Relaxed), 1);
+
+        // A wrong password: CONNACK 4, counted.
+        let mut options = MqttOptions::new("d1-bad", addr.ip().to_string(), addr.port());
+        options.set_credentials("d1", "wrong");
+        let (_bad, mut bad_loop) = AsyncClient::new(options, 8);
+        match tokio::time::timeout(Duration::from_secs(5), bad_loop.poll()).await {
+            Ok(Err(rumqttc::ConnectionError::ConnectionRefused(code))) => {
+                assert_eq!(code, ConnectReturnCode::BadUserNamePassword)
+            }
+            other => panic!("a wrong password: {other:?}"),
+        }
+        assert_eq!(broker.stats.refused_connects.load(Ordering::Relaxed), 1);
+        stop.cancel();
+    }
 }
