@@ -45,6 +45,9 @@ pub struct BrokerConfig {
     /// MQTT over TLS (the listener speaks TLS only): the server's certificate and, when
     /// client certificates are checked, their verifier (see [`super::tls`]).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Connections served at once; one more is closed at once (logged, at most once a
+    /// minute) so that a mapper retries rather than waits.
+    pub max_connections: usize,
 }
 
 impl Default for BrokerConfig {
@@ -54,6 +57,7 @@ impl Default for BrokerConfig {
             connect_timeout: Duration::from_secs(10),
             auth: None,
             tls: None,
+            max_connections: 1024,
         }
     }
 }
@@ -133,7 +137,8 @@ fn min_qos(a: QoS, b: QoS) -> QoS {
 /// What the broker refused since it started (each refusal is logged too).
 #[derive(Debug, Default)]
 pub struct BrokerStats {
-    /// CONNECTs refused: bad or missing credentials, or a will topic not allowed.
+    /// Connections refused: bad or missing credentials or client certificate, a will topic
+    /// not allowed, or over the connection limit.
     pub refused_connects: AtomicU64,
     /// PUBLISHes dropped because the ACL does not allow their topic.
     pub denied_publishes: AtomicU64,
@@ -163,7 +168,9 @@ impl Broker {
             local_addr,
             stats: stats.clone(),
         };
+        let permits = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
         tokio::spawn(async move {
+            let mut warned: Option<std::time::Instant> = None;
             loop {
                 let accepted = tokio::select! {
                     accepted = listener.accept() => accepted,
@@ -171,6 +178,14 @@ impl Broker {
                 };
                 match accepted {
                     Ok((stream, peer)) => {
+                        let Ok(permit) = permits.clone().try_acquire_owned() else {
+                            stats.refused_connects.fetch_add(1, Ordering::Relaxed);
+                            if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                                tracing::warn!(%peer, max = config.max_connections, "MQTT connection limit reached: new connections are closed");
+                                warned = Some(std::time::Instant::now());
+                            }
+                            continue;
+                        };
                         let _ = stream.set_nodelay(true);
                         let connection = ids.fetch_add(1, Ordering::Relaxed);
                         let session = Session {
@@ -182,6 +197,7 @@ impl Broker {
                         };
                         let stop = shutdown.clone();
                         tokio::spawn(async move {
+                            let _permit = permit;
                             tokio::select! {
                                 outcome = session.accept(stream) => match outcome {
                                     // A packet over the size limit, or not MQTT: worth a warning.
@@ -724,6 +740,52 @@ mod tests {
             other => panic!("a wrong password: {other:?}"),
         }
         assert_eq!(broker.stats.refused_connects.load(Ordering::Relaxed), 1);
+        stop.cancel();
+    }
+
+    /// Polls until the CONNACK (or an error, or 5 s).
+    async fn connack(eventloop: &mut EventLoop) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("no answer in 5 s".to_owned()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed() {
+        let stop = CancellationToken::new();
+        let broker = Broker::start(
+            "127.0.0.1:0".parse().expect("address"),
+            BrokerConfig {
+                max_connections: 1,
+                ..BrokerConfig::default()
+            },
+            stop.clone(),
+        )
+        .await
+        .expect("broker");
+        let addr = broker.local_addr;
+        let (_first, mut first_loop) = client(addr, "first", None);
+        connack(&mut first_loop).await.expect("the first connects");
+        let (_second, mut second_loop) = client(addr, "second", None);
+        assert!(connack(&mut second_loop).await.is_err(), "over the limit");
+        assert_eq!(broker.stats.refused_connects.load(Ordering::Relaxed), 1);
+        // The first one's slot freed, a new connection gets it.
+        drop(first_loop);
+        let mut third_loop = client(addr, "third", None).1;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while connack(&mut third_loop).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the slot was not freed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         stop.cancel();
     }
 }
