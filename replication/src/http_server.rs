@@ -9,7 +9,8 @@
 //!   `RequestEntityTooLarge`) without reading it; bodies without a length are bounded by the
 //!   handlers that read them (`replication::api::MAX_BODY_BYTES`, ServiceBus's limit). A body
 //!   that sends nothing for [`HttpLimits::body_idle_timeout`] fails (tower-http's
-//!   `TimeoutBody`, reset at every frame), and the handler answers as for a bad body.
+//!   `TimeoutBody`, reset at every frame) and the request is answered `408 Request Timeout`
+//!   (a `Status`, reason `Timeout`), whatever the handler made of the failed body.
 //! - **Connections**: at most [`HttpLimits::max_connections`] at once; beyond it new ones wait
 //!   in the listener's backlog (a warning once per minute) until one closes.
 //!
@@ -18,7 +19,10 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use std::net::SocketAddr;
@@ -34,7 +38,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
-use tower_http::timeout::TimeoutBody;
+use tower_http::timeout::{TimeoutBody, TimeoutError};
 
 /// The bounds of one HTTP server.
 #[derive(Debug, Clone)]
@@ -66,17 +70,26 @@ impl Default for HttpLimits {
 
 /// The 413 of a body over `max` bytes: a Kubernetes `Status` (kubectl prints its message).
 pub fn too_large(max: usize) -> Response<Body> {
+    status_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "RequestEntityTooLarge",
+        &format!("the request body is larger than {max} bytes"),
+    )
+}
+
+/// A Kubernetes `Status` (`v1`, `status: Failure`) with `code`, `reason` and `message`.
+fn status_response(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     let status = serde_json::json!({
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
         "status": "Failure",
-        "message": format!("the request body is larger than {max} bytes"),
-        "reason": "RequestEntityTooLarge",
-        "code": 413,
+        "message": message,
+        "reason": reason,
+        "code": code.as_u16(),
     });
     let mut response = Response::new(Body::from(status.to_string()));
-    *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+    *response.status_mut() = code;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
@@ -197,9 +210,58 @@ async fn handle(
     }
     // As `axum::serve(...).into_make_service_with_connect_info()` does.
     request.extensions_mut().insert(ConnectInfo(peer));
-    let request = request.map(|body| Body::new(TimeoutBody::new(limits.body_idle_timeout, body)));
-    match router.oneshot(request).await {
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let request = request.map(|body| {
+        Body::new(IdleBody {
+            inner: Box::pin(TimeoutBody::new(limits.body_idle_timeout, body)),
+            timed_out: timed_out.clone(),
+        })
+    });
+    let response = match router.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
+    };
+    if timed_out.load(Ordering::Relaxed) {
+        return status_response(
+            StatusCode::REQUEST_TIMEOUT,
+            "Timeout",
+            &format!(
+                "the request body sent nothing for {:?}",
+                limits.body_idle_timeout
+            ),
+        );
+    }
+    response
+}
+
+/// A request body that notes whether it failed by its idle timeout.
+struct IdleBody {
+    inner: Pin<Box<TimeoutBody<Incoming>>>,
+    timed_out: Arc<AtomicBool>,
+}
+
+impl http_body::Body for IdleBody {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = self.inner.as_mut().poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            if e.is::<TimeoutError>() {
+                self.timed_out.store(true, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
