@@ -464,6 +464,55 @@ mod tests {
         }
     }
 
+    /// A filter or topic of up to five levels from a small alphabet, so that random ones
+    /// overlap (`wildcards`: `+` anywhere, `#` last).
+    fn levels(wildcards: bool) -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let level = if wildcards {
+            prop_oneof![Just("a"), Just("b"), Just("$s"), Just(""), Just("+")].boxed()
+        } else {
+            prop_oneof![Just("a"), Just("b"), Just("$s"), Just("")].boxed()
+        };
+        (
+            proptest::collection::vec(level, 1..5),
+            any::<bool>().prop_map(move |hash| hash && wildcards),
+        )
+            .prop_map(|(mut parts, hash)| {
+                if hash {
+                    parts.push("#");
+                }
+                parts.join("/")
+            })
+    }
+
+    proptest::proptest! {
+        /// The ACL's subscribe check is sound: a filter it lets through never delivers a
+        /// topic the rule's pattern does not match (what the broker routes is decided by
+        /// `topics::matches`).
+        #[test]
+        fn a_filter_within_a_pattern_matches_nothing_outside_it(
+            filter in levels(true),
+            pattern in levels(true),
+            topic in levels(false),
+        ) {
+            proptest::prop_assume!(topics::valid_filter(&filter) && topics::valid_filter(&pattern));
+            if filter_within(&filter, &pattern) && topics::matches(&filter, &topic) {
+                proptest::prop_assert!(
+                    topics::matches(&pattern, &topic),
+                    "{filter} within {pattern} delivers {topic}"
+                );
+            }
+            // A filter is within itself.
+            proptest::prop_assert!(filter_within(&filter, &filter), "{filter}");
+        }
+
+        /// Arbitrary ACL text never panics the parser.
+        #[test]
+        fn acl_text_never_panics(text in "[a-z*%/+#$ \n]{0,80}") {
+            let _ = Acl::parse(&text);
+        }
+    }
+
     #[test]
     fn acl_rules_with_user_substitution() {
         let acl = Acl::parse(
