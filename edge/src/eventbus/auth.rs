@@ -514,6 +514,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_acl_parses() {
+        let text = include_str!("../../../examples/mqtt-acl.txt");
+        let acl = Acl::parse(text).expect("examples/mqtt-acl.txt");
+        assert!(acl.may_publish("thermo-1", "$hw/events/device/thermo-1/twin/update"));
+        assert!(acl.may_subscribe("modbus-mapper", "$hw/events/node/edge-1/membership/updated"));
+        assert!(!acl.may_subscribe("thermo-1", "$hw/events/node/edge-1/membership/updated"));
+    }
+
+    #[test]
     fn acl_rules_with_user_substitution() {
         let acl = Acl::parse(
             "# mappers\n\
