@@ -65,6 +65,8 @@ impl Default for BrokerConfig {
 struct Subscriber {
     /// Which connection of this client id holds the slot (a newer one takes it over).
     connection: u64,
+    /// Who signed in on it: only the same principal may take the slot over.
+    owner: Principal,
     tx: mpsc::Sender<Publish>,
     filters: Vec<(String, QoS)>,
 }
@@ -313,15 +315,39 @@ impl Session {
             connect.client_id.clone()
         };
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
-        // A second connection with the same id takes over (MQTT 3.1.1 §3.1.4).
-        self.router().clients.insert(
-            client_id.clone(),
-            Subscriber {
-                connection: self.connection,
-                tx,
-                filters: Vec::new(),
-            },
-        );
+        // A second connection with the same id takes over (MQTT 3.1.1 §3.1.4), but with
+        // authentication only one of the same user: no mapper may cut off another's session,
+        // or edgecore's own, by using its client id.
+        let taken = {
+            let mut router = self.router();
+            let taken = router
+                .clients
+                .get(&client_id)
+                .is_some_and(|held| self.config.auth.is_some() && held.owner != principal);
+            if !taken {
+                router.clients.insert(
+                    client_id.clone(),
+                    Subscriber {
+                        connection: self.connection,
+                        owner: principal.clone(),
+                        tx,
+                        filters: Vec::new(),
+                    },
+                );
+            }
+            taken
+        };
+        if taken {
+            self.stats.refused_connects.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %self.peer, %client_id, user = ?principal, "MQTT CONNECT refused: the client id is in use by another user (identifier rejected)");
+            let _ = framed
+                .send(Packet::ConnAck(ConnAck::new(
+                    ConnectReturnCode::BadClientId,
+                    false,
+                )))
+                .await;
+            return Err("CONNECT refused: client id in use by another user".into());
+        }
         let (mut sink, mut stream) = framed.split();
         sink.send(Packet::ConnAck(ConnAck::new(
             ConnectReturnCode::Success,

@@ -2,7 +2,8 @@
 //! [--mqtt-tls-client-ca FILE]`): the listener speaks MQTT over TLS 1.2/1.3 only (rustls with
 //! ring, as the rest of kedge). With a client CA, a client must show a certificate it signed;
 //! its common name (a DNS-1123 name, as device names are) is the user's name when there is
-//! no password file, and ACL rules' `%u` apply to it ([`super::auth`]).
+//! no password file, and ACL rules' `%u` apply to it ([`super::auth`]). A certificate whose
+//! common name is not such a name counts as none.
 //!
 //! edgecore's own client has no client certificate: the TLS layer lets a client without one
 //! finish the handshake, and the broker then refuses its CONNECT unless it signs in with
