@@ -1,6 +1,7 @@
 //! The audit log of API writes (`cloudcore --audit-log FILE`): one JSON line per write
-//! (create, update, patch, delete, deletecollection) made through the API, by its clients
-//! over HTTP and by nodes whose MetaServer forwarded a call over the link.
+//! (create, update, patch, delete, deletecollection; exec, attach and port-forward into pods)
+//! made through the API, by its clients over HTTP and by nodes whose MetaServer forwarded a
+//! call over the link.
 //!
 //! Each line is a Kubernetes audit event (`audit.k8s.io/v1` `Event`, level `Metadata`, stage
 //! `ResponseComplete`, as kube-apiserver writes with `--audit-log-path`), so tools that read
@@ -169,8 +170,18 @@ pub fn object_ref(path: &str) -> Option<ObjectRef> {
     })
 }
 
-/// Kubernetes' verb of a write: `None` for reads.
+/// Kubernetes' verb of a write: `None` for reads. Exec, attach and port-forward into a pod
+/// are `create`s of their subresource whatever the method (kubectl's WebSocket streams are
+/// GETs; Kubernetes authorizes them as `create` since 1.30).
 pub fn write_verb(method: &Method, object: &ObjectRef) -> Option<&'static str> {
+    if object.resource == "pods"
+        && matches!(
+            object.subresource.as_deref(),
+            Some("exec" | "attach" | "portforward")
+        )
+    {
+        return Some("create");
+    }
     Some(match *method {
         Method::POST => "create",
         Method::PUT => "update",
@@ -301,6 +312,10 @@ mod tests {
         assert!(object_ref("/healthz").is_none());
         assert!(object_ref("/servicebus/n/app/x").is_none());
         assert_eq!(write_verb(&Method::DELETE, &r), Some("deletecollection"));
+        let exec = object_ref("/api/v1/namespaces/a/pods/p/exec").expect("ref");
+        assert_eq!(write_verb(&Method::GET, &exec), Some("create"));
+        let log = object_ref("/api/v1/namespaces/a/pods/p/log").expect("ref");
+        assert_eq!(write_verb(&Method::GET, &log), None);
         assert_eq!(write_verb(&Method::GET, &r), None);
     }
 
