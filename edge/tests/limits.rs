@@ -159,5 +159,27 @@ fn metaserver_refuses_oversized_bodies_and_forwarded_writes_are_audited() {
         "{code}: {}",
         stderr_of(&out2)
     );
+
+    // Exec through the cloud (kubectl's WebSocket upgrade) works with the audit log on, and
+    // is recorded as a create of pods/exec.
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: box}\nspec:\n  containers:\n  \
+               - {name: main, image: busybox, command: [sleep, \"1000\"]}\n";
+    let out = cloud.kubectl_stdin(&["apply", "-f", "-"], pod);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    eventually("box Running", Duration::from_secs(40), || {
+        cloud.ok(&["get", "pod", "box", "-o", "jsonpath={.status.phase}"]) == "Running"
+    });
+    let out = cloud.kubectl(&["exec", "box", "--", "echo", "audited exec"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(stdout(&out).trim(), "audited exec");
+    let audited = std::fs::read_to_string(&audit).unwrap_or_default();
+    let exec = audited
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["objectRef"]["subresource"] == "exec")
+        .unwrap_or_else(|| panic!("no audited exec: {audited}"));
+    assert_eq!(exec["verb"], "create");
+    assert_eq!(exec["objectRef"]["name"], "box");
+    assert_eq!(exec["user"]["username"], "kedge-admin");
     edge.kill9();
 }
