@@ -1,7 +1,9 @@
 //! The embedded MQTT broker (MQTT 3.1.1, clean sessions) that mappers talk to when no external
 //! broker is configured. Packets are encoded and decoded by rumqttc's codec; this module is
 //! only the routing: connections, subscriptions, QoS 0/1/2 handshakes towards publishers,
-//! retained messages and last wills.
+//! retained messages and last wills; and the checks of [`super::auth`] (CONNECT credentials
+//! and client certificates, topic ACLs on SUBSCRIBE and PUBLISH) over plain TCP or TLS
+//! ([`super::tls`]).
 //!
 //! Why not rumqttd: it refuses every filter and topic that starts with `$`, and KubeEdge's
 //! topics all start with `$hw/`. Sessions are not persisted (a mapper reconnecting gets a new

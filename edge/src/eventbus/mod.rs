@@ -2,7 +2,9 @@
 //! ([`broker`]) or to an external one (`--mqtt-url`, e.g. mosquitto), subscribes to KubeEdge's
 //! topics ([`topics`]), hands requests to DeviceTwin in batches (one commit per batch) and
 //! publishes the answers; it also publishes what DeviceTwin derives from cache changes
-//! (membership updates, deltas).
+//! (membership updates, deltas). Who may use the embedded broker is [`auth`]'s (passwords,
+//! client certificates, topic ACLs) and [`tls`]'s; an external broker is reached with the
+//! credentials and TLS of [`ExternalClient`].
 
 pub mod auth;
 pub mod broker;
