@@ -127,7 +127,7 @@ fn keep_memory_small() {
 /// `edgecore mqtt-passwd FILE USERNAME`: adds or replaces USERNAME's entry in the embedded
 /// MQTT broker's password file; the password is read from standard input (its first line).
 #[derive(Parser)]
-#[command(name = "edgecore mqtt-passwd")]
+#[command(name = "edgecore mqtt-passwd", bin_name = "edgecore mqtt-passwd")]
 struct MqttPasswd {
     /// The password file (created if missing).
     file: PathBuf,

@@ -45,8 +45,9 @@ pub fn hash_password(password: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Adds or replaces `username`'s entry in the password file at `path` (created if missing),
-/// keeping the other lines; written to a temporary file and renamed over the old one.
+/// Adds or replaces `username`'s entry in the password file at `path` (created if missing,
+/// mode 0600), keeping the other lines; written to a temporary file and renamed over the old
+/// one.
 ///
 /// # Errors
 /// A username that cannot be used ([`valid_username`]), an unreadable or unwritable file.
@@ -68,9 +69,21 @@ pub fn set_password(path: &Path, username: &str, password: &str) -> Result<(), S
         .collect();
     lines.push(format!("{username}:{hash}"));
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, lines.join("\n") + "\n")
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("{}: {e}", path.display()))
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Readable by its owner only, like mosquitto_passwd's files.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all((lines.join("\n") + "\n").as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// A username usable in the files: not empty, no `:` (the password file's separator), no
@@ -602,6 +615,12 @@ mod tests {
         let text = std::fs::read_to_string(&file).expect("read");
         assert_eq!(text.lines().count(), 2, "{text}");
         assert!(text.contains("mapper:$argon2id$"), "{text}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
         let auth = BrokerAuth::load(Some(&file), None, false).expect("load");
         assert_eq!(
             auth.authenticate(Some("mapper"), Some("n3w"), None, None),
