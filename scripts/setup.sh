@@ -11,6 +11,9 @@ command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 # The device tests play the mapper with mosquitto_pub/sub and run a real mosquitto broker.
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+# The MQTT TLS tests make their CA and certificates with the openssl command line
+# (mosquitto_passwd, for the TLS mosquitto broker's password file, comes with mosquitto).
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # `k8s-cri` (CRI v1 for `edgecore --runtime cri`) compiles its protos with protoc at build time.
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 # The CRI tests and benchmark: containerd (with ctr) and runc, CNI plugins, a local OCI registry,

@@ -596,6 +596,8 @@ struct Shell {
     credentials: Arc<NodeCredentials>,
     /// The served kinds, custom ones included, for classifying the nodes' forwarded calls.
     registry: Arc<Registry>,
+    /// Where the nodes' forwarded writes are recorded ([`crate::audit`]).
+    audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 impl Shell {
@@ -668,6 +670,7 @@ impl Shell {
                     &self.registry,
                     node.clone(),
                     self.metrics.clone(),
+                    self.audit.clone(),
                     request,
                     |read| match read {
                         NodeRead::Object(key) => core.on_read(&store, node, key),
@@ -794,6 +797,8 @@ const TICK: Duration = Duration::from_millis(50);
 ///
 /// # Errors
 /// The store's watch closed, or the store could not be read at start after retries.
+// Each is one of cloudcore's shared parts; a struct of them would only be unpacked here.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     store: Arc<Store>,
     mut server: transport::Server,
@@ -801,6 +806,7 @@ pub async fn run(
     connected: Arc<ConnectedNodes>,
     bus: Arc<crate::servicebus::ServiceBus>,
     credentials: Arc<NodeCredentials>,
+    audit: Option<Arc<crate::audit::AuditLog>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut shell = Shell {
@@ -811,6 +817,7 @@ pub async fn run(
         connected,
         credentials,
         registry: Arc::new(Registry::with_store(store.clone())),
+        audit,
     };
     let mut changes = ResumableWatcher::all(store.clone());
     let (events_tx, mut events_rx) = mpsc::channel::<(Arc<str>, LinkEvent)>(4096);

@@ -18,6 +18,7 @@ use replication::{ObjectKey, Store, Versioned, WriteSet};
 use tower::ServiceExt;
 use transport::IncomingRequest;
 
+use crate::audit::{AuditLog, Auditor};
 use crate::authz::{self, Decision};
 use crate::metrics::{Metrics, RequestLabels};
 
@@ -100,10 +101,20 @@ pub async fn serve(
     registry: Arc<Registry>,
     policy: Arc<NodeApiPolicy>,
     call: ApiCall,
+    audit: Option<Arc<AuditLog>>,
 ) -> ApiReply {
-    let router: Router = ApiServer::new(store, policy)
+    let node = policy.node.clone();
+    let mut router: Router = ApiServer::new(store, policy)
         .with_registry(registry)
         .router();
+    if let Some(log) = audit {
+        // Kubernetes' name for a node's identity (the Node authorizer's `system:node:NAME`).
+        let user: Arc<str> = format!("system:node:{node}").into();
+        router = router.layer(axum::middleware::from_fn_with_state(
+            Auditor { log, user },
+            crate::audit::middleware,
+        ));
+    }
     match router.oneshot(call.into_request()).await {
         Ok(response) => ApiReply::from_response(response).await,
         Err(never) => match never {},
@@ -127,6 +138,7 @@ pub fn dispatch(
     registry: &Arc<Registry>,
     node: Arc<str>,
     metrics: Arc<Metrics>,
+    audit: Option<Arc<AuditLog>>,
     request: IncomingRequest,
     authorize: impl FnOnce(NodeRead<'_>) -> Result<(), ApiError>,
 ) {
@@ -155,7 +167,7 @@ pub fn dispatch(
     let registry = registry.clone();
     tokio::spawn(async move {
         let reply = match decided {
-            Ok(call) => serve(store, registry, policy, call).await,
+            Ok(call) => serve(store, registry, policy, call, audit).await,
             Err(error) => ApiReply::error(&error),
         };
         if let Err(e) = request

@@ -47,6 +47,12 @@ pub struct CloudConfig {
     pub node_cert_grace: Duration,
     /// Join attempts a minute per source address (0: no limit).
     pub join_rate_limit: u32,
+    /// Timeouts, body and connection limits of the API's HTTP server.
+    pub http_limits: replication::http_server::HttpLimits,
+    /// Where API writes are recorded ([`crate::audit`]); `None`: nowhere.
+    pub audit_log: Option<PathBuf>,
+    /// The audit log's size before it is rotated to `FILE.1`.
+    pub audit_log_max_bytes: u64,
 }
 
 impl CloudConfig {
@@ -68,7 +74,19 @@ impl CloudConfig {
             node_cert_lifetime: crate::credentials::DEFAULT_LIFETIME,
             node_cert_grace: crate::credentials::DEFAULT_GRACE,
             join_rate_limit: crate::join::DEFAULT_JOIN_RATE,
+            http_limits: api_http_limits(),
+            audit_log: None,
+            audit_log_max_bytes: crate::audit::DEFAULT_MAX_BYTES,
         }
+    }
+}
+
+/// The API server's default bounds: request bodies up to the larger of the API's and
+/// ServiceBus's limits, 30 s for headers and between body frames, 4096 connections.
+pub fn api_http_limits() -> replication::http_server::HttpLimits {
+    replication::http_server::HttpLimits {
+        max_body_bytes: replication::api::MAX_BODY_BYTES.max(crate::servicebus::MAX_REQUEST_BYTES),
+        ..Default::default()
     }
 }
 
@@ -170,6 +188,13 @@ impl CloudCore {
         let bus = Arc::new(crate::servicebus::ServiceBus::new(
             config.service_bus_timeout,
         ));
+        let audit = match &config.audit_log {
+            Some(path) => Some(Arc::new(
+                crate::audit::AuditLog::open(path, config.audit_log_max_bytes)
+                    .with_context(|| format!("cannot open the audit log {}", path.display()))?,
+            )),
+            None => None,
+        };
         let router = crate::servicebus::router(bus.clone(), token.clone())
             .merge(crate::cloudstream::router(
                 store.clone(),
@@ -179,6 +204,16 @@ impl CloudCore {
             ))
             .merge(crate::top::router(store.clone(), bus.clone(), token))
             .merge(api.router());
+        let router = match &audit {
+            Some(log) => router.layer(axum::middleware::from_fn_with_state(
+                crate::audit::Auditor {
+                    log: log.clone(),
+                    user: replication::api::auth::USERNAME.into(),
+                },
+                crate::audit::middleware,
+            )),
+            None => router,
+        };
         if api_tls {
             let ca = crate::pki::load_or_create_ca(&config.data_dir)?;
             let mut names = vec![
@@ -196,16 +231,24 @@ impl CloudCore {
             let tls = crate::api_tls::server_config(&identity)?;
             tasks.push((
                 "API server",
-                tokio::spawn(crate::api_tls::serve(api_listener, router, tls)),
+                tokio::spawn(replication::http_server::serve(
+                    api_listener,
+                    router,
+                    config.http_limits.clone(),
+                    Some(tokio_rustls::TlsAcceptor::from(tls)),
+                    std::future::pending(),
+                )),
             ));
         } else {
             tasks.push((
                 "API server",
-                tokio::spawn(async move {
-                    if let Err(e) = axum::serve(api_listener, router).await {
-                        tracing::error!(error = %e, "API server stopped");
-                    }
-                }),
+                tokio::spawn(replication::http_server::serve(
+                    api_listener,
+                    router,
+                    config.http_limits.clone(),
+                    None,
+                    std::future::pending(),
+                )),
             ));
         }
         let metrics_router = {
@@ -229,9 +272,19 @@ impl CloudCore {
         tasks.push((
             "metrics endpoint",
             tokio::spawn(async move {
-                if let Err(e) = axum::serve(metrics_listener, metrics_router).await {
-                    tracing::error!(error = %e, "metrics endpoint stopped");
-                }
+                let limits = replication::http_server::HttpLimits {
+                    max_connections: 64,
+                    max_body_bytes: 0,
+                    ..Default::default()
+                };
+                replication::http_server::serve(
+                    metrics_listener,
+                    metrics_router,
+                    limits,
+                    None,
+                    std::future::pending(),
+                )
+                .await;
             }),
         ));
         let ca = crate::pki::load_or_create_ca(&config.data_dir)?;
@@ -286,6 +339,7 @@ impl CloudCore {
             connected.clone(),
             bus.clone(),
             credentials,
+            audit,
             shutdown.clone(),
         );
         tasks.push((

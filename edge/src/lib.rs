@@ -31,6 +31,10 @@ pub mod usage;
 /// Request streams the cloud may have open to this node at once (QUIC's stream limit).
 pub const STREAMS_FROM_CLOUD: u32 = 512;
 
+/// Connections MetaServer serves at once (every watch of a pod or kubectl is one); more wait
+/// until one closes.
+pub const METASERVER_MAX_CONNECTIONS: usize = 1024;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -188,12 +192,17 @@ impl EdgeCore {
         tasks.push((
             "MetaServer",
             tokio::spawn(async move {
-                let served = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "MetaServer stopped");
-                }
+                // Bounded like the cloud's API: header and body timeouts, 413 beyond the
+                // API's body limit, a connection cap (pods' watches are one each).
+                let limits = replication::http_server::HttpLimits {
+                    max_body_bytes: replication::api::MAX_BODY_BYTES,
+                    max_connections: METASERVER_MAX_CONNECTIONS,
+                    ..Default::default()
+                };
+                replication::http_server::serve(listener, router, limits, None, async move {
+                    stop.cancelled().await
+                })
+                .await;
             }),
         ));
 

@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod change;
+pub mod http_server;
 pub mod key;
 pub mod simulation;
 pub mod store;

@@ -142,3 +142,59 @@ async fn without_a_handler_or_a_certificate_nothing_gets_in() {
         other => panic!("expected Unauthorized, got {other}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_join_request_is_refused_and_joining_goes_on() {
+    init_tracing();
+    let ca = Arc::new(CertificateAuthority::generate("kedge-test-ca").unwrap());
+    let joins = server(&ca, true);
+    let addr = joins.local_addr().unwrap();
+
+    // A raw join connection (ALPN kedge-join/1, no client certificate) announcing a 1 MiB
+    // request: over the join limit of 64 KiB.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert().clone()).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![transport::join::JOIN_ALPN.to_vec()];
+    let config = transport::quinn_client_config_from(tls, &fast_link_config()).unwrap();
+    let endpoint = transport::client_endpoint("127.0.0.1:0".parse().unwrap(), 0).unwrap();
+    let conn = endpoint
+        .connect_with(config, addr, SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&(1u32 << 20).to_le_bytes()).await.unwrap();
+    // The server may close before all of it is sent.
+    let _ = send.write_all(&vec![0u8; 128 << 10]).await;
+    match within(TIMEOUT, conn.closed()).await {
+        quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(
+            CloseCode::from_code(close.error_code.into_inner()),
+            Some(CloseCode::FrameTooLarge),
+            "{close:?}"
+        ),
+        other => panic!("expected the server to close the join, got {other}"),
+    }
+
+    // The server goes on: a good join works.
+    let joined = transport::join(
+        addr,
+        SERVER_NAME,
+        cert_pin(ca.cert()),
+        "edge-8",
+        "good-token",
+        TIMEOUT,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        transport::tls::node_name_from_cert(&joined.identity.cert_chain[0]).unwrap(),
+        "edge-8"
+    );
+}

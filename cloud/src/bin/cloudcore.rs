@@ -75,6 +75,23 @@ struct Cli {
     /// "429 Too Many Requests". 0: no limit.
     #[arg(long, default_value_t = cloud::join::DEFAULT_JOIN_RATE)]
     join_rate_limit: u32,
+    /// Record every API write (clients' and nodes' forwarded ones) in this file, one
+    /// Kubernetes audit event (audit.k8s.io/v1, level Metadata) a line.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// Size of the audit log before it is renamed to FILE.1 (replacing the previous one) and
+    /// a new one started (bytes, or with K, M, G).
+    #[arg(long, default_value = "100M", value_parser = cloud::audit::parse_size)]
+    audit_log_max_size: u64,
+    /// Time an API client has to send a request's headers; a slower one is disconnected.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    http_header_timeout: Duration,
+    /// Longest pause within an API request's body before the request fails.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    http_body_timeout: Duration,
+    /// API connections served at once; more wait until one closes.
+    #[arg(long, default_value_t = 4096)]
+    http_max_connections: usize,
     /// Changes kept in memory for watches that resume from a resourceVersion; older ones get 410.
     #[arg(long, default_value_t = 10_000)]
     watch_history: usize,
@@ -245,6 +262,14 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             node_cert_lifetime: cli.node_cert_lifetime,
             node_cert_grace: cli.node_cert_grace,
             join_rate_limit: cli.join_rate_limit,
+            http_limits: replication::http_server::HttpLimits {
+                header_read_timeout: cli.http_header_timeout,
+                body_idle_timeout: cli.http_body_timeout,
+                max_connections: cli.http_max_connections,
+                ..cloud::server::api_http_limits()
+            },
+            audit_log: cli.audit_log,
+            audit_log_max_bytes: cli.audit_log_max_size,
         };
         let mut core = match CloudCore::start(config).await {
             Ok(core) => core,

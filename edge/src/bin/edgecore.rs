@@ -14,7 +14,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "edgecore",
     version,
-    about = "kedge's edge node: joins the cloud, caches its state, runs its pods, serves a local Kubernetes API"
+    about = "kedge's edge node: joins the cloud, caches its state, runs its pods, serves a local Kubernetes API",
+    after_help = "Also: edgecore mqtt-passwd FILE USERNAME (password on standard input) adds a user to the embedded MQTT broker's password file."
 )]
 struct Cli {
     /// This node's name (a DNS-1123 subdomain).
@@ -53,13 +54,49 @@ struct Cli {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     service_bus_timeout: std::time::Duration,
     /// Address of the embedded MQTT broker for mappers (loopback unless you mean otherwise;
-    /// it has no authentication).
+    /// without --mqtt-password-file it has no authentication).
     #[arg(long, default_value = "127.0.0.1:1883", conflicts_with_all = ["mqtt_url", "no_mqtt"])]
     mqtt_listen: SocketAddr,
-    /// Use this external MQTT broker (mqtt://HOST[:PORT], e.g. mosquitto) instead of the
-    /// embedded one.
+    /// Use this external MQTT broker (mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS;
+    /// e.g. mosquitto) instead of the embedded one.
     #[arg(long, value_parser = edge::eventbus::parse_mqtt_url, conflicts_with = "no_mqtt")]
-    mqtt_url: Option<(String, u16)>,
+    mqtt_url: Option<edge::eventbus::BrokerUrl>,
+    /// The username edgecore signs in with on the external broker.
+    #[arg(long, requires = "mqtt_url")]
+    mqtt_username: Option<String>,
+    /// A file whose first line is the password for --mqtt-username on the external broker.
+    #[arg(long, requires = "mqtt_username")]
+    mqtt_client_password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) that sign the external broker's certificate (for mqtts://).
+    #[arg(long, requires = "mqtt_url")]
+    mqtt_ca: Option<PathBuf>,
+    /// PEM certificate for edgecore's client on an external broker that requires client
+    /// certificates (with --mqtt-client-key).
+    #[arg(long, requires_all = ["mqtt_client_key", "mqtt_ca"])]
+    mqtt_client_cert: Option<PathBuf>,
+    /// PEM private key of --mqtt-client-cert.
+    #[arg(long, requires = "mqtt_client_cert")]
+    mqtt_client_key: Option<PathBuf>,
+    /// The embedded broker requires a username and password listed in this file (lines
+    /// `USERNAME:ARGON2-PHC-HASH`; add entries with `edgecore mqtt-passwd FILE USERNAME`).
+    #[arg(long, conflicts_with_all = ["mqtt_url", "no_mqtt"])]
+    mqtt_password_file: Option<PathBuf>,
+    /// Topic ACLs of the embedded broker: lines `USER read|write|readwrite PATTERN` (USER `*`
+    /// for everyone, `%u` in PATTERN for the user's name; e.g.
+    /// `* readwrite $hw/events/device/%u/#`). What no line allows is refused. Needs
+    /// --mqtt-password-file or --mqtt-tls-client-ca.
+    #[arg(long, conflicts_with_all = ["mqtt_url", "no_mqtt"])]
+    mqtt_acl_file: Option<PathBuf>,
+    /// Serve the embedded broker over TLS (only) with this PEM certificate chain.
+    #[arg(long, requires = "mqtt_tls_key", conflicts_with_all = ["mqtt_url", "no_mqtt"])]
+    mqtt_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --mqtt-tls-cert.
+    #[arg(long, requires = "mqtt_tls_cert")]
+    mqtt_tls_key: Option<PathBuf>,
+    /// Require MQTT clients to show a certificate signed by this PEM CA; without
+    /// --mqtt-password-file its common name is the client's username (for the ACL's %u).
+    #[arg(long, requires = "mqtt_tls_cert")]
+    mqtt_tls_client_ca: Option<PathBuf>,
     /// Run no EventBus (no devices over MQTT on this node).
     #[arg(long)]
     no_mqtt: bool,
@@ -87,8 +124,39 @@ fn keep_memory_small() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
 }
 
+/// `edgecore mqtt-passwd FILE USERNAME`: adds or replaces USERNAME's entry in the embedded
+/// MQTT broker's password file; the password is read from standard input (its first line).
+#[derive(Parser)]
+#[command(name = "edgecore mqtt-passwd", bin_name = "edgecore mqtt-passwd")]
+struct MqttPasswd {
+    /// The password file (created if missing).
+    file: PathBuf,
+    /// The user (a mapper); with `%u` in the ACL file, name users after their device.
+    username: String,
+}
+
+fn mqtt_passwd(args: impl Iterator<Item = String>) -> ExitCode {
+    let cli = MqttPasswd::parse_from(args);
+    let mut password = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut password) {
+        eprintln!("error: reading the password from standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    let password = password.trim_end_matches(['\n', '\r']);
+    match edge::eventbus::auth::set_password(&cli.file, &cli.username, password) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     keep_memory_small();
+    if std::env::args().nth(1).as_deref() == Some("mqtt-passwd") {
+        return mqtt_passwd(std::env::args().skip(1));
+    }
     let cli = Cli::parse();
     transport::logging::init(cli.log_format, "info");
     let runtime = match tokio::runtime::Runtime::new() {
@@ -121,11 +189,26 @@ fn main() -> ExitCode {
         config.service_bus_apps = cli.service_bus_apps;
         config.service_bus_timeout = cli.service_bus_timeout;
         config.eventbus.max_payload = cli.mqtt_max_payload;
+        config.eventbus.password_file = cli.mqtt_password_file;
+        config.eventbus.acl_file = cli.mqtt_acl_file;
+        config.eventbus.tls = cli.mqtt_tls_cert.zip(cli.mqtt_tls_key).map(|(cert, key)| {
+            edge::eventbus::tls::BrokerTls {
+                cert,
+                key,
+                client_ca: cli.mqtt_tls_client_ca,
+            }
+        });
+        config.eventbus.external = edge::eventbus::ExternalClient {
+            username: cli.mqtt_username,
+            password_file: cli.mqtt_client_password_file,
+            ca: cli.mqtt_ca,
+            client_cert: cli.mqtt_client_cert.zip(cli.mqtt_client_key),
+        };
         config.node_status.lease_period = cli.lease_period;
         config.link_keepalive = cli.link_keepalive;
         config.eventbus.mode = match (cli.no_mqtt, cli.mqtt_url) {
             (true, _) => edge::eventbus::MqttMode::Off,
-            (false, Some((host, port))) => edge::eventbus::MqttMode::External(host, port),
+            (false, Some(url)) => edge::eventbus::MqttMode::External(url),
             (false, None) => edge::eventbus::MqttMode::Embedded(cli.mqtt_listen),
         };
         let mut core = match EdgeCore::start(config).await {

@@ -1,7 +1,9 @@
 //! The embedded MQTT broker (MQTT 3.1.1, clean sessions) that mappers talk to when no external
 //! broker is configured. Packets are encoded and decoded by rumqttc's codec; this module is
 //! only the routing: connections, subscriptions, QoS 0/1/2 handshakes towards publishers,
-//! retained messages and last wills.
+//! retained messages and last wills; and the checks of [`super::auth`] (CONNECT credentials
+//! and client certificates, topic ACLs on SUBSCRIBE and PUBLISH) over plain TCP or TLS
+//! ([`super::tls`]).
 //!
 //! Why not rumqttd: it refuses every filter and topic that starts with `$`, and KubeEdge's
 //! topics all start with `$hw/`. Sessions are not persisted (a mapper reconnecting gets a new
@@ -21,11 +23,13 @@ use rumqttc::mqttbytes::v4::{
     SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::QoS;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
+use super::auth::{BrokerAuth, Principal, Refusal};
 use super::topics;
 
 /// Packets queued for one subscriber before newer ones are dropped (a stuck client must not
@@ -38,6 +42,14 @@ pub struct BrokerConfig {
     pub max_packet_bytes: usize,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout: Duration,
+    /// Who may connect and what they may do ([`super::auth`]); `None`: anyone, everything.
+    pub auth: Option<Arc<BrokerAuth>>,
+    /// MQTT over TLS (the listener speaks TLS only): the server's certificate and, when
+    /// client certificates are checked, their verifier (see [`super::tls`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Connections served at once; one more is closed at once (logged, at most once a
+    /// minute) so that a mapper retries rather than waits.
+    pub max_connections: usize,
 }
 
 impl Default for BrokerConfig {
@@ -45,6 +57,9 @@ impl Default for BrokerConfig {
         BrokerConfig {
             max_packet_bytes: 1 << 20,
             connect_timeout: Duration::from_secs(10),
+            auth: None,
+            tls: None,
+            max_connections: 1024,
         }
     }
 }
@@ -52,6 +67,8 @@ impl Default for BrokerConfig {
 struct Subscriber {
     /// Which connection of this client id holds the slot (a newer one takes it over).
     connection: u64,
+    /// Who signed in on it: only the same principal may take the slot over.
+    owner: Principal,
     tx: mpsc::Sender<Publish>,
     filters: Vec<(String, QoS)>,
 }
@@ -121,9 +138,22 @@ fn min_qos(a: QoS, b: QoS) -> QoS {
     }
 }
 
+/// What the broker refused since it started (each refusal is logged too).
+#[derive(Debug, Default)]
+pub struct BrokerStats {
+    /// Connections refused: bad or missing credentials or client certificate, a will topic
+    /// not allowed, or over the connection limit.
+    pub refused_connects: AtomicU64,
+    /// PUBLISHes dropped because the ACL does not allow their topic.
+    pub denied_publishes: AtomicU64,
+    /// Subscription filters refused (SUBACK return code 0x80) by the ACL.
+    pub denied_subscribes: AtomicU64,
+}
+
 /// A running broker.
 pub struct Broker {
     pub local_addr: SocketAddr,
+    pub stats: Arc<BrokerStats>,
 }
 
 impl Broker {
@@ -137,7 +167,14 @@ impl Broker {
         let local_addr = listener.local_addr()?;
         let router = Arc::new(Mutex::new(Router::default()));
         let ids = Arc::new(AtomicU64::new(0));
+        let stats = Arc::new(BrokerStats::default());
+        let broker = Broker {
+            local_addr,
+            stats: stats.clone(),
+        };
+        let permits = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
         tokio::spawn(async move {
+            let mut warned: Option<std::time::Instant> = None;
             loop {
                 let accepted = tokio::select! {
                     accepted = listener.accept() => accepted,
@@ -145,18 +182,34 @@ impl Broker {
                 };
                 match accepted {
                     Ok((stream, peer)) => {
+                        let Ok(permit) = permits.clone().try_acquire_owned() else {
+                            stats.refused_connects.fetch_add(1, Ordering::Relaxed);
+                            if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                                tracing::warn!(%peer, max = config.max_connections, "MQTT connection limit reached: new connections are closed");
+                                warned = Some(std::time::Instant::now());
+                            }
+                            continue;
+                        };
                         let _ = stream.set_nodelay(true);
                         let connection = ids.fetch_add(1, Ordering::Relaxed);
                         let session = Session {
                             router: router.clone(),
                             config: config.clone(),
                             connection,
+                            stats: stats.clone(),
+                            peer,
                         };
                         let stop = shutdown.clone();
                         tokio::spawn(async move {
+                            let _permit = permit;
                             tokio::select! {
-                                outcome = session.run(stream) => if let Err(reason) = outcome {
-                                    tracing::info!(%peer, %reason, "MQTT connection closed");
+                                outcome = session.accept(stream) => match outcome {
+                                    // A packet over the size limit, or not MQTT: worth a warning.
+                                    Err(reason) if reason.starts_with("bad ") => {
+                                        tracing::warn!(%peer, %reason, "MQTT connection closed");
+                                    }
+                                    Err(reason) => tracing::info!(%peer, %reason, "MQTT connection closed"),
+                                    Ok(()) => {}
                                 },
                                 _ = stop.cancelled() => {}
                             }
@@ -169,7 +222,7 @@ impl Broker {
                 }
             }
         });
-        Ok(Broker { local_addr })
+        Ok(broker)
     }
 }
 
@@ -177,6 +230,8 @@ struct Session {
     router: Arc<Mutex<Router>>,
     config: BrokerConfig,
     connection: u64,
+    stats: Arc<BrokerStats>,
+    peer: SocketAddr,
 }
 
 impl Session {
@@ -184,7 +239,32 @@ impl Session {
         self.router.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn run(self, stream: TcpStream) -> Result<(), String> {
+    /// Serves one accepted connection: the TLS handshake first when the broker has TLS
+    /// (within the CONNECT timeout), then the MQTT session.
+    async fn accept(self, stream: tokio::net::TcpStream) -> Result<(), String> {
+        let Some(tls) = self.config.tls.clone() else {
+            return self.run(stream, None).await;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let stream = tokio::time::timeout(self.config.connect_timeout, acceptor.accept(stream))
+            .await
+            .map_err(|_| "no TLS handshake in time".to_owned())?
+            .map_err(|e| format!("bad TLS handshake: {e}"))?;
+        // The client certificate was verified by the handshake (when one is asked for).
+        let identity = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| transport::tls::node_name_from_cert(cert).ok());
+        self.run(stream, identity).await
+    }
+
+    /// The MQTT session; `identity`: the common name of the client's verified certificate.
+    async fn run<S>(self, stream: S, identity: Option<String>) -> Result<(), String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let codec = Codec {
             max_incoming_size: self.config.max_packet_bytes,
             max_outgoing_size: self.config.max_packet_bytes,
@@ -199,21 +279,77 @@ impl Session {
             Some(Err(e)) => return Err(format!("bad CONNECT: {e}")),
             None => return Ok(()),
         };
+        let identity_seen = identity.clone();
+        let principal = match self.authenticate(&connect, identity).await {
+            Ok(principal) => principal,
+            Err(refusal) => {
+                self.stats.refused_connects.fetch_add(1, Ordering::Relaxed);
+                let (code, why) = match refusal {
+                    Refusal::BadCredentials => (
+                        ConnectReturnCode::BadUserNamePassword,
+                        "bad user name or password",
+                    ),
+                    Refusal::NotAuthorized => (
+                        ConnectReturnCode::NotAuthorized,
+                        "not authorized (last will topic)",
+                    ),
+                    Refusal::NoCertificate => (
+                        ConnectReturnCode::NotAuthorized,
+                        "not authorized (no client certificate)",
+                    ),
+                };
+                let user = connect
+                    .login
+                    .as_ref()
+                    .map(|l| l.username.clone())
+                    .or(identity_seen);
+                tracing::warn!(peer = %self.peer, client_id = %connect.client_id, ?user, "MQTT CONNECT refused: {why}");
+                // §3.2.2.3: a refusing CONNACK, then the server closes the connection.
+                let _ = framed
+                    .send(Packet::ConnAck(ConnAck::new(code, false)))
+                    .await;
+                return Err(format!("CONNECT refused: {why}"));
+            }
+        };
         let client_id = if connect.client_id.is_empty() {
             format!("kedge-anon-{}", self.connection)
         } else {
             connect.client_id.clone()
         };
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
-        // A second connection with the same id takes over (MQTT 3.1.1 §3.1.4).
-        self.router().clients.insert(
-            client_id.clone(),
-            Subscriber {
-                connection: self.connection,
-                tx,
-                filters: Vec::new(),
-            },
-        );
+        // A second connection with the same id takes over (MQTT 3.1.1 §3.1.4), but with
+        // authentication only one of the same user: no mapper may cut off another's session,
+        // or edgecore's own, by using its client id.
+        let taken = {
+            let mut router = self.router();
+            let taken = router
+                .clients
+                .get(&client_id)
+                .is_some_and(|held| self.config.auth.is_some() && held.owner != principal);
+            if !taken {
+                router.clients.insert(
+                    client_id.clone(),
+                    Subscriber {
+                        connection: self.connection,
+                        owner: principal.clone(),
+                        tx,
+                        filters: Vec::new(),
+                    },
+                );
+            }
+            taken
+        };
+        if taken {
+            self.stats.refused_connects.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %self.peer, %client_id, user = ?principal, "MQTT CONNECT refused: the client id is in use by another user (identifier rejected)");
+            let _ = framed
+                .send(Packet::ConnAck(ConnAck::new(
+                    ConnectReturnCode::BadClientId,
+                    false,
+                )))
+                .await;
+            return Err("CONNECT refused: client id in use by another user".into());
+        }
         let (mut sink, mut stream) = framed.split();
         sink.send(Packet::ConnAck(ConnAck::new(
             ConnectReturnCode::Success,
@@ -238,7 +374,7 @@ impl Session {
                         Ok(Some(Err(e))) => break Err(format!("bad packet: {e}")),
                         Ok(Some(Ok(packet))) => packet,
                     };
-                    match self.handle(&client_id, packet, &control_tx).await {
+                    match self.handle(&client_id, &principal, packet, &control_tx).await {
                         Ok(true) => {}
                         Ok(false) => break Ok(()),
                         Err(e) => break Err(e),
@@ -273,10 +409,51 @@ impl Session {
         outcome
     }
 
+    /// Checks the CONNECT's credentials when the broker has a password file (Argon2 on a
+    /// blocking thread: it is slow on purpose).
+    async fn authenticate(
+        &self,
+        connect: &rumqttc::mqttbytes::v4::Connect,
+        identity: Option<String>,
+    ) -> Result<Principal, Refusal> {
+        let Some(auth) = self.config.auth.clone() else {
+            return Ok(Principal::Anonymous);
+        };
+        let login = connect
+            .login
+            .as_ref()
+            .map(|l| (l.username.clone(), l.password.clone()));
+        let will = connect.last_will.as_ref().map(|w| w.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let (user, password) = match &login {
+                Some((user, password)) => (Some(user.as_str()), Some(password.as_str())),
+                None => (None, None),
+            };
+            auth.authenticate(user, password, will.as_deref(), identity.as_deref())
+        })
+        .await
+        .unwrap_or(Err(Refusal::BadCredentials))
+    }
+
+    fn may_publish(&self, who: &Principal, topic: &str) -> bool {
+        self.config
+            .auth
+            .as_ref()
+            .is_none_or(|auth| auth.may_publish(who, topic))
+    }
+
+    fn may_subscribe(&self, who: &Principal, filter: &str) -> bool {
+        self.config
+            .auth
+            .as_ref()
+            .is_none_or(|auth| auth.may_subscribe(who, filter))
+    }
+
     /// Handles one packet; `Ok(false)` when the client disconnected.
     async fn handle(
         &self,
         client_id: &str,
+        principal: &Principal,
         packet: Packet,
         control: &mpsc::Sender<Packet>,
     ) -> Result<bool, String> {
@@ -292,7 +469,15 @@ impl Session {
                     return Err(format!("invalid topic {:?}", publish.topic));
                 }
                 let (qos, pkid) = (publish.qos, publish.pkid);
-                let deliveries = self.router().route(&publish);
+                let deliveries = if self.may_publish(principal, &publish.topic) {
+                    self.router().route(&publish)
+                } else {
+                    // MQTT 3.1.1 has no negative acknowledgement: the message is acknowledged
+                    // as the QoS requires and dropped (as mosquitto does).
+                    self.stats.denied_publishes.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %self.peer, %client_id, user = ?principal, topic = %publish.topic, "MQTT PUBLISH refused by the ACL: dropped");
+                    Vec::new()
+                };
                 // Acknowledged once every subscriber's queue took it.
                 deliver(deliveries).await;
                 match qos {
@@ -313,6 +498,12 @@ impl Session {
                     };
                     for filter in subscribe.filters {
                         if !topics::valid_filter(&filter.path) {
+                            codes.push(SubscribeReasonCode::Failure);
+                            continue;
+                        }
+                        if !self.may_subscribe(principal, &filter.path) {
+                            self.stats.denied_subscribes.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(peer = %self.peer, %client_id, user = ?principal, filter = %filter.path, "MQTT SUBSCRIBE refused by the ACL (return code 0x80)");
                             codes.push(SubscribeReasonCode::Failure);
                             continue;
                         }
@@ -354,8 +545,8 @@ impl Session {
 
 /// Writes one connection's packets: acknowledgements from its reader first, then messages
 /// for its subscriptions. Ends when the client's slot is taken over or the socket fails.
-async fn write_loop(
-    mut sink: SplitSink<Framed<TcpStream, Codec>, Packet>,
+async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sink: SplitSink<Framed<S, Codec>, Packet>,
     mut deliveries: mpsc::Receiver<Publish>,
     mut control: mpsc::Receiver<Packet>,
 ) -> Result<(), String> {
@@ -492,6 +683,137 @@ mod tests {
         assert_eq!(got, vec![("plain/topic".to_owned(), b"x".to_vec())]);
 
         publisher_task.abort();
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn refusals_are_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let passwd = dir.path().join("passwd");
+        let acl = dir.path().join("acl");
+        super::super::auth::set_password(&passwd, "d1", "pw").expect("passwd");
+        std::fs::write(&acl, "* readwrite $hw/events/device/%u/#\n").expect("acl");
+        let auth = BrokerAuth::load(Some(&passwd), Some(&acl), false).expect("auth");
+        let stop = CancellationToken::new();
+        let broker = Broker::start(
+            "127.0.0.1:0".parse().expect("address"),
+            BrokerConfig {
+                auth: Some(Arc::new(auth)),
+                ..BrokerConfig::default()
+            },
+            stop.clone(),
+        )
+        .await
+        .expect("broker");
+        let addr = broker.local_addr;
+
+        let mut options = MqttOptions::new("d1", addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(5));
+        options.set_credentials("d1", "pw");
+        let (d1, mut d1_loop) = AsyncClient::new(options, 64);
+        d1.subscribe("$hw/events/device/d2/#", QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+        d1.subscribe("$hw/events/device/d1/#", QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+        d1.publish(
+            "$hw/events/device/d2/twin/update",
+            QoS::AtLeastOnce,
+            false,
+            "x",
+        )
+        .await
+        .expect("publish");
+        d1.publish(
+            "$hw/events/device/d1/twin/update",
+            QoS::AtLeastOnce,
+            false,
+            "mine",
+        )
+        .await
+        .expect("publish");
+        let mut codes = Vec::new();
+        let mut got = Vec::new();
+        let mut acks = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while acks < 2 || codes.len() < 2 || got.is_empty() {
+            match tokio::time::timeout_at(deadline, d1_loop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => codes.extend(ack.return_codes),
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acks += 1,
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => got.push(p.topic),
+                Ok(Ok(_)) => {}
+                other => panic!("d1: {other:?} (sub codes {codes:?}, acks {acks}, got {got:?})"),
+            }
+        }
+        assert_eq!(
+            codes,
+            vec![
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtMostOnce)
+            ]
+        );
+        assert_eq!(got, vec!["$hw/events/device/d1/twin/update".to_owned()]);
+        assert_eq!(broker.stats.denied_publishes.load(Ordering::Relaxed), 1);
+        assert_eq!(broker.stats.denied_subscribes.load(Ordering::Relaxed), 1);
+
+        // A wrong password: CONNACK 4, counted.
+        let mut options = MqttOptions::new("d1-bad", addr.ip().to_string(), addr.port());
+        options.set_credentials("d1", "wrong");
+        let (_bad, mut bad_loop) = AsyncClient::new(options, 8);
+        match tokio::time::timeout(Duration::from_secs(5), bad_loop.poll()).await {
+            Ok(Err(rumqttc::ConnectionError::ConnectionRefused(code))) => {
+                assert_eq!(code, ConnectReturnCode::BadUserNamePassword)
+            }
+            other => panic!("a wrong password: {other:?}"),
+        }
+        assert_eq!(broker.stats.refused_connects.load(Ordering::Relaxed), 1);
+        stop.cancel();
+    }
+
+    /// Polls until the CONNACK (or an error, or 5 s).
+    async fn connack(eventloop: &mut EventLoop) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("no answer in 5 s".to_owned()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed() {
+        let stop = CancellationToken::new();
+        let broker = Broker::start(
+            "127.0.0.1:0".parse().expect("address"),
+            BrokerConfig {
+                max_connections: 1,
+                ..BrokerConfig::default()
+            },
+            stop.clone(),
+        )
+        .await
+        .expect("broker");
+        let addr = broker.local_addr;
+        let (_first, mut first_loop) = client(addr, "first", None);
+        connack(&mut first_loop).await.expect("the first connects");
+        let (_second, mut second_loop) = client(addr, "second", None);
+        assert!(connack(&mut second_loop).await.is_err(), "over the limit");
+        assert_eq!(broker.stats.refused_connects.load(Ordering::Relaxed), 1);
+        // The first one's slot freed, a new connection gets it.
+        drop(first_loop);
+        let mut third_loop = client(addr, "third", None).1;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while connack(&mut third_loop).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the slot was not freed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         stop.cancel();
     }
 }

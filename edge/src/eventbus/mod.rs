@@ -2,16 +2,22 @@
 //! ([`broker`]) or to an external one (`--mqtt-url`, e.g. mosquitto), subscribes to KubeEdge's
 //! topics ([`topics`]), hands requests to DeviceTwin in batches (one commit per batch) and
 //! publishes the answers; it also publishes what DeviceTwin derives from cache changes
-//! (membership updates, deltas).
+//! (membership updates, deltas). Who may use the embedded broker is [`auth`]'s (passwords,
+//! client certificates, topic ACLs) and [`tls`]'s; an external broker is reached with the
+//! credentials and TLS of [`ExternalClient`].
 
+pub mod auth;
 pub mod broker;
+pub mod tls;
 pub mod topics;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use bytes::Bytes;
 use replication::watcher::{Event as CacheEvent, ResumableWatcher};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter};
@@ -31,20 +37,44 @@ const MAX_PACKET: usize = 1 << 20;
 pub enum MqttMode {
     /// edgecore runs a broker on this address.
     Embedded(SocketAddr),
-    /// An external broker (host, port).
-    External(String, u16),
+    /// An external broker.
+    External(BrokerUrl),
     /// No EventBus.
     Off,
 }
 
-/// Parses `mqtt://HOST:PORT` or `tcp://HOST:PORT` (the port defaults to 1883).
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url
+/// An external broker's address, from `--mqtt-url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    /// `mqtts://` or `ssl://`: MQTT over TLS.
+    pub tls: bool,
+}
+
+/// Parses `mqtt://HOST[:PORT]` or `tcp://HOST[:PORT]` (port 1883 by default), or
+/// `mqtts://HOST[:PORT]` or `ssl://HOST[:PORT]` for TLS (port 8883 by default, the IANA
+/// ports of MQTT).
+///
+/// # Errors
+/// Another scheme, no host, a port that is not a number.
+pub fn parse_mqtt_url(url: &str) -> Result<BrokerUrl, String> {
+    let (rest, tls) = if let Some(rest) = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| {
-            format!("{url:?}: expected mqtt://HOST[:PORT] (TLS brokers are not supported yet)")
-        })?;
+    {
+        (rest, false)
+    } else if let Some(rest) = url
+        .strip_prefix("mqtts://")
+        .or_else(|| url.strip_prefix("ssl://"))
+    {
+        (rest, true)
+    } else {
+        return Err(format!(
+            "{url:?}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
+        ));
+    };
+    let default_port = if tls { 8883 } else { 1883 };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
@@ -53,12 +83,99 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
                 .map_err(|_| format!("{url:?}: {port:?} is not a port"))?;
             (host.trim_start_matches('[').trim_end_matches(']'), port)
         }
-        _ => (rest, 1883),
+        _ => (rest, default_port),
     };
     if host.is_empty() {
         return Err(format!("{url:?}: no host"));
     }
-    Ok((host.to_owned(), port))
+    Ok(BrokerUrl {
+        host: host.to_owned(),
+        port,
+        tls,
+    })
+}
+
+/// How edgecore's client signs in to an external broker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExternalClient {
+    /// MQTT username (`--mqtt-username`).
+    pub username: Option<String>,
+    /// A file whose first line is the password (`--mqtt-client-password-file`).
+    pub password_file: Option<PathBuf>,
+    /// PEM CA certificates that sign the broker's certificate (`--mqtt-ca`); needed for
+    /// `mqtts://`.
+    pub ca: Option<PathBuf>,
+    /// PEM certificate and key of edgecore's client for brokers that require client
+    /// certificates (`--mqtt-client-cert`, `--mqtt-client-key`).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl ExternalClient {
+    /// Sets credentials and TLS on `options` for `url`.
+    ///
+    /// # Errors
+    /// An unreadable file, PEM without a certificate or key, `mqtts://` without `--mqtt-ca`,
+    /// TLS files for a plain `mqtt://` broker.
+    pub fn apply(&self, url: &BrokerUrl, options: &mut MqttOptions) -> anyhow::Result<()> {
+        use anyhow::Context;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        if let Some(user) = &self.username {
+            let password = match &self.password_file {
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the MQTT password from {}", path.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+                None => String::new(),
+            };
+            options.set_credentials(user.clone(), password);
+        } else if self.password_file.is_some() {
+            anyhow::bail!("an MQTT client password without --mqtt-username");
+        }
+        if !url.tls {
+            if self.ca.is_some() || self.client_cert.is_some() {
+                anyhow::bail!("--mqtt-ca and client certificates need an mqtts:// broker URL");
+            }
+            return Ok(());
+        }
+        let Some(ca) = &self.ca else {
+            anyhow::bail!("mqtts://{}: --mqtt-ca FILE (the CA certificates that sign the broker's certificate) is required", url.host);
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("reading {}", ca.display()))?
+        {
+            let cert = cert.with_context(|| format!("a certificate in {}", ca.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("a CA certificate in {}", ca.display()))?;
+        }
+        if roots.is_empty() {
+            anyhow::bail!("{}: no certificate", ca.display());
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let config = match &self.client_cert {
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .with_context(|| format!("reading {}", cert.display()))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .with_context(|| format!("a certificate in {}", cert.display()))?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .with_context(|| format!("a private key in {}", key.display()))?;
+                builder.with_client_auth_cert(chain, key)?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(config)),
+        ));
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +183,15 @@ pub struct EventBusConfig {
     pub mode: MqttMode,
     /// Larger request payloads are answered with an error (413) on their result topic.
     pub max_payload: usize,
+    /// The embedded broker's password file ([`auth`]); `None`: the broker is open.
+    pub password_file: Option<PathBuf>,
+    /// The embedded broker's ACL file ([`auth`]); needs a password file or client
+    /// certificates.
+    pub acl_file: Option<PathBuf>,
+    /// TLS on the embedded broker ([`tls`]).
+    pub tls: Option<tls::BrokerTls>,
+    /// Credentials and TLS towards an external broker.
+    pub external: ExternalClient,
 }
 
 impl Default for EventBusConfig {
@@ -73,6 +199,10 @@ impl Default for EventBusConfig {
         EventBusConfig {
             mode: MqttMode::Embedded("127.0.0.1:1883".parse().expect("address")),
             max_payload: 64 << 10,
+            password_file: None,
+            acl_file: None,
+            tls: None,
+            external: ExternalClient::default(),
         }
     }
 }
@@ -83,14 +213,49 @@ pub async fn start(
     config: EventBusConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<SocketAddr>> {
+    let mut login = None;
+    let mut client_tls = None;
     let (host, port, embedded) = match &config.mode {
         MqttMode::Off => return Ok(None),
         MqttMode::Embedded(listen) => {
-            if !listen.ip().is_loopback() {
-                tracing::warn!(%listen, "the embedded MQTT broker listens beyond loopback and has no authentication");
+            let server_tls = match &config.tls {
+                Some(files) => {
+                    Some(tls::server_config(files).context("TLS for the embedded MQTT broker")?)
+                }
+                None => None,
+            };
+            let client_certs = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+            let auth = if config.password_file.is_some() || client_certs {
+                let auth = auth::BrokerAuth::load(
+                    config.password_file.as_deref(),
+                    config.acl_file.as_deref(),
+                    client_certs,
+                )
+                .map_err(|e| anyhow::anyhow!("the MQTT broker's credentials: {e}"))?;
+                tracing::info!(
+                    users = auth.users(),
+                    client_certs,
+                    acl = config.acl_file.is_some(),
+                    "the embedded MQTT broker authenticates its clients"
+                );
+                login = Some(auth.internal());
+                Some(Arc::new(auth))
+            } else if config.acl_file.is_some() {
+                anyhow::bail!("an MQTT ACL file needs a password file (--mqtt-password-file) or client certificates (--mqtt-tls-client-ca): without one no user is known")
+            } else if listen.ip().is_loopback() {
+                tracing::warn!(%listen, "the embedded MQTT broker has no authentication: every local process may read and write every device's topics (--mqtt-password-file to require credentials)");
+                None
+            } else {
+                tracing::warn!(%listen, "the embedded MQTT broker listens beyond loopback and has no authentication (--mqtt-password-file to require credentials)");
+                None
+            };
+            if let Some((_, own)) = &server_tls {
+                client_tls = Some(tls::pinned_client(own.clone())?);
             }
             let broker_config = broker::BrokerConfig {
                 max_packet_bytes: MAX_PACKET,
+                auth,
+                tls: server_tls.map(|(config, _)| config),
                 ..Default::default()
             };
             let broker = broker::Broker::start(*listen, broker_config, shutdown.clone())
@@ -104,7 +269,7 @@ pub async fn start(
             };
             (host, addr.port(), Some(addr))
         }
-        MqttMode::External(host, port) => (host.clone(), *port, None),
+        MqttMode::External(url) => (url.host.clone(), url.port, None),
     };
     let node = meta.node().to_owned();
     let mut options = MqttOptions::new(format!("kedge-edgecore-{node}"), host, port);
@@ -114,6 +279,17 @@ pub async fn start(
         .set_max_packet_size(MAX_PACKET + 1024, MAX_PACKET + 1024)
         .set_request_channel_capacity(4096)
         .set_inflight(1024);
+    if let Some((user, password)) = login {
+        options.set_credentials(user, password);
+    }
+    if let MqttMode::External(url) = &config.mode {
+        config.external.apply(url, &mut options)?;
+    }
+    if let Some(tls) = client_tls {
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
+    }
     let (client, mut eventloop) = AsyncClient::new(options, 4096);
     // Answers go out at once (rumqttc leaves Nagle's algorithm on by default).
     let mut network = rumqttc::NetworkOptions::new();
@@ -321,16 +497,22 @@ mod tests {
 
     #[test]
     fn broker_urls_parse() {
+        let url = |host: &str, port, tls| {
+            Ok(BrokerUrl {
+                host: host.into(),
+                port,
+                tls,
+            })
+        };
         assert_eq!(
             parse_mqtt_url("mqtt://127.0.0.1:1884"),
-            Ok(("127.0.0.1".into(), 1884))
+            url("127.0.0.1", 1884, false)
         );
-        assert_eq!(parse_mqtt_url("tcp://broker"), Ok(("broker".into(), 1883)));
-        assert_eq!(
-            parse_mqtt_url("mqtt://[::1]:1885"),
-            Ok(("::1".into(), 1885))
-        );
-        assert!(parse_mqtt_url("mqtts://x:1").is_err());
+        assert_eq!(parse_mqtt_url("tcp://broker"), url("broker", 1883, false));
+        assert_eq!(parse_mqtt_url("mqtt://[::1]:1885"), url("::1", 1885, false));
+        assert_eq!(parse_mqtt_url("mqtts://x:1"), url("x", 1, true));
+        assert_eq!(parse_mqtt_url("ssl://x"), url("x", 8883, true));
+        assert!(parse_mqtt_url("http://x:1").is_err());
         assert!(parse_mqtt_url("mqtt://x:port").is_err());
         assert!(parse_mqtt_url("mqtt://:1").is_err());
     }
