@@ -77,12 +77,25 @@ fn the_api_over_https_needs_the_token_and_serves_kubectl() {
 
     // `kubectl auth can-i` with the token: a SelfSubjectAccessReview for its identity; without
     // it (or with a wrong one): Unauthorized, not an answer.
-    let can = secure(&server, ca, TOKEN, &["auth", "can-i", "create", "pods"], None);
+    let can = secure(
+        &server,
+        ca,
+        TOKEN,
+        &["auth", "can-i", "create", "pods"],
+        None,
+    );
     assert!(can.status.success(), "{}", text(&can));
     assert_eq!(String::from_utf8_lossy(&can.stdout).trim(), "yes");
     let anonymous = kubectl(
         &server,
-        &["--certificate-authority", ca, "auth", "can-i", "create", "pods"],
+        &[
+            "--certificate-authority",
+            ca,
+            "auth",
+            "can-i",
+            "create",
+            "pods",
+        ],
         None,
     );
     // (kubectl, answered 401, asks for credentials on a terminal; here it has none.)
