@@ -182,7 +182,7 @@ mod tests {
             pods: vec![
                 owned("Pod", "p1", "ReplicaSet", "uid-kept"),
                 owned("Pod", "p2", "ReplicaSet", "uid-orphaned"),
-                owned("Pod", "sts-pod", "StatefulSet", "uid-sts"),
+                owned("Pod", "rc-pod", "ReplicationController", "uid-rc"),
             ],
             ..World::default()
         };
