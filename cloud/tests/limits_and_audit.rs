@@ -10,58 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// Sends `head` (request line and headers, without the blank line) and a body of `size`
-/// bytes, with a `Content-Length` or chunked; returns the status (0: none) and the body. The
-/// server may answer and close before the body is all sent: write errors are expected.
-fn send_body(addr: &str, head: &str, size: usize, chunked: bool) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let framing = if chunked {
-        "Transfer-Encoding: chunked".to_owned()
-    } else {
-        format!("Content-Length: {size}")
-    };
-    let _ = write!(
-        stream,
-        "{head}\r\nHost: {addr}\r\nContent-Type: application/json\r\nConnection: close\r\n{framing}\r\n\r\n"
-    );
-    let piece = vec![b' '; 64 << 10];
-    let mut sent = 0;
-    while sent < size {
-        let n = piece.len().min(size - sent);
-        let written = if chunked {
-            write!(stream, "{n:x}\r\n")
-                .and_then(|()| stream.write_all(&piece[..n]))
-                .and_then(|()| stream.write_all(b"\r\n"))
-        } else {
-            stream.write_all(&piece[..n])
-        };
-        if written.is_err() {
-            break;
-        }
-        sent += n;
-    }
-    if chunked && sent >= size {
-        let _ = stream.write_all(b"0\r\n\r\n");
-    }
-    read_response(&mut stream)
-}
-
-fn read_response(stream: &mut TcpStream) -> (u16, String) {
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_owned())
-}
-
 fn still_serving(cloud: &mut CloudProcess, after: &str) {
     let api = cloud.api.replace("http://", "");
     assert_eq!(

@@ -110,6 +110,15 @@ impl Collection {
     }
 }
 
+/// A `GET` of `path` (a list) as a call to forward to the cloud.
+async fn list_call(path: String) -> Result<ApiCall, ApiError> {
+    let request = axum::http::Request::get(path)
+        .header(axum::http::header::ACCEPT, "application/json")
+        .body(axum::body::Body::empty())
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    ApiCall::from_request(request).await
+}
+
 /// How long a subscription waits for the cloud's objects to reach the cache.
 const CATCH_UP: Duration = Duration::from_secs(10);
 
@@ -190,11 +199,7 @@ impl Collections {
     /// # Errors
     /// 500 if the request cannot be built.
     pub async fn reassert_call(collection: &Collection) -> Result<ApiCall, ApiError> {
-        let request = axum::http::Request::get(format!("{}?limit=1", collection.list_path()))
-            .header(axum::http::header::ACCEPT, "application/json")
-            .body(axum::body::Body::empty())
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        ApiCall::from_request(request).await
+        list_call(format!("{}?limit=1", collection.list_path())).await
     }
 
     /// Subscribes `collection` through `call` (the cloud call), waits for the cache to catch
@@ -214,11 +219,7 @@ impl Collections {
         F: FnOnce(ApiCall) -> Fut,
         Fut: std::future::Future<Output = Result<replication::api::remote::ApiReply, ApiError>>,
     {
-        let request = axum::http::Request::get(collection.list_path())
-            .header(axum::http::header::ACCEPT, "application/json")
-            .body(axum::body::Body::empty())
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        let reply = call(ApiCall::from_request(request).await?).await?;
+        let reply = call(list_call(collection.list_path()).await?).await?;
         let body: Value = serde_json::from_slice(&reply.body).map_err(|e| {
             ApiError::new(
                 502,

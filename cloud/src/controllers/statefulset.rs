@@ -105,14 +105,25 @@ fn claim_name(template: &Value, set: &Object, ordinal: usize) -> String {
 fn pod(set: &Object, ordinal: usize, revision: &str) -> Value {
     let name = format!("{}-{ordinal}", object::name(set));
     let mut pod = pod_from_template(set, "apps/v1", "StatefulSet");
-    let metadata = pod["metadata"].as_object_mut().expect("a map");
-    metadata.remove("generateName");
-    metadata.insert("name".into(), json!(name));
-    let labels = metadata.entry("labels").or_insert_with(|| json!({}));
-    labels[POD_NAME_LABEL] = json!(name);
-    labels[POD_INDEX_LABEL] = json!(ordinal.to_string());
-    labels[CONTROLLER_REVISION_HASH] = json!(revision);
-    let spec = pod["spec"].as_object_mut().expect("a map");
+    if let Some(metadata) = pod["metadata"].as_object_mut() {
+        metadata.remove("generateName");
+        metadata.insert("name".into(), json!(name));
+        let labels = metadata.entry("labels").or_insert_with(|| json!({}));
+        if !labels.is_object() {
+            *labels = json!({});
+        }
+        if let Some(labels) = labels.as_object_mut() {
+            labels.insert(POD_NAME_LABEL.into(), json!(name));
+            labels.insert(POD_INDEX_LABEL.into(), json!(ordinal.to_string()));
+            labels.insert(CONTROLLER_REVISION_HASH.into(), json!(revision));
+        }
+    }
+    if !pod["spec"].is_object() {
+        pod["spec"] = json!({});
+    }
+    let Some(spec) = pod["spec"].as_object_mut() else {
+        return pod;
+    };
     spec.insert("hostname".into(), json!(name));
     if let Some(service) = spec_str(set, "/serviceName").filter(|s| !s.is_empty()) {
         spec.insert("subdomain".into(), json!(service));
@@ -138,15 +149,14 @@ fn claim_object(set: &Object, template: &Value, ordinal: usize) -> Value {
     let mut labels = set
         .get("spec")
         .and_then(|s| s.pointer("/selector/matchLabels"))
+        .and_then(Value::as_object)
         .cloned()
-        .unwrap_or_else(|| json!({}));
+        .unwrap_or_default();
     if let Some(own) = template
         .pointer("/metadata/labels")
         .and_then(Value::as_object)
     {
-        for (k, v) in own {
-            labels[k] = v.clone();
-        }
+        labels.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     json!({
         "apiVersion": "v1",

@@ -1,8 +1,9 @@
 //! Helpers for tests that run the real `cloudcore` binary and the real `kubectl`.
 #![allow(dead_code)]
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -201,7 +202,6 @@ pub fn metric(cloud: &CloudProcess, name: &str) -> f64 {
 }
 
 pub fn http_get(addr: &str, path: &str) -> Option<String> {
-    use std::io::Read;
     let mut stream = std::net::TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
@@ -218,7 +218,6 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
 
 /// One HTTP/1.0 request (the answer ends when the server closes): status and body.
 pub fn http_call(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::Read;
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
@@ -230,8 +229,52 @@ pub fn http_call(addr: &str, method: &str, path: &str, body: &str) -> (u16, Stri
         body.len()
     )
     .expect("write");
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
+    read_response(&mut stream)
+}
+
+/// Sends `head` (request line and headers, without the blank line) and a body of `size`
+/// bytes, with a `Content-Length` or chunked; returns the status (0: none) and the body. The
+/// server may answer and close before the body is all sent: write errors are expected.
+pub fn send_body(addr: &str, head: &str, size: usize, chunked: bool) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let framing = if chunked {
+        "Transfer-Encoding: chunked".to_owned()
+    } else {
+        format!("Content-Length: {size}")
+    };
+    let _ = write!(
+        stream,
+        "{head}\r\nHost: {addr}\r\nContent-Type: application/json\r\nConnection: close\r\n{framing}\r\n\r\n"
+    );
+    let piece = vec![b' '; 64 << 10];
+    let mut sent = 0;
+    while sent < size {
+        let n = piece.len().min(size - sent);
+        let written = if chunked {
+            write!(stream, "{n:x}\r\n")
+                .and_then(|()| stream.write_all(&piece[..n]))
+                .and_then(|()| stream.write_all(b"\r\n"))
+        } else {
+            stream.write_all(&piece[..n])
+        };
+        if written.is_err() {
+            break;
+        }
+        sent += n;
+    }
+    if chunked && sent >= size {
+        let _ = stream.write_all(b"0\r\n\r\n");
+    }
+    read_response(&mut stream)
+}
+
+pub fn read_response(stream: &mut TcpStream) -> (u16, String) {
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).into_owned();
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let status = head
         .split(' ')

@@ -255,25 +255,32 @@ pub fn field_set(resource: &Resource, object: &Object) -> FieldSet {
     set
 }
 
+/// The key fields of an associative-list path element (`k:{"name":"main"}`).
+fn key_fields(key: &str) -> Option<Map<String, Value>> {
+    serde_json::from_str(key.strip_prefix("k:")?).ok()
+}
+
+/// Whether list element `e` has the key fields `wanted`.
+fn has_key(e: &Value, wanted: &Map<String, Value>) -> bool {
+    wanted
+        .iter()
+        .all(|(k, v)| e.get(k).is_some_and(|ev| ev == v))
+}
+
 /// The value at one path element under `value`.
 fn child_value<'v>(value: &'v Value, key: &str) -> Option<&'v Value> {
     if let Some(field) = key.strip_prefix("f:") {
         return value.get(field);
     }
-    let wanted: Map<String, Value> = serde_json::from_str(key.strip_prefix("k:")?).ok()?;
-    value.as_array()?.iter().find(|e| {
-        wanted
-            .iter()
-            .all(|(k, v)| e.get(k).is_some_and(|ev| ev == v))
-    })
+    let wanted = key_fields(key)?;
+    value.as_array()?.iter().find(|e| has_key(e, &wanted))
 }
 
 fn display(path: &str, key: &str) -> String {
     match key.strip_prefix("f:") {
         Some(field) => format!("{path}.{field}"),
         None => {
-            let inner = key.strip_prefix("k:").unwrap_or(key);
-            let fields: Map<String, Value> = serde_json::from_str(inner).unwrap_or_default();
+            let fields = key_fields(key).unwrap_or_default();
             let parts: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
             format!("{path}[{}]", parts.join(","))
         }
@@ -321,17 +328,10 @@ fn remove(value: &mut Value, removed: &FieldSet) {
             } else if let Some(inner) = map.get_mut(field) {
                 remove(inner, child);
             }
-        } else if let Some(items) = value.as_array_mut() {
-            let wanted: Map<String, Value> =
-                serde_json::from_str(key.strip_prefix("k:").unwrap_or("{}")).unwrap_or_default();
-            let matches = |e: &Value| {
-                wanted
-                    .iter()
-                    .all(|(k, v)| e.get(k).is_some_and(|ev| ev == v))
-            };
+        } else if let (Some(items), Some(wanted)) = (value.as_array_mut(), key_fields(key)) {
             if child.member {
-                items.retain(|e| !matches(e));
-            } else if let Some(e) = items.iter_mut().find(|e| matches(e)) {
+                items.retain(|e| !has_key(e, &wanted));
+            } else if let Some(e) = items.iter_mut().find(|e| has_key(e, &wanted)) {
                 remove(e, child);
             }
         }

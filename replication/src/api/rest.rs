@@ -456,24 +456,47 @@ async fn create(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
     let dry_run = request.dry_run();
     let namespace = request.namespace().to_owned();
     let versioned = blocking(move || {
-        if resource.namespaced {
-            check_namespace_exists(&store, &namespace)?;
-        }
-        let bytes = Bytes::from(object::to_stored(object));
-        if dry_run {
-            return Ok(Versioned {
-                rv: 0,
-                revision: 0,
-                object: bytes,
-            });
-        }
-        let mut set = WriteSet::new();
-        set.put(key, bytes, Precondition::Absent);
-        policy.commit(&store, set, resource.store_kind, &name)
+        write_new(
+            policy.as_ref(),
+            &store,
+            resource,
+            &namespace,
+            key,
+            object,
+            dry_run,
+        )
     })
     .await?;
     let response = respond_object(&request, StatusCode::CREATED, &versioned)?;
     Ok(with_warnings(response, &warnings))
+}
+
+/// Commits a prepared new object at `key` (its namespace must exist; it must not): what a
+/// create and an apply that creates share. A dry run returns the object unwritten.
+fn write_new(
+    policy: &dyn ApiPolicy,
+    store: &Store,
+    resource: &Resource,
+    namespace: &str,
+    key: ObjectKey,
+    object: Object,
+    dry_run: bool,
+) -> Result<Versioned, ApiError> {
+    if resource.namespaced {
+        check_namespace_exists(store, namespace)?;
+    }
+    let name = object::name(&object).to_owned();
+    let bytes = Bytes::from(object::to_stored(object));
+    if dry_run {
+        return Ok(Versioned {
+            rv: 0,
+            revision: 0,
+            object: bytes,
+        });
+    }
+    let mut set = WriteSet::new();
+    set.put(key, bytes, Precondition::Absent);
+    policy.commit(store, set, resource.store_kind, &name)
 }
 
 /// Writes `object` as the new state of `key` if the store still holds `current` (its
@@ -652,26 +675,21 @@ async fn server_side_apply(server: &ApiServer, request: ApiRequest) -> Result<Re
                 .get(&key)
                 .map_err(|e| ApiError::from_store(e, resource.store_kind, request.name()))?;
             let Some(current) = current else {
-                if resource.namespaced {
-                    check_namespace_exists(&store, request.namespace())?;
-                }
                 object::meta_mut(&mut applied)
                     .entry("name")
                     .or_insert_with(|| json!(request.name()));
                 let mut created = apply::apply(resource, None, &applied, &manager, force)?;
                 object::prepare_create(resource, request.namespace(), &mut created)?;
-                let bytes = Bytes::from(object::to_stored(created));
-                if request.dry_run() {
-                    let v = Versioned {
-                        rv: 0,
-                        revision: 0,
-                        object: bytes,
-                    };
-                    return Ok((request, StatusCode::CREATED, v));
-                }
-                let mut set = WriteSet::new();
-                set.put(key.clone(), bytes, Precondition::Absent);
-                match policy.commit(&store, set, resource.store_kind, request.name()) {
+                let written = write_new(
+                    policy.as_ref(),
+                    &store,
+                    resource,
+                    request.namespace(),
+                    key.clone(),
+                    created,
+                    request.dry_run(),
+                );
+                match written {
                     Ok(v) => return Ok((request, StatusCode::CREATED, v)),
                     // Created meanwhile: apply to it.
                     Err(e) if e.code == 409 => {
