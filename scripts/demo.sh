@@ -112,12 +112,12 @@ echo "mosquitto_pub -p 11883 -t '\$hw/events/device/thermo-1/twin/update' -m '$r
 mosquitto_pub -p 11883 -q 1 -t '$hw/events/device/thermo-1/twin/update' -m "$report"
 reported=""
 for _ in $(seq 1 100); do
-  reported=$(kubectl get device thermo-1 \
+  reported=$(kubectl get devicestatus thermo-1 \
     -o jsonpath='{.status.twins[?(@.propertyName=="temperature")].reported.value}')
   [ "$reported" = "21.5" ] && break
   sleep 0.1
 done
-echo "the cloud's Device status: temperature reported = ${reported:-<none yet>}"
+echo "the cloud's DeviceStatus: temperature reported = ${reported:-<none yet>}"
 cat <<EOF2
 
 cloudcore serves the Kubernetes API on http://127.0.0.1:$port (state in $dir/cloud); three

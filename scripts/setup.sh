@@ -16,6 +16,8 @@ command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # `k8s-cri` (CRI v1 for `edgecore --runtime cri`) compiles its protos with protoc at build time.
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# DMI's proto imports google/protobuf/any.proto, which protoc finds in /usr/include.
+[ -f /usr/include/google/protobuf/any.proto ] || need_apt+=(libprotobuf-dev)
 # The CRI tests and benchmark: containerd (with ctr) and runc, CNI plugins, a local OCI registry,
 # and busybox-static to build the test images from (edge/tests/support/cri.rs).
 command -v containerd >/dev/null 2>&1 || need_apt+=(containerd)
@@ -37,6 +39,9 @@ fi
 # The official Kubernetes Python client: a client library nobody here wrote, for the watch-list
 # tests (edge/tests/client_libraries.rs).
 python3 -c "import kubernetes" >/dev/null 2>&1 || python3 -m pip install -q kubernetes >&2
+# grpcio and grpcio-tools: the DMI tests play a mapper-framework mapper in Python, with stubs
+# generated from edge/proto in the test (edge/tests/dmi.rs).
+python3 -c "import grpc_tools" >/dev/null 2>&1 || python3 -m pip install -q grpcio grpcio-tools >&2
 
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing (this machine kind ships Rust via rustup)" >&2; exit 1; }
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt

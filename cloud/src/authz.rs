@@ -2,7 +2,9 @@
 //! - its own Node (created at registration; afterwards its status and labels/annotations),
 //! - its own Lease in `kube-node-lease`,
 //! - the status of pods bound to it (and confirm the deletion of those being deleted),
-//! - the status (twin reports) of devices bound to it,
+//! - the status (twin reports) of devices bound to it, and of their DeviceStatus objects
+//!   (created by the report if the DeviceStatus does not exist yet; see
+//!   [`authorize_device_status`]),
 //! - events about itself or its pods.
 //!
 //! What a node may read from the cloud (a get its MetaServer could not serve from the cache):
@@ -149,6 +151,37 @@ pub fn authorize(
             }
         }
         other => Err(refuse(&format!("nodes may not write {other}"))),
+    }
+}
+
+/// Decides whether `node` may report `proposed` as the DeviceStatus at `key`, given the
+/// Device of the same namespace and name (`device`) and the current DeviceStatus. The node
+/// writes only `status`; if no DeviceStatus exists yet, one owned by the Device is created
+/// with that status.
+pub fn authorize_device_status(
+    node: &str,
+    key: &ObjectKey,
+    device: Option<&Object>,
+    current: Option<&Object>,
+    proposed: Option<&Object>,
+) -> Result<Decision, Refusal> {
+    let refuse = |reason: &str| Refusal {
+        action: "write",
+        node: node.to_owned(),
+        key: key.as_str().to_owned(),
+        reason: reason.to_owned(),
+    };
+    let proposed = proposed.ok_or_else(|| refuse("nodes do not delete DeviceStatuses"))?;
+    let device = device.ok_or_else(|| refuse("its Device does not exist in the cluster"))?;
+    if bound_node(device) != Some(node) {
+        return Err(refuse("its Device is not bound to this node"));
+    }
+    let status = proposed.get("status").cloned().unwrap_or(Value::Null);
+    match current {
+        Some(current) => Ok(Decision::Status(object::with_status_of(current, proposed))),
+        None => Ok(Decision::Write(crate::devicecontroller::new_device_status(
+            device, status,
+        ))),
     }
 }
 

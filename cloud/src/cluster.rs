@@ -84,10 +84,18 @@ const MIRRORED: &[&str] = &[
     "leases",
     "devices",
     "devicemodels",
+    "devicestatuses",
 ];
 
 /// The kinds cloudcore writes back on behalf of nodes.
-const WRITTEN_BACK: &[&str] = &["nodes", "leases", "pods", "devices", "events"];
+const WRITTEN_BACK: &[&str] = &[
+    "nodes",
+    "leases",
+    "pods",
+    "devices",
+    "devicestatuses",
+    "events",
+];
 
 /// A real cluster through kube-rs.
 pub struct KubeCluster {
@@ -379,6 +387,39 @@ impl KubeCluster {
                     .map(|_| ()),
                 &[404],
             ),
+            // A node's first report of a device makes its DeviceStatus when the cluster has
+            // none yet (KubeEdge's DeviceController makes it when the Device appears).
+            "devicestatuses" => {
+                match api
+                    .patch_status(name, &merge, &Patch::Merge(&status))
+                    .await
+                {
+                    Err(kube::Error::Api(e)) if e.code == 404 => {
+                        let mut created = local.clone();
+                        let metadata = object::meta_mut(&mut created);
+                        for field in ["resourceVersion", "uid", "creationTimestamp"] {
+                            metadata.remove(field);
+                        }
+                        let created: DynamicObject =
+                            match serde_json::from_value(Value::Object(created)) {
+                                Ok(o) => o,
+                                Err(_) => return Ok(()),
+                            };
+                        match api.create(&PostParams::default(), &created).await {
+                            // The cluster's DeviceController made it meanwhile: the status
+                            // goes onto that one.
+                            Err(kube::Error::Api(e)) if e.code == 409 => ignore(
+                                api.patch_status(name, &merge, &Patch::Merge(&status))
+                                    .await
+                                    .map(|_| ()),
+                                &[404],
+                            ),
+                            other => other.map(|_| ()),
+                        }
+                    }
+                    other => ignore(other.map(|_| ()), &[404]),
+                }
+            }
             "nodes" => {
                 // Merged into the cluster's maps (a null would delete them, so absent ones are
                 // left out).

@@ -86,6 +86,9 @@ pub struct EdgeController {
     unread: Vec<Route>,
     ops: VecDeque<FeedOp>,
     metrics: Arc<Metrics>,
+    /// Copy accepted DeviceStatus reports into their Device's `status` too
+    /// (`cloudcore --device-status-in-device`, for clients that read it there).
+    device_status_in_device: bool,
 }
 
 fn parse(bytes: &[u8]) -> Option<Object> {
@@ -100,7 +103,14 @@ impl EdgeController {
             unread: Vec::new(),
             ops: VecDeque::new(),
             metrics,
+            device_status_in_device: false,
         }
+    }
+
+    /// Whether accepted DeviceStatus reports are also copied into the Device's `status` (off
+    /// by default; see [`crate::devicecontroller`]).
+    pub fn set_device_status_in_device(&mut self, on: bool) {
+        self.device_status_in_device = on;
     }
 
     /// The routing index (which node holds what).
@@ -478,12 +488,49 @@ impl EdgeController {
         }
         let mut echo_bytes = None;
         let mut changes_object = false;
-        match authz::authorize(
-            node,
-            &report.key,
-            current_object.as_ref(),
-            proposed.as_ref(),
-        ) {
+        let decision = if report.key.kind() == "devicestatuses" {
+            let device_key = ObjectKey::new("devices", report.key.namespace(), report.key.name());
+            let device = match device_key {
+                Ok(device_key) => store.get(&device_key).inspect_err(|_| {
+                    self.metrics.store_read_errors.inc();
+                })?,
+                Err(_) => None,
+            };
+            let device_object = device.as_ref().and_then(|v| parse(&v.object));
+            let decision = authz::authorize_device_status(
+                node,
+                &report.key,
+                device_object.as_ref(),
+                current_object.as_ref(),
+                proposed.as_ref(),
+            );
+            // Older clients read the Device's status: copied there too, in the same commit.
+            if let (Ok(Decision::Status(s) | Decision::Write(s)), Some(device), Some(object)) =
+                (&decision, &device, device_object)
+            {
+                if self.device_status_in_device {
+                    let copied = object::with_status_of(&object, s);
+                    let bytes = Bytes::from(object::to_stored(copied));
+                    if bytes != device.object {
+                        set.put(
+                            ObjectKey::new("devices", report.key.namespace(), report.key.name())
+                                .expect("the key was made above"),
+                            bytes,
+                            Precondition::Version(device.rv),
+                        );
+                    }
+                }
+            }
+            decision
+        } else {
+            authz::authorize(
+                node,
+                &report.key,
+                current_object.as_ref(),
+                proposed.as_ref(),
+            )
+        };
+        match decision {
             Ok(Decision::Write(object)) | Ok(Decision::Status(object)) => {
                 let bytes = Bytes::from(object::to_stored(object));
                 // A report that changes nothing is recorded, not written: no new version, no

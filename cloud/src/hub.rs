@@ -807,10 +807,14 @@ pub async fn run(
     bus: Arc<crate::servicebus::ServiceBus>,
     credentials: Arc<NodeCredentials>,
     audit: Option<Arc<crate::audit::AuditLog>>,
+    device_status_in_device: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut core = HubCore::new(metrics.clone(), FeedConfig::default(), rand::random());
+    core.controller
+        .set_device_status_in_device(device_status_in_device);
     let mut shell = Shell {
-        core: HubCore::new(metrics.clone(), FeedConfig::default(), rand::random()),
+        core,
         store: store.clone(),
         links: HashMap::new(),
         metrics: metrics.clone(),

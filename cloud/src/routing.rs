@@ -66,6 +66,7 @@ pub const REFERENCED_KINDS: &[&str] = &[
     "secrets",
     "persistentvolumeclaims",
     "devicemodels",
+    "devicestatuses",
 ];
 /// Kinds bound to one node by `spec.nodeName`.
 pub const BOUND_KINDS: &[&str] = &["pods", "devices"];
@@ -521,7 +522,7 @@ mod tests {
     }
 
     #[test]
-    fn devices_follow_their_node_and_bring_their_model() {
+    fn devices_follow_their_node_and_bring_their_model_and_status() {
         let mut index = RoutingIndex::new();
         let device = |node: &str| -> Object {
             serde_json::from_value(json!({"metadata": {"name": "d1", "namespace": "ns"},
@@ -535,8 +536,9 @@ mod tests {
             vec![
                 route("a", "devices/ns/d1", Action::Want),
                 route("a", "devicemodels/ns/thermo", Action::Want),
+                route("a", "devicestatuses/ns/d1", Action::Want),
             ],
-            "a device brings no Services"
+            "a device brings its model and its DeviceStatus, no Services"
         );
         assert_eq!(
             index.nodes_for(&key("devicemodels/ns/thermo")),
@@ -547,6 +549,8 @@ mod tests {
         assert!(routes.contains(&route("b", "devices/ns/d1", Action::Want)));
         assert!(routes.contains(&route("a", "devices/ns/d1", Action::Drop)));
         assert!(routes.contains(&route("a", "devicemodels/ns/thermo", Action::Drop)));
+        assert!(routes.contains(&route("a", "devicestatuses/ns/d1", Action::Drop)));
+        assert!(routes.contains(&route("b", "devicestatuses/ns/d1", Action::Want)));
         assert_eq!(index.pod_count(), 0);
         let routes = index.observe(&key_d, None);
         assert!(routes.contains(&route("b", "devicemodels/ns/thermo", Action::Drop)));

@@ -49,6 +49,9 @@ pub struct CloudConfig {
     pub join_rate_limit: u32,
     /// Timeouts, body and connection limits of the API's HTTP server.
     pub http_limits: replication::http_server::HttpLimits,
+    /// Also copy each accepted DeviceStatus report into its Device's `status`, for clients
+    /// that read it there (before KubeEdge v1.23); see [`crate::devicecontroller`].
+    pub device_status_in_device: bool,
     /// Where API writes are recorded ([`crate::audit`]); `None`: nowhere.
     pub audit_log: Option<PathBuf>,
     /// The audit log's size before it is rotated to `FILE.1`.
@@ -75,6 +78,7 @@ impl CloudConfig {
             node_cert_grace: crate::credentials::DEFAULT_GRACE,
             join_rate_limit: crate::join::DEFAULT_JOIN_RATE,
             http_limits: api_http_limits(),
+            device_status_in_device: false,
             audit_log: None,
             audit_log_max_bytes: crate::audit::DEFAULT_MAX_BYTES,
         }
@@ -340,6 +344,7 @@ impl CloudCore {
             bus.clone(),
             credentials,
             audit,
+            config.device_status_in_device,
             shutdown.clone(),
         );
         tasks.push((

@@ -10,11 +10,13 @@
 //! - [`servicebus`]: HTTP requests from the cloud to local applications;
 //! - [`devicetwin`]: the node's devices and their twins (expected/actual), reported upward;
 //! - [`eventbus`]: MQTT (embedded broker or external), KubeEdge's topics, to DeviceTwin;
+//! - [`dmi`]: DMI, KubeEdge's gRPC device management interface for mapper-framework mappers;
 //! - this module: wiring ([`EdgeCore`]).
 
 pub mod attach;
 pub mod collections;
 pub mod devicetwin;
+pub mod dmi;
 pub mod edged;
 pub mod edgestream;
 pub mod eventbus;
@@ -77,6 +79,8 @@ pub struct EdgeConfig {
     pub service_bus_timeout: Duration,
     /// MQTT for devices (EventBus/DeviceTwin).
     pub eventbus: eventbus::EventBusConfig,
+    /// DMI for mapper-framework mappers (`--dmi-socket`); none: off.
+    pub dmi: Option<dmi::DmiConfig>,
     /// QUIC keepalive of the link; a connection silent for twice this is dead and the link
     /// reconnects (resuming its session).
     pub link_keepalive: Duration,
@@ -99,6 +103,7 @@ impl EdgeConfig {
             service_bus_apps: Vec::new(),
             service_bus_timeout: Duration::from_secs(10),
             eventbus: eventbus::EventBusConfig::default(),
+            dmi: None,
             link_keepalive: transport::LinkConfig::default().heartbeat,
             rejoin: false,
         }
@@ -255,8 +260,17 @@ impl EdgeCore {
             )),
         ));
 
-        let mqtt_addr =
-            eventbus::start(meta.clone(), config.eventbus.clone(), shutdown.clone()).await?;
+        let dmi_reports = match &config.dmi {
+            Some(dmi) => Some(dmi::start(meta.clone(), dmi.clone(), shutdown.clone()).await?),
+            None => None,
+        };
+        let mqtt_addr = eventbus::start(
+            meta.clone(),
+            config.eventbus.clone(),
+            dmi_reports,
+            shutdown.clone(),
+        )
+        .await?;
 
         let mut status_config = config.node_status.clone();
         let runtime: Arc<dyn edged::Runtime> = match config.runtime {

@@ -148,7 +148,7 @@ fn cloudcore_mirrors_a_cluster_through_kube_rs_and_writes_node_state_back() {
         "B serves what it mirrors"
     );
 
-    // Devices: a twin reported on MQTT lands in the cluster's Device status.
+    // Devices: a twin reported on MQTT lands in the cluster's DeviceStatus.
     eventually(
         "the device answered on the node",
         Duration::from_secs(30),
@@ -163,7 +163,7 @@ fn cloudcore_mirrors_a_cluster_through_kube_rs_and_writes_node_state_back() {
             std::thread::sleep(Duration::from_millis(300));
             let out = cluster.kubectl(&[
                 "get",
-                "device",
+                "devicestatus",
                 "meter-1",
                 "-o",
                 "jsonpath={.status.twins[?(@.propertyName==\"power\")].reported.value}",

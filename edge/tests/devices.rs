@@ -121,12 +121,12 @@ fn twin_update(property: &str, value: &str, event: &str) -> String {
     )
 }
 
-/// The value the cloud's Device status reports for `property`.
+/// The value the cloud's DeviceStatus of thermo-1 reports for `property`.
 fn reported(cloud: &CloudProcess, property: &str) -> String {
     twin_field(cloud, property, "reported")
 }
 
-/// The desired value of `property` the node observed, in the Device's status (KubeEdge's
+/// The desired value of `property` the node observed, in the DeviceStatus (KubeEdge's
 /// `status.twins[].observedDesired`).
 fn observed_desired(cloud: &CloudProcess, property: &str) -> String {
     twin_field(cloud, property, "observedDesired")
@@ -135,7 +135,7 @@ fn observed_desired(cloud: &CloudProcess, property: &str) -> String {
 fn twin_field(cloud: &CloudProcess, property: &str, field: &str) -> String {
     let path =
         format!("jsonpath={{.status.twins[?(@.propertyName==\"{property}\")].{field}.value}}");
-    let out = cloud.kubectl(&["get", "device", "thermo-1", "-o", &path]);
+    let out = cloud.kubectl(&["get", "devicestatus", "thermo-1", "-o", &path]);
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -271,7 +271,7 @@ fn a_mapper_on_the_embedded_broker_reports_twins_and_gets_desired_values() {
         || {
             let out = cloud.kubectl(&[
                 "get",
-                "device",
+                "devicestatus",
                 "thermo-1",
                 "-o",
                 "jsonpath={.status.state}",

@@ -137,7 +137,7 @@ fn passwd(file: &Path, user: &str, password: &str) {
 fn reported(cloud: &CloudProcess, device: &str) -> String {
     let out = cloud.kubectl(&[
         "get",
-        "device",
+        "devicestatus",
         device,
         "-o",
         "jsonpath={.status.twins[?(@.propertyName==\"temperature\")].reported.value}",

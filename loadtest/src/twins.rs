@@ -206,7 +206,9 @@ impl TwinBench {
             mqtt_client.clone(),
             tracker.clone(),
         ))];
-        tasks.push(tokio::spawn(cloud_watch(api, tracker.clone())));
+        // Reports land in each Device's DeviceStatus (KubeEdge v1.23's split).
+        let statuses = devices_api(&client, "DeviceStatus", "devicestatuses");
+        tasks.push(tokio::spawn(cloud_watch(statuses, tracker.clone())));
         let bench = TwinBench {
             client,
             mqtt: mqtt_client,
@@ -387,7 +389,7 @@ async fn mapper_loop(
     }
 }
 
-/// Follows the Devices in the cloud and records when values become visible.
+/// Follows the DeviceStatuses in the cloud and records when values become visible.
 async fn cloud_watch(api: Api<DynamicObject>, tracker: Arc<Mutex<Tracker>>) {
     let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
     while let Some(event) = events.next().await {

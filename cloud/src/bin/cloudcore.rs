@@ -75,6 +75,11 @@ struct Cli {
     /// "429 Too Many Requests". 0: no limit.
     #[arg(long, default_value_t = cloud::join::DEFAULT_JOIN_RATE)]
     join_rate_limit: u32,
+    /// Also copy each device report into the Device's status (for clients written before
+    /// KubeEdge v1.23 split it into the DeviceStatus resource). Each copy changes the Device,
+    /// which then goes down to its node again.
+    #[arg(long)]
+    device_status_in_device: bool,
     /// Record every API write (clients' and nodes' forwarded ones) in this file, one
     /// Kubernetes audit event (audit.k8s.io/v1, level Metadata) a line.
     #[arg(long)]
@@ -268,6 +273,7 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
                 max_connections: cli.http_max_connections,
                 ..cloud::server::api_http_limits()
             },
+            device_status_in_device: cli.device_status_in_device,
             audit_log: cli.audit_log,
             audit_log_max_bytes: cli.audit_log_max_size,
         };

@@ -1,5 +1,5 @@
 //! The workload controllers of the embedded mode: ReplicaSet, Deployment, DaemonSet,
-//! StatefulSet, Job, CronJob, ServiceAccount and the garbage collector, as level-triggered reconcilers over the store.
+//! StatefulSet, Job, CronJob, ServiceAccount, DeviceStatus (DeviceController's) and the garbage collector, as level-triggered reconcilers over the store.
 //!
 //! Each controller is a pure core, `reconcile(&World, now) -> Vec<Action>`, that reads a
 //! snapshot of the objects it cares about ([`World`]) and the time (Unix seconds, so tests use a
@@ -79,6 +79,10 @@ pub struct World {
     pub serviceaccounts: Vec<Object>,
     /// Every Node (edge nodes carry `node-role.kubernetes.io/edge`).
     pub nodes: Vec<Object>,
+    /// Every `devices.kubeedge.io` Device.
+    pub devices: Vec<Object>,
+    /// Every `devices.kubeedge.io` DeviceStatus (dependents of Devices).
+    pub devicestatuses: Vec<Object>,
 }
 
 /// The kinds in the order [`World::load`] reads them: dependents before their owners, so a
@@ -96,6 +100,8 @@ const LOAD_ORDER: &[&str] = &[
     "serviceaccounts",
     "namespaces",
     "nodes",
+    "devicestatuses",
+    "devices",
 ];
 
 impl World {
@@ -129,6 +135,8 @@ impl World {
                 "namespaces" => world.namespaces = objects,
                 "serviceaccounts" => world.serviceaccounts = objects,
                 "nodes" => world.nodes = objects,
+                "devices" => world.devices = objects,
+                "devicestatuses" => world.devicestatuses = objects,
                 _ => {}
             }
         }
@@ -905,6 +913,13 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             client.clone(),
             &["namespaces", "serviceaccounts"],
             serviceaccount::reconcile,
+        )),
+        tokio::spawn(run(
+            "devicestatus",
+            store.clone(),
+            client.clone(),
+            &["devices", "devicestatuses"],
+            crate::devicecontroller::reconcile,
         )),
         tokio::spawn(run(
             "garbagecollector",

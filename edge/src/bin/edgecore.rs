@@ -100,6 +100,17 @@ struct Cli {
     /// Run no EventBus (no devices over MQTT on this node).
     #[arg(long)]
     no_mqtt: bool,
+    /// Serve DMI (KubeEdge's device management interface, for mapper-framework mappers) on
+    /// this unix socket (KubeEdge's default: /etc/kubeedge/dmi.sock).
+    #[arg(long)]
+    dmi_socket: Option<PathBuf>,
+    /// How long one DMI call to a mapper may take before it is retried with backoff.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, requires = "dmi_socket")]
+    dmi_call_timeout: std::time::Duration,
+    /// DMI reports a second each mapper (protocol) may send, with a burst of as many; more
+    /// get RESOURCE_EXHAUSTED. 0: no limit.
+    #[arg(long, default_value_t = 2000, requires = "dmi_socket")]
+    dmi_rate_limit: u32,
     /// Largest device message accepted on MQTT; larger ones get an error on their result topic.
     #[arg(long, default_value_t = 64 << 10)]
     mqtt_max_payload: usize,
@@ -189,6 +200,13 @@ fn main() -> ExitCode {
         config.service_bus_apps = cli.service_bus_apps;
         config.service_bus_timeout = cli.service_bus_timeout;
         config.eventbus.max_payload = cli.mqtt_max_payload;
+        config.dmi = cli.dmi_socket.map(|socket| edge::dmi::DmiConfig {
+            socket,
+            limits: edge::dmi::mappers::MapperLimits {
+                call_timeout: cli.dmi_call_timeout,
+                reports_per_second: cli.dmi_rate_limit,
+            },
+        });
         config.eventbus.password_file = cli.mqtt_password_file;
         config.eventbus.acl_file = cli.mqtt_acl_file;
         config.eventbus.tls = cli.mqtt_tls_cert.zip(cli.mqtt_tls_key).map(|(cert, key)| {

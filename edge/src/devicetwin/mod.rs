@@ -19,9 +19,11 @@
 //! A device's id on MQTT is its name.
 
 pub mod payload;
+pub mod typed;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use replication::api::object::{self, Object};
@@ -71,14 +73,33 @@ struct DeviceRecord {
 
 /// A Device held in the cache, as DeviceTwin needs it.
 #[derive(Debug, Clone, PartialEq)]
-struct DeviceView {
-    key: ObjectKey,
-    model: Option<ObjectKey>,
+pub(crate) struct DeviceView {
+    pub(crate) key: ObjectKey,
+    pub(crate) model: Option<ObjectKey>,
     description: String,
     /// Desired value and its timestamp, per property (the expected side).
     desired: BTreeMap<String, (String, i64)>,
     /// Every property a device may report, with its model type (`string` if none).
-    properties: BTreeMap<String, String>,
+    pub(crate) properties: BTreeMap<String, typed::PropertyType>,
+    /// The properties whose values go to the cloud: those with `reportToCloud: true` if any
+    /// property says so, else all (Devices written before the field, and MQTT mappers).
+    to_cloud: Option<BTreeSet<String>>,
+    /// A property's `reportCycle` (milliseconds): its changes go up at most once per cycle.
+    report_cycle_ms: BTreeMap<String, u64>,
+    /// `spec.protocol.protocolName`: which DMI mapper serves the device.
+    pub(crate) protocol: String,
+}
+
+impl DeviceView {
+    fn goes_to_cloud(&self, property: &str) -> bool {
+        self.to_cloud.as_ref().is_none_or(|p| p.contains(property))
+    }
+
+    fn kind_of(&self, property: &str) -> &str {
+        self.properties
+            .get(property)
+            .map_or("string", |p| p.kind.as_str())
+    }
 }
 
 fn twin_key(device: &str, property: &str) -> Vec<u8> {
@@ -91,6 +112,11 @@ fn twin_prefix(device: &str) -> Vec<u8> {
 
 fn device_key(device: &str) -> Vec<u8> {
     format!("d\0{device}").into_bytes()
+}
+
+/// Marks a device whose report is held back by a `reportCycle` (sent after a restart).
+fn pending_key(device: &str) -> Vec<u8> {
+    format!("p\0{device}").into_bytes()
 }
 
 /// Writes not yet committed in a batch of requests, read before the store.
@@ -148,6 +174,11 @@ pub struct DeviceTwin {
     max_payload: usize,
     devices: HashMap<String, DeviceView>,
     events_sent: u64,
+    /// When each device's status last went up (for `reportCycle`).
+    last_report: HashMap<String, std::time::Instant>,
+    /// Devices whose report is held back, and when it is due.
+    due: HashMap<String, std::time::Instant>,
+    reports_held: u64,
 }
 
 impl DeviceTwin {
@@ -158,6 +189,9 @@ impl DeviceTwin {
             max_payload,
             devices: HashMap::new(),
             events_sent: 0,
+            last_report: HashMap::new(),
+            due: HashMap::new(),
+            reports_held: 0,
         };
         let held: Vec<(ObjectKey, Bytes)> = match KeyRange::kind("devices") {
             Ok(range) => twin
@@ -173,6 +207,18 @@ impl DeviceTwin {
             if let Some(view) = twin.view(&key, &bytes) {
                 twin.devices.insert(key.name().to_owned(), view);
             }
+        }
+        // Reports held back when the node stopped go up now.
+        let now = std::time::Instant::now();
+        let pending: Vec<String> = twin
+            .meta
+            .store()
+            .scan_aux(DEVICETWIN, b"p\0")
+            .filter_map(Result::ok)
+            .map(|(key, _)| String::from_utf8_lossy(&key[2..]).into_owned())
+            .collect();
+        for id in pending {
+            twin.due.insert(id, now);
         }
         twin
     }
@@ -208,12 +254,13 @@ impl DeviceTwin {
                 .and_then(Value::as_array);
             for p in listed.into_iter().flatten() {
                 if let Some(name) = p.get("name").and_then(Value::as_str) {
-                    let kind = p.get("type").and_then(Value::as_str).unwrap_or("string");
-                    properties.insert(name.to_owned(), kind.to_ascii_lowercase());
+                    properties.insert(name.to_owned(), typed::PropertyType::from_model(p));
                 }
             }
         }
         let mut desired = BTreeMap::new();
+        let mut to_cloud = BTreeSet::new();
+        let mut report_cycle_ms = BTreeMap::new();
         let listed = spec
             .and_then(|s| s.get("properties"))
             .and_then(Value::as_array);
@@ -223,7 +270,13 @@ impl DeviceTwin {
             };
             properties
                 .entry(name.to_owned())
-                .or_insert_with(|| "string".to_owned());
+                .or_insert_with(typed::PropertyType::string);
+            if p.get("reportToCloud").and_then(Value::as_bool) == Some(true) {
+                to_cloud.insert(name.to_owned());
+            }
+            if let Some(cycle) = p.get("reportCycle").and_then(Value::as_u64).filter(|c| *c > 0) {
+                report_cycle_ms.insert(name.to_owned(), cycle);
+            }
             let wanted = p.get("desired");
             let value = wanted.and_then(|d| d.get("value")).and_then(Value::as_str);
             if let Some(value) = value.filter(|v| !v.is_empty()) {
@@ -241,12 +294,21 @@ impl DeviceTwin {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
+        let protocol = spec
+            .and_then(|s| s.get("protocol"))
+            .and_then(|p| p.get("protocolName"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
         Some(DeviceView {
             key: key.clone(),
             model,
             description,
             desired,
             properties,
+            to_cloud: (!to_cloud.is_empty()).then_some(to_cloud),
+            report_cycle_ms,
+            protocol,
         })
     }
 
@@ -319,11 +381,7 @@ impl DeviceTwin {
             actual,
             optional: Some(true),
             metadata: Some(TypeMetadata {
-                kind: view
-                    .properties
-                    .get(property)
-                    .cloned()
-                    .unwrap_or_else(|| "string".into()),
+                kind: view.kind_of(property).to_owned(),
             }),
         }
     }
@@ -432,7 +490,10 @@ impl DeviceTwin {
             .collect()
     }
 
-    /// Commits the staged records with the Device status reports and events they cause.
+    /// Commits the staged records with the DeviceStatus reports and events they cause. A
+    /// device whose changed properties have a `reportCycle` is reported at most once per cycle:
+    /// its report is held back (a pending mark is committed with the records, so a restart
+    /// sends it) and sent by [`DeviceTwin::flush_due`].
     fn commit(&mut self, staged: Staged) -> Result<(), String> {
         if staged.twins.is_empty()
             && staged.devices.is_empty()
@@ -441,6 +502,7 @@ impl DeviceTwin {
         {
             return Ok(());
         }
+        let now = std::time::Instant::now();
         let mut writes = WriteSet::new();
         for ((device, property), record) in &staged.twins {
             writes.put_aux(DEVICETWIN, twin_key(device, property), json_bytes(record));
@@ -449,33 +511,139 @@ impl DeviceTwin {
             writes.put_aux(DEVICETWIN, device_key(device), json_bytes(record));
         }
         let mut reports = staged.reports.clone();
+        let mut reported = Vec::new();
+        let mut held = Vec::new();
         for id in &staged.touched {
+            let Some(view) = self.devices.get(id) else {
+                continue;
+            };
+            let changed: Vec<&String> = staged
+                .twins
+                .keys()
+                .filter(|(d, _)| d == id)
+                .map(|(_, p)| p)
+                .collect();
+            // Only values of properties kept at the edge changed: nothing for the cloud.
+            let state_changed = staged.devices.contains_key(id);
+            let twins_only = !changed.is_empty() && !state_changed;
+            if twins_only && changed.iter().all(|p| !view.goes_to_cloud(p)) {
+                continue;
+            }
+            let cycle = changed
+                .iter()
+                .filter(|p| view.goes_to_cloud(p))
+                .map(|p| view.report_cycle_ms.get(*p).copied().unwrap_or(0))
+                .min()
+                .unwrap_or(0);
+            let next_allowed = self
+                .last_report
+                .get(id)
+                .map(|last| *last + Duration::from_millis(cycle));
+            if twins_only && cycle > 0 && next_allowed.is_some_and(|at| at > now) {
+                let at = next_allowed.unwrap_or(now);
+                let due = self.due.entry(id.clone()).or_insert(at);
+                *due = (*due).min(at);
+                writes.put_aux(DEVICETWIN, pending_key(id), Vec::new());
+                held.push(id.clone());
+                continue;
+            }
             if let Some(report) = self.status_report(&staged, id) {
                 reports.push(report);
+                reported.push(id.clone());
+                if self.due.remove(id).is_some() {
+                    writes.delete_aux(DEVICETWIN, pending_key(id));
+                }
             }
         }
         self.meta.report_batch(reports, writes).map_err(|e| {
             tracing::error!(error = %e, "cannot persist device twin updates");
             e.to_string()
-        })
+        })?;
+        for id in reported {
+            self.last_report.insert(id, now);
+        }
+        self.reports_held += held.len() as u64;
+        Ok(())
     }
 
-    /// The Device with its status rebuilt from the twin and device records.
+    /// When the next held-back report is due, if any.
+    pub fn next_due(&self) -> Option<std::time::Instant> {
+        self.due.values().min().copied()
+    }
+
+    /// Sends the held-back reports due by `now` (their devices' latest values).
+    pub fn flush_due(&mut self, now: std::time::Instant) {
+        let ready: Vec<String> = self
+            .due
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if ready.is_empty() {
+            return;
+        }
+        let mut reports = Vec::new();
+        let mut writes = WriteSet::new();
+        let staged = Staged::default();
+        for id in &ready {
+            self.due.remove(id);
+            writes.delete_aux(DEVICETWIN, pending_key(id));
+            if let Some(report) = self.status_report(&staged, id) {
+                reports.push(report);
+            }
+        }
+        match self.meta.report_batch(reports, writes) {
+            Ok(()) => {
+                for id in ready {
+                    self.last_report.insert(id, now);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot send held-back device reports; retrying");
+                for id in ready {
+                    self.due.insert(id, now + Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Reports held back by a `reportCycle` so far (what did not go up the link at once).
+    pub fn reports_held(&self) -> u64 {
+        self.reports_held
+    }
+
+    /// The device's DeviceStatus (`devices.kubeedge.io/v1beta1`, same namespace and name as
+    /// the Device) with its `status` rebuilt from the twin and device records: the twins of
+    /// the properties that go to the cloud, the state and the last time it was online.
     fn status_report(&self, staged: &Staged, id: &str) -> Option<(ObjectKey, Bytes)> {
         let view = self.devices.get(id)?;
-        let held = self.meta.store().get(&view.key).ok()??;
-        let mut device: Object = serde_json::from_slice(&held.object).ok()?;
+        let key = ObjectKey::new("devicestatuses", view.key.namespace(), view.key.name()).ok()?;
+        // Built on the DeviceStatus the node holds (routed with its Device), so that only the
+        // status differs and the report goes as a patch; a new one before the cloud's arrives.
+        let held = self.meta.store().get(&key).ok().flatten();
+        let mut device_status: Object = match held {
+            Some(held) => serde_json::from_slice(&held.object).ok()?,
+            None => json!({
+                "apiVersion": "devices.kubeedge.io/v1beta1",
+                "kind": "DeviceStatus",
+                "metadata": {"name": view.key.name(), "namespace": view.key.namespace()},
+                "spec": {},
+            })
+            .as_object()
+            .cloned()?,
+        };
         let records = self.twin_records(staged, id);
         // Every property with a reported value or a desired one (KubeEdge's
         // `status.twins[]`: `reported` from the device, `observedDesired` as this node saw it).
-        let properties: BTreeSet<&String> = records.keys().chain(view.desired.keys()).collect();
+        let properties: BTreeSet<&String> = records
+            .keys()
+            .chain(view.desired.keys())
+            .filter(|p| view.goes_to_cloud(p))
+            .collect();
         let twins: Vec<Value> = properties
             .into_iter()
             .map(|property| {
-                let kind = view
-                    .properties
-                    .get(property)
-                    .map_or("string", String::as_str);
+                let kind = view.kind_of(property);
                 let mut twin = json!({"propertyName": property});
                 if let Some(r) = records.get(property) {
                     twin["reported"] = json!({"value": r.actual, "metadata": {
@@ -496,8 +664,8 @@ impl DeviceTwin {
         if !record.last_online.is_empty() {
             status["lastOnlineTime"] = json!(record.last_online);
         }
-        device.insert("status".into(), status);
-        Some((view.key.clone(), Bytes::from(object::to_stored(device))))
+        device_status.insert("status".into(), status);
+        Some((key, Bytes::from(object::to_stored(device_status))))
     }
 
     fn serve(
@@ -555,7 +723,7 @@ impl DeviceTwin {
                 }
                 let mut record = self.device_record(staged, device);
                 record.state = update.state.clone();
-                if update.state == "online" {
+                if payload::is_online(&update.state) {
                     record.last_online = object::now_rfc3339();
                 }
                 staged.devices.insert(device.clone(), record.clone());
@@ -651,6 +819,9 @@ impl DeviceTwin {
             };
             if !payload::valid_twin_value(actual) {
                 return Err(refuse(400, format!("{property}: the value is not valid (letters, digits, spaces and -_.,:/@#, at most 512 bytes)")));
+            }
+            if let Some(Err(why)) = view.properties.get(property).map(|t| t.check(actual)) {
+                return Err(refuse(400, format!("{property}: {why}")));
             }
             let timestamp = twin
                 .actual
@@ -843,6 +1014,9 @@ impl DeviceTwin {
                 }
                 writes.delete_aux_range(DEVICETWIN, prefix, end);
                 writes.delete_aux(DEVICETWIN, device_key(id));
+                writes.delete_aux(DEVICETWIN, pending_key(id));
+                self.due.remove(id);
+                self.last_report.remove(id);
                 if let Err(e) = self.meta.report_batch(Vec::new(), writes) {
                     tracing::warn!(device = %id, error = %e, "cannot remove the twin records");
                 }
@@ -898,6 +1072,159 @@ impl DeviceTwin {
             }
         }
         out
+    }
+}
+
+/// A report from a DMI mapper ([`crate::dmi`]): a device's twins or its state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DmiReport {
+    /// The device's namespace (empty: whichever namespace its name is bound in).
+    pub namespace: String,
+    pub name: String,
+    pub body: DmiReportBody,
+}
+
+/// What a [`DmiReport`] carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DmiReportBody {
+    /// `ReportDeviceStatus`: per property, the reported value and its metadata
+    /// (`timestamp` in milliseconds, when the device measured it).
+    Twins(Vec<(String, String, BTreeMap<String, String>)>),
+    /// `ReportDeviceStates`: the device's state.
+    State(String),
+}
+
+/// Why a DMI report was refused; `code` maps to a gRPC status code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmiRefusal {
+    pub code: DmiCode,
+    pub reason: String,
+}
+
+/// The gRPC status a refusal is answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmiCode {
+    InvalidArgument,
+    NotFound,
+    /// The node could not store it; the mapper may send it again.
+    Unavailable,
+}
+
+fn dmi_refusal(code: DmiCode, reason: impl Into<String>) -> DmiRefusal {
+    DmiRefusal {
+        code,
+        reason: reason.into(),
+    }
+}
+
+impl DeviceTwin {
+    /// Applies a batch of DMI reports, committed together (one fsync) with the DeviceStatus
+    /// reports they cause. Each report applies whole or not at all; the result of each is
+    /// returned once its writes are durable.
+    pub fn dmi_reports(&mut self, batch: Vec<DmiReport>) -> Vec<Result<(), DmiRefusal>> {
+        let mut staged = Staged::default();
+        let mut results: Vec<Result<(), DmiRefusal>> = batch
+            .into_iter()
+            .map(|report| self.stage_dmi(report, &mut staged))
+            .collect();
+        if results.iter().any(Result::is_ok) {
+            if let Err(e) = self.commit(staged) {
+                for result in results.iter_mut().filter(|r| r.is_ok()) {
+                    *result = Err(dmi_refusal(
+                        DmiCode::Unavailable,
+                        format!("the node could not store the report: {e}"),
+                    ));
+                }
+            }
+        }
+        results
+    }
+
+    /// The id (name) of a device bound here, checked against the report's namespace.
+    fn dmi_device(&self, namespace: &str, name: &str) -> Result<DeviceView, DmiRefusal> {
+        let node = self.meta.node();
+        self.devices
+            .get(name)
+            .filter(|v| namespace.is_empty() || v.key.namespace() == namespace)
+            .cloned()
+            .ok_or_else(|| {
+                dmi_refusal(
+                    DmiCode::NotFound,
+                    format!("device {namespace}/{name} is not bound to node {node}"),
+                )
+            })
+    }
+
+    fn stage_dmi(&self, report: DmiReport, staged: &mut Staged) -> Result<(), DmiRefusal> {
+        let view = self.dmi_device(&report.namespace, &report.name)?;
+        let id = report.name;
+        match report.body {
+            DmiReportBody::State(state) => {
+                if !payload::STATES.contains(&state.as_str()) {
+                    return Err(dmi_refusal(
+                        DmiCode::InvalidArgument,
+                        format!(
+                            "state {state:?} is not one of {}",
+                            payload::STATES.join(", ")
+                        ),
+                    ));
+                }
+                let mut record = self.device_record(staged, &id);
+                if record.state == state && !payload::is_online(&state) {
+                    return Ok(());
+                }
+                if payload::is_online(&state) {
+                    record.last_online = object::now_rfc3339();
+                }
+                record.state = state;
+                staged.devices.insert(id.clone(), record);
+                staged.touched.insert(id);
+                Ok(())
+            }
+            DmiReportBody::Twins(twins) => {
+                // Check everything first: a report applies whole or not at all.
+                let mut values = Vec::with_capacity(twins.len());
+                for (property, value, metadata) in twins {
+                    let Some(kind) = view.properties.get(&property) else {
+                        return Err(dmi_refusal(
+                            DmiCode::NotFound,
+                            format!("device {id} has no property {property:?} (neither its spec nor its model lists it)"),
+                        ));
+                    };
+                    if !payload::valid_twin_value(&value) {
+                        return Err(dmi_refusal(
+                            DmiCode::InvalidArgument,
+                            format!("{property}: the value is not valid (letters, digits, spaces and -_.,:/@#, at most 512 bytes)"),
+                        ));
+                    }
+                    kind.check(&value).map_err(|why| {
+                        dmi_refusal(DmiCode::InvalidArgument, format!("{property}: {why}"))
+                    })?;
+                    let timestamp = metadata
+                        .get("timestamp")
+                        .and_then(|t| t.parse::<i64>().ok())
+                        .filter(|t| *t > 0)
+                        .unwrap_or_else(payload::now_millis);
+                    values.push((property, value, timestamp));
+                }
+                for (property, actual, timestamp) in values {
+                    let before = self.twin_record(staged, &id, &property);
+                    // The same value again changes nothing the cloud shows but its time: a
+                    // chatty mapper's repeats are kept at the edge.
+                    if before.as_ref().is_some_and(|b| b.actual == actual) {
+                        continue;
+                    }
+                    let record = TwinRecord {
+                        actual,
+                        timestamp,
+                        edge_version: before.as_ref().map_or(0, |r| r.edge_version) + 1,
+                    };
+                    staged.twins.insert((id.clone(), property), record);
+                    staged.touched.insert(id.clone());
+                }
+                Ok(())
+            }
+        }
     }
 }
 

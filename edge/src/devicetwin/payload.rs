@@ -195,8 +195,21 @@ pub struct MembershipUpdate {
     pub removed_devices: Vec<DeviceInfo>,
 }
 
-/// The device states KubeEdge accepts.
-pub const STATES: [&str; 3] = ["online", "offline", "unknown"];
+/// The device states KubeEdge accepts: MQTT mappers' three, and the mapper-framework's
+/// (`ok`, `disconnected`, `unhealthy`) that DMI mappers report.
+pub const STATES: [&str; 6] = [
+    "online",
+    "offline",
+    "unknown",
+    "ok",
+    "disconnected",
+    "unhealthy",
+];
+
+/// Whether a device in `state` is reachable (its `lastOnlineTime` moves on).
+pub fn is_online(state: &str) -> bool {
+    matches!(state, "online" | "ok")
+}
 
 fn twin_chars(s: &str) -> bool {
     s.chars()

@@ -207,16 +207,25 @@ impl Default for EventBusConfig {
     }
 }
 
-/// Starts the broker (when embedded) and the EventBus; returns the broker's address, if any.
+/// Starts the broker (when embedded) and the EventBus, with DeviceTwin answering MQTT
+/// requests and, when DMI is on, the reports of DMI mappers (`dmi`); returns the broker's
+/// address, if any.
 pub async fn start(
     meta: Arc<MetaManager>,
     config: EventBusConfig,
+    dmi: Option<mpsc::Receiver<crate::dmi::server::Pending>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<SocketAddr>> {
     let mut login = None;
     let mut client_tls = None;
     let (host, port, embedded) = match &config.mode {
-        MqttMode::Off => return Ok(None),
+        MqttMode::Off => {
+            if dmi.is_some() {
+                let twin = DeviceTwin::new(meta.clone(), config.max_payload);
+                tokio::spawn(serve(twin, meta, None, None, dmi, shutdown));
+            }
+            return Ok(None);
+        }
         MqttMode::Embedded(listen) => {
             let server_tls = match &config.tls {
                 Some(files) => {
@@ -304,7 +313,14 @@ pub async fn start(
         shutdown.clone(),
     ));
     let twin = DeviceTwin::new(meta.clone(), config.max_payload);
-    tokio::spawn(serve(twin, meta, client, requests_rx, shutdown));
+    tokio::spawn(serve(
+        twin,
+        meta,
+        Some(client),
+        Some(requests_rx),
+        dmi,
+        shutdown,
+    ));
     Ok(embedded)
 }
 
@@ -384,12 +400,14 @@ const MAX_BACKLOG: usize = 65_536;
 
 /// Answers requests in batches and publishes what cache changes mean for devices. It never
 /// waits on the MQTT client: the client's loop may itself be waiting for this task to take
-/// requests, so answers queue here when the client's queue is full.
+/// requests, so answers queue here when the client's queue is full. Without MQTT (`client`
+/// none), it serves DMI's reports only; held-back reports (`reportCycle`) go up when due.
 async fn serve(
     mut twin: DeviceTwin,
     meta: Arc<MetaManager>,
-    client: AsyncClient,
-    mut requests: mpsc::Receiver<(String, Bytes)>,
+    client: Option<AsyncClient>,
+    mut requests: Option<mpsc::Receiver<(String, Bytes)>>,
+    mut dmi: Option<mpsc::Receiver<crate::dmi::server::Pending>>,
     shutdown: CancellationToken,
 ) {
     let mut watcher = ResumableWatcher::all(meta.store().clone());
@@ -408,18 +426,38 @@ async fn serve(
             }
         }
         queue(&mut backlog, outgoing);
-        flush(&client, &mut backlog);
+        if let Some(client) = &client {
+            flush(client, &mut backlog);
+        } else {
+            backlog.clear();
+        }
+        let due = twin.next_due();
         let outgoing = tokio::select! {
-            first = requests.recv() => {
+            first = recv(&mut requests) => {
                 let Some(first) = first else { return };
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
-                    match requests.try_recv() {
-                        Ok(next) => batch.push(next),
-                        Err(_) => break,
+                    match requests.as_mut().map(|r| r.try_recv()) {
+                        Some(Ok(next)) => batch.push(next),
+                        _ => break,
                     }
                 }
                 twin.handle(batch)
+            }
+            first = recv(&mut dmi) => {
+                let Some(first) = first else { return };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match dmi.as_mut().map(|r| r.try_recv()) {
+                        Some(Ok(next)) => batch.push(next),
+                        _ => break,
+                    }
+                }
+                let (reports, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                for (reply, result) in replies.into_iter().zip(twin.dmi_reports(reports)) {
+                    let _ = reply.send(result);
+                }
+                Vec::new()
             }
             event = watcher.next(), if watching => match event {
                 Ok(event) => twin_event(&mut twin, event, &mut started),
@@ -429,11 +467,25 @@ async fn serve(
                     Vec::new()
                 }
             },
-            _ = tokio::time::sleep(Duration::from_millis(5)), if !backlog.is_empty() => Vec::new(),
+            _ = tokio::time::sleep_until(due.unwrap_or_else(std::time::Instant::now).into()), if due.is_some() => {
+                twin.flush_due(std::time::Instant::now());
+                Vec::new()
+            }
+            _ = tokio::time::sleep(Duration::from_millis(5)), if !backlog.is_empty() && client.is_some() => Vec::new(),
             _ = shutdown.cancelled() => return,
         };
         queue(&mut backlog, outgoing);
-        flush(&client, &mut backlog);
+        if let Some(client) = &client {
+            flush(client, &mut backlog);
+        }
+    }
+}
+
+/// The next item of an optional queue; never, without one.
+async fn recv<T>(queue: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match queue {
+        Some(queue) => queue.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -333,6 +333,24 @@ static RESOURCES: &[Resource] = &[
         store_kind: "devices",
         custom: None,
     },
+    // KubeEdge v1.23's split of a Device's reported state into its own object (same name and
+    // namespace, owned by the Device): where twin reports land.
+    Resource {
+        group: DEVICES_GROUP,
+        version: "v1beta1",
+        kind: "DeviceStatus",
+        list_kind: "DeviceStatusList",
+        plural: "devicestatuses",
+        singular: "devicestatus",
+        namespaced: true,
+        short_names: &[],
+        status: true,
+        categories: &[],
+        builtin: false,
+        scale: false,
+        store_kind: "devicestatuses",
+        custom: None,
+    },
     Resource {
         group: DEVICES_GROUP,
         version: "v1beta1",

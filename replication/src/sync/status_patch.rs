@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 /// The part of an object of `kind` that its node owns and may send as a patch.
 pub fn owned_part(kind: &str) -> Option<&'static str> {
     match kind {
-        "pods" | "nodes" | "devices" => Some("status"),
+        "pods" | "nodes" | "devices" | "devicestatuses" => Some("status"),
         "leases" => Some("spec"),
         _ => None,
     }
