@@ -390,10 +390,7 @@ impl KubeCluster {
             // A node's first report of a device makes its DeviceStatus when the cluster has
             // none yet (KubeEdge's DeviceController makes it when the Device appears).
             "devicestatuses" => {
-                match api
-                    .patch_status(name, &merge, &Patch::Merge(&status))
-                    .await
-                {
+                match api.patch_status(name, &merge, &Patch::Merge(&status)).await {
                     Err(kube::Error::Api(e)) if e.code == 404 => {
                         let mut created = local.clone();
                         let metadata = object::meta_mut(&mut created);

@@ -72,7 +72,10 @@ impl Collection {
             (self.group.as_str(), self.plural.as_str()),
             ("", "pods" | "nodes" | "events")
                 | ("coordination.k8s.io", "leases")
-                | ("devices.kubeedge.io", "devices" | "devicemodels" | "devicestatuses")
+                | (
+                    "devices.kubeedge.io",
+                    "devices" | "devicemodels" | "devicestatuses"
+                )
                 | ("events.k8s.io", "events")
                 | ("metrics.k8s.io", _)
         )

@@ -274,7 +274,11 @@ impl DeviceTwin {
             if p.get("reportToCloud").and_then(Value::as_bool) == Some(true) {
                 to_cloud.insert(name.to_owned());
             }
-            if let Some(cycle) = p.get("reportCycle").and_then(Value::as_u64).filter(|c| *c > 0) {
+            if let Some(cycle) = p
+                .get("reportCycle")
+                .and_then(Value::as_u64)
+                .filter(|c| *c > 0)
+            {
                 report_cycle_ms.insert(name.to_owned(), cycle);
             }
             let wanted = p.get("desired");

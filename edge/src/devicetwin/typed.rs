@@ -91,7 +91,8 @@ mod tests {
 
     #[test]
     fn values_are_checked_against_their_model_type_and_bounds() {
-        let int = PropertyType::from_model(&json!({"type": "INT", "minimum": "0", "maximum": "100"}));
+        let int =
+            PropertyType::from_model(&json!({"type": "INT", "minimum": "0", "maximum": "100"}));
         assert_eq!(int.kind, "int");
         assert!(int.check("42").is_ok());
         assert!(int.check("4.2").unwrap_err().contains("not an int"));
@@ -105,6 +106,8 @@ mod tests {
         assert!(boolean.check("true").is_ok());
         assert!(boolean.check("yes").is_err());
         assert!(PropertyType::string().check("anything at all").is_ok());
-        assert!(PropertyType::from_model(&json!({"type": "bytes"})).check("AAEC").is_ok());
+        assert!(PropertyType::from_model(&json!({"type": "bytes"}))
+            .check("AAEC")
+            .is_ok());
     }
 }

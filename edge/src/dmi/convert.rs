@@ -98,7 +98,11 @@ fn push_method(value: Option<&Value>) -> Option<api::PushMethod> {
     });
     let anomaly_detection = value
         .get("anomalyDetection")
-        .and_then(|a| customized(Some(&serde_json::json!({ "data": a.get("data").or(Some(a)) }))))
+        .and_then(|a| {
+            customized(Some(
+                &serde_json::json!({ "data": a.get("data").or(Some(a)) }),
+            ))
+        })
         .map(|c| api::AnomalyDetection { data: c.data });
     Some(api::PushMethod {
         http,
@@ -237,17 +241,33 @@ mod tests {
         let property = &spec.properties[0];
         assert_eq!(property.desired.as_ref().unwrap().value, "21");
         assert_eq!(
-            (property.report_cycle, property.collect_cycle, property.report_to_cloud),
+            (
+                property.report_cycle,
+                property.collect_cycle,
+                property.report_to_cloud
+            ),
             (1000, 500, true)
         );
-        let http = property.push_method.as_ref().unwrap().http.as_ref().unwrap();
-        assert_eq!((http.hostname.as_str(), http.port, http.requestpath.as_str()), ("collector", 8080, "/t"));
+        let http = property
+            .push_method
+            .as_ref()
+            .unwrap()
+            .http
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (http.hostname.as_str(), http.port, http.requestpath.as_str()),
+            ("collector", 8080, "/t")
+        );
         assert_eq!(converted.status.unwrap().report_cycle, 5000);
 
         let model = json!({"metadata": {"name": "thermo", "namespace": "plant"},
             "spec": {"properties": [{"name": "temperature", "type": "INT", "accessMode": "ReadWrite", "minimum": "0", "maximum": "100", "unit": "C"}]}});
         let model = super::device_model(model.as_object().unwrap());
         let p = &model.spec.unwrap().properties[0];
-        assert_eq!((p.r#type.as_str(), p.maximum.as_str(), p.unit.as_str()), ("INT", "100", "C"));
+        assert_eq!(
+            (p.r#type.as_str(), p.maximum.as_str(), p.unit.as_str()),
+            ("INT", "100", "C")
+        );
     }
 }

@@ -15,8 +15,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::api::device_mapper_service_client::DeviceMapperServiceClient;
 use super::api;
+use super::api::device_mapper_service_client::DeviceMapperServiceClient;
 use super::convert;
 use super::plan::{plan, Call, Desired, Held};
 use crate::devicetwin::DEVICETWIN;
@@ -147,7 +147,11 @@ impl Mappers {
             writes.delete_aux_range(DEVICETWIN, prefix, end);
             let told = told_of(&desired);
             for (held, digest) in &told {
-                writes.put_aux(DEVICETWIN, told_key(&record.name, held), digest.to_be_bytes().to_vec());
+                writes.put_aux(
+                    DEVICETWIN,
+                    told_key(&record.name, held),
+                    digest.to_be_bytes().to_vec(),
+                );
             }
             told
         } else {
@@ -157,7 +161,11 @@ impl Mappers {
             .report_batch(Vec::new(), writes)
             .map_err(|e| format!("cannot store the registration: {e}"))?;
         self.spawn(record, told);
-        Ok(if with_data { desired } else { Desired::default() })
+        Ok(if with_data {
+            desired
+        } else {
+            Desired::default()
+        })
     }
 
     /// Wakes every worker: the node's Devices or DeviceModels changed.
@@ -286,7 +294,11 @@ impl Mappers {
         let (held, digest) = call.outcome();
         let mut writes = WriteSet::new();
         match digest {
-            Some(d) => writes.put_aux(DEVICETWIN, told_key(mapper, &held), d.to_be_bytes().to_vec()),
+            Some(d) => writes.put_aux(
+                DEVICETWIN,
+                told_key(mapper, &held),
+                d.to_be_bytes().to_vec(),
+            ),
             None => writes.delete_aux(DEVICETWIN, told_key(mapper, &held)),
         }
         if let Err(e) = self.meta.report_batch(Vec::new(), writes) {
@@ -330,11 +342,20 @@ impl Mappers {
                             };
                         }
                         Ok(Err(status)) => {
-                            failure = Some(format!("{}: {} {}", call.method(), status.code(), status.message()));
+                            failure = Some(format!(
+                                "{}: {} {}",
+                                call.method(),
+                                status.code(),
+                                status.message()
+                            ));
                             break;
                         }
                         Err(_) => {
-                            failure = Some(format!("{}: no answer within {:?}", call.method(), self.limits.call_timeout));
+                            failure = Some(format!(
+                                "{}: no answer within {:?}",
+                                call.method(),
+                                self.limits.call_timeout
+                            ));
                             break;
                         }
                     }

@@ -86,7 +86,9 @@ pub async fn start(
     let path = socket.clone();
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
-            .add_service(api::device_manager_service_server::DeviceManagerServiceServer::new(manager))
+            .add_service(
+                api::device_manager_service_server::DeviceManagerServiceServer::new(manager),
+            )
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await;
         if let Err(e) = served {

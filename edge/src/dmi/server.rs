@@ -114,9 +114,7 @@ impl DeviceManagerService for Manager {
         let mut twins = Vec::with_capacity(status.twins.len());
         for twin in status.twins {
             if twin.property_name.is_empty() {
-                return Err(Status::invalid_argument(
-                    "a twin without a propertyName",
-                ));
+                return Err(Status::invalid_argument("a twin without a propertyName"));
             }
             // Only the reported side is the mapper's to say; the desired side is the cloud's.
             if let Some(reported) = twin.reported {
