@@ -109,6 +109,32 @@ impl Cloud {
         self.child.is_some()
     }
 
+    /// The sum of the samples of the Prometheus metric `name` (e.g. `kedge_bytes_total`) whose
+    /// labels contain `labels` (e.g. `direction="up"`), scraped from the child's metrics
+    /// endpoint (None for an external cloud, or when it does not answer).
+    pub fn metric(&self, name: &str, labels: &str) -> Option<f64> {
+        use std::io::{Read, Write};
+        let child = self.child.as_ref()?;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", child.metrics_port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        let mut sum = None;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let metric = series.split('{').next().unwrap_or_default();
+            if metric == name && series.contains(labels) {
+                *sum.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        sum
+    }
+
     /// CPU and RSS of the child (None for an external cloud).
     pub fn sample(&self) -> Option<ProcessSample> {
         let child = self.child.as_ref()?;

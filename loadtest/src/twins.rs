@@ -1,12 +1,14 @@
-//! Device twin throughput and latency end to end: a mapper (a rumqttc client) publishes twin
-//! updates to a real edgecore's EventBus; edgecore commits them and reports the Device status
-//! through the real cloudcore; a kube-rs watcher on the cloud's API sees the values arrive.
+//! Device twin throughput and latency end to end: a mapper publishes twin updates to a real
+//! edgecore, over MQTT (a rumqttc client on EventBus's `$hw` topics) or over DMI (a tonic
+//! client of `DeviceManagerService.ReportDeviceStatus` on `--dmi-socket`, as mapper-framework
+//! mappers report); edgecore commits them and reports the DeviceStatus through the real
+//! cloudcore; a kube-rs watcher on the cloud's API sees the values arrive.
 //!
 //! Each device's values count up, so a status showing value `v` also delivers every earlier
 //! value of that device that was coalesced away on the way (the edge's outbox keeps only the
 //! latest status per device): the latency of value `u ≤ v` is the time it first became visible.
-//! The same-run baseline is the MQTT round trip alone: publish → `twin/update/result` back at
-//! the mapper (the update is durable on the node by then).
+//! The same-run baseline is the node's round trip alone: MQTT publish → `twin/update/result`
+//! back at the mapper, or the DMI call's answer (the update is durable on the node by then).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +28,20 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 
 use crate::cloud::{free_tcp_port, sibling_binary, Cloud};
+use edge::dmi::api;
+use edge::dmi::api::device_manager_service_client::DeviceManagerServiceClient;
+
+/// How the mapper reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// KubeEdge's `$hw` MQTT topics on EventBus's broker.
+    Mqtt,
+    /// DMI's `ReportDeviceStatus` on edgecore's unix socket.
+    Dmi,
+}
+
+/// The protocol name the DMI devices carry (and the bench's mapper registers).
+const DMI_PROTOCOL: &str = "twinbench";
 
 pub const NODE: &str = "twin-node";
 const PROPERTY: &str = "temperature";
@@ -37,7 +53,7 @@ pub struct Phase {
     /// Publish → visible in the cloud API.
     pub to_cloud: Histogram<u64>,
     /// Publish → `twin/update/result` at the mapper (the baseline).
-    pub mqtt_round_trip: Histogram<u64>,
+    pub node_round_trip: Histogram<u64>,
     /// Device statuses the cloud API showed (after coalescing).
     pub cloud_updates: u64,
     /// From the first publish until every device's last value was visible in the cloud.
@@ -50,7 +66,7 @@ impl Phase {
             published: 0,
             elapsed: Duration::ZERO,
             to_cloud: Histogram::new(3).expect("histogram"),
-            mqtt_round_trip: Histogram::new(3).expect("histogram"),
+            node_round_trip: Histogram::new(3).expect("histogram"),
             cloud_updates: 0,
             converged_after: None,
         }
@@ -80,6 +96,8 @@ pub struct EdgeChild {
     process: Child,
     _data_dir: tempfile::TempDir,
     pub mqtt: SocketAddr,
+    /// Its DMI socket.
+    pub dmi: PathBuf,
 }
 
 impl Drop for EdgeChild {
@@ -111,6 +129,10 @@ pub fn start_edgecore(binary: &Path, cloud: &Cloud) -> anyhow::Result<EdgeChild>
         .arg(format!("127.0.0.1:{}", free_tcp_port()?))
         .arg("--mqtt-listen")
         .arg(mqtt.to_string())
+        .arg("--dmi-socket")
+        .arg(data_dir.path().join("dmi.sock"))
+        .arg("--dmi-rate-limit")
+        .arg("0")
         .env(
             "RUST_LOG",
             std::env::var("EDGE_LOG").unwrap_or_else(|_| "warn".into()),
@@ -119,10 +141,12 @@ pub fn start_edgecore(binary: &Path, cloud: &Cloud) -> anyhow::Result<EdgeChild>
         .stderr(Stdio::inherit())
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
+    let dmi = data_dir.path().join("dmi.sock");
     Ok(EdgeChild {
         process,
         _data_dir: data_dir,
         mqtt,
+        dmi,
     })
 }
 
@@ -141,13 +165,23 @@ fn devices_api(client: &Client, kind: &str, plural: &str) -> Api<DynamicObject> 
 pub struct TwinBench {
     client: Client,
     mqtt: AsyncClient,
+    via: Via,
+    /// Per device, the queue of its DMI reports: a mapper reports one device's values in
+    /// order, different devices at once.
+    dmi: Vec<tokio::sync::mpsc::UnboundedSender<u64>>,
     devices: usize,
     tracker: Arc<Mutex<Tracker>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl TwinBench {
-    pub async fn prepare(api_url: &str, mqtt: SocketAddr, devices: usize) -> anyhow::Result<Self> {
+    pub async fn prepare(
+        api_url: &str,
+        edge: &EdgeChild,
+        devices: usize,
+        via: Via,
+    ) -> anyhow::Result<Self> {
+        let mqtt = edge.mqtt;
         let config = kube::Config::new(api_url.parse().context("the cloud API URL")?);
         let client = Client::try_from(config)?;
         let nodes: Api<Node> = Api::all(client.clone());
@@ -180,7 +214,8 @@ impl TwinBench {
             let device: DynamicObject = serde_json::from_value(json!({
                 "apiVersion": "devices.kubeedge.io/v1beta1", "kind": "Device",
                 "metadata": {"name": device_name(i)},
-                "spec": {"nodeName": NODE, "deviceModelRef": {"name": "bench-sensor"}},
+                "spec": {"nodeName": NODE, "deviceModelRef": {"name": "bench-sensor"},
+                         "protocol": {"protocolName": DMI_PROTOCOL}},
             }))?;
             api.create(&PostParams::default(), &device).await?;
         }
@@ -209,9 +244,25 @@ impl TwinBench {
         // Reports land in each Device's DeviceStatus (KubeEdge v1.23's split).
         let statuses = devices_api(&client, "DeviceStatus", "devicestatuses");
         tasks.push(tokio::spawn(cloud_watch(statuses, tracker.clone())));
+        let mut dmi = Vec::new();
+        if via == Via::Dmi {
+            let client = dmi_register(&edge.dmi).await?;
+            for device in 0..devices {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                tasks.push(tokio::spawn(dmi_reporter(
+                    client.clone(),
+                    device,
+                    rx,
+                    tracker.clone(),
+                )));
+                dmi.push(tx);
+            }
+        }
         let bench = TwinBench {
             client,
             mqtt: mqtt_client,
+            via,
+            dmi,
             devices,
             tracker,
             tasks,
@@ -249,16 +300,24 @@ impl TwinBench {
     }
 
     async fn publish(&self, device: usize, value: u64) -> anyhow::Result<()> {
-        let payload = json!({
-            "event_id": format!("{device}:{value}"),
-            "timestamp": 0,
-            "twin": {PROPERTY: {"actual": {"value": value.to_string()}, "metadata": {"type": "Updated"}}},
-        });
         if value > 0 {
             self.lock()
                 .published
                 .insert((device, value), Instant::now());
         }
+        if self.via == Via::Dmi {
+            self.dmi
+                .get(device)
+                .context("no such device")?
+                .send(value)
+                .map_err(|_| anyhow::anyhow!("the DMI reporter of {device} stopped"))?;
+            return Ok(());
+        }
+        let payload = json!({
+            "event_id": format!("{device}:{value}"),
+            "timestamp": 0,
+            "twin": {PROPERTY: {"actual": {"value": value.to_string()}, "metadata": {"type": "Updated"}}},
+        });
         self.mqtt
             .publish(
                 format!("$hw/events/device/{}/twin/update", device_name(device)),
@@ -359,26 +418,7 @@ async fn mapper_loop(
                     continue;
                 };
                 let ok = result.get("code").is_none();
-                let mut tracker = tracker.lock().unwrap_or_else(|p| p.into_inner());
-                let tracker = &mut *tracker;
-                let Some(seen) = tracker.result_seen.get_mut(device) else {
-                    continue;
-                };
-                if value == 0 {
-                    if ok {
-                        *seen = u64::MAX; // the device is known (see wait_for_devices_on_edge)
-                    }
-                    continue;
-                }
-                *seen = (*seen).max(value);
-                if let (Some(phase), Some(at)) = (
-                    tracker.phase.as_mut(),
-                    tracker.published.get(&(device, value)),
-                ) {
-                    let _ = phase
-                        .mqtt_round_trip
-                        .record(at.elapsed().as_micros() as u64);
-                }
+                record_result(&tracker, device, value, ok);
             }
             Ok(_) => {}
             Err(e) => {
@@ -387,6 +427,104 @@ async fn mapper_loop(
             }
         }
     }
+}
+
+/// The node answered the report of `value` of `device` (`ok`: accepted).
+fn record_result(tracker: &Mutex<Tracker>, device: usize, value: u64, ok: bool) {
+    let mut tracker = tracker.lock().unwrap_or_else(|p| p.into_inner());
+    let tracker = &mut *tracker;
+    let Some(seen) = tracker.result_seen.get_mut(device) else {
+        return;
+    };
+    if value == 0 {
+        if ok {
+            *seen = u64::MAX; // the device is known (see wait_for_devices_on_edge)
+        }
+        return;
+    }
+    *seen = (*seen).max(value);
+    if let (Some(phase), Some(at)) = (
+        tracker.phase.as_mut(),
+        tracker.published.get(&(device, value)),
+    ) {
+        let _ = phase
+            .node_round_trip
+            .record(at.elapsed().as_micros() as u64);
+    }
+}
+
+/// Reports one device's values over DMI, in order (calls of different devices overlap on the
+/// one HTTP/2 connection, as a mapper's per-device collectors do).
+async fn dmi_reporter(
+    mut client: DeviceManagerServiceClient<tonic::transport::Channel>,
+    device: usize,
+    mut values: tokio::sync::mpsc::UnboundedReceiver<u64>,
+    tracker: Arc<Mutex<Tracker>>,
+) {
+    while let Some(value) = values.recv().await {
+        let request = api::ReportDeviceStatusRequest {
+            device_name: device_name(device),
+            device_namespace: "default".into(),
+            reported_device: Some(api::DeviceStatus {
+                twins: vec![api::Twin {
+                    property_name: PROPERTY.into(),
+                    observed_desired: None,
+                    reported: Some(api::TwinProperty {
+                        value: value.to_string(),
+                        metadata: Default::default(),
+                    }),
+                }],
+                report_to_cloud: true,
+                report_cycle: 0,
+            }),
+        };
+        let ok = client.report_device_status(request).await.is_ok();
+        record_result(&tracker, device, value, ok);
+    }
+}
+
+/// Connects to edgecore's DMI socket and registers as the mapper of the bench's protocol.
+async fn dmi_register(
+    socket: &Path,
+) -> anyhow::Result<DeviceManagerServiceClient<tonic::transport::Channel>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            bail!("edgecore's DMI socket {} never appeared", socket.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let path = socket.to_path_buf();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .context("connecting to edgecore's DMI socket")?;
+    let mut client = DeviceManagerServiceClient::new(channel);
+    client
+        .mapper_register(api::MapperRegisterRequest {
+            with_data: true,
+            mapper: Some(api::MapperInfo {
+                name: "twinbench".into(),
+                version: "v1".into(),
+                api_version: "v1beta1".into(),
+                protocol: DMI_PROTOCOL.into(),
+                address: socket
+                    .with_extension("mapper.sock")
+                    .display()
+                    .to_string()
+                    .into_bytes(),
+                state: "running".into(),
+            }),
+        })
+        .await
+        .context("MapperRegister")?;
+    Ok(client)
 }
 
 /// Follows the DeviceStatuses in the cloud and records when values become visible.

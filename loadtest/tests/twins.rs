@@ -1,6 +1,6 @@
 //! The CI-sized twin benchmark: the real `twinbench` binary starts a real cloudcore and
-//! edgecore, publishes twin updates over MQTT, paced and in a burst, and fails unless the
-//! cloud's API ends up showing every device's last value.
+//! edgecore, reports twin updates over MQTT and then over DMI, paced and in a burst, and fails
+//! unless the cloud's API ends up showing every device's last value.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,12 +16,19 @@ fn sibling(name: &str) -> PathBuf {
 }
 
 #[test]
-fn twin_updates_published_on_mqtt_all_reach_the_cloud_api() {
+fn twin_updates_reported_on_mqtt_and_dmi_all_reach_the_cloud_api() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("twins.json");
     let out = Command::new(env!("CARGO_BIN_EXE_twinbench"))
         .args(["--devices", "20", "--rate", "400", "--duration", "3s"])
-        .args(["--burst", "100", "--converge-timeout", "60s"])
+        .args([
+            "--burst",
+            "100",
+            "--converge-timeout",
+            "60s",
+            "--via",
+            "both",
+        ])
         .arg("--cloudcore")
         .arg(sibling("cloudcore"))
         .arg("--edgecore")
@@ -36,12 +43,21 @@ fn twin_updates_published_on_mqtt_all_reach_the_cloud_api() {
         "twinbench failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    for phase in ["paced", "burst"] {
-        assert!(report[phase]["converged_s"].is_number(), "{report}");
-        assert_eq!(
-            report[phase]["updates"],
-            if phase == "paced" { 1200 } else { 2000 }
-        );
+    let runs: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(runs[0]["via"], "mqtt", "{runs}");
+    assert_eq!(runs[1]["via"], "dmi", "{runs}");
+    for report in runs.as_array().unwrap() {
+        for phase in ["paced", "burst"] {
+            assert!(report[phase]["converged_s"].is_number(), "{report}");
+            assert_eq!(
+                report[phase]["updates"],
+                if phase == "paced" { 1200 } else { 2000 }
+            );
+            // The link carried the reports (coalesced: fewer bytes than one status each).
+            assert!(
+                report[phase]["link_bytes_up"].as_f64().unwrap_or_default() > 0.0,
+                "{report}"
+            );
+        }
     }
 }

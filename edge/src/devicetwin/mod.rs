@@ -1204,20 +1204,23 @@ impl DeviceTwin {
                     kind.check(&value).map_err(|why| {
                         dmi_refusal(DmiCode::InvalidArgument, format!("{property}: {why}"))
                     })?;
-                    let timestamp = metadata
+                    let measured = metadata
                         .get("timestamp")
                         .and_then(|t| t.parse::<i64>().ok())
-                        .filter(|t| *t > 0)
-                        .unwrap_or_else(payload::now_millis);
-                    values.push((property, value, timestamp));
+                        .filter(|t| *t > 0);
+                    values.push((property, value, measured));
                 }
-                for (property, actual, timestamp) in values {
+                for (property, actual, measured) in values {
                     let before = self.twin_record(staged, &id, &property);
                     // The same value again changes nothing the cloud shows but its time: a
-                    // chatty mapper's repeats are kept at the edge.
-                    if before.as_ref().is_some_and(|b| b.actual == actual) {
+                    // chatty mapper's repeats are kept at the edge. A value measured before
+                    // the one held (calls that overtook each other) is older news.
+                    if before.as_ref().is_some_and(|b| {
+                        b.actual == actual || measured.is_some_and(|m| m < b.timestamp)
+                    }) {
                         continue;
                     }
+                    let timestamp = measured.unwrap_or_else(payload::now_millis);
                     let record = TwinRecord {
                         actual,
                         timestamp,
