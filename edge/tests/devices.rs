@@ -258,6 +258,20 @@ fn a_mapper_on_the_embedded_broker_reports_twins_and_gets_desired_values() {
     );
     assert_eq!(observed_desired(&cloud, "setpoint"), "25");
     assert_eq!(reported(&cloud, "temperature"), "21.5");
+    // The expected side's version counts the cloud's desired values: "20" at binding, then "25".
+    eventually(
+        "the result of e2 with versions",
+        Duration::from_secs(20),
+        || {
+            sub.messages("$hw/events/device/thermo-1/twin/update/result")
+                .iter()
+                .any(|m| {
+                    m["event_id"] == "e2"
+                        && m["twin"]["setpoint"]["expected_version"]["cloud"] == 2
+                        && m["twin"]["setpoint"]["actual_version"]["edge"] == 1
+                })
+        },
+    );
 
     // State and membership.
     publish(

@@ -154,17 +154,25 @@ fn twin(cloud: &CloudProcess, device: &str, property: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-fn start_edge(cloud: &CloudProcess, dir: &Path, port: u16, dmi: &Path) -> EdgeProcess {
-    let dmi_flag = ["--dmi-socket".to_owned(), dmi.display().to_string()];
-    let mqtt = [
+/// edgecore with DMI on `dmi`, MQTT on `mqtt` beside it, and the DMI flags in `extra`.
+fn start_edge(
+    cloud: &CloudProcess,
+    dir: &Path,
+    port: u16,
+    dmi: &Path,
+    mqtt: u16,
+    extra: &[&str],
+) -> EdgeProcess {
+    let mut flags = vec![
         "--mqtt-listen".to_owned(),
-        "127.0.0.1:0".to_owned(),
-        dmi_flag[0].clone(),
-        dmi_flag[1].clone(),
+        format!("127.0.0.1:{mqtt}"),
+        "--dmi-socket".to_owned(),
+        dmi.display().to_string(),
         "--dmi-call-timeout".to_owned(),
         "1s".to_owned(),
     ];
-    EdgeProcess::start_with(cloud, "edge-1", dir, port, Some(&token(cloud)), &mqtt)
+    flags.extend(extra.iter().map(|f| f.to_string()));
+    EdgeProcess::start_with(cloud, "edge-1", dir, port, Some(&token(cloud)), &flags)
 }
 
 #[test]
@@ -173,7 +181,8 @@ fn a_mapper_registers_reports_and_follows_the_nodes_devices() {
     let cloud = CloudProcess::start(&dir.path().join("cloud"));
     let dmi = dir.path().join("run/dmi.sock");
     let port = free_port();
-    let mut edge = start_edge(&cloud, &dir.path().join("edge"), port, &dmi);
+    let mqtt = free_port();
+    let mut edge = start_edge(&cloud, &dir.path().join("edge"), port, &dmi, mqtt, &[]);
     let out = cloud.kubectl_stdin(&["apply", "-f", "-"], DEVICES);
     assert!(out.status.success(), "{}", stderr_of(&out));
     eventually("thermo-1 on edge-1", Duration::from_secs(30), || {
@@ -379,7 +388,15 @@ fn a_mapper_registers_reports_and_follows_the_nodes_devices() {
     edge.kill9();
     let out = cloud.kubectl_stdin(&["apply", "-f", "-"], &device("thermo-4", "modbus-sim"));
     assert!(out.status.success(), "{}", stderr_of(&out));
-    let _edge = start_edge(&cloud, &dir.path().join("edge"), port, &dmi);
+    // (Restarted with a report limit of 5 a second, burst 5, for the check below.)
+    let _edge = start_edge(
+        &cloud,
+        &dir.path().join("edge"),
+        port,
+        &dmi,
+        mqtt,
+        &["--dmi-rate-limit", "5"],
+    );
     eventually(
         "RegisterDevice thermo-4 after the restart",
         Duration::from_secs(45),
@@ -394,5 +411,37 @@ fn a_mapper_registers_reports_and_follows_the_nodes_devices() {
     assert_eq!(answer["ok"], true, "{answer}");
     eventually("thermo-4's report", Duration::from_secs(30), || {
         twin(&cloud, "thermo-4", "temperature") == "7"
+    });
+
+    // Past its rate limit a mapper is told to slow down; nothing it sent before is lost.
+    let answers: Vec<Value> = (0..12)
+        .map(|i| mapper.report("thermo-4", json!({"temperature": (10 + i).to_string()})))
+        .collect();
+    let limited = answers
+        .iter()
+        .filter(|a| a["code"] == "RESOURCE_EXHAUSTED")
+        .count();
+    assert!(limited >= 3, "12 reports at once, 5/s allowed: {answers:?}");
+    assert!(
+        answers[0]["ok"] == true || answers[1]["ok"] == true,
+        "{answers:?}"
+    );
+
+    // The MQTT path works beside DMI, into the same DeviceStatus.
+    let payload = r#"{"event_id":"m1","twin":{"temperature":{"actual":{"value":"42"}}}}"#;
+    eventually("an MQTT report beside DMI", Duration::from_secs(30), || {
+        let status = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &mqtt.to_string(), "-q", "1"])
+            .args([
+                "-t",
+                "$hw/events/device/thermo-3/twin/update",
+                "-m",
+                payload,
+            ])
+            .status()
+            .expect("mosquitto_pub (apt-get install mosquitto-clients)");
+        assert!(status.success());
+        std::thread::sleep(Duration::from_millis(200));
+        twin(&cloud, "thermo-3", "temperature") == "42"
     });
 }

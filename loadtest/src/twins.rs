@@ -180,6 +180,7 @@ impl TwinBench {
         edge: &EdgeChild,
         devices: usize,
         via: Via,
+        report_cycle_ms: u64,
     ) -> anyhow::Result<Self> {
         let mqtt = edge.mqtt;
         let config = kube::Config::new(api_url.parse().context("the cloud API URL")?);
@@ -210,12 +211,19 @@ impl TwinBench {
         }))?;
         models.create(&PostParams::default(), &model).await?;
         let api = devices_api(&client, "Device", "devices");
+        // With a reportCycle, the node sends a device's changes at most once per cycle.
+        let properties = if report_cycle_ms > 0 {
+            json!([{"name": PROPERTY, "reportCycle": report_cycle_ms}])
+        } else {
+            json!([])
+        };
         for i in 0..devices {
             let device: DynamicObject = serde_json::from_value(json!({
                 "apiVersion": "devices.kubeedge.io/v1beta1", "kind": "Device",
                 "metadata": {"name": device_name(i)},
                 "spec": {"nodeName": NODE, "deviceModelRef": {"name": "bench-sensor"},
-                         "protocol": {"protocolName": DMI_PROTOCOL}},
+                         "protocol": {"protocolName": DMI_PROTOCOL},
+                         "properties": properties},
             }))?;
             api.create(&PostParams::default(), &device).await?;
         }

@@ -64,11 +64,17 @@ struct TwinRecord {
     edge_version: i64,
 }
 
-/// What the device reported about itself (device table).
+/// What the device reported about itself (device table), and the versions of the expected
+/// values this node has seen.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct DeviceRecord {
     state: String,
     last_online: String,
+    /// Per property, how many expected (desired) values the cloud has set that this node saw:
+    /// the `cloud` part of the twin's `expected_version` (KubeEdge's `TwinVersion`), so that a
+    /// mapper can tell a new desired value from one it already applied.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    expected_versions: BTreeMap<String, i64>,
 }
 
 /// A Device held in the cache, as DeviceTwin needs it.
@@ -363,8 +369,15 @@ impl DeviceTwin {
             .unwrap_or_default()
     }
 
-    /// The twin of one property as mappers see it, with versions.
-    fn msg_twin(view: &DeviceView, property: &str, record: Option<&TwinRecord>) -> MsgTwin {
+    /// The twin of one property as mappers see it, with versions: the expected side's `cloud`
+    /// version is `expected_cloud` (see [`DeviceRecord`]), the actual side's `edge` version
+    /// counts the device's updates.
+    fn msg_twin(
+        view: &DeviceView,
+        property: &str,
+        record: Option<&TwinRecord>,
+        expected_cloud: i64,
+    ) -> MsgTwin {
         let expected = view.desired.get(property).map(|(value, ts)| TwinValue {
             value: Some(value.clone()),
             metadata: Some(ValueMetadata { timestamp: *ts }),
@@ -376,7 +389,10 @@ impl DeviceTwin {
             }),
         });
         MsgTwin {
-            expected_version: expected.as_ref().map(|_| TwinVersion::default()),
+            expected_version: expected.as_ref().map(|_| TwinVersion {
+                cloud: expected_cloud,
+                edge: 0,
+            }),
             expected,
             actual_version: record.map(|r| TwinVersion {
                 cloud: 0,
@@ -392,9 +408,13 @@ impl DeviceTwin {
 
     fn all_twins(&self, staged: &Staged, id: &str, view: &DeviceView) -> BTreeMap<String, MsgTwin> {
         let records = self.twin_records(staged, id);
+        let versions = self.device_record(staged, id).expected_versions;
         view.properties
             .keys()
-            .map(|p| (p.clone(), Self::msg_twin(view, p, records.get(p))))
+            .map(|p| {
+                let version = versions.get(p).copied().unwrap_or_default();
+                (p.clone(), Self::msg_twin(view, p, records.get(p), version))
+            })
             .collect()
     }
 
@@ -845,13 +865,19 @@ impl DeviceTwin {
                 timestamp,
                 edge_version: before.as_ref().map_or(0, |r| r.edge_version) + 1,
             };
-            let current = Self::msg_twin(view, &property, Some(&record));
+            let version = self
+                .device_record(staged, id)
+                .expected_versions
+                .get(&property)
+                .copied()
+                .unwrap_or_default();
+            let current = Self::msg_twin(view, &property, Some(&record), version);
             document.insert(
                 property.clone(),
                 TwinDoc {
                     last: before
                         .as_ref()
-                        .map(|r| Self::msg_twin(view, &property, Some(r)).without_versions()),
+                        .map(|r| Self::msg_twin(view, &property, Some(r), 0).without_versions()),
                     current: Some(current.clone().without_versions()),
                 },
             );
@@ -1028,6 +1054,18 @@ impl DeviceTwin {
             }
             (None, Some(view)) => {
                 self.devices.insert(id.to_owned(), view.clone());
+                // The desired values it arrives with are the cloud's first.
+                let mut record = self.device_record(&staged, id);
+                let mut first = Staged::default();
+                for property in view.desired.keys() {
+                    if !record.expected_versions.contains_key(property) {
+                        record.expected_versions.insert(property.clone(), 1);
+                        first.devices.insert(id.to_owned(), record.clone());
+                    }
+                }
+                if let Err(e) = self.commit(first) {
+                    tracing::warn!(device = %id, error = %e, "cannot record the expected versions");
+                }
                 let info = self.info(&staged, id, &view, true);
                 out.push(membership(&node, vec![info], Vec::new()));
                 out.extend(self.delta(&staged, id, &view));
@@ -1049,8 +1087,12 @@ impl DeviceTwin {
                         .map(|p| {
                             let record = records.get(p);
                             let doc = TwinDoc {
-                                last: Some(Self::msg_twin(&before, p, record).without_versions()),
-                                current: Some(Self::msg_twin(&view, p, record).without_versions()),
+                                last: Some(
+                                    Self::msg_twin(&before, p, record, 0).without_versions(),
+                                ),
+                                current: Some(
+                                    Self::msg_twin(&view, p, record, 0).without_versions(),
+                                ),
                             };
                             (p.clone(), doc)
                         })
@@ -1068,6 +1110,17 @@ impl DeviceTwin {
                     // (`status.twins[].observedDesired`, as KubeEdge reports them): report
                     // the new ones now, not only with the mapper's next value.
                     let mut report = Staged::default();
+                    let mut record = self.device_record(&staged, id);
+                    let bumped: BTreeSet<&String> = before
+                        .desired
+                        .keys()
+                        .chain(view.desired.keys())
+                        .filter(|p| before.desired.get(*p) != view.desired.get(*p))
+                        .collect();
+                    for p in bumped {
+                        *record.expected_versions.entry(p.clone()).or_default() += 1;
+                    }
+                    report.devices.insert(id.to_owned(), record);
                     report.touched.insert(id.to_owned());
                     if let Err(e) = self.commit(report) {
                         tracing::warn!(device = %id, error = %e, "cannot report the observed desired values");

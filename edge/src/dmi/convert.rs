@@ -104,13 +104,72 @@ fn push_method(value: Option<&Value>) -> Option<api::PushMethod> {
             ))
         })
         .map(|c| api::AnomalyDetection { data: c.data });
+    let db_method = value.get("dbMethod").map(db_method);
     Some(api::PushMethod {
         http,
         mqtt,
-        db_method: None,
+        db_method,
         otel,
         anomaly_detection,
     })
+}
+
+/// A property's database push (`pushMethod.dbMethod`), with KubeEdge's JSON names (note
+/// `TDEngine` and `TDEngineClientConfig`, capitalised there).
+fn db_method(db: &Value) -> api::DbMethod {
+    let influx = db.get("influxdb2").map(|i| api::DbMethodInfluxdb2 {
+        influxdb2_client_config: i.get("influxdb2ClientConfig").map(|c| {
+            api::Influxdb2ClientConfig {
+                url: text(c.get("url")),
+                org: text(c.get("org")),
+                bucket: text(c.get("bucket")),
+            }
+        }),
+        influxdb2_data_config: i
+            .get("influxdb2DataConfig")
+            .map(|c| api::Influxdb2DataConfig {
+                measurement: text(c.get("measurement")),
+                tag: c
+                    .get("tag")
+                    .and_then(Value::as_object)
+                    .map(|t| t.iter().map(|(k, v)| (k.clone(), text(Some(v)))).collect())
+                    .unwrap_or_default(),
+                field_key: text(c.get("fieldKey")),
+            }),
+    });
+    let redis = db.get("redis").map(|r| api::DbMethodRedis {
+        redis_client_config: r.get("redisClientConfig").map(|c| api::RedisClientConfig {
+            addr: text(c.get("addr")),
+            db: int(c.get("db")) as i32,
+            poolsize: int(c.get("poolsize")) as i32,
+            min_idle_conns: int(c.get("minIdleConns")) as i32,
+        }),
+    });
+    let tdengine = db
+        .get("TDEngine")
+        .or(db.get("tdengine"))
+        .map(|t| api::DbMethodTdEngine {
+            td_engine_client_config: t
+                .get("TDEngineClientConfig")
+                .or(t.get("tdEngineClientConfig"))
+                .map(|c| api::TdEngineClientConfig {
+                    addr: text(c.get("addr")),
+                    dbname: text(c.get("dbName").or(c.get("dbname"))),
+                }),
+        });
+    let mysql = db.get("mysql").map(|m| api::DbMethodMySql {
+        mysql_client_config: m.get("mysqlClientConfig").map(|c| api::MySqlClientConfig {
+            addr: text(c.get("addr")),
+            database: text(c.get("database")),
+            user_name: text(c.get("userName")),
+        }),
+    });
+    api::DbMethod {
+        influxdb2: influx,
+        redis,
+        tdengine,
+        mysql,
+    }
 }
 
 fn device_property(p: &Value) -> api::DeviceProperty {
@@ -221,7 +280,8 @@ mod tests {
                     "desired": {"value": "21", "metadata": {"timestamp": "1700000000000"}},
                     "visitors": {"protocolName": "modbus", "configData": {"data": {"register": "HoldingRegister", "offset": 2}}},
                     "reportCycle": 1000, "collectCycle": 500, "reportToCloud": true,
-                    "pushMethod": {"http": {"hostName": "collector", "port": 8080, "requestPath": "/t", "timeout": 3}}
+                    "pushMethod": {"http": {"hostName": "collector", "port": 8080, "requestPath": "/t", "timeout": 3},
+                                   "dbMethod": {"redis": {"redisClientConfig": {"addr": "127.0.0.1:6379", "db": 2}}}}
                 }],
                 "stateReport": {"reportCycle": 5000, "reportToCloud": true}
             }
@@ -259,6 +319,21 @@ mod tests {
             (http.hostname.as_str(), http.port, http.requestpath.as_str()),
             ("collector", 8080, "/t")
         );
+        let redis = property
+            .push_method
+            .as_ref()
+            .unwrap()
+            .db_method
+            .as_ref()
+            .unwrap();
+        let redis = redis
+            .redis
+            .as_ref()
+            .unwrap()
+            .redis_client_config
+            .as_ref()
+            .unwrap();
+        assert_eq!((redis.addr.as_str(), redis.db), ("127.0.0.1:6379", 2));
         assert_eq!(converted.status.unwrap().report_cycle, 5000);
 
         let model = json!({"metadata": {"name": "thermo", "namespace": "plant"},

@@ -40,6 +40,10 @@ struct Args {
     /// edgecore.
     #[arg(long, default_value = "mqtt", value_parser = ["mqtt", "dmi", "both"])]
     via: String,
+    /// The devices' `reportCycle` (ms): the node sends each device's changes to the cloud at
+    /// most once per cycle. 0: every change at once.
+    #[arg(long, default_value_t = 0)]
+    report_cycle_ms: u64,
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -109,7 +113,7 @@ async fn run(args: &Args, via: Via) -> anyhow::Result<(serde_json::Value, bool)>
         &cloud,
     )?;
     let devices = args.devices as usize;
-    let bench = TwinBench::prepare(&cloud.api, &edge, devices, via)
+    let bench = TwinBench::prepare(&cloud.api, &edge, devices, via, args.report_cycle_ms)
         .await
         .context("preparing the devices")?;
     let bytes_up = || cloud.metric("kedge_bytes_total", "direction=\"up\"");
