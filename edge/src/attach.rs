@@ -68,6 +68,8 @@ pub struct AttachTarget {
     pub group: GroupRecord,
     /// Its stdin, if it was started with `stdin: true` by this edgecore.
     pub stdin: Option<ContainerStdin>,
+    /// A container of the CRI runtime instead: the session is CRI's streaming `Attach`.
+    pub cri: Option<crate::edged::cri::ExecTarget>,
 }
 
 /// One CRI log line: (stream, whether the line ends here, content).
@@ -81,6 +83,32 @@ fn parse(line: &[u8]) -> Option<(&[u8], bool, &[u8])> {
 
 /// Runs an attach session until the container stops (then `Success`) or the client leaves.
 pub async fn run(options: AttachOptions, target: AttachTarget, mut session: Session) {
+    if let Some(cri) = &target.cri {
+        // The runtime's own attach: the container's stdin, stdout, stderr and terminal.
+        let streams = crate::edged::cri_stream::Streams {
+            stdin: options.stdin,
+            stdout: options.stdout,
+            stderr: options.stderr,
+            tty: options.tty,
+        };
+        let command = ["attach".to_owned()];
+        match cri.client.stream_url(&cri.container_id, None, streams).await {
+            Ok(url) => crate::edged::cri_stream::relay(&url, streams, &command, session).await,
+            Err(e) => {
+                let _ = session
+                    .output
+                    .send(StreamMessage::Stderr(
+                        format!("attach: {}\n", e.message()).into_bytes(),
+                    ))
+                    .await;
+                let _ = session
+                    .output
+                    .send(StreamMessage::exit(&exit_status(&command, 126)))
+                    .await;
+            }
+        }
+        return;
+    }
     let boot = procs::boot_id();
     let mut offset = std::fs::metadata(&target.log).map_or(0, |m| m.len());
     let mut pending: Vec<u8> = Vec::new();

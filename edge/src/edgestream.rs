@@ -248,6 +248,7 @@ impl EdgeStream {
                 log,
                 group: running.group,
                 stdin,
+                cri: running.cri,
             },
         ))
     }

@@ -439,20 +439,37 @@ pub async fn run(options: ExecOptions, target: Target, mut session: Session) {
 /// comes at its end).
 pub const CRI_EXEC_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Runs the command in a CRI container with `ExecSync`: stdout and stderr are sent when it
-/// ends, then its exit status. Non-interactive only: a session asking for stdin or a terminal
-/// gets an error (exit code 126) instead, since CRI's streaming `Exec` is not served here.
-/// The client going away abandons the call (containerd then kills the command).
+/// Runs the command in a CRI container. Without stdin or a terminal, with `ExecSync`: stdout
+/// and stderr are sent when it ends, then its exit status. With either, through CRI's
+/// streaming `Exec` ([`crate::edged::cri_stream`]): output as it comes, input (and its end),
+/// terminal sizes. The client going away abandons the call (containerd then kills the
+/// command).
 pub async fn run_cri(
     options: ExecOptions,
     target: crate::edged::cri::ExecTarget,
     session: Session,
 ) {
     if options.stdin || options.tty {
-        let message = "kedge runs commands in CRI containers without stdin or a terminal \
-                       (CRI ExecSync): drop -i/-t\n"
-            .to_owned();
-        not_started(&session, &options.command, message, 126).await;
+        // Interactive: CRI's streaming Exec, relayed from the runtime's streaming server.
+        let streams = crate::edged::cri_stream::Streams {
+            stdin: options.stdin,
+            stdout: options.stdout,
+            stderr: options.stderr,
+            tty: options.tty,
+        };
+        let url = target
+            .client
+            .stream_url(&target.container_id, Some(options.command.clone()), streams)
+            .await;
+        match url {
+            Ok(url) => {
+                crate::edged::cri_stream::relay(&url, streams, &options.command, session).await
+            }
+            Err(e) => {
+                let message = format!("exec {:?}: {}\n", options.command[0], e.message());
+                not_started(&session, &options.command, message, 126).await;
+            }
+        }
         return;
     }
     let exec = target.client.exec_sync(

@@ -103,6 +103,18 @@ spec:
   - name: main
     image: {image}
     args: ["sh", "-c", "echo on the host network; trap 'exit 0' TERM; sleep 3600 & wait"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: listener}}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: {image}
+    stdin: true
+    stdinOnce: true
+    command: ["sh", "-c", "while read line; do echo got:$line; done; echo bye"]
 "#
     )
 }
@@ -189,6 +201,44 @@ fn pods_run_as_containers_pulled_through_cri() {
     assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
     assert_eq!(stdout(&out), "world\n");
     assert!(stderr_of(&out).contains("oops"), "{}", stderr_of(&out));
+
+    // kubectl exec -i (CRI streaming Exec over SPDY): the input reaches the command, its end
+    // too (cat returns), output streams back and the exit code is kubectl's.
+    let out = cloud.kubectl_stdin(
+        &["exec", "-i", "hello", "--", "sh", "-c", "cat; echo done >&2; exit 4"],
+        "line one\nline two\n",
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", stderr_of(&out));
+    assert_eq!(stdout(&out), "line one\nline two\n");
+    assert!(stderr_of(&out).contains("done"), "{}", stderr_of(&out));
+    // With a terminal: kubectl runs on one (util-linux `script` gives it a pty), asks the
+    // runtime for one, and the command sees it.
+    let command = format!(
+        "KUBECONFIG=/dev/null kubectl --server {} exec -it hello -- sh -c 'test -t 0 && echo on-a-tty; exit 5'",
+        cloud.api
+    );
+    let out = std::process::Command::new("timeout")
+        .args(["30", "script", "-q", "-e", "-c", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (util-linux)");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("on-a-tty"), "{said}{}", stderr_of(&out));
+    assert_eq!(out.status.code(), Some(5), "{said}");
+
+    // kubectl attach -i (CRI streaming Attach): the container's own stdin and output; with
+    // stdinOnce its input ends with the session and so does the container.
+    eventually("listener Running", Duration::from_secs(60), || {
+        get(&cloud, "listener", ".status.phase") == "Running"
+    });
+    let out = cloud.kubectl_stdin(&["attach", "-i", "listener"], "a\nb\n");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let said = stdout(&out);
+    assert!(said.contains("got:a") && said.contains("got:b"), "{said}");
+    eventually("listener done after its input", Duration::from_secs(30), || {
+        get(&cloud, "listener", ".status.phase") == "Succeeded"
+    });
+    assert!(stdout(&cloud.kubectl(&["logs", "listener"])).contains("bye"));
 
     // hostNetwork: the node's network, no sandbox IP of its own.
     eventually("hostnet Running", Duration::from_secs(60), || {

@@ -353,6 +353,16 @@ impl Encoder {
         out
     }
 
+    /// `SYN_STREAM`: opens stream `stream_id` (a client's are odd) with `headers`; with `fin`
+    /// this side sends nothing on it (only reads).
+    pub fn syn_stream(&mut self, stream_id: u32, fin: bool, headers: &[(&str, &str)]) -> Vec<u8> {
+        let mut payload = stream_id.to_be_bytes().to_vec();
+        // Associated-to stream 0, priority 0, slot 0.
+        payload.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        payload.extend_from_slice(&self.header_block(headers));
+        control(TYPE_SYN_STREAM, if fin { FLAG_FIN } else { 0 }, &payload)
+    }
+
     /// `SYN_REPLY`: accepts a stream the peer opened.
     pub fn syn_reply(&mut self, stream_id: u32, headers: &[(&str, &str)]) -> Vec<u8> {
         let mut payload = stream_id.to_be_bytes().to_vec();

@@ -258,6 +258,45 @@ impl CriClient {
     /// # Errors
     /// The runtime's (a command that cannot start, a container not running); a command
     /// past `timeout` is `DEADLINE_EXCEEDED`.
+    /// Asks the runtime for a streaming session (CRI `Exec`, or `Attach` when `argv` is
+    /// `None`): the URL of its streaming server where the session is served (Kubernetes'
+    /// remote-command protocol over SPDY, see [`super::cri_stream`]).
+    ///
+    /// # Errors
+    /// The runtime's (no such container, a terminal with stderr, …).
+    pub async fn stream_url(
+        &self,
+        container_id: &str,
+        argv: Option<Vec<String>>,
+        streams: super::cri_stream::Streams,
+    ) -> Result<String, tonic::Status> {
+        let mut runtime = self.runtime.clone();
+        let url = match argv {
+            Some(cmd) => {
+                let request = cri::ExecRequest {
+                    container_id: container_id.to_owned(),
+                    cmd,
+                    tty: streams.tty,
+                    stdin: streams.stdin,
+                    stdout: streams.stdout,
+                    stderr: streams.stderr && !streams.tty,
+                };
+                runtime.exec(call(request, CALL_TIMEOUT)).await?.into_inner().url
+            }
+            None => {
+                let request = cri::AttachRequest {
+                    container_id: container_id.to_owned(),
+                    stdin: streams.stdin,
+                    tty: streams.tty,
+                    stdout: streams.stdout,
+                    stderr: streams.stderr && !streams.tty,
+                };
+                runtime.attach(call(request, CALL_TIMEOUT)).await?.into_inner().url
+            }
+        };
+        Ok(url)
+    }
+
     pub async fn exec_sync(
         &self,
         container_id: &str,
@@ -614,6 +653,10 @@ fn container_config(
         command: container.command.clone(),
         args: container.args.clone(),
         working_dir: container.working_dir.clone().unwrap_or_default(),
+        // For `kubectl attach -i` (CRI Attach reaches the container's own stdin).
+        stdin: container.stdin,
+        stdin_once: container.stdin_once,
+        tty: container.tty,
         envs: container
             .env
             .iter()

@@ -14,6 +14,7 @@
 //! it had. The status reported never leaves a terminal phase and never lowers a restart count.
 
 pub mod cri;
+pub mod cri_stream;
 pub mod hollow;
 pub mod logs;
 pub mod process;

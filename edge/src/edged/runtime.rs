@@ -43,6 +43,8 @@ pub struct ContainerRun {
     pub stdin: bool,
     /// `stdinOnce: true`: that pipe closes when the first attach session that used it ends.
     pub stdin_once: bool,
+    /// `tty: true`: the container gets a terminal (CRI runtime only).
+    pub tty: bool,
     /// `command` alone (CRI: overrides the image's entrypoint when not empty).
     pub command: Vec<String>,
     /// `args` alone (CRI: overrides the image's `Cmd` when not empty).
@@ -347,6 +349,7 @@ mod tests {
             host_ports: Vec::new(),
             stdin: false,
             stdin_once: false,
+            tty: false,
         }
     }
 

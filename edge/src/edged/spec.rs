@@ -441,6 +441,7 @@ pub fn pod_run(store: &Store, pod: &Object, pods_dir: &Path) -> PodRun {
             host_ports: host_ports_of(c),
             stdin: c.get("stdin").and_then(Value::as_bool).unwrap_or(false),
             stdin_once: c.get("stdinOnce").and_then(Value::as_bool).unwrap_or(false),
+            tty: c.get("tty").and_then(Value::as_bool).unwrap_or(false),
         }
     };
     let list = |field: &str| -> Vec<ContainerRun> {
