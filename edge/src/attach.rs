@@ -92,7 +92,11 @@ pub async fn run(options: AttachOptions, target: AttachTarget, mut session: Sess
             tty: options.tty,
         };
         let command = ["attach".to_owned()];
-        match cri.client.stream_url(&cri.container_id, None, streams).await {
+        match cri
+            .client
+            .stream_url(&cri.container_id, None, streams)
+            .await
+        {
             Ok(url) => crate::edged::cri_stream::relay(&url, streams, &command, session).await,
             Err(e) => {
                 let _ = session

@@ -298,6 +298,41 @@ impl EdgeStream {
         }
     }
 
+    /// Where the pod's ports are reached from the node: its own IP when it has a network
+    /// namespace of its own (a CRI runtime pod on a CNI network), else the node's loopback
+    /// (hostNetwork pods, and the process runtime's, which share the host's network).
+    pub fn pod_address(&self, namespace: &str, pod: &Object) -> std::net::IpAddr {
+        let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+        let spec = pod.get("spec");
+        if spec
+            .and_then(|s| s.get("hostNetwork"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+        {
+            return loopback;
+        }
+        let dir = self.pods_dir.join(format!(
+            "{namespace}_{}",
+            replication::api::object::name(pod)
+        ));
+        let runs_in_cri = spec
+            .and_then(|s| s.get("containers"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("name").and_then(Value::as_str))
+            .any(|name| crate::edged::cri::exec_target(&dir, name).is_some());
+        let ip = pod
+            .get("status")
+            .and_then(|s| s.get("podIP"))
+            .and_then(Value::as_str)
+            .and_then(|ip| ip.parse().ok());
+        match ip {
+            Some(ip) if runs_in_cri => ip,
+            _ => loopback,
+        }
+    }
+
     /// A pod this node holds and runs (bound to this node): 404 otherwise.
     pub fn own_pod(&self, namespace: &str, pod_name: &str) -> Result<Object, ApiError> {
         let key = ObjectKey::new("pods", namespace, pod_name)
@@ -331,9 +366,12 @@ impl EdgeStream {
         let connected = match (self.own_pod(&call.namespace, &call.pod), port) {
             (Err(e), _) => Err(e),
             (_, Err(e)) => Err(ApiError::bad_request(e)),
-            (Ok(_), Ok(port)) => crate::portforward::connect(&call.pod, port)
-                .await
-                .map_err(ApiError::internal),
+            (Ok(pod), Ok(port)) => {
+                let address = self.pod_address(&call.namespace, &pod);
+                crate::portforward::connect(&call.pod, address, port)
+                    .await
+                    .map_err(ApiError::internal)
+            }
         };
         match connected {
             Ok(tcp) => crate::portforward::over_link(tcp, input, output).await,

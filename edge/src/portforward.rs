@@ -4,9 +4,13 @@
 //! port-forward protocol, `transport::portforward`, served here; offline too).
 //!
 //! The process runtime runs pods in the host's network namespace, so a pod's port is the
-//! node's: forwarding to port P of a pod means connecting to `127.0.0.1:P` on the node. Only
-//! pods this node holds, bound to this node, are forwarded to.
+//! node's: forwarding to port P of a pod means connecting to `127.0.0.1:P` on the node. A pod
+//! of the CRI runtime on a CNI network is reached at its own IP (`status.podIP`, routed to the
+//! node's bridge), a hostNetwork one at the node's loopback
+//! ([`crate::edgestream::EdgeStream::pod_address`]). Only pods this node holds, bound to this
+//! node, are forwarded to.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,16 +36,18 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// before the connection is ended (containerd's port-forward waits 1 s the same way).
 pub const LINGER: Duration = Duration::from_secs(1);
 
-/// Connects to the pod's `port` (the node's loopback: pods share the host's network). The
-/// error is the text the client is shown (kubelet's wording).
-pub async fn connect(pod: &str, port: u16) -> Result<TcpStream, String> {
+/// Connects to the pod's `port` at `address` (the node's loopback for pods sharing the host's
+/// network, else the pod's IP). The error is the text the client is shown (kubelet's wording).
+pub async fn connect(pod: &str, address: IpAddr, port: u16) -> Result<TcpStream, String> {
     let failed = |e: String| {
-        format!(
-            "error forwarding port {port} to pod {pod}: failed to connect to localhost:{port} \
-             on the node (the process runtime shares the host's network): {e}"
-        )
+        let place = if address.is_loopback() {
+            format!("localhost:{port} on the node (the pod shares the host's network)")
+        } else {
+            format!("{address}:{port} (the pod's IP)")
+        };
+        format!("error forwarding port {port} to pod {pod}: failed to connect to {place}: {e}")
     };
-    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", port))).await {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((address, port))).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(failed(e.to_string())),
         Err(_) => Err(failed(format!("no answer within {CONNECT_TIMEOUT:?}"))),
@@ -71,9 +77,9 @@ pub async fn over_link(stream: TcpStream, input: StreamReader, mut output: Strea
 }
 
 /// Carries one connection of a MetaServer client to the pod's port.
-async fn local(pod: String, mut forward: Forward) {
+async fn local(pod: String, address: IpAddr, mut forward: Forward) {
     let stream = tokio::select! {
-        stream = connect(&pod, forward.port) => stream,
+        stream = connect(&pod, address, forward.port) => stream,
         _ = forward.cancelled.cancelled() => return,
     };
     let stream = match stream {
@@ -152,9 +158,10 @@ pub async fn http_portforward(
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Err(e) = stream.own_pod(&namespace, &pod) {
-        return ApiReply::error(&e).into_response();
-    }
+    let address = match stream.own_pod(&namespace, &pod) {
+        Ok(object) => stream.pod_address(&namespace, &object),
+        Err(e) => return ApiReply::error(&e).into_response(),
+    };
     let offered = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok());
     let not_tunnel = || {
         ApiReply::error(&ApiError::bad_request(portforward::unsupported(offered))).into_response()
@@ -176,7 +183,7 @@ pub async fn http_portforward(
     };
     upgrade.on_upgrade(move |socket| {
         ws_session(socket, channel_ports, move |forward| {
-            tokio::spawn(local(pod.clone(), forward));
+            tokio::spawn(local(pod.clone(), address, forward));
         })
     })
 }
@@ -188,9 +195,10 @@ pub async fn http_portforward_spdy(
     Path((namespace, pod)): Path<(String, String)>,
     mut request: axum::extract::Request,
 ) -> Response {
-    if let Err(e) = stream.own_pod(&namespace, &pod) {
-        return ApiReply::error(&e).into_response();
-    }
+    let address = match stream.own_pod(&namespace, &pod) {
+        Ok(object) => stream.pod_address(&namespace, &object),
+        Err(e) => return ApiReply::error(&e).into_response(),
+    };
     let headers = request.headers();
     let upgrade = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok());
     let offered = headers
@@ -206,7 +214,7 @@ pub async fn http_portforward_spdy(
         if let Ok(io) = upgraded.await {
             let io = hyper_util::rt::TokioIo::new(io);
             portforward::serve_io(io, move |forward| {
-                tokio::spawn(local(pod.clone(), forward));
+                tokio::spawn(local(pod.clone(), address, forward));
             })
             .await;
         }

@@ -205,7 +205,15 @@ fn pods_run_as_containers_pulled_through_cri() {
     // kubectl exec -i (CRI streaming Exec over SPDY): the input reaches the command, its end
     // too (cat returns), output streams back and the exit code is kubectl's.
     let out = cloud.kubectl_stdin(
-        &["exec", "-i", "hello", "--", "sh", "-c", "cat; echo done >&2; exit 4"],
+        &[
+            "exec",
+            "-i",
+            "hello",
+            "--",
+            "sh",
+            "-c",
+            "cat; echo done >&2; exit 4",
+        ],
         "line one\nline two\n",
     );
     assert_eq!(out.status.code(), Some(4), "{}", stderr_of(&out));
@@ -235,9 +243,11 @@ fn pods_run_as_containers_pulled_through_cri() {
     assert!(out.status.success(), "{}", stderr_of(&out));
     let said = stdout(&out);
     assert!(said.contains("got:a") && said.contains("got:b"), "{said}");
-    eventually("listener done after its input", Duration::from_secs(30), || {
-        get(&cloud, "listener", ".status.phase") == "Succeeded"
-    });
+    eventually(
+        "listener done after its input",
+        Duration::from_secs(30),
+        || get(&cloud, "listener", ".status.phase") == "Succeeded",
+    );
     assert!(stdout(&cloud.kubectl(&["logs", "listener"])).contains("bye"));
 
     // hostNetwork: the node's network, no sandbox IP of its own.
@@ -646,6 +656,23 @@ fn pull_errors_grace_periods_volumes_and_pods_deleted_while_edgecore_was_down() 
         common::http_get(&format!("127.0.0.1:{host_port}"), "/index.html")
             .is_some_and(|body| body.contains("hi-from-web"))
     });
+
+    // kubectl port-forward to a CNI pod reaches its own IP (not the node's loopback).
+    let local = free_port();
+    let mut forward = std::process::Command::new("kubectl")
+        .args(["--server", &cloud.api, "port-forward", "pod/web"])
+        .arg(format!("{local}:8080"))
+        .env("KUBECONFIG", "/dev/null")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl port-forward");
+    eventually("web through port-forward", Duration::from_secs(30), || {
+        common::http_get(&format!("127.0.0.1:{local}"), "/index.html")
+            .is_some_and(|body| body.contains("hi-from-web"))
+    });
+    let _ = forward.kill();
+    let _ = forward.wait();
 
     // PID 1 that ignores SIGTERM: killed when its grace period (3 s) is over.
     eventually("stubborn Running", Duration::from_secs(60), || {

@@ -281,7 +281,11 @@ impl CriClient {
                     stdout: streams.stdout,
                     stderr: streams.stderr && !streams.tty,
                 };
-                runtime.exec(call(request, CALL_TIMEOUT)).await?.into_inner().url
+                runtime
+                    .exec(call(request, CALL_TIMEOUT))
+                    .await?
+                    .into_inner()
+                    .url
             }
             None => {
                 let request = cri::AttachRequest {
@@ -291,7 +295,11 @@ impl CriClient {
                     stdout: streams.stdout,
                     stderr: streams.stderr && !streams.tty,
                 };
-                runtime.attach(call(request, CALL_TIMEOUT)).await?.into_inner().url
+                runtime
+                    .attach(call(request, CALL_TIMEOUT))
+                    .await?
+                    .into_inner()
+                    .url
             }
         };
         Ok(url)

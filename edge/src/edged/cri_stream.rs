@@ -58,7 +58,10 @@ pub async fn relay(url: &str, streams: Streams, command: &[String], mut session:
     };
     match ended {
         Ok(Some(status)) => {
-            let _ = session.output.send(StreamMessage::Exit(status.into())).await;
+            let _ = session
+                .output
+                .send(StreamMessage::Exit(status.into()))
+                .await;
         }
         Ok(None) => {} // the client left
         Err(message) => {
@@ -119,7 +122,9 @@ async fn connect(url: &str) -> Result<(TcpStream, Vec<u8>), String> {
     let status_line = text.lines().next().unwrap_or_default();
     if !status_line.contains(" 101") {
         let body = String::from_utf8_lossy(&head[end..]).trim().to_owned();
-        return Err(format!("the streaming server answered {status_line:?} {body}"));
+        return Err(format!(
+            "the streaming server answered {status_line:?} {body}"
+        ));
     }
     Ok((socket, head[end..].to_vec()))
 }
@@ -278,8 +283,7 @@ mod tests {
     #[test]
     fn the_final_status_is_the_runtimes_or_success() {
         assert_eq!(
-            serde_json::from_slice::<serde_json::Value>(&final_status(b""))
-                .unwrap()["status"],
+            serde_json::from_slice::<serde_json::Value>(&final_status(b"")).unwrap()["status"],
             "Success"
         );
         let failure = br#"{"metadata":{},"status":"Failure","reason":"NonZeroExitCode","details":{"causes":[{"reason":"ExitCode","message":"3"}]}}"#;
