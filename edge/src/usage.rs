@@ -1,11 +1,13 @@
-//! Resource usage of this node and of its process-runtime pods, for `kubectl top` (the cloud
-//! asks for it over the link, see `transport::usage`; MetaServer serves it locally).
+//! Resource usage of this node and of its pods, for `kubectl top` (the cloud asks for it over
+//! the link, see `transport::usage`; MetaServer serves it locally).
 //!
 //! Measured from `/proc`, as metrics-server's numbers are from cgroups:
 //! - a container's CPU is the CPU time (`utime + stime + cutime + cstime`) of the processes in
 //!   its process group (the group the runtime records in `<pod dir>/<container>.pgroup`), as a
 //!   rate over the window between two samples; its memory is their resident set size summed
 //!   (shared pages count once per process, so it can exceed what a cgroup would say);
+//! - a CRI container's CPU and memory are the runtime's (CRI `ListContainerStats`: cumulative
+//!   CPU time and the cgroup's working set, what kubelet's summary reports);
 //! - the node's CPU is the busy time of `/proc/stat` over the window; its memory is
 //!   `MemTotal - MemAvailable` (`/proc/meminfo`), close to a cgroup's working set.
 //!
@@ -40,7 +42,38 @@ pub const WARM_FOR: Duration = Duration::from_secs(600);
 const MIN_WINDOW: Duration = Duration::from_secs(1);
 
 /// (pod directory name `namespace_name`, container) → (CPU ticks, resident bytes).
+/// Per (pod directory, container): cumulative CPU time in nanoseconds, memory in bytes.
 type Containers = HashMap<(String, String), (u64, u64)>;
+
+/// The CRI runtime's containers, measured now (none without a CRI runtime, or when it does
+/// not answer: those pods are then missing from the report rather than wrong).
+async fn cri_containers() -> Containers {
+    let running = crate::edged::cri::running_containers();
+    let Some((_, first)) = running.first() else {
+        return Containers::new();
+    };
+    let stats = match first.client.container_stats().await {
+        Ok(stats) => stats,
+        Err(e) => {
+            tracing::debug!(error = %e, "no container stats from the CRI runtime");
+            return Containers::new();
+        }
+    };
+    let mut containers = Containers::new();
+    for (log, target) in running {
+        let pod = log
+            .parent()
+            .and_then(|d| d.file_name())
+            .and_then(|n| n.to_str());
+        let container = log.file_stem().and_then(|n| n.to_str());
+        if let (Some(pod), Some(container), Some(usage)) =
+            (pod, container, stats.get(&target.container_id))
+        {
+            containers.insert((pod.to_owned(), container.to_owned()), *usage);
+        }
+    }
+    containers
+}
 
 #[derive(Clone)]
 struct Sample {
@@ -154,12 +187,14 @@ impl Sampler {
         }
     }
 
-    /// The running containers of this node's pods, measured now.
-    fn take(&self) -> Sample {
+    /// The running containers of this node's pods, measured now (`cri`: the CRI runtime's,
+    /// measured by it).
+    fn take(&self, cri: Containers) -> Sample {
         let boot = procs::boot_id();
         let page = page_size();
+        let hz = ticks_per_second().max(1);
         let groups = groups();
-        let mut containers = Containers::new();
+        let mut containers = cri;
         for pod in std::fs::read_dir(&self.pods_dir)
             .into_iter()
             .flatten()
@@ -189,7 +224,7 @@ impl Sampler {
                 let (ticks, pages) = groups.get(&record.pgid).copied().unwrap_or_default();
                 containers.insert(
                     (pod_name.clone(), container.to_owned()),
-                    (ticks, pages * page),
+                    (ticks * 1_000_000_000 / hz, pages * page),
                 );
             }
         }
@@ -202,8 +237,8 @@ impl Sampler {
     }
 
     /// Takes a background sample (keeps the last two).
-    pub fn sample(&self) {
-        let sample = self.take();
+    pub fn sample(&self, cri: Containers) {
+        let sample = self.take(cri);
         let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         samples.push(sample);
         let excess = samples.len().saturating_sub(2);
@@ -220,8 +255,9 @@ impl Sampler {
                 .unwrap_or_else(|p| p.into_inner())
                 .is_some_and(|at| at.elapsed() < WARM_FOR);
             if warm {
+                let cri = cri_containers().await;
                 let sampler = self.clone();
-                let _ = tokio::task::spawn_blocking(move || sampler.sample()).await;
+                let _ = tokio::task::spawn_blocking(move || sampler.sample(cri)).await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(SAMPLE_PERIOD) => {}
@@ -234,7 +270,7 @@ impl Sampler {
     /// that saw every running container (else over a second from now).
     pub async fn report(&self) -> UsageReport {
         *self.asked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        let first = self.take();
+        let first = self.take(cri_containers().await);
         let baseline = self
             .samples
             .lock()
@@ -253,7 +289,7 @@ impl Sampler {
             Some(earlier) => (earlier, first),
             None => {
                 tokio::time::sleep(MIN_WINDOW).await;
-                let now = self.take();
+                let now = self.take(cri_containers().await);
                 (first, now)
             }
         };
@@ -268,12 +304,15 @@ impl Sampler {
         let rate = |before: u64, after: u64| -> u64 {
             (after.saturating_sub(before) as f64 / hz / window.as_secs_f64() * 1e9) as u64
         };
+        let rate_ns = |before: u64, after: u64| -> u64 {
+            (after.saturating_sub(before) as f64 / window.as_secs_f64()) as u64
+        };
         let mut pods: HashMap<String, PodUsage> = HashMap::new();
-        for ((pod_dir, container), (ticks, memory)) in &now.containers {
+        for ((pod_dir, container), (cpu_ns, memory)) in &now.containers {
             let before = earlier
                 .containers
                 .get(&(pod_dir.clone(), container.clone()))
-                .map_or(*ticks, |(t, _)| *t);
+                .map_or(*cpu_ns, |(t, _)| *t);
             let Some((namespace, name)) = pod_dir.split_once('_') else {
                 continue;
             };
@@ -287,7 +326,7 @@ impl Sampler {
                 .push(ContainerUsage {
                     name: container.clone(),
                     usage: Usage {
-                        cpu_nanocores: rate(before, *ticks),
+                        cpu_nanocores: rate_ns(before, *cpu_ns),
                         memory_bytes: *memory,
                     },
                 });

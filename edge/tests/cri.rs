@@ -234,6 +234,22 @@ fn pods_run_as_containers_pulled_through_cri() {
     assert!(said.contains("on-a-tty"), "{said}{}", stderr_of(&out));
     assert_eq!(out.status.code(), Some(5), "{said}");
 
+    // kubectl top: the runtime's own figures for a CRI container (CRI ListContainerStats).
+    eventually("hello's usage", Duration::from_secs(30), || {
+        let out = cloud.kubectl(&[
+            "get",
+            "--raw",
+            "/apis/metrics.k8s.io/v1beta1/namespaces/default/pods/hello",
+        ]);
+        let usage: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let memory = usage["containers"][0]["usage"]["memory"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        usage["containers"][0]["name"] == "main" && !memory.is_empty() && memory != "0"
+    });
+
     // kubectl attach -i (CRI streaming Attach): the container's own stdin and output; with
     // stdinOnce its input ends with the session and so does the container.
     eventually("listener Running", Duration::from_secs(60), || {

@@ -252,6 +252,37 @@ impl CriClient {
             .ok_or_else(|| tonic::Status::not_found(format!("container {id}")))
     }
 
+    /// Every container's cumulative CPU time (ns) and memory working set (bytes), by container
+    /// id (CRI `ListContainerStats`, as kubelet's summary takes them).
+    ///
+    /// # Errors
+    /// The runtime's.
+    pub async fn container_stats(&self) -> Result<HashMap<String, (u64, u64)>, tonic::Status> {
+        let request = cri::ListContainerStatsRequest { filter: None };
+        let stats = self
+            .runtime
+            .clone()
+            .list_container_stats(call(request, CALL_TIMEOUT))
+            .await?
+            .into_inner()
+            .stats;
+        Ok(stats
+            .into_iter()
+            .filter_map(|s| {
+                let id = s.attributes?.id;
+                let cpu = s
+                    .cpu
+                    .and_then(|c| c.usage_core_nano_seconds)
+                    .map_or(0, |v| v.value);
+                let memory = s
+                    .memory
+                    .and_then(|m| m.working_set_bytes)
+                    .map_or(0, |v| v.value);
+                Some((id, (cpu, memory)))
+            })
+            .collect())
+    }
+
     /// Runs `argv` in a container and waits for it (CRI `ExecSync`): exit code, stdout and
     /// stderr. `timeout` is the command's; the call's deadline is a little longer.
     ///
@@ -338,6 +369,15 @@ type ExecTargets = Mutex<HashMap<PathBuf, ExecTarget>>;
 fn exec_targets() -> &'static ExecTargets {
     static TARGETS: std::sync::OnceLock<ExecTargets> = std::sync::OnceLock::new();
     TARGETS.get_or_init(Default::default)
+}
+
+/// Every running CRI container this edgecore runs: its log file (`<pod dir>/<container>.log`)
+/// and how to reach it.
+pub fn running_containers() -> Vec<(PathBuf, ExecTarget)> {
+    lock(exec_targets())
+        .iter()
+        .map(|(log, target)| (log.clone(), target.clone()))
+        .collect()
 }
 
 /// The running CRI container `container` of the pod whose directory is `pod_dir`
