@@ -8,7 +8,10 @@
 //! KubeEdge's device management interface) with `protoc`, as k8s-cri's build does for CRI.
 fn main() {
     println!("cargo:rerun-if-changed=proto/dmi/v1beta1/api.proto");
+    // Maps as BTreeMaps: a message encodes to the same bytes every time, which the digest of
+    // what a mapper was told relies on (HashMap order differs per instance).
     if let Err(e) = tonic_prost_build::configure()
+        .btree_map(".")
         .build_server(true)
         .build_client(true)
         .compile_protos(&["proto/dmi/v1beta1/api.proto"], &["proto"])

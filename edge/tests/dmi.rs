@@ -382,6 +382,21 @@ fn a_mapper_registers_reports_and_follows_the_nodes_devices() {
         json!(["thermo-1", "thermo-3"]),
         "{registered}"
     );
+    // What it got in the answer is not sent again, and a change a mapper does not see (a
+    // label) sends nothing (thermo-1 has several configData keys: the digest of what a mapper
+    // was told must not depend on map order).
+    let calls = mapper.calls().len();
+    cloud.ok(&["label", "device", "thermo-1", "touched=yes"]);
+    eventually("the label on edge-1", Duration::from_secs(30), || {
+        let out = edge.kubectl(&["get", "device", "thermo-1", "--show-labels"]);
+        String::from_utf8_lossy(&out.stdout).contains("touched=yes")
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let after: Vec<Value> = mapper.calls().into_iter().skip(calls).collect();
+    assert!(
+        after.is_empty(),
+        "nothing changed for the mapper: {after:?}"
+    );
 
     // edgecore restarts (killed): the registration survives; thermo-4, created while the
     // node was down, reaches the mapper without it registering again, and reports work.

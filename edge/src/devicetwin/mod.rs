@@ -674,8 +674,13 @@ impl DeviceTwin {
                         "timestamp": r.timestamp.to_string(), "type": kind}});
                 }
                 if let Some((value, ts)) = view.desired.get(property) {
-                    twin["observedDesired"] =
-                        json!({"value": value, "metadata": {"timestamp": ts.to_string()}});
+                    // The desired value as this node holds it (from the Device's spec, not the
+                    // mapper), with the cloud's timestamp if it gave one.
+                    twin["observedDesired"] = if *ts > 0 {
+                        json!({"value": value, "metadata": {"timestamp": ts.to_string()}})
+                    } else {
+                        json!({"value": value})
+                    };
                 }
                 twin
             })
@@ -1245,7 +1250,10 @@ impl DeviceTwin {
                     let Some(kind) = view.properties.get(&property) else {
                         return Err(dmi_refusal(
                             DmiCode::NotFound,
-                            format!("device {id} has no property {property:?} (neither its spec nor its model lists it)"),
+                            format!(
+                                "device {}/{id} has no property {property:?} (neither its spec nor its model lists it)",
+                                view.key.namespace()
+                            ),
                         ));
                     };
                     if !payload::valid_twin_value(&value) {

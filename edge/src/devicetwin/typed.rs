@@ -51,14 +51,18 @@ impl PropertyType {
     /// Why the value is not one of this type (for the mapper: the type, the value, the bound).
     pub fn check(&self, value: &str) -> Result<(), String> {
         let number = match self.kind.as_str() {
-            "int" | "integer" | "int32" | "int64" => value
-                .trim()
-                .parse::<i64>()
-                .map(|n| n as f64)
-                .map_err(|_| format!("{value:?} is not an int"))?,
+            "int" | "integer" | "int32" | "int64" => match value.parse::<i64>() {
+                Ok(n) => n as f64,
+                Err(e)
+                    if *e.kind() == std::num::IntErrorKind::PosOverflow
+                        || *e.kind() == std::num::IntErrorKind::NegOverflow =>
+                {
+                    return Err(format!("{value} is out of range for a 64-bit int"))
+                }
+                Err(_) => return Err(format!("{value:?} is not an int")),
+            },
             "float" | "double" => {
                 let n = value
-                    .trim()
                     .parse::<f64>()
                     .map_err(|_| format!("{value:?} is not a {}", self.kind))?;
                 if !n.is_finite() {
@@ -67,7 +71,7 @@ impl PropertyType {
                 n
             }
             "boolean" | "bool" => {
-                return match value.trim() {
+                return match value {
                     "true" | "false" => Ok(()),
                     _ => Err(format!("{value:?} is not a boolean (true or false)")),
                 }
@@ -96,6 +100,12 @@ mod tests {
         assert_eq!(int.kind, "int");
         assert!(int.check("42").is_ok());
         assert!(int.check("4.2").unwrap_err().contains("not an int"));
+        assert!(int.check(" 21").unwrap_err().contains("not an int"));
+        let unbounded = PropertyType::from_model(&json!({"type": "INT"}));
+        assert!(unbounded
+            .check("99999999999999999999")
+            .unwrap_err()
+            .contains("out of range"));
         assert!(int.check("101").unwrap_err().contains("maximum 100"));
         assert!(int.check("-1").unwrap_err().contains("minimum 0"));
         let double = PropertyType::from_model(&json!({"type": "double"}));

@@ -5,7 +5,7 @@
 //! `configData` values become google.protobuf wrapper types packed in `Any` (strings as
 //! `StringValue`, numbers as `FloatValue` or `Int64Value` for integers, booleans as `BoolValue`).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use prost::Name;
 use prost_types::Any;
@@ -63,7 +63,7 @@ fn customized(value: Option<&Value>) -> Option<api::CustomizedValue> {
         data: data
             .iter()
             .filter_map(|(k, v)| Some((k.clone(), any_of(v)?)))
-            .collect::<HashMap<_, _>>(),
+            .collect::<BTreeMap<_, _>>(),
     })
 }
 
@@ -335,6 +335,14 @@ mod tests {
             .unwrap();
         assert_eq!((redis.addr.as_str(), redis.db), ("127.0.0.1:6379", 2));
         assert_eq!(converted.status.unwrap().report_cycle, 5000);
+
+        // Converted again, the same bytes (the digest of what a mapper was told relies on it).
+        let again = super::device(device.as_object().unwrap());
+        let first = super::device(device.as_object().unwrap());
+        assert_eq!(
+            super::super::plan::digest(&again),
+            super::super::plan::digest(&first)
+        );
 
         let model = json!({"metadata": {"name": "thermo", "namespace": "plant"},
             "spec": {"properties": [{"name": "temperature", "type": "INT", "accessMode": "ReadWrite", "minimum": "0", "maximum": "100", "unit": "C"}]}});

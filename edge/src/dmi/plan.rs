@@ -103,7 +103,8 @@ impl Call {
 }
 
 /// A stable digest of a message's encoding (FNV-1a over the protobuf bytes), to tell whether
-/// the mapper holds the current version.
+/// the mapper holds the current version. Stable because the generated maps are BTreeMaps
+/// (`edge/build.rs`): a HashMap's order, and so the bytes, differ per instance.
 pub fn digest<M: prost::Message>(message: &M) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in message.encode_to_vec() {

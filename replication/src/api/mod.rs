@@ -15,6 +15,7 @@
 pub mod apply;
 pub mod auth;
 pub mod crd;
+pub mod devices;
 pub mod discovery;
 pub mod object;
 pub mod options;

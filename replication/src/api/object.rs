@@ -645,6 +645,7 @@ pub fn validate(resource: &Resource, object: &Object) -> Result<(), ApiError> {
     if resource.store_kind == "pods" {
         validate_pod(object, &mut cause);
     }
+    super::devices::validate(resource.store_kind, object, &mut cause);
     if super::workloads::is_workload(resource) {
         super::workloads::validate(resource, object, &mut causes_of_workload);
     }

@@ -582,6 +582,15 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
     if kind == PatchKind::Apply {
         return server_side_apply(server, request).await;
     }
+    // As kube-apiserver for custom resources: no Go types, so no patch strategy to merge lists
+    // by; a plain merge would silently replace them.
+    if kind == PatchKind::StrategicMerge && !request.target.resource.builtin {
+        return Err(ApiError::unsupported_media_type(
+            "the body of the request was in an unknown format - accepted media types include: \
+             application/json-patch+json, application/merge-patch+json, \
+             application/apply-patch+yaml",
+        ));
+    }
     let key = request.key()?;
     let store = server.store.clone();
     let policy = server.policy.clone();

@@ -65,6 +65,20 @@ fn columns(resource: &Resource) -> Vec<Value> {
             column("Port(s)", s, 0),
             column("Age", s, 0),
         ],
+        "devicestatuses" => vec![
+            column("Name", s, 0),
+            column("State", s, 0),
+            column("Last Online", s, 0),
+            column("Twins", s, 0),
+            column("Age", s, 0),
+        ],
+        "devices" => vec![
+            column("Name", s, 0),
+            column("Node", s, 0),
+            column("Model", s, 0),
+            column("Protocol", s, 0),
+            column("Age", s, 0),
+        ],
         "leases" => vec![
             column("Name", s, 0),
             column("Holder", s, 0),
@@ -451,6 +465,25 @@ fn cells(resource: &Resource, object: &Object) -> Vec<Value> {
         "leases" => vec![
             name,
             json!(text(object, &["spec", "holderIdentity"])),
+            json!(age(object)),
+        ],
+        "devicestatuses" => {
+            let twins = path(object, &["status", "twins"])
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            vec![
+                name,
+                json!(text(object, &["status", "state"])),
+                json!(text(object, &["status", "lastOnlineTime"])),
+                json!(twins),
+                json!(age(object)),
+            ]
+        }
+        "devices" => vec![
+            name,
+            json!(text(object, &["spec", "nodeName"])),
+            json!(text(object, &["spec", "deviceModelRef", "name"])),
+            json!(text(object, &["spec", "protocol", "protocolName"])),
             json!(age(object)),
         ],
         "deployments" => {
