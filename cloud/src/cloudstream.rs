@@ -15,6 +15,10 @@
 //! accepts becomes one duplex call on the node's link, so connections (and ports) are
 //! independent QUIC streams with their own flow control; kubectl going away resets them all,
 //! and the node closes the pod-side connections.
+//!
+//! An exec, attach or port-forward session with no bytes in either direction for
+//! `--stream-idle-timeout` (kubelet's `--streaming-connection-idle-timeout`, 4 h by default) is
+//! closed ([`Activity`]), so forgotten sessions do not hold streams and node limits forever.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +44,93 @@ use transport::stream::{
 use transport::{LinkError, LinkHandle, StreamReader, StreamWriter};
 
 use crate::servicebus::ServiceBus;
+
+/// kubelet's default `--streaming-connection-idle-timeout`.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 3600);
+
+/// When a streaming connection last carried bytes (either way).
+#[derive(Clone)]
+struct Activity {
+    start: tokio::time::Instant,
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: tokio::time::Instant::now(),
+            last_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Completes once nothing was carried for `timeout`.
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            let last =
+                Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
+            let due = self.start + last + timeout;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// An upgraded connection that records its traffic in an [`Activity`].
+struct Watched<T> {
+    io: T,
+    activity: Activity,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, data);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// How long the node may take to start answering (the data may then take as long as it takes).
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -123,15 +214,19 @@ struct StreamState {
     bus: Arc<ServiceBus>,
     bearer_token: Option<Arc<str>>,
     limit: Arc<StreamLimit>,
+    /// Sessions idle this long are closed.
+    idle_timeout: Duration,
 }
 
 /// The routes of CloudStream (same bearer token as the API, when it has one), with at most
-/// `streams_per_node` streams open to each node at once.
+/// `streams_per_node` streams open to each node at once, and sessions idle for `idle_timeout`
+/// closed.
 pub fn router(
     store: Arc<Store>,
     bus: Arc<ServiceBus>,
     bearer_token: Option<Arc<str>>,
     streams_per_node: usize,
+    idle_timeout: Duration,
 ) -> Router {
     Router::new()
         .route("/api/v1/namespaces/{namespace}/pods/{name}/log", get(log))
@@ -152,6 +247,7 @@ pub fn router(
             bus,
             bearer_token,
             limit: StreamLimit::new(streams_per_node),
+            idle_timeout,
         })
 }
 
@@ -359,8 +455,9 @@ async fn remote_command(
     let v5 = upgrade
         .selected_protocol()
         .is_some_and(|p| p.as_bytes() == REMOTE_COMMAND_PROTOCOLS[0].as_bytes());
+    let idle_timeout = state.idle_timeout;
     upgrade.on_upgrade(move |socket| async move {
-        bridge(socket, input, output, v5).await;
+        bridge(socket, input, output, v5, idle_timeout).await;
         drop(permit);
     })
 }
@@ -373,11 +470,14 @@ async fn bridge(
     mut to_node: StreamWriter,
     mut from_node: StreamReader,
     v5: bool,
+    idle_timeout: Duration,
 ) {
     use futures_util::{SinkExt, StreamExt};
     let (mut ws_tx, mut ws_rx) = socket.split();
+    let activity = Activity::new();
     let upward = async {
         while let Some(Ok(message)) = ws_rx.next().await {
+            activity.touch();
             let data = match message {
                 WsMessage::Binary(data) => data,
                 WsMessage::Close(_) => break,
@@ -404,6 +504,7 @@ async fn bridge(
             let Some(frame) = message.to_ws_frame() else {
                 continue;
             };
+            activity.touch();
             if ws_tx.send(WsMessage::Binary(frame.into())).await.is_err() {
                 return;
             }
@@ -423,6 +524,10 @@ async fn bridge(
     let client_gone = tokio::select! {
         _ = downward => false,
         _ = upward => true,
+        _ = activity.idle(idle_timeout) => {
+            tracing::info!(?idle_timeout, "closing an exec/attach session idle past --stream-idle-timeout");
+            true
+        }
     };
     if client_gone {
         to_node.reset();
@@ -524,8 +629,10 @@ async fn portforward(
         None
     };
     let on_forward = forwarder(&state, link, namespace);
+    let idle_timeout = state.idle_timeout;
     upgrade.on_upgrade(move |socket| async move {
         use futures_util::{SinkExt, StreamExt};
+        let activity = Activity::new();
         let (mut ws_tx, ws_rx) = socket.split();
         let (out_tx, mut out_rx) = pf::output_channel();
         let input = ws_rx
@@ -534,12 +641,16 @@ async fn portforward(
             })
             .filter_map(|m| {
                 std::future::ready(match m {
-                    Ok(WsMessage::Binary(bytes)) => Some(bytes),
+                    Ok(WsMessage::Binary(bytes)) => {
+                        activity.touch();
+                        Some(bytes)
+                    }
                     _ => None,
                 })
             });
         let writer = async {
             while let Some(frame) = out_rx.recv().await {
+                activity.touch();
                 if ws_tx.send(WsMessage::Binary(frame.into())).await.is_err() {
                     return;
                 }
@@ -547,16 +658,24 @@ async fn portforward(
             // Every connection is over (the channel protocol's end): close the WebSocket.
             let _ = ws_tx.send(WsMessage::Close(None)).await;
         };
-        match channel_ports {
-            Some(ports) => {
-                let session = pf::serve_channels(ports, Box::pin(input), out_tx, on_forward);
-                tokio::join!(session, writer);
-            }
-            None => {
-                tokio::select! {
-                    _ = pf::serve(Box::pin(input), out_tx, on_forward) => {}
-                    _ = writer => {}
+        let session = async {
+            match channel_ports {
+                Some(ports) => {
+                    let session = pf::serve_channels(ports, Box::pin(input), out_tx, on_forward);
+                    tokio::join!(session, writer);
                 }
+                None => {
+                    tokio::select! {
+                        _ = pf::serve(Box::pin(input), out_tx, on_forward) => {}
+                        _ = writer => {}
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = session => {}
+            _ = activity.idle(idle_timeout) => {
+                tracing::info!(?idle_timeout, "closing a port-forward session idle past --stream-idle-timeout");
             }
         }
     })
@@ -584,10 +703,23 @@ async fn portforward_spdy(
         return error(ApiError::bad_request(pf::unsupported(upgrade)));
     }
     let on_forward = forwarder(&state, link, namespace);
+    let idle_timeout = state.idle_timeout;
     let upgraded = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         match upgraded.await {
-            Ok(io) => pf::serve_io(hyper_util::rt::TokioIo::new(io), on_forward).await,
+            Ok(io) => {
+                let activity = Activity::new();
+                let io = Watched {
+                    io: hyper_util::rt::TokioIo::new(io),
+                    activity: activity.clone(),
+                };
+                tokio::select! {
+                    _ = pf::serve_io(io, on_forward) => {}
+                    _ = activity.idle(idle_timeout) => {
+                        tracing::info!(?idle_timeout, "closing a port-forward session idle past --stream-idle-timeout");
+                    }
+                }
+            }
             Err(e) => tracing::debug!(error = %e, "a SPDY port-forward upgrade failed"),
         }
     });

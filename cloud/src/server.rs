@@ -41,6 +41,9 @@ pub struct CloudConfig {
     /// Streams (logs, exec, attach, port-forward connections) open at once per node through
     /// the cloud; more are refused with 429 ([`crate::cloudstream`]).
     pub streams_per_node: usize,
+    /// Exec, attach and port-forward sessions with no traffic for this long are closed
+    /// (kubelet's `--streaming-connection-idle-timeout`).
+    pub stream_idle_timeout: Duration,
     /// Validity of the node certificates issued at join and renewal.
     pub node_cert_lifetime: Duration,
     /// How long after expiry a node certificate may still renew itself (and do nothing else).
@@ -74,6 +77,7 @@ impl CloudConfig {
             link_keepalive: transport::LinkConfig::default().heartbeat,
             service_bus_timeout: crate::servicebus::DEFAULT_TIMEOUT,
             streams_per_node: crate::cloudstream::DEFAULT_STREAMS_PER_NODE,
+            stream_idle_timeout: crate::cloudstream::DEFAULT_STREAM_IDLE_TIMEOUT,
             node_cert_lifetime: crate::credentials::DEFAULT_LIFETIME,
             node_cert_grace: crate::credentials::DEFAULT_GRACE,
             join_rate_limit: crate::join::DEFAULT_JOIN_RATE,
@@ -205,6 +209,7 @@ impl CloudCore {
                 bus.clone(),
                 token.clone(),
                 config.streams_per_node,
+                config.stream_idle_timeout,
             ))
             .merge(crate::top::router(store.clone(), bus.clone(), token))
             .merge(api.router());

@@ -258,6 +258,8 @@ fn a_mapper_on_the_embedded_broker_reports_twins_and_gets_desired_values() {
     );
     assert_eq!(observed_desired(&cloud, "setpoint"), "25");
     assert_eq!(reported(&cloud, "temperature"), "21.5");
+    // Reports land in the DeviceStatus only: the Device (its spec the cloud's) is not rewritten.
+    assert_eq!(device_status_twin(&cloud, "temperature"), "");
     // The expected side's version counts the cloud's desired values: "20" at binding, then "25".
     eventually(
         "the result of e2 with versions",
@@ -499,7 +501,14 @@ fn a_mapper_on_an_external_mosquitto_broker_works_the_same() {
     let edge_dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let _broker = Mosquitto::start(port, dir.path());
-    let cloud = CloudProcess::start(cloud_dir.path());
+    // Clients of Device.status (before KubeEdge v1.23) get the reports there too.
+    let cloud = CloudProcess::start_with(
+        cloud_dir.path(),
+        free_port(),
+        free_port(),
+        free_port(),
+        &["--device-status-in-device"],
+    );
     let token = token(&cloud);
     let edge = EdgeProcess::start_with(
         &cloud,
@@ -532,5 +541,19 @@ fn a_mapper_on_an_external_mosquitto_broker_works_the_same() {
         Duration::from_secs(30),
         || reported(&cloud, "temperature") == "18",
     );
+    eventually(
+        "the report copied into the Device's status",
+        Duration::from_secs(30),
+        || device_status_twin(&cloud, "temperature") == "18",
+    );
     desired_value_arrives_as_delta(&cloud, &sub, "23");
+}
+
+/// `property`'s reported value in the Device's own status (only with
+/// `--device-status-in-device`).
+fn device_status_twin(cloud: &CloudProcess, property: &str) -> String {
+    let path =
+        format!("jsonpath={{.status.twins[?(@.propertyName==\"{property}\")].reported.value}}");
+    let out = cloud.kubectl(&["get", "device", "thermo-1", "-o", &path]);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }

@@ -173,3 +173,76 @@ fn kubectl_exec_runs_in_the_container_with_streams_exit_codes_stdin_and_a_termin
     );
     assert_eq!((code, out.as_str()), (0, "offline\n"), "{err}");
 }
+
+#[test]
+fn sessions_idle_past_the_stream_idle_timeout_are_closed_busy_ones_are_not() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start_with(
+        cloud_dir.path(),
+        free_port(),
+        free_port(),
+        free_port(),
+        &["--stream-idle-timeout", "2s"],
+    );
+    let token = token(&cloud);
+    let _edge = EdgeProcess::start(&cloud, "edge-1", edge_dir.path(), free_port(), Some(&token));
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], POD)
+        .status
+        .success());
+    eventually("box Running", Duration::from_secs(40), || {
+        cloud.ok(&["get", "pod", "box", "-o", "jsonpath={.status.phase}"]) == "Running"
+    });
+
+    // A session that says something every second outlives the 2 s timeout.
+    let (code, stdout, stderr) = kubectl_exec(
+        &cloud.api,
+        &[
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5; do echo $i; sleep 1; done",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, "1\n2\n3\n4\n5\n");
+
+    // A silent one is closed after about 2 s (not after the command's 60 s).
+    let started = Instant::now();
+    let (code, _, stderr) = kubectl_exec(&cloud.api, &["box", "--", "sleep", "60"], None);
+    let took = started.elapsed();
+    assert_ne!(code, 0, "{stderr}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(30),
+        "closed after {took:?}"
+    );
+
+    // A port-forward session with no connection is closed too: kubectl exits.
+    let local = free_port();
+    let mut forward = Command::new("kubectl")
+        .args(["--server", &cloud.api, "port-forward", "pod/box"])
+        .arg(format!("{local}:9"))
+        .env("KUBECONFIG", "/dev/null")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl port-forward");
+    let started = Instant::now();
+    let mut exited = None;
+    while started.elapsed() < Duration::from_secs(30) {
+        if let Ok(Some(status)) = forward.try_wait() {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = forward.kill();
+    let _ = forward.wait();
+    assert!(
+        exited.is_some(),
+        "kubectl port-forward still running 30 s after its session went idle"
+    );
+}

@@ -62,6 +62,10 @@ struct Cli {
     /// port-forward connection); more are refused with 429 Too Many Requests.
     #[arg(long, default_value_t = cloud::cloudstream::DEFAULT_STREAMS_PER_NODE)]
     streams_per_node: usize,
+    /// Exec, attach and port-forward sessions with no traffic either way for this long are
+    /// closed (kubelet's --streaming-connection-idle-timeout).
+    #[arg(long, default_value = "4h", value_parser = humantime::parse_duration)]
+    stream_idle_timeout: Duration,
     /// Validity of the node certificates issued at join and renewal (e.g. 90d, 12h). Nodes
     /// renew theirs over the link at two thirds of it.
     #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
@@ -264,6 +268,7 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             link_keepalive: cli.link_keepalive,
             service_bus_timeout: cli.service_bus_timeout,
             streams_per_node: cli.streams_per_node,
+            stream_idle_timeout: cli.stream_idle_timeout,
             node_cert_lifetime: cli.node_cert_lifetime,
             node_cert_grace: cli.node_cert_grace,
             join_rate_limit: cli.join_rate_limit,
