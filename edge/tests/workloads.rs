@@ -543,3 +543,84 @@ fn a_statefulset_keeps_names_claims_and_order_on_an_edge_node() {
     });
     assert!(ok(&cloud, &["get", "pvc", "-o", "name"]).contains("data-db-0"));
 }
+
+const LIFE: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - {name: main, image: busybox, command: ["sleep", "3600"]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: crash}
+spec:
+  containers:
+  - {name: main, image: busybox, command: ["sh", "-c", "exit 1"]}
+"#;
+
+/// `reason/type/count/source.component: message` of the events about `pod`.
+fn events_of(cloud: &CloudProcess, pod: &str) -> String {
+    ok(
+        cloud,
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={pod}"),
+            "-o",
+            "jsonpath={range .items[*]}{.reason}/{.type}/{.count}/{.source.component}: {.message}{\"\\n\"}{end}",
+        ],
+    )
+}
+
+#[test]
+fn the_node_records_kubelets_events_for_describe() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start_with(
+        cloud_dir.path(),
+        free_port(),
+        free_port(),
+        free_port(),
+        CLOUD_FAST,
+    );
+    let token = token(&cloud);
+    let dir = tempfile::tempdir().unwrap();
+    let _edge = EdgeProcess::start(&cloud, "edge-1", dir.path(), free_port(), Some(&token));
+    wait_ready(&cloud, "edge-1");
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], LIFE)
+        .status
+        .success());
+
+    // Started once (not again on every status pass), from kubelet on edge-1.
+    eventually("web's Started event", Duration::from_secs(40), || {
+        events_of(&cloud, "web").contains("Started/Normal/1/kubelet: Started container main")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        events_of(&cloud, "web").contains("Started/Normal/1/kubelet"),
+        "{}",
+        events_of(&cloud, "web")
+    );
+    let described = ok(&cloud, &["describe", "pod", "web"]);
+    assert!(
+        described.contains("Scheduled") && described.contains("Started container main"),
+        "{described}"
+    );
+
+    // A container that keeps failing: back-off, as a Warning.
+    eventually("crash's BackOff event", Duration::from_secs(60), || {
+        events_of(&cloud, "crash").contains(
+            "BackOff/Warning/1/kubelet: Back-off restarting failed container main in pod crash",
+        )
+    });
+
+    // Deleting: the node says it stops the container.
+    ok(&cloud, &["delete", "pod", "web", "--wait=false"]);
+    eventually("web's Killing event", Duration::from_secs(30), || {
+        events_of(&cloud, "web").contains("Killing/Normal/1/kubelet: Stopping container main")
+    });
+}

@@ -15,6 +15,7 @@
 
 pub mod cri;
 pub mod cri_stream;
+pub mod events;
 pub mod hollow;
 pub mod logs;
 pub mod process;
@@ -52,6 +53,10 @@ pub struct Edged {
     /// Pods (by uid) whose deletion was confirmed to the cloud: the cache keeps them (marked
     /// for deletion) until the cloud's delete arrives, and they are confirmed only once.
     confirmed: HashSet<String>,
+    /// kubelet's Events about the node's pods.
+    events: std::sync::Mutex<events::Recorder>,
+    /// Pods (by uid) whose `Killing` events were recorded.
+    killing: HashSet<String>,
 }
 
 fn grace_of(pod: &Object) -> Duration {
@@ -102,6 +107,7 @@ impl Edged {
     /// Edged over the node's cache; reads the outbox once for the pods' last reports.
     pub fn new(meta: Arc<MetaManager>, runtime: Arc<dyn Runtime>, pods_dir: PathBuf) -> Self {
         let reported = outbox_pods(&meta);
+        let events = std::sync::Mutex::new(events::Recorder::new(meta.node()));
         Edged {
             meta,
             runtime,
@@ -109,6 +115,8 @@ impl Edged {
             orphans: HashSet::new(),
             reported,
             confirmed: HashSet::new(),
+            events,
+            killing: HashSet::new(),
         }
     }
 
@@ -155,6 +163,9 @@ impl Edged {
                 let uid = object::meta_str(pod, "uid").unwrap_or_default().to_owned();
                 if self.confirmed.contains(&uid) {
                     continue;
+                }
+                if self.killing.insert(uid.clone()) {
+                    self.record_killing(pod);
                 }
                 self.runtime.stop(&id, grace_of(pod));
                 if self.runtime.reap(&id) {
@@ -207,6 +218,35 @@ impl Edged {
             .filter_map(|(_, pod)| object::meta_str(pod, "uid"))
             .collect();
         self.confirmed.retain(|uid| cached.contains(uid.as_str()));
+        self.killing.retain(|uid| cached.contains(uid.as_str()));
+    }
+
+    /// kubelet's `Killing` events for a pod being deleted: one per running container.
+    fn record_killing(&self, pod: &Object) {
+        let held = pod.get("status").cloned().unwrap_or(Value::Null);
+        let running: Vec<String> = held
+            .get("containerStatuses")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|c| c.get("state").and_then(|s| s.get("running")).is_some())
+            .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_owned))
+            .collect();
+        let mut recorder = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let reports: Vec<(ObjectKey, Bytes)> = running
+            .into_iter()
+            .filter_map(|name| {
+                let message = format!("Stopping container {name}");
+                recorder.event(pod, &(name, "Normal", "Killing", message))
+            })
+            .collect();
+        recorder.forget(object::name(pod));
+        drop(recorder);
+        if !reports.is_empty() {
+            if let Err(e) = self.meta.report_batch(reports, Default::default()) {
+                tracing::warn!(pod = %object::name(pod), error = %e, "cannot queue events");
+            }
+        }
     }
 
     fn report_status(
@@ -231,12 +271,18 @@ impl Edged {
         if status == held {
             return;
         }
+        // kubelet's Events for what changed, in the same commit as the status.
+        let mut reports = {
+            let mut recorder = self.events.lock().unwrap_or_else(|p| p.into_inner());
+            events::transitions(object::name(pod), &held, &status)
+                .iter()
+                .filter_map(|t| recorder.event(pod, t))
+                .collect::<Vec<_>>()
+        };
         let mut updated = pod.clone();
         updated.insert("status".into(), status);
-        if let Err(e) = self
-            .meta
-            .report(key.clone(), Bytes::from(object::to_stored(updated)))
-        {
+        reports.push((key.clone(), Bytes::from(object::to_stored(updated))));
+        if let Err(e) = self.meta.report_batch(reports, Default::default()) {
             tracing::warn!(pod = %key, error = %e, "cannot queue the pod status");
         }
     }
