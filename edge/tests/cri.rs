@@ -455,6 +455,12 @@ spec:
   - name: main
     image: {image}
     command: ["sh", "-c", "echo hi-from-web > /tmp/index.html; exec httpd -f -p 8080 -h /tmp"]
+    readinessProbe:
+      httpGet: {{path: /index.html, port: 8080}}
+      periodSeconds: 1
+    livenessProbe:
+      exec: {{command: ["test", "-f", "/tmp/index.html"]}}
+      periodSeconds: 1
     ports:
     - {{containerPort: 8080, hostPort: {host_port}, hostIP: 127.0.0.1}}
 ---
@@ -672,6 +678,18 @@ fn pull_errors_grace_periods_volumes_and_pods_deleted_while_edgecore_was_down() 
         common::http_get(&format!("127.0.0.1:{host_port}"), "/index.html")
             .is_some_and(|body| body.contains("hi-from-web"))
     });
+
+    // Probes in a CRI container: httpGet at the pod's IP makes it ready; exec (CRI ExecSync)
+    // keeps it alive.
+    eventually(
+        "web ready by its httpGet probe",
+        Duration::from_secs(30),
+        || get(&cloud, "web", ".status.containerStatuses[0].ready") == "true",
+    );
+    assert_eq!(
+        get(&cloud, "web", ".status.containerStatuses[0].restartCount"),
+        "0"
+    );
 
     // kubectl port-forward to a CNI pod reaches its own IP (not the node's loopback).
     let local = free_port();

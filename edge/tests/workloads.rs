@@ -624,3 +624,124 @@ fn the_node_records_kubelets_events_for_describe() {
         events_of(&cloud, "web").contains("Killing/Normal/1/kubelet: Stopping container main")
     });
 }
+
+fn container_field(cloud: &CloudProcess, pod: &str, field: &str) -> String {
+    ok(
+        cloud,
+        &[
+            "get",
+            "pod",
+            pod,
+            "-o",
+            &format!("jsonpath={{.status.containerStatuses[0].{field}}}"),
+        ],
+    )
+}
+
+#[test]
+fn probes_decide_readiness_and_restart_what_fails_liveness() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start_with(
+        cloud_dir.path(),
+        free_port(),
+        free_port(),
+        free_port(),
+        CLOUD_FAST,
+    );
+    let token = token(&cloud);
+    let dir = tempfile::tempdir().unwrap();
+    let _edge = EdgeProcess::start(&cloud, "edge-1", dir.path(), free_port(), Some(&token));
+    wait_ready(&cloud, "edge-1");
+    let files = tempfile::tempdir().unwrap();
+    let files_dir = files.path().display().to_string();
+    std::fs::write(files.path().join("index.html"), "ok").unwrap();
+    let (dead_port, web_port) = (free_port(), free_port());
+    let pods = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: ready-later}}
+spec:
+  containers:
+  - name: main
+    image: busybox
+    command: ["sleep", "3600"]
+    readinessProbe:
+      exec: {{command: ["test", "-f", "{files_dir}/ready"]}}
+      periodSeconds: 1
+      failureThreshold: 1
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: dies}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: busybox
+    command: ["sleep", "3600"]
+    livenessProbe:
+      tcpSocket: {{port: {dead_port}}}
+      periodSeconds: 1
+      failureThreshold: 2
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web}}
+spec:
+  containers:
+  - name: main
+    image: busybox
+    command: ["busybox", "httpd", "-f", "-p", "127.0.0.1:{web_port}", "-h", "{files_dir}"]
+    ports: [{{name: http, containerPort: {web_port}}}]
+    readinessProbe:
+      httpGet: {{path: /index.html, port: http}}
+      periodSeconds: 1
+"#
+    );
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], &pods)
+        .status
+        .success());
+
+    // exec readiness: running but not ready until the file exists, then ready, then not.
+    eventually("ready-later running", Duration::from_secs(40), || {
+        container_field(&cloud, "ready-later", "started") == "true"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(container_field(&cloud, "ready-later", "ready"), "false");
+    std::fs::write(files.path().join("ready"), "").unwrap();
+    eventually("ready-later Ready", Duration::from_secs(20), || {
+        ok(&cloud, &["get", "pod", "ready-later", "-o",
+            "jsonpath={.status.containerStatuses[0].ready} {.status.conditions[?(@.type==\"Ready\")].status}"])
+            == "true True"
+    });
+    std::fs::remove_file(files.path().join("ready")).unwrap();
+    eventually(
+        "ready-later not Ready again",
+        Duration::from_secs(20),
+        || container_field(&cloud, "ready-later", "ready") == "false",
+    );
+
+    // httpGet readiness on a named port.
+    eventually("web Ready", Duration::from_secs(40), || {
+        container_field(&cloud, "web", "ready") == "true"
+    });
+
+    // tcpSocket liveness failing: restarted, with kubelet's events.
+    eventually(
+        "dies restarted by its liveness probe",
+        Duration::from_secs(60),
+        || {
+            container_field(&cloud, "dies", "restartCount")
+                .parse::<u32>()
+                .is_ok_and(|n| n >= 1)
+        },
+    );
+    eventually("the probe's events", Duration::from_secs(30), || {
+        let events = events_of(&cloud, "dies");
+        events.contains("Unhealthy/Warning")
+            && events.contains("Liveness probe failed")
+            && events.contains("Container main failed liveness probe, will be restarted")
+    });
+}

@@ -283,6 +283,22 @@ impl CriClient {
             .collect())
     }
 
+    /// Stops a container, giving it `grace` after SIGTERM (CRI `StopContainer`).
+    ///
+    /// # Errors
+    /// The runtime's.
+    pub async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), tonic::Status> {
+        let request = cri::StopContainerRequest {
+            container_id: id.to_owned(),
+            timeout: grace.as_secs() as i64,
+        };
+        self.runtime
+            .clone()
+            .stop_container(call(request, grace + CALL_TIMEOUT))
+            .await
+            .map(|_| ())
+    }
+
     /// Runs `argv` in a container and waits for it (CRI `ExecSync`): exit code, stdout and
     /// stderr. `timeout` is the command's; the call's deadline is a little longer.
     ///

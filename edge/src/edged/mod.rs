@@ -18,6 +18,7 @@ pub mod cri_stream;
 pub mod events;
 pub mod hollow;
 pub mod logs;
+pub mod probe;
 pub mod process;
 pub mod procs;
 pub mod runtime;
@@ -54,7 +55,9 @@ pub struct Edged {
     /// for deletion) until the cloud's delete arrives, and they are confirmed only once.
     confirmed: HashSet<String>,
     /// kubelet's Events about the node's pods.
-    events: std::sync::Mutex<events::Recorder>,
+    events: Arc<std::sync::Mutex<events::Recorder>>,
+    /// The containers' probes.
+    prober: probe::Prober,
     /// Pods (by uid) whose `Killing` events were recorded.
     killing: HashSet<String>,
 }
@@ -107,8 +110,10 @@ impl Edged {
     /// Edged over the node's cache; reads the outbox once for the pods' last reports.
     pub fn new(meta: Arc<MetaManager>, runtime: Arc<dyn Runtime>, pods_dir: PathBuf) -> Self {
         let reported = outbox_pods(&meta);
-        let events = std::sync::Mutex::new(events::Recorder::new(meta.node()));
+        let events = Arc::new(std::sync::Mutex::new(events::Recorder::new(meta.node())));
+        let prober = probe::Prober::new(meta.clone(), events.clone());
         Edged {
+            prober,
             meta,
             runtime,
             pods_dir,
@@ -197,9 +202,15 @@ impl Edged {
             }
             self.runtime.ensure(&run);
             if let Some(containers) = self.runtime.status(&id) {
-                self.report_status(&id, key, pod, run.restart_policy, &containers);
+                let probed = self.probe(&id, key, pod, &containers);
+                self.report_status(&id, key, pod, run.restart_policy, &containers, &probed);
             }
         }
+        let live: HashSet<String> = pods
+            .iter()
+            .filter_map(|(_, pod)| object::meta_str(pod, "uid").map(str::to_owned))
+            .collect();
+        self.prober.retain(&live);
         if !self.reported.is_empty() {
             let cached: HashSet<&ObjectKey> = pods.iter().map(|(k, _)| k).collect();
             self.reported.retain(|k, _| cached.contains(k));
@@ -249,6 +260,46 @@ impl Edged {
         }
     }
 
+    /// Keeps the probes of the pod's running containers going; what they say, by container.
+    fn probe(
+        &mut self,
+        id: &str,
+        key: &ObjectKey,
+        pod: &Object,
+        containers: &[ContainerStatus],
+    ) -> HashMap<String, probe::Probed> {
+        let running: Vec<(String, String)> = containers
+            .iter()
+            .filter_map(|c| match &c.state {
+                ContainerState::Running { started_at } => {
+                    Some((c.name.clone(), started_at.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        let host_network = pod
+            .get("spec")
+            .and_then(|s| s.get("hostNetwork"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let address = self
+            .runtime
+            .pod_ip(id)
+            .filter(|_| !host_network)
+            .and_then(|ip| ip.parse().ok())
+            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        let pod_dir = self
+            .pods_dir
+            .join(format!("{}_{}", key.namespace(), key.name()));
+        let grace = grace_of(pod);
+        self.prober.sync(pod, &running, |container| probe::Target {
+            pod_dir: pod_dir.clone(),
+            container: container.to_owned(),
+            address,
+            grace,
+        })
+    }
+
     fn report_status(
         &self,
         id: &str,
@@ -256,9 +307,11 @@ impl Edged {
         pod: &Object,
         policy: RestartPolicy,
         containers: &[ContainerStatus],
+        probed: &HashMap<String, probe::Probed>,
     ) {
         let held = pod.get("status").cloned().unwrap_or(Value::Null);
         let mut status = pod_status(&held, policy, containers);
+        with_probes(&mut status, &held, probed);
         with_runtime_details(
             &mut status,
             self.runtime.pod_ip(id),
@@ -295,10 +348,13 @@ impl Edged {
         let mut watching = true;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let runtime_changed = self.runtime.changed();
+        let probes_changed = self.prober.changed();
         loop {
             self.sync_once();
             tokio::select! {
                 _ = tick.tick() => {}
+                // A probe changed a container's readiness: reported now.
+                _ = probes_changed.notified() => {}
                 // A container's state changed: reported now, not at the next tick.
                 _ = async {
                     match &runtime_changed {
@@ -325,6 +381,59 @@ impl Edged {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// What the probes say: a container with a startup probe is `started` once it passed, one
+/// with a readiness probe `ready` once that passed (and while it does); the pod's
+/// `ContainersReady` and `Ready` follow all of its containers.
+fn with_probes(status: &mut Value, held: &Value, probed: &HashMap<String, probe::Probed>) {
+    if probed.is_empty() {
+        return;
+    }
+    let Some(list) = status
+        .get_mut("containerStatuses")
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    for c in list.iter_mut() {
+        let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
+        let Some(p) = probed.get(name) else {
+            continue;
+        };
+        let running = c.get("state").and_then(|s| s.get("running")).is_some();
+        c["started"] = json!(running && p.started);
+        c["ready"] = json!(running && p.started && p.ready.unwrap_or(true));
+    }
+    let all_ready = !list.is_empty() && list.iter().all(|c| c.get("ready") == Some(&json!(true)));
+    let wanted = if all_ready { "True" } else { "False" };
+    let held_conditions = held.get("conditions").and_then(Value::as_array);
+    let Some(conditions) = status.get_mut("conditions").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for condition in conditions.iter_mut() {
+        let kind = condition
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        if !matches!(kind.as_str(), "ContainersReady" | "Ready")
+            || condition.get("status").and_then(Value::as_str) == Some(wanted)
+        {
+            continue;
+        }
+        let transition = held_conditions
+            .and_then(|list| {
+                list.iter().find(|c| {
+                    c.get("type").and_then(Value::as_str) == Some(&kind)
+                        && c.get("status").and_then(Value::as_str) == Some(wanted)
+                })
+            })
+            .and_then(|c| c.get("lastTransitionTime").cloned())
+            .unwrap_or_else(|| json!(object::now_rfc3339()));
+        condition["status"] = json!(wanted);
+        condition["lastTransitionTime"] = transition;
     }
 }
 
