@@ -138,7 +138,8 @@ edgecores run the pods as local processes (state in $dir/edge-N, logs in $dir/*.
     kubectl rollout undo deployment/greeter                           # back to revision 1
     kubectl delete pod $pod   # stopped, and replaced by the ReplicaSet
     mosquitto_sub -p 11883 -t '\$hw/events/device/+/twin/update/#' -v &   # a mapper's view
-    kubectl patch device thermo-1 --type=merge -p '{"spec":{"properties":[{"name":"setpoint","desired":{"value":"23"}}]}}'   # a delta
+    kubectl -n demo patch device thermo-1 --type=json -p '[{"op":"replace","path":"/spec/properties/0/desired/value","value":"23"}]'   # a delta
+    kubectl -n demo get devicestatus thermo-1 -o yaml                 # what the node reports
 
 Metrics: http://127.0.0.1:$((port + 3011))/metrics
 EOF2

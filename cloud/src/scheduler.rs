@@ -1,5 +1,6 @@
-//! The minimal scheduler of the embedded mode: a pod without `spec.nodeName` is bound to a Ready
-//! edge node whose labels match its `nodeSelector`, fewest pods first.
+//! The minimal scheduler of the embedded mode: a pod without `spec.nodeName` is bound to a Ready,
+//! uncordoned edge node that [`fits`] it (its `nodeSelector`, required node affinity, and
+//! tolerations of the node's `NoSchedule`/`NoExecute` taints), fewest pods first.
 //!
 //! It follows the store's watch (nodes and pods), keeps pod counts per node and the unbound pods
 //! incrementally, and retries unbound pods when a node changes.
@@ -26,6 +27,8 @@ pub const EDGE_ROLE_LABEL: &str = "node-role.kubernetes.io/edge";
 #[derive(Default)]
 struct NodeInfo {
     labels: Object,
+    /// `spec.taints` (`kubectl taint`).
+    taints: Vec<Value>,
     ready: bool,
     /// Cordoned (`spec.unschedulable`, `kubectl cordon`/`drain`): no new pods.
     unschedulable: bool,
@@ -40,6 +43,80 @@ pub struct Scheduler {
     unbound: BTreeSet<ObjectKey>,
     /// Unbound pods already marked Unschedulable (marked once, not on every retry).
     marked: BTreeSet<ObjectKey>,
+}
+
+/// Whether `tolerations` (a pod's) tolerate `taint` (a node's), as Kubernetes matches them:
+/// same key (or an empty key with `Exists`), same value unless `Exists`, same effect unless the
+/// toleration names none.
+pub fn tolerates(tolerations: &[Value], taint: &Value) -> bool {
+    let field = |v: &Value, f: &str| {
+        v.get(f)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    tolerations.iter().any(|t| {
+        let key = field(t, "key");
+        let operator = t.get("operator").and_then(Value::as_str).unwrap_or("Equal");
+        let effect = field(t, "effect");
+        let key_ok = key.is_empty() && operator == "Exists" || key == field(taint, "key");
+        let value_ok = operator == "Exists" || field(t, "value") == field(taint, "value");
+        let effect_ok = effect.is_empty() || effect == field(taint, "effect");
+        key_ok && value_ok && effect_ok
+    })
+}
+
+/// Whether a pod with `spec` may go to a node with `labels` and `taints`: its `nodeSelector`,
+/// its required node affinity (`nodeSelectorTerms`, any term), and every `NoSchedule` or
+/// `NoExecute` taint tolerated (`PreferNoSchedule` does not bind). With
+/// `condition_taints_tolerated` (DaemonSet pods), the node-condition taints
+/// (`node.kubernetes.io/not-ready`, `unreachable`, `unschedulable`) are tolerated by default.
+pub fn fits(
+    spec: Option<&Value>,
+    labels: Option<&Object>,
+    taints: &[Value],
+    condition_taints_tolerated: bool,
+) -> bool {
+    let selector_ok = spec
+        .and_then(|s| s.get("nodeSelector"))
+        .and_then(Value::as_object)
+        .is_none_or(|m| LabelSelector::from_map(m).matches_labels(labels));
+    let terms = spec
+        .and_then(|s| {
+            s.pointer("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms")
+        })
+        .and_then(Value::as_array);
+    let affinity_ok = terms.is_none_or(|terms| {
+        terms.iter().any(|term| {
+            let expressions = json!({"matchExpressions": term.get("matchExpressions").cloned().unwrap_or(json!([]))});
+            LabelSelector::from_label_selector(&expressions).is_ok_and(|s| s.matches_labels(labels))
+        })
+    });
+    let tolerations = spec
+        .and_then(|s| s.get("tolerations"))
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    let taints_ok = taints
+        .iter()
+        .filter(|t| {
+            matches!(
+                t.get("effect").and_then(Value::as_str),
+                Some("NoSchedule" | "NoExecute")
+            )
+        })
+        .filter(|t| {
+            !condition_taints_tolerated
+                || !t.get("key").and_then(Value::as_str).is_some_and(|k| {
+                    matches!(
+                        k,
+                        "node.kubernetes.io/not-ready"
+                            | "node.kubernetes.io/unreachable"
+                            | "node.kubernetes.io/unschedulable"
+                    )
+                })
+        })
+        .all(|t| tolerates(tolerations, t));
+    selector_ok && affinity_ok && taints_ok
 }
 
 /// The node's `Ready` condition, if it has one.
@@ -81,6 +158,12 @@ impl Scheduler {
                     .and_then(|s| s.get("unschedulable"))
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
+                info.taints = node
+                    .get("spec")
+                    .and_then(|s| s.get("taints"))
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
             }
             "pods" => {
                 if let Some(old) = self.bound.remove(key) {
@@ -111,19 +194,14 @@ impl Scheduler {
         }
     }
 
-    /// The node for `pod`: Ready, an edge node, not cordoned, matching the nodeSelector, fewest
-    /// pods, then name.
+    /// The node for `pod`: Ready, an edge node, not cordoned, one it [`fits`], fewest pods,
+    /// then name.
     pub fn pick(&self, pod: &Object) -> Option<String> {
-        let selector = pod
-            .get("spec")
-            .and_then(|s| s.get("nodeSelector"))
-            .and_then(Value::as_object)
-            .map(LabelSelector::from_map)
-            .unwrap_or_default();
+        let spec = pod.get("spec");
         self.nodes
             .iter()
             .filter(|(_, n)| n.ready && !n.unschedulable && n.labels.contains_key(EDGE_ROLE_LABEL))
-            .filter(|(_, n)| selector.matches_labels(Some(&n.labels)))
+            .filter(|(_, n)| fits(spec, Some(&n.labels), &n.taints, false))
             .min_by(|a, b| a.1.pods.cmp(&b.1.pods).then(a.0.cmp(b.0)))
             .map(|(name, _)| name.clone())
     }
@@ -316,5 +394,35 @@ mod tests {
         s.observe(&key("nodes//a"), false, &cordoned);
         assert_eq!(s.pick(&zoned), None);
         assert_eq!(s.pick(&pod).as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn taints_keep_pods_off_unless_tolerated_and_required_affinity_binds() {
+        let mut s = Scheduler::default();
+        let tainted = serde_json::to_vec(
+            &json!({"metadata": {"labels": {EDGE_ROLE_LABEL: "", "zone": "x"}},
+            "spec": {"taints": [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"},
+                                {"key": "soft", "effect": "PreferNoSchedule"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+        )
+        .unwrap();
+        s.observe(&key("nodes//gpu"), false, &tainted);
+        let plain: Object = serde_json::from_value(json!({"spec": {}})).unwrap();
+        assert_eq!(s.pick(&plain), None, "an untolerated NoSchedule taint");
+        let tolerant: Object = serde_json::from_value(json!({"spec": {"tolerations": [
+            {"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]}}))
+        .unwrap();
+        assert_eq!(s.pick(&tolerant).as_deref(), Some("gpu"));
+        let everything: Object = serde_json::from_value(json!({"spec": {"tolerations": [
+            {"operator": "Exists"}]}}))
+        .unwrap();
+        assert_eq!(s.pick(&everything).as_deref(), Some("gpu"));
+        let elsewhere: Object = serde_json::from_value(json!({"spec": {
+            "tolerations": [{"operator": "Exists"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "zone", "operator": "In", "values": ["y"]}]}]}}}}}))
+        .unwrap();
+        assert_eq!(s.pick(&elsewhere), None, "required node affinity");
     }
 }

@@ -623,6 +623,37 @@ fn the_node_records_kubelets_events_for_describe() {
     eventually("web's Killing event", Duration::from_secs(30), || {
         events_of(&cloud, "web").contains("Killing/Normal/1/kubelet: Stopping container main")
     });
+
+    // `kubectl taint`: a pod that does not tolerate it waits; untainted, it runs.
+    ok(
+        &cloud,
+        &["taint", "node", "edge-1", "dedicated=gpu:NoSchedule"],
+    );
+    ok(
+        &cloud,
+        &["run", "later", "--image=busybox", "--", "sleep", "3600"],
+    );
+    eventually("later unschedulable", Duration::from_secs(20), || {
+        events_of(&cloud, "later").contains("FailedScheduling/Warning")
+    });
+    assert_eq!(
+        ok(
+            &cloud,
+            &["get", "pod", "later", "-o", "jsonpath={.spec.nodeName}"]
+        ),
+        ""
+    );
+    ok(&cloud, &["taint", "node", "edge-1", "dedicated-"]);
+    eventually(
+        "later bound once untainted",
+        Duration::from_secs(30),
+        || {
+            ok(
+                &cloud,
+                &["get", "pod", "later", "-o", "jsonpath={.spec.nodeName}"],
+            ) == "edge-1"
+        },
+    );
 }
 
 fn container_field(cloud: &CloudProcess, pod: &str, field: &str) -> String {

@@ -19,7 +19,6 @@
 use std::collections::BTreeMap;
 
 use replication::api::object::{self, Object};
-use replication::api::selector::LabelSelector;
 use serde_json::{json, Value};
 
 use super::{
@@ -58,73 +57,15 @@ fn pod_spec(ds: &Object) -> Option<&Value> {
     ds.get("spec")?.get("template")?.get("spec")
 }
 
-fn tolerates(tolerations: &[Value], taint: &Value) -> bool {
-    let field = |v: &Value, f: &str| {
-        v.get(f)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
-    tolerations.iter().any(|t| {
-        let key = field(t, "key");
-        let operator = t.get("operator").and_then(Value::as_str).unwrap_or("Equal");
-        let effect = field(t, "effect");
-        let key_ok = key.is_empty() && operator == "Exists" || key == field(taint, "key");
-        let value_ok = operator == "Exists" || field(t, "value") == field(taint, "value");
-        let effect_ok = effect.is_empty() || effect == field(taint, "effect");
-        key_ok && value_ok && effect_ok
-    })
-}
-
-/// Whether a pod of `ds` should run on `node`.
+/// Whether a pod of `ds` should run on `node` (its nodeSelector, required node affinity and
+/// tolerations; DaemonSet pods tolerate the node-condition taints by themselves, as upstream's).
 pub fn eligible(ds: &Object, node: &Object) -> bool {
-    let spec = pod_spec(ds);
-    let labels = object::labels(node);
-    let selector_ok = spec
-        .and_then(|s| s.get("nodeSelector"))
-        .and_then(Value::as_object)
-        .is_none_or(|m| LabelSelector::from_map(m).matches_labels(labels));
-    let terms = spec
-        .and_then(|s| {
-            s.pointer("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms")
-        })
-        .and_then(Value::as_array);
-    let affinity_ok = terms.is_none_or(|terms| {
-        terms.iter().any(|term| {
-            let expressions = json!({"matchExpressions": term.get("matchExpressions").cloned().unwrap_or(json!([]))});
-            LabelSelector::from_label_selector(&expressions).is_ok_and(|s| s.matches_labels(labels))
-        })
-    });
-    let tolerations = spec
-        .and_then(|s| s.get("tolerations"))
-        .and_then(Value::as_array)
-        .map_or(&[][..], Vec::as_slice);
     let taints = node
         .get("spec")
         .and_then(|s| s.get("taints"))
         .and_then(Value::as_array)
         .map_or(&[][..], Vec::as_slice);
-    let taints_ok = taints
-        .iter()
-        .filter(|t| {
-            matches!(
-                t.get("effect").and_then(Value::as_str),
-                Some("NoSchedule" | "NoExecute")
-            )
-        })
-        // Upstream DaemonSets tolerate these node-condition taints by themselves.
-        .filter(|t| {
-            !t.get("key").and_then(Value::as_str).is_some_and(|k| {
-                matches!(
-                    k,
-                    "node.kubernetes.io/not-ready"
-                        | "node.kubernetes.io/unreachable"
-                        | "node.kubernetes.io/unschedulable"
-                )
-            })
-        })
-        .all(|t| tolerates(tolerations, t));
-    selector_ok && affinity_ok && taints_ok
+    crate::scheduler::fits(pod_spec(ds), object::labels(node), taints, true)
 }
 
 fn template(ds: &Object) -> Value {
