@@ -49,6 +49,16 @@ fn bound_node(object: &Object) -> Option<&str> {
     object.get("spec")?.get("nodeName")?.as_str()
 }
 
+/// A write refusal of `node` on `key`, for a reason.
+fn write_refusal<'a>(node: &'a str, key: &'a ObjectKey) -> impl Fn(&str) -> Refusal + 'a {
+    move |reason: &str| Refusal {
+        action: "write",
+        node: node.to_owned(),
+        key: key.as_str().to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
 /// Decides whether `node` may write `proposed` (`None`: a deletion confirmation) to `key`,
 /// given the cluster's current object.
 pub fn authorize(
@@ -57,12 +67,7 @@ pub fn authorize(
     current: Option<&Object>,
     proposed: Option<&Object>,
 ) -> Result<Decision, Refusal> {
-    let refuse = |reason: &str| Refusal {
-        action: "write",
-        node: node.to_owned(),
-        key: key.as_str().to_owned(),
-        reason: reason.to_owned(),
-    };
+    let refuse = write_refusal(node, key);
     let Some(proposed) = proposed else {
         // Only a pod bound to this node, already marked for deletion, may be confirmed gone.
         let pod = current
@@ -165,12 +170,7 @@ pub fn authorize_device_status(
     current: Option<&Object>,
     proposed: Option<&Object>,
 ) -> Result<Decision, Refusal> {
-    let refuse = |reason: &str| Refusal {
-        action: "write",
-        node: node.to_owned(),
-        key: key.as_str().to_owned(),
-        reason: reason.to_owned(),
-    };
+    let refuse = write_refusal(node, key);
     let proposed = proposed.ok_or_else(|| refuse("nodes do not delete DeviceStatuses"))?;
     let device = device.ok_or_else(|| refuse("its Device does not exist in the cluster"))?;
     if bound_node(device) != Some(node) {

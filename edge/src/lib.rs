@@ -21,6 +21,7 @@ pub mod edged;
 pub mod edgestream;
 pub mod eventbus;
 pub mod exec;
+pub mod grpc;
 pub mod hub;
 pub mod identity;
 pub mod meta;

@@ -315,18 +315,11 @@ fn wait_for(cloud: &CloudProcess, condition: &str, what: &str) {
 
 #[test]
 fn jobs_and_cronjobs_run_to_completion_on_an_edge_node() {
-    let cloud_dir = tempfile::tempdir().unwrap();
-    let cloud = CloudProcess::start_with(
-        cloud_dir.path(),
-        free_port(),
-        free_port(),
-        free_port(),
-        CLOUD_FAST,
-    );
-    let token = token(&cloud);
-    let dir = tempfile::tempdir().unwrap();
-    let _edge = EdgeProcess::start(&cloud, "edge-1", dir.path(), free_port(), Some(&token));
-    wait_ready(&cloud, "edge-1");
+    let OneNode {
+        _edge,
+        cloud,
+        _dirs,
+    } = one_node();
 
     // kubectl's own Job: runs once, completes, its output is in `kubectl logs job/…`.
     ok(
@@ -440,6 +433,34 @@ spec:
       - {name: main, image: "busybox:1", command: [sleep, "1000"]}
 "#;
 
+/// A cloudcore (fast node grace) with one Ready edge node, edge-1, and their data dirs; all
+/// go when dropped (the edge first).
+struct OneNode {
+    _edge: EdgeProcess,
+    cloud: CloudProcess,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+fn one_node() -> OneNode {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start_with(
+        cloud_dir.path(),
+        free_port(),
+        free_port(),
+        free_port(),
+        CLOUD_FAST,
+    );
+    let token = token(&cloud);
+    let dir = tempfile::tempdir().unwrap();
+    let edge = EdgeProcess::start(&cloud, "edge-1", dir.path(), free_port(), Some(&token));
+    wait_ready(&cloud, "edge-1");
+    OneNode {
+        _edge: edge,
+        cloud,
+        _dirs: (cloud_dir, dir),
+    }
+}
+
 fn created_at(cloud: &CloudProcess, pod: &str) -> String {
     ok(
         cloud,
@@ -455,18 +476,11 @@ fn created_at(cloud: &CloudProcess, pod: &str) -> String {
 
 #[test]
 fn a_statefulset_keeps_names_claims_and_order_on_an_edge_node() {
-    let cloud_dir = tempfile::tempdir().unwrap();
-    let cloud = CloudProcess::start_with(
-        cloud_dir.path(),
-        free_port(),
-        free_port(),
-        free_port(),
-        CLOUD_FAST,
-    );
-    let token = token(&cloud);
-    let dir = tempfile::tempdir().unwrap();
-    let _edge = EdgeProcess::start(&cloud, "edge-1", dir.path(), free_port(), Some(&token));
-    wait_ready(&cloud, "edge-1");
+    let OneNode {
+        _edge,
+        cloud,
+        _dirs,
+    } = one_node();
 
     let out = cloud.kubectl_stdin(&["apply", "-f", "-"], STATEFULSET);
     assert!(out.status.success(), "{}", stderr_of(&out));
@@ -578,18 +592,11 @@ fn events_of(cloud: &CloudProcess, pod: &str) -> String {
 
 #[test]
 fn the_node_records_kubelets_events_for_describe() {
-    let cloud_dir = tempfile::tempdir().unwrap();
-    let cloud = CloudProcess::start_with(
-        cloud_dir.path(),
-        free_port(),
-        free_port(),
-        free_port(),
-        CLOUD_FAST,
-    );
-    let token = token(&cloud);
-    let dir = tempfile::tempdir().unwrap();
-    let _edge = EdgeProcess::start(&cloud, "edge-1", dir.path(), free_port(), Some(&token));
-    wait_ready(&cloud, "edge-1");
+    let OneNode {
+        _edge,
+        cloud,
+        _dirs,
+    } = one_node();
     assert!(cloud
         .kubectl_stdin(&["apply", "-f", "-"], LIFE)
         .status
@@ -671,18 +678,11 @@ fn container_field(cloud: &CloudProcess, pod: &str, field: &str) -> String {
 
 #[test]
 fn probes_decide_readiness_and_restart_what_fails_liveness() {
-    let cloud_dir = tempfile::tempdir().unwrap();
-    let cloud = CloudProcess::start_with(
-        cloud_dir.path(),
-        free_port(),
-        free_port(),
-        free_port(),
-        CLOUD_FAST,
-    );
-    let token = token(&cloud);
-    let dir = tempfile::tempdir().unwrap();
-    let _edge = EdgeProcess::start(&cloud, "edge-1", dir.path(), free_port(), Some(&token));
-    wait_ready(&cloud, "edge-1");
+    let OneNode {
+        _edge,
+        cloud,
+        _dirs,
+    } = one_node();
     let files = tempfile::tempdir().unwrap();
     let files_dir = files.path().display().to_string();
     std::fs::write(files.path().join("index.html"), "ok").unwrap();

@@ -502,15 +502,7 @@ async fn dmi_register(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
+    let channel = edge::grpc::unix_channel(socket.to_path_buf(), Duration::from_secs(5))
         .await
         .context("connecting to edgecore's DMI socket")?;
     let mut client = DeviceManagerServiceClient::new(channel);

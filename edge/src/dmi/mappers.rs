@@ -13,7 +13,7 @@ use replication::{KeyRange, ObjectKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use super::api;
 use super::api::device_mapper_service_client::DeviceMapperServiceClient;
@@ -406,16 +406,7 @@ fn told_of(desired: &Desired) -> BTreeMap<Held, u64> {
 /// A channel to the mapper's socket; it dials on first use and again after failures.
 fn connect(address: &str) -> DeviceMapperServiceClient<Channel> {
     let path = std::path::PathBuf::from(address.strip_prefix("unix://").unwrap_or(address));
-    let channel = Endpoint::from_static("http://[::]:50051")
-        .connect_timeout(Duration::from_secs(2))
-        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }));
-    DeviceMapperServiceClient::new(channel)
+    DeviceMapperServiceClient::new(crate::grpc::unix_channel_lazy(path, Duration::from_secs(2)))
 }
 
 /// One call. A mapper that already holds what it is asked to create, or no longer holds what

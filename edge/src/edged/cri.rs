@@ -47,7 +47,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use replication::api::object;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use super::process::{runtime_id, write_files};
 use super::runtime::{
@@ -113,16 +113,7 @@ impl CriClient {
     /// The socket missing, refusing, or not serving CRI v1; the message names the endpoint.
     pub async fn connect(endpoint: &str) -> anyhow::Result<CriClient> {
         let path = socket_path(endpoint)?;
-        let dial = path.clone();
-        let channel = Endpoint::try_from("http://[::]:50051")?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = dial.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }))
+        let channel = crate::grpc::unix_channel(path.clone(), Duration::from_secs(5))
             .await
             .with_context(|| {
                 format!(
