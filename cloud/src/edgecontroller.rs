@@ -489,12 +489,13 @@ impl EdgeController {
         let mut echo_bytes = None;
         let mut changes_object = false;
         let decision = if report.key.kind() == "devicestatuses" {
-            let device_key = ObjectKey::new("devices", report.key.namespace(), report.key.name());
-            let device = match device_key {
-                Ok(device_key) => store.get(&device_key).inspect_err(|_| {
+            let device_key =
+                ObjectKey::new("devices", report.key.namespace(), report.key.name()).ok();
+            let device = match &device_key {
+                Some(device_key) => store.get(device_key).inspect_err(|_| {
                     self.metrics.store_read_errors.inc();
                 })?,
-                Err(_) => None,
+                None => None,
             };
             let device_object = device.as_ref().and_then(|v| parse(&v.object));
             let decision = authz::authorize_device_status(
@@ -505,19 +506,18 @@ impl EdgeController {
                 proposed.as_ref(),
             );
             // Older clients read the Device's status: copied there too, in the same commit.
-            if let (Ok(Decision::Status(s) | Decision::Write(s)), Some(device), Some(object)) =
-                (&decision, &device, device_object)
+            if let (
+                Ok(Decision::Status(s) | Decision::Write(s)),
+                Some(key),
+                Some(device),
+                Some(object),
+            ) = (&decision, device_key, &device, device_object)
             {
                 if self.device_status_in_device {
                     let copied = object::with_status_of(&object, s);
                     let bytes = Bytes::from(object::to_stored(copied));
                     if bytes != device.object {
-                        set.put(
-                            ObjectKey::new("devices", report.key.namespace(), report.key.name())
-                                .expect("the key was made above"),
-                            bytes,
-                            Precondition::Version(device.rv),
-                        );
+                        set.put(key, bytes, Precondition::Version(device.rv));
                     }
                 }
             }
