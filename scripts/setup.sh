@@ -42,6 +42,9 @@ python3 -c "import kubernetes" >/dev/null 2>&1 || python3 -m pip install -q kube
 # grpcio and grpcio-tools: the DMI tests play a mapper-framework mapper in Python, with stubs
 # generated from edge/proto in the test (edge/tests/dmi.rs).
 python3 -c "import grpc_tools" >/dev/null 2>&1 || python3 -m pip install -q grpcio grpcio-tools >&2
+# schemathesis: property-based requests generated from the API's OpenAPI v3 documents, against a
+# real cloudcore (cloud/tests/schemathesis.rs).
+command -v schemathesis >/dev/null 2>&1 || python3 -m pip install -q schemathesis >&2
 
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing (this machine kind ships Rust via rustup)" >&2; exit 1; }
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt

@@ -303,13 +303,6 @@ pub fn openapi_document(registry: &Registry, path: &str) -> Option<Value> {
     if served.is_empty() {
         return None;
     }
-    let field_validation = json!({
-        "name": "fieldValidation",
-        "in": "query",
-        "description": "Ignore, Warn (default) or Strict: applied to custom resources (fields \
-                        their schema does not declare); built-in kinds accept unknown fields",
-        "schema": {"type": "string", "uniqueItems": true},
-    });
     let mut paths = serde_json::Map::new();
     let mut schemas = BUILTIN_SCHEMAS
         .get()
@@ -325,16 +318,7 @@ pub fn openapi_document(registry: &Registry, path: &str) -> Option<Value> {
                 super::schema::openapi_component(&custom.schema, r.group, r.version, r.kind),
             );
         }
-        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
-        let op = |action: &str| {
-            json!({
-                "operationId": format!("{action}{}", r.kind),
-                "x-kubernetes-action": action,
-                "x-kubernetes-group-version-kind": gvk,
-                "parameters": [field_validation],
-                "responses": {"200": {"description": "OK"}},
-            })
-        };
+        let operations = Operations::new(r, component_of(&schemas, r.group, r.version, r.kind));
         let base = r.group_version_path();
         let (collection, item) = if r.namespaced {
             (
@@ -347,32 +331,19 @@ pub fn openapi_document(registry: &Registry, path: &str) -> Option<Value> {
                 format!("{base}/{}/{{name}}", r.plural),
             )
         };
-        paths.insert(collection, json!({"post": op("post"), "get": op("list")}));
-        paths.insert(
-            item.clone(),
-            json!({"get": op("get"), "put": op("put"), "patch": op("patch"), "delete": op("delete")}),
-        );
+        paths.insert(collection, operations.collection());
+        paths.insert(item.clone(), operations.item(""));
         if r.status {
-            paths.insert(
-                format!("{item}/status"),
-                json!({"get": op("get"), "put": op("put"), "patch": op("patch")}),
-            );
+            paths.insert(format!("{item}/status"), operations.item("Status"));
         }
         if r.scale {
-            let scale_gvk = json!({"group": "autoscaling", "version": "v1", "kind": "Scale"});
-            let scale_op = |action: &str| {
-                json!({
-                    "operationId": format!("{action}{}Scale", r.kind),
-                    "x-kubernetes-action": action,
-                    "x-kubernetes-group-version-kind": scale_gvk,
-                    "parameters": [field_validation],
-                    "responses": {"200": {"description": "OK"}},
-                })
+            // The ids name the owner (`readAppsV1NamespacedDeploymentScale`), the body is a Scale.
+            let scale = Operations {
+                gvk: json!({"group": "autoscaling", "version": "v1", "kind": "Scale"}),
+                component: component_of(&schemas, "autoscaling", "v1", "Scale"),
+                ..operations
             };
-            paths.insert(
-                format!("{item}/scale"),
-                json!({"get": scale_op("get"), "put": scale_op("put"), "patch": scale_op("patch")}),
-            );
+            paths.insert(format!("{item}/scale"), scale.item("Scale"));
         }
     }
     Some(json!({
@@ -381,6 +352,246 @@ pub fn openapi_document(registry: &Registry, path: &str) -> Option<Value> {
         "paths": paths,
         "components": {"schemas": schemas},
     }))
+}
+
+/// The `#/components/schemas/` name of the kind's schema (the component whose
+/// `x-kubernetes-group-version-kind` names it), if the document has one.
+fn component_of(
+    schemas: &serde_json::Map<String, Value>,
+    group: &str,
+    version: &str,
+    kind: &str,
+) -> Option<String> {
+    let gvk = json!({"group": group, "version": version, "kind": kind});
+    schemas
+        .iter()
+        .find(|(_, schema)| {
+            schema["x-kubernetes-group-version-kind"]
+                .as_array()
+                .is_some_and(|all| all.contains(&gvk))
+        })
+        .map(|(name, _)| name.clone())
+}
+
+/// A parameter as kube-apiserver's OpenAPI v3 documents declare one.
+fn parameter(name: &str, location: &str, ty: &str, description: &str) -> Value {
+    let mut p = json!({
+        "name": name,
+        "in": location,
+        "description": description,
+        "schema": {"type": ty, "uniqueItems": true},
+    });
+    if location == "path" {
+        p["required"] = json!(true);
+    }
+    p
+}
+
+/// The operations of one served kind, in the shape of kube-apiserver's OpenAPI v3 documents:
+/// operation ids `{verb}{GroupVersion}{Namespaced}{Kind}{Subresource}` (`listCoreV1NamespacedPod`),
+/// path parameters at path level, query parameters per verb, request bodies (a PATCH declares
+/// JSON patch, merge patch and apply, not the strategic-merge type: kubectl would build its
+/// strategic-merge patches from these schemas, which carry no patch merge keys).
+#[derive(Clone)]
+struct Operations {
+    /// `CoreV1`, `AppsV1`, `DevicesKubeedgeIoV1beta1`.
+    group_version: String,
+    namespaced: bool,
+    kind: &'static str,
+    gvk: Value,
+    /// The kind's component, when the document has it.
+    component: Option<String>,
+}
+
+impl Operations {
+    fn new(r: &Resource, component: Option<String>) -> Self {
+        let group = if r.group.is_empty() {
+            "core"
+        } else {
+            r.group.strip_suffix(".k8s.io").unwrap_or(r.group)
+        };
+        let mut group_version = String::new();
+        for word in group.split(['.', '-']).chain([r.version]) {
+            let mut chars = word.chars();
+            if let Some(first) = chars.next() {
+                group_version.extend(first.to_uppercase());
+                group_version.push_str(chars.as_str());
+            }
+        }
+        Operations {
+            group_version,
+            namespaced: r.namespaced,
+            kind: r.kind,
+            gvk: json!({"group": r.group, "version": r.version, "kind": r.kind}),
+            component,
+        }
+    }
+
+    fn schema(&self) -> Value {
+        match &self.component {
+            Some(name) => json!({"$ref": format!("#/components/schemas/{name}")}),
+            None => json!({"type": "object"}),
+        }
+    }
+
+    fn operation(&self, verb: &str, action: &str, subresource: &str, query: Vec<Value>) -> Value {
+        let scope = if self.namespaced { "Namespaced" } else { "" };
+        let answer = json!({"application/json": {"schema": self.schema()}});
+        let mut responses = json!({
+            "200": {"description": "OK", "content": answer},
+            "401": {"description": "Unauthorized"},
+        });
+        if matches!(action, "post" | "put") {
+            responses["201"] = json!({"description": "Created", "content": answer});
+        }
+        if action == "list" {
+            responses["200"] = json!({"description": "OK",
+                "content": {"application/json": {"schema": {"type": "object"}}}});
+        }
+        let mut op = json!({
+            "operationId": format!("{verb}{}{scope}{}{subresource}", self.group_version, self.kind),
+            "x-kubernetes-action": action,
+            "x-kubernetes-group-version-kind": self.gvk,
+            "parameters": query,
+            "responses": responses,
+        });
+        match action {
+            "post" | "put" => {
+                op["requestBody"] = json!({"required": true,
+                    "content": {"application/json": {"schema": self.schema()}}});
+            }
+            "patch" => {
+                let object = json!({"schema": {"type": "object"}});
+                op["requestBody"] = json!({"required": true, "content": {
+                    "application/json-patch+json": {"schema": {"type": "array",
+                        "items": {"type": "object"}}},
+                    "application/merge-patch+json": object,
+                    "application/apply-patch+yaml": object,
+                }});
+            }
+            _ => {}
+        }
+        op
+    }
+
+    fn write_query(patch: bool) -> Vec<Value> {
+        let mut query = vec![
+            parameter(
+                "dryRun",
+                "query",
+                "string",
+                "All: process the request without persisting it",
+            ),
+            parameter(
+                "fieldManager",
+                "query",
+                "string",
+                "the name of the actor making the change (managedFields)",
+            ),
+            parameter(
+                "fieldValidation",
+                "query",
+                "string",
+                "Ignore, Warn (default) or Strict: applied to custom resources (fields \
+                 their schema does not declare); built-in kinds accept unknown fields",
+            ),
+        ];
+        if patch {
+            query.push(parameter(
+                "force",
+                "query",
+                "boolean",
+                "server-side apply: take over fields other managers own",
+            ));
+        }
+        query
+    }
+
+    fn path_parameters(&self, item: bool) -> Vec<Value> {
+        let mut params = Vec::new();
+        if item {
+            params.push(parameter(
+                "name",
+                "path",
+                "string",
+                &format!("name of the {}", self.kind),
+            ));
+        }
+        if self.namespaced {
+            params.push(parameter(
+                "namespace",
+                "path",
+                "string",
+                "object name and auth scope, such as for teams and projects",
+            ));
+        }
+        params
+    }
+
+    /// The collection's path item: list (and watch) and create.
+    fn collection(&self) -> Value {
+        let list_query = [
+            ("labelSelector", "string", "only objects whose labels match"),
+            ("fieldSelector", "string", "only objects whose fields match"),
+            ("limit", "integer", "at most this many objects per page"),
+            ("continue", "string", "the token of the next page"),
+            ("resourceVersion", "string", "list at or after this version"),
+            ("resourceVersionMatch", "string", "NotOlderThan or Exact"),
+            ("watch", "boolean", "watch for changes instead of listing"),
+            ("allowWatchBookmarks", "boolean", "send BOOKMARK events"),
+            (
+                "sendInitialEvents",
+                "boolean",
+                "a watch starts with the current objects",
+            ),
+            (
+                "timeoutSeconds",
+                "integer",
+                "end the list or watch after this long",
+            ),
+        ]
+        .map(|(name, ty, what)| parameter(name, "query", ty, what))
+        .to_vec();
+        json!({
+            "parameters": self.path_parameters(false),
+            "get": self.operation("list", "list", "", list_query),
+            "post": self.operation("create", "post", "", Self::write_query(false)),
+        })
+    }
+
+    /// An object's path item (`subresource` "" for the object, `Status` or `Scale`).
+    fn item(&self, subresource: &str) -> Value {
+        let mut item = json!({
+            "parameters": self.path_parameters(true),
+            "get": self.operation("read", "get", subresource, Vec::new()),
+            "put": self.operation("replace", "put", subresource, Self::write_query(false)),
+            "patch": self.operation("patch", "patch", subresource, Self::write_query(true)),
+        });
+        if subresource.is_empty() {
+            let delete_query = vec![
+                parameter(
+                    "gracePeriodSeconds",
+                    "query",
+                    "integer",
+                    "seconds before the object is deleted",
+                ),
+                parameter(
+                    "propagationPolicy",
+                    "query",
+                    "string",
+                    "Orphan, Background or Foreground: what happens to dependents",
+                ),
+                parameter(
+                    "dryRun",
+                    "query",
+                    "string",
+                    "All: process the request without persisting it",
+                ),
+            ];
+            item["delete"] = self.operation("delete", "delete", "", delete_query);
+        }
+        item
+    }
 }
 
 #[cfg(test)]
@@ -403,5 +614,51 @@ mod tests {
         }
         assert!(resource_list(&registry, "nope", "v1").is_none());
         assert!(group(&registry, "devices.kubeedge.io").is_some());
+    }
+
+    #[test]
+    fn operations_declare_their_path_parameters_and_have_unique_ids() {
+        let registry = Registry::builtin();
+        let mut ids = std::collections::BTreeSet::new();
+        for (g, v) in registry.group_versions() {
+            let path = if g.is_empty() {
+                format!("api/{v}")
+            } else {
+                format!("apis/{g}/{v}")
+            };
+            let doc = openapi_document(&registry, &path).unwrap();
+            for (url, item) in doc["paths"].as_object().unwrap() {
+                let declared: Vec<&str> = item["parameters"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["name"].as_str().unwrap())
+                    .collect();
+                for name in ["namespace", "name"] {
+                    assert_eq!(
+                        url.contains(&format!("{{{name}}}")),
+                        declared.contains(&name),
+                        "{url}: {declared:?}"
+                    );
+                }
+                for (method, op) in item.as_object().unwrap() {
+                    if method == "parameters" {
+                        continue;
+                    }
+                    let id = op["operationId"].as_str().unwrap().to_owned();
+                    assert!(ids.insert(id.clone()), "{id} twice");
+                    if method == "patch" {
+                        // No strategic-merge type: kubectl would build such patches from
+                        // these schemas, which have no patch merge keys.
+                        let types = op["requestBody"]["content"].as_object().unwrap();
+                        assert!(!types.contains_key("application/strategic-merge-patch+json"));
+                    }
+                }
+            }
+        }
+        assert!(ids.contains("listCoreV1NamespacedPod"), "{ids:?}");
+        assert!(ids.contains("readAppsV1NamespacedDeploymentScale"));
+        assert!(ids.contains("replaceCoreV1NodeStatus"));
+        assert!(ids.contains("createCoordinationV1NamespacedLease"));
     }
 }
