@@ -2,8 +2,14 @@
 # Pod start with `edgecore --runtime cri` against `ctr run` of the same image, in the same run
 # on the same throw-away containerd (scripts/cri-env.sh): BENCHMARKS.md "CRI: pod start".
 #
-#   scripts/cri-bench.sh [N]     # N pods of each kind, one at a time (default 10)
+#   scripts/cri-bench.sh [N]       # N pods of each kind, one at a time (default 10)
+#   scripts/cri-bench.sh many [N]  # N pods at once on one node (default 100), CRI and process runtime
 #   BIN=/path/to/dir scripts/cri-bench.sh   # cloudcore/edgecore from there (default: a release build)
+#
+# `many`: N pods created at once on an `edgecore --runtime cri` node, then N on an
+# `edgecore --runtime process` node (each bound by nodeName); for each, the time from the
+# first POST until the cloud's watch shows all N Running, edgecore's CPU seconds over that time
+# (/proc/PID/stat), and its RSS after 35 s idle with the N pods running.
 #
 # kedge: time from the pod's POST to the cloud's API until the cloud's watch shows it Running
 # (scheduling, sync to the node, sandbox + container through CRI, the status back up), image
@@ -12,7 +18,8 @@
 # CNI pods.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-n="${1:-10}"
+mode=start
+if [ "${1:-}" = many ]; then mode=many; shift; n="${1:-100}"; else n="${1:-10}"; fi
 if [ -z "${BIN:-}" ]; then
   cargo build --release -q --workspace --bins
   BIN="${CARGO_TARGET_DIR:-target}/release"
@@ -32,6 +39,86 @@ CNI_SUBNET=10.77.0.0/16 PUSH_IMAGE=scripts/push-image.sh scripts/cri-env.sh up "
 . "$env_dir/env"
 sock=${CRI_ENDPOINT#unix://}
 ctr=(ctr --address "$sock" -n kedge-bench)
+
+if [ "$mode" = many ]; then
+  api=127.0.0.1:17180
+  "$BIN/cloudcore" --data-dir "$work/cloud" --api-listen "$api" \
+    --metrics-listen 127.0.0.1:17191 --quic-listen 127.0.0.1:17101 2>"$work/cloud.log" &
+  pids+=($!)
+  for _ in $(seq 1 100); do curl -sf "http://$api/healthz" >/dev/null && break; sleep 0.1; done
+  token=$("$BIN/cloudcore" token create --data-dir "$work/cloud" | tail -1)
+  "$BIN/edgecore" --node-name bench-cri --cloud 127.0.0.1:17101 --data-dir "$work/edge-cri" \
+    --metaserver-listen 127.0.0.1:17651 --no-mqtt --token "$token" \
+    --runtime cri --cri-endpoint "$CRI_ENDPOINT" 2>"$work/edge-cri.log" &
+  cri_pid=$!; pids+=($cri_pid)
+  "$BIN/edgecore" --node-name bench-proc --cloud 127.0.0.1:17101 --data-dir "$work/edge-proc" \
+    --metaserver-listen 127.0.0.1:17652 --no-mqtt --token "$token" \
+    --runtime process 2>"$work/edge-proc.log" &
+  proc_pid=$!; pids+=($proc_pid)
+  for node in bench-cri bench-proc; do
+    for _ in $(seq 1 150); do
+      kubectl --kubeconfig /dev/null --server "http://$api" get node "$node" >/dev/null 2>&1 && break
+      sleep 0.2
+    done
+  done
+  python3 - "$api" "$BUSYBOX_IMAGE" "$n" "$cri_pid" "$proc_pid" <<'PY'
+import json, os, sys, threading, time, urllib.request
+api, image, n, cri_pid, proc_pid = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+running = set()
+cond = threading.Condition()
+tick = os.sysconf("SC_CLK_TCK")
+
+def watch():
+    for line in urllib.request.urlopen(f"http://{api}/api/v1/namespaces/default/pods?watch=1", timeout=3600):
+        pod = json.loads(line).get("object", {})
+        if pod.get("status", {}).get("phase") == "Running":
+            with cond:
+                running.add(pod["metadata"]["name"])
+                cond.notify_all()
+
+threading.Thread(target=watch, daemon=True).start()
+time.sleep(0.5)
+
+def cpu(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+
+def rss(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+def post(pod):
+    req = urllib.request.Request(f"http://{api}/api/v1/namespaces/default/pods", data=json.dumps(pod).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(req).read()
+
+def burst(node, pid, prefix):
+    names = [f"{prefix}-{i}" for i in range(n)]
+    c0, t0 = cpu(pid), time.monotonic()
+    for name in names:
+        post({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+              "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+                       "containers": [{"name": "main", "image": image,
+                                       "command": ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]}]}})
+    with cond:
+        if not cond.wait_for(lambda: all(x in running for x in names), timeout=900):
+            sys.exit(f"{node}: {sum(x in running for x in names)} of {n} Running after 900 s")
+    return time.monotonic() - t0, cpu(pid) - c0
+
+res = {}
+res["cri"] = burst("bench-cri", cri_pid, "c")
+res["process"] = burst("bench-proc", proc_pid, "p")
+time.sleep(35)
+print(f"{n} pods at once on one node (cloudcore + edgecore on this machine)")
+print("| runtime | all Running after | edgecore CPU during the start | edgecore RSS, idle with the pods |")
+print("|---|---|---|---|")
+for label, pid in (("cri", cri_pid), ("process", proc_pid)):
+    wall, secs = res[label]
+    print(f"| {label} | {wall:.1f} s | {secs:.2f} s | {rss(pid):.1f} MB |")
+PY
+  exit 0
+fi
 
 # --- baseline image: pulled once into ctr's own namespace (kedge's is pulled by its warm-up pod)
 "${ctr[@]}" images pull --plain-http "$BUSYBOX_IMAGE" >/dev/null

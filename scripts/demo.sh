@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
 # The main job: cloudcore with its embedded Kubernetes-compatible API server, three edgecores
 # on this machine that join it with a bootstrap token, a sample workload (a namespace, a
-# ConfigMap, a Deployment of three pods and a DaemonSet) applied with kubectl, a device on edge-1 reporting over MQTT, and
-# how to look at it from the cloud and from an edge.
+# ConfigMap, a Deployment of three pods and a DaemonSet) applied with kubectl and run as
+# containers of containerd pulled from a local registry, a device on edge-1 reporting over
+# MQTT, and how to look at it from the cloud and from an edge.
 #
 #   ./scripts/demo.sh            # runs until Ctrl-C; use kubectl meanwhile
 #   ./scripts/demo.sh --once     # shows everything, then stops
+#   ./scripts/demo.sh --process  # pods as plain processes (no containerd; also without root)
 #
-# Environment: KEDGE_DEMO_DIR (default /tmp/kedge-demo, wiped at start), KEDGE_API_PORT
+# Containers (the default, as root): scripts/cri-env.sh starts a throw-away containerd (own
+# root, socket and CNI bridge, an offline pause image) and a registry on a loopback port, and
+# pushes a busybox image built from Debian's busybox-static to it; all of it is removed at the
+# end. Environment: KEDGE_DEMO_DIR (default /tmp/kedge-demo, wiped at start), KEDGE_API_PORT
 # (default 6080). Edge MetaServers listen on 127.0.0.1:10551..10553, their MQTT brokers on
 # 127.0.0.1:11883..11885.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 once=false
+runtime=cri
 for arg in "$@"; do
   case "$arg" in
     --once) once=true ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --process) runtime=process ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -31,11 +38,32 @@ port="${KEDGE_API_PORT:-6080}"
 rm -rf "$dir"
 mkdir -p "$dir"
 pids=()
+cri_dir=""
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ -n "$cri_dir" ]; then scripts/cri-env.sh down "$cri_dir" >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
+
+if [ "$runtime" = cri ] && { [ "$(id -u)" != 0 ] || ! command -v containerd >/dev/null; }; then
+  echo "(containers need root and containerd; running the pods as processes: --process)" >&2
+  runtime=process
+fi
+image=busybox
+runtime_args=()
+if [ "$runtime" = cri ]; then
+  # A short path: containerd's sockets live under it.
+  cri_dir=/tmp/kedge-demo-cri
+  scripts/cri-env.sh down "$cri_dir" >/dev/null 2>&1 || true
+  echo "== containerd, a CNI bridge and a registry on loopback (scripts/cri-env.sh up $cri_dir)"
+  scripts/cri-env.sh up "$cri_dir" >/dev/null
+  # shellcheck disable=SC1091
+  . "$cri_dir/env"
+  image=$BUSYBOX_IMAGE
+  runtime_args=(--runtime cri --cri-endpoint "$CRI_ENDPOINT")
+  echo "registry: http://$REGISTRY (image $image), containerd: $CRI_ENDPOINT"
+fi
 "$cloudcore" --data-dir "$dir/cloud" --api-listen "127.0.0.1:$port" \
   --metrics-listen "127.0.0.1:$((port + 3011))" --quic-listen 127.0.0.1:10001 \
   2> "$dir/cloudcore.log" &
@@ -68,7 +96,7 @@ token=$("$cloudcore" token create --data-dir "$dir/cloud" --ttl 1h | tail -n 1)
 for i in 1 2 3; do
   "$edgecore" --node-name "edge-$i" --cloud 127.0.0.1:10001 --token "$token" \
     --data-dir "$dir/edge-$i" --metaserver-listen "127.0.0.1:$((10550 + i))" \
-    --mqtt-listen "127.0.0.1:$((11882 + i))" \
+    --mqtt-listen "127.0.0.1:$((11882 + i))" "${runtime_args[@]}" \
     2> "$dir/edge-$i.log" &
   pids+=("$!")
 done
@@ -76,8 +104,8 @@ echo "== three edge nodes join with a bootstrap token"
 kubectl wait --for=condition=Ready node/edge-1 node/edge-2 node/edge-3 --timeout=60s
 kubectl get nodes -o wide
 echo
-echo "== kubectl apply -f examples/sample-workload.yaml"
-kubectl apply -f examples/sample-workload.yaml
+echo "== kubectl apply -f examples/sample-workload.yaml   (image: $image)"
+sed "s|image: busybox|image: $image|" examples/sample-workload.yaml | kubectl apply -f -
 kubectl rollout status deployment/greeter --timeout=60s
 kubectl rollout status daemonset/node-agent --timeout=60s
 echo
@@ -90,7 +118,8 @@ kubectl --kubeconfig /dev/null --server http://127.0.0.1:10551 get pods -A
 echo
 pod=$(kubectl get pods -l app=greeter -o jsonpath='{.items[0].metadata.name}')
 node=$(kubectl get pod "$pod" -o jsonpath='{.spec.nodeName}')
-echo "== $pod (of Deployment greeter) runs on $node as a process: kubectl logs $pod -n demo"
+if [ "$runtime" = cri ]; then runs_as="a container"; else runs_as="a process"; fi
+echo "== $pod (of Deployment greeter) runs on $node as $runs_as: kubectl logs $pod -n demo"
 sleep 1
 kubectl logs "$pod" -n demo
 echo
@@ -118,23 +147,35 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 echo "the cloud's DeviceStatus: temperature reported = ${reported:-<none yet>}"
+if [ "$runtime" = cri ]; then
+  runs_on="as containers of containerd ($CRI_ENDPOINT), images from http://$REGISTRY"
+  on_edge="kubectl exec deployment/greeter -- cat /etc/greeter/greeting       # updated in the pods"
+  new_image="$REGISTRY/kedge/busybox:2"
+  push="scripts/push-image.sh $REGISTRY kedge/busybox:2 && "
+else
+  runs_on="as local processes"
+  on_edge="cat $dir/*/pods/demo_greeter-*/root/etc/greeter/greeting          # updated on the edge"
+  new_image="busybox:2"
+  push=""
+fi
 cat <<EOF2
 
 cloudcore serves the Kubernetes API on http://127.0.0.1:$port (state in $dir/cloud); three
-edgecores run the pods as local processes (state in $dir/edge-N, logs in $dir/*.log).
+edgecores run the pods $runs_on
+(state in $dir/edge-N, logs in $dir/*.log).
 
     export KUBECONFIG=$dir/kubeconfig
     kubectl get nodes,pods -o wide                                   # from the cloud
     kubectl --kubeconfig /dev/null --server http://127.0.0.1:10551 get pods -A   # from edge-1
     kubectl patch configmap greeter-config -p '{"data":{"greeting":"bonjour"}}'
-    cat $dir/*/pods/demo_greeter-*/root/etc/greeter/greeting          # updated on the edge
+    $on_edge
     kubectl logs -f $pod                                              # follows its output
     kubectl exec -it $pod -- sh                                       # a shell in the pod
     kubectl attach $pod                                               # its output as it comes
     kubectl top pods                                                  # CPU and memory per pod
     kubectl port-forward pod/POD 8080:PORT                            # a pod's port (127.0.0.1:PORT on its node)
-    kubectl scale deployment greeter --replicas=5                     # two more processes
-    kubectl set image deployment/greeter greeter=busybox:2 && kubectl rollout status deployment/greeter
+    kubectl scale deployment greeter --replicas=5                     # two more pods
+    ${push}kubectl set image deployment/greeter greeter=$new_image && kubectl rollout status deployment/greeter
     kubectl rollout undo deployment/greeter                           # back to revision 1
     kubectl delete pod $pod   # stopped, and replaced by the ReplicaSet
     mosquitto_sub -p 11883 -t '\$hw/events/device/+/twin/update/#' -v &   # a mapper's view

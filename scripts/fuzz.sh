@@ -17,6 +17,9 @@ shift || true
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="${KEDGE_FUZZ_TARGET_DIR:-/var/cache/kedge-fuzz/target}"
+# Thin LTO with one codegen unit (the workspace's release profile) made the cold fuzz build take
+# 27 minutes here; the fuzzer needs optimized code, not the last few percent of it.
+export CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
 built=$(ls -t "${KEDGE_CACHE_DIR:-/var/cache/kedge-ci}"/target/*/build/librocksdb-sys-*/out/librocksdb.a 2>/dev/null | head -1 || true)
 if [ -n "$built" ]; then
   lib_dir="$(dirname "$CARGO_TARGET_DIR")/rocksdb"

@@ -11,10 +11,29 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Examples per operation: CI-sized (a few thousand requests in all). `SCHEMATHESIS_EXAMPLES`
+/// schemathesis' CLI, with Hypothesis' descriptions of lambdas made plain: describing a
+/// strategy parses its source with `ast.parse`, which on CPython 3.11.7, deep in the stack of
+/// drawing a nested request body (a Deployment's pod template, a Device), fails with
+/// "SystemError: AST constructor recursion depth mismatch" (a CPython bug) and ends the
+/// operation's test as an error of the tool, not a finding about the API.
+const SCHEMATHESIS: &str = "import sys\n\
+import hypothesis.internal.lambda_sources as sources\n\
+sources.lambda_description = lambda f: 'lambda'\n\
+from schemathesis.cli import schemathesis\n\
+sys.argv[0] = 'schemathesis'\n\
+sys.exit(schemathesis())\n";
+
+/// Examples per operation: CI-sized (about 900 requests in all, 90 s). `SCHEMATHESIS_EXAMPLES`
 /// runs more.
 fn examples() -> String {
     std::env::var("SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "6".into())
+}
+
+/// schemathesis' phases: CI runs the documents' examples and random requests; its `coverage`
+/// phase (every boundary of every parameter: ~47,000 requests for core/v1 alone, 3 minutes) is
+/// for a longer run (`SCHEMATHESIS_PHASES=examples,coverage,fuzzing`).
+fn phases() -> String {
+    std::env::var("SCHEMATHESIS_PHASES").unwrap_or_else(|_| "examples,fuzzing".into())
 }
 
 #[test]
@@ -45,14 +64,34 @@ fn generated_requests_from_every_openapi_document_get_no_server_error() {
 
     let started = Instant::now();
     let mut failures = Vec::new();
-    for url in &documents {
+    for (i, url) in documents.iter().enumerate() {
+        // The document as served, less the list operations' `watch`: a watch answers for as long
+        // as the client stays (kube-apiserver's do too), which a request generator takes for a
+        // hung server. Watches are tested by kubectl -w and the client libraries' tests.
+        let mut document: serde_json::Value =
+            serde_json::from_str(&http_get(&api, url).expect("the document")).expect("JSON");
+        for item in document["paths"]
+            .as_object_mut()
+            .expect("paths")
+            .values_mut()
+        {
+            if let Some(get) = item.get_mut("get").and_then(|g| g.get_mut("parameters")) {
+                if let Some(params) = get.as_array_mut() {
+                    params.retain(|p| p["name"] != "watch");
+                }
+            }
+        }
+        let file = dir.path().join(format!("openapi-{i}.json"));
+        std::fs::write(&file, document.to_string()).unwrap();
         // Every operation's path parameters are declared: schemathesis tests them all (it
         // reports operations it could not test as errors, which fail the run).
-        let out = Command::new("schemathesis")
-            .args(["run", &format!("{}{url}", cloud.api), "--url", &cloud.api])
+        let out = Command::new("python3")
+            .args(["-c", SCHEMATHESIS, "run"])
+            .arg(&file)
+            .args(["--url", &cloud.api])
             .args(["--checks", "not_a_server_error"])
             .args(["--max-examples", &examples()])
-            .args(["--phases", "examples,coverage,fuzzing"])
+            .args(["--phases", &phases()])
             .args(["--workers", "2", "--seed", "1", "--no-shrink", "--no-color"])
             .args(["--request-timeout", "10", "--generation-database", "none"])
             .args(["--suppress-health-check", "all"])
@@ -63,6 +102,7 @@ fn generated_requests_from_every_openapi_document_get_no_server_error() {
         let summary: Vec<&str> = stdout
             .lines()
             .filter(|l| l.contains("passed") || l.contains("failed") || l.contains("error"))
+            .map(|l| l.get(..l.len().min(160)).unwrap_or(l))
             .collect();
         eprintln!(
             "{url}: exit {:?}; {}",

@@ -74,6 +74,8 @@ pub struct EdgeConfig {
     /// The CRI runtime's socket for [`RuntimeKind::Cri`] (`unix:///path`).
     pub cri_endpoint: String,
     pub node_status: node::NodeStatusConfig,
+    /// Image garbage collection for [`RuntimeKind::Cri`] (kubelet's thresholds).
+    pub image_gc: edged::image_gc::ImageGcPolicy,
     /// Applications the cloud may call through ServiceBus, by name.
     pub service_bus_apps: Vec<(String, SocketAddr)>,
     /// How long a ServiceBus call may take on the node.
@@ -101,6 +103,7 @@ impl EdgeConfig {
             runtime: RuntimeKind::Process,
             cri_endpoint: DEFAULT_CRI_ENDPOINT.to_owned(),
             node_status: node::NodeStatusConfig::default(),
+            image_gc: edged::image_gc::ImageGcPolicy::default(),
             service_bus_apps: Vec::new(),
             service_bus_timeout: Duration::from_secs(10),
             eventbus: eventbus::EventBusConfig::default(),
@@ -274,6 +277,7 @@ impl EdgeCore {
         .await?;
 
         let mut status_config = config.node_status.clone();
+        status_config.storage_path = Some(config.data_dir.clone());
         let runtime: Arc<dyn edged::Runtime> = match config.runtime {
             RuntimeKind::Process => {
                 // Kills what an earlier edgecore on this data dir left running before any
@@ -297,6 +301,18 @@ impl EdgeCore {
                 )
                 .await?;
                 status_config.runtime = runtime.runtime_version().to_owned();
+                config.image_gc.validate().map_err(anyhow::Error::msg)?;
+                let (images, listed) = tokio::sync::watch::channel(serde_json::Value::Null);
+                status_config.images = Some(listed);
+                tasks.push((
+                    "image GC",
+                    tokio::spawn(edged::image_gc::run(
+                        runtime.client().clone(),
+                        config.image_gc,
+                        images,
+                        shutdown.clone(),
+                    )),
+                ));
                 Arc::new(runtime)
             }
         };

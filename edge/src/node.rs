@@ -24,6 +24,10 @@ pub struct NodeStatusConfig {
     pub status_period: Duration,
     /// `containerRuntimeVersion` in nodeInfo (which runtime runs pods).
     pub runtime: String,
+    /// `status.images` as the runtime's image GC publishes it (CRI only; none: no list).
+    pub images: Option<tokio::sync::watch::Receiver<Value>>,
+    /// The filesystem whose size is the node's `ephemeral-storage` (the data dir's).
+    pub storage_path: Option<std::path::PathBuf>,
 }
 
 impl Default for NodeStatusConfig {
@@ -32,6 +36,8 @@ impl Default for NodeStatusConfig {
             lease_period: Duration::from_secs(10),
             status_period: Duration::from_secs(300),
             runtime: "kedge-process://0.1".into(),
+            images: None,
+            storage_path: None,
         }
     }
 }
@@ -61,7 +67,9 @@ fn kernel_version() -> String {
         .unwrap_or_default()
 }
 
-/// The node's status as this node sees it, without heartbeat times (for change detection).
+/// The node's status as this node sees it, without heartbeat times (for change detection):
+/// capacity (CPUs, `MemTotal`, 110 pods as kubelet's default `--max-pods`) equal to
+/// allocatable (nothing reserved), nodeInfo, the Ready condition.
 pub fn observed_status(node: &str, runtime: &str) -> Value {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let memory = format!("{}Ki", meminfo_total_kib());
@@ -89,6 +97,27 @@ pub fn observed_status(node: &str, runtime: &str) -> Value {
         ],
         "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
     })
+}
+
+/// Adds `ephemeral-storage` (the size of the data dir's filesystem, in whole Ki so that the
+/// status changes only when the filesystem does) and the runtime's `images`, where known.
+fn add_storage_and_images(status: &mut Value, config: &NodeStatusConfig) {
+    if let Some(path) = &config.storage_path {
+        if let Ok(usage) = crate::edged::image_gc::fs_usage(path) {
+            let storage = json!(format!("{}Ki", usage.capacity_bytes / 1024));
+            for part in ["capacity", "allocatable"] {
+                if let Some(map) = status.get_mut(part).and_then(Value::as_object_mut) {
+                    map.insert("ephemeral-storage".into(), storage.clone());
+                }
+            }
+        }
+    }
+    if let Some(images) = &config.images {
+        let images = images.borrow().clone();
+        if images.as_array().is_some_and(|a| !a.is_empty()) {
+            status["images"] = images;
+        }
+    }
 }
 
 /// Sets the conditions' heartbeat and transition times to now (a status about to be reported).
@@ -127,6 +156,7 @@ fn report_status(meta: &MetaManager, config: &NodeStatusConfig, force: bool) -> 
         return false;
     };
     let mut status = observed_status(meta.node(), &config.runtime);
+    add_storage_and_images(&mut status, config);
     let current = node.get("status").map(without_times).unwrap_or(Value::Null);
     if !force && current == status {
         return false;

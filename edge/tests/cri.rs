@@ -20,9 +20,22 @@ fn start_edge(
     token: Option<&str>,
     env: &CriEnv,
 ) -> EdgeProcess {
+    start_edge_with(cloud, node, dir, port, token, env, &[])
+}
+
+fn start_edge_with(
+    cloud: &CloudProcess,
+    node: &str,
+    dir: &std::path::Path,
+    port: u16,
+    token: Option<&str>,
+    env: &CriEnv,
+    extra: &[&str],
+) -> EdgeProcess {
     let mut command = edge_command_with_mqtt(cloud, node, dir, port, &[]);
     command
         .args(["--runtime", "cri", "--cri-endpoint", &env.endpoint])
+        .args(extra)
         .env("RUST_LOG", "warn,edge::edged=info");
     if let Some(token) = token {
         command.arg("--token").arg(token);
@@ -927,4 +940,192 @@ spec:
             == "Running"
     });
     assert!(stdout(&edge.kubectl(&["logs", "survivor"])).contains("started"));
+}
+
+/// The runtime's images: (id, names).
+fn images(env: &CriEnv) -> Vec<(String, Vec<String>)> {
+    env.rt
+        .block_on(async {
+            env.client
+                .image_service()
+                .list_images(k8s_cri::v1::ListImagesRequest { filter: None })
+                .await
+        })
+        .expect("ListImages")
+        .into_inner()
+        .images
+        .into_iter()
+        .map(|i| (i.id, i.repo_tags))
+        .collect()
+}
+
+fn has_image(env: &CriEnv, name: &str) -> bool {
+    images(env)
+        .iter()
+        .any(|(_, tags)| tags.iter().any(|t| t == name))
+}
+
+#[test]
+fn unused_images_are_collected_and_the_node_lists_its_images() {
+    let env = CriEnv::up();
+    let extra = env.push("kedge/extra:1", "EXTRA=1");
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    let port = free_port();
+    // Collect whenever anything is used (thresholds 0 %), images older than 2 s, every second.
+    let _edge = start_edge_with(
+        &cloud,
+        "edge-gc",
+        edge_dir.path(),
+        port,
+        Some(&token),
+        &env,
+        &[
+            "--image-gc-high-threshold",
+            "0",
+            "--image-gc-low-threshold",
+            "0",
+            "--image-minimum-gc-age",
+            "2s",
+            "--image-gc-period",
+            "1s",
+        ],
+    );
+    let manifest = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: keeper, labels: {{tier: edge}}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes:
+  - name: podinfo
+    downwardAPI:
+      items:
+      - {{path: name, fieldRef: {{fieldPath: metadata.name}}}}
+      - {{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}
+  - name: both
+    projected:
+      sources:
+      - downwardAPI: {{items: [{{path: namespace, fieldRef: {{fieldPath: metadata.namespace}}}}]}}
+  containers:
+  - name: main
+    image: {busybox}
+    command: ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
+    volumeMounts:
+    - {{name: podinfo, mountPath: /etc/podinfo}}
+    - {{name: both, mountPath: /etc/both}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: passing}}
+spec:
+  restartPolicy: Never
+  containers:
+  - {{name: main, image: {extra}, command: ["sh", "-c", "echo $EXTRA"]}}
+"#,
+        busybox = env.busybox
+    );
+    let applied = cloud.kubectl_stdin(&["apply", "-f", "-"], &manifest);
+    assert!(applied.status.success(), "{}", stderr_of(&applied));
+    eventually("keeper Running", Duration::from_secs(60), || {
+        get(&cloud, "keeper", ".status.phase") == "Running"
+    });
+    eventually("passing Succeeded", Duration::from_secs(60), || {
+        get(&cloud, "passing", ".status.phase") == "Succeeded"
+    });
+
+    // downwardAPI and projected volumes are files in the container.
+    let info = cloud.kubectl(&[
+        "exec",
+        "keeper",
+        "--",
+        "cat",
+        "/etc/podinfo/name",
+        "/etc/podinfo/labels",
+        "/etc/both/namespace",
+    ]);
+    assert_eq!(
+        stdout(&info),
+        "keepertier=\"edge\"default",
+        "{}",
+        stderr_of(&info)
+    );
+
+    // The node's status lists what the runtime holds, with sizes; and its disk.
+    eventually(
+        "the Node lists both images",
+        Duration::from_secs(30),
+        || {
+            let names = stdout(&cloud.kubectl(&[
+                "get",
+                "node",
+                "edge-gc",
+                "-o",
+                "jsonpath={.status.images[*].names}",
+            ]));
+            names.contains(&env.busybox) && names.contains(&extra)
+        },
+    );
+    let sizes = stdout(&cloud.kubectl(&[
+        "get",
+        "node",
+        "edge-gc",
+        "-o",
+        "jsonpath={.status.images[*].sizeBytes}",
+    ]));
+    assert!(
+        sizes
+            .split_whitespace()
+            .all(|s| s.parse::<u64>().unwrap() > 0),
+        "{sizes}"
+    );
+    let storage = stdout(&cloud.kubectl(&[
+        "get",
+        "node",
+        "edge-gc",
+        "-o",
+        "jsonpath={.status.capacity.ephemeral-storage}",
+    ]));
+    assert!(storage.ends_with("Ki") && storage.len() > 3, "{storage}");
+
+    // The finished pod's exited container still uses its image: it stays (well past 2 s).
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        has_image(&env, &extra),
+        "an exited container's image is kept"
+    );
+
+    // Deleted, the image is nobody's: collected. The running pod's image and the sandbox
+    // image stay whatever the thresholds say.
+    let deleted = cloud.kubectl(&["delete", "pod", "passing", "--wait=true"]);
+    assert!(deleted.status.success(), "{}", stderr_of(&deleted));
+    eventually("the unused image removed", Duration::from_secs(30), || {
+        !has_image(&env, &extra)
+    });
+    assert!(
+        has_image(&env, &env.busybox),
+        "the running pod's image is kept"
+    );
+    assert!(
+        has_image(&env, "kedge.local/pause:1"),
+        "the sandbox image is kept"
+    );
+    eventually(
+        "the Node no longer lists it",
+        Duration::from_secs(30),
+        || {
+            let names = stdout(&cloud.kubectl(&[
+                "get",
+                "node",
+                "edge-gc",
+                "-o",
+                "jsonpath={.status.images[*].names}",
+            ]));
+            names.contains(&env.busybox) && !names.contains(&extra)
+        },
+    );
+    assert_eq!(get(&cloud, "keeper", ".status.phase"), "Running");
 }

@@ -1001,3 +1001,102 @@ fn metaserver_watches_send_deletes_selector_changes_and_watch_lists() {
         assert!(body.contains("ListOptions.meta.k8s.io"), "{body}");
     }
 }
+
+#[test]
+fn a_pod_whose_configuration_the_node_lacks_waits_and_says_why() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let cloud = CloudProcess::start(cloud_dir.path());
+    let token = token(&cloud);
+    let port = free_port();
+    let _edge = EdgeProcess::start(&cloud, "edge-cfg", edge_dir.path(), port, Some(&token));
+    let pods = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: needs-config}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: busybox
+    command: ["sh", "-c", "echo \"$MODE\" > mode.txt; exec sleep 1000"]
+    env:
+    - name: MODE
+      valueFrom: {configMapKeyRef: {name: later, key: mode}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old-volume}
+spec:
+  containers:
+  - {name: main, image: busybox, command: ["sleep", "1000"]}
+  volumes:
+  - {name: src, gitRepo: {repository: "https://example.invalid/r.git"}}
+"#;
+    let applied = cloud.kubectl_stdin(&["apply", "-f", "-"], pods);
+    assert!(applied.status.success(), "{}", stderr_of(&applied));
+    let waiting = |pod: &str| {
+        cloud.ok(&[
+            "get",
+            "pod",
+            pod,
+            "-o",
+            "jsonpath={.status.containerStatuses[0].state.waiting.reason}: {.status.containerStatuses[0].state.waiting.message}",
+        ])
+    };
+    eventually("needs-config says why", Duration::from_secs(30), || {
+        waiting("needs-config") == "CreateContainerConfigError: configmap \"later\" not found"
+    });
+    eventually("old-volume says why", Duration::from_secs(30), || {
+        waiting("old-volume").starts_with(
+            "CreateContainerConfigError: volume \"src\": unsupported volume type [\"gitRepo\"]",
+        )
+    });
+    assert_eq!(
+        cloud.ok(&[
+            "get",
+            "pod",
+            "needs-config",
+            "-o",
+            "jsonpath={.status.phase}"
+        ]),
+        "Pending"
+    );
+    let root = edge_dir.path().join("pods/default_needs-config/root");
+    assert!(!root.join("mode.txt").exists(), "nothing ran");
+    eventually(
+        "a Failed event, as kubelet's",
+        Duration::from_secs(20),
+        || {
+            cloud
+                .ok(&["get", "events", "--field-selector", "reason=Failed"])
+                .contains("configmap \"later\" not found")
+        },
+    );
+
+    // The ConfigMap, with the wrong key first, then the right one: the pod runs.
+    cloud.ok(&["create", "configmap", "later", "--from-literal=other=x"]);
+    eventually("the missing key named", Duration::from_secs(30), || {
+        waiting("needs-config").ends_with("couldn't find key mode in ConfigMap default/later")
+    });
+    cloud.ok(&[
+        "patch",
+        "configmap",
+        "later",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"mode":"fast"}}"#,
+    ]);
+    eventually("needs-config Running", Duration::from_secs(30), || {
+        cloud.ok(&[
+            "get",
+            "pod",
+            "needs-config",
+            "-o",
+            "jsonpath={.status.phase}",
+        ]) == "Running"
+    });
+    eventually("it saw the value", Duration::from_secs(10), || {
+        std::fs::read_to_string(root.join("mode.txt")).is_ok_and(|m| m == "fast\n")
+    });
+}

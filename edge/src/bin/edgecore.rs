@@ -47,6 +47,20 @@ struct Cli {
     /// The CRI v1 runtime's socket for `--runtime cri` (containerd's by default).
     #[arg(long, default_value = edge::DEFAULT_CRI_ENDPOINT)]
     cri_endpoint: String,
+    /// `--runtime cri`: the image filesystem's usage (percent) at which unused images are
+    /// removed, least recently used first (kubelet's flag; 100 turns image GC off).
+    #[arg(long, default_value_t = 85, value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_high_threshold: u8,
+    /// `--runtime cri`: the usage (percent) image GC brings the filesystem down to.
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_low_threshold: u8,
+    /// `--runtime cri`: an image known for less than this is never removed.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    image_minimum_gc_age: std::time::Duration,
+    /// `--runtime cri`: how often image usage is checked and the node's image list refreshed
+    /// (kubelet: 5 minutes, fixed).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    image_gc_period: std::time::Duration,
     /// An application the cloud may call through ServiceBus: NAME=HOST:PORT (repeatable).
     #[arg(long = "service-bus-app", value_parser = edge::servicebus::parse_app)]
     service_bus_apps: Vec<(String, SocketAddr)>,
@@ -197,6 +211,16 @@ fn main() -> ExitCode {
         config.metaserver_listen = cli.metaserver_listen;
         config.runtime = cli.runtime;
         config.cri_endpoint = cli.cri_endpoint;
+        config.image_gc = edge::edged::image_gc::ImageGcPolicy {
+            high_threshold_percent: cli.image_gc_high_threshold,
+            low_threshold_percent: cli.image_gc_low_threshold,
+            min_age: cli.image_minimum_gc_age,
+            period: cli.image_gc_period,
+        };
+        if let Err(e) = config.image_gc.validate() {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
         config.service_bus_apps = cli.service_bus_apps;
         config.service_bus_timeout = cli.service_bus_timeout;
         config.eventbus.max_payload = cli.mqtt_max_payload;

@@ -10,7 +10,7 @@
 //! | it waits with `CrashLoopBackOff` | Warning | `BackOff` | `Back-off restarting failed container NAME in pod POD` |
 //! | it waits with `ErrImagePull` | Warning | `Failed` | the runtime's message |
 //! | it waits with `ImagePullBackOff` | Normal | `BackOff` | `Back-off pulling image "IMAGE"` |
-//! | it waits with `ErrImageNeverPull`, `CreateContainerError`, `RunContainerError` | Warning | `Failed` | the runtime's message |
+//! | it waits with `ErrImageNeverPull`, `CreateContainerError`, `CreateContainerConfigError`, `RunContainerError` | Warning | `Failed` | the runtime's message |
 //! | the pod is being deleted | Normal | `Killing` | `Stopping container NAME` |
 //!
 //! A repeat of the same (pod, container, reason) raises `count` and `lastTimestamp` of one
@@ -89,6 +89,7 @@ pub fn transitions(pod: &str, held: &Value, now: &Value) -> Vec<Transition> {
                 "ErrImagePull"
                 | "ErrImageNeverPull"
                 | "CreateContainerError"
+                | "CreateContainerConfigError"
                 | "RunContainerError"
                 | "ContainerCannotRun" => Some((
                     "Warning",

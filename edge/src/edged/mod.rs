@@ -17,6 +17,7 @@ pub mod cri;
 pub mod cri_stream;
 pub mod events;
 pub mod hollow;
+pub mod image_gc;
 pub mod logs;
 pub mod probe;
 pub mod process;
@@ -197,6 +198,28 @@ impl Edged {
             }
             let mut run = spec::pod_run(self.meta.store(), pod, &self.pods_dir);
             if !known {
+                // As kubelet: nothing is created while the pod's configuration cannot be met
+                // (a missing ConfigMap, an unsupported volume); it says why and is tried again
+                // at every change of the cache.
+                if let Some(message) = spec::config_error(self.meta.store(), pod) {
+                    let waiting: Vec<ContainerStatus> = run
+                        .containers
+                        .iter()
+                        .map(|c| ContainerStatus {
+                            name: c.name.clone(),
+                            image: c.image.clone(),
+                            state: ContainerState::Waiting {
+                                reason: "CreateContainerConfigError".into(),
+                                message: message.clone(),
+                            },
+                            last_termination: None,
+                            restart_count: 0,
+                        })
+                        .collect();
+                    let none = HashMap::new();
+                    self.report_status(&id, key, pod, run.restart_policy, &waiting, &none);
+                    continue;
+                }
                 run.recorded = recorded_containers(&recorded);
                 self.reported.remove(key);
             }

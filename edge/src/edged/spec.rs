@@ -1,9 +1,13 @@
 //! From a pod object and the node's cache to what a runtime runs: argv, env (literal values,
-//! `valueFrom.configMapKeyRef/secretKeyRef/fieldRef`, `envFrom`) and the files of ConfigMap
-//! and Secret volumes at each container's `mountPath` under the pod root.
+//! `valueFrom.configMapKeyRef/secretKeyRef/fieldRef`, `envFrom`) and the files of configMap,
+//! secret, downwardAPI and projected volumes at each container's `mountPath` under the pod
+//! root.
 //!
-//! A missing ConfigMap, Secret or key leaves the variable or file out (an optional reference
-//! behaves the same; kubelet would hold a non-optional one in CreateContainerConfigError).
+//! A pod whose ConfigMap, Secret or key the node does not hold (and that is not `optional`),
+//! or that names a volume type the node does not mount, is not started: [`config_error`] says
+//! why in kubelet's words and Edged reports its containers waiting in
+//! `CreateContainerConfigError` until the cache has what it needs. Once running, a source that
+//! goes away leaves the variable or file out (an optional reference behaves the same).
 
 use std::path::{Path, PathBuf};
 
@@ -17,19 +21,25 @@ use super::runtime::{
     RestartPolicy, SecurityRun,
 };
 
-/// The `data` of a ConfigMap (and `binaryData`) or Secret (decoded), as bytes by key.
+/// The `data` of a ConfigMap (and `binaryData`) or Secret (decoded), as bytes by key; empty
+/// when the node holds no such object.
 fn source_data(store: &Store, kind: &str, namespace: &str, name: &str) -> Vec<(String, Vec<u8>)> {
-    let Ok(key) = ObjectKey::new(kind, namespace, name) else {
-        return Vec::new();
-    };
-    let Some(object) = store
+    source(store, kind, namespace, name).unwrap_or_default()
+}
+
+/// [`source_data`], or `None` when the node holds no such ConfigMap or Secret.
+fn source(
+    store: &Store,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+) -> Option<Vec<(String, Vec<u8>)>> {
+    let key = ObjectKey::new(kind, namespace, name).ok()?;
+    let object = store
         .get(&key)
         .ok()
         .flatten()
-        .and_then(|v| serde_json::from_slice::<Object>(&v.object).ok())
-    else {
-        return Vec::new();
-    };
+        .and_then(|v| serde_json::from_slice::<Object>(&v.object).ok())?;
     let base64 = base64::engine::general_purpose::STANDARD;
     let mut out = Vec::new();
     let strings = object.get("data").and_then(Value::as_object);
@@ -60,7 +70,7 @@ fn source_data(store: &Store, kind: &str, namespace: &str, name: &str) -> Vec<(S
             }
         }
     }
-    out
+    Some(out)
 }
 
 fn key_ref(store: &Store, kind: &str, namespace: &str, reference: &Value) -> Option<String> {
@@ -151,9 +161,254 @@ fn env_of(store: &Store, pod: &Object, container: &Value) -> Vec<(String, String
     env
 }
 
-/// The files of the pod's ConfigMap and Secret volumes, at every container's mount of them.
-fn volume_files(store: &Store, pod: &Object, spec: &Value) -> Vec<(PathBuf, Vec<u8>)> {
+/// Whether `path` is a safe relative path inside a volume (what kube-apiserver's validation
+/// of `items[].path` allows: not absolute, no `..` element, not empty).
+fn safe_relative(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && Path::new(path)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+/// The files of a ConfigMap or Secret (`kind`) named `name`: every key, or the `items`
+/// (`key` → `path`) when given.
+fn keyed_files(
+    store: &Store,
+    kind: &str,
+    namespace: &str,
+    name: Option<&Value>,
+    items: Option<&Value>,
+) -> Vec<(PathBuf, Vec<u8>)> {
+    let Some(name) = name.and_then(Value::as_str) else {
+        return Vec::new();
+    };
+    let data = source_data(store, kind, namespace, name);
+    match items.and_then(Value::as_array) {
+        Some(items) => items
+            .iter()
+            .filter_map(|item| {
+                let key = item.get("key")?.as_str()?;
+                let path = item.get("path")?.as_str().filter(|p| safe_relative(p))?;
+                let (_, value) = data.iter().find(|(k, _)| k == key)?;
+                Some((PathBuf::from(path), value.clone()))
+            })
+            .collect(),
+        None => data
+            .into_iter()
+            .filter(|(k, _)| safe_relative(k))
+            .map(|(k, v)| (PathBuf::from(k), v))
+            .collect(),
+    }
+}
+
+/// `metadata.labels` or `metadata.annotations` as the downward API writes them to a file:
+/// one `key="value"` line per entry, sorted by key, values quoted as Go's `%q` would.
+fn downward_map(map: Option<&Value>) -> String {
+    let mut lines: Vec<String> = map
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| {
+            let quoted = serde_json::to_string(v.as_str().unwrap_or_default()).unwrap_or_default();
+            format!("{k}={quoted}")
+        })
+        .collect();
+    lines.sort();
+    lines.join("\n")
+}
+
+/// A `resourceFieldRef` (`limits.cpu`, `requests.memory`, …) of `container_name` in units of
+/// `divisor` (default 1), rounded up as kubelet does; a limit that is not set is the node's
+/// capacity (CPUs, memory), as kubelet answers.
+fn resource_field(spec: &Value, reference: &Value, own: Option<&Value>) -> Option<String> {
+    let container = match reference.get("containerName").and_then(Value::as_str) {
+        Some(name) if !name.is_empty() => spec
+            .get("containers")?
+            .as_array()?
+            .iter()
+            .find(|c| c.get("name").and_then(Value::as_str) == Some(name))?,
+        _ => own?,
+    };
+    let resource = reference.get("resource")?.as_str()?;
+    let (section, what) = resource.split_once('.')?;
+    let set = container
+        .pointer(&format!("/resources/{section}/{what}"))
+        .and_then(Value::as_str);
+    let divisor = reference
+        .get("divisor")
+        .and_then(|d| {
+            d.as_str()
+                .map(str::to_owned)
+                .or_else(|| Some(d.to_string()))
+        })
+        .unwrap_or_else(|| "1".into());
+    match what {
+        "cpu" => {
+            let millis = match set {
+                Some(text) => quantity(text, 1000.0)?,
+                None => 1000 * std::thread::available_parallelism().map_or(1, |n| n.get()) as u64,
+            };
+            let per = quantity(&divisor, 1000.0)?.max(1);
+            Some(millis.div_ceil(per).to_string())
+        }
+        "memory" | "ephemeral-storage" => {
+            let bytes = match set {
+                Some(text) => quantity(text, 1.0)?,
+                None if what == "memory" => node_memory_bytes(),
+                None => return None,
+            };
+            let per = quantity(&divisor, 1.0)?.max(1);
+            Some(bytes.div_ceil(per).to_string())
+        }
+        _ => None,
+    }
+}
+
+fn node_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            let kib: u64 = t
+                .lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
+}
+
+/// The files of a downward API volume (or projection): each item's `path` holds a `fieldRef`
+/// (`metadata.name`, `namespace`, `uid`, `labels`, `annotations`, `labels['k']`,
+/// `annotations['k']`, and the fields env `fieldRef` supports) or a `resourceFieldRef`.
+fn downward_files(
+    pod: &Object,
+    spec: &Value,
+    items: Option<&Value>,
+    own: Option<&Value>,
+) -> Vec<(PathBuf, Vec<u8>)> {
+    let meta = object::meta(pod);
+    let mut files = Vec::new();
+    for item in items.and_then(Value::as_array).into_iter().flatten() {
+        let Some(path) = item.get("path").and_then(Value::as_str) else {
+            continue;
+        };
+        if !safe_relative(path) {
+            continue;
+        }
+        let value = if let Some(field) = item.pointer("/fieldRef/fieldPath").and_then(Value::as_str)
+        {
+            let keyed = |map: &str| -> Option<String> {
+                let key = field
+                    .strip_prefix(&format!("metadata.{map}['"))?
+                    .strip_suffix("']")?;
+                Some(meta?.get(map)?.get(key)?.as_str()?.to_owned())
+            };
+            match field {
+                "metadata.labels" => Some(downward_map(meta.and_then(|m| m.get("labels")))),
+                "metadata.annotations" => {
+                    Some(downward_map(meta.and_then(|m| m.get("annotations"))))
+                }
+                _ => keyed("labels")
+                    .or_else(|| keyed("annotations"))
+                    .or_else(|| field_ref(pod, field)),
+            }
+        } else if let Some(reference) = item.get("resourceFieldRef") {
+            resource_field(spec, reference, own)
+        } else {
+            None
+        };
+        if let Some(value) = value {
+            files.push((PathBuf::from(path), value.into_bytes()));
+        }
+    }
+    files
+}
+
+/// The files a configMap, secret, downwardAPI or projected volume holds, by their path in the
+/// volume; `None` for other volume types. A projected volume's `serviceAccountToken` source
+/// writes nothing (kedge mints no service account tokens).
+fn volume_contents(
+    store: &Store,
+    pod: &Object,
+    spec: &Value,
+    volume: &Value,
+    container: &Value,
+) -> Option<Vec<(PathBuf, Vec<u8>)>> {
     let namespace = object::namespace(pod);
+    if let Some(cm) = volume.get("configMap") {
+        return Some(keyed_files(
+            store,
+            "configmaps",
+            namespace,
+            cm.get("name"),
+            cm.get("items"),
+        ));
+    }
+    if let Some(secret) = volume.get("secret") {
+        let name = secret.get("secretName");
+        return Some(keyed_files(
+            store,
+            "secrets",
+            namespace,
+            name,
+            secret.get("items"),
+        ));
+    }
+    if let Some(downward) = volume.get("downwardAPI") {
+        return Some(downward_files(
+            pod,
+            spec,
+            downward.get("items"),
+            Some(container),
+        ));
+    }
+    let projected = volume.get("projected")?;
+    let mut files = Vec::new();
+    let sources = projected.get("sources").and_then(Value::as_array);
+    for source in sources.into_iter().flatten() {
+        if let Some(cm) = source.get("configMap") {
+            files.extend(keyed_files(
+                store,
+                "configmaps",
+                namespace,
+                cm.get("name"),
+                cm.get("items"),
+            ));
+        } else if let Some(secret) = source.get("secret") {
+            // A projection names its Secret `name`, a secret volume `secretName`.
+            files.extend(keyed_files(
+                store,
+                "secrets",
+                namespace,
+                secret.get("name"),
+                secret.get("items"),
+            ));
+        } else if let Some(downward) = source.get("downwardAPI") {
+            files.extend(downward_files(
+                pod,
+                spec,
+                downward.get("items"),
+                Some(container),
+            ));
+        }
+    }
+    Some(files)
+}
+
+/// Whether the volume's files are written under the pod root (see [`volume_contents`]).
+fn is_file_volume(volume: &Value) -> bool {
+    ["configMap", "secret", "downwardAPI", "projected"]
+        .iter()
+        .any(|kind| volume.get(*kind).is_some())
+}
+
+/// The files of the pod's configMap, secret, downwardAPI and projected volumes, at every
+/// container's mount of them.
+fn volume_files(store: &Store, pod: &Object, spec: &Value) -> Vec<(PathBuf, Vec<u8>)> {
     let volumes = spec.get("volumes").and_then(Value::as_array);
     let mut files = Vec::new();
     let containers = spec.get("containers").and_then(Value::as_array);
@@ -173,34 +428,11 @@ fn volume_files(store: &Store, pod: &Object, spec: &Value) -> Vec<(PathBuf, Vec<
             else {
                 continue;
             };
-            let (kind, source_name, items) = if let Some(cm) = volume.get("configMap") {
-                ("configmaps", cm.get("name"), cm.get("items"))
-            } else if let Some(secret) = volume.get("secret") {
-                ("secrets", secret.get("secretName"), secret.get("items"))
-            } else {
+            let Some(contents) = volume_contents(store, pod, spec, volume, container) else {
                 continue;
             };
-            let Some(source_name) = source_name.and_then(Value::as_str) else {
-                continue;
-            };
-            let data = source_data(store, kind, namespace, source_name);
             let base = Path::new(path.trim_start_matches('/'));
-            match items.and_then(Value::as_array) {
-                Some(items) => {
-                    for item in items {
-                        let (Some(k), Some(p)) = (
-                            item.get("key").and_then(Value::as_str),
-                            item.get("path").and_then(Value::as_str),
-                        ) else {
-                            continue;
-                        };
-                        if let Some((_, v)) = data.iter().find(|(dk, _)| dk == k) {
-                            files.push((base.join(p), v.clone()));
-                        }
-                    }
-                }
-                None => files.extend(data.into_iter().map(|(k, v)| (base.join(k), v))),
-            }
+            files.extend(contents.into_iter().map(|(p, v)| (base.join(p), v)));
         }
     }
     files.sort();
@@ -220,9 +452,9 @@ fn claim_dir(pod_dir: &Path, claim: &str) -> Option<PathBuf> {
     Some(data_dir.join("claims").join(format!("{namespace}_{claim}")))
 }
 
-/// A container's volume mounts resolved to the node's paths (see [`MountRun`]): configMap and
-/// secret volumes at `root/<mountPath>` (where [`volume_files`] writes their files), emptyDir
-/// at `<pod dir>/volumes/<name>`, hostPath at its path, a PersistentVolumeClaim at the node's
+/// A container's volume mounts resolved to the node's paths (see [`MountRun`]): configMap,
+/// secret, downwardAPI and projected volumes at `root/<mountPath>` (where [`volume_files`]
+/// writes their files), emptyDir at `<pod dir>/volumes/<name>`, hostPath at its path, a PersistentVolumeClaim at the node's
 /// directory for that claim ([`claim_dir`], kept when the pod goes). Other volume types (and
 /// mounts of a volume the pod does not declare) are left out.
 fn mounts_of(spec: &Value, container: &Value, root: &Path) -> Vec<MountRun> {
@@ -249,29 +481,28 @@ fn mounts_of(spec: &Value, container: &Value, root: &Path) -> Vec<MountRun> {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         let relative = Path::new(path.trim_start_matches('/'));
-        let (host_path, read_only) =
-            if volume.get("configMap").is_some() || volume.get("secret").is_some() {
-                (root.join(relative), true)
-            } else if volume.get("emptyDir").is_some() {
-                if name.contains('/') || name == ".." {
-                    continue;
-                }
-                (pod_dir.join("volumes").join(name), read_only)
-            } else if let Some(host) = volume.pointer("/hostPath/path").and_then(Value::as_str) {
-                (PathBuf::from(host), read_only)
-            } else if let Some(claim) = volume
-                .pointer("/persistentVolumeClaim/claimName")
-                .and_then(Value::as_str)
-            {
-                // A node-local volume per claim, outliving its pods: what a StatefulSet's
-                // `data-db-0` needs to find its data again when db-0 is made again here.
-                match claim_dir(pod_dir, claim) {
-                    Some(dir) => (dir, read_only),
-                    None => continue,
-                }
-            } else {
+        let (host_path, read_only) = if is_file_volume(volume) {
+            (root.join(relative), true)
+        } else if volume.get("emptyDir").is_some() {
+            if name.contains('/') || name == ".." {
                 continue;
-            };
+            }
+            (pod_dir.join("volumes").join(name), read_only)
+        } else if let Some(host) = volume.pointer("/hostPath/path").and_then(Value::as_str) {
+            (PathBuf::from(host), read_only)
+        } else if let Some(claim) = volume
+            .pointer("/persistentVolumeClaim/claimName")
+            .and_then(Value::as_str)
+        {
+            // A node-local volume per claim, outliving its pods: what a StatefulSet's
+            // `data-db-0` needs to find its data again when db-0 is made again here.
+            match claim_dir(pod_dir, claim) {
+                Some(dir) => (dir, read_only),
+                None => continue,
+            }
+        } else {
+            continue;
+        };
         out.push(MountRun {
             container_path: path.to_owned(),
             host_path,
@@ -389,6 +620,153 @@ fn host_ports_of(container: &Value) -> Vec<(String, i32, i32, String)> {
         .collect()
 }
 
+/// Volume types a node mounts; a pod naming another is refused ([`config_error`]).
+pub const SUPPORTED_VOLUMES: [&str; 7] = [
+    "configMap",
+    "secret",
+    "emptyDir",
+    "hostPath",
+    "persistentVolumeClaim",
+    "downwardAPI",
+    "projected",
+];
+
+/// Why the pod's containers cannot be created from what the node holds, in kubelet's words
+/// (its `CreateContainerConfigError` messages), or `None`: a volume mount naming no volume, a
+/// volume of a type the node does not mount, a ConfigMap or Secret (of a volume, `envFrom` or
+/// an env key reference) or key that the node does not hold and that is not `optional`.
+pub fn config_error(store: &Store, pod: &Object) -> Option<String> {
+    let namespace = object::namespace(pod);
+    let spec = pod.get("spec")?;
+    let volumes: Vec<&Value> = spec
+        .get("volumes")
+        .and_then(Value::as_array)
+        .map(|v| v.iter().collect())
+        .unwrap_or_default();
+    let optional = |r: &Value| r.get("optional").and_then(Value::as_bool).unwrap_or(false);
+    let word = |kind: &str| {
+        if kind == "secrets" {
+            "secret"
+        } else {
+            "configmap"
+        }
+    };
+    let missing = |kind: &str, name: &str| format!("{} \"{name}\" not found", word(kind));
+    // Each source a container needs: (kind, name, keys it needs, optional).
+    let mut needs: Vec<(&str, String, Vec<String>, bool)> = Vec::new();
+    for volume in &volumes {
+        let name = volume.get("name").and_then(Value::as_str).unwrap_or("");
+        let Some(kind) = SUPPORTED_VOLUMES.iter().find(|k| volume.get(**k).is_some()) else {
+            let types: Vec<&String> = volume
+                .as_object()
+                .into_iter()
+                .flat_map(|o| o.keys())
+                .filter(|k| *k != "name")
+                .collect();
+            return Some(format!(
+                "volume \"{name}\": unsupported volume type {types:?} (this node mounts {})",
+                SUPPORTED_VOLUMES.join(", ")
+            ));
+        };
+        let keys = |source: &Value| -> Vec<String> {
+            source
+                .get("items")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.get("key").and_then(Value::as_str).map(str::to_owned))
+                .collect()
+        };
+        let mut add = |kind: &'static str, source: &Value, name_field: &str| {
+            if let Some(name) = source.get(name_field).and_then(Value::as_str) {
+                needs.push((kind, name.to_owned(), keys(source), optional(source)));
+            }
+        };
+        match *kind {
+            "configMap" => add("configmaps", &volume["configMap"], "name"),
+            "secret" => add("secrets", &volume["secret"], "secretName"),
+            "projected" => {
+                let sources = volume
+                    .pointer("/projected/sources")
+                    .and_then(Value::as_array);
+                for source in sources.into_iter().flatten() {
+                    if let Some(cm) = source.get("configMap") {
+                        add("configmaps", cm, "name");
+                    } else if let Some(secret) = source.get("secret") {
+                        add("secrets", secret, "name");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let lists = ["initContainers", "containers"];
+    let containers = lists
+        .iter()
+        .filter_map(|l| spec.get(*l).and_then(Value::as_array))
+        .flatten();
+    for container in containers {
+        let container_name = container.get("name").and_then(Value::as_str).unwrap_or("");
+        let mounts = container.get("volumeMounts").and_then(Value::as_array);
+        for mount in mounts.into_iter().flatten() {
+            let name = mount.get("name").and_then(Value::as_str).unwrap_or("");
+            if !volumes
+                .iter()
+                .any(|v| v.get("name").and_then(Value::as_str) == Some(name))
+            {
+                return Some(format!(
+                    "cannot find volume \"{name}\" to mount into container \"{container_name}\""
+                ));
+            }
+        }
+        let env_from = container.get("envFrom").and_then(Value::as_array);
+        for source in env_from.into_iter().flatten() {
+            for (field, kind) in [("configMapRef", "configmaps"), ("secretRef", "secrets")] {
+                if let Some(r) = source.get(field) {
+                    let name = r.get("name").and_then(Value::as_str).unwrap_or("");
+                    needs.push((kind, name.to_owned(), Vec::new(), optional(r)));
+                }
+            }
+        }
+        let env = container.get("env").and_then(Value::as_array);
+        for var in env.into_iter().flatten() {
+            for (field, kind) in [
+                ("configMapKeyRef", "configmaps"),
+                ("secretKeyRef", "secrets"),
+            ] {
+                if let Some(r) = var.get("valueFrom").and_then(|f| f.get(field)) {
+                    let name = r.get("name").and_then(Value::as_str).unwrap_or("");
+                    let key = r
+                        .get("key")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned();
+                    needs.push((kind, name.to_owned(), vec![key], optional(r)));
+                }
+            }
+        }
+    }
+    for (kind, name, keys, optional) in needs {
+        if optional {
+            continue;
+        }
+        let Some(data) = source(store, kind, namespace, &name) else {
+            return Some(missing(kind, &name));
+        };
+        if let Some(key) = keys.iter().find(|k| !data.iter().any(|(d, _)| d == *k)) {
+            let kind = if kind == "secrets" {
+                "Secret"
+            } else {
+                "ConfigMap"
+            };
+            return Some(format!(
+                "couldn't find key {key} in {kind} {namespace}/{name}"
+            ));
+        }
+    }
+    None
+}
+
 /// What the runtime needs to run `pod`, resolved against the cache now.
 pub fn pod_run(store: &Store, pod: &Object, pods_dir: &Path) -> PodRun {
     let namespace = object::namespace(pod);
@@ -498,6 +876,138 @@ mod tests {
     }
 
     #[test]
+    fn what_a_pod_needs_and_the_node_lacks_is_said_in_kubelets_words() {
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "cfg", "namespace": "ns"}, "data": {"a": "1"}});
+        let (_dir, store) = store_with(&[("configmaps/ns/cfg", cm)]);
+        let pod = |volumes: Value, container: Value| -> Object {
+            let mut c = json!({"name": "main", "image": "busybox"});
+            c.as_object_mut()
+                .unwrap()
+                .extend(container.as_object().unwrap().clone());
+            serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p", "namespace": "ns"},
+                "spec": {"volumes": volumes, "containers": [c]}}))
+            .unwrap()
+        };
+        let error = |p: &Object| config_error(&store, p);
+        assert_eq!(error(&pod(json!([]), json!({}))), None);
+        let fine = pod(
+            json!([{"name": "c", "configMap": {"name": "cfg", "items": [{"key": "a", "path": "a"}]}},
+                   {"name": "o", "secret": {"secretName": "gone", "optional": true}}]),
+            json!({"volumeMounts": [{"name": "c", "mountPath": "/c"}],
+                   "env": [{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "a"}}}]}),
+        );
+        assert_eq!(error(&fine), None);
+        let gitrepo = pod(
+            json!([{"name": "g", "gitRepo": {"repository": "r"}}]),
+            json!({}),
+        );
+        assert!(error(&gitrepo)
+            .unwrap()
+            .starts_with("volume \"g\": unsupported volume type [\"gitRepo\"]"));
+        let unmounted = pod(
+            json!([]),
+            json!({"volumeMounts": [{"name": "x", "mountPath": "/x"}]}),
+        );
+        assert_eq!(
+            error(&unmounted).unwrap(),
+            "cannot find volume \"x\" to mount into container \"main\""
+        );
+        let no_cm = pod(
+            json!([{"name": "c", "configMap": {"name": "other"}}]),
+            json!({}),
+        );
+        assert_eq!(error(&no_cm).unwrap(), "configmap \"other\" not found");
+        let no_secret = pod(
+            json!([]),
+            json!({"envFrom": [{"secretRef": {"name": "creds"}}]}),
+        );
+        assert_eq!(error(&no_secret).unwrap(), "secret \"creds\" not found");
+        let no_key = pod(
+            json!([]),
+            json!({"env": [{"name": "B", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "b"}}}]}),
+        );
+        assert_eq!(
+            error(&no_key).unwrap(),
+            "couldn't find key b in ConfigMap ns/cfg"
+        );
+        let optional_key = pod(
+            json!([]),
+            json!({"env": [{"name": "B", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "b", "optional": true}}}]}),
+        );
+        assert_eq!(error(&optional_key), None);
+    }
+
+    #[test]
+    fn downward_api_and_projected_volumes_become_files() {
+        let base64 = base64::engine::general_purpose::STANDARD;
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "cfg", "namespace": "ns"}, "data": {"a": "1", "b": "2"}});
+        let secret = json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "s", "namespace": "ns"}, "data": {"k": base64.encode("v")}});
+        let (_dir, store) = store_with(&[("configmaps/ns/cfg", cm), ("secrets/ns/s", secret)]);
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u1",
+                "labels": {"tier": "edge", "app": "a\"b"}, "annotations": {"note": "x"}},
+            "spec": {
+                "volumes": [
+                    {"name": "info", "downwardAPI": {"items": [
+                        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                        {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}},
+                        {"path": "tier", "fieldRef": {"fieldPath": "metadata.labels['tier']"}},
+                        {"path": "cpu", "resourceFieldRef": {"containerName": "main",
+                            "resource": "limits.cpu", "divisor": "1m"}},
+                        {"path": "mem", "resourceFieldRef": {"containerName": "main",
+                            "resource": "requests.memory", "divisor": "1Mi"}},
+                        {"path": "../escape", "fieldRef": {"fieldPath": "metadata.name"}}]}},
+                    {"name": "all", "projected": {"sources": [
+                        {"configMap": {"name": "cfg", "items": [{"key": "b", "path": "conf/b"}]}},
+                        {"secret": {"name": "s"}},
+                        {"downwardAPI": {"items": [
+                            {"path": "ns", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+                        {"serviceAccountToken": {"path": "token"}}]}}],
+                "containers": [{
+                    "name": "main", "image": "busybox",
+                    "resources": {"limits": {"cpu": "250m"}, "requests": {"memory": "3Mi"}},
+                    "volumeMounts": [{"name": "info", "mountPath": "/etc/podinfo"},
+                                     {"name": "all", "mountPath": "/all"}]}]}});
+        let pod: Object = serde_json::from_value(pod).unwrap();
+        let run = pod_run(&store, &pod, Path::new("/d/pods"));
+        let files: Vec<(String, String)> = run
+            .files
+            .iter()
+            .map(|(p, v)| {
+                (
+                    p.display().to_string(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect();
+        let expected = [
+            ("all/conf/b", "2"),
+            ("all/k", "v"),
+            ("all/ns", "ns"),
+            ("etc/podinfo/cpu", "250"),
+            ("etc/podinfo/labels", "app=\"a\\\"b\"\ntier=\"edge\""),
+            ("etc/podinfo/mem", "3"),
+            ("etc/podinfo/name", "p"),
+            ("etc/podinfo/tier", "edge"),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(p, v)| ((*p).to_owned(), (*v).to_owned()))
+            .collect();
+        assert_eq!(files, expected);
+        let mounts: Vec<_> = run.containers[0]
+            .mounts
+            .iter()
+            .map(|m| (m.container_path.as_str(), m.read_only))
+            .collect();
+        assert_eq!(mounts, [("/etc/podinfo", true), ("/all", true)]);
+    }
+
+    #[test]
     fn a_pod_spec_becomes_what_a_container_runtime_needs() {
         let base64 = base64::engine::general_purpose::STANDARD;
         let config = r#"{"auths":{"https://reg.example:5000/v2/":{"auth":"dTpw"},"other.example":{"username":"a","password":"b"}}}"#;
@@ -515,7 +1025,7 @@ mod tests {
                 "volumes": [{"name": "scratch", "emptyDir": {}},
                             {"name": "host", "hostPath": {"path": "/srv/data"}},
                             {"name": "cfg", "configMap": {"name": "cfg"}},
-                            {"name": "weird", "downwardAPI": {}}],
+                            {"name": "weird", "gitRepo": {"repository": "x"}}],
                 "containers": [{
                     "name": "main", "image": "reg.example:5000/app",
                     "args": ["--flag"], "workingDir": "/work",

@@ -147,6 +147,24 @@ impl CriEnv {
         }
     }
 
+    /// Builds and pushes an image of its own (busybox with `image_env`, e.g. `A=1`, in its
+    /// config, so its id differs from the others') as `repo:tag` to the registry; returns the
+    /// reference a pod names.
+    pub fn push(&self, repo_tag: &str, image_env: &str) -> String {
+        let out = Command::new(scripts().join("push-image.sh"))
+            .arg(&self.registry)
+            .arg(repo_tag)
+            .env("IMAGE_ENV", image_env)
+            .output()
+            .expect("run scripts/push-image.sh");
+        assert!(
+            out.status.success(),
+            "push-image.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!("{}/{repo_tag}", self.registry)
+    }
+
     /// Every pod sandbox the runtime has (ready or not).
     pub fn sandboxes(&self) -> Vec<k8s_cri::v1::PodSandbox> {
         self.rt

@@ -346,6 +346,7 @@ pub fn openapi_document(registry: &Registry, path: &str) -> Option<Value> {
             paths.insert(format!("{item}/scale"), scale.item("Scale"));
         }
     }
+    unique_operation_ids(&mut paths);
     Some(json!({
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes", "version": KUBERNETES_VERSION},
@@ -385,6 +386,41 @@ fn parameter(name: &str, location: &str, ty: &str, description: &str) -> Value {
         p["required"] = json!(true);
     }
     p
+}
+
+/// Makes every operationId of a document unique: a subresource's id can be another kind's
+/// (`Device` + `Status` and the kind `DeviceStatus` in `devices.kubeedge.io/v1beta1`); the
+/// subresource's operations then end in `Subresource` (`read…NamespacedDeviceStatusSubresource`).
+/// Kinds keep kube-apiserver's ids.
+fn unique_operation_ids(paths: &mut serde_json::Map<String, Value>) {
+    let mut kinds = std::collections::HashSet::new();
+    for (url, item) in paths.iter() {
+        if url.ends_with("/status") || url.ends_with("/scale") {
+            continue;
+        }
+        for op in item.as_object().into_iter().flat_map(|o| o.values()) {
+            if let Some(id) = op.get("operationId").and_then(Value::as_str) {
+                kinds.insert(id.to_owned());
+            }
+        }
+    }
+    for (url, item) in paths.iter_mut() {
+        if !(url.ends_with("/status") || url.ends_with("/scale")) {
+            continue;
+        }
+        for op in item
+            .as_object_mut()
+            .into_iter()
+            .flat_map(|o| o.values_mut())
+        {
+            let Some(id) = op.get("operationId").and_then(Value::as_str) else {
+                continue;
+            };
+            if kinds.contains(id) {
+                op["operationId"] = json!(format!("{id}Subresource"));
+            }
+        }
+    }
 }
 
 /// The operations of one served kind, in the shape of kube-apiserver's OpenAPI v3 documents:
