@@ -123,8 +123,8 @@ echo "== $pod (of Deployment greeter) runs on $node as $runs_as: kubectl logs $p
 sleep 1
 kubectl logs "$pod" -n demo
 echo
-echo "== kubectl exec $pod -n demo -- printenv GREETING   (over $node's QUIC link)"
-kubectl exec "$pod" -n demo -- printenv GREETING
+echo "== kubectl exec $pod -n demo -- sh -c 'echo \$GREETING'   (over $node's QUIC link)"
+kubectl exec "$pod" -n demo -- sh -c 'echo $GREETING'
 echo
 echo "== kubectl top nodes   (usage measured on each node, asked for over its link)"
 kubectl top nodes || true
@@ -173,7 +173,7 @@ edgecores run the pods $runs_on
     kubectl exec -it $pod -- sh                                       # a shell in the pod
     kubectl attach $pod                                               # its output as it comes
     kubectl top pods                                                  # CPU and memory per pod
-    kubectl port-forward pod/POD 8080:PORT                            # a pod's port (127.0.0.1:PORT on its node)
+    kubectl port-forward pod/POD 8080:PORT                            # a pod's port, from this machine
     kubectl scale deployment greeter --replicas=5                     # two more pods
     ${push}kubectl set image deployment/greeter greeter=$new_image && kubectl rollout status deployment/greeter
     kubectl rollout undo deployment/greeter                           # back to revision 1

@@ -250,7 +250,10 @@ pub fn fs_usage(path: &Path) -> std::io::Result<FsUsage> {
     }
     // SAFETY: statvfs returned 0, so the struct is initialized.
     let stat = unsafe { stat.assume_init() };
+    // fsblkcnt_t and f_frsize are u64 here, u32 on some 32-bit targets.
+    #[allow(clippy::useless_conversion)]
     let fragment = u64::from(stat.f_frsize);
+    #[allow(clippy::useless_conversion)]
     Ok(FsUsage {
         capacity_bytes: u64::from(stat.f_blocks) * fragment,
         available_bytes: u64::from(stat.f_bavail) * fragment,
