@@ -40,13 +40,18 @@ CNI_SUBNET=10.77.0.0/16 PUSH_IMAGE=scripts/push-image.sh scripts/cri-env.sh up "
 sock=${CRI_ENDPOINT#unix://}
 ctr=(ctr --address "$sock" -n kedge-bench)
 
-if [ "$mode" = many ]; then
-  api=127.0.0.1:17180
+# cloudcore on loopback; sets api and token (a bootstrap token for the edgecores).
+api=127.0.0.1:17180
+start_cloud() {
   "$BIN/cloudcore" --data-dir "$work/cloud" --api-listen "$api" \
     --metrics-listen 127.0.0.1:17191 --quic-listen 127.0.0.1:17101 2>"$work/cloud.log" &
   pids+=($!)
   for _ in $(seq 1 100); do curl -sf "http://$api/healthz" >/dev/null && break; sleep 0.1; done
   token=$("$BIN/cloudcore" token create --data-dir "$work/cloud" | tail -1)
+}
+
+if [ "$mode" = many ]; then
+  start_cloud
   "$BIN/edgecore" --node-name bench-cri --cloud 127.0.0.1:17101 --data-dir "$work/edge-cri" \
     --metaserver-listen 127.0.0.1:17651 --no-mqtt --token "$token" \
     --runtime cri --cri-endpoint "$CRI_ENDPOINT" 2>"$work/edge-cri.log" &
@@ -124,12 +129,7 @@ fi
 "${ctr[@]}" images pull --plain-http "$BUSYBOX_IMAGE" >/dev/null
 
 # --- kedge: cloudcore + one edgecore --runtime cri
-api=127.0.0.1:17180
-"$BIN/cloudcore" --data-dir "$work/cloud" --api-listen "$api" \
-  --metrics-listen 127.0.0.1:17191 --quic-listen 127.0.0.1:17101 2>"$work/cloud.log" &
-pids+=($!)
-for _ in $(seq 1 100); do curl -sf "http://$api/healthz" >/dev/null && break; sleep 0.1; done
-token=$("$BIN/cloudcore" token create --data-dir "$work/cloud" | tail -1)
+start_cloud
 "$BIN/edgecore" --node-name bench-1 --cloud 127.0.0.1:17101 --data-dir "$work/edge" \
   --metaserver-listen 127.0.0.1:17651 --no-mqtt --token "$token" \
   --runtime cri --cri-endpoint "$CRI_ENDPOINT" 2>"$work/edge.log" &

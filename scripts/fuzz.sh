@@ -29,17 +29,26 @@ if [ -n "$built" ]; then
 fi
 targets=("$@")
 [ "${#targets[@]}" -gt 0 ] || mapfile -t targets < <(cargo fuzz list)
-cargo fuzz build -s none -O
+# Built once, then the binaries are run directly: `cargo fuzz run` would rebuild whenever a
+# source file changed during the (long) run. KEDGE_FUZZ_NO_BUILD=1 reuses the last build.
+[ -n "${KEDGE_FUZZ_NO_BUILD:-}" ] || cargo fuzz build -s none -O
+bin_dir="$CARGO_TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release"
 mkdir -p logs
 for t in "${targets[@]}"; do
-  mkdir -p "corpus/$t"
+  mkdir -p "corpus/$t" "artifacts/$t"
   status=0
-  cargo fuzz run -s none -O "$t" "corpus/$t" -- -max_total_time="$seconds" -print_final_stats=1 \
-    -rss_limit_mb=4096 -timeout=10 >"logs/$t.log" 2>&1 || status=$?
+  "$bin_dir/$t" -artifact_prefix="artifacts/$t/" -max_total_time="$seconds" -print_final_stats=1 \
+    -rss_limit_mb=4096 -timeout=10 "corpus/$t" >"logs/$t.log" 2>&1 || status=$?
   runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "logs/$t.log" | grep -o '[0-9]*$' || echo 0)
   rate=$(grep -o 'exec/s: *[0-9]*' "logs/$t.log" | tail -1 | grep -o '[0-9]*$' || echo 0)
   cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "logs/$t.log" | tail -1 || true)
-  cargo fuzz cmin -s none -O "$t" "corpus/$t" >>"logs/$t.log" 2>&1 || true
+  # Minimize (what `cargo fuzz cmin` does): merge into an empty directory, keep that.
+  rm -rf "corpus/$t.min" && mkdir -p "corpus/$t.min"
+  if "$bin_dir/$t" -merge=1 -rss_limit_mb=4096 -timeout=10 "corpus/$t.min" "corpus/$t" >>"logs/$t.log" 2>&1; then
+    rm -rf "corpus/$t" && mv "corpus/$t.min" "corpus/$t"
+  else
+    rm -rf "corpus/$t.min"
+  fi
   kept=$(find "corpus/$t" -type f | wc -l)
   crashes=$(find "artifacts/$t" -type f 2>/dev/null | wc -l)
   echo "$t: ${seconds}s, $runs runs, $rate exec/s, $cov, corpus $kept, crashes $crashes (exit $status)"

@@ -76,6 +76,8 @@ pub struct EdgeConfig {
     pub node_status: node::NodeStatusConfig,
     /// Image garbage collection for [`RuntimeKind::Cri`] (kubelet's thresholds).
     pub image_gc: edged::image_gc::ImageGcPolicy,
+    /// Container log rotation by size (kubelet's `--container-log-max-size/-files`).
+    pub log_rotation: edged::logs::LogRotation,
     /// Applications the cloud may call through ServiceBus, by name.
     pub service_bus_apps: Vec<(String, SocketAddr)>,
     /// How long a ServiceBus call may take on the node.
@@ -104,6 +106,7 @@ impl EdgeConfig {
             cri_endpoint: DEFAULT_CRI_ENDPOINT.to_owned(),
             node_status: node::NodeStatusConfig::default(),
             image_gc: edged::image_gc::ImageGcPolicy::default(),
+            log_rotation: edged::logs::LogRotation::default(),
             service_bus_apps: Vec::new(),
             service_bus_timeout: Duration::from_secs(10),
             eventbus: eventbus::EventBusConfig::default(),
@@ -325,7 +328,8 @@ impl EdgeCore {
                 shutdown.clone(),
             )),
         ));
-        let edged = edged::Edged::new(meta.clone(), runtime, config.data_dir.join("pods"));
+        let edged = edged::Edged::new(meta.clone(), runtime, config.data_dir.join("pods"))
+            .with_log_rotation(config.log_rotation);
         let edged = tokio::spawn(edged.run(shutdown.clone(), Duration::from_secs(10)));
         tracing::info!(node = %config.node_name, %metaserver_addr, mqtt = ?mqtt_addr, cloud = %config.cloud, "edgecore started");
         Ok(EdgeCore {

@@ -47,7 +47,8 @@ fn held(meta: &MetaManager, key: &ObjectKey) -> Option<Object> {
     serde_json::from_slice(&versioned.object).ok()
 }
 
-fn meminfo_total_kib() -> u64 {
+/// `MemTotal` from `/proc/meminfo`, in KiB (0 where it cannot be read).
+pub(crate) fn meminfo_total_kib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {

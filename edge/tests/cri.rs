@@ -1037,6 +1037,21 @@ spec:
         get(&cloud, "passing", ".status.phase") == "Succeeded"
     });
 
+    // kubelet's events from the runtime (pull, create) beside those from the status (start).
+    eventually("keeper's events", Duration::from_secs(20), || {
+        let reasons = stdout(&cloud.kubectl(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=keeper",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ]));
+        ["Pulling", "Pulled", "Created", "Started"]
+            .iter()
+            .all(|r| reasons.split_whitespace().any(|x| x == *r))
+    });
+
     // downwardAPI and projected volumes are files in the container.
     let info = cloud.kubectl(&[
         "exec",
@@ -1055,17 +1070,20 @@ spec:
     );
 
     // The node's status lists what the runtime holds, with sizes; and its disk.
+    let node_images = || {
+        stdout(&cloud.kubectl(&[
+            "get",
+            "node",
+            "edge-gc",
+            "-o",
+            "jsonpath={.status.images[*].names}",
+        ]))
+    };
     eventually(
         "the Node lists both images",
         Duration::from_secs(30),
         || {
-            let names = stdout(&cloud.kubectl(&[
-                "get",
-                "node",
-                "edge-gc",
-                "-o",
-                "jsonpath={.status.images[*].names}",
-            ]));
+            let names = node_images();
             names.contains(&env.busybox) && names.contains(&extra)
         },
     );
@@ -1117,13 +1135,7 @@ spec:
         "the Node no longer lists it",
         Duration::from_secs(30),
         || {
-            let names = stdout(&cloud.kubectl(&[
-                "get",
-                "node",
-                "edge-gc",
-                "-o",
-                "jsonpath={.status.images[*].names}",
-            ]));
+            let names = node_images();
             names.contains(&env.busybox) && !names.contains(&extra)
         },
     );

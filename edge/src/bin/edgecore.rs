@@ -61,6 +61,13 @@ struct Cli {
     /// (kubelet: 5 minutes, fixed).
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     image_gc_period: std::time::Duration,
+    /// A container's log is rotated once larger than this (a Kubernetes quantity: 10Mi, 500Ki;
+    /// kubelet's flag, looked at every 10 s).
+    #[arg(long, default_value = "10Mi", value_parser = parse_log_size)]
+    container_log_max_size: u64,
+    /// Log files kept per container, the current one included (kubelet's flag; at least 2).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(2..))]
+    container_log_max_files: u16,
     /// An application the cloud may call through ServiceBus: NAME=HOST:PORT (repeatable).
     #[arg(long = "service-bus-app", value_parser = edge::servicebus::parse_app)]
     service_bus_apps: Vec<(String, SocketAddr)>,
@@ -136,6 +143,13 @@ struct Cli {
     /// the node reconnects (its sync session resumes).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     link_keepalive: std::time::Duration,
+}
+
+/// `--container-log-max-size`: a Kubernetes quantity of bytes.
+fn parse_log_size(text: &str) -> Result<u64, String> {
+    edge::edged::runtime::quantity(text, 1.0)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?} is not a size (e.g. 10Mi, 500Ki)"))
 }
 
 /// mimalloc's `mi_option_purge_delay` (the same position in its v2 and v3 option lists).
@@ -216,6 +230,10 @@ fn main() -> ExitCode {
             low_threshold_percent: cli.image_gc_low_threshold,
             min_age: cli.image_minimum_gc_age,
             period: cli.image_gc_period,
+        };
+        config.log_rotation = edge::edged::logs::LogRotation {
+            max_size: cli.container_log_max_size,
+            max_files: usize::from(cli.container_log_max_files),
         };
         if let Err(e) = config.image_gc.validate() {
             eprintln!("error: {e}");

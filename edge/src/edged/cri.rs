@@ -435,7 +435,14 @@ struct Shared {
     detached: CancellationToken,
     /// Notified whenever a container's state changes ([`Runtime::changed`]).
     changed: Arc<tokio::sync::Notify>,
+    /// Events by pod (`namespace/name`) not yet taken by Edged ([`Runtime::take_events`]);
+    /// at most [`MAX_PENDING_EVENTS`] per pod.
+    events: Mutex<HashMap<String, Vec<super::events::Transition>>>,
 }
+
+/// Events kept for a pod until Edged takes them (the newest are dropped beyond it: a pod in a
+/// pull loop repeats the same ones, which the recorder would aggregate anyway).
+const MAX_PENDING_EVENTS: usize = 32;
 
 /// A container's slot locked for a change: Edged is told when the lock is released.
 struct Changing<'a> {
@@ -514,6 +521,7 @@ impl CriRuntime {
             listing,
             detached: CancellationToken::new(),
             changed: Arc::new(tokio::sync::Notify::new()),
+            events: Mutex::new(HashMap::new()),
         });
         tokio::spawn(relist(Arc::downgrade(&shared)));
         Ok(CriRuntime {
@@ -999,6 +1007,30 @@ impl Runtime for CriRuntime {
         ip
     }
 
+    fn reopen_log(&self, id: &str, container: &str) {
+        let Some(container_id) = self.container_id(id, container) else {
+            return;
+        };
+        let cri = self.shared.cri.clone();
+        tokio::spawn(async move {
+            let request = cri::ReopenContainerLogRequest {
+                container_id: container_id.clone(),
+            };
+            if let Err(e) = cri
+                .runtime_service()
+                .reopen_container_log(call(request, CALL_TIMEOUT))
+                .await
+            {
+                // An exited container has nothing to reopen; its next instance opens anew.
+                tracing::debug!(container = %container_id, error = %e.message(), "ReopenContainerLog");
+            }
+        });
+    }
+
+    fn take_events(&self, id: &str) -> Vec<super::events::Transition> {
+        lock(&self.shared.events).remove(id).unwrap_or_default()
+    }
+
     fn container_ids(&self, id: &str) -> Vec<(String, String, String)> {
         let pods = lock(&self.shared.pods);
         let Some(entry) = pods.get(id) else {
@@ -1333,6 +1365,15 @@ struct Supervisor {
 }
 
 impl Supervisor {
+    /// Keeps an event about this container for Edged to record.
+    fn record(&self, kind: &'static str, reason: &'static str, message: String) {
+        let mut events = lock(&self.shared.events);
+        let pending = events.entry(self.pod.id.clone()).or_default();
+        if pending.len() < MAX_PENDING_EVENTS {
+            pending.push((self.container.name.clone(), kind, reason, message));
+        }
+    }
+
     fn slot_mut(&self) -> Changing<'_> {
         Changing {
             guard: lock(&self.slot),
@@ -1522,6 +1563,11 @@ impl Supervisor {
                     continue;
                 }
             };
+            self.record(
+                "Normal",
+                "Created",
+                format!("Created container {}", self.container.name),
+            );
             if let Some(old) = previous.take() {
                 remove_container(&cri, &old).await;
             }
@@ -1582,6 +1628,11 @@ impl Supervisor {
             }
         };
         if present {
+            self.record(
+                "Normal",
+                "Pulled",
+                format!("Container image \"{image}\" already present on machine"),
+            );
             return Ok(());
         }
         if self.container.pull_policy == PullPolicy::Never {
@@ -1608,6 +1659,8 @@ impl Supervisor {
             .collect();
         auths.push(None);
         let mut last = String::new();
+        self.record("Normal", "Pulling", format!("Pulling image \"{image}\""));
+        let started = Instant::now();
         for auth in auths {
             let request = cri::PullImageRequest {
                 image: Some(spec.clone()),
@@ -1619,7 +1672,17 @@ impl Supervisor {
                 .pull_image(call(request, PULL_TIMEOUT))
                 .await
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.record(
+                        "Normal",
+                        "Pulled",
+                        format!(
+                            "Successfully pulled image \"{image}\" in {:.3}s",
+                            started.elapsed().as_secs_f64()
+                        ),
+                    );
+                    return Ok(());
+                }
                 Err(e) => last = e.message().to_owned(),
             }
         }

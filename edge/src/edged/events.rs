@@ -13,6 +13,11 @@
 //! | it waits with `ErrImageNeverPull`, `CreateContainerError`, `CreateContainerConfigError`, `RunContainerError` | Warning | `Failed` | the runtime's message |
 //! | the pod is being deleted | Normal | `Killing` | `Stopping container NAME` |
 //!
+//! What a status cannot tell comes from the runtime ([`super::Runtime::take_events`]; the CRI
+//! runtime): `Pulling` (`Pulling image "IMAGE"`), `Pulled` (`Successfully pulled image "IMAGE"
+//! in 1.2s`, or `Container image "IMAGE" already present on machine`), `Created`
+//! (`Created container NAME`).
+//!
 //! A repeat of the same (pod, container, reason) raises `count` and `lastTimestamp` of one
 //! Event, as client-go's correlator does, while this edgecore runs (after a restart the count
 //! starts again).

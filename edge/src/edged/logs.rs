@@ -159,6 +159,12 @@ pub fn path(pod_dir: &Path, container: &str, previous: bool) -> PathBuf {
     }
 }
 
+/// `<container>.previous.log` beside `<container>.log`.
+fn path_previous(current: &Path) -> PathBuf {
+    let stem = current.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    current.with_file_name(format!("{stem}.previous.log"))
+}
+
 /// Before a container starts again: its current log (`<container>.log`) becomes the previous
 /// instance's (`<container>.previous.log`).
 pub fn rotate(current: &Path) {
@@ -171,6 +177,71 @@ pub fn rotate(current: &Path) {
             tracing::warn!(path = %current.display(), error = %e, "cannot keep the previous log");
         }
     }
+}
+
+/// When a container's log is rotated by size (kubelet's `--container-log-max-size`, 10Mi, and
+/// `--container-log-max-files`, 5, the current file included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRotation {
+    /// Bytes past which `<container>.log` is rotated.
+    pub max_size: u64,
+    /// Files kept per container, the current one included (at least 2).
+    pub max_files: usize,
+}
+
+impl Default for LogRotation {
+    fn default() -> Self {
+        LogRotation {
+            max_size: 10 << 20,
+            max_files: 5,
+        }
+    }
+}
+
+/// If `current` (`<container>.log`) is larger than `rotation.max_size`, renames it to
+/// `<container>.log.<UTC time>` (kubelet's rotated name, `20060102-150405` with microseconds so
+/// that two rotations in a second do not collide) and deletes the oldest rotated files beyond
+/// `max_files - 1`. The writer starts a new file ([`copy_to_log`] notices; a CRI runtime is
+/// told with `ReopenContainerLog`). Returns whether it rotated.
+///
+/// # Errors
+/// The rename or a deletion failing (a missing log is not an error: nothing to rotate).
+pub fn rotate_if_large(current: &Path, rotation: &LogRotation) -> std::io::Result<bool> {
+    match std::fs::metadata(current) {
+        Ok(m) if m.len() > rotation.max_size => {}
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let stamp = format!(
+        "{:04}{:02}{:02}-{:02}{:02}{:02}.{:06}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.microsecond()
+    );
+    let Some(name) = current.file_name().and_then(|n| n.to_str()) else {
+        return Ok(false);
+    };
+    std::fs::rename(current, current.with_file_name(format!("{name}.{stamp}")))?;
+    let dir = current.parent().unwrap_or(Path::new("."));
+    let prefix = format!("{name}.");
+    let mut rotated: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    // The stamps sort as text in time order.
+    rotated.sort();
+    let keep = rotation.max_files.max(2) - 1;
+    let excess = rotated.len().saturating_sub(keep);
+    for old in &rotated[..excess] {
+        std::fs::remove_file(dir.join(old))?;
+    }
+    Ok(true)
 }
 
 /// Now as the CRI log format writes it: RFC 3339 UTC with nanoseconds.
@@ -207,7 +278,22 @@ pub async fn copy_to_log(
     };
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 8 * 1024];
+    // After a rotation ([`rotate_if_large`]) the path names a new file: looked at once a
+    // second, not per line.
+    let mut checked = std::time::Instant::now();
     let mut write = |tag: char, content: &[u8]| {
+        if checked.elapsed() >= Duration::from_secs(1) {
+            checked = std::time::Instant::now();
+            if !same_file(&log, &file) {
+                if let Ok(f) = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&file)
+                {
+                    log = f;
+                }
+            }
+        }
         let mut line = Vec::with_capacity(content.len() + 48);
         line.extend_from_slice(timestamp().as_bytes());
         line.push(b' ');
@@ -243,6 +329,15 @@ pub async fn copy_to_log(
     }
     if !pending.is_empty() {
         write('F', &pending);
+    }
+}
+
+/// Whether `path` still names the open file `file` (same device and inode).
+fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
     }
 }
 
@@ -393,6 +488,7 @@ pub async fn follow(
     let mut out = Vec::new();
     render(&lines, options, since, &mut out);
     let mut pending = Vec::new();
+    let mut current = std::fs::File::open(file).ok();
     loop {
         if !out.is_empty() {
             out.truncate(budget.min(out.len() as u64) as usize);
@@ -402,23 +498,37 @@ pub async fn follow(
             }
         }
         let still_running = running();
-        // New bytes since `offset` (the file is only appended to while it runs; a rotation at
-        // a restart starts a new file, which ends this follow: kubectl logs -f does the same).
+        // New bytes since `offset`, from the file as it was opened: a rotation renames it,
+        // and what was written before the rename is still read from it.
         let mut grew = false;
-        if let Ok(mut f) = std::fs::File::open(file) {
+        if current.is_none() {
+            current = std::fs::File::open(file).ok();
+        }
+        if let Some(f) = current.as_mut() {
             let len = f.metadata().map_or(0, |m| m.len());
-            if len < offset {
-                return Ok(()); // rotated: the container restarted
-            }
             if len > offset {
                 f.seek(SeekFrom::Start(offset))?;
                 let mut chunk = Vec::with_capacity((len - offset) as usize);
-                std::io::Read::read_to_end(&mut std::io::Read::take(&f, len - offset), &mut chunk)?;
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(&*f, len - offset),
+                    &mut chunk,
+                )?;
                 offset = len;
                 pending.extend_from_slice(&chunk);
                 let lines = take_lines(&mut pending);
                 render(&lines, options, since, &mut out);
                 grew = true;
+            } else if !same_file(f, file) && std::fs::metadata(file).is_ok() {
+                // Read to its end and renamed: a restart made it `.previous.log`, which ends
+                // this follow (as kubectl logs -f ends with its container); a rotation by
+                // size goes on in the new file.
+                if same_file(f, &path_previous(file)) {
+                    return Ok(());
+                }
+                current = None;
+                offset = 0;
+                pending.clear();
+                continue;
             }
         }
         if !grew && !still_running {
@@ -522,5 +632,79 @@ mod tests {
         .unwrap();
         writer.await.unwrap();
         assert_eq!(String::from_utf8(got).unwrap(), "first\nsecond\n");
+    }
+
+    #[test]
+    fn large_logs_rotate_and_only_the_newest_files_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.log");
+        let rotation = LogRotation {
+            max_size: 100,
+            max_files: 3,
+        };
+        assert!(!rotate_if_large(&file, &rotation).unwrap(), "no log yet");
+        std::fs::write(&file, [b'x'; 100]).unwrap();
+        assert!(
+            !rotate_if_large(&file, &rotation).unwrap(),
+            "not above the limit"
+        );
+        for round in 0..4u8 {
+            std::fs::write(&file, vec![b'a' + round; 101]).unwrap();
+            assert!(rotate_if_large(&file, &rotation).unwrap());
+            assert!(!file.exists());
+        }
+        let mut kept: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        kept.sort();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert!(kept.iter().all(|n| n.starts_with("c.log.")));
+        // The newest two: rounds 2 and 3.
+        let contents: Vec<u8> = kept
+            .iter()
+            .map(|n| std::fs::read(dir.path().join(n)).unwrap()[0])
+            .collect();
+        assert_eq!(contents, [b'c', b'd']);
+    }
+
+    #[tokio::test]
+    async fn a_writer_and_a_follower_go_on_across_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.log");
+        let (mut input, pipe) = tokio::io::duplex(1024);
+        let writer = tokio::spawn(copy_to_log(pipe, file.clone(), "stdout"));
+        let rotation = LogRotation {
+            max_size: 10,
+            max_files: 5,
+        };
+        let follow_file = file.clone();
+        let started = std::time::Instant::now();
+        let follower = tokio::spawn(async move {
+            let mut got = Vec::new();
+            follow(
+                &follow_file,
+                &LogOptions::default(),
+                || started.elapsed() < Duration::from_secs(4),
+                &mut got,
+            )
+            .await
+            .unwrap();
+            got
+        });
+        use tokio::io::AsyncWriteExt;
+        input.write_all(b"one\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(rotate_if_large(&file, &rotation).unwrap());
+        // The writer looks at its path once a second.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        input.write_all(b"two\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        drop(input);
+        writer.await.unwrap();
+        let got = follower.await.unwrap();
+        assert_eq!(String::from_utf8(got).unwrap(), "one\ntwo\n");
+        let current = std::fs::read_to_string(&file).unwrap();
+        assert!(current.ends_with(" stdout F two\n"), "{current}");
     }
 }

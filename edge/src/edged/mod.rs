@@ -61,7 +61,14 @@ pub struct Edged {
     prober: probe::Prober,
     /// Pods (by uid) whose `Killing` events were recorded.
     killing: HashSet<String>,
+    /// When container logs are rotated by size.
+    log_rotation: logs::LogRotation,
+    /// When the logs' sizes were last looked at.
+    rotation_checked: Option<std::time::Instant>,
 }
+
+/// How often container logs' sizes are looked at (kubelet: 10 s).
+pub const LOG_ROTATION_PERIOD: Duration = Duration::from_secs(10);
 
 fn grace_of(pod: &Object) -> Duration {
     let seconds = object::meta(pod)
@@ -118,6 +125,8 @@ impl Edged {
             meta,
             runtime,
             pods_dir,
+            log_rotation: logs::LogRotation::default(),
+            rotation_checked: None,
             orphans: HashSet::new(),
             reported,
             confirmed: HashSet::new(),
@@ -157,9 +166,55 @@ impl Edged {
             .collect()
     }
 
+    /// Rotates container logs by size (kubelet's `--container-log-max-size` and
+    /// `--container-log-max-files`).
+    pub fn with_log_rotation(mut self, rotation: logs::LogRotation) -> Self {
+        self.log_rotation = rotation;
+        self
+    }
+
+    /// Every [`LOG_ROTATION_PERIOD`] (kubelet's container log manager looks every 10 s):
+    /// each cached pod's current container logs larger than the limit are rotated and the
+    /// runtime told to write a new file.
+    fn rotate_logs(&mut self, pods: &[(ObjectKey, Object)]) {
+        if self
+            .rotation_checked
+            .is_some_and(|t: std::time::Instant| t.elapsed() < LOG_ROTATION_PERIOD)
+        {
+            return;
+        }
+        self.rotation_checked = Some(std::time::Instant::now());
+        for (key, pod) in pods {
+            let id = format!("{}/{}", key.namespace(), key.name());
+            let dir = self
+                .pods_dir
+                .join(format!("{}_{}", key.namespace(), key.name()));
+            let spec = pod.get("spec");
+            let names = ["initContainers", "containers"]
+                .iter()
+                .filter_map(|l| spec.and_then(|s| s.get(*l)).and_then(Value::as_array))
+                .flatten()
+                .filter_map(|c| c.get("name").and_then(Value::as_str));
+            for name in names {
+                let path = logs::path(&dir, name, false);
+                match logs::rotate_if_large(&path, &self.log_rotation) {
+                    Ok(true) => {
+                        tracing::debug!(pod = %id, container = name, "container log rotated");
+                        self.runtime.reopen_log(&id, name);
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(pod = %id, container = name, error = %e, "cannot rotate the log")
+                    }
+                }
+            }
+        }
+    }
+
     /// One reconciliation pass.
     pub fn sync_once(&mut self) {
         let pods = self.cached_pods();
+        self.rotate_logs(&pods);
         let mut wanted = HashSet::new();
         for (key, pod) in &pods {
             let id = format!("{}/{}", key.namespace(), key.name());
@@ -224,6 +279,7 @@ impl Edged {
                 self.reported.remove(key);
             }
             self.runtime.ensure(&run);
+            self.record_runtime_events(&id, pod);
             if let Some(containers) = self.runtime.status(&id) {
                 let probed = self.probe(&id, key, pod, &containers);
                 self.report_status(&id, key, pod, run.restart_policy, &containers, &probed);
@@ -253,6 +309,25 @@ impl Edged {
             .collect();
         self.confirmed.retain(|uid| cached.contains(uid.as_str()));
         self.killing.retain(|uid| cached.contains(uid.as_str()));
+    }
+
+    /// The runtime's own events about the pod (`Pulling`, `Pulled`, `Created`), recorded as
+    /// kubelet records them.
+    fn record_runtime_events(&self, id: &str, pod: &Object) {
+        let taken = self.runtime.take_events(id);
+        if taken.is_empty() {
+            return;
+        }
+        let reports: Vec<(ObjectKey, Bytes)> = {
+            let mut recorder = self.events.lock().unwrap_or_else(|p| p.into_inner());
+            taken
+                .iter()
+                .filter_map(|t| recorder.event(pod, t))
+                .collect()
+        };
+        if let Err(e) = self.meta.report_batch(reports, Default::default()) {
+            tracing::warn!(pod = %id, error = %e, "cannot queue events");
+        }
     }
 
     /// kubelet's `Killing` events for a pod being deleted: one per running container.

@@ -321,6 +321,17 @@ pub trait Runtime: Send + Sync + 'static {
     fn pod_ip(&self, _id: &str) -> Option<String> {
         None
     }
+    /// `container`'s log of pod `id` was rotated ([`super::logs::rotate_if_large`]): the
+    /// runtime writes a new file at the same path. The process runtime's writers notice by
+    /// themselves; a CRI runtime is asked with `ReopenContainerLog`.
+    fn reopen_log(&self, _id: &str, _container: &str) {}
+
+    /// Events about the pod the runtime saw and a status cannot tell (kubelet's `Pulling`,
+    /// `Pulled`, `Created`), as `(container, type, reason, message)`, taken once each.
+    fn take_events(&self, _id: &str) -> Vec<super::events::Transition> {
+        Vec::new()
+    }
+
     /// `(container name, containerID, imageID)` of the pod's containers where the runtime
     /// has them, in Kubernetes' forms (`containerd://<id>`, `<repo>@sha256:<digest>`).
     fn container_ids(&self, _id: &str) -> Vec<(String, String, String)> {

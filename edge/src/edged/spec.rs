@@ -266,19 +266,7 @@ fn resource_field(spec: &Value, reference: &Value, own: Option<&Value>) -> Optio
 }
 
 fn node_memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            let kib: u64 = t
-                .lines()
-                .find(|l| l.starts_with("MemTotal:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or(0)
+    crate::node::meminfo_total_kib() * 1024
 }
 
 /// The files of a downward API volume (or projection): each item's `path` holds a `fieldRef`
