@@ -31,7 +31,7 @@ targets=("$@")
 [ "${#targets[@]}" -gt 0 ] || mapfile -t targets < <(cargo fuzz list)
 # Built once, then the binaries are run directly: `cargo fuzz run` would rebuild whenever a
 # source file changed during the (long) run. KEDGE_FUZZ_NO_BUILD=1 reuses the last build.
-[ -n "${KEDGE_FUZZ_NO_BUILD:-}" ] || cargo fuzz build -s none -O
+[ -n "${KEDGE_FUZZ_NO_BUILD:-}" ] || cargo fuzz build -s none -O --features fuzz-targets
 bin_dir="$CARGO_TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release"
 mkdir -p logs
 for t in "${targets[@]}"; do

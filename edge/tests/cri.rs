@@ -991,6 +991,10 @@ fn unused_images_are_collected_and_the_node_lists_its_images() {
             "2s",
             "--image-gc-period",
             "1s",
+            "--container-log-max-size",
+            "2Ki",
+            "--container-log-max-files",
+            "2",
         ],
     );
     let manifest = format!(
@@ -1017,6 +1021,14 @@ spec:
     volumeMounts:
     - {{name: podinfo, mountPath: /etc/podinfo}}
     - {{name: both, mountPath: /etc/both}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: chatty}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {{name: main, image: {busybox}, command: ["sh", "-c", "i=0; while true; do i=$((i+1)); echo line-$i; sleep 0.05; done"]}}
 ---
 apiVersion: v1
 kind: Pod
@@ -1140,4 +1152,29 @@ spec:
         },
     );
     assert_eq!(get(&cloud, "keeper", ".status.phase"), "Running");
+
+    // containerd's log of a chatty container is rotated by size and reopened
+    // (ReopenContainerLog): a new current file grows, one rotated file is kept.
+    let pod_dir = edge_dir.path().join("pods/default_chatty");
+    let rotated = || {
+        std::fs::read_dir(&pod_dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.starts_with("main.log."))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    eventually("chatty's log rotated", Duration::from_secs(40), || {
+        rotated() == 1
+    });
+    let current = pod_dir.join("main.log");
+    eventually(
+        "containerd writes the new file",
+        Duration::from_secs(10),
+        || std::fs::metadata(&current).is_ok_and(|m| m.len() > 0),
+    );
+    let tail = stdout(&cloud.kubectl(&["logs", "chatty", "--tail=1"]));
+    assert!(tail.starts_with("line-"), "{tail}");
 }

@@ -573,7 +573,9 @@ pub fn is_dns1123_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
 }
 
-fn is_qualified_name(s: &str) -> bool {
+/// A qualified name (a label key): an optional DNS subdomain prefix and `/`, then at most 63
+/// alphanumerics, `-`, `_` or `.`, starting and ending alphanumeric.
+pub fn is_qualified_name(s: &str) -> bool {
     let (prefix, name) = match s.rsplit_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, s),
@@ -588,7 +590,9 @@ fn is_qualified_name(s: &str) -> bool {
     name_ok && prefix.is_none_or(is_dns1123_subdomain)
 }
 
-fn is_label_value(s: &str) -> bool {
+/// A label value: empty, or at most 63 alphanumerics, `-`, `_` or `.`, starting and ending
+/// alphanumeric.
+pub fn is_label_value(s: &str) -> bool {
     s.is_empty()
         || (s.len() <= 63
             && s.bytes()

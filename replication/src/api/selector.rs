@@ -89,6 +89,30 @@ impl LabelSelector {
             } else {
                 return Err(bad(part));
             };
+            // As kube-apiserver: keys are qualified names, values label values ("k===" is not
+            // `k == "="`, and no control character gets in).
+            let (key, values): (&str, Vec<&String>) = match &requirement {
+                LabelRequirement::Equals(k, v) | LabelRequirement::NotEquals(k, v) => (k, vec![v]),
+                LabelRequirement::In(k, set) | LabelRequirement::NotIn(k, set) => {
+                    (k, set.iter().collect())
+                }
+                LabelRequirement::Exists(k) | LabelRequirement::NotExists(k) => (k, Vec::new()),
+            };
+            if !super::object::is_qualified_name(key) {
+                return Err(ApiError::bad_request(format!(
+                    "unable to parse requirement: {part:?} in labelSelector: invalid label key \
+                     {key:?}: name part must consist of alphanumeric characters, '-', '_' or '.', \
+                     and must start and end with an alphanumeric character"
+                )));
+            }
+            if let Some(value) = values.iter().find(|v| !super::object::is_label_value(v)) {
+                return Err(ApiError::bad_request(format!(
+                    "unable to parse requirement: {part:?} in labelSelector: invalid label value \
+                     {value:?}: a valid label must be an empty string or consist of alphanumeric \
+                     characters, '-', '_' or '.', and must start and end with an alphanumeric \
+                     character"
+                )));
+            }
             requirements.push(requirement);
         }
         Ok(LabelSelector(requirements))
@@ -307,6 +331,20 @@ mod tests {
         assert!(m("tier notin (back)"));
         assert!(!m("missing"));
         assert!(LabelSelector::parse("a in b").is_err());
+        // Found by the label_selector fuzz target: "k===" once parsed as k == "=", which
+        // printed as "k==" and parsed back as k == "".
+        for bad in [
+            "k===",
+            "k\u{4}=v",
+            "a=b c",
+            "-a=b",
+            "a in (x,=)",
+            "!k!",
+            "a=-b",
+        ] {
+            assert!(LabelSelector::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(LabelSelector::parse("example.com/role=edge,x=,!y").is_ok());
     }
 
     #[test]
