@@ -687,10 +687,34 @@ fn pull_errors_grace_periods_volumes_and_pods_deleted_while_edgecore_was_down() 
     assert!(stdout(&cloud.kubectl(&["logs", "limited"])).contains("read-only"));
 
     // A hostPort on the node's loopback reaches the pod (CNI portmap).
-    eventually("web: its hostPort answers", Duration::from_secs(60), || {
+    let answers = || {
         common::http_get(&format!("127.0.0.1:{host_port}"), "/index.html")
             .is_some_and(|body| body.contains("hi-from-web"))
-    });
+    };
+    let start = std::time::Instant::now();
+    while !answers() && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if !answers() {
+        // What a reader of a CI log needs to tell a pod not running from a NAT rule missing.
+        let pod = stdout(&cloud.kubectl(&["get", "pod", "web", "-o", "wide"]));
+        let status = get(&cloud, "web", ".status");
+        let nat = std::process::Command::new("iptables-save")
+            .args(["-t", "nat"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let rules: Vec<&str> = nat
+            .lines()
+            .filter(|l| l.contains(&host_port.to_string()) || l.contains("HOSTPORT"))
+            .collect();
+        panic!(
+            "web: its hostPort 127.0.0.1:{host_port} did not answer within 60 s\n{pod}\n\
+             status: {status}\nNAT rules:\n{}",
+            rules.join("\n")
+        );
+    }
+    eprintln!("web: its hostPort answers: {:?}", start.elapsed());
 
     // Probes in a CRI container: httpGet at the pod's IP makes it ready; exec (CRI ExecSync)
     // keeps it alive.

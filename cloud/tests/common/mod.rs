@@ -202,7 +202,13 @@ pub fn metric(cloud: &CloudProcess, name: &str) -> f64 {
 }
 
 pub fn http_get(addr: &str, path: &str) -> Option<String> {
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    // A bounded connect: a SYN dropped on the way (a NAT rule half installed) would otherwise
+    // hold one attempt for the kernel's two minutes of retransmissions, and a retry needs a
+    // fresh connection (a fresh conntrack entry), not the same one.
+    let socket = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .ok()?
+        .next()?;
+    let mut stream = std::net::TcpStream::connect_timeout(&socket, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         stream,
