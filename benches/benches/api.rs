@@ -6,6 +6,7 @@
 use benches::fixtures::pod_json;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use replication::api::object::{to_stored, with_resource_version};
+use replication::Revision;
 use serde_json::Value;
 
 #[global_allocator]
@@ -24,12 +25,13 @@ fn serve_object(c: &mut Criterion) {
             serde_json::from_slice(&pod_json("p", size)).expect("json");
         let stored = to_stored(pod);
         assert_eq!(
-            serde_json::from_slice::<Value>(&with_resource_version(&stored, 42).unwrap()).unwrap(),
+            serde_json::from_slice::<Value>(&with_resource_version(&stored, Revision(42)).unwrap())
+                .unwrap(),
             serde_json::from_slice::<Value>(&baseline(&stored, 42)).unwrap()
         );
         group.throughput(Throughput::Bytes(stored.len() as u64));
         group.bench_with_input(BenchmarkId::new("kedge_splice", size), &stored, |b, s| {
-            b.iter(|| with_resource_version(s, 184_467).unwrap())
+            b.iter(|| with_resource_version(s, Revision(184_467)).unwrap())
         });
         group.bench_with_input(BenchmarkId::new("baseline_value", size), &stored, |b, s| {
             b.iter(|| baseline(s, 184_467))

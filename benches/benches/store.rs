@@ -7,7 +7,9 @@ use std::hint::black_box;
 use benches::fixtures::pod_json;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use replication::{ObjectKey, Precondition, Store, StoreConfig, Versioning, WriteSet};
+use replication::{
+    ObjectKey, Precondition, ResourceVersion, Store, StoreConfig, Versioning, WriteSet,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -58,7 +60,7 @@ fn apply(c: &mut Criterion) {
             let mut set = WriteSet::new();
             for (key, object) in &objects {
                 rv += 1;
-                set.mirror_put(key.clone(), rv, object.clone());
+                set.mirror_put(key.clone(), ResourceVersion(rv), object.clone());
             }
             black_box(store.commit(set).unwrap())
         })

@@ -16,7 +16,7 @@ use benches::fixtures::pod_json;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use replication::sync::{Down, FeedConfig, FeedRecord, Hello, NodeFeed, SetDigest, Up};
-use replication::{Change, ChangeKind, ObjectKey, SharedChange};
+use replication::{Change, ChangeKind, ObjectKey, ResourceVersion, Revision, SharedChange};
 
 struct Counting;
 
@@ -42,9 +42,9 @@ static GLOBAL: Counting = Counting;
 fn change(rv: u64, object: &Bytes) -> SharedChange {
     let key = ObjectKey::parse("configmaps/default/shared-config").unwrap();
     Arc::new(Change::new(
-        rv,
+        Revision(rv),
         key,
-        rv,
+        ResourceVersion(rv),
         ChangeKind::Modified,
         object.clone(),
     ))
@@ -145,9 +145,9 @@ fn resync(c: &mut Criterion) {
         .map(|i| {
             let key = ObjectKey::new("pods", "default", &format!("pod-{i:03}")).unwrap();
             Arc::new(Change::new(
-                i + 1,
+                Revision(i + 1),
                 key,
-                i + 1,
+                ResourceVersion(i + 1),
                 ChangeKind::Added,
                 object.clone(),
             ))
@@ -170,9 +170,9 @@ fn resync(c: &mut Criterion) {
         for (i, c) in changes.iter().enumerate() {
             if i % 20 == 0 {
                 let newer = Change::new(
-                    1000 + c.rv,
+                    Revision(1000 + c.rv.get()),
                     c.key.clone(),
-                    1000 + c.rv,
+                    ResourceVersion(1000 + c.rv.get()),
                     ChangeKind::Modified,
                     object.clone(),
                 );

@@ -32,7 +32,9 @@ use kube::{Api, Client};
 use replication::api::object::{self, Object};
 use replication::api::resources::{self, Resource};
 use replication::watcher::{Event, ResumableWatcher};
-use replication::{ChangeKind, KeyRange, ObjectKey, Precondition, SharedChange, Store, WriteSet};
+use replication::{
+    ChangeKind, KeyRange, ObjectKey, Precondition, Revision, SharedChange, Store, WriteSet,
+};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
@@ -102,7 +104,7 @@ pub struct KubeCluster {
     client: Client,
     server: String,
     /// Store revisions committed by the mirror, not yet seen by the write-back.
-    mirrored: Mutex<HashSet<u64>>,
+    mirrored: Mutex<HashSet<Revision>>,
 }
 
 fn api_resource(resource: &Resource) -> ApiResource {
@@ -149,7 +151,7 @@ impl KubeCluster {
         })
     }
 
-    fn mirrored(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+    fn mirrored(&self) -> std::sync::MutexGuard<'_, HashSet<Revision>> {
         self.mirrored.lock().unwrap_or_else(|p| p.into_inner())
     }
 

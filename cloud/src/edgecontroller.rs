@@ -12,7 +12,7 @@
 //!
 //! Sans-IO: it reads the store (as raft-rs reads its `Storage`) but never writes it or
 //! touches a clock; writes come back to the caller as [`WriteSet`]s. A store read error is
-//! never taken for absence: the route is kept for [`EdgeController::retry_reads`], counted in
+//! never taken for absence: the holding change is kept for [`EdgeController::retry_reads`], counted in
 //! `kedge_store_read_errors`, and logged.
 
 use std::collections::{HashMap, VecDeque};
@@ -24,13 +24,13 @@ use replication::api::resources::CRD_STORE_KIND;
 use replication::api::{ApiError, Resource};
 use replication::sync::{persist, Report, ReportRecord};
 use replication::{
-    Change, ChangeKind, KeyRange, ObjectKey, Precondition, SharedChange, Store, StoreError,
-    WriteSet,
+    Change, ChangeKind, KeyRange, ObjectKey, Precondition, ResourceVersion, Revision, SharedChange,
+    Store, StoreError, WriteSet,
 };
 
 use crate::authz::{self, Decision, Read};
 use crate::metrics::Metrics;
-use crate::routing::{Action, Route, RoutingIndex, Target, SERVICE_KINDS};
+use crate::routing::{Action, Holding, HoldingChange, RoutingIndex, SERVICE_KINDS};
 
 /// A change to one node's desired set, for CloudHub to apply to the node's feed.
 #[derive(Debug, Clone)]
@@ -45,13 +45,13 @@ pub enum FeedOp {
     Echo {
         node: Arc<str>,
         change: SharedChange,
-        base: u64,
+        base: ResourceVersion,
     },
     /// `node` should no longer hold `key` (deleted, or no longer routed to it, at `rv`).
     Unset {
         node: Arc<str>,
         key: ObjectKey,
-        rv: u64,
+        rv: ResourceVersion,
     },
     /// `node` should no longer hold what it was sent of `range` (the Services of a namespace
     /// it no longer runs pods in), except what it asked for itself. Decided by what the node
@@ -63,8 +63,8 @@ pub enum FeedOp {
 /// A report the hub wrote, whose watch event goes back to its node as a version bump only.
 struct Echo {
     node: Arc<str>,
-    base: u64,
-    rv: u64,
+    base: ResourceVersion,
+    rv: ResourceVersion,
 }
 
 /// A report judged against the current object.
@@ -83,7 +83,7 @@ pub struct EdgeController {
     routing: RoutingIndex,
     echoes: HashMap<ObjectKey, Echo>,
     /// Routes whose object could not be read; retried by [`EdgeController::retry_reads`].
-    unread: Vec<Route>,
+    unread: Vec<HoldingChange>,
     ops: VecDeque<FeedOp>,
     metrics: Arc<Metrics>,
     /// Copy accepted DeviceStatus reports into their Device's `status` too
@@ -127,9 +127,9 @@ impl EdgeController {
     /// watch lost its history). Returns the revision it read at.
     ///
     /// # Errors
-    /// A store read error: nothing is half-routed that matters (routes are idempotent); the
+    /// A store read error: nothing is half-routed that matters (holding changes are idempotent); the
     /// caller retries the whole bootstrap.
-    pub fn bootstrap(&mut self, store: &Store) -> Result<u64, StoreError> {
+    pub fn bootstrap(&mut self, store: &Store) -> Result<Revision, StoreError> {
         let revision = store.revision();
         for (node, key) in persist::load_interests(store)? {
             self.routing.add_interest(&node, &key);
@@ -139,12 +139,12 @@ impl EdgeController {
         }
         for (node, kind, namespace) in persist::load_collections(store)? {
             self.routing.add_collection(&node, &kind, &namespace);
-            let route = Route {
+            let update = HoldingChange {
                 node: node.into(),
-                target: Target::Collection { kind, namespace },
+                holding: Holding::Collection { kind, namespace },
                 action: Action::Want,
             };
-            self.apply_route(store, route, None);
+            self.apply_holding(store, update, None);
         }
         for kind in ["nodes", "pods", "devices"] {
             let Ok(range) = KeyRange::kind(kind) else {
@@ -176,8 +176,8 @@ impl EdgeController {
             tracing::warn!(key = %change.key, "unparseable object not routed");
             return;
         }
-        for route in self.routing.observe(&change.key, object.as_ref()) {
-            self.apply_route(store, route, Some(change));
+        for update in self.routing.observe(&change.key, object.as_ref()) {
+            self.apply_holding(store, update, Some(change));
         }
         if let Some(echo) = self.echoes.get(&change.key) {
             if change.rv >= echo.rv {
@@ -186,19 +186,19 @@ impl EdgeController {
         }
     }
 
-    /// Reads again what earlier reads failed to (call on a timer). Returns how many routes
+    /// Reads again what earlier reads failed to (call on a timer). Returns how many holding changes
     /// are still unread.
     pub fn retry_reads(&mut self, store: &Store) -> usize {
-        for route in std::mem::take(&mut self.unread) {
-            self.apply_route(store, route, None);
+        for update in std::mem::take(&mut self.unread) {
+            self.apply_holding(store, update, None);
         }
         self.unread.len()
     }
 
-    fn read_failed(&mut self, route: Route, what: &str, error: &StoreError) {
+    fn read_failed(&mut self, update: HoldingChange, what: &str, error: &StoreError) {
         self.metrics.store_read_errors.inc();
-        tracing::warn!(node = %route.node, what, %error, "store read failed; the route is retried");
-        self.unread.push(route);
+        tracing::warn!(node = %update.node, what, %error, "store read failed; the holding is retried");
+        self.unread.push(update);
     }
 
     fn want(&mut self, node: &Arc<str>, change: &SharedChange) {
@@ -220,7 +220,7 @@ impl EdgeController {
         });
     }
 
-    fn unset(&mut self, node: &Arc<str>, key: &ObjectKey, rv: u64) {
+    fn unset(&mut self, node: &Arc<str>, key: &ObjectKey, rv: ResourceVersion) {
         self.ops.push_back(FeedOp::Unset {
             node: node.clone(),
             key: key.clone(),
@@ -228,40 +228,46 @@ impl EdgeController {
         });
     }
 
-    /// Turns one route into feed ops. `change` is the change that caused it (`None` on a
+    /// Turns one holding change into feed ops. `change` is the change that caused it (`None` on a
     /// retry: the object is read as it is now).
-    fn apply_route(&mut self, store: &Store, route: Route, change: Option<&SharedChange>) {
-        let node = route.node.clone();
-        match (&route.target, route.action) {
-            (Target::Object(key), Action::Want) => match change.filter(|c| c.key == *key) {
+    fn apply_holding(
+        &mut self,
+        store: &Store,
+        update: HoldingChange,
+        change: Option<&SharedChange>,
+    ) {
+        let node = update.node.clone();
+        match (&update.holding, update.action) {
+            (Holding::Object(key), Action::Want) => match change.filter(|c| c.key == *key) {
                 Some(change) if change.is_delete() => {}
                 Some(change) => self.want(&node, change),
                 None => match current(store, key) {
                     Ok(Some(current)) => self.want(&node, &current),
                     Ok(None) => {}
-                    Err(e) => self.read_failed(route.clone(), key.as_str(), &e),
+                    Err(e) => self.read_failed(update.clone(), key.as_str(), &e),
                 },
             },
             // The object's own change (its deletion, or a pod moving away): dropped, even
             // from a node that asked for it.
-            (Target::Object(key), Action::Drop) if change.is_some_and(|c| c.key == *key) => {
-                let rv = change.map_or(0, |c| c.rv);
+            (Holding::Object(key), Action::Drop) if change.is_some_and(|c| c.key == *key) => {
+                let rv = change.map_or(ResourceVersion::ZERO, |c| c.rv);
                 self.unset(&node, key, rv);
             }
             // A node that asked for the object keeps it when its last pod stops referencing it.
-            (Target::Object(key), Action::Drop) if self.routing.is_interested(&node, key) => {}
-            (Target::Object(key), Action::Drop) => {
+            (Holding::Object(key), Action::Drop) if self.routing.is_interested(&node, key) => {}
+            (Holding::Object(key), Action::Drop) => {
                 // Dropped because a referencing pod went: the tombstone carries the object's
                 // current version (the change's if it is gone).
                 let rv = match store.get(key) {
                     Ok(Some(v)) => v.rv,
-                    Ok(None) => change.map_or_else(|| store.revision(), |c| c.rv),
-                    Err(e) => return self.read_failed(route.clone(), key.as_str(), &e),
+                    // (The cloud's store assigns versions: its revision is a version.)
+                    Ok(None) => change.map_or_else(|| store.revision().into(), |c| c.rv),
+                    Err(e) => return self.read_failed(update.clone(), key.as_str(), &e),
                 };
                 self.unset(&node, key, rv);
             }
-            (Target::Collection { .. }, Action::Drop) => {}
-            (Target::Collection { kind, namespace }, Action::Want) => {
+            (Holding::Collection { .. }, Action::Drop) => {}
+            (Holding::Collection { kind, namespace }, Action::Want) => {
                 let range = if namespace.is_empty() {
                     KeyRange::kind(kind)
                 } else {
@@ -276,7 +282,7 @@ impl EdgeController {
                         Ok(item) => items.push(item),
                         Err(e) => {
                             let what = format!("{kind} of namespace {namespace:?}");
-                            return self.read_failed(route.clone(), &what, &e);
+                            return self.read_failed(update.clone(), &what, &e);
                         }
                     }
                 }
@@ -292,7 +298,7 @@ impl EdgeController {
                     self.want(&node, &c);
                 }
             }
-            (Target::NamespaceServices(ns), Action::Drop) => {
+            (Holding::NamespaceServices(ns), Action::Drop) => {
                 for kind in SERVICE_KINDS {
                     if let Ok(range) = KeyRange::namespace(kind, ns) {
                         self.ops.push_back(FeedOp::UnsetRange {
@@ -302,7 +308,7 @@ impl EdgeController {
                     }
                 }
             }
-            (Target::NamespaceServices(ns), Action::Want) => {
+            (Holding::NamespaceServices(ns), Action::Want) => {
                 let mut items = Vec::new();
                 for kind in SERVICE_KINDS {
                     let Ok(range) = KeyRange::namespace(kind, ns) else {
@@ -313,7 +319,7 @@ impl EdgeController {
                             Ok(item) => items.push(item),
                             Err(e) => {
                                 let what = format!("{kind} of namespace {ns}");
-                                return self.read_failed(route.clone(), &what, &e);
+                                return self.read_failed(update.clone(), &what, &e);
                             }
                         }
                     }
@@ -354,12 +360,12 @@ impl EdgeController {
                 }
                 let mut set = WriteSet::new();
                 persist::add_interest(&mut set, node, key);
-                let route = Route {
+                let update = HoldingChange {
                     node: node.clone(),
-                    target: Target::Object(key.clone()),
+                    holding: Holding::Object(key.clone()),
                     action: Action::Want,
                 };
-                self.apply_route(store, route, None);
+                self.apply_holding(store, update, None);
                 Ok(Some(set))
             }
             Err(refusal) => {
@@ -420,26 +426,26 @@ impl EdgeController {
                 .map_err(|e| ApiError::internal(e.to_string()))?;
             if self.routing.add_interest(node, &crd) {
                 persist::add_interest(&mut set, node, &crd);
-                let route = Route {
+                let update = HoldingChange {
                     node: node.clone(),
-                    target: Target::Object(crd),
+                    holding: Holding::Object(crd),
                     action: Action::Want,
                 };
-                self.apply_route(store, route, None);
+                self.apply_holding(store, update, None);
             }
         }
         self.routing.add_collection(node, kind, namespace);
         persist::add_collection(&mut set, node, kind, namespace);
         tracing::info!(%node, kind, namespace, "node subscribed to a collection");
-        let route = Route {
+        let update = HoldingChange {
             node: node.clone(),
-            target: Target::Collection {
+            holding: Holding::Collection {
                 kind: kind.to_owned(),
                 namespace: namespace.to_owned(),
             },
             action: Action::Want,
         };
-        self.apply_route(store, route, None);
+        self.apply_holding(store, update, None);
         Ok(Some(set))
     }
 
@@ -576,7 +582,13 @@ impl EdgeController {
     /// A judged report was committed as version `rv` of its object (`None`: only recorded,
     /// or deleted). If the node already holds those bytes, the change's watch event will go
     /// back to it as a version bump only.
-    pub fn report_committed(&mut self, node: &Arc<str>, report: &Report, echo: bool, rv: u64) {
+    pub fn report_committed(
+        &mut self,
+        node: &Arc<str>,
+        report: &Report,
+        echo: bool,
+        rv: ResourceVersion,
+    ) {
         self.metrics.reports_applied.inc();
         if echo {
             self.echoes.insert(

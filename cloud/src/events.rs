@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use replication::api::object::{self, Object};
-use replication::{KeyRange, ObjectKey, Precondition, Store, StoreError, WriteSet};
+use replication::{
+    KeyRange, ObjectKey, Precondition, ResourceVersion, Store, StoreError, WriteSet,
+};
 use serde_json::{json, Value};
 
 /// How long an Event is kept after its last occurrence (kube-apiserver's default: 1 h).
@@ -146,7 +148,7 @@ pub fn record(
             let count = event.get("count").and_then(Value::as_u64).unwrap_or(1) + 1;
             event["count"] = json!(count);
             event["lastTimestamp"] = json!(stamp);
-            let rv = current.as_ref().map_or(0, |v| v.rv);
+            let rv = current.as_ref().map_or(ResourceVersion::ZERO, |v| v.rv);
             (event, Precondition::Version(rv))
         }
         None => {

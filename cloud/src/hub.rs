@@ -27,7 +27,9 @@ use crate::node_api::NodeRead;
 use replication::sync::wire::{self, Parts};
 use replication::sync::{persist, Down, FeedConfig, NodeFeed, Report, ReportRecord, Up};
 use replication::watcher::{Event as WatcherEvent, ResumableWatcher};
-use replication::{ObjectKey, SharedChange, Store, StoreError, WriteSet};
+use replication::{
+    ObjectKey, ResourceVersion, Revision, SharedChange, Store, StoreError, WriteSet,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use transport::{CredentialPolicy, EncodedMessage, LinkEvent, LinkHandle};
@@ -187,7 +189,7 @@ impl HubCore {
     ///
     /// # Errors
     /// A store read error; call again (routes are idempotent).
-    pub fn bootstrap(&mut self, store: &Store) -> Result<u64, StoreError> {
+    pub fn bootstrap(&mut self, store: &Store) -> Result<Revision, StoreError> {
         let revision = self.controller.bootstrap(store)?;
         self.apply_feed_ops(store);
         Ok(revision)
@@ -210,7 +212,7 @@ impl HubCore {
             let routing = self.controller.routing();
             let session = self.nodes.get(&node);
             // Keys of the range the node was given and did not ask for itself.
-            let range_keys: Vec<(ObjectKey, u64)> = match (&op, session) {
+            let range_keys: Vec<(ObjectKey, ResourceVersion)> = match (&op, session) {
                 (FeedOp::UnsetRange { range, .. }, Some(session)) => session
                     .feed
                     .desired_in(range)

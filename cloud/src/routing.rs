@@ -23,7 +23,9 @@
 //!   one subscription serves every selector.
 //!
 //! The index is sans-IO: [`RoutingIndex::observe`] takes one object change and returns the
-//! routes that changed; the caller turns them into feed updates.
+//! [`HoldingChange`]s it causes (a node now wants, or must drop, a [`Holding`]); the caller
+//! (EdgeController) turns them into feed updates. Names: a *holding* is what a node should hold;
+//! `transport::Route` is something else (KubeEdge's message route).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,9 +34,9 @@ use replication::api::object::Object;
 use replication::ObjectKey;
 use serde_json::Value;
 
-/// What a node should hold.
+/// What a node should hold: one object, or a set of them named by a rule.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Target {
+pub enum Holding {
     /// One object (its current state, or its deletion).
     Object(ObjectKey),
     /// Every Service, Endpoints and EndpointSlice of a namespace (expanded by the caller with a
@@ -45,18 +47,23 @@ pub enum Target {
     Collection { kind: String, namespace: String },
 }
 
+/// Whether a node gains or loses a [`Holding`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {
-    /// The node should hold the target's current state (sent again when it changes).
+    /// The node should hold its current state (sent again when it changes).
     Want,
     /// The node should no longer hold it.
     Drop,
 }
 
+/// One node's [`Holding`] gained or lost, as [`RoutingIndex::observe`] returns them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Route {
+pub struct HoldingChange {
+    /// The node's name.
     pub node: Arc<str>,
-    pub target: Target,
+    /// What it gains or loses.
+    pub holding: Holding,
+    /// Gains or loses.
     pub action: Action,
 }
 
@@ -303,7 +310,7 @@ impl RoutingIndex {
     /// for the object itself, `Want` for every node that holds it after the change (so the new
     /// state is sent) and `Drop` for nodes that no longer do; for a pod, also the references and
     /// namespaces that its node gained or lost.
-    pub fn observe(&mut self, key: &ObjectKey, object: Option<&Object>) -> Vec<Route> {
+    pub fn observe(&mut self, key: &ObjectKey, object: Option<&Object>) -> Vec<HoldingChange> {
         if BOUND_KINDS.contains(&key.kind()) {
             return self.observe_pod(key, object);
         }
@@ -314,15 +321,15 @@ impl RoutingIndex {
         };
         self.nodes_for(key)
             .into_iter()
-            .map(|node| Route {
+            .map(|node| HoldingChange {
                 node,
-                target: Target::Object(key.clone()),
+                holding: Holding::Object(key.clone()),
                 action,
             })
             .collect()
     }
 
-    fn observe_pod(&mut self, key: &ObjectKey, pod: Option<&Object>) -> Vec<Route> {
+    fn observe_pod(&mut self, key: &ObjectKey, pod: Option<&Object>) -> Vec<HoldingChange> {
         let mut routes = Vec::new();
         let new = pod.and_then(|pod| {
             let node = pod
@@ -344,9 +351,9 @@ impl RoutingIndex {
         let namespace = key.namespace().to_owned();
         // A node gets the Services of the namespaces it runs pods in (devices bring none).
         let services = key.kind() == "pods";
-        let object = |node: &Arc<str>, action| Route {
+        let object = |node: &Arc<str>, action| HoldingChange {
             node: node.clone(),
-            target: Target::Object(key.clone()),
+            holding: Holding::Object(key.clone()),
             action,
         };
         // Gains first, then losses: a reference the pod keeps on the same node never flaps.
@@ -355,9 +362,9 @@ impl RoutingIndex {
             for reference in &new.references {
                 let counts = self.references.entry(reference.clone()).or_default();
                 if increment(counts, new.node.clone()) {
-                    routes.push(Route {
+                    routes.push(HoldingChange {
                         node: new.node.clone(),
-                        target: Target::Object(reference.clone()),
+                        holding: Holding::Object(reference.clone()),
                         action: Action::Want,
                     });
                 }
@@ -365,9 +372,9 @@ impl RoutingIndex {
             if services {
                 let counts = self.namespaces.entry(namespace.clone()).or_default();
                 if increment(counts, new.node.clone()) {
-                    routes.push(Route {
+                    routes.push(HoldingChange {
                         node: new.node.clone(),
-                        target: Target::NamespaceServices(namespace.clone()),
+                        holding: Holding::NamespaceServices(namespace.clone()),
                         action: Action::Want,
                     });
                 }
@@ -382,9 +389,9 @@ impl RoutingIndex {
                     continue;
                 };
                 if decrement(counts, &old.node) {
-                    routes.push(Route {
+                    routes.push(HoldingChange {
                         node: old.node.clone(),
-                        target: Target::Object(reference.clone()),
+                        holding: Holding::Object(reference.clone()),
                         action: Action::Drop,
                     });
                 }
@@ -394,9 +401,9 @@ impl RoutingIndex {
             }
             if let Some(counts) = self.namespaces.get_mut(&namespace).filter(|_| services) {
                 if decrement(counts, &old.node) {
-                    routes.push(Route {
+                    routes.push(HoldingChange {
                         node: old.node.clone(),
-                        target: Target::NamespaceServices(namespace.clone()),
+                        holding: Holding::NamespaceServices(namespace.clone()),
                         action: Action::Drop,
                     });
                 }
@@ -445,15 +452,15 @@ mod tests {
         .unwrap()
     }
 
-    fn route(node: &str, target: &str, action: Action) -> Route {
-        let target = if let Some(ns) = target.strip_prefix("ns:") {
-            Target::NamespaceServices(ns.to_owned())
+    fn route(node: &str, target: &str, action: Action) -> HoldingChange {
+        let holding = if let Some(ns) = target.strip_prefix("ns:") {
+            Holding::NamespaceServices(ns.to_owned())
         } else {
-            Target::Object(key(target))
+            Holding::Object(key(target))
         };
-        Route {
+        HoldingChange {
             node: node.into(),
-            target,
+            holding,
             action,
         }
     }
@@ -629,10 +636,10 @@ mod tests {
                     }
                 };
                 for r in routes {
-                    let target = match r.target {
-                        Target::Object(k) => k.as_str().to_owned(),
-                        Target::NamespaceServices(ns) => format!("ns:{ns}"),
-                        Target::Collection { kind, namespace } => format!("c:{kind}/{namespace}"),
+                    let target = match r.holding {
+                        Holding::Object(k) => k.as_str().to_owned(),
+                        Holding::NamespaceServices(ns) => format!("ns:{ns}"),
+                        Holding::Collection { kind, namespace } => format!("c:{kind}/{namespace}"),
                     };
                     match r.action {
                         Action::Want => { held.insert((r.node.to_string(), target)); }

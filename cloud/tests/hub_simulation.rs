@@ -29,7 +29,9 @@ use replication::api::object::{self, Object};
 use replication::simulation::{run_seeds, seeds, Pipe};
 use replication::sync::{Down, EdgeReplica, FeedConfig, Up};
 use replication::watcher::{Event, ResumableWatcher};
-use replication::{KeyRange, ObjectKey, Precondition, Store, StoreConfig, WriteSet};
+use replication::{
+    KeyRange, ObjectKey, Precondition, ResourceVersion, Store, StoreConfig, WriteSet,
+};
 use serde_json::{json, Value};
 
 const NAMESPACES: [&str; 2] = ["apps", "tools"];
@@ -736,7 +738,7 @@ impl Sim {
 
     fn check(&self) {
         for node in &self.nodes {
-            let expected: BTreeMap<ObjectKey, (u64, Bytes)> = self
+            let expected: BTreeMap<ObjectKey, (ResourceVersion, Bytes)> = self
                 .desired(node)
                 .into_iter()
                 .map(|k| {
@@ -745,7 +747,7 @@ impl Sim {
                 })
                 .collect();
             let edge = &self.edges[node].replica;
-            let held: BTreeMap<ObjectKey, (u64, Bytes)> = edge
+            let held: BTreeMap<ObjectKey, (ResourceVersion, Bytes)> = edge
                 .store()
                 .scan(&KeyRange::all())
                 .map(|item| {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use axum::http::Method;
 use replication::api::remote::ApiCall;
 use replication::api::{resources, ApiError};
-use replication::{Aux, ObjectKey, Store, WriteSet};
+use replication::{Aux, ObjectKey, ResourceVersion, Store, WriteSet};
 use serde_json::Value;
 
 /// A collection a request names: `/api/v1[/namespaces/{ns}]/{plural}` or
@@ -245,7 +245,8 @@ impl Collections {
             return Err(ApiError::new(reply.code, reason, message.to_owned()));
         }
         let kind = collection.store_kind();
-        let mut wanted: Vec<(ObjectKey, u64)> = Vec::new();
+        // The cloud's resourceVersions, which this node's store mirrors.
+        let mut wanted: Vec<(ObjectKey, ResourceVersion)> = Vec::new();
         for item in body["items"].as_array().into_iter().flatten() {
             let meta = &item["metadata"];
             let name = meta["name"].as_str().unwrap_or_default();
@@ -253,7 +254,7 @@ impl Collections {
             let rv = meta["resourceVersion"]
                 .as_str()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+                .unwrap_or_default();
             if let Ok(key) = ObjectKey::new(&kind, namespace, name) {
                 wanted.push((key, rv));
             }
@@ -261,7 +262,7 @@ impl Collections {
         if resources::find(&collection.group, &collection.version, &collection.plural).is_none() {
             // A custom kind: its definition comes too, and the cache's API serves it from it.
             if let Ok(key) = ObjectKey::new(resources::CRD_STORE_KIND, "", &kind) {
-                wanted.push((key, 0));
+                wanted.push((key, ResourceVersion::ZERO));
             }
         }
         let deadline = Instant::now() + CATCH_UP;

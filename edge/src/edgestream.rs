@@ -191,13 +191,13 @@ impl EdgeStream {
         namespace: &str,
         pod_name: &str,
         query: &str,
-    ) -> Result<(ExecOptions, exec::Target), ApiError> {
+    ) -> Result<(ExecOptions, exec::ExecContext), ApiError> {
         let mut options = ExecOptions::from_query(query).map_err(ApiError::bad_request)?;
         options.container = self
             .pod_container(namespace, pod_name, &options.container)?
             .1;
         let dir = self.pods_dir.join(format!("{namespace}_{pod_name}"));
-        let target = exec::target(&dir, &options.container).ok_or_else(|| {
+        let target = exec::context(&dir, &options.container).ok_or_else(|| {
             ApiError::bad_request(format!(
                 "container {} in pod {pod_name} is not running on this node's process runtime",
                 options.container
@@ -234,7 +234,7 @@ impl EdgeStream {
             .pod_container(namespace, pod_name, &options.container)?
             .1;
         let dir = self.pods_dir.join(format!("{namespace}_{pod_name}"));
-        let running = exec::target(&dir, &options.container).ok_or_else(|| {
+        let running = exec::context(&dir, &options.container).ok_or_else(|| {
             ApiError::bad_request(format!(
                 "container {} in pod {pod_name} is not running on this node's process runtime",
                 options.container

@@ -63,7 +63,7 @@ impl ExecOptions {
 }
 
 /// What a command runs with: the container's environment and working directory.
-pub struct Target {
+pub struct ExecContext {
     pub env: Vec<(String, String)>,
     pub cwd: PathBuf,
     /// The container's process group (to find it still running).
@@ -75,9 +75,9 @@ pub struct Target {
 
 /// The running container's environment and working directory, from its recorded process
 /// group's leader (`<pod dir>/<container>.pgroup`). `None` if it is not running.
-pub fn target(pod_dir: &Path, container: &str) -> Option<Target> {
+pub fn context(pod_dir: &Path, container: &str) -> Option<ExecContext> {
     if let Some(cri) = crate::edged::cri::exec_target(pod_dir, container) {
-        return Some(Target {
+        return Some(ExecContext {
             env: Vec::new(),
             cwd: PathBuf::new(),
             group: GroupRecord {
@@ -105,7 +105,7 @@ pub fn target(pod_dir: &Path, container: &str) -> Option<Target> {
         })
         .collect();
     let cwd = std::fs::read_link(format!("/proc/{}/cwd", group.pgid)).ok()?;
-    Some(Target {
+    Some(ExecContext {
         env,
         cwd,
         group,
@@ -206,7 +206,7 @@ async fn not_started(session: &Session, command: &[String], message: String, cod
 
 /// Runs the command and carries its streams through `session` until it exits (then the final
 /// status) or the client goes away (then its process group is killed).
-pub async fn run(options: ExecOptions, target: Target, mut session: Session) {
+pub async fn run(options: ExecOptions, target: ExecContext, mut session: Session) {
     if let Some(cri) = target.cri {
         run_cri(options, cri, session).await;
         return;
@@ -523,7 +523,7 @@ pub async fn run_cri(
 /// reading, cancels the session).
 pub async fn over_link(
     options: ExecOptions,
-    target: Target,
+    target: ExecContext,
     input: StreamReader,
     output: StreamWriter,
 ) {

@@ -209,7 +209,7 @@ impl ApiPolicy for EdgePolicy {
             .map_err(|e| ApiError::internal(e.to_string()))?
             .ok_or_else(|| not_bound(&self.meta, &key))?;
         if let Precondition::Version(expected) = expect {
-            if expected != current.revision {
+            if expected != current.rv {
                 return Err(ApiError::conflict(resource, name));
             }
         }

@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use replication::api::object::{self, Object};
 use replication::api::patch::{self, PatchKind};
 use replication::api::selector::{FieldSelector, LabelSelector};
-use replication::{ObjectKey, Store, StoreConfig, WriteSet};
+use replication::{ObjectKey, ResourceVersion, Store, StoreConfig, WriteSet};
 use serde_json::{json, Value};
 use transport::frame::{ArchivedEnvelope, FrameDecoder};
 use transport::JoinHandler;
@@ -210,7 +210,7 @@ fn twin() -> &'static Mutex<Twin> {
         ] {
             let key = ObjectKey::new(resource, "demo", name).expect("a key");
             let stored = object::to_stored(value.as_object().cloned().unwrap_or_default());
-            set.mirror_put(key, rv, Bytes::from(stored));
+            set.mirror_put(key, ResourceVersion(rv), Bytes::from(stored));
         }
         meta.store().commit(set).expect("the device is stored");
         let twin = edge::devicetwin::DeviceTwin::new(meta, 64 * 1024);

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use replication::ObjectKey;
+use replication::{ObjectKey, ResourceVersion};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -30,7 +30,7 @@ pub struct CloudApi {
 #[derive(Debug, Default)]
 pub struct Expected {
     /// Node name → key → version.
-    pub held: HashMap<String, BTreeMap<ObjectKey, u64>>,
+    pub held: HashMap<String, BTreeMap<ObjectKey, ResourceVersion>>,
     /// Pod key → (phase, status.message).
     pub statuses: HashMap<ObjectKey, (String, String)>,
     pub pods: usize,
@@ -44,11 +44,11 @@ pub fn pod_key(name: &str) -> ObjectKey {
     ObjectKey::new("pods", NAMESPACE, name).expect("valid pod key")
 }
 
-fn rv_of<K: Resource>(object: &K) -> u64 {
+fn rv_of<K: Resource>(object: &K) -> ResourceVersion {
     object
         .resource_version()
         .and_then(|rv| rv.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or_default()
 }
 
 impl CloudApi {

@@ -100,7 +100,7 @@ pub async fn check(api: &CloudApi, fleet: &Fleet, within: Duration) -> anyhow::R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use replication::ObjectKey;
+    use replication::{ObjectKey, ResourceVersion};
 
     fn key(s: &str) -> ObjectKey {
         ObjectKey::parse(s).unwrap()
@@ -110,9 +110,9 @@ mod tests {
     fn every_kind_of_difference_is_reported() {
         let mut expected = Expected::default();
         let want = expected.held.entry("n1".into()).or_default();
-        want.insert(key("pods/loadtest/a"), 5);
-        want.insert(key("pods/loadtest/b"), 7);
-        want.insert(key("nodes//n1"), 3);
+        want.insert(key("pods/loadtest/a"), ResourceVersion(5));
+        want.insert(key("pods/loadtest/b"), ResourceVersion(7));
+        want.insert(key("nodes//n1"), ResourceVersion(3));
         expected
             .statuses
             .insert(key("pods/loadtest/a"), ("Running".into(), "round-1".into()));
@@ -120,18 +120,26 @@ mod tests {
             .statuses
             .insert(key("pods/loadtest/b"), ("Running".into(), "running".into()));
         let mut snapshot = Snapshot::default();
-        snapshot.held.insert(key("pods/loadtest/a"), 5);
-        snapshot.held.insert(key("pods/loadtest/b"), 7);
-        snapshot.held.insert(key("nodes//n1"), 3);
+        snapshot
+            .held
+            .insert(key("pods/loadtest/a"), ResourceVersion(5));
+        snapshot
+            .held
+            .insert(key("pods/loadtest/b"), ResourceVersion(7));
+        snapshot.held.insert(key("nodes//n1"), ResourceVersion(3));
         snapshot
             .reported
             .insert(key("pods/loadtest/a"), "round-1".into());
         assert!(compare("n1", &expected, &snapshot).is_empty());
 
         let mut stale = snapshot.clone();
-        stale.held.insert(key("pods/loadtest/b"), 6);
+        stale
+            .held
+            .insert(key("pods/loadtest/b"), ResourceVersion(6));
         stale.held.remove(&key("nodes//n1"));
-        stale.held.insert(key("pods/loadtest/gone"), 2);
+        stale
+            .held
+            .insert(key("pods/loadtest/gone"), ResourceVersion(2));
         stale.outbox = 1;
         stale
             .reported

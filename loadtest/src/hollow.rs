@@ -15,7 +15,7 @@ use bytes::Bytes;
 use replication::api::object::{self, Object};
 use replication::sync::wire::{self, Parts};
 use replication::sync::{Down, EdgeRecovered, EdgeSync};
-use replication::ObjectKey;
+use replication::{ObjectKey, ResourceVersion};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use transport::tls::CertificateDer;
@@ -41,7 +41,7 @@ pub enum Command {
 /// A node's view, for the convergence check.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    pub held: BTreeMap<ObjectKey, u64>,
+    pub held: BTreeMap<ObjectKey, ResourceVersion>,
     pub outbox: usize,
     /// The last `status.message` reported per pod.
     pub reported: HashMap<ObjectKey, String>,

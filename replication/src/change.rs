@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 
 use crate::key::ObjectKey;
+use crate::version::{ResourceVersion, Revision};
 
 /// Watch event types, as Kubernetes names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,11 +29,11 @@ pub enum ChangeKind {
 pub struct Change {
     /// Position in this store's change history: strictly increasing, one per change. Equal to
     /// `rv` in a store that assigns versions; a local counter in a store that mirrors them.
-    pub revision: u64,
+    pub revision: Revision,
     /// The object changed.
     pub key: ObjectKey,
     /// The object's resourceVersion after the change (for a delete: the version of the delete).
-    pub rv: u64,
+    pub rv: ResourceVersion,
     /// Created, modified or deleted.
     pub kind: ChangeKind,
     /// The object's JSON bytes after the change; for a delete, its last state.
@@ -48,7 +49,13 @@ pub struct Change {
 
 impl Change {
     /// A change without its previous state (`prev` is `None`) and no cached encoding.
-    pub fn new(revision: u64, key: ObjectKey, rv: u64, kind: ChangeKind, object: Bytes) -> Self {
+    pub fn new(
+        revision: Revision,
+        key: ObjectKey,
+        rv: ResourceVersion,
+        kind: ChangeKind,
+        object: Bytes,
+    ) -> Self {
         Change {
             revision,
             key,
@@ -110,9 +117,9 @@ mod tests {
     #[test]
     fn encoding_is_made_once_and_shared() {
         let change = Change::new(
-            1,
+            Revision(1),
             ObjectKey::parse("pods/a/b").unwrap(),
-            1,
+            ResourceVersion(1),
             ChangeKind::Added,
             Bytes::from_static(b"{}"),
         );

@@ -20,6 +20,7 @@ pub mod key;
 pub mod simulation;
 pub mod store;
 pub mod sync;
+pub mod version;
 pub mod watch;
 pub mod watcher;
 
@@ -28,4 +29,5 @@ pub use key::{KeyError, KeyRange, ObjectKey};
 pub use store::{
     Aux, ListPage, Precondition, Store, StoreConfig, StoreError, Versioned, Versioning, WriteSet,
 };
+pub use version::{ResourceVersion, Revision};
 pub use watch::{WatchConfig, WatchError, WatchEvent, WatchHub, Watcher};

@@ -24,6 +24,7 @@ use rocksdb::{
 
 use crate::change::{Change, ChangeKind, SharedChange};
 use crate::key::{KeyError, KeyRange, ObjectKey};
+use crate::version::{ResourceVersion, Revision};
 use crate::watch::{WatchConfig, WatchHub};
 
 const CF_OBJECTS: &str = "objects";
@@ -114,9 +115,9 @@ pub enum StoreError {
         /// The object.
         key: ObjectKey,
         /// The resourceVersion the write expected.
-        expected: u64,
+        expected: ResourceVersion,
         /// The object's resourceVersion (`None`: absent).
-        actual: Option<u64>,
+        actual: Option<ResourceVersion>,
     },
     /// [`Precondition::Absent`] and the object exists (HTTP 409 `AlreadyExists`).
     #[error("{0} already exists")]
@@ -145,12 +146,12 @@ pub enum StoreError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned {
     /// The object's resourceVersion (assigned here, or mirrored from the cloud).
-    pub rv: u64,
+    pub rv: ResourceVersion,
     /// The store revision of the object's last change. Equal to `rv` in a store that assigns
     /// versions; in a mirror it is the local position an API over this store presents (so that
     /// object versions, list versions and watch positions share one increasing number space,
     /// which mirrored versions, arriving in routing order, do not).
-    pub revision: u64,
+    pub revision: Revision,
     /// The object's JSON, exactly as written.
     pub object: Bytes,
 }
@@ -165,7 +166,7 @@ pub enum Precondition {
     /// The object must exist.
     Exists,
     /// The object must exist at exactly this version (optimistic concurrency → 409).
-    Version(u64),
+    Version(ResourceVersion),
 }
 
 /// A bookkeeping column family that a caller writes beside objects, in the same atomic
@@ -211,16 +212,16 @@ enum ObjectOp {
     },
     MirrorPut {
         key: ObjectKey,
-        rv: u64,
+        rv: ResourceVersion,
         object: Bytes,
     },
     MirrorDelete {
         key: ObjectKey,
-        rv: u64,
+        rv: ResourceVersion,
     },
     SetVersion {
         key: ObjectKey,
-        rv: u64,
+        rv: ResourceVersion,
     },
     LocalWrite {
         key: ObjectKey,
@@ -292,19 +293,19 @@ impl WriteSet {
     }
 
     /// Mirroring store: the object is now `object` at version `rv`.
-    pub fn mirror_put(&mut self, key: ObjectKey, rv: u64, object: Bytes) -> &mut Self {
+    pub fn mirror_put(&mut self, key: ObjectKey, rv: ResourceVersion, object: Bytes) -> &mut Self {
         self.objects.push(ObjectOp::MirrorPut { key, rv, object });
         self
     }
 
     /// Mirroring store: the object was deleted at version `rv` (no-op if absent).
-    pub fn mirror_delete(&mut self, key: ObjectKey, rv: u64) -> &mut Self {
+    pub fn mirror_delete(&mut self, key: ObjectKey, rv: ResourceVersion) -> &mut Self {
         self.objects.push(ObjectOp::MirrorDelete { key, rv });
         self
     }
 
     /// Mirroring store: the object's bytes are current, only its version moved (no echo).
-    pub fn set_version(&mut self, key: ObjectKey, rv: u64) -> &mut Self {
+    pub fn set_version(&mut self, key: ObjectKey, rv: ResourceVersion) -> &mut Self {
         self.objects.push(ObjectOp::SetVersion { key, rv });
         self
     }
@@ -342,13 +343,13 @@ pub struct ListPage {
     /// The objects of this page, in key order.
     pub items: Vec<(ObjectKey, Versioned)>,
     /// The store's revision when the list was read.
-    pub revision: u64,
+    pub revision: Revision,
     /// Where the next page starts, if there is more.
     pub next: Option<ObjectKey>,
 }
 
 struct Writer {
-    revision: u64,
+    revision: Revision,
 }
 
 /// A versioned object store over one RocksDB database; share it behind an `Arc`. Every write
@@ -363,7 +364,7 @@ pub struct Store {
     watch: Arc<WatchHub>,
 }
 
-fn encode_value(rv: u64, revision: u64, object: &[u8]) -> Vec<u8> {
+fn encode_value(rv: ResourceVersion, revision: Revision, object: &[u8]) -> Vec<u8> {
     let mut value = Vec::with_capacity(16 + object.len());
     value.extend_from_slice(&rv.to_be_bytes());
     value.extend_from_slice(&revision.to_be_bytes());
@@ -378,8 +379,8 @@ fn decode_value(value: Vec<u8>) -> Result<Versioned, StoreError> {
             value.len()
         )));
     }
-    let rv = decode_u64(&value[..8])?;
-    let revision = decode_u64(&value[8..16])?;
+    let rv = ResourceVersion(decode_u64(&value[..8])?);
+    let revision = Revision(decode_u64(&value[8..16])?);
     Ok(Versioned {
         rv,
         revision,
@@ -455,8 +456,8 @@ impl Store {
             .map(|name| ColumnFamilyDescriptor::new(name, cf_options()));
         let db = DB::open_cf_descriptors(&db_options, path.as_ref(), families)?;
         let revision = match db.get_cf(db.cf_handle(CF_META).expect("created"), META_REVISION)? {
-            Some(bytes) => decode_u64(&bytes)?,
-            None => 0,
+            Some(bytes) => Revision(decode_u64(&bytes)?),
+            None => Revision::ZERO,
         };
         let watch = Arc::new(WatchHub::new(config.watch, revision));
         Ok(Store {
@@ -485,7 +486,7 @@ impl Store {
     }
 
     /// The revision of the latest committed change.
-    pub fn revision(&self) -> u64 {
+    pub fn revision(&self) -> Revision {
         self.lock_writer().revision
     }
 
@@ -699,7 +700,7 @@ impl Store {
                     } else {
                         ChangeKind::Added
                     };
-                    (kind, revision + 1, object)
+                    (kind, revision.next().into(), object)
                 }
                 ObjectOp::Delete { expect, .. } => {
                     if current.is_none() && self.config.versioning == Versioning::Assign {
@@ -711,7 +712,7 @@ impl Store {
                     };
                     self.check(Versioning::Assign, "delete", &key, current.as_ref(), expect)?;
                     let last = current.map(|v| v.object).unwrap_or_default();
-                    (ChangeKind::Deleted, revision + 1, last)
+                    (ChangeKind::Deleted, revision.next().into(), last)
                 }
                 ObjectOp::MirrorPut { rv, object, .. } => {
                     let none = Precondition::None;
@@ -756,7 +757,7 @@ impl Store {
                     (ChangeKind::Modified, rv, object)
                 }
             };
-            revision += 1;
+            revision = revision.next();
             if kind == ChangeKind::Deleted {
                 batch.delete_cf(objects, key.as_bytes());
                 overlay.insert(key.clone(), None);
@@ -862,17 +863,20 @@ mod tests {
                 Precondition::Absent,
             );
             let changes = store.commit(set).unwrap();
-            assert_eq!(changes.iter().map(|c| c.rv).collect::<Vec<_>>(), vec![1, 2]);
+            assert_eq!(
+                changes.iter().map(|c| c.rv.get()).collect::<Vec<_>>(),
+                vec![1, 2]
+            );
             let mut set = WriteSet::new();
             set.put(
                 key("pods/a/x"),
                 Bytes::from_static(b"3"),
-                Precondition::Version(7),
+                Precondition::Version(ResourceVersion(7)),
             );
             assert!(matches!(
                 store.commit(set),
                 Err(StoreError::Conflict {
-                    actual: Some(1),
+                    actual: Some(ResourceVersion(1)),
                     ..
                 })
             ));
@@ -887,21 +891,24 @@ mod tests {
                 Err(StoreError::AlreadyExists(_))
             ));
             let mut set = WriteSet::new();
-            set.delete(key("pods/a/x"), Precondition::Version(1));
+            set.delete(key("pods/a/x"), Precondition::Version(ResourceVersion(1)));
             let deleted = store.commit(set).unwrap();
             assert_eq!(deleted[0].kind, ChangeKind::Deleted);
             assert_eq!(deleted[0].object, Bytes::from_static(b"1"));
             let mut set = WriteSet::new();
-            set.mirror_put(key("pods/a/z"), 5, Bytes::new());
+            set.mirror_put(key("pods/a/z"), ResourceVersion(5), Bytes::new());
             assert!(matches!(
                 store.commit(set),
                 Err(StoreError::WrongVersioning { .. })
             ));
         }
         let store = open(dir.path(), Versioning::Assign);
-        assert_eq!(store.revision(), 3);
+        assert_eq!(store.revision(), Revision(3));
         assert_eq!(store.get(&key("pods/a/x")).unwrap(), None);
-        assert_eq!(store.get(&key("pods/a/y")).unwrap().unwrap().rv, 2);
+        assert_eq!(
+            store.get(&key("pods/a/y")).unwrap().unwrap().rv,
+            ResourceVersion(2)
+        );
     }
 
     #[test]
@@ -919,7 +926,7 @@ mod tests {
         assert!(matches!(store.commit(set), Err(StoreError::NotFound(_))));
         assert_eq!(store.get(&key("pods/a/x")).unwrap(), None);
         assert_eq!(store.get_aux(Aux::META, b"m").unwrap(), None);
-        assert_eq!(store.revision(), 0);
+        assert_eq!(store.revision(), Revision(0));
     }
 
     #[test]
@@ -928,23 +935,27 @@ mod tests {
         let store = open(dir.path(), Versioning::Mirror);
         let k = key("pods/a/x");
         let mut set = WriteSet::new();
-        set.mirror_put(k.clone(), 40, Bytes::from_static(b"spec"));
+        set.mirror_put(k.clone(), ResourceVersion(40), Bytes::from_static(b"spec"));
         store.commit(set).unwrap();
         let mut set = WriteSet::new();
         set.local_write(k.clone(), Bytes::from_static(b"spec+status"));
         store.commit(set).unwrap();
-        assert_eq!(store.get(&k).unwrap().unwrap().rv, 40);
+        assert_eq!(store.get(&k).unwrap().unwrap().rv, ResourceVersion(40));
         let mut set = WriteSet::new();
-        set.set_version(k.clone(), 42);
+        set.set_version(k.clone(), ResourceVersion(42));
         store.commit(set).unwrap();
         let now = store.get(&k).unwrap().unwrap();
         assert_eq!(
             (now.rv, now.object),
-            (42, Bytes::from_static(b"spec+status"))
+            (ResourceVersion(42), Bytes::from_static(b"spec+status"))
         );
-        assert_eq!(store.revision(), 3, "local revisions count changes");
+        assert_eq!(
+            store.revision(),
+            Revision(3),
+            "local revisions count changes"
+        );
         let mut set = WriteSet::new();
-        set.mirror_delete(key("pods/a/never"), 50);
+        set.mirror_delete(key("pods/a/never"), ResourceVersion(50));
         assert!(store.commit(set).unwrap().is_empty());
     }
 

@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 
 use crate::change::SharedChange;
 use crate::key::KeyRange;
+use crate::version::Revision;
 
 /// Sizes of the watch buffers.
 #[derive(Debug, Clone, Copy)]
@@ -41,17 +42,17 @@ pub enum WatchError {
     #[error("revision {requested} is too old: history starts after {oldest}; re-list")]
     Gone {
         /// The revision asked for.
-        requested: u64,
+        requested: Revision,
         /// The oldest revision still resumable from.
-        oldest: u64,
+        oldest: Revision,
     },
     /// The revision to resume from was never published.
     #[error("revision {requested} is in the future: the latest is {latest}")]
     Future {
         /// The revision asked for.
-        requested: u64,
+        requested: Revision,
         /// The latest published revision.
-        latest: u64,
+        latest: Revision,
     },
     /// The watcher fell more than [`WatchConfig::lag_limit`] changes behind the live ring.
     #[error("watcher fell {missed} changes behind and was cut off; re-list")]
@@ -70,14 +71,14 @@ pub enum WatchEvent {
     /// A committed change in the watched range.
     Change(SharedChange),
     /// Every change up to this revision has been delivered (Kubernetes' BOOKMARK).
-    Bookmark(u64),
+    Bookmark(Revision),
 }
 
 struct History {
     changes: VecDeque<SharedChange>,
     /// Revisions up to and including this one are no longer in `changes`.
-    evicted_through: u64,
-    latest: u64,
+    evicted_through: Revision,
+    latest: Revision,
 }
 
 /// Fans a store's committed changes out to its [`Watcher`]s, keeping the last
@@ -91,7 +92,7 @@ pub struct WatchHub {
 impl WatchHub {
     /// A hub whose history starts empty at `revision` (the store's revision when opened:
     /// watchers can resume from it, but from nothing older).
-    pub fn new(config: WatchConfig, revision: u64) -> Self {
+    pub fn new(config: WatchConfig, revision: Revision) -> Self {
         let (live, _) = broadcast::channel(config.lag_limit.max(1));
         WatchHub {
             config,
@@ -132,12 +133,12 @@ impl WatchHub {
     }
 
     /// The latest published revision.
-    pub fn revision(&self) -> u64 {
+    pub fn revision(&self) -> Revision {
         self.lock().latest
     }
 
     /// The oldest revision a watcher can still resume from.
-    pub fn oldest_resumable(&self) -> u64 {
+    pub fn oldest_resumable(&self) -> Revision {
         self.lock().evicted_through
     }
 
@@ -149,7 +150,11 @@ impl WatchHub {
     /// # Errors
     /// [`WatchError::Gone`] when `from` is older than [`oldest_resumable`](Self::oldest_resumable),
     /// [`WatchError::Future`] when it is past the latest revision.
-    pub fn subscribe(&self, range: KeyRange, from: Option<u64>) -> Result<Watcher, WatchError> {
+    pub fn subscribe(
+        &self,
+        range: KeyRange,
+        from: Option<Revision>,
+    ) -> Result<Watcher, WatchError> {
         let history = self.lock();
         let from = from.unwrap_or(history.latest);
         if from < history.evicted_through {
@@ -188,9 +193,9 @@ pub struct Watcher {
     backlog: VecDeque<SharedChange>,
     live: broadcast::Receiver<SharedChange>,
     /// Every change up to this revision has been seen (delivered or filtered out).
-    position: u64,
+    position: Revision,
     /// Live changes at or below this revision were already in the backlog.
-    replay_through: u64,
+    replay_through: Revision,
 }
 
 impl Watcher {
@@ -273,7 +278,7 @@ impl Watcher {
 
     /// Every change up to this revision has been delivered or filtered out: the revision to resume
     /// from.
-    pub fn position(&self) -> u64 {
+    pub fn position(&self) -> Revision {
         self.position
     }
 }
@@ -283,14 +288,15 @@ mod tests {
     use super::*;
     use crate::change::{Change, ChangeKind};
     use crate::key::ObjectKey;
+    use crate::version::ResourceVersion;
     use bytes::Bytes;
     use std::sync::Arc;
 
     fn change(revision: u64, key: &str) -> SharedChange {
         Arc::new(Change::new(
-            revision,
+            Revision(revision),
             ObjectKey::parse(key).unwrap(),
-            revision,
+            ResourceVersion(revision),
             ChangeKind::Modified,
             Bytes::new(),
         ))
@@ -298,21 +304,24 @@ mod tests {
 
     #[test]
     fn resume_replays_history_then_live_without_gap_or_duplicate() {
-        let hub = WatchHub::new(WatchConfig::default(), 0);
+        let hub = WatchHub::new(WatchConfig::default(), Revision(0));
         hub.publish(&[
             change(1, "pods/a/x"),
             change(2, "cm/a/y"),
             change(3, "pods/a/z"),
         ]);
         let mut watcher = hub
-            .subscribe(KeyRange::kind("pods").unwrap(), Some(1))
+            .subscribe(KeyRange::kind("pods").unwrap(), Some(Revision(1)))
             .unwrap();
         hub.publish(&[change(4, "pods/b/w")]);
         let revisions: Vec<u64> = std::iter::from_fn(|| watcher.try_next().unwrap())
-            .map(|c| c.revision)
+            .map(|c| c.revision.get())
             .collect();
         assert_eq!(revisions, vec![3, 4]);
-        assert!(matches!(watcher.bookmark(), WatchEvent::Bookmark(4)));
+        assert!(matches!(
+            watcher.bookmark(),
+            WatchEvent::Bookmark(Revision(4))
+        ));
     }
 
     #[test]
@@ -321,9 +330,9 @@ mod tests {
             history: 2,
             lag_limit: 8,
         };
-        let hub = WatchHub::new(config, 10);
+        let hub = WatchHub::new(config, Revision(10));
         assert!(matches!(
-            hub.subscribe(KeyRange::all(), Some(9)),
+            hub.subscribe(KeyRange::all(), Some(Revision(9))),
             Err(WatchError::Gone { .. })
         ));
         hub.publish(&[
@@ -331,14 +340,14 @@ mod tests {
             change(12, "a/b/c"),
             change(13, "a/b/c"),
         ]);
-        assert_eq!(hub.oldest_resumable(), 11);
+        assert_eq!(hub.oldest_resumable(), Revision(11));
         assert!(matches!(
-            hub.subscribe(KeyRange::all(), Some(10)),
+            hub.subscribe(KeyRange::all(), Some(Revision(10))),
             Err(WatchError::Gone { .. })
         ));
-        assert!(hub.subscribe(KeyRange::all(), Some(11)).is_ok());
+        assert!(hub.subscribe(KeyRange::all(), Some(Revision(11))).is_ok());
         assert!(matches!(
-            hub.subscribe(KeyRange::all(), Some(14)),
+            hub.subscribe(KeyRange::all(), Some(Revision(14))),
             Err(WatchError::Future { .. })
         ));
     }
@@ -349,7 +358,7 @@ mod tests {
             history: 4,
             lag_limit: 4,
         };
-        let hub = WatchHub::new(config, 0);
+        let hub = WatchHub::new(config, Revision(0));
         let mut slow = hub.subscribe(KeyRange::all(), None).unwrap();
         let changes: Vec<_> = (1..=100).map(|r| change(r, "a/b/c")).collect();
         hub.publish(&changes);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::change::SharedChange;
 use crate::key::KeyRange;
 use crate::store::Store;
+use crate::version::Revision;
 use crate::watch::{WatchError, Watcher};
 
 /// What a [`ResumableWatcher`] yields.
@@ -21,7 +22,7 @@ pub enum Event {
     /// its handling must be idempotent (state, not deltas).
     Restart {
         /// The store's revision when the watch (re)started.
-        revision: u64,
+        revision: Revision,
     },
     /// One committed change in the watched range, in revision order.
     Change(SharedChange),
@@ -33,7 +34,7 @@ pub struct ResumableWatcher {
     range: KeyRange,
     inner: Option<Watcher>,
     /// Every change up to this revision was seen (delivered or outside the range).
-    seen: u64,
+    seen: Revision,
 }
 
 impl ResumableWatcher {
@@ -43,7 +44,7 @@ impl ResumableWatcher {
             store,
             range,
             inner: None,
-            seen: 0,
+            seen: Revision::ZERO,
         }
     }
 
@@ -115,7 +116,7 @@ impl ResumableWatcher {
             .subscribe(self.range.clone(), Some(self.seen))
         {
             Ok(watcher) => {
-                tracing::info!(error = %cause, revision = self.seen, "watch resumed from history");
+                tracing::info!(error = %cause, revision = self.seen.get(), "watch resumed from history");
                 self.inner = Some(watcher);
             }
             Err(e) => {

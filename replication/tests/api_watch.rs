@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use replication::api::{ApiServer, OpenPolicy};
 use replication::sync::{Down, EdgeReplica, SessionId};
-use replication::{Change, ChangeKind, ObjectKey, Store, StoreConfig, Versioning};
+use replication::{
+    Change, ChangeKind, ObjectKey, ResourceVersion, Revision, Store, StoreConfig, Versioning,
+};
 use serde_json::{json, Value};
 
 /// An API server over `store` on a loopback port, on a runtime of its own.
@@ -255,7 +257,7 @@ fn watch_list_with_a_resource_version_sends_every_current_object_then_the_end_bo
 fn watch_list_with_a_version_ahead_of_the_store_waits_then_answers_504() {
     let (_dir, store, api) = cloud();
     api.ok("POST", PODS, Some(&pod("a", "a")));
-    let ahead = store.revision() + 1;
+    let ahead = store.revision().get() + 1;
     // Reached while the request waits: served.
     let path = format!(
         "{PODS}?watch=1&sendInitialEvents=true&resourceVersionMatch=NotOlderThan\
@@ -288,7 +290,7 @@ fn watch_list_with_a_version_ahead_of_the_store_waits_then_answers_504() {
     );
 
     // Never reached: kube-apiserver's "Too large resource version" 504, after its 3 s wait.
-    let far = store.revision() + 100;
+    let far = store.revision().get() + 100;
     let mut watch = api.watch(&format!(
         "{PODS}?watch=1&sendInitialEvents=true&resourceVersionMatch=NotOlderThan\
          &resourceVersion={far}"
@@ -439,9 +441,9 @@ impl Edge {
         )
         .unwrap();
         let change = Change::new(
-            self.rv,
+            Revision(self.rv),
             key,
-            self.rv,
+            ResourceVersion(self.rv),
             ChangeKind::Modified,
             Bytes::from(object.to_string()),
         );
@@ -455,7 +457,10 @@ impl Edge {
         self.rv += 10;
         let key = ObjectKey::new("pods", "zz", name).unwrap();
         self.replica
-            .receive(Down::Delete { key, rv: self.rv })
+            .receive(Down::Delete {
+                key,
+                rv: ResourceVersion(self.rv),
+            })
             .unwrap();
         self.replica.flush().unwrap();
     }

@@ -77,7 +77,7 @@ fn check_cloud(dir: &Path, acked: u64) -> u64 {
         "acked write {acked} lost: store ends at {last}"
     );
     assert_eq!(
-        store.revision(),
+        store.revision().get(),
         last,
         "revision counter matches the writes"
     );
@@ -91,7 +91,7 @@ fn check_cloud(dir: &Path, acked: u64) -> u64 {
             None => assert!(object.is_none() && objectsync.is_none()),
             Some(n) => {
                 let object = object.expect("object present");
-                assert_eq!(object.rv, n, "p{k} at the version of its last write");
+                assert_eq!(object.rv.get(), n, "p{k} at the version of its last write");
                 assert_eq!(object.object, n.to_string().as_bytes());
                 assert_eq!(objectsync, Some(n), "ObjectSync written with the object");
             }
@@ -109,7 +109,7 @@ fn check_cloud(dir: &Path, acked: u64) -> u64 {
 fn max_rv(store: &Store) -> u64 {
     store
         .scan(&KeyRange::all())
-        .map(|item| item.unwrap().1.rv)
+        .map(|item| item.unwrap().1.rv.get())
         .max()
         .unwrap_or(0)
 }
@@ -138,7 +138,7 @@ fn check_edge(dir: &Path, acked: u64, start: u64) -> u64 {
             None => assert!(object.is_none()),
             Some(n) => {
                 let object = object.expect("object present");
-                assert_eq!(object.rv, n, "p{k}: a group commit is all or nothing");
+                assert_eq!(object.rv.get(), n, "p{k}: a group commit is all or nothing");
                 assert_eq!(object.object, n.to_string().as_bytes());
             }
         }

@@ -22,8 +22,8 @@ use rand::{Rng, SeedableRng};
 use replication::simulation::{run_seeds, seeds, Pipe};
 use replication::sync::{persist, Down, EdgeReplica, FeedConfig, NodeFeed, Report, Up};
 use replication::{
-    Change, ChangeKind, KeyRange, ObjectKey, Precondition, SharedChange, Store, StoreConfig,
-    WriteSet,
+    Change, ChangeKind, KeyRange, ObjectKey, Precondition, ResourceVersion, SharedChange, Store,
+    StoreConfig, WriteSet,
 };
 
 const NAMESPACE: &str = "ns";
@@ -110,7 +110,7 @@ impl Cloud {
         for item in store.scan(&KeyRange::all()) {
             let (key, value) = item.expect("scan");
             let change = Change::new(
-                value.rv,
+                value.revision,
                 key.clone(),
                 value.rv,
                 ChangeKind::Added,
@@ -138,7 +138,7 @@ impl Cloud {
     /// Routes committed changes to the feeds: recompute each node's desired set where it may
     /// have changed, and tell the feeds the difference. `echo` marks a change that is exactly
     /// `node`'s report on top of version `base`.
-    fn route(&mut self, changes: &[SharedChange], echo: Option<(&str, u64)>) {
+    fn route(&mut self, changes: &[SharedChange], echo: Option<(&str, ResourceVersion)>) {
         let before: BTreeMap<String, BTreeSet<ObjectKey>> = self
             .feeds
             .keys()
@@ -711,7 +711,7 @@ impl Sim {
 
     fn check(&self) {
         for node in &self.nodes {
-            let expected: BTreeMap<ObjectKey, (u64, Bytes)> =
+            let expected: BTreeMap<ObjectKey, (ResourceVersion, Bytes)> =
                 desired_keys(&self.cloud.objects, node)
                     .into_iter()
                     .map(|key| {
@@ -720,7 +720,7 @@ impl Sim {
                     })
                     .collect();
             let edge = &self.edges[node].replica;
-            let held: BTreeMap<ObjectKey, (u64, Bytes)> = edge
+            let held: BTreeMap<ObjectKey, (ResourceVersion, Bytes)> = edge
                 .store()
                 .scan(&KeyRange::all())
                 .map(|item| {

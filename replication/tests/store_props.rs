@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use proptest::prelude::*;
 use replication::{
-    ChangeKind, KeyRange, ObjectKey, Precondition, Store, StoreConfig, StoreError, WatchConfig,
-    WatchError, WriteSet,
+    ChangeKind, KeyRange, ObjectKey, Precondition, ResourceVersion, Revision, Store, StoreConfig,
+    StoreError, WatchConfig, WatchError, WriteSet,
 };
 
 #[derive(Debug, Clone)]
@@ -62,8 +62,10 @@ fn precondition(expect: Expect, current: Option<u64>) -> Precondition {
         Expect::None => Precondition::None,
         Expect::Absent => Precondition::Absent,
         Expect::Exists => Precondition::Exists,
-        Expect::Current => Precondition::Version(current.unwrap_or(1)),
-        Expect::Stale => Precondition::Version(current.unwrap_or(1).saturating_sub(1)),
+        Expect::Current => Precondition::Version(ResourceVersion(current.unwrap_or(1))),
+        Expect::Stale => {
+            Precondition::Version(ResourceVersion(current.unwrap_or(1).saturating_sub(1)))
+        }
     }
 }
 
@@ -100,7 +102,7 @@ proptest! {
                                 Precondition::None => true,
                                 Precondition::Absent => current.is_none(),
                                 Precondition::Exists => current.is_some(),
-                                Precondition::Version(v) => current == Some(v),
+                                Precondition::Version(v) => current == Some(v.get()),
                             };
                             let bytes = Bytes::from(vec![value; 3]);
                             set.put(k.clone(), bytes.clone(), pre);
@@ -117,7 +119,7 @@ proptest! {
                             let pre = precondition(expect, current);
                             let ok = current.is_some() && match pre {
                                 Precondition::Absent => false,
-                                Precondition::Version(v) => current == Some(v),
+                                Precondition::Version(v) => current == Some(v.get()),
                                 _ => true,
                             };
                             set.delete(k.clone(), pre);
@@ -142,7 +144,7 @@ proptest! {
                     }
                     Err(other) => prop_assert!(false, "unexpected error {other}"),
                 }
-                prop_assert_eq!(store.revision(), revision);
+                prop_assert_eq!(store.revision().get(), revision);
             }
             // The watcher saw exactly what was committed, in revision order.
             let mut seen = Vec::new();
@@ -154,10 +156,10 @@ proptest! {
             prop_assert!(seen.iter().all(|(_, _, kind)| matches!(kind, ChangeKind::Added | ChangeKind::Modified | ChangeKind::Deleted)));
         }
         let store = Store::open(dir.path(), config).unwrap();
-        prop_assert_eq!(store.revision(), revision);
+        prop_assert_eq!(store.revision().get(), revision);
         let listed: BTreeMap<ObjectKey, (u64, Bytes)> = store
             .scan(&KeyRange::all())
-            .map(|item| item.map(|(k, v)| (k, (v.rv, v.object))))
+            .map(|item| item.map(|(k, v)| (k, (v.rv.get(), v.object))))
             .collect::<Result<_, _>>()
             .unwrap();
         prop_assert_eq!(listed, model);
@@ -184,17 +186,17 @@ proptest! {
         let range = if kind_filter { KeyRange::kind("pods").unwrap() } else { KeyRange::all() };
         let latest = writes as u64;
         let oldest = latest.saturating_sub(history as u64);
-        match store.watch().subscribe(range.clone(), Some(from)) {
+        match store.watch().subscribe(range.clone(), Some(Revision(from))) {
             Ok(mut watcher) => {
                 prop_assert!(from >= oldest && from <= latest);
                 let mut got = Vec::new();
                 while let Some(change) = watcher.try_next().unwrap() {
-                    got.push(change.revision);
+                    got.push(change.revision.get());
                 }
                 let want: Vec<u64> = all
                     .iter()
-                    .filter(|c| c.revision > from && range.contains(&c.key))
-                    .map(|c| c.revision)
+                    .filter(|c| c.revision.get() > from && range.contains(&c.key))
+                    .map(|c| c.revision.get())
                     .collect();
                 prop_assert_eq!(got, want);
             }

@@ -390,12 +390,13 @@ impl Edged {
             .pods_dir
             .join(format!("{}_{}", key.namespace(), key.name()));
         let grace = grace_of(pod);
-        self.prober.sync(pod, &running, |container| probe::Target {
-            pod_dir: pod_dir.clone(),
-            container: container.to_owned(),
-            address,
-            grace,
-        })
+        self.prober
+            .sync(pod, &running, |container| probe::ProbeTarget {
+                pod_dir: pod_dir.clone(),
+                container: container.to_owned(),
+                address,
+                grace,
+            })
     }
 
     fn report_status(

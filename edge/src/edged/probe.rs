@@ -196,7 +196,7 @@ pub struct Probed {
 
 /// How a probe reaches its container.
 #[derive(Clone)]
-pub struct Target {
+pub struct ProbeTarget {
     /// The pod's directory (`DATA_DIR/pods/<ns>_<name>`), where the runtimes keep what
     /// `kubectl exec` uses.
     pub pod_dir: PathBuf,
@@ -208,7 +208,7 @@ pub struct Target {
 }
 
 /// Runs one probe once: `Ok(())` or why it failed.
-async fn run_once(spec: &ProbeSpec, target: &Target) -> Result<(), String> {
+async fn run_once(spec: &ProbeSpec, target: &ProbeTarget) -> Result<(), String> {
     let timeout = spec.timeout;
     let host = |host: &Option<String>| host.clone().unwrap_or_else(|| target.address.to_string());
     let attempt = async {
@@ -240,8 +240,8 @@ async fn run_once(spec: &ProbeSpec, target: &Target) -> Result<(), String> {
 
 /// An exec probe: through CRI `ExecSync` for a CRI container, else the command with the
 /// process runtime container's environment and working directory.
-async fn exec(command: &[String], target: &Target, timeout: Duration) -> Result<(), String> {
-    let Some(running) = crate::exec::target(&target.pod_dir, &target.container) else {
+async fn exec(command: &[String], target: &ProbeTarget, timeout: Duration) -> Result<(), String> {
+    let Some(running) = crate::exec::context(&target.pod_dir, &target.container) else {
         return Err("the container is not running".into());
     };
     if let Some(cri) = running.cri {
@@ -318,8 +318,8 @@ async fn http_get(
 /// Stops a container so that its restart policy starts it again (a failed liveness or
 /// startup probe): `StopContainer` for a CRI container, else SIGTERM to its process group
 /// and SIGKILL after the grace period.
-async fn restart(target: &Target) {
-    let Some(running) = crate::exec::target(&target.pod_dir, &target.container) else {
+async fn restart(target: &ProbeTarget) {
+    let Some(running) = crate::exec::context(&target.pod_dir, &target.container) else {
         return;
     };
     if let Some(cri) = running.cri {
@@ -377,7 +377,7 @@ impl Prober {
         &mut self,
         pod: &Object,
         running: &[(String, String)],
-        target_of: impl Fn(&str) -> Target,
+        target_of: impl Fn(&str) -> ProbeTarget,
     ) -> HashMap<String, Probed> {
         let uid = replication::api::object::meta_str(pod, "uid")
             .unwrap_or_default()
@@ -522,7 +522,7 @@ impl Worker {
         self,
         key: Key,
         probes: Probes,
-        target: Target,
+        target: ProbeTarget,
         pod: Object,
         stop: CancellationToken,
     ) {

@@ -144,9 +144,10 @@ pub struct ApiServer {
     bearer_token: Option<Arc<str>>,
 }
 
-/// Where a request points.
+/// Where a request points, parsed once from its path (kube-apiserver's `RequestInfo`; the verb
+/// comes from the method and query, see `verb_of`).
 #[derive(Debug, Clone)]
-pub(crate) struct Target {
+pub(crate) struct RequestInfo {
     pub resource: &'static Resource,
     /// `None`: all namespaces (or a cluster-scoped resource).
     pub namespace: Option<String>,
@@ -160,9 +161,10 @@ pub(crate) struct Target {
 
 pub(crate) type Query = HashMap<String, String>;
 
-enum Route {
+/// What a request path names: a document served as is, a resource, or nothing.
+enum PathMatch {
     Json(Value),
-    Resource(Target),
+    Resource(RequestInfo),
     NotFound,
 }
 
@@ -181,27 +183,27 @@ pub(crate) fn error_response(error: &ApiError) -> Response {
 }
 
 /// Splits `/api/v1/...` and `/apis/{group}/{version}/...` into a route.
-fn route(path: &str, registry: &Registry) -> Route {
+fn route(path: &str, registry: &Registry) -> PathMatch {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest): (&str, &str, &[&str]) = match segments.as_slice() {
-        ["version"] => return Route::Json(discovery::version()),
-        ["api"] => return Route::Json(discovery::core_versions()),
-        ["apis"] => return Route::Json(discovery::groups(registry)),
+        ["version"] => return PathMatch::Json(discovery::version()),
+        ["api"] => return PathMatch::Json(discovery::core_versions()),
+        ["apis"] => return PathMatch::Json(discovery::groups(registry)),
         ["apis", group] => {
-            return discovery::group(registry, group).map_or(Route::NotFound, Route::Json)
+            return discovery::group(registry, group).map_or(PathMatch::NotFound, PathMatch::Json)
         }
-        ["openapi", "v3"] => return Route::Json(discovery::openapi_index(registry)),
+        ["openapi", "v3"] => return PathMatch::Json(discovery::openapi_index(registry)),
         ["openapi", "v3", rest @ ..] => {
             return discovery::openapi_document(registry, &rest.join("/"))
-                .map_or(Route::NotFound, Route::Json)
+                .map_or(PathMatch::NotFound, PathMatch::Json)
         }
         ["api", version, rest @ ..] => ("", *version, rest),
         ["apis", group, version, rest @ ..] => (*group, *version, rest),
-        _ => return Route::NotFound,
+        _ => return PathMatch::NotFound,
     };
     if rest.is_empty() {
         return discovery::resource_list(registry, group, version)
-            .map_or(Route::NotFound, Route::Json);
+            .map_or(PathMatch::NotFound, PathMatch::Json);
     }
     let (watch_path, rest) = match rest {
         ["watch", rest @ ..] => (true, rest),
@@ -209,7 +211,7 @@ fn route(path: &str, registry: &Registry) -> Route {
     };
     let find = |plural: &str| registry.find(group, version, plural);
     let target =
-        |resource: &'static Resource, ns: Option<&str>, name: Option<&str>, status| Target {
+        |resource: &'static Resource, ns: Option<&str>, name: Option<&str>, status| RequestInfo {
             resource,
             namespace: ns.map(str::to_owned),
             name: name.map(str::to_owned),
@@ -235,7 +237,7 @@ fn route(path: &str, registry: &Registry) -> Route {
             .filter(|r| r.status)
             .map(|r| target(r, Some(ns), Some(name), true)),
         ["namespaces", ns, plural, name, "scale"] => {
-            namespaced(plural).filter(|r| r.scale).map(|r| Target {
+            namespaced(plural).filter(|r| r.scale).map(|r| RequestInfo {
                 scale: true,
                 ..target(r, Some(ns), Some(name), false)
             })
@@ -247,10 +249,10 @@ fn route(path: &str, registry: &Registry) -> Route {
             .map(|r| target(r, None, Some(name), true)),
         _ => None,
     };
-    found.map_or(Route::NotFound, Route::Resource)
+    found.map_or(PathMatch::NotFound, PathMatch::Resource)
 }
 
-fn verb_of(method: &Method, target: &Target, query: &Query) -> Option<Verb> {
+fn verb_of(method: &Method, target: &RequestInfo, query: &Query) -> Option<Verb> {
     let watch = target.watch_path || query.get("watch").is_some_and(|w| w == "true" || w == "1");
     Some(match (method.as_str(), target.name.is_some()) {
         ("GET", _) if watch => Verb::Watch,
@@ -368,13 +370,13 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
         };
     }
     let target = match route(&path, &server.registry) {
-        Route::Json(value) => {
+        PathMatch::Json(value) => {
             if parts.method != Method::GET {
                 return error_response(&ApiError::method_not_allowed("discovery is read-only"));
             }
             return json_response(StatusCode::OK, &value);
         }
-        Route::NotFound => {
+        PathMatch::NotFound => {
             server.policy.observe("unknown", "", 404);
             return error_response(&ApiError::new(
                 404,
@@ -382,7 +384,7 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
                 format!("the server could not find the requested resource ({path})"),
             ));
         }
-        Route::Resource(target) => target,
+        PathMatch::Resource(target) => target,
     };
     let query: Query = axum::extract::Query::<Query>::try_from_uri(&parts.uri)
         .map(|q| q.0)
@@ -413,14 +415,14 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
         Bytes::new()
     };
     let request = rest::ApiRequest {
-        target,
+        info: target,
         verb,
         query,
         headers: parts.headers,
         body,
     };
     let response = match verb {
-        _ if request.target.scale => rest::serve_scale(&server, request).await,
+        _ if request.info.scale => rest::serve_scale(&server, request).await,
         Verb::Watch => watch::serve(&server, request).await,
         _ => rest::serve(&server, request).await,
     };
@@ -438,13 +440,13 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
 mod tests {
     use super::*;
 
-    fn route(path: &str) -> Route {
+    fn route(path: &str) -> PathMatch {
         super::route(path, &Registry::builtin())
     }
 
-    fn target(path: &str) -> Target {
+    fn target(path: &str) -> RequestInfo {
         match route(path) {
-            Route::Resource(t) => t,
+            PathMatch::Resource(t) => t,
             _ => panic!("{path} is not a resource"),
         }
     }
@@ -477,19 +479,22 @@ mod tests {
         assert_eq!(t.resource.kind, "Deployment");
         assert!(matches!(
             route("/apis/apps/v1/namespaces/default/daemonsets/d/scale"),
-            Route::NotFound
+            PathMatch::NotFound
         ));
         let t = target("/api/v1/watch/namespaces/default/pods");
         assert!(t.watch_path);
-        assert!(matches!(route("/api/v1/nodes/n1/nope"), Route::NotFound));
+        assert!(matches!(
+            route("/api/v1/nodes/n1/nope"),
+            PathMatch::NotFound
+        ));
         assert!(matches!(
             route("/api/v1/namespaces/default/nodes"),
-            Route::NotFound
+            PathMatch::NotFound
         ));
         assert!(matches!(
             route("/api/v1/configmaps/x/status"),
-            Route::NotFound
+            PathMatch::NotFound
         ));
-        assert!(matches!(route("/api/v1"), Route::Json(_)));
+        assert!(matches!(route("/api/v1"), PathMatch::Json(_)));
     }
 }

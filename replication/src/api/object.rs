@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::resources::{self, Resource};
 use super::status::{ApiError, Cause};
+use crate::version::Revision;
 
 /// A Kubernetes object as a JSON map (`apiVersion`, `kind`, `metadata`, ...).
 pub type Object = Map<String, Value>;
@@ -63,11 +64,12 @@ pub fn namespace(object: &Object) -> &str {
 
 /// `metadata.resourceVersion` as a number; `Err` when present and not a number.
 ///
-/// `None` when absent or empty.
+/// `None` when absent or empty. What the API serves as an object's resourceVersion is its store
+/// [`Revision`] (see [`crate::version`]), so that is what a client's value names.
 ///
 /// # Errors
 /// 400 `BadRequest` when it is not a decimal `u64`.
-pub fn resource_version(object: &Object) -> Result<Option<u64>, ApiError> {
+pub fn resource_version(object: &Object) -> Result<Option<Revision>, ApiError> {
     match meta_str(object, "resourceVersion") {
         None | Some("") => Ok(None),
         Some(text) => text.parse().map(Some).map_err(|_| {
@@ -92,7 +94,7 @@ pub fn to_stored(mut object: Object) -> Vec<u8> {
 ///
 /// # Errors
 /// 500 `InternalError` when `stored` is not a JSON object or its `metadata` is not one.
-pub fn with_resource_version(stored: &[u8], rv: u64) -> Result<Vec<u8>, ApiError> {
+pub fn with_resource_version(stored: &[u8], rv: Revision) -> Result<Vec<u8>, ApiError> {
     with_resource_version_as(stored, rv, None)
 }
 
@@ -103,7 +105,7 @@ pub fn with_resource_version(stored: &[u8], rv: u64) -> Result<Vec<u8>, ApiError
 /// As [`with_resource_version`].
 pub fn with_resource_version_as(
     stored: &[u8],
-    rv: u64,
+    rv: Revision,
     api_version: Option<&str>,
 ) -> Result<Vec<u8>, ApiError> {
     let corrupt = |e: serde_json::Error| ApiError::internal(format!("stored object: {e}"));
@@ -151,7 +153,7 @@ pub fn with_resource_version_as(
 ///
 /// # Errors
 /// 500 `InternalError` when `stored` is not a JSON object.
-pub fn decode_stored(stored: &[u8], rv: u64) -> Result<Object, ApiError> {
+pub fn decode_stored(stored: &[u8], rv: Revision) -> Result<Object, ApiError> {
     let mut object: Object = serde_json::from_slice(stored)
         .map_err(|e| ApiError::internal(format!("stored object: {e}")))?;
     meta_mut(&mut object).insert("resourceVersion".into(), Value::String(rv.to_string()));
@@ -735,11 +737,11 @@ mod tests {
     fn resource_version_is_spliced_into_metadata() {
         let stored =
             br#"{"apiVersion":"v1","data":{"a":"b"},"kind":"ConfigMap","metadata":{"name":"x"}}"#;
-        let out = with_resource_version(stored, 42).unwrap();
+        let out = with_resource_version(stored, Revision(42)).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["metadata"]["resourceVersion"], "42");
         assert_eq!(v["data"]["a"], "b");
-        let no_meta = with_resource_version(br#"{"kind":"X"}"#, 7).unwrap();
+        let no_meta = with_resource_version(br#"{"kind":"X"}"#, Revision(7)).unwrap();
         let v: Value = serde_json::from_slice(&no_meta).unwrap();
         assert_eq!(v["metadata"]["resourceVersion"], "7");
     }

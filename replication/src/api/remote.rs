@@ -13,7 +13,7 @@ use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use transport::{Header, Message, ReceivedMessage, Route};
 
-use super::{route, verb_of, ApiError, Query, Resource, Route as ApiRoute, Verb, MAX_BODY_BYTES};
+use super::{route, verb_of, ApiError, PathMatch, Query, Resource, Verb, MAX_BODY_BYTES};
 use crate::key::ObjectKey;
 
 /// The route group of forwarded API calls.
@@ -293,7 +293,7 @@ pub fn classify(method: &Method, uri: &Uri) -> Option<Classified> {
 
 /// Classifies a request the way an API serving `registry`'s kinds routes it.
 pub fn classify_with(registry: &super::Registry, method: &Method, uri: &Uri) -> Option<Classified> {
-    let ApiRoute::Resource(target) = route(uri.path(), registry) else {
+    let PathMatch::Resource(target) = route(uri.path(), registry) else {
         return None;
     };
     let query: Query = axum::extract::Query::<Query>::try_from_uri(uri)

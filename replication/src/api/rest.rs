@@ -12,12 +12,13 @@ use super::resources::{self, Resource};
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::table;
-use super::{bytes_response, ApiPolicy, ApiServer, Query, Target, Verb};
+use super::{bytes_response, ApiPolicy, ApiServer, Query, RequestInfo, Verb};
 use crate::key::{KeyRange, ObjectKey};
 use crate::store::{Precondition, Store, Versioned, WriteSet};
+use crate::version::{ResourceVersion, Revision};
 
 pub(crate) struct ApiRequest {
-    pub target: Target,
+    pub info: RequestInfo,
     pub verb: Verb,
     pub query: Query,
     pub headers: HeaderMap,
@@ -58,20 +59,16 @@ impl ApiRequest {
     }
 
     fn namespace(&self) -> &str {
-        self.target.namespace.as_deref().unwrap_or_default()
+        self.info.namespace.as_deref().unwrap_or_default()
     }
 
     fn name(&self) -> &str {
-        self.target.name.as_deref().unwrap_or_default()
+        self.info.name.as_deref().unwrap_or_default()
     }
 
     fn key(&self) -> Result<ObjectKey, ApiError> {
-        ObjectKey::new(
-            self.target.resource.store_kind,
-            self.namespace(),
-            self.name(),
-        )
-        .map_err(|e| ApiError::bad_request(e.to_string()))
+        ObjectKey::new(self.info.resource.store_kind, self.namespace(), self.name())
+            .map_err(|e| ApiError::bad_request(e.to_string()))
     }
 
     fn wants_table(&self) -> bool {
@@ -94,7 +91,7 @@ impl ApiRequest {
 
     /// Records this non-apply write in `written`'s `managedFields` (when it has them).
     fn track_update(&self, current: &Object, written: &mut Object) {
-        if self.target.status {
+        if self.info.status {
             // Status is not tracked; keep the entries as they are.
             if let Some(m) = object::meta(current).and_then(|m| m.get("managedFields")) {
                 object::meta_mut(written).insert("managedFields".into(), m.clone());
@@ -106,7 +103,7 @@ impl ApiRequest {
             .and_then(Value::as_array)
             .is_some_and(|list| list.is_empty());
         apply::track_update(
-            self.target.resource,
+            self.info.resource,
             current,
             written,
             &self.manager(),
@@ -132,7 +129,7 @@ fn field_validation(request: &ApiRequest, object: &Object) -> Result<Vec<String>
             "fieldValidation {mode:?} is not one of Ignore, Warn, Strict"
         )));
     }
-    let resource = request.target.resource;
+    let resource = request.info.resource;
     let Some(custom) = resource.custom else {
         return Ok(Vec::new());
     };
@@ -224,9 +221,9 @@ fn respond_object(
     versioned: &Versioned,
 ) -> Result<Response, ApiError> {
     if request.wants_table() {
-        let object = decode_for(request.target.resource, versioned)?;
+        let object = decode_for(request.info.resource, versioned)?;
         let t = table::table(
-            request.target.resource,
+            request.info.resource,
             vec![object],
             json!({"resourceVersion": versioned.revision.to_string()}),
             request.include_object(),
@@ -239,15 +236,15 @@ fn respond_object(
     }
     Ok(bytes_response(
         code,
-        render(request.target.resource, versioned)?,
+        render(request.info.resource, versioned)?,
     ))
 }
 
 fn read(store: &Store, key: &ObjectKey, request: &ApiRequest) -> Result<Versioned, ApiError> {
     store
         .get(key)
-        .map_err(|e| ApiError::from_store(e, request.target.resource.store_kind, request.name()))?
-        .ok_or_else(|| ApiError::not_found(request.target.resource.store_kind, request.name()))
+        .map_err(|e| ApiError::from_store(e, request.info.resource.store_kind, request.name()))?
+        .ok_or_else(|| ApiError::not_found(request.info.resource.store_kind, request.name()))
 }
 
 async fn get(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
@@ -262,12 +259,12 @@ async fn get(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiErr
 }
 
 /// `continue` tokens: the list's revision and the last key served, hex-encoded.
-fn encode_continue(revision: u64, last: &ObjectKey) -> String {
+fn encode_continue(revision: Revision, last: &ObjectKey) -> String {
     let raw = format!("{revision}/{}", last.as_str());
     raw.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
-fn decode_continue(token: &str) -> Result<(u64, ObjectKey), ApiError> {
+fn decode_continue(token: &str) -> Result<(Revision, ObjectKey), ApiError> {
     let bad = || ApiError::bad_request(format!("continue token {token:?} is not valid"));
     if !token.len().is_multiple_of(2) || !token.is_ascii() {
         return Err(bad());
@@ -306,7 +303,7 @@ impl Selectors {
     }
 }
 
-pub(crate) fn range_of(target: &Target) -> Result<KeyRange, ApiError> {
+pub(crate) fn range_of(target: &RequestInfo) -> Result<KeyRange, ApiError> {
     let plural = target.resource.store_kind;
     let range = match &target.namespace {
         Some(ns) if target.resource.namespaced => KeyRange::namespace(plural, ns),
@@ -328,10 +325,10 @@ async fn list(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiEr
         Some(token) => Some(decode_continue(token)?),
         None => None,
     };
-    let range = range_of(&request.target)?;
+    let range = range_of(&request.info)?;
     let store = server.store.clone();
     let table = request.wants_table();
-    let resource = request.target.resource;
+    let resource = request.info.resource;
     let include_object = request.include_object();
     blocking(move || {
         // The revision is read before the scan: a watch from it replays anything the scan raced.
@@ -438,8 +435,8 @@ fn check_namespace_exists(store: &Store, namespace: &str) -> Result<(), ApiError
 }
 
 async fn create(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
-    let resource = request.target.resource;
-    if resource.namespaced && request.target.namespace.is_none() {
+    let resource = request.info.resource;
+    if resource.namespaced && request.info.namespace.is_none() {
         return Err(ApiError::method_not_allowed(format!(
             "create {} in a namespace: POST to .../namespaces/{{namespace}}/{}",
             resource.store_kind, resource.plural
@@ -489,8 +486,8 @@ fn write_new(
     let bytes = Bytes::from(object::to_stored(object));
     if dry_run {
         return Ok(Versioned {
-            rv: 0,
-            revision: 0,
+            rv: ResourceVersion::ZERO,
+            revision: Revision::ZERO,
             object: bytes,
         });
     }
@@ -511,15 +508,15 @@ fn write_update(
     object: Object,
     current: &Versioned,
 ) -> Result<Versioned, ApiError> {
-    let expected = current.revision;
-    let resource = request.target.resource.store_kind;
+    let expected = current.rv;
+    let resource = request.info.resource.store_kind;
     let deleting = object::meta(&object).is_some_and(|m| m.contains_key("deletionTimestamp"));
     let finalizers_left = object::meta(&object)
         .and_then(|m| m.get("finalizers"))
         .and_then(Value::as_array)
         .is_some_and(|f| !f.is_empty());
     let mut set = WriteSet::new();
-    if deleting && !finalizers_left && request.target.resource.store_kind != "pods" {
+    if deleting && !finalizers_left && request.info.resource.store_kind != "pods" {
         set.delete(key, Precondition::Version(expected));
     } else {
         let bytes = Bytes::from(object::to_stored(object));
@@ -531,7 +528,7 @@ fn write_update(
         if request.dry_run() {
             return Ok(Versioned {
                 rv: expected,
-                revision: expected,
+                revision: current.revision,
                 object: bytes,
             });
         }
@@ -552,18 +549,18 @@ async fn update(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
         let expected = body_rv.unwrap_or(current.revision);
         if expected != current.revision {
             return Err(ApiError::conflict(
-                request.target.resource.store_kind,
+                request.info.resource.store_kind,
                 request.name(),
             ));
         }
         let current_object = object::decode_stored(&current.object, current.revision)?;
         object::prepare_update(
-            request.target.resource,
+            request.info.resource,
             request.namespace(),
             request.name(),
             &current_object,
             &mut object,
-            request.target.status,
+            request.info.status,
         )?;
         request.track_update(&current_object, &mut object);
         let v = write_update(policy.as_ref(), &store, &request, key, object, &current)?;
@@ -584,7 +581,7 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
     }
     // As kube-apiserver for custom resources: no Go types, so no patch strategy to merge lists
     // by; a plain merge would silently replace them.
-    if kind == PatchKind::StrategicMerge && !request.target.resource.builtin {
+    if kind == PatchKind::StrategicMerge && !request.info.resource.builtin {
         return Err(ApiError::unsupported_media_type(
             "the body of the request was in an unknown format - accepted media types include: \
              application/json-patch+json, application/merge-patch+json, \
@@ -609,18 +606,18 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
             if let Some(rv) = object::resource_version(&patched)? {
                 if rv != current.revision {
                     return Err(ApiError::conflict(
-                        request.target.resource.store_kind,
+                        request.info.resource.store_kind,
                         request.name(),
                     ));
                 }
             }
             object::prepare_update(
-                request.target.resource,
+                request.info.resource,
                 request.namespace(),
                 request.name(),
                 &current_object,
                 &mut patched,
-                request.target.status,
+                request.info.status,
             )?;
             request.track_update(&current_object, &mut patched);
             match write_update(
@@ -677,7 +674,7 @@ async fn server_side_apply(server: &ApiServer, request: ApiRequest) -> Result<Re
     let store = server.store.clone();
     let policy = server.policy.clone();
     let (request, code, versioned) = blocking(move || {
-        let resource = request.target.resource;
+        let resource = request.info.resource;
         let mut last_error = None;
         for _ in 0..PATCH_ATTEMPTS {
             let current = store
@@ -760,7 +757,7 @@ pub(crate) async fn serve_scale(
     let store = server.store.clone();
     let policy = server.policy.clone();
     let scale = blocking(move || {
-        let resource = request.target.resource;
+        let resource = request.info.resource;
         let mut last_error = None;
         for _ in 0..PATCH_ATTEMPTS {
             let current = read(&store, &key, &request)?;
@@ -783,7 +780,7 @@ pub(crate) async fn serve_scale(
                 .and_then(Value::as_str)
                 .filter(|rv| !rv.is_empty());
             if let Some(rv) = precondition {
-                if rv.parse::<u64>().ok() != Some(current.revision) {
+                if rv.parse::<Revision>().ok() != Some(current.revision) {
                     return Err(ApiError::conflict(resource.store_kind, request.name()));
                 }
             }
@@ -865,7 +862,7 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
         .pointer("/preconditions/resourceVersion")
         .and_then(Value::as_str)
         .map(|rv| {
-            rv.parse::<u64>()
+            rv.parse::<Revision>()
                 .map_err(|_| ApiError::bad_request("preconditions.resourceVersion is not valid"))
         })
         .transpose()?;
@@ -899,7 +896,7 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
         .pointer("/preconditions/uid")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let resource = request.target.resource;
+    let resource = request.info.resource;
     if resource.store_kind == "namespaces" && PROTECTED_NAMESPACES.contains(&request.name()) {
         return Err(ApiError::forbidden(format!(
             "namespaces \"{}\" is forbidden: this namespace may not be deleted",
@@ -954,7 +951,7 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
             set.put(
                 key,
                 Bytes::from(object::to_stored(object)),
-                Precondition::Version(current.revision),
+                Precondition::Version(current.rv),
             );
             if request.dry_run() {
                 return Ok((request, current));
@@ -994,7 +991,7 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
                 set.delete(k, Precondition::None);
             }
         }
-        set.delete(key, Precondition::Version(current.revision));
+        set.delete(key, Precondition::Version(current.rv));
         let v = policy.commit(&store, set, resource.store_kind, request.name())?;
         Ok((request, v))
     })
@@ -1009,8 +1006,8 @@ mod tests {
     #[test]
     fn continue_tokens_round_trip() {
         let key = ObjectKey::parse("pods/default/web-1").unwrap();
-        let token = encode_continue(42, &key);
-        assert_eq!(decode_continue(&token).unwrap(), (42, key));
+        let token = encode_continue(Revision(42), &key);
+        assert_eq!(decode_continue(&token).unwrap(), (Revision(42), key));
         assert!(decode_continue("zz").is_err());
         assert!(decode_continue("abc").is_err());
     }

@@ -23,6 +23,7 @@ use super::status::{ApiError, Cause};
 use super::table;
 use super::{ApiServer, Resource};
 use crate::change::{ChangeKind, SharedChange};
+use crate::version::Revision;
 use crate::watch::{WatchError, Watcher};
 
 /// How often a bookmark is sent to a watcher that asked for them.
@@ -54,7 +55,7 @@ impl Encoder {
         &self,
         kind: &str,
         stored: &[u8],
-        rv: u64,
+        rv: Revision,
         selectors: &Selectors,
     ) -> Option<Bytes> {
         if !self.table && selectors.is_empty() {
@@ -116,7 +117,7 @@ impl Encoder {
     /// A `BOOKMARK` at `revision`: an object of the watched kind with only
     /// `metadata.resourceVersion`; the one that ends a watch-list's initial events carries the
     /// annotation `k8s.io/initial-events-end: "true"` (and only that one, as kube-apiserver).
-    fn bookmark(&self, revision: u64, initial_events_end: bool) -> Bytes {
+    fn bookmark(&self, revision: Revision, initial_events_end: bool) -> Bytes {
         let mut metadata = json!({"resourceVersion": revision.to_string()});
         if initial_events_end {
             metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
@@ -160,9 +161,9 @@ const FRESHNESS_WAIT: Duration = Duration::from_secs(3);
 enum Start {
     /// The current objects as `ADDED`, then changes after them; the state listed is at least
     /// as new as `not_older_than` (the store's revision is waited for if it is behind).
-    Initial { not_older_than: Option<u64> },
+    Initial { not_older_than: Option<Revision> },
     /// Changes after this revision (`None`: from now on), from the watch history.
-    After(Option<u64>),
+    After(Option<Revision>),
 }
 
 impl Start {
@@ -173,7 +174,7 @@ impl Start {
     fn of(query: &super::Query) -> Result<Start, ApiError> {
         let rv = match query.get("resourceVersion").map(String::as_str) {
             None | Some("") | Some("0") => None,
-            Some(rv) => Some(rv.parse::<u64>().map_err(|_| {
+            Some(rv) => Some(rv.parse::<Revision>().map_err(|_| {
                 ApiError::bad_request(format!("resourceVersion {rv:?} is not valid"))
             })?),
         };
@@ -189,7 +190,7 @@ impl Start {
 /// kube-apiserver's answer to a watch-list whose `resourceVersion` the store did not reach in
 /// time: `504 Timeout` "Too large resource version" with a `ResourceVersionTooLarge` cause and
 /// `retryAfterSeconds` 1 (k8s.io/apiserver/pkg/storage `NewTooLargeResourceVersionError`).
-fn too_large(requested: u64, current: u64) -> ApiError {
+fn too_large(requested: Revision, current: Revision) -> ApiError {
     let mut error = ApiError::new(
         504,
         "Timeout",
@@ -208,7 +209,7 @@ fn too_large(requested: u64, current: u64) -> ApiError {
 }
 
 /// Waits (at most [`FRESHNESS_WAIT`]) until the store's revision is at least `revision`.
-async fn wait_for_revision(store: &crate::Store, revision: u64) -> Result<(), ApiError> {
+async fn wait_for_revision(store: &crate::Store, revision: Revision) -> Result<(), ApiError> {
     if store.revision() >= revision {
         return Ok(());
     }
@@ -235,7 +236,7 @@ pub(crate) async fn serve(server: &ApiServer, request: ApiRequest) -> Result<Res
     options::validate(&request.query, true)?;
     let mut selectors = Selectors::from_query(&request.query)?;
     // A watch on one object (`.../pods/name?watch=true` or `/watch/.../name`).
-    if let Some(name) = &request.target.name {
+    if let Some(name) = &request.info.name {
         let mut fields = request
             .query
             .get("fieldSelector")
@@ -264,7 +265,7 @@ pub(crate) async fn serve(server: &ApiServer, request: ApiRequest) -> Result<Res
         && options::send_initial_events(&request.query)? == Some(true)
         && matches!(start, Start::Initial { .. });
     let encoder = Encoder {
-        resource: request.target.resource,
+        resource: request.info.resource,
         table: table::wants_table(
             request
                 .headers
@@ -274,7 +275,7 @@ pub(crate) async fn serve(server: &ApiServer, request: ApiRequest) -> Result<Res
         ),
         include_object: request.query.get("includeObject").map(String::as_str) == Some("Object"),
     };
-    let range = range_of(&request.target)?;
+    let range = range_of(&request.info)?;
     let store = server.store.clone();
     if let Start::Initial {
         not_older_than: Some(revision),
@@ -376,7 +377,7 @@ pub(crate) async fn serve(server: &ApiServer, request: ApiRequest) -> Result<Res
 
 async fn run(
     watcher: &mut Watcher,
-    seen: &mut HashMap<crate::key::ObjectKey, u64>,
+    seen: &mut HashMap<crate::key::ObjectKey, Revision>,
     selectors: &Selectors,
     encoder: &Encoder,
     tx: &mpsc::Sender<Bytes>,
@@ -415,7 +416,7 @@ async fn run(
 /// sent. Without selectors the stored bytes go out as they are.
 fn change_event(
     change: &SharedChange,
-    seen: &mut HashMap<crate::key::ObjectKey, u64>,
+    seen: &mut HashMap<crate::key::ObjectKey, Revision>,
     selectors: &Selectors,
     encoder: &Encoder,
 ) -> Option<Bytes> {

@@ -14,7 +14,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use replication::sync::{Down, EdgeReplica, SessionId};
-use replication::{Aux, Change, ChangeKind, ObjectKey, Precondition, Store, StoreConfig, WriteSet};
+use replication::{
+    Aux, Change, ChangeKind, ObjectKey, Precondition, ResourceVersion, Revision, Store,
+    StoreConfig, WriteSet,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -66,16 +69,16 @@ fn edge(dir: &str) -> Result<(), Box<dyn std::error::Error>> {
     // Continue above every version already held, or the upserts would be skipped as old.
     let mut n = 0u64;
     for item in replica.store().scan(&replication::KeyRange::all()) {
-        n = n.max(item?.1.rv);
+        n = n.max(item?.1.rv.get());
     }
     loop {
         let group = 1 + n % 8;
         for _ in 0..group {
             n += 1;
             let change = Change::new(
-                n,
+                Revision(n),
                 key(n),
-                n,
+                ResourceVersion(n),
                 ChangeKind::Modified,
                 Bytes::from(n.to_string()),
             );

@@ -8,6 +8,7 @@
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::key::ObjectKey;
+use crate::version::ResourceVersion;
 
 /// The digest of a set of (key, version) pairs, with the set's size; see the module docs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -16,9 +17,9 @@ pub struct SetDigest {
     count: u64,
 }
 
-fn pair_hash(key: &ObjectKey, rv: u64) -> u64 {
+fn pair_hash(key: &ObjectKey, rv: ResourceVersion) -> u64 {
     // The version seeds the hash of the key bytes: distinct pairs give independent hashes.
-    xxh3_64_with_seed(key.as_bytes(), rv)
+    xxh3_64_with_seed(key.as_bytes(), rv.get())
 }
 
 impl SetDigest {
@@ -28,7 +29,7 @@ impl SetDigest {
     }
 
     /// The digest of `pairs` (assumed distinct).
-    pub fn of<'a>(pairs: impl IntoIterator<Item = (&'a ObjectKey, u64)>) -> Self {
+    pub fn of<'a>(pairs: impl IntoIterator<Item = (&'a ObjectKey, ResourceVersion)>) -> Self {
         let mut digest = Self::new();
         for (key, rv) in pairs {
             digest.insert(key, rv);
@@ -37,19 +38,19 @@ impl SetDigest {
     }
 
     /// Adds a pair (not already in the set).
-    pub fn insert(&mut self, key: &ObjectKey, rv: u64) {
+    pub fn insert(&mut self, key: &ObjectKey, rv: ResourceVersion) {
         self.sum = self.sum.wrapping_add(pair_hash(key, rv));
         self.count += 1;
     }
 
     /// Removes a pair (that is in the set).
-    pub fn remove(&mut self, key: &ObjectKey, rv: u64) {
+    pub fn remove(&mut self, key: &ObjectKey, rv: ResourceVersion) {
         self.sum = self.sum.wrapping_sub(pair_hash(key, rv));
         self.count = self.count.saturating_sub(1);
     }
 
     /// Replaces `(key, old)` with `(key, new)`.
-    pub fn replace(&mut self, key: &ObjectKey, old: u64, new: u64) {
+    pub fn replace(&mut self, key: &ObjectKey, old: ResourceVersion, new: ResourceVersion) {
         self.remove(key, old);
         self.insert(key, new);
     }
@@ -81,16 +82,16 @@ mod tests {
                 .iter()
                 .map(|(name, rv)| (ObjectKey::new("pods", "ns", name).unwrap(), *rv))
                 .collect();
-            let forward = SetDigest::of(keys.iter().map(|(k, v)| (k, *v)));
+            let forward = SetDigest::of(keys.iter().map(|(k, v)| (k, ResourceVersion(*v))));
             let mut backward = SetDigest::new();
             // Insert noise, then the set in reverse, then remove the noise.
             let noise: Vec<(ObjectKey, u64)> = extra
                 .iter()
                 .map(|(name, rv)| (ObjectKey::new("cm", "ns", name).unwrap(), *rv))
                 .collect();
-            for (k, v) in &noise { backward.insert(k, *v); }
-            for (k, v) in keys.iter().rev() { backward.insert(k, *v); }
-            for (k, v) in &noise { backward.remove(k, *v); }
+            for (k, v) in &noise { backward.insert(k, ResourceVersion(*v)); }
+            for (k, v) in keys.iter().rev() { backward.insert(k, ResourceVersion(*v)); }
+            for (k, v) in &noise { backward.remove(k, ResourceVersion(*v)); }
             prop_assert_eq!(forward, backward);
         }
     }
@@ -99,11 +100,11 @@ mod tests {
     fn a_different_version_changes_the_digest() {
         let key = ObjectKey::parse("pods/a/b").unwrap();
         let mut one = SetDigest::new();
-        one.insert(&key, 1);
+        one.insert(&key, ResourceVersion(1));
         let mut two = SetDigest::new();
-        two.insert(&key, 2);
+        two.insert(&key, ResourceVersion(2));
         assert_ne!(one, two);
-        two.replace(&key, 2, 1);
+        two.replace(&key, ResourceVersion(2), ResourceVersion(1));
         assert_eq!(one, two);
     }
 }

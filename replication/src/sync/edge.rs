@@ -22,6 +22,7 @@ use crate::store::{Aux, WriteSet};
 use crate::sync::digest::SetDigest;
 use crate::sync::messages::{Down, Hello, Report, SessionId, Up, Watermark};
 use crate::sync::persist;
+use crate::version::ResourceVersion;
 
 /// A message the edge cannot take in its state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,7 +41,7 @@ pub struct EdgeRecovered {
     /// The last object message applied durably, if any.
     pub applied: Option<Watermark>,
     /// Every object held: key → version.
-    pub held: BTreeMap<ObjectKey, u64>,
+    pub held: BTreeMap<ObjectKey, ResourceVersion>,
     /// Reports not yet acknowledged by the cloud, in id order (whole objects, no patches).
     pub outbox: Vec<Report>,
     /// The last report id used (0: none); the next report gets the one after it.
@@ -82,7 +83,7 @@ pub struct EdgeStats {
 pub struct EdgeSync {
     store_id: u64,
     applied: Option<Watermark>,
-    held: BTreeMap<ObjectKey, u64>,
+    held: BTreeMap<ObjectKey, ResourceVersion>,
     digest: SetDigest,
     session: Option<SessionId>,
     received: u64,
@@ -141,12 +142,12 @@ impl EdgeSync {
     }
 
     /// The version held for `key`.
-    pub fn held(&self, key: &ObjectKey) -> Option<u64> {
+    pub fn held(&self, key: &ObjectKey) -> Option<ResourceVersion> {
         self.held.get(key).copied()
     }
 
     /// Every held key and its version.
-    pub fn held_entries(&self) -> BTreeMap<ObjectKey, u64> {
+    pub fn held_entries(&self) -> BTreeMap<ObjectKey, ResourceVersion> {
         self.held.clone()
     }
 
@@ -331,7 +332,7 @@ impl EdgeSync {
         held_object: Option<&[u8]>,
     ) -> Result<u64, EdgeError> {
         let held = self.held(&key);
-        let base = held.unwrap_or(0);
+        let base = held.unwrap_or_default();
         let part = crate::sync::status_patch::owned_part(key.kind());
         let patch = match (held_object, part) {
             (Some(before), Some(part))
@@ -453,7 +454,7 @@ mod tests {
     fn a_pod_status_change_goes_as_a_patch_unless_an_earlier_report_is_unacknowledged() {
         let key = ObjectKey::parse("pods/d/p").unwrap();
         let mut sync = EdgeSync::new(EdgeRecovered {
-            held: [(key.clone(), 3)].into(),
+            held: [(key.clone(), ResourceVersion(3))].into(),
             ..Default::default()
         });
         sync.link_up();

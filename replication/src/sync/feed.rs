@@ -23,6 +23,7 @@ use crate::change::SharedChange;
 use crate::key::ObjectKey;
 use crate::sync::digest::SetDigest;
 use crate::sync::messages::{Down, Hello, Report, SessionId, Up};
+use crate::version::ResourceVersion;
 
 /// Limits of a [`NodeFeed`].
 #[derive(Debug, Clone, Copy)]
@@ -48,7 +49,7 @@ pub enum ObjectSyncWrite {
         /// The object.
         key: ObjectKey,
         /// The version the node holds.
-        rv: u64,
+        rv: ResourceVersion,
     },
     /// The record no longer says the node holds `key` (it acked a delete, or asked to refetch).
     Forgotten {
@@ -58,7 +59,7 @@ pub enum ObjectSyncWrite {
     /// The whole record is replaced (after a digest exchange, or for a new disk).
     Reset {
         /// Every (key, version) the node holds.
-        acked: Vec<(ObjectKey, u64)>,
+        acked: Vec<(ObjectKey, ResourceVersion)>,
     },
 }
 
@@ -76,7 +77,7 @@ pub struct ReportRecord {
 #[derive(Debug, Clone, Default)]
 pub struct FeedRecord {
     /// What the node acknowledged holding: key → version.
-    pub acked: BTreeMap<ObjectKey, u64>,
+    pub acked: BTreeMap<ObjectKey, ResourceVersion>,
     /// Which of the node's reports are applied (`None`: none yet).
     pub reports: Option<ReportRecord>,
 }
@@ -112,19 +113,24 @@ pub enum FeedState {
 struct Desired {
     change: SharedChange,
     /// The node holds this object's bytes at this older version (its own report).
-    echo_base: Option<u64>,
+    echo_base: Option<ResourceVersion>,
 }
 
 #[derive(Debug, Clone)]
 enum Pending {
     Upsert(SharedChange),
-    Bump { base: u64, rv: u64 },
-    Delete { rv: u64 },
+    Bump {
+        base: ResourceVersion,
+        rv: ResourceVersion,
+    },
+    Delete {
+        rv: ResourceVersion,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Sent {
-    Version(u64),
+    Version(ResourceVersion),
     Deleted,
     /// Superseded by a refetch: its ack proves nothing.
     Void,
@@ -165,7 +171,7 @@ pub struct NodeFeed {
     /// Object messages of this session the node has acknowledged (they are numbered 1, 2, …).
     credited: u64,
     desired: BTreeMap<ObjectKey, Desired>,
-    acked: BTreeMap<ObjectKey, u64>,
+    acked: BTreeMap<ObjectKey, ResourceVersion>,
     queue: VecDeque<ObjectKey>,
     pending: HashMap<ObjectKey, Pending>,
     in_flight: VecDeque<InFlight>,
@@ -269,7 +275,7 @@ impl NodeFeed {
 
     /// The node should hold `change`, whose bytes are exactly the node's own report made on
     /// top of version `base`: the node needs only the new version.
-    pub fn set_echo(&mut self, change: &SharedChange, base: u64) {
+    pub fn set_echo(&mut self, change: &SharedChange, base: ResourceVersion) {
         self.desired.insert(
             change.key.clone(),
             Desired {
@@ -287,7 +293,7 @@ impl NodeFeed {
     }
 
     /// The node should no longer hold `key` (deleted at version `rv`, or no longer routed).
-    pub fn unset(&mut self, key: &ObjectKey, rv: u64) {
+    pub fn unset(&mut self, key: &ObjectKey, rv: ResourceVersion) {
         if self.desired.remove(key).is_none() && !self.node_may_hold(key) {
             return;
         }
@@ -303,7 +309,7 @@ impl NodeFeed {
     }
 
     /// The keys of the node's desired set inside `range`, with the version desired.
-    pub fn desired_in(&self, range: &crate::KeyRange) -> Vec<(ObjectKey, u64)> {
+    pub fn desired_in(&self, range: &crate::KeyRange) -> Vec<(ObjectKey, ResourceVersion)> {
         self.desired
             .iter()
             .filter(|(key, _)| range.contains(key))

@@ -5,6 +5,7 @@ use bytes::Bytes;
 
 use crate::change::SharedChange;
 use crate::key::ObjectKey;
+use crate::version::ResourceVersion;
 
 /// Names one sync session: the cloud process instance (`epoch`, random per start) and a
 /// counter within it. Object messages are numbered 1, 2, 3… from the session's start, by both
@@ -39,7 +40,7 @@ pub enum Down {
         key: ObjectKey,
         /// The delete's version: of the delete, of the change that unrouted the object, or (in a
         /// resync's delta) the version the node holds.
-        rv: u64,
+        rv: ResourceVersion,
     },
     /// Object message: the object you hold at `base` is now at `rv`, bytes unchanged: the
     /// cloud wrote back your own report (no echo of the content).
@@ -47,9 +48,9 @@ pub enum Down {
         /// The object.
         key: ObjectKey,
         /// The version the node's bytes are at (its report's base).
-        base: u64,
+        base: ResourceVersion,
         /// The version those bytes have now.
-        rv: u64,
+        rv: ResourceVersion,
     },
     /// Send me every (key, version) you hold: the cloud cannot trust its record of you.
     DigestRequest,
@@ -106,7 +107,7 @@ pub struct Report {
     /// The object reported on.
     pub key: ObjectKey,
     /// The version of the object the node's write was made on (0: the node does not hold it).
-    pub base: u64,
+    pub base: ResourceVersion,
     /// The whole object as the node wrote it (empty: a pod's deletion is confirmed).
     pub object: Bytes,
     /// Sent instead of `object` when set: a JSON merge patch of the pod's `status` against the
@@ -128,7 +129,7 @@ pub enum Up {
         count: u64,
     },
     /// Every (key, version) held, answering [`Down::DigestRequest`].
-    Digest(Vec<(ObjectKey, u64)>),
+    Digest(Vec<(ObjectKey, ResourceVersion)>),
     /// A bump could not be applied (the edge does not hold `base`): send the object.
     Refetch {
         /// The object to send whole.

@@ -23,6 +23,7 @@ use crate::store::{decode_u64, Aux, Store, StoreError, WriteSet};
 use crate::sync::edge::EdgeRecovered;
 use crate::sync::feed::{FeedRecord, ObjectSyncWrite, ReportRecord};
 use crate::sync::messages::{Report, SessionId, Watermark};
+use crate::version::ResourceVersion;
 
 pub(crate) const EDGE_STORE_ID: &[u8] = b"edge/store_id";
 pub(crate) const EDGE_APPLIED: &[u8] = b"edge/applied";
@@ -79,7 +80,7 @@ fn decode_report(id: &[u8], value: &[u8]) -> Result<Report, StoreError> {
     Ok(Report {
         id,
         key: ObjectKey::from_stored(key)?,
-        base,
+        base: ResourceVersion(base),
         object: Bytes::copy_from_slice(&value[key_end..]),
         patch: None,
     })
@@ -165,7 +166,7 @@ pub fn load_feed_record(store: &Store, node: &str) -> Result<FeedRecord, StoreEr
         let (key, value) = item?;
         acked.insert(
             ObjectKey::from_stored(&key[prefix.len()..])?,
-            decode_u64(&value)?,
+            ResourceVersion(decode_u64(&value)?),
         );
     }
     let reports = match store.get_aux(Aux::OBJECTSYNC, &reports_key(node))? {

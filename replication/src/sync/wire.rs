@@ -12,6 +12,7 @@ use transport::{EncodedMessage, Message, ReceivedMessage, Route};
 use super::messages::{Down, Hello, Report, SessionId, Up, Watermark};
 use crate::change::{Change, ChangeKind};
 use crate::key::ObjectKey;
+use crate::version::{ResourceVersion, Revision};
 
 /// The route group of every sync message.
 pub const GROUP: &str = "sync";
@@ -42,7 +43,12 @@ fn malformed(operation: &'static str, problem: impl Into<String>) -> WireError {
     }
 }
 
-fn message(operation: &str, resource: &str, rv: Option<u64>, content: Bytes) -> Message {
+fn message(
+    operation: &str,
+    resource: &str,
+    rv: Option<ResourceVersion>,
+    content: Bytes,
+) -> Message {
     // No uuid or timestamp: sync messages are ordered by their stream, and the bytes of an
     // upsert must not depend on when (or to whom) it is sent.
     Message {
@@ -78,7 +84,9 @@ pub fn encode_down(down: &Down) -> EncodedMessage {
         }
         Down::Session(s) => message("session", "", None, u64s(&[s.epoch, s.number])),
         Down::Delete { key, rv } => message("delete", key.as_str(), Some(*rv), Bytes::new()),
-        Down::Bump { key, base, rv } => message("bump", key.as_str(), Some(*rv), u64s(&[*base])),
+        Down::Bump { key, base, rv } => {
+            message("bump", key.as_str(), Some(*rv), u64s(&[base.get()]))
+        }
         Down::DigestRequest => message("digest-request", "", None, Bytes::new()),
         Down::HelloRequest => message("hello-request", "", None, Bytes::new()),
         Down::ReportAck { through } => message("report-ack", "", None, u64s(&[*through])),
@@ -117,7 +125,7 @@ fn key(op: &'static str, parts: &Parts<'_>) -> Result<ObjectKey, WireError> {
     ObjectKey::parse(parts.resource).map_err(|e| malformed(op, e.to_string()))
 }
 
-fn rv(op: &'static str, parts: &Parts<'_>) -> Result<u64, WireError> {
+fn rv(op: &'static str, parts: &Parts<'_>) -> Result<ResourceVersion, WireError> {
     parts
         .resource_version
         .parse()
@@ -152,7 +160,7 @@ pub fn decode_down(parts: Parts<'_>) -> Result<Down, WireError> {
             let rv = rv("upsert", &parts)?;
             // The cloud's revision is not sent: the edge orders by session count, not revision.
             Down::Upsert(Arc::new(Change::new(
-                0,
+                Revision::ZERO,
                 key,
                 rv,
                 ChangeKind::Modified,
@@ -171,7 +179,7 @@ pub fn decode_down(parts: Parts<'_>) -> Result<Down, WireError> {
             let [base] = fixed::<1>("bump", &parts.content)?;
             Down::Bump {
                 key: key("bump", &parts)?,
-                base,
+                base: ResourceVersion(base),
                 rv: rv("bump", &parts)?,
             }
         }
@@ -211,7 +219,7 @@ pub fn encode_up(up: &Up) -> Message {
             for (key, rv) in pairs {
                 out.put_u32(key.as_str().len() as u32);
                 out.put_slice(key.as_bytes());
-                out.put_u64(*rv);
+                out.put_u64(rv.get());
             }
             message("digest", "", None, out.freeze())
         }
@@ -279,7 +287,7 @@ pub fn decode_up(parts: Parts<'_>) -> Result<Up, WireError> {
                 let text = std::str::from_utf8(&key_bytes)
                     .map_err(|_| malformed("digest", "key is not UTF-8"))?;
                 let key = ObjectKey::parse(text).map_err(|e| malformed("digest", e.to_string()))?;
-                pairs.push((key, buf.get_u64()));
+                pairs.push((key, ResourceVersion(buf.get_u64())));
             }
             Up::Digest(pairs)
         }
@@ -332,9 +340,9 @@ mod tests {
     #[test]
     fn down_round_trips_and_upserts_are_shared() {
         let change = Arc::new(Change::new(
-            9,
+            Revision(9),
             k("pods/default/p"),
-            7,
+            ResourceVersion(7),
             ChangeKind::Added,
             Bytes::from_static(b"{\"a\":1}"),
         ));
@@ -353,12 +361,12 @@ mod tests {
             }),
             Down::Delete {
                 key: k("configmaps/ns/c"),
-                rv: 11,
+                rv: ResourceVersion(11),
             },
             Down::Bump {
                 key: k("pods/ns/p"),
-                base: 3,
-                rv: 12,
+                base: ResourceVersion(3),
+                rv: ResourceVersion(12),
             },
             Down::DigestRequest,
             Down::HelloRequest,
@@ -369,7 +377,7 @@ mod tests {
             let back = decode_down(Parts::of(&r)).unwrap();
             assert_eq!(
                 format!("{back:?}")
-                    .replace("revision: 0", "revision: 9")
+                    .replace("revision: Revision(0)", "revision: Revision(9)")
                     .replace("Modified", "Added"),
                 format!("{down:?}")
             );
@@ -404,19 +412,22 @@ mod tests {
                 },
                 count: 99,
             },
-            Up::Digest(vec![(k("pods/a/b"), 1), (k("nodes//n"), 2)]),
+            Up::Digest(vec![
+                (k("pods/a/b"), ResourceVersion(1)),
+                (k("nodes//n"), ResourceVersion(2)),
+            ]),
             Up::Refetch { key: k("pods/a/b") },
             Up::Report(Report {
                 id: 7,
                 key: k("pods/a/b"),
-                base: 3,
+                base: ResourceVersion(3),
                 object: Bytes::from_static(b"{}"),
                 patch: None,
             }),
             Up::Report(Report {
                 id: 8,
                 key: k("pods/a/b"),
-                base: 3,
+                base: ResourceVersion(3),
                 object: Bytes::new(),
                 patch: Some(Bytes::from_static(b"{\"status\":{\"message\":\"m\"}}")),
             }),
