@@ -1,9 +1,19 @@
 //! Node lifecycle: a node's heartbeat (one small frame on its link, see CloudHub) renews its
 //! Lease in `kube-node-lease`; an edge node whose Lease has not been renewed for the grace
-//! period is marked `Ready=Unknown` (NotReady); when its Lease is renewed again it is marked
-//! Ready. Pods on a
-//! NotReady node are left alone: an edge node keeps running its pods while the cloud cannot see
-//! it (edge autonomy), so nothing is evicted.
+//! period is marked `Ready=Unknown` (NotReady) and tainted `node.kubernetes.io/unreachable`
+//! (`NoSchedule`, and `NoExecute` with its `timeAdded`), as Kubernetes' node lifecycle
+//! controller does; when its Lease is renewed again it is marked Ready and the taints go.
+//!
+//! Pods on a NotReady node are left alone by default: an edge node keeps running its pods
+//! while the cloud cannot see it (edge autonomy), and a Deployment does not pile up
+//! replacements for a node that is only offline (kubeedge#4659). With an eviction delay
+//! (`cloudcore --evict-pods-from-unreachable-nodes-after`), the taint manager of Kubernetes is
+//! followed: a pod that does not tolerate the `NoExecute` taint is evicted that long after the
+//! taint was added, one that tolerates it with `tolerationSeconds` after those seconds, one that
+//! tolerates it without them never; DaemonSet pods and mirror pods are never evicted (Kubernetes
+//! gives DaemonSet pods that toleration). Eviction is a graceful deletion with the pod condition
+//! `DisruptionTarget` (reason `DeletionByTaintManager`) and a `TaintManagerEviction` event; the
+//! pod stays Terminating until its node confirms, and its controller replaces it meanwhile.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -20,6 +30,9 @@ use crate::scheduler::{node_is_ready, ready_condition, EDGE_ROLE_LABEL};
 
 /// Reason written when the lifecycle marks a node NotReady (and the only one it clears).
 pub const STALE_REASON: &str = "NodeStatusUnknown";
+
+/// The taint an unreachable node gets (`NoSchedule` and `NoExecute`).
+pub const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
 
 /// How long a renewal holds, written in the Lease (the default grace: four heartbeats).
 pub const LEASE_DURATION_SECONDS: u64 = 40;
@@ -140,6 +153,183 @@ fn set_ready(node: &mut Object, ready: bool, now: &str) {
     }
 }
 
+/// Puts the unreachable taints on `node` (keeping a `NoExecute` one's `timeAdded`), or takes
+/// them off.
+fn set_unreachable_taints(node: &mut Object, unreachable: bool, now: &str) {
+    let spec = node.entry("spec").or_insert_with(|| json!({}));
+    let Some(spec) = spec.as_object_mut() else {
+        return;
+    };
+    let taints = spec.entry("taints").or_insert_with(|| json!([]));
+    let Some(list) = taints.as_array_mut() else {
+        return;
+    };
+    let ours = |t: &Value| t.get("key").and_then(Value::as_str) == Some(UNREACHABLE_TAINT);
+    if !unreachable {
+        list.retain(|t| !ours(t));
+        if list.is_empty() {
+            spec.remove("taints");
+        }
+        return;
+    }
+    for effect in ["NoSchedule", "NoExecute"] {
+        let present = list
+            .iter()
+            .any(|t| ours(t) && t.get("effect").and_then(Value::as_str) == Some(effect));
+        if !present {
+            let mut taint = json!({"key": UNREACHABLE_TAINT, "effect": effect});
+            if effect == "NoExecute" {
+                taint["timeAdded"] = json!(now);
+            }
+            list.push(taint);
+        }
+    }
+}
+
+/// When the node's unreachable `NoExecute` taint was added (Unix seconds), if it has one.
+fn unreachable_since(node: &Object) -> Option<i64> {
+    node.get("spec")?
+        .get("taints")?
+        .as_array()?
+        .iter()
+        .find(|t| {
+            t.get("key").and_then(Value::as_str) == Some(UNREACHABLE_TAINT)
+                && t.get("effect").and_then(Value::as_str) == Some("NoExecute")
+        })
+        .and_then(|t| object::parse_rfc3339(t.get("timeAdded")?.as_str()?))
+}
+
+/// How long `pod` may stay on a node tainted unreachable (`NoExecute`) before it is evicted:
+/// its matching toleration's `tolerationSeconds` (`None`: tolerated for ever), or `default`
+/// when no toleration matches. DaemonSet and mirror pods are tolerated for ever.
+fn tolerated_for(pod: &Object, default: Duration) -> Option<Duration> {
+    let meta = object::meta(pod);
+    let daemon = meta
+        .and_then(|m| m.get("ownerReferences"))
+        .and_then(Value::as_array)
+        .is_some_and(|refs| {
+            refs.iter().any(|r| {
+                r.get("kind").and_then(Value::as_str) == Some("DaemonSet")
+                    && r.get("controller").and_then(Value::as_bool) == Some(true)
+            })
+        });
+    let mirror = meta
+        .and_then(|m| m.get("annotations"))
+        .and_then(|a| a.get("kubernetes.io/config.mirror"))
+        .is_some();
+    if daemon || mirror {
+        return None;
+    }
+    let taint = json!({"key": UNREACHABLE_TAINT, "effect": "NoExecute"});
+    let tolerations = pod
+        .get("spec")
+        .and_then(|s| s.get("tolerations"))
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    let matching: Vec<&Value> = tolerations
+        .iter()
+        .filter(|t| crate::scheduler::tolerates(std::slice::from_ref(*t), &taint))
+        .collect();
+    if matching.is_empty() {
+        return Some(default);
+    }
+    // As the taint manager: the shortest of the matching tolerations; any without seconds
+    // tolerates for ever only if all are without.
+    matching
+        .iter()
+        .filter_map(|t| t.get("tolerationSeconds").and_then(Value::as_i64))
+        .min()
+        .map(|s| Duration::from_secs(s.max(0) as u64))
+}
+
+/// The taint manager's pass: evicts the pods bound to unreachable edge nodes whose toleration
+/// of the `NoExecute` taint ran out by `now_unix`. Returns how many it evicted.
+fn evict(
+    store: &Store,
+    unreachable: &HashMap<String, i64>,
+    default: Duration,
+    now_unix: i64,
+) -> usize {
+    let Ok(range) = KeyRange::kind("pods") else {
+        return 0;
+    };
+    let now = rfc3339_at(now_unix);
+    let mut evicted = 0;
+    for (key, current) in store.scan(&range).flatten() {
+        let Ok(mut pod) = serde_json::from_slice::<Object>(&current.object) else {
+            continue;
+        };
+        let node = pod
+            .get("spec")
+            .and_then(|s| s.get("nodeName"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let Some(&since) = unreachable.get(&node) else {
+            continue;
+        };
+        if object::meta(&pod).is_some_and(|m| m.contains_key("deletionTimestamp")) {
+            continue;
+        }
+        let Some(allowed) = tolerated_for(&pod, default) else {
+            continue;
+        };
+        if now_unix - since < allowed.as_secs() as i64 {
+            continue;
+        }
+        let grace = pod
+            .get("spec")
+            .and_then(|s| s.get("terminationGracePeriodSeconds"))
+            .and_then(Value::as_i64)
+            .unwrap_or(30);
+        let metadata = object::meta_mut(&mut pod);
+        metadata.insert("deletionTimestamp".into(), json!(now));
+        metadata.insert("deletionGracePeriodSeconds".into(), json!(grace));
+        let condition = json!({"type": "DisruptionTarget", "status": "True",
+            "reason": "DeletionByTaintManager",
+            "message": "Taint manager: deleting due to NoExecute taint",
+            "lastTransitionTime": now});
+        if let Some(status) = pod
+            .entry("status")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+        {
+            let conditions = status.entry("conditions").or_insert_with(|| json!([]));
+            if let Some(list) = conditions.as_array_mut() {
+                list.retain(|c| c.get("type").and_then(Value::as_str) != Some("DisruptionTarget"));
+                list.push(condition);
+            }
+        }
+        let mut set = WriteSet::new();
+        set.put(
+            key.clone(),
+            Bytes::from(object::to_stored(pod.clone())),
+            Precondition::Version(current.rv),
+        );
+        match store.commit(set) {
+            Ok(_) => {
+                evicted += 1;
+                tracing::warn!(pod = %key, %node, "evicted from an unreachable node");
+                let message = format!(
+                    "Marking for deletion Pod {}/{}",
+                    key.namespace(),
+                    key.name()
+                );
+                crate::events::emit(
+                    store,
+                    &Involved::of(&pod),
+                    EventType::Normal,
+                    "TaintManagerEviction",
+                    &message,
+                    "taint-eviction-controller",
+                );
+            }
+            Err(e) => tracing::debug!(pod = %key, error = %e, "eviction raced; next pass"),
+        }
+    }
+    evicted
+}
+
 fn marked_stale(node: &Object) -> bool {
     ready_condition(node).and_then(|c| c.get("reason")?.as_str()) == Some(STALE_REASON)
 }
@@ -150,12 +340,21 @@ fn marked_stale(node: &Object) -> bool {
 /// controller, which times each node from its own first observation, a node is judged
 /// NotReady only after a whole grace period without renewal *observed by this process*, so a
 /// restarted cloud does not mark its whole fleet Unknown before the nodes could reconnect.
-pub fn check(store: &Store, grace: Duration, since_unix: i64, now_unix: i64) -> usize {
+/// With `eviction` (`None`: off), pods on unreachable nodes are evicted as the module docs say.
+pub fn check(
+    store: &Store,
+    grace: Duration,
+    eviction: Option<Duration>,
+    since_unix: i64,
+    now_unix: i64,
+) -> usize {
     let Ok(range) = KeyRange::kind("nodes") else {
         return 0;
     };
-    let now = object::now_rfc3339();
+    let now = rfc3339_at(now_unix);
     let mut ready_count = 0;
+    // Unreachable edge nodes → when their NoExecute taint was added.
+    let mut unreachable: HashMap<String, i64> = HashMap::new();
     for (key, current) in store.scan(&range).flatten() {
         let Ok(mut node) = serde_json::from_slice::<Object>(&current.object) else {
             continue;
@@ -184,8 +383,27 @@ pub fn check(store: &Store, grace: Duration, since_unix: i64, now_unix: i64) -> 
         if change.unwrap_or(ready) {
             ready_count += 1;
         }
+        // Taints follow the condition (also on a node marked stale before they existed).
+        let stale = change.map_or(!ready && marked_stale(&node), |ready| !ready);
+        let tainted = unreachable_since(&node).is_some();
+        if change.is_none() && stale != tainted {
+            let mut set = WriteSet::new();
+            set_unreachable_taints(&mut node, stale, &now);
+            let bytes = Bytes::from(serde_json::to_vec(&node).expect("json"));
+            set.put(key.clone(), bytes, Precondition::Version(current.rv));
+            if let Err(e) = store.commit(set) {
+                tracing::debug!(node = key.name(), error = %e, "taint write raced; next pass");
+            }
+        }
+        if stale {
+            unreachable.insert(
+                key.name().to_owned(),
+                unreachable_since(&node).unwrap_or(now_unix),
+            );
+        }
         if let Some(ready) = change {
             set_ready(&mut node, ready, &now);
+            set_unreachable_taints(&mut node, !ready, &now);
             let mut set = WriteSet::new();
             let bytes = Bytes::from(serde_json::to_vec(&node).expect("json"));
             set.put(key.clone(), bytes, Precondition::Version(current.rv));
@@ -212,22 +430,41 @@ pub fn check(store: &Store, grace: Duration, since_unix: i64, now_unix: i64) -> 
             }
         }
     }
+    if let Some(after) = eviction {
+        if !unreachable.is_empty() {
+            evict(store, &unreachable, after, now_unix);
+        }
+    }
     ready_count
 }
 
-/// Checks every `period` until the task is dropped.
-pub async fn run(store: Arc<Store>, grace: Duration, period: Duration, metrics: Arc<Metrics>) {
+/// Checks every `period` until the task is dropped (`eviction`: see [`check`]).
+pub async fn run(
+    store: Arc<Store>,
+    grace: Duration,
+    eviction: Option<Duration>,
+    period: Duration,
+    metrics: Arc<Metrics>,
+) {
     let since = time_now_unix();
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
         let store = store.clone();
         let now = time_now_unix();
-        let ready = tokio::task::spawn_blocking(move || check(&store, grace, since, now))
+        let ready = tokio::task::spawn_blocking(move || check(&store, grace, eviction, since, now))
             .await
             .unwrap_or(0);
         metrics.nodes_ready.set(ready as i64);
     }
+}
+
+/// `unix` seconds as an RFC 3339 timestamp (the pass's clock, so times written and times
+/// compared come from one clock).
+fn rfc3339_at(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map(object::rfc3339)
+        .unwrap_or_else(|_| object::now_rfc3339())
 }
 
 fn time_now_unix() -> i64 {
@@ -321,11 +558,11 @@ mod tests {
         // The cloud was down for two minutes and started at t0 + 120: the node's last renewal
         // is old, but this process has not had a grace period to see a new one.
         let start = t0 + 120;
-        assert_eq!(check(&store, grace, start, start), 1);
-        assert_eq!(check(&store, grace, start, start + 40), 1);
+        assert_eq!(check(&store, grace, None, start, start), 1);
+        assert_eq!(check(&store, grace, None, start, start + 40), 1);
         assert_eq!(ready_status(&store), "True");
         // A whole grace period after the start without a renewal: NotReady.
-        assert_eq!(check(&store, grace, start, start + 41), 0);
+        assert_eq!(check(&store, grace, None, start, start + 41), 0);
         assert_eq!(ready_status(&store), "Unknown");
         // A renewal seen again: Ready.
         let renewed = "2027-01-15T08:02:50.000000Z"; // start + 50
@@ -334,7 +571,147 @@ mod tests {
             "leases/kube-node-lease/edge-1",
             serde_json::to_value(renewed_lease("edge-1", None, renewed)).unwrap(),
         );
-        assert_eq!(check(&store, grace, start, start + 51), 1);
+        assert_eq!(check(&store, grace, None, start, start + 51), 1);
         assert_eq!(ready_status(&store), "True");
+    }
+
+    fn get(store: &Store, key: &str) -> Value {
+        let v = store.get(&ObjectKey::parse(key).unwrap()).unwrap().unwrap();
+        serde_json::from_slice(&v.object).unwrap()
+    }
+
+    fn terminating(store: &Store, key: &str) -> bool {
+        get(store, key)["metadata"]
+            .get("deletionTimestamp")
+            .is_some()
+    }
+
+    #[test]
+    fn unreachable_nodes_are_tainted_and_evict_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreConfig::cloud()).unwrap();
+        let t0 = 1_800_000_000; // 2027-01-15T08:00:00Z
+        put(
+            &store,
+            "nodes//edge-1",
+            json!({"metadata": {"name": "edge-1", "labels": {EDGE_ROLE_LABEL: ""}},
+                   "spec": {"taints": [{"key": "site", "value": "a", "effect": "NoSchedule"}]},
+                   "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        put(
+            &store,
+            "leases/kube-node-lease/edge-1",
+            serde_json::to_value(renewed_lease("edge-1", None, "2027-01-15T08:00:00.000000Z"))
+                .unwrap(),
+        );
+        let pod = |name: &str, extra: Value| {
+            let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"nodeName": "edge-1", "containers": [{"name": "c", "image": "i"}]}});
+            json_patch_merge(&mut pod, extra);
+            put(&store, &format!("pods/default/{name}"), pod);
+        };
+        pod("plain", json!({}));
+        pod(
+            "patient",
+            json!({"spec": {"tolerations": [{"key": UNREACHABLE_TAINT,
+            "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 100}]}}),
+        );
+        pod(
+            "forever",
+            json!({"spec": {"tolerations": [{"operator": "Exists"}]}}),
+        );
+        pod(
+            "agent",
+            json!({"metadata": {"ownerReferences": [{"apiVersion": "apps/v1",
+            "kind": "DaemonSet", "name": "a", "uid": "u", "controller": true}]}}),
+        );
+        let grace = Duration::from_secs(40);
+        let eviction = Some(Duration::from_secs(30));
+
+        // Unreachable: NotReady and tainted (NoSchedule, NoExecute at this pass's time), the
+        // node's own taint kept; nothing evicted yet.
+        assert_eq!(check(&store, grace, eviction, t0, t0 + 41), 0);
+        let node = get(&store, "nodes//edge-1");
+        let taints = node["spec"]["taints"].as_array().unwrap();
+        assert_eq!(taints.len(), 3, "{taints:?}");
+        assert!(taints.iter().any(|t| t["key"] == UNREACHABLE_TAINT
+            && t["effect"] == "NoExecute"
+            && t["timeAdded"] == "2027-01-15T08:00:41Z"));
+        assert!(!terminating(&store, "pods/default/plain"));
+
+        // 30 s after the taint: the pod without a toleration is evicted, gracefully, with
+        // DisruptionTarget; the others stay.
+        assert_eq!(check(&store, grace, eviction, t0, t0 + 70), 0);
+        assert!(!terminating(&store, "pods/default/plain"), "29 s is not 30");
+        check(&store, grace, eviction, t0, t0 + 71);
+        let plain = get(&store, "pods/default/plain");
+        assert!(plain["metadata"]["deletionTimestamp"].is_string());
+        assert_eq!(plain["metadata"]["deletionGracePeriodSeconds"], 30);
+        assert_eq!(
+            plain["status"]["conditions"][0]["reason"],
+            "DeletionByTaintManager"
+        );
+        assert!(!terminating(&store, "pods/default/patient"));
+        // Its own tolerationSeconds (100) for the patient one; never for the others.
+        check(&store, grace, eviction, t0, t0 + 141);
+        assert!(terminating(&store, "pods/default/patient"));
+        check(&store, grace, eviction, t0, t0 + 10_000);
+        assert!(!terminating(&store, "pods/default/forever"));
+        assert!(
+            !terminating(&store, "pods/default/agent"),
+            "DaemonSet pods stay"
+        );
+
+        // Renewed again: Ready, and only the node's own taint is left.
+        put(
+            &store,
+            "leases/kube-node-lease/edge-1",
+            serde_json::to_value(renewed_lease("edge-1", None, "2027-01-15T10:46:40.000000Z"))
+                .unwrap(),
+        );
+        assert_eq!(check(&store, grace, eviction, t0, t0 + 10_001), 1);
+        let node = get(&store, "nodes//edge-1");
+        assert_eq!(
+            node["spec"]["taints"],
+            json!([{"key": "site", "value": "a", "effect": "NoSchedule"}])
+        );
+    }
+
+    #[test]
+    fn without_an_eviction_delay_nothing_is_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreConfig::cloud()).unwrap();
+        let t0 = 1_800_000_000;
+        put(
+            &store,
+            "nodes//edge-1",
+            json!({"metadata": {"name": "edge-1", "labels": {EDGE_ROLE_LABEL: ""}},
+                   "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        put(
+            &store,
+            "pods/default/p",
+            json!({"metadata": {"name": "p", "namespace": "default"},
+                   "spec": {"nodeName": "edge-1"}}),
+        );
+        let grace = Duration::from_secs(40);
+        assert_eq!(check(&store, grace, None, t0, t0 + 41), 0);
+        check(&store, grace, None, t0, t0 + 100_000);
+        assert!(!terminating(&store, "pods/default/p"), "edge autonomy");
+        let node = get(&store, "nodes//edge-1");
+        assert_eq!(node["spec"]["taints"].as_array().map(Vec::len), Some(2));
+    }
+
+    /// A JSON merge patch (RFC 7386) of `extra` into `target`.
+    fn json_patch_merge(target: &mut Value, extra: Value) {
+        match (target, extra) {
+            (Value::Object(t), Value::Object(e)) => {
+                for (k, v) in e {
+                    json_patch_merge(t.entry(k).or_insert(Value::Null), v);
+                }
+            }
+            (t, e) => *t = e,
+        }
     }
 }

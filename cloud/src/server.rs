@@ -26,6 +26,9 @@ pub struct CloudConfig {
     pub kubeconfig: Option<PathBuf>,
     /// A node without a lease renewal for this long is NotReady.
     pub node_grace: Duration,
+    /// Evict pods from unreachable nodes this long after the taint (`None`: never; see
+    /// [`crate::lifecycle`]).
+    pub pod_eviction: Option<Duration>,
     /// Changes kept for watch resume.
     pub watch_history: usize,
     /// Serve the API over HTTPS (always, off loopback).
@@ -70,6 +73,7 @@ impl CloudConfig {
             metrics_listen: "127.0.0.1:9091".parse().expect("address"),
             kubeconfig: None,
             node_grace: Duration::from_secs(40),
+            pod_eviction: None,
             watch_history: 10_000,
             api_tls: false,
             api_token_file: None,
@@ -370,6 +374,7 @@ impl CloudCore {
                 tokio::spawn(crate::lifecycle::run(
                     store.clone(),
                     config.node_grace,
+                    config.pod_eviction,
                     Duration::from_secs(5),
                     metrics.clone(),
                 )),

@@ -776,3 +776,149 @@ spec:
             && events.contains("Container main failed liveness probe, will be restarted")
     });
 }
+
+/// Eviction from unreachable nodes, turned on (`--evict-pods-from-unreachable-nodes-after`):
+/// the node is tainted, its Deployment pod is evicted (Terminating, `DisruptionTarget`, a
+/// `TaintManagerEviction` event) and replaced on the node that is still there; the DaemonSet's
+/// pod stays. Back online, the taints go and the evicted pod's deletion completes.
+#[test]
+fn with_eviction_on_pods_leave_an_unreachable_node_for_another() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    let mut args = CLOUD_FAST.to_vec();
+    args.extend(["--evict-pods-from-unreachable-nodes-after", "2s"]);
+    let cloud = CloudProcess::start_with(
+        cloud_dir.path(),
+        free_port(),
+        free_port(),
+        free_port(),
+        &args,
+    );
+    let token = token(&cloud);
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let _edge1 = EdgeProcess::start(&cloud, "edge-1", dirs[0].path(), free_port(), Some(&token));
+    let edge2_port = free_port();
+    let mut edge2 = EdgeProcess::start(&cloud, "edge-2", dirs[1].path(), edge2_port, Some(&token));
+    wait_ready(&cloud, "edge-1");
+    wait_ready(&cloud, "edge-2");
+    for node in ["edge-1", "edge-2"] {
+        ok(&cloud, &["label", "node", node, "kedge.io/agent=yes"]);
+    }
+    for manifest in [DEPLOYMENT, DAEMONSET] {
+        assert!(cloud
+            .kubectl_stdin(&["apply", "-f", "-"], manifest)
+            .status
+            .success());
+    }
+    rollout_status(&cloud, "deployment/web");
+    eventually("one web pod per node", Duration::from_secs(30), || {
+        let mut nodes: Vec<String> = pods(&cloud, "app=web").into_iter().map(|p| p.1).collect();
+        nodes.sort();
+        nodes == ["edge-1", "edge-2"]
+    });
+    eventually("an agent per node", Duration::from_secs(30), || {
+        agent_nodes(&cloud) == ["edge-1", "edge-2"]
+    });
+    let on_edge2 = pods(&cloud, "app=web")
+        .into_iter()
+        .find(|p| p.1 == "edge-2")
+        .expect("a web pod on edge-2")
+        .0;
+
+    edge2.kill9();
+    eventually(
+        "edge-2 tainted unreachable",
+        Duration::from_secs(30),
+        || {
+            ok(
+                &cloud,
+                &[
+                    "get",
+                    "node",
+                    "edge-2",
+                    "-o",
+                    "jsonpath={.spec.taints[*].key}",
+                ],
+            )
+            .contains("node.kubernetes.io/unreachable")
+        },
+    );
+    eventually("edge-2's web pod evicted", Duration::from_secs(30), || {
+        !ok(
+            &cloud,
+            &[
+                "get",
+                "pod",
+                &on_edge2,
+                "-o",
+                "jsonpath={.metadata.deletionTimestamp}",
+            ],
+        )
+        .is_empty()
+    });
+    assert_eq!(
+        ok(
+            &cloud,
+            &[
+                "get",
+                "pod",
+                &on_edge2,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='DisruptionTarget')].reason}"
+            ]
+        ),
+        "DeletionByTaintManager"
+    );
+    eventually(
+        "a replacement Running on edge-1",
+        Duration::from_secs(30),
+        || {
+            pods(&cloud, "app=web")
+                .iter()
+                .filter(|p| p.1 == "edge-1" && p.2 == "Running")
+                .count()
+                == 2
+        },
+    );
+    let events = ok(&cloud, &["get", "events"]);
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("TaintManagerEviction") && l.contains(&on_edge2)),
+        "{events}"
+    );
+    // The DaemonSet's pod tolerates the taint: still there, not Terminating.
+    let agent = ok(
+        &cloud,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=agent",
+            "--field-selector",
+            "spec.nodeName=edge-2",
+            "-o",
+            "jsonpath={.items[*].metadata.deletionTimestamp}",
+        ],
+    );
+    assert!(agent.is_empty(), "the agent was evicted: {agent}");
+
+    // Back online: Ready, untainted, and the evicted pod's deletion completes on the node.
+    let _edge2 = EdgeProcess::start(&cloud, "edge-2", dirs[1].path(), edge2_port, Some(&token));
+    wait_ready(&cloud, "edge-2");
+    eventually("edge-2 untainted", Duration::from_secs(30), || {
+        !ok(
+            &cloud,
+            &[
+                "get",
+                "node",
+                "edge-2",
+                "-o",
+                "jsonpath={.spec.taints[*].key}",
+            ],
+        )
+        .contains("unreachable")
+    });
+    eventually("the evicted pod is gone", Duration::from_secs(30), || {
+        !pods(&cloud, "app=web").iter().any(|p| p.0 == on_edge2)
+    });
+}

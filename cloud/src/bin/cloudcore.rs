@@ -50,6 +50,12 @@ struct Cli {
     /// A node without a lease renewal for this long is NotReady (e.g. 40s).
     #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
     node_grace: Duration,
+    /// Evict pods from a node this long after it became unreachable (its
+    /// `node.kubernetes.io/unreachable:NoExecute` taint), unless they tolerate the taint (then
+    /// after their `tolerationSeconds`). Off by default: an edge node keeps its pods while it is
+    /// offline. E.g. `5m` (Kubernetes' default toleration).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    evict_pods_from_unreachable_nodes_after: Option<Duration>,
     /// QUIC keepalive of node connections: a connection silent for twice this is closed (the
     /// node's link resumes its session when it reconnects).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
@@ -264,6 +270,7 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             metrics_listen: cli.metrics_listen,
             kubeconfig: cli.kubeconfig,
             node_grace: cli.node_grace,
+            pod_eviction: cli.evict_pods_from_unreachable_nodes_after,
             watch_history: cli.watch_history,
             link_keepalive: cli.link_keepalive,
             service_bus_timeout: cli.service_bus_timeout,
