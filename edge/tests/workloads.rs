@@ -216,6 +216,41 @@ fn deployments_and_daemonsets_run_on_edge_nodes() {
         let p = pods(&cloud, "app=agent");
         p.len() == 3 && p.iter().all(|p| p.3 == "busybox:2" && p.2 == "Running")
     });
+    // Its history is kept in ControllerRevisions: rollout history lists both templates, and
+    // undo goes back to the first (renumbered 3), node by node.
+    eventually("two DaemonSet revisions", Duration::from_secs(20), || {
+        let history = ok(&cloud, &["rollout", "history", "daemonset/agent"]);
+        history.lines().any(|l| l.starts_with("1 ")) && history.lines().any(|l| l.starts_with("2 "))
+    });
+    let revision2 = ok(
+        &cloud,
+        &["rollout", "history", "daemonset/agent", "--revision=2"],
+    );
+    assert!(revision2.contains("busybox:2"), "{revision2}");
+    ok(&cloud, &["rollout", "undo", "daemonset/agent"]);
+    rollout_status(&cloud, "daemonset/agent");
+    eventually("busybox agents again", Duration::from_secs(30), || {
+        let p = pods(&cloud, "app=agent");
+        p.len() == 3 && p.iter().all(|p| p.3 == "busybox" && p.2 == "Running")
+    });
+    eventually("revision 1 renumbered 3", Duration::from_secs(20), || {
+        let history = ok(&cloud, &["rollout", "history", "daemonset/agent"]);
+        let numbers: Vec<&str> = history
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.parse::<u32>().is_ok())
+            .collect();
+        numbers == ["2", "3"]
+    });
+    ok(
+        &cloud,
+        &["set", "image", "daemonset/agent", "main=busybox:2"],
+    );
+    rollout_status(&cloud, "daemonset/agent");
+    eventually("only busybox:2 agents", Duration::from_secs(30), || {
+        let p = pods(&cloud, "app=agent");
+        p.len() == 3 && p.iter().all(|p| p.3 == "busybox:2" && p.2 == "Running")
+    });
     // A node losing the label loses its pod.
     ok(&cloud, &["label", "node", "edge-3", "kedge.io/agent-"]);
     eventually("edge-3's agent removed", Duration::from_secs(30), || {
@@ -536,6 +571,32 @@ fn a_statefulset_keeps_names_claims_and_order_on_an_edge_node() {
         );
         assert_eq!(image, "busybox:2", "db-{i}");
     }
+    // Undo through its ControllerRevisions: back to the first template, revision 3.
+    let history = ok(&cloud, &["rollout", "history", "statefulset/db"]);
+    assert!(history.lines().any(|l| l.starts_with("2 ")), "{history}");
+    ok(&cloud, &["rollout", "undo", "statefulset/db"]);
+    rollout_status(&cloud, "statefulset/db");
+    eventually(
+        "db back on its first image",
+        Duration::from_secs(60),
+        || {
+            (0..3).all(|i| {
+                ok(
+                    &cloud,
+                    &[
+                        "get",
+                        "pod",
+                        &format!("db-{i}"),
+                        "-o",
+                        "jsonpath={.spec.containers[0].image}",
+                    ],
+                ) != "busybox:2"
+            })
+        },
+    );
+    assert!(ok(&cloud, &["rollout", "history", "statefulset/db"])
+        .lines()
+        .any(|l| l.starts_with("3 ")));
 
     // Scale down removes the highest ordinals and keeps their claims.
     ok(&cloud, &["scale", "statefulset/db", "--replicas=1"]);

@@ -12,9 +12,8 @@
 //! node that is no longer eligible (or gone) is deleted. `RollingUpdate` replaces pods of an old
 //! template at most `maxUnavailable` nodes at a time (old pods that are not available anyway
 //! go first and cost nothing); `OnDelete` leaves them. Matching pods without a controller are
-//! adopted (and, lacking the current hash, replaced as old ones). No ControllerRevision
-//! objects are kept,
-//! so `kubectl rollout history|undo daemonset` do not work (`rollout status` does).
+//! adopted (and, lacking the current hash, replaced as old ones). Each template is kept as a
+//! ControllerRevision ([`super::history`]), so `kubectl rollout history|undo daemonset` work.
 
 use std::collections::BTreeMap;
 
@@ -22,9 +21,9 @@ use replication::api::object::{self, Object};
 use serde_json::{json, Value};
 
 use super::{
-    claim, controller_reference, generation, int_or_percent, is_controlled_by, is_terminating,
-    label, node_name, pod_active, pod_available, pod_ready, spec_i64, template_hash, with_label,
-    Action, World, CONTROLLER_REVISION_HASH,
+    claim, controller_reference, generation, history, int_or_percent, is_controlled_by,
+    is_terminating, label, node_name, pod_active, pod_available, pod_ready, spec_i64,
+    template_hash, with_label, Action, World, CONTROLLER_REVISION_HASH,
 };
 
 /// Every DaemonSet's actions.
@@ -48,7 +47,16 @@ pub fn reconcile(world: &World, now: i64) -> Vec<Action> {
                 .pods_in(object::namespace(ds))
                 .filter(|p| is_controlled_by(p, ds))
                 .collect();
-            reconcile_one(ds, &world.nodes, &pods, now)
+            let in_use = pods
+                .iter()
+                .filter_map(|p| label(p, CONTROLLER_REVISION_HASH))
+                .map(str::to_owned)
+                .collect();
+            let hash = template_hash(&template(ds));
+            let mut actions =
+                history::reconcile(ds, "DaemonSet", &hash, &world.controllerrevisions, &in_use);
+            actions.extend(reconcile_one(ds, &world.nodes, &pods, now));
+            actions
         })
         .collect()
 }

@@ -36,6 +36,12 @@ pub fn reconcile(world: &World, _now: i64) -> Vec<Action> {
         .map(|p| ("pods", p))
         .chain(world.replicasets.iter().map(|r| ("replicasets", r)))
         .chain(world.jobs.iter().map(|j| ("jobs", j)))
+        .chain(
+            world
+                .controllerrevisions
+                .iter()
+                .map(|r| ("controllerrevisions", r)),
+        )
         .collect();
     let owners: HashMap<&str, (&'static str, &Object)> = world
         .replicasets

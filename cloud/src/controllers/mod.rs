@@ -19,6 +19,7 @@ pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod gc;
+pub mod history;
 pub mod job;
 pub mod replicaset;
 pub mod serviceaccount;
@@ -67,6 +68,8 @@ pub struct World {
     pub daemonsets: Vec<Object>,
     /// Every `apps/v1` StatefulSet.
     pub statefulsets: Vec<Object>,
+    /// Every `apps/v1` ControllerRevision (DaemonSet and StatefulSet history).
+    pub controllerrevisions: Vec<Object>,
     /// Every PersistentVolumeClaim (a StatefulSet's claims).
     pub persistentvolumeclaims: Vec<Object>,
     /// Every `batch/v1` Job.
@@ -91,6 +94,7 @@ pub struct World {
 const LOAD_ORDER: &[&str] = &[
     "pods",
     "persistentvolumeclaims",
+    "controllerrevisions",
     "replicasets",
     "jobs",
     "deployments",
@@ -129,6 +133,7 @@ impl World {
                 "deployments" => world.deployments = objects,
                 "daemonsets" => world.daemonsets = objects,
                 "statefulsets" => world.statefulsets = objects,
+                "controllerrevisions" => world.controllerrevisions = objects,
                 "persistentvolumeclaims" => world.persistentvolumeclaims = objects,
                 "jobs" => world.jobs = objects,
                 "cronjobs" => world.cronjobs = objects,
@@ -860,6 +865,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
         "deployments",
         "daemonsets",
         "statefulsets",
+        "controllerrevisions",
         "jobs",
         "cronjobs",
         "nodes",
@@ -883,14 +889,19 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             "daemonset",
             store.clone(),
             client.clone(),
-            &["pods", "daemonsets", "nodes"],
+            &["pods", "controllerrevisions", "daemonsets", "nodes"],
             daemonset::reconcile,
         )),
         tokio::spawn(run(
             "statefulset",
             store.clone(),
             client.clone(),
-            &["pods", "persistentvolumeclaims", "statefulsets"],
+            &[
+                "pods",
+                "persistentvolumeclaims",
+                "controllerrevisions",
+                "statefulsets",
+            ],
             statefulset::reconcile,
         )),
         tokio::spawn(run(

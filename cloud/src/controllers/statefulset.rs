@@ -19,9 +19,10 @@
 //! Edge autonomy: a pod on a NotReady node keeps its identity (it is not recreated elsewhere:
 //! two pods with one identity is what a StatefulSet exists to prevent).
 //!
-//! Not done: ControllerRevision objects (the revision is the template hash, kept in status, so
-//! `kubectl rollout undo` for StatefulSets is not served), `maxUnavailable`, `ordinals.start`,
-//! the `Delete` retention policies.
+//! Each template is kept as a ControllerRevision `<set>-<hash>` ([`super::history`]), so
+//! `kubectl rollout history|undo statefulset` work.
+//!
+//! Not done: `maxUnavailable`, `ordinals.start`, the `Delete` retention policies.
 
 use std::collections::BTreeMap;
 
@@ -29,8 +30,9 @@ use replication::api::object::{self, Object};
 use serde_json::{json, Value};
 
 use super::{
-    claim, generation, is_controlled_by, is_terminating, pod_available, pod_from_template,
-    pod_ready, replicas, spec_i64, template_hash, uid, Action, World, CONTROLLER_REVISION_HASH,
+    claim, generation, history, is_controlled_by, is_terminating, label, pod_available,
+    pod_from_template, pod_ready, replicas, spec_i64, template_hash, uid, Action, World,
+    CONTROLLER_REVISION_HASH,
 };
 
 /// The label naming a StatefulSet pod (Kubernetes' name).
@@ -66,7 +68,24 @@ pub fn reconcile(world: &World, now: i64) -> Vec<Action> {
                 .filter(|c| object::namespace(c) == namespace)
                 .map(object::name)
                 .collect();
-            reconcile_one(set, &pods, &claims, now)
+            // The pods carry the revision's name (`<set>-<hash>`), the revision the hash.
+            let prefix = format!("{}-", object::name(set));
+            let in_use = pods
+                .iter()
+                .filter_map(|p| label(p, CONTROLLER_REVISION_HASH))
+                .filter_map(|r| r.strip_prefix(&prefix))
+                .map(str::to_owned)
+                .collect();
+            let hash = update_revision(set)[prefix.len()..].to_owned();
+            let mut actions = history::reconcile(
+                set,
+                "StatefulSet",
+                &hash,
+                &world.controllerrevisions,
+                &in_use,
+            );
+            actions.extend(reconcile_one(set, &pods, &claims, now));
+            actions
         })
         .collect()
 }

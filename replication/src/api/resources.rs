@@ -287,6 +287,23 @@ static RESOURCES: &[Resource] = &[
         &["sts"],
         true,
     ),
+    // DaemonSet and StatefulSet history (immutable data, no status, not in `all`).
+    Resource {
+        group: APPS_GROUP,
+        version: "v1",
+        kind: "ControllerRevision",
+        list_kind: "ControllerRevisionList",
+        plural: "controllerrevisions",
+        singular: "controllerrevision",
+        namespaced: true,
+        short_names: &[],
+        status: false,
+        categories: &[],
+        builtin: true,
+        scale: false,
+        store_kind: "controllerrevisions",
+        custom: None,
+    },
     batch("Job", "JobList", "jobs", "job", &[]),
     batch("CronJob", "CronJobList", "cronjobs", "cronjob", &["cj"]),
     rbac(
