@@ -485,6 +485,16 @@ mod tests {
         store.commit(set).unwrap();
     }
 
+    /// `edge-1`, an edge node that is Ready.
+    fn put_ready_edge_node(store: &Store) {
+        put(
+            store,
+            "nodes//edge-1",
+            json!({"metadata": {"name": "edge-1", "labels": {EDGE_ROLE_LABEL: ""}},
+                   "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+    }
+
     fn ready_status(store: &Store) -> String {
         let key = ObjectKey::parse("nodes//edge-1").unwrap();
         let node: Object =
@@ -542,12 +552,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), StoreConfig::cloud()).unwrap();
         let t0 = 1_800_000_000;
-        put(
-            &store,
-            "nodes//edge-1",
-            json!({"metadata": {"name": "edge-1", "labels": {EDGE_ROLE_LABEL: ""}},
-                   "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
-        );
+        put_ready_edge_node(&store);
         let renewed = "2027-01-15T08:00:00.000000Z"; // t0
         put(
             &store,
@@ -683,12 +688,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), StoreConfig::cloud()).unwrap();
         let t0 = 1_800_000_000;
-        put(
-            &store,
-            "nodes//edge-1",
-            json!({"metadata": {"name": "edge-1", "labels": {EDGE_ROLE_LABEL: ""}},
-                   "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
-        );
+        put_ready_edge_node(&store);
         put(
             &store,
             "pods/default/p",

@@ -89,6 +89,21 @@ fn pods(cloud: &CloudProcess, selector: &str) -> Vec<(String, String, String, St
     list
 }
 
+/// `kubectl set image WHAT main=busybox:2`, then waits until the rollout is done and the three
+/// pods with `selector` all run `busybox:2`.
+fn roll_to_busybox2(cloud: &CloudProcess, what: &str, selector: &str) {
+    ok(cloud, &["set", "image", what, "main=busybox:2"]);
+    rollout_status(cloud, what);
+    eventually(
+        &format!("{what}: only busybox:2 pods"),
+        Duration::from_secs(30),
+        || {
+            let p = pods(cloud, selector);
+            p.len() == 3 && p.iter().all(|p| p.3 == "busybox:2" && p.2 == "Running")
+        },
+    );
+}
+
 /// The nodes running the DaemonSet's pods, sorted.
 fn agent_nodes(cloud: &CloudProcess) -> Vec<String> {
     let mut nodes: Vec<String> = pods(cloud, "app=agent").into_iter().map(|p| p.1).collect();
@@ -146,15 +161,7 @@ fn deployments_and_daemonsets_run_on_edge_nodes() {
     assert!(table.contains("3/3"), "{table}");
 
     // A new image rolls (one surge pod at a time, none unavailable), then back.
-    ok(
-        &cloud,
-        &["set", "image", "deployment/web", "main=busybox:2"],
-    );
-    rollout_status(&cloud, "deployment/web");
-    eventually("only busybox:2 pods", Duration::from_secs(30), || {
-        let p = pods(&cloud, "app=web");
-        p.len() == 3 && p.iter().all(|p| p.3 == "busybox:2" && p.2 == "Running")
-    });
+    roll_to_busybox2(&cloud, "deployment/web", "app=web");
     let history = ok(&cloud, &["rollout", "history", "deployment/web"]);
     assert!(history.contains("2 "), "{history}");
     ok(&cloud, &["rollout", "undo", "deployment/web"]);
@@ -207,15 +214,7 @@ fn deployments_and_daemonsets_run_on_edge_nodes() {
         "3"
     );
     // A new template replaces the agents node by node (maxUnavailable 1).
-    ok(
-        &cloud,
-        &["set", "image", "daemonset/agent", "main=busybox:2"],
-    );
-    rollout_status(&cloud, "daemonset/agent");
-    eventually("only busybox:2 agents", Duration::from_secs(30), || {
-        let p = pods(&cloud, "app=agent");
-        p.len() == 3 && p.iter().all(|p| p.3 == "busybox:2" && p.2 == "Running")
-    });
+    roll_to_busybox2(&cloud, "daemonset/agent", "app=agent");
     // Its history is kept in ControllerRevisions: rollout history lists both templates, and
     // undo goes back to the first (renumbered 3), node by node.
     eventually("two DaemonSet revisions", Duration::from_secs(20), || {
@@ -242,15 +241,7 @@ fn deployments_and_daemonsets_run_on_edge_nodes() {
             .collect();
         numbers == ["2", "3"]
     });
-    ok(
-        &cloud,
-        &["set", "image", "daemonset/agent", "main=busybox:2"],
-    );
-    rollout_status(&cloud, "daemonset/agent");
-    eventually("only busybox:2 agents", Duration::from_secs(30), || {
-        let p = pods(&cloud, "app=agent");
-        p.len() == 3 && p.iter().all(|p| p.3 == "busybox:2" && p.2 == "Running")
-    });
+    roll_to_busybox2(&cloud, "daemonset/agent", "app=agent");
     // A node losing the label loses its pod.
     ok(&cloud, &["label", "node", "edge-3", "kedge.io/agent-"]);
     eventually("edge-3's agent removed", Duration::from_secs(30), || {
