@@ -58,7 +58,7 @@ fn rollout_status(cloud: &CloudProcess, what: &str) {
     // kubectl, as against kube-apiserver.
     assert!(
         stdout(&out).contains("successfully rolled out")
-            || stdout(&out).contains("partitioned roll out complete: 3 new pods"),
+            || stdout(&out).contains("partitioned roll out complete:"),
         "{}",
         stdout(&out)
     );
@@ -607,6 +607,45 @@ fn a_statefulset_keeps_names_claims_and_order_on_an_edge_node() {
             .trim()
             .is_empty()
     });
+    assert!(ok(&cloud, &["get", "pvc", "-o", "name"]).contains("data-db-0"));
+
+    // With persistentVolumeClaimRetentionPolicy Delete, claims go on scale-down and with the set.
+    let cache = STATEFULSET
+        .replace("name: db", "name: cache")
+        .replace("app: db", "app: cache")
+        .replace("serviceName: db", "serviceName: cache")
+        .replace("replicas: 3", "replicas: 2\n  persistentVolumeClaimRetentionPolicy: {whenDeleted: Delete, whenScaled: Delete}");
+    assert!(cloud
+        .kubectl_stdin(&["apply", "-f", "-"], &cache)
+        .status
+        .success());
+    rollout_status(&cloud, "statefulset/cache");
+    let owner = ok(
+        &cloud,
+        &[
+            "get",
+            "pvc",
+            "data-cache-0",
+            "-o",
+            "jsonpath={.metadata.ownerReferences[0].kind}",
+        ],
+    );
+    assert_eq!(owner, "StatefulSet");
+    ok(&cloud, &["scale", "statefulset/cache", "--replicas=1"]);
+    eventually(
+        "data-cache-1 deleted on scale-down",
+        Duration::from_secs(60),
+        || {
+            let claims = ok(&cloud, &["get", "pvc", "-o", "name"]);
+            claims.contains("data-cache-0") && !claims.contains("data-cache-1")
+        },
+    );
+    ok(&cloud, &["delete", "statefulset", "cache"]);
+    eventually(
+        "data-cache-0 deleted with the set",
+        Duration::from_secs(60),
+        || !ok(&cloud, &["get", "pvc", "-o", "name"]).contains("data-cache"),
+    );
     assert!(ok(&cloud, &["get", "pvc", "-o", "name"]).contains("data-db-0"));
 }
 

@@ -38,6 +38,12 @@ pub fn reconcile(world: &World, _now: i64) -> Vec<Action> {
         .chain(world.jobs.iter().map(|j| ("jobs", j)))
         .chain(
             world
+                .persistentvolumeclaims
+                .iter()
+                .map(|c| ("persistentvolumeclaims", c)),
+        )
+        .chain(
+            world
                 .controllerrevisions
                 .iter()
                 .map(|r| ("controllerrevisions", r)),

@@ -866,6 +866,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
         "daemonsets",
         "statefulsets",
         "controllerrevisions",
+        "persistentvolumeclaims",
         "jobs",
         "cronjobs",
         "nodes",

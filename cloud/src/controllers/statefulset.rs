@@ -7,6 +7,9 @@
 //! - **Storage**: each `volumeClaimTemplates` entry `t` becomes a PersistentVolumeClaim
 //!   `t-<set>-i`, created before the pod and mounted as volume `t`; claims are kept when the
 //!   set scales down or is deleted (`persistentVolumeClaimRetentionPolicy` Retain, the default).
+//!   `whenScaled: Delete` deletes the claims of ordinals scaled away once their pod is gone;
+//!   `whenDeleted: Delete` gives the claims an ownerReference to the set, so the garbage
+//!   collector deletes them with it (as upstream; switching back to Retain takes it off).
 //! - **Ordering** (`podManagementPolicy`): `OrderedReady` creates pod `i` only once pods
 //!   `0..i` are Running and Ready, and removes the highest ordinal first, one at a time;
 //!   `Parallel` creates and removes all at once.
@@ -85,6 +88,12 @@ pub fn reconcile(world: &World, now: i64) -> Vec<Action> {
                 &in_use,
             );
             actions.extend(reconcile_one(set, &pods, &claims, now));
+            let claim_objects: Vec<&Object> = world
+                .persistentvolumeclaims
+                .iter()
+                .filter(|c| object::namespace(c) == namespace)
+                .collect();
+            actions.extend(claim_retention(set, &pods, &claim_objects));
             actions
         })
         .collect()
@@ -118,6 +127,68 @@ fn claim_name(template: &Value, set: &Object, ordinal: usize) -> String {
         .and_then(Value::as_str)
         .unwrap_or_default();
     format!("{t}-{}-{ordinal}", object::name(set))
+}
+
+/// What `persistentVolumeClaimRetentionPolicy` asks of the set's claims (see the module docs):
+/// deletes for claims of ordinals scaled away (`whenScaled: Delete`, once no pod has the
+/// ordinal), and ownerReference updates (`whenDeleted`).
+pub fn claim_retention(set: &Object, pods: &[&Object], claims: &[&Object]) -> Vec<Action> {
+    let policy = |field: &str| {
+        spec_str(
+            set,
+            &format!("/persistentVolumeClaimRetentionPolicy/{field}"),
+        ) == Some("Delete")
+    };
+    let (when_deleted, when_scaled) = (policy("whenDeleted"), policy("whenScaled"));
+    let want = replicas(set).max(0) as usize;
+    let set_uid = uid(set);
+    let mut actions = Vec::new();
+    for template in claim_templates(set) {
+        let prefix = claim_name(&template, set, 0);
+        let prefix = &prefix[..prefix.len() - 1];
+        for claim in claims {
+            let Some(ordinal) = object::name(claim)
+                .strip_prefix(prefix)
+                .and_then(|n| n.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            let pod_name = format!("{}-{ordinal}", object::name(set));
+            let pod_left = pods.iter().any(|p| object::name(p) == pod_name);
+            if when_scaled && ordinal >= want && !pod_left && !is_terminating(claim) {
+                actions.push(Action::Delete {
+                    resource: "persistentvolumeclaims",
+                    namespace: object::namespace(claim).to_owned(),
+                    name: object::name(claim).to_owned(),
+                    uid: uid(claim).to_owned(),
+                });
+                continue;
+            }
+            let refs: Vec<Value> = object::meta(claim)
+                .and_then(|m| m.get("ownerReferences"))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let owned = refs.iter().any(|r| r["uid"] == set_uid);
+            if when_deleted == owned {
+                continue;
+            }
+            let refs: Vec<Value> = if when_deleted {
+                let mut reference = super::controller_reference(set, "apps/v1", "StatefulSet");
+                reference["controller"] = json!(false);
+                refs.into_iter().chain([reference]).collect()
+            } else {
+                refs.into_iter().filter(|r| r["uid"] != set_uid).collect()
+            };
+            let mut updated = (*claim).clone();
+            object::meta_mut(&mut updated).insert("ownerReferences".into(), json!(refs));
+            actions.push(Action::Update {
+                resource: "persistentvolumeclaims",
+                object: Value::Object(updated),
+            });
+        }
+    }
+    actions
 }
 
 /// Pod `ordinal` of `set`, from its template at `revision`.
@@ -482,5 +553,64 @@ mod tests {
         assert!(deleted(&reconcile_one(&changed, &refs, &[], T0)).is_empty());
         changed["spec"]["updateStrategy"] = json!({"type": "OnDelete"});
         assert!(deleted(&reconcile_one(&changed, &refs, &[], T0)).is_empty());
+    }
+
+    #[test]
+    fn claim_retention_delete_removes_scaled_claims_and_owns_the_rest() {
+        let claim = |ordinal: usize, owned: bool| {
+            let mut c = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": format!("data-db-{ordinal}"), "namespace": "default",
+                             "uid": format!("c{ordinal}")}});
+            if owned {
+                c["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db",
+                            "uid": "sts-uid", "controller": false}]);
+            }
+            obj(c)
+        };
+        let claims = [
+            claim(0, false),
+            claim(1, false),
+            claim(2, true),
+            claim(9, false),
+        ];
+        let refs: Vec<&Object> = claims.iter().collect();
+        let s = set(1, "OrderedReady");
+        let p0 = made(&s, 0, true);
+        let p1 = made(&s, 1, true);
+        // Retain (the default): nothing, except taking off an ownerReference the set gave.
+        let actions = claim_retention(&s, &[&p0], &refs);
+        assert!(deleted(&actions).is_empty());
+        assert_eq!(
+            actions.iter().map(Action::name).collect::<Vec<_>>(),
+            ["data-db-2"]
+        );
+
+        let mut delete = s.clone();
+        delete["spec"]["persistentVolumeClaimRetentionPolicy"] =
+            json!({"whenDeleted": "Delete", "whenScaled": "Delete"});
+        // Ordinal 1's pod is still there: its claim waits; 2 and 9 go; 0 and 1 get the set as
+        // owner (2 has it already, and goes anyway).
+        let actions = claim_retention(&delete, &[&p0, &p1], &refs);
+        assert_eq!(deleted(&actions), ["data-db-2", "data-db-9"]);
+        let updated: Vec<&Value> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Update { object, .. } => Some(object),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(updated.len(), 2);
+        for object in updated {
+            assert_eq!(object["metadata"]["ownerReferences"][0]["uid"], "sts-uid");
+            assert_eq!(
+                object["metadata"]["ownerReferences"][0]["controller"],
+                false
+            );
+        }
+        // Pod 1 gone: its claim goes too.
+        assert_eq!(
+            deleted(&claim_retention(&delete, &[&p0], &refs)),
+            ["data-db-1", "data-db-2", "data-db-9"]
+        );
     }
 }
