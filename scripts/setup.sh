@@ -27,6 +27,9 @@ command -v docker-registry >/dev/null 2>&1 || need_apt+=(docker-registry)
 dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
 # htpasswd for the private-registry test (imagePullSecrets).
 command -v htpasswd >/dev/null 2>&1 || need_apt+=(apache2-utils)
+# The high-availability tests run a three-member etcd cluster on loopback (cloud/tests/ha.rs).
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2

@@ -17,30 +17,42 @@ pub fn open_store(data_dir: &Path, watch_history: usize) -> Result<Arc<Store>, S
     let mut config = StoreConfig::cloud();
     config.watch.history = watch_history.max(1);
     let store = Store::open(data_dir.join("store"), config)?;
-    let mut set = WriteSet::new();
+    seed_namespaces(&store)?;
+    Ok(Arc::new(store))
+}
+
+/// Creates the [`SEED_NAMESPACES`] that are missing, each on its own: another replica seeding
+/// the same shared store at the same time is no error.
+///
+/// # Errors
+/// The store's error, other than [`StoreError::AlreadyExists`].
+pub fn seed_namespaces(store: &Store) -> Result<(), StoreError> {
     for name in SEED_NAMESPACES {
         let key = ObjectKey::new("namespaces", "", name)?;
-        if store.get(&key)?.is_none() {
-            let namespace = json!({
-                "apiVersion": "v1",
-                "kind": "Namespace",
-                "metadata": {
-                    "name": name,
-                    "uid": uuid::Uuid::new_v4().to_string(),
-                    "creationTimestamp": object::now_rfc3339(),
-                    "labels": {"kubernetes.io/metadata.name": name},
-                },
-                "spec": {"finalizers": ["kubernetes"]},
-                "status": {"phase": "Active"},
-            });
-            let bytes = serde_json::to_vec(&namespace).expect("json");
-            set.put(key, Bytes::from(bytes), Precondition::Absent);
+        if store.get(&key)?.is_some() {
+            continue;
+        }
+        let namespace = json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": name,
+                "uid": uuid::Uuid::new_v4().to_string(),
+                "creationTimestamp": object::now_rfc3339(),
+                "labels": {"kubernetes.io/metadata.name": name},
+            },
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"},
+        });
+        let bytes = serde_json::to_vec(&namespace).expect("json");
+        let mut set = WriteSet::new();
+        set.put(key, Bytes::from(bytes), Precondition::Absent);
+        match store.commit(set) {
+            Ok(_) | Err(StoreError::AlreadyExists(_)) => {}
+            Err(e) => return Err(e),
         }
     }
-    if !set.is_empty() {
-        store.commit(set)?;
-    }
-    Ok(Arc::new(store))
+    Ok(())
 }
 
 /// The `kubernetes` Service's cluster IP (the first of 10.96.0.0/12, as kube-apiserver's).
@@ -55,6 +67,19 @@ pub fn ensure_kubernetes_service(
     store: &Store,
     api: std::net::SocketAddr,
 ) -> Result<(), StoreError> {
+    // Another replica of a shared store may write them at the same time: read again and retry.
+    let mut attempts = 0;
+    loop {
+        match write_kubernetes_service(store, api) {
+            Err(StoreError::AlreadyExists(_) | StoreError::Conflict { .. }) if attempts < 5 => {
+                attempts += 1
+            }
+            other => return other,
+        }
+    }
+}
+
+fn write_kubernetes_service(store: &Store, api: std::net::SocketAddr) -> Result<(), StoreError> {
     let ip = if api.ip().is_unspecified() {
         "127.0.0.1".to_owned()
     } else {

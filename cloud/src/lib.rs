@@ -39,6 +39,7 @@ pub mod credentials;
 pub mod devicecontroller;
 pub mod edgecontroller;
 pub mod embedded;
+pub mod etcd;
 pub mod events;
 pub mod hub;
 pub mod join;

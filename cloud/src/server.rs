@@ -62,6 +62,9 @@ pub struct CloudConfig {
     pub audit_log: Option<PathBuf>,
     /// The audit log's size before it is rotated to `FILE.1`.
     pub audit_log_max_bytes: u64,
+    /// Keep the objects in etcd, shared with other cloudcores (`--store etcd`); `None`: in
+    /// this process's RocksDB store under the data dir.
+    pub etcd: Option<crate::etcd::EtcdConfig>,
 }
 
 impl CloudConfig {
@@ -89,6 +92,7 @@ impl CloudConfig {
             device_status_in_device: false,
             audit_log: None,
             audit_log_max_bytes: crate::audit::DEFAULT_MAX_BYTES,
+            etcd: None,
         }
     }
 }
@@ -157,13 +161,30 @@ impl CloudCore {
         // The cluster CA exists before anything is served: a `cloudcore token create` run as
         // soon as the API answers pins this CA, not one of its own.
         crate::pki::load_or_create_ca(&config.data_dir)?;
-        let store = crate::embedded::open_store(&config.data_dir, config.watch_history)
-            .with_context(|| {
-                format!(
-                    "cannot open the store in {} (is another cloudcore using it?)",
-                    config.data_dir.display()
-                )
-            })?;
+        let mut tasks = Vec::new();
+        let store = match &config.etcd {
+            Some(etcd) => {
+                let (store, follower) =
+                    crate::etcd::open_store(etcd, &config.data_dir, config.watch_history)
+                        .await
+                        .with_context(|| {
+                            format!(
+                                "cannot open the etcd store (cache in {})",
+                                config.data_dir.display()
+                            )
+                        })?;
+                crate::embedded::seed_namespaces(&store).context("creating the namespaces")?;
+                tasks.push(("etcd watch", follower));
+                store
+            }
+            None => crate::embedded::open_store(&config.data_dir, config.watch_history)
+                .with_context(|| {
+                    format!(
+                        "cannot open the store in {} (is another cloudcore using it?)",
+                        config.data_dir.display()
+                    )
+                })?,
+        };
         let source: Arc<dyn ClusterSource> = match &config.kubeconfig {
             Some(path) => Arc::new(KubeCluster::connect(path).await?),
             None => Arc::new(Embedded),
@@ -185,7 +206,6 @@ impl CloudCore {
             crate::embedded::ensure_kubernetes_service(&store, api_addr)
                 .context("writing the kubernetes Service")?;
         }
-        let mut tasks = Vec::new();
         // `kubectl explain` of the built-in kinds (k8s-openapi's schemas, built once).
         replication::api::discovery::set_builtin_schemas(crate::openapi::builtin_schemas());
         let mut api = ApiServer::new(store.clone(), policy.clone());

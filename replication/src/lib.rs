@@ -27,7 +27,8 @@ pub mod watcher;
 pub use change::{Change, ChangeKind, SharedChange};
 pub use key::{KeyError, KeyRange, ObjectKey};
 pub use store::{
-    Aux, ListPage, Precondition, Store, StoreConfig, StoreError, Versioned, Versioning, WriteSet,
+    Aux, ListPage, Precondition, ReplicatedChange, SharedBackend, SharedOp, Store, StoreConfig,
+    StoreError, Versioned, Versioning, WriteSet,
 };
 pub use version::{ResourceVersion, Revision};
 pub use watch::{WatchConfig, WatchError, WatchEvent, WatchHub, Watcher};

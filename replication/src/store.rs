@@ -14,7 +14,8 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rocksdb::{
@@ -140,6 +141,11 @@ pub enum StoreError {
     /// A stored or given key that is not a valid [`ObjectKey`].
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The shared store of a replicated cloud ([`SharedBackend`], etcd) cannot be reached or did
+    /// not confirm the write in time; what happened. Nothing was written, or (for a write that
+    /// timed out after being sent) the write's outcome is unknown (HTTP 503).
+    #[error("shared store unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// An object's version and bytes.
@@ -361,7 +367,51 @@ pub struct Store {
     /// Every open column family.
     families: Vec<String>,
     writer: Mutex<Writer>,
+    /// Signalled whenever the revision advances ([`Store::wait_for_revision`]).
+    advanced: Condvar,
     watch: Arc<WatchHub>,
+    /// Where object writes are decided when this store is a replica's cache of a shared store.
+    backend: OnceLock<Arc<dyn SharedBackend>>,
+}
+
+/// One object write of a [`WriteSet`], as a [`SharedBackend`] receives it.
+#[derive(Debug, Clone)]
+pub struct SharedOp {
+    /// The object.
+    pub key: ObjectKey,
+    /// Its new JSON; `None` deletes it.
+    pub object: Option<Bytes>,
+    /// What must hold for the write (a delete with [`Precondition::None`] arrives as
+    /// [`Precondition::Exists`]).
+    pub expect: Precondition,
+}
+
+/// One change applied by [`Store::apply_replicated`]: a write decided by the shared store.
+#[derive(Debug, Clone)]
+pub struct ReplicatedChange {
+    /// Its revision (and resourceVersion), as the shared store's replicas all compute it.
+    pub revision: Revision,
+    /// The object.
+    pub key: ObjectKey,
+    /// Its JSON after the change; `None`: deleted.
+    pub object: Option<Bytes>,
+}
+
+/// The shared store behind a replicated cloud (high availability: several cloudcores on one
+/// etcd). A [`Store`] with a backend is that replica's cache and watch cache: reads and
+/// watches are served from it, and [`Store::commit`] hands the object writes of each
+/// [`WriteSet`] to the backend, which decides them atomically (preconditions included) and
+/// returns once this store has applied them through [`Store::apply_replicated`], so a reader
+/// after a write sees it. Bookkeeping ([`Aux`]) stays local to the replica.
+pub trait SharedBackend: Send + Sync {
+    /// Commits `ops` atomically in the shared store, in order; returns the changes as this
+    /// store applied them.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`], [`StoreError::NotFound`] or [`StoreError::Conflict`] for a
+    /// failed precondition (nothing written); [`StoreError::Unavailable`] when the shared store
+    /// cannot be reached or this replica did not see the write in time.
+    fn commit(&self, ops: Vec<SharedOp>) -> Result<Vec<SharedChange>, StoreError>;
 }
 
 fn encode_value(rv: ResourceVersion, revision: Revision, object: &[u8]) -> Vec<u8> {
@@ -465,7 +515,9 @@ impl Store {
             config,
             families: names,
             writer: Mutex::new(Writer { revision }),
+            advanced: Condvar::new(),
             watch,
+            backend: OnceLock::new(),
         })
     }
 
@@ -478,6 +530,153 @@ impl Store {
     fn lock_writer(&self) -> MutexGuard<'_, Writer> {
         // The writer's state is only updated after a successful write; poison is harmless.
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes this store a replica's cache of `backend`: from now on object writes go there
+    /// (see [`SharedBackend`]). Set once, before the store is shared.
+    ///
+    /// # Errors
+    /// [`StoreError::WrongVersioning`] for a mirroring store or one that has a backend already.
+    pub fn set_backend(&self, backend: Arc<dyn SharedBackend>) -> Result<(), StoreError> {
+        let refuse = StoreError::WrongVersioning {
+            op: "set_backend",
+            versioning: self.config.versioning,
+        };
+        if self.config.versioning != Versioning::Assign {
+            return Err(refuse);
+        }
+        self.backend.set(backend).map_err(|_| refuse)
+    }
+
+    /// Whether object writes are decided by a [`SharedBackend`].
+    pub fn is_replicated(&self) -> bool {
+        self.backend.get().is_some()
+    }
+
+    /// Waits until the store's revision reaches `revision`; whether it did within `timeout`.
+    pub fn wait_for_revision(&self, revision: Revision, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut writer = self.lock_writer();
+        while writer.revision < revision {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            writer = self
+                .advanced
+                .wait_timeout(writer, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Applies writes decided by the shared store (a replica's watch of it), each at its given
+    /// revision (resourceVersion == revision), in one atomic batch, and publishes them to
+    /// watchers. Revisions must increase and be above the store's.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] for a revision not above the one before it,
+    /// [`StoreError::Db`] when RocksDB fails (nothing applied).
+    pub fn apply_replicated(
+        &self,
+        changes: Vec<ReplicatedChange>,
+    ) -> Result<Vec<SharedChange>, StoreError> {
+        let mut writer = self.lock_writer();
+        let mut batch = WriteBatch::default();
+        let objects = self.cf(CF_OBJECTS);
+        let mut overlay: HashMap<ObjectKey, Option<Bytes>> = HashMap::new();
+        let mut last = writer.revision;
+        let mut out = Vec::with_capacity(changes.len());
+        for change in changes {
+            if change.revision <= last {
+                return Err(StoreError::Corrupt(format!(
+                    "replicated revision {} is not above {last}",
+                    change.revision
+                )));
+            }
+            last = change.revision;
+            let prev = match overlay.get(&change.key) {
+                Some(state) => state.clone(),
+                None => self.get(&change.key)?.map(|v| v.object),
+            };
+            let rv: ResourceVersion = change.revision.into();
+            let (kind, object) = match change.object {
+                Some(object) => {
+                    batch.put_cf(
+                        objects,
+                        change.key.as_bytes(),
+                        encode_value(rv, change.revision, &object),
+                    );
+                    let kind = if prev.is_some() {
+                        ChangeKind::Modified
+                    } else {
+                        ChangeKind::Added
+                    };
+                    (kind, object)
+                }
+                // A delete of an object this replica never saw changes nothing here.
+                None => match prev.clone() {
+                    Some(last) => {
+                        batch.delete_cf(objects, change.key.as_bytes());
+                        (ChangeKind::Deleted, last)
+                    }
+                    None => continue,
+                },
+            };
+            overlay.insert(
+                change.key.clone(),
+                (kind != ChangeKind::Deleted).then(|| object.clone()),
+            );
+            out.push(Arc::new(
+                Change::new(change.revision, change.key, rv, kind, object).with_prev(prev),
+            ));
+        }
+        if last == writer.revision {
+            return Ok(out);
+        }
+        batch.put_cf(self.cf(CF_META), META_REVISION, last.to_be_bytes());
+        let mut options = WriteOptions::default();
+        // The shared store holds the truth; the cache is rebuilt from it after a crash.
+        options.set_sync(false);
+        self.db.write_opt(batch, &options)?;
+        writer.revision = last;
+        self.watch.publish(&out);
+        self.advanced.notify_all();
+        Ok(out)
+    }
+
+    /// Replaces every object with `objects` (a replica's initial list of the shared store, at
+    /// `revision`) and restarts the watch history at `revision`. For a cache nobody watches
+    /// yet: watchers already subscribed see none of it.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] when RocksDB fails.
+    pub fn reset_replicated(
+        &self,
+        objects: Vec<(ObjectKey, Revision, Bytes)>,
+        revision: Revision,
+    ) -> Result<(), StoreError> {
+        let mut writer = self.lock_writer();
+        let cf = self.cf(CF_OBJECTS);
+        let mut batch = WriteBatch::default();
+        let stale: Vec<Box<[u8]>> = self
+            .db
+            .iterator_cf(cf, IteratorMode::Start)
+            .map(|item| item.map(|(key, _)| key))
+            .collect::<Result<_, _>>()?;
+        for key in stale {
+            batch.delete_cf(cf, key);
+        }
+        for (key, rev, object) in objects {
+            batch.put_cf(cf, key.as_bytes(), encode_value(rev.into(), rev, &object));
+        }
+        batch.put_cf(self.cf(CF_META), META_REVISION, revision.to_be_bytes());
+        self.db.write(batch)?;
+        writer.revision = revision;
+        self.watch.restart_at(revision);
+        self.advanced.notify_all();
+        Ok(())
     }
 
     /// Who assigns versions in this store (as opened).
@@ -669,6 +868,9 @@ impl Store {
     /// [`StoreError::WrongVersioning`] for an operation of the other versioning,
     /// [`StoreError::Db`] or [`StoreError::Corrupt`] when reading or writing fails.
     pub fn commit(&self, set: WriteSet) -> Result<Vec<SharedChange>, StoreError> {
+        if let Some(backend) = self.backend.get() {
+            return self.commit_shared(backend.as_ref(), set);
+        }
         let mut writer = self.lock_writer();
         let mut revision = writer.revision;
         let mut batch = WriteBatch::default();
@@ -797,7 +999,78 @@ impl Store {
         self.db.write_opt(batch, &options)?;
         writer.revision = revision;
         self.watch.publish(&changes);
+        self.advanced.notify_all();
         Ok(changes)
+    }
+
+    /// [`commit`](Self::commit) in a replica: the object writes go to the shared store (an
+    /// object written twice in one set becomes one write, with the first precondition and the
+    /// last content), then the bookkeeping is written here.
+    fn commit_shared(
+        &self,
+        backend: &dyn SharedBackend,
+        set: WriteSet,
+    ) -> Result<Vec<SharedChange>, StoreError> {
+        let mut ops: Vec<SharedOp> = Vec::with_capacity(set.objects.len());
+        let mut index: HashMap<ObjectKey, usize> = HashMap::new();
+        for op in set.objects {
+            let (key, object, expect) = match op {
+                ObjectOp::Put {
+                    key,
+                    object,
+                    expect,
+                } => (key, Some(object), expect),
+                ObjectOp::Delete { key, expect } => {
+                    let expect = match expect {
+                        Precondition::None => Precondition::Exists,
+                        other => other,
+                    };
+                    (key, None, expect)
+                }
+                ObjectOp::MirrorPut { .. } => return Err(self.wrong("mirror_put")),
+                ObjectOp::MirrorDelete { .. } => return Err(self.wrong("mirror_delete")),
+                ObjectOp::SetVersion { .. } => return Err(self.wrong("set_version")),
+                ObjectOp::LocalWrite { .. } => return Err(self.wrong("local_write")),
+            };
+            match index.get(&key) {
+                Some(&at) => ops[at].object = object,
+                None => {
+                    index.insert(key.clone(), ops.len());
+                    ops.push(SharedOp {
+                        key,
+                        object,
+                        expect,
+                    });
+                }
+            }
+        }
+        let changes = if ops.is_empty() {
+            Vec::new()
+        } else {
+            backend.commit(ops)?
+        };
+        if !set.aux.is_empty() {
+            let _writer = self.lock_writer();
+            let mut batch = WriteBatch::default();
+            for op in set.aux {
+                match op {
+                    AuxOp::Put(aux, key, value) => batch.put_cf(self.cf(aux.cf_name()), key, value),
+                    AuxOp::Delete(aux, key) => batch.delete_cf(self.cf(aux.cf_name()), key),
+                    AuxOp::DeleteRange(aux, from, to) => {
+                        batch.delete_range_cf(self.cf(aux.cf_name()), from, to)
+                    }
+                }
+            }
+            self.db.write(batch)?;
+        }
+        Ok(changes)
+    }
+
+    fn wrong(&self, op: &'static str) -> StoreError {
+        StoreError::WrongVersioning {
+            op,
+            versioning: self.config.versioning,
+        }
     }
 
     /// Flushes memtables (tests and benchmarks use this to measure steady state).

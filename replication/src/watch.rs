@@ -132,6 +132,15 @@ impl WatchHub {
         }
     }
 
+    /// Forgets the history and starts again at `revision` (a replica's cache reloaded from the
+    /// shared store). Live watchers are not told; only a cache nobody watches yet is reset.
+    pub(crate) fn restart_at(&self, revision: Revision) {
+        let mut history = self.lock();
+        history.changes.clear();
+        history.evicted_through = revision;
+        history.latest = revision;
+    }
+
     /// The latest published revision.
     pub fn revision(&self) -> Revision {
         self.lock().latest

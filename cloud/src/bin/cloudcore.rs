@@ -110,8 +110,61 @@ struct Cli {
     /// Changes kept in memory for watches that resume from a resourceVersion; older ones get 410.
     #[arg(long, default_value_t = 10_000)]
     watch_history: usize,
+    #[command(flatten)]
+    storage: StorageArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// Where the objects live: this cloudcore's RocksDB store, or etcd shared by several.
+#[derive(clap::Args)]
+struct StorageArgs {
+    /// `rocksdb`: the objects in DATA_DIR/store, one cloudcore. `etcd`: in etcd
+    /// (--etcd-endpoints), shared by every cloudcore started on it (high availability).
+    #[arg(long, global = true, value_enum, default_value = "rocksdb")]
+    store: StoreKind,
+    /// etcd client URLs, comma-separated (http://127.0.0.1:2379,...).
+    #[arg(long, global = true, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Prefix of kedge's keys in etcd (several clusters can share one etcd).
+    #[arg(long, global = true, default_value = "/kedge/")]
+    etcd_prefix: String,
+    /// PEM CA bundle of the etcd members' certificates.
+    #[arg(long, global = true)]
+    etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (with --etcd-key).
+    #[arg(long, global = true, requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, global = true, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    Rocksdb,
+    Etcd,
+}
+
+impl StorageArgs {
+    /// The etcd settings, when the store is etcd.
+    fn etcd(&self) -> Result<Option<cloud::etcd::EtcdConfig>, String> {
+        match self.store {
+            StoreKind::Rocksdb if self.etcd_endpoints.is_empty() => Ok(None),
+            StoreKind::Rocksdb => Err("--etcd-endpoints needs --store etcd".to_owned()),
+            StoreKind::Etcd if self.etcd_endpoints.is_empty() => {
+                Err("--store etcd needs --etcd-endpoints URL[,URL...]".to_owned())
+            }
+            StoreKind::Etcd => {
+                let mut config = cloud::etcd::EtcdConfig::new(self.etcd_endpoints.clone());
+                config.prefix = self.etcd_prefix.clone();
+                config.ca = self.etcd_ca.clone();
+                config.cert = self.etcd_cert.clone();
+                config.key = self.etcd_key.clone();
+                Ok(Some(config))
+            }
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -259,8 +312,16 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let etcd = match cli.storage.etcd() {
+        Ok(etcd) => etcd,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     runtime.block_on(async move {
         let config = CloudConfig {
+            etcd,
             data_dir,
             quic_listen: cli.quic_listen,
             api_listen: cli.api_listen,

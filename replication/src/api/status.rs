@@ -184,6 +184,7 @@ impl ApiError {
             StoreError::AlreadyExists(_) => Self::already_exists(resource, name),
             StoreError::Conflict { .. } => Self::conflict(resource, name),
             StoreError::Key(e) => Self::bad_request(e.to_string()),
+            StoreError::Unavailable(e) => Self::unavailable(format!("storage: {e}")),
             other => Self::internal(other.to_string()),
         }
     }

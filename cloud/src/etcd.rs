@@ -1,0 +1,519 @@
+//! High availability's shared store: etcd v3 behind [`SharedBackend`], with this replica's
+//! RocksDB [`Store`] as its cache and watch cache (as kube-apiserver's cacher sits over etcd).
+//!
+//! - **Layout.** Object `kind/namespace/name` is etcd key `PREFIX` + `objects/` +
+//!   `kind/namespace/name`; its value is a 2-byte big-endian index (the write's position in
+//!   its transaction) followed by the object's JSON.
+//! - **Versions.** One number space derived from etcd's: a write at etcd revision `R`, the
+//!   `i`-th of its transaction, has revision and resourceVersion `R × 1000 + i`. Every replica
+//!   computes the same number from the watch (events come in transaction order) or from a
+//!   list (the stored index), and it keeps one increasing position per change, which a watch
+//!   resumed in the middle of a multi-object transaction needs (etcd gives all of a
+//!   transaction's keys one revision). A [`WriteSet`](replication::WriteSet) is one etcd
+//!   transaction, so at most 999 objects (and etcd's `--max-txn-ops`, 128 by default).
+//! - **Writes** are transactions comparing each precondition (`create_revision = 0` for a
+//!   create, `> 0` for must-exist, `mod_revision = R` for a resourceVersion); a failed compare
+//!   reads the keys back in the same transaction to say which failed (409 or 404). A write
+//!   returns once this replica's watch has applied it, so the writer reads it back.
+//! - **Reads and watches** are served by the cache, fed by one etcd watch per replica (not one
+//!   per client or node feed). At start the cache is rebuilt from a list at one revision.
+//!
+//! The etcd client ([`etcd_client`], tonic) runs on a runtime of its own: [`Store::commit`] is
+//! synchronous and is called from the API's and CloudHub's tasks, which block on the answer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Weak};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, PutOptions,
+    Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use replication::{
+    Change, ChangeKind, ObjectKey, Precondition, ReplicatedChange, ResourceVersion, Revision,
+    SharedBackend, SharedChange, SharedOp, Store, StoreConfig, StoreError,
+};
+use tokio::task::JoinHandle;
+
+/// Changes one etcd revision can carry: revision = etcd revision × `TXN_SLOTS` + index.
+pub const TXN_SLOTS: u64 = 1000;
+
+/// How cloudcore reaches etcd (`--etcd-*` flags).
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// Client URLs of the members (`http://127.0.0.1:2379`, `https://…`).
+    pub endpoints: Vec<String>,
+    /// Prefix of every key kedge writes (`/kedge/`): several clusters can share one etcd.
+    pub prefix: String,
+    /// PEM CA bundle that signs the members' certificates (TLS).
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and key (etcd's `--client-cert-auth`).
+    pub cert: Option<PathBuf>,
+    /// The client certificate's PEM private key.
+    pub key: Option<PathBuf>,
+    /// How long a write waits for etcd and for this replica to see it (then 503).
+    pub timeout: Duration,
+}
+
+impl EtcdConfig {
+    /// `endpoints` with the defaults: prefix `/kedge/`, no TLS, 10 s timeout.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        EtcdConfig {
+            endpoints,
+            prefix: "/kedge/".to_owned(),
+            ca: None,
+            cert: None,
+            key: None,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn objects_prefix(&self) -> Vec<u8> {
+        format!("{}objects/", self.prefix).into_bytes()
+    }
+}
+
+/// Connects to etcd with `config`'s endpoints and TLS files.
+///
+/// # Errors
+/// A TLS file that cannot be read, or no member answering within 5 s.
+pub async fn connect(config: &EtcdConfig) -> anyhow::Result<Client> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+        // A member cut off from its quorum ends our watch instead of holding it silent.
+        .with_require_leader(true);
+    if config.ca.is_some() || config.cert.is_some() {
+        let mut tls = etcd_client::TlsOptions::new();
+        if let Some(ca) = &config.ca {
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("cannot read the etcd CA {}", ca.display()))?;
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(pem));
+        }
+        if let (Some(cert), Some(key)) = (&config.cert, &config.key) {
+            let cert = std::fs::read(cert).with_context(|| {
+                format!("cannot read the etcd client certificate {}", cert.display())
+            })?;
+            let key = std::fs::read(key)
+                .with_context(|| format!("cannot read the etcd client key {}", key.display()))?;
+            tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(tls);
+    }
+    let mut client = Client::connect(&config.endpoints, Some(options))
+        .await
+        .with_context(|| format!("cannot connect to etcd at {}", config.endpoints.join(",")))?;
+    // Connecting is lazy: ask for something so a wrong address fails here, clearly.
+    tokio::time::timeout(Duration::from_secs(5), client.status())
+        .await
+        .map_err(|_| anyhow::anyhow!("no etcd member answered within 5 s"))
+        .and_then(|r| r.map_err(anyhow::Error::from))
+        .with_context(|| format!("etcd at {} does not answer", config.endpoints.join(",")))?;
+    Ok(client)
+}
+
+/// The revision (and resourceVersion) of the `index`-th write of etcd revision `etcd`.
+pub fn revision_of(etcd: i64, index: u64) -> Revision {
+    Revision(etcd.max(0) as u64 * TXN_SLOTS + index)
+}
+
+fn encode(index: usize, object: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(2 + object.len());
+    value.extend_from_slice(&(index as u16).to_be_bytes());
+    value.extend_from_slice(object);
+    value
+}
+
+/// A stored value's transaction index and JSON.
+fn decode(value: &[u8]) -> Option<(u64, Bytes)> {
+    let (index, object) = value.split_first_chunk::<2>()?;
+    Some((
+        u16::from_be_bytes(*index) as u64,
+        Bytes::copy_from_slice(object),
+    ))
+}
+
+fn object_key(prefix: &[u8], key: &[u8]) -> Option<ObjectKey> {
+    ObjectKey::parse(std::str::from_utf8(key.strip_prefix(prefix)?).ok()?).ok()
+}
+
+/// The smallest key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// The version of a stored object.
+fn version_of(kv: &KeyValue) -> Option<ResourceVersion> {
+    let (index, _) = decode(kv.value())?;
+    Some(revision_of(kv.mod_revision(), index).into())
+}
+
+/// Every object under `prefix` at one revision: the objects and that etcd revision.
+async fn list_all(
+    mut client: Client,
+    prefix: Vec<u8>,
+) -> anyhow::Result<(Vec<(ObjectKey, Revision, Bytes)>, i64)> {
+    const PAGE: i64 = 1000;
+    let end = prefix_end(&prefix);
+    let mut objects = Vec::new();
+    let mut from = prefix.clone();
+    let mut at = 0;
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if at > 0 {
+            options = options.with_revision(at);
+        }
+        let response = client.get(from.clone(), Some(options)).await?;
+        if at == 0 {
+            at = response.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        for kv in response.kvs() {
+            match (object_key(&prefix, kv.key()), decode(kv.value())) {
+                (Some(key), Some((index, object))) => {
+                    objects.push((key, revision_of(kv.mod_revision(), index), object))
+                }
+                _ => {
+                    tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "skipping an etcd value that is not a kedge object")
+                }
+            }
+        }
+        match (response.more(), response.kvs().last()) {
+            (true, Some(last)) => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok((objects, at)),
+        }
+    }
+}
+
+/// Follows etcd from revision `next` into the cache; ends (with why) only when the cache can
+/// no longer be kept whole (the watch fell behind compaction) or the store is gone.
+async fn follow(mut client: Client, prefix: Vec<u8>, store: Weak<Store>, mut next: i64) -> String {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(next)
+            .with_progress_notify();
+        match client.watch(prefix.clone(), Some(options)).await {
+            Ok(mut stream) => loop {
+                let response = match stream.message().await {
+                    Ok(Some(response)) => response,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, next, "the etcd watch broke; resuming");
+                        break;
+                    }
+                };
+                if response.canceled() {
+                    if response.compact_revision() > 0 {
+                        return format!(
+                            "this replica's etcd watch fell behind compaction (needed revision \
+                             {next}, compacted through {}); restart it to reload",
+                            response.compact_revision()
+                        );
+                    }
+                    tracing::warn!(
+                        reason = response.cancel_reason(),
+                        "etcd canceled the watch; resuming"
+                    );
+                    break;
+                }
+                // etcd never splits one revision's events over two responses.
+                let mut changes = Vec::with_capacity(response.events().len());
+                let mut current = (0, 0);
+                for event in response.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    let revision = kv.mod_revision();
+                    let index = if current.0 == revision {
+                        current.1 + 1
+                    } else {
+                        0
+                    };
+                    current = (revision, index);
+                    let Some(key) = object_key(&prefix, kv.key()) else {
+                        continue;
+                    };
+                    let object = match event.event_type() {
+                        etcd_client::EventType::Put => match decode(kv.value()) {
+                            Some((_, object)) => Some(object),
+                            None => continue,
+                        },
+                        etcd_client::EventType::Delete => None,
+                    };
+                    changes.push(ReplicatedChange {
+                        revision: revision_of(revision, index),
+                        key,
+                        object,
+                    });
+                    next = next.max(revision + 1);
+                }
+                backoff = Duration::from_millis(100);
+                if changes.is_empty() {
+                    continue;
+                }
+                let Some(store) = store.upgrade() else {
+                    return "the store is gone".to_owned();
+                };
+                if let Err(e) = store.apply_replicated(changes) {
+                    return format!("cannot apply etcd's changes to the cache: {e}");
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, next, "cannot watch etcd; retrying"),
+        }
+        if store.strong_count() == 0 {
+            return "the store is gone".to_owned();
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// The [`SharedBackend`] over etcd (see the module docs).
+pub struct EtcdBackend {
+    client: Client,
+    prefix: Vec<u8>,
+    store: Weak<Store>,
+    timeout: Duration,
+    runtime: EtcdRuntime,
+}
+
+/// The etcd client's own runtime, shut down (without waiting) when the backend goes.
+struct EtcdRuntime(Option<tokio::runtime::Runtime>);
+
+impl EtcdRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("running").handle()
+    }
+}
+
+impl Drop for EtcdRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn compare(key: Vec<u8>, expect: Precondition) -> Option<Compare> {
+    match expect {
+        Precondition::None => None,
+        Precondition::Absent => Some(Compare::create_revision(key, CompareOp::Equal, 0)),
+        Precondition::Exists => Some(Compare::create_revision(key, CompareOp::Greater, 0)),
+        Precondition::Version(rv) => Some(Compare::mod_revision(
+            key,
+            CompareOp::Equal,
+            (rv.get() / TXN_SLOTS) as i64,
+        )),
+    }
+}
+
+/// Which precondition a failed transaction broke, from the keys it read back.
+fn failure(ops: &[SharedOp], responses: &[TxnOpResponse]) -> StoreError {
+    for (op, response) in ops.iter().zip(responses) {
+        let current = match response {
+            TxnOpResponse::Get(get) => get.kvs().first(),
+            _ => None,
+        };
+        let actual = current.and_then(version_of);
+        let key = op.key.clone();
+        match (op.expect, current) {
+            (Precondition::Absent, Some(_)) => return StoreError::AlreadyExists(key),
+            (Precondition::Exists, None) | (Precondition::Version(_), None) => {
+                return StoreError::NotFound(key)
+            }
+            (Precondition::Version(expected), Some(kv))
+                if kv.mod_revision() as u64 != expected.get() / TXN_SLOTS =>
+            {
+                return StoreError::Conflict {
+                    key,
+                    expected,
+                    actual,
+                }
+            }
+            _ => {}
+        }
+    }
+    let first = ops.first().map(|op| op.key.clone());
+    StoreError::Unavailable(format!(
+        "etcd refused the write of {first:?} and no precondition explains it"
+    ))
+}
+
+impl EtcdBackend {
+    fn txn(&self, ops: &[SharedOp]) -> Txn {
+        let mut compares = Vec::new();
+        let mut writes = Vec::with_capacity(ops.len());
+        let mut reads = Vec::with_capacity(ops.len());
+        for (index, op) in ops.iter().enumerate() {
+            let key = [self.prefix.as_slice(), op.key.as_bytes()].concat();
+            compares.extend(compare(key.clone(), op.expect));
+            writes.push(match &op.object {
+                Some(object) => TxnOp::put(
+                    key.clone(),
+                    encode(index, object),
+                    Some(PutOptions::new().with_prev_key()),
+                ),
+                None => TxnOp::delete(key.clone(), Some(DeleteOptions::new().with_prev_key())),
+            });
+            reads.push(TxnOp::get(key, None));
+        }
+        Txn::new().when(compares).and_then(writes).or_else(reads)
+    }
+}
+
+impl SharedBackend for EtcdBackend {
+    fn commit(&self, ops: Vec<SharedOp>) -> Result<Vec<SharedChange>, StoreError> {
+        if ops.len() as u64 >= TXN_SLOTS {
+            return Err(StoreError::Unavailable(format!(
+                "one write of {} objects is more than an etcd transaction of kedge holds ({})",
+                ops.len(),
+                TXN_SLOTS - 1
+            )));
+        }
+        let txn = self.txn(&ops);
+        let (tx, rx) = mpsc::sync_channel(1);
+        let mut client = self.client.clone();
+        let timeout = self.timeout;
+        self.runtime.handle().spawn(async move {
+            let answer = tokio::time::timeout(timeout, client.txn(txn)).await;
+            let _ = tx.send(answer);
+        });
+        let response = match rx.recv_timeout(timeout + Duration::from_secs(1)) {
+            Ok(Ok(Ok(response))) => response,
+            Ok(Ok(Err(e))) => return Err(StoreError::Unavailable(format!("etcd: {e}"))),
+            Ok(Err(_)) | Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "etcd did not answer within {timeout:?}"
+                )))
+            }
+        };
+        let responses = response.op_responses();
+        if !response.succeeded() {
+            return Err(failure(&ops, &responses));
+        }
+        let etcd_revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        let mut changes = Vec::with_capacity(ops.len());
+        for (index, (op, answer)) in ops.into_iter().zip(&responses).enumerate() {
+            let prev = match answer {
+                TxnOpResponse::Put(put) => put.prev_key(),
+                TxnOpResponse::Delete(delete) => delete.prev_kvs().first(),
+                _ => None,
+            }
+            .and_then(|kv| decode(kv.value()))
+            .map(|(_, object)| object);
+            let revision = revision_of(etcd_revision, index as u64);
+            let (kind, object) = match op.object {
+                Some(object) if prev.is_some() => (ChangeKind::Modified, object),
+                Some(object) => (ChangeKind::Added, object),
+                None => (ChangeKind::Deleted, prev.clone().unwrap_or_default()),
+            };
+            changes.push(Arc::new(
+                Change::new(revision, op.key, revision.into(), kind, object).with_prev(prev),
+            ));
+        }
+        let last = changes.last().map(|c| c.revision).unwrap_or_default();
+        let Some(store) = self.store.upgrade() else {
+            return Err(StoreError::Unavailable("the store is closing".to_owned()));
+        };
+        if !store.wait_for_revision(last, self.timeout) {
+            return Err(StoreError::Unavailable(format!(
+                "written to etcd at revision {etcd_revision}, but this replica's watch has not \
+                 seen it within {:?}",
+                self.timeout
+            )));
+        }
+        Ok(changes)
+    }
+}
+
+/// Opens a replica's cache in `data_dir/etcd-cache` (rebuilt from etcd at every start: etcd
+/// holds the truth) over the etcd of `config`, and starts following etcd into it. Returns the
+/// store, whose writes now go to etcd, and the follower's task, which ends only when the
+/// cache can no longer follow (cloudcore then stops: restarting reloads it).
+///
+/// # Errors
+/// The cache cannot be opened, or etcd cannot be reached or listed.
+pub async fn open_store(
+    config: &EtcdConfig,
+    data_dir: &Path,
+    watch_history: usize,
+) -> anyhow::Result<(Arc<Store>, JoinHandle<()>)> {
+    let dir = data_dir.join("etcd-cache");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot clear the etcd cache {}", dir.display()))?;
+    }
+    let mut store_config = StoreConfig::cloud();
+    store_config.watch.history = watch_history.max(1);
+    // The cache is rebuilt from etcd after a crash; its writes need no fsync.
+    store_config.sync_writes = false;
+    let store = Arc::new(Store::open(&dir, store_config)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("etcd")
+        .enable_all()
+        .build()
+        .context("starting the etcd client's runtime")?;
+    let runtime = EtcdRuntime(Some(runtime));
+    let handle = runtime.handle().clone();
+    let connecting = config.clone();
+    let client = handle
+        .spawn(async move { connect(&connecting).await })
+        .await??;
+    let prefix = config.objects_prefix();
+    let (objects, at) = handle
+        .spawn(list_all(client.clone(), prefix.clone()))
+        .await?
+        .context("listing kedge's objects in etcd")?;
+    tracing::info!(
+        objects = objects.len(),
+        etcd_revision = at,
+        "loaded the cache from etcd"
+    );
+    store.reset_replicated(objects, revision_of(at, TXN_SLOTS - 1))?;
+    let backend = Arc::new(EtcdBackend {
+        client: client.clone(),
+        prefix: prefix.clone(),
+        store: Arc::downgrade(&store),
+        timeout: config.timeout,
+        runtime,
+    });
+    store.set_backend(backend)?;
+    let weak = Arc::downgrade(&store);
+    let follower = handle.spawn(async move {
+        let why = follow(client, prefix, weak, at + 1).await;
+        tracing::error!(reason = %why, "the etcd watch stopped");
+    });
+    Ok((store, follower))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_carry_their_transaction_index() {
+        let value = encode(7, b"{\"a\":1}");
+        assert_eq!(decode(&value), Some((7, Bytes::from_static(b"{\"a\":1}"))));
+        assert_eq!(decode(b"x"), None);
+        assert_eq!(revision_of(42, 7), Revision(42_007));
+    }
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"/kedge/objects/"), b"/kedge/objects0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+    }
+}
