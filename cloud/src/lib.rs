@@ -43,6 +43,7 @@ pub mod etcd;
 pub mod events;
 pub mod hub;
 pub mod join;
+pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
 pub mod node_api;

@@ -65,6 +65,9 @@ pub struct CloudConfig {
     /// Keep the objects in etcd, shared with other cloudcores (`--store etcd`); `None`: in
     /// this process's RocksDB store under the data dir.
     pub etcd: Option<crate::etcd::EtcdConfig>,
+    /// Run the scheduler, node lifecycle and controllers only while holding the leader Lease
+    /// ([`crate::leader`]); `None`: always (one cloudcore on its own store).
+    pub leader_election: Option<crate::leader::LeaderConfig>,
 }
 
 impl CloudConfig {
@@ -93,6 +96,7 @@ impl CloudConfig {
             audit_log: None,
             audit_log_max_bytes: crate::audit::DEFAULT_MAX_BYTES,
             etcd: None,
+            leader_election: None,
         }
     }
 }
@@ -160,6 +164,9 @@ impl CloudCore {
             .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
         // The cluster CA exists before anything is served: a `cloudcore token create` run as
         // soon as the API answers pins this CA, not one of its own.
+        if let Some(etcd) = &config.etcd {
+            crate::etcd::share_ca(etcd, &config.data_dir).await?;
+        }
         crate::pki::load_or_create_ca(&config.data_dir)?;
         let mut tasks = Vec::new();
         let store = match &config.etcd {
@@ -385,29 +392,52 @@ impl CloudCore {
             }),
         ));
         if source.runs_controllers() {
-            tasks.push((
-                "scheduler",
-                tokio::spawn(crate::scheduler::run(store.clone())),
-            ));
-            tasks.push((
-                "node lifecycle",
-                tokio::spawn(crate::lifecycle::run(
-                    store.clone(),
-                    config.node_grace,
-                    config.pod_eviction,
-                    Duration::from_secs(5),
-                    metrics.clone(),
+            let singletons = {
+                let store = store.clone();
+                let metrics = metrics.clone();
+                let (grace, eviction) = (config.node_grace, config.pod_eviction);
+                move || {
+                    let mut tasks = vec![
+                        (
+                            "scheduler",
+                            tokio::spawn(crate::scheduler::run(store.clone())),
+                        ),
+                        (
+                            "node lifecycle",
+                            tokio::spawn(crate::lifecycle::run(
+                                store.clone(),
+                                grace,
+                                eviction,
+                                Duration::from_secs(5),
+                                metrics.clone(),
+                            )),
+                        ),
+                        (
+                            "event expiry",
+                            tokio::spawn(crate::events::run_ttl(
+                                store.clone(),
+                                crate::events::EVENT_TTL,
+                            )),
+                        ),
+                    ];
+                    for task in crate::controllers::start(store.clone(), controllers_api.clone()) {
+                        tasks.push(("controller", task));
+                    }
+                    tasks
+                }
+            };
+            match &config.leader_election {
+                // Several replicas on one store: the singletons run where the Lease is.
+                Some(leader) => tasks.push((
+                    "leader election",
+                    tokio::spawn(crate::leader::run(
+                        store.clone(),
+                        leader.clone(),
+                        singletons,
+                        shutdown.clone(),
+                    )),
                 )),
-            ));
-            tasks.push((
-                "event expiry",
-                tokio::spawn(crate::events::run_ttl(
-                    store.clone(),
-                    crate::events::EVENT_TTL,
-                )),
-            ));
-            for task in crate::controllers::start(store.clone(), controllers_api) {
-                tasks.push(("controller", task));
+                None => tasks.extend(singletons()),
             }
         }
         for task in source.clone().start(store.clone()) {
@@ -442,8 +472,13 @@ impl CloudCore {
     }
 
     /// Stops every task and flushes the store.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.shutdown.cancel();
+        // The leader gives its Lease up first, so another replica takes over at once.
+        if let Some(at) = self.tasks.iter().position(|(n, _)| *n == "leader election") {
+            let (_, task) = self.tasks.swap_remove(at);
+            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        }
         for (_, task) in &self.tasks {
             task.abort();
         }

@@ -136,7 +136,7 @@ pub fn store_renewed(data_dir: &Path, identity: &Identity) -> anyhow::Result<()>
 pub async fn load_or_join(
     data_dir: &Path,
     node_name: &str,
-    cloud: SocketAddr,
+    clouds: &[SocketAddr],
     token: Option<&str>,
     rejoin: bool,
 ) -> anyhow::Result<Credentials> {
@@ -169,16 +169,35 @@ pub async fn load_or_join(
         );
     };
     let pin = parse_pin(token)?;
-    let joined = transport::join(
-        cloud,
-        CLOUD_SERVER_NAME,
-        pin,
-        node_name,
-        token.trim(),
-        Duration::from_secs(15),
-    )
-    .await
-    .context("joining the cloud")?;
+    // Any replica of the cloud can take the join; the first that answers does.
+    let mut failure = None;
+    let mut joined = None;
+    for &cloud in clouds {
+        match transport::join(
+            cloud,
+            CLOUD_SERVER_NAME,
+            pin,
+            node_name,
+            token.trim(),
+            Duration::from_secs(15),
+        )
+        .await
+        {
+            Ok(ok) => {
+                joined = Some(ok);
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(%cloud, error = %e, "joining through this replica failed");
+                failure = Some(e);
+            }
+        }
+    }
+    let joined = match (joined, failure) {
+        (Some(joined), _) => joined,
+        (None, Some(e)) => return Err(anyhow::Error::from(e).context("joining the cloud")),
+        (None, None) => bail!("no cloud address to join"),
+    };
     write_file(&paths.node_name, node_name.as_bytes(), false)?;
     let ca_pem = transport::tls::cert_to_pem(&joined.ca);
     write_file(&paths.ca, ca_pem.as_bytes(), false)?;

@@ -67,6 +67,9 @@ pub const DEFAULT_CRI_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
 pub struct EdgeConfig {
     pub node_name: String,
     pub cloud: SocketAddr,
+    /// Other cloudcore replicas, tried in turn after `cloud` (see
+    /// [`transport::ClientConfig::alternates`]).
+    pub cloud_alternates: Vec<SocketAddr>,
     pub token: Option<String>,
     pub data_dir: PathBuf,
     pub metaserver_listen: SocketAddr,
@@ -99,6 +102,7 @@ impl EdgeConfig {
         EdgeConfig {
             node_name: node_name.to_owned(),
             cloud,
+            cloud_alternates: Vec::new(),
             token: None,
             data_dir,
             metaserver_listen: "127.0.0.1:10550".parse().expect("address"),
@@ -142,7 +146,9 @@ impl EdgeCore {
         let credentials = identity::load_or_join(
             &config.data_dir,
             &config.node_name,
-            config.cloud,
+            &std::iter::once(config.cloud)
+                .chain(config.cloud_alternates.iter().copied())
+                .collect::<Vec<_>>(),
             config.token.as_deref(),
             config.rejoin,
         )
@@ -219,6 +225,7 @@ impl EdgeCore {
         ));
 
         let mut client = transport::ClientConfig::new(config.cloud, identity::CLOUD_SERVER_NAME);
+        client.alternates = config.cloud_alternates.clone();
         client.link.heartbeat = config.link_keepalive;
         // The streams the cloud may have open to this node at once: every `kubectl logs -f`,
         // exec or attach session and port-forward connection is one (the cloud caps them per

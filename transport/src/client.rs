@@ -1,6 +1,7 @@
 //! The node's endpoint: one [`Link`] to the cloud, reconnecting with jittered backoff for as
 //! long as the link lives.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -174,7 +175,15 @@ async fn reconnect_loop(
     let mut backoff = Backoff::new(config.backoff);
     let mut last_failure: Option<String> = None;
     let mut holdoff = config.conflict_holdoff;
+    let servers: Vec<SocketAddr> = std::iter::once(config.server_addr)
+        .chain(config.alternates.iter().copied())
+        .collect();
+    let mut current = 0;
+    // Failed attempts since one succeeded: until every replica was tried once, the next is
+    // tried soon instead of after the growing backoff.
+    let mut failed_in_turn = 0;
     while !shared.is_closed() {
+        let server = servers[current];
         if credentials.version() != version {
             let (ca, identity) = credentials.get();
             match quinn_client_config(&ca, &identity, &config.link) {
@@ -190,11 +199,7 @@ async fn reconnect_loop(
         }
         let attempt = async {
             let connecting = endpoint
-                .connect_with(
-                    quinn_config.clone(),
-                    config.server_addr,
-                    &config.server_name,
-                )
+                .connect_with(quinn_config.clone(), server, &config.server_name)
                 .map_err(|e| e.to_string())?;
             connecting.await.map_err(|e| e.to_string())
         };
@@ -203,23 +208,24 @@ async fn reconnect_loop(
             _ = shared.cancel.cancelled() => break,
         };
         let mut delay = None;
+        let attempt_failed = !matches!(outcome, Ok(Ok(_)));
         match outcome {
             Ok(Ok(connection)) => {
                 let started = Instant::now();
-                let (generation, _) = shared.begin_connection(config.server_addr);
-                tracing::info!(server = %config.server_addr, "connected to the cloud");
+                let (generation, _) = shared.begin_connection(server);
+                tracing::info!(server = %server, "connected to the cloud");
                 let reason = shared
                     .drive(connection.clone(), Role::Client, generation)
                     .await;
                 if shared.is_closed() {
                     break;
                 }
-                tracing::info!(server = %config.server_addr, "disconnected from the cloud: {reason}");
+                tracing::info!(server = %server, "disconnected from the cloud: {reason}");
                 if let Some(refusal) = refused(&connection) {
                     // Revoked, expired beyond the grace window, ...: say so loudly, once per
                     // reason (the node keeps trying: the operator may fix it on the cloud).
                     if last_failure.as_deref() != Some(refusal.as_str()) {
-                        tracing::error!(server = %config.server_addr, "the cloud refuses this node: {refusal}");
+                        tracing::error!(server = %server, "the cloud refuses this node: {refusal}");
                     }
                     last_failure = Some(refusal);
                 } else if replaced_by_another(&connection) {
@@ -228,7 +234,7 @@ async fn reconnect_loop(
                     // connection wins; reconnecting at once would take it back and start a
                     // loop of the two replacing each other. Wait, longer each time.
                     tracing::error!(
-                        server = %config.server_addr,
+                        server = %server,
                         "another process connected to the cloud with this node's certificate \
                          and replaced this connection; not reconnecting for {} (stop one of \
                          the two, or give each node its own name and certificate)",
@@ -244,14 +250,27 @@ async fn reconnect_loop(
                     }
                 }
             }
-            Ok(Err(e)) => log_failure(&mut last_failure, &config, e),
+            Ok(Err(e)) => log_failure(&mut last_failure, server, e),
             Err(_) => log_failure(
                 &mut last_failure,
-                &config,
+                server,
                 format!("timed out after {:?}", config.connect_timeout),
             ),
         }
-        let delay = delay.unwrap_or_else(|| backoff.next_delay());
+        if attempt_failed {
+            failed_in_turn += 1;
+            current = (current + 1) % servers.len();
+        } else {
+            failed_in_turn = 0;
+        }
+        let delay = delay.unwrap_or_else(|| {
+            if attempt_failed && servers.len() > 1 && failed_in_turn % servers.len() != 0 {
+                // Another replica is next: a short jittered pause, not the backoff.
+                Duration::from_millis(rand::random_range(0..=250))
+            } else {
+                backoff.next_delay()
+            }
+        });
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shared.cancel.cancelled() => break,
@@ -264,11 +283,11 @@ fn humanize(d: Duration) -> String {
 }
 
 /// Logs a failure once per distinct reason, not on every retry.
-fn log_failure(last: &mut Option<String>, config: &ClientConfig, reason: String) {
+fn log_failure(last: &mut Option<String>, server: SocketAddr, reason: String) {
     if last.as_deref() != Some(reason.as_str()) {
-        tracing::warn!(server = %config.server_addr, "cannot reach the cloud: {reason} (retrying with backoff)");
+        tracing::warn!(%server, "cannot reach the cloud: {reason} (retrying with backoff)");
     } else {
-        tracing::debug!(server = %config.server_addr, "still cannot reach the cloud: {reason}");
+        tracing::debug!(%server, "still cannot reach the cloud: {reason}");
     }
     *last = Some(reason);
 }

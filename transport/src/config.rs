@@ -119,8 +119,12 @@ impl ServerConfig {
 /// A node's endpoint.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The cloud's UDP address.
+    /// The cloud's UDP address (the first one tried).
     pub server_addr: SocketAddr,
+    /// Other replicas of the cloud (several cloudcores on one shared store). After a failed
+    /// attempt the next address is tried, so a node fails over to a replica that answers and
+    /// stays with it while it works.
+    pub alternates: Vec<SocketAddr>,
     /// The name the server certificate must carry.
     pub server_name: String,
     /// Settings of the link to the cloud.
@@ -142,6 +146,7 @@ impl ClientConfig {
     pub fn new(server_addr: SocketAddr, server_name: impl Into<String>) -> Self {
         ClientConfig {
             server_addr,
+            alternates: Vec::new(),
             server_name: server_name.into(),
             link: LinkConfig::default(),
             backoff: BackoffConfig::default(),

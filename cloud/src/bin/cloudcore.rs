@@ -112,6 +112,16 @@ struct Cli {
     watch_history: usize,
     #[command(flatten)]
     storage: StorageArgs,
+    /// With --store etcd: how long the leader Lease (kube-system/kedge-cloudcore) of the
+    /// scheduler, node lifecycle and controllers counts as held without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    leader_elect_lease_duration: Duration,
+    /// With --store etcd: the leader stops its singletons when it could not renew for this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    leader_elect_renew_deadline: Duration,
+    /// With --store etcd: time between attempts to take or renew the leader Lease.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    leader_elect_retry_period: Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -319,9 +329,16 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let leader_election = etcd.as_ref().map(|_| cloud::leader::LeaderConfig {
+        lease_duration: cli.leader_elect_lease_duration,
+        renew_deadline: cli.leader_elect_renew_deadline,
+        retry_period: cli.leader_elect_retry_period,
+        ..cloud::leader::LeaderConfig::new()
+    });
     runtime.block_on(async move {
         let config = CloudConfig {
             etcd,
+            leader_election,
             data_dir,
             quic_listen: cli.quic_listen,
             api_listen: cli.api_listen,

@@ -24,7 +24,8 @@ struct Cli {
     /// Log lines as `text` (colour only on a terminal) or `json` (one object per line).
     #[arg(long, default_value = "text")]
     log_format: transport::logging::LogFormat,
-    /// cloudcore's QUIC address (HOST:PORT).
+    /// cloudcore's QUIC address (HOST:PORT), or several replicas' (A,B,C; or a name with
+    /// several addresses): the node connects to one and fails over to the next that answers.
     #[arg(long)]
     cloud: String,
     /// Bootstrap token from `cloudcore token create`; needed only for the first start.
@@ -206,20 +207,33 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let cloud = match tokio::net::lookup_host(&cli.cloud)
-            .await
-            .map(|mut a| a.next())
+        let mut clouds = Vec::new();
+        for part in cli
+            .cloud
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
         {
-            Ok(Some(addr)) => addr,
-            Ok(None) | Err(_) => {
-                eprintln!(
-                    "error: --cloud {}: not a HOST:PORT that resolves",
-                    cli.cloud
-                );
-                return ExitCode::from(2);
+            match tokio::net::lookup_host(part).await {
+                Ok(addrs) => {
+                    for addr in addrs {
+                        if !clouds.contains(&addr) {
+                            clouds.push(addr);
+                        }
+                    }
+                }
+                Err(_) => {
+                    eprintln!("error: --cloud {part}: not a HOST:PORT that resolves");
+                    return ExitCode::from(2);
+                }
             }
+        }
+        let Some((&cloud, alternates)) = clouds.split_first() else {
+            eprintln!("error: --cloud {}: no address", cli.cloud);
+            return ExitCode::from(2);
         };
         let mut config = EdgeConfig::new(&cli.node_name, cloud, cli.data_dir);
+        config.cloud_alternates = alternates.to_vec();
         config.token = cli.token;
         config.rejoin = cli.rejoin;
         config.metaserver_listen = cli.metaserver_listen;
