@@ -103,16 +103,69 @@ pub async fn connect(config: &EtcdConfig) -> anyhow::Result<Client> {
         }
         options = options.with_tls(tls);
     }
-    let mut client = Client::connect(&config.endpoints, Some(options))
+    let client = Client::connect(&config.endpoints, Some(options))
         .await
         .with_context(|| format!("cannot connect to etcd at {}", config.endpoints.join(",")))?;
     // Connecting is lazy: ask for something so a wrong address fails here, clearly.
-    tokio::time::timeout(Duration::from_secs(5), client.status())
-        .await
-        .map_err(|_| anyhow::anyhow!("no etcd member answered within 5 s"))
-        .and_then(|r| r.map_err(anyhow::Error::from))
-        .with_context(|| format!("etcd at {} does not answer", config.endpoints.join(",")))?;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        resend(&client, |mut c| async move { c.status().await }),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no etcd member answered within 5 s"))
+    .and_then(|r| r.map_err(anyhow::Error::from))
+    .with_context(|| format!("cannot connect to etcd at {}", config.endpoints.join(",")))?;
     Ok(client)
+}
+
+/// [`connect`], again every 2 s until etcd answers, saying why each time it does not (etcd
+/// down when cloudcore starts is a wait, not an exit).
+pub async fn connect_retrying(config: &EtcdConfig) -> Client {
+    loop {
+        match connect(config).await {
+            Ok(client) => return client,
+            Err(e) => {
+                tracing::error!("{e:#}; retrying in 2 s");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// `call`, again while it fails before reaching a member ([`never_sent`]; at most 10 times):
+/// the client balances over the members, and one that is down refuses the connection, so the
+/// request can go to another without being applied twice.
+async fn resend<T, F, Fut>(client: &Client, mut call: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut attempts = 0;
+    loop {
+        match call(client.clone()).await {
+            Err(e) if never_sent(&e) && attempts < 10 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether a request failed before it reached any etcd member (a refused connection), so
+/// sending it again cannot apply it twice.
+fn never_sent(error: &etcd_client::Error) -> bool {
+    let text = match error {
+        etcd_client::Error::GRpcStatus(status) => {
+            if status.code() != tonic::Code::Unavailable {
+                return false;
+            }
+            format!("{} {:?}", status.message(), status)
+        }
+        etcd_client::Error::TransportError(e) => format!("{e:?}"),
+        _ => return false,
+    };
+    text.contains("tcp connect error") || text.contains("ConnectionRefused")
 }
 
 /// The revision (and resourceVersion) of the `index`-th write of etcd revision `etcd`.
@@ -160,7 +213,7 @@ fn version_of(kv: &KeyValue) -> Option<ResourceVersion> {
 
 /// Every object under `prefix` at one revision: the objects and that etcd revision.
 async fn list_all(
-    mut client: Client,
+    client: Client,
     prefix: Vec<u8>,
 ) -> anyhow::Result<(Vec<(ObjectKey, Revision, Bytes)>, i64)> {
     const PAGE: i64 = 1000;
@@ -173,7 +226,11 @@ async fn list_all(
         if at > 0 {
             options = options.with_revision(at);
         }
-        let response = client.get(from.clone(), Some(options)).await?;
+        let response = resend(&client, |mut c| {
+            let (from, options) = (from.clone(), options.clone());
+            async move { c.get(from, Some(options)).await }
+        })
+        .await?;
         if at == 0 {
             at = response.header().map(|h| h.revision()).unwrap_or(0);
         }
@@ -384,10 +441,18 @@ impl SharedBackend for EtcdBackend {
         }
         let txn = self.txn(&ops);
         let (tx, rx) = mpsc::sync_channel(1);
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let timeout = self.timeout;
         self.runtime.handle().spawn(async move {
-            let answer = tokio::time::timeout(timeout, client.txn(txn)).await;
+            // Any failure but a refused connection leaves the outcome unknown: 503.
+            let answer = tokio::time::timeout(
+                timeout,
+                resend(&client, |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                }),
+            )
+            .await;
             let _ = tx.send(answer);
         });
         let response = match rx.recv_timeout(timeout + Duration::from_secs(1)) {
@@ -450,14 +515,18 @@ impl SharedBackend for EtcdBackend {
 /// # Errors
 /// etcd cannot be reached, a file cannot be read or written, or the CAs differ.
 pub async fn share_ca(config: &EtcdConfig, data_dir: &Path) -> anyhow::Result<()> {
-    let mut client = connect(config).await?;
+    let client = connect_retrying(config).await;
     let cert_key = format!("{}pki/ca.crt", config.prefix).into_bytes();
     let key_key = format!("{}pki/ca.key", config.prefix).into_bytes();
     let dir = data_dir.join("pki");
     let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
     let had_local = cert_path.exists();
     for _ in 0..3 {
-        let shared = client.get(cert_key.clone(), None).await?;
+        let shared = resend(&client, |mut c| {
+            let key = cert_key.clone();
+            async move { c.get(key, None).await }
+        })
+        .await?;
         if let Some(shared) = shared.kvs().first() {
             let local = std::fs::read(&cert_path).ok();
             match local {
@@ -470,7 +539,10 @@ pub async fn share_ca(config: &EtcdConfig, data_dir: &Path) -> anyhow::Result<()
                     dir.display()
                 ),
                 _ => {
-                    let key = client.get(key_key.clone(), None).await?;
+                    let key = resend(&client, |mut c| {
+                        let key = key_key.clone();
+                        async move { c.get(key, None).await }
+                    }).await?;
                     let key = key
                         .kvs()
                         .first()
@@ -496,7 +568,13 @@ pub async fn share_ca(config: &EtcdConfig, data_dir: &Path) -> anyhow::Result<()
                 TxnOp::put(key_key.clone(), key, None),
                 TxnOp::put(cert_key.clone(), cert.clone(), None),
             ]);
-        if client.txn(txn).await?.succeeded() {
+        if resend(&client, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?
+        .succeeded()
+        {
             tracing::info!(sha256 = %crate::pki::sha256_hex(&cert), "published this replica's CA as the cluster CA in etcd");
             return Ok(());
         }
@@ -537,8 +615,8 @@ pub async fn open_store(
     let handle = runtime.handle().clone();
     let connecting = config.clone();
     let client = handle
-        .spawn(async move { connect(&connecting).await })
-        .await??;
+        .spawn(async move { connect_retrying(&connecting).await })
+        .await?;
     let prefix = config.objects_prefix();
     let (objects, at) = handle
         .spawn(list_all(client.clone(), prefix.clone()))

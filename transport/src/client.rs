@@ -244,6 +244,10 @@ async fn reconnect_loop(
                     holdoff = (holdoff * 2).min(MAX_CONFLICT_HOLDOFF.max(config.conflict_holdoff));
                 } else {
                     last_failure = None;
+                    // The link broke: another replica may answer where this one went
+                    // silent; try it first (a node that only lost its network loses nothing
+                    // by moving: the digest exchange sends it only what it lacks).
+                    current = (current + 1) % servers.len();
                     if started.elapsed() >= STABLE_CONNECTION {
                         backoff.reset();
                         holdoff = config.conflict_holdoff;

@@ -1,0 +1,473 @@
+//! High availability end to end: a three-member etcd cluster (Debian's etcd-server, on
+//! loopback ports and temporary dirs of the test's own), two cloudcores on it
+//! (`--store etcd`), a real edgecore given both (`--cloud A,B`), real kubectl.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Fast leader hand-over and node grace, so the scenario takes seconds.
+const REPLICA_FLAGS: &[&str] = &[
+    "--link-keepalive",
+    "1s",
+    "--node-grace",
+    "6s",
+    "--leader-elect-lease-duration",
+    "3s",
+    "--leader-elect-renew-deadline",
+    "2s",
+    "--leader-elect-retry-period",
+    "500ms",
+];
+
+/// One etcd member: its process and how to start it again.
+struct Member {
+    name: String,
+    child: Option<Child>,
+    client_url: String,
+    command: Vec<String>,
+    log: PathBuf,
+}
+
+impl Member {
+    fn start(&mut self) {
+        let log = std::fs::File::create(&self.log).unwrap();
+        let child = Command::new("etcd")
+            .args(&self.command)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd is installed (scripts/setup.sh: etcd-server)");
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        let addr = self.client_url.trim_start_matches("http://");
+        common::http_get(addr, "/health").is_some_and(|b| b.contains("\"health\":\"true\""))
+    }
+}
+
+/// A three-member etcd cluster on loopback.
+struct Etcd {
+    members: Vec<Member>,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        Self::start_n(3, None)
+    }
+
+    /// `n` members; the first on `client_port` when given.
+    fn start_n(n: usize, client_port: Option<u16>) -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        if let Some(port) = client_port {
+            ports[0].0 = port;
+        }
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let token = format!("kedge-test-{}", std::process::id());
+        let mut members: Vec<Member> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                let client_url = format!("http://127.0.0.1:{client}");
+                let peer_url = format!("http://127.0.0.1:{peer}");
+                let data = dir.path().join(format!("e{i}"));
+                Member {
+                    name: format!("e{i}"),
+                    child: None,
+                    client_url: client_url.clone(),
+                    log: dir.path().join(format!("e{i}.log")),
+                    command: [
+                        "--name",
+                        &format!("e{i}"),
+                        "--data-dir",
+                        data.to_str().unwrap(),
+                        "--listen-client-urls",
+                        &client_url,
+                        "--advertise-client-urls",
+                        &client_url,
+                        "--listen-peer-urls",
+                        &peer_url,
+                        "--initial-advertise-peer-urls",
+                        &peer_url,
+                        "--initial-cluster",
+                        &cluster,
+                        "--initial-cluster-token",
+                        &token,
+                        "--initial-cluster-state",
+                        "new",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                }
+            })
+            .collect();
+        for member in &mut members {
+            member.start();
+        }
+        let etcd = Etcd { members, _dir: dir };
+        eventually("etcd members healthy", Duration::from_secs(30), || {
+            etcd.members.iter().all(Member::healthy)
+        });
+        etcd
+    }
+
+    fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.client_url.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn dump_logs(&self) {
+        for member in &self.members {
+            let log = std::fs::read_to_string(&member.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            eprintln!("--- {} (last lines) ---\n{}", member.name, tail.join("\n"));
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            member.kill9();
+        }
+    }
+}
+
+fn replica(dir: &Path, etcd: &Etcd) -> CloudProcess {
+    let endpoints = etcd.endpoints();
+    let mut flags = vec!["--store", "etcd", "--etcd-endpoints", &endpoints];
+    flags.extend_from_slice(REPLICA_FLAGS);
+    CloudProcess::start_with(dir, free_port(), free_port(), free_port(), &flags)
+}
+
+fn ok(cloud: &CloudProcess, args: &[&str]) -> String {
+    let out = cloud.kubectl(args);
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} on {}: {}",
+        cloud.api,
+        stderr_of(&out)
+    );
+    stdout(&out)
+}
+
+fn lease_holder(cloud: &CloudProcess) -> String {
+    let out = cloud.kubectl(&[
+        "get",
+        "lease",
+        "-n",
+        "kube-system",
+        "kedge-cloudcore",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    stdout(&out)
+}
+
+const DEPLOYMENT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - {name: main, image: "busybox:1", command: [sleep, "1000"]}
+"#;
+
+/// `(name, node, phase)` of the Deployment's pods.
+fn web_pods(cloud: &CloudProcess) -> Vec<(String, String, String)> {
+    ok(
+        cloud,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.phase}{\"\\n\"}{end}",
+        ],
+    )
+    .lines()
+    .filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() == 3).then(|| (f[0].into(), f[1].into(), f[2].into()))
+    })
+    .collect()
+}
+
+#[test]
+fn two_cloudcores_on_etcd_share_the_api_hand_over_leadership_and_nodes_fail_over() {
+    let mut etcd = Etcd::start();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = replica(dir_a.path(), &etcd);
+    eventually(
+        "replica A holds the leader Lease",
+        Duration::from_secs(20),
+        || !lease_holder(&a).is_empty(),
+    );
+    let leader_a = lease_holder(&a);
+    let b = replica(dir_b.path(), &etcd);
+
+    // One API: a write on A is read on B, at the same resourceVersion; a stale write on B
+    // conflicts with A's newer one.
+    ok(&a, &["create", "configmap", "shared", "--from-literal=k=1"]);
+    let rv_on = |cloud: &CloudProcess| {
+        stdout(&cloud.kubectl(&[
+            "get",
+            "configmap",
+            "shared",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ]))
+    };
+    eventually("B reads A's write", Duration::from_secs(10), || {
+        !rv_on(&b).is_empty()
+    });
+    assert_eq!(rv_on(&a), rv_on(&b));
+    let stale = ok(&b, &["get", "configmap", "shared", "-o", "json"]);
+    ok(&a, &["label", "configmap", "shared", "step=2"]);
+    let out = b.kubectl_stdin(&["replace", "-f", "-"], &stale);
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("Conflict"), "{}", stderr_of(&out));
+    // The CA is the cluster's: B took A's from etcd.
+    assert_eq!(
+        std::fs::read(dir_a.path().join("pki/ca.crt")).unwrap(),
+        std::fs::read(dir_b.path().join("pki/ca.crt")).unwrap()
+    );
+    assert_eq!(lease_holder(&b), leader_a, "B does not take a held Lease");
+
+    // A node that knows both replicas; it joins and connects through A, the first.
+    let token = token(&a);
+    let edge_dir = tempfile::tempdir().unwrap();
+    let edge_port = free_port();
+    let mut edge = Command::new(binary("edgecore"));
+    edge.args(["--node-name", "edge-ha", "--data-dir"])
+        .arg(edge_dir.path())
+        .arg("--metaserver-listen")
+        .arg(format!("127.0.0.1:{edge_port}"))
+        .arg("--cloud")
+        .arg(format!(
+            "127.0.0.1:{},127.0.0.1:{}",
+            a.quic_port, b.quic_port
+        ))
+        .env("RUST_LOG", "warn")
+        .arg("--token")
+        .arg(&token)
+        .arg("--mqtt-listen")
+        .arg("127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut edge = edge.spawn().expect("start edgecore");
+    let node_ready = |cloud: &CloudProcess| {
+        stdout(&cloud.kubectl(&[
+            "get",
+            "node",
+            "edge-ha",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+        ])) == "True"
+    };
+    eventually("the node is Ready", Duration::from_secs(40), || {
+        node_ready(&b)
+    });
+    assert!(b
+        .kubectl_stdin(&["apply", "-f", "-"], DEPLOYMENT)
+        .status
+        .success());
+    eventually("two web pods Running", Duration::from_secs(60), || {
+        let pods = web_pods(&b);
+        pods.len() == 2 && pods.iter().all(|p| p.1 == "edge-ha" && p.2 == "Running")
+    });
+
+    // kill -9 the replica that leads and holds the node's link.
+    a.kill9();
+    let killed = Instant::now();
+    eventually("B takes the leader Lease", Duration::from_secs(20), || {
+        let holder = lease_holder(&b);
+        !holder.is_empty() && holder != leader_a
+    });
+    eprintln!("leadership moved in {:?}", killed.elapsed());
+    // The node reaches the cloud through B: an object created on B reaches its MetaServer.
+    ok(
+        &b,
+        &[
+            "create",
+            "configmap",
+            "after-failover",
+            "--from-literal=k=2",
+        ],
+    );
+    let metaserver = format!("http://127.0.0.1:{edge_port}");
+    eventually(
+        "B's write reaches the node",
+        Duration::from_secs(30),
+        || {
+            kubectl(&metaserver, &["get", "configmap", "after-failover"], None)
+                .status
+                .success()
+        },
+    );
+    eprintln!("the node failed over in {:?}", killed.elapsed());
+    // B's controllers and scheduler act, once: exactly three pods, each on the node.
+    ok(&b, &["scale", "deployment", "web", "--replicas=3"]);
+    eventually("three web pods Running", Duration::from_secs(60), || {
+        let pods = web_pods(&b);
+        pods.len() == 3 && pods.iter().all(|p| p.1 == "edge-ha" && p.2 == "Running")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(web_pods(&b).len(), 3, "no replica created extra pods");
+    assert!(node_ready(&b));
+
+    // One etcd member down: the API keeps serving reads and writes.
+    etcd.members[0].kill9();
+    // (A write during etcd's leader election, if the killed member led, answers 503.)
+    eventually(
+        "writes with one etcd member down",
+        Duration::from_secs(15),
+        || {
+            b.kubectl(&["create", "configmap", "one-member-down"])
+                .status
+                .success()
+        },
+    );
+    // Quorum lost: writes answer 503 (not stale success), reads are served from the cache.
+    etcd.members[1].kill9();
+    let out = b.kubectl(&["create", "configmap", "no-quorum"]);
+    assert!(
+        !out.status.success(),
+        "a write without an etcd quorum succeeded"
+    );
+    assert!(
+        stderr_of(&out).contains("ServiceUnavailable") || stderr_of(&out).contains("unavailable"),
+        "{}",
+        stderr_of(&out)
+    );
+    ok(&b, &["get", "configmap", "one-member-down"]);
+    // Quorum back: B recovers without a restart.
+    etcd.members[0].start();
+    etcd.members[1].start();
+    let mut recovered = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if b.kubectl(&["create", "configmap", "quorum-back"])
+            .status
+            .success()
+        {
+            recovered = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    if !recovered {
+        etcd.dump_logs();
+        panic!("B did not recover when etcd's quorum came back");
+    }
+
+    // A comes back on its data dir: its cache is rebuilt from etcd, nothing lost.
+    let endpoints = etcd.endpoints();
+    let mut flags = vec!["--store", "etcd", "--etcd-endpoints", &endpoints];
+    flags.extend_from_slice(REPLICA_FLAGS);
+    a.restart_after_kill9(&flags);
+    for name in ["shared", "after-failover", "one-member-down", "quorum-back"] {
+        ok(&a, &["get", "configmap", name]);
+    }
+    assert_eq!(web_pods(&a).len(), 3);
+    let _ = edge.kill();
+    let _ = edge.wait();
+}
+
+#[test]
+fn a_replica_with_another_ca_refuses_to_start() {
+    let etcd = Etcd::start();
+    let first = tempfile::tempdir().unwrap();
+    let _a = replica(first.path(), &etcd);
+    // A data dir with a CA of its own (made by `cloudcore token create`).
+    let other = tempfile::tempdir().unwrap();
+    let made = Command::new(binary("cloudcore"))
+        .args(["token", "create", "--data-dir"])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let out = Command::new(binary("cloudcore"))
+        .arg("--data-dir")
+        .arg(other.path())
+        .args(["--store", "etcd", "--etcd-endpoints", &etcd.endpoints()])
+        .args(["--api-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--quic-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(err.contains("is not the cluster's CA in etcd"), "{err}");
+}
+
+#[test]
+fn etcd_down_at_start_is_a_clear_error_and_cloudcore_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("cloudcore.log");
+    let etcd_port = free_port();
+    let api = free_port();
+    let mut cloud = Command::new(binary("cloudcore"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--store", "etcd", "--etcd-endpoints"])
+        .arg(format!("http://127.0.0.1:{etcd_port}"))
+        .args(["--api-listen", &format!("127.0.0.1:{api}")])
+        .args(["--quic-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    eventually(
+        "cloudcore says etcd is unreachable",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .contains("cannot connect to etcd")
+        },
+    );
+    assert!(cloud.try_wait().unwrap().is_none(), "cloudcore gave up");
+    let _etcd = Etcd::start_n(1, Some(etcd_port));
+    eventually(
+        "cloudcore serves once etcd is up",
+        Duration::from_secs(30),
+        || {
+            common::http_get(&format!("127.0.0.1:{api}"), "/healthz")
+                .is_some_and(|b| b.contains("ok"))
+        },
+    );
+    let _ = cloud.kill();
+    let _ = cloud.wait();
+}
