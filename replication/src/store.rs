@@ -1047,7 +1047,16 @@ impl Store {
         let changes = if ops.is_empty() {
             Vec::new()
         } else {
-            backend.commit(ops)?
+            // A round trip to the shared store: on a multi-threaded runtime the worker hands
+            // its other tasks on while it waits, so writes from many requests overlap.
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle)
+                    if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread =>
+                {
+                    tokio::task::block_in_place(|| backend.commit(ops))?
+                }
+                _ => backend.commit(ops)?,
+            }
         };
         if !set.aux.is_empty() {
             let _writer = self.lock_writer();
@@ -1230,6 +1239,181 @@ mod tests {
         let mut set = WriteSet::new();
         set.mirror_delete(key("pods/a/never"), ResourceVersion(50));
         assert!(store.commit(set).unwrap().is_empty());
+    }
+
+    /// A shared store of one replica: decides writes by the cache's own state, then applies
+    /// them at revisions `1000 × n + i` as a replica's watch would.
+    struct Loopback {
+        store: std::sync::Weak<Store>,
+        next: Mutex<u64>,
+        seen: Mutex<Vec<Vec<SharedOp>>>,
+    }
+
+    impl SharedBackend for Loopback {
+        fn commit(&self, ops: Vec<SharedOp>) -> Result<Vec<SharedChange>, StoreError> {
+            let store = self.store.upgrade().unwrap();
+            for op in &ops {
+                let current = store.get(&op.key)?;
+                match (op.expect, &current) {
+                    (Precondition::Absent, Some(_)) => {
+                        return Err(StoreError::AlreadyExists(op.key.clone()))
+                    }
+                    (Precondition::Exists | Precondition::Version(_), None) => {
+                        return Err(StoreError::NotFound(op.key.clone()))
+                    }
+                    (Precondition::Version(rv), Some(v)) if v.rv != rv => {
+                        return Err(StoreError::Conflict {
+                            key: op.key.clone(),
+                            expected: rv,
+                            actual: Some(v.rv),
+                        })
+                    }
+                    _ => {}
+                }
+            }
+            self.seen.lock().unwrap().push(ops.clone());
+            let mut next = self.next.lock().unwrap();
+            *next += 1;
+            let changes = ops
+                .into_iter()
+                .enumerate()
+                .map(|(i, op)| ReplicatedChange {
+                    revision: Revision(*next * 1000 + i as u64),
+                    key: op.key,
+                    object: op.object,
+                })
+                .collect();
+            store.apply_replicated(changes)
+        }
+    }
+
+    fn replica(dir: &Path) -> (Arc<Store>, Arc<Loopback>) {
+        let mut config = StoreConfig::cloud();
+        config.sync_writes = false;
+        let store = Arc::new(Store::open(dir, config).unwrap());
+        let backend = Arc::new(Loopback {
+            store: Arc::downgrade(&store),
+            next: Mutex::new(0),
+            seen: Mutex::new(Vec::new()),
+        });
+        store.set_backend(backend.clone()).unwrap();
+        (store, backend)
+    }
+
+    #[test]
+    fn a_replica_hands_object_writes_to_its_backend_and_keeps_bookkeeping_local() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, backend) = replica(dir.path());
+        assert!(store.is_replicated());
+        let mut watcher = store
+            .watch()
+            .subscribe(KeyRange::kind("pods").unwrap(), None)
+            .unwrap();
+        let mut set = WriteSet::new();
+        set.put(
+            key("pods/a/x"),
+            Bytes::from_static(b"1"),
+            Precondition::Absent,
+        );
+        set.put(
+            key("pods/a/y"),
+            Bytes::from_static(b"2"),
+            Precondition::Absent,
+        );
+        // Written twice in one set: one write, the first precondition, the last content.
+        set.put(
+            key("pods/a/x"),
+            Bytes::from_static(b"1b"),
+            Precondition::None,
+        );
+        set.put_aux(Aux::META, b"mark".to_vec(), b"v".to_vec());
+        let changes = store.commit(set).unwrap();
+        assert_eq!(
+            changes.iter().map(|c| c.revision.get()).collect::<Vec<_>>(),
+            vec![1000, 1001]
+        );
+        let sent = backend.seen.lock().unwrap()[0].clone();
+        assert_eq!(sent.len(), 2);
+        assert_eq!(sent[0].expect, Precondition::Absent);
+        assert_eq!(sent[0].object.as_deref(), Some(&b"1b"[..]));
+        assert_eq!(store.get_aux(Aux::META, b"mark").unwrap().unwrap(), b"v");
+        let x = store.get(&key("pods/a/x")).unwrap().unwrap();
+        assert_eq!((x.rv, x.revision), (ResourceVersion(1000), Revision(1000)));
+        assert_eq!(store.revision(), Revision(1001));
+        assert_eq!(watcher.try_next().unwrap().unwrap().key, key("pods/a/x"));
+        assert_eq!(watcher.try_next().unwrap().unwrap().key, key("pods/a/y"));
+
+        // A delete without precondition must find the object; a mirror write is refused.
+        let mut set = WriteSet::new();
+        set.delete(key("pods/a/y"), Precondition::None);
+        let deleted = store.commit(set).unwrap();
+        assert_eq!(deleted[0].kind, ChangeKind::Deleted);
+        assert_eq!(deleted[0].object, Bytes::from_static(b"2"));
+        assert_eq!(
+            backend.seen.lock().unwrap()[1][0].expect,
+            Precondition::Exists
+        );
+        let mut set = WriteSet::new();
+        set.mirror_put(key("pods/a/z"), ResourceVersion(1), Bytes::new());
+        assert!(matches!(
+            store.commit(set),
+            Err(StoreError::WrongVersioning { .. })
+        ));
+        // The backend's verdict comes back as is.
+        let mut set = WriteSet::new();
+        set.put(
+            key("pods/a/x"),
+            Bytes::new(),
+            Precondition::Version(ResourceVersion(7)),
+        );
+        assert!(matches!(
+            store.commit(set),
+            Err(StoreError::Conflict { .. })
+        ));
+    }
+
+    #[test]
+    fn replicated_changes_apply_in_revision_order_and_a_reset_reloads_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = replica(dir.path());
+        let change = |rev: u64, k: &str, object: Option<&'static [u8]>| ReplicatedChange {
+            revision: Revision(rev),
+            key: key(k),
+            object: object.map(Bytes::from_static),
+        };
+        store
+            .apply_replicated(vec![
+                change(5000, "pods/a/x", Some(b"1")),
+                change(5001, "pods/a/x", Some(b"2")),
+                // Deleted before this replica saw it: nothing to do.
+                change(5002, "pods/a/never", None),
+            ])
+            .unwrap();
+        assert_eq!(
+            store.get(&key("pods/a/x")).unwrap().unwrap().object,
+            Bytes::from_static(b"2")
+        );
+        assert_eq!(store.revision(), Revision(5002));
+        assert!(matches!(
+            store.apply_replicated(vec![change(5002, "pods/a/y", Some(b"3"))]),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(store.wait_for_revision(Revision(5002), Duration::from_millis(1)));
+        assert!(!store.wait_for_revision(Revision(6000), Duration::from_millis(20)));
+
+        store
+            .reset_replicated(
+                vec![(key("pods/b/q"), Revision(7000), Bytes::from_static(b"q"))],
+                Revision(7999),
+            )
+            .unwrap();
+        assert_eq!(store.get(&key("pods/a/x")).unwrap(), None);
+        assert_eq!(
+            store.get(&key("pods/b/q")).unwrap().unwrap().rv,
+            ResourceVersion(7000)
+        );
+        assert_eq!(store.revision(), Revision(7999));
+        assert_eq!(store.watch().oldest_resumable(), Revision(7999));
     }
 
     #[test]
