@@ -55,6 +55,9 @@ pub struct EtcdConfig {
     pub key: Option<PathBuf>,
     /// How long a write waits for etcd and for this replica to see it (then 503).
     pub timeout: Duration,
+    /// Compact etcd's history this often, to the revision of the interval before
+    /// (kube-apiserver's `--etcd-compaction-interval`, 5 min); zero: never.
+    pub compaction_interval: Duration,
 }
 
 impl EtcdConfig {
@@ -67,6 +70,7 @@ impl EtcdConfig {
             cert: None,
             key: None,
             timeout: Duration::from_secs(10),
+            compaction_interval: Duration::from_secs(300),
         }
     }
 
@@ -503,6 +507,72 @@ impl SharedBackend for EtcdBackend {
     }
 }
 
+/// Compacts etcd every `interval` to the revision it had one interval before, as
+/// kube-apiserver's compactor: the replicas agree through one key (`PREFIX` +
+/// `compact_rev_key`, whose version counts compactions) so that one of them compacts per
+/// interval. Watches of this replica older than the compaction then get 410.
+async fn compact_periodically(
+    client: Client,
+    prefix: String,
+    interval: Duration,
+    store: Weak<Store>,
+) {
+    let key = format!("{prefix}compact_rev_key").into_bytes();
+    // (The key's version we expect, the etcd revision seen at the last tick.)
+    let (mut expected, mut last_revision) = (0i64, 0i64);
+    loop {
+        tokio::time::sleep(interval).await;
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, expected)])
+            .and_then([TxnOp::put(key.clone(), "", None)])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let response = match resend(&client, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+        {
+            Ok(response) => response,
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd compaction: cannot reach etcd");
+                continue;
+            }
+        };
+        let now = response.header().map(|h| h.revision()).unwrap_or(0);
+        if !response.succeeded() {
+            // Another replica compacted this interval: follow its count.
+            expected = match response.op_responses().first() {
+                Some(TxnOpResponse::Get(get)) => get.kvs().first().map_or(0, |kv| kv.version()),
+                _ => expected,
+            };
+            last_revision = now;
+            continue;
+        }
+        expected += 1;
+        let target = last_revision;
+        last_revision = now;
+        if target == 0 {
+            continue;
+        }
+        match resend(
+            &client,
+            |mut c| async move { c.compact(target, None).await },
+        )
+        .await
+        {
+            Ok(_) => {
+                tracing::info!(etcd_revision = target, "compacted etcd");
+                if let Some(store) = store.upgrade() {
+                    store
+                        .watch()
+                        .forget_through(revision_of(target, TXN_SLOTS - 1));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, etcd_revision = target, "etcd compaction failed"),
+        }
+    }
+}
+
 /// Makes this replica's cluster CA the one in etcd (`PREFIX` + `pki/ca.crt`, `pki/ca.key`):
 /// every replica must sign and trust with the same CA, or a node that moves to another
 /// replica is refused. The first replica publishes its CA (created if the data dir has none);
@@ -636,6 +706,14 @@ pub async fn open_store(
         runtime,
     });
     store.set_backend(backend)?;
+    if !config.compaction_interval.is_zero() {
+        handle.spawn(compact_periodically(
+            client.clone(),
+            config.prefix.clone(),
+            config.compaction_interval,
+            Arc::downgrade(&store),
+        ));
+    }
     let weak = Arc::downgrade(&store);
     let follower = handle.spawn(async move {
         let why = follow(client, prefix, weak, at + 1).await;

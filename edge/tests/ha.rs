@@ -471,3 +471,58 @@ fn etcd_down_at_start_is_a_clear_error_and_cloudcore_waits_for_it() {
     let _ = cloud.kill();
     let _ = cloud.wait();
 }
+
+#[test]
+fn etcd_is_compacted_and_older_watches_get_410() {
+    let etcd = Etcd::start_n(1, None);
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = etcd.endpoints();
+    let cloud = CloudProcess::start_with(
+        dir.path(),
+        free_port(),
+        free_port(),
+        free_port(),
+        &[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoints,
+            "--etcd-compaction-interval",
+            "1s",
+        ],
+    );
+    ok(&cloud, &["create", "configmap", "c", "--from-literal=v=0"]);
+    let old = stdout(&cloud.kubectl(&[
+        "get",
+        "configmap",
+        "c",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]));
+    for i in 1..=3 {
+        ok(&cloud, &["label", "configmap", "c", &format!("v={i}"), "--overwrite"]);
+    }
+    let etcd_revision = old.parse::<u64>().unwrap() / 1000;
+    eventually("etcd compacted past the first version", Duration::from_secs(20), || {
+        let out = Command::new("etcdctl")
+            .args(["--endpoints", &endpoints, "get", "--rev"])
+            .arg(etcd_revision.to_string())
+            .arg("/kedge/objects/configmaps/default/c")
+            .env("ETCDCTL_API", "3")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).contains("compacted")
+    });
+    let out = cloud.kubectl(&[
+        "get",
+        "--raw",
+        &format!("/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={old}&timeoutSeconds=2"),
+    ]);
+    let err = format!("{}{}", stdout(&out), stderr_of(&out));
+    assert!(
+        err.contains("too old") || err.contains("410") || err.contains("Expired"),
+        "{err}"
+    );
+    // The objects themselves are all there.
+    assert!(ok(&cloud, &["get", "configmap", "c", "--show-labels"]).contains("v=3"));
+}

@@ -141,6 +141,21 @@ impl WatchHub {
         history.latest = revision;
     }
 
+    /// Forgets the history through `revision` (the shared store compacted it): watches from
+    /// older revisions then get [`WatchError::Gone`] (410), as they would from etcd.
+    pub fn forget_through(&self, revision: Revision) {
+        let mut history = self.lock();
+        let revision = revision.min(history.latest);
+        while history
+            .changes
+            .front()
+            .is_some_and(|c| c.revision <= revision)
+        {
+            history.changes.pop_front();
+        }
+        history.evicted_through = history.evicted_through.max(revision);
+    }
+
     /// The latest published revision.
     pub fn revision(&self) -> Revision {
         self.lock().latest

@@ -148,6 +148,10 @@ struct StorageArgs {
     /// PEM private key of --etcd-cert.
     #[arg(long, global = true, requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
+    /// Compact etcd's history this often, to the revision of one interval before
+    /// (kube-apiserver's flag); 0s: never. Watches older than that get 410.
+    #[arg(long, global = true, default_value = "5m", value_parser = humantime::parse_duration)]
+    etcd_compaction_interval: Duration,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -171,6 +175,7 @@ impl StorageArgs {
                 config.ca = self.etcd_ca.clone();
                 config.cert = self.etcd_cert.clone();
                 config.key = self.etcd_key.clone();
+                config.compaction_interval = self.etcd_compaction_interval;
                 Ok(Some(config))
             }
         }
