@@ -36,6 +36,9 @@ use replication::{
     SharedBackend, SharedChange, SharedOp, Store, StoreConfig, StoreError,
 };
 use tokio::task::JoinHandle;
+use transport::tls::CertificateAuthority;
+
+use crate::pki::{Token, TokenError};
 
 /// Changes one etcd revision can carry: revision = etcd revision × `TXN_SLOTS` + index.
 pub const TXN_SLOTS: u64 = 1000;
@@ -573,6 +576,201 @@ async fn compact_periodically(
     }
 }
 
+/// Bootstrap tokens in etcd, for the join path of a replica: `PREFIX` + `tokens/ID` holds the
+/// token's record (its secret's SHA-256, expiry, one-use, used), so a token made through any
+/// replica (or `cloudcore token create --store etcd`) joins through any, and a one-use token
+/// is used up once across all of them (a transaction comparing its revision).
+pub struct EtcdTokens {
+    client: Client,
+    prefix: String,
+    runtime: tokio::runtime::Handle,
+    timeout: Duration,
+}
+
+fn token_key(prefix: &str, id: &str) -> Vec<u8> {
+    format!("{prefix}tokens/{id}").into_bytes()
+}
+
+impl EtcdTokens {
+    /// Runs `work` on the etcd runtime and waits for it (the join path is synchronous).
+    fn block<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.runtime.spawn(async move {
+            let _ = tx.send(work.await);
+        });
+        rx.recv_timeout(self.timeout).ok()
+    }
+
+    fn read(&self, id: &str) -> Result<(crate::pki::TokenRecord, i64), TokenError> {
+        let (client, key) = (self.client.clone(), token_key(&self.prefix, id));
+        let got = self
+            .block(async move {
+                resend(&client, |mut c| {
+                    let key = key.clone();
+                    async move { c.get(key, None).await }
+                })
+                .await
+            })
+            .and_then(Result::ok)
+            .ok_or(TokenError::Unknown)?;
+        let kv = got.kvs().first().ok_or(TokenError::Unknown)?;
+        let record = serde_json::from_slice(kv.value()).map_err(|_| TokenError::Unknown)?;
+        Ok((record, kv.mod_revision()))
+    }
+
+    fn write(&self, id: &str, record: &crate::pki::TokenRecord, at: i64) -> bool {
+        let key = token_key(&self.prefix, id);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, at)])
+            .and_then([TxnOp::put(
+                key,
+                serde_json::to_vec(record).expect("json"),
+                None,
+            )]);
+        let client = self.client.clone();
+        self.block(async move {
+            resend(&client, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
+        })
+        .and_then(Result::ok)
+        .is_some_and(|r| r.succeeded())
+    }
+
+    /// As [`crate::pki::verify_token`].
+    ///
+    /// # Errors
+    /// As [`crate::pki::verify_token`]; etcd unreachable counts as an unknown token.
+    pub fn verify(&self, token: &Token) -> Result<bool, TokenError> {
+        self.read(&token.id)?.0.check(token, false)
+    }
+
+    /// As [`crate::pki::consume_token`]: of joins racing on any replicas, one wins.
+    ///
+    /// # Errors
+    /// [`TokenError::Used`] when another join used it first (or it is gone).
+    pub fn consume(&self, token: &Token) -> Result<(), TokenError> {
+        let (mut record, at) = self.read(&token.id).map_err(|_| TokenError::Used)?;
+        if record.used {
+            return Err(TokenError::Used);
+        }
+        record.used = true;
+        if self.write(&token.id, &record, at) {
+            Ok(())
+        } else {
+            Err(TokenError::Used)
+        }
+    }
+
+    /// As [`crate::pki::restore_token`].
+    pub fn restore(&self, token: &Token) {
+        if let Ok((mut record, at)) = self.read(&token.id) {
+            record.used = false;
+            self.write(&token.id, &record, at);
+        }
+    }
+}
+
+/// The cluster CA in etcd (see [`share_ca`]).
+async fn cluster_ca(client: &Client, prefix: &str) -> anyhow::Result<CertificateAuthority> {
+    let get = |name: &str| {
+        let key = format!("{prefix}pki/{name}").into_bytes();
+        async move {
+            let got = resend(client, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+            let text = got
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+                .context(
+                    "etcd holds no cluster CA yet: start a cloudcore with --store etcd first",
+                )?;
+            anyhow::Ok(text)
+        }
+    };
+    let (cert, key) = (get("ca.crt").await?, get("ca.key").await?);
+    Ok(CertificateAuthority::from_pem(&cert, &key)?)
+}
+
+/// `cloudcore token create --store etcd`: a token in etcd, pinned to the cluster CA there.
+///
+/// # Errors
+/// etcd cannot be reached, holds no CA yet, or the write fails.
+pub async fn create_token(
+    config: &EtcdConfig,
+    ttl: Duration,
+    once: bool,
+) -> anyhow::Result<String> {
+    let client = connect(config).await?;
+    let ca = cluster_ca(&client, &config.prefix).await?;
+    let (id, secret) = crate::pki::new_token_parts();
+    let record = crate::pki::TokenRecord::new(&secret, ttl, once);
+    let key = token_key(&config.prefix, &id);
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(key, serde_json::to_vec(&record)?, None)]);
+    let response = resend(&client, |mut c| {
+        let txn = txn.clone();
+        async move { c.txn(txn).await }
+    })
+    .await?;
+    anyhow::ensure!(
+        response.succeeded(),
+        "token id {id} exists already; try again"
+    );
+    Ok(crate::pki::token_text(
+        &crate::pki::ca_pin(&ca),
+        &id,
+        &secret,
+    ))
+}
+
+/// `cloudcore token list --store etcd`.
+///
+/// # Errors
+/// etcd cannot be reached.
+pub async fn list_tokens(config: &EtcdConfig) -> anyhow::Result<Vec<crate::pki::TokenInfo>> {
+    let client = connect(config).await?;
+    let prefix = token_key(&config.prefix, "");
+    let end = prefix_end(&prefix);
+    let got = resend(&client, |mut c| {
+        let (prefix, end) = (prefix.clone(), end.clone());
+        async move { c.get(prefix, Some(GetOptions::new().with_range(end))).await }
+    })
+    .await?;
+    let mut tokens = Vec::new();
+    for kv in got.kvs() {
+        let id = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+        if let Ok(record) = serde_json::from_slice::<crate::pki::TokenRecord>(kv.value()) {
+            tokens.push(record.info(&id, false));
+        }
+    }
+    Ok(tokens)
+}
+
+/// `cloudcore token delete --store etcd`: whether there was such a token.
+///
+/// # Errors
+/// etcd cannot be reached.
+pub async fn delete_token(config: &EtcdConfig, id: &str) -> anyhow::Result<bool> {
+    let client = connect(config).await?;
+    let key = token_key(&config.prefix, id);
+    let deleted = resend(&client, |mut c| {
+        let key = key.clone();
+        async move { c.delete(key, None).await }
+    })
+    .await?;
+    Ok(deleted.deleted() > 0)
+}
+
 /// Makes this replica's cluster CA the one in etcd (`PREFIX` + `pki/ca.crt`, `pki/ca.key`):
 /// every replica must sign and trust with the same CA, or a node that moves to another
 /// replica is refused. The first replica publishes its CA (created if the data dir has none);
@@ -655,8 +853,8 @@ pub async fn share_ca(config: &EtcdConfig, data_dir: &Path) -> anyhow::Result<()
 
 /// Opens a replica's cache in `data_dir/etcd-cache` (rebuilt from etcd at every start: etcd
 /// holds the truth) over the etcd of `config`, and starts following etcd into it. Returns the
-/// store, whose writes now go to etcd, and the follower's task, which ends only when the
-/// cache can no longer follow (cloudcore then stops: restarting reloads it).
+/// store, whose writes now go to etcd, the follower's task, which ends only when the cache can
+/// no longer follow (cloudcore then stops: restarting reloads it), and the bootstrap tokens.
 ///
 /// # Errors
 /// The cache cannot be opened, or etcd cannot be reached or listed.
@@ -664,7 +862,7 @@ pub async fn open_store(
     config: &EtcdConfig,
     data_dir: &Path,
     watch_history: usize,
-) -> anyhow::Result<(Arc<Store>, JoinHandle<()>)> {
+) -> anyhow::Result<(Arc<Store>, JoinHandle<()>, Arc<EtcdTokens>)> {
     let dir = data_dir.join("etcd-cache");
     if dir.exists() {
         std::fs::remove_dir_all(&dir)
@@ -698,6 +896,12 @@ pub async fn open_store(
         "loaded the cache from etcd"
     );
     store.reset_replicated(objects, revision_of(at, TXN_SLOTS - 1))?;
+    let tokens = Arc::new(EtcdTokens {
+        client: client.clone(),
+        prefix: config.prefix.clone(),
+        runtime: handle.clone(),
+        timeout: config.timeout,
+    });
     let backend = Arc::new(EtcdBackend {
         client: client.clone(),
         prefix: prefix.clone(),
@@ -719,7 +923,7 @@ pub async fn open_store(
         let why = follow(client, prefix, weak, at + 1).await;
         tracing::error!(reason = %why, "the etcd watch stopped");
     });
-    Ok((store, follower))
+    Ok((store, follower, tokens))
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -77,7 +76,8 @@ impl JoinRateLimit {
 
 /// The cloud's [`JoinHandler`].
 pub struct CloudJoin {
-    pub data_dir: PathBuf,
+    /// Where the bootstrap tokens are checked and used up.
+    pub tokens: pki::Tokens,
     pub store: Arc<Store>,
     /// Signs the node's certificate and records it as the node's only one.
     pub credentials: Arc<NodeCredentials>,
@@ -136,7 +136,9 @@ impl CloudJoin {
 
     fn admit_token(&self, request: &JoinRequest) -> Result<Vec<u8>, String> {
         let token = Token::parse(&request.token).map_err(|e| e.to_string())?;
-        let once = pki::verify_token(&self.data_dir, &token)
+        let once = self
+            .tokens
+            .verify(&token)
             .map_err(|e| format!("bootstrap token: {e}"))?;
         transport::tls::validate_node_name(&request.node_name).map_err(|e| e.to_string())?;
         let key = ObjectKey::new("nodes", "", &request.node_name).map_err(|e| e.to_string())?;
@@ -144,12 +146,13 @@ impl CloudJoin {
             .credentials
             .sign(&request.node_name, &request.csr_der)?;
         if once {
-            pki::consume_token(&self.data_dir, &token)
+            self.tokens
+                .consume(&token)
                 .map_err(|e| format!("bootstrap token: {e}"))?;
         }
         let give_back = |reason: String| {
             if once {
-                pki::restore_token(&self.data_dir, &token);
+                self.tokens.restore(&token);
             }
             reason
         };

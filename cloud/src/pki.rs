@@ -12,6 +12,7 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -275,14 +276,110 @@ pub fn ca_pin(ca: &CertificateAuthority) -> String {
     sha256_hex(ca.cert().as_ref())
 }
 
+/// A token as stored: a file `tokens/ID.json` (`ID.used` once used), or an etcd value
+/// ([`crate::etcd::EtcdTokens`], with `used`).
 #[derive(Debug, Serialize, Deserialize)]
-struct TokenRecord {
-    secret_sha256: String,
-    expires_unix: u64,
+pub(crate) struct TokenRecord {
+    pub(crate) secret_sha256: String,
+    pub(crate) expires_unix: u64,
     /// A one-use token: its first successful join consumes it (the file is renamed to
     /// `ID.used`).
     #[serde(default)]
-    once: bool,
+    pub(crate) once: bool,
+    /// Used up (etcd only; a file says it by its name).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) used: bool,
+}
+
+impl TokenRecord {
+    /// A new record of a token with `secret`, valid for `ttl`.
+    pub(crate) fn new(secret: &str, ttl: Duration, once: bool) -> Self {
+        TokenRecord {
+            secret_sha256: sha256_hex(secret.as_bytes()),
+            expires_unix: now_unix() + ttl.as_secs(),
+            once,
+            used: false,
+        }
+    }
+
+    /// Checks `token` against this record; whether it is a one-use token.
+    pub(crate) fn check(&self, token: &Token, used: bool) -> Result<bool, TokenError> {
+        let presented = sha256_hex(token.secret.as_bytes());
+        let equal =
+            subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), self.secret_sha256.as_bytes());
+        if !bool::from(equal) {
+            return Err(TokenError::Unknown);
+        }
+        if used || self.used {
+            return Err(TokenError::Used);
+        }
+        if now_unix() >= self.expires_unix {
+            return Err(TokenError::Expired);
+        }
+        Ok(self.once)
+    }
+
+    /// What `cloudcore token list` shows of it.
+    pub(crate) fn info(&self, id: &str, used: bool) -> TokenInfo {
+        TokenInfo {
+            id: id.to_owned(),
+            expires_unix: self.expires_unix,
+            once: self.once,
+            used: used || self.used,
+        }
+    }
+}
+
+/// A new token id and secret.
+pub(crate) fn new_token_parts() -> (String, String) {
+    (random_string(6), random_string(16))
+}
+
+/// The printed form of a token.
+pub(crate) fn token_text(pin: &str, id: &str, secret: &str) -> String {
+    format!("kedge1.{pin}.{id}.{secret}")
+}
+
+/// Where the cloud's bootstrap tokens live: files in the data dir (one cloudcore), or etcd
+/// (several replicas on one etcd: a token made through any of them joins through any).
+#[derive(Clone)]
+pub enum Tokens {
+    /// `DATA_DIR/tokens/`.
+    Files(PathBuf),
+    /// `PREFIX/tokens/` in etcd.
+    Etcd(Arc<crate::etcd::EtcdTokens>),
+}
+
+impl Tokens {
+    /// As [`verify_token`].
+    ///
+    /// # Errors
+    /// As [`verify_token`].
+    pub fn verify(&self, token: &Token) -> Result<bool, TokenError> {
+        match self {
+            Tokens::Files(dir) => verify_token(dir, token),
+            Tokens::Etcd(etcd) => etcd.verify(token),
+        }
+    }
+
+    /// As [`consume_token`].
+    ///
+    /// # Errors
+    /// As [`consume_token`].
+    pub fn consume(&self, token: &Token) -> Result<(), TokenError> {
+        match self {
+            Tokens::Files(dir) => consume_token(dir, token),
+            Tokens::Etcd(etcd) => etcd.consume(token),
+        }
+    }
+
+    /// As [`restore_token`].
+    pub fn restore(&self, token: &Token) {
+        match self {
+            Tokens::Files(dir) => restore_token(dir, token),
+            Tokens::Etcd(etcd) => etcd.restore(token),
+        }
+    }
 }
 
 fn random_string(len: usize) -> String {
@@ -315,16 +412,11 @@ pub fn create_token_with(data_dir: &Path, ttl: Duration, once: bool) -> Result<S
     let ca = load_or_create_ca(data_dir)?;
     let dir = data_dir.join("tokens");
     fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let id = random_string(6);
-    let secret = random_string(16);
-    let record = TokenRecord {
-        secret_sha256: sha256_hex(secret.as_bytes()),
-        expires_unix: now_unix() + ttl.as_secs(),
-        once,
-    };
+    let (id, secret) = new_token_parts();
+    let record = TokenRecord::new(&secret, ttl, once);
     let path = dir.join(format!("{id}.json"));
     write_private(&path, &serde_json::to_vec(&record).expect("json"))?;
-    Ok(format!("kedge1.{}.{id}.{secret}", ca_pin(&ca)))
+    Ok(token_text(&ca_pin(&ca), &id, &secret))
 }
 
 /// A token as `cloudcore token list` shows it (never its secret).
@@ -382,12 +474,7 @@ pub fn list_tokens(data_dir: &Path) -> Result<Vec<TokenInfo>, PkiError> {
         let Ok(record) = serde_json::from_slice::<TokenRecord>(&bytes) else {
             continue;
         };
-        tokens.push(TokenInfo {
-            id: id.to_owned(),
-            expires_unix: record.expires_unix,
-            once: record.once,
-            used,
-        });
+        tokens.push(record.info(id, used));
     }
     tokens.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(tokens)
@@ -480,19 +567,7 @@ pub fn verify_token(data_dir: &Path, token: &Token) -> Result<bool, TokenError> 
         ),
     };
     let record: TokenRecord = serde_json::from_slice(&bytes).map_err(|_| TokenError::Unknown)?;
-    let presented = sha256_hex(token.secret.as_bytes());
-    let equal =
-        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), record.secret_sha256.as_bytes());
-    if !bool::from(equal) {
-        return Err(TokenError::Unknown);
-    }
-    if used {
-        return Err(TokenError::Used);
-    }
-    if now_unix() >= record.expires_unix {
-        return Err(TokenError::Expired);
-    }
-    Ok(record.once)
+    record.check(token, used)
 }
 
 /// Uses up a one-use token (verified with [`verify_token`]): of joins racing with it, exactly

@@ -169,9 +169,10 @@ impl CloudCore {
         }
         crate::pki::load_or_create_ca(&config.data_dir)?;
         let mut tasks = Vec::new();
+        let mut tokens = crate::pki::Tokens::Files(config.data_dir.clone());
         let store = match &config.etcd {
             Some(etcd) => {
-                let (store, follower) =
+                let (store, follower, shared_tokens) =
                     crate::etcd::open_store(etcd, &config.data_dir, config.watch_history)
                         .await
                         .with_context(|| {
@@ -182,6 +183,7 @@ impl CloudCore {
                         })?;
                 crate::embedded::seed_namespaces(&store).context("creating the namespaces")?;
                 tasks.push(("etcd watch", follower));
+                tokens = crate::pki::Tokens::Etcd(shared_tokens);
                 store
             }
             None => crate::embedded::open_store(&config.data_dir, config.watch_history)
@@ -351,7 +353,7 @@ impl CloudCore {
             .with_trust(trust),
         );
         let join = Arc::new(crate::join::CloudJoin {
-            data_dir: config.data_dir.clone(),
+            tokens: tokens.clone(),
             store: store.clone(),
             credentials: credentials.clone(),
             metrics: metrics.clone(),

@@ -263,8 +263,23 @@ fn two_cloudcores_on_etcd_share_the_api_hand_over_leadership_and_nodes_fail_over
     );
     assert_eq!(lease_holder(&b), leader_a, "B does not take a held Lease");
 
-    // A node that knows both replicas; it joins and connects through A, the first.
-    let token = token(&a);
+    // A one-use token in etcd (no replica's data dir): a node that knows both replicas joins
+    // and connects through A, the first; the token is then used up on B too.
+    let endpoints = etcd.endpoints();
+    let made = Command::new(binary("cloudcore"))
+        .args([
+            "token",
+            "create",
+            "--once",
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoints,
+        ])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr_of(&made));
+    let token = stdout(&made).lines().last().unwrap().to_owned();
     let edge_dir = tempfile::tempdir().unwrap();
     let edge_port = free_port();
     let mut edge = Command::new(binary("edgecore"));
@@ -500,23 +515,32 @@ fn etcd_is_compacted_and_older_watches_get_410() {
         "jsonpath={.metadata.resourceVersion}",
     ]));
     for i in 1..=3 {
-        ok(&cloud, &["label", "configmap", "c", &format!("v={i}"), "--overwrite"]);
+        ok(
+            &cloud,
+            &["label", "configmap", "c", &format!("v={i}"), "--overwrite"],
+        );
     }
     let etcd_revision = old.parse::<u64>().unwrap() / 1000;
-    eventually("etcd compacted past the first version", Duration::from_secs(20), || {
-        let out = Command::new("etcdctl")
-            .args(["--endpoints", &endpoints, "get", "--rev"])
-            .arg(etcd_revision.to_string())
-            .arg("/kedge/objects/configmaps/default/c")
-            .env("ETCDCTL_API", "3")
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stderr).contains("compacted")
-    });
+    eventually(
+        "etcd compacted past the first version",
+        Duration::from_secs(20),
+        || {
+            let out = Command::new("etcdctl")
+                .args(["--endpoints", &endpoints, "get", "--rev"])
+                .arg(etcd_revision.to_string())
+                .arg("/kedge/objects/configmaps/default/c")
+                .env("ETCDCTL_API", "3")
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stderr).contains("compacted")
+        },
+    );
     let out = cloud.kubectl(&[
         "get",
         "--raw",
-        &format!("/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={old}&timeoutSeconds=2"),
+        &format!(
+            "/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={old}&timeoutSeconds=2"
+        ),
     ]);
     let err = format!("{}{}", stdout(&out), stderr_of(&out));
     assert!(

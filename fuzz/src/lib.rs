@@ -293,7 +293,7 @@ fn joining() -> &'static Joining {
         let token = cloud::pki::create_token(&data_dir, Duration::from_secs(86_400 * 365))
             .expect("a token");
         let join = cloud::join::CloudJoin {
-            data_dir,
+            tokens: cloud::pki::Tokens::Files(data_dir),
             store,
             credentials,
             metrics,

@@ -259,31 +259,69 @@ enum TokenCommand {
     },
 }
 
+/// The token subcommands against etcd (`--store etcd`), on a runtime of their own.
+fn etcd_token_command(etcd: &cloud::etcd::EtcdConfig, command: TokenCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match command {
+            TokenCommand::Create { ttl, once } => cloud::etcd::create_token(etcd, ttl, once)
+                .await
+                .map(|token| print_token(&token, ttl, once)),
+            TokenCommand::List => cloud::etcd::list_tokens(etcd).await.map(print_tokens),
+            TokenCommand::Delete { id } => match cloud::etcd::delete_token(etcd, &id).await {
+                Ok(true) => {
+                    println!("token {id} deleted");
+                    Ok(())
+                }
+                Ok(false) => Err(anyhow::anyhow!("no token {id}")),
+                Err(e) => Err(e),
+            },
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_token(token: &str, ttl: Duration, once: bool) {
+    println!("# join an edge node with: edgecore --token <this token> ...");
+    println!(
+        "# valid for {}{}",
+        humantime::format_duration(ttl),
+        if once { ", for one join" } else { "" }
+    );
+    println!("{token}");
+}
+
+fn print_tokens(tokens: Vec<cloud::pki::TokenInfo>) {
+    println!("{:<8} {:<22} {:<10} STATE", "ID", "EXPIRES", "USES");
+    for t in tokens {
+        let expires = std::time::UNIX_EPOCH + Duration::from_secs(t.expires_unix);
+        println!(
+            "{:<8} {:<22} {:<10} {}",
+            t.id,
+            humantime::format_rfc3339_seconds(expires).to_string(),
+            if t.once { "once" } else { "unlimited" },
+            t.state()
+        );
+    }
+}
+
 fn token_command(data_dir: &std::path::Path, command: TokenCommand) -> ExitCode {
     let result = match command {
         TokenCommand::Create { ttl, once } => cloud::pki::create_token_with(data_dir, ttl, once)
-            .map(|token| {
-                println!("# join an edge node with: edgecore --token <this token> ...");
-                println!(
-                    "# valid for {}{}",
-                    humantime::format_duration(ttl),
-                    if once { ", for one join" } else { "" }
-                );
-                println!("{token}");
-            }),
-        TokenCommand::List => cloud::pki::list_tokens(data_dir).map(|tokens| {
-            println!("{:<8} {:<22} {:<10} STATE", "ID", "EXPIRES", "USES");
-            for t in tokens {
-                let expires = std::time::UNIX_EPOCH + Duration::from_secs(t.expires_unix);
-                println!(
-                    "{:<8} {:<22} {:<10} {}",
-                    t.id,
-                    humantime::format_rfc3339_seconds(expires).to_string(),
-                    if t.once { "once" } else { "unlimited" },
-                    t.state()
-                );
-            }
-        }),
+            .map(|token| print_token(&token, ttl, once)),
+        TokenCommand::List => cloud::pki::list_tokens(data_dir).map(print_tokens),
         TokenCommand::Delete { id } => match cloud::pki::delete_token(data_dir, &id) {
             Ok(true) => {
                 println!("token {id} deleted");
@@ -308,6 +346,21 @@ fn token_command(data_dir: &std::path::Path, command: TokenCommand) -> ExitCode 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     transport::logging::init(cli.log_format, "info");
+    let etcd = match cli.storage.etcd() {
+        Ok(etcd) => etcd,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Tokens in etcd need no data dir.
+    let mut cli = cli;
+    if let (Some(etcd), Some(Command::Token { .. })) = (&etcd, &cli.command) {
+        let Some(Command::Token { command }) = cli.command.take() else {
+            unreachable!("matched above")
+        };
+        return etcd_token_command(etcd, command);
+    }
     let Some(data_dir) = cli.data_dir.clone() else {
         eprintln!("error: --data-dir DIR is required");
         return ExitCode::from(2);
