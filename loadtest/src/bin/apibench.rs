@@ -1,0 +1,317 @@
+//! The embedded API on its two stores, with raw etcd as the baseline, in one run: starts a
+//! one-member etcd (loopback, temporary dir) and two release cloudcores (`--store rocksdb` and
+//! `--store etcd`), then drives each with the same kube-rs client work (creates, updates,
+//! watch latency), and puts the same values into etcd directly from etcd-client. Prints a
+//! table for BENCHMARKS.md ("API on etcd").
+//!
+//! `cargo build --release --workspace --bins && target/release/apibench --objects 2000 --concurrency 16`
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use futures_util::{StreamExt, TryStreamExt};
+use hdrhistogram::Histogram;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{PostParams, WatchEvent, WatchParams};
+use kube::{Api, Client};
+
+#[derive(Parser)]
+#[command(about = "API create/update rates and watch latency: RocksDB vs etcd vs raw etcd")]
+struct Cli {
+    /// Objects created (then updated) per store.
+    #[arg(long, default_value_t = 2000)]
+    objects: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Bytes of data in each ConfigMap.
+    #[arg(long, default_value_t = 1024)]
+    value_bytes: usize,
+    /// Objects created one at a time to time watch delivery.
+    #[arg(long, default_value_t = 200)]
+    watch_samples: usize,
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn sibling(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    exe.parent().expect("a directory").join(name)
+}
+
+async fn wait_http(url: &str, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    let addr = url.trim_start_matches("http://").to_owned();
+    while Instant::now() < deadline {
+        let addr = addr.clone();
+        let up = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let Ok(mut s) = std::net::TcpStream::connect(&addr) else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut body = String::new();
+            let _ = s.read_to_string(&mut body);
+            body.contains("ok") || body.contains("true")
+        })
+        .await?;
+        if up {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("{url} did not answer")
+}
+
+fn start_etcd(dir: &Path) -> anyhow::Result<(Proc, String)> {
+    let (client, peer) = (free_port(), free_port());
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new("etcd")
+        .args(["--name", "bench", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args(["--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("bench={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting etcd (Debian's etcd-server)")?;
+    Ok((Proc(child), client_url))
+}
+
+fn start_cloudcore(dir: &Path, extra: &[&str]) -> anyhow::Result<(Proc, String)> {
+    let api = free_port();
+    let child = Command::new(sibling("cloudcore"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--api-listen", &format!("127.0.0.1:{api}")])
+        .args(["--quic-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(extra)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting cloudcore (build it: cargo build --release --bins)")?;
+    Ok((Proc(child), format!("http://127.0.0.1:{api}")))
+}
+
+/// Rate (per second) and latency percentiles of one phase.
+struct Phase {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn phase(histogram: &Histogram<u64>, elapsed: Duration) -> Phase {
+    Phase {
+        rate: histogram.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: histogram.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: histogram.value_at_quantile(0.99) as f64 / 1000.0,
+    }
+}
+
+/// Runs `n` operations, `concurrency` at once; `op(i)` is one. Latencies in µs.
+async fn drive<F, Fut>(n: usize, concurrency: usize, op: F) -> anyhow::Result<Phase>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let start = Instant::now();
+    let mut histogram = Histogram::<u64>::new(3)?;
+    let results: Vec<anyhow::Result<u64>> = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let call = op(i);
+            async move {
+                let t = Instant::now();
+                call.await?;
+                Ok(t.elapsed().as_micros() as u64)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    for r in results {
+        histogram.record(r?.max(1))?;
+    }
+    Ok(phase(&histogram, start.elapsed()))
+}
+
+fn config_map(name: &str, value: &str) -> ConfigMap {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "data": {"v": value},
+    }))
+    .expect("a ConfigMap")
+}
+
+struct ApiResult {
+    create: Phase,
+    update: Phase,
+    watch: Phase,
+}
+
+async fn bench_api(url: &str, cli: &Cli) -> anyhow::Result<ApiResult> {
+    let client = Client::try_from(kube::Config::new(url.parse()?))?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": "bench"}}))?;
+    namespaces.create(&PostParams::default(), &ns).await?;
+    let api: Arc<Api<ConfigMap>> = Arc::new(Api::namespaced(client.clone(), "bench"));
+    let value = "x".repeat(cli.value_bytes);
+    let create = drive(cli.objects, cli.concurrency, |i| {
+        let (api, object) = (api.clone(), config_map(&format!("c{i}"), &value));
+        async move {
+            api.create(&PostParams::default(), &object).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let update = drive(cli.objects, cli.concurrency, |i| {
+        let api = api.clone();
+        let value = value.clone();
+        async move {
+            let name = format!("c{i}");
+            let mut object = api.get(&name).await?;
+            object.data = Some([("v".to_owned(), format!("{value}!"))].into());
+            api.replace(&name, &PostParams::default(), &object).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    // Watch delivery: create one object at a time, time until the watch shows it.
+    let watched: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let mut stream = watched.watch(&WatchParams::default(), "0").await?.boxed();
+    let mut histogram = Histogram::<u64>::new(3)?;
+    let start = Instant::now();
+    for i in 0..cli.watch_samples {
+        let name = format!("w{i}");
+        let t = Instant::now();
+        watched
+            .create(&PostParams::default(), &config_map(&name, "w"))
+            .await?;
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), stream.try_next())
+                .await
+                .context("no watch event within 10 s")??
+                .context("the watch ended")?;
+            if let WatchEvent::Added(object) = event {
+                if object.metadata.name.as_deref() == Some(name.as_str()) {
+                    break;
+                }
+            }
+        }
+        histogram.record((t.elapsed().as_micros() as u64).max(1))?;
+    }
+    let watch = phase(&histogram, start.elapsed());
+    Ok(ApiResult {
+        create,
+        update,
+        watch,
+    })
+}
+
+async fn bench_raw_etcd(endpoint: &str, cli: &Cli) -> anyhow::Result<(Phase, Phase)> {
+    let client = etcd_client::Client::connect([endpoint], None).await?;
+    let value = "x".repeat(cli.value_bytes + 200);
+    let puts = drive(cli.objects, cli.concurrency, |i| {
+        let (mut client, value) = (client.clone(), value.clone());
+        async move {
+            client.put(format!("/raw/put/{i}"), value, None).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    // The write our API makes: a transaction comparing the key's revision, with prev_kv.
+    let txns = drive(cli.objects, cli.concurrency, |i| {
+        let (mut client, value) = (client.clone(), value.clone());
+        async move {
+            let key = format!("/raw/txn/{i}");
+            let txn = etcd_client::Txn::new()
+                .when([etcd_client::Compare::create_revision(
+                    key.clone(),
+                    etcd_client::CompareOp::Equal,
+                    0,
+                )])
+                .and_then([etcd_client::TxnOp::put(
+                    key,
+                    value,
+                    Some(etcd_client::PutOptions::new().with_prev_key()),
+                )]);
+            client.txn(txn).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok((puts, txns))
+}
+
+fn row(what: &str, p: &Phase) {
+    println!(
+        "| {what} | {:.0}/s | {:.2} | {:.2} |",
+        p.rate, p.p50_ms, p.p99_ms
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let dir = tempfile::tempdir()?;
+    let (_etcd, endpoint) = start_etcd(dir.path())?;
+    wait_http(&endpoint, Duration::from_secs(20)).await?;
+    let (raw_put, raw_txn) = bench_raw_etcd(&endpoint, &cli).await?;
+
+    let (rocks, rocks_url) = start_cloudcore(&dir.path().join("rocksdb"), &[])?;
+    wait_http(&rocks_url, Duration::from_secs(30)).await?;
+    let on_rocksdb = bench_api(&rocks_url, &cli).await?;
+    drop(rocks);
+
+    let (etcd_cloud, etcd_url) = start_cloudcore(
+        &dir.path().join("etcd-cloud"),
+        &["--store", "etcd", "--etcd-endpoints", &endpoint],
+    )?;
+    wait_http(&etcd_url, Duration::from_secs(30)).await?;
+    let on_etcd = bench_api(&etcd_url, &cli).await?;
+    drop(etcd_cloud);
+
+    println!(
+        "{} objects of {} B, {} in flight; watch: {} sequential creates",
+        cli.objects, cli.value_bytes, cli.concurrency, cli.watch_samples
+    );
+    println!("| what | rate | p50 ms | p99 ms |\n|---|---|---|---|");
+    row("raw etcd put (etcd-client)", &raw_put);
+    row("raw etcd txn put, compare + prev_kv", &raw_txn);
+    row("API create, RocksDB store", &on_rocksdb.create);
+    row("API create, etcd store", &on_etcd.create);
+    row("API update (GET + PUT), RocksDB store", &on_rocksdb.update);
+    row("API update (GET + PUT), etcd store", &on_etcd.update);
+    row("watch delivery, RocksDB store", &on_rocksdb.watch);
+    row("watch delivery, etcd store", &on_etcd.watch);
+    println!(
+        "API create on etcd / raw etcd put: {:.2}×; / raw txn: {:.2}×; etcd store / RocksDB store: {:.2}×",
+        on_etcd.create.rate / raw_put.rate,
+        on_etcd.create.rate / raw_txn.rate,
+        on_etcd.create.rate / on_rocksdb.create.rate
+    );
+    Ok(())
+}
