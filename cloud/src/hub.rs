@@ -600,6 +600,10 @@ struct Shell {
     registry: Arc<Registry>,
     /// Where the nodes' forwarded writes are recorded ([`crate::audit`]).
     audit: Option<Arc<crate::audit::AuditLog>>,
+    /// This replica's name, when several share the store ([`crate::linkclaim`]).
+    replica: Option<String>,
+    /// The revision of this replica's claim of each node's current connection.
+    claims: HashMap<Arc<str>, Revision>,
 }
 
 impl Shell {
@@ -616,9 +620,11 @@ impl Shell {
                     }
                 }
                 self.core.on_connected(&store, node, new_session);
+                self.claim(node);
                 tracing::info!(%node, new_session, "node connected");
             }
             LinkEvent::Disconnected { reason } => {
+                self.claims.remove(node);
                 self.connected.remove(node);
                 self.core.on_disconnected(&store, node);
                 tracing::info!(%node, %reason, "node disconnected");
@@ -738,11 +744,45 @@ impl Shell {
         if change.is_delete() && change.key.kind() == "nodes" {
             self.cut_off(change.key.name().into());
         }
+        if let Some(replica) = &self.replica {
+            if let Some((node, revision)) = crate::linkclaim::foreign(change, replica) {
+                let node: Arc<str> = node.into();
+                if self.claims.get(&node).is_some_and(|mine| revision > *mine) {
+                    self.claims.remove(&node);
+                    if let Some(slot) = self.links.remove(&node) {
+                        slot.link.close_with(
+                            transport::CloseCode::Replaced,
+                            "the node connected to another cloudcore replica since",
+                        );
+                        tracing::info!(%node, "the node's newer connection is on another replica: closing this one");
+                    }
+                }
+            }
+        }
         self.core.on_change(&self.store, change);
     }
 
     /// After the watch lost its history: a node with a link and no Node object was deleted
     /// meanwhile.
+    /// Records that this replica holds `node`'s link now (replicated stores only). Synchronous:
+    /// a claim by another replica seen after this returns is newer than ours.
+    fn claim(&mut self, node: &Arc<str>) {
+        let Some(replica) = &self.replica else { return };
+        let Some(set) = crate::linkclaim::claim(node, replica) else {
+            return;
+        };
+        match self.store.commit(set) {
+            Ok(changes) => {
+                if let Some(change) = changes.first() {
+                    self.claims.insert(node.clone(), change.revision);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "cannot record this replica's claim of the node's link")
+            }
+        }
+    }
+
     fn cut_off_deleted(&mut self) {
         let gone: Vec<Arc<str>> = self
             .links
@@ -810,6 +850,7 @@ pub async fn run(
     credentials: Arc<NodeCredentials>,
     audit: Option<Arc<crate::audit::AuditLog>>,
     device_status_in_device: bool,
+    replica: Option<String>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut core = HubCore::new(metrics.clone(), FeedConfig::default(), rand::random());
@@ -824,6 +865,8 @@ pub async fn run(
         credentials,
         registry: Arc::new(Registry::with_store(store.clone())),
         audit,
+        replica,
+        claims: HashMap::new(),
     };
     let mut changes = ResumableWatcher::all(store.clone());
     let (events_tx, mut events_rx) = mpsc::channel::<(Arc<str>, LinkEvent)>(4096);

@@ -45,6 +45,7 @@ pub mod hub;
 pub mod join;
 pub mod leader;
 pub mod lifecycle;
+pub mod linkclaim;
 pub mod metrics;
 pub mod node_api;
 pub mod openapi;

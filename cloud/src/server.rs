@@ -383,6 +383,7 @@ impl CloudCore {
             credentials,
             audit,
             config.device_status_in_device,
+            config.leader_election.as_ref().map(|l| l.identity.clone()),
             shutdown.clone(),
         );
         tasks.push((

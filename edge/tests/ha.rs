@@ -414,6 +414,60 @@ fn two_cloudcores_on_etcd_share_the_api_hand_over_leadership_and_nodes_fail_over
         ok(&a, &["get", "configmap", name]);
     }
     assert_eq!(web_pods(&a).len(), 3);
+
+    // The replica holding the node's link says so (the node is on B since the failover)...
+    let claim = |cloud: &CloudProcess| {
+        stdout(&cloud.kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            "kube-system",
+            "kedge-link-edge-ha",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]))
+    };
+    let on_b = claim(&a);
+    assert!(!on_b.is_empty() && on_b != leader_a, "claim: {on_b:?}");
+    assert_eq!(common::metric(&b, "kedge_connected_nodes"), 1.0);
+    // ...and across replicas the newer connection wins: a second process with the node's
+    // certificate connects to A; B closes its (older) connection of the node at once.
+    let clone_dir = tempfile::tempdir().unwrap();
+    std::process::Command::new("cp")
+        .arg("-a")
+        .arg(edge_dir.path().join("pki"))
+        .arg(clone_dir.path())
+        .status()
+        .unwrap();
+    for file in std::fs::read_dir(edge_dir.path()).unwrap().flatten() {
+        if file.file_type().unwrap().is_file() {
+            std::fs::copy(file.path(), clone_dir.path().join(file.file_name())).unwrap();
+        }
+    }
+    let mut clone = Command::new(binary("edgecore"))
+        .args(["--node-name", "edge-ha", "--data-dir"])
+        .arg(clone_dir.path())
+        .arg("--metaserver-listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--cloud")
+        .arg(format!("127.0.0.1:{}", a.quic_port))
+        .args(["--mqtt-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("A claims the node's link", Duration::from_secs(30), || {
+        let holder = claim(&b);
+        !holder.is_empty() && holder != on_b
+    });
+    eventually(
+        "B closed its older connection of the node",
+        Duration::from_secs(10),
+        || common::metric(&b, "kedge_connected_nodes") == 0.0,
+    );
+    let _ = clone.kill();
+    let _ = clone.wait();
     let _ = edge.kill();
     let _ = edge.wait();
 }
