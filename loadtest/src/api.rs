@@ -52,6 +52,20 @@ fn rv_of<K: Resource>(object: &K) -> ResourceVersion {
 }
 
 impl CloudApi {
+    /// The JSON bytes of the test's pods, summed per node (what a full resend would carry).
+    pub async fn pod_bytes_by_node(&self) -> anyhow::Result<HashMap<String, u64>> {
+        let mut out = HashMap::new();
+        for pod in self.pods.list(&ListParams::default()).await?.items {
+            let node = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default();
+            *out.entry(node).or_default() += serde_json::to_vec(&pod)?.len() as u64;
+        }
+        Ok(out)
+    }
+
     pub async fn connect(url: &str) -> anyhow::Result<CloudApi> {
         let config = kube::Config::new(url.parse().context("the cloud API URL")?);
         let client = Client::try_from(config)?;

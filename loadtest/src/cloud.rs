@@ -10,10 +10,19 @@ use anyhow::{bail, Context};
 
 /// Where the cloud is, and the child process when this run started it.
 pub struct Cloud {
+    /// The API this run talks to (the last replica's, with several: it outlives
+    /// `replica-failover`, which kills the first).
     pub api: String,
+    /// The first replica's QUIC address (joins go there).
     pub quic: SocketAddr,
+    /// Every replica's QUIC address, in order.
+    pub quics: Vec<SocketAddr>,
     pub token: String,
     child: Option<ChildCloud>,
+    /// Replicas after the first (`--cloud-replicas`).
+    others: Vec<ChildCloud>,
+    /// The etcd the replicas share.
+    etcd: Option<(Child, tempfile::TempDir)>,
 }
 
 struct ChildCloud {
@@ -78,7 +87,7 @@ impl Cloud {
             .context("creating the cloud's temporary data dir")?;
         let (api_port, metrics_port) = (free_tcp_port()?, free_tcp_port()?);
         let quic: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
-        let process = spawn_cloudcore(binary, data_dir.path(), api_port, metrics_port, quic)?;
+        let process = spawn_cloudcore(binary, data_dir.path(), api_port, metrics_port, quic, &[])?;
         let child = ChildCloud {
             process,
             binary: binary.to_owned(),
@@ -87,22 +96,145 @@ impl Cloud {
             metrics_port,
         };
         let api = format!("http://127.0.0.1:{}", child.api_port);
-        let token = make_token(binary, child.data_dir.path())?;
+        let token = make_token(
+            binary,
+            &[
+                "--data-dir".into(),
+                child.data_dir.path().display().to_string(),
+            ],
+        )?;
         Ok(Cloud {
             api,
             quic,
+            quics: vec![quic],
             token,
             child: Some(child),
+            others: Vec::new(),
+            etcd: None,
         })
+    }
+
+    /// Starts a one-member etcd (Debian's etcd-server, loopback, temporary dir) and `replicas`
+    /// cloudcores on it (`--store etcd`), and makes a token in etcd.
+    pub fn start_replicas(
+        binary: &Path,
+        replicas: usize,
+        keepalive: Duration,
+    ) -> anyhow::Result<Cloud> {
+        let dir = tempfile::Builder::new()
+            .prefix("kedge-loadtest-etcd")
+            .tempdir()
+            .context("creating etcd's temporary data dir")?;
+        let (client, peer) = (free_tcp_port()?, free_tcp_port()?);
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let etcd = Command::new("etcd")
+            .args(["--name", "loadtest", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args(["--initial-cluster", &format!("loadtest={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting etcd (Debian's etcd-server)")?;
+        let mut cloud = Cloud {
+            api: String::new(),
+            quic: "127.0.0.1:1".parse()?,
+            quics: Vec::new(),
+            token: String::new(),
+            child: None,
+            others: Vec::new(),
+            etcd: Some((etcd, dir)),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http_ok(&format!("127.0.0.1:{client}"), "/health") {
+            if Instant::now() > deadline {
+                bail!("etcd did not answer on {endpoint} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let keepalive = format!("{}ms", keepalive.as_millis());
+        let extra: Vec<String> = [
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoint,
+            "--link-keepalive",
+            &keepalive,
+        ]
+        .map(String::from)
+        .to_vec();
+        for i in 0..replicas.max(1) {
+            let data_dir = tempfile::Builder::new()
+                .prefix("kedge-loadtest-cloud")
+                .tempdir()
+                .context("creating a replica's temporary data dir")?;
+            let (api_port, metrics_port) = (free_tcp_port()?, free_tcp_port()?);
+            let quic: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
+            let process = spawn_cloudcore(
+                binary,
+                data_dir.path(),
+                api_port,
+                metrics_port,
+                quic,
+                &extra,
+            )?;
+            let child = ChildCloud {
+                process,
+                binary: binary.to_owned(),
+                data_dir,
+                api_port,
+                metrics_port,
+            };
+            cloud.api = format!("http://127.0.0.1:{api_port}");
+            cloud.quics.push(quic);
+            if i == 0 {
+                cloud.quic = quic;
+                cloud.child = Some(child);
+            } else {
+                cloud.others.push(child);
+            }
+        }
+        cloud.token = make_token(binary, &extra[..4])?;
+        Ok(cloud)
     }
 
     pub fn external(api: String, quic: SocketAddr, token: String) -> Cloud {
         Cloud {
             api,
             quic,
+            quics: vec![quic],
             token,
             child: None,
+            others: Vec::new(),
+            etcd: None,
         }
+    }
+
+    /// Replicas this run started (0 for an external cloud).
+    pub fn replicas(&self) -> usize {
+        usize::from(self.child.is_some()) + self.others.len()
+    }
+
+    /// `kill -9` the first replica (which stays down); how long it took.
+    pub fn kill9_first(&mut self) -> anyhow::Result<()> {
+        let Some(child) = self.child.as_mut() else {
+            bail!("no replica of this run's to kill");
+        };
+        let _ = child.process.kill();
+        let _ = child.process.wait();
+        Ok(())
     }
 
     pub fn is_child(&self) -> bool {
@@ -113,34 +245,54 @@ impl Cloud {
     /// labels contain `labels` (e.g. `direction="up"`), scraped from the child's metrics
     /// endpoint (None for an external cloud, or when it does not answer).
     pub fn metric(&self, name: &str, labels: &str) -> Option<f64> {
-        use std::io::{Read, Write};
-        let child = self.child.as_ref()?;
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", child.metrics_port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).ok()?;
-        let mut sum = None;
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let metric = series.split('{').next().unwrap_or_default();
-            if metric == name && series.contains(labels) {
-                *sum.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+        let mut sum: Option<f64> = None;
+        for child in self.child.iter().chain(&self.others) {
+            if let Some(v) = scrape(child.metrics_port, name, labels) {
+                *sum.get_or_insert(0.0) += v;
             }
         }
         sum
     }
 
-    /// CPU and RSS of the child (None for an external cloud).
+    /// CPU and RSS of the child (None for an external cloud); with several replicas, their sum.
     pub fn sample(&self) -> Option<ProcessSample> {
-        let child = self.child.as_ref()?;
-        sample_process(child.process.id())
+        let mut total: Option<ProcessSample> = None;
+        for child in self.child.iter().chain(&self.others) {
+            if let Some(s) = sample_process(child.process.id()) {
+                let t = total.get_or_insert(ProcessSample::default());
+                t.rss_bytes += s.rss_bytes;
+                t.cpu_seconds += s.cpu_seconds;
+                t.at = s.at;
+            }
+        }
+        total
     }
+}
 
+/// One metric's sum from the metrics endpoint on `port` (see [`Cloud::metric`]).
+fn scrape(port: u16, name: &str, labels: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let mut sum = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let metric = series.split('{').next().unwrap_or_default();
+        if metric == name && series.contains(labels) {
+            *sum.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sum
+}
+
+impl Cloud {
     /// `kill -9` the child and start it again on the same data dir and ports.
     pub fn kill9_and_restart(&mut self) -> anyhow::Result<Duration> {
         let quic = self.quic;
@@ -156,6 +308,7 @@ impl Cloud {
             child.api_port,
             child.metrics_port,
             quic,
+            &[],
         )?;
         Ok(start.elapsed())
     }
@@ -182,9 +335,13 @@ impl Cloud {
 
 impl Drop for Cloud {
     fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
+        for child in self.child.iter_mut().chain(self.others.iter_mut()) {
             let _ = child.process.kill();
             let _ = child.process.wait();
+        }
+        if let Some((etcd, _)) = self.etcd.as_mut() {
+            let _ = etcd.kill();
+            let _ = etcd.wait();
         }
     }
 }
@@ -196,8 +353,10 @@ fn spawn_cloudcore(
     api_port: u16,
     metrics_port: u16,
     quic: SocketAddr,
+    extra: &[String],
 ) -> anyhow::Result<Child> {
     let mut process = Command::new(binary)
+        .args(extra)
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--api-listen")
@@ -231,10 +390,11 @@ fn spawn_cloudcore(
     Ok(process)
 }
 
-fn make_token(binary: &Path, data_dir: &Path) -> anyhow::Result<String> {
+/// A token, from `cloudcore token create` with `place` (`--data-dir DIR` or the etcd flags).
+fn make_token(binary: &Path, place: &[String]) -> anyhow::Result<String> {
     let out = Command::new(binary)
-        .args(["token", "create", "--ttl", "24h", "--data-dir"])
-        .arg(data_dir)
+        .args(["token", "create", "--ttl", "24h"])
+        .args(place)
         .output()
         .context("cloudcore token create")?;
     if !out.status.success() {

@@ -64,11 +64,13 @@ pub async fn join_all(
 }
 
 impl Fleet {
-    /// Starts the joined nodes; each connects at once.
+    /// Starts the joined nodes; each connects at once. With several cloud replicas, node `i`
+    /// connects to `clouds[i % n]` first and knows the others as alternates.
     pub fn start(
-        cloud: SocketAddr,
+        clouds: &[SocketAddr],
         joined: Vec<(String, transport::Joined)>,
         lease_period: Duration,
+        keepalive: Duration,
     ) -> anyhow::Result<Fleet> {
         let probes = Arc::new(Probes::default());
         let mut endpoints = Vec::new();
@@ -90,7 +92,16 @@ impl Fleet {
                 name: name.clone(),
                 identity: joined.identity,
                 ca: joined.ca,
-                client: ClientConfig::new(cloud, edge::identity::CLOUD_SERVER_NAME),
+                client: {
+                    let first = i % clouds.len();
+                    let mut client =
+                        ClientConfig::new(clouds[first], edge::identity::CLOUD_SERVER_NAME);
+                    client.link.heartbeat = keepalive;
+                    client.alternates = (1..clouds.len())
+                        .map(|k| clouds[(first + k) % clouds.len()])
+                        .collect();
+                    client
+                },
                 endpoint: endpoints.last().expect("pushed").clone(),
                 lease_period,
             };

@@ -24,6 +24,7 @@ pub const ALL: &[&str] = &[
     "status-flood",
     "partition",
     "cloud-restart",
+    "replica-failover",
     "idle",
 ];
 
@@ -37,6 +38,10 @@ pub struct Settings {
     pub seed: u64,
     pub converge_timeout_s: f64,
     pub lease_period_s: f64,
+    /// cloudcores on one etcd (1: one cloudcore on its RocksDB store).
+    pub cloud_replicas: usize,
+    /// The links' QUIC keepalive (seconds).
+    pub link_keepalive_s: f64,
 }
 
 /// One scenario's outcome: its numbers and its convergence check.
@@ -119,6 +124,7 @@ impl Harness {
             "status-flood" => self.status_flood(&mut metrics).await?,
             "partition" => self.partition(&mut metrics).await?,
             "cloud-restart" => self.cloud_restart(&mut metrics).await?,
+            "replica-failover" => self.replica_failover(&mut metrics).await?,
             "idle" => self.idle(&mut metrics).await?,
             other => anyhow::bail!("unknown scenario {other:?} (known: {})", ALL.join(", ")),
         }
@@ -148,7 +154,8 @@ impl Harness {
 
         let start = Instant::now();
         let lease = Duration::from_secs_f64(self.settings.lease_period_s);
-        let fleet = Fleet::start(self.cloud.quic, joined, lease)?;
+        let keepalive = Duration::from_secs_f64(self.settings.link_keepalive_s);
+        let fleet = Fleet::start(&self.cloud.quics, joined, lease, keepalive)?;
         let progress = bar(n as u64, "connect");
         let connected = fleet
             .wait_connected(n, Duration::from_secs(120), |c| {
@@ -491,6 +498,81 @@ impl Harness {
         m.insert(
             "reconnect_seconds".into(),
             num(since.elapsed().as_secs_f64()),
+        );
+        self.churn_for(duration / 2, &all).await?;
+        Ok(())
+    }
+
+    /// Several replicas on etcd (`--cloud-replicas N`): churn, `kill -9` the first replica, and
+    /// time until each of its nodes is connected to another (p50/p99/max); what a moved node
+    /// receives on its new connection (the digest exchange: only what it lacks) against the size
+    /// of what it holds (a full resend); then churn again and the convergence check.
+    async fn replica_failover(&mut self, m: &mut BTreeMap<String, Value>) -> anyhow::Result<()> {
+        let replicas = self.cloud.replicas();
+        if replicas < 2 {
+            m.insert(
+                "skipped".into(),
+                json!("needs --cloud-replicas 2 or more (started by this run)"),
+            );
+            return Ok(());
+        }
+        let all: Vec<usize> = (0..self.fleet().len()).collect();
+        let duration = Duration::from_secs_f64(self.settings.duration_s.min(10.0));
+        self.churn_for(duration / 2, &all).await?;
+        // Quiet, so that what moved nodes receive is the move's own cost.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = self.fleet().snapshots().await;
+        let moved: Vec<usize> = all.iter().copied().filter(|i| i % replicas == 0).collect();
+        let held_bytes = self.api.pod_bytes_by_node().await?;
+        let killed = Instant::now();
+        self.cloud.kill9_first()?;
+        let mut seconds: Vec<Option<f64>> = vec![None; moved.len()];
+        let deadline = killed + Duration::from_secs(120);
+        while seconds.iter().any(Option::is_none) && Instant::now() < deadline {
+            let now = self.fleet().snapshots().await;
+            for (slot, &i) in seconds.iter_mut().zip(&moved) {
+                if slot.is_none() && now[i].connected && now[i].connections > before[i].connections
+                {
+                    *slot = Some(killed.elapsed().as_secs_f64());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut done: Vec<f64> = seconds.iter().flatten().copied().collect();
+        done.sort_by(f64::total_cmp);
+        let pick = |q: f64| {
+            done.get(((done.len() as f64 * q) as usize).min(done.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        m.insert("replicas".into(), json!(replicas));
+        m.insert("moved_nodes".into(), json!(moved.len()));
+        m.insert("reconnected".into(), json!(done.len()));
+        m.insert("failover_p50_seconds".into(), num(pick(0.5)));
+        m.insert("failover_p99_seconds".into(), num(pick(0.99)));
+        m.insert(
+            "failover_max_seconds".into(),
+            num(done.last().copied().unwrap_or(f64::NAN)),
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = self.fleet().snapshots().await;
+        let names = &self.fleet().names;
+        let (mut received, mut held) = (0u64, 0u64);
+        for &i in &moved {
+            if after[i].connections > before[i].connections {
+                received += after[i].bytes_rx;
+                held += held_bytes.get(&names[i]).copied().unwrap_or(0);
+            }
+        }
+        let count = done.len().max(1) as f64;
+        m.insert("bytes_to_moved_node".into(), num(received as f64 / count));
+        m.insert(
+            "held_pod_json_bytes_per_node".into(),
+            num(held as f64 / count),
+        );
+        m.insert(
+            "moved_over_full_resend".into(),
+            num(received as f64 / held.max(1) as f64),
         );
         self.churn_for(duration / 2, &all).await?;
         Ok(())

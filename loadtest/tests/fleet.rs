@@ -78,6 +78,7 @@ fn a_small_fleet_runs_every_scenario_and_converges() {
             "status-flood",
             "partition",
             "cloud-restart",
+            "replica-failover",
             "idle"
         ]
     );
@@ -95,4 +96,46 @@ fn a_small_fleet_runs_every_scenario_and_converges() {
             .unwrap()
             > 0.0
     );
+}
+
+#[test]
+fn a_fleet_on_two_replicas_moves_off_a_killed_one_and_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args([
+            "--nodes",
+            "60",
+            "--pods-per-node",
+            "20",
+            "--churn-rate",
+            "50",
+        ])
+        .args(["--duration", "4s", "--converge-timeout", "90s"])
+        .args(["--link-keepalive", "2s", "--cloud-replicas", "2"])
+        .args(["--scenario", "replica-failover"])
+        .arg("--cloudcore")
+        .arg(cloudcore())
+        .arg("--json")
+        .arg(&json)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run loadtest");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success(),
+        "loadtest failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["passed"], true);
+    assert_eq!(metric(&report, "replica-failover", "moved_nodes"), 30);
+    assert_eq!(metric(&report, "replica-failover", "reconnected"), 30);
+    // A moved node gets what it lacks (the handshake and the digest exchange: about 8 KB),
+    // not the 20 pods it holds again (about 30 KB of JSON).
+    let ratio = metric(&report, "replica-failover", "moved_over_full_resend")
+        .as_f64()
+        .unwrap();
+    assert!(ratio < 0.5, "moved nodes received {ratio}× a full resend");
 }

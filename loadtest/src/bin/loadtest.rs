@@ -45,6 +45,14 @@ struct Args {
     converge_timeout: Duration,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     lease_period: Duration,
+    /// Start this many cloudcores on one etcd (`--store etcd`, a one-member etcd of this
+    /// run's); the fleet's nodes are spread over them and know all. `replica-failover` needs 2+.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+    cloud_replicas: u32,
+    /// QUIC keepalive of the links, for the cloudcore this run starts and for the hollow nodes:
+    /// a link silent for twice this is dead (how soon a node notices a killed replica).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    link_keepalive: Duration,
     /// The cloudcore binary to start (default: next to this one).
     #[arg(long)]
     cloudcore: Option<PathBuf>,
@@ -122,7 +130,12 @@ async fn run(args: Args, report: &mut Report) -> anyhow::Result<()> {
         (Some(api), Some(quic), Some(token)) => Cloud::external(api.clone(), quic, token.clone()),
         _ => {
             let binary = args.cloudcore.clone().unwrap_or_else(default_cloudcore);
-            Cloud::start_child(&binary).context("starting cloudcore")?
+            if args.cloud_replicas > 1 {
+                Cloud::start_replicas(&binary, args.cloud_replicas as usize, args.link_keepalive)
+                    .context("starting etcd and the cloudcore replicas")?
+            } else {
+                Cloud::start_child(&binary).context("starting cloudcore")?
+            }
         }
     };
     let api = CloudApi::connect(&cloud.api).await?;
@@ -160,6 +173,8 @@ fn main() -> std::process::ExitCode {
         seed: args.seed,
         converge_timeout_s: args.converge_timeout.as_secs_f64(),
         lease_period_s: args.lease_period.as_secs_f64(),
+        cloud_replicas: args.cloud_replicas as usize,
+        link_keepalive_s: args.link_keepalive.as_secs_f64(),
     };
     let mut report = Report {
         settings,
