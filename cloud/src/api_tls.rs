@@ -17,3 +17,22 @@ pub fn server_config(identity: &Identity) -> anyhow::Result<Arc<rustls::ServerCo
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
+
+/// A TLS client for another replica's API: trusts the cluster CA (`ca`), HTTP/1.1 (forwarded
+/// upgrades need it).
+///
+/// # Errors
+/// `ca` is not a certificate rustls accepts.
+pub fn replica_connector(
+    ca: &rustls::pki_types::CertificateDer<'static>,
+) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}

@@ -600,8 +600,8 @@ struct Shell {
     registry: Arc<Registry>,
     /// Where the nodes' forwarded writes are recorded ([`crate::audit`]).
     audit: Option<Arc<crate::audit::AuditLog>>,
-    /// This replica's name, when several share the store ([`crate::linkclaim`]).
-    replica: Option<String>,
+    /// This replica, when several share the store ([`crate::linkclaim`]).
+    replica: Option<crate::linkclaim::Replica>,
     /// The revision of this replica's claim of each node's current connection.
     claims: HashMap<Arc<str>, Revision>,
 }
@@ -745,7 +745,7 @@ impl Shell {
             self.cut_off(change.key.name().into());
         }
         if let Some(replica) = &self.replica {
-            if let Some((node, revision)) = crate::linkclaim::foreign(change, replica) {
+            if let Some((node, revision)) = crate::linkclaim::foreign(change, &replica.identity) {
                 let node: Arc<str> = node.into();
                 if self.claims.get(&node).is_some_and(|mine| revision > *mine) {
                     self.claims.remove(&node);
@@ -850,7 +850,7 @@ pub async fn run(
     credentials: Arc<NodeCredentials>,
     audit: Option<Arc<crate::audit::AuditLog>>,
     device_status_in_device: bool,
-    replica: Option<String>,
+    replica: Option<crate::linkclaim::Replica>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut core = HubCore::new(metrics.clone(), FeedConfig::default(), rand::random());

@@ -41,6 +41,7 @@ pub mod edgecontroller;
 pub mod embedded;
 pub mod etcd;
 pub mod events;
+pub mod forward;
 pub mod hub;
 pub mod join;
 pub mod leader;

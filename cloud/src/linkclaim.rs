@@ -24,8 +24,17 @@ pub fn key(node: &str) -> Option<ObjectKey> {
     ObjectKey::new("leases", NAMESPACE, &format!("{PREFIX}{node}")).ok()
 }
 
+/// This replica, as its claims name it.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    /// Its name (the leader election's identity).
+    pub identity: String,
+    /// Where other replicas reach its API ([`crate::forward`]).
+    pub api_url: String,
+}
+
 /// The write that claims `node`'s link for `replica`, now.
-pub fn claim(node: &str, replica: &str) -> Option<WriteSet> {
+pub fn claim(node: &str, replica: &Replica) -> Option<WriteSet> {
     let key = key(node)?;
     let now = object::now_micro_rfc3339();
     let lease = json!({
@@ -34,8 +43,9 @@ pub fn claim(node: &str, replica: &str) -> Option<WriteSet> {
         "metadata": {"name": key.name(), "namespace": NAMESPACE,
                      "uid": uuid::Uuid::new_v4().to_string(),
                      "creationTimestamp": object::now_rfc3339(),
-                     "labels": {"kedge.io/node": node}},
-        "spec": {"holderIdentity": replica, "acquireTime": now, "renewTime": now},
+                     "labels": {"kedge.io/node": node},
+                     "annotations": {crate::forward::API_URL_ANNOTATION: replica.api_url}},
+        "spec": {"holderIdentity": replica.identity, "acquireTime": now, "renewTime": now},
     });
     let Value::Object(map) = lease else {
         unreachable!("a JSON object")
@@ -66,9 +76,13 @@ mod tests {
     fn a_claim_by_another_replica_is_seen_as_foreign() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), StoreConfig::cloud()).unwrap();
-        let mine = store.commit(claim("n1", "a").unwrap()).unwrap();
+        let replica = |identity: &str| Replica {
+            identity: identity.to_owned(),
+            api_url: format!("http://{identity}:6080"),
+        };
+        let mine = store.commit(claim("n1", &replica("a")).unwrap()).unwrap();
         assert_eq!(foreign(&mine[0], "a"), None);
-        let theirs = store.commit(claim("n1", "b").unwrap()).unwrap();
+        let theirs = store.commit(claim("n1", &replica("b")).unwrap()).unwrap();
         assert_eq!(
             foreign(&theirs[0], "a"),
             Some(("n1".to_owned(), theirs[0].revision))

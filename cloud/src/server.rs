@@ -68,6 +68,9 @@ pub struct CloudConfig {
     /// Run the scheduler, node lifecycle and controllers only while holding the leader Lease
     /// ([`crate::leader`]); `None`: always (one cloudcore on its own store).
     pub leader_election: Option<crate::leader::LeaderConfig>,
+    /// This replica's API as other replicas reach it (forwarded streams of the nodes it
+    /// holds); default: from `api_listen` (an unspecified address as 127.0.0.1).
+    pub api_advertise_url: Option<String>,
 }
 
 impl CloudConfig {
@@ -97,6 +100,7 @@ impl CloudConfig {
             audit_log_max_bytes: crate::audit::DEFAULT_MAX_BYTES,
             etcd: None,
             leader_election: None,
+            api_advertise_url: None,
         }
     }
 }
@@ -246,6 +250,37 @@ impl CloudCore {
             ))
             .merge(crate::top::router(store.clone(), bus.clone(), token))
             .merge(api.router());
+        // Several replicas: streams and calls for nodes held by another go there.
+        let replica = config.leader_election.as_ref().map(|leader| {
+            let scheme = if api_tls { "https" } else { "http" };
+            let host = if api_addr.ip().is_unspecified() {
+                std::net::SocketAddr::new([127, 0, 0, 1].into(), api_addr.port())
+            } else {
+                api_addr
+            };
+            crate::linkclaim::Replica {
+                identity: leader.identity.clone(),
+                api_url: config
+                    .api_advertise_url
+                    .clone()
+                    .unwrap_or_else(|| format!("{scheme}://{host}")),
+            }
+        });
+        let router = match &replica {
+            Some(replica) => {
+                let ca = crate::pki::load_or_create_ca(&config.data_dir)?;
+                router.layer(axum::middleware::from_fn_with_state(
+                    crate::forward::Forwarder {
+                        store: store.clone(),
+                        connected: connected.clone(),
+                        replica: replica.identity.clone(),
+                        tls: Some(crate::api_tls::replica_connector(ca.cert())?),
+                    },
+                    crate::forward::middleware,
+                ))
+            }
+            None => router,
+        };
         let router = match &audit {
             Some(log) => router.layer(axum::middleware::from_fn_with_state(
                 crate::audit::Auditor {
@@ -383,7 +418,7 @@ impl CloudCore {
             credentials,
             audit,
             config.device_status_in_device,
-            config.leader_election.as_ref().map(|l| l.identity.clone()),
+            replica,
             shutdown.clone(),
         );
         tasks.push((

@@ -321,6 +321,19 @@ fn two_cloudcores_on_etcd_share_the_api_hand_over_leadership_and_nodes_fail_over
         pods.len() == 2 && pods.iter().all(|p| p.1 == "edge-ha" && p.2 == "Running")
     });
 
+    // B does not hold the node's link: it forwards exec (a WebSocket upgrade) and logs to A.
+    let pod = web_pods(&b)[0].0.clone();
+    let out = b.kubectl(&["exec", &pod, "--", "echo", "through-b"]);
+    assert!(
+        out.status.success() && stdout(&out).contains("through-b"),
+        "exec through B: {}{}",
+        stdout(&out),
+        stderr_of(&out)
+    );
+    let out = b.kubectl(&["exec", &pod, "--", "sh", "-c", "exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
+    ok(&b, &["logs", &pod]);
+
     // kill -9 the replica that leads and holds the node's link.
     a.kill9();
     let killed = Instant::now();

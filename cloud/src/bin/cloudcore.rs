@@ -119,6 +119,11 @@ struct Cli {
     /// With --store etcd: the leader stops its singletons when it could not renew for this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     leader_elect_renew_deadline: Duration,
+    /// With --store etcd: this cloudcore's API URL as the other replicas reach it (they forward
+    /// `kubectl logs|exec|port-forward|top node` for the nodes connected here); default: from
+    /// --api-listen.
+    #[arg(long)]
+    api_advertise_url: Option<String>,
     /// With --store etcd: time between attempts to take or renew the leader Lease.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     leader_elect_retry_period: Duration,
@@ -397,6 +402,7 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
         let config = CloudConfig {
             etcd,
             leader_election,
+            api_advertise_url: cli.api_advertise_url.clone(),
             data_dir,
             quic_listen: cli.quic_listen,
             api_listen: cli.api_listen,
