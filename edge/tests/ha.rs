@@ -483,6 +483,25 @@ fn two_cloudcores_on_etcd_share_the_api_hand_over_leadership_and_nodes_fail_over
     let _ = clone.wait();
     let _ = edge.kill();
     let _ = edge.wait();
+
+    // Everything stops (kill -9) and starts again: nothing is lost.
+    drop(b);
+    a.kill9();
+    for member in &mut etcd.members {
+        member.kill9();
+    }
+    for member in &mut etcd.members {
+        member.start();
+    }
+    eventually("etcd back", Duration::from_secs(30), || {
+        etcd.members.iter().all(Member::healthy)
+    });
+    a.restart_after_kill9(&flags);
+    for name in ["shared", "after-failover", "one-member-down", "quorum-back"] {
+        ok(&a, &["get", "configmap", name]);
+    }
+    assert_eq!(web_pods(&a).len(), 3);
+    assert!(ok(&a, &["get", "deployment", "web"]).contains("web"));
 }
 
 #[test]
