@@ -346,6 +346,9 @@ async fn follow(mut client: Client, prefix: Vec<u8>, store: Weak<Store>, mut nex
 
 /// The [`SharedBackend`] over etcd (see the module docs).
 pub struct EtcdBackend {
+    /// When etcd last answered a probe (ms since `started`), see [`probe_health`].
+    last_answer_ms: Arc<std::sync::atomic::AtomicU64>,
+    started: std::time::Instant,
     client: Client,
     prefix: Vec<u8>,
     store: Weak<Store>,
@@ -437,7 +440,40 @@ impl EtcdBackend {
     }
 }
 
+/// How long etcd may go without answering before the replica counts as cut off from it.
+pub const UNAVAILABLE_AFTER: Duration = Duration::from_secs(5);
+
+/// Asks etcd every second for a read its leader confirms (`require_leader`), noting when it
+/// last answered: a replica cut off from etcd (or from its quorum) knows within
+/// [`UNAVAILABLE_AFTER`].
+async fn probe_health(
+    client: Client,
+    key: Vec<u8>,
+    started: std::time::Instant,
+    last: Arc<std::sync::atomic::AtomicU64>,
+) {
+    loop {
+        let mut c = client.clone();
+        let probe = c.get(key.clone(), Some(GetOptions::new().with_count_only()));
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), probe).await {
+            last.store(
+                started.elapsed().as_millis() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 impl SharedBackend for EtcdBackend {
+    fn available(&self) -> bool {
+        let last = self
+            .last_answer_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let now = self.started.elapsed().as_millis() as u64;
+        now.saturating_sub(last) < UNAVAILABLE_AFTER.as_millis() as u64
+    }
+
     fn commit(&self, ops: Vec<SharedOp>) -> Result<Vec<SharedChange>, StoreError> {
         if ops.len() as u64 >= TXN_SLOTS {
             return Err(StoreError::Unavailable(format!(
@@ -902,7 +938,17 @@ pub async fn open_store(
         runtime: handle.clone(),
         timeout: config.timeout,
     });
+    let started = std::time::Instant::now();
+    let last_answer_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    handle.spawn(probe_health(
+        client.clone(),
+        format!("{}health", config.prefix).into_bytes(),
+        started,
+        last_answer_ms.clone(),
+    ));
     let backend = Arc::new(EtcdBackend {
+        last_answer_ms,
+        started,
         client: client.clone(),
         prefix: prefix.clone(),
         store: Arc::downgrade(&store),

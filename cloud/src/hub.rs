@@ -814,7 +814,28 @@ impl Shell {
         }
     }
 
+    /// A replica cut off from the shared store gives its nodes up (they move to a replica
+    /// that can serve them, instead of being served stale state here).
+    fn give_up_if_unavailable(&mut self) -> bool {
+        if self.store.is_available() {
+            return false;
+        }
+        if !self.links.is_empty() {
+            tracing::warn!(nodes = self.links.len(), "the shared store does not answer: closing every node's link so that the nodes move to another replica");
+        }
+        for (node, slot) in self.links.drain() {
+            slot.link.close_with(
+                transport::CloseCode::ShuttingDown,
+                "this cloudcore replica cannot reach its store; connect to another",
+            );
+            self.connected.remove(&node);
+            self.claims.remove(&node);
+        }
+        true
+    }
+
     fn tick(&mut self) {
+        self.give_up_if_unavailable();
         let (total, max) = self.core.tick(&self.store);
         self.metrics.send_queue_depth.set(total as i64);
         self.metrics.send_queue_max.set(max as i64);
@@ -898,6 +919,13 @@ pub async fn run(
             },
             link = server.accept() => {
                 let Some(mut link) = link else { return Ok(()) };
+                if !store.is_available() {
+                    link.handle().close_with(
+                        transport::CloseCode::ShuttingDown,
+                        "this cloudcore replica cannot reach its store; connect to another",
+                    );
+                    continue;
+                }
                 let node: Arc<str> = link.handle().peer().into();
                 shell.links.insert(node.clone(), LinkSlot { link: link.handle().clone(), stalled: None });
                 bus.attach(&node, link.handle().clone());

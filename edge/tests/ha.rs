@@ -636,3 +636,136 @@ fn etcd_is_compacted_and_older_watches_get_410() {
     // The objects themselves are all there.
     assert!(ok(&cloud, &["get", "configmap", "c", "--show-labels"]).contains("v=3"));
 }
+
+/// A TCP proxy to etcd for one replica, which the test can cut (as a network partition
+/// between that replica and etcd would, for it alone).
+struct Cuttable {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Cuttable {
+    fn start(target: String) -> Cuttable {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (cut2, open2) = (cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if cut2.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                {
+                    let mut open = open2.lock().unwrap();
+                    open.push(client.try_clone().unwrap());
+                    open.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Cuttable { port, cut, open }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_replica_cut_off_from_etcd_gives_its_nodes_up_and_recovers() {
+    let etcd = Etcd::start_n(1, None);
+    let proxy = Cuttable::start(etcd.endpoints().trim_start_matches("http://").to_owned());
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = replica(dir_a.path(), &etcd);
+    let via_proxy = proxy.url();
+    let mut flags = vec!["--store", "etcd", "--etcd-endpoints", &via_proxy];
+    flags.extend_from_slice(REPLICA_FLAGS);
+    let b = CloudProcess::start_with(dir_b.path(), free_port(), free_port(), free_port(), &flags);
+
+    // The node knows B first.
+    let endpoints = etcd.endpoints();
+    let made = Command::new(binary("cloudcore"))
+        .args([
+            "token",
+            "create",
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoints,
+        ])
+        .output()
+        .unwrap();
+    let token = stdout(&made).lines().last().unwrap().to_owned();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let mut edge = Command::new(binary("edgecore"))
+        .args(["--node-name", "edge-cut", "--data-dir"])
+        .arg(edge_dir.path())
+        .arg("--metaserver-listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--cloud")
+        .arg(format!(
+            "127.0.0.1:{},127.0.0.1:{}",
+            b.quic_port, a.quic_port
+        ))
+        .args(["--token", &token, "--mqtt-listen", "127.0.0.1:0"])
+        .args(["--link-keepalive", "1s"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    eventually("the node is on B", Duration::from_secs(40), || {
+        common::metric(&b, "kedge_connected_nodes") == 1.0
+    });
+
+    // B loses etcd: its writes answer 503, and it gives the node up, which moves to A.
+    proxy.cut();
+    let cut = Instant::now();
+    let out = b.kubectl(&["create", "configmap", "while-cut"]);
+    assert!(!out.status.success(), "B wrote without etcd");
+    eventually("the node moved to A", Duration::from_secs(30), || {
+        common::metric(&a, "kedge_connected_nodes") == 1.0
+            && common::metric(&b, "kedge_connected_nodes") == 0.0
+    });
+    eprintln!("the node left the cut-off replica in {:?}", cut.elapsed());
+    ok(&a, &["create", "configmap", "on-a"]);
+
+    // etcd back for B: it serves again without a restart.
+    proxy.restore();
+    eventually("B writes again", Duration::from_secs(30), || {
+        b.kubectl(&["create", "configmap", "b-back"])
+            .status
+            .success()
+    });
+    eventually("B reads A's write", Duration::from_secs(10), || {
+        b.kubectl(&["get", "configmap", "on-a"]).status.success()
+    });
+    let _ = edge.kill();
+    let _ = edge.wait();
+}

@@ -412,6 +412,12 @@ pub trait SharedBackend: Send + Sync {
     /// failed precondition (nothing written); [`StoreError::Unavailable`] when the shared store
     /// cannot be reached or this replica did not see the write in time.
     fn commit(&self, ops: Vec<SharedOp>) -> Result<Vec<SharedChange>, StoreError>;
+
+    /// Whether the shared store answered lately. A replica cut off from it serves stale state:
+    /// it should give its nodes up so that they move to a replica that can serve them.
+    fn available(&self) -> bool {
+        true
+    }
 }
 
 fn encode_value(rv: ResourceVersion, revision: Revision, object: &[u8]) -> Vec<u8> {
@@ -546,6 +552,12 @@ impl Store {
             return Err(refuse);
         }
         self.backend.set(backend).map_err(|_| refuse)
+    }
+
+    /// Whether the store can be written: always for a store of its own; for a replica, whether
+    /// its [`SharedBackend`] answered lately.
+    pub fn is_available(&self) -> bool {
+        self.backend.get().is_none_or(|b| b.available())
     }
 
     /// Whether object writes are decided by a [`SharedBackend`].
