@@ -155,11 +155,57 @@ impl Drop for Etcd {
     }
 }
 
+/// A child process killed when the test ends, passing or not.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn replica(dir: &Path, etcd: &Etcd) -> CloudProcess {
     let endpoints = etcd.endpoints();
     let mut flags = vec!["--store", "etcd", "--etcd-endpoints", &endpoints];
     flags.extend_from_slice(REPLICA_FLAGS);
     CloudProcess::start_with(dir, free_port(), free_port(), free_port(), &flags)
+}
+
+/// A bootstrap token made in etcd (`cloudcore token create --store etcd`), with `extra` flags.
+fn etcd_token(endpoints: &str, extra: &[&str]) -> String {
+    let made = Command::new(binary("cloudcore"))
+        .args([
+            "token",
+            "create",
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            endpoints,
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr_of(&made));
+    stdout(&made).lines().last().unwrap().to_owned()
+}
+
+/// edgecore `node` on `dir`, given the replicas whose QUIC ports are `clouds` (in order), its
+/// MetaServer on `metaserver`, and `extra` flags (a token, ...).
+fn edgecore(node: &str, dir: &Path, clouds: &[u16], metaserver: u16, extra: &[&str]) -> Command {
+    let clouds: Vec<String> = clouds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut command = Command::new(binary("edgecore"));
+    command
+        .args(["--node-name", node, "--data-dir"])
+        .arg(dir)
+        .arg("--metaserver-listen")
+        .arg(format!("127.0.0.1:{metaserver}"))
+        .args(["--cloud", &clouds.join(","), "--mqtt-listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    command
 }
 
 fn ok(cloud: &CloudProcess, args: &[&str]) -> String {
@@ -266,40 +312,21 @@ fn two_cloudcores_on_etcd_share_the_api_hand_over_leadership_and_nodes_fail_over
     // A one-use token in etcd (no replica's data dir): a node that knows both replicas joins
     // and connects through A, the first; the token is then used up on B too.
     let endpoints = etcd.endpoints();
-    let made = Command::new(binary("cloudcore"))
-        .args([
-            "token",
-            "create",
-            "--once",
-            "--store",
-            "etcd",
-            "--etcd-endpoints",
-            &endpoints,
-        ])
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", stderr_of(&made));
-    let token = stdout(&made).lines().last().unwrap().to_owned();
+    let token = etcd_token(&endpoints, &["--once"]);
     let edge_dir = tempfile::tempdir().unwrap();
     let edge_port = free_port();
-    let mut edge = Command::new(binary("edgecore"));
-    edge.args(["--node-name", "edge-ha", "--data-dir"])
-        .arg(edge_dir.path())
-        .arg("--metaserver-listen")
-        .arg(format!("127.0.0.1:{edge_port}"))
-        .arg("--cloud")
-        .arg(format!(
-            "127.0.0.1:{},127.0.0.1:{}",
-            a.quic_port, b.quic_port
-        ))
-        .env("RUST_LOG", "warn")
-        .arg("--token")
-        .arg(&token)
-        .arg("--mqtt-listen")
-        .arg("127.0.0.1:0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let mut edge = edge.spawn().expect("start edgecore");
+    let clouds = [a.quic_port, b.quic_port];
+    let edge = Guard(
+        edgecore(
+            "edge-ha",
+            edge_dir.path(),
+            &clouds,
+            edge_port,
+            &["--token", &token],
+        )
+        .spawn()
+        .expect("start edgecore"),
+    );
     let node_ready = |cloud: &CloudProcess| {
         stdout(&cloud.kubectl(&[
             "get",
@@ -312,6 +339,39 @@ fn two_cloudcores_on_etcd_share_the_api_hand_over_leadership_and_nodes_fail_over
     eventually("the node is Ready", Duration::from_secs(40), || {
         node_ready(&b)
     });
+    // The one-use token is used up, for every replica.
+    let listed = Command::new(binary("cloudcore"))
+        .args([
+            "token",
+            "list",
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoints,
+        ])
+        .output()
+        .unwrap();
+    assert!(stdout(&listed).contains(" used"), "{}", stdout(&listed));
+    let second_dir = tempfile::tempdir().unwrap();
+    let second = edgecore(
+        "edge-dup",
+        second_dir.path(),
+        &[b.quic_port],
+        free_port(),
+        &["--token", &token],
+    )
+    .stderr(Stdio::piped())
+    .output()
+    .unwrap();
+    assert!(
+        !second.status.success(),
+        "a used one-use token joined a second node"
+    );
+    assert!(
+        stderr_of(&second).contains("used"),
+        "{}",
+        stderr_of(&second)
+    );
     assert!(b
         .kubectl_stdin(&["apply", "-f", "-"], DEPLOYMENT)
         .status
@@ -457,19 +517,18 @@ fn two_cloudcores_on_etcd_share_the_api_hand_over_leadership_and_nodes_fail_over
             std::fs::copy(file.path(), clone_dir.path().join(file.file_name())).unwrap();
         }
     }
-    let mut clone = Command::new(binary("edgecore"))
-        .args(["--node-name", "edge-ha", "--data-dir"])
-        .arg(clone_dir.path())
-        .arg("--metaserver-listen")
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .arg("--cloud")
-        .arg(format!("127.0.0.1:{}", a.quic_port))
-        .args(["--mqtt-listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
+    let clone = Guard(
+        edgecore(
+            "edge-ha",
+            clone_dir.path(),
+            &[a.quic_port],
+            free_port(),
+            &[],
+        )
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap(),
+    );
     eventually("A claims the node's link", Duration::from_secs(30), || {
         let holder = claim(&b);
         !holder.is_empty() && holder != on_b
@@ -479,10 +538,8 @@ fn two_cloudcores_on_etcd_share_the_api_hand_over_leadership_and_nodes_fail_over
         Duration::from_secs(10),
         || common::metric(&b, "kedge_connected_nodes") == 0.0,
     );
-    let _ = clone.kill();
-    let _ = clone.wait();
-    let _ = edge.kill();
-    let _ = edge.wait();
+    drop(clone);
+    drop(edge);
 
     // Everything stops (kill -9) and starts again: nothing is lost.
     drop(b);
@@ -537,19 +594,21 @@ fn etcd_down_at_start_is_a_clear_error_and_cloudcore_waits_for_it() {
     let log_path = dir.path().join("cloudcore.log");
     let etcd_port = free_port();
     let api = free_port();
-    let mut cloud = Command::new(binary("cloudcore"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--store", "etcd", "--etcd-endpoints"])
-        .arg(format!("http://127.0.0.1:{etcd_port}"))
-        .args(["--api-listen", &format!("127.0.0.1:{api}")])
-        .args(["--quic-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
+    let mut cloud = Guard(
+        Command::new(binary("cloudcore"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--store", "etcd", "--etcd-endpoints"])
+            .arg(format!("http://127.0.0.1:{etcd_port}"))
+            .args(["--api-listen", &format!("127.0.0.1:{api}")])
+            .args(["--quic-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     eventually(
         "cloudcore says etcd is unreachable",
         Duration::from_secs(30),
@@ -559,7 +618,7 @@ fn etcd_down_at_start_is_a_clear_error_and_cloudcore_waits_for_it() {
                 .contains("cannot connect to etcd")
         },
     );
-    assert!(cloud.try_wait().unwrap().is_none(), "cloudcore gave up");
+    assert!(cloud.0.try_wait().unwrap().is_none(), "cloudcore gave up");
     let _etcd = Etcd::start_n(1, Some(etcd_port));
     eventually(
         "cloudcore serves once etcd is up",
@@ -569,8 +628,7 @@ fn etcd_down_at_start_is_a_clear_error_and_cloudcore_waits_for_it() {
                 .is_some_and(|b| b.contains("ok"))
         },
     );
-    let _ = cloud.kill();
-    let _ = cloud.wait();
+    drop(cloud);
 }
 
 #[test]
@@ -709,37 +767,15 @@ fn a_replica_cut_off_from_etcd_gives_its_nodes_up_and_recovers() {
     let b = CloudProcess::start_with(dir_b.path(), free_port(), free_port(), free_port(), &flags);
 
     // The node knows B first.
-    let endpoints = etcd.endpoints();
-    let made = Command::new(binary("cloudcore"))
-        .args([
-            "token",
-            "create",
-            "--store",
-            "etcd",
-            "--etcd-endpoints",
-            &endpoints,
-        ])
-        .output()
-        .unwrap();
-    let token = stdout(&made).lines().last().unwrap().to_owned();
+    let token = etcd_token(&etcd.endpoints(), &[]);
     let edge_dir = tempfile::tempdir().unwrap();
-    let mut edge = Command::new(binary("edgecore"))
-        .args(["--node-name", "edge-cut", "--data-dir"])
-        .arg(edge_dir.path())
-        .arg("--metaserver-listen")
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .arg("--cloud")
-        .arg(format!(
-            "127.0.0.1:{},127.0.0.1:{}",
-            b.quic_port, a.quic_port
-        ))
-        .args(["--token", &token, "--mqtt-listen", "127.0.0.1:0"])
-        .args(["--link-keepalive", "1s"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let flags = ["--token", &token, "--link-keepalive", "1s"];
+    let clouds = [b.quic_port, a.quic_port];
+    let _edge = Guard(
+        edgecore("edge-cut", edge_dir.path(), &clouds, free_port(), &flags)
+            .spawn()
+            .unwrap(),
+    );
     eventually("the node is on B", Duration::from_secs(40), || {
         common::metric(&b, "kedge_connected_nodes") == 1.0
     });
@@ -766,6 +802,4 @@ fn a_replica_cut_off_from_etcd_gives_its_nodes_up_and_recovers() {
     eventually("B reads A's write", Duration::from_secs(10), || {
         b.kubectl(&["get", "configmap", "on-a"]).status.success()
     });
-    let _ = edge.kill();
-    let _ = edge.wait();
 }
