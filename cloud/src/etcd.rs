@@ -910,7 +910,8 @@ pub async fn open_store(
     store_config.sync_writes = false;
     let store = Arc::new(Store::open(&dir, store_config)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        // Transactions, the watch and applying it to the cache run side by side.
+        .worker_threads(2)
         .thread_name("etcd")
         .enable_all()
         .build()

@@ -57,18 +57,19 @@ fn sibling(name: &str) -> PathBuf {
     exe.parent().expect("a directory").join(name)
 }
 
-async fn wait_http(url: &str, within: Duration) -> anyhow::Result<()> {
+async fn wait_http(url: &str, path: &str, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     let addr = url.trim_start_matches("http://").to_owned();
     while Instant::now() < deadline {
-        let addr = addr.clone();
+        let (addr, path) = (addr.clone(), path.to_owned());
         let up = tokio::task::spawn_blocking(move || {
             use std::io::{Read, Write};
             let Ok(mut s) = std::net::TcpStream::connect(&addr) else {
                 return false;
             };
             let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let _ = s.write_all(request.as_bytes());
             let mut body = String::new();
             let _ = s.read_to_string(&mut body);
             body.contains("ok") || body.contains("true")
@@ -278,11 +279,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let dir = tempfile::tempdir()?;
     let (_etcd, endpoint) = start_etcd(dir.path())?;
-    wait_http(&endpoint, Duration::from_secs(20)).await?;
+    wait_http(&endpoint, "/health", Duration::from_secs(20)).await?;
     let (raw_put, raw_txn) = bench_raw_etcd(&endpoint, &cli).await?;
 
     let (rocks, rocks_url) = start_cloudcore(&dir.path().join("rocksdb"), &[])?;
-    wait_http(&rocks_url, Duration::from_secs(30)).await?;
+    wait_http(&rocks_url, "/healthz", Duration::from_secs(30)).await?;
     let on_rocksdb = bench_api(&rocks_url, &cli).await?;
     drop(rocks);
 
@@ -290,7 +291,7 @@ async fn main() -> anyhow::Result<()> {
         &dir.path().join("etcd-cloud"),
         &["--store", "etcd", "--etcd-endpoints", &endpoint],
     )?;
-    wait_http(&etcd_url, Duration::from_secs(30)).await?;
+    wait_http(&etcd_url, "/healthz", Duration::from_secs(30)).await?;
     let on_etcd = bench_api(&etcd_url, &cli).await?;
     drop(etcd_cloud);
 
