@@ -19,9 +19,14 @@ pub const NAMESPACE: &str = "kube-system";
 /// A claim's name is this prefix and the node's name.
 pub const PREFIX: &str = "kedge-link-";
 
-/// The claim of `node`'s link; `None` when the name would be too long for an object.
+/// The claim of `node`'s link; `None` when the name would be longer than an object's name
+/// may be (253 characters, a DNS subdomain).
 pub fn key(node: &str) -> Option<ObjectKey> {
-    ObjectKey::new("leases", NAMESPACE, &format!("{PREFIX}{node}")).ok()
+    let name = format!("{PREFIX}{node}");
+    if name.len() > 253 {
+        return None;
+    }
+    ObjectKey::new("leases", NAMESPACE, &name).ok()
 }
 
 /// This replica, as its claims name it.

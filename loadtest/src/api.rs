@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
@@ -64,6 +65,69 @@ impl CloudApi {
             *out.entry(node).or_default() += serde_json::to_vec(&pod)?.len() as u64;
         }
         Ok(out)
+    }
+
+    /// A Deployment of `replicas` pods (not bound: the scheduler places them on the fleet).
+    pub async fn create_deployment(&self, name: &str, replicas: usize) -> anyhow::Result<()> {
+        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let deployment: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"deployment": name}},
+                "template": {
+                    "metadata": {"labels": {"deployment": name}},
+                    "spec": {"containers": [{
+                        "name": "app",
+                        "image": "registry.example.com/fleet/app:1.4.2",
+                        "resources": {"requests": {"cpu": "1m", "memory": "1Mi"}},
+                    }]},
+                },
+            },
+        }))?;
+        deployments
+            .create(&PostParams::default(), &deployment)
+            .await?;
+        Ok(())
+    }
+
+    /// The Deployment's `status.availableReplicas`.
+    pub async fn deployment_available(&self, name: &str) -> anyhow::Result<usize> {
+        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let deployment = deployments.get(name).await?;
+        Ok(deployment
+            .status
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0)
+            .max(0) as usize)
+    }
+
+    /// Deletes the Deployment (its ReplicaSets and pods by garbage collection).
+    pub async fn delete_deployment(&self, name: &str) -> anyhow::Result<()> {
+        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), NAMESPACE);
+        deployments
+            .delete(name, &DeleteParams::background())
+            .await?;
+        Ok(())
+    }
+
+    /// The pods with `selector` (one list, every page) and how long listing them took.
+    pub async fn select_pods(
+        &self,
+        selector: &str,
+    ) -> anyhow::Result<(Vec<Pod>, std::time::Duration)> {
+        let start = std::time::Instant::now();
+        let mut out = Vec::new();
+        let mut params = ListParams::default().labels(selector).limit(5000);
+        loop {
+            let page = self.pods.list(&params).await?;
+            let next = page.metadata.continue_.clone().filter(|c| !c.is_empty());
+            out.extend(page.items);
+            match next {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok((out, start.elapsed())),
+            }
+        }
     }
 
     pub async fn connect(url: &str) -> anyhow::Result<CloudApi> {

@@ -25,6 +25,7 @@ pub const ALL: &[&str] = &[
     "partition",
     "cloud-restart",
     "replica-failover",
+    "deployment",
     "idle",
 ];
 
@@ -42,6 +43,8 @@ pub struct Settings {
     pub cloud_replicas: usize,
     /// The links' QUIC keepalive (seconds).
     pub link_keepalive_s: f64,
+    /// Replicas of the `deployment` scenario's Deployment.
+    pub deployment_replicas: usize,
 }
 
 /// One scenario's outcome: its numbers and its convergence check.
@@ -125,6 +128,7 @@ impl Harness {
             "partition" => self.partition(&mut metrics).await?,
             "cloud-restart" => self.cloud_restart(&mut metrics).await?,
             "replica-failover" => self.replica_failover(&mut metrics).await?,
+            "deployment" => self.deployment(&mut metrics).await?,
             "idle" => self.idle(&mut metrics).await?,
             other => anyhow::bail!("unknown scenario {other:?} (known: {})", ALL.join(", ")),
         }
@@ -575,6 +579,84 @@ impl Harness {
             num(received as f64 / held.max(1) as f64),
         );
         self.churn_for(duration / 2, &all).await?;
+        Ok(())
+    }
+
+    /// A Deployment of `--deployment-replicas` pods placed by the scheduler over the fleet: the
+    /// time until all are available and the cloud's CPU seconds for it (controllers, scheduler,
+    /// CloudHub); a label-selected list over every pod of the namespace; then the Deployment is
+    /// deleted and its pods collected.
+    async fn deployment(&mut self, m: &mut BTreeMap<String, Value>) -> anyhow::Result<()> {
+        const NAME: &str = "fleet-web";
+        let replicas = self.settings.deployment_replicas;
+        let timeout = Duration::from_secs_f64(self.settings.converge_timeout_s);
+        let before = self.cloud.sample();
+        let start = Instant::now();
+        self.api.create_deployment(NAME, replicas).await?;
+        let progress = bar(replicas as u64, "available");
+        let mut available = 0;
+        while start.elapsed() < timeout {
+            available = self.api.deployment_available(NAME).await?;
+            progress.set_position(available as u64);
+            if available >= replicas {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        progress.finish_and_clear();
+        let took = start.elapsed();
+        m.insert("replicas".into(), json!(replicas));
+        m.insert("available".into(), json!(available));
+        m.insert("all_available_seconds".into(), num(took.as_secs_f64()));
+        if let (Some(before), Some(after)) = (before, self.cloud.sample()) {
+            m.insert(
+                "cloud_cpu_seconds".into(),
+                num(after.cpu_seconds - before.cpu_seconds),
+            );
+        }
+        let (pods, _) = self.api.select_pods(&format!("deployment={NAME}")).await?;
+        let nodes: std::collections::BTreeSet<String> = pods
+            .iter()
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .collect();
+        m.insert("nodes_used".into(), json!(nodes.len()));
+        // A label-selected list over the whole namespace (every pod parsed to match).
+        let (all, _) = self.api.select_pods("").await?;
+        let first = self.fleet().names[0].clone();
+        let mut times = Vec::new();
+        let mut matched = 0;
+        for _ in 0..5 {
+            let (found, took) = self.api.select_pods(&format!("node={first}")).await?;
+            matched = found.len();
+            times.push(took.as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        m.insert("pods_in_namespace".into(), json!(all.len()));
+        m.insert("label_list_matched".into(), json!(matched));
+        m.insert("label_list_median_ms".into(), num(times[times.len() / 2]));
+        let deleting = Instant::now();
+        self.api.delete_deployment(NAME).await?;
+        let mut left = usize::MAX;
+        while deleting.elapsed() < timeout {
+            left = self
+                .api
+                .select_pods(&format!("deployment={NAME}"))
+                .await?
+                .0
+                .len();
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::ensure!(
+            left == 0,
+            "{left} pods of the Deployment left after {timeout:?}"
+        );
+        m.insert(
+            "deleted_seconds".into(),
+            num(deleting.elapsed().as_secs_f64()),
+        );
         Ok(())
     }
 

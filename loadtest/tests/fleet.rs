@@ -38,6 +38,8 @@ fn a_small_fleet_runs_every_scenario_and_converges() {
             "5",
             "--churn-rate",
             "100",
+            "--deployment-replicas",
+            "200",
         ])
         .args([
             "--duration",
@@ -79,6 +81,7 @@ fn a_small_fleet_runs_every_scenario_and_converges() {
             "partition",
             "cloud-restart",
             "replica-failover",
+            "deployment",
             "idle"
         ]
     );
@@ -90,6 +93,19 @@ fn a_small_fleet_runs_every_scenario_and_converges() {
     assert_eq!(metric(&report, "churn", "changes_not_seen"), 0);
     assert_eq!(metric(&report, "partition", "partitioned_nodes"), 20);
     assert_eq!(metric(&report, "cloud-restart", "reconnected"), 200);
+    assert_eq!(metric(&report, "deployment", "available"), 200);
+    assert!(
+        metric(&report, "deployment", "nodes_used")
+            .as_u64()
+            .unwrap()
+            > 1
+    );
+    assert!(
+        metric(&report, "deployment", "label_list_matched")
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
     assert!(
         metric(&report, "idle", "kbit_per_second_per_node")
             .as_f64()

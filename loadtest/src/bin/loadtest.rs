@@ -53,6 +53,9 @@ struct Args {
     /// a link silent for twice this is dead (how soon a node notices a killed replica).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     link_keepalive: Duration,
+    /// Replicas of the `deployment` scenario's Deployment (placed by the scheduler).
+    #[arg(long, default_value_t = 1000)]
+    deployment_replicas: usize,
     /// The cloudcore binary to start (default: next to this one).
     #[arg(long)]
     cloudcore: Option<PathBuf>,
@@ -175,6 +178,7 @@ fn main() -> std::process::ExitCode {
         lease_period_s: args.lease_period.as_secs_f64(),
         cloud_replicas: args.cloud_replicas as usize,
         link_keepalive_s: args.link_keepalive.as_secs_f64(),
+        deployment_replicas: args.deployment_replicas,
     };
     let mut report = Report {
         settings,
