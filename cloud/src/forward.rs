@@ -30,8 +30,11 @@ pub const API_URL_ANNOTATION: &str = "kedge.io/api-url";
 /// this replica's name.
 #[derive(Clone)]
 pub struct Forwarder {
+    /// The replica's store: pods (their node) and link claims (the node's holder).
     pub store: Arc<Store>,
+    /// The nodes connected to this replica (served here, never forwarded).
     pub connected: Arc<ConnectedNodes>,
+    /// This replica's identity, as its own claims name it.
     pub replica: String,
     /// TLS to replicas whose API is HTTPS (certificates of the cluster CA).
     pub tls: Option<tokio_rustls::TlsConnector>,
