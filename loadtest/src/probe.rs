@@ -91,6 +91,9 @@ impl Probes {
     }
 
     pub fn deleted(&self, key: ObjectKey) {
+        // A change the node had not seen yet is superseded: the link coalesces an object's
+        // versions, so the node may go straight to the deletion (no version is lost to it).
+        lock(&self.changes).remove(&key);
         lock(&self.deletions).insert(key, Instant::now());
     }
 
