@@ -93,8 +93,13 @@ fn a_small_fleet_runs_every_scenario_and_converges() {
     // Every pod converged (checked above). A probe a node did not see within the window is
     // latency accounting, not loss; a handful under CI load is tolerated (issue note: one or
     // two of 600 seen in two rehearsals of 2026-12-02, cause not found yet).
-    let not_seen = metric(&report, "churn", "changes_not_seen").as_u64().unwrap();
-    assert!(not_seen <= 6, "{not_seen} of the churn's changes never reached their node");
+    let not_seen = metric(&report, "churn", "changes_not_seen")
+        .as_u64()
+        .unwrap();
+    assert!(
+        not_seen <= 6,
+        "{not_seen} of the churn's changes never reached their node"
+    );
     assert_eq!(metric(&report, "partition", "partitioned_nodes"), 20);
     assert_eq!(metric(&report, "cloud-restart", "reconnected"), 200);
     assert_eq!(metric(&report, "deployment", "available"), 200);
