@@ -1074,7 +1074,7 @@ spec:
     });
 
     // kubelet's events from the runtime (pull, create) beside those from the status (start).
-    eventually("keeper's events", Duration::from_secs(20), || {
+    eventually("keeper's events", Duration::from_secs(60), || {
         let reasons = stdout(&cloud.kubectl(&[
             "get",
             "events",
