@@ -1083,9 +1083,13 @@ spec:
             "-o",
             "jsonpath={.items[*].reason}",
         ]));
-        ["Pulling", "Pulled", "Created", "Started"]
+        let all = ["Pulling", "Pulled", "Created", "Started"]
             .iter()
-            .all(|r| reasons.split_whitespace().any(|x| x == *r))
+            .all(|r| reasons.split_whitespace().any(|x| x == *r));
+        if !all {
+            eprintln!("keeper's event reasons so far: {reasons:?}");
+        }
+        all
     });
 
     // downwardAPI and projected volumes are files in the container.
