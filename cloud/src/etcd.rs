@@ -159,6 +159,31 @@ where
     }
 }
 
+/// A transaction, [`resend`] while refused before reaching a member.
+async fn send_txn(
+    client: &Client,
+    txn: &Txn,
+) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+    resend(client, |mut c| {
+        let txn = txn.clone();
+        async move { c.txn(txn).await }
+    })
+    .await
+}
+
+/// A read of `key` (with `options`), [`resend`] while refused before reaching a member.
+async fn read_key(
+    client: &Client,
+    key: &[u8],
+    options: Option<GetOptions>,
+) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+    resend(client, |mut c| {
+        let (key, options) = (key.to_vec(), options.clone());
+        async move { c.get(key, options).await }
+    })
+    .await
+}
+
 /// Whether a request failed before it reached any etcd member (a refused connection), so
 /// sending it again cannot apply it twice.
 fn never_sent(error: &etcd_client::Error) -> bool {
@@ -233,11 +258,7 @@ async fn list_all(
         if at > 0 {
             options = options.with_revision(at);
         }
-        let response = resend(&client, |mut c| {
-            let (from, options) = (from.clone(), options.clone());
-            async move { c.get(from, Some(options)).await }
-        })
-        .await?;
+        let response = read_key(&client, &from, Some(options)).await?;
         if at == 0 {
             at = response.header().map(|h| h.revision()).unwrap_or(0);
         }
@@ -488,14 +509,7 @@ impl SharedBackend for EtcdBackend {
         let timeout = self.timeout;
         self.runtime.handle().spawn(async move {
             // Any failure but a refused connection leaves the outcome unknown: 503.
-            let answer = tokio::time::timeout(
-                timeout,
-                resend(&client, |mut c| {
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                }),
-            )
-            .await;
+            let answer = tokio::time::timeout(timeout, send_txn(&client, &txn)).await;
             let _ = tx.send(answer);
         });
         let response = match rx.recv_timeout(timeout + Duration::from_secs(1)) {
@@ -565,12 +579,7 @@ async fn compact_periodically(
             .when([Compare::version(key.clone(), CompareOp::Equal, expected)])
             .and_then([TxnOp::put(key.clone(), "", None)])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let response = match resend(&client, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })
-        .await
-        {
+        let response = match send_txn(&client, &txn).await {
             Ok(response) => response,
             Err(e) => {
                 tracing::warn!(error = %e, "etcd compaction: cannot reach etcd");
@@ -643,13 +652,7 @@ impl EtcdTokens {
     fn read(&self, id: &str) -> Result<(crate::pki::TokenRecord, i64), TokenError> {
         let (client, key) = (self.client.clone(), token_key(&self.prefix, id));
         let got = self
-            .block(async move {
-                resend(&client, |mut c| {
-                    let key = key.clone();
-                    async move { c.get(key, None).await }
-                })
-                .await
-            })
+            .block(async move { read_key(&client, &key, None).await })
             .and_then(Result::ok)
             .ok_or(TokenError::Unknown)?;
         let kv = got.kvs().first().ok_or(TokenError::Unknown)?;
@@ -667,15 +670,9 @@ impl EtcdTokens {
                 None,
             )]);
         let client = self.client.clone();
-        self.block(async move {
-            resend(&client, |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await
-        })
-        .and_then(Result::ok)
-        .is_some_and(|r| r.succeeded())
+        self.block(async move { send_txn(&client, &txn).await })
+            .and_then(Result::ok)
+            .is_some_and(|r| r.succeeded())
     }
 
     /// As [`crate::pki::verify_token`].
@@ -717,11 +714,7 @@ async fn cluster_ca(client: &Client, prefix: &str) -> anyhow::Result<Certificate
     let get = |name: &str| {
         let key = format!("{prefix}pki/{name}").into_bytes();
         async move {
-            let got = resend(client, |mut c| {
-                let key = key.clone();
-                async move { c.get(key, None).await }
-            })
-            .await?;
+            let got = read_key(client, &key, None).await?;
             let text = got
                 .kvs()
                 .first()
@@ -753,11 +746,7 @@ pub async fn create_token(
     let txn = Txn::new()
         .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
         .and_then([TxnOp::put(key, serde_json::to_vec(&record)?, None)]);
-    let response = resend(&client, |mut c| {
-        let txn = txn.clone();
-        async move { c.txn(txn).await }
-    })
-    .await?;
+    let response = send_txn(&client, &txn).await?;
     anyhow::ensure!(
         response.succeeded(),
         "token id {id} exists already; try again"
@@ -777,14 +766,13 @@ pub async fn list_tokens(config: &EtcdConfig) -> anyhow::Result<Vec<crate::pki::
     let client = connect(config).await?;
     let prefix = token_key(&config.prefix, "");
     let end = prefix_end(&prefix);
-    let got = resend(&client, |mut c| {
-        let (prefix, end) = (prefix.clone(), end.clone());
-        async move { c.get(prefix, Some(GetOptions::new().with_range(end))).await }
-    })
-    .await?;
+    let got = read_key(&client, &prefix, Some(GetOptions::new().with_range(end))).await?;
     let mut tokens = Vec::new();
     for kv in got.kvs() {
-        let id = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+        let Some(id) = kv.key().strip_prefix(prefix.as_slice()) else {
+            continue;
+        };
+        let id = String::from_utf8_lossy(id).into_owned();
         if let Ok(record) = serde_json::from_slice::<crate::pki::TokenRecord>(kv.value()) {
             tokens.push(record.info(&id, false));
         }
@@ -826,11 +814,7 @@ pub async fn share_ca(config: &EtcdConfig, data_dir: &Path) -> anyhow::Result<()
     let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
     let had_local = cert_path.exists();
     for _ in 0..3 {
-        let shared = resend(&client, |mut c| {
-            let key = cert_key.clone();
-            async move { c.get(key, None).await }
-        })
-        .await?;
+        let shared = read_key(&client, &cert_key, None).await?;
         if let Some(shared) = shared.kvs().first() {
             let local = std::fs::read(&cert_path).ok();
             match local {
@@ -843,10 +827,7 @@ pub async fn share_ca(config: &EtcdConfig, data_dir: &Path) -> anyhow::Result<()
                     dir.display()
                 ),
                 _ => {
-                    let key = resend(&client, |mut c| {
-                        let key = key_key.clone();
-                        async move { c.get(key, None).await }
-                    }).await?;
+                    let key = read_key(&client, &key_key, None).await?;
                     let key = key
                         .kvs()
                         .first()
@@ -872,13 +853,7 @@ pub async fn share_ca(config: &EtcdConfig, data_dir: &Path) -> anyhow::Result<()
                 TxnOp::put(key_key.clone(), key, None),
                 TxnOp::put(cert_key.clone(), cert.clone(), None),
             ]);
-        if resend(&client, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })
-        .await?
-        .succeeded()
-        {
+        if send_txn(&client, &txn).await?.succeeded() {
             tracing::info!(sha256 = %crate::pki::sha256_hex(&cert), "published this replica's CA as the cluster CA in etcd");
             return Ok(());
         }

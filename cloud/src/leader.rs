@@ -109,7 +109,15 @@ pub fn decide(
         .and_then(|s| s.get("holderIdentity"))
         .and_then(Value::as_str)
         .unwrap_or("");
-    let mut next = lease.clone();
+    // The Lease as stored is anyone's writing: index into it only once it is an object with an
+    // object `spec` (serde_json's `IndexMut` panics on other values).
+    let mut next = match lease {
+        Value::Object(_) => lease.clone(),
+        _ => json!({}),
+    };
+    if !next.get("spec").is_some_and(Value::is_object) {
+        next["spec"] = json!({});
+    }
     if holder == config.identity {
         next["spec"]["renewTime"] = json!(now_wall);
         next["spec"]["leaseDurationSeconds"] = json!(seconds);

@@ -63,7 +63,8 @@ pub fn default_cloudcore() -> PathBuf {
     sibling_binary("cloudcore")
 }
 
-fn http_ok(addr: &str, path: &str) -> bool {
+/// Whether `GET path` on `addr` answers 200.
+pub fn http_ok(addr: &str, path: &str) -> bool {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
         return false;
@@ -81,20 +82,7 @@ fn http_ok(addr: &str, path: &str) -> bool {
 impl Cloud {
     /// Starts cloudcore on a fresh temporary data dir and loopback ports, and makes a token.
     pub fn start_child(binary: &Path) -> anyhow::Result<Cloud> {
-        let data_dir = tempfile::Builder::new()
-            .prefix("kedge-loadtest-cloud")
-            .tempdir()
-            .context("creating the cloud's temporary data dir")?;
-        let (api_port, metrics_port) = (free_tcp_port()?, free_tcp_port()?);
-        let quic: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
-        let process = spawn_cloudcore(binary, data_dir.path(), api_port, metrics_port, quic, &[])?;
-        let child = ChildCloud {
-            process,
-            binary: binary.to_owned(),
-            data_dir,
-            api_port,
-            metrics_port,
-        };
+        let (child, quic) = ChildCloud::spawn(binary, &[])?;
         let api = format!("http://127.0.0.1:{}", child.api_port);
         let token = make_token(
             binary,
@@ -114,8 +102,8 @@ impl Cloud {
         })
     }
 
-    /// Starts a one-member etcd (Debian's etcd-server, loopback, temporary dir) and `replicas`
-    /// cloudcores on it (`--store etcd`), and makes a token in etcd.
+    /// Starts a one-member etcd ([`start_etcd`]) and `replicas` cloudcores on it (`--store
+    /// etcd`), and makes a token in etcd.
     pub fn start_replicas(
         binary: &Path,
         replicas: usize,
@@ -125,29 +113,7 @@ impl Cloud {
             .prefix("kedge-loadtest-etcd")
             .tempdir()
             .context("creating etcd's temporary data dir")?;
-        let (client, peer) = (free_tcp_port()?, free_tcp_port()?);
-        let endpoint = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let etcd = Command::new("etcd")
-            .args(["--name", "loadtest", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &endpoint,
-                "--advertise-client-urls",
-                &endpoint,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-            ])
-            .args(["--initial-cluster", &format!("loadtest={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting etcd (Debian's etcd-server)")?;
+        let (etcd, endpoint) = start_etcd(dir.path())?;
         let mut cloud = Cloud {
             api: String::new(),
             quic: "127.0.0.1:1".parse()?,
@@ -157,13 +123,6 @@ impl Cloud {
             others: Vec::new(),
             etcd: Some((etcd, dir)),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !http_ok(&format!("127.0.0.1:{client}"), "/health") {
-            if Instant::now() > deadline {
-                bail!("etcd did not answer on {endpoint} within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
         let keepalive = format!("{}ms", keepalive.as_millis());
         let extra: Vec<String> = [
             "--store",
@@ -176,28 +135,8 @@ impl Cloud {
         .map(String::from)
         .to_vec();
         for i in 0..replicas.max(1) {
-            let data_dir = tempfile::Builder::new()
-                .prefix("kedge-loadtest-cloud")
-                .tempdir()
-                .context("creating a replica's temporary data dir")?;
-            let (api_port, metrics_port) = (free_tcp_port()?, free_tcp_port()?);
-            let quic: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
-            let process = spawn_cloudcore(
-                binary,
-                data_dir.path(),
-                api_port,
-                metrics_port,
-                quic,
-                &extra,
-            )?;
-            let child = ChildCloud {
-                process,
-                binary: binary.to_owned(),
-                data_dir,
-                api_port,
-                metrics_port,
-            };
-            cloud.api = format!("http://127.0.0.1:{api_port}");
+            let (child, quic) = ChildCloud::spawn(binary, &extra)?;
+            cloud.api = format!("http://127.0.0.1:{}", child.api_port);
             cloud.quics.push(quic);
             if i == 0 {
                 cloud.quic = quic;
@@ -344,6 +283,62 @@ impl Drop for Cloud {
             let _ = etcd.wait();
         }
     }
+}
+
+impl ChildCloud {
+    /// cloudcore on a fresh temporary data dir and loopback ports, with `extra` flags; its
+    /// QUIC address.
+    fn spawn(binary: &Path, extra: &[String]) -> anyhow::Result<(ChildCloud, SocketAddr)> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("kedge-loadtest-cloud")
+            .tempdir()
+            .context("creating the cloud's temporary data dir")?;
+        let (api_port, metrics_port) = (free_tcp_port()?, free_tcp_port()?);
+        let quic: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
+        let process =
+            spawn_cloudcore(binary, data_dir.path(), api_port, metrics_port, quic, extra)?;
+        let child = ChildCloud {
+            process,
+            binary: binary.to_owned(),
+            data_dir,
+            api_port,
+            metrics_port,
+        };
+        Ok((child, quic))
+    }
+}
+
+/// A one-member etcd (Debian's etcd-server) on loopback ports with its data under `dir`, once
+/// it answers; the process and its client URL.
+///
+/// # Errors
+/// etcd cannot be started, or does not answer `/health` within 30 s.
+pub fn start_etcd(dir: &Path) -> anyhow::Result<(Child, String)> {
+    let (client, peer) = (free_tcp_port()?, free_tcp_port()?);
+    let endpoint = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut etcd = Command::new("etcd")
+        .args(["--name", "loadtest", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--listen-client-urls", &endpoint])
+        .args(["--advertise-client-urls", &endpoint])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("loadtest={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting etcd (Debian's etcd-server)")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http_ok(&format!("127.0.0.1:{client}"), "/health") {
+        if Instant::now() > deadline {
+            let _ = etcd.kill();
+            let _ = etcd.wait();
+            bail!("etcd did not answer on {endpoint} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((etcd, endpoint))
 }
 
 /// Starts cloudcore and waits until its API answers.

@@ -26,29 +26,13 @@ fn metric<'a>(report: &'a Value, scenario: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {scenario} in {report}"))
 }
 
-#[test]
-fn a_small_fleet_runs_every_scenario_and_converges() {
+/// Runs `loadtest` with `args` and this build's cloudcore; its JSON report, which must say
+/// every scenario converged.
+fn run_loadtest(args: &[&str]) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
     let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args([
-            "--nodes",
-            "200",
-            "--pods-per-node",
-            "5",
-            "--churn-rate",
-            "100",
-            "--deployment-replicas",
-            "200",
-        ])
-        .args([
-            "--duration",
-            "6s",
-            "--idle-window",
-            "12s",
-            "--converge-timeout",
-            "90s",
-        ])
+        .args(args)
         .arg("--cloudcore")
         .arg(cloudcore())
         .arg("--json")
@@ -65,6 +49,27 @@ fn a_small_fleet_runs_every_scenario_and_converges() {
     );
     let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(report["passed"], true);
+    report
+}
+
+#[test]
+fn a_small_fleet_runs_every_scenario_and_converges() {
+    let report = run_loadtest(&[
+        "--nodes",
+        "200",
+        "--pods-per-node",
+        "5",
+        "--churn-rate",
+        "100",
+        "--deployment-replicas",
+        "200",
+        "--duration",
+        "6s",
+        "--idle-window",
+        "12s",
+        "--converge-timeout",
+        "90s",
+    ]);
     let scenarios: Vec<&str> = report["outcomes"]
         .as_array()
         .unwrap()
@@ -125,36 +130,24 @@ fn a_small_fleet_runs_every_scenario_and_converges() {
 
 #[test]
 fn a_fleet_on_two_replicas_moves_off_a_killed_one_and_converges() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("report.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args([
-            "--nodes",
-            "60",
-            "--pods-per-node",
-            "20",
-            "--churn-rate",
-            "50",
-        ])
-        .args(["--duration", "4s", "--converge-timeout", "90s"])
-        .args(["--link-keepalive", "2s", "--cloud-replicas", "2"])
-        .args(["--scenario", "replica-failover"])
-        .arg("--cloudcore")
-        .arg(cloudcore())
-        .arg("--json")
-        .arg(&json)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run loadtest");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}");
-    assert!(
-        out.status.success(),
-        "loadtest failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(report["passed"], true);
+    let report = run_loadtest(&[
+        "--nodes",
+        "60",
+        "--pods-per-node",
+        "20",
+        "--churn-rate",
+        "50",
+        "--duration",
+        "4s",
+        "--converge-timeout",
+        "90s",
+        "--link-keepalive",
+        "2s",
+        "--cloud-replicas",
+        "2",
+        "--scenario",
+        "replica-failover",
+    ]);
     assert_eq!(metric(&report, "replica-failover", "moved_nodes"), 30);
     assert_eq!(metric(&report, "replica-failover", "reconnected"), 30);
     // A moved node gets what it lacks (the handshake and the digest exchange: about 8 KB),

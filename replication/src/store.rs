@@ -991,15 +991,7 @@ impl Store {
             ));
         }
 
-        for op in set.aux {
-            match op {
-                AuxOp::Put(aux, key, value) => batch.put_cf(self.cf(aux.cf_name()), key, value),
-                AuxOp::Delete(aux, key) => batch.delete_cf(self.cf(aux.cf_name()), key),
-                AuxOp::DeleteRange(aux, from, to) => {
-                    batch.delete_range_cf(self.cf(aux.cf_name()), from, to)
-                }
-            }
-        }
+        self.add_aux(&mut batch, set.aux);
         if revision != writer.revision {
             batch.put_cf(self.cf(CF_META), META_REVISION, revision.to_be_bytes());
         }
@@ -1073,18 +1065,23 @@ impl Store {
         if !set.aux.is_empty() {
             let _writer = self.lock_writer();
             let mut batch = WriteBatch::default();
-            for op in set.aux {
-                match op {
-                    AuxOp::Put(aux, key, value) => batch.put_cf(self.cf(aux.cf_name()), key, value),
-                    AuxOp::Delete(aux, key) => batch.delete_cf(self.cf(aux.cf_name()), key),
-                    AuxOp::DeleteRange(aux, from, to) => {
-                        batch.delete_range_cf(self.cf(aux.cf_name()), from, to)
-                    }
-                }
-            }
+            self.add_aux(&mut batch, set.aux);
             self.db.write(batch)?;
         }
         Ok(changes)
+    }
+
+    /// The bookkeeping writes of a set, into `batch`.
+    fn add_aux(&self, batch: &mut WriteBatch, ops: Vec<AuxOp>) {
+        for op in ops {
+            match op {
+                AuxOp::Put(aux, key, value) => batch.put_cf(self.cf(aux.cf_name()), key, value),
+                AuxOp::Delete(aux, key) => batch.delete_cf(self.cf(aux.cf_name()), key),
+                AuxOp::DeleteRange(aux, from, to) => {
+                    batch.delete_range_cf(self.cf(aux.cf_name()), from, to)
+                }
+            }
+        }
     }
 
     fn wrong(&self, op: &'static str) -> StoreError {

@@ -6,7 +6,7 @@
 //!
 //! `cargo build --release --workspace --bins && target/release/apibench --objects 2000 --concurrency 16`
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use hdrhistogram::Histogram;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{PostParams, WatchEvent, WatchParams};
 use kube::{Api, Client};
+use loadtest::cloud::{free_tcp_port, http_ok, sibling_binary, start_etcd};
 
 #[derive(Parser)]
 #[command(about = "API create/update rates and watch latency: RocksDB vs etcd vs raw etcd")]
@@ -45,37 +46,13 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn sibling(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    exe.parent().expect("a directory").join(name)
-}
-
+/// Waits until `GET path` on `url` answers 200.
 async fn wait_http(url: &str, path: &str, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     let addr = url.trim_start_matches("http://").to_owned();
     while Instant::now() < deadline {
         let (addr, path) = (addr.clone(), path.to_owned());
-        let up = tokio::task::spawn_blocking(move || {
-            use std::io::{Read, Write};
-            let Ok(mut s) = std::net::TcpStream::connect(&addr) else {
-                return false;
-            };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-            let _ = s.write_all(request.as_bytes());
-            let mut body = String::new();
-            let _ = s.read_to_string(&mut body);
-            body.contains("ok") || body.contains("true")
-        })
-        .await?;
-        if up {
+        if tokio::task::spawn_blocking(move || http_ok(&addr, &path)).await? {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -83,33 +60,17 @@ async fn wait_http(url: &str, path: &str, within: Duration) -> anyhow::Result<()
     bail!("{url} did not answer")
 }
 
-fn start_etcd(dir: &Path) -> anyhow::Result<(Proc, String)> {
-    let (client, peer) = (free_port(), free_port());
-    let client_url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("etcd")
-        .args(["--name", "bench", "--data-dir"])
-        .arg(dir.join("etcd"))
-        .args(["--listen-client-urls", &client_url])
-        .args(["--advertise-client-urls", &client_url])
-        .args(["--listen-peer-urls", &peer_url])
-        .args(["--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("bench={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting etcd (Debian's etcd-server)")?;
-    Ok((Proc(child), client_url))
-}
-
 fn start_cloudcore(dir: &Path, extra: &[&str]) -> anyhow::Result<(Proc, String)> {
-    let api = free_port();
-    let child = Command::new(sibling("cloudcore"))
+    let api = free_tcp_port()?;
+    let child = Command::new(sibling_binary("cloudcore"))
         .arg("--data-dir")
         .arg(dir)
         .args(["--api-listen", &format!("127.0.0.1:{api}")])
-        .args(["--quic-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--quic-listen", &format!("127.0.0.1:{}", free_tcp_port()?)])
+        .args([
+            "--metrics-listen",
+            &format!("127.0.0.1:{}", free_tcp_port()?),
+        ])
         .args(extra)
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
@@ -278,8 +239,8 @@ fn row(what: &str, p: &Phase) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let dir = tempfile::tempdir()?;
-    let (_etcd, endpoint) = start_etcd(dir.path())?;
-    wait_http(&endpoint, "/health", Duration::from_secs(20)).await?;
+    let (etcd, endpoint) = start_etcd(dir.path())?;
+    let _etcd = Proc(etcd);
     let (raw_put, raw_txn) = bench_raw_etcd(&endpoint, &cli).await?;
 
     let (rocks, rocks_url) = start_cloudcore(&dir.path().join("rocksdb"), &[])?;
