@@ -306,6 +306,11 @@ mod tests {
         };
         let mut ours = spawn(&id);
         let mut theirs = spawn(&format!("{id}-other"));
+        // Until `sleep` has exec'd, /proc shows the test's own environment, not the marker.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while marked(&markers(&id, None)).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(marked(&markers(&id, None)), vec![ours.id() as i32]);
         // A record of a group that is no longer what it was is removed, not acted on.
         let pod = dir.path().join("default_p");
