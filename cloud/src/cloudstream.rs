@@ -26,7 +26,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -38,6 +38,7 @@ use replication::{ObjectKey, Store};
 use transport::portforward::{
     self as pf, ClientInput, Ended, Forward, LinkSink, LinkSource, SPDY_TUNNEL_PROTOCOL,
 };
+use transport::remotecommand;
 use transport::stream::{
     PodStreamRequest, StreamHead, StreamMessage, Subresource, REMOTE_COMMAND_PROTOCOLS,
 };
@@ -208,8 +209,10 @@ impl Drop for StreamPermit {
     }
 }
 
+/// What CloudStream's handlers share (the API's routes and the kubelet endpoint's,
+/// [`crate::kubelet_server`]): one stream limit per node for both.
 #[derive(Clone)]
-struct StreamState {
+pub struct StreamState {
     store: Arc<Store>,
     bus: Arc<ServiceBus>,
     bearer_token: Option<Arc<str>>,
@@ -218,16 +221,8 @@ struct StreamState {
     idle_timeout: Duration,
 }
 
-/// The routes of CloudStream (same bearer token as the API, when it has one), with at most
-/// `streams_per_node` streams open to each node at once, and sessions idle for `idle_timeout`
-/// closed.
-pub fn router(
-    store: Arc<Store>,
-    bus: Arc<ServiceBus>,
-    bearer_token: Option<Arc<str>>,
-    streams_per_node: usize,
-    idle_timeout: Duration,
-) -> Router {
+/// The routes of CloudStream on the API's address (`state`: see [`StreamState::new`]).
+pub fn router(state: StreamState) -> Router {
     Router::new()
         .route("/api/v1/namespaces/{namespace}/pods/{name}/log", get(log))
         .route(
@@ -242,13 +237,57 @@ pub fn router(
             "/api/v1/namespaces/{namespace}/pods/{name}/portforward",
             get(portforward).post(portforward_spdy),
         )
-        .with_state(StreamState {
+        .with_state(state)
+}
+
+impl StreamState {
+    /// The state of CloudStream's routes: the API's bearer token (if it has one), at most
+    /// `streams_per_node` streams open to each node at once, and sessions idle for
+    /// `idle_timeout` closed.
+    pub fn new(
+        store: Arc<Store>,
+        bus: Arc<ServiceBus>,
+        bearer_token: Option<Arc<str>>,
+        streams_per_node: usize,
+        idle_timeout: Duration,
+    ) -> StreamState {
+        StreamState {
             store,
             bus,
             bearer_token,
             limit: StreamLimit::new(streams_per_node),
             idle_timeout,
-        })
+        }
+    }
+
+    /// The same state without the bearer token (the kubelet endpoint authenticates its
+    /// clients by certificate instead).
+    pub fn without_token(&self) -> StreamState {
+        StreamState {
+            bearer_token: None,
+            ..self.clone()
+        }
+    }
+
+    /// 401 unless the request carries the API's bearer token (when it has one).
+    fn check_token(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+        match self.bearer_token.as_deref() {
+            Some(token) if !replication::api::bearer_matches(headers, token) => {
+                Err(ApiError::unauthorized())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The pod store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The node links.
+    pub fn bus(&self) -> &Arc<ServiceBus> {
+        &self.bus
+    }
 }
 
 fn error(e: ApiError) -> Response {
@@ -369,76 +408,112 @@ fn refusal(head: &transport::ReceivedMessage) -> Option<Response> {
 
 /// `kubectl exec`: the remote-command protocol over WebSocket (`v5.channel.k8s.io`, or v4),
 /// each message a channel byte (0 stdin, 1 stdout, 2 stderr, 3 the final status, 4 terminal
-/// size; v5's 255 + channel half-closes one), bridged to a duplex call on the node's link.
-/// Errors before the upgrade are plain `Status` answers, as kube-apiserver's; a client that
-/// offers only SPDY is told what is served.
+/// size; v5's 255 + channel half-closes one), or over an HTTP `Upgrade: SPDY/3.1` (v4, one
+/// SPDY stream per channel: `transport::remotecommand`), bridged to a duplex call on the
+/// node's link. Errors before the upgrade are plain `Status` answers, as kube-apiserver's.
 async fn exec(
-    state: State<StreamState>,
-    path: Path<(String, String)>,
-    query: RawQuery,
-    headers: axum::http::HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    State(state): State<StreamState>,
+    Path((namespace, name)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    request: Request,
 ) -> Response {
-    remote_command(Subresource::Exec, state, path, query, headers, upgrade).await
+    if let Err(e) = state.check_token(request.headers()) {
+        return error(e);
+    }
+    let query = query.unwrap_or_default();
+    remote_command(Subresource::Exec, &state, namespace, name, query, request).await
 }
 
 /// `kubectl attach`: the same protocol as exec, to the running container's own streams (the
 /// node follows its output and writes to the stdin it keeps for `stdin: true` containers); it
 /// ends with `Success` when the container stops.
 async fn attach(
-    state: State<StreamState>,
-    path: Path<(String, String)>,
-    query: RawQuery,
-    headers: axum::http::HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    remote_command(Subresource::Attach, state, path, query, headers, upgrade).await
-}
-
-async fn remote_command(
-    subresource: Subresource,
     State(state): State<StreamState>,
     Path((namespace, name)): Path<(String, String)>,
     RawQuery(query): RawQuery,
-    headers: axum::http::HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    request: Request,
 ) -> Response {
-    if let Some(token) = state.bearer_token.as_deref() {
-        if !replication::api::bearer_matches(&headers, token) {
-            return error(ApiError::unauthorized());
-        }
+    if let Err(e) = state.check_token(request.headers()) {
+        return error(e);
     }
+    let query = query.unwrap_or_default();
+    remote_command(Subresource::Attach, &state, namespace, name, query, request).await
+}
+
+/// Whether a request asks for an HTTP upgrade to SPDY/3.1.
+fn is_spdy(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|u| u.eq_ignore_ascii_case(pf::SPDY_UPGRADE))
+}
+
+/// An exec or attach session for pod `namespace/name`, `query` in the API's names (`command`,
+/// `container`, `stdin`, `stdout`, `stderr`, `tty`), over whichever upgrade `request` asks for.
+pub(crate) async fn remote_command(
+    subresource: Subresource,
+    state: &StreamState,
+    namespace: String,
+    name: String,
+    query: String,
+    request: Request,
+) -> Response {
     // The pod and the container first: kubectl falls back from a failed WebSocket upgrade to
     // SPDY, so these errors must be what either attempt is told.
-    let link = match pod_link(&state, &namespace, &name) {
+    let link = match pod_link(state, &namespace, &name) {
         Ok(link) => link,
         Err(e) => return error(e),
     };
-    if let Err(e) = check_container(&link.spec, &name, query.as_deref().unwrap_or("")) {
+    if let Err(e) = check_container(&link.spec, &name, &query) {
         return error(e);
     }
     let permit = match state.limit.acquire(&link.node) {
         Ok(permit) => permit,
         Err(e) => return error(e),
     };
-    let Ok(upgrade) = upgrade else {
-        let offered = headers
-            .get(header::UPGRADE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("nothing");
-        return error(ApiError::bad_request(format!(
-            "{} is served over WebSocket with the {} subprotocols (kubectl 1.30 and later \
-             use them by default); this request asked to upgrade to {offered}, and SPDY is not \
-             served",
+    let spdy = is_spdy(request.headers());
+    let unsupported = |offered: &str| {
+        error(ApiError::bad_request(format!(
+            "{} is served over WebSocket with the {} subprotocols (kubectl 1.30 and later use \
+             them by default) or as an HTTP upgrade to {} with {}: {}; this request asked to \
+             upgrade to {offered}",
             subresource.as_str(),
-            REMOTE_COMMAND_PROTOCOLS.join(" or ")
-        )));
+            REMOTE_COMMAND_PROTOCOLS.join(" or "),
+            pf::SPDY_UPGRADE,
+            pf::PROTOCOL_HEADER,
+            remotecommand::PROTOCOL_V4,
+        )))
     };
+    let (mut parts, body) = request.into_parts();
+    let ws_upgrade = if spdy {
+        let offered = parts
+            .headers
+            .get_all(pf::PROTOCOL_HEADER)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        if !remotecommand::offers_v4(offered) {
+            return unsupported("SPDY/3.1 without v4.channel.k8s.io");
+        }
+        None
+    } else {
+        match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+            Ok(upgrade) => Some(upgrade),
+            Err(_) => {
+                let offered = parts
+                    .headers
+                    .get(header::UPGRADE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("nothing");
+                return unsupported(offered);
+            }
+        }
+    };
+    let expected = remotecommand::Expected::from_query(&query);
     let call = PodStreamRequest {
         subresource,
         namespace,
         pod: name,
-        query: query.unwrap_or_default(),
+        query,
     };
     let (head, input, output) = match link
         .handle
@@ -451,15 +526,161 @@ async fn remote_command(
     if let Some(refused) = refusal(&head) {
         return refused;
     }
+    let idle_timeout = state.idle_timeout;
+    let Some(upgrade) = ws_upgrade else {
+        let mut request = Request::from_parts(parts, body);
+        let upgraded = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            match upgraded.await {
+                Ok(io) => {
+                    let io = hyper_util::rt::TokioIo::new(io);
+                    spdy_bridge(io, expected, input, output, idle_timeout).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "a SPDY exec/attach upgrade failed"),
+            }
+            drop(permit);
+        });
+        return Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, pf::SPDY_UPGRADE)
+            .header(pf::PROTOCOL_HEADER, remotecommand::PROTOCOL_V4)
+            .body(Body::empty())
+            .unwrap_or_default();
+    };
     let upgrade = upgrade.protocols(REMOTE_COMMAND_PROTOCOLS);
     let v5 = upgrade
         .selected_protocol()
         .is_some_and(|p| p.as_bytes() == REMOTE_COMMAND_PROTOCOLS[0].as_bytes());
-    let idle_timeout = state.idle_timeout;
     upgrade.on_upgrade(move |socket| async move {
         bridge(socket, input, output, v5, idle_timeout).await;
         drop(permit);
     })
+}
+
+/// How long the client of a SPDY session may take to open its streams (kubelet's
+/// `streamCreationTimeout`).
+const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Carries one exec or attach session between a SPDY client (the upgraded connection `io`)
+/// and the node's duplex call, as [`bridge`] does for WebSocket: the command's output waits
+/// until the client opened the streams `expected`; the session ends after the final status,
+/// when the client goes away (the node's side is then reset: it kills the command), or idle.
+async fn spdy_bridge<IO>(
+    io: IO,
+    expected: remotecommand::Expected,
+    mut to_node: StreamWriter,
+    mut from_node: StreamReader,
+    idle_timeout: Duration,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut read, mut write) = tokio::io::split(io);
+    let activity = Activity::new();
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let writer = {
+        let activity = activity.clone();
+        tokio::spawn(async move {
+            while let Some(frames) = out_rx.recv().await {
+                activity.touch();
+                if write.write_all(&frames).await.is_err() {
+                    return;
+                }
+            }
+            let _ = write.shutdown().await;
+        })
+    };
+    let session = std::sync::Mutex::new(remotecommand::Session::new(expected));
+    let ready = tokio::sync::Notify::new();
+    let lock = || session.lock().unwrap_or_else(|p| p.into_inner());
+    let upward = async {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let n = match read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            activity.touch();
+            let (events, is_ready) = {
+                let mut session = lock();
+                (session.receive(&buf[..n]), session.ready())
+            };
+            let events = match events {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::debug!(error = %e, "a SPDY exec/attach session ended");
+                    let _ = out_tx
+                        .send(transport::spdy::goaway(
+                            0,
+                            transport::spdy::status::PROTOCOL_ERROR,
+                        ))
+                        .await;
+                    return;
+                }
+            };
+            if is_ready {
+                ready.notify_one();
+            }
+            for event in events {
+                match event {
+                    remotecommand::Event::Send(frames) => {
+                        if out_tx.send(frames).await.is_err() {
+                            return;
+                        }
+                    }
+                    remotecommand::Event::Command(message) => {
+                        if to_node.send(&message.to_message()).await.is_err() {
+                            return;
+                        }
+                    }
+                    remotecommand::Event::Ended => return,
+                }
+            }
+        }
+    };
+    let downward = async {
+        if tokio::time::timeout(STREAM_CREATION_TIMEOUT, ready.notified())
+            .await
+            .is_err()
+        {
+            let frames = lock().fail("timed out waiting for the client to create its streams");
+            let _ = out_tx.send(frames).await;
+            return;
+        }
+        loop {
+            let message = match from_node.next().await {
+                Ok(Some(m)) => m,
+                _ => break,
+            };
+            let Ok(message) = StreamMessage::from_message(&message) else {
+                continue;
+            };
+            let frames = lock().output(&message);
+            if !frames.is_empty() && out_tx.send(frames).await.is_err() {
+                return;
+            }
+            if matches!(message, StreamMessage::Exit(_)) {
+                return;
+            }
+        }
+        let frames = lock().fail("the node ended the session without a status");
+        let _ = out_tx.send(frames).await;
+    };
+    let client_gone = tokio::select! {
+        _ = downward => false,
+        _ = upward => true,
+        _ = activity.idle(idle_timeout) => {
+            tracing::info!(?idle_timeout, "closing an exec/attach session idle past --stream-idle-timeout");
+            true
+        }
+    };
+    drop(out_tx);
+    if client_gone {
+        to_node.reset();
+    }
+    // The frames queued go out, then the connection is shut (the client's reads end).
+    let _ = writer.await;
 }
 
 /// Carries one exec session between kubectl's WebSocket and the node's duplex call until the
@@ -540,12 +761,21 @@ async fn log(
     RawQuery(query): RawQuery,
     request: Request,
 ) -> Response {
-    if let Some(token) = state.bearer_token.as_deref() {
-        if !replication::api::bearer_matches(request.headers(), token) {
-            return error(ApiError::unauthorized());
-        }
+    if let Err(e) = state.check_token(request.headers()) {
+        return error(e);
     }
-    let link = match pod_link(&state, &namespace, &name) {
+    let query = query.unwrap_or_default();
+    log_stream(&state, namespace, name, query).await
+}
+
+/// A pod's log (`query`: the API's `PodLogOptions`), streamed from its node.
+pub(crate) async fn log_stream(
+    state: &StreamState,
+    namespace: String,
+    name: String,
+    query: String,
+) -> Response {
+    let link = match pod_link(state, &namespace, &name) {
         Ok(link) => link,
         Err(e) => return error(e),
     };
@@ -557,7 +787,7 @@ async fn log(
         subresource: Subresource::Log,
         namespace,
         pod: name.clone(),
-        query: query.unwrap_or_default(),
+        query,
     };
     let (head, stream) = match link
         .handle
@@ -739,11 +969,7 @@ fn portforward_link(
     name: &str,
     headers: &axum::http::HeaderMap,
 ) -> Result<Arc<PodLink>, ApiError> {
-    if let Some(token) = state.bearer_token.as_deref() {
-        if !replication::api::bearer_matches(headers, token) {
-            return Err(ApiError::unauthorized());
-        }
-    }
+    state.check_token(headers)?;
     pod_link(state, namespace, name).map(Arc::new)
 }
 

@@ -240,14 +240,15 @@ impl CloudCore {
             )),
             None => None,
         };
+        let streams = crate::cloudstream::StreamState::new(
+            store.clone(),
+            bus.clone(),
+            token.clone(),
+            config.streams_per_node,
+            config.stream_idle_timeout,
+        );
         let router = crate::servicebus::router(bus.clone(), token.clone())
-            .merge(crate::cloudstream::router(
-                store.clone(),
-                bus.clone(),
-                token.clone(),
-                config.streams_per_node,
-                config.stream_idle_timeout,
-            ))
+            .merge(crate::cloudstream::router(streams.clone()))
             .merge(crate::top::router(store.clone(), bus.clone(), token))
             .merge(api.router());
         // Several replicas: streams and calls for nodes held by another go there.

@@ -23,10 +23,34 @@ spec:
 "#;
 
 fn kubectl_exec(api: &str, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    kubectl_exec_over(Transport::WebSocket, api, args, stdin)
+}
+
+/// Which of its two transports kubectl uses for exec.
+#[derive(Clone, Copy)]
+enum Transport {
+    /// kubectl ≥ 1.30's default (`v5.channel.k8s.io`).
+    WebSocket,
+    /// An HTTP upgrade to SPDY/3.1 (`v4.channel.k8s.io`), what kubectl did before 1.30 and
+    /// what kube-apiserver speaks to kubelets.
+    Spdy,
+}
+
+fn kubectl_exec_over(
+    transport: Transport,
+    api: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (i32, String, String) {
+    let websockets = match transport {
+        Transport::WebSocket => "true",
+        Transport::Spdy => "false",
+    };
     let mut child = Command::new("kubectl")
         .args(["--server", api, "exec"])
         .args(args)
         .env("KUBECONFIG", "/dev/null")
+        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -153,6 +177,72 @@ fn kubectl_exec_runs_in_the_container_with_streams_exit_codes_stdin_and_a_termin
         processes(&["sleep", "737373"]) == 0
     });
     eprintln!("gone {:?} after kubectl", started.elapsed());
+
+    // The same over SPDY/3.1 (kubectl told not to use WebSocket).
+    let spdy =
+        |args: &[&str], stdin: Option<&str>| kubectl_exec_over(Transport::Spdy, &api, args, stdin);
+    let (code, out, err) = spdy(
+        &["box", "--", "sh", "-c", "echo out; echo err >&2; exit 3"],
+        None,
+    );
+    assert_eq!((code, out.as_str()), (3, "out\n"), "{err}");
+    assert!(err.contains("err\n"), "{err}");
+    let (code, out, err) = spdy(&["-v=6", "box", "--", "printenv", "GREETING"], None);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "hello from the container\n"),
+        "{err}"
+    );
+    // It was SPDY: a POST answered 101 (a WebSocket upgrade is a GET).
+    assert!(
+        err.lines()
+            .any(|l| l.contains("POST ") && l.contains("/exec?") && l.contains("101")),
+        "{err}"
+    );
+    let (code, out, err) = spdy(
+        &["-i", "box", "--", "sh", "-c", "wc -l; echo done"],
+        Some("a\nb\nc\n"),
+    );
+    assert_eq!((code, out.as_str()), (0, "3\ndone\n"), "{err}");
+    let big = "x".repeat(200_000) + "\n";
+    let (code, out, err) = spdy(&["-i", "box", "--", "wc", "-c"], Some(&big));
+    assert_eq!((code, out.trim()), (0, "200001"), "{err}");
+    let out = Command::new("script")
+        .args([
+            "-qec",
+            &format!("kubectl --server {api} exec -it box -- sh -c 'tty; stty size; exit 6'"),
+            "/dev/null",
+        ])
+        .env("KUBECONFIG", "/dev/null")
+        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+        .env("COLUMNS", "91")
+        .env("LINES", "33")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/dev/pts/"), "{text}");
+    assert_eq!(out.status.code(), Some(6), "{text}");
+    let mut running = Command::new("kubectl")
+        .args(["--server", &api, "exec", "box", "--", "sleep", "747474"])
+        .env("KUBECONFIG", "/dev/null")
+        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(
+        "the SPDY exec'd sleep runs",
+        Duration::from_secs(20),
+        || processes(&["sleep", "747474"]) == 1,
+    );
+    let _ = running.kill();
+    let _ = running.wait();
+    eventually(
+        "the SPDY exec'd sleep is gone",
+        Duration::from_secs(20),
+        || processes(&["sleep", "747474"]) == 0,
+    );
 
     // On the node itself, with the cloud gone: MetaServer serves exec too.
     cloud.kill9();

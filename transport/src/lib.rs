@@ -29,6 +29,7 @@ pub mod link;
 pub mod logging;
 pub mod message;
 pub mod portforward;
+pub mod remotecommand;
 pub mod renew;
 pub mod server;
 pub mod spdy;
