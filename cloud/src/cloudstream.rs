@@ -829,7 +829,7 @@ const PORT_FORWARD_LINGER: Duration = Duration::from_secs(5);
 /// connection carried to the pod's node on a duplex call of its own. Errors before the
 /// upgrade are plain `Status` answers (404 pod, 400 not bound, 503 node never connected); a
 /// client that offers only SPDY is told what is served.
-async fn portforward(
+pub(crate) async fn portforward(
     State(state): State<StreamState>,
     Path((namespace, name)): Path<(String, String)>,
     RawQuery(query): RawQuery,
@@ -914,7 +914,7 @@ async fn portforward(
 /// `POST .../portforward` with `Upgrade: SPDY/3.1`: the same protocol as a plain SPDY
 /// session after `101 Switching Protocols` (kubectl before 1.30, or with
 /// `KUBECTL_PORT_FORWARD_WEBSOCKETS=false`, and tools built on client-go's SPDY dialer).
-async fn portforward_spdy(
+pub(crate) async fn portforward_spdy(
     State(state): State<StreamState>,
     Path((namespace, name)): Path<(String, String)>,
     mut request: Request,

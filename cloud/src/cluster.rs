@@ -105,6 +105,11 @@ pub struct KubeCluster {
     server: String,
     /// Store revisions committed by the mirror, not yet seen by the write-back.
     mirrored: Mutex<HashSet<Revision>>,
+    /// The cluster's CA certificates (DER) from the kubeconfig, if it names any.
+    cas: Vec<Vec<u8>>,
+    /// Where kube-apiserver reaches edge nodes' kubelet API (cloudcore's kubelet endpoint),
+    /// written into each edge Node's status on the way back; unset: the node's own status.
+    kubelet_endpoint: std::sync::OnceLock<crate::kubelet_server::NodeEndpoint>,
 }
 
 fn api_resource(resource: &Resource) -> ApiResource {
@@ -139,6 +144,17 @@ impl KubeCluster {
                 .await
                 .with_context(|| format!("the kubeconfig {} is not usable", path.display()))?;
         let server = config.cluster_url.to_string();
+        let mut cas = config.root_cert.clone().unwrap_or_default();
+        if let Some(file) = &config.root_cert_file {
+            use rustls::pki_types::pem::PemObject;
+            if let Ok(text) = std::fs::read(file) {
+                cas.extend(
+                    rustls::pki_types::CertificateDer::pem_slice_iter(&text)
+                        .flatten()
+                        .map(|c| c.to_vec()),
+                );
+            }
+        }
         let client = Client::try_from(config).context("building the cluster client")?;
         client
             .apiserver_version()
@@ -148,7 +164,24 @@ impl KubeCluster {
             client,
             server,
             mirrored: Mutex::new(HashSet::new()),
+            cas,
+            kubelet_endpoint: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The cluster's CA certificates named by the kubeconfig (none for a plain-HTTP server or
+    /// one trusted through the system's roots).
+    pub fn cluster_cas(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        self.cas
+            .iter()
+            .map(|der| rustls::pki_types::CertificateDer::from(der.clone()))
+            .collect()
+    }
+
+    /// Writes `endpoint` into every edge Node's status from now on (see
+    /// [`crate::kubelet_server`]); a second call is ignored.
+    pub fn set_kubelet_endpoint(&self, endpoint: crate::kubelet_server::NodeEndpoint) {
+        let _ = self.kubelet_endpoint.set(endpoint);
     }
 
     fn mirrored(&self) -> std::sync::MutexGuard<'_, HashSet<Revision>> {
@@ -380,7 +413,10 @@ impl KubeCluster {
             Ok(object) => object,
             Err(_) => return Ok(()),
         };
-        let status = json!({"status": local.get("status").cloned().unwrap_or(Value::Null)});
+        let mut status = json!({"status": local.get("status").cloned().unwrap_or(Value::Null)});
+        if let (Some(endpoint), "nodes") = (self.kubelet_endpoint.get(), change.key.kind()) {
+            endpoint.rewrite(&mut status["status"]);
+        }
         let merge = PatchParams::default();
         match change.key.kind() {
             "pods" | "devices" => ignore(

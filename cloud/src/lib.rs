@@ -44,6 +44,7 @@ pub mod events;
 pub mod forward;
 pub mod hub;
 pub mod join;
+pub mod kubelet_server;
 pub mod leader;
 pub mod lifecycle;
 pub mod linkclaim;

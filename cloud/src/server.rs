@@ -71,6 +71,14 @@ pub struct CloudConfig {
     /// This replica's API as other replicas reach it (forwarded streams of the nodes it
     /// holds); default: from `api_listen` (an unspecified address as 127.0.0.1).
     pub api_advertise_url: Option<String>,
+    /// With `kubeconfig`: where the kubelet-compatible endpoint listens
+    /// ([`crate::kubelet_server`]); `None`: nowhere.
+    pub kubelet_listen: Option<SocketAddr>,
+    /// The address written as each edge Node's `InternalIP` (how the cluster reaches the
+    /// kubelet endpoint); default: from `kubelet_listen`.
+    pub kubelet_address: Option<std::net::IpAddr>,
+    /// The CA bundle (PEM) of the kubelet endpoint's clients; default: the kubeconfig's CA.
+    pub kubelet_client_ca: Option<PathBuf>,
 }
 
 impl CloudConfig {
@@ -101,8 +109,56 @@ impl CloudConfig {
             etcd: None,
             leader_election: None,
             api_advertise_url: None,
+            kubelet_listen: None,
+            kubelet_address: None,
+            kubelet_client_ca: None,
         }
     }
+}
+
+/// The kubelet endpoint's listener, TLS and what edge Nodes say of it; `None` (with a
+/// warning) when no CA for its clients is known.
+async fn kubelet_endpoint_parts(
+    config: &CloudConfig,
+    listen: SocketAddr,
+    cluster: &KubeCluster,
+) -> anyhow::Result<
+    Option<(
+        TcpListener,
+        Arc<rustls::ServerConfig>,
+        crate::kubelet_server::NodeEndpoint,
+    )>,
+> {
+    let cas = match &config.kubelet_client_ca {
+        Some(path) => crate::kubelet_server::read_cas(path)
+            .with_context(|| format!("--kubelet-client-ca {}", path.display()))?,
+        None => cluster.cluster_cas(),
+    };
+    if cas.is_empty() {
+        tracing::warn!(
+            "no kubelet endpoint: the kubeconfig names no CA for kube-apiserver's client \
+             certificates (--kubelet-client-ca FILE); kubectl logs/exec through the cluster \
+             will not reach edge pods"
+        );
+        return Ok(None);
+    }
+    let listener = bind(listen, "kubelet endpoint").await?;
+    let port = listener.local_addr()?.port();
+    let address = config
+        .kubelet_address
+        .unwrap_or_else(|| crate::kubelet_server::default_address(listen));
+    let ca = crate::pki::load_or_create_ca(&config.data_dir)?;
+    let mut names = vec![address.to_string(), "localhost".to_owned()];
+    names.extend(config.api_names.iter().cloned());
+    let identity = ca
+        .issue_server(&names, Duration::from_secs(365 * 24 * 3600))
+        .context("issuing the kubelet endpoint's certificate")?;
+    let tls = crate::kubelet_server::tls_config(&identity, &cas)?;
+    Ok(Some((
+        listener,
+        tls,
+        crate::kubelet_server::NodeEndpoint { address, port },
+    )))
 }
 
 /// The API server's default bounds: request bodies up to the larger of the API's and
@@ -198,8 +254,18 @@ impl CloudCore {
                     )
                 })?,
         };
+        let mut kubelet_endpoint = None;
         let source: Arc<dyn ClusterSource> = match &config.kubeconfig {
-            Some(path) => Arc::new(KubeCluster::connect(path).await?),
+            Some(path) => {
+                let cluster = Arc::new(KubeCluster::connect(path).await?);
+                if let Some(listen) = config.kubelet_listen {
+                    kubelet_endpoint = kubelet_endpoint_parts(&config, listen, &cluster).await?;
+                    if let Some((_, _, endpoint)) = &kubelet_endpoint {
+                        cluster.set_kubelet_endpoint(*endpoint);
+                    }
+                }
+                cluster
+            }
             None => Arc::new(Embedded),
         };
         let metrics = Arc::new(Metrics::new());
@@ -247,6 +313,19 @@ impl CloudCore {
             config.streams_per_node,
             config.stream_idle_timeout,
         );
+        if let Some((listener, tls, endpoint)) = kubelet_endpoint {
+            tracing::info!(listen = ?listener.local_addr().ok(), address = %endpoint.address, "kubelet endpoint for the cluster's kube-apiserver");
+            tasks.push((
+                "kubelet endpoint",
+                tokio::spawn(replication::http_server::serve(
+                    listener,
+                    crate::kubelet_server::router(streams.clone()),
+                    config.http_limits.clone(),
+                    Some(tokio_rustls::TlsAcceptor::from(tls)),
+                    std::future::pending(),
+                )),
+            ));
+        }
         let router = crate::servicebus::router(bus.clone(), token.clone())
             .merge(crate::cloudstream::router(streams.clone()))
             .merge(crate::top::router(store.clone(), bus.clone(), token))

@@ -66,6 +66,17 @@ pub fn router(store: Arc<Store>, bus: Arc<ServiceBus>, bearer_token: Option<Arc<
         })
 }
 
+/// Asks `node` for its usage now: `None` when it is not connected, does not answer within
+/// [`ASK_TIMEOUT`], or answers something unreadable.
+pub async fn ask(bus: &ServiceBus, node: &str) -> Option<UsageReport> {
+    let link = bus.link(node)?;
+    let answer = link
+        .request_within(&usage::request(), ASK_TIMEOUT)
+        .await
+        .ok()?;
+    serde_json::from_slice(&answer.content()).ok()
+}
+
 fn json(value: Value) -> Response {
     (
         StatusCode::OK,
@@ -119,12 +130,7 @@ impl TopState {
             if let Some(report) = fresh {
                 return Some((node, report));
             }
-            let link = self.bus.link(&node)?;
-            let answer = link
-                .request_within(&usage::request(), ASK_TIMEOUT)
-                .await
-                .ok()?;
-            let report: UsageReport = serde_json::from_slice(&answer.content()).ok()?;
+            let report = ask(&self.bus, &node).await?;
             self.answers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

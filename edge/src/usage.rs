@@ -328,6 +328,7 @@ impl Sampler {
                     usage: Usage {
                         cpu_nanocores: rate_ns(before, *cpu_ns),
                         memory_bytes: *memory,
+                        cpu_core_nanoseconds: *cpu_ns,
                     },
                 });
         }
@@ -342,6 +343,7 @@ impl Sampler {
             node: Usage {
                 cpu_nanocores: rate(earlier.node_busy, now.node_busy),
                 memory_bytes: now.node_memory,
+                cpu_core_nanoseconds: (now.node_busy as f64 / hz * 1e9) as u64,
             },
             pods,
         }

@@ -335,85 +335,22 @@ fn mappers_need_credentials_and_reach_only_their_own_devices() {
     drop(edge);
 }
 
-/// `openssl` with `args`, in `dir`; panics on failure.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        stderr_of(&out)
-    );
-}
-
 /// A test CA, a server certificate for 127.0.0.1 and client certificates (`client`,
-/// `thermo-1`, `thermo-2`: their common names), made by the `openssl` command line (P-256
-/// keys).
+/// `thermo-1`, `thermo-2`: their common names).
 fn certificates(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-subj",
-        "/CN=kedge-test-ca",
-        "-days",
-        "2",
-    ]);
-    openssl(dir, &ca);
-    for (name, ext) in [
-        (
-            "server",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-        ),
-        ("client", "extendedKeyUsage=clientAuth\n"),
-        ("thermo-1", "extendedKeyUsage=clientAuth\n"),
-        ("thermo-2", "extendedKeyUsage=clientAuth\n"),
-    ] {
-        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-        let mut req = vec!["req"];
-        req.extend(ec);
-        let (key, csr, cn) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("/CN={name}"),
-        );
-        req.extend(["-keyout", &key, "-out", &csr, "-subj", &cn]);
-        openssl(dir, &req);
-        let (crt, ext) = (format!("{name}.crt"), format!("{name}.ext"));
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
-    }
+    test_certificates(
+        dir,
+        &[
+            (
+                "server",
+                "/CN=server",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+            ),
+            ("client", "/CN=client", "extendedKeyUsage=clientAuth\n"),
+            ("thermo-1", "/CN=thermo-1", "extendedKeyUsage=clientAuth\n"),
+            ("thermo-2", "/CN=thermo-2", "extendedKeyUsage=clientAuth\n"),
+        ],
+    );
 }
 
 /// mosquitto with a TLS listener that requires a client certificate and a password.

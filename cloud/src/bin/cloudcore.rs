@@ -47,6 +47,20 @@ struct Cli {
     /// to it, and the local API becomes a read-only view.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// With --kubeconfig: where the kubelet-compatible endpoint listens (HTTPS): the cluster's
+    /// kube-apiserver reaches edge pods there for logs, exec, attach and port-forward. Its
+    /// port, and --kubelet-address as InternalIP, are written into each edge Node's status.
+    /// "off": none.
+    #[arg(long, default_value = "0.0.0.0:10351", value_parser = parse_optional_addr)]
+    kubelet_listen: OptionalAddr,
+    /// With --kubeconfig: cloudcore's address as the cluster reaches it (each edge Node's
+    /// InternalIP); default: the address of --kubelet-listen, or 127.0.0.1 when that is 0.0.0.0.
+    #[arg(long)]
+    kubelet_address: Option<std::net::IpAddr>,
+    /// With --kubeconfig: the CA bundle (PEM) whose client certificates may use the kubelet
+    /// endpoint (kube-apiserver's --kubelet-client-certificate); default: the kubeconfig's CA.
+    #[arg(long)]
+    kubelet_client_ca: Option<PathBuf>,
     /// A node without a lease renewal for this long is NotReady (e.g. 40s).
     #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
     node_grace: Duration,
@@ -348,6 +362,20 @@ fn token_command(data_dir: &std::path::Path, command: TokenCommand) -> ExitCode 
     }
 }
 
+/// An address, or none (`off`).
+#[derive(Clone, Copy)]
+struct OptionalAddr(Option<SocketAddr>);
+
+fn parse_optional_addr(text: &str) -> Result<OptionalAddr, String> {
+    match text {
+        "off" | "" => Ok(OptionalAddr(None)),
+        text => text
+            .parse()
+            .map(|a| OptionalAddr(Some(a)))
+            .map_err(|e| format!("{text:?}: {e} (an address like 0.0.0.0:10351, or off)")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     transport::logging::init(cli.log_format, "info");
@@ -403,6 +431,9 @@ fn run(cli: Cli, data_dir: PathBuf) -> ExitCode {
             etcd,
             leader_election,
             api_advertise_url: cli.api_advertise_url.clone(),
+            kubelet_listen: cli.kubelet_listen.0,
+            kubelet_address: cli.kubelet_address,
+            kubelet_client_ca: cli.kubelet_client_ca.clone(),
             data_dir,
             quic_listen: cli.quic_listen,
             api_listen: cli.api_listen,

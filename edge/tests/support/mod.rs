@@ -152,3 +152,76 @@ pub fn pid_alive(pid_file: &Path) -> Option<u32> {
 pub fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// `openssl` with `args`, in `dir`; panics on failure.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        stderr_of(&out)
+    );
+}
+
+/// A test CA (`dir/ca.crt`, `dir/ca.key`) and, for each `(name, subject, extensions)`,
+/// `dir/NAME.crt` and `dir/NAME.key` signed by it (`subject` as `/CN=…/O=…`, `extensions` in
+/// openssl's extfile syntax), made by the `openssl` command line with P-256 keys, valid 2 days.
+pub fn test_certificates(dir: &Path, certs: &[(&str, &str, &str)]) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=kedge-test-ca",
+        "-days",
+        "2",
+    ]);
+    openssl(dir, &ca);
+    for (name, subject, ext) in certs {
+        let (key, csr, crt, extfile) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        std::fs::write(dir.join(&extfile), ext).unwrap();
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", subject]);
+        openssl(dir, &req);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+            ],
+        );
+    }
+}
