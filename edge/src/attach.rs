@@ -7,10 +7,11 @@
 //! goes out on its own stream (stdout or stderr) as soon as it is written, whole lines only (a
 //! line without its end, such as a prompt, comes once it ends or reaches 16 KiB). Input goes
 //! to the pipe the runtime keeps as the container's stdin ([`ContainerStdin`]); `stdinOnce`
-//! closes it when the first session that wrote to it ends. No terminal: the process runtime
-//! gives containers none (`tty: true` is not honoured), so resize is ignored and `-t` gets the
-//! plain streams. The session ends with `Success` when the container stops (or restarts), and
-//! a client that leaves never stops the container.
+//! closes it when the first session that wrote to it ends. A container started with
+//! `tty: true` runs on a terminal whose master the runtime holds ([`ContainerTerminal`]): its
+//! output goes to the session raw, as it comes (prompts included), input goes to the terminal
+//! and resizes set its window size. The session ends with `Success` when the container stops
+//! (or restarts), and a client that leaves never stops the container.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use transport::stream::StreamMessage;
 
-use crate::edged::process::ContainerStdin;
+use crate::edged::process::{ContainerStdin, ContainerTerminal};
 use crate::edged::procs::{self, GroupRecord};
 use crate::exec::{exit_status, Session};
 
@@ -33,8 +34,8 @@ pub struct AttachOptions {
     pub stdin: bool,
     pub stdout: bool,
     pub stderr: bool,
-    /// Asked for a terminal (not given: see the module documentation; stderr then goes to
-    /// stdout, as a terminal would show it).
+    /// Asked for a terminal: stderr goes to stdout, as a terminal shows it (a container
+    /// without one keeps its streams apart in the log).
     pub tty: bool,
 }
 
@@ -68,6 +69,8 @@ pub struct AttachTarget {
     pub group: GroupRecord,
     /// Its stdin, if it was started with `stdin: true` by this edgecore.
     pub stdin: Option<ContainerStdin>,
+    /// Its terminal, if it was started with `tty: true` by this edgecore.
+    pub terminal: Option<ContainerTerminal>,
     /// A container of the CRI runtime instead: the session is CRI's streaming `Attach`.
     pub cri: Option<crate::edged::cri::ExecTarget>,
 }
@@ -79,6 +82,107 @@ fn parse(line: &[u8]) -> Option<(&[u8], bool, &[u8])> {
     let stream = parts.next()?;
     let tag = parts.next()?;
     Some((stream, tag != b"P", parts.next().unwrap_or_default()))
+}
+
+/// The client's side of a session: what it writes goes to the container's stdin (if the
+/// session asked for stdin), resizes to its terminal (if it has one).
+struct Input<'a> {
+    stdin: Option<&'a ContainerStdin>,
+    terminal: Option<&'a ContainerTerminal>,
+    open: bool,
+    wrote: bool,
+}
+
+impl<'a> Input<'a> {
+    fn new(options: &AttachOptions, target: &'a AttachTarget) -> Self {
+        Input {
+            stdin: target.stdin.as_ref().filter(|_| options.stdin),
+            terminal: target.terminal.as_ref(),
+            open: true,
+            wrote: false,
+        }
+    }
+
+    /// One message from the client (`None`: it sent its last).
+    async fn take(&mut self, message: Option<StreamMessage>) {
+        match message {
+            Some(StreamMessage::Stdin(bytes)) => {
+                if let Some(stdin) = self.stdin {
+                    self.wrote = true;
+                    stdin.write(&bytes).await;
+                }
+            }
+            Some(StreamMessage::Resize { width, height }) => {
+                if let Some(terminal) = self.terminal {
+                    terminal.resize(width, height);
+                }
+            }
+            Some(StreamMessage::StdinClose) | None => {
+                self.open = false;
+                if let Some(stdin) = self.stdin.filter(|s| s.once) {
+                    stdin.close().await;
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// At the session's end: `stdinOnce` closes the stdin this session wrote to.
+    async fn finish(self) {
+        if self.wrote {
+            if let Some(stdin) = self.stdin.filter(|s| s.once) {
+                stdin.close().await;
+            }
+        }
+    }
+}
+
+/// An attach session to a container's terminal: its output raw as it comes.
+async fn run_terminal(
+    options: AttachOptions,
+    target: AttachTarget,
+    terminal: ContainerTerminal,
+    mut session: Session,
+) {
+    let boot = procs::boot_id();
+    let mut output = terminal.subscribe();
+    let mut input = Input::new(&options, &target);
+    let wanted = options.stdout || options.stderr;
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = session.cancelled.cancelled() => break,
+            message = session.input.recv(), if input.open => input.take(message).await,
+            chunk = output.recv() => match chunk {
+                Ok(bytes) => {
+                    if wanted && session.output.send(StreamMessage::Stdout(bytes)).await.is_err() {
+                        break;
+                    }
+                }
+                // A slow client misses output rather than hold the container back.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    let _ = session.output.send(StreamMessage::exit(&exit_status(&[], 0))).await;
+                    break;
+                }
+            },
+            // The terminal may outlive the container (a process that left its group holds
+            // it): the container's end is its leader's.
+            _ = tick.tick() => {
+                if !target.group.leader_alive(&boot) {
+                    while let Ok(bytes) = output.try_recv() {
+                        if wanted {
+                            let _ = session.output.send(StreamMessage::Stdout(bytes)).await;
+                        }
+                    }
+                    let _ = session.output.send(StreamMessage::exit(&exit_status(&[], 0))).await;
+                    break;
+                }
+            }
+        }
+    }
+    input.finish().await;
 }
 
 /// Runs an attach session until the container stops (then `Success`) or the client leaves.
@@ -113,32 +217,20 @@ pub async fn run(options: AttachOptions, target: AttachTarget, mut session: Sess
         }
         return;
     }
+    if let Some(terminal) = target.terminal.clone() {
+        run_terminal(options, target, terminal, session).await;
+        return;
+    }
     let boot = procs::boot_id();
     let mut offset = std::fs::metadata(&target.log).map_or(0, |m| m.len());
     let mut pending: Vec<u8> = Vec::new();
-    let mut wrote_stdin = false;
-    let mut input_open = true;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stdin = target.stdin.as_ref().filter(|_| options.stdin);
+    let mut input = Input::new(&options, &target);
     'session: loop {
         tokio::select! {
             _ = session.cancelled.cancelled() => break,
-            message = session.input.recv(), if input_open => match message {
-                Some(StreamMessage::Stdin(bytes)) => {
-                    if let Some(stdin) = stdin {
-                        wrote_stdin = true;
-                        stdin.write(&bytes).await;
-                    }
-                }
-                Some(StreamMessage::StdinClose) | None => {
-                    input_open = false;
-                    if let Some(stdin) = stdin.filter(|s| s.once) {
-                        stdin.close().await;
-                    }
-                }
-                Some(_) => {} // resize: there is no terminal
-            },
+            message = session.input.recv(), if input.open => input.take(message).await,
             _ = tick.tick() => {
                 let alive = target.group.leader_alive(&boot);
                 let len = std::fs::metadata(&target.log).map_or(0, |m| m.len());
@@ -192,11 +284,7 @@ pub async fn run(options: AttachOptions, target: AttachTarget, mut session: Sess
             }
         }
     }
-    if wrote_stdin {
-        if let Some(stdin) = stdin.filter(|s| s.once) {
-            stdin.close().await;
-        }
-    }
+    input.finish().await;
 }
 
 #[cfg(test)]

@@ -242,12 +242,14 @@ impl EdgeStream {
         })?;
         let log = logs::path(&dir, &options.container, false);
         let stdin = crate::edged::process::container_stdin(&log);
+        let terminal = crate::edged::process::container_terminal(&log);
         Ok((
             options,
             AttachTarget {
                 log,
                 group: running.group,
                 stdin,
+                terminal,
                 cri: running.cri,
             },
         ))

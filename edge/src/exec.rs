@@ -10,7 +10,7 @@
 //! which `kubectl exec` turns into its own exit code. The cloud going away (kubectl
 //! interrupted) kills the command's process group.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -130,38 +130,6 @@ pub fn exit_status(command: &[String], code: i32) -> Value {
     })
 }
 
-/// A pseudo-terminal pair: the master for this side, the slave for the command.
-fn open_pty() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut master = -1;
-    let mut slave = -1;
-    // SAFETY: openpty writes two descriptors it opened into the pointers given.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just opened and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) })
-}
-
-fn set_window(master: &OwnedFd, width: u16, height: u16) {
-    let size = libc::winsize {
-        ws_row: height,
-        ws_col: width,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads a winsize from the pointer; the descriptor is a pty master.
-    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
-}
-
 /// One exec session's ends, whatever carries them (the link to the cloud, or MetaServer's
 /// WebSocket for someone at the node): input from the client (`Stdin`, `StdinClose`,
 /// `Resize`; the channel closing means no more input), output to it (`Stdout`, `Stderr`, then
@@ -219,7 +187,7 @@ pub async fn run(options: ExecOptions, target: ExecContext, mut session: Session
         .current_dir(&target.cwd)
         .kill_on_drop(true);
     let pty = if options.tty {
-        match open_pty() {
+        match crate::pty::open() {
             Ok(pair) => Some(pair),
             Err(e) => {
                 let message = format!("cannot allocate a terminal: {e}\n");
@@ -231,20 +199,11 @@ pub async fn run(options: ExecOptions, target: ExecContext, mut session: Session
         None
     };
     if let Some((_, slave)) = &pty {
-        let fd = slave.as_raw_fd();
-        let stdio = |fd: i32| -> std::io::Result<Stdio> {
-            // SAFETY: dup of a descriptor we own; the duplicate is owned by the Stdio.
-            let dup = unsafe { libc::dup(fd) };
-            if dup < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(Stdio::from(unsafe { OwnedFd::from_raw_fd(dup) }))
-        };
-        match (stdio(fd), stdio(fd), stdio(fd)) {
-            (Ok(a), Ok(b), Ok(c)) => {
+        match crate::pty::stdio(slave) {
+            Ok((a, b, c)) => {
                 command.stdin(a).stdout(b).stderr(c);
             }
-            _ => {
+            Err(_) => {
                 let message = "cannot set up the terminal\n".to_owned();
                 not_started(&session, &options.command, message, 126).await;
                 return;
@@ -253,13 +212,7 @@ pub async fn run(options: ExecOptions, target: ExecContext, mut session: Session
         // SAFETY: between fork and exec only async-signal-safe calls: a new session whose
         // controlling terminal is the pty (its stdin), and death with edgecore.
         unsafe {
-            command.pre_exec(|| {
-                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
+            command.pre_exec(crate::pty::become_session_leader);
         }
     } else {
         // A group of its own (the terminal case gets one from setsid).
@@ -380,7 +333,7 @@ pub async fn run(options: ExecOptions, target: ExecContext, mut session: Session
                 }
                 Some(StreamMessage::Resize { width, height }) => {
                     if let Some(master) = &pty_master {
-                        set_window(master, width, height);
+                        crate::pty::set_window(master, width, height);
                     }
                 }
                 Some(_) => {}

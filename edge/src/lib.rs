@@ -28,6 +28,7 @@ pub mod meta;
 pub mod metaserver;
 pub mod node;
 pub mod portforward;
+pub mod pty;
 pub mod servicebus;
 pub mod usage;
 

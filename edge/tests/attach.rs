@@ -1,6 +1,7 @@
 //! `kubectl attach` end to end: real kubectl (WebSocket, v5.channel.k8s.io) against the cloud
 //! (carried over the node's QUIC link) and against MetaServer, to process-runtime containers:
-//! output followed as it is written, stdin of a `stdin: true` container, `stdinOnce`.
+//! output followed as it is written, stdin of a `stdin: true` container, `stdinOnce`, the
+//! terminal of a `tty: true` container.
 
 mod support;
 
@@ -42,6 +43,17 @@ spec:
     stdin: true
     stdinOnce: true
     command: ["sh", "-c", "cat; echo stdin closed"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: terminal}
+spec:
+  containers:
+  - name: main
+    image: busybox
+    stdin: true
+    tty: true
+    command: ["sh", "-c", "while read line; do echo \"got $line on $(tty) size $(stty size)\"; done"]
 "#;
 
 /// Starts `kubectl attach ARGS…` against `server` and hands its stdout lines to a channel.
@@ -95,7 +107,7 @@ fn kubectl_attach_follows_output_and_writes_stdin() {
         .kubectl_stdin(&["apply", "-f", "-"], PODS)
         .status
         .success());
-    for pod in ["talker", "listener", "once"] {
+    for pod in ["talker", "listener", "once", "terminal"] {
         eventually(&format!("{pod} Running"), Duration::from_secs(40), || {
             cloud.ok(&["get", "pod", pod, "-o", "jsonpath={.status.phase}"]) == "Running"
         });
@@ -173,6 +185,59 @@ fn kubectl_attach_follows_output_and_writes_stdin() {
     eventually("once Succeeded", Duration::from_secs(20), || {
         cloud.ok(&["get", "pod", "once", "-o", "jsonpath={.status.phase}"]) == "Succeeded"
     });
+
+    // A `tty: true` container: kubectl attach -it (given a terminal of 111×33 by script(1))
+    // reaches the container's terminal: input, raw output, the window size.
+    let mut session = Command::new("script")
+        .args([
+            "-qec",
+            &format!("stty cols 111 rows 33; kubectl --server {api} attach -it terminal"),
+            "/dev/null",
+        ])
+        .env("KUBECONFIG", "/dev/null")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = session.stdin.take().unwrap();
+    let sender = std::thread::spawn(move || {
+        for _ in 0..100 {
+            if input.write_all(b"hello\n").is_err() {
+                return;
+            }
+            let _ = input.flush();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let (tx, lines) = mpsc::channel();
+    let out = session.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let line = expect_line(&lines, |l| l.contains("got hello on /dev/pts/"));
+    // kubectl sends the window size on its own stream: a later line has it for sure.
+    let sized = expect_line(&lines, |l| {
+        l.contains("got hello") && l.contains("size 33 111")
+    });
+    assert!(!line.contains("not a tty"), "{line}");
+    let _ = session.kill();
+    let _ = session.wait();
+    drop(lines);
+    let _ = sender.join();
+    assert!(sized.contains("/dev/pts/"), "{sized}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        cloud.ok(&["get", "pod", "terminal", "-o", "jsonpath={.status.phase}"]),
+        "Running",
+        "the container does not go with the client"
+    );
+    let logged = cloud.ok(&["logs", "terminal", "--tail=1"]);
+    assert!(logged.contains("got hello on /dev/pts/"), "{logged}");
 
     // On the node itself with the cloud gone: MetaServer attaches too.
     cloud.kill9();

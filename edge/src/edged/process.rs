@@ -8,7 +8,9 @@
 //!   mounted at `/etc/config` is at `$KEDGE_POD_ROOT/etc/config`;
 //! - stdout and stderr go to `DATA_DIR/pods/<namespace>_<name>/<container>.log` in the CRI log
 //!   format (each line with its time and stream, see [`super::logs`]); at a restart the log
-//!   becomes `<container>.previous.log` (`kubectl logs --previous`);
+//!   becomes `<container>.previous.log` (`kubectl logs --previous`); with `tty: true` the
+//!   container runs on a pseudo-terminal instead (stdin, stdout, stderr and its controlling
+//!   terminal), whose output is logged as stdout and reaches `kubectl attach -t` raw;
 //! - restartPolicy Always/OnFailure/Never with backoff (1 s doubling to 60 s, reset after a
 //!   minute of running);
 //! - each container runs in a process group of its own, and everything in it belongs to the
@@ -249,13 +251,15 @@ impl Runtime for ProcessRuntime {
 }
 
 /// The stdin of a running container started with `stdin: true`, which `kubectl attach -i`
-/// writes to. Held by this edgecore only: a container adopted after an edgecore restart has
-/// lost it (its stdin then reads end of file).
+/// writes to: a pipe, or the container's terminal with `tty: true`. Held by this edgecore
+/// only (the container dies with it anyway, see the module documentation).
 #[derive(Clone)]
 pub struct ContainerStdin {
-    pipe: Arc<tokio::sync::Mutex<Option<tokio::process::ChildStdin>>>,
+    pipe: Arc<tokio::sync::Mutex<Option<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>>>,
     /// `stdinOnce`: closed when the first attach session that used it ends.
     pub once: bool,
+    /// The container's terminal: closing sends `^D` (a terminal has no end of file).
+    terminal: bool,
 }
 
 impl ContainerStdin {
@@ -275,43 +279,149 @@ impl ContainerStdin {
 
     /// Closes the container's stdin (it reads end of file).
     pub async fn close(&self) {
+        if self.terminal {
+            self.write(&[4]).await;
+        }
         self.pipe.lock().await.take();
     }
 }
 
-type Stdins = Mutex<HashMap<PathBuf, ContainerStdin>>;
-
-fn stdins() -> &'static Stdins {
-    static STDINS: std::sync::OnceLock<Stdins> = std::sync::OnceLock::new();
-    STDINS.get_or_init(Default::default)
+/// The terminal of a running container started with `tty: true`: its output as it comes
+/// (raw bytes, for `kubectl attach -t`; the log gets it too) and its window size.
+#[derive(Clone)]
+pub struct ContainerTerminal {
+    master: Arc<std::os::fd::OwnedFd>,
+    output: tokio::sync::broadcast::Sender<Vec<u8>>,
 }
 
-fn register_stdin(log: &Path, pipe: tokio::process::ChildStdin, once: bool) {
-    let stdin = ContainerStdin {
-        pipe: Arc::new(tokio::sync::Mutex::new(Some(pipe))),
-        once,
-    };
-    stdins()
+impl ContainerTerminal {
+    /// The container's output from now on. A receiver that falls more than 64 reads behind
+    /// loses the oldest (`Lagged`): a slow client never holds the container back. Closed when
+    /// the container's terminal is.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Vec<u8>> {
+        self.output.subscribe()
+    }
+
+    /// Sets the window size (columns, rows).
+    pub fn resize(&self, width: u16, height: u16) {
+        crate::pty::set_window(&*self.master, width, height);
+    }
+}
+
+/// What an attach session can reach of a running container besides its log.
+#[derive(Clone, Default)]
+struct Attachable {
+    stdin: Option<ContainerStdin>,
+    terminal: Option<ContainerTerminal>,
+}
+
+type Attachables = Mutex<HashMap<PathBuf, Attachable>>;
+
+fn attachables() -> &'static Attachables {
+    static ATTACHABLES: std::sync::OnceLock<Attachables> = std::sync::OnceLock::new();
+    ATTACHABLES.get_or_init(Default::default)
+}
+
+fn register_attachable(log: &Path, attachable: Attachable) {
+    attachables()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(log.to_owned(), stdin);
+        .insert(log.to_owned(), attachable);
 }
 
-fn unregister_stdin(log: &Path) {
-    stdins()
+fn unregister_attachable(log: &Path) {
+    attachables()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(log);
 }
 
-/// The stdin of the running container whose log file is `log` (`<pod dir>/<container>.log`),
-/// if it was started with `stdin: true` by this edgecore.
-pub fn container_stdin(log: &Path) -> Option<ContainerStdin> {
-    stdins()
+fn attachable(log: &Path) -> Attachable {
+    attachables()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(log)
         .cloned()
+        .unwrap_or_default()
+}
+
+/// The stdin of the running container whose log file is `log` (`<pod dir>/<container>.log`),
+/// if it was started with `stdin: true` by this edgecore.
+pub fn container_stdin(log: &Path) -> Option<ContainerStdin> {
+    attachable(log).stdin
+}
+
+/// The terminal of the running container whose log file is `log`, if it was started with
+/// `tty: true` by this edgecore.
+pub fn container_terminal(log: &Path) -> Option<ContainerTerminal> {
+    attachable(log).terminal
+}
+
+/// Reads a container's terminal for its log, passing each chunk to attached clients as well.
+struct Tee<R> {
+    inner: R,
+    output: tokio::sync::broadcast::Sender<Vec<u8>>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tee<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let poll = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &poll {
+            let new = &buf.filled()[before..];
+            if !new.is_empty() {
+                // No receiver (nobody attached) is not an error.
+                let _ = this.output.send(new.to_vec());
+            }
+        }
+        poll
+    }
+}
+
+/// A started container's terminal: the log gets its output (as stdout, as CRI runtimes log a
+/// terminal), attach sessions its output, input and window size.
+fn attach_terminal(
+    log: &Path,
+    master: std::os::fd::OwnedFd,
+    stdin: bool,
+    once: bool,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let (output, _) = tokio::sync::broadcast::channel(64);
+    let reader = tokio::fs::File::from_std(std::fs::File::from(master.try_clone()?));
+    let stdin = if stdin {
+        let writer = tokio::fs::File::from_std(std::fs::File::from(master.try_clone()?));
+        Some(ContainerStdin {
+            pipe: Arc::new(tokio::sync::Mutex::new(Some(Box::new(writer)))),
+            once,
+            terminal: true,
+        })
+    } else {
+        None
+    };
+    let tee = Tee {
+        inner: reader,
+        output: output.clone(),
+    };
+    register_attachable(
+        log,
+        Attachable {
+            stdin,
+            terminal: Some(ContainerTerminal {
+                master: Arc::new(master),
+                output,
+            }),
+        },
+    );
+    Ok(tokio::spawn(super::logs::copy_to_log(
+        tee,
+        log.to_owned(),
+        "stdout",
+    )))
 }
 
 struct Supervisor {
@@ -336,7 +446,15 @@ impl Supervisor {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).state = state;
     }
 
-    fn command(&self) -> std::io::Result<tokio::process::Command> {
+    /// The container's command, and with `tty: true` the terminal `(master, slave)` it runs
+    /// on (the slave is to be closed once the command is spawned).
+    #[allow(clippy::type_complexity)]
+    fn command(
+        &self,
+    ) -> std::io::Result<(
+        tokio::process::Command,
+        Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
+    )> {
         let argv = &self.container.argv;
         let mut command = tokio::process::Command::new(&argv[0]);
         command.args(&argv[1..]);
@@ -349,6 +467,18 @@ impl Supervisor {
         command.env(procs::RUNTIME_ID_VAR, &*self.runtime_id);
         command.env(procs::POD_UID_VAR, &self.pod_uid);
         command.current_dir(&self.root);
+        if self.container.tty {
+            // A terminal as stdin, stdout and stderr, and as the controlling terminal of the
+            // session the container leads (its process group: pgid = pid, as below).
+            let (master, slave) = crate::pty::open()?;
+            let (stdin, stdout, stderr) = crate::pty::stdio(&slave)?;
+            command.stdin(stdin).stdout(stdout).stderr(stderr);
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                command.pre_exec(crate::pty::become_session_leader);
+            }
+            return Ok((command, Some((master, slave))));
+        }
         // Through pipes, so that each line gets its time (the CRI log format, see
         // `super::logs`); the container dies with edgecore anyway (PDEATHSIG below).
         command.stdout(std::process::Stdio::piped());
@@ -369,7 +499,7 @@ impl Supervisor {
                 Ok(())
             });
         }
-        Ok(command)
+        Ok((command, None))
     }
 
     /// Waits out `delay` unless stopped first; returns whether it was stopped.
@@ -401,7 +531,13 @@ impl Supervisor {
             }
             // The last instance's log stays readable as `kubectl logs --previous`.
             super::logs::rotate(&self.log);
-            let spawned = self.command().and_then(|mut c| c.spawn());
+            let mut terminal = None;
+            let spawned = self.command().and_then(|(mut c, pty)| {
+                let child = c.spawn()?;
+                // Only the child keeps the slave: the master reads end of input when it ends.
+                terminal = pty.map(|(master, _slave)| master);
+                Ok(child)
+            });
             let mut child = match spawned {
                 Ok(child) => child,
                 Err(e) => {
@@ -417,10 +553,28 @@ impl Supervisor {
                 }
             };
             if let Some(pipe) = child.stdin.take() {
-                register_stdin(&self.log, pipe, self.container.stdin_once);
+                let stdin = ContainerStdin {
+                    pipe: Arc::new(tokio::sync::Mutex::new(Some(Box::new(pipe)))),
+                    once: self.container.stdin_once,
+                    terminal: false,
+                };
+                register_attachable(
+                    &self.log,
+                    Attachable {
+                        stdin: Some(stdin),
+                        terminal: None,
+                    },
+                );
             }
+            let terminal_copy = terminal.and_then(|master| {
+                let (stdin, once) = (self.container.stdin, self.container.stdin_once);
+                attach_terminal(&self.log, master, stdin, once)
+                    .inspect_err(|e| tracing::warn!(error = %e, "the container's terminal"))
+                    .ok()
+            });
             let copies: Vec<_> =
                 [
+                    terminal_copy,
                     child.stdout.take().map(|p| {
                         tokio::spawn(super::logs::copy_to_log(p, self.log.clone(), "stdout"))
                     }),
@@ -443,7 +597,7 @@ impl Supervisor {
                 exit = child.wait() => (exit, false),
                 _ = self.stop.cancelled() => (self.terminate(&mut child, pgid).await, true),
             };
-            unregister_stdin(&self.log);
+            unregister_attachable(&self.log);
             // Whatever the container's process left in its group dies with it.
             procs::signal_group(pgid, libc::SIGKILL);
             // Its last lines are in the log before its end is reported. Bounded: a process

@@ -43,7 +43,7 @@ pub struct ContainerRun {
     pub stdin: bool,
     /// `stdinOnce: true`: that pipe closes when the first attach session that used it ends.
     pub stdin_once: bool,
-    /// `tty: true`: the container gets a terminal (CRI runtime only).
+    /// `tty: true`: the container gets a terminal (`kubectl attach -t`).
     pub tty: bool,
     /// `command` alone (CRI: overrides the image's entrypoint when not empty).
     pub command: Vec<String>,
