@@ -475,6 +475,390 @@ async fn metrics_resource(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    answer_for_node(&streams, &headers, query, |_, report| {
+        ("text/plain; version=0.0.4", resource_metrics(report))
+    })
+    .await
+}
+
+async fn stats_summary(
+    State(streams): State<StreamState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    answer_for_node(&streams, &headers, query, |node, report| {
+        ("application/json", summary(node, report).to_string())
+    })
+    .await
+}
+
+/// 200 with what `render` makes of the usage report of the node the request names
+/// (`(content type, body)`), or the error of finding the node or its report.
+async fn answer_for_node(
+    streams: &StreamState,
+    headers: &HeaderMap,
+    query: Option<String>,
+    render: impl FnOnce(&str, &UsageReport) -> (&'static str, String),
+) -> Response {
+    let node = match node_of(streams, headers, query.as_deref()) {
+        Ok(node) => node,
+        Err(e) => return error(e),
+    };
+    match report(streams, &node).await {
+        Ok(report) => {
+            let (content_type, body) = render(&node, &report);
+            (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body).into_response()
+        }
+        Err(e) => error(e),
+    }
+}
+
+/// A client verifier that refuses certificates of nodes (`CN=system:node:…`).
+#[derive(Debug)]
+struct NotANode(Arc<dyn rustls::server::danger::ClientCertVerifier>);
+
+impl rustls::server::danger::ClientCertVerifier for NotANode {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        let node = x509_parser::parse_x509_certificate(end_entity.as_ref())
+            .ok()
+            .and_then(|(_, cert)| {
+                cert.subject()
+                    .iter_common_name()
+                    .next()
+                    .and_then(|cn| cn.as_str().ok().map(str::to_owned))
+            })
+            .is_some_and(|cn| cn.starts_with("system:node:"));
+        if node {
+            return Err(rustls::Error::General(
+                "a node's certificate may not use the kubelet endpoint".into(),
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// The endpoint's routes; `streams` is CloudStream's state (its per-node stream limit is
+/// shared with the API's streams), without the API's bearer token.
+pub fn router(streams: StreamState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/containerLogs/{namespace}/{pod}/{container}",
+            get(container_logs),
+        )
+        .route("/exec/{namespace}/{pod}/{container}", get(exec).post(exec))
+        .route(
+            "/attach/{namespace}/{pod}/{container}",
+            get(attach).post(attach),
+        )
+        .route(
+            "/portForward/{namespace}/{pod}",
+            get(cloudstream::portforward).post(cloudstream::portforward_spdy),
+        )
+        .route("/metrics/resource", get(metrics_resource))
+        .route("/stats/summary", get(stats_summary))
+        .with_state(streams.without_token())
+}
+
+fn error(e: ApiError) -> Response {
+    ApiReply::error(&e).into_response()
+}
+
+/// kubelet's query (`input`, `output`, `error`, `tty`, `command`, log options) in the API's
+/// names, with the container from the path.
+fn api_query(query: Option<&str>, container: &str) -> String {
+    let mut pairs: Vec<String> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let key = match key {
+                "input" => "stdin",
+                "output" => "stdout",
+                "error" => "stderr",
+                "container" => return None,
+                other => other,
+            };
+            Some(format!("{key}={value}"))
+        })
+        .collect();
+    pairs.push(format!(
+        "container={}",
+        form_urlencoded_byte_serialize(container)
+    ));
+    pairs.join("&")
+}
+
+fn form_urlencoded_byte_serialize(value: &str) -> String {
+    serde_urlencoded::to_string([("v", value)])
+        .map(|s| s[2..].to_owned())
+        .unwrap_or_default()
+}
+
+async fn container_logs(
+    State(streams): State<StreamState>,
+    Path((namespace, pod, container)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let query = api_query(query.as_deref(), &container);
+    cloudstream::log_stream(&streams, namespace, pod, query).await
+}
+
+async fn exec(
+    State(streams): State<StreamState>,
+    Path((namespace, pod, container)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Response {
+    let query = api_query(query.as_deref(), &container);
+    cloudstream::remote_command(Subresource::Exec, &streams, namespace, pod, query, request).await
+}
+
+async fn attach(
+    State(streams): State<StreamState>,
+    Path((namespace, pod, container)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Response {
+    let query = api_query(query.as_deref(), &container);
+    cloudstream::remote_command(
+        Subresource::Attach,
+        &streams,
+        namespace,
+        pod,
+        query,
+        request,
+    )
+    .await
+}
+
+/// The node a metrics request is for: `?node=` or the `Host` header (without its port), which
+/// must name a Node the store holds.
+fn node_of(
+    streams: &StreamState,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<String, ApiError> {
+    let asked = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|p| p.strip_prefix("node="))
+        .map(str::to_owned);
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| {
+            // `name:port`, `[v6]:port` or a bare host.
+            let h = h
+                .rsplit_once(':')
+                .filter(|(_, p)| p.parse::<u16>().is_ok())
+                .map_or(h, |(h, _)| h);
+            h.trim_start_matches('[').trim_end_matches(']').to_owned()
+        });
+    let name = asked.or(host).unwrap_or_default();
+    let known = ObjectKey::new("nodes", "", &name)
+        .ok()
+        .and_then(|key| streams.store().get(&key).ok().flatten())
+        .is_some();
+    if known {
+        return Ok(name);
+    }
+    Err(ApiError::new(
+        404,
+        "NotFound",
+        format!(
+            "this endpoint serves every edge node of cloudcore; {name:?} is not one: ask with \
+             the node's name as host (metrics-server: --kubelet-preferred-address-types=Hostname, \
+             edge node names resolving to cloudcore) or ?node=NAME"
+        ),
+    ))
+}
+
+/// The node's usage report, or 503 when it is not connected or did not answer.
+async fn report(streams: &StreamState, node: &str) -> Result<UsageReport, ApiError> {
+    crate::top::ask(streams.bus(), node).await.ok_or_else(|| {
+        ApiError::unavailable(format!(
+            "node {node} is not connected or did not answer within {:?}",
+            crate::top::ASK_TIMEOUT
+        ))
+    })
+}
+
+/// Milliseconds since the Unix epoch of a report's RFC 3339 timestamp (now if unreadable).
+fn report_millis(report: &UsageReport) -> i128 {
+    time::OffsetDateTime::parse(
+        &report.timestamp,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+    .unix_timestamp_nanos()
+        / 1_000_000
+}
+
+/// kubelet's `/metrics/resource` (Prometheus text format 0.0.4) for one node: the node's,
+/// each pod's and each container's cumulative CPU seconds and working-set bytes, stamped
+/// with the report's time.
+pub fn resource_metrics(report: &UsageReport) -> String {
+    use std::fmt::Write;
+    let at = report_millis(report);
+    let seconds = |ns: u64| ns as f64 / 1e9;
+    let mut text = String::new();
+    let mut section = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+        let _ = writeln!(text, "# HELP {name} [STABLE] {help}\n# TYPE {name} {kind}");
+        for (labels, value) in rows {
+            let _ = writeln!(text, "{name}{labels} {value} {at}");
+        }
+    };
+    section(
+        "node_cpu_usage_seconds_total",
+        "counter",
+        "Cumulative cpu time consumed by the node in core-seconds",
+        vec![(String::new(), seconds(report.node.cpu_core_nanoseconds))],
+    );
+    section(
+        "node_memory_working_set_bytes",
+        "gauge",
+        "Current working set of the node in bytes",
+        vec![(String::new(), report.node.memory_bytes as f64)],
+    );
+    let pod_labels = |ns: &str, pod: &str| format!("{{namespace=\"{ns}\",pod=\"{pod}\"}}");
+    let container_labels = |c: &str, ns: &str, pod: &str| {
+        format!("{{container=\"{c}\",namespace=\"{ns}\",pod=\"{pod}\"}}")
+    };
+    let containers = || {
+        report.pods.iter().flat_map(|p| {
+            p.containers
+                .iter()
+                .map(move |c| (container_labels(&c.name, &p.namespace, &p.name), c.usage))
+        })
+    };
+    section(
+        "container_cpu_usage_seconds_total",
+        "counter",
+        "Cumulative cpu time consumed by the container in core-seconds",
+        containers()
+            .map(|(l, u)| (l, seconds(u.cpu_core_nanoseconds)))
+            .collect(),
+    );
+    section(
+        "container_memory_working_set_bytes",
+        "gauge",
+        "Current working set of the container in bytes",
+        containers()
+            .map(|(l, u)| (l, u.memory_bytes as f64))
+            .collect(),
+    );
+    let pods = || {
+        report.pods.iter().map(|p| {
+            let cpu: u64 = p
+                .containers
+                .iter()
+                .map(|c| c.usage.cpu_core_nanoseconds)
+                .sum();
+            let memory: u64 = p.containers.iter().map(|c| c.usage.memory_bytes).sum();
+            (pod_labels(&p.namespace, &p.name), cpu, memory)
+        })
+    };
+    section(
+        "pod_cpu_usage_seconds_total",
+        "counter",
+        "Cumulative cpu time consumed by the pod in core-seconds",
+        pods().map(|(l, cpu, _)| (l, seconds(cpu))).collect(),
+    );
+    section(
+        "pod_memory_working_set_bytes",
+        "gauge",
+        "Current working set of the pod in bytes",
+        pods().map(|(l, _, memory)| (l, memory as f64)).collect(),
+    );
+    let _ = writeln!(
+        text,
+        "# HELP scrape_error [ALPHA] 1 if there was an error while getting container metrics, 0 otherwise\n# TYPE scrape_error gauge\nscrape_error 0"
+    );
+    text
+}
+
+/// kubelet's `/stats/summary` (`stats/v1alpha1` Summary) for one node: CPU (`usageNanoCores`,
+/// `usageCoreNanoSeconds`) and memory (`workingSetBytes`) of the node, its pods and their
+/// containers.
+pub fn summary(node: &str, report: &UsageReport) -> Value {
+    let usage = |u: &transport::usage::Usage| {
+        json!({
+            "cpu": {"time": report.timestamp, "usageNanoCores": u.cpu_nanocores,
+                    "usageCoreNanoSeconds": u.cpu_core_nanoseconds},
+            "memory": {"time": report.timestamp, "workingSetBytes": u.memory_bytes},
+        })
+    };
+    let pods: Vec<Value> = report
+        .pods
+        .iter()
+        .map(|p| {
+            let total = p
+                .containers
+                .iter()
+                .fold(transport::usage::Usage::default(), |mut t, c| {
+                    t.cpu_nanocores += c.usage.cpu_nanocores;
+                    t.memory_bytes += c.usage.memory_bytes;
+                    t.cpu_core_nanoseconds += c.usage.cpu_core_nanoseconds;
+                    t
+                });
+            let mut pod = usage(&total);
+            pod["podRef"] = json!({"name": p.name, "namespace": p.namespace});
+            pod["containers"] = p
+                .containers
+                .iter()
+                .map(|c| {
+                    let mut container = usage(&c.usage);
+                    container["name"] = json!(c.name);
+                    container
+                })
+                .collect();
+            pod
+        })
+        .collect();
+    let mut node_stats = usage(&report.node);
+    node_stats["nodeName"] = json!(node);
+    json!({"node": node_stats, "pods": pods})
+}
+
+async fn metrics_resource(
+    State(streams): State<StreamState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
     let node = match node_of(&streams, &headers, query.as_deref()) {
         Ok(node) => node,
         Err(e) => return error(e),
