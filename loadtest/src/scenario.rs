@@ -22,6 +22,7 @@ pub const ALL: &[&str] = &[
     "initial-sync",
     "churn",
     "status-flood",
+    "pod-lifecycle",
     "partition",
     "cloud-restart",
     "replica-failover",
@@ -45,6 +46,10 @@ pub struct Settings {
     pub link_keepalive_s: f64,
     /// Replicas of the `deployment` scenario's Deployment.
     pub deployment_replicas: usize,
+    /// Pods the `pod-lifecycle` scenario creates and deletes (spread over the nodes).
+    pub lifecycle_pods: usize,
+    /// Creates (then deletes) per second in `pod-lifecycle`: a steady rate, not a burst.
+    pub create_rate: f64,
 }
 
 /// One scenario's outcome: its numbers and its convergence check.
@@ -54,6 +59,86 @@ pub struct Outcome {
     pub seconds: f64,
     pub metrics: BTreeMap<String, Value>,
     pub convergence: Convergence,
+}
+
+/// One API request of a paced run.
+type Request = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
+/// Keeps a steady request rate: each [`Pacer::push`] returns when the next request is due,
+/// collecting finished ones meanwhile (at most 256 in flight, so a slow API slows the rate
+/// down rather than piling requests up).
+struct Pacer {
+    interval: Duration,
+    next: Instant,
+    inflight: futures_util::stream::FuturesUnordered<Request>,
+    failed: u64,
+}
+
+impl Pacer {
+    /// `rate` requests per second.
+    fn new(rate: f64) -> Self {
+        Pacer {
+            interval: Duration::from_secs_f64(1.0 / rate.max(0.001)),
+            next: Instant::now(),
+            inflight: Default::default(),
+            failed: 0,
+        }
+    }
+
+    fn settle(&mut self, result: anyhow::Result<()>) {
+        if let Err(e) = result {
+            self.failed += 1;
+            tracing::debug!(error = %e, "paced request failed");
+        }
+    }
+
+    async fn push(&mut self, request: Request) {
+        self.inflight.push(request);
+        self.next += self.interval;
+        loop {
+            let now = Instant::now();
+            if now >= self.next && self.inflight.len() < 256 {
+                return;
+            }
+            let wait = self
+                .next
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1));
+            tokio::select! {
+                Some(result) = self.inflight.next() => self.settle(result),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Waits for the requests in flight; returns how many of all failed.
+    async fn finish(mut self) -> u64 {
+        while let Some(result) = self.inflight.next().await {
+            self.settle(result);
+        }
+        self.failed
+    }
+}
+
+/// The cloud's CPU time and the fleet's link bytes (both directions) at one moment.
+struct Cost {
+    at: Instant,
+    cpu_seconds: f64,
+    link_bytes: u64,
+}
+
+impl Cost {
+    /// Per-unit figures of what `self` → `later` cost beyond the background rate
+    /// (`background`: CPU seconds and bytes per second at rest): (CPU ms, bytes) per unit.
+    fn per_unit(&self, later: &Cost, background: (f64, f64), units: usize) -> (f64, f64) {
+        let seconds = later.at.duration_since(self.at).as_secs_f64();
+        let cpu = (later.cpu_seconds - self.cpu_seconds - background.0 * seconds).max(0.0);
+        let bytes = (later.link_bytes.saturating_sub(self.link_bytes) as f64
+            - background.1 * seconds)
+            .max(0.0);
+        let units = units.max(1) as f64;
+        (1000.0 * cpu / units, bytes / units)
+    }
 }
 
 pub struct Harness {
@@ -125,6 +210,7 @@ impl Harness {
             "initial-sync" => self.initial_sync(&mut metrics).await?,
             "churn" => self.churn(&mut metrics).await?,
             "status-flood" => self.status_flood(&mut metrics).await?,
+            "pod-lifecycle" => self.pod_lifecycle(&mut metrics).await?,
             "partition" => self.partition(&mut metrics).await?,
             "cloud-restart" => self.cloud_restart(&mut metrics).await?,
             "replica-failover" => self.replica_failover(&mut metrics).await?,
@@ -279,11 +365,9 @@ impl Harness {
     /// `pick` chooses from.
     async fn churn_for(&mut self, duration: Duration, nodes: &[usize]) -> anyhow::Result<u64> {
         let rate = self.settings.churn_rate.max(1.0);
-        let interval = Duration::from_secs_f64(1.0 / rate);
         let start = Instant::now();
-        let mut next = start;
         let mut done = 0u64;
-        let mut inflight = futures_util::stream::FuturesUnordered::new();
+        let mut pacer = Pacer::new(rate);
         let probes = self.fleet().probes.clone();
         let progress = bar((rate * duration.as_secs_f64()) as u64, "churn");
         while start.elapsed() < duration {
@@ -291,9 +375,7 @@ impl Harness {
             let roll: f64 = self.rng.random();
             let api = self.api.clone();
             let probe = self.probe();
-            let fut: std::pin::Pin<
-                Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>,
-            > = if roll < 0.6 && !self.pods[node].is_empty() {
+            let fut: Request = if roll < 0.6 && !self.pods[node].is_empty() {
                 let pod = self.pods[node][self.rng.random_range(0..self.pods[node].len())].clone();
                 probes.changed(pod_key(&pod), &probe);
                 Box::pin(async move { api.touch_pod(&pod, &probe).await })
@@ -310,34 +392,11 @@ impl Harness {
                 probes.changed(pod_key(&pod), &probe);
                 Box::pin(async move { api.create_pod(&name, &pod, &probe).await })
             };
-            inflight.push(fut);
+            pacer.push(fut).await;
             done += 1;
             progress.inc(1);
-            next += interval;
-            // Keep the rate: wait for the next slot while collecting finished requests.
-            loop {
-                let now = Instant::now();
-                if now >= next && inflight.len() < 256 {
-                    break;
-                }
-                let wait = next
-                    .saturating_duration_since(now)
-                    .max(Duration::from_millis(1));
-                tokio::select! {
-                    Some(result) = inflight.next() => {
-                        if let Err(e) = result {
-                            tracing::debug!(error = %e, "churn request failed");
-                        }
-                    }
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            }
         }
-        while let Some(result) = inflight.next().await {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "churn request failed");
-            }
-        }
+        pacer.finish().await;
         progress.finish_and_clear();
         Ok(done)
     }
@@ -412,7 +471,142 @@ impl Harness {
                 "cloud_cpu_percent".into(),
                 num(100.0 * (a.cpu_seconds - b.cpu_seconds) / seconds),
             );
+            m.insert(
+                "cloud_cpu_ms_per_update".into(),
+                num(1000.0 * (a.cpu_seconds - b.cpu_seconds) / pods.max(1) as f64),
+            );
         }
+        let both: u64 = after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| (a.bytes_tx + a.bytes_rx).saturating_sub(b.bytes_tx + b.bytes_rx))
+            .sum();
+        m.insert(
+            "link_bytes_per_update_both_ways".into(),
+            num(both as f64 / pods.max(1) as f64),
+        );
+        Ok(())
+    }
+
+    /// The cloud's CPU time and the fleet's link bytes now.
+    async fn cost(&self) -> Cost {
+        let link_bytes = self
+            .fleet()
+            .snapshots()
+            .await
+            .iter()
+            .map(|s| s.bytes_rx + s.bytes_tx)
+            .sum();
+        Cost {
+            at: Instant::now(),
+            cpu_seconds: self.cloud.sample().map_or(0.0, |s| s.cpu_seconds),
+            link_bytes,
+        }
+    }
+
+    /// Creates `lifecycle_pods` pods over the nodes at `create_rate` per second, waits until
+    /// they run, deletes them at the same rate and waits until every node saw its deletions:
+    /// pod startup at a steady rate, and what one pod's lifecycle costs the cloud (CPU) and the
+    /// links (bytes, both directions, QUIC included) beyond the fleet's background, measured
+    /// over 5 s just before in the same run.
+    async fn pod_lifecycle(&mut self, m: &mut BTreeMap<String, Value>) -> anyhow::Result<()> {
+        let total = self.settings.lifecycle_pods.max(1);
+        let rate = self.settings.create_rate.max(1.0);
+        let probes = self.fleet().probes.clone();
+        probes.reset();
+        let watch = self.api.watch_pods(probes.clone());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rest = self.cost().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let start = self.cost().await;
+        let seconds = start.at.duration_since(rest.at).as_secs_f64();
+        let background = (
+            (start.cpu_seconds - rest.cpu_seconds) / seconds,
+            start.link_bytes.saturating_sub(rest.link_bytes) as f64 / seconds,
+        );
+
+        let nodes = self.fleet().len();
+        let mut pods = Vec::with_capacity(total);
+        let mut pacer = Pacer::new(rate);
+        let progress = bar(total as u64, "create (paced)");
+        for k in 0..total {
+            let i = k % nodes;
+            let node = self.fleet().names[i].clone();
+            let pod = pod_name(&node, self.next_pod[i]);
+            self.next_pod[i] += 1;
+            pods.push(pod.clone());
+            let (api, probe) = (self.api.clone(), self.probe());
+            probes.created(pod_key(&pod), &probe);
+            pacer
+                .push(Box::pin(async move {
+                    api.create_pod(&node, &pod, &probe).await
+                }))
+                .await;
+            progress.inc(1);
+        }
+        let create_failures = pacer.finish().await;
+        progress.finish_and_clear();
+        let create_seconds = start.at.elapsed().as_secs_f64();
+        let deadline = Instant::now() + Duration::from_secs_f64(self.settings.converge_timeout_s);
+        while (probes.startup.percentiles().count as usize) < total && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let running = self.cost().await;
+
+        let mut pacer = Pacer::new(rate);
+        let progress = bar(total as u64, "delete (paced)");
+        for pod in &pods {
+            probes.deleted(pod_key(pod));
+            let (api, pod) = (self.api.clone(), pod.clone());
+            pacer
+                .push(Box::pin(async move { api.delete_pod(&pod).await }))
+                .await;
+            progress.inc(1);
+        }
+        let delete_failures = pacer.finish().await;
+        progress.finish_and_clear();
+        let deadline = Instant::now() + Duration::from_secs_f64(self.settings.converge_timeout_s);
+        while probes.pending().1 > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let gone = self.cost().await;
+        watch.abort();
+
+        let (create_cpu_ms, create_bytes) = start.per_unit(&running, background, total);
+        let (delete_cpu_ms, delete_bytes) = running.per_unit(&gone, background, total);
+        m.insert("pods".into(), json!(total));
+        m.insert("create_rate_target".into(), num(rate));
+        m.insert(
+            "create_rate_achieved".into(),
+            num(total as f64 / create_seconds),
+        );
+        m.insert(
+            "request_failures".into(),
+            json!(create_failures + delete_failures),
+        );
+        m.insert("pod_startup".into(), json!(probes.startup.percentiles()));
+        m.insert(
+            "create_to_node".into(),
+            json!(probes.create_to_node.percentiles()),
+        );
+        m.insert("deletes_not_seen".into(), json!(probes.pending().1));
+        m.insert(
+            "background_cloud_cpu_percent".into(),
+            num(100.0 * background.0),
+        );
+        m.insert("background_link_bytes_per_second".into(), num(background.1));
+        m.insert("cloud_cpu_ms_per_create".into(), num(create_cpu_ms));
+        m.insert("cloud_cpu_ms_per_delete".into(), num(delete_cpu_ms));
+        m.insert(
+            "cloud_cpu_ms_per_pod_lifecycle".into(),
+            num(create_cpu_ms + delete_cpu_ms),
+        );
+        m.insert("link_bytes_per_create".into(), num(create_bytes));
+        m.insert("link_bytes_per_delete".into(), num(delete_bytes));
+        m.insert(
+            "link_bytes_per_pod_lifecycle".into(),
+            num(create_bytes + delete_bytes),
+        );
         Ok(())
     }
 

@@ -83,6 +83,7 @@ fn a_small_fleet_runs_every_scenario_and_converges() {
             "initial-sync",
             "churn",
             "status-flood",
+            "pod-lifecycle",
             "partition",
             "cloud-restart",
             "replica-failover",
@@ -104,6 +105,19 @@ fn a_small_fleet_runs_every_scenario_and_converges() {
     assert!(
         not_seen <= 6,
         "{not_seen} of the churn's changes never reached their node"
+    );
+    // Paced creates (200/s by default, one pod per node): every pod ran, every delete
+    // reached its node, and a lifecycle has a cost on the links.
+    assert_eq!(
+        metric(&report, "pod-lifecycle", "pod_startup")["count"],
+        200
+    );
+    assert_eq!(metric(&report, "pod-lifecycle", "deletes_not_seen"), 0);
+    assert!(
+        metric(&report, "pod-lifecycle", "link_bytes_per_pod_lifecycle")
+            .as_f64()
+            .unwrap()
+            > 0.0
     );
     assert_eq!(metric(&report, "partition", "partitioned_nodes"), 20);
     assert_eq!(metric(&report, "cloud-restart", "reconnected"), 200);

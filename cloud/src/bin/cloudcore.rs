@@ -8,6 +8,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use cloud::server::{CloudConfig, CloudCore};
 
+// `--features system-allocator`: the C library's malloc, which heap profilers (heaptrack,
+// valgrind's dhat) see; mimalloc's own segments are invisible to them.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -56,6 +56,13 @@ struct Args {
     /// Replicas of the `deployment` scenario's Deployment (placed by the scheduler).
     #[arg(long, default_value_t = 1000)]
     deployment_replicas: usize,
+    /// Pods `pod-lifecycle` creates and deletes, spread over the nodes (default: one per node).
+    #[arg(long)]
+    lifecycle_pods: Option<usize>,
+    /// Creates (then deletes) per second in `pod-lifecycle`, at a steady pace: the rate a
+    /// fleet sustains, as opposed to initial-sync's burst.
+    #[arg(long, default_value_t = 200.0)]
+    create_rate: f64,
     /// The cloudcore binary to start (default: next to this one).
     #[arg(long)]
     cloudcore: Option<PathBuf>,
@@ -179,6 +186,8 @@ fn main() -> std::process::ExitCode {
         cloud_replicas: args.cloud_replicas as usize,
         link_keepalive_s: args.link_keepalive.as_secs_f64(),
         deployment_replicas: args.deployment_replicas,
+        lifecycle_pods: args.lifecycle_pods.unwrap_or(args.nodes as usize),
+        create_rate: args.create_rate,
     };
     let mut report = Report {
         settings,
