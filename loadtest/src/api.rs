@@ -199,11 +199,31 @@ impl CloudApi {
 
     /// Follows the pods and feeds the probes until the task is aborted.
     pub fn watch_pods(&self, probes: Arc<Probes>) -> tokio::task::JoinHandle<()> {
+        self.watch_pods_listed(probes).0
+    }
+
+    /// [`CloudApi::watch_pods`], and a receiver that fires once the watch's initial list is
+    /// through (so that its cost is not counted as what follows).
+    pub fn watch_pods_listed(
+        &self,
+        probes: Arc<Probes>,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    ) {
         let pods = self.pods.clone();
-        tokio::spawn(async move {
+        let (listed_tx, listed) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut listed_tx = Some(listed_tx);
             let mut events = std::pin::pin!(watcher(pods, watcher::Config::default()));
             while let Some(event) = events.next().await {
                 let pod = match event {
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(tx) = listed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                        continue;
+                    }
                     Ok(watcher::Event::Apply(pod)) | Ok(watcher::Event::InitApply(pod)) => pod,
                     Ok(_) => continue,
                     Err(e) => {
@@ -216,7 +236,8 @@ impl CloudApi {
                 let message = status.and_then(|s| s.message.as_deref()).unwrap_or("");
                 probes.api_saw(&pod_key(&pod.name_any()), phase, message);
             }
-        })
+        });
+        (task, listed)
     }
 
     async fn list_all<K>(&self, api: &Api<K>) -> anyhow::Result<Vec<K>>

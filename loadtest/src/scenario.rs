@@ -514,16 +514,23 @@ impl Harness {
         let rate = self.settings.create_rate.max(1.0);
         let probes = self.fleet().probes.clone();
         probes.reset();
-        let watch = self.api.watch_pods(probes.clone());
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The background: the fleet at rest (heartbeats, the cloud's own timers).
         let rest = self.cost().await;
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let start = self.cost().await;
-        let seconds = start.at.duration_since(rest.at).as_secs_f64();
+        let rested = self.cost().await;
+        let seconds = rested.at.duration_since(rest.at).as_secs_f64();
         let background = (
-            (start.cpu_seconds - rest.cpu_seconds) / seconds,
-            start.link_bytes.saturating_sub(rest.link_bytes) as f64 / seconds,
+            (rested.cpu_seconds - rest.cpu_seconds) / seconds,
+            rested.link_bytes.saturating_sub(rest.link_bytes) as f64 / seconds,
         );
+        // The probes' watch lists every pod first: counted before the start.
+        let (watch, listed) = self.api.watch_pods_listed(probes.clone());
+        let _ = tokio::time::timeout(
+            Duration::from_secs_f64(self.settings.converge_timeout_s),
+            listed,
+        )
+        .await;
+        let start = self.cost().await;
 
         let nodes = self.fleet().len();
         let mut pods = Vec::with_capacity(total);

@@ -117,14 +117,30 @@ impl World {
     /// Reads only `kinds` (a controller's own: each pass of each controller reads them all,
     /// and a fleet's pods are most of the store), in [`LOAD_ORDER`].
     pub fn load_kinds(store: &Store, kinds: &[&str]) -> World {
+        Self::load_narrowed(store, kinds, Narrowing::default())
+    }
+
+    /// [`World::load_kinds`], leaving out what `narrowing` says the controller cannot act on.
+    pub fn load_narrowed(store: &Store, kinds: &[&str], narrowing: Narrowing) -> World {
+        let present = |kind: &str| {
+            KeyRange::kind(kind).is_ok_and(|range| store.scan(&range).flatten().next().is_some())
+        };
+        let gated_out = !narrowing.gates.is_empty() && !narrowing.gates.iter().any(|g| present(g));
         let mut world = World::default();
         for kind in LOAD_ORDER.iter().filter(|k| kinds.contains(k)) {
+            if gated_out && narrowing.gated.contains(kind) {
+                continue;
+            }
             let Ok(range) = KeyRange::kind(kind) else {
                 continue;
             };
+            let owned_only = narrowing.owned_only.contains(kind);
             let objects: Vec<Object> = store
                 .scan(&range)
                 .flatten()
+                // A byte search is much cheaper than parsing an object to find it has no
+                // owner (a false match is only parsed for nothing).
+                .filter(|(_, v)| !owned_only || contains(&v.object, OWNER_REFERENCES))
                 .filter_map(|(_, v)| object::decode_stored(&v.object, v.revision).ok())
                 .collect();
             match *kind {
@@ -154,6 +170,29 @@ impl World {
             .iter()
             .filter(move |p| object::namespace(p) == namespace)
     }
+}
+
+/// What a controller's passes can leave out of its [`World`]: a fleet's pods and nodes are
+/// most of the store, and a pass runs at least every [`RESYNC`], so reading (and parsing)
+/// every one of them each second for each controller costs the cloud most of a core at
+/// 10,000 pods even when no workload exists.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Narrowing {
+    /// Kinds read only while the store holds an object of one of [`Narrowing::gates`] (a
+    /// ReplicaSet controller without ReplicaSets has no pod to look at); nothing is gated when
+    /// `gates` is empty.
+    pub gated: &'static [&'static str],
+    /// See [`Narrowing::gated`].
+    pub gates: &'static [&'static str],
+    /// Kinds of which only objects with `ownerReferences` are read (the garbage collector's
+    /// dependents that are never owners).
+    pub owned_only: &'static [&'static str],
+}
+
+const OWNER_REFERENCES: &[u8] = b"\"ownerReferences\"";
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// One write a controller wants. `resource` is the plural (the store kind).
@@ -625,7 +664,6 @@ pub type Reconcile = fn(&World, i64) -> Vec<Action>;
 /// change matters only to a pod that has owners (the garbage collector's): a fleet's pod
 /// status reports then cost no pass (the resync still comes every [`RESYNC`]).
 fn relevant(kinds: &[&str], owners_seen: bool, kind: &str, object: &[u8]) -> bool {
-    const OWNER_REFERENCES: &[u8] = b"\"ownerReferences\"";
     kinds.contains(&kind)
         && (matches!(
             kind,
@@ -637,9 +675,7 @@ fn relevant(kinds: &[&str], owners_seen: bool, kind: &str, object: &[u8]) -> boo
                 | "namespaces"
                 | "serviceaccounts"
         ) || owners_seen
-            || object
-                .windows(OWNER_REFERENCES.len())
-                .any(|w| w == OWNER_REFERENCES))
+            || contains(object, OWNER_REFERENCES))
 }
 
 fn now_unix() -> i64 {
@@ -655,6 +691,7 @@ pub async fn run(
     store: Arc<Store>,
     client: ApiClient,
     kinds: &'static [&'static str],
+    narrowing: Narrowing,
     reconcile: Reconcile,
 ) {
     // Each pass reads the store: a restart of the watch is one more pass, like a change.
@@ -665,11 +702,14 @@ pub async fn run(
     let mut busy_passes: u32 = 0;
     loop {
         let snapshot = store.clone();
-        let world =
-            match tokio::task::spawn_blocking(move || World::load_kinds(&snapshot, kinds)).await {
-                Ok(world) => world,
-                Err(_) => return,
-            };
+        let world = match tokio::task::spawn_blocking(move || {
+            World::load_narrowed(&snapshot, kinds, narrowing)
+        })
+        .await
+        {
+            Ok(world) => world,
+            Err(_) => return,
+        };
         let owners_seen = !(world.replicasets.is_empty()
             && world.deployments.is_empty()
             && world.daemonsets.is_empty()
@@ -869,7 +909,6 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
         "persistentvolumeclaims",
         "jobs",
         "cronjobs",
-        "nodes",
     ];
     vec![
         tokio::spawn(run(
@@ -877,6 +916,11 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             store.clone(),
             client.clone(),
             &["pods", "replicasets"],
+            Narrowing {
+                gated: &["pods"],
+                gates: &["replicasets"],
+                ..Narrowing::default()
+            },
             replicaset::reconcile,
         )),
         tokio::spawn(run(
@@ -884,6 +928,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             store.clone(),
             client.clone(),
             &["replicasets", "deployments"],
+            Narrowing::default(),
             deployment::reconcile,
         )),
         tokio::spawn(run(
@@ -891,6 +936,11 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             store.clone(),
             client.clone(),
             &["pods", "controllerrevisions", "daemonsets", "nodes"],
+            Narrowing {
+                gated: &["pods", "controllerrevisions", "nodes"],
+                gates: &["daemonsets"],
+                ..Narrowing::default()
+            },
             daemonset::reconcile,
         )),
         tokio::spawn(run(
@@ -903,6 +953,11 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
                 "controllerrevisions",
                 "statefulsets",
             ],
+            Narrowing {
+                gated: &["pods", "persistentvolumeclaims", "controllerrevisions"],
+                gates: &["statefulsets"],
+                ..Narrowing::default()
+            },
             statefulset::reconcile,
         )),
         tokio::spawn(run(
@@ -910,6 +965,11 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             store.clone(),
             client.clone(),
             &["pods", "jobs"],
+            Narrowing {
+                gated: &["pods"],
+                gates: &["jobs"],
+                ..Narrowing::default()
+            },
             job::reconcile,
         )),
         tokio::spawn(run(
@@ -917,6 +977,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             store.clone(),
             client.clone(),
             &["jobs", "cronjobs"],
+            Narrowing::default(),
             cronjob::reconcile,
         )),
         tokio::spawn(run(
@@ -924,6 +985,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             store.clone(),
             client.clone(),
             &["namespaces", "serviceaccounts"],
+            Narrowing::default(),
             serviceaccount::reconcile,
         )),
         tokio::spawn(run(
@@ -931,6 +993,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             store.clone(),
             client.clone(),
             &["devices", "devicestatuses"],
+            Narrowing::default(),
             crate::devicecontroller::reconcile,
         )),
         tokio::spawn(run(
@@ -938,6 +1001,11 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             store,
             client,
             workloads,
+            // Its dependents that are never owners matter only with an owner reference.
+            Narrowing {
+                owned_only: &["pods", "persistentvolumeclaims", "controllerrevisions"],
+                ..Narrowing::default()
+            },
             gc::reconcile,
         )),
     ]
@@ -1021,6 +1089,52 @@ mod tests {
         let from_go = json!({"metadata": {"creationTimestamp": null},
             "spec": {"containers": [{"name": "c", "image": "x", "resources": {}}]}});
         assert_eq!(a, template_hash(&from_go));
+    }
+
+    #[test]
+    fn narrowing_leaves_out_pods_a_controller_cannot_act_on() {
+        use replication::{ObjectKey, StoreConfig, WriteSet};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreConfig::cloud()).unwrap();
+        let put = |key: &str, object: Value| {
+            let mut set = WriteSet::new();
+            set.put(
+                ObjectKey::parse(key).unwrap(),
+                object.to_string().into(),
+                replication::store::Precondition::None,
+            );
+            store.commit(set).unwrap();
+        };
+        put(
+            "pods/default/plain",
+            json!({"metadata": {"name": "plain", "namespace": "default"}}),
+        );
+        put(
+            "pods/default/owned",
+            json!({"metadata": {"name": "owned", "namespace": "default",
+                "ownerReferences": [{"uid": "u1", "kind": "ReplicaSet", "name": "rs"}]}}),
+        );
+        let gated = Narrowing {
+            gated: &["pods"],
+            gates: &["replicasets"],
+            ..Narrowing::default()
+        };
+        let kinds = &["pods", "replicasets"];
+        assert!(World::load_narrowed(&store, kinds, gated).pods.is_empty());
+        let owned = Narrowing {
+            owned_only: &["pods"],
+            ..Narrowing::default()
+        };
+        let world = World::load_narrowed(&store, kinds, owned);
+        assert_eq!(world.pods.len(), 1);
+        assert_eq!(object::name(&world.pods[0]), "owned");
+        put(
+            "replicasets/default/rs",
+            json!({"metadata": {"name": "rs", "namespace": "default", "uid": "u1"}}),
+        );
+        let world = World::load_narrowed(&store, kinds, gated);
+        assert_eq!((world.pods.len(), world.replicasets.len()), (2, 1));
+        assert_eq!(World::load_kinds(&store, kinds).pods.len(), 2);
     }
 
     #[test]
