@@ -105,8 +105,8 @@ pub struct KubeCluster {
     server: String,
     /// Store revisions committed by the mirror, not yet seen by the write-back.
     mirrored: Mutex<HashSet<Revision>>,
-    /// The cluster's CA certificates (DER) from the kubeconfig, if it names any.
-    cas: Vec<Vec<u8>>,
+    /// The cluster's CA certificates from the kubeconfig, if it names any.
+    cas: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// Where kube-apiserver reaches edge nodes' kubelet API (cloudcore's kubelet endpoint),
     /// written into each edge Node's status on the way back; unset: the node's own status.
     kubelet_endpoint: std::sync::OnceLock<crate::kubelet_server::NodeEndpoint>,
@@ -144,15 +144,16 @@ impl KubeCluster {
                 .await
                 .with_context(|| format!("the kubeconfig {} is not usable", path.display()))?;
         let server = config.cluster_url.to_string();
-        let mut cas = config.root_cert.clone().unwrap_or_default();
+        let mut cas: Vec<rustls::pki_types::CertificateDer<'static>> = config
+            .root_cert
+            .iter()
+            .flatten()
+            .map(|der| der.clone().into())
+            .collect();
         if let Some(file) = &config.root_cert_file {
             use rustls::pki_types::pem::PemObject;
             if let Ok(text) = std::fs::read(file) {
-                cas.extend(
-                    rustls::pki_types::CertificateDer::pem_slice_iter(&text)
-                        .flatten()
-                        .map(|c| c.to_vec()),
-                );
+                cas.extend(rustls::pki_types::CertificateDer::pem_slice_iter(&text).flatten());
             }
         }
         let client = Client::try_from(config).context("building the cluster client")?;
@@ -172,10 +173,7 @@ impl KubeCluster {
     /// The cluster's CA certificates named by the kubeconfig (none for a plain-HTTP server or
     /// one trusted through the system's roots).
     pub fn cluster_cas(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-        self.cas
-            .iter()
-            .map(|der| rustls::pki_types::CertificateDer::from(der.clone()))
-            .collect()
+        self.cas.clone()
     }
 
     /// Writes `endpoint` into every edge Node's status from now on (see

@@ -399,13 +399,12 @@ pub fn resource_metrics(report: &UsageReport) -> String {
     );
     let pods = || {
         report.pods.iter().map(|p| {
-            let cpu: u64 = p
-                .containers
-                .iter()
-                .map(|c| c.usage.cpu_core_nanoseconds)
-                .sum();
-            let memory: u64 = p.containers.iter().map(|c| c.usage.memory_bytes).sum();
-            (pod_labels(&p.namespace, &p.name), cpu, memory)
+            let total = p.total();
+            (
+                pod_labels(&p.namespace, &p.name),
+                total.cpu_core_nanoseconds,
+                total.memory_bytes,
+            )
         })
     };
     section(
@@ -442,16 +441,7 @@ pub fn summary(node: &str, report: &UsageReport) -> Value {
         .pods
         .iter()
         .map(|p| {
-            let total = p
-                .containers
-                .iter()
-                .fold(transport::usage::Usage::default(), |mut t, c| {
-                    t.cpu_nanocores += c.usage.cpu_nanocores;
-                    t.memory_bytes += c.usage.memory_bytes;
-                    t.cpu_core_nanoseconds += c.usage.cpu_core_nanoseconds;
-                    t
-                });
-            let mut pod = usage(&total);
+            let mut pod = usage(&p.total());
             pod["podRef"] = json!({"name": p.name, "namespace": p.namespace});
             pod["containers"] = p
                 .containers

@@ -60,6 +60,19 @@ pub struct PodUsage {
     pub containers: Vec<ContainerUsage>,
 }
 
+impl PodUsage {
+    /// The sum of its containers' usage (what kubelet reports for the pod).
+    pub fn total(&self) -> Usage {
+        self.containers.iter().fold(Usage::default(), |t, c| Usage {
+            cpu_nanocores: t.cpu_nanocores.saturating_add(c.usage.cpu_nanocores),
+            memory_bytes: t.memory_bytes.saturating_add(c.usage.memory_bytes),
+            cpu_core_nanoseconds: t
+                .cpu_core_nanoseconds
+                .saturating_add(c.usage.cpu_core_nanoseconds),
+        })
+    }
+}
+
 /// What a node answers: its own usage and its running pods', measured over `window_seconds`
 /// ending at `timestamp` (RFC 3339).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -263,6 +263,19 @@ pub struct ContainerStdin {
 }
 
 impl ContainerStdin {
+    /// A container's stdin writing to `writer` (`terminal`: the container's terminal).
+    fn new(
+        writer: impl tokio::io::AsyncWrite + Send + Unpin + 'static,
+        once: bool,
+        terminal: bool,
+    ) -> Self {
+        ContainerStdin {
+            pipe: Arc::new(tokio::sync::Mutex::new(Some(Box::new(writer)))),
+            once,
+            terminal,
+        }
+    }
+
     /// Writes to the container's stdin; false once it is closed (or the container ended).
     pub async fn write(&self, bytes: &[u8]) -> bool {
         use tokio::io::AsyncWriteExt;
@@ -374,8 +387,8 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tee<R> {
         let poll = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
         if let std::task::Poll::Ready(Ok(())) = &poll {
             let new = &buf.filled()[before..];
-            if !new.is_empty() {
-                // No receiver (nobody attached) is not an error.
+            // Copied only while someone is attached.
+            if !new.is_empty() && this.output.receiver_count() > 0 {
                 let _ = this.output.send(new.to_vec());
             }
         }
@@ -395,11 +408,7 @@ fn attach_terminal(
     let reader = tokio::fs::File::from_std(std::fs::File::from(master.try_clone()?));
     let stdin = if stdin {
         let writer = tokio::fs::File::from_std(std::fs::File::from(master.try_clone()?));
-        Some(ContainerStdin {
-            pipe: Arc::new(tokio::sync::Mutex::new(Some(Box::new(writer)))),
-            once,
-            terminal: true,
-        })
+        Some(ContainerStdin::new(writer, once, true))
     } else {
         None
     };
@@ -553,11 +562,7 @@ impl Supervisor {
                 }
             };
             if let Some(pipe) = child.stdin.take() {
-                let stdin = ContainerStdin {
-                    pipe: Arc::new(tokio::sync::Mutex::new(Some(Box::new(pipe)))),
-                    once: self.container.stdin_once,
-                    terminal: false,
-                };
+                let stdin = ContainerStdin::new(pipe, self.container.stdin_once, false);
                 register_attachable(
                     &self.log,
                     Attachable {
