@@ -269,15 +269,19 @@ impl HubCore {
                         metrics.ack_latency.observe(latency.as_secs_f64());
                     }
                 }
+                if session.sent_at.is_empty() {
+                    // An initial sync's worth of send times, not kept for an idle node.
+                    session.sent_at.shrink_to_fit();
+                }
             }
         }
         self.dirty.insert(node.clone());
     }
 
     /// A heartbeat from `node`: its Lease is renewed at the next [`HubCore::poll_commit`].
-    pub fn on_heartbeat(&mut self, node: &Arc<str>) {
+    pub fn on_heartbeat(&mut self, node: &Arc<str>, period: Option<Duration>) {
         self.metrics.heartbeats.inc();
-        self.leases.on_heartbeat(node);
+        self.leases.on_heartbeat(node, period);
     }
 
     /// Decides a get that `node`'s MetaServer forwarded (see
@@ -436,7 +440,8 @@ impl HubCore {
         let mut set = WriteSet::new();
         let mut renewing = Vec::with_capacity(nodes.len());
         for node in nodes {
-            match crate::lifecycle::lease_renewal(store, &node, &renew_time) {
+            let duration = self.leases.duration_seconds(&node);
+            match crate::lifecycle::lease_renewal(store, &node, &renew_time, duration) {
                 Ok(s) => {
                     set.append(s);
                     renewing.push(node);
@@ -688,7 +693,7 @@ impl Shell {
                     },
                 );
             }
-            LinkEvent::Heartbeat => self.core.on_heartbeat(node),
+            LinkEvent::Heartbeat { period } => self.core.on_heartbeat(node, period),
         }
     }
 
@@ -945,7 +950,10 @@ pub async fn run(
                 }
                 metrics.connected_nodes.set(shell.connected.len() as i64);
             }
-            _ = tick.tick() => shell.tick(),
+            _ = tick.tick() => {
+                shell.tick();
+                metrics.quic_connections.set(server.quic_connection_states() as i64);
+            }
         }
         shell.commit().await?;
         shell.pump();

@@ -34,12 +34,30 @@ pub const STALE_REASON: &str = "NodeStatusUnknown";
 /// The taint an unreachable node gets (`NoSchedule` and `NoExecute`).
 pub const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
 
-/// How long a renewal holds, written in the Lease (the default grace: four heartbeats).
+/// How long a renewal holds, written in the Lease, for a node that does not say how often it
+/// beats (kubelet's default: four of its 10 s renewals).
 pub const LEASE_DURATION_SECONDS: u64 = 40;
 
-/// The Lease of `node` renewed at `renew_time` (a `MicroTime`), on top of the current one if
-/// there is one (its other fields are kept).
-pub fn renewed_lease(node: &str, current: Option<Object>, renew_time: &str) -> Object {
+/// Heartbeats a Lease outlasts: a node's `leaseDurationSeconds` is this many of its periods,
+/// as kubelet's 40 s Lease is four of its 10 s renewals.
+pub const HEARTBEATS_PER_LEASE: u32 = 4;
+
+/// The `leaseDurationSeconds` for a node that beats every `period` (`None`: not said):
+/// [`HEARTBEATS_PER_LEASE`] periods, rounded up to whole seconds, at least 1.
+pub fn lease_duration_seconds(period: Option<Duration>) -> u64 {
+    period.map_or(LEASE_DURATION_SECONDS, |p| {
+        (p * HEARTBEATS_PER_LEASE).as_secs_f64().ceil().max(1.0) as u64
+    })
+}
+
+/// The Lease of `node` renewed at `renew_time` (a `MicroTime`) to hold `duration_seconds`, on
+/// top of the current one if there is one (its other fields are kept).
+pub fn renewed_lease(
+    node: &str,
+    current: Option<Object>,
+    renew_time: &str,
+    duration_seconds: u64,
+) -> Object {
     let mut lease = current.unwrap_or_else(|| {
         let fresh = json!({
             "apiVersion": "coordination.k8s.io/v1",
@@ -59,7 +77,7 @@ pub fn renewed_lease(node: &str, current: Option<Object>, renew_time: &str) -> O
     }
     if let Some(spec) = spec.as_object_mut() {
         spec.insert("holderIdentity".into(), json!(node));
-        spec.insert("leaseDurationSeconds".into(), json!(LEASE_DURATION_SECONDS));
+        spec.insert("leaseDurationSeconds".into(), json!(duration_seconds));
         spec.insert("renewTime".into(), json!(renew_time));
     }
     lease
@@ -76,12 +94,25 @@ pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
 pub struct LeaseRenewals {
     beating: HashSet<Arc<str>>,
     renewed_at: HashMap<Arc<str>, Instant>,
+    /// Heartbeat periods nodes announced (absent: not said).
+    periods: HashMap<Arc<str>, Duration>,
 }
 
 impl LeaseRenewals {
-    /// A heartbeat arrived from `node`.
-    pub fn on_heartbeat(&mut self, node: &Arc<str>) {
+    /// A heartbeat arrived from `node`, which beats every `period` (`None`: not said).
+    pub fn on_heartbeat(&mut self, node: &Arc<str>, period: Option<Duration>) {
         self.beating.insert(node.clone());
+        if let Some(period) = period {
+            if self.periods.get(node) != Some(&period) {
+                self.periods.insert(node.clone(), period);
+            }
+        }
+    }
+
+    /// The `leaseDurationSeconds` `node`'s Lease gets: [`lease_duration_seconds`] of the period
+    /// it announced.
+    pub fn duration_seconds(&self, node: &str) -> u64 {
+        lease_duration_seconds(self.periods.get(node).copied())
     }
 
     /// The nodes whose Lease should be written now: they beat since the last call and were
@@ -109,7 +140,12 @@ impl LeaseRenewals {
 ///
 /// # Errors
 /// The store's read error (never taken for an absent Lease).
-pub fn lease_renewal(store: &Store, node: &str, renew_time: &str) -> Result<WriteSet, StoreError> {
+pub fn lease_renewal(
+    store: &Store,
+    node: &str,
+    renew_time: &str,
+    duration_seconds: u64,
+) -> Result<WriteSet, StoreError> {
     let mut set = WriteSet::new();
     let Ok(key) = ObjectKey::new("leases", "kube-node-lease", node) else {
         return Ok(set);
@@ -118,18 +154,32 @@ pub fn lease_renewal(store: &Store, node: &str, renew_time: &str) -> Result<Writ
     let held = current
         .as_ref()
         .and_then(|v| serde_json::from_slice::<Object>(&v.object).ok());
-    let lease = renewed_lease(node, held, renew_time);
+    let lease = renewed_lease(node, held, renew_time, duration_seconds);
     let expect = current.map_or(Precondition::Absent, |c| Precondition::Version(c.rv));
     set.put(key, Bytes::from(object::to_stored(lease)), expect);
     Ok(set)
 }
 
-fn lease_renewed_unix(store: &Store, node: &str) -> Option<i64> {
-    let key = ObjectKey::new("leases", "kube-node-lease", node).ok()?;
-    let lease: Object = serde_json::from_slice(&store.get(&key).ok()??.object).ok()?;
-    let renew = lease.get("spec")?.get("renewTime")?.as_str()?;
+/// When `node`'s Lease was last renewed (unix seconds), and its `leaseDurationSeconds`.
+fn lease_renewed_unix(store: &Store, node: &str) -> (Option<i64>, Option<u64>) {
+    let Ok(key) = ObjectKey::new("leases", "kube-node-lease", node) else {
+        return (None, None);
+    };
+    let Some(lease) = store
+        .get(&key)
+        .ok()
+        .flatten()
+        .and_then(|v| serde_json::from_slice::<Object>(&v.object).ok())
+    else {
+        return (None, None);
+    };
+    let spec = lease.get("spec");
     // MicroTime: RFC 3339 with fractional seconds.
-    object::parse_rfc3339(renew)
+    let renewed = spec
+        .and_then(|s| s.get("renewTime")?.as_str())
+        .and_then(object::parse_rfc3339);
+    let duration = spec.and_then(|s| s.get("leaseDurationSeconds")?.as_u64());
+    (renewed, duration)
 }
 
 fn set_ready(node: &mut Object, ready: bool, now: &str) {
@@ -362,8 +412,10 @@ pub fn check(
         if !object::labels(&node).is_some_and(|l| l.contains_key(EDGE_ROLE_LABEL)) {
             continue;
         }
-        let grace_secs = grace.as_secs() as i64;
-        let renewed = lease_renewed_unix(store, key.name());
+        let (renewed, lease_duration) = lease_renewed_unix(store, key.name());
+        // A node that beats slowly is judged by its own Lease: never sooner than the
+        // duration it holds (four of its heartbeats), whatever the configured grace.
+        let grace_secs = (grace.as_secs()).max(lease_duration.unwrap_or(0)) as i64;
         let fresh = renewed.is_some_and(|t| now_unix - t <= grace_secs);
         // Silent since this process started (or since the renewal it last saw).
         let silent_for = now_unix - renewed.map_or(since_unix, |t| t.max(since_unix));
@@ -371,7 +423,7 @@ pub fn check(
         let change = if ready && silent_for > grace_secs {
             tracing::warn!(
                 node = key.name(),
-                "lease not renewed within {grace:?}: NotReady (pods keep running)"
+                "lease not renewed within {grace_secs}s: NotReady (pods keep running)"
             );
             Some(false)
         } else if !ready && fresh && marked_stale(&node) {
@@ -510,18 +562,18 @@ mod tests {
         let mut leases = LeaseRenewals::default();
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         let t0 = Instant::now();
-        leases.on_heartbeat(&a);
+        leases.on_heartbeat(&a, None);
         assert_eq!(leases.due(t0), vec![a.clone()]);
         assert!(leases.due(t0).is_empty(), "no heartbeat since");
         // A flood right after: no renewal for a, while b's first heartbeat renews b.
         for ms in 0..100 {
-            leases.on_heartbeat(&a);
+            leases.on_heartbeat(&a, None);
             assert!(leases.due(t0 + Duration::from_millis(ms)).is_empty());
         }
-        leases.on_heartbeat(&b);
+        leases.on_heartbeat(&b, None);
         assert_eq!(leases.due(t0 + Duration::from_millis(100)), vec![b.clone()]);
         // After the interval, a's next heartbeat renews again.
-        leases.on_heartbeat(&a);
+        leases.on_heartbeat(&a, None);
         assert_eq!(leases.due(t0 + MIN_RENEWAL_INTERVAL), vec![a]);
     }
 
@@ -529,7 +581,13 @@ mod tests {
     fn a_renewal_keeps_the_lease_and_checks_its_version() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), StoreConfig::cloud()).unwrap();
-        let first = lease_renewal(&store, "edge-1", "2027-01-15T08:00:00.000000Z").unwrap();
+        let first = lease_renewal(
+            &store,
+            "edge-1",
+            "2027-01-15T08:00:00.000000Z",
+            LEASE_DURATION_SECONDS,
+        )
+        .unwrap();
         store.commit(first).unwrap();
         let key = ObjectKey::parse("leases/kube-node-lease/edge-1").unwrap();
         let lease: Object =
@@ -537,8 +595,20 @@ mod tests {
         assert_eq!(lease["spec"]["holderIdentity"], "edge-1");
         let uid = lease["metadata"]["uid"].clone();
         // A stale renewal (prepared before another write) is refused by its precondition.
-        let stale = lease_renewal(&store, "edge-1", "2027-01-15T08:00:10.000000Z").unwrap();
-        let newer = lease_renewal(&store, "edge-1", "2027-01-15T08:00:11.000000Z").unwrap();
+        let stale = lease_renewal(
+            &store,
+            "edge-1",
+            "2027-01-15T08:00:10.000000Z",
+            LEASE_DURATION_SECONDS,
+        )
+        .unwrap();
+        let newer = lease_renewal(
+            &store,
+            "edge-1",
+            "2027-01-15T08:00:11.000000Z",
+            LEASE_DURATION_SECONDS,
+        )
+        .unwrap();
         store.commit(newer).unwrap();
         assert!(store.commit(stale).is_err());
         let lease: Object =
@@ -557,7 +627,13 @@ mod tests {
         put(
             &store,
             "leases/kube-node-lease/edge-1",
-            serde_json::to_value(renewed_lease("edge-1", None, renewed)).unwrap(),
+            serde_json::to_value(renewed_lease(
+                "edge-1",
+                None,
+                renewed,
+                LEASE_DURATION_SECONDS,
+            ))
+            .unwrap(),
         );
         let grace = Duration::from_secs(40);
         // The cloud was down for two minutes and started at t0 + 120: the node's last renewal
@@ -574,10 +650,62 @@ mod tests {
         put(
             &store,
             "leases/kube-node-lease/edge-1",
-            serde_json::to_value(renewed_lease("edge-1", None, renewed)).unwrap(),
+            serde_json::to_value(renewed_lease(
+                "edge-1",
+                None,
+                renewed,
+                LEASE_DURATION_SECONDS,
+            ))
+            .unwrap(),
         );
         assert_eq!(check(&store, grace, None, start, start + 51), 1);
         assert_eq!(ready_status(&store), "True");
+    }
+
+    #[test]
+    fn a_node_that_beats_slowly_is_judged_by_its_own_lease_duration() {
+        assert_eq!(lease_duration_seconds(None), 40);
+        assert_eq!(lease_duration_seconds(Some(Duration::from_secs(10))), 40);
+        assert_eq!(lease_duration_seconds(Some(Duration::from_millis(250))), 1);
+        assert_eq!(
+            lease_duration_seconds(Some(Duration::from_millis(7_600))),
+            31
+        );
+        let mut leases = LeaseRenewals::default();
+        let node: Arc<str> = "edge-1".into();
+        leases.on_heartbeat(&node, Some(Duration::from_secs(30)));
+        assert_eq!(leases.duration_seconds("edge-1"), 120);
+        // A heartbeat that does not say keeps what the node said before.
+        leases.on_heartbeat(&node, None);
+        assert_eq!(leases.duration_seconds("edge-1"), 120);
+        assert_eq!(leases.duration_seconds("edge-2"), LEASE_DURATION_SECONDS);
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreConfig::cloud()).unwrap();
+        let t0 = 1_800_000_000; // 2027-01-15T08:00:00Z
+        put_ready_edge_node(&store);
+        let renewal = lease_renewal(
+            &store,
+            "edge-1",
+            "2027-01-15T08:00:00.000000Z",
+            leases.duration_seconds("edge-1"),
+        )
+        .unwrap();
+        store.commit(renewal).unwrap();
+        // The configured grace is 40 s; the node's Lease holds 120 s: Ready until then.
+        let grace = Duration::from_secs(40);
+        assert_eq!(check(&store, grace, None, t0, t0 + 41), 1);
+        assert_eq!(check(&store, grace, None, t0, t0 + 120), 1);
+        assert_eq!(check(&store, grace, None, t0, t0 + 121), 0);
+        assert_eq!(ready_status(&store), "Unknown");
+        // A configured grace longer than the Lease still counts.
+        let store2_dir = tempfile::tempdir().unwrap();
+        let store2 = Store::open(store2_dir.path(), StoreConfig::cloud()).unwrap();
+        put_ready_edge_node(&store2);
+        let renewal = lease_renewal(&store2, "edge-1", "2027-01-15T08:00:00.000000Z", 4).unwrap();
+        store2.commit(renewal).unwrap();
+        assert_eq!(check(&store2, grace, None, t0, t0 + 40), 1);
+        assert_eq!(check(&store2, grace, None, t0, t0 + 41), 0);
     }
 
     fn get(store: &Store, key: &str) -> Value {
@@ -606,8 +734,13 @@ mod tests {
         put(
             &store,
             "leases/kube-node-lease/edge-1",
-            serde_json::to_value(renewed_lease("edge-1", None, "2027-01-15T08:00:00.000000Z"))
-                .unwrap(),
+            serde_json::to_value(renewed_lease(
+                "edge-1",
+                None,
+                "2027-01-15T08:00:00.000000Z",
+                LEASE_DURATION_SECONDS,
+            ))
+            .unwrap(),
         );
         let pod = |name: &str, extra: Value| {
             let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
@@ -672,8 +805,13 @@ mod tests {
         put(
             &store,
             "leases/kube-node-lease/edge-1",
-            serde_json::to_value(renewed_lease("edge-1", None, "2027-01-15T10:46:40.000000Z"))
-                .unwrap(),
+            serde_json::to_value(renewed_lease(
+                "edge-1",
+                None,
+                "2027-01-15T10:46:40.000000Z",
+                LEASE_DURATION_SECONDS,
+            ))
+            .unwrap(),
         );
         assert_eq!(check(&store, grace, eviction, t0, t0 + 10_001), 1);
         let node = get(&store, "nodes//edge-1");

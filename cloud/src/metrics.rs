@@ -31,6 +31,8 @@ pub struct Metrics {
     registry: Registry,
     pub api_requests: Family<RequestLabels, Counter>,
     pub connected_nodes: Gauge,
+    /// QUIC connection states held by the endpoint (handshaking, running, draining).
+    pub quic_connections: Gauge,
     pub nodes_ready: Gauge,
     /// Changes queued for nodes and not yet acked, summed over nodes.
     pub send_queue_depth: Gauge,
@@ -77,6 +79,12 @@ impl Metrics {
             "connected_nodes",
             "Nodes with a live link",
             connected_nodes.clone(),
+        );
+        let quic_connections = Gauge::default();
+        registry.register(
+            "quic_connections",
+            "QUIC connection states held by the endpoint: handshaking, running, closing, draining",
+            quic_connections.clone(),
         );
         let nodes_ready = Gauge::default();
         registry.register(
@@ -155,6 +163,7 @@ impl Metrics {
             registry,
             api_requests,
             connected_nodes,
+            quic_connections,
             nodes_ready,
             send_queue_depth,
             send_queue_max,

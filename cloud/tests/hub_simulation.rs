@@ -385,7 +385,7 @@ impl Sim {
 
     fn heartbeat(&mut self) {
         let node: Arc<str> = self.random_node().as_str().into();
-        self.cloud.core.on_heartbeat(&node);
+        self.cloud.core.on_heartbeat(&node, None);
     }
 
     // ---- links, restarts, disks ----

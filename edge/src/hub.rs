@@ -83,7 +83,7 @@ pub async fn run(
                     }
                     LinkEvent::Request(request) => requests.push(request),
                     // Heartbeats go upward only; the cloud sends none.
-                    LinkEvent::Heartbeat => {}
+                    LinkEvent::Heartbeat { .. } => {}
                 }
             }
             match replica.flush() {

@@ -181,7 +181,8 @@ pub async fn run(
 ) {
     // Heartbeats on their own period; the one-second check sends the first heartbeat of each
     // new connection at once, and the first status as soon as the Node arrives.
-    let mut heartbeat = tokio::time::interval(config.lease_period.max(Duration::from_millis(100)));
+    let period = config.lease_period.max(Duration::from_millis(100));
+    let mut heartbeat = tokio::time::interval(period);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -193,7 +194,7 @@ pub async fn run(
         tokio::select! {
             _ = heartbeat.tick() => {
                 // Offline: nothing is queued, the next connection's first heartbeat renews.
-                if link.heartbeat().is_ok() {
+                if link.heartbeat(period).is_ok() {
                     beat_on = Some(connection);
                 }
                 continue;
@@ -201,7 +202,7 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        if beat_on != Some(connection) && link.heartbeat().is_ok() {
+        if beat_on != Some(connection) && link.heartbeat(period).is_ok() {
             beat_on = Some(connection);
             heartbeat.reset();
         }

@@ -241,8 +241,9 @@ fn heartbeats_renew_the_lease_in_the_cloud_and_a_silent_node_goes_not_ready() {
         ]);
         stdout(&out)
     };
+    // The Lease holds four of the node's heartbeats (it beats every second).
     eventually("the Lease in the cloud", Duration::from_secs(15), || {
-        lease().starts_with("edge-hb 40 ")
+        lease().starts_with("edge-hb 4 ")
     });
     let first = lease();
     let beats = common::metric(&cloud, "kedge_heartbeats_total");
@@ -271,10 +272,26 @@ fn heartbeats_renew_the_lease_in_the_cloud_and_a_silent_node_goes_not_ready() {
     eventually("edge-hb NotReady", Duration::from_secs(30), || {
         ready() == "Unknown"
     });
-    let _edge = EdgeProcess::start_with(&cloud, "edge-hb", edge_dir.path(), port, None, &flags);
+    let mut edge = EdgeProcess::start_with(&cloud, "edge-hb", edge_dir.path(), port, None, &flags);
     eventually("edge-hb Ready again", Duration::from_secs(30), || {
         ready() == "True"
     });
+
+    // A node that beats less often than the cloud's grace (5 s against 4 s) is judged by its
+    // own Lease (20 s), so it does not flap NotReady between its heartbeats.
+    edge.kill9();
+    let slow = ["--no-mqtt", "--lease-period", "5s"].map(String::from);
+    let _edge = EdgeProcess::start_with(&cloud, "edge-hb", edge_dir.path(), port, None, &slow);
+    eventually(
+        "the Lease follows the period",
+        Duration::from_secs(30),
+        || lease().starts_with("edge-hb 20 ") && ready() == "True",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    while std::time::Instant::now() < deadline {
+        assert_eq!(ready(), "True", "a node beating every 5 s stays Ready");
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 #[test]

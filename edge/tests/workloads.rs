@@ -9,6 +9,19 @@ use std::time::Duration;
 use support::*;
 
 const CLOUD_FAST: &[&str] = &["--link-keepalive", "1s", "--node-grace", "4s"];
+/// Edge nodes that beat every second, so that CLOUD_FAST's grace judges them (the cloud
+/// never judges a node sooner than its Lease, four of its heartbeats).
+const EDGE_FAST: [&str; 4] = ["--mqtt-listen", "127.0.0.1:0", "--lease-period", "1s"];
+
+fn start_edge(
+    cloud: &CloudProcess,
+    node: &str,
+    dir: &std::path::Path,
+    port: u16,
+    token: Option<&str>,
+) -> EdgeProcess {
+    EdgeProcess::start_with(cloud, node, dir, port, token, &EDGE_FAST.map(String::from))
+}
 
 const DEPLOYMENT: &str = r#"
 apiVersion: apps/v1
@@ -138,8 +151,8 @@ fn deployments_and_daemonsets_run_on_edge_nodes() {
     );
     let token = token(&cloud);
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let _edge1 = EdgeProcess::start(&cloud, "edge-1", dirs[0].path(), free_port(), Some(&token));
-    let mut edge2 = EdgeProcess::start(&cloud, "edge-2", dirs[1].path(), free_port(), Some(&token));
+    let _edge1 = start_edge(&cloud, "edge-1", dirs[0].path(), free_port(), Some(&token));
+    let mut edge2 = start_edge(&cloud, "edge-2", dirs[1].path(), free_port(), Some(&token));
     wait_ready(&cloud, "edge-1");
     wait_ready(&cloud, "edge-2");
     for node in ["edge-1", "edge-2"] {
@@ -191,7 +204,7 @@ fn deployments_and_daemonsets_run_on_edge_nodes() {
         .success());
     rollout_status(&cloud, "daemonset/agent");
     assert_eq!(agent_nodes(&cloud), ["edge-1", "edge-2"]);
-    let _edge3 = EdgeProcess::start(&cloud, "edge-3", dirs[2].path(), free_port(), Some(&token));
+    let _edge3 = start_edge(&cloud, "edge-3", dirs[2].path(), free_port(), Some(&token));
     wait_ready(&cloud, "edge-3");
     ok(&cloud, &["label", "node", "edge-3", "kedge.io/agent=yes"]);
     eventually("edge-3 runs its agent", Duration::from_secs(30), || {
@@ -478,7 +491,7 @@ fn one_node() -> OneNode {
     );
     let token = token(&cloud);
     let dir = tempfile::tempdir().unwrap();
-    let edge = EdgeProcess::start(&cloud, "edge-1", dir.path(), free_port(), Some(&token));
+    let edge = start_edge(&cloud, "edge-1", dir.path(), free_port(), Some(&token));
     wait_ready(&cloud, "edge-1");
     OneNode {
         _edge: edge,
@@ -886,9 +899,9 @@ fn with_eviction_on_pods_leave_an_unreachable_node_for_another() {
     );
     let token = token(&cloud);
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let _edge1 = EdgeProcess::start(&cloud, "edge-1", dirs[0].path(), free_port(), Some(&token));
+    let _edge1 = start_edge(&cloud, "edge-1", dirs[0].path(), free_port(), Some(&token));
     let edge2_port = free_port();
-    let mut edge2 = EdgeProcess::start(&cloud, "edge-2", dirs[1].path(), edge2_port, Some(&token));
+    let mut edge2 = start_edge(&cloud, "edge-2", dirs[1].path(), edge2_port, Some(&token));
     wait_ready(&cloud, "edge-1");
     wait_ready(&cloud, "edge-2");
     for node in ["edge-1", "edge-2"] {
@@ -994,7 +1007,7 @@ fn with_eviction_on_pods_leave_an_unreachable_node_for_another() {
     assert!(agent.is_empty(), "the agent was evicted: {agent}");
 
     // Back online: Ready, untainted, and the evicted pod's deletion completes on the node.
-    let _edge2 = EdgeProcess::start(&cloud, "edge-2", dirs[1].path(), edge2_port, Some(&token));
+    let _edge2 = start_edge(&cloud, "edge-2", dirs[1].path(), edge2_port, Some(&token));
     wait_ready(&cloud, "edge-2");
     eventually("edge-2 untainted", Duration::from_secs(30), || {
         !ok(

@@ -73,7 +73,7 @@ pub fn frame_decoder(data: &[u8]) {
                         let _ = (h.protocol_version, h.send_epoch, h.recv_epoch, h.recv_acked);
                     }
                     ArchivedEnvelope::Ack(_)
-                    | ArchivedEnvelope::Heartbeat
+                    | ArchivedEnvelope::Heartbeat(_)
                     | ArchivedEnvelope::StreamStart(_) => {}
                 },
                 Ok(None) => break,

@@ -147,7 +147,7 @@ impl HollowNode {
                 }
                 Some(delivery.seq)
             }
-            LinkEvent::Request(_) | LinkEvent::Heartbeat => None,
+            LinkEvent::Request(_) | LinkEvent::Heartbeat { .. } => None,
         }
     }
 
@@ -338,7 +338,7 @@ pub async fn run(setup: NodeSetup, probes: Arc<Probes>, mut commands: mpsc::Rece
         }
         if let Some(l) = link.as_ref().filter(|_| node.heartbeat_due) {
             // Not connected: the next connection's heartbeat renews it.
-            let _ = l.heartbeat();
+            let _ = l.heartbeat(lease_period);
             node.heartbeat_due = false;
         }
         node.run_pods();

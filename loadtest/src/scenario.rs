@@ -285,6 +285,7 @@ impl Harness {
             m.insert("cloud_bytes_per_node".into(), num(per_node));
             m.insert("cloud_rss_bytes".into(), json!(after.rss_bytes));
         }
+        self.quic_connection_states(m);
         Ok(())
     }
 
@@ -898,7 +899,20 @@ impl Harness {
                 );
             }
         }
+        self.quic_connection_states(m);
         Ok(())
+    }
+
+    /// The cloud's QUIC connection states (handshaking and draining ones included) per
+    /// connected node: above 1.0, states that no link uses are costing memory.
+    fn quic_connection_states(&self, m: &mut BTreeMap<String, Value>) {
+        if let Some(states) = self.cloud.metric("kedge_quic_connections", "") {
+            m.insert("cloud_quic_connections".into(), num(states));
+            m.insert(
+                "cloud_quic_connections_per_node".into(),
+                num(states / self.fleet().len().max(1) as f64),
+            );
+        }
     }
 
     pub async fn stop(&mut self) {

@@ -82,7 +82,7 @@ pub fn client_endpoint(
 ) -> Result<quinn::Endpoint, EndpointError> {
     let socket = udp_socket(bind, socket_buffer_bytes)?;
     let runtime = client_runtime(bind)?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+    quinn::Endpoint::new(node_endpoint_config(), None, socket, runtime)
         .map_err(|source| EndpointError::Bind { addr: bind, source })
 }
 
@@ -95,13 +95,21 @@ pub(crate) fn node_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, Endpoin
     let runtime = client_runtime(bind)?;
     let bind_err = |source| EndpointError::Bind { addr: bind, source };
     let socket = single_datagrams(socket, runtime.as_ref()).map_err(bind_err)?;
-    quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        runtime,
-    )
-    .map_err(bind_err)
+    quinn::Endpoint::new_with_abstract_socket(node_endpoint_config(), None, socket, runtime)
+        .map_err(bind_err)
+}
+
+/// Length of the connection ids a node's endpoint issues, in bytes. The cloud puts one in
+/// every packet it sends the node (an idle node's heartbeat ACK among them), so each byte is
+/// paid per packet; a node's endpoint has one or a few connections (a load test's shared
+/// endpoint thousands), and quinn draws again on a collision, so 4 random bytes are plenty.
+/// quinn's default is 8; the cloud's own ids stay 8 (they carry its reset-key checksum).
+pub(crate) const NODE_CID_LEN: usize = 4;
+
+fn node_endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config.cid_generator(|| Box::new(quinn_proto::RandomConnectionIdGenerator::new(NODE_CID_LEN)));
+    config
 }
 
 fn client_runtime(bind: SocketAddr) -> Result<Arc<dyn quinn::Runtime>, EndpointError> {
@@ -138,7 +146,11 @@ fn single_datagrams(
             // GRO stays on, and so does quinn's buffer sized for it.
             return Ok(inner);
         }
-        Ok(Arc::new(SingleDatagrams { inner }))
+        Ok(Arc::new(CappedSegments {
+            inner,
+            transmit: usize::MAX,
+            receive: 1,
+        }))
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -146,15 +158,33 @@ fn single_datagrams(
     }
 }
 
-/// quinn's socket, saying that it receives one datagram per buffer.
-#[cfg(target_os = "linux")]
-#[derive(Debug)]
-struct SingleDatagrams {
-    inner: Arc<dyn quinn::AsyncUdpSocket>,
+/// Wraps the cloud's socket for quinn so that each connection sends one datagram per system
+/// call (no GSO batches). quinn keeps a transmit buffer per connection, sized for the largest
+/// batch the socket allows (up to 10 datagrams, ~14 KB) and never shrunk: with GSO the
+/// handshake's flight left ~7 KB in it for every idle node. One datagram at a time keeps it at
+/// one MTU; the cost is more `sendmsg` calls during bursts (BENCHMARKS.md "Where an idle
+/// node's cloud memory goes"). Receiving keeps GRO: its buffer is one per endpoint.
+pub(crate) fn one_datagram_per_send(
+    socket: std::net::UdpSocket,
+    runtime: &dyn quinn::Runtime,
+) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+    Ok(Arc::new(CappedSegments {
+        inner: runtime.wrap_udp_socket(socket)?,
+        transmit: 1,
+        receive: usize::MAX,
+    }))
 }
 
-#[cfg(target_os = "linux")]
-impl quinn::AsyncUdpSocket for SingleDatagrams {
+/// quinn's socket, with fewer datagrams per send (GSO) or per receive buffer (GRO) than the
+/// OS allows. Lowering `receive` is only right once the kernel coalesces no more than that.
+#[derive(Debug)]
+struct CappedSegments {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    transmit: usize,
+    receive: usize,
+}
+
+impl quinn::AsyncUdpSocket for CappedSegments {
     fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
         self.inner.clone().create_io_poller()
     }
@@ -177,11 +207,11 @@ impl quinn::AsyncUdpSocket for SingleDatagrams {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
+        self.inner.max_transmit_segments().min(self.transmit)
     }
 
     fn max_receive_segments(&self) -> usize {
-        1
+        self.inner.max_receive_segments().min(self.receive)
     }
 
     fn may_fragment(&self) -> bool {

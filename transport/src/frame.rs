@@ -12,6 +12,35 @@ use rkyv::with::{AsBox, InlineAsBox};
 
 use crate::message::{ArchivedHeader, ArchivedMessage, ArchivedRoute, Message};
 
+/// The first byte of a heartbeat sent as a QUIC DATAGRAM (RFC 9221) instead of a frame.
+pub const DATAGRAM_HEARTBEAT: u8 = 1;
+
+/// Length of a heartbeat datagram: its type byte and the period in milliseconds (`u32`, LE).
+pub const HEARTBEAT_DATAGRAM_LEN: usize = 5;
+
+/// Largest QUIC datagram either side accepts (its `max_datagram_frame_size`): heartbeats are
+/// the only datagrams, and nothing larger need be buffered.
+pub const MAX_DATAGRAM: usize = 64;
+
+/// The datagram of a heartbeat announcing `period_ms`: `[DATAGRAM_HEARTBEAT, period_ms (LE)]`.
+/// Unreliable, which is what a heartbeat needs (a lost one is followed by the next), and ~20
+/// bytes smaller on the wire than a [`Envelope::Heartbeat`] frame on a stream.
+pub fn heartbeat_datagram(period_ms: u32) -> [u8; HEARTBEAT_DATAGRAM_LEN] {
+    let mut out = [0; HEARTBEAT_DATAGRAM_LEN];
+    out[0] = DATAGRAM_HEARTBEAT;
+    out[1..].copy_from_slice(&period_ms.to_le_bytes());
+    out
+}
+
+/// The period (milliseconds, 0: not said) of a heartbeat datagram; `None` for a datagram that
+/// is not one (another type, or a truncated one: ignored, so that a newer peer may add types).
+pub fn parse_heartbeat_datagram(datagram: &[u8]) -> Option<u32> {
+    match datagram {
+        [DATAGRAM_HEARTBEAT, a, b, c, d, ..] => Some(u32::from_le_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
 /// Default largest frame body accepted or sent: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 
@@ -40,8 +69,11 @@ pub enum Envelope<'a> {
     /// Control stream: cumulative ack, everything up to and including this sequence is durable.
     Ack(u64),
     /// Control stream, node to cloud: the node is alive (it renews its Lease). Reliable within
-    /// the connection (QUIC retransmits it), never replayed across connections.
-    Heartbeat,
+    /// the connection (QUIC retransmits it), never replayed across connections. Carries the
+    /// node's heartbeat period in milliseconds, so the cloud's grace for the node follows it;
+    /// 0 when not said: nodes before it sent a bare `Heartbeat`, whose zeroed padding reads as
+    /// 0 (the body stays 16 bytes, so either side may be the older one).
+    Heartbeat(u32),
     /// Data stream: the sequence number of the first message that follows on this stream.
     StreamStart(u64),
     /// Data and request streams: one application message.
@@ -188,7 +220,7 @@ impl Frame {
         match self.envelope() {
             ArchivedEnvelope::Hello(_) => "Hello",
             ArchivedEnvelope::Ack(_) => "Ack",
-            ArchivedEnvelope::Heartbeat => "Heartbeat",
+            ArchivedEnvelope::Heartbeat(_) => "Heartbeat",
             ArchivedEnvelope::StreamStart(_) => "StreamStart",
             ArchivedEnvelope::Message(_) => "Message",
         }
@@ -422,7 +454,7 @@ mod tests {
     #[test]
     fn control_frames_are_small_and_hello_round_trips() {
         // What an idle link sends: 16-byte bodies, not the size of the largest variant.
-        for envelope in [Envelope::Ack(u64::MAX), Envelope::Heartbeat] {
+        for envelope in [Envelope::Ack(u64::MAX), Envelope::Heartbeat(u32::MAX)] {
             assert_eq!(encode_body(&envelope).len(), 16, "{envelope:?}");
         }
         let hello = Hello {
@@ -431,7 +463,7 @@ mod tests {
             recv_epoch: 2,
             recv_acked: 3,
         };
-        let bytes = wire(&[Envelope::Hello(hello), Envelope::Heartbeat]);
+        let bytes = wire(&[Envelope::Hello(hello), Envelope::Heartbeat(10_000)]);
         let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
         let mut input = &bytes[..];
         let first = dec.decode(&mut input).unwrap().unwrap();
@@ -441,7 +473,58 @@ mod tests {
         assert_eq!(got.recv_acked.to_native(), 3);
         assert_eq!(got.send_epoch.to_native(), 1);
         let second = dec.decode(&mut input).unwrap().unwrap();
-        assert_eq!(second.kind(), "Heartbeat");
+        assert!(matches!(second.envelope(), ArchivedEnvelope::Heartbeat(p) if *p == 10_000));
+    }
+
+    #[test]
+    fn heartbeat_datagrams_round_trip_and_others_are_not_heartbeats() {
+        let d = heartbeat_datagram(15_000);
+        assert_eq!(d.len(), HEARTBEAT_DATAGRAM_LEN);
+        assert_eq!(parse_heartbeat_datagram(&d), Some(15_000));
+        assert_eq!(parse_heartbeat_datagram(&heartbeat_datagram(0)), Some(0));
+        assert_eq!(parse_heartbeat_datagram(&d[..4]), None, "truncated");
+        assert_eq!(parse_heartbeat_datagram(&[]), None);
+        assert_eq!(
+            parse_heartbeat_datagram(&[7, 0, 0, 0, 0]),
+            None,
+            "another type"
+        );
+    }
+
+    /// The envelope as it was before heartbeats carried a period: what older nodes send.
+    #[derive(rkyv::Archive, rkyv::Serialize)]
+    #[allow(dead_code)]
+    enum BarePeriodEnvelope {
+        Hello(#[rkyv(with = AsBox)] Hello),
+        Ack(u64),
+        Heartbeat,
+        StreamStart(u64),
+    }
+
+    #[test]
+    fn a_heartbeat_without_a_period_reads_as_zero_and_one_with_a_period_as_a_heartbeat() {
+        // An older node's bare heartbeat to a newer cloud: its padding is zeroed.
+        let old = rkyv::to_bytes::<rancor::Panic>(&BarePeriodEnvelope::Heartbeat).unwrap();
+        assert_eq!(old.len(), 16);
+        let mut framed = BytesMut::new();
+        put_frame(&mut framed, &old);
+        let frame = FrameDecoder::new(DEFAULT_MAX_FRAME)
+            .decode(&mut &framed[..])
+            .unwrap()
+            .unwrap();
+        assert!(matches!(frame.envelope(), ArchivedEnvelope::Heartbeat(p) if *p == 0));
+        // A newer node's heartbeat to an older cloud: the same tag, the period in what the
+        // older side takes for padding.
+        let new = encode_body(&Envelope::Heartbeat(15_000));
+        let new = aligned(&new);
+        let archived = rkyv::access::<ArchivedBarePeriodEnvelope, rancor::Error>(&new).unwrap();
+        assert!(matches!(archived, ArchivedBarePeriodEnvelope::Heartbeat));
+    }
+
+    fn aligned(bytes: &[u8]) -> AlignedVec {
+        let mut out = AlignedVec::new();
+        out.extend_from_slice(bytes);
+        out
     }
 
     #[test]

@@ -11,7 +11,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
 use crate::config::ServerConfig;
-use crate::endpoint::{quinn_server_config, udp_socket};
+use crate::endpoint::{one_datagram_per_send, quinn_server_config, udp_socket};
 use crate::error::{CloseCode, EndpointError};
 use crate::join::{JoinHandler, JOIN_ALPN};
 use crate::link::{Link, Role, Shared};
@@ -103,11 +103,18 @@ impl Server {
             }
             None => quinn::EndpointConfig::default(),
         };
-        let endpoint = quinn::Endpoint::new(endpoint_config, Some(quinn_config), socket, runtime)
-            .map_err(|source| EndpointError::Bind {
+        let bind_err = |source| EndpointError::Bind {
             addr: config.listen,
             source,
-        })?;
+        };
+        let socket = one_datagram_per_send(socket, runtime.as_ref()).map_err(bind_err)?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            Some(quinn_config),
+            socket,
+            runtime,
+        )
+        .map_err(bind_err)?;
         let (links_tx, new_links) = mpsc::channel(1024);
         let registry = Arc::new(Registry {
             config,
@@ -141,6 +148,13 @@ impl Server {
     /// Connections being handshaken or running.
     pub fn connection_count(&self) -> usize {
         self.registry.connections.load(Ordering::Relaxed)
+    }
+
+    /// Connection states quinn holds: handshaking, running, closing and draining (a closed
+    /// connection is kept for three probe timeouts to absorb the peer's late packets, RFC 9000
+    /// §10.2). Each costs memory whether or not a link uses it.
+    pub fn quic_connection_states(&self) -> usize {
+        self.endpoint.open_connections()
     }
 
     /// Closes every connection and waits until the peers have been told.

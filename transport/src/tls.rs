@@ -542,6 +542,22 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The cloud endpoint's provider: ring's, with ChaCha20-Poly1305 preferred over AES-GCM
+/// (RFC 8446 §9.1 suites, all TLS 1.3). A connection keeps four packet keys (this and the
+/// next key phase, each way) and two header protection keys for its whole life: with AES-GCM
+/// each is an expanded key schedule and GHASH table (~0.5 KB), with ChaCha20 a 32-byte key, so
+/// ~2.5 KB less per node held in the cloud (BENCHMARKS.md "Where an idle node's cloud memory
+/// goes"). ChaCha20 is also the faster one on edge CPUs without AES instructions; the cloud's
+/// link traffic is far below what either does per core. QUIC's Initial packets stay
+/// AES-128-GCM, as RFC 9001 §5.2 fixes.
+fn link_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+    Arc::new(provider)
+}
+
 fn roots(cas: &[CertificateDer<'static>]) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in cas {
@@ -589,10 +605,12 @@ pub fn server_config_trusting(
     if !chain.contains(ca) {
         chain.push(ca.clone());
     }
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(link_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, identity.key.clone_key())?;
+    // The cloud picks the cipher suite (see `link_provider`), whatever the node prefers.
+    config.ignore_client_order = true;
     config.alpn_protocols = vec![
         ALPN.to_vec(),
         crate::join::JOIN_ALPN.to_vec(),
@@ -738,6 +756,19 @@ mod tests {
         assert_eq!(back.cert_chain, id.cert_chain);
         assert!(Identity::from_pem("garbage", &k).is_err());
         assert!(server_config(ca.cert(), &id).is_ok());
+        // The cloud prefers ChaCha20-Poly1305 (small keys per connection) and keeps
+        // AES-128-GCM, which QUIC's Initial packets need.
+        let suites: Vec<_> = link_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(
+            suites[0],
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+        );
+        assert!(suites.contains(&rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+        assert!(server_config(ca.cert(), &id).unwrap().ignore_client_order);
         assert!(client_config(ca.cert(), &id).is_ok());
     }
 }

@@ -142,7 +142,7 @@ async fn a_cut_link_is_detected_and_resumes_without_loss_or_duplicates() {
                     );
                 }
                 LinkEvent::Request(_) => panic!("no requests here"),
-                LinkEvent::Heartbeat => panic!("no heartbeats here"),
+                LinkEvent::Heartbeat { .. } => panic!("no heartbeats here"),
             }
         }
     })
@@ -255,39 +255,66 @@ async fn ask_and_answer(asker: &mut transport::Link, answerer: &mut transport::L
     assert_eq!(&got.content()[..], b"{\"data\":1}");
 }
 
+/// Heartbeats go as 5-byte QUIC datagrams (one small packet, no stream frame) to a cloud that
+/// accepts them, and as control-stream frames to one that does not (an older kedge): both reach
+/// the application with the node's period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_reaches_the_peer_in_one_small_packet() {
-    // Default keepalives (15 s): nothing else is sent while the heartbeat is measured.
-    let mut cloud = start_cloud(LinkConfig::default());
-    let mut edge = cloud.connect("edge-beat");
-    let mut node = cloud.accept().await;
-    expect_connected(&mut edge).await;
-    expect_connected(&mut node).await;
-    // Let the handshake's last packets and acks settle.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    for round in 0..3 {
-        let before = edge.connection_stats().unwrap().udp_tx;
-        edge.heartbeat().unwrap();
-        let event = within(Duration::from_secs(10), node.next_event()).await;
-        assert!(
-            matches!(event, Some(LinkEvent::Heartbeat)),
-            "round {round}: expected a heartbeat, got {event:?}"
-        );
-        let after = edge.connection_stats().unwrap().udp_tx;
-        let (datagrams, bytes) = (
-            after.datagrams - before.datagrams,
-            after.bytes - before.bytes,
-        );
-        eprintln!("heartbeat {round}: {datagrams} datagram(s), {bytes} bytes");
-        assert_eq!(datagrams, 1, "one datagram per heartbeat");
-        assert!(bytes <= 64, "a heartbeat took {bytes} bytes of UDP payload");
+    for (datagrams, max_bytes) in [(true, 48), (false, 64)] {
+        // Default keepalives (15 s): nothing else is sent while the heartbeat is measured.
+        let config = LinkConfig {
+            datagram_heartbeats: datagrams,
+            ..LinkConfig::default()
+        };
+        let mut cloud = start_cloud(config);
+        let mut edge = cloud.connect("edge-beat");
+        let mut node = cloud.accept().await;
+        expect_connected(&mut edge).await;
+        expect_connected(&mut node).await;
+        // Let the handshake's last packets and acks settle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for round in 0..3 {
+            let before = edge.connection_stats().unwrap();
+            edge.heartbeat(Duration::from_secs(10)).unwrap();
+            let event = within(Duration::from_secs(10), node.next_event()).await;
+            assert!(
+                matches!(event, Some(LinkEvent::Heartbeat { period: Some(p) }) if p == Duration::from_secs(10)),
+                "round {round}: expected a heartbeat, got {event:?}"
+            );
+            // The cloud's ACK follows within its ack delay (25 ms).
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let after = edge.connection_stats().unwrap();
+            let (sent, bytes) = (
+                after.udp_tx.datagrams - before.udp_tx.datagrams,
+                after.udp_tx.bytes - before.udp_tx.bytes,
+            );
+            let (acks, ack_bytes) = (
+                after.udp_rx.datagrams - before.udp_rx.datagrams,
+                after.udp_rx.bytes - before.udp_rx.bytes,
+            );
+            eprintln!(
+                "heartbeat {round} (datagrams {datagrams}): {sent} UDP datagram(s), {bytes} bytes; \
+                 back: {acks} datagram(s), {ack_bytes} bytes"
+            );
+            assert_eq!(sent, 1, "one UDP datagram per heartbeat");
+            assert!(
+                bytes <= max_bytes,
+                "a heartbeat took {bytes} bytes of UDP payload (datagrams {datagrams})"
+            );
+            // One ACK back, addressed to the node's 4-byte connection id.
+            if round > 0 {
+                assert_eq!(acks, 1, "one ACK per heartbeat");
+                assert!(ack_bytes <= 32, "the ACK took {ack_bytes} bytes");
+            }
+        }
+        // Heartbeats asked for at once all arrive (datagrams) or go as one (frames); none is
+        // replayed later.
+        for _ in 0..5 {
+            edge.heartbeat(Duration::from_secs(10)).unwrap();
+        }
+        let first = within(Duration::from_secs(10), node.next_event()).await;
+        assert!(matches!(first, Some(LinkEvent::Heartbeat { .. })));
     }
-    // Heartbeats asked for while the writer is busy go as one; none is replayed later.
-    for _ in 0..5 {
-        edge.heartbeat().unwrap();
-    }
-    let first = within(Duration::from_secs(10), node.next_event()).await;
-    assert!(matches!(first, Some(LinkEvent::Heartbeat)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,7 +64,9 @@ struct Cli {
     /// endpoint (kube-apiserver's --kubelet-client-certificate); default: the kubeconfig's CA.
     #[arg(long)]
     kubelet_client_ca: Option<PathBuf>,
-    /// A node without a lease renewal for this long is NotReady (e.g. 40s).
+    /// A node without a lease renewal for this long is NotReady (e.g. 40s); a node whose Lease
+    /// holds longer (it beats less often: four of its heartbeat periods) gets its Lease's
+    /// duration instead.
     #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
     node_grace: Duration,
     /// Evict pods from a node this long after it became unreachable (its

@@ -389,6 +389,24 @@ impl NodeFeed {
                 Sent::Void => {}
             }
         }
+        if self.in_flight.is_empty() && self.queue.is_empty() {
+            self.release_idle_capacity();
+        }
+    }
+
+    /// Gives back what a burst (an initial sync of many objects) grew the queues to, once
+    /// everything is acked: collections keep their capacity when emptied, and thousands of
+    /// idle nodes would each hold their largest burst's worth.
+    fn release_idle_capacity(&mut self) {
+        if self.pending.is_empty() {
+            self.queue.shrink_to_fit();
+            self.pending.shrink_to_fit();
+        }
+        self.in_flight.shrink_to_fit();
+        self.in_flight_keys.shrink_to_fit();
+        if self.control.is_empty() {
+            self.control.shrink_to_fit();
+        }
     }
 
     fn release_in_flight_key(&mut self, key: &ObjectKey) {
@@ -587,8 +605,8 @@ impl NodeFeed {
 
     /// ObjectSync records to persist, oldest first. Draining keeps the buffer's capacity, so
     /// the per-ack path allocates nothing once warm.
-    pub fn drain_writes(&mut self) -> std::vec::Drain<'_, ObjectSyncWrite> {
-        self.writes.drain(..)
+    pub fn drain_writes(&mut self) -> std::vec::IntoIter<ObjectSyncWrite> {
+        std::mem::take(&mut self.writes).into_iter()
     }
 
     /// The next message to send, if any may be sent now.
