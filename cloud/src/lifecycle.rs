@@ -415,7 +415,8 @@ pub fn check(
         let (renewed, lease_duration) = lease_renewed_unix(store, key.name());
         // A node that beats slowly is judged by its own Lease: never sooner than the
         // duration it holds (four of its heartbeats), whatever the configured grace.
-        let grace_secs = (grace.as_secs()).max(lease_duration.unwrap_or(0)) as i64;
+        let grace_secs =
+            i64::try_from(grace.as_secs().max(lease_duration.unwrap_or(0))).unwrap_or(i64::MAX);
         let fresh = renewed.is_some_and(|t| now_unix - t <= grace_secs);
         // Silent since this process started (or since the renewal it last saw).
         let silent_for = now_unix - renewed.map_or(since_unix, |t| t.max(since_unix));
@@ -547,6 +548,16 @@ mod tests {
         );
     }
 
+    /// `edge-1`'s Lease as renewed at `renew_time`, holding the default duration.
+    fn put_lease(store: &Store, renew_time: &str) {
+        let lease = renewed_lease("edge-1", None, renew_time, LEASE_DURATION_SECONDS);
+        put(
+            store,
+            "leases/kube-node-lease/edge-1",
+            serde_json::to_value(lease).unwrap(),
+        );
+    }
+
     fn ready_status(store: &Store) -> String {
         let key = ObjectKey::parse("nodes//edge-1").unwrap();
         let node: Object =
@@ -624,17 +635,7 @@ mod tests {
         let t0 = 1_800_000_000;
         put_ready_edge_node(&store);
         let renewed = "2027-01-15T08:00:00.000000Z"; // t0
-        put(
-            &store,
-            "leases/kube-node-lease/edge-1",
-            serde_json::to_value(renewed_lease(
-                "edge-1",
-                None,
-                renewed,
-                LEASE_DURATION_SECONDS,
-            ))
-            .unwrap(),
-        );
+        put_lease(&store, renewed);
         let grace = Duration::from_secs(40);
         // The cloud was down for two minutes and started at t0 + 120: the node's last renewal
         // is old, but this process has not had a grace period to see a new one.
@@ -647,17 +648,7 @@ mod tests {
         assert_eq!(ready_status(&store), "Unknown");
         // A renewal seen again: Ready.
         let renewed = "2027-01-15T08:02:50.000000Z"; // start + 50
-        put(
-            &store,
-            "leases/kube-node-lease/edge-1",
-            serde_json::to_value(renewed_lease(
-                "edge-1",
-                None,
-                renewed,
-                LEASE_DURATION_SECONDS,
-            ))
-            .unwrap(),
-        );
+        put_lease(&store, renewed);
         assert_eq!(check(&store, grace, None, start, start + 51), 1);
         assert_eq!(ready_status(&store), "True");
     }
@@ -731,17 +722,7 @@ mod tests {
                    "spec": {"taints": [{"key": "site", "value": "a", "effect": "NoSchedule"}]},
                    "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
         );
-        put(
-            &store,
-            "leases/kube-node-lease/edge-1",
-            serde_json::to_value(renewed_lease(
-                "edge-1",
-                None,
-                "2027-01-15T08:00:00.000000Z",
-                LEASE_DURATION_SECONDS,
-            ))
-            .unwrap(),
-        );
+        put_lease(&store, "2027-01-15T08:00:00.000000Z");
         let pod = |name: &str, extra: Value| {
             let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "namespace": "default"},
@@ -802,17 +783,7 @@ mod tests {
         );
 
         // Renewed again: Ready, and only the node's own taint is left.
-        put(
-            &store,
-            "leases/kube-node-lease/edge-1",
-            serde_json::to_value(renewed_lease(
-                "edge-1",
-                None,
-                "2027-01-15T10:46:40.000000Z",
-                LEASE_DURATION_SECONDS,
-            ))
-            .unwrap(),
-        );
+        put_lease(&store, "2027-01-15T10:46:40.000000Z");
         assert_eq!(check(&store, grace, eviction, t0, t0 + 10_001), 1);
         let node = get(&store, "nodes//edge-1");
         assert_eq!(

@@ -793,19 +793,22 @@ impl Shared {
         }
     }
 
+    /// A heartbeat from the peer (a frame or a datagram) announcing `millis` (0: not said).
+    async fn deliver_heartbeat(&self, millis: u32) -> Result<(), LinkError> {
+        let period = (millis > 0).then(|| Duration::from_millis(millis.into()));
+        self.events
+            .send(LinkEvent::Heartbeat { period })
+            .await
+            .map_err(|_| LinkError::Closed)
+    }
+
     /// Heartbeats that come as QUIC datagrams. Datagrams of other types are ignored, so that a
     /// newer peer may add some.
     async fn read_datagrams(&self, connection: &quinn::Connection) -> Result<(), LinkError> {
         loop {
             let datagram = connection.read_datagram().await?;
             match crate::frame::parse_heartbeat_datagram(&datagram) {
-                Some(millis) => {
-                    let period = (millis > 0).then(|| Duration::from_millis(millis.into()));
-                    self.events
-                        .send(LinkEvent::Heartbeat { period })
-                        .await
-                        .map_err(|_| LinkError::Closed)?;
-                }
+                Some(millis) => self.deliver_heartbeat(millis).await?,
                 None => {
                     tracing::debug!(peer = %self.peer, len = datagram.len(), "ignoring a datagram that is not a heartbeat")
                 }
@@ -908,12 +911,7 @@ impl Shared {
                     self.room.notify_waiters();
                 }
                 ArchivedEnvelope::Heartbeat(millis) => {
-                    let millis = millis.to_native();
-                    let period = (millis > 0).then(|| Duration::from_millis(millis.into()));
-                    self.events
-                        .send(LinkEvent::Heartbeat { period })
-                        .await
-                        .map_err(|_| LinkError::Closed)?;
+                    self.deliver_heartbeat(millis.to_native()).await?;
                 }
                 _ => {
                     return Err(LinkError::Protocol(format!(
