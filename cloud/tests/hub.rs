@@ -83,7 +83,12 @@ fn start_edge(cloud: &CloudProcess, name: &str, dir: &std::path::Path) -> Edge {
             loop {
                 let up = r.lock().unwrap().poll_transmit();
                 let Some(up) = up else { break };
-                if link.handle().send(&wire::encode_up(&up)).await.is_err() {
+                if link
+                    .handle()
+                    .send_encoded(wire::encode_up(&up))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

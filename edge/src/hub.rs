@@ -112,7 +112,12 @@ async fn send_upward(link: &Link, meta: &MetaManager) {
         let Some(up) = up else { return };
         // Queued in the link's window, kept across reconnects until the cloud acks it; waits
         // only while the window is full.
-        if link.handle().send(&wire::encode_up(&up)).await.is_err() {
+        if link
+            .handle()
+            .send_encoded(wire::encode_up(&up))
+            .await
+            .is_err()
+        {
             return; // the link is closed: edgecore is stopping
         }
     }
@@ -121,11 +126,11 @@ async fn send_upward(link: &Link, meta: &MetaManager) {
 /// Answers a request from the cloud: ServiceBus calls are performed against the local
 /// application; anything else is answered with an error message.
 async fn answer(request: IncomingRequest, bus: Arc<ServiceBus>, stream: Arc<EdgeStream>) {
-    if request.message.route().group.as_str() == transport::usage::GROUP {
+    if request.message.route().group == transport::usage::GROUP {
         stream.serve_usage(request).await;
         return;
     }
-    if request.message.route().group.as_str() == transport::stream::GROUP {
+    if request.message.route().group == transport::stream::GROUP {
         match transport::stream::PodStreamRequest::from_message(&request.message) {
             Ok(call) => stream.serve(request, call).await,
             Err(e) => {
@@ -138,7 +143,7 @@ async fn answer(request: IncomingRequest, bus: Arc<ServiceBus>, stream: Arc<Edge
         return;
     }
     let header = request.message.to_message().header;
-    let response = if request.message.route().group.as_str() == transport::bus::GROUP {
+    let response = if request.message.route().group == transport::bus::GROUP {
         let response = match BusRequest::from_message(&request.message) {
             Ok(call) => bus.serve(call).await,
             Err(e) => BusResponse::error(400, e.to_string()),

@@ -33,7 +33,7 @@ pub struct NodeStatusConfig {
 impl Default for NodeStatusConfig {
     fn default() -> Self {
         NodeStatusConfig {
-            lease_period: Duration::from_secs(10),
+            lease_period: Duration::from_millis(12_500),
             status_period: Duration::from_secs(300),
             runtime: "kedge-process://0.1".into(),
             images: None,

@@ -64,10 +64,18 @@ pub fn frame_decoder(data: &[u8]) {
         loop {
             match decoder.decode(&mut input) {
                 Ok(Some(frame)) => match frame.envelope() {
-                    ArchivedEnvelope::Message(_) => {
-                        let message = frame.into_message().expect("a Message frame");
+                    ArchivedEnvelope::Message(_) | ArchivedEnvelope::Compact(_) => {
+                        let message = frame.into_message().expect("a message frame");
                         let owned = message.to_message();
                         assert_eq!(owned.content, message.content());
+                        // A compact message expands to the same message in full form.
+                        let full = message.encoded().for_version(2);
+                        let back = transport::frame::Frame::validate(full)
+                            .expect("the full form is valid")
+                            .into_message()
+                            .expect("a message");
+                        assert!(!back.is_compact());
+                        assert_eq!(back.to_message(), owned);
                     }
                     ArchivedEnvelope::Hello(h) => {
                         let _ = (h.protocol_version, h.send_epoch, h.recv_epoch, h.recv_acked);

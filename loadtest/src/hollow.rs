@@ -348,7 +348,7 @@ pub async fn run(setup: NodeSetup, probes: Arc<Probes>, mut commands: mpsc::Rece
                 l.ack(seq);
             }
             while let Some(up) = node.sync.poll_transmit() {
-                if l.send(&wire::encode_up(&up)).await.is_err() {
+                if l.send_encoded(wire::encode_up(&up)).await.is_err() {
                     break;
                 }
             }

@@ -101,10 +101,10 @@ impl BusRequest {
     /// of `[name, value]` pairs.
     pub fn from_message(message: &ReceivedMessage) -> Result<Self, BusError> {
         let route = message.route();
-        if route.group.as_str() != GROUP {
-            return Err(BusError(format!("group {:?}", route.group.as_str())));
+        if route.group != GROUP {
+            return Err(BusError(format!("group {:?}", route.group)));
         }
-        let resource = route.resource.as_str();
+        let resource = route.resource;
         let rest = resource
             .strip_prefix('/')
             .ok_or_else(|| BusError("resource does not start with /".into()))?;
@@ -123,7 +123,7 @@ impl BusRequest {
         let (headers, body) = unpack(message.content())?;
         Ok(BusRequest {
             app: app.to_owned(),
-            method: route.operation.as_str().to_owned(),
+            method: route.operation.to_owned(),
             path,
             headers,
             body,
@@ -150,12 +150,11 @@ impl BusResponse {
     /// `[name, value]` pairs.
     pub fn from_message(message: &ReceivedMessage) -> Result<Self, BusError> {
         let route = message.route();
-        if route.group.as_str() != GROUP {
-            return Err(BusError(format!("group {:?}", route.group.as_str())));
+        if route.group != GROUP {
+            return Err(BusError(format!("group {:?}", route.group)));
         }
         let status = route
             .operation
-            .as_str()
             .parse::<u16>()
             .ok()
             .filter(|s| (100..600).contains(s))

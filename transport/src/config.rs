@@ -8,8 +8,22 @@ use std::time::Duration;
 use crate::backoff::BackoffConfig;
 use crate::frame::DEFAULT_MAX_FRAME;
 
-/// Version of the link protocol spoken in the hello. Bumped on incompatible changes.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// The highest version of the link protocol this build speaks, announced in the hello.
+///
+/// Negotiated per connection: the node announces the highest version it speaks, the cloud
+/// answers with the lower of that and its own, and both speak the answer. Versions:
+/// - 2: full-form messages only.
+/// - 3: sync messages in their compact form ([`crate::compact`]).
+///
+/// A cloud of version 2 compared versions strictly, so it refuses nodes of version 3:
+/// upgrade cloudcore before edgecore (KubeEdge's version skew rule too).
+pub const PROTOCOL_VERSION: u32 = 3;
+
+/// The oldest link protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
+
+/// The first version with compact messages ([`crate::frame::Envelope::Compact`]).
+pub const COMPACT_PROTOCOL_VERSION: u32 = 3;
 
 /// Settings shared by both ends of a link.
 #[derive(Debug, Clone)]
@@ -44,6 +58,10 @@ pub struct LinkConfig {
     /// (~20 bytes less per heartbeat than a control-stream frame). Off, this side behaves as
     /// kedge did before: heartbeats arrive as frames.
     pub datagram_heartbeats: bool,
+    /// The highest link protocol version this side announces, between
+    /// [`MIN_PROTOCOL_VERSION`] and [`PROTOCOL_VERSION`] (the default): lower it to speak as an
+    /// older build does, for instance while a fleet is upgraded.
+    pub protocol_version: u32,
 }
 
 impl Default for LinkConfig {
@@ -62,6 +80,7 @@ impl Default for LinkConfig {
             event_queue: 1024,
             ack_delay: Duration::from_millis(2),
             datagram_heartbeats: true,
+            protocol_version: PROTOCOL_VERSION,
         }
     }
 }

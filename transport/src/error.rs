@@ -66,12 +66,13 @@ pub enum LinkError {
     /// The peer broke the link protocol (a frame of the wrong kind, a stream closed too early).
     #[error("protocol violation: {0}")]
     Protocol(String),
-    /// The peer's hello names another [`crate::PROTOCOL_VERSION`].
-    #[error("peer speaks link protocol version {peer}, this side {ours}")]
+    /// No common link protocol version: the peer's hello names one this side does not speak
+    /// (below [`crate::MIN_PROTOCOL_VERSION`], or a cloud's answer above what the node offered).
+    #[error("peer speaks link protocol version {peer}, this side {ours} (and down to {min})", min = crate::MIN_PROTOCOL_VERSION)]
     Version {
         /// The version in the peer's hello.
         peer: u32,
-        /// This side's [`crate::PROTOCOL_VERSION`].
+        /// The highest version this side speaks ([`crate::LinkConfig::protocol_version`]).
         ours: u32,
     },
     /// The QUIC connection ended (closed by the peer, idle timeout, reset).

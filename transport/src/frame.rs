@@ -5,12 +5,14 @@
 //! place. Message content is handed out as a [`Bytes`] slice of that buffer: storing or
 //! forwarding it copies nothing. [`FrameDecoder`] is sans-IO: it takes bytes from any source.
 
+use std::borrow::Cow;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::with::{AsBox, InlineAsBox};
 
-use crate::message::{ArchivedHeader, ArchivedMessage, ArchivedRoute, Message};
+use crate::message::{ArchivedMessage, Header, Message, Route};
 
 /// The first byte of a heartbeat sent as a QUIC DATAGRAM (RFC 9221) instead of a frame.
 pub const DATAGRAM_HEARTBEAT: u8 = 1;
@@ -78,6 +80,10 @@ pub enum Envelope<'a> {
     StreamStart(u64),
     /// Data and request streams: one application message.
     Message(#[rkyv(with = InlineAsBox)] &'a Message),
+    /// Data streams, link protocol 3 and later: one message in its compact form (see
+    /// [`crate::compact`]). Never sent to a peer that speaks an older version: the link
+    /// expands it to [`Envelope::Message`] for such a peer ([`EncodedMessage::for_version`]).
+    Compact(#[rkyv(with = InlineAsBox)] &'a [u8]),
 }
 
 /// The archived form of any [`Envelope`].
@@ -119,6 +125,44 @@ impl EncodedMessage {
     /// Encodes `message` as a frame body (an [`Envelope::Message`] archive), once.
     pub fn encode(message: &Message) -> Self {
         EncodedMessage(encode_body(&Envelope::Message(message)))
+    }
+
+    /// Encodes `message` in its compact form ([`Envelope::Compact`], see [`crate::compact`])
+    /// when it has one, in the full form otherwise. For the link's ordered data stream, which
+    /// expands it for a peer of an older protocol version.
+    pub fn encode_compact(message: &Message) -> Self {
+        match crate::compact::encode(message) {
+            Some(payload) => EncodedMessage(encode_body(&Envelope::Compact(&payload))),
+            None => EncodedMessage::encode(message),
+        }
+    }
+
+    /// Whether the body is a compact message.
+    pub fn is_compact(&self) -> bool {
+        matches!(self.envelope(), ArchivedEnvelope::Compact(_))
+    }
+
+    /// The body to send to a peer speaking link protocol `version`: these bytes, or for a peer
+    /// before compact messages (version 2) the same message in its full form.
+    pub fn for_version(&self, version: u32) -> Bytes {
+        if version >= crate::config::COMPACT_PROTOCOL_VERSION || !self.is_compact() {
+            return self.0.clone();
+        }
+        let frame = Frame {
+            body: self.0.clone(),
+        };
+        match frame.into_message() {
+            Ok(message) => encode_body(&Envelope::Message(&message.to_message())),
+            // A compact body is always a message.
+            Err(frame) => frame.body,
+        }
+    }
+
+    fn envelope(&self) -> &ArchivedFrame {
+        // SAFETY: an `EncodedMessage` is only made by `encode_body` (a valid archive, in a
+        // 16-byte-aligned buffer) or from a validated frame (`ReceivedMessage::encoded`), and
+        // `Bytes` is immutable.
+        unsafe { rkyv::access_unchecked::<ArchivedFrame>(&self.0) }
     }
 
     /// The frame body (without the length prefix).
@@ -185,8 +229,11 @@ impl Frame {
             aligned.extend_from_slice(&body);
             return Frame::validate(Bytes::from_owner(aligned));
         }
-        rkyv::access::<ArchivedFrame, rancor::Error>(&body)
+        let envelope = rkyv::access::<ArchivedFrame, rancor::Error>(&body)
             .map_err(|e| FrameError::Malformed(e.to_string()))?;
+        if let ArchivedEnvelope::Compact(payload) = envelope {
+            crate::compact::parse(payload.get()).map_err(FrameError::Malformed)?;
+        }
         Ok(Frame { body })
     }
 
@@ -208,10 +255,11 @@ impl Frame {
     /// The frame itself, given back, when it carries another envelope variant (use
     /// [`kind`](Self::kind) to name it).
     pub fn into_message(self) -> Result<ReceivedMessage, Frame> {
-        if matches!(self.envelope(), ArchivedEnvelope::Message(_)) {
-            Ok(ReceivedMessage { frame: self })
-        } else {
-            Err(self)
+        match self.envelope() {
+            ArchivedEnvelope::Message(_) | ArchivedEnvelope::Compact(_) => {
+                Ok(ReceivedMessage { frame: self })
+            }
+            _ => Err(self),
         }
     }
 
@@ -223,6 +271,7 @@ impl Frame {
             ArchivedEnvelope::Heartbeat(_) => "Heartbeat",
             ArchivedEnvelope::StreamStart(_) => "StreamStart",
             ArchivedEnvelope::Message(_) => "Message",
+            ArchivedEnvelope::Compact(_) => "Compact",
         }
     }
 }
@@ -236,36 +285,122 @@ impl std::fmt::Debug for Frame {
     }
 }
 
-/// A received message, read in place from its frame.
+/// A received message, read in place from its frame (full or compact form alike). As small
+/// as its frame: a compact message's few numbers are read again when asked for (a couple of
+/// LEB128 numbers) rather than kept, since every delivery in every node's event queue has one.
 #[derive(Clone)]
 pub struct ReceivedMessage {
     frame: Frame,
 }
 
+/// What a received message is, read from its frame.
+enum Form<'a> {
+    /// An [`Envelope::Message`] archive.
+    Full(&'a ArchivedMessage),
+    /// An [`Envelope::Compact`] payload, parsed.
+    Compact(&'a [u8], crate::compact::Parsed),
+}
+
+/// A received message's header, borrowed. Fields as in [`Header`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderRef<'a> {
+    /// Unique id of the message; empty for a compact one.
+    pub id: &'a str,
+    /// The id of the request it answers, or empty.
+    pub parent_id: &'a str,
+    /// Milliseconds since the Unix epoch when it was made; 0 for a compact one.
+    pub timestamp: i64,
+    /// The resourceVersion of the object it carries, or empty.
+    pub resource_version: Cow<'a, str>,
+    /// Whether the sender waits for a response.
+    pub sync: bool,
+}
+
+/// A received message's route, borrowed. Fields as in [`Route`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteRef<'a> {
+    /// The module that sent it.
+    pub source: &'a str,
+    /// The module group it is for.
+    pub group: &'a str,
+    /// What it does.
+    pub operation: &'a str,
+    /// What it is about.
+    pub resource: &'a str,
+}
+
 impl ReceivedMessage {
-    fn archived(&self) -> &ArchivedMessage {
+    fn form(&self) -> Form<'_> {
         match self.frame.envelope() {
-            ArchivedEnvelope::Message(message) => message.get(),
-            // `ReceivedMessage` is only built from `Message` frames (see `Frame::into_message`).
+            ArchivedEnvelope::Message(message) => Form::Full(message.get()),
+            ArchivedEnvelope::Compact(payload) => {
+                let payload = payload.get();
+                match crate::compact::parse(payload) {
+                    Ok(parsed) => Form::Compact(payload, parsed),
+                    // Parsed when the frame was validated; the bytes are immutable.
+                    Err(e) => unreachable!("a validated compact frame no longer parses: {e}"),
+                }
+            }
+            // `ReceivedMessage` is only built from message frames (`Frame::into_message`).
             _ => unreachable!("ReceivedMessage holds a non-message frame"),
         }
     }
 
-    /// The message header, read in place.
-    pub fn header(&self) -> &ArchivedHeader {
-        &self.archived().header
+    /// The message header, read in place (a compact message's resourceVersion is formatted).
+    pub fn header(&self) -> HeaderRef<'_> {
+        match self.form() {
+            Form::Compact(_, parsed) => HeaderRef {
+                id: "",
+                parent_id: "",
+                timestamp: 0,
+                resource_version: parsed
+                    .resource_version
+                    .map_or(Cow::Borrowed(""), |v| Cow::Owned(v.to_string())),
+                sync: false,
+            },
+            Form::Full(m) => HeaderRef {
+                id: m.header.id.as_str(),
+                parent_id: m.header.parent_id.as_str(),
+                timestamp: m.header.timestamp.to_native(),
+                resource_version: Cow::Borrowed(m.header.resource_version.as_str()),
+                sync: m.header.sync,
+            },
+        }
     }
 
     /// The message route, read in place.
-    pub fn route(&self) -> &ArchivedRoute {
-        &self.archived().route
+    pub fn route(&self) -> RouteRef<'_> {
+        match self.form() {
+            Form::Compact(payload, parsed) => {
+                let (source, group, operation) = crate::compact::ROUTES[usize::from(parsed.route)];
+                RouteRef {
+                    source,
+                    group,
+                    operation,
+                    // Checked to be UTF-8 when parsed.
+                    resource: std::str::from_utf8(&payload[parsed.resource]).unwrap_or(""),
+                }
+            }
+            Form::Full(m) => RouteRef {
+                source: m.route.source.as_str(),
+                group: m.route.group.as_str(),
+                operation: m.route.operation.as_str(),
+                resource: m.route.resource.as_str(),
+            },
+        }
     }
 
     /// The content, as a slice of the receive buffer: no copy.
     pub fn content(&self) -> Bytes {
-        self.frame
-            .body
-            .slice_ref(self.archived().content.as_slice())
+        match self.form() {
+            Form::Compact(payload, parsed) => self.frame.body.slice_ref(&payload[parsed.content]),
+            Form::Full(m) => self.frame.body.slice_ref(m.content.as_slice()),
+        }
+    }
+
+    /// Whether it came in the compact form.
+    pub fn is_compact(&self) -> bool {
+        matches!(self.frame.envelope(), ArchivedEnvelope::Compact(_))
     }
 
     /// The same bytes, ready to forward to another peer without re-encoding.
@@ -275,21 +410,17 @@ impl ReceivedMessage {
 
     /// An owned copy of the message.
     pub fn to_message(&self) -> Message {
-        let m = self.archived();
+        let h = self.header();
+        let r = self.route();
         Message {
-            header: crate::message::Header {
-                id: m.header.id.as_str().to_owned(),
-                parent_id: m.header.parent_id.as_str().to_owned(),
-                timestamp: m.header.timestamp.to_native(),
-                resource_version: m.header.resource_version.as_str().to_owned(),
-                sync: m.header.sync,
+            header: Header {
+                id: h.id.to_owned(),
+                parent_id: h.parent_id.to_owned(),
+                timestamp: h.timestamp,
+                resource_version: h.resource_version.into_owned(),
+                sync: h.sync,
             },
-            route: crate::message::Route {
-                source: m.route.source.as_str().to_owned(),
-                group: m.route.group.as_str().to_owned(),
-                operation: m.route.operation.as_str().to_owned(),
-                resource: m.route.resource.as_str().to_owned(),
-            },
+            route: Route::new(r.source, r.group, r.operation, r.resource),
             content: self.content(),
         }
     }
@@ -299,10 +430,10 @@ impl std::fmt::Debug for ReceivedMessage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let route = self.route();
         f.debug_struct("ReceivedMessage")
-            .field("id", &self.header().id.as_str())
-            .field("operation", &route.operation.as_str())
-            .field("resource", &route.resource.as_str())
-            .field("content_len", &self.archived().content.len())
+            .field("id", &self.header().id)
+            .field("operation", &route.operation)
+            .field("resource", &route.resource)
+            .field("content_len", &self.content().len())
             .finish()
     }
 }

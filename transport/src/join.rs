@@ -184,7 +184,7 @@ pub async fn join(
         });
         connection.close(CloseCode::Normal.var_int(), b"joined");
         let answer = answer?;
-        match answer.route().operation.as_str() {
+        match answer.route().operation {
             OP_GRANTED => Ok(answer.content()),
             OP_REFUSED => Err(JoinError::Refused(
                 String::from_utf8_lossy(&answer.content()).into_owned(),
@@ -228,7 +228,7 @@ pub(crate) async fn serve(
         if route.operation != OP_JOIN {
             return Err(LinkError::Protocol(format!(
                 "expected a join request, got {:?}",
-                route.operation.as_str()
+                route.operation
             )));
         }
         let join = JoinRequest {

@@ -4,6 +4,7 @@
 //! - [`message`]: KubeEdge's message model (header, route, content bytes) and its JSON form.
 //! - [`bus`]: ServiceBus messages (an HTTP request to an edge application, and its response).
 //! - [`frame`]: `u32` length + rkyv archive framing; validated, zero-copy reads (sans-IO).
+//! - [`compact`]: the compact form of sync messages (link protocol 3), without a full header.
 //! - [`window`]: per-direction sequence numbers, bounded send window, receive tracking (sans-IO).
 //! - [`backoff`]: reconnect delays with full jitter (sans-IO).
 //! - [`tls`]: the cloud CA, node and server certificates, rustls configs for mutual TLS.
@@ -20,6 +21,7 @@
 pub mod backoff;
 pub mod bus;
 pub mod client;
+pub mod compact;
 pub mod config;
 mod endpoint;
 pub mod error;
@@ -40,10 +42,13 @@ pub mod usage;
 pub mod window;
 
 pub use client::{connect, connect_on, connect_with, Credentials};
-pub use config::{ClientConfig, LinkConfig, ServerConfig, PROTOCOL_VERSION};
+pub use config::{
+    ClientConfig, LinkConfig, ServerConfig, COMPACT_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+};
 pub use endpoint::{client_endpoint, quinn_client_config_from};
 pub use error::{CloseCode, EndpointError, LinkError};
-pub use frame::{EncodedMessage, ReceivedMessage};
+pub use frame::{EncodedMessage, HeaderRef, ReceivedMessage, RouteRef};
 pub use join::{join, JoinError, JoinHandler, JoinRequest, Joined};
 pub use link::{
     Delivery, IncomingRequest, Link, LinkCounters, LinkEvent, LinkHandle, StreamReader,

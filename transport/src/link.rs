@@ -22,7 +22,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::config::{LinkConfig, PROTOCOL_VERSION};
+use crate::config::{LinkConfig, MIN_PROTOCOL_VERSION};
 use crate::error::{CloseCode, LinkError};
 use crate::frame::{
     encode_body, ArchivedEnvelope, EncodedMessage, Envelope, Hello, ReceivedMessage,
@@ -726,10 +726,10 @@ impl Shared {
                 Role::Server => connection.accept_bi().await?,
             };
             let mut control_rx = FrameReader::new(control_rx, config.max_frame);
-            let ours = self.our_hello();
-            let ours_body = encode_body(&Envelope::Hello(ours));
+            let mut ours = self.our_hello();
             if role == Role::Client {
-                write_bodies(&mut control_tx, [&ours_body], config.max_frame).await?;
+                let body = encode_body(&Envelope::Hello(ours));
+                write_bodies(&mut control_tx, [&body], config.max_frame).await?;
             }
             let frame = control_rx
                 .next()
@@ -749,18 +749,16 @@ impl Shared {
                     )))
                 }
             };
-            if peer.protocol_version != PROTOCOL_VERSION {
-                return Err(LinkError::Version {
-                    peer: peer.protocol_version,
-                    ours: PROTOCOL_VERSION,
-                });
-            }
+            let version = negotiate(role, ours.protocol_version, peer.protocol_version)?;
             if role == Role::Server {
-                write_bodies(&mut control_tx, [&ours_body], config.max_frame).await?;
+                // The server's hello names the version both now speak.
+                ours.protocol_version = version;
+                let body = encode_body(&Envelope::Hello(ours));
+                write_bodies(&mut control_tx, [&body], config.max_frame).await?;
             }
-            Ok((control_tx, control_rx, peer))
+            Ok((control_tx, control_rx, peer, version))
         };
-        let (control_tx, control_rx, peer) =
+        let (control_tx, control_rx, peer, version) =
             tokio::time::timeout(config.handshake_timeout, handshake)
                 .await
                 .map_err(|_| LinkError::Timeout(config.handshake_timeout))??;
@@ -784,7 +782,7 @@ impl Shared {
             .map_err(|_| LinkError::Closed)?;
 
         tokio::select! {
-            r = self.write_data(connection) => r,
+            r = self.write_data(connection, version) => r,
             r = self.read_data(connection) => r,
             r = self.read_control(control_rx) => r,
             r = self.write_control(control_tx) => r,
@@ -820,15 +818,20 @@ impl Shared {
         let mut state = self.lock_state();
         state.tracker.hello_sent();
         Hello {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: self.config.protocol_version,
             send_epoch: state.window.epoch(),
             recv_epoch: state.tracker.epoch(),
             recv_acked: state.tracker.durable(),
         }
     }
 
-    /// Our data stream: `StreamStart`, then every unacked message in order, then new ones.
-    async fn write_data(&self, connection: &quinn::Connection) -> Result<(), LinkError> {
+    /// Our data stream: `StreamStart`, then every unacked message in order, then new ones,
+    /// each in a form the peer's protocol `version` reads.
+    async fn write_data(
+        &self,
+        connection: &quinn::Connection,
+        version: u32,
+    ) -> Result<(), LinkError> {
         const BATCH_MESSAGES: usize = 128;
         const BATCH_BYTES: usize = 512 * 1024;
         let max_frame = self.config.max_frame;
@@ -849,7 +852,7 @@ impl Shared {
                         break;
                     };
                     bytes += message.len();
-                    batch.push(message.body().clone());
+                    batch.push(message.for_version(version));
                 }
             }
             if batch.is_empty() {
@@ -993,6 +996,25 @@ impl Shared {
 }
 
 /// A readable reason for a connection the peer or the network ended.
+/// The link protocol version a connection speaks, from this side's highest (`ours`) and what
+/// the peer's hello says (`peer`): a node announces its highest, and the cloud answers with the
+/// lower of the two, which the node then speaks too.
+///
+/// # Errors
+/// [`LinkError::Version`] when the peer's version is below [`MIN_PROTOCOL_VERSION`], or when
+/// the cloud answers a node with a version the node did not offer.
+fn negotiate(role: Role, ours: u32, peer: u32) -> Result<u32, LinkError> {
+    let version = match role {
+        Role::Server => ours.min(peer),
+        Role::Client if peer <= ours => peer,
+        Role::Client => return Err(LinkError::Version { peer, ours }),
+    };
+    if version < MIN_PROTOCOL_VERSION {
+        return Err(LinkError::Version { peer, ours });
+    }
+    Ok(version)
+}
+
 fn describe_close(error: &quinn::ConnectionError) -> String {
     match error {
         quinn::ConnectionError::ApplicationClosed(close) => {

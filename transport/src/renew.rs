@@ -107,7 +107,7 @@ pub fn request(node: &str, csr_der: Vec<u8>) -> Message {
 
 /// Whether `message` is a renewal request ([`request`]).
 pub fn is_request(message: &ReceivedMessage) -> bool {
-    message.route().group.as_str() == GROUP && message.route().operation.as_str() == OP_RENEW
+    message.route().group == GROUP && message.route().operation == OP_RENEW
 }
 
 /// The answer to a renewal request: the certificate's DER, or the reason for refusing.
@@ -120,7 +120,7 @@ pub fn answer(node: &str, result: Result<Vec<u8>, String>) -> Message {
 }
 
 fn read_answer(answer: &ReceivedMessage) -> Result<CertificateDer<'static>, RenewError> {
-    match answer.route().operation.as_str() {
+    match answer.route().operation {
         OP_GRANTED => Ok(CertificateDer::from(answer.content().to_vec())),
         OP_REFUSED => Err(RenewError::Refused(
             String::from_utf8_lossy(&answer.content()).into_owned(),
@@ -139,7 +139,7 @@ pub fn trust_request(node: &str) -> Message {
 
 /// Whether `message` is a trust bundle request ([`trust_request`]).
 pub fn is_trust_request(message: &ReceivedMessage) -> bool {
-    message.route().group.as_str() == GROUP && message.route().operation.as_str() == OP_TRUST
+    message.route().group == GROUP && message.route().operation == OP_TRUST
 }
 
 /// The answer to a trust bundle request: the CAs as PEM, in the cloud's order (signing CA
@@ -160,7 +160,7 @@ pub async fn fetch_trust_bundle(
     timeout: Duration,
 ) -> Result<Vec<CertificateDer<'static>>, RenewError> {
     let answer = link.request_within(&trust_request(node), timeout).await?;
-    match answer.route().operation.as_str() {
+    match answer.route().operation {
         OP_GRANTED => {
             let text = String::from_utf8_lossy(&answer.content()).into_owned();
             crate::tls::certs_from_pem(&text).map_err(|e| RenewError::Protocol(e.to_string()))

@@ -97,10 +97,10 @@ impl PodStreamRequest {
     /// resource is not `namespace/pod`, or the query is not UTF-8.
     pub fn from_message(message: &ReceivedMessage) -> Result<PodStreamRequest, StreamError> {
         let route = message.route();
-        if route.group.as_str() != GROUP {
-            return Err(StreamError(format!("group {:?}", route.group.as_str())));
+        if route.group != GROUP {
+            return Err(StreamError(format!("group {:?}", route.group)));
         }
-        let subresource = match route.operation.as_str() {
+        let subresource = match route.operation {
             "log" => Subresource::Log,
             "exec" => Subresource::Exec,
             "attach" => Subresource::Attach,
@@ -109,7 +109,6 @@ impl PodStreamRequest {
         };
         let (namespace, pod) = route
             .resource
-            .as_str()
             .split_once('/')
             .ok_or_else(|| StreamError("a stream request names namespace/pod".into()))?;
         let query = String::from_utf8(message.content().to_vec())
@@ -179,12 +178,11 @@ impl StreamHead {
     /// resource is not a status code.
     pub fn from_message(message: &ReceivedMessage) -> Result<StreamHead, StreamError> {
         let route = message.route();
-        match route.operation.as_str() {
+        match route.operation {
             "response" => Ok(StreamHead::Ok),
             "error" => Ok(StreamHead::Error {
                 code: route
                     .resource
-                    .as_str()
                     .parse()
                     .map_err(|_| StreamError("an error head carries its code".into()))?,
                 status: message.content(),
@@ -314,7 +312,7 @@ impl StreamMessage {
     /// [`StreamError`] for an unknown operation, or a `resize` whose content is not two `u16`s.
     pub fn from_message(message: &ReceivedMessage) -> Result<StreamMessage, StreamError> {
         let content = message.content();
-        Ok(match message.route().operation.as_str() {
+        Ok(match message.route().operation {
             "data" => StreamMessage::Data(content.to_vec()),
             "stdin" => StreamMessage::Stdin(content.to_vec()),
             "stdin-close" => StreamMessage::StdinClose,

@@ -43,7 +43,8 @@ struct Args {
     /// How long each convergence check may take.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     converge_timeout: Duration,
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How often each hollow node renews its Lease (edgecore's default).
+    #[arg(long, default_value = "12s 500ms", value_parser = humantime::parse_duration)]
     lease_period: Duration,
     /// Start this many cloudcores on one etcd (`--store etcd`, a one-member etcd of this
     /// run's); the fleet's nodes are spread over them and know all. `replica-failover` needs 2+.

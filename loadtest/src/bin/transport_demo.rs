@@ -122,7 +122,7 @@ async fn run_cloud_side(mut link: Link, message: EncodedMessage, count: u64) -> 
     while !status_seen {
         match tokio::time::timeout(Duration::from_secs(60), link.next_event()).await {
             Ok(Some(LinkEvent::Message(d))) => {
-                status_seen = d.message.route().operation.as_str() == "update";
+                status_seen = d.message.route().operation == "update";
                 link.ack(d.seq);
             }
             Ok(Some(LinkEvent::Request(request))) => {
@@ -167,7 +167,7 @@ async fn run_edge(mut link: Link, node: String, count: u64) -> Result<String> {
                     "{}",
                 );
                 let reply = link.request(&query).await?;
-                if reply.header().parent_id.as_str() != query.header.id {
+                if reply.header().parent_id != query.header.id {
                     bail!("{node}: response does not answer the query");
                 }
                 rtt = Some(started.elapsed());

@@ -144,12 +144,12 @@ impl ApiCall {
     /// URI that does not parse, or content without its two UTF-8 header lines.
     pub fn from_message(message: &ReceivedMessage) -> Result<Self, RemoteError> {
         let route = message.route();
-        if route.group.as_str() != GROUP {
-            return Err(RemoteError::NotApi(route.group.as_str().to_owned()));
+        if route.group != GROUP {
+            return Err(RemoteError::NotApi(route.group.to_owned()));
         }
         let method = Method::from_bytes(route.operation.as_bytes())
             .map_err(|_| RemoteError::Malformed("bad method".into()))?;
-        let uri = route.resource.as_str().to_owned();
+        let uri = route.resource.to_owned();
         uri.parse::<Uri>()
             .map_err(|e| RemoteError::Malformed(format!("bad uri {uri:?}: {e}")))?;
         let (content_type, accept, body) = unpack(message.content())?;
@@ -229,12 +229,11 @@ impl ApiReply {
     /// that is not a status code in 100–599, or content without its two UTF-8 header lines.
     pub fn from_message(message: &ReceivedMessage) -> Result<Self, RemoteError> {
         let route = message.route();
-        if route.group.as_str() != GROUP {
-            return Err(RemoteError::NotApi(route.group.as_str().to_owned()));
+        if route.group != GROUP {
+            return Err(RemoteError::NotApi(route.group.to_owned()));
         }
         let code = route
             .operation
-            .as_str()
             .parse::<u16>()
             .ok()
             .filter(|c| (100..600).contains(c))

@@ -74,7 +74,7 @@ pub fn encode_down(down: &Down) -> EncodedMessage {
     let m = match down {
         Down::Upsert(change) => {
             return change.shared_encoding(|c: &Change| {
-                EncodedMessage::encode(&message(
+                EncodedMessage::encode_compact(&message(
                     "upsert",
                     c.key.as_str(),
                     Some(c.rv),
@@ -91,7 +91,7 @@ pub fn encode_down(down: &Down) -> EncodedMessage {
         Down::HelloRequest => message("hello-request", "", None, Bytes::new()),
         Down::ReportAck { through } => message("report-ack", "", None, u64s(&[*through])),
     };
-    EncodedMessage::encode(&m)
+    EncodedMessage::encode_compact(&m)
 }
 
 /// The parts of a received message that sync reads.
@@ -103,7 +103,7 @@ pub struct Parts<'a> {
     /// The route resource: an object key, or empty.
     pub resource: &'a str,
     /// The header's resourceVersion (decimal), or empty.
-    pub resource_version: &'a str,
+    pub resource_version: std::borrow::Cow<'a, str>,
     /// The content (a slice of the receive buffer).
     pub content: Bytes,
 }
@@ -111,11 +111,12 @@ pub struct Parts<'a> {
 impl<'a> Parts<'a> {
     /// The parts of `received`, borrowed.
     pub fn of(received: &'a ReceivedMessage) -> Self {
+        let route = received.route();
         Parts {
-            group: received.route().group.as_str(),
-            operation: received.route().operation.as_str(),
-            resource: received.route().resource.as_str(),
-            resource_version: received.header().resource_version.as_str(),
+            group: route.group,
+            operation: route.operation,
+            resource: route.resource,
+            resource_version: received.header().resource_version,
             content: received.content(),
         }
     }
@@ -193,8 +194,14 @@ pub fn decode_down(parts: Parts<'_>) -> Result<Down, WireError> {
     })
 }
 
-/// Encodes an upward message.
-pub fn encode_up(up: &Up) -> Message {
+/// Encodes an upward message, in its compact form (the link expands it for a cloud that
+/// speaks an older protocol).
+pub fn encode_up(up: &Up) -> EncodedMessage {
+    EncodedMessage::encode_compact(&up_message(up))
+}
+
+/// An upward message as a transport [`Message`] (its full form).
+pub fn up_message(up: &Up) -> Message {
     let mut m = match up {
         Up::Hello(h) => {
             let (has, epoch, number, count) = match h.applied {
@@ -433,7 +440,7 @@ mod tests {
             }),
         ];
         for up in messages {
-            let r = received(&EncodedMessage::encode(&encode_up(&up)));
+            let r = received(&encode_up(&up));
             assert_eq!(decode_up(Parts::of(&r)).unwrap(), up);
         }
     }
@@ -444,7 +451,7 @@ mod tests {
             group: GROUP,
             operation: Box::leak(op.to_owned().into_boxed_str()),
             resource: Box::leak(resource.to_owned().into_boxed_str()),
-            resource_version: Box::leak(rv.to_owned().into_boxed_str()),
+            resource_version: rv.to_owned().into(),
             content: Bytes::from_static(content),
         };
         assert!(decode_down(bad("upsert", "no-slashes", "1", b"")).is_err());
