@@ -64,13 +64,14 @@ pub async fn join_all(
 }
 
 impl Fleet {
-    /// Starts the joined nodes; each connects at once. With several cloud replicas, node `i`
-    /// connects to `clouds[i % n]` first and knows the others as alternates.
+    /// Starts the joined nodes, their links configured as `link`; each connects at once. With
+    /// several cloud replicas, node `i` connects to `clouds[i % n]` first and knows the others
+    /// as alternates.
     pub fn start(
         clouds: &[SocketAddr],
         joined: Vec<(String, transport::Joined)>,
         lease_period: Duration,
-        keepalive: Duration,
+        link: &transport::LinkConfig,
     ) -> anyhow::Result<Fleet> {
         let probes = Arc::new(Probes::default());
         let mut endpoints = Vec::new();
@@ -96,7 +97,7 @@ impl Fleet {
                     let first = i % clouds.len();
                     let mut client =
                         ClientConfig::new(clouds[first], edge::identity::CLOUD_SERVER_NAME);
-                    client.link.heartbeat = keepalive;
+                    client.link = link.clone();
                     client.alternates = (1..clouds.len())
                         .map(|k| clouds[(first + k) % clouds.len()])
                         .collect();

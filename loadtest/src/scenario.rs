@@ -44,6 +44,9 @@ pub struct Settings {
     pub cloud_replicas: usize,
     /// The links' QUIC keepalive (seconds).
     pub link_keepalive_s: f64,
+    /// The highest link protocol version the hollow nodes speak (2: full-form messages, the
+    /// baseline for the compact form of version 3).
+    pub link_protocol: u32,
     /// Replicas of the `deployment` scenario's Deployment.
     pub deployment_replicas: usize,
     /// Pods the `pod-lifecycle` scenario creates and deletes (spread over the nodes).
@@ -244,8 +247,12 @@ impl Harness {
 
         let start = Instant::now();
         let lease = Duration::from_secs_f64(self.settings.lease_period_s);
-        let keepalive = Duration::from_secs_f64(self.settings.link_keepalive_s);
-        let fleet = Fleet::start(&self.cloud.quics, joined, lease, keepalive)?;
+        let link = transport::LinkConfig {
+            heartbeat: Duration::from_secs_f64(self.settings.link_keepalive_s),
+            protocol_version: self.settings.link_protocol,
+            ..transport::LinkConfig::default()
+        };
+        let fleet = Fleet::start(&self.cloud.quics, joined, lease, &link)?;
         let progress = bar(n as u64, "connect");
         let connected = fleet
             .wait_connected(n, Duration::from_secs(120), |c| {

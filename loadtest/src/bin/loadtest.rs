@@ -54,6 +54,12 @@ struct Args {
     /// a link silent for twice this is dead (how soon a node notices a killed replica).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     link_keepalive: Duration,
+    /// The highest link protocol version the hollow nodes speak: 2 sends every message in full
+    /// form, the baseline against which the compact form of version 3 (the default) is measured
+    /// in the same run.
+    #[arg(long, default_value_t = transport::PROTOCOL_VERSION,
+          value_parser = clap::value_parser!(u32).range(i64::from(transport::MIN_PROTOCOL_VERSION)..=i64::from(transport::PROTOCOL_VERSION)))]
+    link_protocol: u32,
     /// Replicas of the `deployment` scenario's Deployment (placed by the scheduler).
     #[arg(long, default_value_t = 1000)]
     deployment_replicas: usize,
@@ -186,6 +192,7 @@ fn main() -> std::process::ExitCode {
         lease_period_s: args.lease_period.as_secs_f64(),
         cloud_replicas: args.cloud_replicas as usize,
         link_keepalive_s: args.link_keepalive.as_secs_f64(),
+        link_protocol: args.link_protocol,
         deployment_replicas: args.deployment_replicas,
         lifecycle_pods: args.lifecycle_pods.unwrap_or(args.nodes as usize),
         create_rate: args.create_rate,
