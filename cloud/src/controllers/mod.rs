@@ -17,8 +17,10 @@
 //! [`Narrowing`] keeps that price where it acts: pods (and nodes) only beside an object of its
 //! own kind, and only owned dependents for the garbage collector, so a fleet of plain pods
 //! costs the passes next to nothing (BENCHMARKS.md "Fleet: a pod's lifecycle at a steady
-//! rate"). A watch-fed cache shared by the controllers (kube-rs's reflector) is what would make
-//! passes cheap beside a DaemonSet over 10,000 nodes as well; not built.
+//! rate"). The garbage collector's owned dependents come from [`owned::OwnedIndex`], kept by
+//! one watch, instead of a scan of every pod each second. A watch-fed cache of every kind,
+//! shared by the controllers (kube-rs's reflector), is what would make passes cheap beside a
+//! DaemonSet over 10,000 nodes as well; not built.
 
 pub mod cronjob;
 pub mod daemonset;
@@ -26,6 +28,7 @@ pub mod deployment;
 pub mod gc;
 pub mod history;
 pub mod job;
+pub mod owned;
 pub mod replicaset;
 pub mod serviceaccount;
 pub mod statefulset;
@@ -127,6 +130,18 @@ impl World {
 
     /// [`World::load_kinds`], leaving out what `narrowing` says the controller cannot act on.
     pub fn load_narrowed(store: &Store, kinds: &[&str], narrowing: Narrowing) -> World {
+        Self::load_with(store, kinds, narrowing, None)
+    }
+
+    /// [`World::load_narrowed`], reading the kinds `narrowing` keeps to owned objects from
+    /// `owned` (an index kept by a watch) instead of scanning the store, when the index holds
+    /// the kind and has been listed.
+    pub fn load_with(
+        store: &Store,
+        kinds: &[&str],
+        narrowing: Narrowing,
+        owned: Option<&owned::OwnedIndex>,
+    ) -> World {
         let present = |kind: &str| {
             KeyRange::kind(kind).is_ok_and(|range| store.scan(&range).flatten().next().is_some())
         };
@@ -140,14 +155,20 @@ impl World {
                 continue;
             };
             let owned_only = narrowing.owned_only.contains(kind);
-            let objects: Vec<Object> = store
-                .scan(&range)
-                .flatten()
-                // A byte search is much cheaper than parsing an object to find it has no
-                // owner (a false match is only parsed for nothing).
-                .filter(|(_, v)| !owned_only || contains(&v.object, OWNER_REFERENCES))
-                .filter_map(|(_, v)| object::decode_stored(&v.object, v.revision).ok())
-                .collect();
+            let indexed = owned
+                .filter(|_| owned_only)
+                .and_then(|index| index.objects(kind));
+            let objects: Vec<Object> = match indexed {
+                Some(objects) => objects,
+                None => store
+                    .scan(&range)
+                    .flatten()
+                    // A byte search is much cheaper than parsing an object to find it has no
+                    // owner (a false match is only parsed for nothing).
+                    .filter(|(_, v)| !owned_only || contains(&v.object, OWNER_REFERENCES))
+                    .filter_map(|(_, v)| object::decode_stored(&v.object, v.revision).ok())
+                    .collect(),
+            };
             match *kind {
                 "pods" => world.pods = objects,
                 "replicasets" => world.replicasets = objects,
@@ -196,8 +217,11 @@ pub struct Narrowing {
 
 const OWNER_REFERENCES: &[u8] = b"\"ownerReferences\"";
 
+/// Whether `needle` occurs in `haystack`. memchr's SIMD search: every change is searched by
+/// every controller for `ownerReferences`, and a comparison per byte offset (as
+/// `windows().any()` does) was among the cloud's top symbols in a 5,000-node status flood.
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// One write a controller wants. `resource` is the plural (the store kind).
@@ -697,6 +721,7 @@ pub async fn run(
     client: ApiClient,
     kinds: &'static [&'static str],
     narrowing: Narrowing,
+    owned: Option<Arc<owned::OwnedIndex>>,
     reconcile: Reconcile,
 ) {
     // Each pass reads the store: a restart of the watch is one more pass, like a change.
@@ -707,8 +732,14 @@ pub async fn run(
     let mut busy_passes: u32 = 0;
     loop {
         let snapshot = store.clone();
+        // The index must reflect everything committed before this pass (our own writes
+        // among them), as a read of the store would; if it lags that much, scan instead.
+        let index = match &owned {
+            Some(index) if index.wait_for(store.revision(), RESYNC).await => Some(index.clone()),
+            _ => None,
+        };
         let world = match tokio::task::spawn_blocking(move || {
-            World::load_narrowed(&snapshot, kinds, narrowing)
+            World::load_with(&snapshot, kinds, narrowing, index.as_deref())
         })
         .await
         {
@@ -901,7 +932,8 @@ fn record_event(
     }
 }
 
-/// Starts the four controllers over `store`, writing through `router` (the embedded API).
+/// Starts the controllers over `store`, writing through `router` (the embedded API), and the
+/// watch that keeps the garbage collector's [`owned::OwnedIndex`].
 pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<()>> {
     let client = ApiClient::new(router);
     let workloads: &'static [&'static str] = &[
@@ -915,7 +947,14 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
         "jobs",
         "cronjobs",
     ];
+    // The garbage collector's dependents that are never owners, kept by one watch.
+    let owned_index = Arc::new(owned::OwnedIndex::new(&[
+        "pods",
+        "persistentvolumeclaims",
+        "controllerrevisions",
+    ]));
     vec![
+        tokio::spawn(owned::maintain(owned_index.clone(), store.clone())),
         tokio::spawn(run(
             "replicaset",
             store.clone(),
@@ -926,6 +965,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
                 gates: &["replicasets"],
                 ..Narrowing::default()
             },
+            None,
             replicaset::reconcile,
         )),
         tokio::spawn(run(
@@ -934,6 +974,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             client.clone(),
             &["replicasets", "deployments"],
             Narrowing::default(),
+            None,
             deployment::reconcile,
         )),
         tokio::spawn(run(
@@ -946,6 +987,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
                 gates: &["daemonsets"],
                 ..Narrowing::default()
             },
+            None,
             daemonset::reconcile,
         )),
         tokio::spawn(run(
@@ -963,6 +1005,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
                 gates: &["statefulsets"],
                 ..Narrowing::default()
             },
+            None,
             statefulset::reconcile,
         )),
         tokio::spawn(run(
@@ -975,6 +1018,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
                 gates: &["jobs"],
                 ..Narrowing::default()
             },
+            None,
             job::reconcile,
         )),
         tokio::spawn(run(
@@ -983,6 +1027,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             client.clone(),
             &["jobs", "cronjobs"],
             Narrowing::default(),
+            None,
             cronjob::reconcile,
         )),
         tokio::spawn(run(
@@ -991,6 +1036,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             client.clone(),
             &["namespaces", "serviceaccounts"],
             Narrowing::default(),
+            None,
             serviceaccount::reconcile,
         )),
         tokio::spawn(run(
@@ -999,6 +1045,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             client.clone(),
             &["devices", "devicestatuses"],
             Narrowing::default(),
+            None,
             crate::devicecontroller::reconcile,
         )),
         tokio::spawn(run(
@@ -1011,6 +1058,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
                 owned_only: &["pods", "persistentvolumeclaims", "controllerrevisions"],
                 ..Narrowing::default()
             },
+            Some(owned_index),
             gc::reconcile,
         )),
     ]
