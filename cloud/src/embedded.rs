@@ -59,18 +59,46 @@ pub fn seed_namespaces(store: &Store) -> Result<(), StoreError> {
 pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
 
 /// Creates or refreshes the `default/kubernetes` Service and its Endpoints, naming the API's
-/// address `api` (kube-apiserver keeps them so, for clients inside the cluster).
+/// address `api` (kube-apiserver keeps them so, for clients inside the cluster). With
+/// `shared` (several replicas on one store) `api` is added to the addresses the Endpoints
+/// hold; the leader's reconciler ([`crate::apiserver_identity`]) later drops replicas that
+/// are gone.
 ///
 /// # Errors
 /// The store's error.
 pub fn ensure_kubernetes_service(
     store: &Store,
     api: std::net::SocketAddr,
+    shared: bool,
 ) -> Result<(), StoreError> {
-    // Another replica of a shared store may write them at the same time: read again and retry.
+    let api = endpoint_address(api);
+    retried(|| {
+        write_kubernetes_service(store, api.port())?;
+        let mut addresses = vec![api];
+        if shared {
+            addresses.extend(endpoint_addresses(store)?);
+        }
+        addresses.sort();
+        addresses.dedup();
+        write_kubernetes_endpoints(store, &addresses)
+    })
+}
+
+/// `api` as clients reach it: an unspecified IP becomes 127.0.0.1.
+pub fn endpoint_address(api: std::net::SocketAddr) -> std::net::SocketAddr {
+    if api.ip().is_unspecified() {
+        std::net::SocketAddr::new([127, 0, 0, 1].into(), api.port())
+    } else {
+        api
+    }
+}
+
+/// Another replica of a shared store may write the same objects at the same time: read
+/// again and retry a few times.
+fn retried(mut write: impl FnMut() -> Result<(), StoreError>) -> Result<(), StoreError> {
     let mut attempts = 0;
     loop {
-        match write_kubernetes_service(store, api) {
+        match write() {
             Err(StoreError::AlreadyExists(_) | StoreError::Conflict { .. }) if attempts < 5 => {
                 attempts += 1
             }
@@ -79,57 +107,85 @@ pub fn ensure_kubernetes_service(
     }
 }
 
-fn write_kubernetes_service(store: &Store, api: std::net::SocketAddr) -> Result<(), StoreError> {
-    let ip = if api.ip().is_unspecified() {
-        "127.0.0.1".to_owned()
-    } else {
-        api.ip().to_string()
+fn kubernetes_meta() -> serde_json::Value {
+    json!({"name": "kubernetes", "namespace": "default",
+           "uid": uuid::Uuid::new_v4().to_string(),
+           "creationTimestamp": object::now_rfc3339(),
+           "labels": {"component": "apiserver", "provider": "kubernetes"},
+           "annotations": {"kedge.io/managed-by": "cloudcore"}})
+}
+
+/// The addresses `default/kubernetes`'s Endpoints hold now.
+fn endpoint_addresses(store: &Store) -> Result<Vec<std::net::SocketAddr>, StoreError> {
+    let key = ObjectKey::new("endpoints", "default", "kubernetes")?;
+    let Some(held) = store.get(&key)? else {
+        return Ok(Vec::new());
     };
-    let port = api.port();
-    let meta = |kind: &str| {
-        json!({"name": "kubernetes", "namespace": "default",
-               "uid": uuid::Uuid::new_v4().to_string(),
-               "creationTimestamp": object::now_rfc3339(),
-               "labels": {"component": "apiserver", "provider": "kubernetes"},
-               "annotations": {"kedge.io/managed-by": kind}})
-    };
+    let endpoints: serde_json::Value = serde_json::from_slice(&held.object).unwrap_or_default();
+    let mut addresses = Vec::new();
+    for subset in endpoints["subsets"].as_array().into_iter().flatten() {
+        let Some(port) = subset.pointer("/ports/0/port").and_then(|p| p.as_u64()) else {
+            continue;
+        };
+        for address in subset["addresses"].as_array().into_iter().flatten() {
+            if let Some(ip) = address["ip"].as_str().and_then(|ip| ip.parse().ok()) {
+                addresses.push(std::net::SocketAddr::new(ip, port as u16));
+            }
+        }
+    }
+    Ok(addresses)
+}
+
+fn write_kubernetes_service(store: &Store, port: u16) -> Result<(), StoreError> {
     let service = json!({
-        "apiVersion": "v1", "kind": "Service", "metadata": meta("cloudcore"),
+        "apiVersion": "v1", "kind": "Service", "metadata": kubernetes_meta(),
         "spec": {"type": "ClusterIP", "clusterIP": KUBERNETES_SERVICE_IP,
                  "clusterIPs": [KUBERNETES_SERVICE_IP], "sessionAffinity": "None",
                  "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]},
     });
+    write_kubernetes_object(store, "services", service, "/spec/ports")
+}
+
+/// Writes `default/kubernetes`'s Endpoints with `addresses` (sorted by the caller), unless
+/// they already hold exactly those.
+///
+/// # Errors
+/// The store's error (a conflict when another replica wrote them meanwhile).
+pub fn write_kubernetes_endpoints(
+    store: &Store,
+    addresses: &[std::net::SocketAddr],
+) -> Result<(), StoreError> {
     let endpoints = json!({
-        "apiVersion": "v1", "kind": "Endpoints", "metadata": meta("cloudcore"),
-        "subsets": [{"addresses": [{"ip": ip}],
-                     "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}],
+        "apiVersion": "v1", "kind": "Endpoints", "metadata": kubernetes_meta(),
+        "subsets": crate::apiserver_identity::subsets(addresses),
     });
+    write_kubernetes_object(store, "endpoints", endpoints, "/subsets")
+}
+
+/// Writes `object` as `default/kubernetes` of `kind` when it is missing or differs at
+/// `compare` (the held uid and metadata kept).
+fn write_kubernetes_object(
+    store: &Store,
+    kind: &str,
+    mut object: serde_json::Value,
+    compare: &str,
+) -> Result<(), StoreError> {
+    let key = ObjectKey::new(kind, "default", "kubernetes")?;
+    let current = store.get(&key)?;
+    let held = current
+        .as_ref()
+        .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v.object).ok());
+    match &held {
+        Some(held) if held.pointer(compare) == object.pointer(compare) => return Ok(()),
+        Some(held) => object["metadata"] = held["metadata"].clone(),
+        None => {}
+    }
+    let expect = current.map_or(Precondition::Absent, |c| Precondition::Version(c.rv));
     let mut set = WriteSet::new();
-    for (kind, object, compare) in [
-        ("services", service, "/spec/ports"),
-        ("endpoints", endpoints, "/subsets"),
-    ] {
-        let key = ObjectKey::new(kind, "default", "kubernetes")?;
-        let current = store.get(&key)?;
-        let held = current
-            .as_ref()
-            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v.object).ok());
-        // Written once, and again only when the API's address changed (its uid kept).
-        let mut object = object;
-        match &held {
-            Some(held) if held.pointer(compare) == object.pointer(compare) => continue,
-            Some(held) => object["metadata"] = held["metadata"].clone(),
-            None => {}
-        }
-        let expect = current.map_or(Precondition::Absent, |c| Precondition::Version(c.rv));
-        set.put(
-            key,
-            Bytes::from(serde_json::to_vec(&object).expect("json")),
-            expect,
-        );
-    }
-    if !set.is_empty() {
-        store.commit(set)?;
-    }
-    Ok(())
+    set.put(
+        key,
+        Bytes::from(serde_json::to_vec(&object).expect("json")),
+        expect,
+    );
+    store.commit(set).map(drop)
 }

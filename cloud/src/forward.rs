@@ -71,6 +71,71 @@ fn holder_url(store: &Store, node: &str, me: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+impl Forwarder {
+    /// The API URLs of the other replicas that hold nodes not connected here (from the link
+    /// claims), each once: where a list over every node (`kubectl top nodes`) must ask too.
+    pub fn other_holders(&self) -> Vec<String> {
+        let Ok(range) = replication::KeyRange::namespace("leases", crate::linkclaim::NAMESPACE)
+        else {
+            return Vec::new();
+        };
+        let mut urls = std::collections::BTreeSet::new();
+        for (key, held) in self.store.scan(&range).filter_map(Result::ok) {
+            let Some(node) = key.name().strip_prefix(crate::linkclaim::PREFIX) else {
+                continue;
+            };
+            if self.connected.contains(node) {
+                continue;
+            }
+            let Ok(claim) = serde_json::from_slice::<Value>(&held.object) else {
+                continue;
+            };
+            let holder = claim
+                .pointer("/spec/holderIdentity")
+                .and_then(Value::as_str);
+            if holder.is_none_or(|h| h.is_empty() || h == self.replica) {
+                continue;
+            }
+            if let Some(url) = claim
+                .pointer("/metadata/annotations")
+                .and_then(|a| a.get(API_URL_ANNOTATION))
+                .and_then(Value::as_str)
+            {
+                urls.insert(url.to_owned());
+            }
+        }
+        urls.into_iter().collect()
+    }
+
+    /// GETs `path_and_query` from the replica at `url` as a forwarded request (answered with
+    /// what that replica holds itself), with the client's `authorization`; its JSON body.
+    ///
+    /// # Errors
+    /// The replica cannot be reached within `timeout`, answers other than 200, or not JSON.
+    pub async fn get_json(
+        &self,
+        url: &str,
+        path_and_query: &str,
+        authorization: Option<&HeaderValue>,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Value> {
+        let mut request = Request::builder().uri(path_and_query);
+        if let Some(authorization) = authorization {
+            request = request.header(header::AUTHORIZATION, authorization);
+        }
+        let request = request.body(Body::empty())?;
+        let response = tokio::time::timeout(timeout, async {
+            let response = forward(self, url, request).await?;
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), 64 << 20).await?;
+            anyhow::ensure!(status == StatusCode::OK, "{url} answered {status}");
+            Ok(serde_json::from_slice(&body)?)
+        })
+        .await;
+        response.map_err(|_| anyhow::anyhow!("{url} did not answer within {timeout:?}"))?
+    }
+}
+
 /// The middleware: node-affine requests for nodes held elsewhere go there.
 pub async fn middleware(
     State(forwarder): State<Forwarder>,

@@ -30,6 +30,7 @@
 //! - [`server`]: wires it all together ([`server::CloudCore`]).
 
 pub mod api_tls;
+pub mod apiserver_identity;
 pub mod audit;
 pub mod authz;
 pub mod cloudstream;

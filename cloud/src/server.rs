@@ -280,9 +280,18 @@ impl CloudCore {
         let metrics_listener = bind(config.metrics_listen, "metrics endpoint").await?;
         let api_addr = api_listener.local_addr()?;
         let metrics_addr = metrics_listener.local_addr()?;
+        // The API's address for the `kubernetes` Endpoints: the advertised URL's, when it names
+        // an IP, else the listener's.
+        let api_endpoint = config
+            .api_advertise_url
+            .as_deref()
+            .and_then(|url| url.split_once("://"))
+            .and_then(|(_, rest)| rest.trim_end_matches('/').parse().ok())
+            .unwrap_or_else(|| crate::embedded::endpoint_address(api_addr));
 
         if source.accepts_api_writes() {
-            crate::embedded::ensure_kubernetes_service(&store, api_addr)
+            let shared = config.leader_election.is_some();
+            crate::embedded::ensure_kubernetes_service(&store, api_endpoint, shared)
                 .context("writing the kubernetes Service")?;
         }
         // `kubectl explain` of the built-in kinds (k8s-openapi's schemas, built once).
@@ -326,10 +335,6 @@ impl CloudCore {
                 )),
             ));
         }
-        let router = crate::servicebus::router(bus.clone(), token.clone())
-            .merge(crate::cloudstream::router(streams.clone()))
-            .merge(crate::top::router(store.clone(), bus.clone(), token))
-            .merge(api.router());
         // Several replicas: streams and calls for nodes held by another go there.
         let replica = config.leader_election.as_ref().map(|leader| {
             let scheme = if api_tls { "https" } else { "http" };
@@ -346,19 +351,32 @@ impl CloudCore {
                     .unwrap_or_else(|| format!("{scheme}://{host}")),
             }
         });
-        let router = match &replica {
+        let forwarder = match &replica {
             Some(replica) => {
                 let ca = crate::pki::load_or_create_ca(&config.data_dir)?;
-                router.layer(axum::middleware::from_fn_with_state(
-                    crate::forward::Forwarder {
-                        store: store.clone(),
-                        connected: connected.clone(),
-                        replica: replica.identity.clone(),
-                        tls: Some(crate::api_tls::replica_connector(ca.cert())?),
-                    },
-                    crate::forward::middleware,
-                ))
+                Some(crate::forward::Forwarder {
+                    store: store.clone(),
+                    connected: connected.clone(),
+                    replica: replica.identity.clone(),
+                    tls: Some(crate::api_tls::replica_connector(ca.cert())?),
+                })
             }
+            None => None,
+        };
+        let router = crate::servicebus::router(bus.clone(), token.clone())
+            .merge(crate::cloudstream::router(streams.clone()))
+            .merge(crate::top::router(
+                store.clone(),
+                bus.clone(),
+                token,
+                forwarder.clone(),
+            ))
+            .merge(api.router());
+        let router = match forwarder {
+            Some(forwarder) => router.layer(axum::middleware::from_fn_with_state(
+                forwarder,
+                crate::forward::middleware,
+            )),
             None => router,
         };
         let router = match &audit {
@@ -514,6 +532,10 @@ impl CloudCore {
                 let store = store.clone();
                 let metrics = metrics.clone();
                 let (grace, eviction) = (config.node_grace, config.pod_eviction);
+                let leader_election = config
+                    .leader_election
+                    .clone()
+                    .filter(|_| source.accepts_api_writes());
                 move || {
                     let mut tasks = vec![
                         (
@@ -538,6 +560,15 @@ impl CloudCore {
                             )),
                         ),
                     ];
+                    if let Some(leader) = &leader_election {
+                        tasks.push((
+                            "kubernetes endpoints",
+                            tokio::spawn(crate::apiserver_identity::run_endpoints(
+                                store.clone(),
+                                leader.retry_period,
+                            )),
+                        ));
+                    }
                     for task in crate::controllers::start(store.clone(), controllers_api.clone()) {
                         tasks.push(("controller", task));
                     }
@@ -545,16 +576,31 @@ impl CloudCore {
                 }
             };
             match &config.leader_election {
-                // Several replicas on one store: the singletons run where the Lease is.
-                Some(leader) => tasks.push((
-                    "leader election",
-                    tokio::spawn(crate::leader::run(
-                        store.clone(),
-                        leader.clone(),
-                        singletons,
-                        shutdown.clone(),
-                    )),
-                )),
+                // Several replicas on one store: the singletons run where the Lease is, and each
+                // replica keeps its identity Lease for the `kubernetes` Endpoints.
+                Some(leader) => tasks.extend([
+                    (
+                        "apiserver identity",
+                        tokio::spawn(crate::apiserver_identity::run_identity(
+                            store.clone(),
+                            crate::apiserver_identity::Identity {
+                                holder: leader.identity.clone(),
+                                endpoint: api_endpoint,
+                                lease_duration: leader.lease_duration,
+                            },
+                            shutdown.clone(),
+                        )),
+                    ),
+                    (
+                        "leader election",
+                        tokio::spawn(crate::leader::run(
+                            store.clone(),
+                            leader.clone(),
+                            singletons,
+                            shutdown.clone(),
+                        )),
+                    ),
+                ]),
                 None => tasks.extend(singletons()),
             }
         }
@@ -592,10 +638,13 @@ impl CloudCore {
     /// Stops every task and flushes the store.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
-        // The leader gives its Lease up first, so another replica takes over at once.
-        if let Some(at) = self.tasks.iter().position(|(n, _)| *n == "leader election") {
-            let (_, task) = self.tasks.swap_remove(at);
-            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        // The leader gives its Lease up first, so another replica takes over at once, and the
+        // replica's identity Lease goes, so the leader drops it from the Endpoints.
+        for name in ["leader election", "apiserver identity"] {
+            if let Some(at) = self.tasks.iter().position(|(n, _)| *n == name) {
+                let (_, task) = self.tasks.swap_remove(at);
+                let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+            }
         }
         for (_, task) in &self.tasks {
             task.abort();

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -41,10 +41,19 @@ struct TopState {
     bus: Arc<ServiceBus>,
     bearer_token: Option<Arc<str>>,
     answers: Arc<Mutex<HashMap<String, (Instant, UsageReport)>>>,
+    /// With several replicas: the other replicas, asked for the nodes they hold.
+    peers: Option<crate::forward::Forwarder>,
 }
 
-/// The Metrics API's routes (same bearer token as the API, when it has one).
-pub fn router(store: Arc<Store>, bus: Arc<ServiceBus>, bearer_token: Option<Arc<str>>) -> Router {
+/// The Metrics API's routes (same bearer token as the API, when it has one). With `peers`
+/// (several replicas on one store), lists also hold what the other replicas answer for the
+/// nodes connected to them.
+pub fn router(
+    store: Arc<Store>,
+    bus: Arc<ServiceBus>,
+    bearer_token: Option<Arc<str>>,
+    peers: Option<crate::forward::Forwarder>,
+) -> Router {
     const BASE: &str = "/apis/metrics.k8s.io/v1beta1";
     Router::new()
         .route(&format!("{BASE}/nodes"), get(nodes))
@@ -63,6 +72,7 @@ pub fn router(store: Arc<Store>, bus: Arc<ServiceBus>, bearer_token: Option<Arc<
             bus,
             bearer_token,
             answers: Arc::default(),
+            peers,
         })
 }
 
@@ -144,6 +154,40 @@ impl TopState {
             .collect()
     }
 
+    /// The list items the other replicas answer for `uri` (the same list), for the nodes they
+    /// hold; none when this request was itself forwarded or there are no other replicas. A
+    /// replica that does not answer within [`ASK_TIMEOUT`] is left out, as a node would be.
+    async fn other_replicas_items(&self, headers: &HeaderMap, uri: &Uri) -> Vec<Value> {
+        let Some(peers) = &self.peers else {
+            return Vec::new();
+        };
+        if headers.contains_key(crate::forward::FORWARDED) {
+            return Vec::new();
+        }
+        let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+        let asks = peers.other_holders().into_iter().map(|url| async move {
+            let authorization = headers.get(header::AUTHORIZATION);
+            match peers
+                .get_json(&url, path, authorization, ASK_TIMEOUT + Duration::from_secs(1))
+                .await
+            {
+                Ok(mut list) => match list.get_mut("items").map(Value::take) {
+                    Some(Value::Array(items)) => items,
+                    _ => Vec::new(),
+                },
+                Err(e) => {
+                    tracing::warn!(replica = %url, error = format!("{e:#}"), "metrics from another replica");
+                    Vec::new()
+                }
+            }
+        });
+        futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     fn pod_labels(&self, namespace: &str, name: &str) -> Option<Value> {
         let key = ObjectKey::new("pods", namespace, name).ok()?;
         let held = self.store.get(&key).ok()??;
@@ -162,16 +206,38 @@ fn label_selector(query: Option<&str>) -> Result<Option<LabelSelector>, ApiError
         .transpose()
 }
 
-async fn nodes(State(state): State<TopState>, headers: HeaderMap) -> Response {
+/// Adds the `more` items whose namespace and name `items` does not hold yet (a node that
+/// moved between replicas may be answered by both).
+fn merge(items: &mut Vec<Value>, more: Vec<Value>) {
+    let id = |item: &Value| {
+        let meta = item.get("metadata");
+        let field = |f: &str| {
+            meta.and_then(|m| m.get(f))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
+        (field("namespace"), field("name"))
+    };
+    let mut held: std::collections::HashSet<(String, String)> = items.iter().map(id).collect();
+    for item in more {
+        if held.insert(id(&item)) {
+            items.push(item);
+        }
+    }
+}
+
+async fn nodes(State(state): State<TopState>, headers: HeaderMap, uri: Uri) -> Response {
     if let Some(refused) = state.refused(&headers) {
         return refused;
     }
-    let items = state
+    let mut items = state
         .reports(None)
         .await
         .iter()
         .map(|(node, report)| usage::node_metrics(node, report))
         .collect();
+    merge(&mut items, state.other_replicas_items(&headers, &uri).await);
     json(usage::list("NodeMetricsList", items))
 }
 
@@ -192,6 +258,7 @@ async fn node(
 async fn pod_list(
     state: &TopState,
     headers: &HeaderMap,
+    uri: &Uri,
     namespace: Option<&str>,
     query: Option<&str>,
 ) -> Response {
@@ -217,24 +284,27 @@ async fn pod_list(
             items.push(usage::pod_metrics(p, &report, labels.as_ref()));
         }
     }
+    merge(&mut items, state.other_replicas_items(headers, uri).await);
     json(usage::list("PodMetricsList", items))
 }
 
 async fn all_pods(
     State(state): State<TopState>,
     headers: HeaderMap,
+    uri: Uri,
     RawQuery(query): RawQuery,
 ) -> Response {
-    pod_list(&state, &headers, None, query.as_deref()).await
+    pod_list(&state, &headers, &uri, None, query.as_deref()).await
 }
 
 async fn namespace_pods(
     State(state): State<TopState>,
     Path(namespace): Path<String>,
     headers: HeaderMap,
+    uri: Uri,
     RawQuery(query): RawQuery,
 ) -> Response {
-    pod_list(&state, &headers, Some(&namespace), query.as_deref()).await
+    pod_list(&state, &headers, &uri, Some(&namespace), query.as_deref()).await
 }
 
 async fn pod(

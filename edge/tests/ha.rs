@@ -232,6 +232,32 @@ fn lease_holder(cloud: &CloudProcess) -> String {
     stdout(&out)
 }
 
+fn api_port(cloud: &CloudProcess) -> u16 {
+    cloud.api.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+fn sorted<const N: usize>(mut ports: [u16; N]) -> Vec<u16> {
+    ports.sort_unstable();
+    ports.to_vec()
+}
+
+/// The ports `default/kubernetes`'s Endpoints name (one subset per port), sorted.
+fn endpoint_ports(cloud: &CloudProcess) -> Vec<u16> {
+    let out = stdout(&cloud.kubectl(&[
+        "get",
+        "endpoints",
+        "kubernetes",
+        "-o",
+        "jsonpath={range .subsets[*]}{.ports[0].port} {end}",
+    ]));
+    let mut ports: Vec<u16> = out
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
 const DEPLOYMENT: &str = r#"
 apiVersion: apps/v1
 kind: Deployment
@@ -308,6 +334,13 @@ fn two_cloudcores_on_etcd_share_the_api_hand_over_leadership_and_nodes_fail_over
         std::fs::read(dir_b.path().join("pki/ca.crt")).unwrap()
     );
     assert_eq!(lease_holder(&b), leader_a, "B does not take a held Lease");
+    // The `kubernetes` Service's Endpoints name both replicas (each keeps an identity Lease).
+    let (port_a, port_b) = (api_port(&a), api_port(&b));
+    eventually(
+        "the kubernetes Endpoints name both replicas",
+        Duration::from_secs(20),
+        || endpoint_ports(&a) == sorted([port_a, port_b]),
+    );
 
     // A one-use token in etcd (no replica's data dir): a node that knows both replicas joins
     // and connects through A, the first; the token is then used up on B too.
@@ -393,6 +426,16 @@ fn two_cloudcores_on_etcd_share_the_api_hand_over_leadership_and_nodes_fail_over
     let out = b.kubectl(&["exec", &pod, "--", "sh", "-c", "exit 3"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
     ok(&b, &["logs", &pod]);
+    // `kubectl top` lists through B hold the node A holds: B asks A for its nodes' metrics.
+    eventually(
+        "kubectl top nodes and pods through B list A's node",
+        Duration::from_secs(30),
+        || {
+            let nodes = b.kubectl(&["top", "nodes"]);
+            let pods = b.kubectl(&["top", "pods"]);
+            stdout(&nodes).contains("edge-ha") && stdout(&pods).contains(&pod)
+        },
+    );
 
     // kill -9 the replica that leads and holds the node's link.
     a.kill9();
@@ -402,6 +445,12 @@ fn two_cloudcores_on_etcd_share_the_api_hand_over_leadership_and_nodes_fail_over
         !holder.is_empty() && holder != leader_a
     });
     eprintln!("leadership moved in {:?}", killed.elapsed());
+    eventually(
+        "the killed replica leaves the kubernetes Endpoints",
+        Duration::from_secs(20),
+        || endpoint_ports(&b) == vec![port_b],
+    );
+    eprintln!("the Endpoints dropped A in {:?}", killed.elapsed());
     // The node reaches the cloud through B: an object created on B reaches its MetaServer.
     ok(
         &b,
