@@ -160,7 +160,7 @@ where
 }
 
 /// A transaction, [`resend`] while refused before reaching a member.
-async fn send_txn(
+pub(crate) async fn send_txn(
     client: &Client,
     txn: &Txn,
 ) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
@@ -172,7 +172,7 @@ async fn send_txn(
 }
 
 /// A read of `key` (with `options`), [`resend`] while refused before reaching a member.
-async fn read_key(
+pub(crate) async fn read_key(
     client: &Client,
     key: &[u8],
     options: Option<GetOptions>,
@@ -793,73 +793,6 @@ pub async fn delete_token(config: &EtcdConfig, id: &str) -> anyhow::Result<bool>
     })
     .await?;
     Ok(deleted.deleted() > 0)
-}
-
-/// Makes this replica's cluster CA the one in etcd (`PREFIX` + `pki/ca.crt`, `pki/ca.key`):
-/// every replica must sign and trust with the same CA, or a node that moves to another
-/// replica is refused. The first replica publishes its CA (created if the data dir has none);
-/// a replica whose data dir has no CA takes etcd's; one whose data dir holds a different CA
-/// refuses to start (kubeedge#5922: two cloudcores with different CAs on one cluster).
-///
-/// The CA's key is then in etcd: protect etcd as the cluster's trust root (TLS, client
-/// certificates), as K3s does with its bootstrap data.
-///
-/// # Errors
-/// etcd cannot be reached, a file cannot be read or written, or the CAs differ.
-pub async fn share_ca(config: &EtcdConfig, data_dir: &Path) -> anyhow::Result<()> {
-    let client = connect_retrying(config).await;
-    let cert_key = format!("{}pki/ca.crt", config.prefix).into_bytes();
-    let key_key = format!("{}pki/ca.key", config.prefix).into_bytes();
-    let dir = data_dir.join("pki");
-    let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
-    let had_local = cert_path.exists();
-    for _ in 0..3 {
-        let shared = read_key(&client, &cert_key, None).await?;
-        if let Some(shared) = shared.kvs().first() {
-            let local = std::fs::read(&cert_path).ok();
-            match local {
-                Some(local) if local == shared.value() => return Ok(()),
-                Some(local) if had_local => anyhow::bail!(
-                    "this replica's CA ({}, sha256 {}) is not the cluster's CA in etcd (sha256 {}):                      replicas with different CAs cannot serve one fleet. Move {} away to take the                      cluster's CA",
-                    cert_path.display(),
-                    crate::pki::sha256_hex(&local),
-                    crate::pki::sha256_hex(shared.value()),
-                    dir.display()
-                ),
-                _ => {
-                    let key = read_key(&client, &key_key, None).await?;
-                    let key = key
-                        .kvs()
-                        .first()
-                        .context("etcd holds the cluster CA's certificate but not its key")?;
-                    std::fs::create_dir_all(&dir)?;
-                    crate::pki::write_private(&key_path, key.value())?;
-                    crate::pki::write_private(&cert_path, shared.value())?;
-                    tracing::info!(sha256 = %crate::pki::sha256_hex(shared.value()), "took the cluster CA from etcd");
-                    return Ok(());
-                }
-            }
-        }
-        crate::pki::load_or_create_ca(data_dir)?;
-        let cert = std::fs::read(&cert_path)?;
-        let key = std::fs::read(&key_path)?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                cert_key.clone(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then([
-                TxnOp::put(key_key.clone(), key, None),
-                TxnOp::put(cert_key.clone(), cert.clone(), None),
-            ]);
-        if send_txn(&client, &txn).await?.succeeded() {
-            tracing::info!(sha256 = %crate::pki::sha256_hex(&cert), "published this replica's CA as the cluster CA in etcd");
-            return Ok(());
-        }
-        // Another replica published first: take its CA (ours was only just made) or refuse.
-    }
-    anyhow::bail!("could not agree on the cluster CA in etcd")
 }
 
 /// Opens a replica's cache in `data_dir/etcd-cache` (rebuilt from etcd at every start: etcd

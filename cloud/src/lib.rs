@@ -41,6 +41,7 @@ pub mod devicecontroller;
 pub mod edgecontroller;
 pub mod embedded;
 pub mod etcd;
+pub mod etcd_pki;
 pub mod events;
 pub mod forward;
 pub mod hub;

@@ -225,7 +225,7 @@ impl CloudCore {
         // The cluster CA exists before anything is served: a `cloudcore token create` run as
         // soon as the API answers pins this CA, not one of its own.
         if let Some(etcd) = &config.etcd {
-            crate::etcd::share_ca(etcd, &config.data_dir).await?;
+            crate::etcd_pki::share_ca(etcd, &config.data_dir).await?;
         }
         crate::pki::load_or_create_ca(&config.data_dir)?;
         let mut tasks = Vec::new();

@@ -870,3 +870,144 @@ fn a_replica_cut_off_from_etcd_gives_its_nodes_up_and_recovers() {
         b.kubectl(&["get", "configmap", "on-a"]).status.success()
     });
 }
+
+/// `cloudcore ca STEP --store etcd`: its stdout.
+fn etcd_ca(endpoints: &str, step: &str) -> Output {
+    Command::new(binary("cloudcore"))
+        .args(["ca", step, "--store", "etcd", "--etcd-endpoints", endpoints])
+        .output()
+        .unwrap()
+}
+
+/// The CAs a data dir's `pki/ca.crt` holds (an edge node's trust bundle).
+fn trusted_cas(dir: &Path) -> usize {
+    transport::tls::certs_from_pem(&std::fs::read_to_string(dir.join("pki/ca.crt")).unwrap())
+        .unwrap()
+        .len()
+}
+
+/// The issuer of the node certificate in an edge data dir.
+fn node_cert_issuer(dir: &Path) -> String {
+    let pem = std::fs::read_to_string(dir.join("pki/node.crt")).expect("node.crt");
+    let cert = transport::tls::cert_from_pem(&pem).unwrap();
+    transport::tls::node_cert_info(&cert).unwrap().issuer
+}
+
+#[test]
+fn a_ca_rollover_on_etcd_reaches_every_replica_and_the_node() {
+    let etcd = Etcd::start_n(1, None);
+    let endpoints = etcd.endpoints();
+    let mut flags = vec!["--store", "etcd", "--etcd-endpoints", &endpoints];
+    flags.extend_from_slice(REPLICA_FLAGS);
+    flags.extend_from_slice(&["--node-cert-lifetime", "20s"]);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let start =
+        |dir: &Path| CloudProcess::start_with(dir, free_port(), free_port(), free_port(), &flags);
+    let mut a = start(dir_a.path());
+    let mut b = start(dir_b.path());
+    let token = etcd_token(&endpoints, &[]);
+    let edge_dir = tempfile::tempdir().unwrap();
+    let _edge = Guard(
+        edgecore(
+            "edge-ca",
+            edge_dir.path(),
+            &[a.quic_port],
+            free_port(),
+            &["--token", &token, "--link-keepalive", "1s"],
+        )
+        .spawn()
+        .expect("start edgecore"),
+    );
+    let connected = |cloud: &CloudProcess| common::metric(cloud, "kedge_connected_nodes");
+    eventually("the node connected to A", Duration::from_secs(30), || {
+        connected(&a) == 1.0
+    });
+    let old_issuer = node_cert_issuer(edge_dir.path());
+    let ca_of = |dir: &Path| std::fs::read(dir.join("pki/ca.crt")).unwrap();
+    let old_ca = ca_of(dir_a.path());
+    assert_eq!(old_ca, ca_of(dir_b.path()));
+
+    // A step out of order is refused clearly, and changes nothing.
+    let out = etcd_ca(&endpoints, "switch");
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("ca add"), "{}", stderr_of(&out));
+
+    // 1. The next CA, in etcd; each replica takes it at its restart, and the node learns it.
+    let out = etcd_ca(&endpoints, "add");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(stdout(&out).contains("rollover: Added"), "{}", stdout(&out));
+    for cloud in [&mut a, &mut b] {
+        cloud.restart_after_kill9(&flags);
+    }
+    for dir in [dir_a.path(), dir_b.path()] {
+        assert!(dir.join("pki/ca-next.crt").exists(), "{}", dir.display());
+    }
+    eventually(
+        "the node learned the next CA",
+        Duration::from_secs(30),
+        || trusted_cas(edge_dir.path()) == 2,
+    );
+
+    // 2. The switch: every replica signs with the new CA (A started on the old one as its
+    // signing CA: it follows etcd); the node renews its certificate from it.
+    let out = etcd_ca(&endpoints, "switch");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    for cloud in [&mut b, &mut a] {
+        cloud.restart_after_kill9(&flags);
+    }
+    let new_ca = ca_of(dir_a.path());
+    assert_ne!(new_ca, old_ca);
+    assert_eq!(new_ca, ca_of(dir_b.path()));
+    assert_eq!(
+        std::fs::read(dir_b.path().join("pki/ca-prev.crt")).unwrap(),
+        old_ca
+    );
+    eventually("the node reconnected to A", Duration::from_secs(30), || {
+        connected(&a) == 1.0
+    });
+    eventually(
+        "the node renewed its certificate from the new CA",
+        Duration::from_secs(40),
+        || node_cert_issuer(edge_dir.path()) != old_issuer,
+    );
+
+    // 3. The old CA goes from etcd, from every replica and from the node.
+    let out = etcd_ca(&endpoints, "finish");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(stdout(&out).contains("rollover: None"), "{}", stdout(&out));
+    for cloud in [&mut a, &mut b] {
+        cloud.restart_after_kill9(&flags);
+    }
+    for dir in [dir_a.path(), dir_b.path()] {
+        assert!(!dir.join("pki/ca-prev.crt").exists(), "{}", dir.display());
+        assert_eq!(ca_of(dir), new_ca);
+    }
+    eventually("the node reconnected", Duration::from_secs(30), || {
+        connected(&a) == 1.0
+    });
+    eventually(
+        "the node dropped the old CA",
+        Duration::from_secs(30),
+        || trusted_cas(edge_dir.path()) == 1,
+    );
+    // A token made now pins the new CA, and a new node joins through B with it.
+    let token = etcd_token(&endpoints, &[]);
+    let second_dir = tempfile::tempdir().unwrap();
+    let _second = Guard(
+        edgecore(
+            "edge-ca-2",
+            second_dir.path(),
+            &[b.quic_port],
+            free_port(),
+            &["--token", &token],
+        )
+        .spawn()
+        .unwrap(),
+    );
+    eventually(
+        "a new node joins through B",
+        Duration::from_secs(30),
+        || connected(&b) == 1.0,
+    );
+    assert!(node_cert_issuer(second_dir.path()).starts_with("kedge-ca-"));
+}

@@ -214,6 +214,8 @@ enum Command {
         command: TokenCommand,
     },
     /// The cluster CA's rollover (three steps, each taking effect at cloudcore's next start).
+    /// With `--store etcd`: the cluster's CA in etcd, taken by each replica at its next start
+    /// (restart them one by one after each step).
     Ca {
         #[command(subcommand)]
         command: CaCommand,
@@ -235,17 +237,47 @@ enum CaCommand {
     Status,
 }
 
+impl CaCommand {
+    /// The rollover step on a data dir (none for `status`).
+    fn step(&self) -> Option<fn(&std::path::Path) -> Result<(), cloud::pki::PkiError>> {
+        match self {
+            CaCommand::Add => Some(cloud::pki::ca_add),
+            CaCommand::Switch => Some(cloud::pki::ca_switch),
+            CaCommand::Finish => Some(cloud::pki::ca_finish),
+            CaCommand::Status => None,
+        }
+    }
+}
+
 fn ca_command(data_dir: &std::path::Path, command: CaCommand) -> ExitCode {
-    let result = match command {
-        CaCommand::Add => cloud::pki::ca_add(data_dir),
-        CaCommand::Switch => cloud::pki::ca_switch(data_dir),
-        CaCommand::Finish => cloud::pki::ca_finish(data_dir),
-        CaCommand::Status => Ok(()),
-    };
-    if let Err(e) = result {
+    if let Some(Err(e)) = command.step().map(|step| step(data_dir)) {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
+    print_ca(data_dir, "cloudcore (re)starts")
+}
+
+/// The CA subcommands against etcd (`--store etcd`): the step on etcd's PKI, shown as on a
+/// data dir; each replica takes it at its next start.
+fn etcd_ca_command(etcd: &cloud::etcd::EtcdConfig, command: CaCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cloud::etcd_pki::ca_step(etcd, command.step())) {
+        Ok(copy) => print_ca(copy.path(), "each cloudcore replica (re)starts"),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints the rollover phase and the CAs of `data_dir`.
+fn print_ca(data_dir: &std::path::Path, effect: &str) -> ExitCode {
     match cloud::pki::trust_bundle(data_dir) {
         Ok(bundle) => {
             println!("rollover: {:?}", cloud::pki::rollover(data_dir));
@@ -253,7 +285,7 @@ fn ca_command(data_dir: &std::path::Path, command: CaCommand) -> ExitCode {
                 let role = if i == 0 { "signing" } else { "trusted" };
                 println!("{role} CA sha256:{}", cloud::pki::sha256_hex(ca.as_ref()));
             }
-            println!("# takes effect when cloudcore (re)starts");
+            println!("# takes effect when {effect}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -391,13 +423,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Tokens in etcd need no data dir.
+    // Tokens and the CA in etcd need no data dir.
     let mut cli = cli;
-    if let (Some(etcd), Some(Command::Token { .. })) = (&etcd, &cli.command) {
-        let Some(Command::Token { command }) = cli.command.take() else {
-            unreachable!("matched above")
+    if let (Some(etcd), Some(Command::Token { .. } | Command::Ca { .. })) = (&etcd, &cli.command) {
+        return match cli.command.take() {
+            Some(Command::Token { command }) => etcd_token_command(etcd, command),
+            Some(Command::Ca { command }) => etcd_ca_command(etcd, command),
+            _ => unreachable!("matched above"),
         };
-        return etcd_token_command(etcd, command);
     }
     let Some(data_dir) = cli.data_dir.clone() else {
         eprintln!("error: --data-dir DIR is required");
