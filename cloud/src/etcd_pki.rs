@@ -181,6 +181,9 @@ pub async fn share_ca(config: &EtcdConfig, data_dir: &Path) -> anyhow::Result<()
     anyhow::bail!("could not agree on the cluster CA in etcd")
 }
 
+/// A rollover step on a data dir ([`crate::pki::ca_add`], ...).
+pub type Step = fn(&Path) -> Result<(), PkiError>;
+
 /// `cloudcore ca add|switch|finish|status --store etcd`: runs `step` (one of
 /// [`crate::pki::ca_add`], [`crate::pki::ca_switch`], [`crate::pki::ca_finish`], or nothing
 /// for status) on a copy of etcd's PKI and writes the result back. Returns the copy after the
@@ -190,10 +193,7 @@ pub async fn share_ca(config: &EtcdConfig, data_dir: &Path) -> anyhow::Result<()
 /// # Errors
 /// etcd cannot be reached or holds no CA yet, the step refuses (the phase is wrong), or
 /// another change of the CA raced with this one.
-pub async fn ca_step(
-    config: &EtcdConfig,
-    step: Option<fn(&Path) -> Result<(), PkiError>>,
-) -> anyhow::Result<tempfile::TempDir> {
+pub async fn ca_step(config: &EtcdConfig, step: Option<Step>) -> anyhow::Result<tempfile::TempDir> {
     let client = connect(config).await?;
     let before = read(&client, &config.prefix).await?;
     anyhow::ensure!(

@@ -239,7 +239,7 @@ enum CaCommand {
 
 impl CaCommand {
     /// The rollover step on a data dir (none for `status`).
-    fn step(&self) -> Option<fn(&std::path::Path) -> Result<(), cloud::pki::PkiError>> {
+    fn step(&self) -> Option<cloud::etcd_pki::Step> {
         match self {
             CaCommand::Add => Some(cloud::pki::ca_add),
             CaCommand::Switch => Some(cloud::pki::ca_switch),
