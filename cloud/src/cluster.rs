@@ -99,6 +99,47 @@ const WRITTEN_BACK: &[&str] = &[
     "events",
 ];
 
+/// Which objects of a kind one mirror watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Every object of the kind.
+    All,
+    /// The node heartbeats: Leases in `kube-node-lease`.
+    NodeLeases,
+    /// Which replica holds each node's link ([`crate::linkclaim`]): several cloudcores on one
+    /// cluster see each other's claims.
+    LinkClaims,
+}
+
+impl Scope {
+    fn watch_config(self) -> watcher::Config {
+        let config = watcher::Config::default();
+        match self {
+            Scope::All => config,
+            Scope::NodeLeases => config.fields("metadata.namespace=kube-node-lease"),
+            Scope::LinkClaims => config
+                .fields(&format!(
+                    "metadata.namespace={}",
+                    crate::linkclaim::NAMESPACE
+                ))
+                .labels(crate::linkclaim::NODE_LABEL),
+        }
+    }
+
+    /// Whether a local object belongs to this mirror (a relist deletes those the cluster no
+    /// longer has).
+    fn holds(self, key: &ObjectKey) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::NodeLeases => key.namespace() == "kube-node-lease",
+            Scope::LinkClaims => {
+                key.namespace() == crate::linkclaim::NAMESPACE
+                    && key.name().starts_with(crate::linkclaim::PREFIX)
+            }
+        }
+    }
+}
+
 /// A real cluster through kube-rs.
 pub struct KubeCluster {
     client: Client,
@@ -170,6 +211,11 @@ impl KubeCluster {
         })
     }
 
+    /// The cluster's client (the kubeconfig's credentials).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// The cluster's CA certificates named by the kubeconfig (none for a plain-HTTP server or
     /// one trusted through the system's roots).
     pub fn cluster_cas(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
@@ -205,14 +251,10 @@ impl KubeCluster {
         }
     }
 
-    /// Mirrors one kind until the task is aborted.
-    async fn mirror(self: Arc<Self>, store: Arc<Store>, resource: &'static Resource) {
+    /// Mirrors one kind (the objects of `scope`) until the task is aborted.
+    async fn mirror(self: Arc<Self>, store: Arc<Store>, resource: &'static Resource, scope: Scope) {
         let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &api_resource(resource));
-        let mut config = watcher::Config::default();
-        if resource.plural == "leases" {
-            // Only the node heartbeats.
-            config = config.fields("metadata.namespace=kube-node-lease");
-        }
+        let config = scope.watch_config();
         let mut events = std::pin::pin!(watcher(api, config).default_backoff());
         let mut listing: Option<HashSet<ObjectKey>> = None;
         let mut failing = false;
@@ -250,9 +292,7 @@ impl KubeCluster {
                     };
                     let mut set = WriteSet::new();
                     for (key, _) in store.scan(&range).filter_map(Result::ok) {
-                        let lease_elsewhere =
-                            resource.plural == "leases" && key.namespace() != "kube-node-lease";
-                        if !seen.contains(&key) && !lease_elsewhere {
+                        if !seen.contains(&key) && scope.holds(&key) {
                             set.delete(key, Precondition::Exists);
                         }
                     }
@@ -478,7 +518,16 @@ impl KubeCluster {
                 Ok(())
             }
             "leases" => {
-                let spec = json!({"spec": local.get("spec")});
+                // The spec, and for a link claim its labels and annotations (the holder's API
+                // URL), merged.
+                let mut spec = json!({"spec": local.get("spec")});
+                if change.key.name().starts_with(crate::linkclaim::PREFIX) {
+                    for field in ["labels", "annotations"] {
+                        if let Some(map) = object::meta(&local).and_then(|m| m.get(field)) {
+                            spec["metadata"][field] = map.clone();
+                        }
+                    }
+                }
                 match api.patch(name, &merge, &Patch::Merge(&spec)).await {
                     Err(kube::Error::Api(e)) if e.code == 404 => self.create(&api, &local).await,
                     other => other.map(|_| ()),
@@ -537,7 +586,18 @@ impl ClusterSource for KubeCluster {
         let mut tasks = Vec::new();
         for kind in MIRRORED {
             if let Some(resource) = resources::by_store_kind(kind) {
-                tasks.push(tokio::spawn(self.clone().mirror(store.clone(), resource)));
+                let scopes = if *kind == "leases" {
+                    vec![Scope::NodeLeases, Scope::LinkClaims]
+                } else {
+                    vec![Scope::All]
+                };
+                for scope in scopes {
+                    tasks.push(tokio::spawn(self.clone().mirror(
+                        store.clone(),
+                        resource,
+                        scope,
+                    )));
+                }
             }
         }
         tasks.push(tokio::spawn(self.clone().write_back(store)));

@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 pub const NAMESPACE: &str = "kube-system";
 /// A claim's name is this prefix and the node's name.
 pub const PREFIX: &str = "kedge-link-";
+/// The label every claim carries (its value: the node's name).
+pub const NODE_LABEL: &str = "kedge.io/node";
 
 /// The claim of `node`'s link; `None` when the name would be longer than an object's name
 /// may be (253 characters, a DNS subdomain).
@@ -48,7 +50,7 @@ pub fn claim(node: &str, replica: &Replica) -> Option<WriteSet> {
         "metadata": {"name": key.name(), "namespace": NAMESPACE,
                      "uid": uuid::Uuid::new_v4().to_string(),
                      "creationTimestamp": object::now_rfc3339(),
-                     "labels": {"kedge.io/node": node},
+                     "labels": {NODE_LABEL: node},
                      "annotations": {crate::forward::API_URL_ANNOTATION: replica.api_url}},
         "spec": {"holderIdentity": replica.identity, "acquireTime": now, "renewTime": now},
     });

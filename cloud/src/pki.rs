@@ -348,6 +348,13 @@ pub enum Tokens {
     Files(PathBuf),
     /// `PREFIX/tokens/` in etcd.
     Etcd(Arc<crate::etcd::EtcdTokens>),
+    /// Secrets of the real cluster (`--kubeconfig`), and the data dir's tokens made before.
+    Cluster {
+        /// `DATA_DIR/tokens/`, looked up first.
+        files: PathBuf,
+        /// The cluster's token Secrets.
+        cluster: Arc<crate::cluster_secrets::ClusterTokens>,
+    },
 }
 
 impl Tokens {
@@ -359,6 +366,10 @@ impl Tokens {
         match self {
             Tokens::Files(dir) => verify_token(dir, token),
             Tokens::Etcd(etcd) => etcd.verify(token),
+            Tokens::Cluster { files, cluster } => match verify_token(files, token) {
+                Err(TokenError::Unknown) => cluster.verify(token),
+                other => other,
+            },
         }
     }
 
@@ -370,6 +381,13 @@ impl Tokens {
         match self {
             Tokens::Files(dir) => consume_token(dir, token),
             Tokens::Etcd(etcd) => etcd.consume(token),
+            Tokens::Cluster { files, cluster } => {
+                if has_token_file(files, token) {
+                    consume_token(files, token)
+                } else {
+                    cluster.consume(token)
+                }
+            }
         }
     }
 
@@ -378,8 +396,23 @@ impl Tokens {
         match self {
             Tokens::Files(dir) => restore_token(dir, token),
             Tokens::Etcd(etcd) => etcd.restore(token),
+            Tokens::Cluster { files, cluster } => {
+                if has_token_file(files, token) {
+                    restore_token(files, token)
+                } else {
+                    cluster.restore(token)
+                }
+            }
         }
     }
+}
+
+/// Whether the data dir holds `token`'s record (valid or used).
+fn has_token_file(data_dir: &Path, token: &Token) -> bool {
+    let dir = data_dir.join("tokens");
+    ["json", "used"]
+        .iter()
+        .any(|ext| dir.join(format!("{}.{ext}", token.id)).exists())
 }
 
 fn random_string(len: usize) -> String {

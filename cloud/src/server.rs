@@ -224,12 +224,29 @@ impl CloudCore {
             .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
         // The cluster CA exists before anything is served: a `cloudcore token create` run as
         // soon as the API answers pins this CA, not one of its own.
+        // With a real cluster, the CA and tokens are shared through its Secrets, so several
+        // cloudcores can serve one fleet (as KubeEdge's casecret and tokensecret).
+        let kube_cluster = match &config.kubeconfig {
+            Some(path) => Some(Arc::new(KubeCluster::connect(path).await?)),
+            None => None,
+        };
         if let Some(etcd) = &config.etcd {
-            crate::etcd_pki::share_ca(etcd, &config.data_dir).await?;
+            let pki = crate::shared_pki::EtcdPki::connect(etcd, true).await?;
+            crate::shared_pki::share_ca(&pki, &config.data_dir).await?;
+        }
+        if let Some(cluster) = &kube_cluster {
+            let pki = crate::cluster_secrets::ClusterPki::new(cluster.client());
+            crate::shared_pki::share_ca(&pki, &config.data_dir).await?;
         }
         crate::pki::load_or_create_ca(&config.data_dir)?;
         let mut tasks = Vec::new();
-        let mut tokens = crate::pki::Tokens::Files(config.data_dir.clone());
+        let mut tokens = match &kube_cluster {
+            Some(cluster) => crate::pki::Tokens::Cluster {
+                files: config.data_dir.clone(),
+                cluster: Arc::new(crate::cluster_secrets::ClusterTokens::new(cluster.client())),
+            },
+            None => crate::pki::Tokens::Files(config.data_dir.clone()),
+        };
         let store = match &config.etcd {
             Some(etcd) => {
                 let (store, follower, shared_tokens) =
@@ -255,9 +272,8 @@ impl CloudCore {
                 })?,
         };
         let mut kubelet_endpoint = None;
-        let source: Arc<dyn ClusterSource> = match &config.kubeconfig {
-            Some(path) => {
-                let cluster = Arc::new(KubeCluster::connect(path).await?);
+        let source: Arc<dyn ClusterSource> = match kube_cluster {
+            Some(cluster) => {
                 if let Some(listen) = config.kubelet_listen {
                     kubelet_endpoint = kubelet_endpoint_parts(&config, listen, &cluster).await?;
                     if let Some((_, _, endpoint)) = &kubelet_endpoint {
@@ -336,7 +352,13 @@ impl CloudCore {
             ));
         }
         // Several replicas: streams and calls for nodes held by another go there.
-        let replica = config.leader_election.as_ref().map(|leader| {
+        // Several replicas (on etcd, or on one real cluster): each claims its nodes' links.
+        let identity = match (&config.leader_election, &config.kubeconfig) {
+            (Some(leader), _) => Some(leader.identity.clone()),
+            (None, Some(_)) => Some(crate::leader::LeaderConfig::new().identity),
+            (None, None) => None,
+        };
+        let replica = identity.map(|identity| {
             let scheme = if api_tls { "https" } else { "http" };
             let host = if api_addr.ip().is_unspecified() {
                 std::net::SocketAddr::new([127, 0, 0, 1].into(), api_addr.port())
@@ -344,7 +366,7 @@ impl CloudCore {
                 api_addr
             };
             crate::linkclaim::Replica {
-                identity: leader.identity.clone(),
+                identity,
                 api_url: config
                     .api_advertise_url
                     .clone()

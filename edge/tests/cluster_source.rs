@@ -50,6 +50,20 @@ fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// A kubeconfig in `dir` for the API at `server`.
+fn kubeconfig_for(dir: &std::path::Path, server: &str) -> std::path::PathBuf {
+    let kubeconfig = dir.join("kubeconfig");
+    let mut file = std::fs::File::create(&kubeconfig).unwrap();
+    write!(
+        file,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: a\n  cluster: {{server: \"{server}\"}}\n\
+         contexts:\n- name: a\n  context: {{cluster: a, user: a}}\nusers:\n- name: a\n  user: {{}}\n\
+         current-context: a\n"
+    )
+    .unwrap();
+    kubeconfig
+}
+
 #[test]
 fn cloudcore_mirrors_a_cluster_through_kube_rs_and_writes_node_state_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -59,16 +73,7 @@ fn cloudcore_mirrors_a_cluster_through_kube_rs_and_writes_node_state_back() {
         tempfile::tempdir().unwrap(),
     );
     let cluster = CloudProcess::start(a_dir.path());
-    let kubeconfig = dir.path().join("kubeconfig");
-    let mut file = std::fs::File::create(&kubeconfig).unwrap();
-    write!(
-        file,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: a\n  cluster: {{server: \"{}\"}}\n\
-         contexts:\n- name: a\n  context: {{cluster: a, user: a}}\nusers:\n- name: a\n  user: {{}}\n\
-         current-context: a\n",
-        cluster.api
-    )
-    .unwrap();
+    let kubeconfig = kubeconfig_for(dir.path(), &cluster.api);
     let mut mirror = CloudProcess::start_with(
         b_dir.path(),
         free_port(),
@@ -202,4 +207,223 @@ fn cloudcore_mirrors_a_cluster_through_kube_rs_and_writes_node_state_back() {
             !text(&on_edge).contains("web") && !text(&in_cluster).contains("web")
         },
     );
+}
+
+/// `cloudcore token ARGS --kubeconfig F` (no data dir): its output.
+fn cluster_token(kubeconfig: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(binary("cloudcore"))
+        .arg("token")
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn two_cloudcores_on_one_cluster_share_the_ca_and_tokens_and_a_node_fails_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x_dir, b_dir, c_dir, edge_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let cluster = CloudProcess::start(x_dir.path());
+    let kubeconfig = kubeconfig_for(dir.path(), &cluster.api);
+    let flags = [
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--link-keepalive",
+        "1s",
+    ];
+    let start = |dir: &std::path::Path| {
+        CloudProcess::start_with(dir, free_port(), free_port(), free_port(), &flags)
+    };
+    let mut b = start(b_dir.path());
+    let c = start(c_dir.path());
+    // One CA for both, kept in the cluster's Secret.
+    let ca = |dir: &std::path::Path| std::fs::read(dir.join("pki/ca.crt")).unwrap();
+    assert_eq!(ca(b_dir.path()), ca(c_dir.path()));
+    let secret = text(&cluster.kubectl(&[
+        "get",
+        "secret",
+        "-n",
+        "kube-system",
+        "kedge-ca",
+        "-o",
+        "jsonpath={.data.ca\\.crt}",
+    ]));
+    assert!(!secret.is_empty(), "the CA's Secret in the cluster");
+
+    // A one-use token in the cluster (no data dir): listed, joins through either replica.
+    let made = cluster_token(&kubeconfig, &["create", "--once"]);
+    assert!(made.status.success(), "{}", stderr_of(&made));
+    let token = text(&made).lines().last().unwrap().to_owned();
+    let listed = cluster_token(&kubeconfig, &["list"]);
+    assert!(text(&listed).contains("valid"), "{}", text(&listed));
+    let clouds = format!("127.0.0.1:{},127.0.0.1:{}", b.quic_port, c.quic_port);
+    let metaserver = free_port();
+    let _edge = EdgeGuard(
+        Command::new(binary("edgecore"))
+            .args(["--node-name", "edge-ha", "--data-dir"])
+            .arg(edge_dir.path())
+            .args([
+                "--cloud",
+                &clouds,
+                "--token",
+                &token,
+                "--link-keepalive",
+                "1s",
+            ])
+            .args(["--metaserver-listen", &format!("127.0.0.1:{metaserver}")])
+            .args(["--mqtt-listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ready = || {
+        text(&cluster.kubectl(&[
+            "get",
+            "node",
+            "edge-ha",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ])) == "True"
+    };
+    eventually(
+        "edge-ha Ready in the cluster",
+        Duration::from_secs(30),
+        ready,
+    );
+    assert!(text(&cluster_token(&kubeconfig, &["list"])).contains("used"));
+    // The replica holding the node says so in the cluster, with its API's URL.
+    let claim = || {
+        text(&cluster.kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            "kube-system",
+            "kedge-link-edge-ha",
+            "-o",
+            "jsonpath={.spec.holderIdentity} {.metadata.annotations.kedge\\.io/api-url}",
+        ]))
+    };
+    eventually(
+        "B's claim of the node in the cluster",
+        Duration::from_secs(20),
+        || claim().ends_with(&b.api),
+    );
+    let b_claim = claim();
+
+    // B dies: the node moves to C, which claims it, and work still reaches the node.
+    b.kill9();
+    eventually("C claims the node", Duration::from_secs(30), || {
+        let now = claim();
+        now.ends_with(&c.api) && now != b_claim
+    });
+    let out = cluster.kubectl(&[
+        "create",
+        "configmap",
+        "after-failover",
+        "--from-literal=k=v",
+    ]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let meta = format!("http://127.0.0.1:{metaserver}");
+    eventually(
+        "the cluster's write reaches the node through C",
+        Duration::from_secs(30),
+        || {
+            kubectl(&meta, &["get", "configmap", "after-failover"], None)
+                .status
+                .success()
+        },
+    );
+    // The node's Lease is renewed through C.
+    let renew = || {
+        text(&cluster.kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            "kube-node-lease",
+            "edge-ha",
+            "-o",
+            "jsonpath={.spec.renewTime}",
+        ]))
+    };
+    let before = renew();
+    eventually(
+        "the node's Lease renewed through C",
+        Duration::from_secs(30),
+        || renew() != before,
+    );
+    assert!(ready());
+
+    // A cloudcore whose data dir holds another CA refuses to join the cluster's fleet.
+    let other = tempfile::tempdir().unwrap();
+    let made = Command::new(binary("cloudcore"))
+        .args(["token", "create", "--data-dir"])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let out = Command::new(binary("cloudcore"))
+        .arg("--data-dir")
+        .arg(other.path())
+        .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
+        .args(["--api-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--quic-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("is not the cluster's CA"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    // The CA's rollover runs on the cluster's Secret (each replica takes it at its restart).
+    let ca_cli = |step: &str| {
+        Command::new(binary("cloudcore"))
+            .args(["ca", step, "--kubeconfig", kubeconfig.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let status = ca_cli("status");
+    assert!(
+        text(&status).contains("rollover: None"),
+        "{}",
+        stderr_of(&status)
+    );
+    let added = ca_cli("add");
+    assert!(
+        text(&added).contains("rollover: Added"),
+        "{}",
+        stderr_of(&added)
+    );
+    let next = text(&cluster.kubectl(&[
+        "get",
+        "secret",
+        "-n",
+        "kube-system",
+        "kedge-ca",
+        "-o",
+        "jsonpath={.data.ca-next\\.crt}",
+    ]));
+    assert!(!next.is_empty(), "the next CA in the cluster's Secret");
+    let refused = ca_cli("finish");
+    assert!(!refused.status.success());
+}
+
+/// An edgecore killed when the test ends.
+struct EdgeGuard(std::process::Child);
+
+impl Drop for EdgeGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -47,8 +47,10 @@ struct Cli {
     metrics_listen: SocketAddr,
     /// Use a real cluster (this kubeconfig's current context) as the source instead of the
     /// embedded API server: its objects are mirrored for the nodes, node state is written back
-    /// to it, and the local API becomes a read-only view.
-    #[arg(long)]
+    /// to it, and the local API becomes a read-only view. The cluster CA and bootstrap tokens
+    /// live in its Secrets (kube-system/kedge-ca, kube-system/kedge-token-ID), so several
+    /// cloudcores can serve one fleet; with `token` and `ca` it selects them.
+    #[arg(long, global = true)]
     kubeconfig: Option<PathBuf>,
     /// With --kubeconfig: where the kubelet-compatible endpoint listens (HTTPS): the cluster's
     /// kube-apiserver reaches edge pods there for logs, exec, attach and port-forward. Its
@@ -239,7 +241,7 @@ enum CaCommand {
 
 impl CaCommand {
     /// The rollover step on a data dir (none for `status`).
-    fn step(&self) -> Option<cloud::etcd_pki::Step> {
+    fn step(&self) -> Option<cloud::shared_pki::Step> {
         match self {
             CaCommand::Add => Some(cloud::pki::ca_add),
             CaCommand::Switch => Some(cloud::pki::ca_switch),
@@ -257,9 +259,15 @@ fn ca_command(data_dir: &std::path::Path, command: CaCommand) -> ExitCode {
     print_ca(data_dir, "cloudcore (re)starts")
 }
 
-/// The CA subcommands against etcd (`--store etcd`): the step on etcd's PKI, shown as on a
-/// data dir; each replica takes it at its next start.
-fn etcd_ca_command(etcd: &cloud::etcd::EtcdConfig, command: CaCommand) -> ExitCode {
+/// Where tokens and the CA live when several cloudcores share them: etcd (`--store etcd`) or
+/// the real cluster's Secrets (`--kubeconfig`).
+enum Shared {
+    Etcd(cloud::etcd::EtcdConfig),
+    Cluster(PathBuf),
+}
+
+/// Runs `work` on a runtime of its own; its error printed.
+fn on_runtime(work: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -267,13 +275,38 @@ fn etcd_ca_command(etcd: &cloud::etcd::EtcdConfig, command: CaCommand) -> ExitCo
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cloud::etcd_pki::ca_step(etcd, command.step())) {
-        Ok(copy) => print_ca(copy.path(), "each cloudcore replica (re)starts"),
+    match runtime.block_on(work) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+async fn cluster_client(kubeconfig: &std::path::Path) -> anyhow::Result<kube::Client> {
+    Ok(cloud::cluster::KubeCluster::connect(kubeconfig)
+        .await?
+        .client())
+}
+
+/// The CA subcommands on the shared PKI: the step, shown as on a data dir; each replica takes
+/// it at its next start.
+fn shared_ca_command(shared: &Shared, command: CaCommand) -> ExitCode {
+    on_runtime(async {
+        let copy = match shared {
+            Shared::Etcd(etcd) => {
+                let pki = cloud::shared_pki::EtcdPki::connect(etcd, false).await?;
+                cloud::shared_pki::ca_step(&pki, command.step()).await?
+            }
+            Shared::Cluster(kubeconfig) => {
+                let pki =
+                    cloud::cluster_secrets::ClusterPki::new(cluster_client(kubeconfig).await?);
+                cloud::shared_pki::ca_step(&pki, command.step()).await?
+            }
+        };
+        Ok(print_ca(copy.path(), "each cloudcore replica (re)starts"))
+    })
 }
 
 /// Prints the rollover phase and the CAs of `data_dir`.
@@ -315,38 +348,43 @@ enum TokenCommand {
     },
 }
 
-/// The token subcommands against etcd (`--store etcd`), on a runtime of their own.
-fn etcd_token_command(etcd: &cloud::etcd::EtcdConfig, command: TokenCommand) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+/// The token subcommands on the shared tokens (etcd, or the cluster's Secrets).
+fn shared_token_command(shared: &Shared, command: TokenCommand) -> ExitCode {
+    on_runtime(async {
+        let client = match shared {
+            Shared::Cluster(kubeconfig) => Some(cluster_client(kubeconfig).await?),
+            Shared::Etcd(_) => None,
+        };
+        match (command, shared, &client) {
+            (TokenCommand::Create { ttl, once }, Shared::Etcd(etcd), _) => print_token(
+                &cloud::etcd::create_token(etcd, ttl, once).await?,
+                ttl,
+                once,
+            ),
+            (TokenCommand::Create { ttl, once }, _, Some(client)) => print_token(
+                &cloud::cluster_secrets::create_token(client, ttl, once).await?,
+                ttl,
+                once,
+            ),
+            (TokenCommand::List, Shared::Etcd(etcd), _) => {
+                print_tokens(cloud::etcd::list_tokens(etcd).await?)
+            }
+            (TokenCommand::List, _, Some(client)) => {
+                print_tokens(cloud::cluster_secrets::list_tokens(client).await?)
+            }
+            (TokenCommand::Delete { id }, shared, client) => {
+                let deleted = match (shared, client) {
+                    (Shared::Etcd(etcd), _) => cloud::etcd::delete_token(etcd, &id).await?,
+                    (_, Some(client)) => cloud::cluster_secrets::delete_token(client, &id).await?,
+                    _ => unreachable!("a client for the cluster"),
+                };
+                anyhow::ensure!(deleted, "no token {id}");
+                println!("token {id} deleted");
+            }
+            _ => unreachable!("a client for the cluster"),
         }
-    };
-    let result = runtime.block_on(async {
-        match command {
-            TokenCommand::Create { ttl, once } => cloud::etcd::create_token(etcd, ttl, once)
-                .await
-                .map(|token| print_token(&token, ttl, once)),
-            TokenCommand::List => cloud::etcd::list_tokens(etcd).await.map(print_tokens),
-            TokenCommand::Delete { id } => match cloud::etcd::delete_token(etcd, &id).await {
-                Ok(true) => {
-                    println!("token {id} deleted");
-                    Ok(())
-                }
-                Ok(false) => Err(anyhow::anyhow!("no token {id}")),
-                Err(e) => Err(e),
-            },
-        }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn print_token(token: &str, ttl: Duration, once: bool) {
@@ -423,12 +461,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Tokens and the CA in etcd need no data dir.
+    // Tokens and the CA in etcd or in the cluster need no data dir.
     let mut cli = cli;
-    if let (Some(etcd), Some(Command::Token { .. } | Command::Ca { .. })) = (&etcd, &cli.command) {
+    let shared = match (etcd, &cli.kubeconfig) {
+        (Some(etcd), _) => Some(Shared::Etcd(etcd)),
+        (None, Some(kubeconfig)) => Some(Shared::Cluster(kubeconfig.clone())),
+        (None, None) => None,
+    };
+    if let (Some(shared), Some(Command::Token { .. } | Command::Ca { .. })) =
+        (&shared, &cli.command)
+    {
         return match cli.command.take() {
-            Some(Command::Token { command }) => etcd_token_command(etcd, command),
-            Some(Command::Ca { command }) => etcd_ca_command(etcd, command),
+            Some(Command::Token { command }) => shared_token_command(shared, command),
+            Some(Command::Ca { command }) => shared_ca_command(shared, command),
             _ => unreachable!("matched above"),
         };
     }

@@ -1,0 +1,302 @@
+//! What several cloudcores on one real cluster (`--kubeconfig`) share through it, as KubeEdge's
+//! CloudCore keeps its CA in the Secret `kubeedge/casecret` and its token in
+//! `kubeedge/tokensecret`:
+//!
+//! - the cluster CA ([`ClusterPki`]): the Secret `kube-system/kedge-ca`, one data key per PKI
+//!   file ([`crate::shared_pki::FILES`]), written with its resourceVersion as precondition;
+//! - bootstrap tokens ([`ClusterTokens`]): one Secret `kube-system/kedge-token-<id>` of type
+//!   `kedge.io/bootstrap-token` per token, its record (the secret's SHA-256, expiry, one-use,
+//!   used) in data key `record`; a one-use token is used up by a write that compares the
+//!   Secret's resourceVersion, so of joins racing on several replicas one wins.
+//!
+//! The cloudcore's kubeconfig needs `get`, `create` and `update` of Secrets in `kube-system`
+//! (KubeEdge's CloudCore role has the same).
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::{Api, Client};
+
+use crate::pki::{Token, TokenError, TokenInfo, TokenRecord};
+use crate::shared_pki::{Files, PkiBackend, FILES};
+
+/// The Secrets' namespace.
+pub const NAMESPACE: &str = "kube-system";
+/// The CA's Secret.
+pub const CA_SECRET: &str = "kedge-ca";
+/// A token's Secret is this prefix and the token's id.
+pub const TOKEN_PREFIX: &str = "kedge-token-";
+/// The tokens' Secret type.
+pub const TOKEN_TYPE: &str = "kedge.io/bootstrap-token";
+
+fn secrets(client: &Client) -> Api<Secret> {
+    Api::namespaced(client.clone(), NAMESPACE)
+}
+
+/// Whether `error` is the API's answer `code`.
+fn is(error: &kube::Error, code: u16) -> bool {
+    matches!(error, kube::Error::Api(e) if e.code == code)
+}
+
+/// The cluster CA in the Secret `kube-system/kedge-ca`.
+pub struct ClusterPki {
+    client: Client,
+}
+
+impl ClusterPki {
+    /// Over `client` (the kubeconfig's).
+    pub fn new(client: Client) -> Self {
+        ClusterPki { client }
+    }
+}
+
+impl PkiBackend for ClusterPki {
+    /// The Secret's resourceVersion (`None`: no Secret yet).
+    type Version = Option<String>;
+
+    fn describe(&self) -> String {
+        format!("the cluster's Secret {NAMESPACE}/{CA_SECRET}")
+    }
+
+    async fn read(&self) -> anyhow::Result<(Files, Self::Version)> {
+        let secret = secrets(&self.client)
+            .get_opt(CA_SECRET)
+            .await
+            .with_context(|| format!("reading {}", self.describe()))?;
+        let Some(secret) = secret else {
+            return Ok((Files::new(), None));
+        };
+        let mut files = Files::new();
+        for (name, value) in secret.data.into_iter().flatten() {
+            if let Some(name) = FILES.iter().find(|f| **f == name) {
+                files.insert(*name, value.0);
+            }
+        }
+        Ok((files, secret.metadata.resource_version))
+    }
+
+    async fn write(&self, version: Self::Version, files: &Files) -> anyhow::Result<bool> {
+        let data: BTreeMap<String, ByteString> = files
+            .iter()
+            .map(|(name, bytes)| ((*name).to_owned(), ByteString(bytes.clone())))
+            .collect();
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(CA_SECRET.into()),
+                namespace: Some(NAMESPACE.into()),
+                resource_version: version.clone(),
+                labels: Some([("app.kubernetes.io/managed-by".into(), "cloudcore".into())].into()),
+                ..ObjectMeta::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(data),
+            ..Secret::default()
+        };
+        let api = secrets(&self.client);
+        let written = match version {
+            None => api.create(&PostParams::default(), &secret).await,
+            Some(_) => {
+                api.replace(CA_SECRET, &PostParams::default(), &secret)
+                    .await
+            }
+        };
+        match written {
+            Ok(_) => Ok(true),
+            Err(e) if is(&e, 409) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("writing {}", self.describe())),
+        }
+    }
+}
+
+/// Bootstrap tokens as Secrets of the cluster (see the module's docs). The join path is
+/// synchronous; each call blocks its worker thread (`block_in_place`) for one API round trip.
+pub struct ClusterTokens {
+    client: Client,
+    runtime: tokio::runtime::Handle,
+}
+
+fn token_secret_name(id: &str) -> String {
+    format!("{TOKEN_PREFIX}{id}")
+}
+
+fn record_of(secret: &Secret) -> Option<TokenRecord> {
+    let data = secret.data.as_ref()?.get("record")?;
+    serde_json::from_slice(&data.0).ok()
+}
+
+fn token_secret(id: &str, record: &TokenRecord, resource_version: Option<String>) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(token_secret_name(id)),
+            namespace: Some(NAMESPACE.into()),
+            resource_version,
+            labels: Some([("app.kubernetes.io/managed-by".into(), "cloudcore".into())].into()),
+            ..ObjectMeta::default()
+        },
+        type_: Some(TOKEN_TYPE.into()),
+        data: Some(
+            [(
+                "record".to_owned(),
+                ByteString(serde_json::to_vec(record).expect("json")),
+            )]
+            .into(),
+        ),
+        ..Secret::default()
+    }
+}
+
+impl ClusterTokens {
+    /// Over `client`, its calls run on the current runtime (a multi-threaded one).
+    pub fn new(client: Client) -> Self {
+        ClusterTokens {
+            client,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Runs `work` to its end or for 5 s at most, blocking this thread (the join path is
+    /// synchronous); `None` on the timeout.
+    fn block<T>(&self, work: impl std::future::Future<Output = T>) -> Option<T> {
+        let timed = tokio::time::timeout(std::time::Duration::from_secs(5), work);
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::block_in_place(|| self.runtime.block_on(timed)),
+            Err(_) => self.runtime.block_on(timed),
+        }
+        .ok()
+    }
+
+    fn read(&self, id: &str) -> Result<(TokenRecord, Option<String>), TokenError> {
+        let api = secrets(&self.client);
+        let name = token_secret_name(id);
+        let secret = self
+            .block(api.get_opt(&name))
+            .and_then(Result::ok)
+            .flatten()
+            .ok_or(TokenError::Unknown)?;
+        if secret.type_.as_deref() != Some(TOKEN_TYPE) {
+            return Err(TokenError::Unknown);
+        }
+        let record = record_of(&secret).ok_or(TokenError::Unknown)?;
+        Ok((record, secret.metadata.resource_version))
+    }
+
+    fn write(&self, id: &str, record: &TokenRecord, resource_version: Option<String>) -> bool {
+        let api = secrets(&self.client);
+        let secret = token_secret(id, record, resource_version);
+        let name = token_secret_name(id);
+        self.block(api.replace(&name, &PostParams::default(), &secret))
+            .is_some_and(|r| r.is_ok())
+    }
+
+    /// As [`crate::pki::verify_token`].
+    ///
+    /// # Errors
+    /// As [`crate::pki::verify_token`]; the cluster unreachable counts as an unknown token.
+    pub fn verify(&self, token: &Token) -> Result<bool, TokenError> {
+        self.read(&token.id)?.0.check(token, false)
+    }
+
+    /// As [`crate::pki::consume_token`]: of joins racing on any replicas, one wins.
+    ///
+    /// # Errors
+    /// [`TokenError::Used`] when another join used it first (or it is gone).
+    pub fn consume(&self, token: &Token) -> Result<(), TokenError> {
+        let (mut record, rv) = self.read(&token.id).map_err(|_| TokenError::Used)?;
+        if record.used {
+            return Err(TokenError::Used);
+        }
+        record.used = true;
+        if self.write(&token.id, &record, rv) {
+            Ok(())
+        } else {
+            Err(TokenError::Used)
+        }
+    }
+
+    /// As [`crate::pki::restore_token`].
+    pub fn restore(&self, token: &Token) {
+        if let Ok((mut record, rv)) = self.read(&token.id) {
+            record.used = false;
+            self.write(&token.id, &record, rv);
+        }
+    }
+}
+
+/// `cloudcore token create --kubeconfig F`: a token in the cluster, pinned to the cluster CA
+/// there.
+///
+/// # Errors
+/// The cluster cannot be reached, holds no CA yet, or refuses the write.
+pub async fn create_token(
+    client: &Client,
+    ttl: std::time::Duration,
+    once: bool,
+) -> anyhow::Result<String> {
+    let pki = ClusterPki::new(client.clone());
+    let (files, _) = pki.read().await?;
+    let (Some(cert), Some(key)) = (files.get("ca.crt"), files.get("ca.key")) else {
+        anyhow::bail!(
+            "{} holds no cluster CA yet: start a cloudcore with --kubeconfig first",
+            pki.describe()
+        );
+    };
+    let ca = transport::tls::CertificateAuthority::from_pem(
+        &String::from_utf8_lossy(cert),
+        &String::from_utf8_lossy(key),
+    )?;
+    let (id, secret) = crate::pki::new_token_parts();
+    let record = TokenRecord::new(&secret, ttl, once);
+    secrets(client)
+        .create(&PostParams::default(), &token_secret(&id, &record, None))
+        .await
+        .with_context(|| format!("creating the token's Secret {NAMESPACE}/{TOKEN_PREFIX}{id}"))?;
+    Ok(crate::pki::token_text(
+        &crate::pki::ca_pin(&ca),
+        &id,
+        &secret,
+    ))
+}
+
+/// `cloudcore token list --kubeconfig F`.
+///
+/// # Errors
+/// The cluster cannot be reached.
+pub async fn list_tokens(client: &Client) -> anyhow::Result<Vec<TokenInfo>> {
+    let listed = secrets(client)
+        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=cloudcore"))
+        .await
+        .context("listing the token Secrets")?;
+    let mut tokens: Vec<TokenInfo> = listed
+        .items
+        .iter()
+        .filter(|secret| secret.type_.as_deref() == Some(TOKEN_TYPE))
+        .filter_map(|secret| {
+            let id = secret
+                .metadata
+                .name
+                .as_deref()?
+                .strip_prefix(TOKEN_PREFIX)?;
+            Some(record_of(secret)?.info(id, false))
+        })
+        .collect();
+    tokens.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(tokens)
+}
+
+/// `cloudcore token delete --kubeconfig F`: whether there was such a token.
+///
+/// # Errors
+/// The cluster cannot be reached.
+pub async fn delete_token(client: &Client, id: &str) -> anyhow::Result<bool> {
+    match secrets(client)
+        .delete(&token_secret_name(id), &DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if is(&e, 404) => Ok(false),
+        Err(e) => Err(e).context("deleting the token's Secret"),
+    }
+}
