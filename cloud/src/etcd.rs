@@ -448,6 +448,10 @@ impl EtcdBackend {
             let key = [self.prefix.as_slice(), op.key.as_bytes()].concat();
             compares.extend(compare(key.clone(), op.expect));
             writes.push(match &op.object {
+                // A create has no previous value to read back (its compare says so).
+                Some(object) if op.expect == Precondition::Absent => {
+                    TxnOp::put(key.clone(), encode(index, object), None)
+                }
                 Some(object) => TxnOp::put(
                     key.clone(),
                     encode(index, object),

@@ -15,10 +15,18 @@
 //! for `progressDeadlineSeconds` gets `Progressing=False` with reason `ProgressDeadlineExceeded`
 //! (`kubectl rollout status` then fails), until it progresses again.
 //!
-//! Not done: proportional scaling
-//! of several live ReplicaSets in the middle of a rollout (the rolling logic converges instead),
-//! hash collisions (`collisionCount`). Orphaned ReplicaSets matching the selector are adopted
-//! (a Deployment deleted with `--cascade=orphan` and applied again takes its ReplicaSets back).
+//! A scale in the middle of a rollout (or while paused) with several live ReplicaSets is
+//! proportional, as upstream's `sync`: every ReplicaSet carries the Deployment's size and
+//! maximum it was last scaled for (`deployment.kubernetes.io/desired-replicas` and
+//! `max-replicas`); when the Deployment's size differs from them, the replicas added or
+//! removed are spread over the live ReplicaSets in proportion to their sizes, the largest first
+//! and the rounding leftover to the first ([`proportional`]).
+//!
+//! The ReplicaSet's hash covers the template and `status.collisionCount`: when a ReplicaSet of
+//! the Deployment has the hash of its template but another template (a collision), the count
+//! goes up and the next pass uses a new hash, as upstream. Orphaned ReplicaSets matching the
+//! selector are adopted (a Deployment deleted with `--cascade=orphan` and applied again takes
+//! its ReplicaSets back).
 
 use replication::api::object::{self, Object};
 use serde_json::{json, Value};
@@ -190,13 +198,128 @@ fn new_replicaset(d: &Object, hash: &str, revision: i64, replicas: i64) -> Value
     })
 }
 
-fn scale(rs: &Object, to: i64) -> Action {
+/// The hash of `d`'s pod template and collision count (`pod-template-hash`).
+fn pod_template_hash(d: &Object) -> String {
+    let mut hashed = template(d);
+    let collisions = status_i64(d, "collisionCount");
+    if collisions > 0 {
+        // Only a non-zero count changes the hash, so that Deployments without collisions keep
+        // their ReplicaSets' names.
+        hashed = json!({"template": hashed, "collisionCount": collisions});
+    }
+    template_hash(&hashed)
+}
+
+/// Whether `rs` (found by `hash`) holds `d`'s template: its own template without the hash
+/// label is the Deployment's.
+fn same_template(d: &Object, rs: &Object, hash: &str) -> bool {
+    let mut held = rs
+        .get("spec")
+        .and_then(|s| s.get("template"))
+        .cloned()
+        .unwrap_or_default();
+    if let Some(labels) = held
+        .pointer_mut("/metadata/labels")
+        .and_then(Value::as_object_mut)
+    {
+        if labels.get(POD_TEMPLATE_HASH).and_then(Value::as_str) == Some(hash) {
+            labels.remove(POD_TEMPLATE_HASH);
+        }
+        if labels.is_empty() {
+            held["metadata"].as_object_mut().map(|m| m.remove("labels"));
+        }
+    }
+    template_hash(&held) == template_hash(&template(d))
+}
+
+const DESIRED_REPLICAS: &str = "deployment.kubernetes.io/desired-replicas";
+const MAX_REPLICAS: &str = "deployment.kubernetes.io/max-replicas";
+
+/// `rs` scaled to `to`, noting `d`'s size and maximum it was scaled for (upstream's
+/// `SetReplicasAnnotations`).
+fn scale_for(d: &Object, rs: &Object, to: i64) -> Action {
+    let (surge, _) = fenceposts(d);
     let mut updated = rs.clone();
     updated["spec"]["replicas"] = json!(to);
+    let annotations = object::meta_mut(&mut updated)
+        .entry("annotations")
+        .or_insert_with(|| json!({}));
+    annotations[DESIRED_REPLICAS] = json!(replicas(d).to_string());
+    annotations[MAX_REPLICAS] = json!((replicas(d) + surge).to_string());
     Action::Update {
         resource: "replicasets",
         object: Value::Object(updated),
     }
+}
+
+/// An annotation's integer value.
+fn annotation_i64(o: &Object, key: &str) -> Option<i64> {
+    annotation(o, key).and_then(|v| v.parse().ok())
+}
+
+/// Whether `d` was scaled since its live ReplicaSets were (upstream's `isScalingEvent`): one of
+/// them notes another desired size.
+fn scaling_event(d: &Object, all: &[&Object]) -> bool {
+    let live: Vec<&&Object> = all.iter().filter(|rs| replicas(rs) > 0).collect();
+    live.len() > 1
+        && live
+            .iter()
+            .any(|rs| annotation_i64(rs, DESIRED_REPLICAS).is_some_and(|n| n != replicas(d)))
+}
+
+/// Upstream's proportional scaling (`sync`'s `scale`): the replicas to add (or remove) to
+/// reach `replicas + maxSurge` are spread over the live ReplicaSets in proportion to their
+/// sizes against the maximum they were scaled for; largest first (ties: newest first when
+/// adding, oldest when removing), the rounding leftover to the first. Every live ReplicaSet
+/// then notes the new size and maximum.
+fn proportional(d: &Object, all: &[&Object]) -> Vec<Action> {
+    let want = replicas(d);
+    let (surge, _) = fenceposts(d);
+    let allowed = if want > 0 { want + surge } else { 0 };
+    let mut live: Vec<&Object> = all.iter().copied().filter(|rs| replicas(rs) > 0).collect();
+    let total: i64 = live.iter().map(|rs| replicas(rs)).sum();
+    let to_add = allowed - total;
+    if to_add > 0 {
+        live.sort_by_key(|rs| {
+            (
+                std::cmp::Reverse(replicas(rs)),
+                std::cmp::Reverse(revision(rs)),
+            )
+        });
+    } else {
+        live.sort_by_key(|rs| (std::cmp::Reverse(replicas(rs)), revision(rs)));
+    }
+    let mut sizes: Vec<i64> = live.iter().map(|rs| replicas(rs)).collect();
+    let mut added = 0;
+    for (rs, size) in live.iter().zip(sizes.iter_mut()) {
+        if to_add == 0 || to_add == added {
+            break;
+        }
+        let fraction = if want == 0 {
+            -replicas(rs)
+        } else {
+            let annotated = annotation_i64(rs, MAX_REPLICAS)
+                .filter(|n| *n > 0)
+                .unwrap_or(total.max(1));
+            let scaled = (replicas(rs) * allowed) as f64 / annotated as f64;
+            scaled.round() as i64 - replicas(rs)
+        };
+        let left = to_add - added;
+        let proportion = if to_add > 0 {
+            fraction.min(left)
+        } else {
+            fraction.max(left)
+        };
+        *size += proportion;
+        added += proportion;
+    }
+    if let Some(first) = sizes.first_mut() {
+        *first = (*first + to_add - added).max(0);
+    }
+    live.iter()
+        .zip(sizes)
+        .map(|(rs, size)| scale_for(d, rs, size))
+        .collect()
 }
 
 /// One Deployment's actions, given the ReplicaSets it controls.
@@ -208,11 +331,23 @@ pub fn reconcile_one(d: &Object, owned: &[&Object], now: i64) -> Vec<Action> {
 /// included), which `Recreate` waits for.
 pub fn reconcile_with(d: &Object, owned: &[&Object], old_pods: usize, now: i64) -> Vec<Action> {
     let mut actions = Vec::new();
-    let hash = template_hash(&template(d));
+    let hash = pod_template_hash(d);
     let new_rs = owned
         .iter()
         .copied()
         .find(|rs| label(rs, POD_TEMPLATE_HASH) == Some(hash.as_str()));
+    if let Some(rs) = new_rs {
+        if !same_template(d, rs, &hash) {
+            // A hash collision: count it, so that the next pass hashes differently.
+            let mut updated = d.clone();
+            let status = updated.entry("status").or_insert_with(|| json!({}));
+            status["collisionCount"] = json!(status_i64(d, "collisionCount") + 1);
+            return vec![Action::UpdateStatus {
+                resource: "deployments",
+                object: Value::Object(updated),
+            }];
+        }
+    }
     let mut old: Vec<&Object> = owned
         .iter()
         .copied()
@@ -240,13 +375,15 @@ pub fn reconcile_with(d: &Object, owned: &[&Object], old_pods: usize, now: i64) 
             });
         }
         None => {
-            // Paused with a template not rolled out yet: a scale still applies to the one
-            // live ReplicaSet (with several live, sizes wait for the resume).
+            // Paused with a template not rolled out yet: a scale still applies, to the one live
+            // ReplicaSet or proportionally over several.
             let live: Vec<&&Object> = old.iter().filter(|rs| replicas(rs) > 0).collect();
             if let [only] = live[..] {
                 if replicas(only) != want {
-                    actions.push(scale(only, want));
+                    actions.push(scale_for(d, only, want));
                 }
+            } else if scaling_event(d, &old) {
+                actions.extend(proportional(d, &old));
             }
         }
         Some(new_rs) => {
@@ -277,7 +414,13 @@ pub fn reconcile_with(d: &Object, owned: &[&Object], old_pods: usize, now: i64) 
                 annotations[REVISION] = json!(new_revision.to_string());
                 deployment_update = Some(updated);
             }
-            actions.extend(rollout(d, new_rs, &old, old_pods));
+            let mut all = old.clone();
+            all.push(new_rs);
+            if !is_recreate(d) && scaling_event(d, &all) {
+                actions.extend(proportional(d, &all));
+            } else {
+                actions.extend(rollout(d, new_rs, &old, old_pods));
+            }
         }
     }
     if actions.is_empty() {
@@ -312,7 +455,7 @@ fn rollout(d: &Object, new_rs: &Object, old: &[&Object], old_pods: usize) -> Vec
     if old_live.is_empty() {
         // Nothing to roll: the new ReplicaSet is the Deployment's size.
         return if replicas(new_rs) != want {
-            vec![scale(new_rs, want)]
+            vec![scale_for(d, new_rs, want)]
         } else {
             Vec::new()
         };
@@ -326,7 +469,7 @@ fn rollout(d: &Object, new_rs: &Object, old: &[&Object], old_pods: usize) -> Vec
         let scaled_down: Vec<Action> = old_live
             .iter()
             .filter(|rs| replicas(rs) > 0)
-            .map(|rs| scale(rs, 0))
+            .map(|rs| scale_for(d, rs, 0))
             .collect();
         // Wait for the old pods to be gone before any new one starts.
         return scaled_down;
@@ -338,10 +481,10 @@ fn rollout(d: &Object, new_rs: &Object, old: &[&Object], old_pods: usize) -> Vec
         let max_total = want + surge;
         if all_pods < max_total {
             let up = (max_total - all_pods).min(want - replicas(new_rs));
-            return vec![scale(new_rs, replicas(new_rs) + up)];
+            return vec![scale_for(d, new_rs, replicas(new_rs) + up)];
         }
     } else if replicas(new_rs) > want {
-        return vec![scale(new_rs, want)];
+        return vec![scale_for(d, new_rs, want)];
     }
     // Scale down the old ones, never below `want - maxUnavailable` available pods.
     let min_available = want - max_unavailable;
@@ -376,7 +519,7 @@ fn rollout(d: &Object, new_rs: &Object, old: &[&Object], old_pods: usize) -> Vec
     }
     for (rs, size) in targets {
         if size != replicas(rs) {
-            actions.push(scale(rs, size));
+            actions.push(scale_for(d, rs, size));
         }
     }
     actions
@@ -506,6 +649,8 @@ fn status(d: &Object, new_rs: Option<&Object>, owned: &[&Object], now: i64) -> O
         "availableReplicas": available,
         "unavailableReplicas": (want - available).max(0),
         "conditions": conditions,
+        // Kept: the ReplicaSets' hash depends on it.
+        "collisionCount": status_i64(d, "collisionCount"),
     });
     // Zero counts are omitted, as in Go's JSON (`kubectl rollout status` reads them as 0).
     if let Some(map) = status.as_object_mut() {
@@ -823,5 +968,99 @@ mod tests {
             })
             .collect();
         assert_eq!(deleted, [object::name(&olds[0]).to_owned()]);
+    }
+
+    /// A ReplicaSet of `d`'s template `image` at `size`, scaled last for `desired`/`max`.
+    fn replicaset_of(
+        d: &Object,
+        image: &str,
+        revision: i64,
+        size: i64,
+        desired: i64,
+        max: i64,
+    ) -> Object {
+        let mut d = d.clone();
+        d["spec"]["template"]["spec"]["containers"][0]["image"] = json!(image);
+        let hash = pod_template_hash(&d);
+        let mut rs = obj(new_replicaset(&d, &hash, revision, size));
+        let meta = object::meta_mut(&mut rs);
+        meta.insert("uid".into(), json!(format!("rs-{revision}")));
+        meta["annotations"][DESIRED_REPLICAS] = json!(desired.to_string());
+        meta["annotations"][MAX_REPLICAS] = json!(max.to_string());
+        with_pods(&rs, size, size)
+    }
+
+    #[test]
+    fn a_scale_in_the_middle_of_a_rollout_is_spread_proportionally() {
+        // Kubernetes' documented example: 10 replicas, maxSurge 3, maxUnavailable 2, a rollout
+        // under way with 8 old and 5 new; scaled to 15, the 5 more go 3 to the old ReplicaSet
+        // and 2 to the new one.
+        let mut d = deployment(10, "nginx:2");
+        d["spec"]["strategy"]["rollingUpdate"] = json!({"maxSurge": 3, "maxUnavailable": 2});
+        object::meta_mut(&mut d).insert("annotations".into(), json!({REVISION: "2"}));
+        let old = replicaset_of(&d, "nginx:1", 1, 8, 10, 13);
+        let new = replicaset_of(&d, "nginx:2", 2, 5, 10, 13);
+        assert!(!scaling_event(&d, &[&old, &new]));
+        d["spec"]["replicas"] = json!(15);
+        assert!(scaling_event(&d, &[&old, &new]));
+        let actions = reconcile_one(&d, &[&old, &new], T0);
+        let mut got = sizes(&actions);
+        got.sort();
+        let mut want = vec![
+            (object::name(&old).to_owned(), 11),
+            (object::name(&new).to_owned(), 7),
+        ];
+        want.sort();
+        assert_eq!(got, want, "{actions:?}");
+        // Each notes the size it was scaled for: the next pass rolls on instead.
+        for action in &actions {
+            if let Action::Update {
+                resource: "replicasets",
+                object,
+            } = action
+            {
+                assert_eq!(object["metadata"]["annotations"][DESIRED_REPLICAS], "15");
+                assert_eq!(object["metadata"]["annotations"][MAX_REPLICAS], "18");
+            }
+        }
+        // Scaled down to 5 (maximum 8): 11 and 7 of 18 shrink in proportion, to 5 and 3.
+        let old = replicaset_of(&d, "nginx:1", 1, 11, 15, 18);
+        let new = replicaset_of(&d, "nginx:2", 2, 7, 15, 18);
+        d["spec"]["replicas"] = json!(5);
+        let mut got = sizes(&reconcile_one(&d, &[&old, &new], T0));
+        got.sort();
+        let mut want = vec![
+            (object::name(&old).to_owned(), 5),
+            (object::name(&new).to_owned(), 3),
+        ];
+        want.sort();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_hash_collision_is_counted_and_the_next_pass_hashes_again() {
+        let d = deployment(2, "nginx:1");
+        let hash = pod_template_hash(&d);
+        // A ReplicaSet of the Deployment with that hash but another template.
+        let mut other = d.clone();
+        other["spec"]["template"]["spec"]["containers"][0]["image"] = json!("other:1");
+        let mut impostor = obj(new_replicaset(&other, &hash, 1, 2));
+        object::meta_mut(&mut impostor).insert("uid".into(), json!("rs-x"));
+        let actions = reconcile_one(&d, &[&impostor], T0);
+        assert_eq!(status_of(&actions)["collisionCount"], 1, "{actions:?}");
+        let mut d = d.clone();
+        d.insert("status".into(), json!({"collisionCount": 1}));
+        let next = pod_template_hash(&d);
+        assert_ne!(next, hash);
+        let actions = reconcile_one(&d, &[&impostor], T0);
+        let Action::Create { object, .. } = &actions[0] else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(
+            object["metadata"]["labels"][POD_TEMPLATE_HASH],
+            next.as_str()
+        );
+        // Without collisions the hash is the template's alone (ReplicaSet names are stable).
+        assert_eq!(hash, template_hash(&template(&deployment(2, "nginx:1"))));
     }
 }

@@ -25,7 +25,13 @@
 //! Each template is kept as a ControllerRevision `<set>-<hash>` ([`super::history`]), so
 //! `kubectl rollout history|undo statefulset` work.
 //!
-//! Not done: `maxUnavailable`, `ordinals.start`, the `Delete` retention policies.
+//! - **Ordinals** start at `spec.ordinals.start` (0 by default): pods `<set>-start` …
+//!   `<set>-(start+N-1)`; pods of ordinals outside that range are removed as a scale-down
+//!   removes them, highest first. `partition` counts from the start (upstream's indexing).
+//! - **`rollingUpdate.maxUnavailable`** (a number or a percentage of the replicas, rounded up,
+//!   at least 1; 1 by default): a rolling update replaces up to that many pods at once,
+//!   counting the pods of the set that are already unavailable (upstream's
+//!   `MaxUnavailableStatefulSet`).
 
 use std::collections::BTreeMap;
 
@@ -33,9 +39,9 @@ use replication::api::object::{self, Object};
 use serde_json::{json, Value};
 
 use super::{
-    claim, generation, history, is_controlled_by, is_terminating, label, pod_available,
-    pod_from_template, pod_ready, replicas, spec_i64, template_hash, uid, Action, World,
-    CONTROLLER_REVISION_HASH,
+    claim, generation, history, int_or_percent, is_controlled_by, is_terminating, label,
+    pod_available, pod_from_template, pod_ready, replicas, spec_i64, template_hash, uid, Action,
+    World, CONTROLLER_REVISION_HASH,
 };
 
 /// The label naming a StatefulSet pod (Kubernetes' name).
@@ -140,7 +146,7 @@ pub fn claim_retention(set: &Object, pods: &[&Object], claims: &[&Object]) -> Ve
         ) == Some("Delete")
     };
     let (when_deleted, when_scaled) = (policy("whenDeleted"), policy("whenScaled"));
-    let want = replicas(set).max(0) as usize;
+    let range = ordinals(set);
     let set_uid = uid(set);
     let mut actions = Vec::new();
     for template in claim_templates(set) {
@@ -155,7 +161,7 @@ pub fn claim_retention(set: &Object, pods: &[&Object], claims: &[&Object]) -> Ve
             };
             let pod_name = format!("{}-{ordinal}", object::name(set));
             let pod_left = pods.iter().any(|p| object::name(p) == pod_name);
-            if when_scaled && ordinal >= want && !pod_left && !is_terminating(claim) {
+            if when_scaled && !range.contains(&ordinal) && !pod_left && !is_terminating(claim) {
                 actions.push(Action::Delete {
                     resource: "persistentvolumeclaims",
                     namespace: object::namespace(claim).to_owned(),
@@ -288,11 +294,23 @@ fn delete(pod: &Object) -> Action {
 
 /// One StatefulSet's actions, given the pods it controls and the names of the claims of its
 /// namespace.
+/// The set's ordinals: `spec.ordinals.start` onwards, `replicas` of them.
+fn ordinals(set: &Object) -> std::ops::Range<usize> {
+    let start = set
+        .get("spec")
+        .and_then(|s| s.pointer("/ordinals/start"))
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+        .max(0) as usize;
+    start..start + replicas(set).max(0) as usize
+}
+
 pub fn reconcile_one(set: &Object, pods: &[&Object], claims: &[&str], now: i64) -> Vec<Action> {
     let mut actions = Vec::new();
     let set_name = object::name(set);
     let namespace = object::namespace(set).to_owned();
-    let want = replicas(set).max(0) as usize;
+    let range = ordinals(set);
+    let want = range.len();
     let ordered = spec_str(set, "/podManagementPolicy") != Some("Parallel");
     let rolling = spec_str(set, "/updateStrategy/type") != Some("OnDelete");
     let partition = set
@@ -327,7 +345,7 @@ pub fn reconcile_one(set: &Object, pods: &[&Object], claims: &[&str], now: i64) 
     let healthy = |p: &&Object| pod_ready(p) && !is_terminating(p) && !finished(p);
     // Creation, lowest ordinal first.
     let mut blocked = ordered && any_terminating;
-    for ordinal in 0..want {
+    for ordinal in range.clone() {
         match by_ordinal.get(&ordinal) {
             Some(pod) => {
                 if ordered && !healthy(pod) {
@@ -357,14 +375,14 @@ pub fn reconcile_one(set: &Object, pods: &[&Object], claims: &[&str], now: i64) 
             }
         }
     }
-    // Scale down, highest ordinal first.
+    // Scale down (and ordinals outside the range), highest ordinal first.
     let extra: Vec<&Object> = by_ordinal
-        .range(want..)
+        .iter()
         .rev()
+        .filter(|(i, p)| !range.contains(i) && !is_terminating(p))
         .map(|(_, p)| *p)
-        .filter(|p| !is_terminating(p))
         .collect();
-    let lower_healthy = by_ordinal.range(..want).all(|(_, p)| healthy(p));
+    let lower_healthy = by_ordinal.range(range.clone()).all(|(_, p)| healthy(p));
     if ordered {
         if !any_terminating && lower_healthy {
             actions.extend(extra.first().map(|p| delete(p)));
@@ -372,13 +390,32 @@ pub fn reconcile_one(set: &Object, pods: &[&Object], claims: &[&str], now: i64) 
     } else {
         actions.extend(extra.iter().map(|p| delete(p)));
     }
-    // Rolling update: one pod at a time, highest ordinal first, while all are Ready.
-    let complete = (0..want).all(|i| by_ordinal.get(&i).is_some_and(healthy));
-    if rolling && complete && !any_terminating && actions.is_empty() {
-        let outdated = (partition..want)
+    // Rolling update: highest ordinal first, at most maxUnavailable pods unavailable at once
+    // (1 by default: one at a time, while all are Ready), never below the partition.
+    let max_unavailable = int_or_percent(
+        set.get("spec")
+            .and_then(|s| s.pointer("/updateStrategy/rollingUpdate/maxUnavailable")),
+        1,
+        want as i64,
+        true,
+    )
+    .max(1) as usize;
+    let unavailable = range
+        .clone()
+        .filter(|i| !by_ordinal.get(i).is_some_and(healthy))
+        .count()
+        + by_ordinal
+            .iter()
+            .filter(|(i, p)| !range.contains(i) && is_terminating(p))
+            .count();
+    if rolling && unavailable < max_unavailable && actions.is_empty() {
+        let outdated = range
+            .clone()
+            .skip(partition)
             .rev()
             .filter_map(|i| by_ordinal.get(&i))
-            .find(|p| revision_of(p) != revision);
+            .filter(|p| revision_of(p) != revision && !is_terminating(p))
+            .take(max_unavailable - unavailable);
         actions.extend(outdated.map(|p| delete(p)));
     }
     actions.extend(status(set, &by_ordinal, want, &revision, now));
@@ -612,5 +649,59 @@ mod tests {
             deleted(&claim_retention(&delete, &[&p0], &refs)),
             ["data-db-1", "data-db-2", "data-db-9"]
         );
+    }
+
+    #[test]
+    fn ordinals_start_where_the_set_says_and_those_outside_go() {
+        let mut s = set(2, "Parallel");
+        s["spec"]["ordinals"] = json!({"start": 5});
+        let made_now = created(&reconcile_one(&s, &[], &[], T0));
+        assert_eq!(
+            made_now,
+            [
+                "persistentvolumeclaims/data-db-5",
+                "pods/db-5",
+                "persistentvolumeclaims/data-db-6",
+                "pods/db-6"
+            ]
+        );
+        // Pods of the old range (0 and 1) go, highest first; 5 and 6 are kept.
+        let pods: Vec<Object> = [0, 1, 5, 6].iter().map(|i| made(&s, *i, true)).collect();
+        let refs: Vec<&Object> = pods.iter().collect();
+        assert_eq!(
+            deleted(&reconcile_one(&s, &refs, &[], T0)),
+            ["db-1", "db-0"]
+        );
+        // partition counts from the start: partition 1 leaves db-5 alone.
+        let mut changed = s.clone();
+        changed["spec"]["template"]["spec"]["containers"][0]["image"] = json!("busybox:2");
+        changed["spec"]["updateStrategy"]["rollingUpdate"] = json!({"partition": 1});
+        assert_eq!(
+            deleted(&reconcile_one(&changed, &refs[2..], &[], T0)),
+            ["db-6"]
+        );
+    }
+
+    #[test]
+    fn max_unavailable_replaces_several_pods_at_once_counting_the_unavailable() {
+        let s = set(5, "Parallel");
+        let mut changed = s.clone();
+        changed["spec"]["template"]["spec"]["containers"][0]["image"] = json!("busybox:2");
+        changed["spec"]["updateStrategy"]["rollingUpdate"] = json!({"maxUnavailable": "40%"});
+        let pods: Vec<Object> = (0..5).map(|i| made(&s, i, true)).collect();
+        let refs: Vec<&Object> = pods.iter().collect();
+        // 40% of 5, rounded up: 2 at once, highest first.
+        assert_eq!(
+            deleted(&reconcile_one(&changed, &refs, &[], T0)),
+            ["db-4", "db-3"]
+        );
+        // One pod already unavailable: one more may go.
+        let mut pods = pods.clone();
+        pods[0] = made(&s, 0, false);
+        let refs: Vec<&Object> = pods.iter().collect();
+        assert_eq!(deleted(&reconcile_one(&changed, &refs, &[], T0)), ["db-4"]);
+        // The default is one at a time, and only while all are Ready.
+        changed["spec"]["updateStrategy"] = json!({"type": "RollingUpdate"});
+        assert!(deleted(&reconcile_one(&changed, &refs, &[], T0)).is_empty());
     }
 }

@@ -4,7 +4,8 @@
 //! watch latency), and puts the same values into etcd directly from etcd-client. Prints a
 //! table for BENCHMARKS.md ("API on etcd").
 //!
-//! `cargo build --release --workspace --bins && target/release/apibench --objects 2000 --concurrency 16`
+//! `cargo build --release --workspace --bins && target/release/apibench --objects 2000 --concurrency 16
+//! [--etcd-cpus 0 --cloud-cpus 1]`
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -35,6 +36,23 @@ struct Cli {
     /// Objects created one at a time to time watch delivery.
     #[arg(long, default_value_t = 200)]
     watch_samples: usize,
+    /// Pin etcd to these CPUs (`taskset` list, e.g. `0`): etcd as on machines of its own.
+    #[arg(long)]
+    etcd_cpus: Option<String>,
+    /// Pin this process, its client work and the cloudcores it starts to these CPUs (e.g. `1`).
+    #[arg(long)]
+    cloud_cpus: Option<String>,
+}
+
+/// Pins every thread of process `pid` to `cpus` (util-linux's `taskset`).
+fn pin(pid: u32, cpus: &str) -> anyhow::Result<()> {
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset (util-linux)")?;
+    anyhow::ensure!(status.success(), "taskset -a -p -c {cpus} {pid} failed");
+    Ok(())
 }
 
 struct Proc(Child);
@@ -239,7 +257,13 @@ fn row(what: &str, p: &Phase) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let dir = tempfile::tempdir()?;
+    if let Some(cpus) = &cli.cloud_cpus {
+        pin(std::process::id(), cpus)?;
+    }
     let (etcd, endpoint) = start_etcd(dir.path())?;
+    if let Some(cpus) = &cli.etcd_cpus {
+        pin(etcd.id(), cpus)?;
+    }
     let _etcd = Proc(etcd);
     let (raw_put, raw_txn) = bench_raw_etcd(&endpoint, &cli).await?;
 
@@ -257,8 +281,14 @@ async fn main() -> anyhow::Result<()> {
     drop(etcd_cloud);
 
     println!(
-        "{} objects of {} B, {} in flight; watch: {} sequential creates",
-        cli.objects, cli.value_bytes, cli.concurrency, cli.watch_samples
+        "{} objects of {} B, {} in flight; watch: {} sequential creates; etcd on CPUs {}, \
+         cloudcores and client on CPUs {}",
+        cli.objects,
+        cli.value_bytes,
+        cli.concurrency,
+        cli.watch_samples,
+        cli.etcd_cpus.as_deref().unwrap_or("any"),
+        cli.cloud_cpus.as_deref().unwrap_or("any")
     );
     println!("| what | rate | p50 ms | p99 ms |\n|---|---|---|---|");
     row("raw etcd put (etcd-client)", &raw_put);
