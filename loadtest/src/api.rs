@@ -67,6 +67,24 @@ impl CloudApi {
         Ok(out)
     }
 
+    /// Which replica's API holds each node's link: node name → the API URL in its link claim
+    /// (`kube-system/kedge-link-NODE`, annotation `kedge.io/api-url`; several cloudcores only).
+    pub async fn link_holders(&self) -> anyhow::Result<HashMap<String, String>> {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.client.clone(), "kube-system");
+        let mut out = HashMap::new();
+        for lease in leases.list(&ListParams::default()).await?.items {
+            let name = lease.name_any();
+            let Some(node) = name.strip_prefix("kedge-link-") else {
+                continue;
+            };
+            if let Some(url) = lease.annotations().get("kedge.io/api-url") {
+                out.insert(node.to_owned(), url.clone());
+            }
+        }
+        Ok(out)
+    }
+
     /// A Deployment of `replicas` pods (not bound: the scheduler places them on the fleet).
     pub async fn create_deployment(&self, name: &str, replicas: usize) -> anyhow::Result<()> {
         let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), NAMESPACE);

@@ -166,6 +166,13 @@ impl Cloud {
         usize::from(self.child.is_some()) + self.others.len()
     }
 
+    /// The first replica's API URL, as its link claims name it (None for an external cloud).
+    pub fn first_api_url(&self) -> Option<String> {
+        self.child
+            .as_ref()
+            .map(|c| format!("http://127.0.0.1:{}", c.api_port))
+    }
+
     /// `kill -9` the first replica (which stays down); how long it took.
     pub fn kill9_first(&mut self) -> anyhow::Result<()> {
         let Some(child) = self.child.as_mut() else {

@@ -735,7 +735,19 @@ impl Harness {
         // Quiet, so that what moved nodes receive is the move's own cost.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let before = self.fleet().snapshots().await;
-        let moved: Vec<usize> = all.iter().copied().filter(|i| i % replicas == 0).collect();
+        // The nodes the first replica holds (its link claims): a node whose first attempt
+        // failed in the connect storm is on another replica already.
+        let holders = self.api.link_holders().await.unwrap_or_default();
+        let first = self.cloud.first_api_url();
+        let names = self.fleet().names.clone();
+        let moved: Vec<usize> = if holders.is_empty() {
+            all.iter().copied().filter(|i| i % replicas == 0).collect()
+        } else {
+            all.iter()
+                .copied()
+                .filter(|i| holders.get(&names[*i]) == first.as_ref())
+                .collect()
+        };
         let held_bytes = self.api.pod_bytes_by_node().await?;
         let killed = Instant::now();
         self.cloud.kill9_first()?;

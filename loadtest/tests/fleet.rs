@@ -143,7 +143,7 @@ fn a_small_fleet_runs_every_scenario_and_converges() {
 }
 
 #[test]
-fn a_fleet_on_two_replicas_moves_off_a_killed_one_and_converges() {
+fn a_fleet_on_three_replicas_moves_off_a_killed_one_and_converges() {
     let report = run_loadtest(&[
         "--nodes",
         "60",
@@ -158,12 +158,19 @@ fn a_fleet_on_two_replicas_moves_off_a_killed_one_and_converges() {
         "--link-keepalive",
         "2s",
         "--cloud-replicas",
-        "2",
+        "3",
         "--scenario",
         "replica-failover",
     ]);
-    assert_eq!(metric(&report, "replica-failover", "moved_nodes"), 30);
-    assert_eq!(metric(&report, "replica-failover", "reconnected"), 30);
+    // The killed replica's nodes (its link claims; about a third), every one of them back.
+    let moved = metric(&report, "replica-failover", "moved_nodes")
+        .as_u64()
+        .unwrap();
+    assert!((10..=30).contains(&moved), "{moved} nodes on the killed replica");
+    assert_eq!(
+        metric(&report, "replica-failover", "reconnected").as_u64(),
+        Some(moved)
+    );
     // A moved node gets what it lacks (the handshake and the digest exchange: about 8 KB),
     // not the 20 pods it holds again (about 30 KB of JSON).
     let ratio = metric(&report, "replica-failover", "moved_over_full_resend")
