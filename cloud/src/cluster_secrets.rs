@@ -20,7 +20,7 @@ use k8s_openapi::ByteString;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Api, Client};
 
-use crate::pki::{Token, TokenError, TokenInfo, TokenRecord};
+use crate::pki::{TokenError, TokenInfo, TokenRecord};
 use crate::shared_pki::{Files, PkiBackend, FILES};
 
 /// The Secrets' namespace.
@@ -167,6 +167,11 @@ impl ClusterTokens {
         }
         .ok()
     }
+}
+
+impl crate::pki::SharedTokens for ClusterTokens {
+    /// The Secret's resourceVersion.
+    type Version = Option<String>;
 
     fn read(&self, id: &str) -> Result<(TokenRecord, Option<String>), TokenError> {
         let api = secrets(&self.client);
@@ -189,39 +194,6 @@ impl ClusterTokens {
         let name = token_secret_name(id);
         self.block(api.replace(&name, &PostParams::default(), &secret))
             .is_some_and(|r| r.is_ok())
-    }
-
-    /// As [`crate::pki::verify_token`].
-    ///
-    /// # Errors
-    /// As [`crate::pki::verify_token`]; the cluster unreachable counts as an unknown token.
-    pub fn verify(&self, token: &Token) -> Result<bool, TokenError> {
-        self.read(&token.id)?.0.check(token, false)
-    }
-
-    /// As [`crate::pki::consume_token`]: of joins racing on any replicas, one wins.
-    ///
-    /// # Errors
-    /// [`TokenError::Used`] when another join used it first (or it is gone).
-    pub fn consume(&self, token: &Token) -> Result<(), TokenError> {
-        let (mut record, rv) = self.read(&token.id).map_err(|_| TokenError::Used)?;
-        if record.used {
-            return Err(TokenError::Used);
-        }
-        record.used = true;
-        if self.write(&token.id, &record, rv) {
-            Ok(())
-        } else {
-            Err(TokenError::Used)
-        }
-    }
-
-    /// As [`crate::pki::restore_token`].
-    pub fn restore(&self, token: &Token) {
-        if let Ok((mut record, rv)) = self.read(&token.id) {
-            record.used = false;
-            self.write(&token.id, &record, rv);
-        }
     }
 }
 

@@ -38,7 +38,7 @@ use replication::{
 use tokio::task::JoinHandle;
 use transport::tls::CertificateAuthority;
 
-use crate::pki::{Token, TokenError};
+use crate::pki::TokenError;
 
 /// Changes one etcd revision can carry: revision = etcd revision × `TXN_SLOTS` + index.
 pub const TXN_SLOTS: u64 = 1000;
@@ -652,6 +652,11 @@ impl EtcdTokens {
         });
         rx.recv_timeout(self.timeout).ok()
     }
+}
+
+impl crate::pki::SharedTokens for EtcdTokens {
+    /// The key's `mod_revision`.
+    type Version = i64;
 
     fn read(&self, id: &str) -> Result<(crate::pki::TokenRecord, i64), TokenError> {
         let (client, key) = (self.client.clone(), token_key(&self.prefix, id));
@@ -677,39 +682,6 @@ impl EtcdTokens {
         self.block(async move { send_txn(&client, &txn).await })
             .and_then(Result::ok)
             .is_some_and(|r| r.succeeded())
-    }
-
-    /// As [`crate::pki::verify_token`].
-    ///
-    /// # Errors
-    /// As [`crate::pki::verify_token`]; etcd unreachable counts as an unknown token.
-    pub fn verify(&self, token: &Token) -> Result<bool, TokenError> {
-        self.read(&token.id)?.0.check(token, false)
-    }
-
-    /// As [`crate::pki::consume_token`]: of joins racing on any replicas, one wins.
-    ///
-    /// # Errors
-    /// [`TokenError::Used`] when another join used it first (or it is gone).
-    pub fn consume(&self, token: &Token) -> Result<(), TokenError> {
-        let (mut record, at) = self.read(&token.id).map_err(|_| TokenError::Used)?;
-        if record.used {
-            return Err(TokenError::Used);
-        }
-        record.used = true;
-        if self.write(&token.id, &record, at) {
-            Ok(())
-        } else {
-            Err(TokenError::Used)
-        }
-    }
-
-    /// As [`crate::pki::restore_token`].
-    pub fn restore(&self, token: &Token) {
-        if let Ok((mut record, at)) = self.read(&token.id) {
-            record.used = false;
-            self.write(&token.id, &record, at);
-        }
     }
 }
 

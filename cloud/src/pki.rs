@@ -276,8 +276,8 @@ pub fn ca_pin(ca: &CertificateAuthority) -> String {
     sha256_hex(ca.cert().as_ref())
 }
 
-/// A token as stored: a file `tokens/ID.json` (`ID.used` once used), or an etcd value
-/// ([`crate::etcd::EtcdTokens`], with `used`).
+/// A token as stored: a file `tokens/ID.json` (`ID.used` once used), or a shared record
+/// ([`SharedTokens`]: an etcd value, a cluster Secret; with `used`).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct TokenRecord {
     pub(crate) secret_sha256: String,
@@ -413,6 +413,48 @@ fn has_token_file(data_dir: &Path, token: &Token) -> bool {
     ["json", "used"]
         .iter()
         .any(|ext| dir.join(format!("{}.{ext}", token.id)).exists())
+}
+
+/// Token records shared by several cloudcores (etcd keys, the cluster's Secrets), each read
+/// with a version and written back only if still at it: a one-use token is used up once
+/// across replicas. Implementors give `read` and `write`; `verify`, `consume` and `restore`
+/// follow [`verify_token`], [`consume_token`] and [`restore_token`].
+pub(crate) trait SharedTokens {
+    /// What a write compares (a revision, a resourceVersion).
+    type Version;
+    /// The token's record and its version; [`TokenError::Unknown`] when there is none or the
+    /// store cannot be reached.
+    fn read(&self, id: &str) -> Result<(TokenRecord, Self::Version), TokenError>;
+    /// Writes `record` if the token is still at `version`; whether it was written.
+    fn write(&self, id: &str, record: &TokenRecord, version: Self::Version) -> bool;
+
+    /// As [`verify_token`].
+    fn verify(&self, token: &Token) -> Result<bool, TokenError> {
+        self.read(&token.id)?.0.check(token, false)
+    }
+
+    /// As [`consume_token`]: of joins racing on any replicas, one wins; [`TokenError::Used`]
+    /// when another join used it first (or it is gone).
+    fn consume(&self, token: &Token) -> Result<(), TokenError> {
+        let (mut record, version) = self.read(&token.id).map_err(|_| TokenError::Used)?;
+        if record.used {
+            return Err(TokenError::Used);
+        }
+        record.used = true;
+        if self.write(&token.id, &record, version) {
+            Ok(())
+        } else {
+            Err(TokenError::Used)
+        }
+    }
+
+    /// As [`restore_token`].
+    fn restore(&self, token: &Token) {
+        if let Ok((mut record, version)) = self.read(&token.id) {
+            record.used = false;
+            self.write(&token.id, &record, version);
+        }
+    }
 }
 
 fn random_string(len: usize) -> String {

@@ -166,7 +166,10 @@ fn a_fleet_on_three_replicas_moves_off_a_killed_one_and_converges() {
     let moved = metric(&report, "replica-failover", "moved_nodes")
         .as_u64()
         .unwrap();
-    assert!((10..=30).contains(&moved), "{moved} nodes on the killed replica");
+    assert!(
+        (10..=30).contains(&moved),
+        "{moved} nodes on the killed replica"
+    );
     assert_eq!(
         metric(&report, "replica-failover", "reconnected").as_u64(),
         Some(moved)

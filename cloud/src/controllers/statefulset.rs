@@ -292,19 +292,23 @@ fn delete(pod: &Object) -> Action {
     }
 }
 
-/// One StatefulSet's actions, given the pods it controls and the names of the claims of its
-/// namespace.
-/// The set's ordinals: `spec.ordinals.start` onwards, `replicas` of them.
-fn ordinals(set: &Object) -> std::ops::Range<usize> {
-    let start = set
-        .get("spec")
-        .and_then(|s| s.pointer("/ordinals/start"))
+/// A non-negative count at `pointer` under the set's `spec` (0 when absent).
+fn spec_count(set: &Object, pointer: &str) -> usize {
+    set.get("spec")
+        .and_then(|s| s.pointer(pointer))
         .and_then(Value::as_i64)
         .unwrap_or(0)
-        .max(0) as usize;
+        .max(0) as usize
+}
+
+/// The set's ordinals: `spec.ordinals.start` onwards, `replicas` of them.
+fn ordinals(set: &Object) -> std::ops::Range<usize> {
+    let start = spec_count(set, "/ordinals/start");
     start..start + replicas(set).max(0) as usize
 }
 
+/// One StatefulSet's actions, given the pods it controls and the names of the claims of its
+/// namespace.
 pub fn reconcile_one(set: &Object, pods: &[&Object], claims: &[&str], now: i64) -> Vec<Action> {
     let mut actions = Vec::new();
     let set_name = object::name(set);
@@ -313,12 +317,7 @@ pub fn reconcile_one(set: &Object, pods: &[&Object], claims: &[&str], now: i64) 
     let want = range.len();
     let ordered = spec_str(set, "/podManagementPolicy") != Some("Parallel");
     let rolling = spec_str(set, "/updateStrategy/type") != Some("OnDelete");
-    let partition = set
-        .get("spec")
-        .and_then(|s| s.pointer("/updateStrategy/rollingUpdate/partition"))
-        .and_then(Value::as_i64)
-        .unwrap_or(0)
-        .max(0) as usize;
+    let partition = spec_count(set, "/updateStrategy/rollingUpdate/partition");
     let revision = update_revision(set);
     // Pods by ordinal; a controlled pod without one of the set's names is removed.
     let mut by_ordinal: BTreeMap<usize, &Object> = BTreeMap::new();
