@@ -171,7 +171,7 @@ impl StreamLimit {
         if *count >= self.per_node {
             return Err(ApiError::new(
                 429,
-                "TooManyRequests",
+                replication::api::StatusReason::TooManyRequests,
                 format!(
                     "node {node} has {count} streams open through the cloud (logs, exec, attach, \
                      port-forward connections), its limit (cloudcore --streams-per-node); try \
@@ -352,7 +352,7 @@ impl PodLink {
             )),
             LinkError::Timeout(after) => ApiError::new(
                 504,
-                "Timeout",
+                replication::api::StatusReason::Timeout,
                 format!("node {node} did not answer within {after:?}"),
             ),
             e => ApiError::unavailable(format!("node {node}: the stream failed: {e}")),
@@ -402,7 +402,11 @@ fn refusal(head: &transport::ReceivedMessage) -> Option<Response> {
             let code = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
             Some((code, [(header::CONTENT_TYPE, "application/json")], status).into_response())
         }
-        Err(e) => Some(error(ApiError::new(502, "BadGateway", e.to_string()))),
+        Err(e) => Some(error(ApiError::new(
+            502,
+            replication::api::StatusReason::BadGateway,
+            e.to_string(),
+        ))),
     }
 }
 
@@ -1065,7 +1069,10 @@ mod tests {
         let a = limit.acquire("n1").unwrap();
         let _b = limit.acquire("n1").unwrap();
         let refused = limit.acquire("n1").err().unwrap();
-        assert_eq!((refused.code, refused.reason), (429, "TooManyRequests"));
+        assert_eq!(
+            (refused.code, refused.reason),
+            (429, replication::api::StatusReason::TooManyRequests)
+        );
         assert!(refused.message.contains("node n1 has 2 streams open"));
         // Another node has its own count.
         let _c = limit.acquire("n2").unwrap();

@@ -149,7 +149,8 @@ fn token_secret(id: &str, record: &TokenRecord, resource_version: Option<String>
 }
 
 impl ClusterTokens {
-    /// Over `client`, its calls run on the current runtime (a multi-threaded one).
+    /// Over `client`; its calls run on the current runtime, which must be multi-threaded
+    /// (cloudcore's is): a join blocks its worker with `block_in_place` for one API call.
     pub fn new(client: Client) -> Self {
         ClusterTokens {
             client,

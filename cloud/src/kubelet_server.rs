@@ -314,7 +314,7 @@ fn node_of(
     }
     Err(ApiError::new(
         404,
-        "NotFound",
+        replication::api::StatusReason::NotFound,
         format!(
             "this endpoint serves every edge node of cloudcore; {name:?} is not one: ask with \
              the node's name as host (metrics-server: --kubelet-preferred-address-types=Hostname, \

@@ -49,7 +49,7 @@ impl ApiPolicy for CloudPolicy {
             (Some(cluster), Verb::Create | Verb::Update | Verb::Patch | Verb::Delete) => {
                 Err(ApiError::new(
                     405,
-                    "MethodNotAllowed",
+                    replication::api::StatusReason::MethodNotAllowed,
                     format!("cloudcore mirrors {cluster} and serves it read-only: write to that cluster"),
                 ))
             }

@@ -226,7 +226,7 @@ impl Collections {
         let body: Value = serde_json::from_slice(&reply.body).map_err(|e| {
             ApiError::new(
                 502,
-                "BadGateway",
+                replication::api::StatusReason::BadGateway,
                 format!("the cloud's list is not JSON: {e}"),
             )
         })?;
@@ -234,14 +234,8 @@ impl Collections {
             let message = body["message"]
                 .as_str()
                 .unwrap_or("the cloud refused the list");
-            let reason = match body["reason"].as_str() {
-                Some("Forbidden") => "Forbidden",
-                Some("NotFound") => "NotFound",
-                Some("ServiceUnavailable") => "ServiceUnavailable",
-                Some("Timeout") => "Timeout",
-                Some("BadRequest") => "BadRequest",
-                _ => "Unknown",
-            };
+            let reason =
+                replication::api::StatusReason::parse(body["reason"].as_str().unwrap_or(""));
             return Err(ApiError::new(reply.code, reason, message.to_owned()));
         }
         let kind = collection.store_kind();
@@ -274,7 +268,7 @@ impl Collections {
             if Instant::now() >= deadline {
                 return Err(ApiError::new(
                     504,
-                    "Timeout",
+                    replication::api::StatusReason::Timeout,
                     format!(
                         "subscribed to {}, but {key} did not reach the node within {CATCH_UP:?}; \
                          retry",

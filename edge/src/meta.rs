@@ -137,7 +137,7 @@ impl MetaManager {
             Err(LinkError::Timeout(after)) => {
                 return Err(ApiError::new(
                     504,
-                    "Timeout",
+                    replication::api::StatusReason::Timeout,
                     format!(
                         "the cloud did not answer {} {} within {after:?} (it may be overloaded or \
                          hung); the node keeps serving what it holds",
@@ -155,7 +155,7 @@ impl MetaManager {
         ApiReply::from_message(&response).map_err(|e| {
             ApiError::new(
                 502,
-                "BadGateway",
+                replication::api::StatusReason::BadGateway,
                 format!("the cloud's reply is unreadable: {e}"),
             )
         })

@@ -28,6 +28,7 @@ use serde_json::{json, Map, Value};
 
 use super::object::{self, Object};
 use super::resources::Resource;
+use super::status::StatusReason;
 use super::status::{ApiError, Cause};
 
 /// The manager kube-apiserver assigns the fields of an object applied for the first time.
@@ -548,7 +549,7 @@ fn conflict_error(api_version: &str, found: &[(String, String, String)]) -> ApiE
         .collect();
     let mut error = ApiError::new(
         409,
-        "Conflict",
+        StatusReason::Conflict,
         format!("Apply failed with {count} {plural}: {}", lines.join("\n")),
     );
     error.causes = found

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::resources::{Registry, Resource};
 use super::status::ApiError;
+use super::status::StatusReason;
 use super::{ApiPolicy, Verb};
 
 /// The user every authorized request is (what `kubectl auth whoami` prints).
@@ -170,7 +171,7 @@ pub fn review(
         })),
         other => Err(ApiError::new(
             404,
-            "NotFound",
+            StatusReason::NotFound,
             format!("no review at {other}"),
         )),
     }

@@ -44,7 +44,7 @@ use serde_json::Value;
 use crate::store::{Store, Versioned, WriteSet};
 use object::Object;
 pub use resources::{Registry, Resource};
-pub use status::ApiError;
+pub use status::{ApiError, StatusReason};
 
 /// Largest request body accepted (the apiserver's limit is 3 MiB per object).
 pub const MAX_BODY_BYTES: usize = 3 << 20;
@@ -380,7 +380,7 @@ async fn dispatch(State(server): State<ApiServer>, request: Request) -> Response
             server.policy.observe("unknown", "", 404);
             return error_response(&ApiError::new(
                 404,
-                "NotFound",
+                StatusReason::NotFound,
                 format!("the server could not find the requested resource ({path})"),
             ));
         }

@@ -4,6 +4,7 @@
 //! WatchList feature on): an invalid combination is a `422 Invalid` `Status` about the kind
 //! `ListOptions.meta.k8s.io`, one cause per problem, before anything is served.
 
+use super::status::StatusReason;
 use super::status::{ApiError, Cause};
 use super::Query;
 
@@ -135,7 +136,7 @@ fn invalid_list_options(causes: Vec<Cause>) -> ApiError {
     };
     let mut error = ApiError::new(
         422,
-        "Invalid",
+        StatusReason::Invalid,
         format!("ListOptions.meta.k8s.io \"\" is invalid: {aggregate}"),
     );
     error.causes = causes;
@@ -170,7 +171,7 @@ mod tests {
 
         let e = validate(&query(&[("sendInitialEvents", "true")]), true).unwrap_err();
         assert_eq!(e.code, 422);
-        assert_eq!(e.reason, "Invalid");
+        assert_eq!(e.reason, StatusReason::Invalid);
         assert_eq!(
             e.message,
             "ListOptions.meta.k8s.io \"\" is invalid: resourceVersionMatch: Forbidden: \

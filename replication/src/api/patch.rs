@@ -4,6 +4,7 @@
 use serde_json::{Map, Value};
 
 use super::status::ApiError;
+use super::status::StatusReason;
 
 /// The PATCH body formats, by `Content-Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +59,7 @@ pub fn apply(kind: PatchKind, target: &mut Value, patch: &[u8]) -> Result<(), Ap
             json_patch::patch(target, &ops).map_err(|e| {
                 ApiError::new(
                     422,
-                    "Invalid",
+                    StatusReason::Invalid,
                     format!("the JSON patch could not be applied: {e}"),
                 )
             })

@@ -628,7 +628,9 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
                 patched,
                 &current,
             ) {
-                Err(e) if e.code == 409 && e.reason == "Conflict" => last_error = Some(e),
+                Err(e) if e.code == 409 && e.reason == super::StatusReason::Conflict => {
+                    last_error = Some(e)
+                }
                 other => return other.map(|v| (request, v, warnings)),
             }
         }
@@ -724,7 +726,9 @@ async fn server_side_apply(server: &ApiServer, request: ApiRequest) -> Result<Re
                 merged,
                 &current,
             ) {
-                Err(e) if e.code == 409 && e.reason == "Conflict" => last_error = Some(e),
+                Err(e) if e.code == 409 && e.reason == super::StatusReason::Conflict => {
+                    last_error = Some(e)
+                }
                 other => return other.map(|v| (request, StatusCode::OK, v)),
             }
         }

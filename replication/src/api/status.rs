@@ -42,14 +42,116 @@ impl Cause {
     }
 }
 
+/// Why a request failed: a `metav1.StatusReason`, the `Status`'s `reason` (clients branch on
+/// it: kubectl retries a `Conflict`, client-go's `IsNotFound` reads `NotFound`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StatusReason {
+    /// 400.
+    BadRequest,
+    /// 401: no or a wrong bearer token.
+    Unauthorized,
+    /// 403.
+    Forbidden,
+    /// 404.
+    NotFound,
+    /// 409: the object exists.
+    AlreadyExists,
+    /// 409: a stale resourceVersion or a field manager's conflict.
+    Conflict,
+    /// 410: a resourceVersion older than the watch history (re-list).
+    Expired,
+    /// 422: field causes in `details`.
+    Invalid,
+    /// 504: the request could not be served in time (a watch from the future, a node that
+    /// does not answer).
+    Timeout,
+    /// 429.
+    TooManyRequests,
+    /// 405.
+    MethodNotAllowed,
+    /// 413.
+    RequestEntityTooLarge,
+    /// 415.
+    UnsupportedMediaType,
+    /// 500.
+    InternalError,
+    /// 503.
+    ServiceUnavailable,
+    /// 502: what the request was passed on to (the cloud, a node) answered nothing usable.
+    /// Not one of apimachinery's constants; the code says as much to clients.
+    BadGateway,
+    /// Any other reason (apimachinery's `StatusReasonUnknown`, the empty string), as when a
+    /// remote `Status` names one this list lacks.
+    Unknown,
+}
+
+impl StatusReason {
+    const ALL: [StatusReason; 17] = [
+        StatusReason::BadRequest,
+        StatusReason::Unauthorized,
+        StatusReason::Forbidden,
+        StatusReason::NotFound,
+        StatusReason::AlreadyExists,
+        StatusReason::Conflict,
+        StatusReason::Expired,
+        StatusReason::Invalid,
+        StatusReason::Timeout,
+        StatusReason::TooManyRequests,
+        StatusReason::MethodNotAllowed,
+        StatusReason::RequestEntityTooLarge,
+        StatusReason::UnsupportedMediaType,
+        StatusReason::InternalError,
+        StatusReason::ServiceUnavailable,
+        StatusReason::BadGateway,
+        StatusReason::Unknown,
+    ];
+
+    /// The name on the wire (`NotFound`, ...; `Unknown` is the empty string).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StatusReason::BadRequest => "BadRequest",
+            StatusReason::Unauthorized => "Unauthorized",
+            StatusReason::Forbidden => "Forbidden",
+            StatusReason::NotFound => "NotFound",
+            StatusReason::AlreadyExists => "AlreadyExists",
+            StatusReason::Conflict => "Conflict",
+            StatusReason::Expired => "Expired",
+            StatusReason::Invalid => "Invalid",
+            StatusReason::Timeout => "Timeout",
+            StatusReason::TooManyRequests => "TooManyRequests",
+            StatusReason::MethodNotAllowed => "MethodNotAllowed",
+            StatusReason::RequestEntityTooLarge => "RequestEntityTooLarge",
+            StatusReason::UnsupportedMediaType => "UnsupportedMediaType",
+            StatusReason::InternalError => "InternalError",
+            StatusReason::ServiceUnavailable => "ServiceUnavailable",
+            StatusReason::BadGateway => "BadGateway",
+            StatusReason::Unknown => "",
+        }
+    }
+
+    /// The reason a remote `Status` names; [`StatusReason::Unknown`] for one not listed here.
+    pub fn parse(text: &str) -> StatusReason {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == text)
+            .unwrap_or(StatusReason::Unknown)
+    }
+}
+
+impl std::fmt::Display for StatusReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An error the API answers with: HTTP code, `reason`, message and (for 422) field causes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code} {reason}: {message}")]
 pub struct ApiError {
     /// The HTTP status code, also the `Status`'s `code`.
     pub code: u16,
-    /// The `Status`'s `reason` (`NotFound`, `AlreadyExists`, `Conflict`, `Invalid`, ...).
-    pub reason: &'static str,
+    /// The `Status`'s `reason`.
+    pub reason: StatusReason,
     /// The `Status`'s human-readable `message`.
     pub message: String,
     /// `details.causes`: the fields a 422 rejects.
@@ -71,9 +173,8 @@ pub struct MoreDetails {
 }
 
 impl ApiError {
-    /// An error with this code, `reason` (a `metav1.StatusReason`: `NotFound`, `Conflict`, ...)
-    /// and message, without details.
-    pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+    /// An error with this code, `reason` and message, without details.
+    pub fn new(code: u16, reason: StatusReason, message: impl Into<String>) -> Self {
         ApiError {
             code,
             reason,
@@ -86,12 +187,16 @@ impl ApiError {
 
     /// 400 `BadRequest`.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(400, "BadRequest", message)
+        Self::new(400, StatusReason::BadRequest, message)
     }
 
     /// 404 `NotFound`: `{resource} "{name}" not found`, with `details` naming it.
     pub fn not_found(resource: &str, name: &str) -> Self {
-        let mut e = Self::new(404, "NotFound", format!("{resource} \"{name}\" not found"));
+        let mut e = Self::new(
+            404,
+            StatusReason::NotFound,
+            format!("{resource} \"{name}\" not found"),
+        );
         e.details = Some(Box::new((resource.to_owned(), name.to_owned())));
         e
     }
@@ -100,7 +205,7 @@ impl ApiError {
     pub fn already_exists(resource: &str, name: &str) -> Self {
         let mut e = Self::new(
             409,
-            "AlreadyExists",
+            StatusReason::AlreadyExists,
             format!("{resource} \"{name}\" already exists"),
         );
         e.details = Some(Box::new((resource.to_owned(), name.to_owned())));
@@ -111,7 +216,7 @@ impl ApiError {
     pub fn conflict(resource: &str, name: &str) -> Self {
         let mut e = Self::new(
             409,
-            "Conflict",
+            StatusReason::Conflict,
             format!(
                 "Operation cannot be fulfilled on {resource} \"{name}\": the object has been \
                  modified; please apply your changes to the latest version and try again"
@@ -129,7 +234,7 @@ impl ApiError {
             .collect();
         let mut e = Self::new(
             422,
-            "Invalid",
+            StatusReason::Invalid,
             format!("{kind} \"{name}\" is invalid: {}", list.join(", ")),
         );
         e.causes = causes;
@@ -139,42 +244,42 @@ impl ApiError {
 
     /// 405 `MethodNotAllowed`.
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
-        Self::new(405, "MethodNotAllowed", message)
+        Self::new(405, StatusReason::MethodNotAllowed, message)
     }
 
     /// 415 `UnsupportedMediaType`.
     pub fn unsupported_media_type(message: impl Into<String>) -> Self {
-        Self::new(415, "UnsupportedMediaType", message)
+        Self::new(415, StatusReason::UnsupportedMediaType, message)
     }
 
     /// 410 with reason `Expired`: a resourceVersion older than the watch history (re-list).
     pub fn gone(message: impl Into<String>) -> Self {
-        Self::new(410, "Expired", message)
+        Self::new(410, StatusReason::Expired, message)
     }
 
     /// 503 `ServiceUnavailable`.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(503, "ServiceUnavailable", message)
+        Self::new(503, StatusReason::ServiceUnavailable, message)
     }
 
     /// 403 `Forbidden`.
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(403, "Forbidden", message)
+        Self::new(403, StatusReason::Forbidden, message)
     }
 
     /// 401 `Unauthorized` (no or a wrong bearer token).
     pub fn unauthorized() -> Self {
-        Self::new(401, "Unauthorized", "Unauthorized")
+        Self::new(401, StatusReason::Unauthorized, "Unauthorized")
     }
 
     /// 500 `InternalError`.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(500, "InternalError", message)
+        Self::new(500, StatusReason::InternalError, message)
     }
 
     /// 413 `RequestEntityTooLarge`.
     pub fn too_large(message: impl Into<String>) -> Self {
-        Self::new(413, "RequestEntityTooLarge", message)
+        Self::new(413, StatusReason::RequestEntityTooLarge, message)
     }
 
     /// A store error seen while serving `resource`/`name`.
@@ -197,7 +302,7 @@ impl ApiError {
             "metadata": {},
             "status": "Failure",
             "message": self.message,
-            "reason": self.reason,
+            "reason": self.reason.as_str(),
             "code": self.code,
         });
         let more = self.more.as_deref().cloned().unwrap_or_default();
@@ -254,11 +359,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reasons_read_back_from_their_names() {
+        for reason in StatusReason::ALL {
+            assert_eq!(StatusReason::parse(reason.as_str()), reason);
+        }
+        assert_eq!(StatusReason::parse("SomethingNew"), StatusReason::Unknown);
+        assert_eq!(
+            ApiError::conflict("pods", "p").to_status()["reason"],
+            "Conflict"
+        );
+    }
+
+    #[test]
     fn a_not_found_always_has_details() {
         // kubectl debug reads `details` of a 404 for an unknown subresource and panics without.
         let unknown = ApiError::new(
             404,
-            "NotFound",
+            StatusReason::NotFound,
             "the server could not find the requested resource",
         );
         assert_eq!(unknown.to_status()["details"], json!({}));

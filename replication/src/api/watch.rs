@@ -19,6 +19,7 @@ use tokio::time::{sleep_until, Instant};
 use super::object;
 use super::options;
 use super::rest::{range_of, ApiRequest, Selectors};
+use super::status::StatusReason;
 use super::status::{ApiError, Cause};
 use super::table;
 use super::{ApiServer, Resource};
@@ -145,7 +146,7 @@ fn watch_error(error: &WatchError) -> ApiError {
         WatchError::TooSlow { .. } => ApiError::gone(format!("{error}")),
         WatchError::Future { requested, latest } => ApiError::new(
             504,
-            "Timeout",
+            StatusReason::Timeout,
             format!("Too large resource version: {requested}, current: {latest}"),
         ),
         WatchError::Closed => ApiError::unavailable("the store is shutting down"),
@@ -193,7 +194,7 @@ impl Start {
 fn too_large(requested: Revision, current: Revision) -> ApiError {
     let mut error = ApiError::new(
         504,
-        "Timeout",
+        StatusReason::Timeout,
         format!("Too large resource version: {requested}, current: {current}"),
     );
     error.causes = vec![Cause {
