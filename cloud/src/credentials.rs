@@ -15,6 +15,12 @@
 //!
 //! A node without any list (joined before the lists existed) is adopted: its certificate is
 //! recorded at its first connection.
+//!
+//! With several replicas on one store (etcd), the lists live in the store instead, as objects
+//! of the kind [`RECORD_KIND`] (`nodecredentials//NODE`, never served by the API nor routed to
+//! nodes), so that every replica knows what any issued: a node that renewed its certificate on
+//! one replica connects to another with it. Writes are read-modify-write, the last one winning:
+//! a node talks to one replica at a time, so two replicas do not edit one node's list at once.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -38,6 +44,9 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// What the operator does to bring back a node that the cloud refuses.
 const REJOIN_HINT: &str = "re-join it with a new bootstrap token: `cloudcore token create`, \
      then restart edgecore with --rejoin --token TOKEN";
+
+/// The store kind of the certificate lists when the store is shared by several replicas.
+pub const RECORD_KIND: &str = "nodecredentials";
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct NodeRecord {
@@ -118,6 +127,16 @@ impl NodeCredentials {
 
     /// The node's record; `Ok(None)` when it has none.
     fn load(&self, node: &str) -> Result<Option<NodeRecord>, String> {
+        if self.store.is_replicated() {
+            let key = ObjectKey::new(RECORD_KIND, "", node).map_err(|e| e.to_string())?;
+            return match self.store.get(&key) {
+                Ok(Some(held)) => serde_json::from_slice(&held.object)
+                    .map(Some)
+                    .map_err(|e| format!("{key}: {e}")),
+                Ok(None) => Ok(None),
+                Err(e) => Err(format!("cannot read the node's certificate list: {e}")),
+            };
+        }
         let path = self.path(node);
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -129,6 +148,24 @@ impl NodeCredentials {
     }
 
     fn save(&self, node: &str, record: &NodeRecord) -> Result<(), String> {
+        if self.store.is_replicated() {
+            let key = ObjectKey::new(RECORD_KIND, "", node).map_err(|e| e.to_string())?;
+            let object = serde_json::json!({
+                "apiVersion": "kedge.io/v1", "kind": "NodeCredentials",
+                "metadata": {"name": node}, "certs": record.certs,
+            });
+            let mut set = replication::WriteSet::new();
+            set.put(
+                key,
+                bytes::Bytes::from(serde_json::to_vec(&object).expect("json")),
+                replication::Precondition::None,
+            );
+            return self
+                .store
+                .commit(set)
+                .map(drop)
+                .map_err(|e| format!("cannot write the node's certificate list: {e}"));
+        }
         fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
         let bytes = serde_json::to_vec(record).expect("json");
         crate::pki::write_private(&self.path(node), &bytes).map_err(|e| e.to_string())

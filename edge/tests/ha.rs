@@ -1011,3 +1011,61 @@ fn a_ca_rollover_on_etcd_reaches_every_replica_and_the_node() {
     );
     assert!(node_cert_issuer(second_dir.path()).starts_with("kedge-ca-"));
 }
+
+#[test]
+fn a_certificate_renewed_on_one_replica_is_accepted_by_another() {
+    let etcd = Etcd::start_n(1, None);
+    let endpoints = etcd.endpoints();
+    let mut flags = vec!["--store", "etcd", "--etcd-endpoints", &endpoints];
+    flags.extend_from_slice(REPLICA_FLAGS);
+    flags.extend_from_slice(&["--node-cert-lifetime", "15s"]);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let start =
+        |dir: &Path| CloudProcess::start_with(dir, free_port(), free_port(), free_port(), &flags);
+    let mut a = start(dir_a.path());
+    let mut b = start(dir_b.path());
+    let token = etcd_token(&endpoints, &[]);
+    let edge_dir = tempfile::tempdir().unwrap();
+    let _edge = Guard(
+        edgecore(
+            "edge-renew",
+            edge_dir.path(),
+            &[a.quic_port, b.quic_port],
+            free_port(),
+            &["--token", &token, "--link-keepalive", "1s"],
+        )
+        .spawn()
+        .expect("start edgecore"),
+    );
+    let connected = |cloud: &CloudProcess| common::metric(cloud, "kedge_connected_nodes");
+    eventually("the node on A", Duration::from_secs(30), || {
+        connected(&a) == 1.0
+    });
+    let joined = std::fs::read(edge_dir.path().join("pki/node.crt")).unwrap();
+    // A goes: the node moves to B, and renews its certificate there.
+    a.kill9();
+    eventually("the node on B", Duration::from_secs(30), || {
+        connected(&b) == 1.0
+    });
+    a.restart_after_kill9(&flags);
+    eventually(
+        "the node renewed its certificate on B",
+        Duration::from_secs(40),
+        || std::fs::read(edge_dir.path().join("pki/node.crt")).unwrap() != joined,
+    );
+    assert_eq!(connected(&b), 1.0, "the renewal was B's");
+    // B goes: A, which issued only the first certificate, accepts the one B renewed.
+    b.kill9();
+    eventually(
+        "the node connects to A with the certificate B renewed",
+        Duration::from_secs(30),
+        || connected(&a) == 1.0,
+    );
+    assert_eq!(
+        common::metric(
+            &a,
+            "kedge_node_certificates_total{event=\"refused_revoked\"}"
+        ),
+        0.0
+    );
+}
