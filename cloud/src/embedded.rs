@@ -124,12 +124,16 @@ fn endpoint_addresses(store: &Store) -> Result<Vec<std::net::SocketAddr>, StoreE
     let endpoints: serde_json::Value = serde_json::from_slice(&held.object).unwrap_or_default();
     let mut addresses = Vec::new();
     for subset in endpoints["subsets"].as_array().into_iter().flatten() {
-        let Some(port) = subset.pointer("/ports/0/port").and_then(|p| p.as_u64()) else {
+        let Some(port) = subset
+            .pointer("/ports/0/port")
+            .and_then(|p| p.as_u64())
+            .and_then(|p| u16::try_from(p).ok())
+        else {
             continue;
         };
         for address in subset["addresses"].as_array().into_iter().flatten() {
             if let Some(ip) = address["ip"].as_str().and_then(|ip| ip.parse().ok()) {
-                addresses.push(std::net::SocketAddr::new(ip, port as u16));
+                addresses.push(std::net::SocketAddr::new(ip, port));
             }
         }
     }

@@ -219,8 +219,11 @@ pub async fn share_ca(backend: &impl PkiBackend, data_dir: &Path) -> anyhow::Res
         }
         crate::pki::load_or_create_ca(data_dir)?;
         let local = read_dir(data_dir)?;
+        // Never publish a PKI without its CA (the files just made were removed meanwhile).
+        let Some(cert) = local.get("ca.crt").filter(|_| local.contains_key("ca.key")) else {
+            anyhow::bail!("{} holds no CA to publish", data_dir.join("pki").display());
+        };
         if backend.write(version, &local).await? {
-            let cert = &local["ca.crt"];
             tracing::info!(sha256 = %crate::pki::sha256_hex(cert), to = %backend.describe(), "published this replica's CA as the cluster CA");
             return Ok(());
         }
