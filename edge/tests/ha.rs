@@ -69,8 +69,28 @@ impl Etcd {
         Self::start_n(3, None)
     }
 
-    /// `n` members; the first on `client_port` when given.
+    /// `n` members; the first on `client_port` when given. A cluster that is not healthy
+    /// within 30 s (a machine loaded by the other tests) is started again on fresh ports and
+    /// dirs, up to three times, with its members' logs printed.
     fn start_n(n: usize, client_port: Option<u16>) -> Etcd {
+        for attempt in 1..=3 {
+            let etcd = Self::launch(n, client_port);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(30) {
+                if etcd.members.iter().all(Member::healthy) {
+                    eprintln!("etcd members healthy: {:?}", start.elapsed());
+                    return etcd;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            eprintln!("etcd: not healthy after 30 s (attempt {attempt} of 3)");
+            etcd.dump_logs();
+        }
+        panic!("etcd: {n} members not healthy in three attempts (logs above)");
+    }
+
+    fn launch(n: usize, client_port: Option<u16>) -> Etcd {
+        static CLUSTERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = tempfile::tempdir().unwrap();
         let mut ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         if let Some(port) = client_port {
@@ -82,7 +102,9 @@ impl Etcd {
             .map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}"))
             .collect::<Vec<_>>()
             .join(",");
-        let token = format!("kedge-test-{}", std::process::id());
+        // One token per cluster: members of two clusters never take each other as peers.
+        let serial = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = format!("kedge-test-{}-{serial}", std::process::id());
         let mut members: Vec<Member> = ports
             .iter()
             .enumerate()
@@ -123,11 +145,7 @@ impl Etcd {
         for member in &mut members {
             member.start();
         }
-        let etcd = Etcd { members, _dir: dir };
-        eventually("etcd members healthy", Duration::from_secs(30), || {
-            etcd.members.iter().all(Member::healthy)
-        });
-        etcd
+        Etcd { members, _dir: dir }
     }
 
     fn endpoints(&self) -> String {

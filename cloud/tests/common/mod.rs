@@ -34,12 +34,27 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback port (bound and released; good enough for tests on one machine).
+/// A free loopback port, free for both TCP and UDP (QUIC) when asked, and never handed out
+/// twice in one test process: tests of one binary run in parallel threads, and a port one
+/// test got but has not bound yet (an etcd member being restarted, a cloudcore not started)
+/// must not go to another.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::collections::HashSet;
+    use std::net::UdpSocket;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    for _ in 0..1000 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = listener.local_addr().expect("a bound port").port();
+        if given.contains(&port) || UdpSocket::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        given.insert(port);
+        return port;
+    }
+    panic!("no free loopback port in 1000 tries");
 }
 
 pub struct CloudProcess {
