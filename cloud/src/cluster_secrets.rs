@@ -7,7 +7,12 @@
 //! - bootstrap tokens ([`ClusterTokens`]): one Secret `kube-system/kedge-token-<id>` of type
 //!   `kedge.io/bootstrap-token` per token, its record (the secret's SHA-256, expiry, one-use,
 //!   used) in data key `record`; a one-use token is used up by a write that compares the
-//!   Secret's resourceVersion, so of joins racing on several replicas one wins.
+//!   Secret's resourceVersion, so of joins racing on several replicas one wins;
+//! - each node's list of usable certificates ([`ClusterNodeRecords`]): the Secret
+//!   `kube-system/kedge-node-<node>` of type `kedge.io/node-credentials`, the list (as
+//!   [`crate::credentials`] keeps it) in data key `certs`. Replicas read it from their mirror of
+//!   the cluster's Secrets, so admitting a connection costs no API call; a join or renewal
+//!   writes it (last writer wins: a node talks to one replica at a time).
 //!
 //! The cloudcore's kubeconfig needs `get`, `create` and `update` of Secrets in `kube-system`
 //! (KubeEdge's CloudCore role has the same).
@@ -31,6 +36,10 @@ pub const CA_SECRET: &str = "kedge-ca";
 pub const TOKEN_PREFIX: &str = "kedge-token-";
 /// The tokens' Secret type.
 pub const TOKEN_TYPE: &str = "kedge.io/bootstrap-token";
+/// A node's certificate list's Secret is this prefix and the node's name.
+pub const NODE_PREFIX: &str = "kedge-node-";
+/// The certificate lists' Secret type.
+pub const NODE_TYPE: &str = "kedge.io/node-credentials";
 
 fn secrets(client: &Client) -> Api<Secret> {
     Api::namespaced(client.clone(), NAMESPACE)
@@ -158,16 +167,23 @@ impl ClusterTokens {
         }
     }
 
-    /// Runs `work` to its end or for 5 s at most, blocking this thread (the join path is
-    /// synchronous); `None` on the timeout.
     fn block<T>(&self, work: impl std::future::Future<Output = T>) -> Option<T> {
-        let timed = tokio::time::timeout(std::time::Duration::from_secs(5), work);
-        match tokio::runtime::Handle::try_current() {
-            Ok(_) => tokio::task::block_in_place(|| self.runtime.block_on(timed)),
-            Err(_) => self.runtime.block_on(timed),
-        }
-        .ok()
+        block(&self.runtime, work)
     }
+}
+
+/// Runs `work` on `runtime` to its end or for 5 s at most, blocking this thread (the join and
+/// admission paths are synchronous); `None` on the timeout.
+fn block<T>(
+    runtime: &tokio::runtime::Handle,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let timed = tokio::time::timeout(std::time::Duration::from_secs(5), work);
+    match tokio::runtime::Handle::try_current() {
+        Ok(_) => tokio::task::block_in_place(|| runtime.block_on(timed)),
+        Err(_) => runtime.block_on(timed),
+    }
+    .ok()
 }
 
 impl crate::pki::SharedTokens for ClusterTokens {
@@ -195,6 +211,81 @@ impl crate::pki::SharedTokens for ClusterTokens {
         let name = token_secret_name(id);
         self.block(api.replace(&name, &PostParams::default(), &secret))
             .is_some_and(|r| r.is_ok())
+    }
+}
+
+/// Each node's list of usable certificates as a Secret of the cluster (see the module's docs).
+/// Reads go to the local mirror ([`ClusterNodeRecords::key`]); writes block their thread for
+/// one API call, as [`ClusterTokens`].
+pub struct ClusterNodeRecords {
+    client: Client,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ClusterNodeRecords {
+    /// Over `client`, on the current (multi-threaded) runtime.
+    pub fn new(client: Client) -> Self {
+        ClusterNodeRecords {
+            client,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Where the local mirror of the cluster keeps `node`'s Secret.
+    ///
+    /// # Errors
+    /// `node` makes no valid Secret name.
+    pub fn key(node: &str) -> Result<replication::ObjectKey, String> {
+        replication::ObjectKey::new("secrets", NAMESPACE, &format!("{NODE_PREFIX}{node}"))
+            .map_err(|e| e.to_string())
+    }
+
+    /// The list (data key `certs`) of a Secret as the local mirror holds it (stored JSON);
+    /// `None` when it is not one of ours.
+    pub fn certs_of(stored: &[u8]) -> Option<Vec<u8>> {
+        let secret: Secret = serde_json::from_slice(stored).ok()?;
+        if secret.type_.as_deref() != Some(NODE_TYPE) {
+            return None;
+        }
+        Some(secret.data?.remove("certs")?.0)
+    }
+
+    /// Writes `certs` as `node`'s list, creating the Secret or replacing it whatever its
+    /// version (server-side apply, forced). Returns the Secret as the cluster now holds it,
+    /// as JSON without resourceVersion and managedFields (as the mirror would store it).
+    ///
+    /// # Errors
+    /// The cluster refuses the write, or does not answer within 5 s.
+    pub fn write(&self, node: &str, certs: Vec<u8>) -> Result<Vec<u8>, String> {
+        let api = secrets(&self.client);
+        let name = format!("{NODE_PREFIX}{node}");
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(NAMESPACE.into()),
+                labels: Some([("app.kubernetes.io/managed-by".into(), "cloudcore".into())].into()),
+                ..ObjectMeta::default()
+            },
+            type_: Some(NODE_TYPE.into()),
+            data: Some([("certs".to_owned(), ByteString(certs))].into()),
+            ..Secret::default()
+        };
+        let params = kube::api::PatchParams::apply("cloudcore").force();
+        let written = block(
+            &self.runtime,
+            api.patch(&name, &params, &kube::api::Patch::Apply(&secret)),
+        )
+        .ok_or_else(|| format!("the cluster did not answer within 5 s writing {name}"))?
+        .map_err(|e| format!("cannot write {NAMESPACE}/{name} to the cluster: {e}"))?;
+        let mut value = serde_json::to_value(&written).map_err(|e| e.to_string())?;
+        if let Some(meta) = value
+            .get_mut("metadata")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            meta.remove("resourceVersion");
+            meta.remove("managedFields");
+        }
+        serde_json::to_vec(&value).map_err(|e| e.to_string())
     }
 }
 

@@ -21,6 +21,9 @@
 //! nodes), so that every replica knows what any issued: a node that renewed its certificate on
 //! one replica connects to another with it. Writes are read-modify-write, the last one winning:
 //! a node talks to one replica at a time, so two replicas do not edit one node's list at once.
+//! In cluster mode (`--kubeconfig`), where each replica's store is its own mirror of the
+//! cluster, they live in the cluster as Secrets ([`crate::cluster_secrets::ClusterNodeRecords`]),
+//! read from the mirror; a list still in a file (from before) is read until the first write.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -69,6 +72,8 @@ pub struct NodeCredentials {
     trust: Vec<CertificateDer<'static>>,
     /// One writer of the record files at a time in this process.
     lock: Mutex<()>,
+    /// Cluster mode: the lists are Secrets of the cluster.
+    cluster: Option<Arc<crate::cluster_secrets::ClusterNodeRecords>>,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -100,7 +105,17 @@ impl NodeCredentials {
             grace,
             metrics,
             lock: Mutex::new(()),
+            cluster: None,
         }
+    }
+
+    /// Keeps the lists in the cluster's Secrets (cluster mode with several replicas).
+    pub fn with_cluster(
+        mut self,
+        records: Arc<crate::cluster_secrets::ClusterNodeRecords>,
+    ) -> Self {
+        self.cluster = Some(records);
+        self
     }
 
     /// Nodes are told to trust `bundle` (the signing CA first): during a CA rollover, both.
@@ -137,6 +152,21 @@ impl NodeCredentials {
                 Err(e) => Err(format!("cannot read the node's certificate list: {e}")),
             };
         }
+        if self.cluster.is_some() {
+            let key = crate::cluster_secrets::ClusterNodeRecords::key(node)?;
+            let held = self
+                .store
+                .get(&key)
+                .map_err(|e| format!("cannot read the node's certificate list: {e}"))?;
+            if let Some(certs) =
+                held.and_then(|h| crate::cluster_secrets::ClusterNodeRecords::certs_of(&h.object))
+            {
+                return serde_json::from_slice(&certs)
+                    .map(Some)
+                    .map_err(|e| format!("{key}: {e}"));
+            }
+            // Not in the cluster yet: a list from before cluster sharing, if any.
+        }
         let path = self.path(node);
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -165,6 +195,23 @@ impl NodeCredentials {
                 .commit(set)
                 .map(drop)
                 .map_err(|e| format!("cannot write the node's certificate list: {e}"));
+        }
+        if let Some(cluster) = &self.cluster {
+            let certs = serde_json::to_vec(record).expect("json");
+            let written = cluster.write(node, certs)?;
+            // Into the local mirror at once, so that this replica's next read sees it (the
+            // mirror's own copy follows from the cluster's watch).
+            let mut set = replication::WriteSet::new();
+            set.put(
+                crate::cluster_secrets::ClusterNodeRecords::key(node)?,
+                bytes::Bytes::from(written),
+                replication::Precondition::None,
+            );
+            return self
+                .store
+                .commit(set)
+                .map(drop)
+                .map_err(|e| format!("cannot keep the node's certificate list: {e}"));
         }
         fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
         let bytes = serde_json::to_vec(record).expect("json");

@@ -272,6 +272,11 @@ impl CloudCore {
                 })?,
         };
         let mut kubelet_endpoint = None;
+        let cluster_records = kube_cluster.as_ref().map(|cluster| {
+            Arc::new(crate::cluster_secrets::ClusterNodeRecords::new(
+                cluster.client(),
+            ))
+        });
         let source: Arc<dyn ClusterSource> = match kube_cluster {
             Some(cluster) => {
                 if let Some(listen) = config.kubelet_listen {
@@ -496,17 +501,19 @@ impl CloudCore {
             tracing::info!(phase = ?crate::pki::rollover(&config.data_dir), "CA rollover under way: nodes are sent both CAs");
         }
         let ca = Arc::new(ca);
-        let credentials = Arc::new(
-            crate::credentials::NodeCredentials::new(
-                &config.data_dir,
-                store.clone(),
-                ca.clone(),
-                config.node_cert_lifetime,
-                config.node_cert_grace,
-                metrics.clone(),
-            )
-            .with_trust(trust),
-        );
+        let mut credentials = crate::credentials::NodeCredentials::new(
+            &config.data_dir,
+            store.clone(),
+            ca.clone(),
+            config.node_cert_lifetime,
+            config.node_cert_grace,
+            metrics.clone(),
+        )
+        .with_trust(trust);
+        if let Some(records) = cluster_records {
+            credentials = credentials.with_cluster(records);
+        }
+        let credentials = Arc::new(credentials);
         let join = Arc::new(crate::join::CloudJoin {
             tokens: tokens.clone(),
             store: store.clone(),

@@ -418,6 +418,104 @@ fn two_cloudcores_on_one_cluster_share_the_ca_and_tokens_and_a_node_fails_over()
     assert!(!refused.status.success());
 }
 
+/// The ha.rs sequence in cluster mode: a node joins through B, moves to C when B dies and
+/// renews its certificate there, then moves back to B (restarted) when C dies. B issued only
+/// the first certificate; it must accept the one C issued, from the node's list the replicas
+/// keep in the cluster (Secret `kube-system/kedge-node-NODE`).
+#[test]
+fn a_certificate_renewed_on_one_cluster_replica_is_accepted_by_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x_dir, b_dir, c_dir, edge_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let cluster = CloudProcess::start(x_dir.path());
+    let kubeconfig = kubeconfig_for(dir.path(), &cluster.api);
+    let flags = [
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--link-keepalive",
+        "1s",
+        "--node-cert-lifetime",
+        "15s",
+    ];
+    let start = |dir: &std::path::Path| {
+        CloudProcess::start_with(dir, free_port(), free_port(), free_port(), &flags)
+    };
+    let mut b = start(b_dir.path());
+    let mut c = start(c_dir.path());
+    let made = cluster_token(&kubeconfig, &["create"]);
+    assert!(made.status.success(), "{}", stderr_of(&made));
+    let token = text(&made).lines().last().unwrap().to_owned();
+    let clouds = format!("127.0.0.1:{},127.0.0.1:{}", b.quic_port, c.quic_port);
+    let _edge = EdgeGuard(
+        Command::new(binary("edgecore"))
+            .args(["--node-name", "edge-renew", "--data-dir"])
+            .arg(edge_dir.path())
+            .args([
+                "--cloud",
+                &clouds,
+                "--token",
+                &token,
+                "--link-keepalive",
+                "1s",
+            ])
+            .args(["--metaserver-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--mqtt-listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let connected = |cloud: &CloudProcess| common::metric(cloud, "kedge_connected_nodes");
+    eventually("the node on B", Duration::from_secs(30), || {
+        connected(&b) == 1.0
+    });
+    // The node's list is in the cluster, not in B's data dir.
+    let listed = text(&cluster.kubectl(&[
+        "get",
+        "secret",
+        "-n",
+        "kube-system",
+        "kedge-node-edge-renew",
+        "-o",
+        "jsonpath={.type}",
+    ]));
+    assert_eq!(listed, "kedge.io/node-credentials");
+    assert!(!b_dir.path().join("pki/nodes/edge-renew.json").exists());
+    let joined = std::fs::read(edge_dir.path().join("pki/node.crt")).unwrap();
+
+    // B goes: the node moves to C and renews its certificate there.
+    b.kill9();
+    eventually("the node on C", Duration::from_secs(30), || {
+        connected(&c) == 1.0
+    });
+    b.restart_after_kill9(&flags);
+    eventually(
+        "the node renewed its certificate on C",
+        Duration::from_secs(40),
+        || std::fs::read(edge_dir.path().join("pki/node.crt")).unwrap() != joined,
+    );
+    assert_eq!(connected(&c), 1.0, "the renewal was C's");
+    // C goes: B, which issued only the first certificate, accepts the one C renewed.
+    c.kill9();
+    eventually(
+        "the node connects to B with the certificate C renewed",
+        Duration::from_secs(30),
+        || connected(&b) == 1.0,
+    );
+    assert_eq!(
+        common::metric(
+            &b,
+            "kedge_node_certificates_total{event=\"refused_revoked\"}"
+        ),
+        0.0
+    );
+}
+
 /// An edgecore killed when the test ends.
 struct EdgeGuard(std::process::Child);
 
