@@ -503,7 +503,7 @@ impl HubCore {
                     pending, attempts, ..
                 },
                 Err(e),
-            ) if attempts < 3 => {
+            ) if replication::occ::may_try_again(attempts as usize + 1) => {
                 tracing::debug!(node = %pending.node, key = %pending.report.key, error = %e, "report raced a write; judging it again");
                 self.retry.push_front((pending, attempts + 1));
             }

@@ -17,6 +17,7 @@ pub mod api;
 pub mod change;
 pub mod http_server;
 pub mod key;
+pub mod occ;
 pub mod simulation;
 pub mod store;
 pub mod sync;

@@ -27,6 +27,7 @@ pub mod rest;
 pub mod schema;
 pub mod selector;
 pub mod status;
+pub mod strategy;
 pub mod table;
 pub mod watch;
 pub mod workloads;

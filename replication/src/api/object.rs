@@ -8,7 +8,7 @@
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use super::resources::{self, Resource};
+use super::resources::Resource;
 use super::status::{ApiError, Cause};
 use crate::version::Revision;
 
@@ -248,11 +248,7 @@ pub fn prepare_create(
     metadata.remove("resourceVersion");
     metadata.remove("deletionTimestamp");
     metadata.remove("deletionGracePeriodSeconds");
-    apply_defaults(resource, object);
-    if resource.store_kind == resources::CRD_STORE_KIND {
-        super::crd::set_status(object, None);
-        super::crd::validate(object, None)?;
-    }
+    super::strategy::of(resource).prepare_create(resource, object)?;
     admit_custom(resource, object)?;
     validate(resource, object)
 }
@@ -318,13 +314,9 @@ pub fn prepare_update(
             };
         }
     }
-    if super::workloads::is_workload(resource) && !status_subresource {
-        // Defaulted before the spec is compared, so a client omitting defaults changes nothing.
-        super::workloads::apply_defaults(resource, object);
-    }
-    if resource.store_kind == "secrets" {
-        secret_string_data(object);
-    }
+    let strategy = super::strategy::of(resource);
+    // Defaulted before the spec is compared, so a client omitting defaults changes nothing.
+    strategy.default_update(resource, object, status_subresource);
     let current_meta = meta(current).cloned().unwrap_or_default();
     let metadata = meta_mut(object);
     for field in [
@@ -347,17 +339,7 @@ pub fn prepare_update(
     } else if let Some(generation) = current_meta.get("generation") {
         meta_mut(object).insert("generation".into(), generation.clone());
     }
-    if resource.store_kind == "pods" {
-        check_pod_update(current, object)?;
-    }
-    if super::workloads::is_workload(resource) && !status_subresource {
-        super::workloads::validate_update(resource, current, object)?;
-    }
-    if resource.store_kind == resources::CRD_STORE_KIND {
-        super::crd::apply_defaults(object);
-        super::crd::set_status(object, Some(current));
-        super::crd::validate(object, Some(current))?;
-    }
+    strategy.validate_update(resource, current, object, status_subresource)?;
     admit_custom(resource, object)?;
     validate(resource, object)
 }
@@ -425,84 +407,6 @@ fn check_namespace(
     }
 }
 
-/// A Secret's `stringData` is write-only, as in Kubernetes: each entry is merged into `data`
-/// (base64, overriding an entry of the same key) and `stringData` is not stored; `type`
-/// defaults to `Opaque`.
-fn secret_string_data(object: &mut Object) {
-    use base64::Engine;
-    if let Some(Value::Object(strings)) = object.remove("stringData") {
-        let data = object.entry("data").or_insert_with(|| json!({}));
-        if !data.is_object() {
-            *data = json!({});
-        }
-        if let Some(data) = data.as_object_mut() {
-            for (key, value) in strings {
-                let text = value
-                    .as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| value.to_string());
-                let encoded = base64::engine::general_purpose::STANDARD.encode(text.as_bytes());
-                data.insert(key, Value::String(encoded));
-            }
-        }
-    }
-    object.entry("type").or_insert(json!("Opaque"));
-}
-
-fn apply_defaults(resource: &Resource, object: &mut Object) {
-    if resource.store_kind == "secrets" {
-        secret_string_data(object);
-    }
-    match resource.store_kind {
-        resources::CRD_STORE_KIND => super::crd::apply_defaults(object),
-        "pods" => {
-            let spec = object
-                .entry("spec")
-                .or_insert_with(|| json!({}))
-                .as_object_mut();
-            if let Some(spec) = spec {
-                default_pod_spec(spec);
-            }
-            let status = object.entry("status").or_insert_with(|| json!({}));
-            if let Some(status) = status.as_object_mut() {
-                status.entry("phase").or_insert(json!("Pending"));
-            }
-        }
-        "namespaces" => {
-            object.insert("status".into(), json!({"phase": "Active"}));
-        }
-        "services" => {
-            let uid = meta_str(object, "uid").unwrap_or_default().to_owned();
-            if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) {
-                spec.entry("type").or_insert(json!("ClusterIP"));
-                let ports = spec.get_mut("ports").and_then(Value::as_array_mut);
-                for port in ports.into_iter().flatten().filter_map(Value::as_object_mut) {
-                    port.entry("protocol").or_insert(json!("TCP"));
-                    if let Some(number) = port.get("port").cloned() {
-                        port.entry("targetPort").or_insert(number);
-                    }
-                }
-                if !spec.contains_key("clusterIP") {
-                    // A stable address in 10.96.0.0/12 derived from the uid; no allocator yet.
-                    let h = xxhash_rust::xxh3::xxh3_64(uid.as_bytes());
-                    let ip = format!(
-                        "10.{}.{}.{}",
-                        96 + (h >> 16) % 16,
-                        (h >> 8) & 0xff,
-                        1 + (h & 0xff) % 254
-                    );
-                    spec.insert("clusterIP".into(), json!(ip));
-                    spec.insert("clusterIPs".into(), json!([ip]));
-                }
-            }
-        }
-        _ if super::workloads::is_workload(resource) => {
-            super::workloads::apply_defaults(resource, object);
-        }
-        _ => {}
-    }
-}
-
 /// The defaults of a pod's spec (a pod's, or a workload's pod template's).
 pub fn default_pod_spec(spec: &mut Object) {
     for list in ["containers", "initContainers"] {
@@ -520,44 +424,6 @@ pub fn default_pod_spec(spec: &mut Object) {
     spec.entry("dnsPolicy").or_insert(json!("ClusterFirst"));
     spec.entry("schedulerName")
         .or_insert(json!("default-scheduler"));
-}
-
-/// Fields of a pod that may not change after create (the parts edged acts on).
-fn check_pod_update(current: &Object, object: &Object) -> Result<(), ApiError> {
-    let spec = |o: &Object, f: &str| o.get("spec").and_then(|s| s.get(f)).cloned();
-    let old_node = spec(current, "nodeName");
-    let new_node = spec(object, "nodeName");
-    if old_node.is_some() && old_node != new_node {
-        return Err(ApiError::invalid(
-            "Pod",
-            name(object),
-            vec![Cause::new(
-                "spec.nodeName",
-                "Forbidden: pod updates may not change nodeName once set",
-            )],
-        ));
-    }
-    let containers = |o: &Object| {
-        o.get("spec")
-            .and_then(|s| s.get("containers"))
-            .and_then(Value::as_array)
-            .map(|c| {
-                c.iter()
-                    .map(|c| (c.get("name").cloned(), c.get("command").cloned()))
-                    .collect::<Vec<_>>()
-            })
-    };
-    if containers(current) != containers(object) {
-        return Err(ApiError::invalid(
-            "Pod",
-            name(object),
-            vec![Cause::new(
-                "spec",
-                "Forbidden: pod updates may not add or remove containers or change their commands",
-            )],
-        ));
-    }
-    Ok(())
 }
 
 /// DNS-1123 label: at most 63 lowercase alphanumerics or '-', starting and ending alphanumeric.
@@ -611,11 +477,11 @@ pub fn is_label_value(s: &str) -> bool {
 /// workload without its required fields, a ConfigMap's or Secret's data that is not a map of
 /// strings with valid keys.
 pub fn validate(resource: &Resource, object: &Object) -> Result<(), ApiError> {
-    let mut causes_of_workload = Vec::new();
+    let strategy = super::strategy::of(resource);
     let mut causes = Vec::new();
     let mut cause = |field: &str, message: String| causes.push(Cause::new(field, message));
     let object_name = name(object);
-    let label_names = matches!(resource.store_kind, "namespaces" | "services");
+    let label_names = strategy.name_is_label();
     let name_ok = if label_names {
         is_dns1123_label(object_name)
     } else {
@@ -648,40 +514,7 @@ pub fn validate(resource: &Resource, object: &Object) -> Result<(), ApiError> {
             }
         }
     }
-    if resource.store_kind == "pods" {
-        validate_pod(object, &mut cause);
-    }
-    super::devices::validate(resource.store_kind, object, &mut cause);
-    if super::workloads::is_workload(resource) {
-        super::workloads::validate(resource, object, &mut causes_of_workload);
-    }
-    if matches!(resource.store_kind, "configmaps" | "secrets") {
-        for field in ["data", "binaryData", "stringData"] {
-            match object.get(field) {
-                None | Some(Value::Null) => {}
-                Some(Value::Object(map)) => {
-                    for (key, value) in map {
-                        let key_ok = !key.is_empty()
-                            && key.len() <= 253
-                            && key
-                                .bytes()
-                                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-                        if !key_ok {
-                            cause(&format!("{field}[{key}]"), "Invalid value: a valid config key must consist of alphanumeric characters, '-', '_' or '.'".into());
-                        }
-                        if !value.is_string() {
-                            cause(
-                                &format!("{field}[{key}]"),
-                                "Invalid value: must be a string".into(),
-                            );
-                        }
-                    }
-                }
-                Some(_) => cause(field, "Invalid value: must be a map of strings".into()),
-            }
-        }
-    }
-    causes.extend(causes_of_workload);
+    strategy.validate(resource, object, &mut causes);
     if causes.is_empty() {
         Ok(())
     } else {

@@ -8,12 +8,13 @@ use serde_json::{json, Value};
 use super::apply;
 use super::object::{self, Object};
 use super::patch::{self, PatchKind};
-use super::resources::{self, Resource};
+use super::resources::Resource;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::table;
 use super::{bytes_response, ApiPolicy, ApiServer, Query, RequestInfo, Verb};
 use crate::key::{KeyRange, ObjectKey};
+use crate::occ::guaranteed_update;
 use crate::store::{Precondition, Store, Versioned, WriteSet};
 use crate::version::{ResourceVersion, Revision};
 
@@ -516,7 +517,8 @@ fn write_update(
         .and_then(Value::as_array)
         .is_some_and(|f| !f.is_empty());
     let mut set = WriteSet::new();
-    if deleting && !finalizers_left && request.info.resource.store_kind != "pods" {
+    let removed_by_its_owner = super::strategy::of(request.info.resource).removed_by_its_owner();
+    if deleting && !finalizers_left && !removed_by_its_owner {
         set.delete(key, Precondition::Version(expected));
     } else {
         let bytes = Bytes::from(object::to_stored(object));
@@ -571,8 +573,15 @@ async fn update(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
     Ok(with_warnings(response, &warnings))
 }
 
-/// Attempts before a patch racing other writers gives up with 409.
-const PATCH_ATTEMPTS: usize = 8;
+/// A write that lost its race to another (409 `Conflict` from its version precondition) as
+/// `Ok(None)`, for [`guaranteed_update`] to try again.
+fn raced<T>(written: Result<T, ApiError>) -> Result<Option<T>, ApiError> {
+    match written {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.code == 409 && e.reason == super::StatusReason::Conflict => Ok(None),
+        Err(e) => Err(e),
+    }
+}
 
 async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
     let kind = PatchKind::from_content_type(request.content_type())?;
@@ -592,49 +601,47 @@ async fn patch(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiE
     let store = server.store.clone();
     let policy = server.policy.clone();
     let (request, versioned, warnings) = blocking(move || {
-        let mut last_error = None;
-        for _ in 0..PATCH_ATTEMPTS {
-            let current = read(&store, &key, &request)?;
-            let current_object = object::decode_stored(&current.object, current.revision)?;
-            let mut patched = Value::Object(current_object.clone());
-            patch::apply(kind, &mut patched, &request.body)?;
-            let Value::Object(mut patched) = patched else {
-                return Err(ApiError::bad_request("the patch did not leave an object"));
-            };
-            let warnings = field_validation(&request, &patched)?;
-            // A resourceVersion in the patch is a precondition.
-            if let Some(rv) = object::resource_version(&patched)? {
-                if rv != current.revision {
-                    return Err(ApiError::conflict(
-                        request.info.resource.store_kind,
-                        request.name(),
-                    ));
+        let (versioned, warnings) = guaranteed_update(
+            || {
+                let current = read(&store, &key, &request)?;
+                let current_object = object::decode_stored(&current.object, current.revision)?;
+                let mut patched = Value::Object(current_object.clone());
+                patch::apply(kind, &mut patched, &request.body)?;
+                let Value::Object(mut patched) = patched else {
+                    return Err(ApiError::bad_request("the patch did not leave an object"));
+                };
+                let warnings = field_validation(&request, &patched)?;
+                // A resourceVersion in the patch is a precondition.
+                if let Some(rv) = object::resource_version(&patched)? {
+                    if rv != current.revision {
+                        return Err(ApiError::conflict(
+                            request.info.resource.store_kind,
+                            request.name(),
+                        ));
+                    }
                 }
-            }
-            object::prepare_update(
-                request.info.resource,
-                request.namespace(),
-                request.name(),
-                &current_object,
-                &mut patched,
-                request.info.status,
-            )?;
-            request.track_update(&current_object, &mut patched);
-            match write_update(
-                policy.as_ref(),
-                &store,
-                &request,
-                key.clone(),
-                patched,
-                &current,
-            ) {
-                Err(e) if e.code == 409 && e.reason == super::StatusReason::Conflict => {
-                    last_error = Some(e)
-                }
-                other => return other.map(|v| (request, v, warnings)),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| ApiError::internal("patch retries exhausted")))
+                object::prepare_update(
+                    request.info.resource,
+                    request.namespace(),
+                    request.name(),
+                    &current_object,
+                    &mut patched,
+                    request.info.status,
+                )?;
+                request.track_update(&current_object, &mut patched);
+                let written = write_update(
+                    policy.as_ref(),
+                    &store,
+                    &request,
+                    key.clone(),
+                    patched,
+                    &current,
+                );
+                Ok(raced(written)?.map(|v| (v, warnings)))
+            },
+            || ApiError::conflict(request.info.resource.store_kind, request.name()),
+        )?;
+        Ok((request, versioned, warnings))
     })
     .await?;
     let response = respond_object(&request, StatusCode::OK, &versioned)?;
@@ -677,62 +684,57 @@ async fn server_side_apply(server: &ApiServer, request: ApiRequest) -> Result<Re
     let policy = server.policy.clone();
     let (request, code, versioned) = blocking(move || {
         let resource = request.info.resource;
-        let mut last_error = None;
-        for _ in 0..PATCH_ATTEMPTS {
-            let current = store
-                .get(&key)
-                .map_err(|e| ApiError::from_store(e, resource.store_kind, request.name()))?;
-            let Some(current) = current else {
-                object::meta_mut(&mut applied)
-                    .entry("name")
-                    .or_insert_with(|| json!(request.name()));
-                let mut created = apply::apply(resource, None, &applied, &manager, force)?;
-                object::prepare_create(resource, request.namespace(), &mut created)?;
-                let written = write_new(
-                    policy.as_ref(),
-                    &store,
+        let (code, versioned) = guaranteed_update(
+            || {
+                let current = store
+                    .get(&key)
+                    .map_err(|e| ApiError::from_store(e, resource.store_kind, request.name()))?;
+                let Some(current) = current else {
+                    object::meta_mut(&mut applied)
+                        .entry("name")
+                        .or_insert_with(|| json!(request.name()));
+                    let mut created = apply::apply(resource, None, &applied, &manager, force)?;
+                    object::prepare_create(resource, request.namespace(), &mut created)?;
+                    let written = write_new(
+                        policy.as_ref(),
+                        &store,
+                        resource,
+                        request.namespace(),
+                        key.clone(),
+                        created,
+                        request.dry_run(),
+                    );
+                    // Created meanwhile (409 AlreadyExists): apply to it.
+                    return match written {
+                        Ok(v) => Ok(Some((StatusCode::CREATED, v))),
+                        Err(e) if e.code == 409 => Ok(None),
+                        Err(e) => Err(e),
+                    };
+                };
+                let current_object = object::decode_stored(&current.object, current.revision)?;
+                let mut merged =
+                    apply::apply(resource, Some(&current_object), &applied, &manager, force)?;
+                object::prepare_update(
                     resource,
                     request.namespace(),
+                    request.name(),
+                    &current_object,
+                    &mut merged,
+                    false,
+                )?;
+                let written = write_update(
+                    policy.as_ref(),
+                    &store,
+                    &request,
                     key.clone(),
-                    created,
-                    request.dry_run(),
+                    merged,
+                    &current,
                 );
-                match written {
-                    Ok(v) => return Ok((request, StatusCode::CREATED, v)),
-                    // Created meanwhile: apply to it.
-                    Err(e) if e.code == 409 => {
-                        last_error = Some(e);
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            let current_object = object::decode_stored(&current.object, current.revision)?;
-            let mut merged =
-                apply::apply(resource, Some(&current_object), &applied, &manager, force)?;
-            object::prepare_update(
-                resource,
-                request.namespace(),
-                request.name(),
-                &current_object,
-                &mut merged,
-                false,
-            )?;
-            match write_update(
-                policy.as_ref(),
-                &store,
-                &request,
-                key.clone(),
-                merged,
-                &current,
-            ) {
-                Err(e) if e.code == 409 && e.reason == super::StatusReason::Conflict => {
-                    last_error = Some(e)
-                }
-                other => return other.map(|v| (request, StatusCode::OK, v)),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| ApiError::internal("apply retries exhausted")))
+                Ok(raced(written)?.map(|v| (StatusCode::OK, v)))
+            },
+            || ApiError::conflict(resource.store_kind, request.name()),
+        )?;
+        Ok((request, code, versioned))
     })
     .await?;
     let response = respond_object(&request, code, &versioned)?;
@@ -762,73 +764,79 @@ pub(crate) async fn serve_scale(
     let policy = server.policy.clone();
     let scale = blocking(move || {
         let resource = request.info.resource;
-        let mut last_error = None;
-        for _ in 0..PATCH_ATTEMPTS {
-            let current = read(&store, &key, &request)?;
-            let current_object = object::decode_stored(&current.object, current.revision)?;
-            if request.verb == Verb::Get {
-                return Ok(to_scale(resource, &current_object));
-            }
-            let written = match patch_kind {
-                Some(kind) => {
-                    let mut scale = to_scale(resource, &current_object);
-                    patch::apply(kind, &mut scale, &request.body)?;
-                    scale
+        guaranteed_update(
+            || {
+                let current = read(&store, &key, &request)?;
+                let current_object = object::decode_stored(&current.object, current.revision)?;
+                if request.verb == Verb::Get {
+                    return Ok(Some(to_scale(resource, &current_object)));
                 }
-                None => serde_json::from_slice::<Value>(&request.body)
-                    .map_err(|e| ApiError::bad_request(format!("Scale: {e}")))?,
-            };
-            let replicas = replicas_of_scale(resource.kind, request.name(), &written)?;
-            let precondition = written
-                .pointer("/metadata/resourceVersion")
-                .and_then(Value::as_str)
-                .filter(|rv| !rv.is_empty());
-            if let Some(rv) = precondition {
-                if rv.parse::<Revision>().ok() != Some(current.revision) {
-                    return Err(ApiError::conflict(resource.store_kind, request.name()));
-                }
-            }
-            let mut updated = current_object.clone();
-            match resource.custom.and_then(|c| c.scale.as_ref()) {
-                Some(paths) => {
-                    let mut value = Value::Object(updated);
-                    super::crd::set_path(&mut value, &paths.spec_replicas, json!(replicas));
-                    let Value::Object(map) = value else {
-                        return Err(ApiError::internal("the object is not a map"));
-                    };
-                    updated = map;
-                }
-                None => {
-                    if let Some(spec) = updated.get_mut("spec").and_then(Value::as_object_mut) {
-                        spec.insert("replicas".into(), json!(replicas));
+                let written = match patch_kind {
+                    Some(kind) => {
+                        let mut scale = to_scale(resource, &current_object);
+                        patch::apply(kind, &mut scale, &request.body)?;
+                        scale
+                    }
+                    None => serde_json::from_slice::<Value>(&request.body)
+                        .map_err(|e| ApiError::bad_request(format!("Scale: {e}")))?,
+                };
+                let replicas = replicas_of_scale(resource.kind, request.name(), &written)?;
+                let precondition = written
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .filter(|rv| !rv.is_empty());
+                if let Some(rv) = precondition {
+                    if rv.parse::<Revision>().ok() != Some(current.revision) {
+                        return Err(ApiError::conflict(resource.store_kind, request.name()));
                     }
                 }
-            }
-            object::prepare_update(
-                resource,
-                request.namespace(),
-                request.name(),
-                &current_object,
-                &mut updated,
-                false,
-            )?;
-            match write_update(
-                policy.as_ref(),
-                &store,
-                &request,
-                key.clone(),
-                updated,
-                &current,
-            ) {
-                Err(e) if e.code == 409 && precondition.is_none() => last_error = Some(e),
-                Err(e) => return Err(e),
-                Ok(v) => {
-                    let object = object::decode_stored(&v.object, v.revision)?;
-                    return Ok(to_scale(resource, &object));
+                let mut updated = current_object.clone();
+                match resource.custom.and_then(|c| c.scale.as_ref()) {
+                    Some(paths) => {
+                        let mut value = Value::Object(updated);
+                        super::crd::set_path(&mut value, &paths.spec_replicas, json!(replicas));
+                        let Value::Object(map) = value else {
+                            return Err(ApiError::internal("the object is not a map"));
+                        };
+                        updated = map;
+                    }
+                    None => {
+                        if let Some(spec) = updated.get_mut("spec").and_then(Value::as_object_mut) {
+                            spec.insert("replicas".into(), json!(replicas));
+                        }
+                    }
                 }
-            }
-        }
-        Err(last_error.unwrap_or_else(|| ApiError::internal("scale retries exhausted")))
+                object::prepare_update(
+                    resource,
+                    request.namespace(),
+                    request.name(),
+                    &current_object,
+                    &mut updated,
+                    false,
+                )?;
+                let written = write_update(
+                    policy.as_ref(),
+                    &store,
+                    &request,
+                    key.clone(),
+                    updated,
+                    &current,
+                );
+                // With the client's resourceVersion as precondition, a conflict is the answer.
+                let written = match precondition {
+                    Some(_) => written.map(Some),
+                    None => raced(written),
+                };
+                match written? {
+                    Some(v) => {
+                        let object = object::decode_stored(&v.object, v.revision)?;
+                        Ok(Some(to_scale(resource, &object)))
+                    }
+                    None => Ok(None),
+                }
+            },
+            || ApiError::conflict(resource.store_kind, request.name()),
+        )
     })
     .await?;
     Ok(bytes_response(
@@ -843,9 +851,6 @@ pub const ORPHAN_FINALIZER: &str = "orphan";
 /// The finalizer the API adds for `propagationPolicy: Foreground`: the garbage collector deletes
 /// the dependents first, then removes the finalizer.
 pub const FOREGROUND_FINALIZER: &str = "foregroundDeletion";
-
-/// Namespaces Kubernetes refuses to delete.
-const PROTECTED_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
 
 async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, ApiError> {
     // kubectl drain sends its DeleteOptions as protobuf.
@@ -901,12 +906,8 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
         .and_then(Value::as_str)
         .map(str::to_owned);
     let resource = request.info.resource;
-    if resource.store_kind == "namespaces" && PROTECTED_NAMESPACES.contains(&request.name()) {
-        return Err(ApiError::forbidden(format!(
-            "namespaces \"{}\" is forbidden: this namespace may not be deleted",
-            request.name()
-        )));
-    }
+    let strategy = super::strategy::of(resource);
+    strategy.check_delete(request.name())?;
     let key = request.key()?;
     let store = server.store.clone();
     let policy = server.policy.clone();
@@ -967,28 +968,8 @@ async fn delete(server: &ApiServer, request: ApiRequest) -> Result<Response, Api
             return Ok((request, current));
         }
         let mut set = WriteSet::new();
-        let mut cascade = Vec::new();
-        if resource.store_kind == "namespaces" {
-            // Everything in the namespace goes with it, in the same commit.
-            let mut kinds: Vec<&str> = Vec::new();
-            for r in registry.all().into_iter().filter(|r| r.namespaced) {
-                if !kinds.contains(&r.store_kind) {
-                    kinds.push(r.store_kind);
-                }
-            }
-            for kind in kinds {
-                cascade.push(
-                    KeyRange::namespace(kind, request.name())
-                        .map_err(|e| ApiError::bad_request(e.to_string()))?,
-                );
-            }
-        }
-        if resource.store_kind == resources::CRD_STORE_KIND {
-            // A CRD's objects go with it (apiextensions' finalizer deletes them first).
-            cascade.push(
-                KeyRange::kind(request.name()).map_err(|e| ApiError::bad_request(e.to_string()))?,
-            );
-        }
+        // What goes with it in the same commit (a Namespace's contents, a CRD's objects).
+        let cascade = strategy.cascade(request.name(), &registry.all())?;
         for range in cascade {
             for item in store.scan(&range) {
                 let (k, _) = item.map_err(|e| ApiError::internal(e.to_string()))?;
