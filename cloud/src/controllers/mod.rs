@@ -18,9 +18,11 @@
 //! own kind, and only owned dependents for the garbage collector, so a fleet of plain pods
 //! costs the passes next to nothing (BENCHMARKS.md "Fleet: a pod's lifecycle at a steady
 //! rate"). The garbage collector's owned dependents come from [`owned::OwnedIndex`], kept by
-//! one watch, instead of a scan of every pod each second. A watch-fed cache of every kind,
-//! shared by the controllers (kube-rs's reflector), is what would make passes cheap beside a
-//! DaemonSet over 10,000 nodes as well; not built.
+//! one watch, instead of a scan of every pod each second; the workload controllers' pods (those
+//! their objects control, and the orphans their selectors match) come from
+//! [`pod_index::PodIndex`], a controller and label index kept by one watch, so a pass beside
+//! one Deployment reads its pods, not the fleet's. A watch-fed cache of every kind (kube-rs's
+//! reflector) is what would make the DaemonSet controller's nodes cheap as well; not built.
 
 pub mod cronjob;
 pub mod daemonset;
@@ -29,6 +31,7 @@ pub mod gc;
 pub mod history;
 pub mod job;
 pub mod owned;
+pub mod pod_index;
 pub mod replicaset;
 pub mod serviceaccount;
 pub mod statefulset;
@@ -45,7 +48,7 @@ use replication::api::selector::LabelSelector;
 use replication::watcher::{Event, ResumableWatcher};
 
 use crate::events::{EventType, Involved};
-use replication::{KeyRange, Store};
+use replication::{KeyRange, Revision, Store};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -130,25 +133,31 @@ impl World {
 
     /// [`World::load_kinds`], leaving out what `narrowing` says the controller cannot act on.
     pub fn load_narrowed(store: &Store, kinds: &[&str], narrowing: Narrowing) -> World {
-        Self::load_with(store, kinds, narrowing, None)
+        Self::load_with(store, kinds, narrowing, &Indexes::default())
     }
 
-    /// [`World::load_narrowed`], reading the kinds `narrowing` keeps to owned objects from
-    /// `owned` (an index kept by a watch) instead of scanning the store, when the index holds
-    /// the kind and has been listed.
+    /// [`World::load_narrowed`], reading from `indexes` (kept by watches) instead of scanning
+    /// the store where they have been listed: the kinds `narrowing` keeps to owned objects
+    /// from the owned index, and the pods from the pod index, which gives those the workload
+    /// objects loaded control or may adopt.
     pub fn load_with(
         store: &Store,
         kinds: &[&str],
         narrowing: Narrowing,
-        owned: Option<&owned::OwnedIndex>,
+        indexes: &Indexes,
     ) -> World {
+        let owned = indexes.owned.as_deref();
         let present = |kind: &str| {
             KeyRange::kind(kind).is_ok_and(|range| store.scan(&range).flatten().next().is_some())
         };
         let gated_out = !narrowing.gates.is_empty() && !narrowing.gates.iter().any(|g| present(g));
         let mut world = World::default();
+        // Pods from the pod index are read last, when the workloads that select them are known.
+        let pods_indexed = indexes.pods.as_deref().filter(|i| i.progress().listed());
         for kind in LOAD_ORDER.iter().filter(|k| kinds.contains(k)) {
-            if gated_out && narrowing.gated.contains(kind) {
+            if (gated_out && narrowing.gated.contains(kind))
+                || (*kind == "pods" && pods_indexed.is_some())
+            {
                 continue;
             }
             let Ok(range) = KeyRange::kind(kind) else {
@@ -187,7 +196,29 @@ impl World {
                 _ => {}
             }
         }
+        if let Some(index) = pods_indexed.filter(|_| !gated_out) {
+            world.pods = world.selected_pods(store, index);
+        }
         world
+    }
+
+    /// The pods `index` says this world's workloads control or may adopt, read from `store`.
+    fn selected_pods(&self, store: &Store, index: &pod_index::PodIndex) -> Vec<Object> {
+        let owners: Vec<pod_index::Owner<'_>> = [
+            &self.replicasets,
+            &self.daemonsets,
+            &self.statefulsets,
+            &self.jobs,
+        ]
+        .into_iter()
+        .flatten()
+        .map(pod_index::Owner::of)
+        .collect();
+        let keys = index.select(&owners).unwrap_or_default();
+        keys.iter()
+            .filter_map(|key| store.get(key).ok().flatten())
+            .filter_map(|v| object::decode_stored(&v.object, v.revision).ok())
+            .collect()
     }
 
     /// The pods of `namespace`.
@@ -195,6 +226,34 @@ impl World {
         self.pods
             .iter()
             .filter(move |p| object::namespace(p) == namespace)
+    }
+}
+
+/// The watch-kept indexes a controller's passes read instead of scanning the store.
+#[derive(Clone, Default)]
+pub struct Indexes {
+    /// The garbage collector's owned dependents.
+    pub owned: Option<Arc<owned::OwnedIndex>>,
+    /// The workload controllers' pods.
+    pub pods: Option<Arc<pod_index::PodIndex>>,
+}
+
+impl Indexes {
+    /// These indexes, less those that have not reflected every change up to `revision`
+    /// within `limit` (a pass then scans the store for their kinds).
+    async fn caught_up(&self, revision: Revision, limit: Duration) -> Indexes {
+        let mut ready = Indexes::default();
+        if let Some(owned) = &self.owned {
+            if owned.progress().wait_for(revision, limit).await {
+                ready.owned = Some(owned.clone());
+            }
+        }
+        if let Some(pods) = &self.pods {
+            if pods.progress().wait_for(revision, limit).await {
+                ready.pods = Some(pods.clone());
+            }
+        }
+        ready
     }
 }
 
@@ -721,7 +780,7 @@ pub async fn run(
     client: ApiClient,
     kinds: &'static [&'static str],
     narrowing: Narrowing,
-    owned: Option<Arc<owned::OwnedIndex>>,
+    indexes: Indexes,
     reconcile: Reconcile,
 ) {
     // Each pass reads the store: a restart of the watch is one more pass, like a change.
@@ -734,12 +793,9 @@ pub async fn run(
         let snapshot = store.clone();
         // The index must reflect everything committed before this pass (our own writes
         // among them), as a read of the store would; if it lags that much, scan instead.
-        let index = match &owned {
-            Some(index) if index.wait_for(store.revision(), RESYNC).await => Some(index.clone()),
-            _ => None,
-        };
+        let ready = indexes.caught_up(store.revision(), RESYNC).await;
         let world = match tokio::task::spawn_blocking(move || {
-            World::load_with(&snapshot, kinds, narrowing, index.as_deref())
+            World::load_with(&snapshot, kinds, narrowing, &ready)
         })
         .await
         {
@@ -953,8 +1009,17 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
         "persistentvolumeclaims",
         "controllerrevisions",
     ]));
+    // The workload controllers' pods: those their objects control or may adopt.
+    let pods = Indexes {
+        pods: Some(Arc::new(pod_index::PodIndex::default())),
+        ..Indexes::default()
+    };
     vec![
         tokio::spawn(owned::maintain(owned_index.clone(), store.clone())),
+        tokio::spawn(owned::maintain(
+            pods.pods.clone().expect("just made"),
+            store.clone(),
+        )),
         tokio::spawn(run(
             "replicaset",
             store.clone(),
@@ -965,7 +1030,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
                 gates: &["replicasets"],
                 ..Narrowing::default()
             },
-            None,
+            pods.clone(),
             replicaset::reconcile,
         )),
         tokio::spawn(run(
@@ -974,7 +1039,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             client.clone(),
             &["replicasets", "deployments"],
             Narrowing::default(),
-            None,
+            Indexes::default(),
             deployment::reconcile,
         )),
         tokio::spawn(run(
@@ -987,7 +1052,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
                 gates: &["daemonsets"],
                 ..Narrowing::default()
             },
-            None,
+            pods.clone(),
             daemonset::reconcile,
         )),
         tokio::spawn(run(
@@ -1005,7 +1070,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
                 gates: &["statefulsets"],
                 ..Narrowing::default()
             },
-            None,
+            pods.clone(),
             statefulset::reconcile,
         )),
         tokio::spawn(run(
@@ -1018,7 +1083,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
                 gates: &["jobs"],
                 ..Narrowing::default()
             },
-            None,
+            pods.clone(),
             job::reconcile,
         )),
         tokio::spawn(run(
@@ -1027,7 +1092,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             client.clone(),
             &["jobs", "cronjobs"],
             Narrowing::default(),
-            None,
+            Indexes::default(),
             cronjob::reconcile,
         )),
         tokio::spawn(run(
@@ -1036,7 +1101,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             client.clone(),
             &["namespaces", "serviceaccounts"],
             Narrowing::default(),
-            None,
+            Indexes::default(),
             serviceaccount::reconcile,
         )),
         tokio::spawn(run(
@@ -1045,7 +1110,7 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
             client.clone(),
             &["devices", "devicestatuses"],
             Narrowing::default(),
-            None,
+            Indexes::default(),
             crate::devicecontroller::reconcile,
         )),
         tokio::spawn(run(
@@ -1058,7 +1123,10 @@ pub fn start(store: Arc<Store>, router: Router) -> Vec<tokio::task::JoinHandle<(
                 owned_only: &["pods", "persistentvolumeclaims", "controllerrevisions"],
                 ..Narrowing::default()
             },
-            Some(owned_index),
+            Indexes {
+                owned: Some(owned_index),
+                ..Indexes::default()
+            },
             gc::reconcile,
         )),
     ]

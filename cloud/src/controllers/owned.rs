@@ -22,79 +22,59 @@ use super::{contains, OWNER_REFERENCES};
 /// See the module docs.
 pub struct OwnedIndex {
     kinds: &'static [&'static str],
-    state: Mutex<State>,
-    /// Woken after every change applied, for [`OwnedIndex::wait_for`].
+    /// Key → (stored bytes, revision) of each object of the kinds that has owners.
+    objects: Mutex<BTreeMap<ObjectKey, (Bytes, Revision)>>,
+    progress: Progress,
+}
+
+/// An index kept by a watch of the store ([`maintain`]).
+pub trait Reflects: Send + Sync {
+    /// Reads what it indexes from the store again (at the start, and when the watch lost its
+    /// history), as of `revision` or later.
+    fn relist(&self, store: &Store, revision: Revision);
+    /// Reflects one committed change (of any kind; others only advance its revision).
+    fn apply(&self, change: &replication::Change);
+}
+
+/// How far an index has reflected the store: listed or not, and up to which revision; a pass
+/// waits on it ([`Progress::wait_for`]) to see its own earlier writes.
+#[derive(Default)]
+pub struct Progress {
+    state: Mutex<(bool, Revision)>,
+    /// Woken after every change applied.
     applied: tokio::sync::Notify,
 }
 
-#[derive(Default)]
-struct State {
-    /// Key → (stored bytes, revision) of each object of the kinds that has owners.
-    objects: BTreeMap<ObjectKey, (Bytes, Revision)>,
-    /// Every change up to this revision is reflected.
-    revision: Revision,
-    /// A re-list has happened (before it the index knows nothing).
-    listed: bool,
-}
-
-impl OwnedIndex {
-    /// An empty index of `kinds` (store kinds: plurals); it knows nothing until
-    /// [`relist`](Self::relist).
-    pub fn new(kinds: &'static [&'static str]) -> Self {
-        OwnedIndex {
-            kinds,
-            state: Mutex::new(State::default()),
-            applied: tokio::sync::Notify::new(),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl Progress {
+    fn lock(&self) -> MutexGuard<'_, (bool, Revision)> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reads the kinds from the store again (at the start, and when the watch lost its
-    /// history), as of `revision` or later.
-    pub fn relist(&self, store: &Store, revision: Revision) {
-        let mut objects = BTreeMap::new();
-        for kind in self.kinds {
-            let Ok(range) = KeyRange::kind(kind) else {
-                continue;
-            };
-            for (key, v) in store.scan(&range).flatten() {
-                if contains(&v.object, OWNER_REFERENCES) {
-                    objects.insert(key, (v.object, v.revision));
-                }
-            }
-        }
+    /// A re-list as of `revision` is done.
+    pub fn listed_at(&self, revision: Revision) {
         let mut state = self.lock();
-        state.objects = objects;
-        state.revision = state.revision.max(revision);
-        state.listed = true;
+        *state = (true, state.1.max(revision));
         drop(state);
         self.applied.notify_waiters();
     }
 
-    /// Reflects one committed change (of any kind; others only advance the revision).
-    pub fn apply(&self, change: &replication::Change) {
+    /// Every change up to `revision` is reflected.
+    pub fn reached(&self, revision: Revision) {
         let mut state = self.lock();
-        if self.kinds.contains(&change.key.kind()) {
-            if !change.is_delete() && contains(&change.object, OWNER_REFERENCES) {
-                state
-                    .objects
-                    .insert(change.key.clone(), (change.object.clone(), change.revision));
-            } else {
-                state.objects.remove(&change.key);
-            }
-        }
-        state.revision = state.revision.max(change.revision);
+        state.1 = state.1.max(revision);
         drop(state);
         self.applied.notify_waiters();
+    }
+
+    /// Whether a re-list has happened (before it the index knows nothing).
+    pub fn listed(&self) -> bool {
+        self.lock().0
     }
 
     /// Whether every change up to `revision` is reflected.
     pub fn has(&self, revision: Revision) -> bool {
-        let state = self.lock();
-        state.listed && state.revision >= revision
+        let (listed, at) = *self.lock();
+        listed && at >= revision
     }
 
     /// Waits (at most `limit`) until every change up to `revision` is reflected; whether it
@@ -114,18 +94,70 @@ impl OwnedIndex {
             }
         }
     }
+}
 
+impl OwnedIndex {
+    /// An empty index of `kinds` (store kinds: plurals); it knows nothing until
+    /// [`Reflects::relist`].
+    pub fn new(kinds: &'static [&'static str]) -> Self {
+        OwnedIndex {
+            kinds,
+            objects: Mutex::new(BTreeMap::new()),
+            progress: Progress::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<ObjectKey, (Bytes, Revision)>> {
+        self.objects.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How far the index has reflected the store.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+}
+
+impl Reflects for OwnedIndex {
+    fn relist(&self, store: &Store, revision: Revision) {
+        let mut objects = BTreeMap::new();
+        for kind in self.kinds {
+            let Ok(range) = KeyRange::kind(kind) else {
+                continue;
+            };
+            for (key, v) in store.scan(&range).flatten() {
+                if contains(&v.object, OWNER_REFERENCES) {
+                    objects.insert(key, (v.object, v.revision));
+                }
+            }
+        }
+        *self.lock() = objects;
+        self.progress.listed_at(revision);
+    }
+
+    fn apply(&self, change: &replication::Change) {
+        if self.kinds.contains(&change.key.kind()) {
+            let mut objects = self.lock();
+            if !change.is_delete() && contains(&change.object, OWNER_REFERENCES) {
+                objects.insert(change.key.clone(), (change.object.clone(), change.revision));
+            } else {
+                objects.remove(&change.key);
+            }
+        }
+        self.progress.reached(change.revision);
+    }
+}
+
+impl OwnedIndex {
     /// The objects of `kind` that have owners, parsed (with their resourceVersion), in key
     /// order; `None` before the first re-list.
     pub fn objects(&self, kind: &str) -> Option<Vec<Object>> {
-        let state = self.lock();
-        if !state.listed {
+        if !self.progress.listed() {
             return None;
         }
         let range = KeyRange::kind(kind).ok()?;
+        let objects = self.lock();
         Some(
-            state
-                .objects
+            objects
                 .iter()
                 .filter(|(key, _)| range.contains(key))
                 .filter_map(|(_, (bytes, revision))| object::decode_stored(bytes, *revision).ok())
@@ -135,7 +167,7 @@ impl OwnedIndex {
 
     /// How many objects the index holds.
     pub fn len(&self) -> usize {
-        self.lock().objects.len()
+        self.lock().len()
     }
 
     /// Whether the index holds nothing.
@@ -146,7 +178,7 @@ impl OwnedIndex {
 
 /// Keeps `index` current with `store` until the store closes: a re-list on every
 /// [`Event::Restart`], then each change.
-pub async fn maintain(index: Arc<OwnedIndex>, store: Arc<Store>) {
+pub async fn maintain<I: Reflects + 'static>(index: Arc<I>, store: Arc<Store>) {
     let mut watcher = ResumableWatcher::all(store.clone());
     loop {
         match watcher.next().await {
@@ -223,7 +255,7 @@ mod tests {
         let task = tokio::spawn(maintain(index.clone(), store.clone()));
 
         let at = store.revision();
-        assert!(index.wait_for(at, Duration::from_secs(10)).await);
+        assert!(index.progress().wait_for(at, Duration::from_secs(10)).await);
         assert_eq!(names(&index, "pods"), ["a"]);
 
         // A new owned pod, a claim, an owner removed from a pod, a deletion: each followed.
@@ -235,7 +267,7 @@ mod tests {
             json!({"metadata": {"name": "a", "namespace": "default"}}),
         );
         let at = put(&store, "replicasets/default/rs", owned_pod("rs"));
-        assert!(index.wait_for(at, Duration::from_secs(10)).await);
+        assert!(index.progress().wait_for(at, Duration::from_secs(10)).await);
         assert_eq!(names(&index, "pods"), ["b"]);
         assert_eq!(names(&index, "persistentvolumeclaims"), ["c"]);
         assert!(
@@ -243,13 +275,14 @@ mod tests {
             "not an indexed kind"
         );
         let at = delete(&store, "pods/default/b");
-        assert!(index.wait_for(at, Duration::from_secs(10)).await);
+        assert!(index.progress().wait_for(at, Duration::from_secs(10)).await);
         assert!(names(&index, "pods").is_empty());
         assert_eq!(index.len(), 1);
 
         // A revision never committed is not waited for forever.
         assert!(
             !index
+                .progress()
                 .wait_for(Revision(at.0 + 100), Duration::from_millis(50))
                 .await
         );
@@ -275,6 +308,7 @@ mod tests {
         let task = tokio::spawn(maintain(index.clone(), store.clone()));
         assert!(
             index
+                .progress()
                 .wait_for(store.revision(), Duration::from_secs(10))
                 .await
         );
@@ -283,7 +317,11 @@ mod tests {
             ..Default::default()
         };
         let scanned = super::super::World::load_narrowed(&store, &["pods"], narrowing);
-        let indexed = super::super::World::load_with(&store, &["pods"], narrowing, Some(&index));
+        let indexes = super::super::Indexes {
+            owned: Some(index),
+            ..Default::default()
+        };
+        let indexed = super::super::World::load_with(&store, &["pods"], narrowing, &indexes);
         assert_eq!(scanned.pods.len(), 5);
         assert_eq!(scanned.pods, indexed.pods);
         task.abort();
